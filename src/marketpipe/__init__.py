@@ -1,0 +1,1 @@
+"""marketpipe: market data fetched, checked, kept and served."""

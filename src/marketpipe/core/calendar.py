@@ -1,0 +1,143 @@
+"""Exchange calendar: real sessions (holidays, early closes, unscheduled closures) from
+exchange-calendars, held as numpy arrays so that range questions are vectorized."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from functools import cached_property
+
+import numpy as np
+
+from marketpipe.core.errors import InvalidArgument, InvalidRange
+
+NS_PER_MIN = 60_000_000_000
+CALENDAR_START = "2000-01-01"
+
+_lock = threading.Lock()
+_cache: dict[str, ExchangeCalendar] = {}
+
+
+@dataclass(frozen=True)
+class Session:
+    day: date
+    open: datetime  # UTC
+    close: datetime  # UTC
+
+    @property
+    def minutes(self) -> int:
+        return int((self.close - self.open).total_seconds() // 60)
+
+
+class ExchangeCalendar:
+    """One exchange's regular sessions. Times are UTC; ``day`` is the exchange-local date."""
+
+    def __init__(self, name: str) -> None:
+        import exchange_calendars as xc  # slow import (pandas); only when a calendar is needed
+
+        try:
+            cal = xc.get_calendar(name, start=CALENDAR_START)
+        except xc.errors.InvalidCalendarName as exc:
+            raise InvalidArgument(
+                f"unknown exchange calendar {name!r}; examples: XNYS, XNAS, XLON",
+                details={"calendar": name},
+            ) from exc
+        sched = cal.schedule
+        self.name = name
+        self.days: np.ndarray = sched.index.values.astype("datetime64[D]")
+        self.opens: np.ndarray = sched["open"].values.astype("datetime64[ns]").astype(np.int64)
+        self.closes: np.ndarray = sched["close"].values.astype("datetime64[ns]").astype(np.int64)
+
+    # --- bounds --------------------------------------------------------------------------------
+    @property
+    def first_day(self) -> date:
+        return self.days[0].astype(date)
+
+    @property
+    def last_day(self) -> date:
+        return self.days[-1].astype(date)
+
+    def check_bounds(self, start: datetime, end: datetime) -> None:
+        lo = datetime(self.first_day.year, self.first_day.month, self.first_day.day, tzinfo=UTC)
+        hi = datetime(self.last_day.year, self.last_day.month, self.last_day.day, 23, 59, tzinfo=UTC)
+        if start < lo or end > hi:
+            raise InvalidRange(
+                f"range {start.isoformat()} .. {end.isoformat()} is outside the {self.name} calendar "
+                f"({self.first_day} .. {self.last_day})",
+                details={"calendar": self.name, "first": str(self.first_day), "last": str(self.last_day)},
+            )
+
+    # --- queries -------------------------------------------------------------------------------
+    def _span(self, start_ns: int, end_ns: int) -> slice:
+        """Sessions whose [open, close) intersects [start_ns, end_ns)."""
+        lo = int(np.searchsorted(self.closes, start_ns, side="right"))
+        hi = int(np.searchsorted(self.opens, end_ns, side="left"))
+        return slice(lo, max(lo, hi))
+
+    def sessions(self, start: datetime, end: datetime) -> list[Session]:
+        sl = self._span(_ns(start), _ns(end))
+        return [
+            Session(
+                self.days[i].astype(date),
+                datetime.fromtimestamp(self.opens[i] / 1e9, UTC),
+                datetime.fromtimestamp(self.closes[i] / 1e9, UTC),
+            )
+            for i in range(sl.start, sl.stop)
+        ]
+
+    def session_days(self, start_day: date, end_day: date) -> np.ndarray:
+        """Session dates with start_day <= day <= end_day (datetime64[D] array)."""
+        lo = np.searchsorted(self.days, np.datetime64(start_day, "D"), side="left")
+        hi = np.searchsorted(self.days, np.datetime64(end_day, "D"), side="right")
+        return self.days[lo:hi]
+
+    def is_session(self, day: date) -> bool:
+        i = np.searchsorted(self.days, np.datetime64(day, "D"))
+        return bool(i < len(self.days) and self.days[i] == np.datetime64(day, "D"))
+
+    def session_index(self, day: date) -> int:
+        i = int(np.searchsorted(self.days, np.datetime64(day, "D")))
+        if i >= len(self.days) or self.days[i] != np.datetime64(day, "D"):
+            raise InvalidArgument(f"{day} is not a {self.name} session", details={"day": str(day)})
+        return i
+
+    def regular_minutes(self, start: datetime, end: datetime) -> int:
+        """Number of regular-session minutes inside [start, end): the expected 1Min bar count."""
+        s, e = _ns(start), _ns(end)
+        sl = self._span(s, e)
+        if sl.start >= sl.stop:
+            return 0
+        o = np.maximum(self.opens[sl], s)
+        c = np.minimum(self.closes[sl], e)
+        return int(np.clip(c - o, 0, None).sum() // NS_PER_MIN)
+
+    def minute_stamps(self, start: datetime, end: datetime) -> np.ndarray:
+        """Every regular-session minute start in [start, end) as int64 ns UTC, ascending."""
+        s, e = _ns(start), _ns(end)
+        sl = self._span(s, e)
+        parts = []
+        for i in range(sl.start, sl.stop):
+            o = max(int(self.opens[i]), s + (-s) % NS_PER_MIN)
+            c = min(int(self.closes[i]), e)
+            if c > o:
+                parts.append(np.arange(o, c, NS_PER_MIN, dtype=np.int64))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    @cached_property
+    def day_ns(self) -> np.ndarray:
+        return self.days.astype("datetime64[ns]").astype(np.int64)
+
+
+def get_calendar(name: str = "XNYS") -> ExchangeCalendar:
+    with _lock:
+        cal = _cache.get(name)
+        if cal is None:
+            cal = _cache[name] = ExchangeCalendar(name)
+        return cal
+
+
+def _ns(ts: datetime) -> int:
+    if ts.tzinfo is None:
+        raise InvalidArgument("naive datetime given where a UTC time was expected")
+    return int(ts.timestamp() * 1_000_000) * 1000
