@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from enum import Enum
+from enum import StrEnum
 
 from marketpipe.core.errors import InvalidTimeframe
 
 
-class Unit(str, Enum):
+class Unit(StrEnum):
     MINUTE = "Min"
     HOUR = "Hour"
     DAY = "Day"

@@ -1,0 +1,158 @@
+"""Configuration: one TOML file plus environment variables. Secrets come only from the environment.
+
+File lookup order: the explicit path, ``$MARKETPIPE_CONFIG``, ``./marketpipe.toml``, the user config
+dir (``~/.config/marketpipe/config.toml``). Every key is optional; see README "Configuration".
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import platformdirs
+
+from marketpipe.core.errors import ConfigError, MissingCredentials
+
+APP = "marketpipe"
+
+
+class RetryPolicy(msgspec.Struct, forbid_unknown_fields=True):
+    attempts: int = 5  # total tries, including the first
+    base_seconds: float = 0.5  # full-jitter exponential backoff: uniform(0, min(max, base * 2**n))
+    max_seconds: float = 30.0
+    max_retry_after_seconds: float = 120.0  # a Retry-After beyond this is not waited out
+
+
+class CircuitPolicy(msgspec.Struct, forbid_unknown_fields=True):
+    failure_threshold: int = 5  # consecutive failures that open the circuit
+    recovery_seconds: float = 30.0  # open -> half-open after this long
+    half_open_max_calls: int = 1  # trial calls allowed while half-open
+
+
+class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool = True
+    priority: int = 100
+    base_url: str | None = None
+    feed: str = "sip"
+    # "free" (Basic: 200 req/min, SIP only up to 15 min ago) or "unlimited" (paid SIP plan).
+    plan: str = "free"
+    # What to do when the free plan meets the 15-minute SIP restriction: clamp `end` to now-15min
+    # (keep SIP) or switch to the real-time IEX feed.
+    recent_sip: str = "clamp"
+    rate_limit_per_min: int = 200
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_in_flight: int = 4
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    circuit: CircuitPolicy = msgspec.field(default_factory=CircuitPolicy)
+
+
+class StoreConfig(msgspec.Struct, forbid_unknown_fields=True):
+    path: str | None = None  # DuckDB file; default in the user data dir
+
+
+class BackfillConfig(msgspec.Struct, forbid_unknown_fields=True):
+    page_limit: int = 10_000
+    concurrency: int = 4  # requests in flight (the rate limiter still governs the pace)
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    calendar: str = "XNYS"
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    backfill: BackfillConfig = msgspec.field(default_factory=BackfillConfig)
+    providers: dict[str, ProviderConfig] = msgspec.field(default_factory=lambda: {"alpaca": ProviderConfig(priority=1)})
+    source_path: str | None = None
+
+    def provider(self, name: str) -> ProviderConfig:
+        cfg = self.providers.get(name)
+        if cfg is None:
+            return ProviderConfig()
+        return cfg
+
+    def store_path(self) -> Path:
+        if self.store.path:
+            return Path(os.path.expanduser(self.store.path))
+        env = os.environ.get("MARKETPIPE_STORE")
+        if env:
+            return Path(env)
+        return Path(platformdirs.user_data_dir(APP)) / "marketpipe.duckdb"
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    candidates: list[Path] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}", details={"path": str(p)})
+        candidates.append(p)
+    else:
+        env = os.environ.get("MARKETPIPE_CONFIG")
+        if env:
+            if not Path(env).is_file():
+                raise ConfigError(f"MARKETPIPE_CONFIG points to a missing file: {env}")
+            candidates.append(Path(env))
+        candidates += [Path("marketpipe.toml"), Path(platformdirs.user_config_dir(APP)) / "config.toml"]
+    for p in candidates:
+        if p.is_file():
+            try:
+                raw: dict[str, Any] = tomllib.loads(p.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{p}: not valid TOML: {exc}", details={"path": str(p)}) from exc
+            return config_from_dict(raw, source=str(p))
+    return Config()
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str | None = None) -> Config:
+    for secretish in ("api_key", "secret_key", "key", "secret"):
+        for name, prov in (raw.get("providers") or {}).items():
+            if isinstance(prov, dict) and secretish in prov:
+                raise ConfigError(
+                    f"providers.{name}.{secretish}: secrets are read from the environment only, "
+                    "never from the config file",
+                )
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source or 'config'}: {exc}", details={"path": source}) from exc
+    defaults = Config().providers
+    merged = dict(defaults)
+    merged.update(cfg.providers)
+    cfg.providers = merged
+    cfg.source_path = source
+    for name, prov in cfg.providers.items():
+        if prov.plan not in ("free", "unlimited"):
+            raise ConfigError(f"providers.{name}.plan must be 'free' or 'unlimited', got {prov.plan!r}")
+        if prov.recent_sip not in ("clamp", "iex"):
+            raise ConfigError(f"providers.{name}.recent_sip must be 'clamp' or 'iex'")
+        if prov.rate_limit_per_min <= 0 or prov.max_in_flight <= 0:
+            raise ConfigError(f"providers.{name}: rate_limit_per_min and max_in_flight must be > 0")
+    return cfg
+
+
+# --- credentials -------------------------------------------------------------------------------
+
+ALPACA_KEY_VARS = ("ALPACA_API_KEY", "APCA_API_KEY_ID")
+ALPACA_SECRET_VARS = ("ALPACA_SECRET_KEY", "APCA_API_SECRET_KEY")
+
+
+def alpaca_credentials(env: dict[str, str] | None = None) -> tuple[str, str]:
+    """The Alpaca key pair from the environment; the error names the variables, never a value."""
+    src = os.environ if env is None else env
+    key = next((src[v] for v in ALPACA_KEY_VARS if src.get(v)), None)
+    secret = next((src[v] for v in ALPACA_SECRET_VARS if src.get(v)), None)
+    if not key or not secret:
+        raise MissingCredentials(
+            "Alpaca credentials missing: set ALPACA_API_KEY and ALPACA_SECRET_KEY "
+            "(or APCA_API_KEY_ID and APCA_API_SECRET_KEY)",
+            details={"env": list(ALPACA_KEY_VARS + ALPACA_SECRET_VARS)},
+        )
+    return key, secret
+
+
+def mask(secret: str | None) -> str:
+    if not secret:
+        return "(unset)"
+    return secret[:2] + "…" + "*" * 4 if len(secret) > 6 else "****"

@@ -1,0 +1,63 @@
+"""Prometheus metrics. One registry for the process; names follow Prometheus conventions."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+PROVIDER_REQUESTS = Counter(
+    "marketpipe_provider_requests_total",
+    "HTTP requests sent to data providers, by outcome status",
+    ["provider", "endpoint", "status"],
+    registry=REGISTRY,
+)
+PROVIDER_LATENCY = Histogram(
+    "marketpipe_provider_request_seconds",
+    "Provider request latency (until the body is read)",
+    ["provider", "endpoint"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+PROVIDER_ERRORS = Counter(
+    "marketpipe_provider_errors_total",
+    "Provider failures by stable error code",
+    ["provider", "code"],
+    registry=REGISTRY,
+)
+PROVIDER_RETRIES = Counter(
+    "marketpipe_provider_retries_total",
+    "Retries after a retryable provider error",
+    ["provider", "code"],
+    registry=REGISTRY,
+)
+CIRCUIT_STATE = Gauge(
+    "marketpipe_circuit_state",
+    "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open",
+    ["provider"],
+    registry=REGISTRY,
+)
+RATELIMIT_REMAINING = Gauge(
+    "marketpipe_ratelimit_remaining",
+    "Requests left in the provider's current rate-limit window, as last reported or estimated",
+    ["provider"],
+    registry=REGISTRY,
+)
+ROWS_STORED = Counter(
+    "marketpipe_rows_stored_total",
+    "Rows written to the store",
+    ["kind", "source", "timeframe"],
+    registry=REGISTRY,
+)
+ROWS_QUARANTINED = Counter(
+    "marketpipe_rows_quarantined_total",
+    "Rows that failed a validation check, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+ERRORS = Counter(
+    "marketpipe_errors_total",
+    "Errors surfaced to a caller (CLI, API), by stable code",
+    ["code"],
+    registry=REGISTRY,
+)

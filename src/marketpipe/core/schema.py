@@ -1,0 +1,189 @@
+"""The canonical schema. Adapters convert vendor payloads into these; nothing downstream knows
+vendor field letters.
+
+Bulk data (bars, historical trades and quotes) moves as polars frames with the column sets below.
+Single records (latest trade, latest quote, snapshot) are msgspec structs.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import msgspec
+import polars as pl
+
+from marketpipe.core.errors import InvalidSymbol
+
+UTC_US = pl.Datetime("us", "UTC")
+UTC_NS = pl.Datetime("ns", "UTC")
+
+# Bars: the key is (symbol, timeframe, ts, source). ``feed`` says which vendor feed (sip, iex, ...)
+# and ``fetched_at`` when marketpipe received the page.
+BAR_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "timeframe": pl.String(),
+    "ts": UTC_US,
+    "open": pl.Float64(),
+    "high": pl.Float64(),
+    "low": pl.Float64(),
+    "close": pl.Float64(),
+    "volume": pl.Int64(),
+    "trade_count": pl.Int64(),
+    "vwap": pl.Float64(),
+    "source": pl.String(),
+    "feed": pl.String(),
+    "fetched_at": UTC_US,
+}
+BAR_COLUMNS = list(BAR_SCHEMA)
+BAR_KEY = ["symbol", "timeframe", "ts", "source"]
+PRICE_COLUMNS = ["open", "high", "low", "close"]
+
+TRADE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "ts": UTC_NS,
+    "price": pl.Float64(),
+    "size": pl.Int64(),
+    "exchange": pl.String(),
+    "trade_id": pl.UInt64(),
+    "conditions": pl.List(pl.String()),
+    "tape": pl.String(),
+    "update": pl.String(),
+    "source": pl.String(),
+    "feed": pl.String(),
+    "fetched_at": UTC_US,
+}
+
+QUOTE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "ts": UTC_NS,
+    "bid_price": pl.Float64(),
+    "bid_size": pl.Int64(),
+    "bid_exchange": pl.String(),
+    "ask_price": pl.Float64(),
+    "ask_size": pl.Int64(),
+    "ask_exchange": pl.String(),
+    "conditions": pl.List(pl.String()),
+    "tape": pl.String(),
+    "source": pl.String(),
+    "feed": pl.String(),
+    "fetched_at": UTC_US,
+}
+
+
+def empty_frame(schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema)
+
+
+def empty_bars() -> pl.DataFrame:
+    return empty_frame(BAR_SCHEMA)
+
+
+# --- records -----------------------------------------------------------------------------------
+
+
+class Trade(msgspec.Struct, frozen=True, kw_only=True):
+    symbol: str
+    ts: datetime
+    price: float
+    size: int
+    exchange: str | None = None
+    trade_id: int | None = None
+    conditions: tuple[str, ...] = ()
+    tape: str | None = None
+    source: str
+    feed: str | None = None
+    fetched_at: datetime
+
+
+class Quote(msgspec.Struct, frozen=True, kw_only=True):
+    symbol: str
+    ts: datetime
+    bid_price: float
+    bid_size: int
+    ask_price: float
+    ask_size: int
+    bid_exchange: str | None = None
+    ask_exchange: str | None = None
+    conditions: tuple[str, ...] = ()
+    tape: str | None = None
+    source: str
+    feed: str | None = None
+    fetched_at: datetime
+
+    @property
+    def mid(self) -> float | None:
+        if self.bid_price > 0 and self.ask_price > 0:
+            return (self.bid_price + self.ask_price) / 2
+        return None
+
+    @property
+    def spread(self) -> float | None:
+        if self.bid_price > 0 and self.ask_price > 0:
+            return self.ask_price - self.bid_price
+        return None
+
+
+class Bar(msgspec.Struct, frozen=True, kw_only=True):
+    symbol: str
+    timeframe: str
+    ts: datetime
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: int
+    trade_count: int | None = None
+    vwap: float | None = None
+    source: str
+    feed: str | None = None
+    fetched_at: datetime
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    symbol: str
+    latest_trade: Trade | None = None
+    latest_quote: Quote | None = None
+    minute_bar: Bar | None = None
+    daily_bar: Bar | None = None
+    prev_daily_bar: Bar | None = None
+    source: str
+    fetched_at: datetime
+
+
+# --- symbols -----------------------------------------------------------------------------------
+
+# Canonical US-equity form is the vendor-neutral class separator '.', e.g. BRK.B (Alpaca's form).
+_SYMBOL = re.compile(r"^[A-Z][A-Z0-9]{0,9}([.][A-Z0-9]{1,3})?$")
+
+
+def normalize_symbol(raw: str) -> str:
+    """Upper-case, trim, map share-class separators (BRK-B, BRK/B) to the canonical BRK.B."""
+    if not isinstance(raw, str):
+        raise InvalidSymbol(f"symbol must be a string, got {type(raw).__name__}")
+    sym = raw.strip().upper().replace("/", ".").replace("-", ".")
+    if not _SYMBOL.match(sym):
+        raise InvalidSymbol(
+            f"invalid symbol {raw!r}: expected letters/digits with an optional class suffix, e.g. BRK.B",
+            details={"symbol": raw},
+        )
+    return sym
+
+
+def normalize_symbols(raw: list[str] | tuple[str, ...] | str) -> list[str]:
+    items = raw.split(",") if isinstance(raw, str) else list(raw)
+    out: list[str] = []
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            continue
+        sym = normalize_symbol(item)
+        if sym not in out:
+            out.append(sym)
+    if not out:
+        raise InvalidSymbol("no symbols given")
+    return out
+
+
+def symbol_format_ok(col: str = "symbol") -> pl.Expr:
+    """Vectorized form of the symbol format rule, for checks over frames."""
+    return pl.col(col).str.contains(_SYMBOL.pattern)

@@ -1,0 +1,779 @@
+"""Alpaca Market Data API v2 (stocks), REST. Wire format: shared/reference/market-data-apis.md §1.
+
+Pages are decoded with msgspec into column lists and handed on as polars frames — no per-row dicts
+or model objects on the bulk path. Responses from marketpipe's own simulator carry the header
+``X-Marketpipe-Sim`` and are labelled ``source="sim"``, so simulator data never mixes with real data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import msgspec
+import orjson
+import polars as pl
+
+from marketpipe.core.config import ProviderConfig, alpaca_credentials
+from marketpipe.core.errors import (
+    AuthFailed,
+    InvalidArgument,
+    MalformedResponse,
+    MarketpipeError,
+    NotEntitled,
+    NotFound,
+    ProviderBadRequest,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+)
+from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import PROVIDER_ERRORS, PROVIDER_LATENCY, PROVIDER_REQUESTS
+from marketpipe.core.resilience import Resilience
+from marketpipe.core.schema import (
+    BAR_SCHEMA,
+    QUOTE_SCHEMA,
+    TRADE_SCHEMA,
+    UTC_US,
+    Bar,
+    Quote,
+    Snapshot,
+    Trade,
+)
+from marketpipe.core.timeframe import Timeframe
+from marketpipe.core.timeutil import rfc3339, utcnow
+from marketpipe.providers.base import BarPage
+
+DEFAULT_BASE_URL = "https://data.alpaca.markets"
+SIP_DELAY = timedelta(minutes=15)
+MAX_LIMIT = 10_000
+FEEDS_HISTORICAL = ("sip", "iex", "otc", "boats")
+FEEDS_LATEST = ("sip", "iex", "delayed_sip", "otc", "boats", "overnight")
+ADJUSTMENTS = ("raw", "split", "dividend", "spin-off", "all")
+SIM_HEADER = "x-marketpipe-sim"
+log = get_logger("marketpipe.providers.alpaca")
+
+
+# --- wire structs (gc=False: decoded objects hold no cycles, which makes decoding much faster) ----
+
+
+class _WBar(msgspec.Struct, gc=False):
+    t: str
+    o: float | None = None
+    h: float | None = None
+    l: float | None = None  # noqa: E741 - the vendor's key
+    c: float | None = None
+    v: int | float | None = None
+    n: int | None = None
+    vw: float | None = None
+
+
+class _WTrade(msgspec.Struct, gc=False):
+    t: str
+    p: float | None = None
+    s: int | float | None = None
+    x: str | None = None
+    i: int | None = None
+    c: list[str] | None = None
+    z: str | None = None
+    u: str | None = None
+
+
+class _WQuote(msgspec.Struct, gc=False, rename={"as_": "as"}):
+    t: str
+    bp: float | None = None
+    bs: int | float | None = None
+    bx: str | None = None
+    ap: float | None = None
+    as_: int | float | None = None
+    ax: str | None = None
+    c: list[str] | None = None
+    z: str | None = None
+
+
+class _MultiBars(msgspec.Struct, gc=False):
+    bars: dict[str, list[_WBar]] | None = None
+    next_page_token: str | None = None
+
+
+class _SingleBars(msgspec.Struct, gc=False):
+    bars: list[_WBar] | None = None
+    symbol: str | None = None
+    next_page_token: str | None = None
+
+
+class _MultiTrades(msgspec.Struct, gc=False):
+    trades: dict[str, list[_WTrade]] | None = None
+    next_page_token: str | None = None
+
+
+class _SingleTrades(msgspec.Struct, gc=False):
+    trades: list[_WTrade] | None = None
+    symbol: str | None = None
+    next_page_token: str | None = None
+
+
+class _MultiQuotes(msgspec.Struct, gc=False):
+    quotes: dict[str, list[_WQuote]] | None = None
+    next_page_token: str | None = None
+
+
+class _SingleQuotes(msgspec.Struct, gc=False):
+    quotes: list[_WQuote] | None = None
+    symbol: str | None = None
+    next_page_token: str | None = None
+
+
+class _LatestTrades(msgspec.Struct):
+    trades: dict[str, _WTrade] | None = None
+
+
+class _LatestQuotes(msgspec.Struct):
+    quotes: dict[str, _WQuote] | None = None
+
+
+class _LatestBars(msgspec.Struct):
+    bars: dict[str, _WBar] | None = None
+
+
+class _WSnapshot(msgspec.Struct):
+    latestTrade: _WTrade | None = None
+    latestQuote: _WQuote | None = None
+    minuteBar: _WBar | None = None
+    dailyBar: _WBar | None = None
+    prevDailyBar: _WBar | None = None
+
+
+_DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder(tp: Any) -> msgspec.json.Decoder[Any]:
+    dec = _DECODERS.get(tp)
+    if dec is None:
+        dec = _DECODERS[tp] = msgspec.json.Decoder(tp)
+    return dec
+
+
+# --- columnar conversion -----------------------------------------------------------------------
+
+_FAST_TS = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def _parse_ts(col: pl.Series, unit: str) -> pl.Series:
+    """RFC-3339 strings to UTC datetimes; the fixed whole-second form is parsed on the fast path,
+    anything else (fractions, offsets) by the general parser; unparsable stays null (and is then
+    quarantined by the checks, never dropped)."""
+    fast = col.str.to_datetime(_FAST_TS, time_unit=unit, time_zone="UTC", strict=False)  # type: ignore[arg-type]
+    missing = fast.is_null() & col.is_not_null()
+    if not missing.any():
+        return fast
+    slow = (
+        col.str.replace(r"Z$", "+00:00")
+        .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit=unit, strict=False)  # type: ignore[arg-type]
+        .dt.convert_time_zone("UTC")
+    )
+    return fast.fill_null(slow)
+
+
+def bars_to_frame(
+    groups: list[tuple[str, list[_WBar]]], timeframe: str, source: str, feed: str, fetched_at: datetime
+) -> pl.DataFrame:
+    total = sum(len(g) for _, g in groups)
+    if total == 0:
+        return pl.DataFrame(schema=BAR_SCHEMA)
+    syms: list[str] = []
+    for sym, g in groups:
+        syms.extend([sym] * len(g))
+    rows = [b for _, g in groups for b in g]
+    t = pl.Series("ts", [b.t for b in rows], dtype=pl.String)
+    frame = pl.DataFrame(
+        {
+            "symbol": syms,
+            "timeframe": pl.repeat(timeframe, total, eager=True, dtype=pl.String),
+            "ts": _parse_ts(t, "us"),
+            "open": pl.Series([b.o for b in rows], dtype=pl.Float64),
+            "high": pl.Series([b.h for b in rows], dtype=pl.Float64),
+            "low": pl.Series([b.l for b in rows], dtype=pl.Float64),
+            "close": pl.Series([b.c for b in rows], dtype=pl.Float64),
+            "volume": pl.Series([b.v for b in rows], dtype=pl.Float64, strict=False).cast(pl.Int64, strict=False),
+            "trade_count": pl.Series([b.n for b in rows], dtype=pl.Int64, strict=False),
+            "vwap": pl.Series([b.vw for b in rows], dtype=pl.Float64),
+        }
+    )
+    return frame.with_columns(
+        source=pl.lit(source, pl.String),
+        feed=pl.lit(feed, pl.String),
+        fetched_at=pl.lit(fetched_at, UTC_US),
+        raw_ts=t,
+    )
+
+
+def trades_to_frame(
+    groups: list[tuple[str, list[_WTrade]]], source: str, feed: str, fetched_at: datetime
+) -> pl.DataFrame:
+    rows = [r for _, g in groups for r in g]
+    if not rows:
+        return pl.DataFrame(schema=TRADE_SCHEMA)
+    syms = [s for s, g in groups for _ in g]
+    return pl.DataFrame(
+        {
+            "symbol": syms,
+            "ts": _parse_ts(pl.Series([r.t for r in rows], dtype=pl.String), "ns"),
+            "price": pl.Series([r.p for r in rows], dtype=pl.Float64),
+            "size": pl.Series([r.s for r in rows], dtype=pl.Float64, strict=False).cast(pl.Int64, strict=False),
+            "exchange": pl.Series([r.x for r in rows], dtype=pl.String),
+            "trade_id": pl.Series([r.i for r in rows], dtype=pl.UInt64, strict=False),
+            "conditions": pl.Series([r.c for r in rows], dtype=pl.List(pl.String)),
+            "tape": pl.Series([r.z for r in rows], dtype=pl.String),
+            "update": pl.Series([r.u for r in rows], dtype=pl.String),
+        }
+    ).with_columns(
+        source=pl.lit(source, pl.String), feed=pl.lit(feed, pl.String), fetched_at=pl.lit(fetched_at, UTC_US)
+    )
+
+
+def quotes_to_frame(
+    groups: list[tuple[str, list[_WQuote]]], source: str, feed: str, fetched_at: datetime
+) -> pl.DataFrame:
+    rows = [r for _, g in groups for r in g]
+    if not rows:
+        return pl.DataFrame(schema=QUOTE_SCHEMA)
+    syms = [s for s, g in groups for _ in g]
+    return pl.DataFrame(
+        {
+            "symbol": syms,
+            "ts": _parse_ts(pl.Series([r.t for r in rows], dtype=pl.String), "ns"),
+            "bid_price": pl.Series([r.bp for r in rows], dtype=pl.Float64),
+            "bid_size": pl.Series([r.bs for r in rows], dtype=pl.Float64, strict=False).cast(pl.Int64),
+            "bid_exchange": pl.Series([r.bx for r in rows], dtype=pl.String),
+            "ask_price": pl.Series([r.ap for r in rows], dtype=pl.Float64),
+            "ask_size": pl.Series([r.as_ for r in rows], dtype=pl.Float64, strict=False).cast(pl.Int64),
+            "ask_exchange": pl.Series([r.ax for r in rows], dtype=pl.String),
+            "conditions": pl.Series([r.c for r in rows], dtype=pl.List(pl.String)),
+            "tape": pl.Series([r.z for r in rows], dtype=pl.String),
+        }
+    ).with_columns(
+        source=pl.lit(source, pl.String), feed=pl.lit(feed, pl.String), fetched_at=pl.lit(fetched_at, UTC_US)
+    )
+
+
+def _one_ts(text: str) -> datetime:
+    s = _parse_ts(pl.Series([text], dtype=pl.String), "ns")[0]
+    if s is None:
+        raise MalformedResponse(f"unparsable timestamp {text!r}", provider="alpaca")
+    return s  # type: ignore[no-any-return]
+
+
+def _trade_record(sym: str, w: _WTrade, source: str, feed: str, fetched: datetime) -> Trade:
+    if w.p is None or w.s is None:
+        raise MalformedResponse(f"trade for {sym} lacks price or size", provider="alpaca")
+    return Trade(
+        symbol=sym, ts=_one_ts(w.t), price=w.p, size=int(w.s), exchange=w.x, trade_id=w.i,
+        conditions=tuple(w.c or ()), tape=w.z, source=source, feed=feed, fetched_at=fetched,
+    )  # fmt: skip
+
+
+def _quote_record(sym: str, w: _WQuote, source: str, feed: str, fetched: datetime) -> Quote:
+    return Quote(
+        symbol=sym, ts=_one_ts(w.t), bid_price=w.bp or 0.0, bid_size=int(w.bs or 0),
+        ask_price=w.ap or 0.0, ask_size=int(w.as_ or 0), bid_exchange=w.bx, ask_exchange=w.ax,
+        conditions=tuple(w.c or ()), tape=w.z, source=source, feed=feed, fetched_at=fetched,
+    )  # fmt: skip
+
+
+def _bar_record(sym: str, tf: str, w: _WBar, source: str, feed: str, fetched: datetime) -> Bar:
+    if None in (w.o, w.h, w.l, w.c, w.v):
+        raise MalformedResponse(f"bar for {sym} lacks a price or the volume", provider="alpaca")
+    return Bar(
+        symbol=sym, timeframe=tf, ts=_one_ts(w.t), open=w.o, high=w.h, low=w.l, close=w.c,  # type: ignore[arg-type]
+        volume=int(w.v), trade_count=w.n, vwap=w.vw, source=source, feed=feed, fetched_at=fetched,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+_TAG = re.compile(r"<[^>]+>")
+
+
+def _error_message(body: bytes) -> tuple[str, Any]:
+    """Vendor error text from a JSON ``{"message", "code"}`` body or, failing that, plain/HTML text."""
+    try:
+        doc = orjson.loads(body)
+        if isinstance(doc, dict):
+            return str(doc.get("message") or doc.get("error") or doc), doc.get("code")
+    except orjson.JSONDecodeError:
+        pass
+    text = _TAG.sub(" ", body[:500].decode("utf-8", "replace"))
+    return " ".join(text.split())[:200] or "(empty body)", None
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    ra = headers.get("retry-after")
+    if ra:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            pass
+    reset = headers.get("x-ratelimit-reset")
+    if reset:
+        try:
+            return max(0.0, float(reset) - utcnow().timestamp())
+        except ValueError:
+            return None
+    return None
+
+
+def map_http_error(status: int, body: bytes, headers: httpx.Headers, *, provider: str, url: str) -> MarketpipeError:
+    msg, code = _error_message(body)
+    details: dict[str, Any] = {"status": status, "vendor_message": msg, "endpoint": url}
+    if code is not None:
+        details["vendor_code"] = code
+    if status in (400, 422):
+        return ProviderBadRequest(f"{provider} rejected the request: {msg}", provider=provider, details=details)
+    if status == 401:
+        return AuthFailed(
+            f"{provider}: authentication missing or malformed ({msg})", provider=provider, details=details
+        )
+    if status == 403:
+        if "subscription does not permit" in msg:
+            details["reason"] = "recent_sip"
+            return NotEntitled(f"{provider}: {msg}", provider=provider, details=details)
+        return AuthFailed(
+            f"{provider}: credentials rejected or not permitted ({msg}); check ALPACA_API_KEY/ALPACA_SECRET_KEY",
+            provider=provider,
+            details=details,
+        )
+    if status == 404:
+        return NotFound(f"{provider}: not found ({msg})", provider=provider, details=details)
+    if status == 429:
+        return RateLimited(
+            f"{provider}: rate limited ({msg})",
+            provider=provider,
+            details=details,
+            retry_after=_retry_after(headers),
+        )
+    if status >= 500:
+        return ProviderUnavailable(f"{provider}: server error {status} ({msg})", provider=provider, details=details)
+    return ProviderBadRequest(f"{provider}: unexpected status {status} ({msg})", provider=provider, details=details)
+
+
+# --- the client --------------------------------------------------------------------------------
+
+
+class AlpacaProvider:
+    """Async Alpaca REST client. Use as ``async with AlpacaProvider.from_config(cfg) as p: ...``."""
+
+    name = "alpaca"
+
+    def __init__(
+        self,
+        key: str,
+        secret: str,
+        *,
+        config: ProviderConfig | None = None,
+        base_url: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.config = config or ProviderConfig(priority=1)
+        self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._now = now
+        cfg = self.config
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={
+                "APCA-API-KEY-ID": key,
+                "APCA-API-SECRET-KEY": secret,
+                "User-Agent": "marketpipe/0.1",
+                "Accept": "application/json",
+            },
+            timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),
+            limits=httpx.Limits(max_connections=cfg.max_in_flight * 2, max_keepalive_connections=cfg.max_in_flight),
+            transport=transport,
+        )
+        self.resilience = Resilience(
+            self.name, retry=cfg.retry, circuit=cfg.circuit, rate_limit_per_min=cfg.rate_limit_per_min
+        )
+        self._in_flight = asyncio.Semaphore(cfg.max_in_flight)
+        self.requests = 0
+        self.bytes_received = 0
+
+    @classmethod
+    def from_config(
+        cls, config: ProviderConfig | None = None, *, env: dict[str, str] | None = None, **kw: Any
+    ) -> AlpacaProvider:
+        import os
+
+        key, secret = alpaca_credentials(env)
+        src = os.environ if env is None else env
+        base = kw.pop("base_url", None) or (config.base_url if config else None) or src.get("APCA_API_DATA_URL")
+        return cls(key, secret, config=config, base_url=base, **kw)
+
+    async def __aenter__(self) -> AlpacaProvider:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- transport ---------------------------------------------------------------------------
+
+    async def _get(
+        self, path: str, params: dict[str, Any], endpoint: str, decode: Callable[[httpx.Response], Any]
+    ) -> tuple[Any, httpx.Response]:
+        """GET under retry/limiter/breaker; the body is decoded inside the retried call so that a
+        truncated page is fetched again rather than half-used."""
+        deadline = self.config.connect_timeout + self.config.read_timeout
+
+        async def once() -> tuple[Any, httpx.Response]:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            status = "error"
+            try:
+                async with self._in_flight:
+                    try:
+                        resp = await asyncio.wait_for(self._http.get(path, params=params), deadline)
+                    except (httpx.TimeoutException, TimeoutError) as exc:
+                        raise ProviderTimeout(
+                            f"alpaca: no answer within {deadline:.1f}s ({type(exc).__name__})",
+                            provider=self.name,
+                            details={"endpoint": endpoint},
+                        ) from exc
+                    except httpx.TransportError as exc:
+                        raise ProviderUnavailable(
+                            f"alpaca: connection failed ({type(exc).__name__}: {exc})",
+                            provider=self.name,
+                            details={"endpoint": endpoint},
+                        ) from exc
+                self.requests += 1
+                self.bytes_received += len(resp.content)
+                status = str(resp.status_code)
+                self.resilience.limiter.observe(resp.headers)
+                if resp.status_code >= 300:
+                    raise map_http_error(resp.status_code, resp.content, resp.headers, provider=self.name, url=endpoint)
+                try:
+                    return decode(resp), resp
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                    snippet = resp.content[:80].decode("utf-8", "replace")
+                    raise MalformedResponse(
+                        f"alpaca: undecodable response body ({exc}); starts with {snippet!r}",
+                        provider=self.name,
+                        details={"endpoint": endpoint, "bytes": len(resp.content)},
+                    ) from exc
+            except MarketpipeError as exc:
+                PROVIDER_ERRORS.labels(self.name, exc.code).inc()
+                log.warning("provider_error", provider=self.name, endpoint=endpoint, code=exc.code, error=exc.message)
+                raise
+            finally:
+                PROVIDER_REQUESTS.labels(self.name, endpoint, status).inc()
+                PROVIDER_LATENCY.labels(self.name, endpoint).observe(loop.time() - started)
+
+        result: tuple[Any, httpx.Response] = await self.resilience.call(once)
+        return result
+
+    def _source(self, resp: httpx.Response) -> str:
+        return "sim" if resp.headers.get(SIM_HEADER) else self.name
+
+    # --- feed and the 15-minute SIP rule --------------------------------------------------------
+
+    def _plan_feed(self, feed: str | None, end: datetime, start: datetime) -> tuple[str, datetime]:
+        """Apply the free plan's rule: SIP only up to 15 minutes ago (clamp ``end``, or use IEX)."""
+        feed = (feed or self.config.feed).lower()
+        if feed not in FEEDS_HISTORICAL:
+            raise InvalidArgument(
+                f"invalid feed {feed!r}; allowed: {', '.join(FEEDS_HISTORICAL)}",
+                details={"parameter": "feed"},
+            )
+        if self.config.plan == "free" and feed == "sip":
+            limit = self._now() - SIP_DELAY
+            if end > limit:
+                if self.config.recent_sip == "iex" or limit <= start:
+                    return "iex", end
+                return "sip", limit
+        return feed, end
+
+    # --- historical --------------------------------------------------------------------------
+
+    async def iter_bars(
+        self,
+        symbols: list[str],
+        timeframe: Timeframe,
+        start: datetime,
+        end: datetime,
+        *,
+        feed: str | None = None,
+        adjustment: str = "raw",
+        limit: int = MAX_LIMIT,
+        asof: str | None = None,
+        sort: str = "asc",
+        page_token: str | None = None,
+    ) -> AsyncIterator[BarPage]:
+        """Pages of bars for ``[start, end)``, lazily: one page in memory at a time."""
+        for part in adjustment.split(","):
+            if part.strip() not in ADJUSTMENTS:
+                raise InvalidArgument(
+                    f"invalid adjustment {adjustment!r}; allowed: {', '.join(ADJUSTMENTS)} (comma-combinable)",
+                    details={"parameter": "adjustment"},
+                )
+        params: dict[str, Any] = {"timeframe": str(timeframe), "adjustment": adjustment}
+        async for page in self._paginate(
+            "bars", symbols, start, end, params, feed, limit, asof, sort, page_token, timeframe
+        ):
+            yield page
+
+    async def iter_trades(
+        self, symbols: list[str], start: datetime, end: datetime, *, feed: str | None = None,
+        limit: int = MAX_LIMIT, asof: str | None = None, sort: str = "asc", page_token: str | None = None,
+    ) -> AsyncIterator[BarPage]:  # fmt: skip
+        async for page in self._paginate("trades", symbols, start, end, {}, feed, limit, asof, sort, page_token, None):
+            yield page
+
+    async def iter_quotes(
+        self, symbols: list[str], start: datetime, end: datetime, *, feed: str | None = None,
+        limit: int = MAX_LIMIT, asof: str | None = None, sort: str = "asc", page_token: str | None = None,
+    ) -> AsyncIterator[BarPage]:  # fmt: skip
+        async for page in self._paginate("quotes", symbols, start, end, {}, feed, limit, asof, sort, page_token, None):
+            yield page
+
+    async def _paginate(
+        self,
+        kind: str,
+        symbols: list[str],
+        start: datetime,
+        end: datetime,
+        extra: dict[str, Any],
+        feed: str | None,
+        limit: int,
+        asof: str | None,
+        sort: str,
+        page_token: str | None,
+        timeframe: Timeframe | None,
+    ) -> AsyncIterator[BarPage]:
+        if not symbols:
+            raise InvalidArgument("no symbols given", details={"parameter": "symbols"})
+        if end <= start:
+            raise InvalidArgument("end must be after start", details={"parameter": "end"})
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}", details={"parameter": "limit"})
+        if sort not in ("asc", "desc"):
+            raise InvalidArgument("sort must be asc or desc", details={"parameter": "sort"})
+        used_feed, used_end = self._plan_feed(feed, end, start)
+        single = len(symbols) == 1
+        path = f"/v2/stocks/{_quote_path(symbols[0])}/{kind}" if single else f"/v2/stocks/{kind}"
+        endpoint = f"{kind}_single" if single else kind
+        wire: dict[str, Any] = {
+            "start": rfc3339(start),
+            "limit": limit,
+            "feed": used_feed,
+            "sort": sort,
+            **extra,
+        }
+        if not single:
+            wire["symbols"] = ",".join(symbols)
+        if asof:
+            wire["asof"] = asof
+        tf = str(timeframe) if timeframe else ""
+        number = 0
+        retried_entitlement = False
+        token = page_token
+        while True:
+            # Alpaca's end is inclusive; ours is exclusive.
+            wire["end"] = rfc3339(used_end - timedelta(microseconds=1))
+            if token:
+                wire["page_token"] = token
+            else:
+                wire.pop("page_token", None)
+            try:
+                (frame, nxt, nbytes), resp = await self._get(
+                    path, wire, endpoint, _page_decoder(kind, single, symbols[0], tf, used_feed, self)
+                )
+            except NotEntitled:
+                # The plan was misconfigured as unlimited: apply the free-plan rule once and go on.
+                if retried_entitlement or used_feed != "sip":
+                    raise
+                retried_entitlement = True
+                limit_end = self._now() - SIP_DELAY
+                if self.config.recent_sip == "iex" or limit_end <= start:
+                    used_feed = "iex"
+                else:
+                    used_end = min(used_end, limit_end)
+                wire["feed"] = used_feed
+                log.warning("sip_recent_restricted", feed=used_feed, end=rfc3339(used_end))
+                continue
+            number += 1
+            fetched_at = frame["fetched_at"][0] if frame.height else self._now()
+            page = BarPage(
+                frame=frame,
+                symbols=list(symbols),
+                timeframe=timeframe,
+                start=start,
+                end=used_end,
+                feed=used_feed,
+                source=self._source(resp),
+                request_id=resp.headers.get("x-request-id") or uuid.uuid4().hex[:16],
+                fetched_at=fetched_at,
+                next_page_token=nxt,
+                page_number=number,
+                last_page=not nxt,
+                nbytes=nbytes,
+                kind=kind,
+            )
+            page.complete_through = _complete_through(page, sort)
+            yield page
+            if not nxt:
+                return
+            token = nxt
+
+    # --- latest and snapshots ----------------------------------------------------------------
+
+    def _latest_feed(self, feed: str | None) -> str:
+        f = (feed or ("iex" if self.config.plan == "free" else self.config.feed)).lower()
+        if f not in FEEDS_LATEST:
+            raise InvalidArgument(
+                f"invalid feed {f!r}; allowed: {', '.join(FEEDS_LATEST)}", details={"parameter": "feed"}
+            )
+        return f
+
+    async def latest_trades(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Trade]:
+        f = self._latest_feed(feed)
+        doc, resp = await self._get(
+            "/v2/stocks/trades/latest", {"symbols": ",".join(symbols), "feed": f}, "latest_trades",
+            lambda r: _decoder(_LatestTrades).decode(r.content),
+        )  # fmt: skip
+        src, now = self._source(resp), self._now()
+        return {s: _trade_record(s, w, src, f, now) for s, w in (doc.trades or {}).items()}
+
+    async def latest_quotes(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Quote]:
+        f = self._latest_feed(feed)
+        doc, resp = await self._get(
+            "/v2/stocks/quotes/latest", {"symbols": ",".join(symbols), "feed": f}, "latest_quotes",
+            lambda r: _decoder(_LatestQuotes).decode(r.content),
+        )  # fmt: skip
+        src, now = self._source(resp), self._now()
+        return {s: _quote_record(s, w, src, f, now) for s, w in (doc.quotes or {}).items()}
+
+    async def latest_bars(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Bar]:
+        f = self._latest_feed(feed)
+        doc, resp = await self._get(
+            "/v2/stocks/bars/latest", {"symbols": ",".join(symbols), "feed": f}, "latest_bars",
+            lambda r: _decoder(_LatestBars).decode(r.content),
+        )  # fmt: skip
+        src, now = self._source(resp), self._now()
+        return {s: _bar_record(s, "1Min", w, src, f, now) for s, w in (doc.bars or {}).items()}
+
+    async def latest_trade(self, symbol: str, *, feed: str | None = None) -> Trade | None:
+        f = self._latest_feed(feed)
+        doc, resp = await self._get(
+            f"/v2/stocks/{_quote_path(symbol)}/trades/latest", {"feed": f}, "latest_trade_single",
+            lambda r: _decoder(dict[str, Any]).decode(r.content),
+        )  # fmt: skip
+        w = doc.get("trade")
+        if not w:
+            return None
+        return _trade_record(symbol, msgspec.convert(w, _WTrade), self._source(resp), f, self._now())
+
+    async def latest_quote(self, symbol: str, *, feed: str | None = None) -> Quote | None:
+        f = self._latest_feed(feed)
+        doc, resp = await self._get(
+            f"/v2/stocks/{_quote_path(symbol)}/quotes/latest", {"feed": f}, "latest_quote_single",
+            lambda r: _decoder(dict[str, Any]).decode(r.content),
+        )  # fmt: skip
+        w = doc.get("quote")
+        if not w:
+            return None
+        return _quote_record(symbol, msgspec.convert(w, _WQuote), self._source(resp), f, self._now())
+
+    async def snapshots(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Snapshot]:
+        f = self._latest_feed(feed)
+        # The stock multi-snapshot has no wrapper key: symbol -> snapshot at the top level.
+        doc, resp = await self._get(
+            "/v2/stocks/snapshots", {"symbols": ",".join(symbols), "feed": f}, "snapshots",
+            lambda r: _decoder(dict[str, _WSnapshot | None]).decode(r.content),
+        )  # fmt: skip
+        src, now = self._source(resp), self._now()
+        out: dict[str, Snapshot] = {}
+        for sym, snap in doc.items():
+            if snap is None:
+                continue
+            out[sym] = Snapshot(
+                symbol=sym,
+                latest_trade=_trade_record(sym, snap.latestTrade, src, f, now) if snap.latestTrade else None,
+                latest_quote=_quote_record(sym, snap.latestQuote, src, f, now) if snap.latestQuote else None,
+                minute_bar=_bar_record(sym, "1Min", snap.minuteBar, src, f, now) if snap.minuteBar else None,
+                daily_bar=_bar_record(sym, "1Day", snap.dailyBar, src, f, now) if snap.dailyBar else None,
+                prev_daily_bar=_bar_record(sym, "1Day", snap.prevDailyBar, src, f, now) if snap.prevDailyBar else None,
+                source=src,
+                fetched_at=now,
+            )
+        return out
+
+    async def snapshot(self, symbol: str, *, feed: str | None = None) -> Snapshot | None:
+        return (await self.snapshots([symbol], feed=feed)).get(symbol)
+
+
+def _quote_path(symbol: str) -> str:
+    from urllib.parse import quote
+
+    return quote(symbol, safe="")
+
+
+def _page_decoder(
+    kind: str, single: bool, symbol: str, tf: str, feed: str, provider: AlpacaProvider
+) -> Callable[[httpx.Response], tuple[pl.DataFrame, str | None, int]]:
+    def decode(resp: httpx.Response) -> tuple[pl.DataFrame, str | None, int]:
+        body = resp.content
+        fetched = provider._now()
+        source = provider._source(resp)
+        if kind == "bars":
+            if single:
+                sb = _decoder(_SingleBars).decode(body)
+                groups = [(symbol, sb.bars or [])]
+                nxt = sb.next_page_token
+            else:
+                mb = _decoder(_MultiBars).decode(body)
+                groups = list((mb.bars or {}).items())
+                nxt = mb.next_page_token
+            return bars_to_frame(groups, tf, source, feed, fetched), nxt or None, len(body)
+        if kind == "trades":
+            if single:
+                st = _decoder(_SingleTrades).decode(body)
+                tg, nxt = [(symbol, st.trades or [])], st.next_page_token
+            else:
+                mt = _decoder(_MultiTrades).decode(body)
+                tg, nxt = list((mt.trades or {}).items()), mt.next_page_token
+            return trades_to_frame(tg, source, feed, fetched), nxt or None, len(body)
+        if single:
+            sq = _decoder(_SingleQuotes).decode(body)
+            qg, nxt = [(symbol, sq.quotes or [])], sq.next_page_token
+        else:
+            mq = _decoder(_MultiQuotes).decode(body)
+            qg, nxt = list((mq.quotes or {}).items()), mq.next_page_token
+        return quotes_to_frame(qg, source, feed, fetched), nxt or None, len(body)
+
+    return decode
+
+
+def _complete_through(page: BarPage, sort: str) -> dict[str, datetime]:
+    """See BarPage.complete_through. Relies on the documented order: symbol first, then time."""
+    if page.last_page:
+        return dict.fromkeys(page.symbols, page.end)
+    if sort != "asc" or page.frame.height == 0:
+        return {}
+    order = page.frame.get_column("symbol")
+    present = order.unique(maintain_order=True).to_list()
+    out = dict.fromkeys(present[:-1], page.end)
+    last = present[-1]
+    ts = page.frame.filter(pl.col("symbol") == last).get_column("ts").drop_nulls()
+    if len(ts):
+        out[last] = ts.max() + timedelta(microseconds=1)  # type: ignore[operator]
+    return out
+
+
+__all__ = ["DEFAULT_BASE_URL", "AlpacaProvider", "bars_to_frame", "map_http_error"]

@@ -1,0 +1,299 @@
+"""DuckDB store: the embedded default.
+
+Times are stored as naive ``TIMESTAMP`` holding UTC (the connection's time zone is pinned to UTC
+as well) and come back as UTC-aware polars columns.
+
+Idempotence without a primary key: a PK index costs DuckDB about half its bulk-insert speed, so
+new rows are inserted through an anti-join against the rows already held for the same symbols and
+time span. Every page (bars, quarantine, coverage, ingest-log row) is written in one transaction,
+so a crash leaves either the whole page or none of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from marketpipe.core.errors import StoreError
+from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import ROWS_STORED
+from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA
+from marketpipe.quality.validate import QUARANTINE_COLUMNS, QUARANTINE_SCHEMA
+from marketpipe.store.base import COVERAGE_SCHEMA, PageWrite
+
+SCHEMA_VERSION = 1
+log = get_logger("marketpipe.store")
+
+_DDL = [
+    """CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS bars (
+        symbol VARCHAR NOT NULL, timeframe VARCHAR NOT NULL, ts TIMESTAMP NOT NULL,
+        open DOUBLE, high DOUBLE, low DOUBLE, close DOUBLE, volume BIGINT, trade_count BIGINT,
+        vwap DOUBLE, source VARCHAR NOT NULL, feed VARCHAR, fetched_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS quarantine (
+        symbol VARCHAR, timeframe VARCHAR, ts TIMESTAMP, open DOUBLE, high DOUBLE, low DOUBLE,
+        close DOUBLE, volume BIGINT, trade_count BIGINT, vwap DOUBLE, source VARCHAR, feed VARCHAR,
+        fetched_at TIMESTAMP, raw_ts VARCHAR, reason VARCHAR, request_id VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS coverage (
+        symbol VARCHAR NOT NULL, timeframe VARCHAR NOT NULL, provider VARCHAR NOT NULL,
+        source VARCHAR NOT NULL, feed VARCHAR, start TIMESTAMP NOT NULL, "end" TIMESTAMP NOT NULL,
+        rows BIGINT, request_id VARCHAR, fetched_at TIMESTAMP)""",
+    """CREATE SEQUENCE IF NOT EXISTS ingest_seq""",
+    """CREATE TABLE IF NOT EXISTS ingest_log (
+        id BIGINT DEFAULT nextval('ingest_seq'), provider VARCHAR, source VARCHAR, feed VARCHAR,
+        kind VARCHAR, timeframe VARCHAR, symbols VARCHAR, start TIMESTAMP, "end" TIMESTAMP,
+        request_id VARCHAR, page INTEGER, fetched_at TIMESTAMP, rows_received BIGINT,
+        rows_stored BIGINT, rows_rejected BIGINT)""",
+]
+
+_FEED_PREFERENCE = "CASE feed WHEN 'sip' THEN 0 WHEN 'iex' THEN 2 ELSE 1 END"
+
+
+def _naive(frame: pl.DataFrame) -> pl.DataFrame:
+    """UTC-aware datetime columns to naive UTC for DuckDB TIMESTAMP columns."""
+    return frame.with_columns(
+        [
+            pl.col(name).dt.replace_time_zone(None)
+            for name, dtype in frame.schema.items()
+            if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None
+        ]
+    )
+
+
+def _aware(frame: pl.DataFrame, schema: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
+    frame = frame.with_columns(
+        [
+            pl.col(name).dt.cast_time_unit("us").dt.replace_time_zone("UTC")
+            for name, dtype in frame.schema.items()
+            if isinstance(dtype, pl.Datetime) and dtype.time_zone is None
+        ]
+    )
+    if schema is not None:
+        frame = frame.cast({k: v for k, v in schema.items() if k in frame.columns}, strict=False)  # type: ignore[arg-type]
+    return frame
+
+
+class DuckDBStore:
+    """Not thread-safe: use from one thread at a time (the backfill writes from one writer task)."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(self.path, read_only=read_only, config={"TimeZone": "UTC"})
+        except duckdb.IOException as exc:
+            raise StoreError(
+                f"cannot open store {self.path}: {exc}. Is another marketpipe process using it?",
+                details={"path": self.path},
+            ) from exc
+        self._lock = threading.RLock()
+        if not read_only:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            for ddl in _DDL:
+                self.con.execute(ddl)
+            row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has schema version {row[0]}, newer than this marketpipe ({SCHEMA_VERSION})"
+                )
+
+    # --- writes --------------------------------------------------------------------------------
+
+    def write_pages(self, pages: list[PageWrite]) -> list[int]:
+        stored: list[int] = []
+        with self._lock:
+            try:
+                self.con.execute("BEGIN TRANSACTION")
+                for page in pages:
+                    stored.append(self._write_one(page))
+                self.con.execute("COMMIT")
+            except duckdb.Error as exc:
+                self._rollback()
+                raise StoreError(f"store write failed, nothing written: {exc}", details={"path": self.path}) from exc
+            except BaseException:
+                self._rollback()
+                raise
+        for page, n in zip(pages, stored, strict=True):
+            page.stored = n
+            if n:
+                ROWS_STORED.labels("bars", page.ingest.source, page.ingest.timeframe).inc(n)
+        return stored
+
+    def _rollback(self) -> None:
+        try:
+            self.con.execute("ROLLBACK")
+        except duckdb.Error:
+            log.warning("rollback_failed", path=self.path)
+
+    def _write_one(self, page: PageWrite) -> int:
+        con = self.con
+        stored = 0
+        bars = page.bars
+        if bars.height:
+            frame = _naive(bars.select(BAR_COLUMNS))
+            lo, hi = frame.get_column("ts").min(), frame.get_column("ts").max()
+            con.register("_page", frame.to_arrow())
+            try:
+                before = con.execute("SELECT count(*) FROM bars").fetchone()[0]  # type: ignore[index]
+                con.execute(
+                    """INSERT INTO bars SELECT p.* FROM _page p ANTI JOIN (
+                           SELECT symbol, timeframe, ts, source, feed FROM bars
+                           WHERE ts BETWEEN $lo AND $hi AND symbol IN (SELECT DISTINCT symbol FROM _page)
+                       ) b USING (symbol, timeframe, ts, source, feed)""",
+                    {"lo": lo, "hi": hi},
+                )
+                stored = con.execute("SELECT count(*) FROM bars").fetchone()[0] - before  # type: ignore[index]
+            finally:
+                con.unregister("_page")
+        if page.quarantine.height:
+            q = _naive(page.quarantine.select(QUARANTINE_COLUMNS))
+            con.register("_q", q.to_arrow())
+            try:
+                con.execute("INSERT INTO quarantine SELECT * FROM _q")
+            finally:
+                con.unregister("_q")
+        if page.coverage:
+            con.executemany(
+                "INSERT INTO coverage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    [c.symbol, c.timeframe, c.provider, c.source, c.feed, _n(c.start), _n(c.end), c.rows,
+                     c.request_id, _n(c.fetched_at)]
+                    for c in page.coverage
+                ],
+            )  # fmt: skip
+        ing = page.ingest
+        con.execute(
+            """INSERT INTO ingest_log (provider, source, feed, kind, timeframe, symbols, start, "end",
+               request_id, page, fetched_at, rows_received, rows_stored, rows_rejected)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            [ing.provider, ing.source, ing.feed, ing.kind, ing.timeframe, ",".join(ing.symbols), _n(ing.start),
+             _n(ing.end), ing.request_id, ing.page, _n(ing.fetched_at), ing.rows_received, stored,
+             ing.rows_rejected],
+        )  # fmt: skip
+        return int(stored)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def read_bars(
+        self,
+        symbols: list[str],
+        timeframe: str,
+        start: datetime,
+        end: datetime,
+        *,
+        source: str | None = None,
+        feed: str | None = None,
+    ) -> pl.DataFrame:
+        """Bars in ``[start, end)``, ordered by symbol then time. Without ``source``/``feed`` one row per
+        timestamp is returned, preferring SIP over other feeds and real sources over the simulator."""
+        where = ["timeframe = $tf", "ts >= $start", "ts < $end"]
+        params: dict[str, object] = {"tf": timeframe, "start": _n(start), "end": _n(end)}
+        if len(symbols) == 1:
+            where.append("symbol = $sym")
+            params["sym"] = symbols[0]
+        else:
+            where.append("list_contains($syms, symbol)")
+            params["syms"] = list(symbols)
+        if source is not None:
+            where.append("source = $source")
+            params["source"] = source
+        if feed is not None:
+            where.append("feed = $feed")
+            params["feed"] = feed
+        cols = ", ".join(BAR_COLUMNS)
+        sql = f"SELECT {cols} FROM bars WHERE {' AND '.join(where)}"
+        if source is None or feed is None:
+            sql = (
+                f"SELECT {cols} FROM ({sql}) QUALIFY row_number() OVER "
+                f"(PARTITION BY symbol, ts ORDER BY {_FEED_PREFERENCE}, (source = 'sim'), fetched_at DESC) = 1"
+            )
+        sql += " ORDER BY symbol, ts"
+        with self._lock:
+            table = self.con.execute(sql, params).to_arrow_table()
+        return _aware(pl.from_arrow(table), BAR_SCHEMA)  # type: ignore[arg-type]
+
+    def read_bars_exact(
+        self, symbol: str, timeframe: str, start: datetime, end: datetime, *, source: str, feed: str
+    ) -> pl.DataFrame:
+        """The hot read path: one symbol, one source and feed — no de-duplication window needed."""
+        return self.read_bars([symbol], timeframe, start, end, source=source, feed=feed)
+
+    def coverage(
+        self,
+        symbols: list[str],
+        timeframe: str,
+        start: datetime,
+        end: datetime,
+        *,
+        provider: str | None = None,
+        feed: str | None = None,
+    ) -> pl.DataFrame:
+        where = ["timeframe = $tf", "start < $end", '"end" > $start', "list_contains($syms, symbol)"]
+        params: dict[str, object] = {"tf": timeframe, "start": _n(start), "end": _n(end), "syms": list(symbols)}
+        if provider is not None:
+            where.append("provider = $provider")
+            params["provider"] = provider
+        if feed is not None:
+            where.append("feed = $feed")
+            params["feed"] = feed
+        sql = f"SELECT * FROM coverage WHERE {' AND '.join(where)} ORDER BY symbol, start"
+        with self._lock:
+            table = self.con.execute(sql, params).to_arrow_table()
+        return _aware(pl.from_arrow(table), COVERAGE_SCHEMA)  # type: ignore[arg-type]
+
+    def quarantine(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
+        sql = "SELECT * FROM quarantine" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ts LIMIT $limit"
+        params: dict[str, object] = {"limit": limit}
+        if symbol:
+            params["sym"] = symbol
+        with self._lock:
+            table = self.con.execute(sql, params).to_arrow_table()
+        return _aware(pl.from_arrow(table), QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+
+    def ingest_log(self, limit: int = 100) -> pl.DataFrame:
+        with self._lock:
+            table = self.con.execute("SELECT * FROM ingest_log ORDER BY id DESC LIMIT ?", [limit]).to_arrow_table()
+        return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
+
+    def summary(self) -> pl.DataFrame:
+        """Per symbol/timeframe/source/feed: bar count and time span."""
+        with self._lock:
+            table = self.con.execute(
+                """SELECT symbol, timeframe, source, feed, count(*) AS bars, min(ts) AS first, max(ts) AS last
+                   FROM bars GROUP BY ALL ORDER BY symbol, timeframe, source, feed"""
+            ).to_arrow_table()
+        return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                t: int(self.con.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # type: ignore[index]
+                for t in ("bars", "quarantine", "coverage", "ingest_log")
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            self.con.close()
+
+    def __enter__(self) -> DuckDBStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _n(ts: datetime) -> datetime:
+    """Aware UTC datetime -> naive UTC for DuckDB TIMESTAMP parameters."""
+    if ts.tzinfo is None:
+        return ts
+    return ts.astimezone(UTC).replace(tzinfo=None)
