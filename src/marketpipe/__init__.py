@@ -1,1 +1,75 @@
-"""marketpipe: market data fetched, checked, kept and served."""
+"""marketpipe: market data fetched, checked, kept and served.
+
+    import marketpipe as mp
+    df = mp.bars("AAPL", "2024-01-02", "2024-03-01", timeframe="1Min")   # polars DataFrame
+
+Bars come from the local store where it already holds them; missing ranges are fetched from the
+vendor, checked and stored first. Configuration: ``marketpipe.toml`` / env (see the README).
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from marketpipe.core.schema import Quote, Snapshot, Trade
+    from marketpipe.service.backfill import BackfillStats
+    from marketpipe.service.data import SyncMarketData
+
+__version__ = "0.1.0"
+__all__ = ["backfill", "bars", "client", "latest_quote", "latest_trade", "snapshots"]
+
+_default: SyncMarketData | None = None
+_lock = threading.Lock()
+TimeLike = str | date | datetime
+
+
+def client(**kw: Any) -> SyncMarketData:
+    """A synchronous client with its own store and provider (``config=``, ``store=``, ``provider=``)."""
+    from marketpipe.service.data import SyncMarketData
+
+    return SyncMarketData(**kw)
+
+
+def _client() -> SyncMarketData:
+    global _default
+    with _lock:
+        if _default is None:
+            _default = client()
+        return _default
+
+
+def bars(
+    symbols: str | list[str],
+    start: TimeLike,
+    end: TimeLike | None = None,
+    *,
+    timeframe: str = "1Min",
+    feed: str | None = None,
+    fetch: bool = True,
+) -> pl.DataFrame:
+    """Bars for ``[start, end)`` as a polars DataFrame (``.to_pandas()`` for pandas)."""
+    return _client().bars(symbols, start, end, timeframe=timeframe, feed=feed, fetch=fetch)
+
+
+def backfill(
+    symbols: str | list[str], start: TimeLike, end: TimeLike | None = None, *, timeframe: str = "1Min",
+    feed: str | None = None,
+) -> BackfillStats:  # fmt: skip
+    return _client().backfill(symbols, start, end, timeframe=timeframe, feed=feed)
+
+
+def latest_trade(symbol: str, *, feed: str | None = None) -> Trade | None:
+    return _client().latest_trade(symbol, feed=feed)
+
+
+def latest_quote(symbol: str, *, feed: str | None = None) -> Quote | None:
+    return _client().latest_quote(symbol, feed=feed)
+
+
+def snapshots(symbols: str | list[str], *, feed: str | None = None) -> dict[str, Snapshot]:
+    return _client().snapshots(symbols, feed=feed)

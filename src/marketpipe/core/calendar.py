@@ -46,8 +46,10 @@ class ExchangeCalendar:
         sched = cal.schedule
         self.name = name
         self.days: np.ndarray = sched.index.values.astype("datetime64[D]")
-        self.opens: np.ndarray = sched["open"].values.astype("datetime64[ns]").astype(np.int64)
-        self.closes: np.ndarray = sched["close"].values.astype("datetime64[ns]").astype(np.int64)
+        self.opens: np.ndarray = sched["open"].dt.tz_convert(None).to_numpy().astype("datetime64[ns]").astype(np.int64)
+        self.closes: np.ndarray = (
+            sched["close"].dt.tz_convert(None).to_numpy().astype("datetime64[ns]").astype(np.int64)
+        )
 
     # --- bounds --------------------------------------------------------------------------------
     @property

@@ -1,7 +1,7 @@
 """DuckDB store: the embedded default.
 
-Times are stored as naive ``TIMESTAMP`` holding UTC (the connection's time zone is pinned to UTC
-as well) and come back as UTC-aware polars columns.
+Times are stored as naive ``TIMESTAMP`` holding UTC (no time-zone arithmetic happens inside DuckDB,
+so no ICU extension is needed) and come back as UTC-aware polars columns.
 
 Idempotence without a primary key: a PK index costs DuckDB about half its bulk-insert speed, so
 new rows are inserted through an anti-join against the rows already held for the same symbols and
@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -85,13 +86,16 @@ class DuckDBStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.con = duckdb.connect(self.path, read_only=read_only, config={"TimeZone": "UTC"})
+            self.con = duckdb.connect(self.path, read_only=read_only)
         except duckdb.IOException as exc:
             raise StoreError(
                 f"cannot open store {self.path}: {exc}. Is another marketpipe process using it?",
                 details={"path": self.path},
             ) from exc
         self._lock = threading.RLock()
+        # (symbol, timeframe) -> number of (source, feed) variants held; lets the common case of a
+        # single variant skip the de-duplication window on reads.
+        self._variants: dict[tuple[str, str], int] = {}
         if not read_only:
             self._migrate()
 
@@ -99,7 +103,8 @@ class DuckDBStore:
         with self._lock:
             for ddl in _DDL:
                 self.con.execute(ddl)
-            row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            rows = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+            row = rows[0] if rows else None
             if row is None:
                 self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
             elif int(row[0]) > SCHEMA_VERSION:
@@ -124,6 +129,8 @@ class DuckDBStore:
                 self._rollback()
                 raise
         for page, n in zip(pages, stored, strict=True):
+            for sym in page.ingest.symbols:
+                self._variants.pop((sym, page.ingest.timeframe), None)
             page.stored = n
             if n:
                 ROWS_STORED.labels("bars", page.ingest.source, page.ingest.timeframe).inc(n)
@@ -144,7 +151,7 @@ class DuckDBStore:
             lo, hi = frame.get_column("ts").min(), frame.get_column("ts").max()
             con.register("_page", frame.to_arrow())
             try:
-                before = con.execute("SELECT count(*) FROM bars").fetchone()[0]  # type: ignore[index]
+                before = con.execute("SELECT count(*) FROM bars").fetchall()[0][0]
                 con.execute(
                     """INSERT INTO bars SELECT p.* FROM _page p ANTI JOIN (
                            SELECT symbol, timeframe, ts, source, feed FROM bars
@@ -152,7 +159,7 @@ class DuckDBStore:
                        ) b USING (symbol, timeframe, ts, source, feed)""",
                     {"lo": lo, "hi": hi},
                 )
-                stored = con.execute("SELECT count(*) FROM bars").fetchone()[0] - before  # type: ignore[index]
+                stored = con.execute("SELECT count(*) FROM bars").fetchall()[0][0] - before
             finally:
                 con.unregister("_page")
         if page.quarantine.height:
@@ -212,15 +219,31 @@ class DuckDBStore:
             params["feed"] = feed
         cols = ", ".join(BAR_COLUMNS)
         sql = f"SELECT {cols} FROM bars WHERE {' AND '.join(where)}"
-        if source is None or feed is None:
+        if (source is None or feed is None) and (len(symbols) != 1 or self._variant_count(symbols[0], timeframe) > 1):
             sql = (
                 f"SELECT {cols} FROM ({sql}) QUALIFY row_number() OVER "
                 f"(PARTITION BY symbol, ts ORDER BY {_FEED_PREFERENCE}, (source = 'sim'), fetched_at DESC) = 1"
             )
         sql += " ORDER BY symbol, ts"
         with self._lock:
-            table = self.con.execute(sql, params).to_arrow_table()
+            table = self._arrow(sql, params)
         return _aware(pl.from_arrow(table), BAR_SCHEMA)  # type: ignore[arg-type]
+
+    def _arrow(self, sql: str, params: dict[str, object]) -> Any:
+        rel = self.con.sql(sql, params=params or None)
+        return rel.to_arrow_table() if rel is not None else None
+
+    def _variant_count(self, symbol: str, timeframe: str) -> int:
+        key = (symbol, timeframe)
+        n = self._variants.get(key)
+        if n is None:
+            with self._lock:
+                rows = self.con.execute(
+                    "SELECT count(DISTINCT (source, feed)) FROM coverage WHERE symbol = ? AND timeframe = ?",
+                    [symbol, timeframe],
+                ).fetchall()
+            n = self._variants[key] = int(rows[0][0]) if rows else 0
+        return n
 
     def read_bars_exact(
         self, symbol: str, timeframe: str, start: datetime, end: datetime, *, source: str, feed: str
@@ -248,7 +271,7 @@ class DuckDBStore:
             params["feed"] = feed
         sql = f"SELECT * FROM coverage WHERE {' AND '.join(where)} ORDER BY symbol, start"
         with self._lock:
-            table = self.con.execute(sql, params).to_arrow_table()
+            table = self._arrow(sql, params)
         return _aware(pl.from_arrow(table), COVERAGE_SCHEMA)  # type: ignore[arg-type]
 
     def quarantine(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
@@ -257,27 +280,28 @@ class DuckDBStore:
         if symbol:
             params["sym"] = symbol
         with self._lock:
-            table = self.con.execute(sql, params).to_arrow_table()
+            table = self._arrow(sql, params)
         return _aware(pl.from_arrow(table), QUARANTINE_SCHEMA)  # type: ignore[arg-type]
 
     def ingest_log(self, limit: int = 100) -> pl.DataFrame:
         with self._lock:
-            table = self.con.execute("SELECT * FROM ingest_log ORDER BY id DESC LIMIT ?", [limit]).to_arrow_table()
+            table = self._arrow("SELECT * FROM ingest_log ORDER BY id DESC LIMIT $limit", {"limit": limit})
         return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
 
     def summary(self) -> pl.DataFrame:
         """Per symbol/timeframe/source/feed: bar count and time span."""
         with self._lock:
-            table = self.con.execute(
+            table = self._arrow(
                 """SELECT symbol, timeframe, source, feed, count(*) AS bars, min(ts) AS first, max(ts) AS last
-                   FROM bars GROUP BY ALL ORDER BY symbol, timeframe, source, feed"""
-            ).to_arrow_table()
+                   FROM bars GROUP BY ALL ORDER BY symbol, timeframe, source, feed""",
+                {},
+            )
         return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {
-                t: int(self.con.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # type: ignore[index]
+                t: int(self.con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0])
                 for t in ("bars", "quarantine", "coverage", "ingest_log")
             }
 

@@ -1,0 +1,461 @@
+"""The ``marketpipe`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+import tempfile
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from marketpipe.core.errors import InvalidArgument, MarketpipeError
+from marketpipe.core.log import configure as configure_logging
+from marketpipe.core.metrics import ERRORS
+
+app = typer.Typer(
+    name="marketpipe",
+    help="Market data: fetched (Alpaca first), checked, stored, served.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+store_app = typer.Typer(help="Look inside the local store.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(store_app, name="store")
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
+StoreOpt = Annotated[Path | None, typer.Option("--store", help="DuckDB store file (overrides the config).")]
+
+
+def handle_errors(fn: F) -> F:
+    """One line on stderr with the stable code, a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MarketpipeError as exc:
+            ERRORS.labels(exc.code).inc()
+            err.print(f"[bold red]error[{exc.code}][/]: {exc.message}", highlight=False, markup=True)
+            raise typer.Exit(2 if isinstance(exc, InvalidArgument) else 1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config(path: Path | None, store: Path | None = None) -> Any:
+    from marketpipe.core.config import load_config
+
+    cfg = load_config(path)
+    if store is not None:
+        cfg.store.path = str(store)
+    return cfg
+
+
+def _symbols(symbols: list[str], symbols_file: Path | None) -> list[str]:
+    from marketpipe.core.schema import normalize_symbols
+
+    items = list(symbols)
+    if symbols_file is not None:
+        if not symbols_file.is_file():
+            raise InvalidArgument(f"symbols file not found: {symbols_file}", details={"parameter": "symbols-file"})
+        for line in symbols_file.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            items += [p for p in line.replace(",", " ").split() if p]
+    return normalize_symbols(items)
+
+
+@app.callback()
+def main(
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error")] = "warning",
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log lines as JSON.")] = False,
+) -> None:
+    configure_logging(log_level, json=log_json)
+
+
+# --- backfill ----------------------------------------------------------------------------------
+
+
+def _progress_printer(progress: Progress, task: Any) -> Callable[[Any], None]:
+    def update(stats: Any) -> None:
+        total = max(stats.est_rows, stats.bars_received, 1)
+        progress.update(
+            task,
+            total=total,
+            completed=min(stats.bars_received, total),
+            rate=f"{stats.bars_per_second:,.0f} bars/s",
+            info=f"req {stats.requests}  retries {stats.retries}  rejected {stats.bars_rejected}",
+        )
+
+    return update
+
+
+def _summary(stats: Any, title: str = "Backfill summary") -> Table:
+    table = Table(title=title)
+    for col in ("symbol", "bars received ok", "rejected"):
+        table.add_column(col, justify="right" if col != "symbol" else "left")
+    for sym in sorted(stats.per_symbol):
+        row = stats.per_symbol[sym]
+        table.add_row(sym, f"{row.get('good', 0):,}", f"{row.get('rejected', 0):,}")
+    table.caption = (
+        f"{stats.bars_received:,} bars received, {stats.bars_stored:,} newly stored, {stats.bars_rejected:,} "
+        f"quarantined; {stats.requests} requests, {stats.retries} retries; {stats.seconds:.2f}s "
+        f"({stats.bars_per_second:,.0f} bars/s)"
+    )
+    return table
+
+
+async def _run_backfill(data: Any, symbols: list[str], start: str, end: str | None, timeframe: str, feed: str | None,
+                        show_progress: bool) -> Any:  # fmt: skip
+    try:
+        if not show_progress:
+            return await data.backfill(symbols, start, end, timeframe=timeframe, feed=feed)
+        columns = (
+            TextColumn("[bold]backfill"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+            TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )  # fmt: skip
+        with Progress(*columns, console=err, transient=False) as progress:
+            task = progress.add_task("backfill", total=None, rate="", info="planning")
+            return await data.backfill(
+                symbols, start, end, timeframe=timeframe, feed=feed, progress=_progress_printer(progress, task)
+            )
+    finally:
+        await data.aclose()
+
+
+@app.command()
+@handle_errors
+def backfill(
+    symbols: Annotated[list[str] | None, typer.Argument(help="Symbols, e.g. AAPL MSFT BRK.B")] = None,
+    timeframe: Annotated[str, typer.Option("--timeframe", "-t")] = "1Min",
+    start: Annotated[str, typer.Option("--start", "-s", help="YYYY-MM-DD or RFC-3339")] = "",
+    end: Annotated[str | None, typer.Option("--end", "-e", help="default: now")] = None,
+    feed: Annotated[str | None, typer.Option("--feed", help="sip or iex (default from config)")] = None,
+    symbols_file: Annotated[Path | None, typer.Option("--symbols-file", help="one symbol per line")] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+) -> None:
+    """Fetch bars into the local store: only ranges the coverage ledger lacks; resumable."""
+    from marketpipe.service.data import MarketData
+
+    if not start:
+        raise InvalidArgument("--start is required (YYYY-MM-DD or RFC-3339)", details={"parameter": "start"})
+    syms = _symbols(symbols or [], symbols_file)
+    data = MarketData(_config(config, store))
+    stats = asyncio.run(_run_backfill(data, syms, start, end, timeframe, feed, not no_progress and sys.stderr.isatty()))
+    out.print(_summary(stats))
+    if stats.skipped_symbols:
+        out.print(f"already covered, nothing fetched: {', '.join(stats.skipped_symbols)}")
+    if stats.errors:
+        for e in stats.errors:
+            err.print(f"[red]error[{e['code']}][/]: {','.join(e['symbols'])} {e['start']}..{e['end']}: {e['message']}")
+        raise typer.Exit(1)
+
+
+# --- read side ---------------------------------------------------------------------------------
+
+
+def _emit(frame: Any, fmt: str, output: Path | None) -> None:
+    fmt = fmt.lower()
+    if fmt == "parquet":
+        if output is None:
+            raise InvalidArgument("--format parquet needs --output FILE", details={"parameter": "output"})
+        frame.write_parquet(output)
+        err.print(f"wrote {frame.height} rows to {output}")
+        return
+    if fmt == "csv":
+        text = frame.write_csv()
+    elif fmt == "json":
+        text = frame.write_json()
+    elif fmt == "table":
+        table = Table(show_lines=False)
+        for col in frame.columns:
+            table.add_column(col)
+        for row in frame.iter_rows():
+            table.add_row(*("" if v is None else str(v) for v in row))
+        out.print(table)
+        return
+    else:
+        raise InvalidArgument(
+            f"unknown format {fmt!r}; use table, csv, json or parquet", details={"parameter": "format"}
+        )
+    if output:
+        output.write_text(text)
+        err.print(f"wrote {frame.height} rows to {output}")
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+@handle_errors
+def bars(
+    symbols: Annotated[list[str], typer.Argument(help="Symbols")],
+    start: Annotated[str, typer.Option("--start", "-s")],
+    end: Annotated[str | None, typer.Option("--end", "-e")] = None,
+    timeframe: Annotated[str, typer.Option("--timeframe", "-t")] = "1Min",
+    feed: Annotated[str | None, typer.Option("--feed")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or parquet")] = "table",
+    output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
+    no_fetch: Annotated[bool, typer.Option("--no-fetch", help="Only what the store holds.")] = False,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Print bars: from the store where covered, otherwise fetched, checked and stored first."""
+    from marketpipe.service.data import MarketData
+
+    if fmt.lower() not in ("table", "csv", "json", "parquet"):
+        raise InvalidArgument(
+            f"unknown format {fmt!r}; use table, csv, json or parquet", details={"parameter": "format"}
+        )
+    data = MarketData(_config(config, store))
+
+    async def go() -> Any:
+        try:
+            return await data.bars(symbols, start, end, timeframe=timeframe, feed=feed, fetch=not no_fetch)
+        finally:
+            await data.aclose()
+
+    _emit(asyncio.run(go()), fmt, output)
+
+
+def _records_table(title: str, records: dict[str, Any]) -> Table:
+    import msgspec
+
+    table = Table(title=title)
+    rows = [msgspec.structs.asdict(r) for r in records.values()]
+    if not rows:
+        return table
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    return table
+
+
+@app.command()
+@handle_errors
+def quote(
+    symbols: Annotated[list[str], typer.Argument()],
+    feed: Annotated[str | None, typer.Option("--feed")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Latest quote(s)."""
+    _latest("quotes", symbols, feed, config)
+
+
+@app.command()
+@handle_errors
+def trade(
+    symbols: Annotated[list[str], typer.Argument()],
+    feed: Annotated[str | None, typer.Option("--feed")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Latest trade(s)."""
+    _latest("trades", symbols, feed, config)
+
+
+@app.command()
+@handle_errors
+def snapshot(
+    symbols: Annotated[list[str], typer.Argument()],
+    feed: Annotated[str | None, typer.Option("--feed")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Snapshot(s): latest trade, latest quote, minute bar, daily bar, previous daily bar."""
+    _latest("snapshots", symbols, feed, config)
+
+
+def _latest(kind: str, symbols: list[str], feed: str | None, config: Path | None) -> None:
+    from marketpipe.core.schema import normalize_symbols
+    from marketpipe.service.data import MarketData
+
+    syms = normalize_symbols(symbols)
+    data = MarketData(_config(config))
+
+    async def go() -> Any:
+        try:
+            p = data.provider
+            if kind == "quotes":
+                return await p.latest_quotes(syms, feed=feed)
+            if kind == "trades":
+                return await p.latest_trades(syms, feed=feed)
+            return await p.snapshots(syms, feed=feed)
+        finally:
+            await data.aclose()
+
+    result = asyncio.run(go())
+    missing = [s for s in syms if s not in result]
+    if kind == "snapshots":
+        for sym, snap in result.items():
+            parts = {k: v for k, v in (("trade", snap.latest_trade), ("quote", snap.latest_quote),
+                                      ("minute bar", snap.minute_bar), ("daily bar", snap.daily_bar),
+                                      ("prev daily bar", snap.prev_daily_bar)) if v is not None}  # fmt: skip
+            out.print(_records_table(f"{sym} snapshot (source {snap.source})", parts))
+    else:
+        out.print(_records_table(f"latest {kind}", result))
+    if missing:
+        err.print(f"no data for: {', '.join(missing)}")
+        raise typer.Exit(1)
+
+
+# --- simulator and demo ------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def sim(
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8765,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Run the vendor simulator (Alpaca wire format) until interrupted. Keys: SIMKEY / SIMSECRET."""
+    from marketpipe.sim.server import serve_forever
+
+    err.print(
+        f"simulator on http://{host}:{port}  (keys SIMKEY/SIMSECRET, free plan FREEKEY/FREESECRET; "
+        f"faults at /_sim/faults)"
+    )
+    serve_forever(host, port, seed=seed)
+
+
+@app.command()
+@handle_errors
+def demo(
+    symbols: Annotated[list[str] | None, typer.Argument(help="default: AAPL MSFT SPY")] = None,
+    days: Annotated[int, typer.Option("--days", help="sessions to backfill")] = 5,
+    store: StoreOpt = None,
+) -> None:
+    """Offline tour: start the simulator, backfill a few symbols, show the summary and some bars."""
+    from marketpipe.core.calendar import get_calendar
+    from marketpipe.core.config import Config, ProviderConfig
+    from marketpipe.core.timeutil import utcnow
+    from marketpipe.service.data import MarketData
+    from marketpipe.sim.server import SimServer
+
+    syms = _symbols(symbols or ["AAPL", "MSFT", "SPY"], None)
+    if not 1 <= days <= 250:
+        raise InvalidArgument("--days must be 1..250", details={"parameter": "days"})
+    cal = get_calendar("XNYS")
+    now = utcnow()
+    sessions = cal.sessions(now - timedelta(days=days * 2 + 10), now)
+    done = [s for s in sessions if s.close <= now][-days:]
+    start, end = done[0].open - timedelta(hours=6), done[-1].close
+    # Simulator data lives in its own store so it is never mixed with real data.
+    store_path = store or Path(tempfile.gettempdir()) / "marketpipe-demo.duckdb"
+    with SimServer() as server:
+        err.print(f"simulator listening on {server.url}")
+        cfg = Config()
+        cfg.store.path = str(store_path)
+        cfg.providers["alpaca"] = ProviderConfig(priority=1, base_url=server.url, plan="unlimited",
+                                                 rate_limit_per_min=10_000)  # fmt: skip
+        data = MarketData(cfg, env={"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"})
+        out.print(f"backfilling {', '.join(syms)} 1Min from {done[0].day} to {done[-1].day} into {store_path}")
+
+        async def go() -> Any:
+            try:
+                stats = await data.backfill(syms, start, end, timeframe="1Min")
+                frame = await data.bars(syms[0], done[-1].open, done[-1].close, timeframe="1Min", fetch=False)
+                quotes = await data.provider.latest_quotes(syms)
+                return stats, frame, quotes
+            finally:
+                await data.aclose()
+
+        stats, frame, quotes = asyncio.run(go())
+    out.print(_summary(stats, "Demo backfill (source: sim)"))
+    if stats.skipped_symbols:
+        out.print(f"already in the store from an earlier run: {', '.join(stats.skipped_symbols)}")
+    out.print(f"\n{syms[0]} on {done[-1].day}: {frame.height} minute bars; first and last five:")
+    _emit(pl_head_tail(frame), "table", None)
+    out.print(_records_table("latest quotes (simulator)", quotes))
+    out.print(f"\nread them again: marketpipe bars {syms[0]} --start {done[-1].day} --store {store_path} --no-fetch")
+
+
+def pl_head_tail(frame: Any, n: int = 5) -> Any:
+    import polars as pl
+
+    if frame.height <= 2 * n:
+        return frame.drop("fetched_at")
+    return pl.concat([frame.head(n), frame.tail(n)]).drop("fetched_at")
+
+
+# --- config and store ----------------------------------------------------------------------------
+
+
+@config_app.command("show")
+@handle_errors
+def config_show(config: ConfigOpt = None) -> None:
+    """Print the effective configuration; secrets masked."""
+    import os
+
+    import msgspec
+
+    from marketpipe.core.config import ALPACA_KEY_VARS, ALPACA_SECRET_VARS, mask
+
+    cfg = _config(config)
+    doc = msgspec.to_builtins(cfg)
+    doc["store"]["path"] = str(cfg.store_path())
+    doc["source_path"] = cfg.source_path or "(defaults; no config file found)"
+    doc["credentials"] = {v: mask(os.environ.get(v)) for v in ALPACA_KEY_VARS + ALPACA_SECRET_VARS}
+    import json
+
+    out.print_json(json.dumps(doc))
+
+
+@store_app.command("info")
+@handle_errors
+def store_info(config: ConfigOpt = None, store: StoreOpt = None) -> None:
+    """Row counts and what the store holds per symbol/timeframe/source."""
+    from marketpipe.store.duckdb import DuckDBStore
+
+    cfg = _config(config, store)
+    with DuckDBStore(cfg.store_path()) as st:
+        out.print(f"store: {st.path}")
+        out.print(st.counts())
+        _emit(st.summary(), "table", None)
+
+
+@store_app.command("quarantine")
+@handle_errors
+def store_quarantine(
+    symbol: Annotated[str | None, typer.Argument()] = None,
+    limit: Annotated[int, typer.Option("--limit")] = 50,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Rows that failed a check, with reasons."""
+    from marketpipe.store.duckdb import DuckDBStore
+
+    with DuckDBStore(_config(config, store).store_path()) as st:
+        _emit(st.quarantine(symbol, limit), "table", None)
+
+
+@store_app.command("log")
+@handle_errors
+def store_log(limit: Annotated[int, typer.Option("--limit")] = 20, config: ConfigOpt = None,
+              store: StoreOpt = None) -> None:  # fmt: skip
+    """The ingest log: one row per vendor page."""
+    from marketpipe.store.duckdb import DuckDBStore
+
+    with DuckDBStore(_config(config, store).store_path()) as st:
+        _emit(st.ingest_log(limit).drop("symbols"), "table", None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,185 @@
+"""The service layer: the one place that decides store-or-fetch.
+
+``MarketData`` is async. ``SyncMarketData`` runs it on a private event-loop thread so that plain
+scripts and notebooks (which already run a loop of their own) can call it synchronously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from datetime import date, datetime
+from typing import Any, TypeVar
+
+import polars as pl
+
+from marketpipe.core.calendar import ExchangeCalendar, get_calendar
+from marketpipe.core.config import Config, load_config
+from marketpipe.core.schema import Quote, Snapshot, Trade, normalize_symbols
+from marketpipe.core.timeframe import Timeframe
+from marketpipe.core.timeutil import parse_range
+from marketpipe.providers.alpaca import AlpacaProvider
+from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill
+from marketpipe.store.duckdb import DuckDBStore
+
+T = TypeVar("T")
+TimeLike = str | date | datetime
+
+
+class MarketData:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        store: DuckDBStore | None = None,
+        provider: AlpacaProvider | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config or load_config()
+        self._store = store
+        self._provider = provider
+        self._env = env
+
+    @property
+    def store(self) -> DuckDBStore:
+        if self._store is None:
+            self._store = DuckDBStore(self.config.store_path())
+        return self._store
+
+    @property
+    def provider(self) -> AlpacaProvider:
+        # Created on first use so that reading from the store never needs credentials.
+        if self._provider is None:
+            self._provider = AlpacaProvider.from_config(self.config.provider("alpaca"), env=self._env)
+        return self._provider
+
+    @property
+    def calendar(self) -> ExchangeCalendar:
+        return get_calendar(self.config.calendar)
+
+    def _feed(self, feed: str | None) -> str:
+        return (feed or self.config.provider("alpaca").feed).lower()
+
+    async def backfill(
+        self,
+        symbols: list[str] | str,
+        start: TimeLike,
+        end: TimeLike | None = None,
+        *,
+        timeframe: str | Timeframe = "1Min",
+        feed: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> BackfillStats:
+        syms = normalize_symbols(symbols)
+        tf = Timeframe.parse(timeframe)
+        s, e = parse_range(start, end)
+        return await run_backfill(
+            self.provider,
+            self.store,
+            self.calendar,
+            syms,
+            tf,
+            s,
+            e,
+            feed=self._feed(feed),
+            page_limit=self.config.backfill.page_limit,
+            concurrency=self.config.backfill.concurrency,
+            progress=progress,
+        )
+
+    async def bars(
+        self,
+        symbols: list[str] | str,
+        start: TimeLike,
+        end: TimeLike | None = None,
+        *,
+        timeframe: str | Timeframe = "1Min",
+        feed: str | None = None,
+        fetch: bool = True,
+    ) -> pl.DataFrame:
+        """Bars for ``[start, end)``: from the store where covered, otherwise fetched, checked, stored."""
+        syms = normalize_symbols(symbols)
+        tf = Timeframe.parse(timeframe)
+        s, e = parse_range(start, end)
+        if fetch:
+            gaps = missing_ranges(self.store, syms, tf, s, e, provider=self.provider_name, feed=self._feed(feed))
+            if any(gaps.values()):
+                await self.backfill(syms, s, e, timeframe=tf, feed=feed)
+        return await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
+
+    @property
+    def provider_name(self) -> str:
+        return AlpacaProvider.name
+
+    async def latest_trade(self, symbol: str, *, feed: str | None = None) -> Trade | None:
+        sym = normalize_symbols(symbol)[0]
+        return (await self.provider.latest_trades([sym], feed=feed)).get(sym)
+
+    async def latest_quote(self, symbol: str, *, feed: str | None = None) -> Quote | None:
+        sym = normalize_symbols(symbol)[0]
+        return (await self.provider.latest_quotes([sym], feed=feed)).get(sym)
+
+    async def snapshots(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Snapshot]:
+        return await self.provider.snapshots(normalize_symbols(symbols), feed=feed)
+
+    async def aclose(self) -> None:
+        if self._provider is not None:
+            await self._provider.aclose()
+            self._provider = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+class _Portal:
+    """A private event loop on a daemon thread; coroutines are submitted to it from any thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="marketpipe-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+class SyncMarketData:
+    """Synchronous facade over :class:`MarketData` (what ``marketpipe.bars(...)`` uses)."""
+
+    def __init__(self, data: MarketData | None = None, **kw: Any) -> None:
+        self._portal = _Portal()
+        self.data = data or MarketData(**kw)
+
+    def bars(self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any) -> pl.DataFrame:
+        return self._portal.run(self.data.bars(symbols, start, end, **kw))
+
+    def backfill(
+        self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any
+    ) -> BackfillStats:
+        return self._portal.run(self.data.backfill(symbols, start, end, **kw))
+
+    def latest_trade(self, symbol: str, **kw: Any) -> Trade | None:
+        return self._portal.run(self.data.latest_trade(symbol, **kw))
+
+    def latest_quote(self, symbol: str, **kw: Any) -> Quote | None:
+        return self._portal.run(self.data.latest_quote(symbol, **kw))
+
+    def snapshots(self, symbols: list[str] | str, **kw: Any) -> dict[str, Snapshot]:
+        return self._portal.run(self.data.snapshots(symbols, **kw))
+
+    def close(self) -> None:
+        self._portal.run(self.data.aclose())
+        self._portal.close()
+
+    def __enter__(self) -> SyncMarketData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,122 @@
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from marketpipe.core.errors import StoreError
+from marketpipe.core.schema import BAR_SCHEMA
+from marketpipe.core.timeframe import Timeframe
+from marketpipe.quality.validate import check_bars
+from marketpipe.store.base import Coverage, IngestRecord, PageWrite
+from marketpipe.store.duckdb import DuckDBStore
+
+T0 = datetime(2024, 3, 5, 14, 30, tzinfo=UTC)
+
+
+def bars(n: int, symbol: str = "AAPL", t0: datetime = T0, source: str = "sim", feed: str = "sip",
+         close: float = 10.5) -> pl.DataFrame:  # fmt: skip
+    return pl.DataFrame(
+        {
+            "symbol": [symbol] * n, "timeframe": ["1Min"] * n, "ts": [t0 + timedelta(minutes=i) for i in range(n)],
+            "open": [10.0] * n, "high": [11.0] * n, "low": [9.0] * n, "close": [close] * n, "volume": list(range(n)),
+            "trade_count": [5] * n, "vwap": [10.2] * n, "source": [source] * n, "feed": [feed] * n,
+            "fetched_at": [T0] * n,
+        },
+        schema=BAR_SCHEMA,
+    )  # fmt: skip
+
+
+def page(df: pl.DataFrame, *, cover: tuple[datetime, datetime] | None = None, quarantine: pl.DataFrame | None = None,
+         symbol: str = "AAPL", source: str = "sim", feed: str = "sip") -> PageWrite:  # fmt: skip
+    res = check_bars(df, timeframe=Timeframe.parse("1Min"), request_id="req")
+    cov = []
+    if cover:
+        cov = [Coverage(symbol, "1Min", "alpaca", source, feed, cover[0], cover[1], df.height, "req", T0)]
+    return PageWrite(
+        bars=res.good, quarantine=quarantine if quarantine is not None else res.quarantine, coverage=cov,
+        ingest=IngestRecord("alpaca", source, feed, "bars", "1Min", [symbol], T0, T0 + timedelta(days=1), "req", 1, T0,
+                            df.height, 0, res.rejected),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DuckDBStore:
+    s = DuckDBStore(tmp_path / "s.duckdb")
+    yield s
+    s.close()
+
+
+def test_round_trip_keeps_values_and_utc(store: DuckDBStore) -> None:
+    df = bars(10)
+    assert store.write_pages([page(df)]) == [10]
+    back = store.read_bars(["AAPL"], "1Min", T0, T0 + timedelta(hours=1))
+    assert back.schema == pl.Schema(BAR_SCHEMA)
+    assert back.equals(df)
+
+
+def test_writes_are_idempotent(store: DuckDBStore) -> None:
+    df = bars(10)
+    store.write_pages([page(df)])
+    assert store.write_pages([page(df), page(bars(15))]) == [0, 5]
+    assert store.counts()["bars"] == 15
+    # raw data is never edited in place: a second delivery with other values does not overwrite
+    store.write_pages([page(bars(10, close=99.0))])
+    assert store.read_bars(["AAPL"], "1Min", T0, T0 + timedelta(hours=1))["close"].unique().to_list() == [10.5]
+
+
+def test_failed_transaction_leaves_nothing(store: DuckDBStore) -> None:
+    good = page(bars(5), cover=(T0, T0 + timedelta(minutes=5)))
+    broken = page(bars(5, t0=T0 + timedelta(hours=1)))
+    broken.quarantine = pl.DataFrame({"nonsense": [1]})  # wrong shape: the write must fail
+    with pytest.raises(Exception):  # noqa: B017 - polars or store error, both fine; state is what matters
+        store.write_pages([good, broken])
+    assert store.counts() == {"bars": 0, "quarantine": 0, "coverage": 0, "ingest_log": 0}
+
+
+def test_coverage_and_ingest_log(store: DuckDBStore) -> None:
+    store.write_pages([page(bars(5), cover=(T0, T0 + timedelta(minutes=5)))])
+    cov = store.coverage(["AAPL", "MSFT"], "1Min", T0 - timedelta(days=1), T0 + timedelta(days=1))
+    assert cov.height == 1 and cov["start"][0] == T0 and cov["rows"][0] == 5
+    log = store.ingest_log()
+    assert log.height == 1 and log["rows_stored"][0] == 5
+
+
+def test_quarantine_kept_with_reason(store: DuckDBStore) -> None:
+    df = bars(3).with_columns(volume=pl.Series([1, -5, 2]))
+    store.write_pages([page(df)])
+    q = store.quarantine("AAPL")
+    assert q.height == 1 and q["reason"][0] == "negative_volume" and q["volume"][0] == -5
+
+
+def test_read_prefers_sip_and_real_sources_when_variants_overlap(store: DuckDBStore) -> None:
+    store.write_pages([page(bars(3, feed="iex", close=9.5), cover=(T0, T0 + timedelta(minutes=3)), feed="iex")])
+    store.write_pages([page(bars(3, close=10.5), cover=(T0, T0 + timedelta(minutes=3)))])
+    both = store.read_bars(["AAPL"], "1Min", T0, T0 + timedelta(hours=1))
+    assert both.height == 3 and both["feed"].unique().to_list() == ["sip"]
+    iex = store.read_bars(["AAPL"], "1Min", T0, T0 + timedelta(hours=1), feed="iex")
+    assert iex["close"].unique().to_list() == [9.5]
+
+
+def test_multi_symbol_read_is_ordered(store: DuckDBStore) -> None:
+    store.write_pages([page(bars(3, "MSFT")), page(bars(3, "AAPL"))])
+    df = store.read_bars(["MSFT", "AAPL"], "1Min", T0, T0 + timedelta(hours=1))
+    assert df["symbol"].to_list() == ["AAPL"] * 3 + ["MSFT"] * 3
+
+
+def test_second_process_gets_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "locked.duckdb"
+    s = DuckDBStore(path)
+    try:
+        code = (
+            "from marketpipe.store.duckdb import DuckDBStore\n"
+            "from marketpipe.core.errors import StoreError\n"
+            f"try:\n    DuckDBStore({str(path)!r})\nexcept StoreError as e:\n    print(e.code)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == StoreError.code
+    finally:
+        s.close()
