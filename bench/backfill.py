@@ -1,0 +1,208 @@
+"""Backfill benchmark: marketpipe vs alpaca-py on the same simulator data, in the same run.
+
+    ./dev bench backfill [--symbols 11] [--days 252]
+
+The simulator runs in its own process on loopback (so its CPU does not share our GIL) and serves
+the same synthetic 1-minute bars to both clients. A warm-up pass fills the simulator's caches first
+so neither measured run pays for data generation.
+
+(a) alpaca-py: StockHistoricalDataClient(url_override=...).get_stock_bars(...) then .df
+(b) marketpipe backfill into a fresh DuckDB file (plan, fetch, check, store, ledger)
+(c) marketpipe's CPU path alone: decode + check + store from page bytes already in memory
+(d) read one symbol x one day of minute bars back from the store: p50 / p99
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_sim(port: int) -> None:
+    from marketpipe.sim.server import serve_forever
+
+    serve_forever("127.0.0.1", port)
+
+
+def wait_up(url: str) -> None:
+    for _ in range(200):
+        try:
+            httpx.get(url + "/_sim/faults", timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise SystemExit("simulator did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--symbols", type=int, default=11)
+    ap.add_argument("--days", type=int, default=252, help="sessions per symbol")
+    ap.add_argument("--skip-alpaca-py", action="store_true")
+    args = ap.parse_args()
+
+    from marketpipe.core.calendar import get_calendar
+    from marketpipe.core.config import ProviderConfig, RetryPolicy
+    from marketpipe.core.timeframe import Timeframe
+    from marketpipe.core.timeutil import utcnow
+    from marketpipe.providers.alpaca import AlpacaProvider, _page_decoder
+    from marketpipe.service.backfill import _page_write, plan, run_backfill
+    from marketpipe.store.duckdb import DuckDBStore
+
+    cal = get_calendar()
+    now = utcnow()
+    sessions = [s for s in cal.sessions(now - timedelta(days=args.days * 2), now) if s.close < now][-args.days :]
+    start, end = sessions[0].open - timedelta(hours=6), sessions[-1].close + timedelta(hours=1)
+    symbols = [f"B{chr(65 + i // 26)}{chr(65 + i % 26)}" for i in range(args.symbols)]
+    tf = Timeframe.parse("1Min")
+    expected = args.symbols * cal.regular_minutes(start, end)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = mp.get_context("spawn").Process(target=run_sim, args=(port,), daemon=True)
+    proc.start()
+    tmp = Path(tempfile.mkdtemp(prefix="mp-bench-"))
+    try:
+        wait_up(url)
+        cfg = ProviderConfig(base_url=url, plan="unlimited", rate_limit_per_min=1_000_000, max_in_flight=4,
+                             read_timeout=120, retry=RetryPolicy(attempts=2))  # fmt: skip
+        env = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
+
+        # Collect the page bytes of marketpipe's own request plan; this also warms the simulator.
+        scratch = DuckDBStore(tmp / "plan.duckdb")
+        units, _ = plan(scratch, cal, symbols, tf, start, end, provider="alpaca", feed="sip")
+        scratch.close()
+        pages: list[tuple[bytes, list[str]]] = []
+        t0 = time.perf_counter()
+        with httpx.Client(base_url=url, headers={"APCA-API-KEY-ID": "SIMKEY", "APCA-API-SECRET-KEY": "SIMSECRET"},
+                          timeout=120) as client:  # fmt: skip
+            for u in units:
+                token = None
+                while True:
+                    params = {"symbols": ",".join(u.symbols), "timeframe": "1Min", "start": u.start.isoformat(),
+                              "end": (u.end - timedelta(microseconds=1)).isoformat(), "limit": 10000, "feed": "sip"}  # fmt: skip
+                    if token:
+                        params["page_token"] = token
+                    r = client.get("/v2/stocks/bars", params=params)
+                    r.raise_for_status()
+                    pages.append((r.content, list(u.symbols)))
+                    token = r.json().get("next_page_token")
+                    if not token:
+                        break
+        warm = time.perf_counter() - t0
+        print(f"warm-up: {len(pages)} pages, {sum(len(p) for p, _ in pages) / 1e6:.0f} MB in {warm:.1f}s "
+              f"(simulator + plain httpx)", file=sys.stderr)  # fmt: skip
+
+        results: dict[str, tuple[float, int]] = {}
+
+        # (a) alpaca-py
+        if not args.skip_alpaca_py:
+            from alpaca.data.enums import DataFeed
+            from alpaca.data.historical import StockHistoricalDataClient
+            from alpaca.data.requests import StockBarsRequest
+            from alpaca.data.timeframe import TimeFrame
+
+            client_a = StockHistoricalDataClient("SIMKEY", "SIMSECRET", url_override=url)
+            t0 = time.perf_counter()
+            bars = client_a.get_stock_bars(
+                StockBarsRequest(
+                    symbol_or_symbols=symbols,
+                    timeframe=TimeFrame.Minute,
+                    start=start,
+                    end=end - timedelta(microseconds=1),
+                    feed=DataFeed.SIP,
+                )  # fmt: skip
+            )
+            df = bars.df
+            results["(a) alpaca-py get_stock_bars + .df"] = (time.perf_counter() - t0, len(df))
+
+        # (b) marketpipe backfill, end to end
+        async def backfill() -> tuple[float, int]:
+            store = DuckDBStore(tmp / "b.duckdb")
+            provider = AlpacaProvider.from_config(cfg, env=env)
+            try:
+                t = time.perf_counter()
+                stats = await run_backfill(provider, store, cal, symbols, tf, start, end, feed="sip", concurrency=4)
+                return time.perf_counter() - t, stats.bars_received
+            finally:
+                await provider.aclose()
+                store.close()
+
+        results["(b) marketpipe backfill -> DuckDB"] = asyncio.run(backfill())
+
+        # (c) CPU path from bytes in memory: decode + check + store (same grouping as the writer)
+        store_c = DuckDBStore(tmp / "c.duckdb")
+        provider_c = AlpacaProvider.from_config(cfg, env=env)
+        decode = _page_decoder("bars", False, "", "1Min", "sip", provider_c)
+        fake = httpx.Response(200, headers={"x-marketpipe-sim": "1"})
+        t0 = time.perf_counter()
+        n = 0
+        batch = []
+        from marketpipe.providers.base import BarPage
+
+        for body, syms in pages:
+            fake._content = body
+            frame, nxt, nbytes = decode(fake)
+            page = BarPage(frame=frame, symbols=syms, timeframe=tf, start=start, end=end, feed="sip", source="sim",
+                           request_id="bench", fetched_at=now, next_page_token=nxt, page_number=1,
+                           complete_through={}, last_page=not nxt, nbytes=nbytes)  # fmt: skip
+            batch.append(_page_write(page, {}, "alpaca", now))
+            n += frame.height
+            if len(batch) == 8:
+                store_c.write_pages(batch)
+                batch = []
+        if batch:
+            store_c.write_pages(batch)
+        results["(c) marketpipe CPU path (decode+check+store)"] = (time.perf_counter() - t0, n)
+        asyncio.run(provider_c.aclose())
+
+        # (d) read back one symbol x one day
+        store_b = DuckDBStore(tmp / "b.duckdb")
+        day = sessions[len(sessions) // 2]
+        times = []
+        rows = 0
+        for _ in range(300):
+            t = time.perf_counter()
+            rows = store_b.read_bars([symbols[0]], "1Min", day.open, day.close).height
+            times.append(time.perf_counter() - t)
+        store_b.close()
+        store_c.close()
+    finally:
+        proc.terminate()
+        proc.join(5)
+
+    print()
+    print(f"{args.symbols} symbols x {args.days} sessions of 1Min bars = {expected:,} bars expected; "
+          f"{len(pages)} pages")  # fmt: skip
+    print(f"{'run':48} {'seconds':>9} {'bars':>11} {'bars/s':>12}")
+    rate = {}
+    for name, (secs, count) in results.items():
+        rate[name] = count / secs
+        print(f"{name:48} {secs:9.2f} {count:11,} {rate[name]:12,.0f}")
+    keys = list(results)
+    if keys[0].startswith("(a)"):
+        a = rate[keys[0]]
+        print(f"\nratio (b)/(a): {rate[keys[1]] / a:6.1f}x    ratio (c)/(a): {rate[keys[2]] / a:6.1f}x")
+    times.sort()
+    print(f"read 1 symbol x 1 day ({rows} bars) from DuckDB: p50 {statistics.median(times) * 1e3:.2f} ms, "
+          f"p99 {times[int(len(times) * 0.99)] * 1e3:.2f} ms")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

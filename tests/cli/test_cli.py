@@ -1,0 +1,140 @@
+"""The command line as a user runs it: subprocesses, real simulator, real store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.conftest import SIM_ENV
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: int = 120
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ALPACA_", "APCA_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "marketpipe.cli.main", *args], env={**base, **(env or {})}, cwd=cwd,
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def cfg(sim, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+    p = tmp_path / "m.toml"
+    p.write_text(f'[providers.alpaca]\nbase_url = "{sim.url}"\nplan = "unlimited"\nrate_limit_per_min = 100000\n')
+    return p
+
+
+def test_bars_fetches_then_serves_from_store(cfg: Path, tmp_path: Path) -> None:
+    store = tmp_path / "s.duckdb"
+    r = run("bars", "AAPL", "--start", "2024-03-05", "--end", "2024-03-05", "--format", "csv", "--config", str(cfg),
+            "--store", str(store), env=SIM_ENV)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("symbol,timeframe,ts,open,high,low,close,volume")
+    assert len(lines) == 391
+    # second time: no credentials needed, nothing fetched
+    r2 = run("bars", "AAPL", "--start", "2024-03-05", "--end", "2024-03-05", "--format", "json", "--config", str(cfg),
+             "--store", str(store), "--no-fetch")  # fmt: skip
+    assert r2.returncode == 0, r2.stderr
+    assert len(json.loads(r2.stdout)) == 390
+
+
+def test_parquet_output(cfg: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a.parquet"
+    r = run("bars", "MSFT", "--start", "2024-03-05", "--timeframe", "1Day", "--end", "2024-03-08", "--format",
+            "parquet", "-o", str(out), "--config", str(cfg), "--store", str(tmp_path / "s.duckdb"), env=SIM_ENV)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert pl.read_parquet(out).height == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "exit_code"),
+    [
+        (["bars", "AAPL", "--start", "2024-03-05", "--timeframe", "7Sec"], "INVALID_TIMEFRAME", 2),
+        (["bars", "AAPL", "--start", "2024-03-09", "--end", "2024-03-01"], "INVALID_RANGE", 2),
+        (["bars", "AAPL", "--start", "last tuesday"], "INVALID_ARGUMENT", 2),
+        (["bars", "AA PL!", "--start", "2024-03-05"], "INVALID_SYMBOL", 2),
+        (["bars", "AAPL", "--start", "2024-03-05", "--format", "xml"], "INVALID_ARGUMENT", 2),
+        (["backfill", "AAPL", "--start", "2024-03-05"], "MISSING_CREDENTIALS", 1),
+    ],
+)
+def test_bad_input_one_line_stable_code_nonzero_exit(
+    args: list[str], code: str, exit_code: int, tmp_path: Path
+) -> None:
+    r = run(*args, "--store", str(tmp_path / "s.duckdb"))
+    assert r.returncode == exit_code
+    assert f"error[{code}]" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_credentials_message_names_the_variables(tmp_path: Path) -> None:
+    r = run("backfill", "AAPL", "--start", "2024-03-05", "--store", str(tmp_path / "s.duckdb"))
+    assert "ALPACA_API_KEY" in r.stderr and "ALPACA_SECRET_KEY" in r.stderr
+
+
+def test_wrong_keys_never_printed(cfg: Path, tmp_path: Path) -> None:
+    r = run("backfill", "AAPL", "--start", "2024-03-05", "--config", str(cfg), "--store", str(tmp_path / "s.duckdb"),
+            env={"ALPACA_API_KEY": "PKWRONG", "ALPACA_SECRET_KEY": "SUPERSECRETVALUE"})  # fmt: skip
+    assert r.returncode == 1
+    assert "error[AUTH_FAILED]" in r.stderr
+    assert "SUPERSECRETVALUE" not in r.stderr + r.stdout
+
+
+def test_latest_commands(cfg: Path) -> None:
+    for cmd in ("quote", "trade", "snapshot"):
+        r = run(cmd, "AAPL", "--config", str(cfg), env=SIM_ENV)
+        assert r.returncode == 0, r.stderr
+        assert "AAPL" in r.stdout
+    r = run("quote", "ZZZZ", "--config", str(cfg), env=SIM_ENV)
+    assert r.returncode == 1 and "no data for: ZZZZ" in r.stderr
+
+
+def test_config_show_masks_secrets(cfg: Path) -> None:
+    r = run(
+        "config",
+        "show",
+        "--config",
+        str(cfg),
+        env={"ALPACA_API_KEY": "PKVISIBLEKEY123", "ALPACA_SECRET_KEY": "s3cr3tvalue"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "s3cr3tvalue" not in r.stdout and "PKVISIBLEKEY123" not in r.stdout
+    assert "unlimited" in r.stdout
+
+
+def test_store_commands_and_backfill_summary(cfg: Path, tmp_path: Path) -> None:
+    store = tmp_path / "s.duckdb"
+    r = run("backfill", "AAPL", "MSFT", "--start", "2024-03-04", "--end", "2024-03-05", "--config", str(cfg),
+            "--store", str(store), env=SIM_ENV)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "1,560 newly stored" in r.stdout
+    r = run("backfill", "AAPL", "MSFT", "--start", "2024-03-04", "--end", "2024-03-05", "--config", str(cfg),
+            "--store", str(store), env=SIM_ENV)  # fmt: skip
+    assert "already covered" in r.stdout and "0 requests" in r.stdout
+    info = run("store", "info", "--store", str(store))
+    assert info.returncode == 0 and "MSFT" in info.stdout
+    assert run("store", "log", "--store", str(store)).returncode == 0
+    assert run("store", "quarantine", "--store", str(store)).returncode == 0
+
+
+def test_symbols_file(cfg: Path, tmp_path: Path) -> None:
+    f = tmp_path / "syms.txt"
+    f.write_text("AAPL  # a comment\nmsft, spy\n\n")
+    r = run("backfill", "--symbols-file", str(f), "--start", "2024-03-04", "--end", "2024-03-04", "--config", str(cfg),
+            "--store", str(tmp_path / "s.duckdb"), env=SIM_ENV)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "1,170 newly stored" in r.stdout
+
+
+def test_demo_runs_offline(tmp_path: Path) -> None:
+    r = run("demo", "--store", str(tmp_path / "demo.duckdb"), timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "Demo backfill" in r.stdout and "newly stored" in r.stdout
+    assert "latest quotes" in r.stdout

@@ -1,0 +1,56 @@
+"""Shared fixtures: a real simulator over HTTP, fresh stores, providers pointed at the simulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from marketpipe.sim.server import SimServer
+
+from marketpipe.core.config import CircuitPolicy, ProviderConfig, RetryPolicy
+from marketpipe.providers.alpaca import AlpacaProvider
+from marketpipe.store.duckdb import DuckDBStore
+
+SIM_ENV = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
+
+
+@pytest.fixture(scope="session")
+def sim() -> Iterator[SimServer]:
+    with SimServer() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _clear_sim_faults(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "sim" in request.fixturenames:
+        request.getfixturevalue("sim").faults.clear()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[DuckDBStore]:
+    s = DuckDBStore(tmp_path / "store.duckdb")
+    yield s
+    s.close()
+
+
+def provider_config(url: str, **kw: object) -> ProviderConfig:
+    defaults: dict[str, object] = {
+        "base_url": url,
+        "plan": "unlimited",
+        "rate_limit_per_min": 100_000,
+        "connect_timeout": 2.0,
+        "read_timeout": 5.0,
+        "retry": RetryPolicy(attempts=3, base_seconds=0.01, max_seconds=0.05),
+        "circuit": CircuitPolicy(failure_threshold=50, recovery_seconds=0.5),
+    }
+    defaults.update(kw)
+    return ProviderConfig(**defaults)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def alpaca(sim: SimServer) -> AsyncIterator[AlpacaProvider]:
+    p = AlpacaProvider.from_config(provider_config(sim.url), env=SIM_ENV)
+    yield p
+    await p.aclose()
