@@ -80,8 +80,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mp-bench-"))
     try:
         wait_up(url)
-        cfg = ProviderConfig(base_url=url, plan="unlimited", rate_limit_per_min=1_000_000, max_in_flight=4,
-                             read_timeout=120, retry=RetryPolicy(attempts=2))  # fmt: skip
+        cfg = ProviderConfig(
+            base_url=url,
+            plan="unlimited",
+            rate_limit_per_min=1_000_000,
+            max_in_flight=4,
+            read_timeout=120,
+            retry=RetryPolicy(attempts=2),
+        )
         env = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
 
         # Collect the page bytes of marketpipe's own request plan; this also warms the simulator.
@@ -90,13 +96,20 @@ def main() -> None:
         scratch.close()
         pages: list[tuple[bytes, list[str]]] = []
         t0 = time.perf_counter()
-        with httpx.Client(base_url=url, headers={"APCA-API-KEY-ID": "SIMKEY", "APCA-API-SECRET-KEY": "SIMSECRET"},
-                          timeout=120) as client:  # fmt: skip
+        with httpx.Client(
+            base_url=url, headers={"APCA-API-KEY-ID": "SIMKEY", "APCA-API-SECRET-KEY": "SIMSECRET"}, timeout=120
+        ) as client:
             for u in units:
                 token = None
                 while True:
-                    params = {"symbols": ",".join(u.symbols), "timeframe": "1Min", "start": u.start.isoformat(),
-                              "end": (u.end - timedelta(microseconds=1)).isoformat(), "limit": 10000, "feed": "sip"}  # fmt: skip
+                    params = {
+                        "symbols": ",".join(u.symbols),
+                        "timeframe": "1Min",
+                        "start": u.start.isoformat(),
+                        "end": (u.end - timedelta(microseconds=1)).isoformat(),
+                        "limit": 10000,
+                        "feed": "sip",
+                    }
                     if token:
                         params["page_token"] = token
                     r = client.get("/v2/stocks/bars", params=params)
@@ -106,8 +119,11 @@ def main() -> None:
                     if not token:
                         break
         warm = time.perf_counter() - t0
-        print(f"warm-up: {len(pages)} pages, {sum(len(p) for p, _ in pages) / 1e6:.0f} MB in {warm:.1f}s "
-              f"(simulator + plain httpx)", file=sys.stderr)  # fmt: skip
+        print(
+            f"warm-up: {len(pages)} pages, {sum(len(p) for p, _ in pages) / 1e6:.0f} MB in {warm:.1f}s "
+            f"(simulator + plain httpx)",
+            file=sys.stderr,
+        )
 
         results: dict[str, tuple[float, int]] = {}
 
@@ -127,7 +143,7 @@ def main() -> None:
                     start=start,
                     end=end - timedelta(microseconds=1),
                     feed=DataFeed.SIP,
-                )  # fmt: skip
+                )
             )
             df = bars.df
             results["(a) alpaca-py get_stock_bars + .df"] = (time.perf_counter() - t0, len(df))
@@ -159,9 +175,22 @@ def main() -> None:
         for body, syms in pages:
             fake._content = body
             frame, nxt, nbytes = decode(fake)
-            page = BarPage(frame=frame, symbols=syms, timeframe=tf, start=start, end=end, feed="sip", source="sim",
-                           request_id="bench", fetched_at=now, next_page_token=nxt, page_number=1,
-                           complete_through={}, last_page=not nxt, nbytes=nbytes)  # fmt: skip
+            page = BarPage(
+                frame=frame,
+                symbols=syms,
+                timeframe=tf,
+                start=start,
+                end=end,
+                feed="sip",
+                source="sim",
+                request_id="bench",
+                fetched_at=now,
+                next_page_token=nxt,
+                page_number=1,
+                complete_through={},
+                last_page=not nxt,
+                nbytes=nbytes,
+            )
             batch.append(_page_write(page, {}, "alpaca", now))
             n += frame.height
             if len(batch) == 8:
@@ -188,8 +217,9 @@ def main() -> None:
         proc.join(5)
 
     print()
-    print(f"{args.symbols} symbols x {args.days} sessions of 1Min bars = {expected:,} bars expected; "
-          f"{len(pages)} pages")  # fmt: skip
+    print(
+        f"{args.symbols} symbols x {args.days} sessions of 1Min bars = {expected:,} bars expected; {len(pages)} pages"
+    )
     print(f"{'run':48} {'seconds':>9} {'bars':>11} {'bars/s':>12}")
     rate = {}
     for name, (secs, count) in results.items():
@@ -200,8 +230,10 @@ def main() -> None:
         a = rate[keys[0]]
         print(f"\nratio (b)/(a): {rate[keys[1]] / a:6.1f}x    ratio (c)/(a): {rate[keys[2]] / a:6.1f}x")
     times.sort()
-    print(f"read 1 symbol x 1 day ({rows} bars) from DuckDB: p50 {statistics.median(times) * 1e3:.2f} ms, "
-          f"p99 {times[int(len(times) * 0.99)] * 1e3:.2f} ms")  # fmt: skip
+    print(
+        f"read 1 symbol x 1 day ({rows} bars) from DuckDB: p50 {statistics.median(times) * 1e3:.2f} ms, "
+        f"p99 {times[int(len(times) * 0.99)] * 1e3:.2f} ms"
+    )
 
 
 if __name__ == "__main__":

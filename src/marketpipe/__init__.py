@@ -57,9 +57,13 @@ def bars(
 
 
 def backfill(
-    symbols: str | list[str], start: TimeLike, end: TimeLike | None = None, *, timeframe: str = "1Min",
+    symbols: str | list[str],
+    start: TimeLike,
+    end: TimeLike | None = None,
+    *,
+    timeframe: str = "1Min",
     feed: str | None = None,
-) -> BackfillStats:  # fmt: skip
+) -> BackfillStats:
     return _client().backfill(symbols, start, end, timeframe=timeframe, feed=feed)
 
 

@@ -19,9 +19,13 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("ALPACA_", "APCA_"))}
     return subprocess.run(
-        [sys.executable, "-m", "marketpipe.cli.main", *args], env={**base, **(env or {})}, cwd=cwd,
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        [sys.executable, "-m", "marketpipe.cli.main", *args],
+        env={**base, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -33,23 +37,66 @@ def cfg(sim, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
 
 def test_bars_fetches_then_serves_from_store(cfg: Path, tmp_path: Path) -> None:
     store = tmp_path / "s.duckdb"
-    r = run("bars", "AAPL", "--start", "2024-03-05", "--end", "2024-03-05", "--format", "csv", "--config", str(cfg),
-            "--store", str(store), env=SIM_ENV)  # fmt: skip
+    r = run(
+        "bars",
+        "AAPL",
+        "--start",
+        "2024-03-05",
+        "--end",
+        "2024-03-05",
+        "--format",
+        "csv",
+        "--config",
+        str(cfg),
+        "--store",
+        str(store),
+        env=SIM_ENV,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("symbol,timeframe,ts,open,high,low,close,volume")
     assert len(lines) == 391
     # second time: no credentials needed, nothing fetched
-    r2 = run("bars", "AAPL", "--start", "2024-03-05", "--end", "2024-03-05", "--format", "json", "--config", str(cfg),
-             "--store", str(store), "--no-fetch")  # fmt: skip
+    r2 = run(
+        "bars",
+        "AAPL",
+        "--start",
+        "2024-03-05",
+        "--end",
+        "2024-03-05",
+        "--format",
+        "json",
+        "--config",
+        str(cfg),
+        "--store",
+        str(store),
+        "--no-fetch",
+    )
     assert r2.returncode == 0, r2.stderr
     assert len(json.loads(r2.stdout)) == 390
 
 
 def test_parquet_output(cfg: Path, tmp_path: Path) -> None:
     out = tmp_path / "a.parquet"
-    r = run("bars", "MSFT", "--start", "2024-03-05", "--timeframe", "1Day", "--end", "2024-03-08", "--format",
-            "parquet", "-o", str(out), "--config", str(cfg), "--store", str(tmp_path / "s.duckdb"), env=SIM_ENV)  # fmt: skip
+    r = run(
+        "bars",
+        "MSFT",
+        "--start",
+        "2024-03-05",
+        "--timeframe",
+        "1Day",
+        "--end",
+        "2024-03-08",
+        "--format",
+        "parquet",
+        "-o",
+        str(out),
+        "--config",
+        str(cfg),
+        "--store",
+        str(tmp_path / "s.duckdb"),
+        env=SIM_ENV,
+    )
     assert r.returncode == 0, r.stderr
     assert pl.read_parquet(out).height == 4
 
@@ -80,8 +127,17 @@ def test_missing_credentials_message_names_the_variables(tmp_path: Path) -> None
 
 
 def test_wrong_keys_never_printed(cfg: Path, tmp_path: Path) -> None:
-    r = run("backfill", "AAPL", "--start", "2024-03-05", "--config", str(cfg), "--store", str(tmp_path / "s.duckdb"),
-            env={"ALPACA_API_KEY": "PKWRONG", "ALPACA_SECRET_KEY": "SUPERSECRETVALUE"})  # fmt: skip
+    r = run(
+        "backfill",
+        "AAPL",
+        "--start",
+        "2024-03-05",
+        "--config",
+        str(cfg),
+        "--store",
+        str(tmp_path / "s.duckdb"),
+        env={"ALPACA_API_KEY": "PKWRONG", "ALPACA_SECRET_KEY": "SUPERSECRETVALUE"},
+    )
     assert r.returncode == 1
     assert "error[AUTH_FAILED]" in r.stderr
     assert "SUPERSECRETVALUE" not in r.stderr + r.stdout
@@ -111,12 +167,36 @@ def test_config_show_masks_secrets(cfg: Path) -> None:
 
 def test_store_commands_and_backfill_summary(cfg: Path, tmp_path: Path) -> None:
     store = tmp_path / "s.duckdb"
-    r = run("backfill", "AAPL", "MSFT", "--start", "2024-03-04", "--end", "2024-03-05", "--config", str(cfg),
-            "--store", str(store), env=SIM_ENV)  # fmt: skip
+    r = run(
+        "backfill",
+        "AAPL",
+        "MSFT",
+        "--start",
+        "2024-03-04",
+        "--end",
+        "2024-03-05",
+        "--config",
+        str(cfg),
+        "--store",
+        str(store),
+        env=SIM_ENV,
+    )
     assert r.returncode == 0, r.stderr
     assert "1,560 newly stored" in r.stdout
-    r = run("backfill", "AAPL", "MSFT", "--start", "2024-03-04", "--end", "2024-03-05", "--config", str(cfg),
-            "--store", str(store), env=SIM_ENV)  # fmt: skip
+    r = run(
+        "backfill",
+        "AAPL",
+        "MSFT",
+        "--start",
+        "2024-03-04",
+        "--end",
+        "2024-03-05",
+        "--config",
+        str(cfg),
+        "--store",
+        str(store),
+        env=SIM_ENV,
+    )
     assert "already covered" in r.stdout and "0 requests" in r.stdout
     info = run("store", "info", "--store", str(store))
     assert info.returncode == 0 and "MSFT" in info.stdout
@@ -127,8 +207,20 @@ def test_store_commands_and_backfill_summary(cfg: Path, tmp_path: Path) -> None:
 def test_symbols_file(cfg: Path, tmp_path: Path) -> None:
     f = tmp_path / "syms.txt"
     f.write_text("AAPL  # a comment\nmsft, spy\n\n")
-    r = run("backfill", "--symbols-file", str(f), "--start", "2024-03-04", "--end", "2024-03-04", "--config", str(cfg),
-            "--store", str(tmp_path / "s.duckdb"), env=SIM_ENV)  # fmt: skip
+    r = run(
+        "backfill",
+        "--symbols-file",
+        str(f),
+        "--start",
+        "2024-03-04",
+        "--end",
+        "2024-03-04",
+        "--config",
+        str(cfg),
+        "--store",
+        str(tmp_path / "s.duckdb"),
+        env=SIM_ENV,
+    )
     assert r.returncode == 0, r.stderr
     assert "1,170 newly stored" in r.stdout
 

@@ -83,8 +83,9 @@ async def test_retries_only_retryable_errors_and_honours_retry_after() -> None:
     async def sleep(s: float) -> None:
         slept.append(s)
 
-    r = Resilience("p", retry=RetryPolicy(attempts=4, base_seconds=0.01, max_seconds=0.02), sleep=sleep,
-                   rate_limit_per_min=100_000)  # fmt: skip
+    r = Resilience(
+        "p", retry=RetryPolicy(attempts=4, base_seconds=0.01, max_seconds=0.02), sleep=sleep, rate_limit_per_min=100_000
+    )
     calls = 0
 
     async def flaky() -> str:

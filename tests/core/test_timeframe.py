@@ -9,11 +9,20 @@ from marketpipe.core.timeframe import Timeframe, Unit
 @pytest.mark.parametrize(
     ("text", "amount", "unit"),
     [
-        ("1Min", 1, Unit.MINUTE), ("59Min", 59, Unit.MINUTE), ("30T", 30, Unit.MINUTE), ("1Hour", 1, Unit.HOUR),
-        ("23H", 23, Unit.HOUR), ("1Day", 1, Unit.DAY), ("1D", 1, Unit.DAY), ("1Week", 1, Unit.WEEK),
-        ("1W", 1, Unit.WEEK), ("4Month", 4, Unit.MONTH), ("12M", 12, Unit.MONTH), ("3Month", 3, Unit.MONTH),
+        ("1Min", 1, Unit.MINUTE),
+        ("59Min", 59, Unit.MINUTE),
+        ("30T", 30, Unit.MINUTE),
+        ("1Hour", 1, Unit.HOUR),
+        ("23H", 23, Unit.HOUR),
+        ("1Day", 1, Unit.DAY),
+        ("1D", 1, Unit.DAY),
+        ("1Week", 1, Unit.WEEK),
+        ("1W", 1, Unit.WEEK),
+        ("4Month", 4, Unit.MONTH),
+        ("12M", 12, Unit.MONTH),
+        ("3Month", 3, Unit.MONTH),
     ],
-)  # fmt: skip
+)
 def test_parses_alpaca_grammar(text: str, amount: int, unit: Unit) -> None:
     tf = Timeframe.parse(text)
     assert (tf.amount, tf.unit) == (amount, unit)

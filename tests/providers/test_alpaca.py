@@ -74,8 +74,9 @@ async def test_unknown_symbol_is_empty_not_an_error(alpaca: AlpacaProvider) -> N
 
 
 async def test_daily_bars_and_trades_and_quotes(alpaca: AlpacaProvider) -> None:
-    daily = await collect(alpaca, ["AAPL"], parse_time("2024-03-04"), parse_time("2024-03-08", end=True),
-                          tf=Timeframe.parse("1Day"))  # fmt: skip
+    daily = await collect(
+        alpaca, ["AAPL"], parse_time("2024-03-04"), parse_time("2024-03-08", end=True), tf=Timeframe.parse("1Day")
+    )
     assert daily.height == 5
     assert daily["ts"][0] == datetime(2024, 3, 4, 5, tzinfo=UTC)
     s = datetime(2024, 3, 5, 14, 30, tzinfo=UTC)
@@ -144,8 +145,9 @@ async def test_vendor_rejection_keeps_vendor_message(alpaca: AlpacaProvider) -> 
 
 
 async def test_free_plan_clamps_recent_sip(sim) -> None:  # type: ignore[no-untyped-def]
-    p = AlpacaProvider.from_config(provider_config(sim.url, plan="free"),
-                                   env={"ALPACA_API_KEY": "FREEKEY", "ALPACA_SECRET_KEY": "FREESECRET"})  # fmt: skip
+    p = AlpacaProvider.from_config(
+        provider_config(sim.url, plan="free"), env={"ALPACA_API_KEY": "FREEKEY", "ALPACA_SECRET_KEY": "FREESECRET"}
+    )
     now = datetime.now(UTC)
     try:
         pages = [pg async for pg in p.iter_bars(["AAPL"], TF, now - timedelta(days=7), now)]
@@ -156,8 +158,9 @@ async def test_free_plan_clamps_recent_sip(sim) -> None:  # type: ignore[no-unty
 
 
 async def test_plan_misconfigured_as_unlimited_recovers_from_403(sim) -> None:  # type: ignore[no-untyped-def]
-    p = AlpacaProvider.from_config(provider_config(sim.url, plan="unlimited"),
-                                   env={"ALPACA_API_KEY": "FREEKEY", "ALPACA_SECRET_KEY": "FREESECRET"})  # fmt: skip
+    p = AlpacaProvider.from_config(
+        provider_config(sim.url, plan="unlimited"), env={"ALPACA_API_KEY": "FREEKEY", "ALPACA_SECRET_KEY": "FREESECRET"}
+    )
     now = datetime.now(UTC)
     try:
         pages = [pg async for pg in p.iter_bars(["AAPL"], TF, now - timedelta(days=3), now)]

@@ -13,13 +13,22 @@ T0 = datetime(2024, 3, 5, 14, 30, tzinfo=UTC)
 def frame(n: int = 5, tf: str = "1Min", step: timedelta = timedelta(minutes=1), t0: datetime = T0) -> pl.DataFrame:
     return pl.DataFrame(
         {
-            "symbol": ["AAPL"] * n, "timeframe": [tf] * n, "ts": [t0 + i * step for i in range(n)],
-            "open": [10.0] * n, "high": [11.0] * n, "low": [9.0] * n, "close": [10.5] * n, "volume": [100] * n,
-            "trade_count": [5] * n, "vwap": [10.2] * n, "source": ["sim"] * n, "feed": ["sip"] * n,
+            "symbol": ["AAPL"] * n,
+            "timeframe": [tf] * n,
+            "ts": [t0 + i * step for i in range(n)],
+            "open": [10.0] * n,
+            "high": [11.0] * n,
+            "low": [9.0] * n,
+            "close": [10.5] * n,
+            "volume": [100] * n,
+            "trade_count": [5] * n,
+            "vwap": [10.2] * n,
+            "source": ["sim"] * n,
+            "feed": ["sip"] * n,
             "fetched_at": [T0] * n,
         },
         schema=BAR_SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def run(df: pl.DataFrame, tf: str = "1Min", **kw):  # type: ignore[no-untyped-def]
@@ -68,8 +77,13 @@ def test_misaligned_out_of_range_and_future() -> None:
     df = frame(3).with_columns(
         ts=pl.Series([T0 + timedelta(seconds=17), T0 - timedelta(days=2), T0 + timedelta(days=3)])
     )
-    res = check_bars(df, timeframe=Timeframe.parse("1Min"), start=T0 - timedelta(days=1), end=T0 + timedelta(days=30),
-                     now=T0 + timedelta(days=1))  # fmt: skip
+    res = check_bars(
+        df,
+        timeframe=Timeframe.parse("1Min"),
+        start=T0 - timedelta(days=1),
+        end=T0 + timedelta(days=30),
+        now=T0 + timedelta(days=1),
+    )
     reasons = res.quarantine.get_column("reason").to_list()
     assert reasons == ["misaligned_ts", "out_of_range", "in_future"]
 

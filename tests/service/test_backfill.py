@@ -92,8 +92,15 @@ async def test_many_small_pages_give_the_same_store(sim, tmp_path: Path) -> None
 
 
 async def test_invalid_rows_are_quarantined_never_stored_or_repaired(sim, store) -> None:  # type: ignore[no-untyped-def]
-    sim.faults.set([FaultRule(kind="invalid_rows", row_kinds=["high_lt_low", "negative_volume", "duplicate_ts",
-                                                               "misaligned_ts"], row_ratio=0.02)])  # fmt: skip
+    sim.faults.set(
+        [
+            FaultRule(
+                kind="invalid_rows",
+                row_kinds=["high_lt_low", "negative_volume", "duplicate_ts", "misaligned_ts"],
+                row_ratio=0.02,
+            )
+        ]
+    )
     stats = await backfill(sim.url, store)
     assert stats.bars_rejected > 0
     q = store.quarantine(limit=100_000)
@@ -142,10 +149,28 @@ async def test_bad_credentials_stop_the_whole_run(sim, store) -> None:  # type: 
 def _cli_backfill(url: str, store: Path, cfg: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, **SIM_ENV, **(extra_env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "marketpipe.cli.main", "backfill", *SYMS, "--timeframe", "1Min",
-         "--start", "2024-03-04", "--end", "2024-03-06", "--config", str(cfg), "--store", str(store), "--no-progress"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "marketpipe.cli.main",
+            "backfill",
+            *SYMS,
+            "--timeframe",
+            "1Min",
+            "--start",
+            "2024-03-04",
+            "--end",
+            "2024-03-06",
+            "--config",
+            str(cfg),
+            "--store",
+            str(store),
+            "--no-progress",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_kill_9_mid_backfill_then_rerun_gives_the_uninterrupted_store(sim, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -1,3 +1,4 @@
+import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def test_chunks_tile_the_interval_and_fit_a_page() -> None:
     s, e = parse_time("2024-01-02"), parse_time("2024-06-28", end=True)
     pieces = chunk_interval(cal, Timeframe.parse("1Min"), s, e, 10_000)
     assert pieces[0][0] == s and pieces[-1][1] == e
-    for (a, b, n), (c, _, _) in zip(pieces, pieces[1:], strict=False):
+    for (_a, b, n), (c, _, _) in itertools.pairwise(pieces):
         assert b == c  # no gap, no overlap
         assert n <= 10_000
     assert sum(p[2] for p in pieces) == estimate_rows(cal, Timeframe.parse("1Min"), s, e)
@@ -53,10 +54,16 @@ def test_plan_packs_symbols_and_skips_covered(tmp_path: Path) -> None:
 
     from marketpipe.core.schema import BAR_SCHEMA
 
-    store.write_pages([
-        PageWrite(pl.DataFrame(schema=BAR_SCHEMA), pl.DataFrame(), [Coverage("S0", "1Min", "alpaca", "sim", "sip", s, e, 0, "r", s)],
-                  IngestRecord("alpaca", "sim", "sip", "bars", "1Min", ["S0"], s, e, "r", 1, s, 0))
-    ])  # fmt: skip
+    store.write_pages(
+        [
+            PageWrite(
+                pl.DataFrame(schema=BAR_SCHEMA),
+                pl.DataFrame(),
+                [Coverage("S0", "1Min", "alpaca", "sim", "sip", s, e, 0, "r", s)],
+                IngestRecord("alpaca", "sim", "sip", "bars", "1Min", ["S0"], s, e, "r", 1, s, 0),
+            )
+        ]
+    )
     units, done = plan(store, cal, syms, Timeframe.parse("1Min"), s, e, provider="alpaca", feed="sip")
     assert done == ["S0"]
     assert sum(len(u.symbols) for u in units) == 59

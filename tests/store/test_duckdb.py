@@ -14,30 +14,63 @@ from marketpipe.store.duckdb import DuckDBStore
 T0 = datetime(2024, 3, 5, 14, 30, tzinfo=UTC)
 
 
-def bars(n: int, symbol: str = "AAPL", t0: datetime = T0, source: str = "sim", feed: str = "sip",
-         close: float = 10.5) -> pl.DataFrame:  # fmt: skip
+def bars(
+    n: int, symbol: str = "AAPL", t0: datetime = T0, source: str = "sim", feed: str = "sip", close: float = 10.5
+) -> pl.DataFrame:
     return pl.DataFrame(
         {
-            "symbol": [symbol] * n, "timeframe": ["1Min"] * n, "ts": [t0 + timedelta(minutes=i) for i in range(n)],
-            "open": [10.0] * n, "high": [11.0] * n, "low": [9.0] * n, "close": [close] * n, "volume": list(range(n)),
-            "trade_count": [5] * n, "vwap": [10.2] * n, "source": [source] * n, "feed": [feed] * n,
+            "symbol": [symbol] * n,
+            "timeframe": ["1Min"] * n,
+            "ts": [t0 + timedelta(minutes=i) for i in range(n)],
+            "open": [10.0] * n,
+            "high": [11.0] * n,
+            "low": [9.0] * n,
+            "close": [close] * n,
+            "volume": list(range(n)),
+            "trade_count": [5] * n,
+            "vwap": [10.2] * n,
+            "source": [source] * n,
+            "feed": [feed] * n,
             "fetched_at": [T0] * n,
         },
         schema=BAR_SCHEMA,
-    )  # fmt: skip
+    )
 
 
-def page(df: pl.DataFrame, *, cover: tuple[datetime, datetime] | None = None, quarantine: pl.DataFrame | None = None,
-         symbol: str = "AAPL", source: str = "sim", feed: str = "sip") -> PageWrite:  # fmt: skip
+def page(
+    df: pl.DataFrame,
+    *,
+    cover: tuple[datetime, datetime] | None = None,
+    quarantine: pl.DataFrame | None = None,
+    symbol: str = "AAPL",
+    source: str = "sim",
+    feed: str = "sip",
+) -> PageWrite:
     res = check_bars(df, timeframe=Timeframe.parse("1Min"), request_id="req")
     cov = []
     if cover:
         cov = [Coverage(symbol, "1Min", "alpaca", source, feed, cover[0], cover[1], df.height, "req", T0)]
     return PageWrite(
-        bars=res.good, quarantine=quarantine if quarantine is not None else res.quarantine, coverage=cov,
-        ingest=IngestRecord("alpaca", source, feed, "bars", "1Min", [symbol], T0, T0 + timedelta(days=1), "req", 1, T0,
-                            df.height, 0, res.rejected),
-    )  # fmt: skip
+        bars=res.good,
+        quarantine=quarantine if quarantine is not None else res.quarantine,
+        coverage=cov,
+        ingest=IngestRecord(
+            "alpaca",
+            source,
+            feed,
+            "bars",
+            "1Min",
+            [symbol],
+            T0,
+            T0 + timedelta(days=1),
+            "req",
+            1,
+            T0,
+            df.height,
+            0,
+            res.rejected,
+        ),
+    )
 
 
 @pytest.fixture

@@ -120,16 +120,21 @@ def _summary(stats: Any, title: str = "Backfill summary") -> Table:
     return table
 
 
-async def _run_backfill(data: Any, symbols: list[str], start: str, end: str | None, timeframe: str, feed: str | None,
-                        show_progress: bool) -> Any:  # fmt: skip
+async def _run_backfill(
+    data: Any, symbols: list[str], start: str, end: str | None, timeframe: str, feed: str | None, show_progress: bool
+) -> Any:
     try:
         if not show_progress:
             return await data.backfill(symbols, start, end, timeframe=timeframe, feed=feed)
         columns = (
-            TextColumn("[bold]backfill"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-            TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            TextColumn("[bold]backfill"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
             TimeRemainingColumn(),
-        )  # fmt: skip
+        )
         with Progress(*columns, console=err, transient=False) as progress:
             task = progress.add_task("backfill", total=None, rate="", info="planning")
             return await data.backfill(
@@ -304,9 +309,17 @@ def _latest(kind: str, symbols: list[str], feed: str | None, config: Path | None
     missing = [s for s in syms if s not in result]
     if kind == "snapshots":
         for sym, snap in result.items():
-            parts = {k: v for k, v in (("trade", snap.latest_trade), ("quote", snap.latest_quote),
-                                      ("minute bar", snap.minute_bar), ("daily bar", snap.daily_bar),
-                                      ("prev daily bar", snap.prev_daily_bar)) if v is not None}  # fmt: skip
+            parts = {
+                k: v
+                for k, v in (
+                    ("trade", snap.latest_trade),
+                    ("quote", snap.latest_quote),
+                    ("minute bar", snap.minute_bar),
+                    ("daily bar", snap.daily_bar),
+                    ("prev daily bar", snap.prev_daily_bar),
+                )
+                if v is not None
+            }
             out.print(_records_table(f"{sym} snapshot (source {snap.source})", parts))
     else:
         out.print(_records_table(f"latest {kind}", result))
@@ -363,8 +376,9 @@ def demo(
         err.print(f"simulator listening on {server.url}")
         cfg = Config()
         cfg.store.path = str(store_path)
-        cfg.providers["alpaca"] = ProviderConfig(priority=1, base_url=server.url, plan="unlimited",
-                                                 rate_limit_per_min=10_000)  # fmt: skip
+        cfg.providers["alpaca"] = ProviderConfig(
+            priority=1, base_url=server.url, plan="unlimited", rate_limit_per_min=10_000
+        )
         data = MarketData(cfg, env={"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"})
         out.print(f"backfilling {', '.join(syms)} 1Min from {done[0].day} to {done[-1].day} into {store_path}")
 
@@ -448,8 +462,9 @@ def store_quarantine(
 
 @store_app.command("log")
 @handle_errors
-def store_log(limit: Annotated[int, typer.Option("--limit")] = 20, config: ConfigOpt = None,
-              store: StoreOpt = None) -> None:  # fmt: skip
+def store_log(
+    limit: Annotated[int, typer.Option("--limit")] = 20, config: ConfigOpt = None, store: StoreOpt = None
+) -> None:
     """The ingest log: one row per vendor page."""
     from marketpipe.store.duckdb import DuckDBStore
 

@@ -273,26 +273,56 @@ def _trade_record(sym: str, w: _WTrade, source: str, feed: str, fetched: datetim
     if w.p is None or w.s is None:
         raise MalformedResponse(f"trade for {sym} lacks price or size", provider="alpaca")
     return Trade(
-        symbol=sym, ts=_one_ts(w.t), price=w.p, size=int(w.s), exchange=w.x, trade_id=w.i,
-        conditions=tuple(w.c or ()), tape=w.z, source=source, feed=feed, fetched_at=fetched,
-    )  # fmt: skip
+        symbol=sym,
+        ts=_one_ts(w.t),
+        price=w.p,
+        size=int(w.s),
+        exchange=w.x,
+        trade_id=w.i,
+        conditions=tuple(w.c or ()),
+        tape=w.z,
+        source=source,
+        feed=feed,
+        fetched_at=fetched,
+    )
 
 
 def _quote_record(sym: str, w: _WQuote, source: str, feed: str, fetched: datetime) -> Quote:
     return Quote(
-        symbol=sym, ts=_one_ts(w.t), bid_price=w.bp or 0.0, bid_size=int(w.bs or 0),
-        ask_price=w.ap or 0.0, ask_size=int(w.as_ or 0), bid_exchange=w.bx, ask_exchange=w.ax,
-        conditions=tuple(w.c or ()), tape=w.z, source=source, feed=feed, fetched_at=fetched,
-    )  # fmt: skip
+        symbol=sym,
+        ts=_one_ts(w.t),
+        bid_price=w.bp or 0.0,
+        bid_size=int(w.bs or 0),
+        ask_price=w.ap or 0.0,
+        ask_size=int(w.as_ or 0),
+        bid_exchange=w.bx,
+        ask_exchange=w.ax,
+        conditions=tuple(w.c or ()),
+        tape=w.z,
+        source=source,
+        feed=feed,
+        fetched_at=fetched,
+    )
 
 
 def _bar_record(sym: str, tf: str, w: _WBar, source: str, feed: str, fetched: datetime) -> Bar:
     if None in (w.o, w.h, w.l, w.c, w.v):
         raise MalformedResponse(f"bar for {sym} lacks a price or the volume", provider="alpaca")
     return Bar(
-        symbol=sym, timeframe=tf, ts=_one_ts(w.t), open=w.o, high=w.h, low=w.l, close=w.c,  # type: ignore[arg-type]
-        volume=int(w.v), trade_count=w.n, vwap=w.vw, source=source, feed=feed, fetched_at=fetched,  # type: ignore[arg-type]
-    )  # fmt: skip
+        symbol=sym,
+        timeframe=tf,
+        ts=_one_ts(w.t),
+        open=w.o,
+        high=w.h,
+        low=w.l,
+        close=w.c,  # type: ignore[arg-type]
+        volume=int(w.v),
+        trade_count=w.n,
+        vwap=w.vw,
+        source=source,
+        feed=feed,
+        fetched_at=fetched,  # type: ignore[arg-type]
+    )
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -529,16 +559,32 @@ class AlpacaProvider:
             yield page
 
     async def iter_trades(
-        self, symbols: list[str], start: datetime, end: datetime, *, feed: str | None = None,
-        limit: int = MAX_LIMIT, asof: str | None = None, sort: str = "asc", page_token: str | None = None,
-    ) -> AsyncIterator[BarPage]:  # fmt: skip
+        self,
+        symbols: list[str],
+        start: datetime,
+        end: datetime,
+        *,
+        feed: str | None = None,
+        limit: int = MAX_LIMIT,
+        asof: str | None = None,
+        sort: str = "asc",
+        page_token: str | None = None,
+    ) -> AsyncIterator[BarPage]:
         async for page in self._paginate("trades", symbols, start, end, {}, feed, limit, asof, sort, page_token, None):
             yield page
 
     async def iter_quotes(
-        self, symbols: list[str], start: datetime, end: datetime, *, feed: str | None = None,
-        limit: int = MAX_LIMIT, asof: str | None = None, sort: str = "asc", page_token: str | None = None,
-    ) -> AsyncIterator[BarPage]:  # fmt: skip
+        self,
+        symbols: list[str],
+        start: datetime,
+        end: datetime,
+        *,
+        feed: str | None = None,
+        limit: int = MAX_LIMIT,
+        asof: str | None = None,
+        sort: str = "asc",
+        page_token: str | None = None,
+    ) -> AsyncIterator[BarPage]:
         async for page in self._paginate("quotes", symbols, start, end, {}, feed, limit, asof, sort, page_token, None):
             yield page
 
@@ -644,36 +690,44 @@ class AlpacaProvider:
     async def latest_trades(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Trade]:
         f = self._latest_feed(feed)
         doc, resp = await self._get(
-            "/v2/stocks/trades/latest", {"symbols": ",".join(symbols), "feed": f}, "latest_trades",
+            "/v2/stocks/trades/latest",
+            {"symbols": ",".join(symbols), "feed": f},
+            "latest_trades",
             lambda r: _decoder(_LatestTrades).decode(r.content),
-        )  # fmt: skip
+        )
         src, now = self._source(resp), self._now()
         return {s: _trade_record(s, w, src, f, now) for s, w in (doc.trades or {}).items()}
 
     async def latest_quotes(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Quote]:
         f = self._latest_feed(feed)
         doc, resp = await self._get(
-            "/v2/stocks/quotes/latest", {"symbols": ",".join(symbols), "feed": f}, "latest_quotes",
+            "/v2/stocks/quotes/latest",
+            {"symbols": ",".join(symbols), "feed": f},
+            "latest_quotes",
             lambda r: _decoder(_LatestQuotes).decode(r.content),
-        )  # fmt: skip
+        )
         src, now = self._source(resp), self._now()
         return {s: _quote_record(s, w, src, f, now) for s, w in (doc.quotes or {}).items()}
 
     async def latest_bars(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Bar]:
         f = self._latest_feed(feed)
         doc, resp = await self._get(
-            "/v2/stocks/bars/latest", {"symbols": ",".join(symbols), "feed": f}, "latest_bars",
+            "/v2/stocks/bars/latest",
+            {"symbols": ",".join(symbols), "feed": f},
+            "latest_bars",
             lambda r: _decoder(_LatestBars).decode(r.content),
-        )  # fmt: skip
+        )
         src, now = self._source(resp), self._now()
         return {s: _bar_record(s, "1Min", w, src, f, now) for s, w in (doc.bars or {}).items()}
 
     async def latest_trade(self, symbol: str, *, feed: str | None = None) -> Trade | None:
         f = self._latest_feed(feed)
         doc, resp = await self._get(
-            f"/v2/stocks/{_quote_path(symbol)}/trades/latest", {"feed": f}, "latest_trade_single",
+            f"/v2/stocks/{_quote_path(symbol)}/trades/latest",
+            {"feed": f},
+            "latest_trade_single",
             lambda r: _decoder(dict[str, Any]).decode(r.content),
-        )  # fmt: skip
+        )
         w = doc.get("trade")
         if not w:
             return None
@@ -682,9 +736,11 @@ class AlpacaProvider:
     async def latest_quote(self, symbol: str, *, feed: str | None = None) -> Quote | None:
         f = self._latest_feed(feed)
         doc, resp = await self._get(
-            f"/v2/stocks/{_quote_path(symbol)}/quotes/latest", {"feed": f}, "latest_quote_single",
+            f"/v2/stocks/{_quote_path(symbol)}/quotes/latest",
+            {"feed": f},
+            "latest_quote_single",
             lambda r: _decoder(dict[str, Any]).decode(r.content),
-        )  # fmt: skip
+        )
         w = doc.get("quote")
         if not w:
             return None
@@ -694,9 +750,11 @@ class AlpacaProvider:
         f = self._latest_feed(feed)
         # The stock multi-snapshot has no wrapper key: symbol -> snapshot at the top level.
         doc, resp = await self._get(
-            "/v2/stocks/snapshots", {"symbols": ",".join(symbols), "feed": f}, "snapshots",
+            "/v2/stocks/snapshots",
+            {"symbols": ",".join(symbols), "feed": f},
+            "snapshots",
             lambda r: _decoder(dict[str, _WSnapshot | None]).decode(r.content),
-        )  # fmt: skip
+        )
         src, now = self._source(resp), self._now()
         out: dict[str, Snapshot] = {}
         for sym, snap in doc.items():

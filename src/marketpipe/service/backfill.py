@@ -228,22 +228,39 @@ def _page_write(page: BarPage, unit_known: dict[str, datetime], provider: str, n
         if through > since:
             coverage.append(
                 Coverage(
-                    symbol=sym, timeframe=str(page.timeframe), provider=provider, source=page.source, feed=page.feed,
-                    start=since, end=through, rows=int(rows_by_symbol.get(sym, 0)), request_id=page.request_id,
+                    symbol=sym,
+                    timeframe=str(page.timeframe),
+                    provider=provider,
+                    source=page.source,
+                    feed=page.feed,
+                    start=since,
+                    end=through,
+                    rows=int(rows_by_symbol.get(sym, 0)),
+                    request_id=page.request_id,
                     fetched_at=page.fetched_at,
                 )
-            )  # fmt: skip
+            )
             unit_known[sym] = through
     return PageWrite(
         bars=checked.good,
         quarantine=checked.quarantine,
         coverage=coverage,
         ingest=IngestRecord(
-            provider=provider, source=page.source, feed=page.feed, kind="bars", timeframe=str(page.timeframe),
-            symbols=page.symbols, start=page.start, end=page.end, request_id=page.request_id, page=page.page_number,
-            fetched_at=page.fetched_at, rows_received=page.frame.height, rows_rejected=checked.rejected,
+            provider=provider,
+            source=page.source,
+            feed=page.feed,
+            kind="bars",
+            timeframe=str(page.timeframe),
+            symbols=page.symbols,
+            start=page.start,
+            end=page.end,
+            request_id=page.request_id,
+            page=page.page_number,
+            fetched_at=page.fetched_at,
+            rows_received=page.frame.height,
+            rows_rejected=checked.rejected,
         ),
-    )  # fmt: skip
+    )
 
 
 async def run_backfill(
@@ -311,9 +328,14 @@ async def run_backfill(
             except (MarketpipeError, pl.exceptions.PolarsError) as exc:
                 code = exc.code if isinstance(exc, MarketpipeError) else "DATA_INVALID"
                 stats.errors.append(
-                    {"symbols": list(unit.symbols), "start": unit.start.isoformat(), "end": unit.end.isoformat(),
-                     "code": code, "message": str(exc)}
-                )  # fmt: skip
+                    {
+                        "symbols": list(unit.symbols),
+                        "start": unit.start.isoformat(),
+                        "end": unit.end.isoformat(),
+                        "code": code,
+                        "message": str(exc),
+                    }
+                )
                 log.warning("backfill_unit_failed", symbols=list(unit.symbols), code=code, error=str(exc))
                 if isinstance(exc, ProviderBadRequest | InvalidArgument):
                     # The same parameters would be rejected for every unit: stop early.

@@ -86,9 +86,15 @@ class Store(Protocol):
     ) -> pl.DataFrame: ...
 
     def coverage(
-        self, symbols: list[str], timeframe: str, start: datetime, end: datetime, *, provider: str | None = None,
+        self,
+        symbols: list[str],
+        timeframe: str,
+        start: datetime,
+        end: datetime,
+        *,
+        provider: str | None = None,
         feed: str | None = None,
-    ) -> pl.DataFrame: ...  # fmt: skip
+    ) -> pl.DataFrame: ...
 
     def quarantine(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame: ...
 

@@ -173,20 +173,43 @@ class DuckDBStore:
             con.executemany(
                 "INSERT INTO coverage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    [c.symbol, c.timeframe, c.provider, c.source, c.feed, _n(c.start), _n(c.end), c.rows,
-                     c.request_id, _n(c.fetched_at)]
+                    [
+                        c.symbol,
+                        c.timeframe,
+                        c.provider,
+                        c.source,
+                        c.feed,
+                        _n(c.start),
+                        _n(c.end),
+                        c.rows,
+                        c.request_id,
+                        _n(c.fetched_at),
+                    ]
                     for c in page.coverage
                 ],
-            )  # fmt: skip
+            )
         ing = page.ingest
         con.execute(
             """INSERT INTO ingest_log (provider, source, feed, kind, timeframe, symbols, start, "end",
                request_id, page, fetched_at, rows_received, rows_stored, rows_rejected)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            [ing.provider, ing.source, ing.feed, ing.kind, ing.timeframe, ",".join(ing.symbols), _n(ing.start),
-             _n(ing.end), ing.request_id, ing.page, _n(ing.fetched_at), ing.rows_received, stored,
-             ing.rows_rejected],
-        )  # fmt: skip
+            [
+                ing.provider,
+                ing.source,
+                ing.feed,
+                ing.kind,
+                ing.timeframe,
+                ",".join(ing.symbols),
+                _n(ing.start),
+                _n(ing.end),
+                ing.request_id,
+                ing.page,
+                _n(ing.fetched_at),
+                ing.rows_received,
+                stored,
+                ing.rows_rejected,
+            ],
+        )
         return int(stored)
 
     # --- reads ---------------------------------------------------------------------------------
