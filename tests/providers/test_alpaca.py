@@ -6,7 +6,6 @@ from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pytest
-from marketpipe.sim.faults import FaultRule
 
 from marketpipe.core.config import ProviderConfig, RetryPolicy
 from marketpipe.core.errors import (
@@ -23,6 +22,7 @@ from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_time
 from marketpipe.providers.alpaca import AlpacaProvider
+from marketpipe.sim.faults import FaultRule
 from tests.conftest import SIM_ENV, provider_config
 
 TF = Timeframe.parse("1Min")
@@ -55,8 +55,11 @@ async def test_single_symbol_endpoint_matches_multi(alpaca: AlpacaProvider) -> N
 async def test_complete_through_tracks_symbol_boundaries(alpaca: AlpacaProvider) -> None:
     pages = [p async for p in alpaca.iter_bars(["AAPL", "MSFT"], TF, *DAY, limit=500)]
     first = pages[0].complete_through
-    assert list(first) == ["AAPL"]  # the page stopped inside AAPL
-    assert first["AAPL"] == pages[0].frame["ts"].max() + timedelta(microseconds=1)
+    # page 1 holds all 390 AAPL bars and stops 110 bars into MSFT
+    assert first["AAPL"] == DAY[1]
+    msft = pages[0].frame.filter(pl.col("symbol") == "MSFT")
+    assert msft.height == 110
+    assert first["MSFT"] == msft["ts"].max() + timedelta(microseconds=1)
     assert pages[-1].complete_through == {"AAPL": DAY[1], "MSFT": DAY[1]}
 
 

@@ -241,17 +241,28 @@ def bars(
 
 
 def _records_table(title: str, records: dict[str, Any]) -> Table:
+    """One column per record (symbol or part), one row per field: fits a terminal however many fields."""
     import msgspec
 
     table = Table(title=title)
-    rows = [msgspec.structs.asdict(r) for r in records.values()]
-    if not rows:
-        return table
-    for col in rows[0]:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
+    table.add_column("field")
+    docs = {name: msgspec.structs.asdict(r) for name, r in records.items()}
+    for name in docs:
+        table.add_column(name, overflow="fold")
+    fields: list[str] = []
+    for doc in docs.values():
+        fields += [f for f in doc if f not in fields]
+    for f in fields:
+        table.add_row(f, *(_cell(doc.get(f)) for doc in docs.values()))
     return table
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 @app.command()

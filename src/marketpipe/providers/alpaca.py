@@ -96,37 +96,19 @@ class _WQuote(msgspec.Struct, gc=False, rename={"as_": "as"}):
     z: str | None = None
 
 
-class _MultiBars(msgspec.Struct, gc=False):
-    bars: dict[str, list[_WBar]] | None = None
-    next_page_token: str | None = None
+def _page_structs(key: str, row: type) -> tuple[type, type]:
+    """The multi-symbol (``{key: {sym: [...]}}``) and single-symbol (``{key: [...], "symbol"}``) page shapes."""
+    token = ("next_page_token", str | None, None)
+    multi = msgspec.defstruct(f"_Multi_{key}", [(key, dict[str, list[row]] | None, None), token], gc=False)  # type: ignore[valid-type]
+    single = msgspec.defstruct(
+        f"_Single_{key}",
+        [(key, list[row] | None, None), ("symbol", str | None, None), token],
+        gc=False,  # type: ignore[valid-type]
+    )
+    return multi, single
 
 
-class _SingleBars(msgspec.Struct, gc=False):
-    bars: list[_WBar] | None = None
-    symbol: str | None = None
-    next_page_token: str | None = None
-
-
-class _MultiTrades(msgspec.Struct, gc=False):
-    trades: dict[str, list[_WTrade]] | None = None
-    next_page_token: str | None = None
-
-
-class _SingleTrades(msgspec.Struct, gc=False):
-    trades: list[_WTrade] | None = None
-    symbol: str | None = None
-    next_page_token: str | None = None
-
-
-class _MultiQuotes(msgspec.Struct, gc=False):
-    quotes: dict[str, list[_WQuote]] | None = None
-    next_page_token: str | None = None
-
-
-class _SingleQuotes(msgspec.Struct, gc=False):
-    quotes: list[_WQuote] | None = None
-    symbol: str | None = None
-    next_page_token: str | None = None
+_PAGES = {kind: _page_structs(kind, row) for kind, row in (("bars", _WBar), ("trades", _WTrade), ("quotes", _WQuote))}
 
 
 class _LatestTrades(msgspec.Struct):
@@ -785,35 +767,21 @@ def _quote_path(symbol: str) -> str:
 def _page_decoder(
     kind: str, single: bool, symbol: str, tf: str, feed: str, provider: AlpacaProvider
 ) -> Callable[[httpx.Response], tuple[pl.DataFrame, str | None, int]]:
+    multi_t, single_t = _PAGES[kind]
+
     def decode(resp: httpx.Response) -> tuple[pl.DataFrame, str | None, int]:
         body = resp.content
-        fetched = provider._now()
-        source = provider._source(resp)
+        doc = _decoder(single_t if single else multi_t).decode(body)
+        rows = getattr(doc, kind)
+        groups = [(symbol, rows or [])] if single else list((rows or {}).items())
+        source, fetched = provider._source(resp), provider._now()
         if kind == "bars":
-            if single:
-                sb = _decoder(_SingleBars).decode(body)
-                groups = [(symbol, sb.bars or [])]
-                nxt = sb.next_page_token
-            else:
-                mb = _decoder(_MultiBars).decode(body)
-                groups = list((mb.bars or {}).items())
-                nxt = mb.next_page_token
-            return bars_to_frame(groups, tf, source, feed, fetched), nxt or None, len(body)
-        if kind == "trades":
-            if single:
-                st = _decoder(_SingleTrades).decode(body)
-                tg, nxt = [(symbol, st.trades or [])], st.next_page_token
-            else:
-                mt = _decoder(_MultiTrades).decode(body)
-                tg, nxt = list((mt.trades or {}).items()), mt.next_page_token
-            return trades_to_frame(tg, source, feed, fetched), nxt or None, len(body)
-        if single:
-            sq = _decoder(_SingleQuotes).decode(body)
-            qg, nxt = [(symbol, sq.quotes or [])], sq.next_page_token
+            frame = bars_to_frame(groups, tf, source, feed, fetched)
+        elif kind == "trades":
+            frame = trades_to_frame(groups, source, feed, fetched)
         else:
-            mq = _decoder(_MultiQuotes).decode(body)
-            qg, nxt = list((mq.quotes or {}).items()), mq.next_page_token
-        return quotes_to_frame(qg, source, feed, fetched), nxt or None, len(body)
+            frame = quotes_to_frame(groups, source, feed, fetched)
+        return frame, doc.next_page_token or None, len(body)
 
     return decode
 
