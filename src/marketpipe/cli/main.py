@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -190,9 +191,9 @@ def _emit(frame: Any, fmt: str, output: Path | None) -> None:
     elif fmt == "json":
         text = frame.write_json()
     elif fmt == "table":
-        table = Table(show_lines=False)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         for col in frame.columns:
-            table.add_column(col)
+            table.add_column(col, no_wrap=True)
         for row in frame.iter_rows():
             table.add_row(*("" if v is None else str(v) for v in row))
         out.print(table)
@@ -406,7 +407,7 @@ def demo(
     out.print(_summary(stats, "Demo backfill (source: sim)"))
     if stats.skipped_symbols:
         out.print(f"already in the store from an earlier run: {', '.join(stats.skipped_symbols)}")
-    out.print(f"\n{syms[0]} on {done[-1].day}: {frame.height} minute bars; first and last five:")
+    out.print(f"\n{syms[0]} on {done[-1].day}: {frame.height} minute bars (source sim, feed sip); first and last five:")
     _emit(pl_head_tail(frame), "table", None)
     out.print(_records_table("latest quotes (simulator)", quotes))
     out.print(f"\nread them again: marketpipe bars {syms[0]} --start {done[-1].day} --store {store_path} --no-fetch")
@@ -415,9 +416,9 @@ def demo(
 def pl_head_tail(frame: Any, n: int = 5) -> Any:
     import polars as pl
 
-    if frame.height <= 2 * n:
-        return frame.drop("fetched_at")
-    return pl.concat([frame.head(n), frame.tail(n)]).drop("fetched_at")
+    part = frame if frame.height <= 2 * n else pl.concat([frame.head(n), frame.tail(n)])
+    cols = ["open", "high", "low", "close", "volume", "trade_count", "vwap"]
+    return part.select(pl.col("ts").dt.strftime("%m-%d %H:%M").alias("ts UTC"), *cols)
 
 
 # --- config and store ----------------------------------------------------------------------------
