@@ -1,0 +1,95 @@
+"""The simulator's own control surface, outside the vendor's URL space (``/_sim/...``):
+
+``GET /_sim/faults``     current rules, rate-limit override and per-rule counters
+``PUT /_sim/faults``     replace them: ``{"rules": [...], "rate_limit_per_min": N}``
+``POST /_sim/faults``    append one rule (the body is one rule object)
+``DELETE /_sim/faults``  no rules, no override
+``GET /_sim/stats``      data requests served: total, by path and status, by status
+``DELETE /_sim/stats``   reset those counters
+
+Admin requests never count as data requests and are never faulted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import web
+
+from marketpipe.sim.faults import FaultRule, Faults
+
+
+class Stats:
+    """Request counters by path and status (status is the HTTP code, or ``reset``/``cancelled``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_path: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._total = 0
+
+    def record(self, path: str, status: str) -> None:
+        with self._lock:
+            self._total += 1
+            self._by_path[path][status] += 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self._by_path.clear()
+            self._total = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        with self._lock:
+            by_status: defaultdict[str, int] = defaultdict(int)
+            for counts in self._by_path.values():
+                for status, n in counts.items():
+                    by_status[status] += n
+            return {
+                "requests": self._total,
+                "by_path": {p: dict(c) for p, c in sorted(self._by_path.items())},
+                "by_status": dict(sorted(by_status.items())),
+            }
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def add_admin_routes(app: web.Application, faults: Faults, stats: Stats) -> None:
+    async def get_faults(_: web.Request) -> web.Response:
+        return _json(faults.to_dict())
+
+    async def put_faults(request: web.Request) -> web.Response:
+        try:
+            faults.load(await request.read())
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _json({"message": f"invalid fault config: {exc}"}, 400)
+        return _json(faults.to_dict())
+
+    async def post_fault(request: web.Request) -> web.Response:
+        try:
+            faults.add(msgspec.json.decode(await request.read(), type=FaultRule))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _json({"message": f"invalid fault rule: {exc}"}, 400)
+        return _json(faults.to_dict())
+
+    async def delete_faults(_: web.Request) -> web.Response:
+        faults.clear()
+        return _json(faults.to_dict())
+
+    async def get_stats(_: web.Request) -> web.Response:
+        return _json(stats.to_dict())
+
+    async def delete_stats(_: web.Request) -> web.Response:
+        stats.reset()
+        return _json(stats.to_dict())
+
+    app.router.add_get("/_sim/faults", get_faults)
+    app.router.add_put("/_sim/faults", put_faults)
+    app.router.add_post("/_sim/faults", post_fault)
+    app.router.add_delete("/_sim/faults", delete_faults)
+    app.router.add_get("/_sim/stats", get_stats)
+    app.router.add_delete("/_sim/stats", delete_stats)

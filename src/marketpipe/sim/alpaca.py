@@ -1,0 +1,601 @@
+"""Alpaca Market Data API v2 (stocks) look-alike, on aiohttp.
+
+Speaks the wire format of shared/reference/market-data-apis.md §1 closely enough that the official
+``alpaca-py`` ``StockHistoricalDataClient(url_override=...)`` works unchanged: paths, parameters,
+JSON keys and shapes, RFC-3339 timestamps, pagination tokens, error bodies and status codes,
+rate-limit headers and the free plan's 15-minute SIP rule.
+
+Where the reference leaves a choice open, the simulator does this (documented so clients can rely
+on it):
+
+* ``YYYY-MM-DD`` as ``start``/``end`` means 00:00 UTC that date. For 1Day and longer timeframes a
+  date-only ``end`` includes the bar stamped on that date (NY midnight), as the reference's
+  ``start=2024-03-04&end=2024-03-05`` example returns both days.
+* Default ``start`` is 00:00 New York today; default ``end`` is now (now-15 min for a free key on
+  ``sip``).
+* ``next_page_token`` is base64 of ``SYMBOL|ts_ns`` of the last row delivered, and is null exactly
+  when nothing is left.
+* Unknown-but-valid symbols: empty shapes with 200. Latest endpoints for them: the symbol is left
+  out of multi answers; single answers carry ``null`` (``{"symbol": "ZZZZ", "trade": null}``).
+* Every response carries ``X-Marketpipe-Sim: 1`` so clients can label the data ``source="sim"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from marketpipe.core.errors import InvalidTimeframe
+from marketpipe.core.timeframe import Timeframe
+from marketpipe.core.timeutil import NY
+from marketpipe.sim.admin import Stats, add_admin_routes
+from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
+from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, corrupt_bars
+
+SIM_HEADER = "X-Marketpipe-Sim"
+PLAN_LIMITS = {"unlimited": 10_000, "free": 200}
+DEFAULT_KEYS: dict[str, tuple[str, str]] = {"SIMKEY": ("SIMSECRET", "unlimited"), "FREEKEY": ("FREESECRET", "free")}
+SIP_DELAY_NS = 15 * 60 * NS_PER_SEC
+MAX_LIMIT = 10_000
+HISTORICAL_FEEDS = ("sip", "iex", "otc", "boats")
+LATEST_FEEDS = ("sip", "iex", "delayed_sip", "otc", "boats", "overnight")
+ADJUSTMENTS = frozenset({"raw", "split", "dividend", "spin-off", "all"})
+RECENT_SIP = "subscription does not permit querying recent SIP data"
+
+EXCHANGES = {
+    "A": "NYSE American (AMEX)",
+    "B": "NASDAQ OMX BX",
+    "C": "National Stock Exchange",
+    "D": "FINRA ADF",
+    "E": "Market Independent",
+    "H": "MIAX",
+    "I": "International Securities Exchange",
+    "J": "Cboe EDGA",
+    "K": "Cboe EDGX",
+    "L": "Long Term Stock Exchange",
+    "M": "Chicago Stock Exchange",
+    "N": "New York Stock Exchange",
+    "P": "NYSE Arca",
+    "Q": "NASDAQ OMX",
+    "S": "NASDAQ Small Cap",
+    "T": "NASDAQ Int",
+    "U": "Members Exchange",
+    "V": "IEX",
+    "W": "CBOE",
+    "X": "NASDAQ OMX PSX",
+    "Y": "Cboe BYX",
+    "Z": "Cboe BZX",
+}
+CONDITIONS = {
+    "trade": {
+        "@": "Regular Sale",
+        "I": "Odd Lot Trade",
+        "T": "Form T",
+        "F": "Intermarket Sweep",
+        "O": "Opening Prints",
+        "6": "Closing Prints",
+        "Q": "Market Center Official Open",
+        "M": "Market Center Official Close",
+    },
+    "quote": {"R": "Regular, Two-Sided Open"},
+}
+
+NGINX_502 = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway"
+    b"</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+NGINX_503 = (
+    b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n<center>"
+    b"<h1>503 Service Temporarily Unavailable</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n"
+    b"</html>\r\n"
+)
+MAINTENANCE_200 = (
+    b"<!DOCTYPE html>\n<html><head><title>Scheduled maintenance</title></head>\n<body><h1>We'll be"
+    b" back soon</h1><p>The service is undergoing maintenance.</p></body></html>\n"
+)
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, *, status: int = 400, code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return raw_json(orjson.dumps(data), status, headers)
+
+
+def raw_json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json", charset="utf-8")
+
+
+def error(message: str, status: int, code: int | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    body: dict[str, Any] = {"message": message}
+    if code is not None:
+        body["code"] = code
+    return json_response(body, status, headers)
+
+
+def _route_error(exc: web.HTTPException) -> web.Response:
+    return error("not found" if exc.status == 404 else exc.reason.lower(), exc.status)
+
+
+# --- parameters ------------------------------------------------------------------------------------
+
+
+def parse_time_ns(text: str, name: str) -> tuple[int, bool]:
+    """``start``/``end`` -> (ns, date_only), or 400 ``invalid start``/``invalid end``."""
+    try:
+        return parse_rfc3339_ns(text)
+    except ValueError as exc:
+        raise BadRequest(f"invalid {name}") from exc
+
+
+def parse_symbols(query: Any) -> list[str]:
+    raw = query.get("symbols", "")
+    symbols = [s.strip() for s in raw.split(",") if s.strip()]
+    if not symbols:
+        raise BadRequest("missing symbols")
+    for s in symbols:
+        check_symbol(s)
+    return list(dict.fromkeys(symbols))
+
+
+def check_symbol(symbol: str) -> None:
+    if not valid_symbol(symbol):
+        raise BadRequest(f"invalid symbol: {symbol}")
+
+
+def parse_limit(query: Any) -> int:
+    raw = query.get("limit", "")
+    if raw == "":
+        return 1000
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise BadRequest("invalid limit")
+    return int(raw)
+
+
+def page_body(key: bytes, page: Page, single: str | None, nxt: bytes, currency: bytes) -> bytes:
+    """The JSON of a historical page, joined in one copy from the cached row runs."""
+    pieces: list[bytes | memoryview] = []
+    if single is not None:
+        if page.parts:
+            pieces.append(b'{"' + key + b'":[')
+            _runs(pieces, page.parts[0][1])
+            pieces.append(b"]")
+        else:
+            pieces.append(b'{"' + key + b'":null')
+        pieces.append(b',"symbol":' + orjson.dumps(single))
+    else:
+        pieces.append(b'{"' + key + b'":{')
+        for n, (sym, runs) in enumerate(page.parts):
+            pieces.append(b'"' + sym.encode() + b'":[' if n == 0 else b'],"' + sym.encode() + b'":[')
+            _runs(pieces, runs)
+        pieces.append(b"]}" if page.parts else b"}")
+    pieces += [b',"next_page_token":', nxt, currency, b"}"]
+    return b"".join(pieces)
+
+
+def _runs(pieces: list[bytes | memoryview], runs: list[memoryview]) -> None:
+    for k, run in enumerate(runs):
+        if k:
+            pieces.append(b",")
+        pieces.append(run)
+
+
+def encode_token(symbol: str, ts_ns: int) -> str:
+    return base64.b64encode(f"{symbol}|{ts_ns}".encode()).decode()
+
+
+def decode_token(token: str, symbols: list[str]) -> tuple[str, int]:
+    try:
+        sym, ts = base64.b64decode(token, validate=True).decode().split("|")
+        if sym not in symbols or not ts.lstrip("-").isdigit():
+            raise ValueError(token)
+        return sym, int(ts)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise BadRequest("invalid page token") from exc
+
+
+def _check_asof(query: Any) -> None:
+    asof = query.get("asof", "")
+    if asof in ("", "-"):
+        return
+    try:
+        if not _DATE.match(asof):
+            raise ValueError(asof)
+        date.fromisoformat(asof)
+    except ValueError as exc:
+        raise BadRequest("invalid asof") from exc
+
+
+def _currency(query: Any) -> bytes:
+    cur = query.get("currency")
+    if cur is None or cur == "":
+        return b""
+    if cur.upper() != "USD":
+        raise BadRequest(f"unsupported currency: {cur}; the simulator quotes USD only")
+    return b',"currency":"USD"'
+
+
+# --- rate limits -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: int  # epoch seconds
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(self.reset),
+        }
+
+
+class RateLimits:
+    """Fixed one-minute windows per key (the event loop is single-threaded: no lock needed)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._windows: dict[str, tuple[int, int]] = {}
+
+    def hit(self, who: str, limit: int) -> Quota:
+        window = int(self._clock() // 60)
+        w, used = self._windows.get(who, (window, 0))
+        if w != window:
+            used = 0
+        used += 1
+        self._windows[who] = (window, used)
+        return Quota(used <= limit, limit, max(0, limit - used), (window + 1) * 60)
+
+
+# --- the face --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    key: str
+    plan: str
+
+
+CLIENT = web.RequestKey("client", Client)
+
+
+class AlpacaFace:
+    """Routes and middleware for the Alpaca v2 stock endpoints."""
+
+    def __init__(
+        self,
+        market: SimMarket,
+        faults: Faults,
+        keys: dict[str, tuple[str, str]],
+        stats: Stats,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        for key, (_, plan) in keys.items():
+            if plan not in PLAN_LIMITS:
+                raise ValueError(f"key {key!r}: plan must be one of {sorted(PLAN_LIMITS)}")
+        self.market = market
+        self.faults = faults
+        self.keys = dict(keys)
+        self.stats = stats
+        self.clock = clock
+        self.limits = RateLimits(clock)
+
+    def now_ns(self) -> int:
+        return int(self.clock() * 1e6) * 1000
+
+    # --- app ---------------------------------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        r = app.router
+        kinds: tuple[Kind, ...] = ("bars", "trades", "quotes")
+        for kind in kinds:
+            r.add_get(f"/v2/stocks/{kind}", self._historical(kind, single=False))
+            r.add_get(f"/v2/stocks/{kind}/latest", self._latest(kind, single=False))
+        r.add_get("/v2/stocks/snapshots", self._snapshots)
+        r.add_get("/v2/stocks/meta/exchanges", self._exchanges)
+        r.add_get("/v2/stocks/meta/conditions/{ticktype}", self._conditions)
+        for kind in kinds:
+            r.add_get(f"/v2/stocks/{{symbol}}/{kind}", self._historical(kind, single=True))
+            r.add_get(f"/v2/stocks/{{symbol}}/{kind}/latest", self._latest(kind, single=True))
+        r.add_get("/v2/stocks/{symbol}/snapshot", self._snapshot_single)
+        add_admin_routes(app, self.faults, self.stats)
+        return app
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path.startswith("/_sim/"):
+            try:
+                resp = await handler(request)
+            except web.HTTPException as exc:
+                resp = error(exc.reason.lower(), exc.status)
+            resp.headers[SIM_HEADER] = "1"
+            return resp
+        label = "cancelled"  # stays so if the client went away and aiohttp cancelled the handler
+        try:
+            unmatched = request.match_info.http_exception
+            if unmatched is not None and not request.path.startswith("/v2/"):
+                # outside the API's URL space: no authentication or rate limit applies
+                resp = _route_error(unmatched)
+                resp.headers[SIM_HEADER] = "1"
+                label = str(resp.status)
+                return resp
+            resp, label = await self._data(request, handler)
+        finally:
+            self.stats.record(request.path, label)
+        return resp
+
+    def _authenticate(self, request: web.Request) -> Client | web.Response:
+        h = request.headers
+        key, secret = h.get("APCA-API-KEY-ID"), h.get("APCA-API-SECRET-KEY")
+        auth = h.get("Authorization", "")
+        if key is None and secret is None and auth:
+            scheme, _, value = auth.partition(" ")
+            value = value.strip()
+            if scheme.lower() == "bearer" and value:
+                # OAuth: the simulator accepts a configured key id as the token
+                return Client(value, self.keys[value][1]) if value in self.keys else error("forbidden.", 403)
+            if scheme.lower() == "basic" and value:
+                try:
+                    key, _, secret = base64.b64decode(value, validate=True).decode().partition(":")
+                except (binascii.Error, UnicodeDecodeError):
+                    return error("unauthorized.", 401)
+            else:
+                return error("unauthorized.", 401)
+        if not key or not secret:
+            return error("unauthorized.", 401)
+        known = self.keys.get(key)
+        if known is None or known[0] != secret:
+            return error("forbidden.", 403)
+        return Client(key, known[1])
+
+    async def _data(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> tuple[web.StreamResponse, str]:
+        client = self._authenticate(request)
+        if isinstance(client, Client):
+            override = self.faults.rate_limit_per_min
+            quota = self.limits.hit(client.key, override if override is not None else PLAN_LIMITS[client.plan])
+        else:
+            # unauthenticated callers share a per-address bucket at the free plan's rate
+            quota = self.limits.hit(f"anon:{request.remote}", PLAN_LIMITS["free"])
+        headers = {SIM_HEADER: "1", "X-Request-ID": uuid.uuid4().hex, **quota.headers()}
+
+        if not isinstance(client, Client):
+            return self._finish(client, headers), str(client.status)
+        request[CLIENT] = client
+        if not quota.allowed:
+            return self._finish(error("too many requests.", 429), headers), "429"
+
+        decision = self.faults.decide(request.path)
+        if decision.latency_s:
+            await asyncio.sleep(decision.latency_s)
+        fault = decision.fault
+        if fault is not None:
+            early = await self._before(fault, request, headers)
+            if early is not None:
+                return early
+
+        try:
+            resp = await handler(request)
+        except BadRequest as exc:
+            resp = error(exc.message, exc.status, exc.code)
+        except web.HTTPException as exc:  # unknown /v2 route or method, after auth like the vendor
+            resp = _route_error(exc)
+
+        if fault is not None and resp.status == 200 and isinstance(resp, web.Response):
+            body = resp.body
+            if isinstance(body, bytes) and fault.kind == "truncated_json":
+                resp = web.Response(body=body[: max(1, len(body) // 2)], content_type="application/json")
+            elif isinstance(body, bytes) and fault.kind == "invalid_rows" and BAR_PATHS.match(request.path):
+                doc = orjson.loads(body)
+                corrupt_bars(doc, fault, self.faults.seed)
+                resp = raw_json(orjson.dumps(doc))
+        return self._finish(resp, headers), str(resp.status)
+
+    async def _before(
+        self, fault: FaultRule, request: web.Request, headers: dict[str, str]
+    ) -> tuple[web.StreamResponse, str] | None:
+        """Faults that replace the answer (returned) or delay it (None: answer normally)."""
+        kind = fault.kind
+        if kind == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=500), "reset"  # never reaches the client: the socket is gone
+        if kind == "hang":
+            await asyncio.sleep(fault.hang_seconds)
+        elif kind == "http_500":
+            return self._finish(error("internal server error", 500), headers), "500"
+        elif kind in ("http_502", "http_503"):
+            status, page = (502, NGINX_502) if kind == "http_502" else (503, NGINX_503)
+            return self._finish(web.Response(body=page, status=status, content_type="text/html"), headers), str(status)
+        elif kind == "html_200":
+            return self._finish(web.Response(body=MAINTENANCE_200, content_type="text/html"), headers), "200"
+        elif kind == "rate_limit":
+            reset = math.ceil(self.clock() + fault.reset_seconds)
+            headers.update({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(reset)})
+            return self._finish(error("too many requests.", 429), headers), "429"
+        return None
+
+    @staticmethod
+    def _finish(resp: web.StreamResponse, headers: dict[str, str]) -> web.StreamResponse:
+        resp.headers.update(headers)
+        return resp
+
+    # --- shared parameter handling -------------------------------------------------------------------
+    @staticmethod
+    def _client(request: web.Request) -> Client:
+        client: Client = request[CLIENT]  # set by the middleware, which lets only known keys through
+        return client
+
+    def _latest_feed(self, request: web.Request, client: Client) -> tuple[str, int]:
+        """(data feed, as-of ns) for latest and snapshot endpoints."""
+        feed = request.query.get("feed", "") or ("iex" if client.plan == "free" else "sip")
+        if feed not in LATEST_FEEDS:
+            raise BadRequest("invalid feed")
+        now = self.now_ns()
+        if feed == "delayed_sip":
+            return "sip", now - SIP_DELAY_NS
+        if feed == "sip" and client.plan == "free":
+            raise BadRequest(RECENT_SIP, status=403)
+        return feed, now
+
+    # --- historical ------------------------------------------------------------------------------------
+    def _historical(self, kind: Kind, *, single: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
+        key = kind.encode()
+
+        async def handler(request: web.Request) -> web.Response:
+            q = request.query
+            client = self._client(request)
+            if single:
+                symbols = [request.match_info["symbol"]]
+                check_symbol(symbols[0])
+            else:
+                symbols = parse_symbols(q)
+            tf: Timeframe | None = None
+            if kind == "bars":
+                try:
+                    tf = Timeframe.parse(q.get("timeframe", ""))
+                except InvalidTimeframe as exc:
+                    raise BadRequest("invalid timeframe", code=42210000) from exc
+                for part in q.get("adjustment", "raw").split(","):
+                    if part.strip() not in ADJUSTMENTS:
+                        raise BadRequest("invalid adjustment")
+            feed = q.get("feed", "") or "sip"
+            if feed not in HISTORICAL_FEEDS:
+                raise BadRequest("invalid feed")
+            limit = parse_limit(q)
+            sort = q.get("sort", "") or "asc"
+            if sort not in ("asc", "desc"):
+                raise BadRequest("invalid sort")
+            _check_asof(q)
+            currency = _currency(q)
+            start_ns, end_ns = self._range(q, tf, feed, client)
+            token = q.get("page_token", "")
+            cursor = decode_token(token, symbols) if token else None
+
+            page = self.market.page(
+                kind,
+                symbols,
+                start_ns,
+                end_ns,
+                timeframe=tf,
+                feed=feed,
+                limit=limit,
+                desc=sort == "desc",
+                cursor=cursor,
+                now_ns=self.now_ns(),
+            )
+            nxt = b'"' + encode_token(*page.next_cursor).encode() + b'"' if page.next_cursor else b"null"
+            return raw_json(page_body(key, page, symbols[0] if single else None, nxt, currency))
+
+        return handler
+
+    def _range(self, q: Any, tf: Timeframe | None, feed: str, client: Client) -> tuple[int, int]:
+        now = self.now_ns()
+        delayed = client.plan == "free" and feed == "sip"
+        raw_start, raw_end = q.get("start", ""), q.get("end", "")
+        if raw_start:
+            start, _ = parse_time_ns(raw_start, "start")
+        else:
+            today = datetime.fromtimestamp(now / NS_PER_SEC, NY).date()
+            start = ny_midnight_ns(today)
+            if delayed:
+                start = min(start, now - SIP_DELAY_NS)
+        if raw_end:
+            end, date_only = parse_time_ns(raw_end, "end")
+            if date_only and tf is not None and not tf.is_intraday:
+                end = ny_midnight_ns(date.fromisoformat(raw_end.strip()))
+            if delayed and end > now - SIP_DELAY_NS:
+                raise BadRequest(RECENT_SIP, status=403)
+        else:
+            end = now - SIP_DELAY_NS if delayed else now
+        if end < start:
+            raise BadRequest("end should not be before start")
+        return start, end
+
+    # --- latest and snapshots ----------------------------------------------------------------------------
+    def _latest(self, kind: Kind, *, single: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
+        one = kind[:-1]  # "bars" -> "bar"
+        fetch = {
+            "bars": self.market.latest_bar,
+            "trades": self.market.latest_trade,
+            "quotes": self.market.latest_quote,
+        }[kind]
+
+        async def handler(request: web.Request) -> web.Response:
+            client = self._client(request)
+            if single:
+                symbols = [request.match_info["symbol"]]
+                check_symbol(symbols[0])
+            else:
+                symbols = parse_symbols(request.query)
+            feed, as_of = self._latest_feed(request, client)
+            currency = _currency(request.query)
+            found = {s: fetch(s, feed, as_of) for s in symbols} if feed in ("sip", "iex") else {}
+            if single:
+                body: dict[str, Any] = {"symbol": symbols[0], one: found.get(symbols[0])}
+            else:
+                body = {kind: {s: item for s, item in found.items() if item is not None}}
+            if currency:
+                body["currency"] = "USD"
+            return json_response(body)
+
+        return handler
+
+    def _snapshot_of(self, request: web.Request, symbols: list[str]) -> dict[str, dict[str, Any]]:
+        client = self._client(request)
+        feed, as_of = self._latest_feed(request, client)
+        _currency(request.query)
+        if feed not in ("sip", "iex"):
+            return {}
+        snaps = {s: self.market.snapshot(s, feed, as_of) for s in symbols}
+        return {s: snap for s, snap in snaps.items() if snap is not None}
+
+    async def _snapshots(self, request: web.Request) -> web.Response:
+        # No wrapper key, and no "currency" key either: it would read as a symbol.
+        return json_response(self._snapshot_of(request, parse_symbols(request.query)))
+
+    async def _snapshot_single(self, request: web.Request) -> web.Response:
+        symbol = request.match_info["symbol"]
+        check_symbol(symbol)
+        body: dict[str, Any] = {"symbol": symbol, **self._snapshot_of(request, [symbol]).get(symbol, {})}
+        if _currency(request.query):
+            body["currency"] = "USD"
+        return json_response(body)
+
+    # --- meta ---------------------------------------------------------------------------------------------
+    async def _exchanges(self, request: web.Request) -> web.Response:
+        return json_response(EXCHANGES)
+
+    async def _conditions(self, request: web.Request) -> web.Response:
+        ticktype = request.match_info["ticktype"]
+        if ticktype not in CONDITIONS:
+            raise BadRequest("invalid ticktype")
+        if request.query.get("tape", "") not in ("A", "B", "C"):
+            raise BadRequest("invalid tape")
+        return json_response(CONDITIONS[ticktype])

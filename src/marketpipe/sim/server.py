@@ -1,0 +1,174 @@
+"""Run the simulator: in a background thread (tests, ``marketpipe demo``), inside a running event
+loop (``start_async``), or blocking in the foreground (``marketpipe sim``, benchmarks).
+
+    with SimServer() as sim:                      # keys SIMKEY/SIMSECRET (unlimited), FREEKEY/FREESECRET (free)
+        client = StockHistoricalDataClient("SIMKEY", "SIMSECRET", url_override=sim.url)
+        sim.faults.set([FaultRule(kind="http_503", times=2)])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+from aiohttp.log import access_logger
+
+from marketpipe.sim.admin import Stats
+from marketpipe.sim.alpaca import DEFAULT_KEYS, AlpacaFace
+from marketpipe.sim.data import SimMarket
+from marketpipe.sim.faults import Faults
+
+# A hung handler (fault "hang") must not hold up stop() for its full sleep.
+SHUTDOWN_TIMEOUT = 0.5
+
+
+class SimServer:
+    """An aiohttp server speaking the Alpaca data API v2 (stocks) on ``host:port`` (0 = any free port).
+
+    ``faults`` is live: change it from any thread (or over HTTP at ``/_sim/faults``) while the
+    server runs. ``keys`` maps key id -> (secret, plan) with plan ``"unlimited"`` or ``"free"``.
+    """
+
+    def __init__(
+        self,
+        market: SimMarket | None = None,
+        faults: Faults | None = None,
+        keys: dict[str, tuple[str, str]] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        access_log: bool = False,
+    ) -> None:
+        self.market = market if market is not None else SimMarket()
+        self.faults = faults if faults is not None else Faults()
+        self.keys = dict(DEFAULT_KEYS if keys is None else keys)
+        self.host = host
+        self._port = port
+        self.access_log = access_log
+        self._stats = Stats()
+        self.face = AlpacaFace(self.market, self.faults, self.keys, self._stats)
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- address ---------------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self._port}"
+
+    def stats(self) -> dict[str, Any]:
+        """``{"requests": total data requests, "by_path": {...}, "by_status": {...}}``"""
+        return self._stats.to_dict()
+
+    def reset_stats(self) -> None:
+        self._stats.reset()
+
+    # --- in a running loop -----------------------------------------------------------------------------
+    async def start_async(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("simulator already started")
+        runner = web.AppRunner(
+            self.face.build_app(),
+            access_log=access_logger if self.access_log else None,
+            handler_cancellation=True,  # a client that gives up (timeouts vs. "hang") frees its handler
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+
+    async def stop_async(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # --- in a background thread ------------------------------------------------------------------------
+    def start(self) -> SimServer:
+        """Start on a private thread with its own event loop; returns once the port is listening."""
+        if self._thread is not None:
+            raise RuntimeError("simulator already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start_async())
+            except BaseException as exc:  # noqa: BLE001 - handed to the starting thread and re-raised there
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self.stop_async())
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        thread = threading.Thread(target=run, name=f"marketpipe-sim-{id(self):x}", daemon=True)
+        thread.start()
+        ready.wait()
+        if failure:
+            thread.join()
+            raise failure[0]
+        self._thread, self._loop = thread, loop
+        return self
+
+    def stop(self) -> None:
+        thread, loop = self._thread, self._loop
+        self._thread = self._loop = None
+        if thread is None or loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+    def __enter__(self) -> SimServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> SimServer:
+        await self.start_async()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop_async()
+
+
+def serve_forever(host: str = "127.0.0.1", port: int = 8765, *, seed: int = 0, faults: Faults | None = None) -> None:
+    """Serve in the foreground until interrupted (Ctrl-C). Prints nothing; the caller announces it."""
+
+    async def main() -> None:
+        server = SimServer(SimMarket(seed=seed), faults, host=host, port=port)
+        await server.start_async()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop_async()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        return

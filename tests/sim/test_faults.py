@@ -1,0 +1,198 @@
+"""Every fault kind is observable over HTTP, and faults change while the server runs."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import msgspec
+import orjson
+import pytest
+
+from marketpipe.sim.faults import ROW_KINDS, FaultRule, Faults
+from marketpipe.sim.server import SimServer
+from tests.sim.conftest import AUTH
+
+BARS = ("/v2/stocks/bars", {"symbols": "AAPL", "timeframe": "1Min", "start": "2024-03-05", "end": "2024-03-06"})
+ONE_BAR = {"timeframe": "1Min", "start": "2024-03-05T14:30:00Z", "end": "2024-03-05T14:30:00Z"}
+
+
+def bars(http: httpx.Client) -> httpx.Response:
+    return http.get(BARS[0], params=BARS[1])
+
+
+def statuses(http: httpx.Client, n: int) -> list[int]:
+    return [http.get("/v2/stocks/AAPL/bars", params=ONE_BAR).status_code for _ in range(n)]
+
+
+def test_http_500_is_json(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="http_500")])
+    r = bars(http)
+    assert (r.status_code, r.json()) == (500, {"message": "internal server error"})
+    assert r.headers["x-marketpipe-sim"] == "1"
+
+
+@pytest.mark.parametrize(("kind", "status"), [("http_502", 502), ("http_503", 503)])
+def test_gateway_errors_are_html(sim_server: SimServer, http: httpx.Client, kind: str, status: int) -> None:
+    sim_server.faults.set([FaultRule(kind=kind)])  # type: ignore[arg-type]
+    r = bars(http)
+    assert r.status_code == status and r.headers["content-type"].startswith("text/html")
+    assert f"<title>{status}" in r.text
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(r.content)
+
+
+def test_hang_outlasts_a_client_timeout(sim_server: SimServer) -> None:
+    sim_server.faults.set([FaultRule(kind="hang", hang_seconds=2)])
+    t0 = time.monotonic()
+    with httpx.Client(base_url=sim_server.url, headers=AUTH, timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+        bars(c)
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_hang_then_answers(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="hang", hang_seconds=0.3)])
+    t0 = time.monotonic()
+    assert bars(http).status_code == 200
+    assert time.monotonic() - t0 >= 0.3
+
+
+def test_reset_drops_the_connection(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="reset", times=1)])
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        bars(http)
+    assert bars(http).status_code == 200  # the next request, on a new connection, is fine
+    assert sim_server.stats()["by_path"]["/v2/stocks/bars"]["reset"] >= 1
+
+
+def test_truncated_json(sim_server: SimServer, http: httpx.Client) -> None:
+    whole = bars(http).content
+    sim_server.faults.set([FaultRule(kind="truncated_json")])
+    r = bars(http)
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content) == len(whole) // 2
+    assert whole.startswith(r.content)
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(r.content)
+
+
+def test_html_200(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="html_200")])
+    r = bars(http)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.text.lstrip().startswith("<!DOCTYPE html>")
+
+
+def test_latency(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="latency", latency_ms=150), FaultRule(kind="latency", latency_ms=100)])
+    t0 = time.monotonic()
+    assert bars(http).status_code == 200
+    assert time.monotonic() - t0 >= 0.25
+
+
+def test_rate_limit_fault(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="rate_limit", times=1, reset_seconds=2)])
+    r = bars(http)
+    assert (r.status_code, r.json()) == (429, {"message": "too many requests."})
+    assert r.headers["x-ratelimit-remaining"] == "0"
+    assert 1 <= int(r.headers["x-ratelimit-reset"]) - time.time() <= 3.1
+    assert bars(http).status_code == 200
+
+
+def _expected_hits(kind: str, before: list[dict], after: list[dict]) -> int:  # type: ignore[type-arg]
+    if kind == "duplicate_ts":
+        return len(after) - len({b["t"] for b in after})
+    if kind == "misaligned_ts":
+        return sum(not b["t"].endswith(":00Z") for b in after)
+    if kind == "high_lt_low":
+        return sum(b["h"] < b["l"] for b in after)
+    if kind == "negative_volume":
+        return sum(b["v"] < 0 for b in after)
+    return sum(min(b["o"], b["h"], b["l"], b["c"]) <= 0 for b in after)
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS)
+def test_invalid_rows_each_kind_is_visible(sim_server: SimServer, http: httpx.Client, kind: str) -> None:
+    clean = bars(http).json()["bars"]["AAPL"]
+    sim_server.faults.set([FaultRule(kind="invalid_rows", row_kinds=[kind], row_ratio=0.05)])  # type: ignore[list-item]
+    dirty = bars(http).json()["bars"]["AAPL"]
+    assert len(dirty) == len(clean) == 390
+    hit = _expected_hits(kind, clean, dirty)
+    changed = sum(a != b for a, b in zip(clean, dirty, strict=True))
+    assert 5 <= hit <= 45 and changed == hit  # about 5 % of the rows, and nothing else touched
+    again = bars(http).json()["bars"]["AAPL"]
+    assert again == dirty  # the same rows every time (seeded)
+
+
+def test_invalid_rows_mixed_kinds_and_other_paths_untouched(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="invalid_rows", row_ratio=0.2)])
+    dirty = bars(http).json()["bars"]["AAPL"]
+    assert any(b["h"] < b["l"] for b in dirty) and any(b["v"] < 0 for b in dirty)
+    assert any(not b["t"].endswith(":00Z") for b in dirty)
+    trades = http.get("/v2/stocks/AAPL/trades", params={**ONE_BAR, "end": "2024-03-05T14:31:00Z", "limit": 5})
+    assert trades.status_code == 200 and all(t["s"] > 0 for t in trades.json()["trades"])
+    assert sim_server.faults.to_dict()["counters"][0]["seen"] == 1  # the trades request did not count
+    one = http.get("/v2/stocks/AAPL/bars", params=ONE_BAR).json()["bars"]
+    assert len(one) in (1, 2)  # at least one row is always hit, even in a one-row page
+
+
+def test_times_and_after(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="http_500", times=2)])
+    assert statuses(http, 4) == [500, 500, 200, 200]
+    sim_server.faults.set([FaultRule(kind="http_503", after=2)])
+    assert statuses(http, 4) == [200, 200, 503, 503]
+    sim_server.faults.set([FaultRule(kind="http_502", after=1, times=1)])
+    assert statuses(http, 3) == [200, 502, 200]
+
+
+def test_ratio_is_seeded_and_repeatable(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="http_500", ratio=0.5)])
+    first = statuses(http, 20)
+    sim_server.faults.set([FaultRule(kind="http_500", ratio=0.5)])
+    assert statuses(http, 20) == first
+    assert 3 <= first.count(500) <= 17
+
+
+def test_paths_select_where_faults_apply(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="http_500", paths=r"/trades")])
+    assert bars(http).status_code == 200
+    assert http.get("/v2/stocks/AAPL/trades", params=ONE_BAR).status_code == 500
+    assert http.get("/_sim/stats").status_code == 200  # admin paths are never faulted
+
+
+def test_first_firing_rule_wins(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="http_502", times=1), FaultRule(kind="http_503", times=1)])
+    assert statuses(http, 3) == [502, 503, 200]
+
+
+def test_faults_change_at_runtime_over_http(sim_server: SimServer, http: httpx.Client) -> None:
+    admin = sim_server.url + "/_sim/faults"
+    r = httpx.put(admin, json={"rules": [{"kind": "http_503", "times": 1}], "rate_limit_per_min": 5000})
+    assert r.status_code == 200 and r.headers["x-marketpipe-sim"] == "1"
+    got = httpx.get(admin).json()
+    assert got["rules"] == [{"kind": "http_503", "times": 1}] and got["rate_limit_per_min"] == 5000
+    assert sim_server.faults.rules == [FaultRule(kind="http_503", times=1)]
+    assert statuses(http, 2) == [503, 200]
+    assert httpx.get(admin).json()["counters"] == [{"seen": 2, "applied": 1}]
+    assert httpx.post(admin, json={"kind": "http_500"}).status_code == 200
+    assert statuses(http, 1) == [500]
+    assert httpx.delete(admin).json() == {"rules": [], "rate_limit_per_min": None, "counters": []}
+    assert statuses(http, 1) == [200]
+    for bad in ({"rules": [{"kind": "meteor"}]}, {"rules": [{"kind": "http_500", "ratio": 2}]}, {"nope": 1}):
+        bad_r = httpx.put(admin, json=bad)
+        assert bad_r.status_code == 400 and "invalid fault config" in bad_r.json()["message"]
+    assert httpx.put(admin, content=b"{not json").status_code == 400
+
+
+def test_fault_rule_validation() -> None:
+    with pytest.raises(ValueError):
+        FaultRule(kind="invalid_rows", row_kinds=[])
+    with pytest.raises(ValueError):
+        FaultRule(kind="http_500", paths="(")
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(b'{"kind": "http_500", "after": -1}', type=FaultRule)
+    f = Faults([FaultRule(kind="latency", latency_ms=10)], rate_limit_per_min=7)
+    assert f.decide("/v2/stocks/bars").latency_s == pytest.approx(0.01)
+    assert f.decide("/_sim/stats").latency_s == 0.0
+    assert f.rate_limit_per_min == 7
+    f.clear()
+    assert f.rules == [] and f.rate_limit_per_min is None
