@@ -448,13 +448,18 @@ def config_show(config: ConfigOpt = None) -> None:
 @handle_errors
 def store_info(config: ConfigOpt = None, store: StoreOpt = None) -> None:
     """Row counts and what the store holds per symbol/timeframe/source."""
+    import polars as pl
+
     from marketpipe.store.duckdb import DuckDBStore
 
     cfg = _config(config, store)
     with DuckDBStore(cfg.store_path()) as st:
         out.print(f"store: {st.path}")
         out.print(st.counts())
-        _emit(st.summary(), "table", None)
+        summary = st.summary().with_columns(
+            pl.col("first").dt.strftime("%Y-%m-%d %H:%M"), pl.col("last").dt.strftime("%Y-%m-%d %H:%M")
+        )
+        _emit(summary, "table", None)
 
 
 @store_app.command("quarantine")
