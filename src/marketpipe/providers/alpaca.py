@@ -8,6 +8,7 @@ or model objects on the bulk path. Responses from marketpipe's own simulator car
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -97,18 +98,33 @@ class _WQuote(msgspec.Struct, gc=False, rename={"as_": "as"}):
 
 
 def _page_structs(key: str, row: type) -> tuple[type, type]:
-    """The multi-symbol (``{key: {sym: [...]}}``) and single-symbol (``{key: [...], "symbol"}``) page shapes."""
+    """The multi-symbol (``{key: {sym: [...]}}``) and single-symbol (``{key: [...], "symbol"}``) page
+    shapes. With ``row=msgspec.Raw`` each symbol's array stays undecoded bytes."""
     token = ("next_page_token", str | None, None)
-    multi = msgspec.defstruct(f"_Multi_{key}", [(key, dict[str, list[row]] | None, None), token], gc=False)  # type: ignore[valid-type]
+    raw = row is msgspec.Raw
+    rows: Any = row if raw else list[row]  # type: ignore[valid-type]
+    maybe_rows: Any = rows if raw else rows | None  # Raw already captures a JSON null
+    multi = msgspec.defstruct(f"_Multi_{key}", [(key, dict[str, rows] | None, None), token], gc=False)
     single = msgspec.defstruct(
-        f"_Single_{key}",
-        [(key, list[row] | None, None), ("symbol", str | None, None), token],
-        gc=False,  # type: ignore[valid-type]
+        f"_Single_{key}", [(key, maybe_rows, None), ("symbol", str | None, None), token], gc=False
     )
     return multi, single
 
 
 _PAGES = {kind: _page_structs(kind, row) for kind, row in (("bars", _WBar), ("trades", _WTrade), ("quotes", _WQuote))}
+# Bar pages are the bulk path: the envelope is decoded with each symbol's array left as raw bytes,
+# and polars' JSON reader (Rust, without the GIL, so pages decode in parallel threads) parses them.
+_PAGES["bars"] = _page_structs("bars", msgspec.Raw)
+_RAW_BAR_SCHEMA = {
+    "t": pl.String(),
+    "o": pl.Float64(),
+    "h": pl.Float64(),
+    "l": pl.Float64(),
+    "c": pl.Float64(),
+    "v": pl.Float64(),
+    "n": pl.Float64(),
+    "vw": pl.Float64(),
+}
 
 
 class _LatestTrades(msgspec.Struct):
@@ -163,35 +179,38 @@ def _parse_ts(col: pl.Series, unit: str) -> pl.Series:
 
 
 def bars_to_frame(
-    groups: list[tuple[str, list[_WBar]]], timeframe: str, source: str, feed: str, fetched_at: datetime
+    groups: list[tuple[str, msgspec.Raw | None]], timeframe: str, source: str, feed: str, fetched_at: datetime
 ) -> pl.DataFrame:
-    total = sum(len(g) for _, g in groups)
-    if total == 0:
+    """Raw per-symbol JSON arrays of Alpaca bars to one canonical frame."""
+    parts = []
+    for sym, raw in groups:
+        if raw is None:
+            continue
+        data = memoryview(raw)
+        if data.nbytes == 4 and data.tobytes() == b"null":
+            continue
+        part = pl.read_json(io.BytesIO(data), schema=_RAW_BAR_SCHEMA)
+        if part.height:
+            parts.append(part.with_columns(symbol=pl.lit(sym, pl.String)))
+    if not parts:
         return pl.DataFrame(schema=BAR_SCHEMA)
-    syms: list[str] = []
-    for sym, g in groups:
-        syms.extend([sym] * len(g))
-    rows = [b for _, g in groups for b in g]
-    t = pl.Series("ts", [b.t for b in rows], dtype=pl.String)
-    frame = pl.DataFrame(
-        {
-            "symbol": syms,
-            "timeframe": pl.repeat(timeframe, total, eager=True, dtype=pl.String),
-            "ts": _parse_ts(t, "us"),
-            "open": pl.Series([b.o for b in rows], dtype=pl.Float64),
-            "high": pl.Series([b.h for b in rows], dtype=pl.Float64),
-            "low": pl.Series([b.l for b in rows], dtype=pl.Float64),
-            "close": pl.Series([b.c for b in rows], dtype=pl.Float64),
-            "volume": pl.Series([b.v for b in rows], dtype=pl.Float64, strict=False).cast(pl.Int64, strict=False),
-            "trade_count": pl.Series([b.n for b in rows], dtype=pl.Int64, strict=False),
-            "vwap": pl.Series([b.vw for b in rows], dtype=pl.Float64),
-        }
-    )
-    return frame.with_columns(
-        source=pl.lit(source, pl.String),
-        feed=pl.lit(feed, pl.String),
-        fetched_at=pl.lit(fetched_at, UTC_US),
-        raw_ts=t,
+    raw_frame = pl.concat(parts) if len(parts) > 1 else parts[0]
+    t = raw_frame.get_column("t")
+    return raw_frame.select(
+        pl.col("symbol"),
+        pl.lit(timeframe, pl.String).alias("timeframe"),
+        _parse_ts(t, "us").alias("ts"),
+        pl.col("o").alias("open"),
+        pl.col("h").alias("high"),
+        pl.col("l").alias("low"),
+        pl.col("c").alias("close"),
+        pl.col("v").cast(pl.Int64, strict=False).alias("volume"),
+        pl.col("n").cast(pl.Int64, strict=False).alias("trade_count"),
+        pl.col("vw").alias("vwap"),
+        pl.lit(source, pl.String).alias("source"),
+        pl.lit(feed, pl.String).alias("feed"),
+        pl.lit(fetched_at, UTC_US).alias("fetched_at"),
+        t.alias("raw_ts"),
     )
 
 
@@ -438,7 +457,13 @@ class AlpacaProvider:
     # --- transport ---------------------------------------------------------------------------
 
     async def _get(
-        self, path: str, params: dict[str, Any], endpoint: str, decode: Callable[[httpx.Response], Any]
+        self,
+        path: str,
+        params: dict[str, Any],
+        endpoint: str,
+        decode: Callable[[httpx.Response], Any],
+        *,
+        offload: bool = False,
     ) -> tuple[Any, httpx.Response]:
         """GET under retry/limiter/breaker; the body is decoded inside the retried call so that a
         truncated page is fetched again rather than half-used."""
@@ -471,8 +496,10 @@ class AlpacaProvider:
                 if resp.status_code >= 300:
                     raise map_http_error(resp.status_code, resp.content, resp.headers, provider=self.name, url=endpoint)
                 try:
+                    if offload:
+                        return await asyncio.to_thread(decode, resp), resp
                     return decode(resp), resp
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError, pl.exceptions.PolarsError) as exc:
                     snippet = resp.content[:80].decode("utf-8", "replace")
                     raise MalformedResponse(
                         f"alpaca: undecodable response body ({exc}); starts with {snippet!r}",
@@ -620,7 +647,7 @@ class AlpacaProvider:
                 wire.pop("page_token", None)
             try:
                 (frame, nxt, nbytes), resp = await self._get(
-                    path, wire, endpoint, _page_decoder(kind, single, symbols[0], tf, used_feed, self)
+                    path, wire, endpoint, _page_decoder(kind, single, symbols[0], tf, used_feed, self), offload=True
                 )
             except NotEntitled:
                 # The plan was misconfigured as unlimited: apply the free-plan rule once and go on.
@@ -773,7 +800,8 @@ def _page_decoder(
         body = resp.content
         doc = _decoder(single_t if single else multi_t).decode(body)
         rows = getattr(doc, kind)
-        groups = [(symbol, rows or [])] if single else list((rows or {}).items())
+        empty = None if kind == "bars" else []
+        groups = [(symbol, rows if rows is not None else empty)] if single else list((rows or {}).items())
         source, fetched = provider._source(resp), provider._now()
         if kind == "bars":
             frame = bars_to_frame(groups, tf, source, feed, fetched)

@@ -42,7 +42,7 @@ from marketpipe.store.base import Coverage, IngestRecord, PageWrite, Store
 
 log = get_logger("marketpipe.backfill")
 MAX_SYMBOLS_PER_REQUEST = 200
-WRITER_BATCH = 8
+WRITER_BATCH = 16
 FATAL = (AuthFailed, MissingCredentials)
 
 
