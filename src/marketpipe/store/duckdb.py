@@ -51,6 +51,7 @@ _DDL = [
         rows_stored BIGINT, rows_rejected BIGINT)""",
 ]
 
+_BAR_ARROW = pl.DataFrame(schema=BAR_SCHEMA).to_arrow().schema
 _FEED_PREFERENCE = "CASE feed WHEN 'sip' THEN 0 WHEN 'iex' THEN 2 ELSE 1 END"
 
 
@@ -280,14 +281,24 @@ class DuckDBStore:
                 f"SELECT {cols} FROM ({sql}) QUALIFY row_number() OVER "
                 f"(PARTITION BY symbol, ts ORDER BY {_FEED_PREFERENCE}, (source = 'sim'), fetched_at DESC) = 1"
             )
-        sql += " ORDER BY symbol, ts"
+        # No ORDER BY: rows come back in insertion order, which is already (symbol, ts) order for
+        # each page; checking that in polars and sorting only when needed saves a third of a small read.
         with self._lock:
             table = self._arrow(sql, params)
-        return _aware(pl.from_arrow(table), BAR_SCHEMA)  # type: ignore[arg-type]
+        # Labelling the naive UTC columns as UTC at the Arrow level is metadata only; doing it in
+        # polars (replace_time_zone + casts) costs more than the query on small reads.
+        frame: pl.DataFrame = pl.from_arrow(table.cast(_BAR_ARROW))  # type: ignore[assignment]
+        ordered = frame.select(
+            ((pl.col("symbol") > pl.col("symbol").shift()) | (pl.col("ts") > pl.col("ts").shift()))
+            .fill_null(True)
+            .all()
+            & (pl.col("symbol") >= pl.col("symbol").shift()).fill_null(True).all()
+        ).item()
+        return frame if ordered else frame.sort("symbol", "ts")
 
     def _arrow(self, sql: str, params: dict[str, object]) -> Any:
         rel = self.con.sql(sql, params=params or None)
-        return rel.to_arrow_table() if rel is not None else None
+        return rel.to_arrow_reader().read_all() if rel is not None else None
 
     def _variant_count(self, symbol: str, timeframe: str) -> int:
         key = (symbol, timeframe)
