@@ -8,12 +8,13 @@ or model objects on the bulk path. Responses from marketpipe's own simulator car
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -57,6 +58,7 @@ FEEDS_HISTORICAL = ("sip", "iex", "otc", "boats")
 FEEDS_LATEST = ("sip", "iex", "delayed_sip", "otc", "boats", "overnight")
 ADJUSTMENTS = ("raw", "split", "dividend", "spin-off", "all")
 SIM_HEADER = "x-marketpipe-sim"
+T = TypeVar("T")
 log = get_logger("marketpipe.providers.alpaca")
 
 
@@ -127,6 +129,14 @@ _RAW_BAR_SCHEMA = {
 }
 
 
+class _LatestTrade(msgspec.Struct):
+    trade: _WTrade | None = None
+
+
+class _LatestQuote(msgspec.Struct):
+    quote: _WQuote | None = None
+
+
 class _LatestTrades(msgspec.Struct):
     trades: dict[str, _WTrade] | None = None
 
@@ -147,6 +157,8 @@ class _WSnapshot(msgspec.Struct):
     prevDailyBar: _WBar | None = None
 
 
+_LATEST: dict[str, type] = {"trades": _LatestTrades, "quotes": _LatestQuotes, "bars": _LatestBars}
+_LATEST_ONE: dict[str, type] = {"trade": _LatestTrade, "quote": _LatestQuote}
 _DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 
@@ -304,6 +316,10 @@ def _quote_record(sym: str, w: _WQuote, source: str, feed: str, fetched: datetim
         feed=feed,
         fetched_at=fetched,
     )
+
+
+def _bar_record_tf(tf: str, sym: str, w: _WBar, source: str, feed: str, fetched: datetime) -> Bar:
+    return _bar_record(sym, tf, w, source, feed, fetched)
 
 
 def _bar_record(sym: str, tf: str, w: _WBar, source: str, feed: str, fetched: datetime) -> Bar:
@@ -696,64 +712,43 @@ class AlpacaProvider:
             )
         return f
 
-    async def latest_trades(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Trade]:
+    async def _latest(self, kind: str, symbols: list[str], feed: str | None, record: Callable[..., T]) -> dict[str, T]:
         f = self._latest_feed(feed)
+        wire = _LATEST[kind]
         doc, resp = await self._get(
-            "/v2/stocks/trades/latest",
+            f"/v2/stocks/{kind}/latest",
             {"symbols": ",".join(symbols), "feed": f},
-            "latest_trades",
-            lambda r: _decoder(_LatestTrades).decode(r.content),
+            f"latest_{kind}",
+            lambda r: _decoder(wire).decode(r.content),
         )
         src, now = self._source(resp), self._now()
-        return {s: _trade_record(s, w, src, f, now) for s, w in (doc.trades or {}).items()}
+        return {s: record(s, w, src, f, now) for s, w in (getattr(doc, kind) or {}).items()}
+
+    async def _latest_one(self, key: str, symbol: str, feed: str | None, record: Callable[..., T]) -> T | None:
+        f = self._latest_feed(feed)
+        doc, resp = await self._get(
+            f"/v2/stocks/{_quote_path(symbol)}/{key}s/latest",
+            {"feed": f},
+            f"latest_{key}_single",
+            lambda r: _decoder(_LATEST_ONE[key]).decode(r.content),
+        )
+        w = getattr(doc, key)
+        return record(symbol, w, self._source(resp), f, self._now()) if w is not None else None
+
+    async def latest_trades(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Trade]:
+        return await self._latest("trades", symbols, feed, _trade_record)
 
     async def latest_quotes(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Quote]:
-        f = self._latest_feed(feed)
-        doc, resp = await self._get(
-            "/v2/stocks/quotes/latest",
-            {"symbols": ",".join(symbols), "feed": f},
-            "latest_quotes",
-            lambda r: _decoder(_LatestQuotes).decode(r.content),
-        )
-        src, now = self._source(resp), self._now()
-        return {s: _quote_record(s, w, src, f, now) for s, w in (doc.quotes or {}).items()}
+        return await self._latest("quotes", symbols, feed, _quote_record)
 
     async def latest_bars(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Bar]:
-        f = self._latest_feed(feed)
-        doc, resp = await self._get(
-            "/v2/stocks/bars/latest",
-            {"symbols": ",".join(symbols), "feed": f},
-            "latest_bars",
-            lambda r: _decoder(_LatestBars).decode(r.content),
-        )
-        src, now = self._source(resp), self._now()
-        return {s: _bar_record(s, "1Min", w, src, f, now) for s, w in (doc.bars or {}).items()}
+        return await self._latest("bars", symbols, feed, functools.partial(_bar_record_tf, "1Min"))
 
     async def latest_trade(self, symbol: str, *, feed: str | None = None) -> Trade | None:
-        f = self._latest_feed(feed)
-        doc, resp = await self._get(
-            f"/v2/stocks/{_quote_path(symbol)}/trades/latest",
-            {"feed": f},
-            "latest_trade_single",
-            lambda r: _decoder(dict[str, Any]).decode(r.content),
-        )
-        w = doc.get("trade")
-        if not w:
-            return None
-        return _trade_record(symbol, msgspec.convert(w, _WTrade), self._source(resp), f, self._now())
+        return await self._latest_one("trade", symbol, feed, _trade_record)
 
     async def latest_quote(self, symbol: str, *, feed: str | None = None) -> Quote | None:
-        f = self._latest_feed(feed)
-        doc, resp = await self._get(
-            f"/v2/stocks/{_quote_path(symbol)}/quotes/latest",
-            {"feed": f},
-            "latest_quote_single",
-            lambda r: _decoder(dict[str, Any]).decode(r.content),
-        )
-        w = doc.get("quote")
-        if not w:
-            return None
-        return _quote_record(symbol, msgspec.convert(w, _WQuote), self._source(resp), f, self._now())
+        return await self._latest_one("quote", symbol, feed, _quote_record)
 
     async def snapshots(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Snapshot]:
         f = self._latest_feed(feed)
