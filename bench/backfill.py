@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--symbols", type=int, default=11)
     ap.add_argument("--days", type=int, default=252, help="sessions per symbol")
     ap.add_argument("--skip-alpaca-py", action="store_true")
+    ap.add_argument("--concurrency", type=int, default=4, help="marketpipe requests in flight")
     args = ap.parse_args()
 
     from marketpipe.core.calendar import get_calendar
@@ -84,7 +85,7 @@ def main() -> None:
             base_url=url,
             plan="unlimited",
             rate_limit_per_min=1_000_000,
-            max_in_flight=4,
+            max_in_flight=args.concurrency,
             read_timeout=120,
             retry=RetryPolicy(attempts=2),
         )
@@ -154,11 +155,13 @@ def main() -> None:
             provider = AlpacaProvider.from_config(cfg, env=env)
             try:
                 t = time.perf_counter()
-                stats = await run_backfill(provider, store, cal, symbols, tf, start, end, feed="sip", concurrency=4)
+                stats = await run_backfill(
+                    provider, store, cal, symbols, tf, start, end, feed="sip", concurrency=args.concurrency
+                )
+                store.close()  # includes the checkpoint DuckDB deferred during the run
                 return time.perf_counter() - t, stats.bars_received
             finally:
                 await provider.aclose()
-                store.close()
 
         results["(b) marketpipe backfill -> DuckDB"] = asyncio.run(backfill())
 
@@ -204,6 +207,7 @@ def main() -> None:
                     batch = []
         if batch:
             store_c.write_pages(batch)
+        store_c.close()  # includes the deferred checkpoint
         results["(c) marketpipe CPU path (decode+check+store)"] = (time.perf_counter() - t0, n)
         asyncio.run(provider_c.aclose())
 
@@ -217,7 +221,6 @@ def main() -> None:
             rows = store_b.read_bars([symbols[0]], "1Min", day.open, day.close).height
             times.append(time.perf_counter() - t)
         store_b.close()
-        store_c.close()
     finally:
         proc.terminate()
         proc.join(5)
