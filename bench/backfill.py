@@ -185,7 +185,7 @@ def main() -> None:
                 start=start,
                 end=end,
                 feed="sip",
-                source="sim",
+                source="sim:alpaca",
                 request_id="bench",
                 fetched_at=now,
                 next_page_token=nxt,

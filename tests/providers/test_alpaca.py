@@ -40,7 +40,7 @@ async def test_bars_multi_symbol_pages_and_schema(alpaca: AlpacaProvider) -> Non
     assert len(pages) == 2 * 390 // 500 + 1  # limit counts rows across symbols
     assert frame.drop("raw_ts").schema == pl.Schema(BAR_SCHEMA)
     assert frame.group_by("symbol").len().sort("symbol").rows() == [("AAPL", 390), ("MSFT", 390)]
-    assert frame["source"].unique().to_list() == ["sim"]  # simulator data is labelled as such
+    assert frame["source"].unique().to_list() == ["sim:alpaca"]  # simulator data is labelled as such
     assert frame["ts"].min() == datetime(2024, 3, 5, 14, 30, tzinfo=UTC)
     assert pages[-1].last_page and pages[-1].next_page_token is None
     assert not pages[0].last_page
@@ -94,7 +94,7 @@ async def test_daily_bars_and_trades_and_quotes(alpaca: AlpacaProvider) -> None:
 async def test_latest_and_snapshots(alpaca: AlpacaProvider) -> None:
     trades = await alpaca.latest_trades(["AAPL", "MSFT", "ZZZZ"])
     assert set(trades) == {"AAPL", "MSFT"}
-    assert trades["AAPL"].price > 0 and trades["AAPL"].source == "sim"
+    assert trades["AAPL"].price > 0 and trades["AAPL"].source == "sim:alpaca"
     quotes = await alpaca.latest_quotes(["AAPL"])
     assert quotes["AAPL"].bid_price < quotes["AAPL"].ask_price
     assert quotes["AAPL"].spread and quotes["AAPL"].mid

@@ -53,7 +53,7 @@ async def test_backfill_stores_everything_once_and_second_run_fetches_nothing(si
     again = await backfill(sim.url, store)
     assert again.requests == 0 and sorted(again.skipped_symbols) == SYMS
     df = values(store)
-    assert df.height == 3510 and df["source"].unique().to_list() == ["sim"]
+    assert df.height == 3510 and df["source"].unique().to_list() == ["sim:alpaca"]
     assert store.quarantine().height == 0
 
 

@@ -2,7 +2,7 @@
 
 Pages are decoded with msgspec into column lists and handed on as polars frames — no per-row dicts
 or model objects on the bulk path. Responses from marketpipe's own simulator carry the header
-``X-Marketpipe-Sim`` and are labelled ``source="sim"``, so simulator data never mixes with real data.
+``X-Marketpipe-Sim`` and are labelled ``source="sim:alpaca"``, so simulator data never mixes with real data.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import io
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import httpx
@@ -49,15 +49,15 @@ from marketpipe.core.schema import (
 )
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import rfc3339, utcnow
-from marketpipe.providers.base import BarPage
+from marketpipe.providers.base import BarPage, sim_source
 
 DEFAULT_BASE_URL = "https://data.alpaca.markets"
+ALPACA_HISTORY_START = datetime(2016, 1, 1, tzinfo=UTC)
 SIP_DELAY = timedelta(minutes=15)
 MAX_LIMIT = 10_000
 FEEDS_HISTORICAL = ("sip", "iex", "otc", "boats")
 FEEDS_LATEST = ("sip", "iex", "delayed_sip", "otc", "boats", "overnight")
 ADJUSTMENTS = ("raw", "split", "dividend", "spin-off", "all")
-SIM_HEADER = "x-marketpipe-sim"
 T = TypeVar("T")
 log = get_logger("marketpipe.providers.alpaca")
 
@@ -534,7 +534,17 @@ class AlpacaProvider:
         return result
 
     def _source(self, resp: httpx.Response) -> str:
-        return "sim" if resp.headers.get(SIM_HEADER) else self.name
+        return sim_source(resp.headers, self.name)
+
+    def supports(
+        self, kind: str, timeframe: Timeframe | None, start: datetime | None, end: datetime | None, now: datetime
+    ) -> str | None:
+        """Alpaca serves every stock data kind and timeframe, with history back to 2016."""
+        if kind not in ("bars", "trades", "quotes", "latest_trade", "latest_quote", "latest_bar", "snapshot"):
+            return f"alpaca does not serve {kind}"
+        if start is not None and start < ALPACA_HISTORY_START:
+            return f"alpaca history starts {ALPACA_HISTORY_START.date()}"
+        return None
 
     # --- feed and the 15-minute SIP rule --------------------------------------------------------
 

@@ -3,15 +3,29 @@ responses into canonical frames and records; they never touch storage, caches or
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
 import polars as pl
 
+from marketpipe.core.resilience import Resilience
 from marketpipe.core.schema import Quote, Snapshot, Trade
 from marketpipe.core.timeframe import Timeframe
+
+SIM_HEADER = "x-marketpipe-sim"
+
+
+def sim_source(headers: Mapping[str, str], provider: str) -> str:
+    """The ``source`` label for a response: the provider's name, or ``sim:<provider>`` when the
+    response came from marketpipe's simulator (it announces itself with a header). Simulator data
+    is thereby never mistaken for real data, yet says which vendor face served it."""
+    return f"sim:{provider}" if headers.get(SIM_HEADER) else provider
+
+
+def is_sim(source: str) -> bool:
+    return source == "sim" or source.startswith("sim:")
 
 
 @dataclass(slots=True)
@@ -41,7 +55,20 @@ class BarPage:
 
 
 class BarsProvider(Protocol):
+    """A market-data vendor behind marketpipe's canonical interface.
+
+    ``supports`` is the capability table the router consults before trying a provider: ``None``
+    when the provider can serve ``kind`` ("bars", "trades", "quotes", "latest_trade",
+    "latest_quote", "snapshot") for that timeframe and range, else the reason it cannot.
+    ``resilience`` holds the provider's retry policy, rate limiter and circuit breaker.
+    """
+
     name: str
+    resilience: Resilience
+
+    def supports(
+        self, kind: str, timeframe: Timeframe | None, start: datetime | None, end: datetime | None, now: datetime
+    ) -> str | None: ...
 
     def iter_bars(
         self,

@@ -21,6 +21,22 @@ from marketpipe.sim.alpaca import DEFAULT_KEYS, AlpacaFace
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import Faults
 
+VENDORS = ("alpaca", "polygon", "yahoo")
+
+
+def make_face(vendor: str, market: SimMarket, faults: Faults, keys: dict[str, tuple[str, str]], stats: Stats) -> Any:
+    """The vendor face: ``marketpipe.sim.<vendor>.make_face`` (Alpaca is built in). Several servers
+    sharing one ``SimMarket`` serve the same series through different vendors' wire formats."""
+    if vendor == "alpaca":
+        return AlpacaFace(market, faults, keys, stats)
+    if vendor not in VENDORS:
+        raise ValueError(f"unknown simulator vendor {vendor!r}; one of {', '.join(VENDORS)}")
+    import importlib
+
+    module = importlib.import_module(f"marketpipe.sim.{vendor}")
+    return module.make_face(market, faults, keys, stats)
+
+
 # A hung handler (fault "hang") must not hold up stop() for its full sleep.
 SHUTDOWN_TIMEOUT = 0.5
 
@@ -41,7 +57,9 @@ class SimServer:
         port: int = 0,
         *,
         access_log: bool = False,
+        vendor: str = "alpaca",
     ) -> None:
+        self.vendor = vendor
         self.market = market if market is not None else SimMarket()
         self.faults = faults if faults is not None else Faults()
         self.keys = dict(DEFAULT_KEYS if keys is None else keys)
@@ -49,7 +67,7 @@ class SimServer:
         self._port = port
         self.access_log = access_log
         self._stats = Stats()
-        self.face = AlpacaFace(self.market, self.faults, self.keys, self._stats)
+        self.face = make_face(vendor, self.market, self.faults, self.keys, self._stats)
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

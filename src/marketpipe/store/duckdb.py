@@ -279,7 +279,8 @@ class DuckDBStore:
         if (source is None or feed is None) and (len(symbols) != 1 or self._variant_count(symbols[0], timeframe) > 1):
             sql = (
                 f"SELECT {cols} FROM ({sql}) QUALIFY row_number() OVER "
-                f"(PARTITION BY symbol, ts ORDER BY {_FEED_PREFERENCE}, (source = 'sim'), fetched_at DESC) = 1"
+                f"(PARTITION BY symbol, ts ORDER BY {_FEED_PREFERENCE}, starts_with(source, 'sim'), "
+                "fetched_at DESC) = 1"
             )
         # No ORDER BY: rows come back in insertion order, which is already (symbol, ts) order for
         # each page; checking that in polars and sorting only when needed saves a third of a small read.
