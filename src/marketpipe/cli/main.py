@@ -340,6 +340,95 @@ def _latest(kind: str, symbols: list[str], feed: str | None, config: Path | None
         raise typer.Exit(1)
 
 
+# --- providers and reconciliation ------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def providers(
+    config: ConfigOpt = None,
+    probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Run one active probe each.")] = True,
+) -> None:
+    """Provider health: state, circuit, latency, error rate, rate-limit headroom."""
+    from marketpipe.service.data import MarketData
+    from marketpipe.service.providers import provider_table
+
+    data = MarketData(_config(config))
+
+    async def go() -> Any:
+        try:
+            return await provider_table(data.router, probe=probe)
+        finally:
+            await data.aclose()
+
+    rows = asyncio.run(go())
+    table = Table(title="providers", box=box.SIMPLE_HEAD)
+    for col in ("provider", "state", "circuit", "latency_ms", "error_rate", "ratelimit_headroom", "note"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(
+            *(
+                _cell(row.get(c))
+                for c in ("provider", "state", "circuit", "latency_ms", "error_rate", "ratelimit_headroom", "note")
+            )
+        )
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def reconcile(
+    symbol: Annotated[str, typer.Argument()],
+    start: Annotated[str, typer.Option("--start", "-s")],
+    end: Annotated[str | None, typer.Option("--end", "-e")] = None,
+    timeframe: Annotated[str, typer.Option("--timeframe", "-t")] = "1Day",
+    hard_pct: Annotated[float, typer.Option("--hard-pct", help="price difference that is a hard flag")] = 5.0,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Compare one symbol's bars across every provider that serves them; results stored per bar."""
+    import polars as pl
+
+    from marketpipe.core.schema import normalize_symbol
+    from marketpipe.core.timeframe import Timeframe
+    from marketpipe.core.timeutil import parse_range
+    from marketpipe.quality.reconcile import LEVELS, Thresholds
+    from marketpipe.service.data import MarketData
+    from marketpipe.service.reconcile import reconcile_symbol
+
+    sym = normalize_symbol(symbol)
+    tf = Timeframe.parse(timeframe)
+    s, e = parse_range(start, end)
+    data = MarketData(_config(config, store))
+
+    async def go() -> Any:
+        try:
+            return await reconcile_symbol(
+                data.router, data.store, sym, tf, s, e, thresholds=Thresholds(hard_pct=hard_pct)
+            )
+        finally:
+            await data.aclose()
+
+    report = asyncio.run(go())
+    table = Table(title=f"{sym} {tf}: reference {report.reference} (run {report.run_id})", box=box.SIMPLE_HEAD)
+    table.add_column("other source")
+    table.add_column("bars")
+    for level in (*LEVELS, "volume_flagged"):
+        table.add_column(level, justify="right")
+    for other, result in report.comparisons.items():
+        table.add_row(
+            other, str(report.bars.get(other, 0)), *(str(result.counts.get(k, 0)) for k in (*LEVELS, "volume_flagged"))
+        )
+    out.print(table)
+    for other, result in report.comparisons.items():
+        worst = result.rows.filter(pl.col("status") == "mismatch").sort("price_delta_pct", descending=True).head(5)
+        if worst.height:
+            out.print(f"largest disagreements with {other}:")
+            _emit(worst.select("ts", "price_delta_pct", "worst_field", "reference_close", "other_close"), "table", None)
+    for a in report.skipped:
+        err.print(f"skipped {a.provider}: {a.code} {a.message}")
+
+
 # --- simulator and demo ------------------------------------------------------------------------
 
 

@@ -32,6 +32,15 @@ class CircuitPolicy(msgspec.Struct, forbid_unknown_fields=True):
     half_open_max_calls: int = 1  # trial calls allowed while half-open
 
 
+# Per-vendor defaults, merged under whatever the config file says for that vendor. Yahoo's chart
+# endpoint is unofficial and unsupported by Yahoo, so it is opt-in.
+DEFAULT_PROVIDERS: dict[str, dict[str, Any]] = {
+    "alpaca": {"priority": 1},
+    "polygon": {"priority": 2, "rate_limit_per_min": 5, "plan": "free"},
+    "yahoo": {"priority": 3, "enabled": False, "rate_limit_per_min": 60, "feed": "yahoo"},
+}
+
+
 class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = True
     priority: int = 100
@@ -46,6 +55,8 @@ class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     max_in_flight: int = 4
+    probe_interval: float = 30.0  # seconds between active health probes (server mode)
+    probe_symbol: str = "SPY"
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     circuit: CircuitPolicy = msgspec.field(default_factory=CircuitPolicy)
 
@@ -63,7 +74,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     calendar: str = "XNYS"
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     backfill: BackfillConfig = msgspec.field(default_factory=BackfillConfig)
-    providers: dict[str, ProviderConfig] = msgspec.field(default_factory=lambda: {"alpaca": ProviderConfig(priority=1)})
+    providers: dict[str, ProviderConfig] = msgspec.field(
+        default_factory=lambda: {n: msgspec.convert(d, ProviderConfig) for n, d in DEFAULT_PROVIDERS.items()}
+    )
     source_path: str | None = None
 
     def provider(self, name: str) -> ProviderConfig:
@@ -113,14 +126,18 @@ def config_from_dict(raw: dict[str, Any], *, source: str | None = None) -> Confi
                     f"providers.{name}.{secretish}: secrets are read from the environment only, "
                     "never from the config file",
                 )
+    user_providers = raw.get("providers") or {}
+    if not isinstance(user_providers, dict):
+        raise ConfigError(f"{source or 'config'}: [providers] must be a table")
+    raw = dict(raw)
+    raw["providers"] = {
+        name: {**DEFAULT_PROVIDERS.get(name, {}), **(user_providers.get(name) or {})}
+        for name in [*DEFAULT_PROVIDERS, *(n for n in user_providers if n not in DEFAULT_PROVIDERS)]
+    }
     try:
         cfg = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source or 'config'}: {exc}", details={"path": source}) from exc
-    defaults = Config().providers
-    merged = dict(defaults)
-    merged.update(cfg.providers)
-    cfg.providers = merged
     cfg.source_path = source
     for name, prov in cfg.providers.items():
         if prov.plan not in ("free", "unlimited"):

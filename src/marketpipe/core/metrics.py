@@ -61,3 +61,15 @@ ERRORS = Counter(
     ["code"],
     registry=REGISTRY,
 )
+PROVIDER_STATE = Gauge(
+    "marketpipe_provider_health_state",
+    "Provider health: 0 healthy, 1 degraded, 2 down",
+    ["provider"],
+    registry=REGISTRY,
+)
+FAILOVERS = Counter(
+    "marketpipe_failovers_total",
+    "Work moved from one provider to the next, by the provider that failed and the error code",
+    ["provider", "code"],
+    registry=REGISTRY,
+)

@@ -251,6 +251,9 @@ class Resilience:
         self.limiter = RateLimiter(rate_limit_per_min, name=name, clock=clock)
         self.retries = 0
         self._sleep = sleep or asyncio.sleep
+        self._clock = clock
+        # Called after every attempt with (ok, error code or None, seconds): passive health.
+        self.observers: list[Callable[[bool, str | None, float], None]] = []
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` under the breaker, the limiter and the retry policy."""
@@ -281,20 +284,29 @@ class Resilience:
                 return await self._once(fn)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
+    def _observe(self, ok: bool, code: str | None, seconds: float) -> None:
+        for observer in self.observers:
+            observer(ok, code, seconds)
+
     async def _once(self, fn: Callable[[], Awaitable[T]]) -> T:
         self.breaker.allow()
         await self.limiter.acquire()
+        started = self._clock()
         try:
             result = await fn()
-        except RateLimited as exc:
-            self.limiter.penalize(exc.retry_after if exc.retry_after is not None else 1.0)
-            self.breaker.release_trial()
-            raise
         except MarketpipeError as exc:
-            if counts_against_health(exc):
-                self.breaker.failure()
-            else:
-                self.breaker.release_trial()
+            self._observe(False, exc.code, self._clock() - started)
+            self._after_failure(exc)
             raise
         self.breaker.success()
+        self._observe(True, None, self._clock() - started)
         return result
+
+    def _after_failure(self, exc: MarketpipeError) -> None:
+        if isinstance(exc, RateLimited):
+            self.limiter.penalize(exc.retry_after if exc.retry_after is not None else 1.0)
+            self.breaker.release_trial()
+        elif counts_against_health(exc):
+            self.breaker.failure()
+        else:
+            self.breaker.release_trial()

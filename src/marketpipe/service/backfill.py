@@ -26,18 +26,22 @@ import polars as pl
 
 from marketpipe.core.calendar import ExchangeCalendar
 from marketpipe.core.errors import (
+    AllProvidersFailed,
     AuthFailed,
     InvalidArgument,
     InvalidRange,
     MarketpipeError,
     MissingCredentials,
     ProviderBadRequest,
+    ProviderError,
 )
 from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import FAILOVERS
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
 from marketpipe.providers.base import BarPage, BarsProvider
 from marketpipe.quality.validate import check_bars
+from marketpipe.service.router import Attempt, ProviderRouter
 from marketpipe.store.base import Coverage, IngestRecord, PageWrite, Store
 
 log = get_logger("marketpipe.backfill")
@@ -71,6 +75,8 @@ class BackfillStats:
     per_symbol: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     errors: list[dict[str, object]] = field(default_factory=list)
+    failovers: int = 0
+    rows_by_provider: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     skipped_symbols: list[str] = field(default_factory=list)  # already fully covered
 
     @property
@@ -129,9 +135,10 @@ def missing_ranges(
     start: datetime,
     end: datetime,
     *,
-    provider: str,
-    feed: str,
+    provider: str | None,
+    feed: str | None,
 ) -> dict[str, list[tuple[datetime, datetime]]]:
+    """Per symbol, what the ledger lacks. ``provider``/``feed`` None: coverage by any counts."""
     cov = store.coverage(symbols, str(timeframe), start, end, provider=provider, feed=feed)
     by_symbol: dict[str, list[tuple[datetime, datetime]]] = defaultdict(list)
     for sym, s, e in cov.select("symbol", "start", "end").iter_rows():
@@ -188,8 +195,8 @@ def plan(
     start: datetime,
     end: datetime,
     *,
-    provider: str,
-    feed: str,
+    provider: str | None,
+    feed: str | None,
     page_limit: int = 10_000,
 ) -> tuple[list[WorkUnit], list[str]]:
     """Work units for what is missing, and the symbols that are already fully covered."""
@@ -264,7 +271,7 @@ def _page_write(page: BarPage, unit_known: dict[str, datetime], provider: str, n
 
 
 async def run_backfill(
-    provider: BarsProvider,
+    provider: BarsProvider | ProviderRouter,
     store: Store,
     cal: ExchangeCalendar,
     symbols: list[str],
@@ -272,12 +279,20 @@ async def run_backfill(
     start: datetime,
     end: datetime,
     *,
-    feed: str = "sip",
+    feed: str | None = None,
     page_limit: int = 10_000,
     concurrency: int = 4,
     progress: ProgressFn | None = None,
     now: Callable[[], datetime] = utcnow,
 ) -> BackfillStats:
+    """Backfill from one provider, or through a router with failover.
+
+    With a router, a unit that fails on one provider mid-way continues on the next from where each
+    symbol's committed pages end (partial-range failover); every page's rows carry the source that
+    served them and the ledger records which provider covered which range. Coverage by any provider
+    counts when planning. With a single provider, only its own coverage (for the feed) counts and
+    bad credentials or a rejected request stop the run.
+    """
     if not symbols:
         raise InvalidArgument("no symbols given", details={"parameter": "symbols"})
     if end <= start:
@@ -287,10 +302,18 @@ async def run_backfill(
         raise InvalidRange("the whole range lies in the future", details={"start": start.isoformat()})
     cal.check_bounds(start, end)
 
+    router = provider if isinstance(provider, ProviderRouter) else None
+    sources: list[BarsProvider] = router.providers if router else [provider]  # type: ignore[list-item]
+    if router is None:
+        single: BarsProvider = provider  # type: ignore[assignment]
+        plan_feed = feed or getattr(getattr(single, "config", None), "feed", None)
+        units, done = plan(
+            store, cal, symbols, timeframe, start, end, provider=single.name, feed=plan_feed, page_limit=page_limit
+        )
+    else:
+        units, done = plan(store, cal, symbols, timeframe, start, end, provider=None, feed=None, page_limit=page_limit)
+
     stats = BackfillStats()
-    units, done = plan(
-        store, cal, symbols, timeframe, start, end, provider=provider.name, feed=feed, page_limit=page_limit
-    )
     stats.units_total, stats.skipped_symbols = len(units), done
     stats.est_rows = sum(u.est_rows for u in units)
     log.info("backfill_plan", units=len(units), est_rows=stats.est_rows, covered=len(done))
@@ -304,8 +327,49 @@ async def run_backfill(
     for u in units:
         queue.put_nowait(u)
     pages: asyncio.Queue[PageWrite | None] = asyncio.Queue(maxsize=max(4, concurrency * 2))
-    resilience = getattr(provider, "resilience", None)
-    retries_before = resilience.retries if resilience else 0
+    retries_before = {p.name: p.resilience.retries for p in sources}
+
+    async def fetch(
+        source: BarsProvider, syms: list[str], from_: datetime, unit: WorkUnit, need: dict[str, datetime]
+    ) -> None:
+        known = dict.fromkeys(syms, from_)
+        async for page in source.iter_bars(syms, timeframe, from_, unit.end, feed=feed, limit=page_limit):
+            stats.requests += 1
+            stats.pages += 1
+            stats.bytes_received += page.nbytes
+            stats.rows_by_provider[source.name] += page.frame.height
+            write = await asyncio.to_thread(_page_write, page, known, source.name, now())
+            for sym, through in page.complete_through.items():
+                if through > need.get(sym, from_):
+                    need[sym] = through
+            await pages.put(write)
+
+    async def failover(unit: WorkUnit) -> None:
+        assert router is not None
+        need = dict.fromkeys(unit.symbols, unit.start)
+        candidates, attempts = router.candidates("bars", timeframe, unit.start, unit.end)
+        for source in candidates:
+            pending = [s for s in unit.symbols if need[s] < unit.end]
+            if not pending:
+                break
+            by_start: dict[datetime, list[str]] = defaultdict(list)
+            for sym in pending:
+                by_start[need[sym]].append(sym)
+            try:
+                for from_, syms in sorted(by_start.items()):
+                    await fetch(source, syms, from_, unit, need)
+            except ProviderError as exc:
+                attempts.append(Attempt(source.name, exc.code, exc.message))
+                stats.failovers += 1
+                FAILOVERS.labels(source.name, exc.code).inc()
+                log.warning("failover", provider=source.name, code=exc.code, symbols=pending, error=exc.message)
+        pending = [s for s in unit.symbols if need[s] < unit.end]
+        if pending:
+            raise AllProvidersFailed(
+                f"no provider could serve {', '.join(pending)}: "
+                + "; ".join(f"{a.provider} {a.code}" for a in attempts),
+                details={"symbols": pending, "attempts": [a.to_dict() for a in attempts]},
+            )
 
     async def worker() -> None:
         while True:
@@ -313,37 +377,33 @@ async def run_backfill(
                 unit = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            known: dict[str, datetime] = {}
             try:
-                async for page in provider.iter_bars(
-                    list(unit.symbols), timeframe, unit.start, unit.end, feed=feed, limit=page_limit
-                ):
-                    stats.requests += 1
-                    stats.pages += 1
-                    stats.bytes_received += page.nbytes
-                    write = await asyncio.to_thread(_page_write, page, known, provider.name, now())
-                    await pages.put(write)
+                if router is None:
+                    await fetch(sources[0], list(unit.symbols), unit.start, unit, {})
+                else:
+                    await failover(unit)
             except FATAL:
-                raise
+                if router is None:
+                    raise
             except (MarketpipeError, pl.exceptions.PolarsError) as exc:
                 code = exc.code if isinstance(exc, MarketpipeError) else "DATA_INVALID"
-                stats.errors.append(
-                    {
-                        "symbols": list(unit.symbols),
-                        "start": unit.start.isoformat(),
-                        "end": unit.end.isoformat(),
-                        "code": code,
-                        "message": str(exc),
-                    }
-                )
+                err: dict[str, object] = {
+                    "symbols": list(unit.symbols),
+                    "start": unit.start.isoformat(),
+                    "end": unit.end.isoformat(),
+                    "code": code,
+                    "message": str(exc),
+                }
+                if isinstance(exc, MarketpipeError) and "attempts" in exc.details:
+                    err["attempts"] = exc.details["attempts"]
+                stats.errors.append(err)
                 log.warning("backfill_unit_failed", symbols=list(unit.symbols), code=code, error=str(exc))
-                if isinstance(exc, ProviderBadRequest | InvalidArgument):
+                if router is None and isinstance(exc, ProviderBadRequest | InvalidArgument):
                     # The same parameters would be rejected for every unit: stop early.
                     raise
             finally:
                 stats.units_done += 1
-                if resilience:
-                    stats.retries = resilience.retries - retries_before
+                stats.retries = sum(p.resilience.retries - retries_before[p.name] for p in sources)
                 if progress:
                     progress(stats)
 

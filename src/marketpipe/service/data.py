@@ -21,7 +21,9 @@ from marketpipe.core.schema import Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_range
 from marketpipe.providers.alpaca import AlpacaProvider
+from marketpipe.providers.base import BarsProvider
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill
+from marketpipe.service.router import ProviderRouter, build_router
 from marketpipe.store.duckdb import DuckDBStore
 
 T = TypeVar("T")
@@ -40,6 +42,7 @@ class MarketData:
         self.config = config or load_config()
         self._store = store
         self._provider = provider
+        self._router: ProviderRouter | None = None
         self._env = env
 
     @property
@@ -49,11 +52,30 @@ class MarketData:
         return self._store
 
     @property
+    def router(self) -> ProviderRouter:
+        """Every enabled provider with credentials, built on first use so that reading from the
+        store never needs credentials."""
+        if self._router is None:
+            if self._provider is not None:
+                self._router = ProviderRouter([self._provider])
+            else:
+                self._router = build_router(self.config, env=self._env)
+        return self._router
+
+    @property
     def provider(self) -> AlpacaProvider:
-        # Created on first use so that reading from the store never needs credentials.
+        """The primary (Alpaca) adapter, for latest values and snapshots."""
         if self._provider is None:
-            self._provider = AlpacaProvider.from_config(self.config.provider("alpaca"), env=self._env)
-        return self._provider
+            try:
+                self._provider = self.router.get("alpaca")  # type: ignore[assignment]
+            except KeyError:
+                self._provider = AlpacaProvider.from_config(self.config.provider("alpaca"), env=self._env)
+        return self._provider  # type: ignore[return-value]
+
+    def _bars_source(self) -> BarsProvider | ProviderRouter:
+        """One provider: its own ledger and strict errors. Several: failover through the router."""
+        router = self.router
+        return router if len(router.providers) > 1 else router.providers[0]
 
     @property
     def calendar(self) -> ExchangeCalendar:
@@ -76,7 +98,7 @@ class MarketData:
         tf = Timeframe.parse(timeframe)
         s, e = parse_range(start, end)
         return await run_backfill(
-            self.provider,
+            self._bars_source(),
             self.store,
             self.calendar,
             syms,
@@ -104,14 +126,14 @@ class MarketData:
         tf = Timeframe.parse(timeframe)
         s, e = parse_range(start, end)
         if fetch:
-            gaps = missing_ranges(self.store, syms, tf, s, e, provider=self.provider_name, feed=self._feed(feed))
+            source = self._bars_source()
+            if isinstance(source, ProviderRouter):
+                gaps = missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None)
+            else:
+                gaps = missing_ranges(self.store, syms, tf, s, e, provider=source.name, feed=self._feed(feed))
             if any(gaps.values()):
                 await self.backfill(syms, s, e, timeframe=tf, feed=feed)
         return await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
-
-    @property
-    def provider_name(self) -> str:
-        return AlpacaProvider.name
 
     async def latest_trade(self, symbol: str, *, feed: str | None = None) -> Trade | None:
         sym = normalize_symbols(symbol)[0]
@@ -125,9 +147,12 @@ class MarketData:
         return await self.provider.snapshots(normalize_symbols(symbols), feed=feed)
 
     async def aclose(self) -> None:
-        if self._provider is not None:
+        if self._router is not None:
+            await self._router.aclose()
+        elif self._provider is not None:
             await self._provider.aclose()
-            self._provider = None
+        self._router = None
+        self._provider = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -44,6 +44,10 @@ _DDL = [
         source VARCHAR NOT NULL, feed VARCHAR, start TIMESTAMP NOT NULL, "end" TIMESTAMP NOT NULL,
         rows BIGINT, request_id VARCHAR, fetched_at TIMESTAMP)""",
     """CREATE SEQUENCE IF NOT EXISTS ingest_seq""",
+    """CREATE TABLE IF NOT EXISTS reconciliation (
+        run_id VARCHAR, created_at TIMESTAMP, symbol VARCHAR, timeframe VARCHAR, ts TIMESTAMP,
+        reference VARCHAR, other VARCHAR, status VARCHAR, price_delta_pct DOUBLE, worst_field VARCHAR,
+        volume_ratio DOUBLE, volume_flag BOOLEAN, reference_close DOUBLE, other_close DOUBLE)""",
     """CREATE TABLE IF NOT EXISTS ingest_log (
         id BIGINT DEFAULT nextval('ingest_seq'), provider VARCHAR, source VARCHAR, feed VARCHAR,
         kind VARCHAR, timeframe VARCHAR, symbols VARCHAR, start TIMESTAMP, "end" TIMESTAMP,
@@ -354,6 +358,29 @@ class DuckDBStore:
     def ingest_log(self, limit: int = 100) -> pl.DataFrame:
         with self._lock:
             table = self._arrow("SELECT * FROM ingest_log ORDER BY id DESC LIMIT $limit", {"limit": limit})
+        return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
+
+    def write_reconciliation(self, run_id: str, created_at: datetime, rows: pl.DataFrame) -> int:
+        """Store one reconciliation run's per-bar results (a run replaces nothing: runs are kept)."""
+        frame = _naive(rows.select(pl.lit(run_id).alias("run_id"), pl.lit(created_at).alias("created_at"), pl.all()))
+        with self._lock:
+            self.con.register("_rec", frame.to_arrow())
+            try:
+                self.con.execute("INSERT INTO reconciliation SELECT * FROM _rec").fetchall()
+            finally:
+                self.con.unregister("_rec")
+        return frame.height
+
+    def reconciliation(self, symbol: str, timeframe: str | None = None, run_id: str | None = None) -> pl.DataFrame:
+        where, params = ["symbol = $sym"], {"sym": symbol}
+        if timeframe:
+            where.append("timeframe = $tf")
+            params["tf"] = timeframe
+        if run_id:
+            where.append("run_id = $run")
+            params["run"] = run_id
+        with self._lock:
+            table = self._arrow(f"SELECT * FROM reconciliation WHERE {' AND '.join(where)} ORDER BY ts", params)
         return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
 
     def summary(self) -> pl.DataFrame:
