@@ -93,17 +93,25 @@ class HealthMonitor:
     def state(self, name: str) -> State:
         h = self.health[name]
         circuit = self.providers[name].resilience.breaker.state
-        if circuit is CircuitState.OPEN or h.consecutive_failures >= self.down_after or h.probe_ok is False:
+        if circuit is CircuitState.OPEN:
+            return State.DOWN
+        if circuit is CircuitState.HALF_OPEN:
+            return State.DEGRADED  # the breaker asks for a trial call
+        if h.consecutive_failures >= self.down_after or h.probe_ok is False:
             return State.DOWN
         if (
-            circuit is CircuitState.HALF_OPEN
-            or h.error_rate > self.degraded_error_rate
+            h.error_rate > self.degraded_error_rate
             or (h.latency is not None and h.latency > self.degraded_latency)
         ):
             return State.DEGRADED
         return State.HEALTHY
 
     def rank(self, name: str) -> int:
+        """Ordering weight: healthy first, then degraded, then down — except that a provider in its
+        half-open recovery window ranks as healthy, so that the trial call goes to it and traffic
+        returns to it by priority once the trial succeeds."""
+        if self.providers[name].resilience.breaker.state is CircuitState.HALF_OPEN:
+            return 0
         return _RANK[self.state(name)]
 
     async def probe(self, name: str) -> bool:
