@@ -230,3 +230,56 @@ def test_demo_runs_offline(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "Demo backfill" in r.stdout and "newly stored" in r.stdout
     assert "latest quotes" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def three(sim):  # type: ignore[no-untyped-def]
+    from marketpipe.sim.server import SimServer
+
+    with SimServer(sim.market, vendor="polygon") as p, SimServer(sim.market, vendor="yahoo") as y:
+        yield sim, p, y
+
+
+def _three_cfg(three, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+    a, p, y = three
+    cfg = tmp_path / "three.toml"
+    cfg.write_text(
+        f'[providers.alpaca]\nbase_url = "{a.url}"\nplan = "unlimited"\nrate_limit_per_min = 100000\n'
+        f'[providers.polygon]\nbase_url = "{p.url}"\nrate_limit_per_min = 100000\n'
+        f'[providers.yahoo]\nbase_url = "{y.url}"\nenabled = true\n'
+    )
+    return cfg
+
+
+def test_providers_table(three, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    r = run("providers", "--config", str(_three_cfg(three, tmp_path)), env={**SIM_ENV, "POLYGON_API_KEY": "POLYKEY"})
+    assert r.returncode == 0, r.stderr
+    for name in ("alpaca", "polygon", "yahoo"):
+        assert name in r.stdout
+    assert r.stdout.count("healthy") == 3
+    r = run("providers", "--config", str(_three_cfg(three, tmp_path)), env=SIM_ENV)
+    assert "MISSING_CREDENTIALS" in r.stdout  # polygon without its key is listed as unavailable
+
+
+def test_reconcile_command(three, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store = tmp_path / "r.duckdb"
+    r = run(
+        "reconcile",
+        "AAPL",
+        "--start",
+        "2024-03-04",
+        "--end",
+        "2024-03-08",
+        "--config",
+        str(_three_cfg(three, tmp_path)),
+        "--store",
+        str(store),
+        env={**SIM_ENV, "POLYGON_API_KEY": "POLYKEY"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "sim:polygon" in r.stdout and "sim:yahoo" in r.stdout
+    from marketpipe.store.duckdb import DuckDBStore
+
+    with DuckDBStore(store) as st:
+        rec = st.reconciliation("AAPL", "1Day")
+    assert rec.height == 10 and set(rec["status"]) == {"match"}

@@ -129,8 +129,15 @@ def test_trades_aggregate_to_the_minute_bar(http: httpx.Client) -> None:
 
 
 def test_quotes_shape_and_spread(http: httpx.Client) -> None:
-    rows, _ = pull(http, "/v2/stocks/quotes", "quotes", symbols="AAPL,MSFT", start="2024-03-05T14:30:00Z",
-                   end="2024-03-05T15:00:00Z", limit=100)
+    rows, _ = pull(
+        http,
+        "/v2/stocks/quotes",
+        "quotes",
+        symbols="AAPL,MSFT",
+        start="2024-03-05T14:30:00Z",
+        end="2024-03-05T15:00:00Z",
+        limit=100,
+    )
     assert set(rows) == {"AAPL", "MSFT"}
     for quotes in rows.values():
         assert set(quotes[0]) == QUOTE_KEYS
@@ -155,8 +162,9 @@ def test_limit_counts_across_symbols_and_pages_reassemble(http: httpx.Client) ->
 
 def test_sort_desc(http: httpx.Client) -> None:
     asc = get(http, "/v2/stocks/bars", symbols="AAPL,MSFT", timeframe="1Min", **DAY, limit=10000)["bars"]
-    rows, pages = pull(http, "/v2/stocks/bars", "bars", symbols="AAPL,MSFT", timeframe="1Min", **DAY, limit=300,
-                       sort="desc")
+    rows, pages = pull(
+        http, "/v2/stocks/bars", "bars", symbols="AAPL,MSFT", timeframe="1Min", **DAY, limit=300, sort="desc"
+    )
     assert pages == 3 and list(rows) == ["AAPL", "MSFT"]
     assert rows["AAPL"] == asc["AAPL"][::-1] and rows["MSFT"] == asc["MSFT"][::-1]
     trades = get(http, "/v2/stocks/AAPL/trades", **DAY, sort="desc", limit=5)["trades"]
@@ -211,8 +219,19 @@ def test_bad_parameters_are_400_with_a_message(http: httpx.Client, params: dict[
 
 
 def test_accepted_optional_parameters(http: httpx.Client) -> None:
-    doc = get(http, "/v2/stocks/bars", symbols="AAPL", timeframe="1Min", **DAY, adjustment="split,dividend",
-              asof="2024-03-05", currency="USD", feed="iex", limit=1, page_token="")
+    doc = get(
+        http,
+        "/v2/stocks/bars",
+        symbols="AAPL",
+        timeframe="1Min",
+        **DAY,
+        adjustment="split,dividend",
+        asof="2024-03-05",
+        currency="USD",
+        feed="iex",
+        limit=1,
+        page_token="",
+    )
     assert doc["currency"] == "USD" and len(doc["bars"]["AAPL"]) == 1
     assert get(http, "/v2/stocks/bars", symbols="AAPL", timeframe="1Min", **DAY, asof="-", feed="otc")["bars"] == {}
 

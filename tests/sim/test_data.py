@@ -111,7 +111,10 @@ def test_daily_bars_stamped_at_new_york_midnight(market: SimMarket) -> None:
     assert ns_strings(summer["t"]) == ["2024-07-05T04:00:00Z"]
     m = market.bars_frame("AAPL", "1Min", *day_range("2024-07-05"))
     assert (summer["o"][0], summer["h"][0], summer["l"][0], summer["c"][0]) == (
-        m["o"][0], m["h"].max(), m["l"].min(), m["c"][-1],
+        m["o"][0],
+        m["h"].max(),
+        m["l"].min(),
+        m["c"][-1],
     )
     assert summer["v"][0] == m["v"].sum() and summer["n"][0] == m["n"].sum()
 
@@ -136,7 +139,10 @@ def test_monthly_bars(market: SimMarket) -> None:
     assert months["v"][0] == daily["v"].sum() and months["h"][0] == daily["h"].max()
     quarters = market.bars_frame("AAPL", "3Month", "2024-01-01", "2024-12-31")
     assert ns_strings(quarters["t"]) == [
-        "2024-01-01T05:00:00Z", "2024-04-01T04:00:00Z", "2024-07-01T04:00:00Z", "2024-10-01T04:00:00Z",
+        "2024-01-01T05:00:00Z",
+        "2024-04-01T04:00:00Z",
+        "2024-07-01T04:00:00Z",
+        "2024-10-01T04:00:00Z",
     ]
     year = market.bars_frame("AAPL", "12Month", "2024-01-01", "2024-12-31")
     assert year["v"][0] == quarters["v"].sum()

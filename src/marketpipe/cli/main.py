@@ -362,17 +362,16 @@ def providers(
             await data.aclose()
 
     rows = asyncio.run(go())
+    cols = ("provider", "state", "circuit", "latency_ms", "error_rate", "ratelimit_headroom")
     table = Table(title="providers", box=box.SIMPLE_HEAD)
-    for col in ("provider", "state", "circuit", "latency_ms", "error_rate", "ratelimit_headroom", "note"):
-        table.add_column(col)
+    for col in cols:
+        table.add_column(col.replace("ratelimit_", ""), no_wrap=True)
     for row in rows:
-        table.add_row(
-            *(
-                _cell(row.get(c))
-                for c in ("provider", "state", "circuit", "latency_ms", "error_rate", "ratelimit_headroom", "note")
-            )
-        )
+        table.add_row(*(_cell(row.get(c)) for c in cols))
     out.print(table)
+    for row in rows:
+        if row.get("note"):
+            out.print(f"{row['provider']}: {row['note']}")
 
 
 @app.command()
@@ -410,15 +409,13 @@ def reconcile(
             await data.aclose()
 
     report = asyncio.run(go())
-    table = Table(title=f"{sym} {tf}: reference {report.reference} (run {report.run_id})", box=box.SIMPLE_HEAD)
-    table.add_column("other source")
-    table.add_column("bars")
+    table = Table(title=f"{sym} {tf} vs reference {report.reference} (run {report.run_id})", box=box.SIMPLE_HEAD)
+    table.add_column("")
+    for other in report.comparisons:
+        table.add_column(other, justify="right", no_wrap=True)
+    table.add_row("bars", *(str(report.bars.get(o, 0)) for o in report.comparisons))
     for level in (*LEVELS, "volume_flagged"):
-        table.add_column(level, justify="right")
-    for other, result in report.comparisons.items():
-        table.add_row(
-            other, str(report.bars.get(other, 0)), *(str(result.counts.get(k, 0)) for k in (*LEVELS, "volume_flagged"))
-        )
+        table.add_row(level, *(str(r.counts.get(level, 0)) for r in report.comparisons.values()))
     out.print(table)
     for other, result in report.comparisons.items():
         worst = result.rows.filter(pl.col("status") == "mismatch").sort("price_delta_pct", descending=True).head(5)

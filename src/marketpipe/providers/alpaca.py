@@ -7,10 +7,8 @@ or model objects on the bulk path. Responses from marketpipe's own simulator car
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import io
-import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -18,7 +16,6 @@ from typing import Any, TypeVar
 
 import httpx
 import msgspec
-import orjson
 import polars as pl
 
 from marketpipe.core.config import ProviderConfig, alpaca_credentials
@@ -28,15 +25,9 @@ from marketpipe.core.errors import (
     MalformedResponse,
     MarketpipeError,
     NotEntitled,
-    NotFound,
-    ProviderBadRequest,
-    ProviderTimeout,
-    ProviderUnavailable,
-    RateLimited,
+    ProviderError,
 )
 from marketpipe.core.log import get_logger
-from marketpipe.core.metrics import PROVIDER_ERRORS, PROVIDER_LATENCY, PROVIDER_REQUESTS
-from marketpipe.core.resilience import Resilience
 from marketpipe.core.schema import (
     BAR_SCHEMA,
     QUOTE_SCHEMA,
@@ -50,6 +41,7 @@ from marketpipe.core.schema import (
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import rfc3339, utcnow
 from marketpipe.providers.base import BarPage, sim_source
+from marketpipe.providers.http import VendorHttp, error_text, status_error
 
 DEFAULT_BASE_URL = "https://data.alpaca.markets"
 ALPACA_HISTORY_START = datetime(2016, 1, 1, tzinfo=UTC)
@@ -344,69 +336,20 @@ def _bar_record(sym: str, tf: str, w: _WBar, source: str, feed: str, fetched: da
 
 # --- errors ------------------------------------------------------------------------------------
 
-_TAG = re.compile(r"<[^>]+>")
-
-
-def _error_message(body: bytes) -> tuple[str, Any]:
-    """Vendor error text from a JSON ``{"message", "code"}`` body or, failing that, plain/HTML text."""
-    try:
-        doc = orjson.loads(body)
-        if isinstance(doc, dict):
-            return str(doc.get("message") or doc.get("error") or doc), doc.get("code")
-    except orjson.JSONDecodeError:
-        pass
-    text = _TAG.sub(" ", body[:500].decode("utf-8", "replace"))
-    return " ".join(text.split())[:200] or "(empty body)", None
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    ra = headers.get("retry-after")
-    if ra:
-        try:
-            return max(0.0, float(ra))
-        except ValueError:
-            pass
-    reset = headers.get("x-ratelimit-reset")
-    if reset:
-        try:
-            return max(0.0, float(reset) - utcnow().timestamp())
-        except ValueError:
-            return None
-    return None
-
 
 def map_http_error(status: int, body: bytes, headers: httpx.Headers, *, provider: str, url: str) -> MarketpipeError:
-    msg, code = _error_message(body)
+    msg, doc = error_text(body)
     details: dict[str, Any] = {"status": status, "vendor_message": msg, "endpoint": url}
-    if code is not None:
-        details["vendor_code"] = code
-    if status in (400, 422):
-        return ProviderBadRequest(f"{provider} rejected the request: {msg}", provider=provider, details=details)
-    if status == 401:
-        return AuthFailed(
-            f"{provider}: authentication missing or malformed ({msg})", provider=provider, details=details
-        )
-    if status == 403:
-        if "subscription does not permit" in msg:
-            details["reason"] = "recent_sip"
-            return NotEntitled(f"{provider}: {msg}", provider=provider, details=details)
-        return AuthFailed(
-            f"{provider}: credentials rejected or not permitted ({msg}); check ALPACA_API_KEY/ALPACA_SECRET_KEY",
-            provider=provider,
-            details=details,
-        )
-    if status == 404:
-        return NotFound(f"{provider}: not found ({msg})", provider=provider, details=details)
-    if status == 429:
-        return RateLimited(
-            f"{provider}: rate limited ({msg})",
-            provider=provider,
-            details=details,
-            retry_after=_retry_after(headers),
-        )
-    if status >= 500:
-        return ProviderUnavailable(f"{provider}: server error {status} ({msg})", provider=provider, details=details)
-    return ProviderBadRequest(f"{provider}: unexpected status {status} ({msg})", provider=provider, details=details)
+    if doc is not None and doc.get("code") is not None:
+        details["vendor_code"] = doc["code"]
+    forbidden: type[ProviderError] = AuthFailed
+    hint = "; check ALPACA_API_KEY/ALPACA_SECRET_KEY"
+    if status == 403 and "subscription does not permit" in msg:
+        details["reason"] = "recent_sip"
+        forbidden = NotEntitled
+    return status_error(
+        status, msg, provider=provider, details=details, headers=headers, forbidden=forbidden, auth_hint=hint
+    )
 
 
 # --- the client --------------------------------------------------------------------------------
@@ -430,25 +373,26 @@ class AlpacaProvider:
         self.config = config or ProviderConfig(priority=1)
         self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._now = now
-        cfg = self.config
-        self._http = httpx.AsyncClient(
+        self._http = VendorHttp(
+            self.name,
+            self.config,
             base_url=self.base_url,
-            headers={
-                "APCA-API-KEY-ID": key,
-                "APCA-API-SECRET-KEY": secret,
-                "User-Agent": "marketpipe/0.1",
-                "Accept": "application/json",
-            },
-            timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),
-            limits=httpx.Limits(max_connections=cfg.max_in_flight * 2, max_keepalive_connections=cfg.max_in_flight),
+            headers={"APCA-API-KEY-ID": key, "APCA-API-SECRET-KEY": secret},
             transport=transport,
+            secrets=(key, secret),
+            map_error=lambda status, body, headers, endpoint: map_http_error(
+                status, body, headers, provider=self.name, url=endpoint
+            ),
         )
-        self.resilience = Resilience(
-            self.name, retry=cfg.retry, circuit=cfg.circuit, rate_limit_per_min=cfg.rate_limit_per_min
-        )
-        self._in_flight = asyncio.Semaphore(cfg.max_in_flight)
-        self.requests = 0
-        self.bytes_received = 0
+        self.resilience = self._http.resilience
+
+    @property
+    def requests(self) -> int:
+        return self._http.requests
+
+    @property
+    def bytes_received(self) -> int:
+        return self._http.bytes_received
 
     @classmethod
     def from_config(
@@ -481,57 +425,7 @@ class AlpacaProvider:
         *,
         offload: bool = False,
     ) -> tuple[Any, httpx.Response]:
-        """GET under retry/limiter/breaker; the body is decoded inside the retried call so that a
-        truncated page is fetched again rather than half-used."""
-        deadline = self.config.connect_timeout + self.config.read_timeout
-
-        async def once() -> tuple[Any, httpx.Response]:
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            status = "error"
-            try:
-                async with self._in_flight:
-                    try:
-                        resp = await asyncio.wait_for(self._http.get(path, params=params), deadline)
-                    except (httpx.TimeoutException, TimeoutError) as exc:
-                        raise ProviderTimeout(
-                            f"alpaca: no answer within {deadline:.1f}s ({type(exc).__name__})",
-                            provider=self.name,
-                            details={"endpoint": endpoint},
-                        ) from exc
-                    except httpx.TransportError as exc:
-                        raise ProviderUnavailable(
-                            f"alpaca: connection failed ({type(exc).__name__}: {exc})",
-                            provider=self.name,
-                            details={"endpoint": endpoint},
-                        ) from exc
-                self.requests += 1
-                self.bytes_received += len(resp.content)
-                status = str(resp.status_code)
-                self.resilience.limiter.observe(resp.headers)
-                if resp.status_code >= 300:
-                    raise map_http_error(resp.status_code, resp.content, resp.headers, provider=self.name, url=endpoint)
-                try:
-                    if offload:
-                        return await asyncio.to_thread(decode, resp), resp
-                    return decode(resp), resp
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError, pl.exceptions.PolarsError) as exc:
-                    snippet = resp.content[:80].decode("utf-8", "replace")
-                    raise MalformedResponse(
-                        f"alpaca: undecodable response body ({exc}); starts with {snippet!r}",
-                        provider=self.name,
-                        details={"endpoint": endpoint, "bytes": len(resp.content)},
-                    ) from exc
-            except MarketpipeError as exc:
-                PROVIDER_ERRORS.labels(self.name, exc.code).inc()
-                log.warning("provider_error", provider=self.name, endpoint=endpoint, code=exc.code, error=exc.message)
-                raise
-            finally:
-                PROVIDER_REQUESTS.labels(self.name, endpoint, status).inc()
-                PROVIDER_LATENCY.labels(self.name, endpoint).observe(loop.time() - started)
-
-        result: tuple[Any, httpx.Response] = await self.resilience.call(once)
-        return result
+        return await self._http.get(path, params, endpoint, decode, offload=offload)
 
     def _source(self, resp: httpx.Response) -> str:
         return sim_source(resp.headers, self.name)

@@ -17,9 +17,7 @@ PROVIDERS: dict[str, tuple[str, str]] = {
 }
 
 
-def create_provider(
-    name: str, config: ProviderConfig, *, env: dict[str, str] | None = None, **kw: Any
-) -> BarsProvider:
+def create_provider(name: str, config: ProviderConfig, *, env: dict[str, str] | None = None, **kw: Any) -> BarsProvider:
     """Build the named provider; raises MISSING_CREDENTIALS when its keys are not in the environment."""
     try:
         module, cls = PROVIDERS[name]

@@ -99,10 +99,7 @@ class HealthMonitor:
             return State.DEGRADED  # the breaker asks for a trial call
         if h.consecutive_failures >= self.down_after or h.probe_ok is False:
             return State.DOWN
-        if (
-            h.error_rate > self.degraded_error_rate
-            or (h.latency is not None and h.latency > self.degraded_latency)
-        ):
+        if h.error_rate > self.degraded_error_rate or (h.latency is not None and h.latency > self.degraded_latency):
             return State.DEGRADED
         return State.HEALTHY
 

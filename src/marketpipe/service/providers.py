@@ -9,9 +9,11 @@ from marketpipe.service.router import ProviderRouter
 
 def probe_call(provider: Any) -> Any:
     """The cheapest request that proves a provider answers: the latest trade of the probe symbol
-    where the provider has one, otherwise a day of daily bars."""
+    where the provider (and its plan) serves one, otherwise a week of daily bars."""
+    from marketpipe.core.timeutil import utcnow
+
     symbol = getattr(getattr(provider, "config", None), "probe_symbol", "SPY")
-    if hasattr(provider, "latest_trades"):
+    if hasattr(provider, "latest_trades") and provider.supports("latest_trade", None, None, None, utcnow()) is None:
         return lambda: provider.latest_trades([symbol])
 
     async def bars() -> None:

@@ -1,0 +1,493 @@
+"""Yahoo Finance chart endpoint (unofficial), bars only. Wire format:
+shared/reference/market-data-apis.md §5 (``GET /v8/finance/chart/{symbol}``).
+
+A fallback vendor: no key, no SLA, limits learnt from observation. What the adapter does with
+Yahoo's quirks:
+
+* One symbol per request (the endpoint takes one), one page per request. 1m history is asked for in
+  windows of at most 7 days, the most Yahoo serves per 1m request.
+* Intervals: 1Min, 2Min, 5Min, 15Min, 30Min (bucket starts coincide with the canonical clock-aligned
+  ones for a 09:30 open), 1Day, 1Week, 1Month, 3Month. Not 1Hour: Yahoo's hourly buckets start at
+  the half hour (09:30, 10:30, ...), so they are different bars from the canonical clock hour.
+* Lookback: 1m only within the last 30 days, 2m-30m within 60 days. ``supports`` reports a request
+  outside those windows (with a margin for the time between routing and sending), so a router
+  skips Yahoo instead of collecting a 422.
+* Daily and longer bars, stamped by Yahoo at the session open (09:30 New York), are re-stamped to
+  the canonical stamp: 00:00 New York of the day, of the week's Monday, of the month (bucket), in
+  UTC — ``T05:00:00Z`` in winter, ``T04:00:00Z`` in summer, like Alpaca's. The wire window is
+  widened to whole buckets so that exactly the bars whose canonical stamp is in ``[start, end)``
+  come back. ``raw_ts`` keeps Yahoo's Unix seconds as sent.
+* Rows whose o/h/l/c are all null (and volume null or 0) are Yahoo's padding for minutes without
+  trades or halts: not data, so they are dropped — never filled. A row with only some fields null
+  is kept, with its nulls, for the checks to quarantine.
+* Prices arrive as float32 widened to double (``414.9200134277344``). A value that is exactly a
+  float32 is taken as the decimal that float32 stands for (``414.92``): the same number at the
+  vendor's precision, so that it compares equal with other vendors' cents. Other values pass as
+  sent.
+* Yahoo has no trade count or VWAP (null), one consolidated feed (``feed="yahoo"`` whatever feed is
+  asked for) and OHLC that are split-adjusted but not dividend-adjusted: ``adjustment`` may be
+  ``raw`` or ``split`` (identical answers: after the latest split raw equals split-adjusted).
+* Errors: 404 chart error (unknown symbol) -> NOT_FOUND, so a router moves on; 422 (lookback) and
+  400 -> PROVIDER_BAD_REQUEST with Yahoo's description; 429 (plain text) -> RATE_LIMITED; 5xx ->
+  PROVIDER_UNAVAILABLE; an HTML page with status 200 or a cut-off body -> MALFORMED_RESPONSE
+  (retried). Responses from marketpipe's simulator are labelled ``source="sim:yahoo"``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import msgspec
+import polars as pl
+
+from marketpipe.core.config import DEFAULT_PROVIDERS, ProviderConfig
+from marketpipe.core.errors import (
+    InvalidArgument,
+    InvalidTimeframe,
+    MalformedResponse,
+    MarketpipeError,
+    NotFound,
+    ProviderBadRequest,
+)
+from marketpipe.core.log import get_logger
+from marketpipe.core.schema import BAR_SCHEMA, UTC_US
+from marketpipe.core.timeframe import Timeframe, Unit
+from marketpipe.core.timeutil import NY, utcnow
+from marketpipe.providers.base import BarPage, sim_source
+from marketpipe.providers.http import VendorHttp, error_text, status_error
+
+DEFAULT_BASE_URL = "https://query2.finance.yahoo.com"
+# Yahoo throttles clients that do not look like a browser (reference §5.4).
+BROWSER_USER_AGENT = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
+)
+FEED = "yahoo"
+MAX_LIMIT = 10_000
+ADJUSTMENTS = ("raw", "split")
+ENDPOINT = "chart"
+
+INTERVALS: dict[Timeframe, str] = {
+    Timeframe(1, Unit.MINUTE): "1m",
+    Timeframe(2, Unit.MINUTE): "2m",
+    Timeframe(5, Unit.MINUTE): "5m",
+    Timeframe(15, Unit.MINUTE): "15m",
+    Timeframe(30, Unit.MINUTE): "30m",
+    Timeframe(1, Unit.DAY): "1d",
+    Timeframe(1, Unit.WEEK): "1wk",
+    Timeframe(1, Unit.MONTH): "1mo",
+    Timeframe(3, Unit.MONTH): "3mo",
+}
+LOOKBACK: dict[str, timedelta] = {
+    "1m": timedelta(days=30),
+    **{iv: timedelta(days=60) for iv in ("2m", "5m", "15m", "30m")},
+}
+MAX_SPAN: dict[str, timedelta] = {"1m": timedelta(days=7)}
+# The router asks supports() a little before the request leaves; keep clear of the lookback edge.
+LOOKBACK_MARGIN = timedelta(hours=1)
+PRICES = ("open", "high", "low", "close")
+
+log = get_logger("marketpipe.providers.yahoo")
+
+
+# --- wire structs (gc=False: decoded objects hold no cycles) ------------------------------------
+
+
+class _Quote(msgspec.Struct, gc=False):
+    open: list[float | None] | None = None
+    high: list[float | None] | None = None
+    low: list[float | None] | None = None
+    close: list[float | None] | None = None
+    volume: list[float | None] | None = None
+
+
+class _Indicators(msgspec.Struct, gc=False):
+    quote: list[_Quote] | None = None
+
+
+class _Meta(msgspec.Struct, gc=False):
+    exchangeTimezoneName: str | None = None
+
+
+class _Result(msgspec.Struct, gc=False):
+    meta: _Meta | None = None
+    timestamp: list[int] | None = None
+    indicators: _Indicators | None = None
+
+
+class _Error(msgspec.Struct, gc=False):
+    code: str | None = None
+    description: str | None = None
+
+
+class _Chart(msgspec.Struct, gc=False):
+    result: list[_Result] | None = None
+    error: _Error | None = None
+
+
+class _Doc(msgspec.Struct, gc=False):
+    chart: _Chart
+
+
+_DECODER = msgspec.json.Decoder(_Doc)
+
+
+# --- symbols and windows -----------------------------------------------------------------------
+
+
+def to_yahoo(symbol: str) -> str:
+    """Canonical ``BRK.B`` -> Yahoo ``BRK-B``."""
+    return symbol.replace(".", "-")
+
+
+def from_yahoo(symbol: str) -> str:
+    """Yahoo ``BRK-B`` -> canonical ``BRK.B``."""
+    return symbol.replace("-", ".")
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+
+
+def _ceil_seconds(ts: datetime) -> int:
+    """Unix seconds rounded up, in exact timedelta arithmetic (float timestamps can be off by one)."""
+    whole, rest = divmod(ts - _EPOCH, _SECOND)
+    return int(whole) + (1 if rest else 0)
+
+
+def _bucket_start(day: date, tf: Timeframe) -> date:
+    if tf.unit is Unit.WEEK:
+        return day - timedelta(days=day.weekday())
+    if tf.unit is Unit.MONTH:
+        return date(day.year, (day.month - 1) // tf.amount * tf.amount + 1, 1)
+    return day
+
+
+def _next_bucket(day: date, tf: Timeframe) -> date:
+    if tf.unit is Unit.WEEK:
+        return day + timedelta(days=7)
+    if tf.unit is Unit.MONTH:
+        y, m = divmod(day.year * 12 + day.month - 1 + tf.amount, 12)
+        return date(y, m + 1, 1)
+    return day + timedelta(days=1)
+
+
+def _ny_midnight(day: date) -> datetime:
+    return datetime.combine(day, time(0), NY).astimezone(UTC)
+
+
+def _ceil_bucket(ts: datetime, tf: Timeframe) -> datetime:
+    """The first canonical daily/weekly/monthly stamp (NY midnight) at or after ``ts``."""
+    start = _bucket_start(ts.astimezone(NY).date(), tf)
+    stamp = _ny_midnight(start)
+    return stamp if stamp >= ts else _ny_midnight(_next_bucket(start, tf))
+
+
+def wire_windows(tf: Timeframe, start: datetime, end: datetime) -> list[tuple[int, int, datetime]]:
+    """``(period1, period2, covered_through)`` per request for canonical ``[start, end)``.
+
+    Intraday: Unix seconds rounded up (bars start on whole seconds, so ``t >= start`` is
+    ``t >= ceil(start)``), 1m split into windows Yahoo accepts. Daily and longer: widened to the
+    NY-midnight bucket stamps, so Yahoo's session-open stamps select the same bars.
+    """
+    name = INTERVALS[tf]
+    if not tf.is_intraday:
+        return [(int(_ceil_bucket(start, tf).timestamp()), int(_ceil_bucket(end, tf).timestamp()), end)]
+    span = MAX_SPAN.get(name)
+    if span is None:
+        return [(_ceil_seconds(start), _ceil_seconds(end), end)]
+    out: list[tuple[int, int, datetime]] = []
+    lo = start
+    while lo < end:
+        hi = min(lo + span, end)
+        out.append((_ceil_seconds(lo), _ceil_seconds(hi), hi))
+        lo = hi
+    return out
+
+
+# --- columnar conversion -----------------------------------------------------------------------
+
+
+def _unwiden(col: str) -> pl.Expr:
+    """A float32 widened to double -> the decimal the float32 stands for (see the module docstring)."""
+    x = pl.col(col)
+    f32 = x.cast(pl.Float32)
+    return pl.when(f32.cast(pl.Float64) == x).then(f32.cast(pl.String).cast(pl.Float64)).otherwise(x).alias(col)
+
+
+def _canonical_ts(tf: Timeframe, tz: str) -> pl.Expr:
+    """Yahoo's Unix seconds -> the canonical bar stamp (UTC, microseconds)."""
+    utc = pl.from_epoch(pl.col("t"), time_unit="s").dt.replace_time_zone("UTC").cast(UTC_US)
+    if tf.is_intraday:
+        return utc
+    day = utc.dt.convert_time_zone(tz).dt.date()
+    if tf.unit is Unit.WEEK:
+        day = day.dt.truncate("1w")  # Monday
+    elif tf.unit is Unit.MONTH:
+        day = day.dt.truncate(f"{tf.amount}mo")  # month buckets aligned to January
+    return day.cast(pl.Datetime("us")).dt.replace_time_zone("America/New_York").dt.convert_time_zone("UTC")
+
+
+def chart_to_frame(
+    result: _Result, symbol: str, tf: Timeframe, source: str, fetched_at: datetime
+) -> tuple[pl.DataFrame, int]:
+    """One chart result to a canonical frame, and how many all-null padding rows were dropped."""
+    stamps = result.timestamp or []
+    if not stamps:
+        return pl.DataFrame(schema={**BAR_SCHEMA, "raw_ts": pl.String()}), 0
+    quotes = result.indicators.quote if result.indicators is not None else None
+    q = quotes[0] if quotes else _Quote()
+    n = len(stamps)
+    columns: dict[str, pl.Series] = {"t": pl.Series("t", stamps, dtype=pl.Int64)}
+    for name in (*PRICES, "volume"):
+        values = getattr(q, name)
+        if values is None or len(values) != n:
+            got = "missing" if values is None else f"{len(values)} values"
+            raise MalformedResponse(
+                f"yahoo: {symbol} chart has {n} timestamps but {name} is {got}",
+                provider="yahoo",
+                details={"symbol": symbol, "field": name},
+            )
+        columns[name] = pl.Series(name, values, dtype=pl.Float64, strict=False)
+    raw = pl.DataFrame(columns)
+    no_price = pl.all_horizontal([pl.col(c).is_null() for c in PRICES])
+    padding = no_price & (pl.col("volume").is_null() | (pl.col("volume") == 0))
+    kept = raw.filter(~padding)
+    tz = (result.meta.exchangeTimezoneName if result.meta else None) or "America/New_York"
+    frame = kept.select(
+        pl.lit(symbol, pl.String).alias("symbol"),
+        pl.lit(str(tf), pl.String).alias("timeframe"),
+        _canonical_ts(tf, tz).alias("ts"),
+        *(_unwiden(c) for c in PRICES),
+        pl.col("volume").cast(pl.Int64, strict=False),
+        pl.lit(None, pl.Int64).alias("trade_count"),
+        pl.lit(None, pl.Float64).alias("vwap"),
+        pl.lit(source, pl.String).alias("source"),
+        pl.lit(FEED, pl.String).alias("feed"),
+        pl.lit(fetched_at, UTC_US).alias("fetched_at"),
+        pl.col("t").cast(pl.String).alias("raw_ts"),
+    )
+    return frame, raw.height - kept.height
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def _vendor_error(body: bytes) -> tuple[str, str | None]:
+    """Yahoo's ``description``/``code`` from ``{"chart"|"finance": {"error": {...}}}``, else the text."""
+    msg, doc = error_text(body)
+    if doc is not None:
+        for key in ("chart", "finance"):
+            err = (doc.get(key) or {}).get("error") if isinstance(doc.get(key), dict) else None
+            if isinstance(err, dict):
+                return str(err.get("description") or err.get("code") or msg), err.get("code")
+    return msg, None
+
+
+def map_http_error(status: int, body: bytes, headers: httpx.Headers, endpoint: str) -> MarketpipeError:
+    msg, code = _vendor_error(body)
+    details: dict[str, Any] = {"status": status, "vendor_message": msg, "endpoint": endpoint}
+    if code is not None:
+        details["vendor_code"] = code
+    return status_error(
+        status,
+        msg,
+        provider="yahoo",
+        details=details,
+        headers=headers,
+        auth_hint="; Yahoo may now want a session cookie and crumb for the chart endpoint",
+    )
+
+
+def _error_in_200(err: _Error, symbol: str) -> MarketpipeError:
+    """A chart error inside a 200 answer, typed as its HTTP twin would be."""
+    text = err.description or err.code or "chart error"
+    details = {"status": 200, "vendor_message": text, "vendor_code": err.code, "symbol": symbol}
+    if (err.code or "").lower() == "not found":
+        return NotFound(f"yahoo: not found ({text})", provider="yahoo", details=details)
+    return ProviderBadRequest(f"yahoo rejected the request: {text}", provider="yahoo", details=details)
+
+
+# --- the client --------------------------------------------------------------------------------
+
+
+class YahooProvider:
+    """Async client for Yahoo's chart endpoint. ``async with YahooProvider() as p: ...``"""
+
+    name = "yahoo"
+
+    def __init__(
+        self,
+        *,
+        config: ProviderConfig | None = None,
+        base_url: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.config = config or msgspec.convert(DEFAULT_PROVIDERS.get(self.name, {}), ProviderConfig)
+        self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._now = now
+        self._http = VendorHttp(
+            self.name,
+            self.config,
+            base_url=self.base_url,
+            headers={"User-Agent": BROWSER_USER_AGENT, "Accept": "application/json,text/plain,*/*"},
+            transport=transport,
+            map_error=map_http_error,
+        )
+        self.resilience = self._http.resilience
+        self.padding_rows_dropped = 0
+        self._last_source = self.name
+
+    @classmethod
+    def from_config(
+        cls, config: ProviderConfig | None = None, *, env: dict[str, str] | None = None, **kw: Any
+    ) -> YahooProvider:
+        """No credentials exist for this endpoint; ``env`` is accepted for a uniform factory call."""
+        return cls(config=config, **kw)
+
+    @property
+    def requests(self) -> int:
+        return self._http.requests
+
+    @property
+    def bytes_received(self) -> int:
+        return self._http.bytes_received
+
+    async def __aenter__(self) -> YahooProvider:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- capabilities --------------------------------------------------------------------------
+
+    def supports(
+        self, kind: str, timeframe: Timeframe | None, start: datetime | None, end: datetime | None, now: datetime
+    ) -> str | None:
+        """Bars only, at the intervals Yahoo has, inside its intraday lookback windows."""
+        if kind != "bars":
+            return f"yahoo serves bars only, not {kind}"
+        if timeframe is None:
+            return "yahoo needs a bar timeframe"
+        name = INTERVALS.get(timeframe)
+        if name is None:
+            if timeframe.unit is Unit.HOUR:
+                return f"yahoo has no {timeframe} bars (its hourly buckets start at the half hour)"
+            return f"yahoo has no {timeframe} bars; it serves {', '.join(str(t) for t in INTERVALS)}"
+        lookback = LOOKBACK.get(name)
+        if lookback is not None and start is not None and start < now - lookback + LOOKBACK_MARGIN:
+            return f"yahoo keeps {timeframe} bars for the last {lookback.days} days only"
+        return None
+
+    # --- historical --------------------------------------------------------------------------
+
+    async def iter_bars(
+        self,
+        symbols: list[str],
+        timeframe: Timeframe,
+        start: datetime,
+        end: datetime,
+        *,
+        feed: str | None = None,
+        adjustment: str = "raw",
+        limit: int = MAX_LIMIT,
+        asof: str | None = None,
+    ) -> AsyncIterator[BarPage]:
+        """Pages of bars for ``[start, end)``, one symbol at a time, one page per Yahoo request.
+
+        ``feed`` is ignored (Yahoo has one feed), as are ``limit`` (Yahoo answers a window whole)
+        and ``asof`` (no symbol history). A symbol Yahoo does not know raises NOT_FOUND after the
+        pages of the symbols before it.
+        """
+        if not symbols:
+            raise InvalidArgument("no symbols given", details={"parameter": "symbols"})
+        if end <= start:
+            raise InvalidArgument("end must be after start", details={"parameter": "end"})
+        if adjustment not in ADJUSTMENTS:
+            raise InvalidArgument(
+                f"yahoo serves adjustment {' or '.join(ADJUSTMENTS)} only (its OHLC are split-adjusted), "
+                f"not {adjustment!r}",
+                details={"parameter": "adjustment"},
+            )
+        interval = INTERVALS.get(timeframe)
+        if interval is None:
+            raise InvalidTimeframe(
+                f"yahoo has no {timeframe} bars; it serves {', '.join(str(t) for t in INTERVALS)}",
+                details={"timeframe": str(timeframe)},
+            )
+        windows = wire_windows(timeframe, start, end)
+        number = 0
+        for si, sym in enumerate(symbols):
+            path = f"/v8/finance/chart/{quote(to_yahoo(sym), safe='')}"
+            for wi, (p1, p2, through) in enumerate(windows):
+                last_window = wi == len(windows) - 1
+                frame, source, request_id, nbytes = await self._fetch(path, sym, timeframe, interval, p1, p2)
+                number += 1
+                page = BarPage(
+                    frame=frame,
+                    symbols=list(symbols),
+                    timeframe=timeframe,
+                    start=start,
+                    end=end,
+                    feed=FEED,
+                    source=source,
+                    request_id=request_id,
+                    fetched_at=frame["fetched_at"][0] if frame.height else self._now(),
+                    next_page_token=None,
+                    page_number=number,
+                    complete_through={sym: end if last_window else through},
+                    last_page=last_window and si == len(symbols) - 1,
+                    nbytes=nbytes,
+                    kind="bars",
+                )
+                yield page
+
+    async def _fetch(
+        self, path: str, symbol: str, tf: Timeframe, interval: str, p1: int, p2: int
+    ) -> tuple[pl.DataFrame, str, str, int]:
+        """(frame, source, request id, bytes) of one chart window; an empty window asks nothing."""
+        if p2 <= p1:
+            # no canonical stamp in the window (e.g. 10:00-15:00 of one day for daily bars)
+            return pl.DataFrame(schema={**BAR_SCHEMA, "raw_ts": pl.String()}), self._last_source, uuid.uuid4().hex, 0
+        params = {"interval": interval, "period1": p1, "period2": p2, "includePrePost": "false"}
+
+        def decode(resp: httpx.Response) -> tuple[pl.DataFrame, int]:
+            doc = _DECODER.decode(resp.content)
+            chart = doc.chart
+            if not chart.result:
+                if chart.error is not None:
+                    raise _error_in_200(chart.error, symbol)
+                raise MalformedResponse(
+                    f"yahoo: chart for {symbol} has neither a result nor an error",
+                    provider=self.name,
+                    details={"symbol": symbol},
+                )
+            return chart_to_frame(chart.result[0], symbol, tf, sim_source(resp.headers, self.name), self._now())
+
+        (frame, dropped), resp = await self._http.get(path, params, ENDPOINT, decode, offload=True)
+        if dropped:
+            self.padding_rows_dropped += dropped
+            log.debug("yahoo_padding_dropped", symbol=symbol, interval=interval, rows=dropped)
+        self._last_source = sim_source(resp.headers, self.name)
+        request_id = resp.headers.get("x-request-id") or resp.headers.get("y-rid") or uuid.uuid4().hex[:16]
+        return frame, self._last_source, request_id, len(resp.content)
+
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "INTERVALS",
+    "YahooProvider",
+    "chart_to_frame",
+    "from_yahoo",
+    "map_http_error",
+    "to_yahoo",
+    "wire_windows",
+]
