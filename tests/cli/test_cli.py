@@ -158,10 +158,15 @@ def test_config_show_masks_secrets(cfg: Path) -> None:
         "show",
         "--config",
         str(cfg),
-        env={"ALPACA_API_KEY": "PKVISIBLEKEY123", "ALPACA_SECRET_KEY": "s3cr3tvalue"},
+        env={
+            "ALPACA_API_KEY": "PKVISIBLEKEY123",
+            "ALPACA_SECRET_KEY": "s3cr3tvalue",
+            "POLYGON_API_KEY": "polysecret99",
+        },
     )
     assert r.returncode == 0, r.stderr
-    assert "s3cr3tvalue" not in r.stdout and "PKVISIBLEKEY123" not in r.stdout
+    assert "s3cr3tvalue" not in r.stdout and "PKVISIBLEKEY123" not in r.stdout and "polysecret99" not in r.stdout
+    assert "POLYGON_API_KEY" in r.stdout
     assert "unlimited" in r.stdout
 
 

@@ -103,8 +103,11 @@ async def test_hang_fails_over_after_the_timeout(router: ProviderRouter, servers
     router.get("primary").config.connect_timeout = 0.3
     servers[0].faults.set([FaultRule(kind="hang", hang_seconds=5, after=1)])
     stats = await run_backfill(router, store, CAL, SYMS, TF, *WEEK, page_limit=1000, concurrency=1)
-    assert stats.ok and stats.failovers == 1
-    assert stats.seconds < 4  # timeout x attempts, not the hang
+    # no retries while a fallback exists: each failover costs one timeout, and after two the
+    # primary's circuit opens and later units go straight to the backup
+    assert stats.ok and 1 <= stats.failovers <= 2
+    assert router.get("primary").resilience.retries == 0
+    assert stats.seconds < 2.5
 
 
 async def test_all_providers_failed_lists_each_cause(router: ProviderRouter, servers, store: DuckDBStore) -> None:  # type: ignore[no-untyped-def]
@@ -128,7 +131,18 @@ async def test_open_circuit_is_skipped_then_recovers_half_open_to_closed(
 
     primary = router.get("primary")
     servers[0].faults.set([FaultRule(kind="http_503")])
-    await run_backfill(router, store, CAL, ["AAPL"], TF, parse_time("2024-03-04"), parse_time("2024-03-04", end=True))
+    # two one-day units, each failing once on the primary: the second failure opens its circuit
+    await run_backfill(
+        router,
+        store,
+        CAL,
+        ["AAPL"],
+        TF,
+        parse_time("2024-03-04"),
+        parse_time("2024-03-05", end=True),
+        page_limit=390,
+        concurrency=1,
+    )
     assert primary.resilience.breaker.state is CircuitState.OPEN
     assert router.health.state("primary") is State.DOWN
     candidates, skipped = router.candidates("bars", TF, *WEEK)

@@ -527,7 +527,9 @@ def config_show(config: ConfigOpt = None) -> None:
     doc = msgspec.to_builtins(cfg)
     doc["store"]["path"] = str(cfg.store_path())
     doc["source_path"] = cfg.source_path or "(defaults; no config file found)"
-    doc["credentials"] = {v: mask(os.environ.get(v)) for v in ALPACA_KEY_VARS + ALPACA_SECRET_VARS}
+    doc["credentials"] = {
+        v: mask(os.environ.get(v)) for v in (*ALPACA_KEY_VARS, *ALPACA_SECRET_VARS, "POLYGON_API_KEY")
+    }
     import json
 
     out.print_json(json.dumps(doc))

@@ -10,9 +10,11 @@ metrics — both are small.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -30,6 +32,21 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import CIRCUIT_STATE, PROVIDER_RETRIES, RATELIMIT_REMAINING
 
 T = TypeVar("T")
+
+# Set while a router has another provider to fall back to: then a failing call is not retried here —
+# moving on at once is faster than retrying a provider that is down, and avoids a retry storm.
+_FAILOVER_AVAILABLE: contextvars.ContextVar[bool] = contextvars.ContextVar("marketpipe_failover", default=False)
+
+
+@contextlib.contextmanager
+def failover_available() -> Iterator[None]:
+    token = _FAILOVER_AVAILABLE.set(True)
+    try:
+        yield
+    finally:
+        _FAILOVER_AVAILABLE.reset(token)
+
+
 log = get_logger("marketpipe.resilience")
 Clock = Callable[[], float]
 
@@ -271,8 +288,9 @@ class Resilience:
             ra = exc.retry_after if isinstance(exc, MarketpipeError) else None
             return ra is None or ra <= self.retry_policy.max_retry_after_seconds
 
+        attempts = 1 if _FAILOVER_AVAILABLE.get() else max(1, self.retry_policy.attempts)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(max(1, self.retry_policy.attempts)),
+            stop=stop_after_attempt(attempts),
             wait=Backoff(self.retry_policy),
             retry=retry_if_exception(retry_allowed),
             reraise=True,

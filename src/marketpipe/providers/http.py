@@ -283,7 +283,7 @@ class VendorHttp:
                         resp = await asyncio.wait_for(self._client.get(target, params=query), deadline)
                     except (httpx.TimeoutException, TimeoutError) as exc:
                         raise ProviderTimeout(
-                            f"{name}: no answer within {deadline:.1f}s ({type(exc).__name__})",
+                            f"{name}: {_timeout_text(exc, self.config, deadline)} ({type(exc).__name__})",
                             provider=name,
                             details={"endpoint": endpoint},
                         ) from exc
@@ -332,3 +332,12 @@ class VendorHttp:
 
 
 __all__ = ["MIN_SECRET_LEN", "REDACTED", "ErrorMapper", "VendorHttp", "error_text", "retry_after", "status_error"]
+
+
+def _timeout_text(exc: BaseException, config: ProviderConfig, deadline: float) -> str:
+    """Name the limit that actually fired: httpx's connect or read timeout, or our overall deadline."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"no connection within {config.connect_timeout:.1f}s"
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"no data within the {config.read_timeout:.1f}s read timeout"
+    return f"no complete answer within {deadline:.1f}s"

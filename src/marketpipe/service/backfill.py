@@ -16,6 +16,7 @@ fetches again; the anti-join insert makes re-delivered rows harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from marketpipe.core.errors import (
 )
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FAILOVERS
+from marketpipe.core.resilience import failover_available
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
 from marketpipe.providers.base import BarPage, BarsProvider
@@ -348,16 +350,18 @@ async def run_backfill(
         assert router is not None
         need = dict.fromkeys(unit.symbols, unit.start)
         candidates, attempts = router.candidates("bars", timeframe, unit.start, unit.end)
-        for source in candidates:
+        for i, source in enumerate(candidates):
             pending = [s for s in unit.symbols if need[s] < unit.end]
             if not pending:
                 break
+            fallback = failover_available() if i < len(candidates) - 1 else contextlib.nullcontext()
             by_start: dict[datetime, list[str]] = defaultdict(list)
             for sym in pending:
                 by_start[need[sym]].append(sym)
             try:
-                for from_, syms in sorted(by_start.items()):
-                    await fetch(source, syms, from_, unit, need)
+                with fallback:
+                    for from_, syms in sorted(by_start.items()):
+                        await fetch(source, syms, from_, unit, need)
             except ProviderError as exc:
                 attempts.append(Attempt(source.name, exc.code, exc.message))
                 stats.failovers += 1
