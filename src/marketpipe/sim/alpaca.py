@@ -22,7 +22,6 @@ on it):
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import math
@@ -43,6 +42,7 @@ from marketpipe.core.timeutil import NY
 from marketpipe.sim.admin import Stats, add_admin_routes
 from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
 from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, corrupt_bars
+from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
 
 SIM_HEADER = "X-Marketpipe-Sim"
 PLAN_LIMITS = {"unlimited": 10_000, "free": 200}
@@ -92,15 +92,6 @@ CONDITIONS = {
     "quote": {"R": "Regular, Two-Sided Open"},
 }
 
-NGINX_502 = (
-    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway"
-    b"</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
-)
-NGINX_503 = (
-    b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n<center>"
-    b"<h1>503 Service Temporarily Unavailable</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n"
-    b"</html>\r\n"
-)
 MAINTENANCE_200 = (
     b"<!DOCTYPE html>\n<html><head><title>Scheduled maintenance</title></head>\n<body><h1>We'll be"
     b" back soon</h1><p>The service is undergoing maintenance.</p></body></html>\n"
@@ -392,13 +383,10 @@ class AlpacaFace:
             return self._finish(error("too many requests.", 429), headers), "429"
 
         decision = self.faults.decide(request.path)
-        if decision.latency_s:
-            await asyncio.sleep(decision.latency_s)
         fault = decision.fault
-        if fault is not None:
-            early = await self._before(fault, request, headers)
-            if early is not None:
-                return early
+        early = await before_handler(decision, request, self._bodies(headers))
+        if early is not None:
+            return early
 
         try:
             resp = await handler(request)
@@ -407,39 +395,27 @@ class AlpacaFace:
         except web.HTTPException as exc:  # unknown /v2 route or method, after auth like the vendor
             resp = _route_error(exc)
 
-        if fault is not None and resp.status == 200 and isinstance(resp, web.Response):
+        resp = truncate_if_asked(fault, resp)
+        if fault is not None and fault.kind == "invalid_rows" and resp.status == 200 and isinstance(resp, web.Response):
             body = resp.body
-            if isinstance(body, bytes) and fault.kind == "truncated_json":
-                resp = web.Response(body=body[: max(1, len(body) // 2)], content_type="application/json")
-            elif isinstance(body, bytes) and fault.kind == "invalid_rows" and BAR_PATHS.match(request.path):
+            if isinstance(body, bytes) and BAR_PATHS.match(request.path):
                 doc = orjson.loads(body)
                 corrupt_bars(doc, fault, self.faults.seed)
                 resp = raw_json(orjson.dumps(doc))
         return self._finish(resp, headers), str(resp.status)
 
-    async def _before(
-        self, fault: FaultRule, request: web.Request, headers: dict[str, str]
-    ) -> tuple[web.StreamResponse, str] | None:
-        """Faults that replace the answer (returned) or delay it (None: answer normally)."""
-        kind = fault.kind
-        if kind == "reset":
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=500), "reset"  # never reaches the client: the socket is gone
-        if kind == "hang":
-            await asyncio.sleep(fault.hang_seconds)
-        elif kind == "http_500":
-            return self._finish(error("internal server error", 500), headers), "500"
-        elif kind in ("http_502", "http_503"):
-            status, page = (502, NGINX_502) if kind == "http_502" else (503, NGINX_503)
-            return self._finish(web.Response(body=page, status=status, content_type="text/html"), headers), str(status)
-        elif kind == "html_200":
-            return self._finish(web.Response(body=MAINTENANCE_200, content_type="text/html"), headers), "200"
-        elif kind == "rate_limit":
+    def _bodies(self, headers: dict[str, str]) -> VendorBodies:
+        def too_many(fault: FaultRule) -> web.StreamResponse:
             reset = math.ceil(self.clock() + fault.reset_seconds)
             headers.update({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(reset)})
-            return self._finish(error("too many requests.", 429), headers), "429"
-        return None
+            return error("too many requests.", 429)
+
+        return VendorBodies(
+            server_error=lambda: error("internal server error", 500),
+            too_many=too_many,
+            outage_200=MAINTENANCE_200,
+            finish=lambda r: self._finish(r, headers),
+        )
 
     @staticmethod
     def _finish(resp: web.StreamResponse, headers: dict[str, str]) -> web.StreamResponse:

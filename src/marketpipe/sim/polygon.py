@@ -43,7 +43,6 @@ on it):
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import re
@@ -64,7 +63,7 @@ from marketpipe.core.timeframe import DAY1, MIN1, Timeframe, Unit
 from marketpipe.core.timeutil import NY
 from marketpipe.sim.admin import Stats, add_admin_routes
 from marketpipe.sim.alpaca import DEFAULT_KEYS as ALPACA_DEFAULT_KEYS
-from marketpipe.sim.alpaca import MAINTENANCE_200, NGINX_502, NGINX_503, SIM_HEADER, RateLimits, json_response
+from marketpipe.sim.alpaca import MAINTENANCE_200, SIM_HEADER, RateLimits, json_response
 from marketpipe.sim.data import (
     NS_PER_DAY,
     NS_PER_SEC,
@@ -75,6 +74,7 @@ from marketpipe.sim.data import (
     parse_rfc3339_ns,
 )
 from marketpipe.sim.faults import FaultRule, Faults, corrupt_bars
+from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
 
 PLANS = ("unlimited", "delayed", "free")
 DEFAULT_KEYS: dict[str, str] = {"POLYKEY": "unlimited", "POLYDELAYED": "delayed", "POLYFREE": "free"}
@@ -319,48 +319,30 @@ class PolygonFace:
             return json_response(body_of("ERROR", TOO_MANY, request_id), 429), "429"
 
         decision = self.faults.decide(self._fault_path(request))
-        if decision.latency_s:
-            await asyncio.sleep(decision.latency_s)
         fault = decision.fault
-        if fault is not None:
-            early = await self._before(fault, request, request_id)
-            if early is not None:
-                return early
+        early = await before_handler(decision, request, self._bodies(request_id))
+        if early is not None:
+            return early
         try:
             resp = await handler(request)
         except PolygonError as exc:
             resp = json_response(body_of(exc.kind, exc.text, request_id), exc.status)
         except web.HTTPException as exc:  # unknown /v2 route, after auth like the vendor
             resp = json_response(body_of("NOT_FOUND", "Route not found", request_id), exc.status)
-        if fault is not None and resp.status == 200 and isinstance(resp, web.Response):
+        resp = truncate_if_asked(fault, resp)
+        if fault is not None and fault.kind == "invalid_rows" and resp.status == 200 and isinstance(resp, web.Response):
             body = resp.body
-            if isinstance(body, bytes) and fault.kind == "truncated_json":
-                resp = web.Response(body=body[: max(1, len(body) // 2)], content_type="application/json")
-            elif isinstance(body, bytes) and fault.kind == "invalid_rows" and "multiplier" in request.match_info:
+            if isinstance(body, bytes) and "multiplier" in request.match_info:
                 resp = json_response(self._corrupt(orjson.loads(body), fault))
         return resp, str(resp.status)
 
-    async def _before(
-        self, fault: FaultRule, request: web.Request, request_id: str
-    ) -> tuple[web.StreamResponse, str] | None:
-        """Faults that replace the answer (returned) or delay it (None: answer normally)."""
-        kind = fault.kind
-        if kind == "reset":
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=500), "reset"  # never reaches the client: the socket is gone
-        if kind == "hang":
-            await asyncio.sleep(fault.hang_seconds)
-        elif kind == "http_500":
-            return json_response(body_of("ERROR", "Internal server error", request_id), 500), "500"
-        elif kind in ("http_502", "http_503"):
-            status, page = (502, NGINX_502) if kind == "http_502" else (503, NGINX_503)
-            return web.Response(body=page, status=status, content_type="text/html"), str(status)
-        elif kind == "html_200":
-            return web.Response(body=MAINTENANCE_200, content_type="text/html"), "200"
-        elif kind == "rate_limit":
-            return web.Response(status=429), "429"
-        return None
+    @staticmethod
+    def _bodies(request_id: str) -> VendorBodies:
+        return VendorBodies(
+            server_error=lambda: json_response(body_of("ERROR", "Internal server error", request_id), 500),
+            too_many=lambda fault: web.Response(status=429),  # Polygon's 429 sometimes has no body at all
+            outage_200=MAINTENANCE_200,
+        )
 
     def _corrupt(self, doc: dict[str, Any], fault: FaultRule) -> dict[str, Any]:
         """``invalid_rows`` through the shared corrupter, which works on Alpaca's RFC-3339 stamps."""

@@ -45,7 +45,6 @@ that checks must quarantine).
 
 from __future__ import annotations
 
-import asyncio
 import calendar as pycal
 import re
 import time
@@ -61,9 +60,10 @@ from aiohttp import web
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY
 from marketpipe.sim.admin import Stats, add_admin_routes
-from marketpipe.sim.alpaca import NGINX_502, NGINX_503, SIM_HEADER, RateLimits
+from marketpipe.sim.alpaca import SIM_HEADER, RateLimits
 from marketpipe.sim.data import NS_PER_SEC, BarArrays, SimMarket, aggregate, ny_midnight_ns, parse_rfc3339_ns
 from marketpipe.sim.faults import FaultRule, Faults, corrupt_bars
+from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
 
 CHART_PREFIX = "/v8/finance/chart/"
 NS_PER_MIN = 60 * NS_PER_SEC
@@ -233,51 +233,18 @@ class YahooFace:
             return _sim(_too_many()), "429"
 
         decision = self.faults.decide(f"/v2/stocks/{symbol}/bars")  # see the module docstring
-        if decision.latency_s:
-            await asyncio.sleep(decision.latency_s)
         fault = decision.fault
-        if fault is not None:
-            early = await self._before(fault, request)
-            if early is not None:
-                return early
-            if fault.kind == "invalid_rows":
-                request[FAULT] = fault
+        early = await before_handler(decision, request, _BODIES)
+        if early is not None:
+            return early
+        if fault is not None and fault.kind == "invalid_rows":
+            request[FAULT] = fault
         resp: web.StreamResponse
         try:
             resp = await handler(request)
         except ChartError as exc:
             resp = exc.response()
-        if (
-            fault is not None
-            and fault.kind == "truncated_json"
-            and resp.status == 200
-            and isinstance(resp, web.Response)
-        ):
-            body = resp.body
-            if isinstance(body, bytes):
-                resp = web.Response(body=body[: max(1, len(body) // 2)], content_type="application/json")
-        return _sim(resp), str(resp.status)
-
-    async def _before(self, fault: FaultRule, request: web.Request) -> tuple[web.StreamResponse, str] | None:
-        """Faults that replace the answer (returned) or delay it (None: answer normally)."""
-        kind = fault.kind
-        if kind == "reset":
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=500), "reset"  # never reaches the client: the socket is gone
-        if kind == "hang":
-            await asyncio.sleep(fault.hang_seconds)
-        elif kind == "http_500":
-            resp = chart_error(500, "Internal Server Error", "Internal Server Error")
-            return _sim(resp), "500"
-        elif kind in ("http_502", "http_503"):
-            status, page = (502, NGINX_502) if kind == "http_502" else (503, NGINX_503)
-            return _sim(web.Response(body=page, status=status, content_type="text/html")), str(status)
-        elif kind == "html_200":
-            return _sim(web.Response(body=WILL_BE_RIGHT_BACK, content_type="text/html")), "200"
-        elif kind == "rate_limit":
-            return _sim(_too_many()), "429"
-        return None
+        return _sim(truncate_if_asked(fault, resp)), str(resp.status)
 
     # --- the chart endpoint ----------------------------------------------------------------------------
     async def _chart(self, request: web.Request) -> web.Response:
@@ -587,6 +554,14 @@ def _sim(resp: web.StreamResponse) -> web.StreamResponse:
 
 def _too_many() -> web.Response:
     return web.Response(body=TOO_MANY, status=429, content_type="text/plain")
+
+
+_BODIES = VendorBodies(
+    server_error=lambda: chart_error(500, "Internal Server Error", "Internal Server Error"),
+    too_many=lambda fault: _too_many(),
+    outage_200=WILL_BE_RIGHT_BACK,
+    finish=_sim,
+)
 
 
 def _price(x: float) -> float:

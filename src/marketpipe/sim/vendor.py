@@ -1,0 +1,67 @@
+"""What every simulator face does with a fault decision, whatever the vendor: the vendor supplies
+only its own bodies (server error, 429, the page shown during an outage)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from marketpipe.sim.faults import Decision, FaultRule
+
+NGINX_502 = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+    b"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+NGINX_503 = (
+    b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n<center><h1>503 "
+    b"Service Temporarily Unavailable</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+@dataclass(frozen=True)
+class VendorBodies:
+    server_error: Callable[[], web.StreamResponse]  # the vendor's own 500
+    too_many: Callable[[FaultRule], web.StreamResponse]  # the vendor's own 429
+    outage_200: bytes  # the HTML page served with status 200 during an outage
+    finish: Callable[[web.StreamResponse], web.StreamResponse] = lambda r: r  # add headers etc.
+
+
+async def before_handler(
+    decision: Decision, request: web.Request, bodies: VendorBodies
+) -> tuple[web.StreamResponse, str] | None:
+    """Apply latency, then the faults that replace the answer (returned) or delay it (None)."""
+    if decision.latency_s:
+        await asyncio.sleep(decision.latency_s)
+    fault = decision.fault
+    if fault is None:
+        return None
+    kind = fault.kind
+    if kind == "reset":
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=500), "reset"  # never reaches the client: the socket is gone
+    if kind == "hang":
+        await asyncio.sleep(fault.hang_seconds)
+        return None
+    if kind == "http_500":
+        return bodies.finish(bodies.server_error()), "500"
+    if kind in ("http_502", "http_503"):
+        status, page = (502, NGINX_502) if kind == "http_502" else (503, NGINX_503)
+        return bodies.finish(web.Response(body=page, status=status, content_type="text/html")), str(status)
+    if kind == "html_200":
+        return bodies.finish(web.Response(body=bodies.outage_200, content_type="text/html")), "200"
+    if kind == "rate_limit":
+        return bodies.finish(bodies.too_many(fault)), "429"
+    return None
+
+
+def truncate_if_asked(fault: FaultRule | None, resp: web.StreamResponse) -> web.StreamResponse:
+    """``truncated_json``: a 200 whose body stops half-way, with a Content-Length that matches."""
+    if fault is not None and fault.kind == "truncated_json" and resp.status == 200 and isinstance(resp, web.Response):
+        body = resp.body
+        if isinstance(body, bytes):
+            return web.Response(body=body[: max(1, len(body) // 2)], content_type="application/json")
+    return resp
