@@ -40,8 +40,8 @@ from marketpipe.core.schema import (
 )
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import rfc3339, utcnow
-from marketpipe.providers.base import BarPage, sim_source
-from marketpipe.providers.http import VendorHttp, error_text, status_error
+from marketpipe.providers.base import BarPage
+from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
 
 DEFAULT_BASE_URL = "https://data.alpaca.markets"
 ALPACA_HISTORY_START = datetime(2016, 1, 1, tzinfo=UTC)
@@ -355,7 +355,7 @@ def map_http_error(status: int, body: bytes, headers: httpx.Headers, *, provider
 # --- the client --------------------------------------------------------------------------------
 
 
-class AlpacaProvider:
+class AlpacaProvider(HttpProvider):
     """Async Alpaca REST client. Use as ``async with AlpacaProvider.from_config(cfg) as p: ...``."""
 
     name = "alpaca"
@@ -386,14 +386,6 @@ class AlpacaProvider:
         )
         self.resilience = self._http.resilience
 
-    @property
-    def requests(self) -> int:
-        return self._http.requests
-
-    @property
-    def bytes_received(self) -> int:
-        return self._http.bytes_received
-
     @classmethod
     def from_config(
         cls, config: ProviderConfig | None = None, *, env: dict[str, str] | None = None, **kw: Any
@@ -404,15 +396,6 @@ class AlpacaProvider:
         src = os.environ if env is None else env
         base = kw.pop("base_url", None) or (config.base_url if config else None) or src.get("APCA_API_DATA_URL")
         return cls(key, secret, config=config, base_url=base, **kw)
-
-    async def __aenter__(self) -> AlpacaProvider:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     # --- transport ---------------------------------------------------------------------------
 
@@ -426,9 +409,6 @@ class AlpacaProvider:
         offload: bool = False,
     ) -> tuple[Any, httpx.Response]:
         return await self._http.get(path, params, endpoint, decode, offload=offload)
-
-    def _source(self, resp: httpx.Response) -> str:
-        return sim_source(resp.headers, self.name)
 
     def supports(
         self, kind: str, timeframe: Timeframe | None, start: datetime | None, end: datetime | None, now: datetime

@@ -47,7 +47,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
@@ -71,6 +71,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import PROVIDER_ERRORS, PROVIDER_LATENCY, PROVIDER_REQUESTS
 from marketpipe.core.resilience import Resilience
 from marketpipe.core.timeutil import utcnow
+from marketpipe.providers.base import sim_source
 
 log = get_logger("marketpipe.providers.http")
 REDACTED = "***"
@@ -341,3 +342,31 @@ def _timeout_text(exc: BaseException, config: ProviderConfig, deadline: float) -
     if isinstance(exc, httpx.ReadTimeout):
         return f"no data within the {config.read_timeout:.1f}s read timeout"
     return f"no complete answer within {deadline:.1f}s"
+
+
+class HttpProvider:
+    """What every HTTP adapter shares: counters, closing, the async context manager and the
+    ``source`` label. Subclasses set ``name`` and ``self._http`` (a :class:`VendorHttp`)."""
+
+    name: str
+    _http: VendorHttp
+
+    @property
+    def requests(self) -> int:
+        return self._http.requests
+
+    @property
+    def bytes_received(self) -> int:
+        return self._http.bytes_received
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _source(self, resp: httpx.Response) -> str:
+        return sim_source(resp.headers, self.name)

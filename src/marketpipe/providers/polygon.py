@@ -47,8 +47,8 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, UTC_US, Bar, Quote, Snapshot, Trade, normalize_symbol
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, ns_to_dt, utcnow
-from marketpipe.providers.base import BarPage, sim_source
-from marketpipe.providers.http import REDACTED, VendorHttp, error_text, status_error
+from marketpipe.providers.base import BarPage
+from marketpipe.providers.http import REDACTED, HttpProvider, VendorHttp, error_text, status_error
 
 DEFAULT_BASE_URL = "https://api.polygon.io"
 MASSIVE_BASE_URL = "https://api.massive.com"  # the same API under the vendor's new name
@@ -325,7 +325,7 @@ def _complete_through(page: BarPage, sort: str) -> dict[str, datetime]:
 # --- the client ----------------------------------------------------------------------------------
 
 
-class PolygonProvider:
+class PolygonProvider(HttpProvider):
     """Async Polygon/Massive REST client. Use as ``async with PolygonProvider.from_config(cfg) as p: ...``.
 
     ``config.plan``: ``free`` (the Basic tier: end-of-day data through the previous session, no
@@ -374,26 +374,6 @@ class PolygonProvider:
         if not key:
             raise MissingCredentials(f"Polygon API key missing: set {KEY_VAR}", details={"env": [KEY_VAR]})
         return cls(key, config=config, **kw)
-
-    @property
-    def requests(self) -> int:
-        return self._http.requests
-
-    @property
-    def bytes_received(self) -> int:
-        return self._http.bytes_received
-
-    async def __aenter__(self) -> PolygonProvider:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    def _source(self, resp: httpx.Response) -> str:
-        return sim_source(resp.headers, self.name)
 
     # --- capabilities ------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ from marketpipe.core.schema import BAR_SCHEMA, UTC_US
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
 from marketpipe.providers.base import BarPage, sim_source
-from marketpipe.providers.http import VendorHttp, error_text, status_error
+from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
 
 DEFAULT_BASE_URL = "https://query2.finance.yahoo.com"
 # Yahoo throttles clients that do not look like a browser (reference §5.4).
@@ -315,7 +315,7 @@ def _error_in_200(err: _Error, symbol: str) -> MarketpipeError:
 # --- the client --------------------------------------------------------------------------------
 
 
-class YahooProvider:
+class YahooProvider(HttpProvider):
     """Async client for Yahoo's chart endpoint. ``async with YahooProvider() as p: ...``"""
 
     name = "yahoo"
@@ -349,23 +349,6 @@ class YahooProvider:
     ) -> YahooProvider:
         """No credentials exist for this endpoint; ``env`` is accepted for a uniform factory call."""
         return cls(config=config, **kw)
-
-    @property
-    def requests(self) -> int:
-        return self._http.requests
-
-    @property
-    def bytes_received(self) -> int:
-        return self._http.bytes_received
-
-    async def __aenter__(self) -> YahooProvider:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     # --- capabilities --------------------------------------------------------------------------
 
