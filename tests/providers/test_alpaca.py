@@ -252,3 +252,22 @@ async def test_invalid_rows_arrive_as_data_for_the_checks(sim) -> None:  # type:
         assert (frame["high"] < frame["low"]).any() or (frame["volume"] < 0).any()
     finally:
         await p.aclose()
+
+
+async def test_quote_sizes_are_shares_on_both_sides_of_the_2025_11_03_change(alpaca: AlpacaProvider, sim) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    def wire(day: str) -> list[int]:
+        r = httpx.get(
+            sim.url + "/v2/stocks/AAPL/quotes",
+            params={"start": f"{day}T15:00:00Z", "end": f"{day}T15:01:00Z", "limit": 5},
+            headers={"APCA-API-KEY-ID": "SIMKEY", "APCA-API-SECRET-KEY": "SIMSECRET"},
+        )
+        return [q["bs"] for q in r.json()["quotes"]]
+
+    for day, factor in (("2025-10-31", 100), ("2025-11-03", 1)):
+        start = parse_time(f"{day}T15:00:00Z")
+        frame = pl.concat(
+            [p.frame async for p in alpaca.iter_quotes(["AAPL"], start, start + timedelta(minutes=1), limit=5)]
+        )
+        assert frame["bid_size"].head(5).to_list() == [b * factor for b in wire(day)]

@@ -249,7 +249,7 @@ def quotes_to_frame(
     if not rows:
         return pl.DataFrame(schema=QUOTE_SCHEMA)
     syms = [s for s, g in groups for _ in g]
-    return pl.DataFrame(
+    frame = pl.DataFrame(
         {
             "symbol": syms,
             "ts": _parse_ts(pl.Series([r.t for r in rows], dtype=pl.String), "ns"),
@@ -264,6 +264,20 @@ def quotes_to_frame(
         }
     ).with_columns(
         source=pl.lit(source, pl.String), feed=pl.lit(feed, pl.String), fetched_at=pl.lit(fetched_at, UTC_US)
+    )
+    return shares_from_lots(frame)
+
+
+# Alpaca's SIP quote sizes were round lots until 2025-11-03 and are shares since; canonical quotes
+# are always in shares (a round lot was 100 shares for every symbol before that date).
+QUOTE_SHARES_FROM = datetime(2025, 11, 3, 5, tzinfo=UTC)  # midnight New York
+ROUND_LOT = 100
+
+
+def shares_from_lots(frame: pl.DataFrame) -> pl.DataFrame:
+    before = pl.col("ts") < pl.lit(QUOTE_SHARES_FROM)
+    return frame.with_columns(
+        [pl.when(before).then(pl.col(c) * ROUND_LOT).otherwise(pl.col(c)).alias(c) for c in ("bid_size", "ask_size")]
     )
 
 
@@ -293,13 +307,15 @@ def _trade_record(sym: str, w: _WTrade, source: str, feed: str, fetched: datetim
 
 
 def _quote_record(sym: str, w: _WQuote, source: str, feed: str, fetched: datetime) -> Quote:
+    ts = _one_ts(w.t)
+    lot = ROUND_LOT if ts < QUOTE_SHARES_FROM else 1
     return Quote(
         symbol=sym,
-        ts=_one_ts(w.t),
+        ts=ts,
         bid_price=w.bp or 0.0,
-        bid_size=int(w.bs or 0),
+        bid_size=int(w.bs or 0) * lot,
         ask_price=w.ap or 0.0,
-        ask_size=int(w.as_ or 0),
+        ask_size=int(w.as_ or 0) * lot,
         bid_exchange=w.bx,
         ask_exchange=w.ax,
         conditions=tuple(w.c or ()),
