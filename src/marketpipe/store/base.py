@@ -72,7 +72,6 @@ class Store(Protocol):
 
     def write_pages(self, pages: list[PageWrite]) -> list[int]:
         """Write pages atomically (one transaction); returns rows newly stored per page."""
-        ...
 
     def read_bars(
         self,
