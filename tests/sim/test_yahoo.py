@@ -265,7 +265,7 @@ def test_faults_use_yahoo_shapes(ysim: SimServer, yc: httpx.Client) -> None:
 
 
 def test_paths_regex_sees_the_alpaca_form(ysim: SimServer, yc: httpx.Client) -> None:
-    ysim.faults.set([FaultRule(kind="http_503", paths="MSFT/bars$")])
+    ysim.faults.set([FaultRule(kind="http_503", paths="/chart/MSFT$")])
     assert yc.get(CHART + "MSFT").status_code == 503
     assert yc.get(CHART + "AAPL").status_code == 200
 

@@ -49,15 +49,17 @@ FaultKind = Literal[
 RowKind = Literal["high_lt_low", "negative_volume", "duplicate_ts", "misaligned_ts", "nonpositive_price"]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 ROW_KINDS: tuple[str, ...] = get_args(RowKind)
-DATA_PATHS = re.compile(r"^/v2/")
-# invalid_rows only makes sense where bars are returned in bulk
-BAR_PATHS = re.compile(r"^/v2/stocks/(bars|[^/]+/bars)$")
+# Every vendor face's data URLs: Alpaca and Polygon under /v2/, Yahoo's chart under /v8/.
+DATA_PATHS = re.compile(r"^/(v2|v8)/")
+# invalid_rows only makes sense where bars are returned in bulk: Alpaca bars, Polygon aggregates,
+# Yahoo charts.
+BAR_PATHS = re.compile(r"^/v2/stocks/(bars|[^/]+/bars)$|^/v2/aggs/ticker/[^/]+/range/|^/v8/finance/chart/")
 
 
 class FaultRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One fault. ``ratio``: chance per matching request; ``times``: fire at most this often;
     ``after``: let this many matching requests through first ("fails mid-backfill");
-    ``paths``: regex searched in the request path (default: every ``/v2/`` data path)."""
+    ``paths``: regex searched in the request path (default: every vendor data path)."""
 
     kind: FaultKind
     ratio: float = 1.0

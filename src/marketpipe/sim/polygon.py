@@ -31,8 +31,6 @@ on it):
 * Faults as in :class:`~marketpipe.sim.alpaca.AlpacaFace`, with Polygon's bodies: ``http_500`` the
   JSON ``ERROR`` body; a 429 from the plan quota the reference's JSON body, the ``rate_limit``
   fault the empty body the vendor sometimes sends. No rate-limit headers (Polygon documents none).
-  ``sim.faults`` lets ``invalid_rows`` hit Alpaca's bar paths only, so aggregate requests are put
-  to :meth:`Faults.decide` as the equivalent ``/v2/stocks/{ticker}/bars``.
 * Deliberate disagreement with the other faces (constructor options, also settable at runtime):
   ``price_shift_pct`` scales every price served, ``volume_ratio`` scales bar volume and trade count
   (an IEX-like partial tape), ``missing_days`` drops those New York sessions from aggregates and
@@ -300,12 +298,6 @@ class PolygonFace:
             return PolygonError(401, UNKNOWN_KEY)
         return Client(key, plan)
 
-    def _fault_path(self, request: web.Request) -> str:
-        ticker = request.match_info.get("ticker")
-        if ticker is not None and "multiplier" in request.match_info:
-            return f"/v2/stocks/{ticker}/bars"
-        return request.path
-
     async def _data(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]], request_id: str
     ) -> tuple[web.StreamResponse, str]:
@@ -318,7 +310,7 @@ class PolygonFace:
         if limit is not None and not self.limits.hit(client.key, limit).allowed:
             return json_response(body_of("ERROR", TOO_MANY, request_id), 429), "429"
 
-        decision = self.faults.decide(self._fault_path(request))
+        decision = self.faults.decide(request.path)
         fault = decision.fault
         early = await before_handler(decision, request, self._bodies(request_id))
         if early is not None:

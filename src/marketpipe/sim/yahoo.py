@@ -26,11 +26,8 @@ What it does, where the reference leaves a choice open:
   No authentication: keys are ignored. ``BRK-B`` is SimMarket's ``BRK.B``.
 * Every response carries ``X-Marketpipe-Sim: 1``.
 
-Faults: the shared :class:`Faults` applies as on the Alpaca face. Its rules are scoped to Alpaca's
-URL space (``faults.py`` matches default rules against ``/v2/`` and ``invalid_rows`` against the
-Alpaca bars paths), so a chart request for ``SYM`` is presented to the rules as
-``/v2/stocks/SYM/bars``: rules without ``paths`` hit every chart request, ``invalid_rows`` works,
-and a rule's ``paths`` regex is written against that form (e.g. ``"AAPL/bars$"``). ``http_500``
+Faults: the shared :class:`Faults` applies as on the Alpaca face; a rule's ``paths`` regex is
+matched against the chart URL (e.g. ``"/chart/AAPL$"``). ``http_500``
 answers with a chart error body, 502/503 with nginx HTML, ``html_200`` with Yahoo's "Will be right
 back" page, ``rate_limit`` (and the ``rate_limit_per_min`` override) with 429 ``Too Many
 Requests`` as plain text.
@@ -232,7 +229,7 @@ class YahooFace:
         if override is not None and not self.limits.hit(f"anon:{request.remote}", override).allowed:
             return _sim(_too_many()), "429"
 
-        decision = self.faults.decide(f"/v2/stocks/{symbol}/bars")  # see the module docstring
+        decision = self.faults.decide(request.path)
         fault = decision.fault
         early = await before_handler(decision, request, _BODIES)
         if early is not None:
