@@ -34,6 +34,7 @@ import msgspec
 import polars as pl
 
 from marketpipe.core.calendar import get_calendar
+from marketpipe.core.codes import POLYGON_EXCHANGES, POLYGON_TAPES, POLYGON_TRADE_CONDITIONS
 from marketpipe.core.config import ProviderConfig
 from marketpipe.core.errors import (
     InvalidArgument,
@@ -62,15 +63,6 @@ ERROR_STATUSES = ("ERROR", "NOT_AUTHORIZED", "NOT_FOUND")
 T = TypeVar("T")
 log = get_logger("marketpipe.providers.polygon")
 
-# Polygon's numeric exchange ids (/v3/reference/exchanges) to the participant letters marketpipe
-# uses (Alpaca's); Nasdaq (12) is "Q" there.
-EXCHANGES = {
-    1: "A", 2: "B", 3: "C", 4: "D", 5: "E", 6: "I", 7: "J", 8: "K", 9: "M", 10: "N", 11: "P", 12: "Q",
-    13: "S", 14: "L", 15: "V", 16: "W", 17: "X", 18: "Y", 19: "Z", 20: "H", 21: "U", 22: "G",
-}  # fmt: skip
-TAPES = {1: "A", 2: "B", 3: "C"}
-# Polygon trade condition ids to CTA/UTP sale-condition letters; ids without a letter stay numeric.
-TRADE_CONDITIONS = {0: "@", 12: "T", 14: "F", 15: "M", 16: "Q", 17: "O", 19: "6", 37: "I"}
 
 
 # --- wire structs --------------------------------------------------------------------------------
@@ -259,10 +251,10 @@ def _trade_record(sym: str, w: _WTrade, source: str, fetched: datetime) -> Trade
         ts=ns_to_dt(w.t),
         price=w.p,
         size=int(w.s),
-        exchange=EXCHANGES.get(w.x, str(w.x)) if w.x is not None else None,
+        exchange=POLYGON_EXCHANGES.get(w.x, str(w.x)) if w.x is not None else None,
         trade_id=int(w.i) if w.i is not None and w.i.isdigit() else None,
-        conditions=tuple(TRADE_CONDITIONS.get(c, str(c)) for c in w.c or ()),
-        tape=TAPES.get(w.z) if w.z is not None else None,
+        conditions=tuple(POLYGON_TRADE_CONDITIONS.get(c, str(c)) for c in w.c or ()),
+        tape=POLYGON_TAPES.get(w.z) if w.z is not None else None,
         source=source,
         feed=FEED,
         fetched_at=fetched,
@@ -277,10 +269,10 @@ def _quote_record(sym: str, w: _WQuote, source: str, fetched: datetime) -> Quote
         bid_size=int(w.s or 0),
         ask_price=w.P or 0.0,
         ask_size=int(w.S or 0),
-        bid_exchange=EXCHANGES.get(w.x, str(w.x)) if w.x is not None else None,
-        ask_exchange=EXCHANGES.get(w.X, str(w.X)) if w.X is not None else None,
+        bid_exchange=POLYGON_EXCHANGES.get(w.x, str(w.x)) if w.x is not None else None,
+        ask_exchange=POLYGON_EXCHANGES.get(w.X, str(w.X)) if w.X is not None else None,
         conditions=tuple(str(c) for c in w.c or ()),
-        tape=TAPES.get(w.z) if w.z is not None else None,
+        tape=POLYGON_TAPES.get(w.z) if w.z is not None else None,
         source=source,
         feed=FEED,
         fetched_at=fetched,

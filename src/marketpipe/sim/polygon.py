@@ -56,6 +56,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+from marketpipe.core.codes import POLYGON_EXCHANGES, POLYGON_TAPES, POLYGON_TRADE_CONDITIONS, inverse
 from marketpipe.core.errors import InvalidTimeframe
 from marketpipe.core.timeframe import DAY1, MIN1, Timeframe, Unit
 from marketpipe.core.timeutil import NY
@@ -91,14 +92,10 @@ TOO_MANY = (
 NOT_ENTITLED = "You are not entitled to this data. Please upgrade your plan at https://polygon.io/pricing"
 BAD_TIME = "Could not parse the time parameter: '{}'. Use YYYY-MM-DD or Unix MS Timestamps"
 
-# Polygon's numeric exchange ids for the participant letters the market uses (/v3/reference/exchanges).
-EXCHANGE_IDS = {
-    "A": 1, "B": 2, "C": 3, "D": 4, "E": 5, "I": 6, "J": 7, "K": 8, "M": 9, "N": 10, "P": 11, "Q": 12,
-    "T": 12, "S": 13, "L": 14, "V": 15, "W": 16, "X": 17, "Y": 18, "Z": 19, "H": 20, "U": 21, "G": 22,
-}  # fmt: skip
-TAPE_IDS = {"A": 1, "B": 2, "C": 3}
-# Polygon trade condition ids for the CTA/UTP sale conditions the market emits.
-TRADE_CONDITION_IDS = {"@": 0, "T": 12, "F": 14, "M": 15, "Q": 16, "O": 17, "6": 19, "I": 37}
+# Letters to Polygon's ids; Nasdaq International ("T") reports as Nasdaq (12) there.
+EXCHANGE_IDS = {**inverse(POLYGON_EXCHANGES), "T": 12}
+TAPE_IDS = inverse(POLYGON_TAPES)
+TRADE_CONDITION_IDS = inverse(POLYGON_TRADE_CONDITIONS)
 
 TIMESPANS = ("second", "minute", "hour", "day", "week", "month", "quarter", "year")
 _SPAN_UNITS = {"minute": (Unit.MINUTE, 1), "hour": (Unit.HOUR, 1), "day": (Unit.DAY, 1), "week": (Unit.WEEK, 1),
