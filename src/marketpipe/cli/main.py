@@ -308,12 +308,11 @@ def _latest(kind: str, symbols: list[str], feed: str | None, config: Path | None
 
     async def go() -> Any:
         try:
-            p = data.provider
             if kind == "quotes":
-                return await p.latest_quotes(syms, feed=feed)
+                return await data.latest_quotes(syms, feed=feed)
             if kind == "trades":
-                return await p.latest_trades(syms, feed=feed)
-            return await p.snapshots(syms, feed=feed)
+                return await data.latest_trades(syms, feed=feed)
+            return await data.snapshots(syms, feed=feed)
         finally:
             await data.aclose()
 
@@ -485,7 +484,7 @@ def demo(
                 stats = await data.backfill(syms, start, end, timeframe="1Min")
                 again = await data.backfill(syms, start, end, timeframe="1Min")
                 frame = await data.bars(syms[0], done[-1].open, done[-1].close, timeframe="1Min", fetch=False)
-                quotes = await data.provider.latest_quotes(syms)
+                quotes = await data.latest_quotes(syms)
                 return stats, again, frame, quotes
             finally:
                 await data.aclose()

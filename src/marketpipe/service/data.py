@@ -135,13 +135,19 @@ class MarketData:
                 await self.backfill(syms, s, e, timeframe=tf, feed=feed)
         return await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
 
+    async def latest_trades(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Trade]:
+        return await self.provider.latest_trades(normalize_symbols(symbols), feed=feed)
+
+    async def latest_quotes(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Quote]:
+        return await self.provider.latest_quotes(normalize_symbols(symbols), feed=feed)
+
     async def latest_trade(self, symbol: str, *, feed: str | None = None) -> Trade | None:
         sym = normalize_symbols(symbol)[0]
-        return (await self.provider.latest_trades([sym], feed=feed)).get(sym)
+        return (await self.latest_trades([sym], feed=feed)).get(sym)
 
     async def latest_quote(self, symbol: str, *, feed: str | None = None) -> Quote | None:
         sym = normalize_symbols(symbol)[0]
-        return (await self.provider.latest_quotes([sym], feed=feed)).get(sym)
+        return (await self.latest_quotes([sym], feed=feed)).get(sym)
 
     async def snapshots(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Snapshot]:
         return await self.provider.snapshots(normalize_symbols(symbols), feed=feed)
