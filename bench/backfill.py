@@ -63,7 +63,7 @@ def main() -> None:
     from marketpipe.core.timeframe import Timeframe
     from marketpipe.core.timeutil import utcnow
     from marketpipe.providers.alpaca import AlpacaProvider, _page_decoder
-    from marketpipe.service.backfill import _page_write, plan, run_backfill
+    from marketpipe.service.backfill import check_page, plan, run_backfill
     from marketpipe.store.duckdb import DuckDBStore
 
     cal = get_calendar()
@@ -193,7 +193,7 @@ def main() -> None:
                 last_page=not nxt,
                 nbytes=nbytes,
             )
-            return _page_write(page, {}, "alpaca", now)
+            return check_page(page, {}, "alpaca", now).write
 
         t0 = time.perf_counter()
         n = 0

@@ -64,7 +64,6 @@ T = TypeVar("T")
 log = get_logger("marketpipe.providers.polygon")
 
 
-
 # --- wire structs --------------------------------------------------------------------------------
 
 

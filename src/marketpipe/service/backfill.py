@@ -224,7 +224,18 @@ def plan(
 # --- running -----------------------------------------------------------------------------------
 
 
-def _page_write(page: BarPage, unit_known: dict[str, datetime], provider: str, now: datetime) -> PageWrite:
+@dataclass(slots=True)
+class CheckedPage:
+    """A page ready for the store, with the counts the run summary needs (computed here, in the
+    worker thread, so the writer only adds numbers)."""
+
+    write: PageWrite
+    good_by_symbol: dict[str, int]
+    rejected_by_symbol: dict[str, int]
+    rejected_by_reason: dict[str, int]
+
+
+def check_page(page: BarPage, unit_known: dict[str, datetime], provider: str, now: datetime) -> CheckedPage:
     """Check one page and describe everything it leaves in the store. Runs in a worker thread."""
     assert page.timeframe is not None
     checked = check_bars(
@@ -250,7 +261,7 @@ def _page_write(page: BarPage, unit_known: dict[str, datetime], provider: str, n
                 )
             )
             unit_known[sym] = through
-    return PageWrite(
+    write = PageWrite(
         bars=checked.good,
         quarantine=checked.quarantine,
         coverage=coverage,
@@ -270,6 +281,10 @@ def _page_write(page: BarPage, unit_known: dict[str, datetime], provider: str, n
             rows_rejected=checked.rejected,
         ),
     )
+    good = dict(checked.good.group_by("symbol").len().iter_rows()) if checked.good.height else {}
+    q = checked.quarantine
+    rejected = {sym or "?": n for sym, n in q.group_by("symbol").len().iter_rows()} if q.height else {}
+    return CheckedPage(write, good, rejected, checked.counts)
 
 
 async def run_backfill(
@@ -328,7 +343,7 @@ async def run_backfill(
     queue: asyncio.Queue[WorkUnit] = asyncio.Queue()
     for u in units:
         queue.put_nowait(u)
-    pages: asyncio.Queue[PageWrite | None] = asyncio.Queue(maxsize=max(4, concurrency * 2))
+    pages: asyncio.Queue[CheckedPage | None] = asyncio.Queue(maxsize=max(4, concurrency * 2))
     retries_before = {p.name: p.resilience.retries for p in sources}
 
     async def fetch(
@@ -340,7 +355,7 @@ async def run_backfill(
             stats.pages += 1
             stats.bytes_received += page.nbytes
             stats.rows_by_provider[source.name] += page.frame.height
-            write = await asyncio.to_thread(_page_write, page, known, source.name, now())
+            write = await asyncio.to_thread(check_page, page, known, source.name, now())
             for sym, through in page.complete_through.items():
                 if through > need.get(sym, from_):
                     need[sym] = through
@@ -428,19 +443,18 @@ async def run_backfill(
                 batch.append(nxt)
             await _commit(batch)
 
-    async def _commit(batch: list[PageWrite]) -> None:
-        await asyncio.to_thread(store.write_pages, batch)
-        for w in batch:
-            stats.bars_received += w.ingest.rows_received
-            stats.bars_stored += w.stored
-            stats.bars_rejected += w.ingest.rows_rejected
-            for sym, n in w.bars.group_by("symbol").len().iter_rows() if w.bars.height else ():
+    async def _commit(batch: list[CheckedPage]) -> None:
+        await asyncio.to_thread(store.write_pages, [c.write for c in batch])
+        for c in batch:
+            stats.bars_received += c.write.ingest.rows_received
+            stats.bars_stored += c.write.stored
+            stats.bars_rejected += c.write.ingest.rows_rejected
+            for sym, n in c.good_by_symbol.items():
                 stats.per_symbol[sym]["good"] += n
-            if w.quarantine.height:
-                for reason in w.quarantine.get_column("reason").str.split(",").explode().to_list():
-                    stats.rejected_by_reason[reason] += 1
-                for sym, n in w.quarantine.group_by("symbol").len().iter_rows():
-                    stats.per_symbol[sym or "?"]["rejected"] += n
+            for sym, n in c.rejected_by_symbol.items():
+                stats.per_symbol[sym]["rejected"] += n
+            for reason, n in c.rejected_by_reason.items():
+                stats.rejected_by_reason[reason] += n
         if progress:
             progress(stats)
 
@@ -466,7 +480,7 @@ async def run_backfill(
     return stats
 
 
-async def _drain_writer(writer_task: asyncio.Task[None], pages: asyncio.Queue[PageWrite | None]) -> None:
+async def _drain_writer(writer_task: asyncio.Task[None], pages: asyncio.Queue[CheckedPage | None]) -> None:
     """On failure, let pages already checked be committed: each is complete and correct."""
     if not writer_task.done():
         try:
