@@ -218,8 +218,9 @@ async def test_delayed_answers_clamp_the_page_end(polygon_sim: SimServer) -> Non
 
 
 async def test_free_plan(polygon_sim: SimServer) -> None:
-    p = PolygonProvider.from_config(config(polygon_sim.url, plan="free"), env={KEY_VAR: "POLYFREE"})
     now = datetime.now(UTC)
+    # the provider's clock is the test's, so "15 minutes before now" means the same instant to both
+    p = PolygonProvider.from_config(config(polygon_sim.url, plan="free"), env={KEY_VAR: "POLYFREE"}, now=lambda: now)
     try:
         pages = [pg async for pg in p.iter_bars(["AAPL"], DAY1, now - timedelta(days=10), now)]
         assert pages[-1].end <= now - timedelta(minutes=15)
