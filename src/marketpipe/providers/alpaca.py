@@ -105,10 +105,9 @@ def _page_structs(key: str, row: type) -> tuple[type, type]:
     return multi, single
 
 
-_PAGES = {kind: _page_structs(kind, row) for kind, row in (("bars", _WBar), ("trades", _WTrade), ("quotes", _WQuote))}
-# Bar pages are the bulk path: the envelope is decoded with each symbol's array left as raw bytes,
-# and polars' JSON reader (Rust, without the GIL, so pages decode in parallel threads) parses them.
-_PAGES["bars"] = _page_structs("bars", msgspec.Raw)
+_PAGES = {kind: _page_structs(kind, msgspec.Raw) for kind in ("bars", "trades", "quotes")}
+# Pages are the bulk path: the envelope is decoded with each symbol's array left as raw bytes, and
+# polars' JSON reader (Rust, without the GIL, so pages decode in parallel threads) parses them.
 _RAW_BAR_SCHEMA = {
     "t": pl.String(),
     "o": pl.Float64(),
@@ -118,6 +117,27 @@ _RAW_BAR_SCHEMA = {
     "v": pl.Float64(),
     "n": pl.Float64(),
     "vw": pl.Float64(),
+}
+_RAW_TRADE_SCHEMA = {
+    "t": pl.String(),
+    "p": pl.Float64(),
+    "s": pl.Float64(),
+    "x": pl.String(),
+    "i": pl.UInt64(),
+    "c": pl.List(pl.String()),
+    "z": pl.String(),
+    "u": pl.String(),
+}
+_RAW_QUOTE_SCHEMA = {
+    "t": pl.String(),
+    "bp": pl.Float64(),
+    "bs": pl.Float64(),
+    "bx": pl.String(),
+    "ap": pl.Float64(),
+    "as": pl.Float64(),
+    "ax": pl.String(),
+    "c": pl.List(pl.String()),
+    "z": pl.String(),
 }
 
 
@@ -182,10 +202,8 @@ def _parse_ts(col: pl.Series, unit: str) -> pl.Series:
     return fast.fill_null(slow)
 
 
-def bars_to_frame(
-    groups: list[tuple[str, msgspec.Raw | None]], timeframe: str, source: str, feed: str, fetched_at: datetime
-) -> pl.DataFrame:
-    """Raw per-symbol JSON arrays of Alpaca bars to one canonical frame."""
+def _read_groups(groups: list[tuple[str, msgspec.Raw | None]], schema: dict[str, pl.DataType]) -> pl.DataFrame | None:
+    """Each symbol's raw JSON array through polars' reader, with the symbol added; None if empty."""
     parts = []
     for sym, raw in groups:
         if raw is None:
@@ -193,12 +211,29 @@ def bars_to_frame(
         data = memoryview(raw)
         if data.nbytes == 4 and data.tobytes() == b"null":
             continue
-        part = pl.read_json(io.BytesIO(data), schema=_RAW_BAR_SCHEMA)
+        part = pl.read_json(io.BytesIO(data), schema=schema)
         if part.height:
             parts.append(part.with_columns(symbol=pl.lit(sym, pl.String)))
     if not parts:
+        return None
+    return pl.concat(parts) if len(parts) > 1 else parts[0]
+
+
+def _stamped(source: str, feed: str, fetched_at: datetime) -> list[pl.Expr]:
+    return [
+        pl.lit(source, pl.String).alias("source"),
+        pl.lit(feed, pl.String).alias("feed"),
+        pl.lit(fetched_at, UTC_US).alias("fetched_at"),
+    ]
+
+
+def bars_to_frame(
+    groups: list[tuple[str, msgspec.Raw | None]], timeframe: str, source: str, feed: str, fetched_at: datetime
+) -> pl.DataFrame:
+    """Raw per-symbol JSON arrays of Alpaca bars to one canonical frame."""
+    raw_frame = _read_groups(groups, _RAW_BAR_SCHEMA)
+    if raw_frame is None:
         return pl.DataFrame(schema=BAR_SCHEMA)
-    raw_frame = pl.concat(parts) if len(parts) > 1 else parts[0]
     t = raw_frame.get_column("t")
     return raw_frame.select(
         pl.col("symbol"),
@@ -211,61 +246,52 @@ def bars_to_frame(
         pl.col("v").cast(pl.Int64, strict=False).alias("volume"),
         pl.col("n").cast(pl.Int64, strict=False).alias("trade_count"),
         pl.col("vw").alias("vwap"),
-        pl.lit(source, pl.String).alias("source"),
-        pl.lit(feed, pl.String).alias("feed"),
-        pl.lit(fetched_at, UTC_US).alias("fetched_at"),
+        *_stamped(source, feed, fetched_at),
         t.alias("raw_ts"),
     )
 
 
 def trades_to_frame(
-    groups: list[tuple[str, list[_WTrade]]], source: str, feed: str, fetched_at: datetime
+    groups: list[tuple[str, msgspec.Raw | None]], source: str, feed: str, fetched_at: datetime
 ) -> pl.DataFrame:
-    rows = [r for _, g in groups for r in g]
-    if not rows:
+    raw = _read_groups(groups, _RAW_TRADE_SCHEMA)
+    if raw is None:
         return pl.DataFrame(schema=TRADE_SCHEMA)
-    syms = [s for s, g in groups for _ in g]
-    return pl.DataFrame(
-        {
-            "symbol": syms,
-            "ts": _parse_ts(pl.Series([r.t for r in rows], dtype=pl.String), "ns"),
-            "price": pl.Series([r.p for r in rows], dtype=pl.Float64),
-            "size": pl.Series([r.s for r in rows], dtype=pl.Float64, strict=False).cast(pl.Int64, strict=False),
-            "exchange": pl.Series([r.x for r in rows], dtype=pl.String),
-            "trade_id": pl.Series([r.i for r in rows], dtype=pl.UInt64, strict=False),
-            "conditions": pl.Series([r.c for r in rows], dtype=pl.List(pl.String)),
-            "tape": pl.Series([r.z for r in rows], dtype=pl.String),
-            "update": pl.Series([r.u for r in rows], dtype=pl.String),
-        }
-    ).with_columns(
-        source=pl.lit(source, pl.String), feed=pl.lit(feed, pl.String), fetched_at=pl.lit(fetched_at, UTC_US)
+    return raw.select(
+        pl.col("symbol"),
+        _parse_ts(raw.get_column("t"), "ns").alias("ts"),
+        pl.col("p").alias("price"),
+        pl.col("s").cast(pl.Int64, strict=False).alias("size"),
+        pl.col("x").alias("exchange"),
+        pl.col("i").alias("trade_id"),
+        pl.col("c").alias("conditions"),
+        pl.col("z").alias("tape"),
+        pl.col("u").alias("update"),
+        *_stamped(source, feed, fetched_at),
     )
 
 
 def quotes_to_frame(
-    groups: list[tuple[str, list[_WQuote]]], source: str, feed: str, fetched_at: datetime
+    groups: list[tuple[str, msgspec.Raw | None]], source: str, feed: str, fetched_at: datetime
 ) -> pl.DataFrame:
-    rows = [r for _, g in groups for r in g]
-    if not rows:
+    raw = _read_groups(groups, _RAW_QUOTE_SCHEMA)
+    if raw is None:
         return pl.DataFrame(schema=QUOTE_SCHEMA)
-    syms = [s for s, g in groups for _ in g]
-    frame = pl.DataFrame(
-        {
-            "symbol": syms,
-            "ts": _parse_ts(pl.Series([r.t for r in rows], dtype=pl.String), "ns"),
-            "bid_price": pl.Series([r.bp for r in rows], dtype=pl.Float64),
-            "bid_size": pl.Series([r.bs for r in rows], dtype=pl.Float64, strict=False).cast(pl.Int64),
-            "bid_exchange": pl.Series([r.bx for r in rows], dtype=pl.String),
-            "ask_price": pl.Series([r.ap for r in rows], dtype=pl.Float64),
-            "ask_size": pl.Series([r.as_ for r in rows], dtype=pl.Float64, strict=False).cast(pl.Int64),
-            "ask_exchange": pl.Series([r.ax for r in rows], dtype=pl.String),
-            "conditions": pl.Series([r.c for r in rows], dtype=pl.List(pl.String)),
-            "tape": pl.Series([r.z for r in rows], dtype=pl.String),
-        }
-    ).with_columns(
-        source=pl.lit(source, pl.String), feed=pl.lit(feed, pl.String), fetched_at=pl.lit(fetched_at, UTC_US)
+    return shares_from_lots(
+        raw.select(
+            pl.col("symbol"),
+            _parse_ts(raw.get_column("t"), "ns").alias("ts"),
+            pl.col("bp").alias("bid_price"),
+            pl.col("bs").cast(pl.Int64, strict=False).alias("bid_size"),
+            pl.col("bx").alias("bid_exchange"),
+            pl.col("ap").alias("ask_price"),
+            pl.col("as").cast(pl.Int64, strict=False).alias("ask_size"),
+            pl.col("ax").alias("ask_exchange"),
+            pl.col("c").alias("conditions"),
+            pl.col("z").alias("tape"),
+            *_stamped(source, feed, fetched_at),
+        )
     )
-    return shares_from_lots(frame)
 
 
 # Alpaca's SIP quote sizes were round lots until 2025-11-03 and are shares since; canonical quotes
@@ -695,8 +721,7 @@ def _page_decoder(
         body = resp.content
         doc = _decoder(single_t if single else multi_t).decode(body)
         rows = getattr(doc, kind)
-        empty = None if kind == "bars" else []
-        groups = [(symbol, rows if rows is not None else empty)] if single else list((rows or {}).items())
+        groups = [(symbol, rows)] if single else list((rows or {}).items())
         source, fetched = provider._source(resp), provider._now()
         if kind == "bars":
             frame = bars_to_frame(groups, tf, source, feed, fetched)
