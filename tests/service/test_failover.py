@@ -166,10 +166,12 @@ async def test_health_states_and_probes(router: ProviderRouter, servers: tuple[S
     rows = {r["provider"]: r for r in await provider_table(router)}
     assert rows["primary"]["state"] == "healthy" and rows["backup"]["state"] == "healthy"
     assert rows["primary"]["latency_ms"] is not None
+    assert rows["primary"]["seconds_since_probe"] is not None and rows["primary"]["seconds_since_ok"] is not None
     servers[1].faults.set([FaultRule(kind="http_500")])
     await router.health.probe_all()
     assert router.health.state("backup") is State.DOWN
     assert router.health.state("primary") is State.HEALTHY
+    assert router.health.table()[1]["errors_by_code"] == {"PROVIDER_UNAVAILABLE": 3}  # every attempt counts
     servers[1].faults.clear()
     await router.health.probe_all()
     assert router.health.state("backup") is not State.DOWN

@@ -166,6 +166,9 @@ class HealthMonitor:
                     "failures": h.failures,
                     "ratelimit_headroom": round(p.resilience.limiter.headroom, 1),
                     "last_error": h.last_error,
+                    "errors_by_code": dict(h.errors_by_code),
+                    "seconds_since_ok": None if h.last_ok is None else round(time.time() - h.last_ok, 1),
+                    "seconds_since_probe": None if h.last_probe is None else round(time.time() - h.last_probe, 1),
                 }
             )
         return rows
