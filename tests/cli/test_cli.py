@@ -74,6 +74,23 @@ def test_bars_fetches_then_serves_from_store(cfg: Path, tmp_path: Path) -> None:
     )
     assert r2.returncode == 0, r2.stderr
     assert len(json.loads(r2.stdout)) == 390
+    # a covered range reads without credentials even when fetching is allowed: nothing is missing
+    r3 = run(
+        "bars",
+        "AAPL",
+        "--start",
+        "2024-03-05",
+        "--end",
+        "2024-03-05",
+        "--format",
+        "json",
+        "--config",
+        str(cfg),
+        "--store",
+        str(store),
+    )
+    assert r3.returncode == 0, r3.stderr
+    assert len(json.loads(r3.stdout)) == 390
 
 
 def test_parquet_output(cfg: Path, tmp_path: Path) -> None:

@@ -81,9 +81,6 @@ class MarketData:
     def calendar(self) -> ExchangeCalendar:
         return get_calendar(self.config.calendar)
 
-    def _feed(self, feed: str | None) -> str:
-        return (feed or self.config.provider("alpaca").feed).lower()
-
     async def backfill(
         self,
         symbols: list[str] | str,
@@ -105,7 +102,7 @@ class MarketData:
             tf,
             s,
             e,
-            feed=self._feed(feed),
+            feed=feed.lower() if feed else None,  # None: each provider's configured feed
             page_limit=self.config.backfill.page_limit,
             concurrency=self.config.backfill.concurrency,
             progress=progress,
@@ -121,18 +118,15 @@ class MarketData:
         feed: str | None = None,
         fetch: bool = True,
     ) -> pl.DataFrame:
-        """Bars for ``[start, end)``: from the store where covered, otherwise fetched, checked, stored."""
+        """Bars for ``[start, end)``: from the store where covered, otherwise fetched, checked, stored.
+
+        A range the ledger covers (by any provider) is read without building a provider, so reading
+        what is already held needs no credentials; only a gap leads to a backfill, which plans it."""
         syms = normalize_symbols(symbols)
         tf = Timeframe.parse(timeframe)
         s, e = parse_range(start, end)
-        if fetch:
-            source = self._bars_source()
-            if isinstance(source, ProviderRouter):
-                gaps = missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None)
-            else:
-                gaps = missing_ranges(self.store, syms, tf, s, e, provider=source.name, feed=self._feed(feed))
-            if any(gaps.values()):
-                await self.backfill(syms, s, e, timeframe=tf, feed=feed)
+        if fetch and any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
+            await self.backfill(syms, s, e, timeframe=tf, feed=feed)
         return await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
 
     async def latest_trades(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Trade]:
