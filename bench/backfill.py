@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import socket
 import statistics
 import sys
 import tempfile
@@ -27,27 +26,13 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from _sim import free_port, wait_up
 
 
 def run_sim(port: int) -> None:
     from marketpipe.sim.server import serve_forever
 
     serve_forever("127.0.0.1", port)
-
-
-def wait_up(url: str) -> None:
-    for _ in range(200):
-        try:
-            httpx.get(url + "/_sim/faults", timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise SystemExit("simulator did not start")
 
 
 def main() -> None:

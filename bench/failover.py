@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -23,11 +22,7 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from _sim import free_port, wait_up
 
 
 def serve(alpaca_port: int, polygon_port: int) -> None:
@@ -43,16 +38,6 @@ def serve(alpaca_port: int, polygon_port: int) -> None:
         await asyncio.Event().wait()
 
     asyncio.run(main())
-
-
-def wait_up(url: str) -> None:
-    for _ in range(200):
-        try:
-            httpx.get(url + "/_sim/faults", timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise SystemExit("simulator did not start")
 
 
 def main() -> None:

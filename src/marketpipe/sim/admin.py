@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -52,6 +53,23 @@ class Stats:
                 "by_path": {p: dict(c) for p, c in sorted(self._by_path.items())},
                 "by_status": dict(sorted(by_status.items())),
             }
+
+
+ADMIN_PREFIX = "/_sim/"
+SIM_HEADER = "X-Marketpipe-Sim"
+
+
+async def serve_admin(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every face's middleware hands ``/_sim/`` requests here: no auth, no faults, no counting, and
+    marketpipe's own error body whatever vendor the face plays."""
+    try:
+        resp = await handler(request)
+    except web.HTTPException as exc:
+        resp = _json({"message": exc.reason.lower()}, exc.status)
+    resp.headers[SIM_HEADER] = "1"
+    return resp
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -39,12 +39,11 @@ from aiohttp import web
 from marketpipe.core.errors import InvalidTimeframe
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import NY
-from marketpipe.sim.admin import Stats, add_admin_routes
+from marketpipe.sim.admin import ADMIN_PREFIX, SIM_HEADER, Stats, add_admin_routes, serve_admin
 from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
 from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, corrupt_bars
 from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
 
-SIM_HEADER = "X-Marketpipe-Sim"
 PLAN_LIMITS = {"unlimited": 10_000, "free": 200}
 DEFAULT_KEYS: dict[str, tuple[str, str]] = {"SIMKEY": ("SIMSECRET", "unlimited"), "FREEKEY": ("FREESECRET", "free")}
 SIP_DELAY_NS = 15 * 60 * NS_PER_SEC
@@ -319,13 +318,8 @@ class AlpacaFace:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path.startswith("/_sim/"):
-            try:
-                resp = await handler(request)
-            except web.HTTPException as exc:
-                resp = error(exc.reason.lower(), exc.status)
-            resp.headers[SIM_HEADER] = "1"
-            return resp
+        if request.path.startswith(ADMIN_PREFIX):
+            return await serve_admin(request, handler)
         label = "cancelled"  # stays so if the client went away and aiohttp cancelled the handler
         try:
             unmatched = request.match_info.http_exception

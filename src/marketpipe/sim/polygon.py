@@ -60,7 +60,7 @@ from marketpipe.core.codes import POLYGON_EXCHANGES, POLYGON_TAPES, POLYGON_TRAD
 from marketpipe.core.errors import InvalidTimeframe
 from marketpipe.core.timeframe import DAY1, MIN1, Timeframe, Unit
 from marketpipe.core.timeutil import NY
-from marketpipe.sim.admin import Stats, add_admin_routes
+from marketpipe.sim.admin import ADMIN_PREFIX, Stats, add_admin_routes, serve_admin
 from marketpipe.sim.alpaca import DEFAULT_KEYS as ALPACA_DEFAULT_KEYS
 from marketpipe.sim.alpaca import MAINTENANCE_200, SIM_HEADER, RateLimits, json_response
 from marketpipe.sim.data import (
@@ -261,13 +261,8 @@ class PolygonFace:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path.startswith("/_sim/"):
-            try:
-                resp = await handler(request)
-            except web.HTTPException as exc:
-                resp = json_response({"message": exc.reason.lower()}, exc.status)
-            resp.headers[SIM_HEADER] = "1"
-            return resp
+        if request.path.startswith(ADMIN_PREFIX):
+            return await serve_admin(request, handler)
         label = "cancelled"  # stays so if the client went away and aiohttp cancelled the handler
         request_id = uuid.uuid4().hex
         request[REQUEST_ID] = request_id

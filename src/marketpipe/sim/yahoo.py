@@ -56,7 +56,7 @@ from aiohttp import web
 
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY
-from marketpipe.sim.admin import Stats, add_admin_routes
+from marketpipe.sim.admin import ADMIN_PREFIX, Stats, add_admin_routes, serve_admin
 from marketpipe.sim.alpaca import SIM_HEADER, RateLimits
 from marketpipe.sim.data import NS_PER_SEC, BarArrays, SimMarket, aggregate, ny_midnight_ns, parse_rfc3339_ns
 from marketpipe.sim.faults import FaultRule, Faults, corrupt_bars
@@ -202,13 +202,8 @@ class YahooFace:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path.startswith("/_sim/"):
-            try:
-                resp = await handler(request)
-            except web.HTTPException as exc:
-                resp = chart_error(exc.status, exc.reason, exc.reason, key="finance")
-            resp.headers[SIM_HEADER] = "1"
-            return resp
+        if request.path.startswith(ADMIN_PREFIX):
+            return await serve_admin(request, handler)
         label = "cancelled"  # stays so if the client went away and aiohttp cancelled the handler
         try:
             resp, label = await self._data(request, handler)
