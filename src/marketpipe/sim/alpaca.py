@@ -41,7 +41,7 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import NY
 from marketpipe.sim.admin import ADMIN_PREFIX, SIM_HEADER, Stats, add_admin_routes, serve_admin
 from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
-from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, corrupt_bars
+from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, RunLookup, apply_defect, corrupt_bars
 from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
 
 PLAN_LIMITS = {"unlimited": 10_000, "free": 200}
@@ -390,13 +390,35 @@ class AlpacaFace:
             resp = _route_error(exc)
 
         resp = truncate_if_asked(fault, resp)
-        if fault is not None and fault.kind == "invalid_rows" and resp.status == 200 and isinstance(resp, web.Response):
+        bad_rows = fault is not None and fault.kind in ("invalid_rows", "bad_data")
+        if fault is not None and bad_rows and resp.status == 200 and isinstance(resp, web.Response):
             body = resp.body
             if isinstance(body, bytes) and BAR_PATHS.match(request.path):
                 doc = orjson.loads(body)
-                corrupt_bars(doc, fault, self.faults.seed)
+                if fault.kind == "invalid_rows":
+                    corrupt_bars(doc, fault, self.faults.seed)
+                else:
+                    apply_defect(doc, fault, self.faults.seed, self._run_lookup(request))
+                    if isinstance(doc.get("bars"), list) and not doc["bars"]:
+                        doc["bars"] = None  # a single-symbol page without bars, as the vendor sends it
                 resp = raw_json(orjson.dumps(doc))
         return self._finish(resp, headers), str(resp.status)
+
+    def _run_lookup(self, request: web.Request) -> RunLookup:
+        """``bad_data`` ``frozen`` runs in the request's timeframe and feed (the handler has
+        accepted both, as the answer is a 200)."""
+        tf = Timeframe.parse(request.query.get("timeframe", ""))
+        feed = request.query.get("feed", "") or "sip"
+        now = self.now_ns()
+
+        def lookup(symbol: str, start_ns: int, n: int) -> list[dict[str, Any]]:
+            page = self.market.page("bars", [symbol], start_ns, now, timeframe=tf, feed=feed, limit=n, now_ns=now)
+            if not page.parts:
+                return []
+            rows: list[dict[str, Any]] = orjson.loads(b"[" + b",".join(bytes(r) for r in page.parts[0][1]) + b"]")
+            return rows
+
+        return lookup
 
     def _bodies(self, headers: dict[str, str]) -> VendorBodies:
         def too_many(fault: FaultRule) -> web.StreamResponse:

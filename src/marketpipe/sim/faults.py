@@ -21,6 +21,44 @@ Kinds:
                     ``duplicate_ts``, ``misaligned_ts``, ``nonpositive_price``)
 ``rate_limit``      429 ``too many requests.`` with ``X-RateLimit-Remaining: 0`` and a reset
                     ``reset_seconds`` ahead
+``bad_data``        bar responses (same paths as ``invalid_rows``) with plausible-but-wrong data of
+                    one ``defect``; every row still passes the row checks (OHLC order, vwap within
+                    [low, high], volume >= 0, prices > 0), so only an anomaly or completeness check
+                    can catch it. See below.
+
+``bad_data`` fields (:func:`apply_defect` does the work on Alpaca-shaped rows; the Polygon and Yahoo
+faces convert their rows to that shape and back, so a defect means the same on every face):
+
+``defect``  (required) one of:
+
+            ``spike``             ``c = round(c * factor, 2)``, then ``h = max(h, c)``, ``l = min(l, c)``
+                                  (one bad tick; the next bar is normal again). ``factor`` default 1.5.
+            ``split``             an unadjusted split: every bar stamped strictly before the split
+                                  point has o/h/l/c/vw multiplied by ``factor`` (rounded to 4 dp) and
+                                  ``v = max(1, round(v / factor))``; bars at or after it are as
+                                  served. ``factor`` (the split ratio) default 2.0. ``at``: exactly one
+                                  entry, the first stamp or New York day *after* the split.
+            ``frozen``            for each ``at`` start, the ``run`` bars of the symbol from the first
+                                  bar stamped at or after it (a date: its first bar that day) get
+                                  ``o = h = l = c = vw =`` that first bar's open; ``v`` and ``n`` stay.
+                                  The run is counted in the timeframe of the request, across session
+                                  breaks, and is the same whatever the paging or window (faces look
+                                  the run up in the market). ``at`` is required. ``run`` default 30.
+            ``volume_spike``      ``v = round(v * factor)``; ``n`` stays. ``factor`` default 50.
+            ``zero_volume_move``  ``v = 0`` and ``n = 0``; prices stay (and still move bar to bar).
+            ``drop``              the bars are left out of the answer (still a 200; paging goes on).
+
+``at``      which bars: RFC-3339 times (``"2024-03-05T15:00:00Z"``, exact bar stamps) or New York
+            dates ``"YYYY-MM-DD"`` (every bar whose New York date is that day). Empty or absent
+            (``spike``, ``volume_spike``, ``zero_volume_move``, ``drop`` only): bars picked by the
+            hash of (seed, symbol, stamp) as ``invalid_rows`` picks them, ``row_ratio`` of them, with
+            no "at least one" rule, so the picks never depend on paging.
+``symbols`` only bars of these symbols (absent: every symbol).
+``factor``  see the defects; only ``spike``, ``split`` and ``volume_spike`` take one (> 0).
+``run``     ``frozen`` only, >= 1.
+
+Every defect is decided per bar from its own stamp (and, for ``frozen``, the run looked up from
+the market), so the same request gives the same answer again, on any page size.
 """
 
 from __future__ import annotations
@@ -29,10 +67,14 @@ import random
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, get_args
 
 import msgspec
+
+from marketpipe.sim.data import NS_PER_SEC, ny_midnight_ns, parse_rfc3339_ns
 
 FaultKind = Literal[
     "latency",
@@ -45,14 +87,19 @@ FaultKind = Literal[
     "html_200",
     "invalid_rows",
     "rate_limit",
+    "bad_data",
 ]
+Defect = Literal["spike", "split", "frozen", "volume_spike", "zero_volume_move", "drop"]
 RowKind = Literal["high_lt_low", "negative_volume", "duplicate_ts", "misaligned_ts", "nonpositive_price"]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 ROW_KINDS: tuple[str, ...] = get_args(RowKind)
+DEFECTS: tuple[str, ...] = get_args(Defect)
+DEFAULT_FACTORS: dict[str, float] = {"spike": 1.5, "split": 2.0, "volume_spike": 50.0}
+DEFAULT_RUN = 30
 # Every vendor face's data URLs: Alpaca and Polygon under /v2/, Yahoo's chart under /v8/.
 DATA_PATHS = re.compile(r"^/(v2|v8)/")
-# invalid_rows only makes sense where bars are returned in bulk: Alpaca bars, Polygon aggregates,
-# Yahoo charts.
+# invalid_rows and bad_data only make sense where bars are returned in bulk: Alpaca bars, Polygon
+# aggregates, Yahoo charts.
 BAR_PATHS = re.compile(r"^/v2/stocks/(bars|[^/]+/bars)$|^/v2/aggs/ticker/[^/]+/range/|^/v8/finance/chart/")
 
 
@@ -71,6 +118,11 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     row_kinds: list[RowKind] | None = None  # None: every kind
     row_ratio: float = 0.05
     reset_seconds: float = 1.0
+    defect: Defect | None = None  # bad_data only, from here on
+    at: list[str] | None = None
+    symbols: list[str] | None = None
+    factor: float | None = None  # None: the defect's default (DEFAULT_FACTORS)
+    run: int = DEFAULT_RUN
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
@@ -90,6 +142,36 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
                 re.compile(self.paths)
             except re.error as exc:
                 raise ValueError(f"paths is not a valid regex: {exc}") from exc
+        self._check_bad_data()
+
+    def _check_bad_data(self) -> None:
+        if self.kind != "bad_data":
+            if self.defect is not None or self.at is not None or self.symbols is not None or self.factor is not None:
+                raise ValueError("defect, at, symbols and factor apply to kind bad_data only")
+            if self.run != DEFAULT_RUN:
+                raise ValueError("run applies to kind bad_data (defect frozen) only")
+            return
+        if self.defect is None:
+            raise ValueError(f"bad_data needs a defect, one of {', '.join(DEFECTS)}")
+        if self.defect not in DEFECTS:
+            raise ValueError(f"unknown defect {self.defect!r}; one of {', '.join(DEFECTS)}")
+        for text in self.at or ():
+            _parse_at(text)
+        if self.defect == "split" and len(self.at or ()) != 1:
+            raise ValueError("defect split needs at with exactly one entry: the first stamp or day after the split")
+        if self.defect == "frozen" and not self.at:
+            raise ValueError("defect frozen needs at: the stamps or days where frozen runs start")
+        if self.symbols is not None and not self.symbols:
+            raise ValueError("symbols must not be empty (leave it out for every symbol)")
+        if self.factor is not None:
+            if self.defect not in DEFAULT_FACTORS:
+                raise ValueError(f"factor applies to defects {', '.join(DEFAULT_FACTORS)} only, not {self.defect}")
+            if not 0.0 < self.factor < float("inf"):
+                raise ValueError("factor must be a finite number > 0")
+        if self.run != DEFAULT_RUN and self.defect != "frozen":
+            raise ValueError("run applies to defect frozen only")
+        if self.run < 1:
+            raise ValueError("run must be >= 1")
 
     def matches(self, path: str) -> bool:
         if self.paths is not None:
@@ -97,7 +179,7 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
                 return False
         elif not DATA_PATHS.match(path):
             return False
-        return self.kind != "invalid_rows" or bool(BAR_PATHS.match(path))
+        return self.kind not in ("invalid_rows", "bad_data") or bool(BAR_PATHS.match(path))
 
 
 class FaultConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -267,3 +349,148 @@ def _corrupt_row(rows: list[dict[str, Any]], idx: int, kind: str, h: int) -> Non
             row["o"] = row["l"] = 0.0
         else:
             row["c"] = -abs(float(row["c"]))
+
+
+# --- bad_data --------------------------------------------------------------------------------------
+
+RunLookup = Callable[[str, int, int], list[dict[str, Any]]]
+"""``(symbol, start_ns, n)`` -> the first ``n`` bars of ``symbol`` stamped at or after ``start_ns``,
+Alpaca-shaped and ascending, exactly as the face serves them in the request's timeframe."""
+
+
+def _parse_at(text: str) -> tuple[int, int]:
+    """One ``at`` entry as the half-open ns span of bar stamps it names: a time names itself, a
+    New York date its whole day."""
+    try:
+        ns, date_only = parse_rfc3339_ns(text)
+        if date_only:
+            day = date.fromisoformat(text.strip())
+            return ny_midnight_ns(day), ny_midnight_ns(day + timedelta(days=1))
+    except ValueError:
+        raise ValueError(f"at: {text!r} is neither an RFC-3339 time with an offset nor a YYYY-MM-DD date") from None
+    return ns, ns + 1
+
+
+def _groups(doc: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    bars = doc.get("bars")
+    if isinstance(bars, list):
+        return [(str(doc.get("symbol", "")), bars)]
+    if isinstance(bars, dict):
+        return [(str(sym), rows) for sym, rows in bars.items() if isinstance(rows, list)]
+    return []
+
+
+def _row_ns(row: dict[str, Any]) -> int:
+    return parse_rfc3339_ns(str(row["t"]))[0]
+
+
+def apply_defect(doc: dict[str, Any], rule: FaultRule, seed: int, lookup: RunLookup | None = None) -> int:
+    """Apply a ``bad_data`` rule to a decoded Alpaca-shaped bars response (``{"bars": [...],
+    "symbol": S}`` or ``{"bars": {S: [...]}}``), in place; returns how many bars were changed or
+    dropped. ``drop`` removes symbols left without bars from a ``bars`` mapping; a list may be left
+    empty. ``lookup`` lets ``frozen`` see its whole run (and the price at its start) whatever the
+    paging; without one the run is counted, and priced, within this response only. Keys a row
+    lacks (Yahoo has no ``vw`` or ``n``) are left out."""
+    defect = rule.defect
+    if rule.kind != "bad_data" or defect is None:
+        return 0
+    wanted = set(rule.symbols) if rule.symbols is not None else None
+    spans = [_parse_at(text) for text in rule.at or ()]
+    factor = rule.factor if rule.factor is not None else DEFAULT_FACTORS.get(defect, 1.0)
+    threshold = int(rule.row_ratio * 1_000_000)
+    hits = 0
+    bars = doc.get("bars")
+    for sym, rows in _groups(doc):
+        if wanted is not None and sym not in wanted:
+            continue
+        stamps = [_row_ns(row) for row in rows]
+        if defect == "split":
+            point = spans[0][0]
+            hit = [t < point for t in stamps]
+        elif defect == "frozen":
+            hit = _freeze(sym, rows, stamps, spans, rule.run, lookup)
+        elif spans:
+            hit = [any(lo <= t < hi for lo, hi in spans) for t in stamps]
+        else:
+            hit = [zlib.crc32(f"{seed}|{sym}|{row.get('t')}".encode()) % 1_000_000 < threshold for row in rows]
+        hits += sum(hit)
+        if defect == "drop":
+            rows[:] = [row for row, h in zip(rows, hit, strict=True) if not h]
+            if not rows and isinstance(bars, dict):
+                del bars[sym]
+            continue
+        for row, h in zip(rows, hit, strict=True):
+            if h and defect != "frozen":  # _freeze has set its rows already
+                _defect_row(row, defect, factor)
+    return hits
+
+
+def _defect_row(row: dict[str, Any], defect: str, factor: float) -> None:
+    if defect == "spike":
+        c = max(0.01, round(float(row["c"]) * factor, 2))
+        row["c"] = c
+        row["h"] = max(float(row["h"]), c)
+        row["l"] = min(float(row["l"]), c)
+    elif defect == "split":
+        for key in ("o", "h", "l", "c", "vw"):
+            if row.get(key) is not None:
+                # rounding is monotone, so l <= vw <= h survives it
+                row[key] = round(float(row[key]) * factor, 4)
+        row["v"] = max(1, round(float(row["v"]) / factor))
+    elif defect == "volume_spike":
+        row["v"] = round(float(row["v"]) * factor)
+    elif defect == "zero_volume_move":
+        row["v"] = 0
+        if "n" in row:
+            row["n"] = 0
+
+
+def _freeze(
+    sym: str,
+    rows: list[dict[str, Any]],
+    stamps: list[int],
+    spans: list[tuple[int, int]],
+    run: int,
+    lookup: RunLookup | None,
+) -> list[bool]:
+    """Freeze this response's bars of every run (later runs win where runs overlap)."""
+    hit = [False] * len(rows)
+    for start, _ in spans:
+        if lookup is not None:
+            run_rows = lookup(sym, start, run)
+            if not run_rows:
+                continue
+            price = float(run_rows[0]["o"])
+            members = {_row_ns(r) for r in run_rows}
+            idx = [i for i, t in enumerate(stamps) if t in members]
+        else:
+            idx = sorted((i for i, t in enumerate(stamps) if t >= start), key=lambda i: stamps[i])[:run]
+            if not idx:
+                continue
+            price = float(rows[idx[0]]["o"])
+        for i in idx:
+            row = rows[i]
+            for key in ("o", "h", "l", "c", "vw"):
+                if key in row:
+                    row[key] = price
+            hit[i] = True
+    return hit
+
+
+def first_bars(
+    fetch: Callable[[int, int], list[dict[str, Any]]], start_ns: int, n: int, span_ns: int, until_ns: int
+) -> list[dict[str, Any]]:
+    """The first ``n`` bars from ``fetch(lo, hi)`` (ascending bars stamped in ``[lo, hi)``) at or
+    after ``start_ns``, widening the window from ``span_ns`` until there are ``n`` or it passes
+    ``until_ns`` (nothing exists after that) — a :data:`RunLookup` for faces that fetch by range."""
+    span = max(span_ns, NS_PER_SEC)
+    while True:
+        rows = fetch(start_ns, start_ns + span)
+        if len(rows) >= n or start_ns + span > until_ns:
+            return rows[:n]
+        span *= 2
+
+
+def utc_stamp(ns: int) -> str:
+    """A bar stamp in Alpaca's form (``2024-03-05T14:30:00Z``), as :func:`apply_defect` reads it."""
+    return datetime.fromtimestamp(ns // NS_PER_SEC, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

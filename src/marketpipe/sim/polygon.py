@@ -72,7 +72,7 @@ from marketpipe.sim.data import (
     ny_midnight_ns,
     parse_rfc3339_ns,
 )
-from marketpipe.sim.faults import FaultRule, Faults, corrupt_bars
+from marketpipe.sim.faults import FaultRule, Faults, RunLookup, apply_defect, corrupt_bars, first_bars, utc_stamp
 from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
 
 PLANS = ("unlimited", "delayed", "free")
@@ -314,10 +314,11 @@ class PolygonFace:
         except web.HTTPException as exc:  # unknown /v2 route, after auth like the vendor
             resp = json_response(body_of("NOT_FOUND", "Route not found", request_id), exc.status)
         resp = truncate_if_asked(fault, resp)
-        if fault is not None and fault.kind == "invalid_rows" and resp.status == 200 and isinstance(resp, web.Response):
+        bad_rows = fault is not None and fault.kind in ("invalid_rows", "bad_data")
+        if fault is not None and bad_rows and resp.status == 200 and isinstance(resp, web.Response):
             body = resp.body
             if isinstance(body, bytes) and "multiplier" in request.match_info:
-                resp = json_response(self._corrupt(orjson.loads(body), fault))
+                resp = json_response(self._corrupt(orjson.loads(body), fault, request))
         return resp, str(resp.status)
 
     @staticmethod
@@ -328,18 +329,46 @@ class PolygonFace:
             outage_200=MAINTENANCE_200,
         )
 
-    def _corrupt(self, doc: dict[str, Any], fault: FaultRule) -> dict[str, Any]:
-        """``invalid_rows`` through the shared corrupter, which works on Alpaca's RFC-3339 stamps."""
+    def _corrupt(self, doc: dict[str, Any], fault: FaultRule, request: web.Request) -> dict[str, Any]:
+        """``invalid_rows`` and ``bad_data`` through the shared functions, which work on Alpaca's
+        RFC-3339 stamps."""
         rows = doc.get("results")
         if not isinstance(rows, list) or not rows:
             return doc
         for row in rows:
-            row["t"] = datetime.fromtimestamp(row["t"] // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        corrupt_bars({"bars": rows, "symbol": doc.get("ticker", "")}, fault, self.faults.seed)
+            row["t"] = utc_stamp(row["t"] * NS_PER_MS)
+        alpaca = {"bars": rows, "symbol": doc.get("ticker", "")}
+        if fault.kind == "invalid_rows":
+            corrupt_bars(alpaca, fault, self.faults.seed)
+        else:
+            apply_defect(alpaca, fault, self.faults.seed, self._run_lookup(request))
+            for row in rows:
+                row["v"] = float(row["v"])  # the vendor's volumes are JSON floats
         for row in rows:
             row["t"] = parse_rfc3339_ns(row["t"])[0] // NS_PER_MS
         doc["resultsCount"] = doc["count"] = len(rows)
+        if not rows:  # every bar dropped: the vendor's shape for a page without bars
+            del doc["results"]
         return doc
+
+    def _run_lookup(self, request: web.Request) -> RunLookup:
+        """``bad_data`` ``frozen`` runs in the request's aggregate size, as this face serves them."""
+        m = request.match_info
+        tf = timeframe_of(m["multiplier"], m["timespan"])
+        horizon = self._horizon(self._client(request).plan)
+
+        def fetch(ticker: str, lo: int, hi: int) -> list[dict[str, Any]]:
+            s = self.series(ticker, tf, lo, hi - 1, horizon)
+            rows = self._bar_rows(s.take(s.bars["t"] >= lo).bars)
+            for row in rows:
+                row["t"] = utc_stamp(row["t"] * NS_PER_MS)
+            return rows
+
+        def lookup(ticker: str, start_ns: int, n: int) -> list[dict[str, Any]]:
+            span = (n + 1) * tf.seconds * NS_PER_SEC + 4 * NS_PER_DAY  # a long weekend in between
+            return first_bars(lambda lo, hi: fetch(ticker, lo, hi), start_ns, n, span, horizon)
+
+        return lookup
 
     # --- plans ---------------------------------------------------------------------------------------
     @staticmethod

@@ -59,7 +59,7 @@ from marketpipe.core.timeutil import NY
 from marketpipe.sim.admin import ADMIN_PREFIX, Stats, add_admin_routes, serve_admin
 from marketpipe.sim.alpaca import SIM_HEADER, RateLimits
 from marketpipe.sim.data import NS_PER_SEC, BarArrays, SimMarket, aggregate, ny_midnight_ns, parse_rfc3339_ns
-from marketpipe.sim.faults import FaultRule, Faults, corrupt_bars
+from marketpipe.sim.faults import FaultRule, Faults, RunLookup, apply_defect, corrupt_bars, first_bars
 from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
 
 CHART_PREFIX = "/v8/finance/chart/"
@@ -229,7 +229,7 @@ class YahooFace:
         early = await before_handler(decision, request, _BODIES)
         if early is not None:
             return early
-        if fault is not None and fault.kind == "invalid_rows":
+        if fault is not None and fault.kind in ("invalid_rows", "bad_data"):
             request[FAULT] = fault
         resp: web.StreamResponse
         try:
@@ -257,7 +257,10 @@ class YahooFace:
         rows = self._rows(msym, iv, p1, p2, now_ns) if p2 > p1 else None
         fault = request.get(FAULT)
         if rows is not None and fault is not None:
-            rows = self._corrupt(rows, msym, fault)
+            if fault.kind == "bad_data":
+                rows = self._defect(rows, msym, fault, iv, now_ns)
+            else:
+                rows = self._corrupt(rows, msym, fault)
         meta = self._meta(ysym, msym, iv, p1, range_text, now_ns)
         result: dict[str, Any] = {"meta": meta}
         if rows is not None and len(rows):
@@ -429,13 +432,15 @@ class YahooFace:
             h, lo = (np.where(hit, np.nan, a) for a in (h, lo))
         return Rows(rows.t, o, h, lo, c, v)
 
-    def _corrupt(self, rows: Rows, msym: str, fault: FaultRule) -> Rows:
-        """``invalid_rows``: corrupt the priced rows with the shared corrupter, via Alpaca-shaped rows."""
-        priced = np.flatnonzero(~np.isnan(rows.c) & ~np.isnan(rows.h) & ~np.isnan(rows.lo) & ~np.isnan(rows.o))
-        if not len(priced):
-            return rows
+    @staticmethod
+    def _priced(rows: Rows) -> np.ndarray:
+        """Positions of the rows with all four prices (not null rows, not partial rows)."""
+        return np.flatnonzero(~np.isnan(rows.c) & ~np.isnan(rows.h) & ~np.isnan(rows.lo) & ~np.isnan(rows.o))
+
+    @staticmethod
+    def _alpaca_rows(rows: Rows, priced: np.ndarray) -> list[dict[str, Any]]:
         iso = np.datetime_as_string(rows.t[priced].astype("datetime64[s]"), unit="s").tolist()
-        alpaca = [
+        return [
             {"t": t + "Z", "o": o, "h": h, "l": lo, "c": c, "v": v}
             for t, o, h, lo, c, v in zip(
                 iso,
@@ -447,6 +452,51 @@ class YahooFace:
                 strict=True,
             )
         ]
+
+    def _defect(self, rows: Rows, msym: str, fault: FaultRule, iv: Interval, now_ns: int) -> Rows:
+        """``bad_data`` with the shared function, via Alpaca-shaped rows (no ``vw``/``n``: Yahoo has
+        none). Only priced rows are candidates: null and partial rows stay as they are."""
+        priced = self._priced(rows)
+        if not len(priced):
+            return rows
+        alpaca = self._alpaca_rows(rows, priced)
+        for pos, row in zip(priced.tolist(), alpaca, strict=True):
+            row["_pos"] = pos
+        apply_defect({"bars": alpaca, "symbol": msym}, fault, self.faults.seed, self._run_lookup(iv, now_ns))
+        keep = np.ones(len(rows), dtype=bool)
+        keep[priced] = False
+        o, h, lo, c, v = (a.copy() for a in (rows.o, rows.h, rows.lo, rows.c, rows.v))
+        for row in alpaca:
+            i = row["_pos"]
+            keep[i] = True
+            o[i], h[i], lo[i], c[i], v[i] = row["o"], row["h"], row["l"], row["c"], row["v"]
+        return Rows(rows.t, o, h, lo, c, v).take(keep)
+
+    def _run_lookup(self, iv: Interval, now_ns: int) -> RunLookup:
+        """``bad_data`` ``frozen`` runs in the request's interval, as this face serves them."""
+        if iv.tf is not None:
+            bar_s = iv.tf.seconds
+        elif iv.session_minutes:
+            bar_s = iv.session_minutes * 60
+        else:
+            bar_s = DAY_S * (7 if iv.months < 0 else 31 * iv.months if iv.months else 1)
+
+        def fetch(msym: str, lo: int, hi: int) -> list[dict[str, Any]]:
+            rows = self._rows(msym, iv, -(-lo // NS_PER_SEC), hi // NS_PER_SEC, now_ns)
+            return self._alpaca_rows(rows, self._priced(rows))
+
+        def lookup(msym: str, start_ns: int, n: int) -> list[dict[str, Any]]:
+            span = ((n + 1) * bar_s + 4 * DAY_S) * NS_PER_SEC  # a long weekend in between
+            return first_bars(lambda lo, hi: fetch(msym, lo, hi), start_ns, n, span, now_ns + DAY_S * NS_PER_SEC)
+
+        return lookup
+
+    def _corrupt(self, rows: Rows, msym: str, fault: FaultRule) -> Rows:
+        """``invalid_rows``: corrupt the priced rows with the shared corrupter, via Alpaca-shaped rows."""
+        priced = self._priced(rows)
+        if not len(priced):
+            return rows
+        alpaca = self._alpaca_rows(rows, priced)
         corrupt_bars({"bars": alpaca, "symbol": msym}, fault, self.faults.seed)
         # positions: corrupted rows keep theirs; a duplicate appended by the corrupter follows its row
         pos = [float(p) for p in priced.tolist()] + [float(priced[-1]) + 0.5] * (len(alpaca) - len(priced))
