@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from marketpipe.sim.server import SimServer
 
 from marketpipe.core.config import CircuitPolicy, ProviderConfig, RetryPolicy
 from marketpipe.providers.alpaca import AlpacaProvider
+from marketpipe.sim.server import SimServer
 from marketpipe.store.duckdb import DuckDBStore
 
 SIM_ENV = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}

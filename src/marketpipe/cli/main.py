@@ -579,5 +579,12 @@ def store_log(
         _emit(st.ingest_log(limit).drop("symbols"), "table", None)
 
 
+# The data-quality commands live in their own module and register themselves on ``app``.
+from marketpipe.cli import quality as _quality  # noqa: E402, F401
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    # Run as ``python -m``: this module is ``__main__``, so take the app from the imported module,
+    # which is the one the quality commands registered on.
+    from marketpipe.cli.main import app as _app
+
+    _app()

@@ -9,10 +9,14 @@ from datetime import UTC, date, datetime
 from functools import cached_property
 
 import numpy as np
+import polars as pl
 
 from marketpipe.core.errors import InvalidArgument, InvalidRange
 
 NS_PER_MIN = 60_000_000_000
+NS_PER_HOUR = 60 * NS_PER_MIN
+EXT_OPEN_NS = 4 * NS_PER_HOUR  # US pre-market opens 04:00 local
+EXT_AFTER_CLOSE_NS = 4 * NS_PER_HOUR  # after-hours trading runs four hours past the close
 CALENDAR_START = "2000-01-01"
 
 _lock = threading.Lock()
@@ -130,6 +134,32 @@ class ExchangeCalendar:
     def day_ns(self) -> np.ndarray:
         return self.days.astype("datetime64[ns]").astype(np.int64)
 
+    @cached_property
+    def midnights(self) -> np.ndarray:
+        """Local midnight of each session day, int64 ns UTC (what daily bars are stamped with)."""
+        return local_midnights_ns(self.days, self.tz)
+
+    @cached_property
+    def tz(self) -> str:
+        import exchange_calendars as xc
+
+        return str(xc.get_calendar(self.name, start=CALENDAR_START).tz)
+
+    def windows(self, start: datetime, end: datetime, *, extended: bool = False) -> tuple[np.ndarray, ...]:
+        """Trading windows of the sessions that intersect ``[start, end)``, clipped to it:
+        ``(session index, lo ns, hi ns)``. Regular hours, or with ``extended`` the US extended
+        session: 04:00 local until four hours after the close (20:00, or 17:00 on an early close)."""
+        s, e = _ns(start), _ns(end)
+        if extended:
+            opens = self.midnights + EXT_OPEN_NS
+            closes = self.closes + EXT_AFTER_CLOSE_NS
+        else:
+            opens, closes = self.opens, self.closes
+        lo = int(np.searchsorted(closes, s, side="right"))
+        hi = int(np.searchsorted(opens, e, side="left"))
+        idx = np.arange(lo, max(lo, hi), dtype=np.int64)
+        return idx, np.maximum(opens[idx], s), np.minimum(closes[idx], e)
+
 
 def get_calendar(name: str = "XNYS") -> ExchangeCalendar:
     with _lock:
@@ -137,6 +167,14 @@ def get_calendar(name: str = "XNYS") -> ExchangeCalendar:
         if cal is None:
             cal = _cache[name] = ExchangeCalendar(name)
         return cal
+
+
+def local_midnights_ns(days: np.ndarray, tz: str) -> np.ndarray:
+    """Midnight in ``tz`` of each ``datetime64[D]`` day, as int64 ns UTC (DST-aware)."""
+    if len(days) == 0:
+        return np.empty(0, dtype=np.int64)
+    naive = pl.Series("d", days.astype("datetime64[D]")).cast(pl.Datetime("ns"))
+    return naive.dt.replace_time_zone(tz).dt.epoch("ns").to_numpy().astype(np.int64)
 
 
 def _ns(ts: datetime) -> int:

@@ -70,10 +70,82 @@ class BackfillConfig(msgspec.Struct, forbid_unknown_fields=True):
     concurrency: int = 4  # requests in flight (the rate limiter still governs the pace)
 
 
+class AnomalyConfig(msgspec.Struct, forbid_unknown_fields=True):
+    z_threshold: float = 10.0
+    z_high: float = 20.0
+    vol_span: int = 100  # bars in the EWMA volatility
+    min_periods: int = 30  # bars of history before a z-score is trusted
+    jump_pct: float = 20.0  # bar-to-bar move (percent) flagged whatever the volatility
+    split_tolerance: float = 0.02  # relative distance from a split ratio
+    split_min_move_pct: float = 30.0  # smaller moves are not split candidates
+    frozen_bars: int = 15  # intraday run length; daily and longer use max(3, frozen_bars // 5)
+    volume_multiple: float = 25.0
+    min_volume: int = 100  # volume outliers below this are ignored (thin minutes)
+    # What happens to high-severity findings at ingest: "flag" keeps the row and records the finding,
+    # "quarantine" moves the row to quarantine with reason "anomaly:<kind>".
+    on_high: str = "flag"
+
+    def __post_init__(self) -> None:
+        if self.on_high not in ("flag", "quarantine"):
+            raise ValueError("quality.anomaly.on_high must be 'flag' or 'quarantine'")
+        if self.z_high < self.z_threshold or self.z_threshold <= 0:
+            raise ValueError("quality.anomaly: need 0 < z_threshold <= z_high")
+        if self.vol_span < 2 or self.min_periods < 2 or self.frozen_bars < 2:
+            raise ValueError("quality.anomaly: vol_span, min_periods and frozen_bars must be >= 2")
+
+
+class QualityWeights(msgspec.Struct, forbid_unknown_fields=True):
+    validity: float = 0.4
+    completeness: float = 0.3
+    timeliness: float = 0.2
+    consistency: float = 0.1
+
+
+class QualityConfig(msgspec.Struct, forbid_unknown_fields=True):
+    weights: QualityWeights = msgspec.field(default_factory=QualityWeights)
+    extended_hours: bool = False  # completeness counts 04:00-20:00 local instead of the regular session
+    # Timeliness applies to the most recent sessions only: the lag from a bar's end to its fetch.
+    recent_sessions: int = 1
+    fresh_seconds: float = 120.0  # lag at or below this scores 1
+    stale_seconds: float = 3600.0  # lag at or above this scores 0 (linear in between)
+    anomaly: AnomalyConfig = msgspec.field(default_factory=AnomalyConfig)
+
+    def __post_init__(self) -> None:
+        w = self.weights
+        if min(w.validity, w.completeness, w.timeliness, w.consistency) < 0:
+            raise ValueError("quality.weights must be >= 0")
+        if w.validity + w.completeness + w.timeliness + w.consistency <= 0:
+            raise ValueError("quality.weights must not all be 0")
+        if self.stale_seconds <= self.fresh_seconds:
+            raise ValueError("quality.stale_seconds must be greater than fresh_seconds")
+
+
+class UpdateConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # "smart": incremental when the newest covered bar is at most this old, else refresh.
+    smart_max_gap_hours: float = 72.0
+    # A refresh re-fetches this many days before the newest covered point (vendor corrections).
+    refresh_days: float = 5.0
+    stale_after_minutes: float = 30.0  # during a session, data older than this raises a stale_data event
+
+
+class JobConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """A recurring update (``[[jobs]]`` in the config file)."""
+
+    name: str
+    symbols: list[str]
+    every: str = "1m"  # 30s, 1m, 15m, 1h, 1d
+    timeframe: str = "1Min"
+    strategy: str = "smart"  # incremental | full | smart
+    feed: str | None = None
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     calendar: str = "XNYS"
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     backfill: BackfillConfig = msgspec.field(default_factory=BackfillConfig)
+    quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
+    update: UpdateConfig = msgspec.field(default_factory=UpdateConfig)
+    jobs: list[JobConfig] = msgspec.field(default_factory=list)
     providers: dict[str, ProviderConfig] = msgspec.field(
         default_factory=lambda: {n: msgspec.convert(d, ProviderConfig) for n, d in DEFAULT_PROVIDERS.items()}
     )

@@ -73,3 +73,33 @@ FAILOVERS = Counter(
     ["provider", "code"],
     registry=REGISTRY,
 )
+ANOMALIES = Counter(
+    "marketpipe_anomalies_total",
+    "Anomalies found in stored or ingested bars, by kind and severity",
+    ["kind", "severity"],
+    registry=REGISTRY,
+)
+QUALITY_SCORE = Gauge(
+    "marketpipe_quality_score",
+    "Latest quality score (0-1) per symbol and timeframe over the range last analysed",
+    ["symbol", "timeframe"],
+    registry=REGISTRY,
+)
+COMPLETENESS = Gauge(
+    "marketpipe_completeness_ratio",
+    "Share of the bars the exchange calendar expects that are held, per symbol and timeframe",
+    ["symbol", "timeframe"],
+    registry=REGISTRY,
+)
+EVENTS = Counter(
+    "marketpipe_events_total",
+    "Internal events raised (missing data, stale data, outlier, source unavailable), by kind and severity",
+    ["kind", "severity"],
+    registry=REGISTRY,
+)
+SCHEDULED_RUNS = Counter(
+    "marketpipe_scheduled_runs_total",
+    "Scheduled update runs per job and symbol outcome",
+    ["job", "status"],
+    registry=REGISTRY,
+)

@@ -25,7 +25,9 @@ from datetime import UTC, datetime
 
 import polars as pl
 
+from marketpipe.core import events
 from marketpipe.core.calendar import ExchangeCalendar
+from marketpipe.core.config import AnomalyConfig
 from marketpipe.core.errors import (
     AllProvidersFailed,
     AuthFailed,
@@ -42,6 +44,7 @@ from marketpipe.core.resilience import failover_available
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
 from marketpipe.providers.base import BarPage, BarsProvider
+from marketpipe.quality.anomaly import detect, quarantine_findings
 from marketpipe.quality.validate import check_bars
 from marketpipe.service.router import Attempt, ProviderRouter
 from marketpipe.store.base import Coverage, IngestRecord, PageWrite, Store
@@ -80,6 +83,8 @@ class BackfillStats:
     failovers: int = 0
     rows_by_provider: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     skipped_symbols: list[str] = field(default_factory=list)  # already fully covered
+    anomalies: int = 0  # findings recorded at ingest
+    revised: int = 0  # rows a refresh found changed at the vendor
 
     @property
     def seconds(self) -> float:
@@ -200,9 +205,13 @@ def plan(
     provider: str | None,
     feed: str | None,
     page_limit: int = 10_000,
+    refresh: bool = False,
 ) -> tuple[list[WorkUnit], list[str]]:
-    """Work units for what is missing, and the symbols that are already fully covered."""
-    missing = missing_ranges(store, symbols, timeframe, start, end, provider=provider, feed=feed)
+    """Work units for what is missing (everything, for a refresh), and the symbols already covered."""
+    if refresh:
+        missing = {sym: [(start, end)] for sym in symbols}
+    else:
+        missing = missing_ranges(store, symbols, timeframe, start, end, provider=provider, feed=feed)
     by_window: dict[tuple[datetime, datetime, int], list[str]] = defaultdict(list)
     done: list[str] = []
     for sym in symbols:
@@ -235,12 +244,24 @@ class CheckedPage:
     rejected_by_reason: dict[str, int]
 
 
-def check_page(page: BarPage, unit_known: dict[str, datetime], provider: str, now: datetime) -> CheckedPage:
+def check_page(
+    page: BarPage,
+    unit_known: dict[str, datetime],
+    provider: str,
+    now: datetime,
+    anomaly: AnomalyConfig | None = None,
+    refresh: bool = False,
+) -> CheckedPage:
     """Check one page and describe everything it leaves in the store. Runs in a worker thread."""
     assert page.timeframe is not None
     checked = check_bars(
         page.frame, timeframe=page.timeframe, start=page.start, end=page.end, now=now, request_id=page.request_id
     )
+    findings = None
+    if anomaly is not None and checked.good.height > 1:
+        findings = detect(checked.good, page.timeframe, anomaly)
+        if anomaly.on_high == "quarantine" and findings.height:
+            checked = quarantine_findings(checked, findings, page.request_id)
     rows_by_symbol = dict(page.frame.group_by("symbol").len().iter_rows()) if page.frame.height else {}
     coverage: list[Coverage] = []
     for sym, through in page.complete_through.items():
@@ -264,6 +285,8 @@ def check_page(page: BarPage, unit_known: dict[str, datetime], provider: str, no
     write = PageWrite(
         bars=checked.good,
         quarantine=checked.quarantine,
+        anomalies=findings,
+        refresh=refresh,
         coverage=coverage,
         ingest=IngestRecord(
             provider=provider,
@@ -301,8 +324,14 @@ async def run_backfill(
     concurrency: int = 4,
     progress: ProgressFn | None = None,
     now: Callable[[], datetime] = utcnow,
+    anomaly: AnomalyConfig | None = None,
+    refresh: bool = False,
 ) -> BackfillStats:
     """Backfill from one provider, or through a router with failover.
+
+    ``anomaly``: run anomaly detection on every page (findings stored with the page; high severity
+    quarantined when the config says so). ``refresh``: fetch the whole range again whatever the
+    ledger holds; changed rows are stored as revisions.
 
     With a router, a unit that fails on one provider mid-way continues on the next from where each
     symbol's committed pages end (partial-range failover); every page's rows carry the source that
@@ -325,10 +354,21 @@ async def run_backfill(
         single: BarsProvider = provider  # type: ignore[assignment]
         plan_feed = feed or getattr(getattr(single, "config", None), "feed", None)
         units, done = plan(
-            store, cal, symbols, timeframe, start, end, provider=single.name, feed=plan_feed, page_limit=page_limit
+            store,
+            cal,
+            symbols,
+            timeframe,
+            start,
+            end,
+            provider=single.name,
+            feed=plan_feed,
+            page_limit=page_limit,
+            refresh=refresh,
         )
     else:
-        units, done = plan(store, cal, symbols, timeframe, start, end, provider=None, feed=None, page_limit=page_limit)
+        units, done = plan(
+            store, cal, symbols, timeframe, start, end, provider=None, feed=None, page_limit=page_limit, refresh=refresh
+        )
 
     stats = BackfillStats()
     stats.units_total, stats.skipped_symbols = len(units), done
@@ -355,7 +395,7 @@ async def run_backfill(
             stats.pages += 1
             stats.bytes_received += page.nbytes
             stats.rows_by_provider[source.name] += page.frame.height
-            write = await asyncio.to_thread(check_page, page, known, source.name, now())
+            write = await asyncio.to_thread(check_page, page, known, source.name, now(), anomaly, refresh)
             for sym, through in page.complete_through.items():
                 if through > need.get(sym, from_):
                     need[sym] = through
@@ -381,6 +421,14 @@ async def run_backfill(
                 attempts.append(Attempt(source.name, exc.code, exc.message))
                 stats.failovers += 1
                 FAILOVERS.labels(source.name, exc.code).inc()
+                events.emit(
+                    events.SOURCE_UNAVAILABLE,
+                    "warning",
+                    f"{source.name} failed with {exc.code}; moving on to the next provider",
+                    source=source.name,
+                    code=exc.code,
+                    symbols=pending,
+                )
                 log.warning("failover", provider=source.name, code=exc.code, symbols=pending, error=exc.message)
         pending = [s for s in unit.symbols if need[s] < unit.end]
         if pending:
@@ -449,6 +497,9 @@ async def run_backfill(
             stats.bars_received += c.write.ingest.rows_received
             stats.bars_stored += c.write.stored
             stats.bars_rejected += c.write.ingest.rows_rejected
+            stats.revised += c.write.revised
+            if c.write.anomalies is not None:
+                stats.anomalies += c.write.anomalies.height
             for sym, n in c.good_by_symbol.items():
                 stats.per_symbol[sym]["good"] += n
             for sym, n in c.rejected_by_symbol.items():

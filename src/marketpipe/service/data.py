@@ -19,11 +19,14 @@ from marketpipe.core.calendar import ExchangeCalendar, get_calendar
 from marketpipe.core.config import Config, load_config
 from marketpipe.core.schema import Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
-from marketpipe.core.timeutil import parse_range
+from marketpipe.core.timeutil import parse_range, parse_time
 from marketpipe.providers.alpaca import AlpacaProvider
 from marketpipe.providers.base import BarsProvider
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill
+from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
+from marketpipe.service.quality import SeriesQuality, analyze
 from marketpipe.service.router import ProviderRouter, build_router
+from marketpipe.service.scheduler import Job, Scheduler
 from marketpipe.store.duckdb import DuckDBStore
 
 T = TypeVar("T")
@@ -106,6 +109,85 @@ class MarketData:
             page_limit=self.config.backfill.page_limit,
             concurrency=self.config.backfill.concurrency,
             progress=progress,
+            anomaly=self.config.quality.anomaly,
+        )
+
+    async def quality(
+        self,
+        symbols: list[str] | str,
+        start: TimeLike,
+        end: TimeLike | None = None,
+        *,
+        timeframe: str | Timeframe = "1Min",
+        save: bool = True,
+    ) -> list[SeriesQuality]:
+        """Completeness, anomalies and quality scores of stored data (nothing is fetched)."""
+        syms = normalize_symbols(symbols)
+        s, e = parse_range(start, end)
+        return await asyncio.to_thread(
+            analyze, self.store, self.calendar, syms, Timeframe.parse(timeframe), s, e, self.config.quality, save=save
+        )
+
+    async def update(
+        self,
+        symbols: list[str] | str,
+        *,
+        timeframe: str | Timeframe = "1Min",
+        strategy: Strategy = "smart",
+        start: TimeLike | None = None,
+        end: TimeLike | None = None,
+        feed: str | None = None,
+    ) -> dict[str, SymbolUpdate]:
+        syms = normalize_symbols(symbols)
+        s = parse_time(start, name="start") if start is not None else None
+        e = parse_time(end, name="end", end=True) if end is not None else None
+        return await update(
+            self._bars_source(),
+            self.store,
+            self.calendar,
+            self.config,
+            syms,
+            Timeframe.parse(timeframe),
+            strategy=strategy,
+            start=s,
+            end=e,
+            feed=feed.lower() if feed else None,
+        )
+
+    async def repair(
+        self,
+        symbols: list[str] | str,
+        start: TimeLike,
+        end: TimeLike | None = None,
+        *,
+        timeframe: str | Timeframe = "1Min",
+        empties: bool = True,
+        feed: str | None = None,
+    ) -> RepairResult:
+        syms = normalize_symbols(symbols)
+        s, e = parse_range(start, end)
+        return await repair(
+            self.router,
+            self.store,
+            self.calendar,
+            self.config,
+            syms,
+            Timeframe.parse(timeframe),
+            s,
+            e,
+            empties=empties,
+            feed=feed.lower() if feed else None,
+        )
+
+    def scheduler(self, jobs: list[Job], *, concurrency: int | None = None) -> Scheduler:
+        """A scheduler whose jobs update through this service and log their runs to its store."""
+
+        async def one(job: Job, symbol: str) -> SymbolUpdate:
+            res = await self.update([symbol], timeframe=job.timeframe, strategy=job.strategy, feed=job.feed)  # type: ignore[arg-type]
+            return res[symbol]
+
+        return Scheduler(
+            jobs, one, self.store.log_job_runs, concurrency=concurrency or self.config.backfill.concurrency
         )
 
     async def bars(
@@ -195,6 +277,15 @@ class SyncMarketData:
 
     def latest_quote(self, symbol: str, **kw: Any) -> Quote | None:
         return self._portal.run(self.data.latest_quote(symbol, **kw))
+
+    def quality(self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any) -> Any:
+        return self._portal.run(self._data.quality(symbols, start, end, **kw))
+
+    def update(self, symbols: list[str] | str, **kw: Any) -> dict[str, SymbolUpdate]:
+        return self._portal.run(self._data.update(symbols, **kw))
+
+    def repair(self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any) -> Any:
+        return self._portal.run(self._data.repair(symbols, start, end, **kw))
 
     def snapshots(self, symbols: list[str] | str, **kw: Any) -> dict[str, Snapshot]:
         return self._portal.run(self.data.snapshots(symbols, **kw))

@@ -65,6 +65,11 @@ class PageWrite:
     coverage: list[Coverage]
     ingest: IngestRecord
     stored: int = field(default=0)
+    anomalies: pl.DataFrame | None = None  # findings on this page's bars (quality.anomaly.FINDINGS_SCHEMA)
+    # A refresh re-fetches held ranges: rows whose values differ from what is held are stored as a
+    # newer version (reads prefer the newest fetch) and recorded in the revisions table.
+    refresh: bool = False
+    revised: int = field(default=0)
 
 
 class Store(Protocol):

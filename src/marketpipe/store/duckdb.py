@@ -26,7 +26,7 @@ from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA
 from marketpipe.quality.validate import QUARANTINE_COLUMNS, QUARANTINE_SCHEMA
 from marketpipe.store.base import COVERAGE_SCHEMA, PageWrite
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 log = get_logger("marketpipe.store")
 
 _DDL = [
@@ -53,7 +53,46 @@ _DDL = [
         kind VARCHAR, timeframe VARCHAR, symbols VARCHAR, start TIMESTAMP, "end" TIMESTAMP,
         request_id VARCHAR, page INTEGER, fetched_at TIMESTAMP, rows_received BIGINT,
         rows_stored BIGINT, rows_rejected BIGINT)""",
+    # v2: data quality
+    """CREATE TABLE IF NOT EXISTS anomalies (
+        symbol VARCHAR NOT NULL, timeframe VARCHAR NOT NULL, ts TIMESTAMP NOT NULL, kind VARCHAR NOT NULL,
+        severity VARCHAR, value DOUBLE, bars BIGINT, detail VARCHAR, detected_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS quality_scores (
+        symbol VARCHAR NOT NULL, timeframe VARCHAR NOT NULL, day DATE NOT NULL, expected BIGINT, present BIGINT,
+        confirmed_empty BIGINT, gap BIGINT, quarantined BIGINT, anomalies BIGINT, completeness DOUBLE,
+        validity DOUBLE, timeliness DOUBLE, consistency DOUBLE, score DOUBLE, computed_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS revisions (
+        symbol VARCHAR, timeframe VARCHAR, ts TIMESTAMP, source VARCHAR, feed VARCHAR,
+        old_open DOUBLE, old_high DOUBLE, old_low DOUBLE, old_close DOUBLE, old_volume BIGINT,
+        new_open DOUBLE, new_high DOUBLE, new_low DOUBLE, new_close DOUBLE, new_volume BIGINT,
+        request_id VARCHAR, revised_at TIMESTAMP)""",
+    """CREATE SEQUENCE IF NOT EXISTS run_seq""",
+    """CREATE TABLE IF NOT EXISTS job_runs (
+        id BIGINT DEFAULT nextval('run_seq'), job VARCHAR, run_id VARCHAR, symbol VARCHAR, strategy VARCHAR,
+        started_at TIMESTAMP, finished_at TIMESTAMP, status VARCHAR, code VARCHAR, message VARCHAR,
+        bars_stored BIGINT, bars_rejected BIGINT)""",
 ]
+_SCORE_COLUMNS = [
+    "symbol",
+    "timeframe",
+    "day",
+    "expected",
+    "present",
+    "confirmed_empty",
+    "gap",
+    "quarantined",
+    "anomalies",
+    "completeness",
+    "validity",
+    "timeliness",
+    "consistency",
+    "score",
+    "computed_at",
+]
+_FINDING_COLUMNS = ["symbol", "timeframe", "ts", "kind", "severity", "value", "bars", "detail", "detected_at"]
+_VALUES_SAME = " AND ".join(
+    f"b.{c} IS NOT DISTINCT FROM p.{c}" for c in ("open", "high", "low", "close", "volume", "trade_count", "vwap")
+)
 
 _BAR_ARROW = pl.DataFrame(schema=BAR_SCHEMA).to_arrow().schema
 _FEED_PREFERENCE = "CASE feed WHEN 'sip' THEN 0 WHEN 'iex' THEN 2 ELSE 1 END"
@@ -115,6 +154,8 @@ class DuckDBStore:
             row = rows[0] if rows else None
             if row is None:
                 self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+            elif int(row[0]) < SCHEMA_VERSION:  # the new tables were created above (IF NOT EXISTS)
+                self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
             elif int(row[0]) > SCHEMA_VERSION:
                 raise StoreError(
                     f"store {self.path} has schema version {row[0]}, newer than this marketpipe ({SCHEMA_VERSION})"
@@ -160,6 +201,8 @@ class DuckDBStore:
         heights = [f.height for f in frames]
         if not any(heights):
             return heights
+        if any(p.refresh for p in pages):
+            return [self._refresh(p, f) if f.height else 0 for p, f in zip(pages, frames, strict=True)]
         batch = pl.concat([f for f in frames if f.height])
         if self._overlaps(batch) == 0:
             self._insert("INSERT INTO bars SELECT * FROM _page", batch)
@@ -177,6 +220,37 @@ class DuckDBStore:
             else 0
             for f in frames
         ]
+
+    def _refresh(self, page: PageWrite, frame: pl.DataFrame) -> int:
+        """Store the rows not held with exactly these values; those whose key is held with other
+        values are vendor revisions: recorded, and stored as the newer version (nothing is edited)."""
+        params = {"lo": frame["ts"].min(), "hi": frame["ts"].max(), "syms": frame["symbol"].unique().to_list()}
+        held = "(SELECT * FROM bars WHERE ts BETWEEN $lo AND $hi AND list_contains($syms, symbol))"
+        key = (
+            "b.symbol = p.symbol AND b.timeframe = p.timeframe AND b.ts = p.ts AND b.source = p.source "
+            "AND b.feed IS NOT DISTINCT FROM p.feed"
+        )
+        self.con.register("_page", frame.to_arrow())
+        try:
+            self.con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE _new AS SELECT p.* FROM _page p
+                    WHERE NOT EXISTS (SELECT 1 FROM {held} b WHERE {key} AND {_VALUES_SAME})""",
+                params,
+            ).fetchall()
+            revised = self.con.execute(
+                f"""INSERT INTO revisions SELECT p.symbol, p.timeframe, p.ts, p.source, p.feed,
+                       b.open, b.high, b.low, b.close, b.volume, p.open, p.high, p.low, p.close, p.volume,
+                       $rid, $now
+                    FROM _new p JOIN {held} b ON {key}
+                    QUALIFY row_number() OVER (PARTITION BY p.symbol, p.ts ORDER BY b.fetched_at DESC) = 1""",
+                {**params, "rid": page.ingest.request_id, "now": _n(page.ingest.fetched_at)},
+            ).fetchall()
+            stored = self.con.execute("INSERT INTO bars SELECT * FROM _new").fetchall()
+            self.con.execute("DROP TABLE _new")
+        finally:
+            self.con.unregister("_page")
+        page.revised = int(revised[0][0]) if revised else 0
+        return int(stored[0][0]) if stored else 0
 
     def _overlaps(self, frame: pl.DataFrame) -> int:
         """Rows already held inside each (symbol, timeframe)'s own time span in ``frame``."""
@@ -208,6 +282,8 @@ class DuckDBStore:
                 con.execute("INSERT INTO quarantine SELECT * FROM _q").fetchall()
             finally:
                 con.unregister("_q")
+        if page.anomalies is not None and page.anomalies.height:
+            self._insert_findings(page.anomalies, page.ingest.fetched_at)
         if page.coverage:
             con.executemany(
                 "INSERT INTO coverage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -314,7 +390,13 @@ class DuckDBStore:
                     "SELECT count(DISTINCT (source, feed)) FROM coverage WHERE symbol = ? AND timeframe = ?",
                     [symbol, timeframe],
                 ).fetchall()
-            n = self._variants[key] = int(rows[0][0]) if rows else 0
+            n = int(rows[0][0]) if rows else 0
+            if n == 1:  # a refresh may have stored newer versions of some rows: de-duplicate then
+                rev = self.con.execute(
+                    "SELECT count(*) FROM revisions WHERE symbol = ? AND timeframe = ?", [symbol, timeframe]
+                ).fetchall()
+                n += int(rev[0][0] > 0)
+            self._variants[key] = n
         return n
 
     def read_bars_exact(
@@ -381,6 +463,143 @@ class DuckDBStore:
             params["run"] = run_id
         with self._lock:
             table = self._arrow(f"SELECT * FROM reconciliation WHERE {' AND '.join(where)} ORDER BY ts", params)
+        return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
+
+    # --- data quality ----------------------------------------------------------------------------
+
+    def _insert_findings(self, findings: pl.DataFrame, detected_at: datetime) -> None:
+        """Append findings not already recorded (same symbol, timeframe, ts and kind)."""
+        frame = _naive(findings.with_columns(detected_at=pl.lit(detected_at)).select(_FINDING_COLUMNS))
+        self.con.register("_f", frame.to_arrow())
+        try:
+            self.con.execute(
+                """INSERT INTO anomalies SELECT f.* FROM _f f ANTI JOIN (
+                       SELECT symbol, timeframe, ts, kind FROM anomalies
+                       WHERE ts BETWEEN (SELECT min(ts) FROM _f) AND (SELECT max(ts) FROM _f)
+                   ) a USING (symbol, timeframe, ts, kind)"""
+            ).fetchall()
+        finally:
+            self.con.unregister("_f")
+
+    def replace_findings(
+        self,
+        symbols: list[str],
+        timeframe: str,
+        start: datetime,
+        end: datetime,
+        findings: pl.DataFrame,
+        detected_at: datetime,
+    ) -> None:
+        """An analysis over ``[start, end)`` supersedes earlier findings there (they are derived data)."""
+        with self._lock:
+            try:
+                self.con.execute("BEGIN TRANSACTION")
+                self.con.execute(
+                    """DELETE FROM anomalies WHERE timeframe = $tf AND ts >= $s AND ts < $e
+                       AND list_contains($syms, symbol)""",
+                    {"tf": timeframe, "s": _n(start), "e": _n(end), "syms": list(symbols)},
+                ).fetchall()
+                if findings.height:
+                    self._insert_findings(findings, detected_at)
+                self.con.execute("COMMIT")
+            except duckdb.Error as exc:
+                self._rollback()
+                raise StoreError(f"store write failed, nothing written: {exc}", details={"path": self.path}) from exc
+
+    def findings(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
+        with self._lock:
+            table = self._arrow(
+                """SELECT * FROM anomalies WHERE timeframe = $tf AND ts >= $s AND ts < $e
+                   AND list_contains($syms, symbol) ORDER BY symbol, ts, kind""",
+                {"tf": timeframe, "s": _n(start), "e": _n(end), "syms": list(symbols)},
+            )
+        return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
+
+    def quarantined_at(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
+        """``(symbol, ts)`` of quarantined rows in the range (one per row, not de-duplicated)."""
+        with self._lock:
+            table = self._arrow(
+                """SELECT symbol, ts FROM quarantine WHERE timeframe = $tf AND ts >= $s AND ts < $e
+                   AND list_contains($syms, symbol)""",
+                {"tf": timeframe, "s": _n(start), "e": _n(end), "syms": list(symbols)},
+            )
+        return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
+
+    def replace_scores(self, symbol: str, timeframe: str, days: pl.DataFrame) -> None:
+        """Store per-day scores, replacing earlier scores of the same days."""
+        if not days.height:
+            return
+        frame = _naive(days.select(_SCORE_COLUMNS))
+        with self._lock:
+            try:
+                self.con.execute("BEGIN TRANSACTION")
+                self.con.register("_s", frame.to_arrow())
+                self.con.execute(
+                    """DELETE FROM quality_scores WHERE symbol = $sym AND timeframe = $tf
+                       AND day IN (SELECT day FROM _s)""",
+                    {"sym": symbol, "tf": timeframe},
+                ).fetchall()
+                self.con.execute("INSERT INTO quality_scores SELECT * FROM _s").fetchall()
+                self.con.execute("COMMIT")
+            except duckdb.Error as exc:
+                self._rollback()
+                raise StoreError(f"store write failed, nothing written: {exc}", details={"path": self.path}) from exc
+            finally:
+                self.con.unregister("_s")
+
+    def scores(self, symbol: str, timeframe: str) -> pl.DataFrame:
+        with self._lock:
+            table = self._arrow(
+                "SELECT * FROM quality_scores WHERE symbol = $sym AND timeframe = $tf ORDER BY day",
+                {"sym": symbol, "tf": timeframe},
+            )
+        return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
+
+    def covered_until(self, symbols: list[str], timeframe: str) -> dict[str, datetime]:
+        """Per symbol, the end of the newest ledger entry (any provider)."""
+        with self._lock:
+            rows = self.con.execute(
+                """SELECT symbol, max("end") FROM coverage WHERE timeframe = ? AND list_contains(?, symbol)
+                   GROUP BY symbol""",
+                [timeframe, list(symbols)],
+            ).fetchall()
+        return {sym: end.replace(tzinfo=UTC) for sym, end in rows}
+
+    def revisions(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
+        sql = "SELECT * FROM revisions" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ts LIMIT $limit"
+        params: dict[str, object] = {"limit": limit, **({"sym": symbol} if symbol else {})}
+        with self._lock:
+            table = self._arrow(sql, params)
+        return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
+
+    def log_job_runs(self, rows: list[dict[str, object]]) -> None:
+        """One row per symbol of a scheduled run."""
+        if not rows:
+            return
+        cols = [
+            "job",
+            "run_id",
+            "symbol",
+            "strategy",
+            "started_at",
+            "finished_at",
+            "status",
+            "code",
+            "message",
+            "bars_stored",
+            "bars_rejected",
+        ]
+        with self._lock:
+            self.con.executemany(
+                f"INSERT INTO job_runs ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                [[_n(r[c]) if isinstance(r[c], datetime) else r[c] for c in cols] for r in rows],  # type: ignore[arg-type]
+            )
+
+    def job_runs(self, job: str | None = None, limit: int = 100) -> pl.DataFrame:
+        sql = "SELECT * FROM job_runs" + (" WHERE job = $job" if job else "") + " ORDER BY id DESC LIMIT $limit"
+        params: dict[str, object] = {"limit": limit, **({"job": job} if job else {})}
+        with self._lock:
+            table = self._arrow(sql, params)
         return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
 
     def summary(self) -> pl.DataFrame:

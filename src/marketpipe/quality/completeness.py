@@ -1,0 +1,251 @@
+"""Completeness against the exchange calendar, per symbol: which bars the calendar expects, which
+are held, and — for the missing ones — whether the range was never fetched (a *gap*, to be
+repaired) or fetched with nothing there (*confirmed empty*: the vendor had no trades, common on IEX
+for thin symbols). The coverage ledger tells the two apart.
+
+Everything is numpy over int64 nanosecond stamps: the expected stamps come from the calendar's
+session windows, held bars are matched with ``searchsorted``, coverage with an interval lookup.
+
+Expected bars by timeframe:
+
+* ``N Min`` / ``N Hour``: every bucket of the New York clock (bucket start = local midnight +
+  floor(time since midnight / N) × N) that holds at least one minute of the session window —
+  regular hours, or 04:00–20:00 local with ``extended``. Early closes, holidays and unscheduled
+  closures come from exchange-calendars.
+* ``1Day``: one bar per session, stamped at local midnight.
+* ``1Week``: one bar per week holding a session, stamped at that week's Monday midnight.
+* ``N Month``: one bar per N-month bucket (aligned to January) holding a session, stamped at the
+  bucket's first day.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import numpy as np
+import polars as pl
+
+from marketpipe.core.calendar import NS_PER_MIN, ExchangeCalendar, local_midnights_ns
+from marketpipe.core.timeframe import Timeframe, Unit
+
+PRESENT, CONFIRMED_EMPTY, GAP = 0, 1, 2
+KIND_NAMES = {CONFIRMED_EMPTY: "confirmed_empty", GAP: "gap"}
+
+DAYS_SCHEMA: dict[str, pl.DataType] = {
+    "day": pl.Date(),
+    "expected": pl.Int64(),
+    "present": pl.Int64(),
+    "confirmed_empty": pl.Int64(),
+    "gap": pl.Int64(),
+}
+RANGES_SCHEMA: dict[str, pl.DataType] = {
+    "kind": pl.String(),
+    "start": pl.Datetime("us", "UTC"),
+    "end": pl.Datetime("us", "UTC"),
+    "bars": pl.Int64(),
+}
+
+
+@dataclass
+class Completeness:
+    symbol: str
+    timeframe: str
+    start: datetime
+    end: datetime
+    extended: bool
+    expected: int
+    present: int
+    confirmed_empty: int
+    gap: int
+    extra: int  # held bars the calendar does not expect (e.g. extended-hours bars in a regular check)
+    days: pl.DataFrame  # per session day (per week / month bucket for those timeframes): DAYS_SCHEMA
+    ranges: pl.DataFrame  # missing stamps merged into intervals: RANGES_SCHEMA
+
+    @property
+    def ratio(self) -> float | None:
+        """Share of expected bars held; None when the calendar expects none in the range."""
+        return self.present / self.expected if self.expected else None
+
+    def gaps(self) -> list[tuple[datetime, datetime]]:
+        return [(s, e) for k, s, e in self.ranges.select("kind", "start", "end").iter_rows() if k == "gap"]
+
+    def empties(self) -> list[tuple[datetime, datetime]]:
+        return [(s, e) for k, s, e in self.ranges.select("kind", "start", "end").iter_rows() if k == "confirmed_empty"]
+
+
+def expected_stamps(
+    cal: ExchangeCalendar, tf: Timeframe, start: datetime, end: datetime, *, extended: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(stamps, period)``: the bar stamps the calendar expects in ``[start, end)`` (int64 ns UTC,
+    ascending) and each stamp's period day (``datetime64[D]``: the session day, or the week /
+    month bucket's first day)."""
+    idx, lo, hi = cal.windows(start, end, extended=extended)
+    if tf.is_intraday:
+        if len(idx) == 0:
+            return np.empty(0, np.int64), np.empty(0, "datetime64[D]")
+        first = lo + (-lo) % NS_PER_MIN  # the first whole minute inside the window
+        counts = np.maximum(0, -(-(hi - first) // NS_PER_MIN))
+        total = int(counts.sum())
+        owner = np.repeat(np.arange(len(idx)), counts)
+        offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        minutes = first[owner] + offsets * NS_PER_MIN
+        width = tf.seconds * 1_000_000_000
+        midnight = cal.midnights[idx][owner]
+        buckets = midnight + (minutes - midnight) // width * width
+        keep = np.ones(total, dtype=bool)
+        keep[1:] = buckets[1:] != buckets[:-1]
+        return buckets[keep], cal.days[idx][owner][keep]
+    # Daily and longer: a bar stamps local midnight, so a session counts when its window meets the range.
+    days = cal.days[idx]
+    if tf.unit is Unit.DAY:
+        return cal.midnights[idx], days
+    if tf.unit is Unit.WEEK:
+        weekday = (days.astype(np.int64) - 4) % 7  # 1970-01-01 was a Thursday; Monday = 0
+        periods = np.unique(days - weekday.astype("timedelta64[D]"))
+    else:
+        months = days.astype("datetime64[M]").astype(np.int64)
+        periods = np.unique((months - months % tf.amount).astype("datetime64[M]").astype("datetime64[D]"))
+    return local_midnights_ns(periods, cal.tz), periods
+
+
+def _in_intervals(stamps: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which stamps fall inside the union of ``[starts, ends)`` (merged, ascending, disjoint)."""
+    if len(starts) == 0:
+        return np.zeros(len(stamps), dtype=bool)
+    j = np.searchsorted(starts, stamps, side="right") - 1
+    return (j >= 0) & (stamps < ends[np.maximum(j, 0)])
+
+
+def merge_intervals(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Union of intervals as disjoint ascending ``(starts, ends)``."""
+    if len(starts) == 0:
+        return starts, ends
+    order = np.argsort(starts, kind="stable")
+    s, e = starts[order], ends[order]
+    run_end = np.maximum.accumulate(e)
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = s[1:] > run_end[:-1]
+    group = np.cumsum(new) - 1
+    out_e = np.zeros(int(group[-1]) + 1, dtype=np.int64)
+    np.maximum.at(out_e, group, e)
+    return s[new], out_e
+
+
+def _next_local_midnight_ns(stamp_ns: int, tz: str) -> int:
+    """The local midnight after the one at ``stamp_ns`` (days are 23 or 25 hours across DST)."""
+    from zoneinfo import ZoneInfo
+
+    local = datetime.fromtimestamp(stamp_ns / 1e9, UTC).astimezone(ZoneInfo(tz))
+    nxt = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), ZoneInfo(tz))
+    return int(nxt.timestamp()) * 1_000_000_000
+
+
+def assess(
+    symbol: str,
+    tf: Timeframe,
+    cal: ExchangeCalendar,
+    start: datetime,
+    end: datetime,
+    bar_ts: np.ndarray,
+    covered: tuple[np.ndarray, np.ndarray],
+    *,
+    extended: bool = False,
+    expected: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Completeness:
+    """Completeness of one symbol's series. ``bar_ts``: held bar stamps (int64 ns UTC, ascending,
+    unique); ``covered``: ledger intervals ``(starts, ends)`` in int64 ns UTC (any order);
+    ``expected``: precomputed :func:`expected_stamps` (shared across symbols of one request)."""
+    stamps, period = expected if expected is not None else expected_stamps(cal, tf, start, end, extended=extended)
+    n = len(stamps)
+    if len(bar_ts):
+        pos = np.searchsorted(bar_ts, stamps)
+        present = (pos < len(bar_ts)) & (bar_ts[np.minimum(pos, len(bar_ts) - 1)] == stamps)
+    else:
+        present = np.zeros(n, dtype=bool)
+    cov_s, cov_e = merge_intervals(*covered)
+    kind = np.where(present, PRESENT, np.where(_in_intervals(stamps, cov_s, cov_e), CONFIRMED_EMPTY, GAP))
+    n_present = int(present.sum())
+    n_empty = int((kind == CONFIRMED_EMPTY).sum())
+    s_ns, e_ns = int(start.timestamp()) * 1_000_000_000, int(end.timestamp()) * 1_000_000_000
+    in_range = int(np.count_nonzero((bar_ts >= s_ns) & (bar_ts < e_ns))) if len(bar_ts) else 0
+
+    # Per period: counts by kind (periods are ascending because stamps are).
+    if n:
+        new_period = np.ones(n, dtype=bool)
+        new_period[1:] = period[1:] != period[:-1]
+        pid = np.cumsum(new_period) - 1
+        k = int(pid[-1]) + 1
+        days = pl.DataFrame(
+            {
+                "day": period[new_period],
+                "expected": np.bincount(pid, minlength=k),
+                "present": np.bincount(pid, weights=present, minlength=k).astype(np.int64),
+                "confirmed_empty": np.bincount(pid, weights=kind == CONFIRMED_EMPTY, minlength=k).astype(np.int64),
+                "gap": np.bincount(pid, weights=kind == GAP, minlength=k).astype(np.int64),
+            }
+        ).cast(DAYS_SCHEMA)  # type: ignore[arg-type]
+    else:
+        days = pl.DataFrame(schema=DAYS_SCHEMA)
+    return Completeness(
+        symbol=symbol,
+        timeframe=str(tf),
+        start=start,
+        end=end,
+        extended=extended,
+        expected=n,
+        present=n_present,
+        confirmed_empty=n_empty,
+        gap=n - n_present - n_empty,
+        extra=in_range - n_present,
+        days=days,
+        ranges=_ranges(kind, stamps, period, tf, cal.tz),
+    )
+
+
+def _ranges(kind: np.ndarray, stamps: np.ndarray, period: np.ndarray, tf: Timeframe, tz: str) -> pl.DataFrame:
+    """Runs of missing stamps of one kind as ``[start, end)`` intervals. Intraday runs stop at the
+    session's end; daily and longer runs continue across weekends and holidays (nothing expected there)."""
+    missing = kind != PRESENT
+    if not missing.any():
+        return pl.DataFrame(schema=RANGES_SCHEMA)
+    brk = np.ones(len(kind), dtype=bool)
+    brk[1:] = kind[1:] != kind[:-1]
+    if tf.is_intraday:
+        brk[1:] |= period[1:] != period[:-1]
+    run = np.cumsum(brk) - 1
+    starts_i = np.flatnonzero(brk)
+    ends_i = np.append(starts_i[1:], len(kind)) - 1
+    sel = missing[starts_i]
+    starts_i, ends_i = starts_i[sel], ends_i[sel]
+    lengths = np.bincount(run)[sel]
+    last = stamps[ends_i]
+    if tf.is_intraday:
+        stop = last + tf.seconds * 1_000_000_000
+    elif tf.unit is Unit.DAY:
+        stop = np.array([_next_local_midnight_ns(int(t), tz) for t in last], dtype=np.int64)
+    else:
+        step = np.timedelta64(7, "D") if tf.unit is Unit.WEEK else None
+        nxt = [(p + step) if step is not None else _add_months(p, tf.amount) for p in period[ends_i]]
+        stop = local_midnights_ns(np.array(nxt, dtype="datetime64[D]"), tz)
+    return pl.DataFrame(
+        {
+            "kind": [KIND_NAMES[int(k)] for k in kind[starts_i]],
+            "start": stamps[starts_i] // 1000,
+            "end": stop // 1000,
+            "bars": lengths.astype(np.int64),
+        }
+    ).with_columns(pl.col("start").cast(pl.Datetime("us", "UTC")), pl.col("end").cast(pl.Datetime("us", "UTC")))
+
+
+def _add_months(day: np.datetime64, n: int) -> np.datetime64:
+    return (day.astype("datetime64[M]") + np.timedelta64(n, "M")).astype("datetime64[D]")
+
+
+def ns_array(series: pl.Series) -> np.ndarray:
+    """A UTC datetime column as int64 ns."""
+    return series.dt.epoch("ns").to_numpy().astype(np.int64, copy=False)
+
+
+def day_of(d: date) -> np.datetime64:
+    return np.datetime64(d, "D")

@@ -1,0 +1,268 @@
+"""Data-quality analysis of stored series: completeness, anomalies, scores — stored, reported,
+and raised as events. Reads the store only; repairing is :mod:`marketpipe.service.maintain`'s job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from marketpipe.core import events
+from marketpipe.core.calendar import ExchangeCalendar
+from marketpipe.core.config import QualityConfig
+from marketpipe.core.errors import InvalidArgument, InvalidRange
+from marketpipe.core.metrics import COMPLETENESS, QUALITY_SCORE
+from marketpipe.core.timeframe import Timeframe, Unit
+from marketpipe.core.timeutil import utcnow
+from marketpipe.quality.anomaly import SEVERITY_WEIGHT, detect
+from marketpipe.quality.completeness import Completeness, assess, expected_stamps, ns_array
+from marketpipe.quality.reconcile import MATCH, MINOR, MISMATCH, WARN
+from marketpipe.quality.report import SeriesReport
+from marketpipe.quality.score import score_days, summarize
+from marketpipe.store.duckdb import DuckDBStore
+
+OUTLIER_EVENT_SAMPLE = 5
+
+
+@dataclass
+class SeriesQuality:
+    symbol: str
+    timeframe: str
+    start: datetime
+    end: datetime
+    completeness: Completeness
+    findings: pl.DataFrame
+    days: pl.DataFrame
+    summary: dict[str, Any]
+    prices: pl.DataFrame = field(repr=False)
+
+    def report(self) -> SeriesReport:
+        summary = dict(self.summary)
+        summary["anomalies_by_severity"] = (
+            dict(self.findings.group_by("severity").len().iter_rows()) if self.findings.height else {}
+        )
+        return SeriesReport(
+            symbol=self.symbol,
+            timeframe=self.timeframe,
+            start=self.start,
+            end=self.end,
+            summary=summary,
+            days=self.days,
+            prices=self.prices,
+            anomalies=self.findings.select("ts", "kind", "severity", "value", "detail"),
+            gaps=self.completeness.ranges,
+        )
+
+
+def period_expr(tf: Timeframe, tz: str) -> pl.Expr:
+    """The period day of a bar stamp: its local session day, or its week / month bucket's first day."""
+    local = pl.col("ts").dt.convert_time_zone(tz).dt.date()
+    if tf.unit is Unit.WEEK:
+        return local - pl.duration(days=local.dt.weekday() - 1)
+    if tf.unit is Unit.MONTH:
+        month0 = (local.dt.month() - 1) // tf.amount * tf.amount + 1
+        return pl.date(local.dt.year(), month0, 1)
+    return local
+
+
+def expected_complete(
+    cal: ExchangeCalendar, tf: Timeframe, start: datetime, end: datetime, now: datetime, extended: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expected stamps of bars that are over by ``now`` (a bar still forming is not missing)."""
+    stamps, period = expected_stamps(cal, tf, start, end, extended=extended)
+    now_ns = int(now.timestamp() * 1e6) * 1000
+    if tf.is_intraday:
+        keep = stamps + tf.seconds * 1_000_000_000 <= now_ns
+    else:
+        # A daily-or-longer bar is complete once the last session it spans has closed.
+        last_close = np.searchsorted(cal.days, period, side="left")
+        if tf.unit is Unit.DAY:
+            keep = cal.closes[np.minimum(last_close, len(cal.closes) - 1)] <= now_ns
+        else:
+            keep = stamps <= now_ns  # partial week / month bars count once their period started
+    return stamps[keep], period[keep]
+
+
+def analyze(
+    store: DuckDBStore,
+    cal: ExchangeCalendar,
+    symbols: list[str],
+    timeframe: Timeframe | str,
+    start: datetime,
+    end: datetime,
+    cfg: QualityConfig | None = None,
+    *,
+    now: datetime | None = None,
+    save: bool = True,
+    raise_events: bool = True,
+) -> list[SeriesQuality]:
+    """Completeness, anomalies and scores for each symbol over ``[start, end)``. With ``save`` the
+    findings (replacing earlier ones in the range) and per-day scores are stored."""
+    cfg = cfg or QualityConfig()
+    tf = Timeframe.parse(timeframe)
+    now = now or utcnow()
+    if not symbols:
+        raise InvalidArgument("no symbols given", details={"parameter": "symbols"})
+    if end <= start:
+        raise InvalidRange(f"end ({end.isoformat()}) must be after start ({start.isoformat()})")
+    cal.check_bounds(start, min(end, now) if start < now else end)
+    expected = expected_complete(cal, tf, start, end, now, cfg.extended_hours)
+    tfs = str(tf)
+    bars = store.read_bars(symbols, tfs, start, end)
+    coverage = store.coverage(symbols, tfs, start, end)
+    quarantined = store.quarantined_at(symbols, tfs, start, end)
+    findings = detect(bars, tf, cfg.anomaly)
+    if save:
+        store.replace_findings(symbols, tfs, start, end, findings, now)
+    period = period_expr(tf, cal.tz)
+    recent = _recent_days(cal, now, cfg.recent_sessions)
+    width_us = tf.seconds * 1_000_000 if tf.is_intraday else None
+
+    out: list[SeriesQuality] = []
+    for sym in symbols:
+        sb = bars.filter(pl.col("symbol") == sym)
+        cov = coverage.filter(pl.col("symbol") == sym)
+        comp = assess(
+            sym,
+            tf,
+            cal,
+            start,
+            end,
+            ns_array(sb.get_column("ts")),
+            (ns_array(cov.get_column("start")), ns_array(cov.get_column("end"))),
+            extended=cfg.extended_hours,
+            expected=expected,
+        )
+        sf = findings.filter(pl.col("symbol") == sym)
+        q_days = (
+            quarantined.filter(pl.col("symbol") == sym)
+            .group_by(period.alias("day"))
+            .agg(quarantined=pl.len().cast(pl.Int64))
+        )
+        a_days = sf.group_by(period.alias("day")).agg(
+            anomalies=pl.len().cast(pl.Int64),
+            weighted=(pl.col("bars") * pl.col("severity").replace_strict(SEVERITY_WEIGHT, default=0.0)).sum(),
+        )
+        t_days = _timeliness(sb, period, recent, width_us, cal, cfg)
+        c_days = _consistency(store, sym, tfs, start, end, period)
+        scored = score_days(
+            comp.days,
+            quarantined=q_days,
+            anomalous=a_days,
+            timeliness=t_days,
+            consistency=c_days,
+            weights=cfg.weights,
+        )
+        summary = summarize(scored)
+        if save and scored.height:
+            store.replace_scores(
+                sym,
+                tfs,
+                scored.with_columns(symbol=pl.lit(sym), timeframe=pl.lit(tfs), computed_at=pl.lit(now)),
+            )
+        if summary["score"] is not None:
+            QUALITY_SCORE.labels(sym, tfs).set(summary["score"])
+        if summary["completeness"] is not None:
+            COMPLETENESS.labels(sym, tfs).set(summary["completeness"])
+        result = SeriesQuality(
+            sym, tfs, start, end, comp, sf, scored, summary, sb.select("ts", "open", "high", "low", "close", "volume")
+        )
+        if raise_events:
+            _raise_events(result, cal, now, cfg)
+        out.append(result)
+    return out
+
+
+def _recent_days(cal: ExchangeCalendar, now: datetime, n: int) -> list[Any]:
+    """The last ``n`` session days that have opened by ``now``."""
+    now_ns = int(now.timestamp() * 1e6) * 1000
+    i = int(np.searchsorted(cal.opens, now_ns, side="right"))
+    return [d.astype("datetime64[D]").item() for d in cal.days[max(0, i - n) : i]]
+
+
+def _timeliness(
+    bars: pl.DataFrame,
+    period: pl.Expr,
+    recent: list[Any],
+    width_us: int | None,
+    cal: ExchangeCalendar,
+    cfg: QualityConfig,
+) -> pl.DataFrame:
+    """Per recent day: lag from the end of the newest bar to when it was fetched, scored 0–1."""
+    schema = {"day": pl.Date(), "timeliness": pl.Float64()}
+    if not bars.height or not recent:
+        return pl.DataFrame(schema=schema)
+    last = (
+        bars.with_columns(day=period)
+        .filter(pl.col("day").is_in(recent))
+        .sort("ts")
+        .group_by("day")
+        .agg(pl.col("ts").last(), pl.col("fetched_at").last())
+    )
+    if not last.height:
+        return pl.DataFrame(schema=schema)
+    if width_us is not None:
+        bar_end = pl.col("ts") + pl.duration(microseconds=width_us)
+    else:  # a daily bar ends at the session's close
+        closes = pl.DataFrame({"day": cal.days.astype("datetime64[D]"), "close_ns": cal.closes}).with_columns(
+            pl.col("day").cast(pl.Date)
+        )
+        last = last.join(closes, on="day", how="left")
+        bar_end = pl.from_epoch(pl.col("close_ns"), time_unit="ns").dt.replace_time_zone("UTC")
+    lag = (pl.col("fetched_at") - bar_end).dt.total_seconds(fractional=True).clip(lower_bound=0)
+    score = (1 - (lag - cfg.fresh_seconds) / (cfg.stale_seconds - cfg.fresh_seconds)).clip(0.0, 1.0)
+    return last.select("day", score.alias("timeliness"))
+
+
+def _consistency(
+    store: DuckDBStore, symbol: str, timeframe: str, start: datetime, end: datetime, period: pl.Expr
+) -> pl.DataFrame:
+    """Per day: share of the bars compared with another vendor that agree within 1 % (latest run)."""
+    schema = {"day": pl.Date(), "consistency": pl.Float64()}
+    rec = store.reconciliation(symbol, timeframe)
+    if not rec.height:
+        return pl.DataFrame(schema=schema)
+    compared = (
+        rec.filter(
+            (pl.col("ts") >= start) & (pl.col("ts") < end) & pl.col("status").is_in([MATCH, MINOR, WARN, MISMATCH])
+        )
+        .sort("created_at")
+        .unique(subset=["ts"], keep="last")
+    )
+    if not compared.height:
+        return pl.DataFrame(schema=schema)
+    return compared.group_by(period.alias("day")).agg(
+        consistency=pl.col("status").is_in([MATCH, MINOR]).mean().cast(pl.Float64)
+    )
+
+
+def _raise_events(result: SeriesQuality, cal: ExchangeCalendar, now: datetime, cfg: QualityConfig) -> None:
+    comp = result.completeness
+    if comp.gap:
+        events.emit(
+            events.MISSING_DATA,
+            "warning",
+            f"{result.symbol} {result.timeframe}: {comp.gap} expected bars never fetched "
+            f"({len(comp.gaps())} ranges); `marketpipe repair` fetches them",
+            symbol=result.symbol,
+            timeframe=result.timeframe,
+            gap_bars=comp.gap,
+            ranges=[(s.isoformat(), e.isoformat()) for s, e in comp.gaps()[:20]],
+        )
+    high = result.findings.filter(pl.col("severity") == "high")
+    if high.height:
+        events.emit(
+            events.OUTLIER,
+            "warning",
+            f"{result.symbol} {result.timeframe}: {high.height} high-severity anomalies",
+            symbol=result.symbol,
+            timeframe=result.timeframe,
+            count=high.height,
+            sample=[
+                {"ts": ts.isoformat(), "kind": k, "detail": d}
+                for ts, k, d in high.select("ts", "kind", "detail").head(OUTLIER_EVENT_SAMPLE).iter_rows()
+            ],
+        )
