@@ -351,3 +351,35 @@ def test_bad_input_is_a_clear_error_or_a_defined_result(store: DuckDBStore) -> N
     for tf, n in (("1Week", 1), ("1Month", 1), ("1Day", 5)):
         (res,) = analyze(store, CAL, ["ZZZZ"], Timeframe.parse(tf), *span(MON, FRI), now=AFTER_FRI)
         assert res.completeness.expected == n
+
+
+def test_timeliness_scores_the_lag_of_recent_data_only(store: DuckDBStore) -> None:
+    from marketpipe.store.base import Coverage, IngestRecord, PageWrite
+    from tests.quality.test_anomaly import frame as sim_bars
+
+    bars = sim_bars("AAPL", "1Min", TUE, WED)
+    noon = ts("2024-03-05T17:00:00Z")  # 12:00 New York
+    held = bars.filter(pl.col("ts") < noon).with_columns(fetched_at=pl.lit(noon + timedelta(minutes=10)))
+    s, e = day(TUE)
+    store.write_pages(
+        [
+            PageWrite(
+                bars=held,
+                quarantine=pl.DataFrame(),
+                coverage=[Coverage("AAPL", "1Min", "alpaca", "sim:alpaca", "sip", s, noon, held.height, "r", noon)],
+                ingest=IngestRecord(
+                    "alpaca", "sim:alpaca", "sip", "bars", "1Min", ["AAPL"], s, noon, "r", 1, noon, 150
+                ),
+            )
+        ]
+    )
+    during = noon + timedelta(minutes=20)
+    (res,) = analyze(store, CAL, ["AAPL"], TF, s, e, now=during)
+    d = res.days.row(0, named=True)
+    lag = 10 * 60  # the newest bar (11:59) ended at noon and was fetched ten minutes later
+    assert d["timeliness"] == pytest.approx(1 - (lag - 120) / (3600 - 120))
+    # 12:00-12:20 is expected by now (not the rest of the afternoon) and was never fetched: a gap.
+    assert (d["expected"], d["present"], d["gap"]) == (170, 150, 20)
+    # Days before the most recent session: timeliness does not apply.
+    (old,) = analyze(store, CAL, ["AAPL"], TF, s, e, now=AFTER_FRI)
+    assert old.days["timeliness"].to_list() == [None]

@@ -26,8 +26,9 @@ Rules (each per symbol, over bars ordered by time; ``r`` is the log return close
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import polars as pl
 
 from marketpipe.core.config import AnomalyConfig
@@ -52,194 +53,201 @@ FINDINGS_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-@dataclass(frozen=True)
-class _Rule:
-    kind: str
-    severity: pl.Expr
-    value: pl.Expr
-    detail: pl.Expr
-    bars: pl.Expr
+DAY_US = 86_400_000_000
 
 
 def _pct(e: pl.Expr) -> pl.Expr:
     return (e * 100).round(2).cast(pl.String)
 
 
+# US trading (04:00-20:00 New York) never crosses 03:00 UTC, so a session's bars share the UTC date of
+# (ts - 3 h) in winter and summer alike: a day key without time-zone arithmetic.
+SESSION_SHIFT_US = 3 * 3_600_000_000
+
+
+def _prev(a: np.ndarray, first: np.ndarray, fill: float = np.nan) -> np.ndarray:
+    """``a`` shifted down by one within each symbol (``first`` marks each symbol's first row)."""
+    out = np.empty_like(a, dtype=np.float64 if a.dtype.kind == "f" else a.dtype)
+    out[1:] = a[:-1]
+    out[first] = fill
+    return out
+
+
+def _ewm(values: np.ndarray, groups: np.ndarray | None, *, alpha: float, min_samples: int, std: bool) -> np.ndarray:
+    """EWMA (or EWM standard deviation) restarting per group; NaN in, NaN out (polars kernels)."""
+    s = pl.Series("x", values).fill_nan(None)
+    if groups is None:
+        e = (
+            s.ewm_std(alpha=alpha, adjust=False, min_samples=min_samples)
+            if std
+            else s.ewm_mean(alpha=alpha, adjust=False, min_samples=min_samples)
+        )
+        return e.to_numpy()
+    x = pl.col("x")
+    ex = (
+        x.ewm_std(alpha=alpha, adjust=False, min_samples=min_samples)
+        if std
+        else x.ewm_mean(alpha=alpha, adjust=False, min_samples=min_samples)
+    )
+    return pl.DataFrame({"x": s, "g": groups}).select(ex.over("g")).to_series().to_numpy()
+
+
 def detect(frame: pl.DataFrame, timeframe: Timeframe | str, cfg: AnomalyConfig | None = None) -> pl.DataFrame:
-    """Findings for ``frame`` (canonical bars of one timeframe, any number of symbols)."""
+    """Findings for ``frame`` (canonical bars of one timeframe, any number of symbols).
+
+    Columns are taken out as numpy arrays once; every rule is a few vectorized array operations,
+    shifts respect symbol boundaries, and only the rows that hit a rule are turned into findings."""
     cfg = cfg or AnomalyConfig()
     tf = Timeframe.parse(timeframe)
-    if frame.height < 2:
+    n = frame.height
+    if n < 2:
         return pl.DataFrame(schema=FINDINGS_SCHEMA)
     multi = frame.get_column("symbol").n_unique() > 1
     if multi or not frame.get_column("ts").is_sorted():
         frame = frame.sort("symbol", "ts")
+    codes = frame.get_column("symbol").rle_id().to_numpy() if multi else None
+    first = np.zeros(n, dtype=bool)
+    first[0] = True
+    if codes is not None:
+        first[1:] = codes[1:] != codes[:-1]
+    last = np.roll(first, -1)
 
-    def over(e: pl.Expr) -> pl.Expr:
-        return e.over("symbol") if multi else e
+    def col(name: str) -> np.ndarray:
+        return frame.get_column(name).cast(pl.Float64).fill_null(np.nan).to_numpy()
 
-    close, open_ = pl.col("close"), pl.col("open")
-    prev_close = over(close.shift())
-    # Intraday sessions restart at the open: the first bar's "return" is open-to-close, so the
-    # overnight move (which is not minute volatility) never inflates z or triggers jumps.
+    o, h, lo, c, v = col("open"), col("high"), col("low"), col("close"), col("volume")
+    ts_us = frame.get_column("ts").dt.epoch("us").to_numpy()
+    prev_c = _prev(c, first)
     if tf.is_intraday:
-        day = pl.col("ts").dt.convert_time_zone("America/New_York").dt.date()
-        first_of_day = over(day != day.shift()).fill_null(True)
-        base = pl.when(first_of_day).then(open_).otherwise(prev_close)
+        # Sessions restart at the open: the first bar's "return" is open-to-close, so the overnight
+        # move (which is not minute volatility) never inflates z or triggers jumps.
+        day = (ts_us - SESSION_SHIFT_US) // DAY_US
+        new_day = first | (day != _prev(day, first, fill=-1))
+        base = np.where(new_day, o, prev_c)
     else:
-        base = prev_close
-    frozen_min = cfg.frozen_bars if tf.is_intraday else max(3, cfg.frozen_bars // 5)
-    alpha = 2.0 / (cfg.vol_span + 1.0)
-
-    x = frame.select(
-        "symbol",
-        "ts",
-        "open",
-        "close",
-        "volume",
-        r=(close / base).log(),
-        gap_ratio=prev_close / open_,
-        flat=(pl.col("high") == pl.col("low")) & (open_ == close),
-        same=close == prev_close,
-    ).with_columns(
-        sigma=over(pl.col("r").shift().ewm_std(alpha=alpha, adjust=False, min_samples=cfg.min_periods)),
-        vol_base=over(pl.col("volume").cast(pl.Float64).shift().ewm_mean(alpha=alpha, adjust=False, min_samples=5)),
-        next_r=over(pl.col("r").shift(-1)),
-    )
-    r, z = pl.col("r"), (pl.col("r") / pl.col("sigma")).abs()
-    ratio = pl.col("gap_ratio")
-    near_split = pl.any_horizontal(
-        [
-            ((ratio / k - 1).abs() <= cfg.split_tolerance) | ((ratio * k - 1).abs() <= cfg.split_tolerance)
-            for k in SPLIT_RATIOS
-        ]
-    ) & (ratio.log().abs() >= math.log1p(cfg.split_min_move_pct / 100))
-    x = x.with_columns(
-        z=z,
-        split=near_split.fill_null(False),
-        outlier=(z >= cfg.z_threshold).fill_null(False) & (pl.col("sigma") > 0),
-        big=(r.abs() >= math.log1p(cfg.jump_pct / 100)).fill_null(False),
-    ).with_columns(
-        spike=(pl.col("outlier") | pl.col("big"))
-        & ((r + pl.col("next_r")).abs() < 0.5 * r.abs()).fill_null(False)
-        & ~pl.col("split"),
-    )
-    # A spike's reversal is part of the spike: drop the next bar's own return findings.
-    x = x.with_columns(reversal=over(pl.col("spike").shift()).fill_null(False))
-    plain = ~pl.col("split") & ~pl.col("spike") & ~pl.col("reversal")
+        base = prev_c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.log(c / base)
+        ratio = prev_c / o
+        alpha = 2.0 / (cfg.vol_span + 1.0)
+        sigma = _ewm(_prev(r, first), codes, alpha=alpha, min_samples=cfg.min_periods, std=True)
+        vol_base = _ewm(_prev(v, first), codes, alpha=alpha, min_samples=5, std=False)
+        z = np.abs(r / sigma)
+        outlier = (z >= cfg.z_threshold) & (sigma > 0)
+        big = np.abs(r) >= math.log1p(cfg.jump_pct / 100)
+        split = np.zeros(n, dtype=bool)
+        for k in SPLIT_RATIOS:
+            split |= (np.abs(ratio / k - 1) <= cfg.split_tolerance) | (np.abs(ratio * k - 1) <= cfg.split_tolerance)
+        split &= np.abs(np.log(ratio)) >= math.log1p(cfg.split_min_move_pct / 100)
+        next_r = np.roll(r, -1)
+        next_r[last] = np.nan
+        spike = (outlier | big) & (np.abs(r + next_r) < 0.5 * np.abs(r)) & ~split
+        vol_hit = (v >= cfg.min_volume) & (v >= cfg.volume_multiple * vol_base)
+        move = np.abs(np.expm1(r))
+    reversal = _prev(spike, first, fill=False)
+    plain = ~split & ~spike & ~reversal
     # A frozen run: consecutive single-price bars (open = high = low = close) at one price.
-    run_start = pl.col("flat") & ~(over(pl.col("flat").shift()).fill_null(False) & pl.col("same").fill_null(False))
-    x = x.with_columns(run_id=over(run_start.cum_sum()))
-    x = x.with_columns(
-        run_len=pl.when(pl.col("flat")).then(
-            pl.col("flat").sum().over(["symbol", "run_id"] if multi else "run_id").cast(pl.Int64)
-        ),
-        run_start=run_start,
-    )
-    run_start = pl.col("run_start")
-    move = (r.exp() - 1).abs()
+    flat = (h == lo) & (o == c)
+    same = c == prev_c
+    run_start = flat & ~(_prev(flat, first, fill=False) & same)
+    run_id = np.cumsum(run_start)
+    run_len = np.zeros(n, dtype=np.int64)
+    if flat.any():
+        lengths = np.bincount(run_id[flat])
+        run_len[run_start] = lengths[run_id[run_start]]
+    frozen_min = cfg.frozen_bars if tf.is_intraday else max(3, cfg.frozen_bars // 5)
+    zero_move = (v == 0) & ~(flat & (same | first))
 
-    rules = [
+    sev_z = np.where(z >= cfg.z_high, "high", "medium")
+    rules: list[tuple[str, np.ndarray, Any, np.ndarray, np.ndarray | int, pl.Expr]] = [
         (
             "split_like",
-            pl.col("split") & ~pl.col("reversal"),
-            _Rule(
-                "split_like",
-                pl.lit("high"),
-                ratio,
-                pl.lit("prev close / open = ") + ratio.round(4).cast(pl.String) + pl.lit(": possible unadjusted split"),
-                pl.lit(1),
+            split & ~reversal,
+            "high",
+            ratio,
+            1,
+            (
+                pl.lit("prev close / open = ")
+                + pl.col("value").round(4).cast(pl.String)
+                + pl.lit(": possible unadjusted split")
             ),
         ),
         (
             "spike",
-            pl.col("spike"),
-            _Rule(
-                "spike",
-                pl.when(pl.col("big")).then(pl.lit("high")).otherwise(pl.lit("medium")),
-                r,
-                pl.lit("move ") + _pct(r.exp() - 1) + pl.lit("% reversed by the next bar"),
-                pl.lit(1),
-            ),
+            spike,
+            np.where(big, "high", "medium"),
+            r,
+            1,
+            pl.lit("move ") + _pct(pl.col("value").exp() - 1) + pl.lit("% reversed by the next bar"),
         ),
         (
             "jump",
-            pl.col("big") & plain,
-            _Rule("jump", pl.lit("high"), r, pl.lit("bar-to-bar move ") + _pct(r.exp() - 1) + pl.lit("%"), pl.lit(1)),
+            big & plain,
+            "high",
+            r,
+            1,
+            pl.lit("bar-to-bar move ") + _pct(pl.col("value").exp() - 1) + pl.lit("%"),
         ),
         (
             "return_zscore",
-            pl.col("outlier") & ~pl.col("big") & plain,
-            _Rule(
-                "return_zscore",
-                pl.when(z >= cfg.z_high).then(pl.lit("high")).otherwise(pl.lit("medium")),
-                z,
-                pl.lit("return ")
-                + _pct(move)
-                + pl.lit("% is ")
-                + z.round(1).cast(pl.String)
-                + pl.lit(" sigma of the EWMA volatility"),
-                pl.lit(1),
-            ),
+            outlier & ~big & plain,
+            sev_z,
+            z,
+            1,
+            (pl.lit("return is ") + pl.col("value").round(1).cast(pl.String) + pl.lit(" sigma of the EWMA volatility")),
         ),
         (
             "frozen",
-            run_start & (pl.col("run_len") >= frozen_min),
-            _Rule(
-                "frozen",
-                pl.lit("medium"),
-                pl.col("run_len").cast(pl.Float64),
-                pl.col("run_len").cast(pl.String) + pl.lit(" bars at one price"),
-                pl.col("run_len"),
-            ),
+            run_start & (run_len >= frozen_min),
+            "medium",
+            run_len.astype(np.float64),
+            run_len,
+            pl.col("bars").cast(pl.String) + pl.lit(" bars at one price"),
         ),
         (
             "volume_outlier",
-            (pl.col("volume") >= cfg.min_volume)
-            & (pl.col("volume") >= cfg.volume_multiple * pl.col("vol_base")).fill_null(False),
-            _Rule(
-                "volume_outlier",
-                pl.lit("low"),
-                pl.col("volume") / pl.col("vol_base"),
-                pl.lit("volume ")
-                + (pl.col("volume") / pl.col("vol_base")).round(1).cast(pl.String)
-                + pl.lit("x its recent average"),
-                pl.lit(1),
-            ),
+            vol_hit,
+            "low",
+            v / vol_base,
+            1,
+            pl.lit("volume ") + pl.col("value").round(1).cast(pl.String) + pl.lit("x its recent average"),
         ),
         (
             "zero_volume_move",
-            (pl.col("volume") == 0) & ~(pl.col("flat") & pl.col("same").fill_null(True)),
-            _Rule(
-                "zero_volume_move",
-                pl.lit("medium"),
-                r,
-                pl.lit("prices moved on zero volume (close ") + _pct(move) + pl.lit("% from the previous bar)"),
-                pl.lit(1),
+            zero_move,
+            "medium",
+            move,
+            1,
+            (
+                pl.lit("prices moved on zero volume (close ")
+                + _pct(pl.col("value"))
+                + pl.lit("% from the previous bar)")
             ),
         ),
     ]
+    symbols, stamps = frame.get_column("symbol"), frame.get_column("ts")
     parts = []
-    for _name, cond, rule in rules:
-        hit = x.filter(cond.fill_null(False))
-        if hit.height:
-            parts.append(
-                hit.select(
-                    "symbol",
-                    pl.lit(str(tf)).alias("timeframe"),
-                    "ts",
-                    pl.lit(rule.kind).alias("kind"),
-                    rule.severity.alias("severity"),
-                    rule.value.cast(pl.Float64).alias("value"),
-                    rule.bars.cast(pl.Int64).alias("bars"),
-                    rule.detail.alias("detail"),
-                )
-            )
+    for kind, hit, severity, value, bars, detail in rules:
+        idx = np.flatnonzero(hit)
+        if not len(idx):
+            continue
+        part = pl.DataFrame(
+            {
+                "symbol": symbols.gather(idx),
+                "timeframe": pl.Series([str(tf)] * len(idx), dtype=pl.String),
+                "ts": stamps.gather(idx),
+                "kind": pl.Series([kind] * len(idx), dtype=pl.String),
+                "severity": severity[idx] if isinstance(severity, np.ndarray) else [severity] * len(idx),
+                "value": value[idx],
+                "bars": bars[idx] if isinstance(bars, np.ndarray) else np.full(len(idx), bars, dtype=np.int64),
+            }
+        )
+        parts.append(part.with_columns(detail=detail))
     if not parts:
         return pl.DataFrame(schema=FINDINGS_SCHEMA)
     out = pl.concat(parts).cast(FINDINGS_SCHEMA).sort("symbol", "ts", "kind")  # type: ignore[arg-type]
-    for kind, sev, n in out.group_by("kind", "severity").len().iter_rows():
-        ANOMALIES.labels(kind, sev).inc(n)
+    for kind, sev, cnt in out.group_by("kind", "severity").len().iter_rows():
+        ANOMALIES.labels(kind, sev).inc(cnt)
     return out
 
 

@@ -30,7 +30,6 @@ from marketpipe.core.calendar import NS_PER_MIN, ExchangeCalendar, local_midnigh
 from marketpipe.core.timeframe import Timeframe, Unit
 
 PRESENT, CONFIRMED_EMPTY, GAP = 0, 1, 2
-KIND_NAMES = {CONFIRMED_EMPTY: "confirmed_empty", GAP: "gap"}
 
 DAYS_SCHEMA: dict[str, pl.DataType] = {
     "day": pl.Date(),
@@ -72,6 +71,12 @@ class Completeness:
 
     def empties(self) -> list[tuple[datetime, datetime]]:
         return [(s, e) for k, s, e in self.ranges.select("kind", "start", "end").iter_rows() if k == "confirmed_empty"]
+
+
+class CompletenessSet(dict[str, Completeness]):
+    """Per-symbol results, plus every symbol's per-day counts in one long frame (``symbol`` + DAYS_SCHEMA)."""
+
+    days: pl.DataFrame
 
 
 def expected_stamps(
@@ -156,61 +161,182 @@ def assess(
     """Completeness of one symbol's series. ``bar_ts``: held bar stamps (int64 ns UTC, ascending,
     unique); ``covered``: ledger intervals ``(starts, ends)`` in int64 ns UTC (any order);
     ``expected``: precomputed :func:`expected_stamps` (shared across symbols of one request)."""
-    stamps, period = expected if expected is not None else expected_stamps(cal, tf, start, end, extended=extended)
-    n = len(stamps)
-    if len(bar_ts):
-        pos = np.searchsorted(bar_ts, stamps)
-        present = (pos < len(bar_ts)) & (bar_ts[np.minimum(pos, len(bar_ts) - 1)] == stamps)
-    else:
-        present = np.zeros(n, dtype=bool)
-    cov_s, cov_e = merge_intervals(*covered)
-    kind = np.where(present, PRESENT, np.where(_in_intervals(stamps, cov_s, cov_e), CONFIRMED_EMPTY, GAP))
-    n_present = int(present.sum())
-    n_empty = int((kind == CONFIRMED_EMPTY).sum())
-    s_ns, e_ns = int(start.timestamp()) * 1_000_000_000, int(end.timestamp()) * 1_000_000_000
-    in_range = int(np.count_nonzero((bar_ts >= s_ns) & (bar_ts < e_ns))) if len(bar_ts) else 0
-
-    # Per period: counts by kind (periods are ascending because stamps are).
-    if n:
-        new_period = np.ones(n, dtype=bool)
-        new_period[1:] = period[1:] != period[:-1]
-        pid = np.cumsum(new_period) - 1
-        k = int(pid[-1]) + 1
-        days = pl.DataFrame(
-            {
-                "day": period[new_period],
-                "expected": np.bincount(pid, minlength=k),
-                "present": np.bincount(pid, weights=present, minlength=k).astype(np.int64),
-                "confirmed_empty": np.bincount(pid, weights=kind == CONFIRMED_EMPTY, minlength=k).astype(np.int64),
-                "gap": np.bincount(pid, weights=kind == GAP, minlength=k).astype(np.int64),
-            }
-        ).cast(DAYS_SCHEMA)  # type: ignore[arg-type]
-    else:
-        days = pl.DataFrame(schema=DAYS_SCHEMA)
-    return Completeness(
-        symbol=symbol,
-        timeframe=str(tf),
-        start=start,
-        end=end,
+    zeros = np.zeros
+    return assess_arrays(
+        [symbol],
+        tf,
+        cal,
+        start,
+        end,
+        zeros(len(bar_ts), np.int64),
+        np.asarray(bar_ts, np.int64),
+        zeros(len(covered[0]), np.int64),
+        np.asarray(covered[0], np.int64),
+        np.asarray(covered[1], np.int64),
         extended=extended,
-        expected=n,
-        present=n_present,
-        confirmed_empty=n_empty,
-        gap=n - n_present - n_empty,
-        extra=in_range - n_present,
-        days=days,
-        ranges=_ranges(kind, stamps, period, tf, cal.tz),
+        expected=expected,
+    )[symbol]
+
+
+def assess_frames(
+    symbols: list[str],
+    tf: Timeframe,
+    cal: ExchangeCalendar,
+    start: datetime,
+    end: datetime,
+    bars: pl.DataFrame,
+    coverage: pl.DataFrame,
+    *,
+    extended: bool = False,
+    expected: tuple[np.ndarray, np.ndarray] | None = None,
+) -> CompletenessSet:
+    """:func:`assess` for many symbols at once, from a bars frame (symbol, ts) and ledger rows
+    (symbol, start, end) — one pass of array operations, not one per symbol."""
+    index = {sym: i for i, sym in enumerate(symbols)}
+
+    def codes(frame: pl.DataFrame) -> np.ndarray:
+        col = frame.get_column("symbol")
+        if len(symbols) == 1 and col.len() and (col == symbols[0]).all():
+            return np.zeros(col.len(), dtype=np.int64)
+        return col.replace_strict(index, default=-1, return_dtype=pl.Int64).to_numpy()
+
+    bars = bars.select("symbol", "ts")
+    bc, cc = codes(bars), codes(coverage)
+    keep_b, keep_c = bc >= 0, cc >= 0
+    return assess_arrays(
+        symbols,
+        tf,
+        cal,
+        start,
+        end,
+        bc[keep_b],
+        ns_array(bars.get_column("ts"))[keep_b],
+        cc[keep_c],
+        ns_array(coverage.get_column("start"))[keep_c],
+        ns_array(coverage.get_column("end"))[keep_c],
+        extended=extended,
+        expected=expected,
     )
 
 
-def _ranges(kind: np.ndarray, stamps: np.ndarray, period: np.ndarray, tf: Timeframe, tz: str) -> pl.DataFrame:
-    """Runs of missing stamps of one kind as ``[start, end)`` intervals. Intraday runs stop at the
-    session's end; daily and longer runs continue across weekends and holidays (nothing expected there)."""
+def assess_arrays(
+    symbols: list[str],
+    tf: Timeframe,
+    cal: ExchangeCalendar,
+    start: datetime,
+    end: datetime,
+    bar_sym: np.ndarray,
+    bar_ts: np.ndarray,
+    cov_sym: np.ndarray,
+    cov_start: np.ndarray,
+    cov_end: np.ndarray,
+    *,
+    extended: bool = False,
+    expected: tuple[np.ndarray, np.ndarray] | None = None,
+) -> CompletenessSet:
+    """The vectorized core: a (symbols x expected stamps) grid of present / confirmed-empty / gap."""
+    stamps, period = expected if expected is not None else expected_stamps(cal, tf, start, end, extended=extended)
+    n, k_sym = len(stamps), len(symbols)
+    size = n * k_sym
+    # Held bars onto the grid (exact stamp match); bars off the grid are "extra".
+    present = np.zeros(size, dtype=bool)
+    s_ns, e_ns = int(start.timestamp()) * 1_000_000_000, int(end.timestamp()) * 1_000_000_000
+    in_range = (bar_ts >= s_ns) & (bar_ts < e_ns)
+    extra = np.bincount(bar_sym[in_range], minlength=k_sym).astype(np.int64)
+    if n and len(bar_ts):
+        pos = np.searchsorted(stamps, bar_ts)
+        hit = (pos < n) & (stamps[np.minimum(pos, n - 1)] == bar_ts)
+        present[bar_sym[hit] * n + pos[hit]] = True
+    # Ledger intervals onto the grid: +1 at each interval's first stamp, -1 after its last.
+    covered = np.zeros(size, dtype=bool)
+    if n and len(cov_start):
+        lo = np.searchsorted(stamps, cov_start, side="left")
+        hi = np.searchsorted(stamps, cov_end, side="left")
+        ok = hi > lo
+        delta = np.zeros(size + 1, dtype=np.int64)
+        np.add.at(delta, cov_sym[ok] * n + lo[ok], 1)
+        np.add.at(delta, cov_sym[ok] * n + hi[ok], -1)
+        covered = np.cumsum(delta[:-1]) > 0
+    complete = bool(present.all())
+    empty_mask = np.zeros(size, dtype=bool) if complete else covered & ~present
+
+    if n:
+        new_period = np.ones(n, dtype=bool)
+        new_period[1:] = period[1:] != period[:-1]
+        k = int(new_period.sum())
+        bounds = np.flatnonzero(new_period)
+        per = np.diff(np.append(bounds, n))
+        grid_empty = empty_mask.reshape(k_sym, n)
+        grid_present = present.reshape(k_sym, n)
+        # Sums over each period's stamps, for every symbol at once (periods are contiguous runs).
+        n_present = np.add.reduceat(grid_present, bounds, axis=1, dtype=np.int64)
+        n_empty = np.add.reduceat(grid_empty, bounds, axis=1, dtype=np.int64)
+        counts = {
+            "present": n_present.ravel(),
+            "confirmed_empty": n_empty.ravel(),
+            "gap": (per - n_present - n_empty).ravel(),
+        }
+        days_all = pl.DataFrame(
+            {
+                "_sym": np.repeat(np.arange(k_sym), k),
+                "day": np.tile(period[new_period], k_sym),
+                "expected": np.tile(per, k_sym),
+                **{name: v.astype(np.int64) for name, v in counts.items()},
+            }
+        ).cast({**DAYS_SCHEMA, "_sym": pl.Int64()})  # type: ignore[arg-type]
+        days_by = {
+            int(key[0]): part for key, part in days_all.partition_by("_sym", as_dict=True, include_key=False).items()
+        }
+        long_days = days_all.select(
+            pl.col("_sym").replace_strict(dict(enumerate(symbols)), return_dtype=pl.String).alias("symbol"),
+            pl.exclude("_sym"),
+        )
+        ranges_by: dict[int, pl.DataFrame] = {}
+        if not complete:
+            kind = np.where(present, PRESENT, np.where(empty_mask, CONFIRMED_EMPTY, GAP)).astype(np.int8)
+            ranges_all = _ranges(kind, np.tile(stamps, k_sym), np.tile(period, k_sym), n, tf, cal.tz)
+            ranges_by = {
+                int(key[0]): part
+                for key, part in ranges_all.partition_by("_sym", as_dict=True, include_key=False).items()
+            }
+        held = n_present.sum(axis=1)
+        empty = n_empty.sum(axis=1)
+    else:
+        days_by, ranges_by = {}, {}
+        held = empty = np.zeros(k_sym, dtype=np.int64)
+        long_days = pl.DataFrame(schema={"symbol": pl.String(), **DAYS_SCHEMA})
+    out = CompletenessSet()
+    out.days = long_days
+    no_days, no_ranges = pl.DataFrame(schema=DAYS_SCHEMA), pl.DataFrame(schema=RANGES_SCHEMA)
+    for i, sym in enumerate(symbols):
+        out[sym] = Completeness(
+            symbol=sym,
+            timeframe=str(tf),
+            start=start,
+            end=end,
+            extended=extended,
+            expected=n,
+            present=int(held[i]),
+            confirmed_empty=int(empty[i]),
+            gap=n - int(held[i]) - int(empty[i]),
+            extra=int(extra[i]) - int(held[i]),
+            days=days_by.get(i, no_days),
+            ranges=ranges_by.get(i, no_ranges),
+        )
+    return out
+
+
+def _ranges(kind: np.ndarray, stamps: np.ndarray, period: np.ndarray, n: int, tf: Timeframe, tz: str) -> pl.DataFrame:
+    """Runs of missing stamps of one kind as ``[start, end)`` intervals, per symbol (the grid holds
+    ``n`` stamps per symbol). Intraday runs stop at the session's end; daily and longer runs continue
+    across weekends and holidays (nothing is expected there)."""
+    schema = {**RANGES_SCHEMA, "_sym": pl.Int64()}
     missing = kind != PRESENT
     if not missing.any():
-        return pl.DataFrame(schema=RANGES_SCHEMA)
+        return pl.DataFrame(schema=schema)
     brk = np.ones(len(kind), dtype=bool)
     brk[1:] = kind[1:] != kind[:-1]
+    brk[::n] = True
     if tf.is_intraday:
         brk[1:] |= period[1:] != period[:-1]
     run = np.cumsum(brk) - 1
@@ -230,12 +356,13 @@ def _ranges(kind: np.ndarray, stamps: np.ndarray, period: np.ndarray, tf: Timefr
         stop = local_midnights_ns(np.array(nxt, dtype="datetime64[D]"), tz)
     return pl.DataFrame(
         {
-            "kind": [KIND_NAMES[int(k)] for k in kind[starts_i]],
+            "kind": np.where(kind[starts_i] == GAP, "gap", "confirmed_empty"),
             "start": stamps[starts_i] // 1000,
             "end": stop // 1000,
             "bars": lengths.astype(np.int64),
+            "_sym": starts_i // n,
         }
-    ).with_columns(pl.col("start").cast(pl.Datetime("us", "UTC")), pl.col("end").cast(pl.Datetime("us", "UTC")))
+    ).cast(schema)  # type: ignore[arg-type]
 
 
 def _add_months(day: np.datetime64, n: int) -> np.datetime64:

@@ -43,20 +43,28 @@ def score_days(
     consistency: pl.DataFrame,
     weights: QualityWeights,
 ) -> pl.DataFrame:
-    """``days``: completeness counts per day (day, expected, present, confirmed_empty, gap).
-    The others are per-day frames keyed by ``day``: ``quarantined`` (quarantined), ``anomalous``
-    (anomalies: findings count, weighted: severity-weighted rows), ``timeliness`` (timeliness),
-    ``consistency`` (consistency). Missing days count as zero / not applicable."""
-    x = (
-        days.join(quarantined, on="day", how="left")
-        .join(anomalous, on="day", how="left")
-        .join(timeliness, on="day", how="left")
-        .join(consistency, on="day", how="left")
-        .with_columns(
-            pl.col("quarantined").fill_null(0).cast(pl.Int64),
-            pl.col("anomalies").fill_null(0).cast(pl.Int64),
-            pl.col("weighted").fill_null(0.0),
-        )
+    """``days``: completeness counts per day (day, expected, present, confirmed_empty, gap), for one
+    symbol or for many with a ``symbol`` column. The others are frames keyed the same way:
+    ``quarantined`` (quarantined), ``anomalous`` (anomalies: findings count, weighted:
+    severity-weighted rows), ``timeliness`` (timeliness), ``consistency`` (consistency). Missing days
+    count as zero / not applicable."""
+    keys = ["symbol", "day"] if "symbol" in days.columns else ["day"]
+    x = days
+    for other, cols in (
+        (quarantined, {"quarantined": pl.Int64()}),
+        (anomalous, {"anomalies": pl.Int64(), "weighted": pl.Float64()}),
+        (timeliness, {"timeliness": pl.Float64()}),
+        (consistency, {"consistency": pl.Float64()}),
+    ):
+        # Most of these are empty for most ranges (no quarantine, no reconciliation): skip the join.
+        if other.height:
+            x = x.join(other.select(*keys, *cols), on=keys, how="left")
+        else:
+            x = x.with_columns(pl.lit(None, dtype).alias(name) for name, dtype in cols.items())
+    x = x.with_columns(
+        pl.col("quarantined").fill_null(0),
+        pl.col("anomalies").fill_null(0),
+        pl.col("weighted").fill_null(0.0),
     )
     seen = pl.col("present") + pl.col("quarantined")
     x = x.with_columns(
@@ -71,33 +79,40 @@ def score_days(
     num = pl.sum_horizontal([pl.col(c).fill_null(0.0) * w[c] for c in COMPONENTS])
     den = pl.sum_horizontal([pl.col(c).is_not_null().cast(pl.Float64) * w[c] for c in COMPONENTS])
     x = x.with_columns(score=pl.when(den > 0).then(num / den))
-    return x.select(list(DAY_SCORE_SCHEMA)).cast(DAY_SCORE_SCHEMA)  # type: ignore[arg-type]
+    return x.select(*keys[:-1], *DAY_SCORE_SCHEMA).cast(DAY_SCORE_SCHEMA)  # type: ignore[arg-type]
+
+
+_COUNTS = ("expected", "present", "confirmed_empty", "gap", "quarantined", "anomalies")
+EMPTY_SUMMARY: dict[str, Any] = {"score": None, **dict.fromkeys(COMPONENTS), **dict.fromkeys(_COUNTS, 0)}
+
+
+def _wmean(c: str) -> pl.Expr:
+    weight = pl.col("expected").clip(lower_bound=1).cast(pl.Float64)
+    has = pl.col(c).is_not_null()
+    total = weight.filter(has).sum()
+    return pl.when(total > 0).then((pl.col(c) * weight).filter(has).sum() / total).alias(c)
+
+
+def _series_aggs() -> list[pl.Expr]:
+    return [*(pl.col(c).sum() for c in _COUNTS), *(_wmean(c) for c in (*COMPONENTS, "score"))]
+
+
+def _finish(row: dict[str, Any]) -> dict[str, Any]:
+    if row["expected"]:
+        row["completeness"] = row["present"] / row["expected"]
+    return row
+
+
+def summarize_many(scored: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    """:func:`summarize` per symbol of a long frame, in one group-by."""
+    if not scored.height:
+        return {}
+    rows = scored.group_by("symbol").agg(_series_aggs()).iter_rows(named=True)
+    return {row.pop("symbol"): _finish(row) for row in rows}
 
 
 def summarize(scored: pl.DataFrame) -> dict[str, Any]:
     """Series-level numbers: sums of the counts, expected-weighted means of the components."""
     if not scored.height:
-        return {
-            "score": None,
-            **dict.fromkeys(COMPONENTS),
-            "expected": 0,
-            "present": 0,
-            "confirmed_empty": 0,
-            "gap": 0,
-            "quarantined": 0,
-            "anomalies": 0,
-        }
-    weight = pl.col("expected").clip(lower_bound=1).cast(pl.Float64)
-
-    def wmean(c: str) -> pl.Expr:
-        has = pl.col(c).is_not_null()
-        total = weight.filter(has).sum()
-        return pl.when(total > 0).then((pl.col(c) * weight).filter(has).sum() / total)
-
-    row = scored.select(
-        *[pl.col(c).sum() for c in ("expected", "present", "confirmed_empty", "gap", "quarantined", "anomalies")],
-        *[wmean(c).alias(c) for c in (*COMPONENTS, "score")],
-    ).row(0, named=True)
-    if row["expected"]:
-        row["completeness"] = row["present"] / row["expected"]
-    return row
+        return EMPTY_SUMMARY.copy()
+    return _finish(scored.select(_series_aggs()).row(0, named=True))

@@ -22,7 +22,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.base import BarsProvider
-from marketpipe.quality.completeness import Completeness, assess, ns_array
+from marketpipe.quality.completeness import Completeness, assess_frames
 from marketpipe.service.backfill import BackfillStats, run_backfill
 from marketpipe.service.quality import expected_complete
 from marketpipe.service.router import ProviderRouter
@@ -210,21 +210,7 @@ def completeness(
     expected = expected_complete(cal, tf, start, end, now or utcnow(), extended)
     bars = store.read_bars(symbols, str(tf), start, end).select("symbol", "ts")
     cov = store.coverage(symbols, str(tf), start, end)
-    out = {}
-    for sym in symbols:
-        b, c = bars.filter(pl.col("symbol") == sym), cov.filter(pl.col("symbol") == sym)
-        out[sym] = assess(
-            sym,
-            tf,
-            cal,
-            start,
-            end,
-            ns_array(b["ts"]),
-            (ns_array(c["start"]), ns_array(c["end"])),
-            extended=extended,
-            expected=expected,
-        )
-    return out
+    return assess_frames(symbols, tf, cal, start, end, bars, cov, extended=extended, expected=expected)
 
 
 def _day_windows(comp: Completeness) -> list[tuple[datetime, datetime]]:

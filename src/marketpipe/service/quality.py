@@ -4,7 +4,7 @@ and raised as events. Reads the store only; repairing is :mod:`marketpipe.servic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -18,10 +18,10 @@ from marketpipe.core.metrics import COMPLETENESS, QUALITY_SCORE
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import utcnow
 from marketpipe.quality.anomaly import SEVERITY_WEIGHT, detect
-from marketpipe.quality.completeness import Completeness, assess, expected_stamps, ns_array
+from marketpipe.quality.completeness import Completeness, assess_frames, expected_stamps
 from marketpipe.quality.reconcile import MATCH, MINOR, MISMATCH, WARN
 from marketpipe.quality.report import SeriesReport
-from marketpipe.quality.score import score_days, summarize
+from marketpipe.quality.score import EMPTY_SUMMARY, score_days, summarize_many
 from marketpipe.store.duckdb import DuckDBStore
 
 OUTLIER_EVENT_SAMPLE = 5
@@ -117,61 +117,54 @@ def analyze(
     findings = detect(bars, tf, cfg.anomaly)
     if save:
         store.replace_findings(symbols, tfs, start, end, findings, now)
+    comps = assess_frames(symbols, tf, cal, start, end, bars, coverage, extended=cfg.extended_hours, expected=expected)
     period = period_expr(tf, cal.tz)
+    keys = ["symbol", "day"]
+    q_days = quarantined.group_by("symbol", period.alias("day")).agg(quarantined=pl.len().cast(pl.Int64))
+    a_days = findings.group_by("symbol", period.alias("day")).agg(
+        anomalies=pl.len().cast(pl.Int64),
+        weighted=(pl.col("bars") * pl.col("severity").replace_strict(SEVERITY_WEIGHT, default=0.0)).sum(),
+    )
     recent = _recent_days(cal, now, cfg.recent_sessions)
-    width_us = tf.seconds * 1_000_000 if tf.is_intraday else None
+    t_days = _timeliness(bars, period, recent, tf, cal, cfg)
+    c_days = _consistency(store, symbols, tfs, start, end, period)
+    scored = score_days(
+        comps.days,
+        quarantined=q_days,
+        anomalous=a_days.select(*keys, "anomalies", "weighted"),
+        timeliness=t_days,
+        consistency=c_days,
+        weights=cfg.weights,
+    )
+    summaries = summarize_many(scored)
+    if save and scored.height:
+        store.replace_scores(tfs, scored.with_columns(timeframe=pl.lit(tfs), computed_at=pl.lit(now)))
+    scored_by = {k[0]: v for k, v in scored.partition_by("symbol", as_dict=True, include_key=False).items()}
+    findings_by = {k[0]: v for k, v in findings.partition_by("symbol", as_dict=True).items()}
+    prices = bars.select("symbol", "ts", "open", "high", "low", "close", "volume")
+    prices_by = {k[0]: v for k, v in prices.partition_by("symbol", as_dict=True, include_key=False).items()}
 
+    no_findings, no_scores, no_prices = findings.clear(), scored.clear().drop("symbol"), prices.clear().drop("symbol")
     out: list[SeriesQuality] = []
     for sym in symbols:
-        sb = bars.filter(pl.col("symbol") == sym)
-        cov = coverage.filter(pl.col("symbol") == sym)
-        comp = assess(
-            sym,
-            tf,
-            cal,
-            start,
-            end,
-            ns_array(sb.get_column("ts")),
-            (ns_array(cov.get_column("start")), ns_array(cov.get_column("end"))),
-            extended=cfg.extended_hours,
-            expected=expected,
-        )
-        sf = findings.filter(pl.col("symbol") == sym)
-        q_days = (
-            quarantined.filter(pl.col("symbol") == sym)
-            .group_by(period.alias("day"))
-            .agg(quarantined=pl.len().cast(pl.Int64))
-        )
-        a_days = sf.group_by(period.alias("day")).agg(
-            anomalies=pl.len().cast(pl.Int64),
-            weighted=(pl.col("bars") * pl.col("severity").replace_strict(SEVERITY_WEIGHT, default=0.0)).sum(),
-        )
-        t_days = _timeliness(sb, period, recent, width_us, cal, cfg)
-        c_days = _consistency(store, sym, tfs, start, end, period)
-        scored = score_days(
-            comp.days,
-            quarantined=q_days,
-            anomalous=a_days,
-            timeliness=t_days,
-            consistency=c_days,
-            weights=cfg.weights,
-        )
-        summary = summarize(scored)
-        if save and scored.height:
-            store.replace_scores(
-                sym,
-                tfs,
-                scored.with_columns(symbol=pl.lit(sym), timeframe=pl.lit(tfs), computed_at=pl.lit(now)),
-            )
+        summary = summaries.get(sym) or EMPTY_SUMMARY.copy()
         if summary["score"] is not None:
             QUALITY_SCORE.labels(sym, tfs).set(summary["score"])
         if summary["completeness"] is not None:
             COMPLETENESS.labels(sym, tfs).set(summary["completeness"])
         result = SeriesQuality(
-            sym, tfs, start, end, comp, sf, scored, summary, sb.select("ts", "open", "high", "low", "close", "volume")
+            sym,
+            tfs,
+            start,
+            end,
+            comps[sym],
+            findings_by.get(sym, no_findings),
+            scored_by.get(sym, no_scores),
+            summary,
+            prices_by.get(sym, no_prices),
         )
         if raise_events:
-            _raise_events(result, cal, now, cfg)
+            _raise_events(result)
         out.append(result)
     return out
 
@@ -184,62 +177,54 @@ def _recent_days(cal: ExchangeCalendar, now: datetime, n: int) -> list[Any]:
 
 
 def _timeliness(
-    bars: pl.DataFrame,
-    period: pl.Expr,
-    recent: list[Any],
-    width_us: int | None,
-    cal: ExchangeCalendar,
-    cfg: QualityConfig,
+    bars: pl.DataFrame, period: pl.Expr, recent: list[Any], tf: Timeframe, cal: ExchangeCalendar, cfg: QualityConfig
 ) -> pl.DataFrame:
-    """Per recent day: lag from the end of the newest bar to when it was fetched, scored 0–1."""
-    schema = {"day": pl.Date(), "timeliness": pl.Float64()}
+    """Per symbol and recent day: lag from the end of the newest bar to its fetch (at most the
+    session's close), scored 0–1."""
+    schema = {"symbol": pl.String(), "day": pl.Date(), "timeliness": pl.Float64()}
     if not bars.height or not recent:
         return pl.DataFrame(schema=schema)
+    since = datetime.combine(recent[0], datetime.min.time(), UTC) - timedelta(days=1)
     last = (
-        bars.with_columns(day=period)
+        bars.filter(pl.col("ts") >= since)
+        .with_columns(day=period)
         .filter(pl.col("day").is_in(recent))
-        .sort("ts")
-        .group_by("day")
-        .agg(pl.col("ts").last(), pl.col("fetched_at").last())
+        .group_by("symbol", "day")
+        .agg(pl.col("ts").max(), pl.col("fetched_at").sort_by("ts").last())
     )
     if not last.height:
         return pl.DataFrame(schema=schema)
-    if width_us is not None:
-        bar_end = pl.col("ts") + pl.duration(microseconds=width_us)
-    else:  # a daily bar ends at the session's close
-        closes = pl.DataFrame({"day": cal.days.astype("datetime64[D]"), "close_ns": cal.closes}).with_columns(
-            pl.col("day").cast(pl.Date)
-        )
-        last = last.join(closes, on="day", how="left")
-        bar_end = pl.from_epoch(pl.col("close_ns"), time_unit="ns").dt.replace_time_zone("UTC")
-    lag = (pl.col("fetched_at") - bar_end).dt.total_seconds(fractional=True).clip(lower_bound=0)
+    closes = pl.DataFrame({"day": cal.days.astype("datetime64[D]"), "close_ns": cal.closes}).with_columns(
+        pl.col("day").cast(pl.Date)
+    )
+    last = last.join(closes, on="day", how="left")
+    close = pl.from_epoch(pl.col("close_ns"), time_unit="ns").dt.replace_time_zone("UTC").dt.cast_time_unit("us")
+    # A daily bar ends at the close. A fetch after the close could not have had anything newer than
+    # the close, so a day fetched later (a backfill) is judged as of the close: complete means on time.
+    bar_end = pl.col("ts") + pl.duration(seconds=tf.seconds) if tf.is_intraday else close
+    lag = (pl.min_horizontal(pl.col("fetched_at"), close) - bar_end).dt.total_seconds(fractional=True)
+    lag = lag.clip(lower_bound=0)
     score = (1 - (lag - cfg.fresh_seconds) / (cfg.stale_seconds - cfg.fresh_seconds)).clip(0.0, 1.0)
-    return last.select("day", score.alias("timeliness"))
+    return last.select("symbol", "day", score.alias("timeliness"))
 
 
 def _consistency(
-    store: DuckDBStore, symbol: str, timeframe: str, start: datetime, end: datetime, period: pl.Expr
+    store: DuckDBStore, symbols: list[str], timeframe: str, start: datetime, end: datetime, period: pl.Expr
 ) -> pl.DataFrame:
-    """Per day: share of the bars compared with another vendor that agree within 1 % (latest run)."""
-    schema = {"day": pl.Date(), "consistency": pl.Float64()}
-    rec = store.reconciliation(symbol, timeframe)
-    if not rec.height:
-        return pl.DataFrame(schema=schema)
-    compared = (
-        rec.filter(
-            (pl.col("ts") >= start) & (pl.col("ts") < end) & pl.col("status").is_in([MATCH, MINOR, WARN, MISMATCH])
-        )
-        .sort("created_at")
-        .unique(subset=["ts"], keep="last")
-    )
+    """Per symbol and day: share of the bars compared with another vendor that agree within 1 %
+    (the latest comparison of each bar)."""
+    schema = {"symbol": pl.String(), "day": pl.Date(), "consistency": pl.Float64()}
+    rec = store.reconciliation_many(symbols, timeframe, start, end)
+    compared = rec.filter(pl.col("status").is_in([MATCH, MINOR, WARN, MISMATCH]))
     if not compared.height:
         return pl.DataFrame(schema=schema)
-    return compared.group_by(period.alias("day")).agg(
+    compared = compared.sort("created_at").unique(subset=["symbol", "ts"], keep="last")
+    return compared.group_by("symbol", period.alias("day")).agg(
         consistency=pl.col("status").is_in([MATCH, MINOR]).mean().cast(pl.Float64)
     )
 
 
-def _raise_events(result: SeriesQuality, cal: ExchangeCalendar, now: datetime, cfg: QualityConfig) -> None:
+def _raise_events(result: SeriesQuality) -> None:
     comp = result.completeness
     if comp.gap:
         events.emit(

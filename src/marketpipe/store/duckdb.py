@@ -525,8 +525,9 @@ class DuckDBStore:
             )
         return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
 
-    def replace_scores(self, symbol: str, timeframe: str, days: pl.DataFrame) -> None:
-        """Store per-day scores, replacing earlier scores of the same days."""
+    def replace_scores(self, timeframe: str, days: pl.DataFrame) -> None:
+        """Store per-day scores (a ``symbol`` column, many symbols at once), replacing earlier scores
+        of the same symbols and days."""
         if not days.height:
             return
         frame = _naive(days.select(_SCORE_COLUMNS))
@@ -535,9 +536,9 @@ class DuckDBStore:
                 self.con.execute("BEGIN TRANSACTION")
                 self.con.register("_s", frame.to_arrow())
                 self.con.execute(
-                    """DELETE FROM quality_scores WHERE symbol = $sym AND timeframe = $tf
-                       AND day IN (SELECT day FROM _s)""",
-                    {"sym": symbol, "tf": timeframe},
+                    """DELETE FROM quality_scores WHERE timeframe = $tf
+                       AND (symbol, day) IN (SELECT (symbol, day) FROM _s)""",
+                    {"tf": timeframe},
                 ).fetchall()
                 self.con.execute("INSERT INTO quality_scores SELECT * FROM _s").fetchall()
                 self.con.execute("COMMIT")
@@ -600,6 +601,15 @@ class DuckDBStore:
         params: dict[str, object] = {"limit": limit, **({"job": job} if job else {})}
         with self._lock:
             table = self._arrow(sql, params)
+        return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
+
+    def reconciliation_many(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
+        with self._lock:
+            table = self._arrow(
+                """SELECT * FROM reconciliation WHERE timeframe = $tf AND ts >= $s AND ts < $e
+                   AND list_contains($syms, symbol)""",
+                {"tf": timeframe, "s": _n(start), "e": _n(end), "syms": list(symbols)},
+            )
         return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
 
     def summary(self) -> pl.DataFrame:
