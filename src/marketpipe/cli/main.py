@@ -485,11 +485,12 @@ def demo(
                 again = await data.backfill(syms, start, end, timeframe="1Min")
                 frame = await data.bars(syms[0], done[-1].open, done[-1].close, timeframe="1Min", fetch=False)
                 quotes = await data.latest_quotes(syms)
-                return stats, again, frame, quotes
+                checked = await data.quality(syms, start, end, timeframe="1Min")
+                return stats, again, frame, quotes, checked
             finally:
                 await data.aclose()
 
-        stats, again, frame, quotes = asyncio.run(go())
+        stats, again, frame, quotes, checked = asyncio.run(go())
     out.print(_summary(stats, "Demo backfill (source: sim)"))
     out.print(
         f"the same backfill again: {again.requests} requests, {again.bars_stored} bars stored "
@@ -498,7 +499,14 @@ def demo(
     out.print(f"\n{syms[0]} on {done[-1].day}: {frame.height} minute bars (source sim, feed sip); first and last five:")
     _emit(pl_head_tail(frame), "table", None)
     out.print(_records_table("latest quotes (simulator)", quotes))
+    from marketpipe.cli.quality import quality_table
+
+    out.print(quality_table(checked, "Data quality of what was stored (exchange calendar, anomaly rules, score)"))
     out.print(f"\nread them again: marketpipe bars {syms[0]} --start {done[-1].day} --store {store_path} --no-fetch")
+    out.print(
+        f"quality report:  marketpipe quality {' '.join(syms)} --start {done[0].day} --end {done[-1].day} "
+        f"--store {store_path} --html report.html"
+    )
 
 
 def pl_head_tail(frame: Any, n: int = 5) -> Any:

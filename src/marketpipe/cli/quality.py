@@ -36,6 +36,36 @@ def _run(data: Any, coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(go())
 
 
+def quality_table(results: list[Any], title: str) -> Table:
+    """One row per series; "consist" is n/a until `marketpipe reconcile` has compared vendors."""
+    table = Table(title=title, box=None, pad_edge=False, collapse_padding=True, padding=(0, 1), header_style="bold")
+    heads = (
+        "symbol",
+        "score",
+        "complete",
+        "valid",
+        "timely",
+        "consist",
+        "expected",
+        "held",
+        "gap",
+        "empty",
+        "quar",
+        "anom",
+    )
+    for col in heads:
+        table.add_column(col, justify="left" if col == "symbol" else "right", no_wrap=True)
+    for r in results:
+        s = r.summary
+        table.add_row(
+            r.symbol,
+            _fmt(s["score"]),
+            *(_fmt(s[c], True) for c in ("completeness", "validity", "timeliness", "consistency")),
+            *(_fmt(s[c]) for c in ("expected", "present", "gap", "confirmed_empty", "quarantined", "anomalies")),
+        )
+    return table
+
+
 @app.command()
 @handle_errors
 def quality(
@@ -62,39 +92,11 @@ def quality(
     cfg = _config(config, store)
     data = MarketData(cfg)
     results = _run(data, data.quality(syms, start, end, timeframe=timeframe))
-    table = Table(title=f"Data quality, {timeframe} ({cfg.calendar}; gap = never fetched, empty = vendor had none)")
-    for col in (
-        "symbol",
-        "score",
-        "complete",
-        "valid",
-        "timely",
-        "consistent",
-        "expected",
-        "held",
-        "gap",
-        "empty",
-        "quarantined",
-        "anomalies",
-    ):
-        table.add_column(col, justify="left" if col == "symbol" else "right")
-    for r in results:
-        s = r.summary
-        table.add_row(
-            r.symbol,
-            _fmt(s["score"]),
-            _fmt(s["completeness"], True),
-            _fmt(s["validity"], True),
-            _fmt(s["timeliness"], True),
-            _fmt(s["consistency"], True),
-            _fmt(s["expected"]),
-            _fmt(s["present"]),
-            _fmt(s["gap"]),
-            _fmt(s["confirmed_empty"]),
-            _fmt(s["quarantined"]),
-            _fmt(s["anomalies"]),
+    out.print(
+        quality_table(
+            results, f"Data quality, {timeframe} ({cfg.calendar}; gap = never fetched, empty = vendor had none)"
         )
-    out.print(table)
+    )
     for r in results:
         if r.completeness.ranges.height:
             gaps = r.completeness.ranges
