@@ -383,3 +383,23 @@ def test_timeliness_scores_the_lag_of_recent_data_only(store: DuckDBStore) -> No
     # Days before the most recent session: timeliness does not apply.
     (old,) = analyze(store, CAL, ["AAPL"], TF, s, e, now=AFTER_FRI)
     assert old.days["timeliness"].to_list() == [None]
+
+
+async def test_a_failed_fetch_is_a_gap_that_repair_closes(
+    vendors: dict[str, SimServer], alpaca_only: ProviderRouter, store: DuckDBStore
+) -> None:
+    cfg = config(vendors, polygon=False)
+    # Every request for Wednesday fails (both tries): the backfill records the error and moves on.
+    vendors["alpaca"].faults.set([FaultRule(kind="http_500", paths=r"/v2/stocks/.*bars", times=2)])
+    src = alpaca_only.providers[0]
+    stats = await run_backfill(src, store, CAL, ["AAPL"], TF, *day(WED), page_limit=1000, now=pinned)
+    assert not stats.ok and stats.errors[0]["code"] == "PROVIDER_UNAVAILABLE"
+    await fill(alpaca_only, store, ["AAPL"], *span(THU, FRI))
+    (res,) = analyze(store, CAL, ["AAPL"], TF, *span(WED, FRI), now=AFTER_FRI)
+    assert (res.completeness.gap, res.completeness.confirmed_empty) == (390, 0)
+    assert res.completeness.gaps() == [(ts("2024-03-06T14:30:00Z"), ts("2024-03-06T21:00:00Z"))]
+    fixed = await repair(alpaca_only, store, CAL, cfg, ["AAPL"], TF, *span(WED, FRI), now=pinned)
+    assert fixed.ok and fixed.requests == 1 and fixed.after["AAPL"].gap == 0
+    assert fixed.after["AAPL"].present == 3 * 390
+    again = await repair(alpaca_only, store, CAL, cfg, ["AAPL"], TF, *span(WED, FRI), now=pinned)
+    assert again.requests == 0
