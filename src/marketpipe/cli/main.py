@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -34,6 +35,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(store_app, name="store")
 
 out = Console()
+if not out.is_terminal:  # piped or captured: nobody's window to fit, so never cut columns at 80
+    out = Console(width=max(out.width, 200))
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,7 +53,7 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except MarketpipeError as exc:
             ERRORS.labels(exc.code).inc()
-            err.print(f"[bold red]error[{exc.code}][/]: {exc.message}", highlight=False, markup=True)
+            err.print(f"[bold red]error[{exc.code}][/]: {escape(exc.message)}", highlight=False, markup=True)
             raise typer.Exit(2 if isinstance(exc, InvalidArgument) else 1) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -171,7 +174,8 @@ def backfill(
         out.print(f"already covered, nothing fetched: {', '.join(stats.skipped_symbols)}")
     if stats.errors:
         for e in stats.errors:
-            err.print(f"[red]error[{e['code']}][/]: {','.join(e['symbols'])} {e['start']}..{e['end']}: {e['message']}")
+            where = f"{','.join(e['symbols'])} {e['start']}..{e['end']}"
+            err.print(f"[red]error[{e['code']}][/]: {where}: {escape(str(e['message']))}")
         raise typer.Exit(1)
 
 
@@ -193,7 +197,8 @@ def _emit(frame: Any, fmt: str, output: Path | None) -> None:
     elif fmt == "table":
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         for col in frame.columns:
-            table.add_column(col, no_wrap=True)
+            # Fold long cells rather than let rich squeeze whole columns out of a narrow terminal.
+            table.add_column(col, overflow="fold", min_width=min(len(col), 10))
         for row in frame.iter_rows():
             table.add_row(*("" if v is None else str(v) for v in row))
         out.print(table)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from marketpipe.cli.main import ConfigOpt, StoreOpt, _config, _emit, _symbols, app, err, handle_errors, out, store_app
@@ -175,7 +176,7 @@ def update(
     failed = [r for r in results.values() if not r.ok]
     for r in failed:
         e = r.error or (r.stats.errors[0] if r.stats and r.stats.errors else {})
-        err.print(f"[red]error[{e.get('code')}][/]: {r.symbol}: {e.get('message')}")
+        err.print(f"[red]error[{e.get('code')}][/]: {r.symbol}: {escape(str(e.get('message')))}")
     if failed:
         raise typer.Exit(1)
 
@@ -223,7 +224,7 @@ def repair(
     )
     out.print(table)
     for e in res.errors:
-        err.print(f"[red]error[{e.get('code')}][/]: {','.join(e.get('symbols', []))}: {e.get('message')}")  # type: ignore[arg-type]
+        err.print(f"[red]error[{e.get('code')}][/]: {','.join(e.get('symbols', []))}: {escape(str(e.get('message')))}")  # type: ignore[arg-type]
     if res.errors:
         raise typer.Exit(1)
 
@@ -247,10 +248,16 @@ def schedule(
     from marketpipe.core.schema import normalize_symbols
     from marketpipe.core.timeframe import Timeframe
     from marketpipe.service.data import MarketData
+    from marketpipe.service.maintain import STRATEGIES
     from marketpipe.service.scheduler import Job, parse_every
 
     cfg = _config(config, store)
     jobs: list[Job] = []
+    if strategy not in STRATEGIES:
+        raise InvalidArgument(
+            f"unknown update strategy {strategy!r}; use one of {', '.join(STRATEGIES)}",
+            details={"parameter": "strategy"},
+        )
     if symbols or symbols_file:
         jobs.append(
             Job(

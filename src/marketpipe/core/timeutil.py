@@ -67,8 +67,9 @@ def parse_range(
     s = parse_time(start, name="start")
     e = parse_time(end, name="end", end=True) if end is not None else (now or utcnow())
     if e <= s:
+        given = f" (start {start}, end {end}: a bare end date means the end of that day)" if end is not None else ""
         raise InvalidRange(
-            f"end ({e.isoformat()}) must be after start ({s.isoformat()})",
+            f"end ({e.isoformat()}) must be after start ({s.isoformat()}){given}",
             details={"start": s.isoformat(), "end": e.isoformat()},
         )
     return s, e

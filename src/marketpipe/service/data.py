@@ -7,8 +7,9 @@ scripts and notebooks (which already run a loop of their own) can call it synchr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from datetime import date, datetime
 from typing import Any, TypeVar
@@ -44,6 +45,8 @@ class MarketData:
     ) -> None:
         self.config = config or load_config()
         self._store = store
+        self._owns_store = store is None
+        self._store_users = 0
         self._provider = provider
         self._router: ProviderRouter | None = None
         self._env = env
@@ -167,7 +170,7 @@ class MarketData:
         syms = normalize_symbols(symbols)
         s, e = parse_range(start, end)
         return await repair(
-            self.router,
+            lambda: self.router,
             self.store,
             self.calendar,
             self.config,
@@ -183,12 +186,28 @@ class MarketData:
         """A scheduler whose jobs update through this service and log their runs to its store."""
 
         async def one(job: Job, symbol: str) -> SymbolUpdate:
-            res = await self.update([symbol], timeframe=job.timeframe, strategy=job.strategy, feed=job.feed)  # type: ignore[arg-type]
+            with self.holding_store():
+                res = await self.update([symbol], timeframe=job.timeframe, strategy=job.strategy, feed=job.feed)  # type: ignore[arg-type]
             return res[symbol]
 
-        return Scheduler(
-            jobs, one, self.store.log_job_runs, concurrency=concurrency or self.config.backfill.concurrency
-        )
+        def log_runs(rows: list[dict[str, object]]) -> None:
+            with self.holding_store():
+                self.store.log_job_runs(rows)
+
+        return Scheduler(jobs, one, log_runs, concurrency=concurrency or self.config.backfill.concurrency)
+
+    @contextlib.contextmanager
+    def holding_store(self) -> Iterator[None]:
+        """Keep the store open while in use and close it when the last user is done, so that between
+        scheduled runs other processes (``marketpipe store runs``, a backfill) can open the file."""
+        self._store_users += 1
+        try:
+            yield
+        finally:
+            self._store_users -= 1
+            if self._store_users == 0 and self._store is not None and self._owns_store:
+                self._store.close()
+                self._store = None
 
     async def bars(
         self,
@@ -279,13 +298,13 @@ class SyncMarketData:
         return self._portal.run(self.data.latest_quote(symbol, **kw))
 
     def quality(self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any) -> Any:
-        return self._portal.run(self._data.quality(symbols, start, end, **kw))
+        return self._portal.run(self.data.quality(symbols, start, end, **kw))
 
     def update(self, symbols: list[str] | str, **kw: Any) -> dict[str, SymbolUpdate]:
-        return self._portal.run(self._data.update(symbols, **kw))
+        return self._portal.run(self.data.update(symbols, **kw))
 
     def repair(self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any) -> Any:
-        return self._portal.run(self._data.repair(symbols, start, end, **kw))
+        return self._portal.run(self.data.repair(symbols, start, end, **kw))
 
     def snapshots(self, symbols: list[str] | str, **kw: Any) -> dict[str, Snapshot]:
         return self._portal.run(self.data.snapshots(symbols, **kw))

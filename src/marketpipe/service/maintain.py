@@ -17,7 +17,7 @@ import polars as pl
 from marketpipe.core import events
 from marketpipe.core.calendar import ExchangeCalendar
 from marketpipe.core.config import Config
-from marketpipe.core.errors import InvalidArgument, MarketpipeError
+from marketpipe.core.errors import InvalidArgument, InvalidRange, MarketpipeError
 from marketpipe.core.log import get_logger
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
@@ -207,6 +207,9 @@ def completeness(
     extended: bool = False,
     now: datetime | None = None,
 ) -> dict[str, Completeness]:
+    if end <= start:
+        raise InvalidRange(f"end ({end.isoformat()}) must be after start ({start.isoformat()})")
+    cal.check_bounds(start, end)
     expected = expected_complete(cal, tf, start, end, now or utcnow(), extended)
     bars = store.read_bars(symbols, str(tf), start, end).select("symbol", "ts")
     cov = store.coverage(symbols, str(tf), start, end)
@@ -224,7 +227,7 @@ def _day_windows(comp: Completeness) -> list[tuple[datetime, datetime]]:
 
 
 async def repair(
-    router: ProviderRouter,
+    router: ProviderRouter | Callable[[], ProviderRouter],
     store: DuckDBStore,
     cal: ExchangeCalendar,
     config: Config,
@@ -243,7 +246,9 @@ async def repair(
     2. with ``empties``, *confirmed-empty* bars (fetched, nothing there) from each provider that has
        not yet been asked for them, in router order, until they are found or every provider has
        answered. The ledger remembers every answer, so a second run fetches nothing.
-    Nothing is ever filled in: what no vendor has stays missing, and is reported as such."""
+    Nothing is ever filled in: what no vendor has stays missing, and is reported as such.
+    ``router`` may be a function that builds it: then nothing that needs credentials happens unless
+    there is something to fetch."""
     extended = config.quality.extended_hours
     t_now = now()
     end = min(end, t_now)
@@ -256,19 +261,27 @@ async def repair(
         "now": now,
         "anomaly": config.quality.anomaly,
     }
+    routers: list[ProviderRouter] = []
+
+    def get_router() -> ProviderRouter:
+        if not routers:
+            routers.append(router if isinstance(router, ProviderRouter) else router())
+        return routers[0]
+
     gap_syms = [s for s, c in before.items() if c.gap]
     if gap_syms:
         lo = min(c.gaps()[0][0] for s, c in before.items() if c.gap)
         hi = max(c.gaps()[-1][1] for s, c in before.items() if c.gap)
-        source = router if len(router.providers) > 1 else router.providers[0]
+        r = get_router()
+        source = r if len(r.providers) > 1 else r.providers[0]
         result.asked.append({"provider": "router", "symbols": gap_syms, "start": lo, "end": hi, "kind": "gap"})
         try:
             result.add(await run_backfill(source, store, cal, gap_syms, timeframe, lo, hi, **kw))  # type: ignore[arg-type]
         except MarketpipeError as exc:
             result.errors.append({"symbols": gap_syms, **_error(exc)})
     current = completeness(store, cal, symbols, timeframe, start, end, extended=extended, now=t_now)
-    if empties:
-        candidates, _ = router.candidates("bars", timeframe, start, end)
+    if empties and any(c.confirmed_empty for c in current.values()):
+        candidates, _ = get_router().candidates("bars", timeframe, start, end)
         for provider in candidates:
             todo: dict[tuple[datetime, datetime], list[str]] = defaultdict(list)
             for sym, comp in current.items():
