@@ -6,6 +6,7 @@ dir (``~/.config/marketpipe/config.toml``). Every key is optional; see README "C
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -139,6 +140,96 @@ class JobConfig(msgspec.Struct, forbid_unknown_fields=True):
     feed: str | None = None
 
 
+MB = 1024 * 1024
+# Cache kinds whose request is a time range (fresh for a long time once the range is closed).
+RANGE_KINDS = frozenset({"bars", "trades", "quotes"})
+LATEST_KINDS = frozenset({"latest_quote", "latest_trade", "latest_bar"})
+SNAPSHOT_KINDS = frozenset({"snapshot", "snapshots"})
+REFERENCE_KINDS = frozenset({"reference", "assets", "corporate_actions"})
+KNOWN_KINDS = RANGE_KINDS | LATEST_KINDS | SNAPSHOT_KINDS | REFERENCE_KINDS
+
+
+class CacheConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``[cache]`` in the config file. Times in seconds."""
+
+    memory_max_bytes: int = 256 * MB
+    redis_url: str | None = None  # L2 is used only when set, e.g. "redis://localhost:6379/0"
+    redis_prefix: str = "marketpipe:"
+    redis_connect_timeout: float = 0.25
+    redis_socket_timeout: float = 0.25
+    redis_backoff_initial: float = 1.0  # after a Redis error the tier is skipped this long, doubling …
+    redis_backoff_max: float = 30.0  # … up to this, until Redis answers again
+    stale_for: float = 3600.0  # how long past expiry a copy may still be served labelled stale
+    history_ttl: float = 86400.0 * 7  # ranges that ended before the current session
+    bars_open_ttl: float = 5.0  # ranges reaching into the current session, market open
+    bars_closed_ttl: float = 60.0  # … market closed
+    latest_open_ttl: float = 1.0  # latest_quote / latest_trade / latest_bar, market open
+    latest_closed_ttl: float = 30.0
+    snapshot_open_ttl: float = 2.0
+    snapshot_closed_ttl: float = 30.0
+    reference_ttl: float = 86400.0  # assets, corporate actions
+
+    def __post_init__(self) -> None:
+        if self.memory_max_bytes <= 0:
+            raise ValueError(f"cache.memory_max_bytes must be > 0, got {self.memory_max_bytes}")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("cache.redis_url must start with redis://, rediss:// or unix://")
+        if not self.redis_prefix:
+            raise ValueError("cache.redis_prefix must not be empty (it scopes SCAN-based invalidation)")
+        for name in ("redis_connect_timeout", "redis_socket_timeout", "redis_backoff_initial"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"cache.{name} must be a finite number > 0, got {value}")
+        if not self.redis_backoff_max >= self.redis_backoff_initial:
+            raise ValueError(
+                f"cache.redis_backoff_max ({self.redis_backoff_max}) must be >= "
+                f"cache.redis_backoff_initial ({self.redis_backoff_initial})"
+            )
+        for name in (
+            "stale_for",
+            "history_ttl",
+            "bars_open_ttl",
+            "bars_closed_ttl",
+            "latest_open_ttl",
+            "latest_closed_ttl",
+            "snapshot_open_ttl",
+            "snapshot_closed_ttl",
+            "reference_ttl",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"cache.{name} must be a finite number >= 0, got {value}")
+
+    def ttl_for(self, kind: str, *, market_open: bool, range_closed: bool) -> float:
+        """Freshness in seconds for ``kind``; ``range_closed`` matters only for range kinds (bars, …)."""
+        if kind in RANGE_KINDS:
+            if range_closed:
+                return self.history_ttl
+            return self.bars_open_ttl if market_open else self.bars_closed_ttl
+        if kind in LATEST_KINDS:
+            return self.latest_open_ttl if market_open else self.latest_closed_ttl
+        if kind in SNAPSHOT_KINDS:
+            return self.snapshot_open_ttl if market_open else self.snapshot_closed_ttl
+        if kind in REFERENCE_KINDS:
+            return self.reference_ttl
+        raise ValueError(f"no cache TTL policy for kind {kind!r}; known kinds: {', '.join(sorted(KNOWN_KINDS))}")
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``marketpipe serve``. Secrets (admin token, client keys) come from the environment only."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    client_rate_limit_per_min: int = 600  # per gateway client key (MARKETPIPE_API_KEYS)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError("server.port must be 1..65535")
+        if self.workers < 1 or self.client_rate_limit_per_min < 1:
+            raise ValueError("server.workers and server.client_rate_limit_per_min must be >= 1")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     calendar: str = "XNYS"
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
@@ -146,6 +237,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     update: UpdateConfig = msgspec.field(default_factory=UpdateConfig)
     jobs: list[JobConfig] = msgspec.field(default_factory=list)
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     providers: dict[str, ProviderConfig] = msgspec.field(
         default_factory=lambda: {n: msgspec.convert(d, ProviderConfig) for n, d in DEFAULT_PROVIDERS.items()}
     )

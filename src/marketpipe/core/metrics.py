@@ -103,3 +103,47 @@ SCHEDULED_RUNS = Counter(
     ["job", "status"],
     registry=REGISTRY,
 )
+
+# --- cache tiers (marketpipe.cache) --------------------------------------------------------------
+CACHE_REQUESTS = Counter(
+    "marketpipe_cache_requests_total",
+    "Cache lookups per tier and kind, by result: hit (fresh), stale (only an expired copy held), miss",
+    ["tier", "kind", "result"],
+    registry=REGISTRY,
+)
+CACHE_BYTES = Gauge(
+    "marketpipe_cache_bytes",
+    "Bytes held by a cache tier (keys + values)",
+    ["tier"],
+    registry=REGISTRY,
+)
+CACHE_ENTRIES = Gauge(
+    "marketpipe_cache_entries",
+    "Entries held by a cache tier (fresh and stale)",
+    ["tier"],
+    registry=REGISTRY,
+)
+CACHE_ERRORS = Counter(
+    "marketpipe_cache_errors_total",
+    "Cache tier operations that failed; the caller carried on without that tier",
+    ["tier"],
+    registry=REGISTRY,
+)
+CACHE_EVICTIONS = Counter(
+    "marketpipe_cache_evictions_total",
+    "Entries dropped by a cache tier, by reason: lru (byte budget), expired (stale window over), oversize",
+    ["tier", "reason"],
+    registry=REGISTRY,
+)
+CACHE_LOADS = Counter(
+    "marketpipe_cache_loads_total",
+    "Loader calls made on a cache miss (one per burst of identical concurrent misses), by outcome",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
+CACHE_TIER_UP = Gauge(
+    "marketpipe_cache_tier_up",
+    "1 while a cache tier is in use, 0 while it is skipped after an error (backing off)",
+    ["tier"],
+    registry=REGISTRY,
+)
