@@ -367,7 +367,7 @@ async def run_backfill(
         )
     else:
         units, done = plan(
-            store, cal, symbols, timeframe, start, end, provider=None, feed=None, page_limit=page_limit, refresh=refresh
+            store, cal, symbols, timeframe, start, end, provider=None, feed=feed, page_limit=page_limit, refresh=refresh
         )
 
     stats = BackfillStats()

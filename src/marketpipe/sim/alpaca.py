@@ -156,7 +156,7 @@ def parse_limit(query: Any) -> int:
     raw = query.get("limit", "")
     if raw == "":
         return 1000
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         raise BadRequest("invalid limit")
     return int(raw)
 

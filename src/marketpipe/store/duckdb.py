@@ -337,9 +337,17 @@ class DuckDBStore:
         *,
         source: str | None = None,
         feed: str | None = None,
+        sources: list[str] | None = None,
+        limit: int | None = None,
+        after: tuple[str, datetime] | None = None,
+        desc: bool = False,
     ) -> pl.DataFrame:
         """Bars in ``[start, end)``, ordered by symbol then time. Without ``source``/``feed`` one row per
-        timestamp is returned, preferring SIP over other feeds and real sources over the simulator."""
+        timestamp is returned, preferring SIP over other feeds and real sources over the simulator.
+
+        Paging (the gateway): at most ``limit`` rows that come after ``after`` = (symbol, ts) in
+        (symbol, time) order — time descending within each symbol with ``desc``; ``sources``
+        restricts to those source labels."""
         where = ["timeframe = $tf", "ts >= $start", "ts < $end"]
         params: dict[str, object] = {"tf": timeframe, "start": _n(start), "end": _n(end)}
         if len(symbols) == 1:
@@ -354,6 +362,9 @@ class DuckDBStore:
         if feed is not None:
             where.append("feed = $feed")
             params["feed"] = feed
+        if sources is not None:
+            where.append("list_contains($sources, source)")
+            params["sources"] = list(sources)
         cols = ", ".join(BAR_COLUMNS)
         sql = f"SELECT {cols} FROM bars WHERE {' AND '.join(where)}"
         if (source is None or feed is None) and (len(symbols) != 1 or self._variant_count(symbols[0], timeframe) > 1):
@@ -362,6 +373,20 @@ class DuckDBStore:
                 f"(PARTITION BY symbol, ts ORDER BY {_FEED_PREFERENCE}, starts_with(source, 'sim'), "
                 "fetched_at DESC) = 1"
             )
+        if limit is not None or after is not None or desc:
+            outer = []
+            if after is not None:
+                cmp = "<" if desc else ">"
+                outer.append(f"(symbol > $asym OR (symbol = $asym AND ts {cmp} $ats))")
+                params["asym"], params["ats"] = after[0], _n(after[1])
+            sql = f"SELECT * FROM ({sql})" + (f" WHERE {' AND '.join(outer)}" if outer else "")
+            sql += f" ORDER BY symbol, ts {'DESC' if desc else 'ASC'}"
+            if limit is not None:
+                sql += " LIMIT $limit"
+                params["limit"] = int(limit)
+            with self._lock:
+                table = self._arrow(sql, params)
+            return pl.from_arrow(table.cast(_BAR_ARROW))  # type: ignore[return-value]
         # No ORDER BY: rows come back in insertion order, which is already (symbol, ts) order for
         # each page; checking that in polars and sorting only when needed saves a third of a small read.
         with self._lock:

@@ -1,0 +1,723 @@
+"""Alpaca Market Data v2 (stocks) on the gateway, so ``alpaca-py`` and other Alpaca clients work
+unchanged with ``url_override`` pointed here — now with caching, checks, failover and attribution.
+
+Paths, parameters, JSON keys and key order, timestamps and error bodies are the vendor's
+(shared/reference/market-data-apis.md §1), with the simulator's documented choices where the
+reference leaves one open:
+
+* ``YYYY-MM-DD`` as ``start``/``end`` is 00:00 UTC that date; for 1Day and longer bars a date-only
+  ``end`` includes the bar stamped on that date (New York midnight). ``start`` and ``end`` are both
+  inclusive. Default ``start`` is 00:00 New York today, default ``end`` now.
+* Unknown-but-valid symbols give empty shapes with 200; latest and snapshot answers leave them out
+  of multi answers and carry ``null`` in single ones.
+* Bars come from the store (missing ranges fetched first through the provider router); their
+  ``next_page_token`` is the gateway's own. Historical trades and quotes are passed through page
+  by page, with the upstream vendor's token.
+
+What marketpipe does not do is refused rather than faked: only ``adjustment=raw`` and
+``currency=USD`` are served. Every success carries ``X-Marketpipe-Source``,
+``X-Marketpipe-Fetched-At`` and ``X-Marketpipe-Data-Age``; a stale answer is flagged by the
+``X-Marketpipe-Stale`` header only — never by a key in the body, which a vendor client would read
+as a symbol. Bodies are sent as ``application/json; charset=utf-8``, as the vendor sends them."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated, Any, Literal, cast
+
+import orjson
+import polars as pl
+from fastapi import APIRouter, Path, Query, Request
+from starlette.responses import Response
+
+from marketpipe.api.app import AppState, Loaded, StateDep, answer
+from marketpipe.cache import make_key, ttl_for
+from marketpipe.core.errors import InvalidArgument, InvalidSymbol, InvalidTimeframe, ProviderBadRequest
+from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbol
+from marketpipe.core.timeframe import Timeframe
+from marketpipe.core.timeutil import NY, utcnow
+from marketpipe.service.gateway import BarsPage, Meta, decode_token
+
+JSON = "application/json; charset=utf-8"
+MAX_LIMIT = 10_000
+DEFAULT_LIMIT = 1000
+HISTORICAL_FEEDS = ("sip", "iex", "otc", "boats")
+LATEST_FEEDS = ("sip", "iex", "delayed_sip", "otc", "boats", "overnight")
+ADJUSTMENTS = frozenset({"raw", "split", "dividend", "spin-off", "all"})
+# Alpaca's SIP quote sizes were round lots until this instant (New York midnight) and shares since;
+# canonical quotes are in shares, the wire format is the vendor's.
+QUOTE_SHARES_FROM = datetime(2025, 11, 3, 5, tzinfo=UTC)
+ROUND_LOT = 100
+ONE_US = timedelta(microseconds=1)
+
+_TIME = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+\- ]\d{2}:?\d{2}))?$",
+    re.ASCII,
+)  # a space before the offset is a "+" that arrived unencoded in a query string
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$", re.ASCII)
+_DIGITS = re.compile(r"^\d{1,6}$", re.ASCII)
+
+Q = Annotated[str | None, Query()]
+Sym = Annotated[str, Path(description="e.g. AAPL, BRK.B")]
+Symbols = Annotated[str | None, Query(description="comma-separated, e.g. AAPL,MSFT (required)")]
+TF = Annotated[str | None, Query(description="1Min, 5T, 1Hour, 4H, 1Day, 1Week, 1Month, … (required)")]
+Start = Annotated[str | None, Query(description="RFC-3339 or YYYY-MM-DD, inclusive")]
+End = Annotated[str | None, Query(description="RFC-3339 or YYYY-MM-DD, inclusive")]
+Limit = Annotated[str | None, Query(description="1..10000 data points per page across symbols (default 1000)")]
+Adj = Annotated[str | None, Query(description="raw only: marketpipe does not adjust bars")]
+Cur = Annotated[str | None, Query(description="USD only")]
+
+
+# --- parameters -----------------------------------------------------------------------------------
+
+
+def parse_wire_time(text: str, name: str) -> tuple[datetime, bool]:
+    """RFC-3339 (up to 9 fractional digits, ``Z`` or an offset) or ``YYYY-MM-DD`` (00:00 UTC) ->
+    (UTC datetime floored to the microsecond, date_only); 400 ``invalid start``/``invalid end``."""
+    m = _TIME.match(text.strip())
+    if not m:
+        raise InvalidArgument(f"invalid {name}", details={"parameter": name})
+    y, mo, d, hh, mi, ss = (int(g or 0) for g in m.groups()[:6])
+    frac, off = m.group(7), m.group(8)
+    try:
+        ts = datetime(y, mo, d, hh, mi, ss, int((frac or "0").ljust(6, "0")[:6]), tzinfo=UTC)
+        if off and off not in "Zz":
+            digits = off[1:].replace(":", "")
+            shift = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+            ts = ts - shift if off[0] != "-" else ts + shift
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"invalid {name}", details={"parameter": name}) from exc
+    return ts, m.group(4) is None
+
+
+def _symbol(raw: str) -> str:
+    try:
+        return normalize_symbol(raw)
+    except InvalidSymbol as exc:
+        raise InvalidSymbol(f"invalid symbol: {raw}", details={"symbol": raw}) from exc
+
+
+def _symbols(raw: str | None) -> list[str]:
+    items = [s.strip() for s in (raw or "").split(",") if s.strip()]
+    if not items:
+        raise InvalidArgument("missing symbols", details={"parameter": "symbols"})
+    return list(dict.fromkeys(_symbol(s) for s in items))
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_LIMIT
+    if not _DIGITS.match(raw) or not 1 <= int(raw) <= MAX_LIMIT:
+        raise InvalidArgument("invalid limit", details={"parameter": "limit"})
+    return int(raw)
+
+
+def _sort(raw: str | None) -> str:
+    sort = raw or "asc"
+    if sort not in ("asc", "desc"):
+        raise InvalidArgument("invalid sort", details={"parameter": "sort"})
+    return sort
+
+
+def _feed(raw: str | None, allowed: tuple[str, ...]) -> str | None:
+    if raw is None or raw == "":
+        return None
+    if raw not in allowed:
+        raise InvalidArgument("invalid feed", details={"parameter": "feed"})
+    return raw
+
+
+def _asof(raw: str | None) -> str:
+    if raw is None or raw in ("", "-"):
+        return raw or ""
+    try:
+        if not _DATE.match(raw):
+            raise ValueError(raw)
+        date.fromisoformat(raw)
+    except ValueError as exc:
+        raise InvalidArgument("invalid asof", details={"parameter": "asof"}) from exc
+    return raw
+
+
+def _currency(raw: str | None) -> bool:
+    """True when the answer should carry ``"currency": "USD"``."""
+    if raw is None or raw == "":
+        return False
+    if raw.upper() != "USD":
+        raise InvalidArgument(
+            f"unsupported currency: {raw}; marketpipe serves prices in USD only, as the vendor sent them",
+            details={"parameter": "currency"},
+        )
+    return True
+
+
+def _adjustment(raw: str | None) -> None:
+    parts = [p.strip() for p in (raw or "raw").split(",")]
+    if any(p not in ADJUSTMENTS for p in parts):
+        raise InvalidArgument("invalid adjustment", details={"parameter": "adjustment"})
+    if any(p != "raw" for p in parts):
+        raise InvalidArgument(
+            f"adjustment={raw} is not served: marketpipe serves raw bars as the vendor sent them and does not "
+            "adjust them for corporate actions; use adjustment=raw",
+            details={"parameter": "adjustment"},
+        )
+
+
+def _timeframe(raw: str | None) -> Timeframe:
+    try:
+        return Timeframe.parse(raw or "")
+    except InvalidTimeframe as exc:
+        raise InvalidTimeframe("invalid timeframe", details={"parameter": "timeframe"}) from exc
+
+
+def _range(start: str | None, end: str | None, tf: Timeframe | None) -> tuple[datetime, datetime]:
+    """The vendor's inclusive ``[start, end]`` as the gateway's half-open ``[start, end)``."""
+    now = utcnow()
+    if start:
+        s, _ = parse_wire_time(start, "start")
+    else:
+        s = datetime.combine(now.astimezone(NY).date(), time(0), NY).astimezone(UTC)
+    if end:
+        e, date_only = parse_wire_time(end, "end")
+        if date_only and tf is not None and not tf.is_intraday:
+            e = datetime.combine(e.date(), time(0), NY).astimezone(UTC)
+    else:
+        e = now
+    if e < s:
+        raise InvalidArgument("end should not be before start", details={"parameter": "end"})
+    return s, e + ONE_US
+
+
+@dataclass(frozen=True)
+class Historical:
+    """The validated parameters of one historical request (bars, trades or quotes)."""
+
+    symbols: list[str]
+    single: str | None
+    start: datetime
+    end: datetime  # exclusive
+    feed: str | None
+    limit: int
+    sort: str
+    page_token: str | None
+    currency: bool
+    key_parts: tuple[str, ...]
+
+
+def _historical(
+    kind: str,
+    single: str | None,
+    symbols: str | None,
+    timeframe: str | None,
+    start: str | None,
+    end: str | None,
+    limit: str | None,
+    page_token: str | None,
+    sort: str | None,
+    adjustment: str | None,
+    feed: str | None,
+    asof: str | None,
+    currency: str | None,
+) -> tuple[Historical, Timeframe | None]:
+    """Validation in the vendor's order, with the vendor's messages."""
+    # the vendor orders a multi-symbol page by symbol, then time
+    syms = [_symbol(single)] if single is not None else sorted(_symbols(symbols))
+    tf = None
+    if kind == "bars":
+        tf = _timeframe(timeframe)
+        _adjustment(adjustment)
+    fd = _feed(feed, HISTORICAL_FEEDS)
+    lim = _limit(limit)
+    srt = _sort(sort)
+    asof_text = _asof(asof)
+    cur = _currency(currency)
+    s, e = _range(start, end, tf)
+    token = page_token or None
+    if token is not None and kind == "bars":
+        try:
+            decode_token(token, syms)
+        except InvalidArgument as exc:
+            raise InvalidArgument("invalid page token", details={"parameter": "page_token"}) from exc
+    parts = (
+        ",".join(syms),
+        str(tf) if tf else "",
+        start or "",
+        end or "",
+        s.isoformat(),  # the default start is today's: it moves at midnight
+        e.isoformat() if end else "",
+        fd or "",
+        str(lim),
+        srt,
+        token or "",
+        adjustment or "",
+        asof_text,
+        "USD" if cur else "",
+    )
+    return Historical(syms, syms[0] if single is not None else None, s, e, fd, lim, srt, token, cur, parts), tf
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+
+def _ts_text(ts: datetime) -> str:
+    """RFC-3339 with the fraction's trailing zeros trimmed (Go's RFC3339Nano, as the vendor sends)."""
+    text = ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".")
+    return text + "Z"
+
+
+def _bar_ts_text(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _nano_text(col: str) -> pl.Expr:
+    return pl.col(col).dt.strftime("%Y-%m-%dT%H:%M:%S%.9f").str.strip_chars_end("0").str.strip_chars_end(".") + "Z"
+
+
+def _lots(col: str) -> pl.Expr:
+    before = pl.col("ts") < pl.lit(QUOTE_SHARES_FROM)
+    return pl.when(before).then(pl.col(col) // ROUND_LOT).otherwise(pl.col(col))
+
+
+def _wire_rows(kind: str, frame: pl.DataFrame) -> pl.DataFrame:
+    """Canonical columns to the vendor's keys, in the vendor's order (symbol kept first for grouping)."""
+    if kind == "bars":
+        return frame.select(
+            "symbol",
+            pl.col("ts").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("t"),
+            pl.col("open").alias("o"),
+            pl.col("high").alias("h"),
+            pl.col("low").alias("l"),
+            pl.col("close").alias("c"),
+            pl.col("volume").alias("v"),
+            pl.col("trade_count").alias("n"),
+            pl.col("vwap").alias("vw"),
+        )
+    if kind == "trades":
+        cols = [
+            "symbol",
+            _nano_text("ts").alias("t"),
+            pl.col("exchange").alias("x"),
+            pl.col("price").alias("p"),
+            pl.col("size").alias("s"),
+            pl.col("conditions").alias("c"),
+            pl.col("trade_id").alias("i"),
+            pl.col("tape").alias("z"),
+        ]
+        if "update" in frame.columns and frame["update"].null_count() < frame.height:
+            cols.append(pl.col("update").alias("u"))
+        return frame.select(cols)
+    return frame.select(
+        "symbol",
+        _nano_text("ts").alias("t"),
+        pl.col("ask_exchange").alias("ax"),
+        pl.col("ask_price").alias("ap"),
+        _lots("ask_size").alias("as"),
+        pl.col("bid_exchange").alias("bx"),
+        pl.col("bid_price").alias("bp"),
+        _lots("bid_size").alias("bs"),
+        pl.col("conditions").alias("c"),
+        pl.col("tape").alias("z"),
+    )
+
+
+def _array(rows: pl.DataFrame) -> bytes:
+    if "u" in rows.columns:  # amended trades only carry "u": leave it out of the others
+        return orjson.dumps(
+            [{k: v for k, v in r.items() if k != "u" or v is not None} for r in rows.iter_rows(named=True)]
+        )
+    buf = io.BytesIO()
+    rows.write_json(buf)
+    return buf.getvalue()
+
+
+def page_json(kind: str, frame: pl.DataFrame, single: str | None, next_token: str | None, currency: bool) -> bytes:
+    """A historical page: ``{kind: {SYM: [...]}, "next_page_token"}`` or, for one symbol,
+    ``{kind: [...] | null, "symbol", "next_page_token"}``; ``"currency"`` last when asked for."""
+    rows = _wire_rows(kind, frame) if frame.height else None
+    doc: dict[str, Any]
+    if single is not None:
+        body = orjson.Fragment(_array(rows.drop("symbol"))) if rows is not None else None
+        doc = {kind: body, "symbol": single, "next_page_token": next_token}
+    else:
+        parts: dict[str, Any] = {}
+        if rows is not None:
+            for (sym,), part in rows.partition_by("symbol", as_dict=True, maintain_order=True).items():
+                parts[str(sym)] = orjson.Fragment(_array(part.drop("symbol")))
+        doc = {kind: parts, "next_page_token": next_token}
+    if currency:
+        doc["currency"] = "USD"
+    return orjson.dumps(doc)
+
+
+def trade_obj(t: Trade) -> dict[str, Any]:
+    return {
+        "t": _ts_text(t.ts),
+        "x": t.exchange,
+        "p": t.price,
+        "s": t.size,
+        "c": list(t.conditions),
+        "i": t.trade_id,
+        "z": t.tape,
+    }
+
+
+def quote_obj(q: Quote) -> dict[str, Any]:
+    lot = ROUND_LOT if q.ts < QUOTE_SHARES_FROM else 1
+    return {
+        "t": _ts_text(q.ts),
+        "ax": q.ask_exchange,
+        "ap": q.ask_price,
+        "as": q.ask_size // lot,
+        "bx": q.bid_exchange,
+        "bp": q.bid_price,
+        "bs": q.bid_size // lot,
+        "c": list(q.conditions),
+        "z": q.tape,
+    }
+
+
+def bar_obj(b: Bar) -> dict[str, Any]:
+    return {
+        "t": _bar_ts_text(b.ts),
+        "o": b.open,
+        "h": b.high,
+        "l": b.low,
+        "c": b.close,
+        "v": b.volume,
+        "n": b.trade_count,
+        "vw": b.vwap,
+    }
+
+
+def snapshot_obj(s: Snapshot) -> dict[str, Any]:
+    """The five members, each left out when there is none (as the vendor does)."""
+    members: dict[str, Any] = {}
+    if s.latest_trade is not None:
+        members["latestTrade"] = trade_obj(s.latest_trade)
+    if s.latest_quote is not None:
+        members["latestQuote"] = quote_obj(s.latest_quote)
+    if s.minute_bar is not None:
+        members["minuteBar"] = bar_obj(s.minute_bar)
+    if s.daily_bar is not None:
+        members["dailyBar"] = bar_obj(s.daily_bar)
+    if s.prev_daily_bar is not None:
+        members["prevDailyBar"] = bar_obj(s.prev_daily_bar)
+    return members
+
+
+# --- attribution ----------------------------------------------------------------------------------
+
+
+def attribution(
+    sources: Iterable[str | None], fetched: Iterable[datetime | None], newest: Iterable[datetime | None], now: datetime
+) -> dict[str, str]:
+    """X-Marketpipe-* headers: every source, the latest fetch time, the age of the oldest newest point."""
+    srcs = sorted({s for s in sources if s})
+    last = max((f for f in fetched if f is not None), default=None)
+    ages = [max(0.0, (now - n).total_seconds()) for n in newest if n is not None]
+    return {
+        "X-Marketpipe-Source": ",".join(srcs),
+        "X-Marketpipe-Fetched-At": last.isoformat() if last else "",
+        "X-Marketpipe-Data-Age": f"{max(ages):.3f}" if ages else "",
+    }
+
+
+def _bars_headers(page: BarsPage, now: datetime) -> dict[str, str]:
+    ms: list[Meta] = list(page.meta.values())
+    ages = [a for a in (m.data_age(now) for m in ms) if a is not None]
+    scores = [m.quality_score for m in ms if m.quality_score is not None]
+    fetched = max((m.fetched_at for m in ms if m.fetched_at), default=None)
+    headers = {
+        "X-Marketpipe-Source": ",".join(sorted({s for m in ms for s in m.sources})),
+        "X-Marketpipe-Fetched-At": fetched.isoformat() if fetched else "",
+        "X-Marketpipe-Data-Age": f"{max(ages):.3f}" if ages else "",
+        "X-Marketpipe-Quality-Score": f"{min(scores):.4f}" if scores else "",
+    }
+    if any(m.stale for m in ms):
+        headers["X-Marketpipe-Stale"] = "true"
+    return headers
+
+
+def _frame_headers(frame: pl.DataFrame, provider: str, now: datetime) -> dict[str, str]:
+    if not frame.height:
+        return attribution([provider], [], [], now)
+    sources = frame["source"].unique().to_list() if "source" in frame.columns else [provider]
+    fetched = [cast(datetime, frame["fetched_at"].max())] if "fetched_at" in frame.columns else []
+    return attribution(sources, fetched, [cast(datetime, frame["ts"].max())], now)
+
+
+def _record_headers(records: Iterable[Trade | Quote | Bar | Snapshot], now: datetime) -> dict[str, str]:
+    recs = list(records)
+    newest: list[datetime | None] = []
+    for r in recs:
+        if isinstance(r, Snapshot):
+            newest.append(max([x.ts for x in (r.latest_trade, r.latest_quote) if x is not None], default=None))
+        elif isinstance(r, Bar):
+            newest.append(r.ts + timedelta(minutes=1))  # the latest bar is a minute bar: its end
+        else:
+            newest.append(r.ts)
+    return attribution([r.source for r in recs], [r.fetched_at for r in recs], newest, now)
+
+
+def _ttl(st: AppState, kind: str, now: datetime, range_closed: bool) -> float:
+    return ttl_for(kind, market_open=st.gateway.is_market_hours(now), range_closed=range_closed, config=st.config.cache)
+
+
+# --- the routes ------------------------------------------------------------------------------------
+
+
+def router() -> APIRouter:
+    r = APIRouter(prefix="/v2/stocks", tags=["alpaca-compatible"])
+
+    async def bars(
+        request: Request,
+        st: AppState,
+        single: str | None,
+        symbols: str | None,
+        timeframe: str | None,
+        start: str | None,
+        end: str | None,
+        limit: str | None,
+        page_token: str | None,
+        sort: str | None,
+        adjustment: str | None,
+        feed: str | None,
+        asof: str | None,
+        currency: str | None,
+    ) -> Response:
+        h, tf = _historical(
+            "bars", single, symbols, timeframe, start, end, limit, page_token, sort, adjustment, feed, asof, currency
+        )
+        assert tf is not None
+        key = make_key("bars", h.single or "_multi", *h.key_parts)
+
+        async def load() -> Loaded:
+            # the vendor's default feed is sip: say so, or bars of another feed held for the range could answer
+            page = await st.gateway.bars(
+                h.symbols, tf, h.start, h.end, feed=h.feed or "sip", limit=h.limit, page_token=h.page_token, sort=h.sort
+            )
+            now = utcnow()
+            body = page_json("bars", page.frame, h.single, page.next_page_token, h.currency)
+            closed = h.end <= st.gateway.last_close(now)
+            return body, JSON, _bars_headers(page, now), _ttl(st, "bars", now, closed)
+
+        return await answer(request, st, key, "bars", load)
+
+    async def ticks(
+        request: Request,
+        st: AppState,
+        kind: Literal["trades", "quotes"],
+        single: str | None,
+        symbols: str | None,
+        start: str | None,
+        end: str | None,
+        limit: str | None,
+        page_token: str | None,
+        sort: str | None,
+        feed: str | None,
+        asof: str | None,
+        currency: str | None,
+    ) -> Response:
+        h, _ = _historical(kind, single, symbols, None, start, end, limit, page_token, sort, None, feed, asof, currency)
+        key = make_key(kind, h.single or "_multi", *h.key_parts)
+
+        async def load() -> Loaded:
+            try:
+                frame, nxt, provider = await st.gateway.ticks(
+                    kind, h.symbols, h.start, h.end, feed=h.feed, limit=h.limit, page_token=h.page_token, sort=h.sort
+                )
+            except ProviderBadRequest as exc:
+                # the upstream vendor's page token is passed through, so is its verdict on it, verbatim
+                message = str(exc.details.get("vendor_message") or exc.message)
+                raise InvalidArgument(message, details={"upstream": exc.provider}) from exc
+            now = utcnow()
+            body = page_json(kind, frame, h.single, nxt, h.currency)
+            closed = h.end <= st.gateway.last_close(now)
+            return body, JSON, _frame_headers(frame, provider, now), _ttl(st, kind, now, closed)
+
+        return await answer(request, st, key, kind, load)
+
+    async def latest(
+        request: Request,
+        st: AppState,
+        kind: Literal["trade", "quote", "bar"],
+        single: str | None,
+        symbols: str | None,
+        feed: str | None,
+        currency: str | None,
+    ) -> Response:
+        syms = [_symbol(single)] if single is not None else _symbols(symbols)
+        fd = _feed(feed, LATEST_FEEDS)
+        cur = _currency(currency)
+        cache_kind = f"latest_{kind}"
+        key = make_key(
+            cache_kind, syms[0] if single is not None else "_multi", ",".join(syms), fd or "", "USD" if cur else ""
+        )
+        encoders: dict[str, Callable[[Any], dict[str, Any]]] = {"trade": trade_obj, "quote": quote_obj, "bar": bar_obj}
+        encode = encoders[kind]
+
+        async def load() -> Loaded:
+            got = await st.gateway.latest(kind, syms, feed=fd)
+            now = utcnow()
+            found = {s: got[s] for s in syms if got.get(s) is not None}
+            doc: dict[str, Any]
+            if single is not None:
+                rec = found.get(syms[0])
+                doc = {"symbol": syms[0], kind: encode(rec) if rec is not None else None}
+            else:
+                doc = {f"{kind}s": {s: encode(v) for s, v in found.items()}}
+            if cur:
+                doc["currency"] = "USD"
+            return orjson.dumps(doc), JSON, _record_headers(found.values(), now), _ttl(st, cache_kind, now, False)
+
+        return await answer(request, st, key, cache_kind, load)
+
+    async def snapshots(
+        request: Request, st: AppState, single: str | None, symbols: str | None, feed: str | None, currency: str | None
+    ) -> Response:
+        syms = [_symbol(single)] if single is not None else _symbols(symbols)
+        fd = _feed(feed, LATEST_FEEDS)
+        cur = _currency(currency)
+        key = make_key(
+            "snapshot", syms[0] if single is not None else "_multi", ",".join(syms), fd or "", "USD" if cur else ""
+        )
+
+        async def load() -> Loaded:
+            got = await st.gateway.snapshots(syms, feed=fd)
+            now = utcnow()
+            found = {s: got[s] for s in syms if got.get(s) is not None}
+            doc: dict[str, Any]
+            if single is not None:
+                snap = found.get(syms[0])
+                doc = {"symbol": syms[0], **(snapshot_obj(snap) if snap is not None else {})}
+                if cur:
+                    doc["currency"] = "USD"
+            else:
+                # no wrapper key, and no "currency" key either: it would read as a symbol
+                doc = {s: snapshot_obj(v) for s, v in found.items()}
+            return orjson.dumps(doc), JSON, _record_headers(found.values(), now), _ttl(st, "snapshot", now, False)
+
+        return await answer(request, st, key, "snapshot", load)
+
+    # --- historical bars ---------------------------------------------------------------------------
+
+    @r.get("/bars", summary="Historical bars, several symbols (paged across symbols, symbol then time)")
+    async def bars_multi(
+        request: Request,
+        st: StateDep,
+        symbols: Symbols = None,
+        timeframe: TF = None,
+        start: Start = None,
+        end: End = None,
+        limit: Limit = None,
+        page_token: Q = None,
+        sort: Q = None,
+        adjustment: Adj = None,
+        feed: Q = None,
+        asof: Q = None,
+        currency: Cur = None,
+    ) -> Response:
+        return await bars(
+            request, st, None, symbols, timeframe, start, end, limit, page_token, sort, adjustment, feed, asof, currency
+        )
+
+    @r.get("/{symbol}/bars", summary="Historical bars, one symbol")
+    async def bars_single(
+        request: Request,
+        st: StateDep,
+        symbol: Sym,
+        timeframe: TF = None,
+        start: Start = None,
+        end: End = None,
+        limit: Limit = None,
+        page_token: Q = None,
+        sort: Q = None,
+        adjustment: Adj = None,
+        feed: Q = None,
+        asof: Q = None,
+        currency: Cur = None,
+    ) -> Response:
+        return await bars(
+            request, st, symbol, None, timeframe, start, end, limit, page_token, sort, adjustment, feed, asof, currency
+        )
+
+    # --- historical trades and quotes ----------------------------------------------------------------
+
+    def tick_routes(kind: Literal["trades", "quotes"]) -> None:
+        async def multi(
+            request: Request,
+            st: StateDep,
+            symbols: Symbols = None,
+            start: Start = None,
+            end: End = None,
+            limit: Limit = None,
+            page_token: Q = None,
+            sort: Q = None,
+            feed: Q = None,
+            asof: Q = None,
+            currency: Cur = None,
+        ) -> Response:
+            return await ticks(
+                request, st, kind, None, symbols, start, end, limit, page_token, sort, feed, asof, currency
+            )
+
+        async def one(
+            request: Request,
+            st: StateDep,
+            symbol: Sym,
+            start: Start = None,
+            end: End = None,
+            limit: Limit = None,
+            page_token: Q = None,
+            sort: Q = None,
+            feed: Q = None,
+            asof: Q = None,
+            currency: Cur = None,
+        ) -> Response:
+            return await ticks(
+                request, st, kind, symbol, None, start, end, limit, page_token, sort, feed, asof, currency
+            )
+
+        r.add_api_route(f"/{kind}", multi, methods=["GET"], summary=f"Historical {kind}, several symbols")
+        r.add_api_route(f"/{{symbol}}/{kind}", one, methods=["GET"], summary=f"Historical {kind}, one symbol")
+
+    # --- latest ------------------------------------------------------------------------------------------
+
+    def latest_routes(kind: Literal["trade", "quote", "bar"]) -> None:
+        what = "minute bar" if kind == "bar" else kind
+
+        async def multi(
+            request: Request, st: StateDep, symbols: Symbols = None, feed: Q = None, currency: Cur = None
+        ) -> Response:
+            return await latest(request, st, kind, None, symbols, feed, currency)
+
+        async def one(request: Request, st: StateDep, symbol: Sym, feed: Q = None, currency: Cur = None) -> Response:
+            return await latest(request, st, kind, symbol, None, feed, currency)
+
+        r.add_api_route(f"/{kind}s/latest", multi, methods=["GET"], summary=f"Latest {what}, several symbols")
+        r.add_api_route(f"/{{symbol}}/{kind}s/latest", one, methods=["GET"], summary=f"Latest {what}, one symbol")
+
+    for k in ("trade", "quote", "bar"):
+        latest_routes(k)  # type: ignore[arg-type]
+    for t in ("trades", "quotes"):
+        tick_routes(t)  # type: ignore[arg-type]
+
+    # --- snapshots -------------------------------------------------------------------------------------
+
+    @r.get("/snapshots", summary="Snapshots, several symbols (symbol -> snapshot, no wrapper key)")
+    async def snapshots_multi(
+        request: Request, st: StateDep, symbols: Symbols = None, feed: Q = None, currency: Cur = None
+    ) -> Response:
+        return await snapshots(request, st, None, symbols, feed, currency)
+
+    @r.get("/{symbol}/snapshot", summary="Snapshot, one symbol (the five members inline with symbol)")
+    async def snapshot_single(
+        request: Request, st: StateDep, symbol: Sym, feed: Q = None, currency: Cur = None
+    ) -> Response:
+        return await snapshots(request, st, symbol, None, feed, currency)
+
+    return r

@@ -1,0 +1,120 @@
+"""Structured errors: every failure is ``{"error": {"code", "message", "details", "request_id"}}``
+with the stable codes of :mod:`marketpipe.core.errors` (the Alpaca-compatible routes answer in the
+vendor's own error shape instead: see :mod:`marketpipe.api.alpaca`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from marketpipe.core.errors import MarketpipeError
+from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import ERRORS
+
+log = get_logger("marketpipe.api")
+ALPACA_PREFIX = "/v2/"
+UPSTREAM_DOWN = frozenset(
+    {
+        "ALL_PROVIDERS_FAILED",
+        "PROVIDER_UNAVAILABLE",
+        "CIRCUIT_OPEN",
+        "PROVIDER_TIMEOUT",
+        "RATE_LIMITED",
+        "STALE_DATA",
+        "AUTH_FAILED",  # the gateway's own vendor credentials: the caller can do nothing about it
+        "MALFORMED_RESPONSE",
+    }
+)
+
+_HTTP_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    429: "RATE_LIMITED",
+}
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id") or getattr(request.state, "request_id", ""))
+
+
+def error_response(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    ERRORS.labels(code).inc()
+    if request.url.path.startswith(ALPACA_PREFIX):
+        body: dict[str, Any] = {"message": message}  # the vendor's own error shape
+        if status in (400, 422):
+            body["code"] = 42210000
+    else:
+        body = {
+            "error": {"code": code, "message": message, "details": details or {}, "request_id": request_id(request)}
+        }
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+async def marketpipe_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, MarketpipeError)
+    headers = {}
+    status = exc.http_status
+    if status >= 500 and exc.code in (
+        "ALL_PROVIDERS_FAILED",
+        "PROVIDER_UNAVAILABLE",
+        "CIRCUIT_OPEN",
+        "PROVIDER_TIMEOUT",
+        "RATE_LIMITED",
+        "STALE_DATA",
+    ):
+        status = 503
+    if status in (429, 503):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after or 5)))
+    if status >= 500:
+        log.warning("request_failed", path=request.url.path, code=exc.code, error=exc.message)
+    return error_response(request, status, exc.code, exc.message, exc.details, headers)
+
+
+async def validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body", "header")]
+    param = ".".join(loc) or "request"
+    message = f"invalid {param}: {first.get('msg', 'invalid value')}"
+    return error_response(request, 400, "INVALID_ARGUMENT", message, {"parameter": param})
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
+    return error_response(
+        request,
+        exc.status_code,
+        code,
+        str(exc.detail).lower() if exc.detail else code.lower(),
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled_error", path=request.url.path, error=repr(exc))
+    return error_response(request, 500, "INTERNAL", "internal error; see the server log for the request id")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(MarketpipeError, marketpipe_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

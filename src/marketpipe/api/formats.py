@@ -1,0 +1,137 @@
+"""Bars as JSON, CSV, Arrow IPC stream or Parquet, chosen by ``format=`` or the Accept header."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import orjson
+import polars as pl
+
+from marketpipe.core.errors import InvalidArgument
+
+MEDIA = {
+    "json": "application/json",
+    "csv": "text/csv; charset=utf-8",
+    "arrow": "application/vnd.apache.arrow.stream",
+    "parquet": "application/vnd.apache.parquet",
+}
+_ACCEPT = [
+    ("application/vnd.apache.arrow.stream", "arrow"),
+    ("application/vnd.apache.parquet", "parquet"),
+    ("application/x-parquet", "parquet"),
+    ("text/csv", "csv"),
+    ("application/json", "json"),
+]
+ROW_COLUMNS = [
+    "timestamp",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "trade_count",
+    "vwap",
+    "source",
+    "feed",
+    "fetched_at",
+]
+
+
+def negotiate(fmt: str | None, accept: str | None) -> str:
+    if fmt:
+        f = fmt.lower()
+        if f not in MEDIA:
+            raise InvalidArgument(
+                f"unknown format {fmt!r}; use json, csv, arrow or parquet", details={"parameter": "format"}
+            )
+        return f
+    for media, name in _ACCEPT:
+        if accept and media in accept:
+            return name
+    return "json"
+
+
+def _rows(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.select(
+        pl.col("ts").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("timestamp"),
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "trade_count",
+        "vwap",
+        "source",
+        "feed",
+        pl.col("fetched_at").dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"),
+    )
+
+
+def bars_json(
+    frame: pl.DataFrame, *, single: str | None, timeframe: str, next_token: str | None, meta: dict[str, dict[str, Any]]
+) -> bytes:
+    """``{"symbol", "timeframe", "bars": [...], ...}`` for one symbol, ``{"bars": {SYM: [...]}, ...}``
+    for several; ``meta`` per symbol (source, fetched_at, data age, quality score, stale)."""
+    rows = _rows(frame)
+    if single is not None:
+        doc: dict[str, Any] = {
+            "symbol": single,
+            "timeframe": timeframe,
+            "bars": orjson.Fragment(_array(rows)),
+            "next_page_token": next_token,
+            "meta": meta.get(single),
+        }
+    else:
+        parts = (
+            {}
+            if not rows.height
+            else {
+                str(k[0]): orjson.Fragment(_array(v))
+                for k, v in frame.select("symbol")
+                .hstack(rows)
+                .partition_by("symbol", as_dict=True, include_key=False, maintain_order=True)
+                .items()
+            }
+        )
+        doc = {"timeframe": timeframe, "bars": parts, "next_page_token": next_token, "meta": meta}
+    return orjson.dumps(doc)
+
+
+def _array(rows: pl.DataFrame) -> bytes:
+    if not rows.height:
+        return b"[]"
+    buf = io.BytesIO()
+    rows.write_json(buf)
+    return buf.getvalue()
+
+
+def bars_body(frame: pl.DataFrame, fmt: str) -> bytes:
+    """CSV / Arrow / Parquet: one flat table with a symbol column (metadata goes in headers)."""
+    table = (
+        frame.select("symbol").hstack(_rows(frame))
+        if frame.height
+        else pl.DataFrame(schema={"symbol": pl.String(), **{c: pl.String() for c in ROW_COLUMNS}})
+    )
+    if fmt == "csv":
+        return table.write_csv().encode()
+    buf = io.BytesIO()
+    native = frame.select(
+        "symbol",
+        pl.col("ts").alias("timestamp"),
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "trade_count",
+        "vwap",
+        "source",
+        "feed",
+        "fetched_at",
+    )
+    if fmt == "arrow":
+        native.write_ipc_stream(buf)
+    else:
+        native.write_parquet(buf)
+    return buf.getvalue()

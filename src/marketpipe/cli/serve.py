@@ -1,0 +1,45 @@
+"""``marketpipe serve``: the gateway (registered on the main app)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from marketpipe.cli.main import ConfigOpt, StoreOpt, _config, app, err, handle_errors
+from marketpipe.core.errors import ConfigError
+
+
+@app.command()
+@handle_errors
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="default from [server] host (127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="default from [server] port (8000)")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="default from [server] workers (1)")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option("--redis-url", help="L2 cache, e.g. redis://localhost:6379/0")
+    ] = None,
+    log_level: Annotated[str, typer.Option("--server-log-level")] = "warning",
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """The gateway: REST v1, the Alpaca-compatible /v2 API, health, admin and /metrics (docs at /docs).
+    Admin endpoints need MARKETPIPE_ADMIN_TOKEN; client keys come from MARKETPIPE_API_KEYS."""
+    import uvicorn
+
+    from marketpipe.api.app import create_app
+
+    cfg = _config(config, store)
+    host = host or cfg.server.host
+    port = port or cfg.server.port
+    workers = workers or cfg.server.workers
+    if redis_url:
+        cfg.cache.redis_url = redis_url
+    if workers != 1:
+        raise ConfigError(
+            "the embedded DuckDB store admits one writing process, so the gateway runs one worker process "
+            "(it serves concurrently on its event loop); more workers need a server store",
+            details={"parameter": "workers"},
+        )
+    err.print(f"marketpipe gateway on http://{host}:{port}  (docs /docs, health /health, metrics /metrics)")
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level, access_log=False)

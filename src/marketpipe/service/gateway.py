@@ -1,0 +1,518 @@
+"""The gateway service: what the REST API (v1 and the Alpaca-compatible v2) asks for, answered from
+the store (fetching what is missing through the router with failover) or, for latest values, from
+the providers in health order — every answer carrying where it came from, when it was fetched, how
+old the data is and how good it is. Caching of encoded responses is the API layer's business."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from marketpipe.core.errors import (
+    AllProvidersFailed,
+    InvalidArgument,
+    MarketpipeError,
+    NotFound,
+    ProviderBadRequest,
+    ProviderError,
+)
+from marketpipe.core.log import get_logger
+from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
+from marketpipe.core.timeframe import Timeframe
+from marketpipe.core.timeutil import utcnow
+from marketpipe.service.backfill import chunk_interval, missing_ranges, run_backfill
+from marketpipe.service.data import MarketData
+from marketpipe.service.providers import probe_call
+from marketpipe.service.router import Attempt, ProviderRouter
+
+log = get_logger("marketpipe.gateway")
+MAX_LIMIT = 10_000
+MAX_WINDOWS = 8  # calendar windows one request may fetch / read before it hands back a token
+_US = timedelta(microseconds=1)
+LatestKind = Literal["trade", "quote", "bar"]
+CLIENT_ERRORS = (ProviderBadRequest, NotFound)  # the vendor refused the request itself: no failover
+
+
+@dataclass
+class Meta:
+    """Attribution of one symbol's answer."""
+
+    sources: list[str] = field(default_factory=list)
+    feed: str | None = None
+    fetched_at: datetime | None = None
+    newest: datetime | None = None  # end of the newest data point (bar end, trade / quote time)
+    quality_score: float | None = None
+    stale: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def data_age(self, now: datetime) -> float | None:
+        return max(0.0, (now - self.newest).total_seconds()) if self.newest else None
+
+    def to_dict(self, now: datetime) -> dict[str, Any]:
+        age = self.data_age(now)
+        return {
+            "source": self.sources[0] if len(self.sources) == 1 else (self.sources or None),
+            "feed": self.feed,
+            "fetched_at": self.fetched_at.isoformat() if self.fetched_at else None,
+            "data_age_seconds": round(age, 3) if age is not None else None,
+            "quality_score": round(self.quality_score, 4) if self.quality_score is not None else None,
+            "stale": self.stale,
+            **({"warnings": self.warnings} if self.warnings else {}),
+        }
+
+
+@dataclass
+class BarsPage:
+    frame: pl.DataFrame  # canonical bars, ordered by symbol then time (time descending with sort=desc)
+    next_page_token: str | None
+    meta: dict[str, Meta]
+
+
+def encode_token(symbol: str, ts: datetime) -> str:
+    return base64.urlsafe_b64encode(f"{symbol}|{int(ts.timestamp() * 1_000_000)}".encode()).decode()
+
+
+def decode_token(token: str, symbols: list[str]) -> tuple[str, datetime]:
+    try:
+        sym, us = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        ts = datetime.fromtimestamp(int(us) / 1_000_000, UTC)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidArgument("invalid page_token", details={"parameter": "page_token"}) from exc
+    if sym not in symbols:
+        raise InvalidArgument("page_token does not belong to this request", details={"parameter": "page_token"})
+    return sym, ts
+
+
+class Gateway:
+    def __init__(self, data: MarketData) -> None:
+        self.data = data
+        self.pinned: str | None = None  # POST /admin/failover: serve from this provider first
+        self._lock = asyncio.Lock()
+        self._probing = False
+        self.started = utcnow()
+
+    # --- providers ---------------------------------------------------------------------------------
+
+    @property
+    def router(self) -> ProviderRouter:
+        return self.data.router
+
+    def candidates(self, kind: str, timeframe: Timeframe | None = None) -> tuple[list[Any], list[Attempt]]:
+        usable, skipped = self.router.candidates(kind, timeframe, None, None)
+        if self.pinned:
+            usable.sort(key=lambda p: p.name != self.pinned)
+        return usable, skipped
+
+    def failover(self, provider: str | None) -> dict[str, Any]:
+        """Pin ``provider`` as first choice (``None`` returns to health order)."""
+        if provider is not None and provider not in self.router.names:
+            raise InvalidArgument(
+                f"unknown provider {provider!r}; configured: {', '.join(self.router.names)}",
+                details={"parameter": "provider"},
+            )
+        self.pinned = provider
+        log.warning("admin_failover", pinned=provider)
+        return self.datasource()
+
+    async def reconnect(self) -> dict[str, Any]:
+        """Drop every provider client and build them again (new connections, fresh circuits)."""
+        async with self._lock:
+            old = self.data._router
+            self.data._router = None
+            self.data._provider = None
+            if old is not None:
+                await old.aclose()
+            names = self.router.names
+            if self._probing:
+                self.start_probes()
+        log.warning("admin_reconnect", providers=names)
+        return self.datasource()
+
+    def datasource(self) -> dict[str, Any]:
+        usable, skipped = self.candidates("bars")
+        return {
+            "mode": "rest",
+            "active": usable[0].name if usable else None,
+            "pinned": self.pinned,
+            "order": [p.name for p in usable],
+            "unavailable": [a.to_dict() for a in skipped],
+            "providers": self.provider_rows(),
+        }
+
+    def provider_rows(self) -> list[dict[str, Any]]:
+        """The health monitor's table (passive stats plus the background probes' results)."""
+        rows = self.router.health.table()
+        rows += [
+            {"provider": a.provider, "state": "unavailable", "circuit": "", "note": f"{a.code}: {a.message}"}
+            for a in self.router.unavailable
+        ]
+        return rows
+
+    def start_probes(self) -> None:
+        """Active health probes in the background, every provider's ``probe_interval`` (the shortest)."""
+        router = self.router
+        for p in router.providers:
+            router.health.probes.setdefault(p.name, probe_call(p))
+        interval = min((self.data.config.provider(p.name).probe_interval for p in router.providers), default=30.0)
+        router.health.start(interval)
+        self._probing = True
+
+    # --- bars ----------------------------------------------------------------------------------------
+
+    async def bars(
+        self,
+        symbols: list[str] | str,
+        timeframe: str | Timeframe,
+        start: datetime,
+        end: datetime,
+        *,
+        source: str = "auto",
+        feed: str | None = None,
+        limit: int = 1000,
+        page_token: str | None = None,
+        sort: str = "asc",
+        fetch: bool = True,
+    ) -> BarsPage:
+        """One page of bars, ordered by symbol then time (``limit`` counts rows across symbols).
+
+        Work is bounded by the page, not by the range: the range is cut (by the calendar) into
+        windows expected to hold about ``limit`` bars, and only the windows this page reaches are
+        fetched (what the ledger lacks) and read. A request for 20 years of minute bars therefore
+        costs one page of work per call, and the token carries the position."""
+        syms = normalize_symbols(symbols)
+        tf = Timeframe.parse(timeframe)
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}", details={"parameter": "limit"})
+        if sort not in ("asc", "desc"):
+            raise InvalidArgument("sort must be asc or desc", details={"parameter": "sort"})
+        if end <= start:
+            raise InvalidArgument("end must be after start", details={"parameter": "end"})
+        now = utcnow()
+        end = min(end, now)
+        self.data.calendar.check_bounds(start, max(start, end))
+        desc = sort == "desc"
+        after = decode_token(page_token, syms) if page_token else None
+        provider = None
+        if source != "auto":
+            if source not in self.router.names:
+                raise InvalidArgument(
+                    f"unknown source {source!r}; use auto or one of {', '.join(self.router.names)}",
+                    details={"parameter": "source"},
+                )
+            provider = self.router.get(source)
+        sources = [source, f"sim:{source}"] if provider is not None else None
+        store, cal = self.data.store, self.data.calendar
+        parts: list[pl.DataFrame] = []
+        have, windows, warnings = 0, 0, []
+        nxt: str | None = None
+        first = syms.index(after[0]) if after else 0
+        for sym in syms[first:]:
+            lo, hi = start, end
+            if after and sym == after[0]:
+                if desc:
+                    hi = min(hi, after[1])
+                else:
+                    lo = max(lo, after[1] + _US)
+            pieces = [(a, b) for a, b, _ in chunk_interval(cal, tf, lo, hi, limit)] if hi > lo else []
+            for ps, pe in reversed(pieces) if desc else pieces:
+                if windows >= MAX_WINDOWS:
+                    # Enough work for one call: hand back a position (no row there, none skipped).
+                    nxt = encode_token(sym, pe if desc else pe - _US)
+                    break
+                windows += 1
+                if fetch and end > start:
+                    warnings += await self._ensure([sym], tf, ps, pe, feed, provider)
+                rows = await asyncio.to_thread(
+                    store.read_bars,
+                    [sym],
+                    str(tf),
+                    ps,
+                    pe,
+                    limit=limit + 1 - have,
+                    desc=desc,
+                    sources=sources,
+                    feed=feed,
+                )
+                if rows.height:
+                    parts.append(rows)
+                    have += rows.height
+                if have > limit:
+                    break
+            if nxt is not None or have > limit:
+                break
+        frame = pl.concat(parts) if parts else store.read_bars(syms, str(tf), start, start)
+        if frame.height > limit:
+            frame = frame.head(limit)
+            last = frame.row(limit - 1, named=True)
+            nxt = encode_token(last["symbol"], last["ts"])
+        meta = self._bars_meta(frame, syms, tf, start, end)
+        for m in meta.values():
+            m.warnings = sorted(set(warnings))
+            m.stale = bool(warnings)
+        return BarsPage(frame, nxt, meta)
+
+    async def _ensure(
+        self, syms: list[str], tf: Timeframe, start: datetime, end: datetime, feed: str | None, provider: Any
+    ) -> list[str]:
+        """Fetch what the ledger lacks. A failure is fatal only when nothing is held for the range."""
+        store = self.data.store
+        name = provider.name if provider is not None else None
+        missing = await asyncio.to_thread(missing_ranges, store, syms, tf, start, end, provider=name, feed=feed)
+        if not any(missing.values()):
+            return []
+        source = provider if provider is not None else self.data._bars_source()
+        try:
+            stats = await run_backfill(
+                source,
+                store,
+                self.data.calendar,
+                syms,
+                tf,
+                start,
+                end,
+                feed=feed,
+                page_limit=self.data.config.backfill.page_limit,
+                concurrency=self.data.config.backfill.concurrency,
+                anomaly=self.data.config.quality.anomaly,
+            )
+        except CLIENT_ERRORS:
+            raise
+        except ProviderError as exc:
+            return self._held_or_raise(syms, tf, start, end, exc.code, exc.message)
+        refused = [e for e in stats.errors if e["code"] in (ProviderBadRequest.code, NotFound.code)]
+        if refused and len(refused) == len(stats.errors):
+            raise ProviderBadRequest(f"the vendor refused the request: {refused[0]['message']}")
+        if stats.errors:
+            codes = sorted({str(e["code"]) for e in stats.errors})
+            return self._held_or_raise(syms, tf, start, end, ",".join(codes), str(stats.errors[0]["message"]))
+        return []
+
+    def _held_or_raise(
+        self, syms: list[str], tf: Timeframe, start: datetime, end: datetime, code: str, message: str
+    ) -> list[str]:
+        held = self.data.store.read_bars(syms, str(tf), start, end, limit=1)
+        if not held.height:
+            raise AllProvidersFailed(
+                f"no provider could serve the range and nothing is held: {code}: {message}",
+                details={"symbols": syms, "code": code},
+                retry_after=5.0,
+            )
+        return [f"upstream failed ({code}); serving what the store holds, which may be incomplete"]
+
+    def _bars_meta(
+        self, frame: pl.DataFrame, syms: list[str], tf: Timeframe, start: datetime, end: datetime
+    ) -> dict[str, Meta]:
+        out = {s: Meta() for s in syms}
+        if frame.height:
+            agg = frame.group_by("symbol").agg(
+                pl.col("source").unique().sort(),
+                pl.col("feed").drop_nulls().first(),
+                pl.col("fetched_at").max(),
+                pl.col("ts").max(),
+            )
+            width = tf.delta if tf.is_intraday else None
+            for sym, sources, feed, fetched, newest in agg.iter_rows():
+                m = out[sym]
+                m.sources, m.feed, m.fetched_at = list(sources), feed, fetched
+                m.newest = newest + width if width is not None else newest
+        for sym, m in out.items():
+            m.quality_score = self._stored_score(sym, str(tf), start, end)
+        return out
+
+    def _stored_score(self, symbol: str, timeframe: str, start: datetime, end: datetime) -> float | None:
+        """The expected-weighted mean of stored day scores in the range (``marketpipe quality``)."""
+        scores = self.data.store.scores(symbol, timeframe)
+        if not scores.height:
+            return None
+        days = scores.filter(pl.col("day").is_between(start.date(), end.date()) & pl.col("score").is_not_null())
+        if not days.height:
+            return None
+        w = days["expected"].cast(pl.Float64).clip(lower_bound=1.0)
+        return float((days["score"] * w).sum() / w.sum())
+
+    # --- historical trades and quotes (passed through: not stored) -------------------------------------
+
+    async def ticks(
+        self,
+        kind: Literal["trades", "quotes"],
+        symbols: list[str] | str,
+        start: datetime,
+        end: datetime,
+        *,
+        feed: str | None = None,
+        limit: int = 1000,
+        page_token: str | None = None,
+        sort: str = "asc",
+    ) -> tuple[pl.DataFrame, str | None, str]:
+        """One page of historical trades or quotes from the first provider that serves them:
+        ``(frame, next_page_token, provider)``. The vendor's page token is passed through, so a
+        continuation must reach the same provider (it does while that provider is healthy)."""
+        syms = normalize_symbols(symbols)
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}", details={"parameter": "limit"})
+        usable, skipped = self.candidates(kind)
+        method = "iter_trades" if kind == "trades" else "iter_quotes"
+        attempts = list(skipped)
+        for p in [p for p in usable if hasattr(p, method)]:
+            try:
+                pages = getattr(p, method)(syms, start, end, feed=feed, limit=limit, sort=sort, page_token=page_token)
+                async for page in pages:
+                    await pages.aclose()
+                    return page.frame, page.next_page_token, p.name
+                return pl.DataFrame(), None, p.name
+            except CLIENT_ERRORS:
+                raise
+            except ProviderError as exc:
+                attempts.append(Attempt(p.name, exc.code, exc.message))
+                if page_token:
+                    break  # a vendor's token means nothing to another vendor
+        raise AllProvidersFailed(
+            f"no provider could serve historical {kind}: "
+            + ("; ".join(f"{a.provider} {a.code}" for a in attempts) or "none configured"),
+            details={"attempts": [a.to_dict() for a in attempts]},
+            retry_after=5.0,
+        )
+
+    def last_close(self, now: datetime) -> datetime:
+        """The close of the last session that has ended by ``now`` (older data cannot change)."""
+        cal = self.data.calendar
+        ns = int(now.timestamp() * 1e9)
+        i = int(np.searchsorted(cal.closes, ns, side="right")) - 1
+        return datetime.fromtimestamp(int(cal.closes[max(i, 0)]) / 1e9, UTC)
+
+    # --- latest values -------------------------------------------------------------------------------
+
+    async def latest(self, kind: LatestKind, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Any]:
+        """Latest trade / quote / minute bar per symbol from the best provider that answers."""
+        syms = normalize_symbols(symbols)
+        method = {"trade": "latest_trades", "quote": "latest_quotes", "bar": "latest_bars"}[kind]
+        return await self._first_answer(f"latest_{kind}", method, syms, feed)
+
+    async def snapshots(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Snapshot]:
+        return await self._first_answer("snapshot", "snapshots", normalize_symbols(symbols), feed)
+
+    async def _first_answer(self, kind: str, method: str, syms: list[str], feed: str | None) -> dict[str, Any]:
+        usable, skipped = self.candidates(kind)
+        attempts = list(skipped)
+        usable = [p for p in usable if hasattr(p, method)]
+        for p in usable:
+            try:
+                return await getattr(p, method)(syms, feed=feed if p.name == "alpaca" else None)  # type: ignore[no-any-return]
+            except CLIENT_ERRORS:
+                raise  # the request itself was refused: another vendor would refuse it too
+            except ProviderError as exc:
+                attempts.append(Attempt(p.name, exc.code, exc.message))
+                log.warning("latest_failover", kind=kind, provider=p.name, code=exc.code)
+        raise AllProvidersFailed(
+            f"no provider could serve {kind.replace('_', ' ')}: "
+            + ("; ".join(f"{a.provider} {a.code}" for a in attempts) or "none configured"),
+            details={"attempts": [a.to_dict() for a in attempts]},
+            retry_after=5.0,
+        )
+
+    def is_market_hours(self, at: datetime | None = None) -> bool:
+        cal = self.data.calendar
+        ns = int((at or utcnow()).timestamp() * 1e9)
+        i = int(np.searchsorted(cal.opens, ns, side="right")) - 1
+        return i >= 0 and ns < int(cal.closes[i])
+
+    def timeliness(self, newest: datetime | None, now: datetime) -> float | None:
+        """The quality score of a latest value: its freshness, on the same scale as the series scores."""
+        if newest is None:
+            return None
+        q = self.data.config.quality
+        if not self.is_market_hours(now):
+            return 1.0  # nothing newer can exist while the market is closed
+        age = (now - newest).total_seconds()
+        return float(min(1.0, max(0.0, 1 - (age - q.fresh_seconds) / (q.stale_seconds - q.fresh_seconds))))
+
+    # --- views -----------------------------------------------------------------------------------------
+
+    def quote_view(self, q: Quote, now: datetime) -> dict[str, Any]:
+        age = max(0.0, (now - q.ts).total_seconds())
+        return {
+            "symbol": q.symbol,
+            "bid": q.bid_price,
+            "bid_size": q.bid_size,
+            "ask": q.ask_price,
+            "ask_size": q.ask_size,
+            "spread": round(q.spread, 6) if q.spread is not None else None,
+            "mid": round(q.mid, 6) if q.mid is not None else None,
+            "bid_exchange": q.bid_exchange,
+            "ask_exchange": q.ask_exchange,
+            "conditions": list(q.conditions),
+            "tape": q.tape,
+            "timestamp": q.ts.isoformat(),
+            "source": q.source,
+            "feed": q.feed,
+            "fetched_at": q.fetched_at.isoformat(),
+            "data_age_seconds": round(age, 3),
+            "is_market_hours": self.is_market_hours(now),
+            "quality_score": self.timeliness(q.ts, now),
+        }
+
+    def trade_view(self, t: Trade, now: datetime) -> dict[str, Any]:
+        return {
+            "symbol": t.symbol,
+            "price": t.price,
+            "size": t.size,
+            "exchange": t.exchange,
+            "conditions": list(t.conditions),
+            "tape": t.tape,
+            "id": t.trade_id,
+            "timestamp": t.ts.isoformat(),
+            "source": t.source,
+            "feed": t.feed,
+            "fetched_at": t.fetched_at.isoformat(),
+            "data_age_seconds": round(max(0.0, (now - t.ts).total_seconds()), 3),
+            "is_market_hours": self.is_market_hours(now),
+            "quality_score": self.timeliness(t.ts, now),
+        }
+
+    def bar_view(self, b: Bar) -> dict[str, Any]:
+        return {
+            "timestamp": b.ts.isoformat(),
+            "open": b.open,
+            "high": b.high,
+            "low": b.low,
+            "close": b.close,
+            "volume": b.volume,
+            "trade_count": b.trade_count,
+            "vwap": b.vwap,
+            "source": b.source,
+            "feed": b.feed,
+        }
+
+    def snapshot_view(self, s: Snapshot, now: datetime) -> dict[str, Any]:
+        newest = max(
+            [x for x in (s.latest_trade and s.latest_trade.ts, s.latest_quote and s.latest_quote.ts) if x],
+            default=None,
+        )
+        prev = s.prev_daily_bar.close if s.prev_daily_bar else None
+        last = s.latest_trade.price if s.latest_trade else (s.daily_bar.close if s.daily_bar else None)
+        change = last - prev if last is not None and prev else None
+        return {
+            "symbol": s.symbol,
+            "latest_trade": self.trade_view(s.latest_trade, now) if s.latest_trade else None,
+            "latest_quote": self.quote_view(s.latest_quote, now) if s.latest_quote else None,
+            "minute_bar": self.bar_view(s.minute_bar) if s.minute_bar else None,
+            "daily_bar": self.bar_view(s.daily_bar) if s.daily_bar else None,
+            "prev_daily_bar": self.bar_view(s.prev_daily_bar) if s.prev_daily_bar else None,
+            "change": round(change, 6) if change is not None else None,
+            "change_percent": round(change / prev * 100, 4) if change is not None and prev else None,
+            "source": s.source,
+            "fetched_at": s.fetched_at.isoformat(),
+            "data_age_seconds": round(max(0.0, (now - newest).total_seconds()), 3) if newest else None,
+            "is_market_hours": self.is_market_hours(now),
+            "quality_score": self.timeliness(newest, now),
+        }
+
+
+__all__ = ["BarsPage", "Gateway", "MarketpipeError", "Meta", "decode_token", "encode_token"]
