@@ -30,6 +30,7 @@ async def test_bars_json_with_attribution_then_served_from_memory(client: httpx.
     assert set(first) >= {"open", "high", "low", "close", "volume", "trade_count", "vwap", "feed", "fetched_at"}
     meta = doc["meta"]
     assert meta["source"] == "sim:alpaca" and meta["stale"] is False and meta["data_age_seconds"] > 0
+    assert meta["quality_score"] == 1.0 and r.headers["x-marketpipe-quality-score"] == "1.0000"
     assert r.headers["x-marketpipe-source"] == "sim:alpaca" and r.headers["x-marketpipe-cache"] == "origin"
     assert r.headers["x-request-id"]
     again = await client.get("/v1/bars/AAPL", params=DAY)

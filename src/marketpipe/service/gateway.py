@@ -30,6 +30,7 @@ from marketpipe.core.timeutil import utcnow
 from marketpipe.service.backfill import chunk_interval, missing_ranges, run_backfill
 from marketpipe.service.data import MarketData
 from marketpipe.service.providers import probe_call
+from marketpipe.service.quality import analyze
 from marketpipe.service.router import Attempt, ProviderRouter
 
 log = get_logger("marketpipe.gateway")
@@ -252,7 +253,7 @@ class Gateway:
             frame = frame.head(limit)
             last = frame.row(limit - 1, named=True)
             nxt = encode_token(last["symbol"], last["ts"])
-        meta = self._bars_meta(frame, syms, tf, start, end)
+        meta = await asyncio.to_thread(self._bars_meta, frame, syms, tf, start, end)
         for m in meta.values():
             m.warnings = sorted(set(warnings))
             m.stale = bool(warnings)
@@ -322,8 +323,29 @@ class Gateway:
                 m = out[sym]
                 m.sources, m.feed, m.fetched_at = list(sources), feed, fetched
                 m.newest = newest + width if width is not None else newest
+        missing_score = []
         for sym, m in out.items():
             m.quality_score = self._stored_score(sym, str(tf), start, end)
+            if m.quality_score is None and m.newest is not None:
+                missing_score.append(sym)
+        if missing_score:
+            # Not scored yet: score what this page covers now (stored, so the next answer reuses it).
+            lo = frame["ts"].min()
+            hi = frame["ts"].max()
+            span_start = max(start, lo) if isinstance(lo, datetime) else start
+            span_end = min(end, hi + tf.delta) if isinstance(hi, datetime) else end
+            results = analyze(
+                self.data.store,
+                self.data.calendar,
+                missing_score,
+                tf,
+                span_start,
+                span_end,
+                self.data.config.quality,
+                raise_events=False,
+            )
+            for r in results:
+                out[r.symbol].quality_score = r.summary["score"]
         return out
 
     def _stored_score(self, symbol: str, timeframe: str, start: datetime, end: datetime) -> float | None:
