@@ -116,20 +116,7 @@ def bars_body(frame: pl.DataFrame, fmt: str) -> bytes:
     if fmt == "csv":
         return table.write_csv().encode()
     buf = io.BytesIO()
-    native = frame.select(
-        "symbol",
-        pl.col("ts").alias("timestamp"),
-        "open",
-        "high",
-        "low",
-        "close",
-        "volume",
-        "trade_count",
-        "vwap",
-        "source",
-        "feed",
-        "fetched_at",
-    )
+    native = frame.select("symbol", pl.col("ts").alias("timestamp"), *ROW_COLUMNS[1:])
     if fmt == "arrow":
         native.write_ipc_stream(buf)
     else:
