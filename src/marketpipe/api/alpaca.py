@@ -87,6 +87,8 @@ def parse_wire_time(text: str, name: str) -> tuple[datetime, bool]:
         ts = datetime(y, mo, d, hh, mi, ss, int((frac or "0").ljust(6, "0")[:6]), tzinfo=UTC)
         if off and off not in "Zz":
             digits = off[1:].replace(":", "")
+            if int(digits[:2]) > 23 or int(digits[2:]) > 59:
+                raise ValueError(f"offset out of range: {off}")
             shift = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
             ts = ts - shift if off[0] != "-" else ts + shift
     except (ValueError, OverflowError) as exc:
@@ -189,7 +191,10 @@ def _range(start: str | None, end: str | None, tf: Timeframe | None) -> tuple[da
         e = now
     if e < s:
         raise InvalidArgument("end should not be before start", details={"parameter": "end"})
-    return s, e + ONE_US
+    try:
+        return s, e + ONE_US
+    except OverflowError as exc:
+        raise InvalidArgument("invalid end", details={"parameter": "end"}) from exc
 
 
 @dataclass(frozen=True)
@@ -503,7 +508,7 @@ def router() -> APIRouter:
             now = utcnow()
             body = page_json("bars", page.frame, h.single, page.next_page_token, h.currency)
             closed = h.end <= st.gateway.last_close(now)
-            return body, JSON, _bars_headers(page, now), _ttl(st, "bars", now, closed)
+            return body, JSON, _bars_headers(page, now), 0.0 if page.partial else _ttl(st, "bars", now, closed)
 
         return await answer(request, st, key, "bars", load)
 

@@ -8,6 +8,7 @@ with ``Retry-After``. Nothing is ever made up."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import os
@@ -27,7 +28,7 @@ from marketpipe.api import errors
 from marketpipe.api.formats import MEDIA, bars_body, bars_json, negotiate
 from marketpipe.api.middleware import ClientAuth, ClientKeys, RequestContext
 from marketpipe.cache import CacheHit, TieredCache, build_cache, make_key, ttl_for
-from marketpipe.core.config import Config, load_config
+from marketpipe.core.config import KNOWN_KINDS, Config, load_config
 from marketpipe.core.errors import InvalidArgument, MarketpipeError, ProviderError
 from marketpipe.core.schema import normalize_symbol, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
@@ -282,7 +283,7 @@ def v1_router() -> Any:
             ",".join(symbols),
             str(tf),
             s.isoformat(),
-            e.isoformat(),
+            e.isoformat() if end else "",  # open-ended: "until now", one entry for its TTL
             source,
             feed or "",
             str(limit),
@@ -309,7 +310,7 @@ def v1_router() -> Any:
             ttl = ttl_for(
                 "bars", market_open=st.gateway.is_market_hours(t), range_closed=closed, config=st.config.cache
             )
-            return body, MEDIA[out], headers, ttl
+            return body, MEDIA[out], headers, 0.0 if page.partial else ttl  # never keep a partial answer
 
         return await answer(request, st, key, "bars", load)
 
@@ -513,7 +514,7 @@ def ops_router() -> Any:
     async def readiness(st: AppState) -> dict[str, Any]:
         checks: dict[str, Any] = {}
         try:
-            st.data.store.counts()
+            await asyncio.to_thread(st.data.store.counts)
             checks["store"] = "ok"
         except MarketpipeError as exc:
             checks["store"] = f"{exc.code}: {exc.message}"
@@ -594,8 +595,10 @@ def admin_router() -> Any:
         symbol, kind = body.get("symbol"), body.get("kind")
         if symbol is not None:
             symbol = normalize_symbol(str(symbol))
-        if kind is not None and not isinstance(kind, str):
-            raise InvalidArgument("kind must be a string", details={"parameter": "kind"})
+        if kind is not None and (not isinstance(kind, str) or kind not in KNOWN_KINDS):
+            raise InvalidArgument(
+                f"kind must be one of {', '.join(sorted(KNOWN_KINDS))}", details={"parameter": "kind"}
+            )
         n = await st.cache.invalidate(kind=kind, symbol=symbol)
         if symbol is not None:  # multi-symbol answers may hold this symbol too
             n += await st.cache.invalidate(kind=kind, symbol="_multi")

@@ -70,15 +70,8 @@ async def marketpipe_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MarketpipeError)
     headers = {}
     status = exc.http_status
-    if status >= 500 and exc.code in (
-        "ALL_PROVIDERS_FAILED",
-        "PROVIDER_UNAVAILABLE",
-        "CIRCUIT_OPEN",
-        "PROVIDER_TIMEOUT",
-        "RATE_LIMITED",
-        "STALE_DATA",
-    ):
-        status = 503
+    if exc.code in UPSTREAM_DOWN:
+        status = 503  # upstream trouble is the gateway's unavailability, whatever the vendor said
     if status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after or 5)))
     if status >= 500:
@@ -109,8 +102,15 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled_error", path=request.url.path, error=repr(exc))
-    return error_response(request, 500, "INTERNAL", "internal error; see the server log for the request id")
+    log.exception("unhandled_error", path=request.url.path, error=repr(exc), request_id=request_id(request))
+    # This handler runs outside the request-id middleware: echo the id here.
+    return error_response(
+        request,
+        500,
+        "INTERNAL",
+        "internal error; see the server log for the request id",
+        headers={"X-Request-ID": request_id(request)},
+    )
 
 
 def install(app: FastAPI) -> None:

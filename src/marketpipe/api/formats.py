@@ -39,6 +39,8 @@ ROW_COLUMNS = [
 
 
 def negotiate(fmt: str | None, accept: str | None) -> str:
+    """``format=`` wins; otherwise the Accept header's best supported media range (q-values and the
+    client's order respected; ``q=0`` refuses); JSON when nothing supported is asked for."""
     if fmt:
         f = fmt.lower()
         if f not in MEDIA:
@@ -46,10 +48,23 @@ def negotiate(fmt: str | None, accept: str | None) -> str:
                 f"unknown format {fmt!r}; use json, csv, arrow or parquet", details={"parameter": "format"}
             )
         return f
-    for media, name in _ACCEPT:
-        if accept and media in accept:
-            return name
-    return "json"
+    supported = dict(_ACCEPT)
+    best: tuple[float, int, str] | None = None
+    for i, part in enumerate((accept or "").split(",")):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for prm in params:
+            if prm.startswith("q="):
+                try:
+                    q = float(prm[2:])
+                except ValueError:
+                    q = 0.0
+        name = supported.get(media.lower())
+        if name is None and media in ("*/*", "application/*"):
+            name = "json"
+        if name is not None and q > 0 and (best is None or q > best[0]):
+            best = (q, i, name)
+    return best[2] if best else "json"
 
 
 def _rows(frame: pl.DataFrame) -> pl.DataFrame:

@@ -44,6 +44,7 @@ CLIENT_LIMITED = Counter(
 )
 _PREFIX = uuid.uuid4().hex[:8] + "-"  # unique per process; a counter after it is unique per request
 _SEQ = itertools.count(1)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # metric children by labels: labels() is not free
 OPEN_PATHS = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/admin", "/favicon.ico")
 
@@ -83,6 +84,8 @@ class RequestContext:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
+            if method not in _METHODS:
+                method = "OTHER"  # a label per made-up method would grow the metrics without bound
             key = (method, template, status)
             children = _CHILDREN.get(key)
             if children is None:

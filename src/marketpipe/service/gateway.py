@@ -24,7 +24,7 @@ from marketpipe.core.errors import (
     ProviderError,
 )
 from marketpipe.core.log import get_logger
-from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
+from marketpipe.core.schema import BAR_SCHEMA, Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
 from marketpipe.service.backfill import chunk_interval, missing_ranges, run_backfill
@@ -75,6 +75,11 @@ class BarsPage:
     next_page_token: str | None
     meta: dict[str, Meta]
 
+    @property
+    def partial(self) -> bool:
+        """Upstream failed for part of the page: what the store held was served (never cache it)."""
+        return any(m.stale for m in self.meta.values())
+
 
 def encode_token(symbol: str, ts: datetime) -> str:
     return base64.urlsafe_b64encode(f"{symbol}|{int(ts.timestamp() * 1_000_000)}".encode()).decode()
@@ -84,7 +89,7 @@ def decode_token(token: str, symbols: list[str]) -> tuple[str, datetime]:
     try:
         sym, us = base64.urlsafe_b64decode(token.encode()).decode().split("|")
         ts = datetime.fromtimestamp(int(us) / 1_000_000, UTC)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError, OSError) as exc:
         raise InvalidArgument("invalid page_token", details={"parameter": "page_token"}) from exc
     if sym not in symbols:
         raise InvalidArgument("page_token does not belong to this request", details={"parameter": "page_token"})
@@ -211,7 +216,8 @@ class Gateway:
         sources = [source, f"sim:{source}"] if provider is not None else None
         store, cal = self.data.store, self.data.calendar
         parts: list[pl.DataFrame] = []
-        have, windows, warnings = 0, 0, []
+        have, windows = 0, 0
+        warnings: dict[str, list[str]] = {}
         nxt: str | None = None
         first = syms.index(after[0]) if after else 0
         for sym in syms[first:]:
@@ -229,7 +235,9 @@ class Gateway:
                     break
                 windows += 1
                 if fetch and end > start:
-                    warnings += await self._ensure([sym], tf, ps, pe, feed, provider)
+                    warned = await self._ensure([sym], tf, ps, pe, feed, provider)
+                    if warned:
+                        warnings.setdefault(sym, []).extend(warned)
                 rows = await asyncio.to_thread(
                     store.read_bars,
                     [sym],
@@ -248,15 +256,15 @@ class Gateway:
                     break
             if nxt is not None or have > limit:
                 break
-        frame = pl.concat(parts) if parts else store.read_bars(syms, str(tf), start, start)
+        frame = pl.concat(parts) if parts else pl.DataFrame(schema=BAR_SCHEMA)
         if frame.height > limit:
             frame = frame.head(limit)
             last = frame.row(limit - 1, named=True)
             nxt = encode_token(last["symbol"], last["ts"])
         meta = await asyncio.to_thread(self._bars_meta, frame, syms, tf, start, end)
-        for m in meta.values():
-            m.warnings = sorted(set(warnings))
-            m.stale = bool(warnings)
+        for sym, m in meta.items():
+            m.warnings = sorted(set(warnings.get(sym, [])))
+            m.stale = bool(m.warnings)
         return BarsPage(frame, nxt, meta)
 
     async def _ensure(
@@ -286,13 +294,15 @@ class Gateway:
         except CLIENT_ERRORS:
             raise
         except ProviderError as exc:
-            return self._held_or_raise(syms, tf, start, end, exc.code, exc.message)
+            return await asyncio.to_thread(self._held_or_raise, syms, tf, start, end, exc.code, exc.message)
         refused = [e for e in stats.errors if e["code"] in (ProviderBadRequest.code, NotFound.code)]
         if refused and len(refused) == len(stats.errors):
             raise ProviderBadRequest(f"the vendor refused the request: {refused[0]['message']}")
         if stats.errors:
             codes = sorted({str(e["code"]) for e in stats.errors})
-            return self._held_or_raise(syms, tf, start, end, ",".join(codes), str(stats.errors[0]["message"]))
+            return await asyncio.to_thread(
+                self._held_or_raise, syms, tf, start, end, ",".join(codes), str(stats.errors[0]["message"])
+            )
         return []
 
     def _held_or_raise(

@@ -415,12 +415,12 @@ class DuckDBStore:
                     "SELECT count(DISTINCT (source, feed)) FROM coverage WHERE symbol = ? AND timeframe = ?",
                     [symbol, timeframe],
                 ).fetchall()
-            n = int(rows[0][0]) if rows else 0
-            if n == 1:  # a refresh may have stored newer versions of some rows: de-duplicate then
-                rev = self.con.execute(
-                    "SELECT count(*) FROM revisions WHERE symbol = ? AND timeframe = ?", [symbol, timeframe]
-                ).fetchall()
-                n += int(rev[0][0] > 0)
+                n = int(rows[0][0]) if rows else 0
+                if n == 1:  # a refresh may have stored newer versions of some rows: de-duplicate then
+                    rev = self.con.execute(
+                        "SELECT count(*) FROM revisions WHERE symbol = ? AND timeframe = ?", [symbol, timeframe]
+                    ).fetchall()
+                    n += int(rev[0][0] > 0)
             self._variants[key] = n
         return n
 
