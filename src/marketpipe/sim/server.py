@@ -4,6 +4,8 @@ loop (``start_async``), or blocking in the foreground (``marketpipe sim``, bench
     with SimServer() as sim:                      # keys SIMKEY/SIMSECRET (unlimited), FREEKEY/FREESECRET (free)
         client = StockHistoricalDataClient("SIMKEY", "SIMSECRET", url_override=sim.url)
         sim.faults.set([FaultRule(kind="http_503", times=2)])
+        stream = StockDataStream("SIMKEY", "SIMSECRET", url_override=sim.ws_url("iex"))
+        sim.stream.faults.stall = True            # the Alpaca face's WebSocket stream: see sim/stream.py
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from marketpipe.sim.admin import Stats
 from marketpipe.sim.alpaca import DEFAULT_KEYS, AlpacaFace
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import Faults
+from marketpipe.sim.stream import AlpacaStream, StreamConfig
 
 VENDORS = ("alpaca", "polygon", "yahoo")
 
@@ -46,6 +49,10 @@ class SimServer:
 
     ``faults`` is live: change it from any thread (or over HTTP at ``/_sim/faults``) while the
     server runs. ``keys`` maps key id -> (secret, plan) with plan ``"unlimited"`` or ``"free"``.
+
+    The Alpaca face also serves the real-time stream (``/v2/iex``, ``/v2/sip``, ``/v2/test``; see
+    :mod:`marketpipe.sim.stream`): ``stream`` is its :class:`AlpacaStream` (``None`` for other
+    vendors), configured by ``stream_config``, with live ``stream.faults``.
     """
 
     def __init__(
@@ -58,6 +65,7 @@ class SimServer:
         *,
         access_log: bool = False,
         vendor: str = "alpaca",
+        stream_config: StreamConfig | None = None,
     ) -> None:
         self.vendor = vendor
         self.market = market if market is not None else SimMarket()
@@ -68,6 +76,9 @@ class SimServer:
         self.access_log = access_log
         self._stats = Stats()
         self.face = make_face(vendor, self.market, self.faults, self.keys, self._stats)
+        self.stream: AlpacaStream | None = (
+            AlpacaStream(self.market, self.keys, stream_config) if vendor == "alpaca" else None
+        )
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,6 +93,19 @@ class SimServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self._port}"
 
+    def ws_url(self, feed: str = "iex") -> str:
+        """The stream URL of a feed (``iex``, ``sip`` or ``test``), e.g. ``ws://127.0.0.1:PORT/v2/iex``."""
+        return "ws" + self.url[4:] + f"/v2/{feed}"
+
+    def drop_streams(self, feed: str | None = None, *, abrupt: bool = True) -> int:
+        """Drop the open stream connections (of one feed, or all) from any thread; returns how many."""
+        if self.stream is None:
+            return 0
+        loop = self._loop
+        if loop is None:
+            return self.stream.drop(feed, abrupt=abrupt)  # start_async: we are on the server's loop
+        return self.stream.drop_threadsafe(loop, feed, abrupt=abrupt)
+
     def stats(self) -> dict[str, Any]:
         """``{"requests": total data requests, "by_path": {...}, "by_status": {...}}``"""
         return self._stats.to_dict()
@@ -93,8 +117,11 @@ class SimServer:
     async def start_async(self) -> None:
         if self._runner is not None:
             raise RuntimeError("simulator already started")
+        app = self.face.build_app()
+        if self.stream is not None:
+            self.stream.mount(app)
         runner = web.AppRunner(
-            self.face.build_app(),
+            app,
             access_log=access_logger if self.access_log else None,
             handler_cancellation=True,  # a client that gives up (timeouts vs. "hang") frees its handler
             shutdown_timeout=SHUTDOWN_TIMEOUT,
