@@ -25,7 +25,10 @@ def sim() -> Iterator[SimServer]:
 def _clear_sim_faults(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if "sim" in request.fixturenames:
-        request.getfixturevalue("sim").faults.clear()
+        server = request.getfixturevalue("sim")
+        server.faults.clear()
+        if server.stream is not None:
+            server.stream.clear_faults()
 
 
 @pytest.fixture
