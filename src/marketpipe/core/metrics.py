@@ -147,3 +147,47 @@ CACHE_TIER_UP = Gauge(
     ["tier"],
     registry=REGISTRY,
 )
+
+# --- vendor real-time streams (marketpipe.providers.alpaca_stream) --------------------------------
+STREAM_MESSAGES = Counter(
+    "marketpipe_stream_messages_total",
+    "Data messages received on a vendor real-time stream, by message channel (trades, quotes, bars, ..., raw)",
+    ["provider", "feed", "channel"],
+    registry=REGISTRY,
+)
+STREAM_RECONNECTS = Counter(
+    "marketpipe_stream_reconnects_total",
+    "Stream reconnects scheduled, by why the previous connection or attempt ended",
+    ["provider", "reason"],
+    registry=REGISTRY,
+)
+STREAM_ERRORS = Counter(
+    "marketpipe_stream_errors_total",
+    "Error messages received from a vendor stream, by the vendor's numeric code",
+    ["provider", "code"],
+    registry=REGISTRY,
+)
+STREAM_DECODE_ERRORS = Counter(
+    "marketpipe_stream_decode_errors_total",
+    "Stream frames or messages that could not be decoded (logged and skipped)",
+    ["provider"],
+    registry=REGISTRY,
+)
+STREAM_CONNECTED = Gauge(
+    "marketpipe_stream_connected",
+    "1 while a vendor stream is connected, authenticated and subscribed, else 0",
+    ["provider", "feed"],
+    registry=REGISTRY,
+)
+STREAM_FEED_FALLBACKS = Counter(
+    "marketpipe_stream_feed_fallbacks_total",
+    "Stream feed switches after the vendor refused the plan's feed (insufficient subscription)",
+    ["provider", "from_feed", "to_feed"],
+    registry=REGISTRY,
+)
+STREAM_CONSUMER_DROPPED = Counter(
+    "marketpipe_stream_consumer_dropped_total",
+    "Stream messages dropped (oldest first) for an iterator consumer that fell behind its buffer",
+    ["provider"],
+    registry=REGISTRY,
+)
