@@ -191,3 +191,21 @@ STREAM_CONSUMER_DROPPED = Counter(
     ["provider"],
     registry=REGISTRY,
 )
+STREAM_ROUTER_STATE = Gauge(
+    "marketpipe_stream_router_state",
+    "Live data-source router state: 0 startup, 1 primary active, 2 fallback active, 3 both unavailable",
+    ["router"],
+    registry=REGISTRY,
+)
+STREAM_ROUTER_TRANSITIONS = Counter(
+    "marketpipe_stream_router_transitions_total",
+    "Live data-source router state transitions, by the state left and the state entered",
+    ["router", "from_state", "to_state"],
+    registry=REGISTRY,
+)
+STREAM_ROUTER_STATE_SECONDS = Counter(
+    "marketpipe_stream_router_state_seconds_total",
+    "Seconds the live data-source router has spent in each state (accrued on every input)",
+    ["router", "state"],
+    registry=REGISTRY,
+)
