@@ -328,7 +328,7 @@ class AlpacaStream:
         async with AlpacaStream("sip") as stream:
             await stream.subscribe(trades=["AAPL"], bars=["*"])
             async for msg in stream.messages():
-                ...
+                print(msg.channel, msg.record)
 
     ``stale_limits`` maps channels (``trades``, ``quotes``, ``bars``, ``daily_bars``, ...) to the
     seconds of silence after which the watchdog reconnects (default: ``stale_seconds`` for trades and
