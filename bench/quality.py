@@ -35,27 +35,6 @@ import pandas as pd
 import polars as pl
 
 
-def sim_frame(market: Any, symbol: str, tf: str, start: str, end: str) -> pl.DataFrame:
-    d = market.bars_frame(symbol, tf, start, end)
-    return pl.DataFrame(
-        {
-            "symbol": symbol,
-            "timeframe": tf,
-            "ts": pl.Series(d["t"] // 1000).cast(pl.Datetime("us", "UTC")),
-            "open": d["o"],
-            "high": d["h"],
-            "low": d["l"],
-            "close": d["c"],
-            "volume": d["v"],
-            "trade_count": d["n"],
-            "vwap": d["vw"],
-            "source": "sim:alpaca",
-            "feed": "sip",
-            "fetched_at": datetime(2026, 1, 1, tzinfo=UTC),
-        }
-    )
-
-
 def best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     times, out = [], None
     for _ in range(repeat):
@@ -205,12 +184,15 @@ def main() -> None:
     t = time.perf_counter()
     s1, e1 = parse_range(f"{last - args.years + 1}-01-01", f"{last}-12-31")
     intraday = pl.concat(
-        [sim_frame(market, "AAPL", "1Min", f"{y}-01-01", f"{y}-12-31") for y in range(last - args.years + 1, last + 1)]
+        [
+            market.canonical_bars("AAPL", "1Min", f"{y}-01-01", f"{y}-12-31")
+            for y in range(last - args.years + 1, last + 1)
+        ]
     )
     workloads.append((f"1 symbol x {args.years}y 1Min", intraday, "1Min", s1, e1))
     s2, e2 = parse_range(f"{last}-01-01", f"{last}-12-31")
     names = [f"S{chr(65 + i // 676 % 26)}{chr(65 + i // 26 % 26)}{chr(65 + i % 26)}" for i in range(args.symbols)]
-    universe = pl.concat([sim_frame(market, s, "1Day", s2.date(), e2.date()) for s in names])
+    universe = pl.concat([market.canonical_bars(s, "1Day", s2.date(), e2.date()) for s in names])
     workloads.append((f"{args.symbols} symbols x 1y 1Day", universe, "1Day", s2, e2))
     print(f"data built in {time.perf_counter() - t:.1f}s (simulator, in memory)\n")
 

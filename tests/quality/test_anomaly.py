@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import numpy as np
 import polars as pl
 import pytest
@@ -18,24 +16,7 @@ MARKET = SimMarket()
 
 
 def frame(symbol: str, tf: str, start: str, end: str) -> pl.DataFrame:
-    d = MARKET.bars_frame(symbol, tf, start, end)
-    return pl.DataFrame(
-        {
-            "symbol": symbol,
-            "timeframe": tf,
-            "ts": pl.Series(d["t"] // 1000).cast(pl.Datetime("us", "UTC")),
-            "open": d["o"],
-            "high": d["h"],
-            "low": d["l"],
-            "close": d["c"],
-            "volume": d["v"],
-            "trade_count": d["n"],
-            "vwap": d["vw"],
-            "source": "sim:alpaca",
-            "feed": "sip",
-            "fetched_at": datetime(2026, 1, 1, tzinfo=UTC),
-        }
-    )
+    return MARKET.canonical_bars(symbol, tf, start, end)
 
 
 def plant(f: pl.DataFrame, i: int, **cols: float) -> pl.DataFrame:

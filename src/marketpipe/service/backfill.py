@@ -22,12 +22,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import polars as pl
 
 from marketpipe.core import events
 from marketpipe.core.calendar import ExchangeCalendar
-from marketpipe.core.config import AnomalyConfig
+from marketpipe.core.config import AnomalyConfig, Config
 from marketpipe.core.errors import (
     AllProvidersFailed,
     AuthFailed,
@@ -231,6 +232,16 @@ def plan(
 
 
 # --- running -----------------------------------------------------------------------------------
+
+
+def settings(config: Config) -> dict[str, Any]:
+    """The configured keyword arguments of :func:`run_backfill` (page size, concurrency, anomaly
+    rules at ingest): every caller that fetches bars passes the same ones."""
+    return {
+        "page_limit": config.backfill.page_limit,
+        "concurrency": config.backfill.concurrency,
+        "anomaly": config.quality.anomaly,
+    }
 
 
 @dataclass(slots=True)

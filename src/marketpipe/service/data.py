@@ -23,7 +23,7 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_range, parse_time
 from marketpipe.providers.alpaca import AlpacaProvider
 from marketpipe.providers.base import BarsProvider
-from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill
+from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
 from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
 from marketpipe.service.quality import SeriesQuality, analyze
 from marketpipe.service.router import ProviderRouter, build_router
@@ -78,10 +78,16 @@ class MarketData:
                 self._provider = AlpacaProvider.from_config(self.config.provider("alpaca"), env=self._env)
         return self._provider  # type: ignore[return-value]
 
-    def _bars_source(self) -> BarsProvider | ProviderRouter:
+    def bars_source(self) -> BarsProvider | ProviderRouter:
         """One provider: its own ledger and strict errors. Several: failover through the router."""
         router = self.router
         return router if len(router.providers) > 1 else router.providers[0]
+
+    async def reset_providers(self) -> None:
+        """Close every provider client; the next use builds them again (new connections, circuits)."""
+        old, self._router, self._provider = self._router, None, None
+        if old is not None:
+            await old.aclose()
 
     @property
     def calendar(self) -> ExchangeCalendar:
@@ -101,7 +107,7 @@ class MarketData:
         tf = Timeframe.parse(timeframe)
         s, e = parse_range(start, end)
         return await run_backfill(
-            self._bars_source(),
+            self.bars_source(),
             self.store,
             self.calendar,
             syms,
@@ -109,10 +115,8 @@ class MarketData:
             s,
             e,
             feed=feed.lower() if feed else None,  # None: each provider's configured feed
-            page_limit=self.config.backfill.page_limit,
-            concurrency=self.config.backfill.concurrency,
             progress=progress,
-            anomaly=self.config.quality.anomaly,
+            **settings(self.config),
         )
 
     async def quality(
@@ -145,7 +149,7 @@ class MarketData:
         s = parse_time(start, name="start") if start is not None else None
         e = parse_time(end, name="end", end=True) if end is not None else None
         return await update(
-            self._bars_source(),
+            self.bars_source(),
             self.store,
             self.calendar,
             self.config,

@@ -27,7 +27,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
-from marketpipe.service.backfill import chunk_interval, missing_ranges, run_backfill
+from marketpipe.service.backfill import chunk_interval, missing_ranges, run_backfill, settings
 from marketpipe.service.data import MarketData
 from marketpipe.service.providers import probe_call
 from marketpipe.service.quality import analyze
@@ -130,11 +130,7 @@ class Gateway:
     async def reconnect(self) -> dict[str, Any]:
         """Drop every provider client and build them again (new connections, fresh circuits)."""
         async with self._lock:
-            old = self.data._router
-            self.data._router = None
-            self.data._provider = None
-            if old is not None:
-                await old.aclose()
+            await self.data.reset_providers()
             names = self.router.names
             if self._probing:
                 self.start_probes()
@@ -276,7 +272,7 @@ class Gateway:
         missing = await asyncio.to_thread(missing_ranges, store, syms, tf, start, end, provider=name, feed=feed)
         if not any(missing.values()):
             return []
-        source = provider if provider is not None else self.data._bars_source()
+        source = provider if provider is not None else self.data.bars_source()
         try:
             stats = await run_backfill(
                 source,
@@ -287,9 +283,7 @@ class Gateway:
                 start,
                 end,
                 feed=feed,
-                page_limit=self.data.config.backfill.page_limit,
-                concurrency=self.data.config.backfill.concurrency,
-                anomaly=self.data.config.quality.anomaly,
+                **settings(self.data.config),
             )
         except CLIENT_ERRORS:
             raise

@@ -23,7 +23,7 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.base import BarsProvider
 from marketpipe.quality.completeness import Completeness, assess_frames
-from marketpipe.service.backfill import BackfillStats, run_backfill
+from marketpipe.service.backfill import BackfillStats, run_backfill, settings
 from marketpipe.service.quality import expected_complete
 from marketpipe.service.router import ProviderRouter
 from marketpipe.store.duckdb import DuckDBStore
@@ -120,11 +120,9 @@ async def update(
                 begin,
                 stop,
                 feed=feed,
-                page_limit=config.backfill.page_limit,
-                concurrency=config.backfill.concurrency,
                 now=now,
-                anomaly=config.quality.anomaly,
                 refresh=refresh,
+                **settings(config),
             )
         except MarketpipeError as exc:
             log.warning("update_failed", symbols=syms, code=exc.code, error=exc.message)
@@ -254,13 +252,7 @@ async def repair(
     end = min(end, t_now)
     before = completeness(store, cal, symbols, timeframe, start, end, extended=extended, now=t_now)
     result = RepairResult(before=before, after=before)
-    kw = {
-        "feed": feed,
-        "page_limit": config.backfill.page_limit,
-        "concurrency": config.backfill.concurrency,
-        "now": now,
-        "anomaly": config.quality.anomaly,
-    }
+    kw = {"feed": feed, "now": now, **settings(config)}
     routers: list[ProviderRouter] = []
 
     def get_router() -> ProviderRouter:

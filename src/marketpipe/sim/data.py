@@ -54,9 +54,11 @@ from typing import Any, Literal
 
 import numpy as np
 import orjson
+import polars as pl
 
 from marketpipe.core.calendar import NS_PER_MIN, ExchangeCalendar, get_calendar
 from marketpipe.core.errors import InvalidArgument, InvalidSymbol
+from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.timeframe import MIN1, Timeframe, Unit
 from marketpipe.core.timeutil import NY, dt_to_ns, utcnow
 
@@ -858,6 +860,39 @@ class SimMarket:
             b = self._intraday(symbol, di, tf, feed, now_ns)
             parts.append(b.take((b.t >= s) & (b.t <= e)))
         return BarArrays.concat(parts).frame()
+
+    def canonical_bars(
+        self,
+        symbol: str,
+        timeframe: str | Timeframe,
+        start: datetime | date | int | str,
+        end: datetime | date | int | str,
+        feed: str = "sip",
+        *,
+        source: str = "sim:alpaca",
+        fetched_at: datetime | None = None,
+    ) -> pl.DataFrame:
+        """:meth:`bars_frame` in marketpipe's canonical bar schema, as if fetched from a vendor face —
+        for benchmarks and tests that need stored-looking bars without HTTP."""
+        d = self.bars_frame(symbol, timeframe, start, end, feed)
+        n = len(d["t"])
+        return pl.DataFrame(
+            {
+                "symbol": [symbol] * n,
+                "timeframe": [str(Timeframe.parse(timeframe))] * n,
+                "ts": d["t"] // 1000,
+                "open": d["o"],
+                "high": d["h"],
+                "low": d["l"],
+                "close": d["c"],
+                "volume": d["v"],
+                "trade_count": d["n"],
+                "vwap": d["vw"],
+                "source": [source] * n,
+                "feed": [feed] * n,
+                "fetched_at": [fetched_at or datetime(2026, 1, 1, tzinfo=UTC)] * n,
+            }
+        ).cast(BAR_SCHEMA)  # type: ignore[arg-type]
 
     def trades_frame(
         self,
