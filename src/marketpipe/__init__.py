@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from marketpipe.service.data import SyncMarketData
 
 __version__ = "0.1.0"
-__all__ = ["backfill", "bars", "client", "latest_quote", "latest_trade", "snapshots"]
+__all__ = ["backfill", "bars", "client", "latest_quote", "latest_trade", "quality", "snapshots"]
 
 _default: SyncMarketData | None = None
 _lock = threading.Lock()
@@ -77,3 +77,9 @@ def latest_quote(symbol: str, *, feed: str | None = None) -> Quote | None:
 
 def snapshots(symbols: str | list[str], *, feed: str | None = None) -> dict[str, Snapshot]:
     return _client().snapshots(symbols, feed=feed)
+
+
+def quality(symbols: str | list[str], start: TimeLike, end: TimeLike | None = None, *, timeframe: str = "1Min") -> Any:
+    """Completeness, anomalies and quality scores of stored bars (nothing is fetched): one result per
+    symbol with ``.summary``, ``.days``, ``.findings`` and ``.completeness``."""
+    return _client().quality(symbols, start, end, timeframe=timeframe)

@@ -403,3 +403,13 @@ async def test_a_failed_fetch_is_a_gap_that_repair_closes(
     assert fixed.after["AAPL"].present == 3 * 390
     again = await repair(alpaca_only, store, CAL, cfg, ["AAPL"], TF, *span(WED, FRI), now=pinned)
     assert again.requests == 0
+
+
+def test_the_synchronous_api_reports_quality(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from marketpipe.service.data import SyncMarketData
+
+    cfg = Config()
+    cfg.store.path = str(tmp_path / "sync.duckdb")
+    with SyncMarketData(config=cfg) as client:
+        (res,) = client.quality("ZZZZ", MON, FRI, timeframe="1Day")
+    assert (res.completeness.expected, res.completeness.gap, res.summary["score"]) == (5, 5, 0.0)
