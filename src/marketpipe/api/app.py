@@ -26,6 +26,7 @@ from starlette.responses import Response
 from marketpipe import __version__
 from marketpipe.api import errors
 from marketpipe.api.formats import MEDIA, bars_body, bars_json, negotiate
+from marketpipe.api.live import live_router
 from marketpipe.api.middleware import ClientAuth, ClientKeys, RequestContext
 from marketpipe.cache import CacheHit, TieredCache, build_cache, make_key, ttl_for
 from marketpipe.core.config import KNOWN_KINDS, Config, load_config
@@ -35,6 +36,7 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_range, utcnow
 from marketpipe.service.data import MarketData
 from marketpipe.service.gateway import Gateway
+from marketpipe.service.live import LiveHub
 
 ADMIN_TOKEN_VAR = "MARKETPIPE_ADMIN_TOKEN"
 API_KEYS_VAR = "MARKETPIPE_API_KEYS"
@@ -49,6 +51,8 @@ class AppState:
     cache: TieredCache
     admin_token: str | None
     started: float
+    keys: ClientKeys
+    live: LiveHub | None = None  # created in the lifespan (it needs the running loop)
 
 
 async def state(request: Request) -> AppState:
@@ -197,6 +201,7 @@ def create_app(
     cfg = config or load_config()
     environ = os.environ if env is None else env
     md = data or MarketData(cfg, env=env)
+    keys = ClientKeys.parse(environ.get(API_KEYS_VAR), cfg.server.client_rate_limit_per_min)
     st = AppState(
         config=cfg,
         data=md,
@@ -204,13 +209,19 @@ def create_app(
         cache=cache or build_cache(cfg.cache),
         admin_token=environ.get(ADMIN_TOKEN_VAR) or None,
         started=time.time(),
+        keys=keys,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(MarketpipeError):  # no usable provider: readiness says so
             st.gateway.start_probes()
+        if cfg.stream.enabled:
+            st.live = LiveHub(cfg, st.gateway, env=env)
+            await st.live.start()
         yield
+        if st.live is not None:
+            await st.live.close()
         await st.cache.aclose()
         await md.aclose()
 
@@ -223,7 +234,6 @@ def create_app(
     )
     app.state.mp = st
     errors.install(app)
-    keys = ClientKeys.parse(environ.get(API_KEYS_VAR), cfg.server.client_rate_limit_per_min)
     app.add_middleware(HitPath, cache=st.cache)
     app.add_middleware(ClientAuth, keys=keys)
     app.add_middleware(RequestContext)
@@ -233,6 +243,7 @@ def create_app(
     from marketpipe.api.alpaca import router as alpaca_router
 
     app.include_router(alpaca_router())
+    app.include_router(live_router())
     return app
 
 
@@ -538,12 +549,12 @@ def ops_router() -> Any:
 
     @r.get("/health/datasource", summary="Router state: active provider, order, pinned, unavailable")
     async def health_datasource(st: StateDep) -> Response:
-        return Response(_json(st.gateway.datasource()), media_type=MEDIA["json"])
+        return Response(_json(datasource(st)), media_type=MEDIA["json"])
 
     @r.get("/health/stocks", summary="Readiness, router state and providers together")
     async def health_stocks(st: StateDep) -> Response:
         doc = await readiness(st)
-        doc["datasource"] = st.gateway.datasource()
+        doc["datasource"] = datasource(st)
         doc["market_open"] = st.gateway.is_market_hours()
         return Response(_json(doc), status_code=200 if doc["ready"] else 503, media_type=MEDIA["json"])
 
@@ -554,6 +565,13 @@ def ops_router() -> Any:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return r
+
+
+def datasource(st: AppState) -> dict[str, Any]:
+    """``/health/datasource``: the REST provider order and, when streaming is on, the live router."""
+    doc = st.gateway.datasource()
+    doc["live"] = st.live.datasource() if st.live is not None else None
+    return doc
 
 
 async def admin(st: StateDep, authorization: Annotated[str | None, Header()] = None) -> AppState:
@@ -574,20 +592,36 @@ def admin_router() -> Any:
 
     r = APIRouter(tags=["admin"])
 
-    @r.post("/admin/failover", summary="Pin a provider as first choice; {} or provider null: health order")
+    @r.post(
+        "/admin/failover",
+        summary='Pin a provider as first choice ({"provider": "polygon"}; null: health order). A provider other '
+        'than alpaca also moves live data to the fallback until released; {"live": "fallback"|"auto"} drives '
+        "the live router alone",
+    )
     async def admin_failover(st: AdminDep, request: Request) -> Response:
         body = await _body(request)
-        provider = body.get("provider")
+        provider, live = body.get("provider"), body.get("live")
         if provider is not None and not isinstance(provider, str):
             raise InvalidArgument("provider must be a string or null", details={"parameter": "provider"})
-        doc = st.gateway.failover(provider)
-        await st.cache.invalidate(kind="latest_quote")
-        await st.cache.invalidate(kind="latest_trade")
-        return Response(_json(doc), media_type=MEDIA["json"])
+        if live not in (None, "fallback", "auto"):
+            raise InvalidArgument('live must be "fallback" or "auto"', details={"parameter": "live"})
+        if "provider" in body or live is None:
+            st.gateway.failover(provider)
+            await st.cache.invalidate(kind="latest_quote")
+            await st.cache.invalidate(kind="latest_trade")
+        if st.live is not None:
+            if live == "fallback" or (live is None and provider not in (None, "alpaca")):
+                st.live.force_failover(f"admin:{provider or 'fallback'}")
+            elif live == "auto" or (live is None and provider in (None, "alpaca")):
+                st.live.release("admin")
+        return Response(_json(datasource(st)), media_type=MEDIA["json"])
 
-    @r.post("/admin/reconnect", summary="Rebuild every provider client")
+    @r.post("/admin/reconnect", summary="Rebuild every provider client and reconnect the live stream")
     async def admin_reconnect(st: AdminDep) -> Response:
-        return Response(_json(await st.gateway.reconnect()), media_type=MEDIA["json"])
+        await st.gateway.reconnect()
+        if st.live is not None:
+            st.live.request_reconnect("admin")
+        return Response(_json(datasource(st)), media_type=MEDIA["json"])
 
     @r.post("/admin/cache/invalidate", summary='Drop cached answers: {"symbol": "AAPL", "kind": "bars"}, both optional')
     async def admin_invalidate(st: AdminDep, request: Request) -> Response:

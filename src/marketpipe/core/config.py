@@ -230,6 +230,52 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError("server.workers and server.client_rate_limit_per_min must be >= 1")
 
 
+class StreamSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """``[stream]``: the live stream the gateway owns and fans out (one upstream connection)."""
+
+    enabled: bool = True
+    url: str | None = None  # ws(s)://host; default: Alpaca's, or the simulator's when providers.alpaca is one
+    feed: str | None = None  # iex | sip | test; default providers.alpaca.feed (409 falls back to iex)
+    encoding: str = "msgpack"  # upstream wire encoding: msgpack | json
+    symbols: list[str] = msgspec.field(default_factory=list)  # always streamed (and their minute bars stored)
+    client_queue: int = 2_000  # messages held per client; a client that lets it fill is dropped
+    slow_warn_fraction: float = 0.5  # the client is told it is slow when its queue is this full
+    max_symbols_per_client: int = 500
+    persist_bars: bool = True  # minute bars from the stream go to the store
+    persist_every_seconds: float = 2.0
+    gap_backfill: bool = True  # after a reconnect, missed minute bars are fetched over REST
+    sparkline_points: int = 120  # recent prices kept per symbol for the dashboard
+    # checks on every trade and quote
+    max_future_seconds: float = 300.0
+    jump_pct: float = 20.0  # farther than this from the last accepted price: rejected, alert raised
+    reanchor_after: int = 5  # consecutive rejected prices that agree with each other become the new level
+    cross_source_pct: float = 5.0  # primary vs fallback disagreement that raises a warning
+    cross_check_seconds: float = 60.0  # how often the fallback is sampled to compare (0: never)
+    # data-source router
+    failure_threshold: int = 3
+    grace_seconds: float = 10.0
+    fallback_poll_seconds: float = 5.0
+    stale_seconds: float = 30.0  # no primary data this long (market open) counts as one failure
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ("msgpack", "json"):
+            raise ValueError("stream.encoding must be 'msgpack' or 'json'")
+        if self.feed is not None and self.feed not in ("iex", "sip", "delayed_sip", "test"):
+            raise ValueError("stream.feed must be iex, sip, delayed_sip or test")
+        if self.url is not None and not self.url.startswith(("ws://", "wss://", "http://", "https://")):
+            raise ValueError("stream.url must be a ws://, wss://, http:// or https:// URL")
+        if self.client_queue < 10 or self.max_symbols_per_client < 1 or self.sparkline_points < 2:
+            raise ValueError("stream.client_queue >= 10, max_symbols_per_client >= 1, sparkline_points >= 2")
+        if not 0 < self.slow_warn_fraction < 1:
+            raise ValueError("stream.slow_warn_fraction must be between 0 and 1")
+        if min(self.persist_every_seconds, self.max_future_seconds, self.jump_pct, self.cross_source_pct) <= 0:
+            raise ValueError("stream: persist_every_seconds, max_future_seconds, jump_pct, cross_source_pct > 0")
+        if self.reanchor_after < 2 or self.failure_threshold < 1 or self.cross_check_seconds < 0:
+            raise ValueError("stream: reanchor_after >= 2, failure_threshold >= 1, cross_check_seconds >= 0")
+        if min(self.grace_seconds, self.fallback_poll_seconds, self.stale_seconds) <= 0:
+            raise ValueError("stream: grace_seconds, fallback_poll_seconds, stale_seconds must be > 0")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     calendar: str = "XNYS"
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
@@ -239,6 +285,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     jobs: list[JobConfig] = msgspec.field(default_factory=list)
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     providers: dict[str, ProviderConfig] = msgspec.field(
         default_factory=lambda: {n: msgspec.convert(d, ProviderConfig) for n, d in DEFAULT_PROVIDERS.items()}
     )

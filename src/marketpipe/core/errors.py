@@ -161,6 +161,13 @@ class StoreError(MarketpipeError):
     http_status = 500
 
 
+class FeatureDisabled(MarketpipeError):
+    """A part of the gateway switched off in the configuration (e.g. ``[stream] enabled = false``)."""
+
+    code = "FEATURE_DISABLED"
+    http_status = 503
+
+
 ERROR_CODES: dict[str, type[MarketpipeError]] = {
     cls.code: cls
     for cls in (
@@ -185,5 +192,6 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         DataInvalid,
         StaleData,
         StoreError,
+        FeatureDisabled,
     )
 }

@@ -209,3 +209,45 @@ STREAM_ROUTER_STATE_SECONDS = Counter(
     ["router", "state"],
     registry=REGISTRY,
 )
+STREAM_CHECK_REJECTED = Counter(
+    "marketpipe_stream_check_rejected_total",
+    "Live trades and quotes rejected by the stream checks, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+STREAM_CROSS_SOURCE_WARNINGS = Counter(
+    "marketpipe_stream_cross_source_warnings_total",
+    "Fallback vendor prices that disagreed with the stream by more than stream.cross_source_pct",
+    ["source"],
+    registry=REGISTRY,
+)
+FANOUT_CLIENTS = Gauge(
+    "marketpipe_fanout_clients",
+    "Clients connected to the live fan-out, by protocol (v1 WebSocket, SSE, Alpaca-compatible)",
+    ["protocol"],
+    registry=REGISTRY,
+)
+FANOUT_MESSAGES = Counter(
+    "marketpipe_fanout_messages_total",
+    "Messages queued to live fan-out clients, by protocol",
+    ["protocol"],
+    registry=REGISTRY,
+)
+FANOUT_DROPPED_CLIENTS = Counter(
+    "marketpipe_fanout_dropped_clients_total",
+    "Fan-out clients disconnected by the gateway, by reason (slow_consumer, protocol_error)",
+    ["protocol", "reason"],
+    registry=REGISTRY,
+)
+STREAM_BARS_PERSISTED = Counter(
+    "marketpipe_stream_bars_persisted_total",
+    "Minute bars from the live stream written to the store",
+    ["source"],
+    registry=REGISTRY,
+)
+STREAM_GAP_BACKFILLS = Counter(
+    "marketpipe_stream_gap_backfills_total",
+    "REST backfills of the minute bars a stream outage missed, by outcome",
+    ["outcome"],
+    registry=REGISTRY,
+)

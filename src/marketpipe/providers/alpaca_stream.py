@@ -71,6 +71,7 @@ from marketpipe.core.metrics import (
 )
 from marketpipe.core.schema import Bar, Quote, Trade, normalize_symbol
 from marketpipe.core.timeutil import utcnow
+from marketpipe.providers.base import sim_source
 
 DEFAULT_STREAM_URL = "wss://stream.data.alpaca.markets"
 STREAM_FEEDS = ("iex", "sip", "delayed_sip", "test")
@@ -344,7 +345,7 @@ class AlpacaStream:
         key: str | None = None,
         secret: str | None = None,
         env: Mapping[str, str] | None = None,
-        source: str = "alpaca",
+        source: str | None = None,
         encoding: Encoding = "msgpack",
         fallback_feed: str | None = "iex",
         stale_seconds: float = 30.0,
@@ -394,7 +395,8 @@ class AlpacaStream:
             raise InvalidArgument(f"stale_limits: channels from {sorted(CHANNELS)} with limits > 0, got {limits}")
         self.feed = feed
         self.base_url = base
-        self.source = source
+        self.source = source or "alpaca"
+        self._auto_source = source is None
         self.encoding: Encoding = encoding
         self.fallback_feed = fallback_feed
         self.stale_limits: dict[str, float] = limits
@@ -513,6 +515,17 @@ class AlpacaStream:
         if hooks:
             await asyncio.gather(*hooks, return_exceptions=True)
         self._finish(None)
+
+    async def reconnect(self, reason: str = "requested") -> bool:
+        """Close the current connection; the run loop opens a new one and restores the subscriptions.
+        False when there is no open connection (a reconnect is then already under way)."""
+        ws = self._ws
+        if ws is None:
+            return False
+        self._end_reason = reason
+        log.info("stream_reconnect_requested", url=self.url, reason=reason)
+        await ws.close(code=1000, reason=reason[:100])
+        return True
 
     async def __aenter__(self) -> AlpacaStream:
         await self.start()
@@ -791,6 +804,8 @@ class AlpacaStream:
             log.warning("stream_connect_failed", url=self.url, error=repr(exc))
             return _Outcome("connect_failed")
         self._ws = ws
+        if self._auto_source and ws.response is not None:
+            self.source = sim_source(ws.response.headers, "alpaca")  # sim:alpaca from the simulator
         watchdog: asyncio.Task[None] | None = None
         try:
             outcome = await self._handshake(ws)

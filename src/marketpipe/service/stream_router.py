@@ -195,6 +195,12 @@ class DataSourceRouter:
             self._evaluate(now, f"primary_failed:{reason}")
         self._flush()
 
+    def primary_idle(self) -> None:
+        """Nothing needs the primary yet (no subscriptions): restart its staleness clock without
+        counting an ok or a failure, so silence before the first subscription is not held against it."""
+        with self._lock:
+            self._primary_last_report = self._now()
+
     def fallback_ok(self) -> None:
         with self._lock:
             now = self._now()

@@ -116,6 +116,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from marketpipe.core.timeutil import NY, dt_to_ns
+from marketpipe.sim.admin import SIM_HEADER
 from marketpipe.sim.data import NS_PER_SEC, SimMarket, ny_midnight_ns, valid_symbol
 
 FEEDS = ("iex", "sip", "test")
@@ -493,6 +494,7 @@ class AlpacaStream:
         ws = web.WebSocketResponse(timeout=cfg.close_timeout_s, autoping=True, compress=True)
         if not ws.can_prepare(request).ok:
             return web.Response(status=400, text="websocket upgrade required\n")
+        ws.headers[SIM_HEADER] = "1"  # like every REST answer: clients label the data sim:alpaca
         await ws.prepare(request)
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         conn = _Conn(ws, request, feed, binary=content_type == "application/msgpack")

@@ -12,7 +12,7 @@ so a crash leaves either the whole page or none of it.
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA
 from marketpipe.quality.validate import QUARANTINE_COLUMNS, QUARANTINE_SCHEMA
 from marketpipe.store.base import COVERAGE_SCHEMA, PageWrite
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 log = get_logger("marketpipe.store")
 
 _DDL = [
@@ -71,6 +71,10 @@ _DDL = [
         id BIGINT DEFAULT nextval('run_seq'), job VARCHAR, run_id VARCHAR, symbol VARCHAR, strategy VARCHAR,
         started_at TIMESTAMP, finished_at TIMESTAMP, status VARCHAR, code VARCHAR, message VARCHAR,
         bars_stored BIGINT, bars_rejected BIGINT)""",
+    # v3: live streaming. The previous session's close per symbol, so change and change % survive a restart.
+    """CREATE TABLE IF NOT EXISTS prev_close (
+        symbol VARCHAR PRIMARY KEY, session DATE NOT NULL, close DOUBLE NOT NULL, source VARCHAR,
+        updated_at TIMESTAMP)""",
 ]
 _SCORE_COLUMNS = [
     "symbol",
@@ -636,6 +640,24 @@ class DuckDBStore:
                 {"tf": timeframe, "s": _n(start), "e": _n(end), "syms": list(symbols)},
             )
         return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
+
+    def save_prev_closes(self, rows: list[tuple[str, date, float, str]]) -> None:
+        """Keep (symbol, session, close, source): the close of the session before the current one."""
+        if not rows:
+            return
+        now = datetime.now(UTC).replace(tzinfo=None)
+        with self._lock:
+            self.con.executemany("INSERT OR REPLACE INTO prev_close VALUES (?, ?, ?, ?, ?)", [(*r, now) for r in rows])
+
+    def prev_closes(self, symbols: list[str]) -> dict[str, tuple[date, float, str]]:
+        """Symbol -> (session, close, source) for the symbols held."""
+        if not symbols:
+            return {}
+        with self._lock:
+            rows = self.con.execute(
+                "SELECT symbol, session, close, source FROM prev_close WHERE symbol IN (SELECT unnest(?))", [symbols]
+            ).fetchall()
+        return {r[0]: (r[1], float(r[2]), r[3]) for r in rows}
 
     def summary(self) -> pl.DataFrame:
         """Per symbol/timeframe/source/feed: bar count and time span."""

@@ -1,0 +1,260 @@
+"""Live endpoints of the gateway: the unified price stream over WebSocket (``/v1/stream``) and
+Server-Sent Events (``/v1/stream/sse``), and the JSON the dashboard reads (``/v1/live``, ``/v1/alerts``).
+
+Protocol of ``/v1/stream`` (every server frame is a JSON array of messages, like Alpaca's):
+
+* server → ``{"type": "welcome", ...}`` on connect;
+* client → ``{"action": "subscribe", "symbols": ["AAPL", "MSFT"]}`` / ``"unsubscribe"`` /
+  ``{"action": "ping"}``; server → ``{"type": "subscribed", "symbols": [...]}`` (the whole list), the
+  last known value of each new symbol (``stale`` says whether it is), then ``price`` updates;
+* ``{"type": "status", "state": ..., "active_source": ...}`` whenever the live source changes;
+* ``{"type": "warning", "code": "SLOW_CONSUMER"}`` when the client falls behind, then
+  ``{"type": "error", "code": "SLOW_CONSUMER"}`` and close code 1008 if its queue fills;
+* a bad message or symbol gets ``{"type": "error", "code": ..., "message": ...}`` and the
+  connection stays open.
+
+When client keys are configured (``MARKETPIPE_API_KEYS``) the stream takes the key as
+``Authorization: Bearer KEY``, ``X-API-Key`` or ``?token=KEY`` (browsers cannot set headers on a
+WebSocket); a missing or wrong key closes the socket with 1008 before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
+from starlette.responses import Response, StreamingResponse
+
+from marketpipe import __version__
+from marketpipe.api.formats import MEDIA
+from marketpipe.core.errors import FeatureDisabled, MarketpipeError
+from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import FANOUT_MESSAGES
+from marketpipe.core.schema import normalize_symbols
+from marketpipe.service.live import PRICES, FanoutClient, LiveHub, unified_json
+
+log = get_logger("marketpipe.api.live")
+
+SSE_HEARTBEAT_SECONDS = 15.0
+DROP_FLUSH_SECONDS = 1.0
+MAX_MESSAGE_BYTES = 64 * 1024
+V1_JSON = "v1"
+
+
+def hub_of(app: Any) -> LiveHub:
+    hub: LiveHub | None = getattr(app.state.mp, "live", None)
+    if hub is None:
+        raise FeatureDisabled("live streaming is off ([stream] enabled = false)")
+    return hub
+
+
+def client_key_ok(app: Any, headers: Any, query: Any) -> bool:
+    """The v1 key rules of the HTTP middleware, for WebSocket upgrades (plus ``?token=``)."""
+    keys = app.state.mp.keys
+    if not keys.enabled:
+        return True
+    auth = headers.get("authorization", "")
+    secret = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key") or query.get("token")
+    return bool(secret) and keys.identify(None, secret) is not None
+
+
+def batch_json(notices: list[dict[str, Any]], parts: list[bytes]) -> str:
+    encoded = [orjson.dumps(n) for n in notices]
+    encoded += parts
+    return (b"[" + b",".join(encoded) + b"]").decode()
+
+
+def _error(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, **({"details": details} if details else {})}
+
+
+def _welcome(hub: LiveHub, client: FanoutClient) -> dict[str, Any]:
+    router = hub.router
+    return {
+        "type": "welcome",
+        "protocol": "marketpipe.v1",
+        "server": f"marketpipe {__version__}",
+        "client": client.name,
+        "limits": {"queue": client.limit, "max_symbols": hub.settings.max_symbols_per_client},
+        "state": str(router.state),
+        "active_source": router.active_source,
+    }
+
+
+async def _apply(hub: LiveHub, client: FanoutClient, raw: str | bytes) -> None:
+    """One client message: subscribe / unsubscribe / ping. Errors go back to this client only."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        client.notice(_error("MESSAGE_TOO_LARGE", f"messages are limited to {MAX_MESSAGE_BYTES} bytes"))
+        return
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        client.notice(_error("INVALID_MESSAGE", 'not JSON: send {"action": "subscribe", "symbols": [...]}'))
+        return
+    if not isinstance(msg, dict):
+        client.notice(_error("INVALID_MESSAGE", "a message is a JSON object with an action"))
+        return
+    action = msg.get("action")
+    if action == "ping":
+        client.notice({"type": "pong"})
+        return
+    if action not in ("subscribe", "unsubscribe"):
+        client.notice(_error("INVALID_ACTION", f"unknown action {action!r}: subscribe, unsubscribe or ping"))
+        return
+    symbols = msg.get("symbols")
+    if isinstance(symbols, str):
+        symbols = [s for s in symbols.split(",") if s.strip()]
+    if not isinstance(symbols, list) or not symbols or not all(isinstance(s, str) for s in symbols):
+        client.notice(_error("INVALID_SYMBOLS", "symbols must be a non-empty list of strings"))
+        return
+    try:
+        if action == "subscribe":
+            now = await hub.subscribe(client, PRICES, symbols)
+        else:
+            now = await hub.unsubscribe(client, PRICES, symbols)
+    except MarketpipeError as exc:
+        client.notice(_error(exc.code, exc.message, **(exc.details or {})))
+        return
+    client.notice({"type": "subscribed", "symbols": now})
+
+
+def live_router() -> APIRouter:
+    r = APIRouter(tags=["live"])
+
+    @r.websocket("/v1/stream")
+    async def stream(ws: WebSocket) -> None:
+        app = ws.app
+        if not client_key_ok(app, ws.headers, ws.query_params):
+            await ws.close(code=1008, reason="an API key is required (Authorization: Bearer KEY or ?token=KEY)")
+            return
+        try:
+            hub = hub_of(app)
+        except MarketpipeError as exc:
+            await ws.close(code=1013, reason=exc.message[:120])
+            return
+        await ws.accept()
+        client = hub.attach(V1_JSON, ws.client.host if ws.client else "")
+        client.notice(_welcome(hub, client))
+        initial = ws.query_params.get("symbols")
+        if initial:
+            await _apply(hub, client, orjson.dumps({"action": "subscribe", "symbols": initial}))
+        sent = FANOUT_MESSAGES.labels(V1_JSON)
+
+        async def writer() -> None:
+            while True:
+                notices, items = await client.next_batch()
+                if not notices and not items:
+                    return
+                parts = [it.encoded(V1_JSON, unified_json) for it in items]
+                await ws.send_text(batch_json(notices, parts))
+                sent.inc(len(items))
+                if client.closed is not None and not client.queue and not client.notices:
+                    return
+
+        async def reader() -> None:
+            with contextlib.suppress(WebSocketDisconnect):
+                while True:
+                    message = await ws.receive()
+                    if message["type"] == "websocket.disconnect":
+                        return
+                    raw = message.get("text") if message.get("text") is not None else message.get("bytes")
+                    if raw is not None:
+                        await _apply(hub, client, raw)
+
+        await _run_connection(hub, client, writer(), reader())
+        reason = client.closed
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(code=1008 if reason == "slow_consumer" else 1000, reason=reason or ""), 2.0)
+
+    @r.get("/v1/stream/sse", summary="Unified price updates as Server-Sent Events (?symbols=AAPL,MSFT)")
+    async def sse(
+        request: Request, symbols: Annotated[str, Query(description="comma-separated symbols", min_length=1)]
+    ) -> Response:
+        hub = hub_of(request.app)
+        syms = normalize_symbols(symbols)
+        client = hub.attach("sse", request.client.host if request.client else "")
+        try:
+            await hub.subscribe(client, PRICES, syms)
+        except MarketpipeError:
+            await hub.detach(client)
+            raise
+        client.notice(_welcome(hub, client))
+        sent = FANOUT_MESSAGES.labels("sse")
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                yield b"retry: 3000\n\n"
+                while True:
+                    try:
+                        notices, items = await asyncio.wait_for(client.next_batch(), SSE_HEARTBEAT_SECONDS)
+                    except TimeoutError:
+                        yield b": heartbeat\n\n"
+                        continue
+                    if not notices and not items:
+                        return
+                    out = [b"event: %s\ndata: %s\n\n" % (n["type"].encode(), orjson.dumps(n)) for n in notices]
+                    out += [b"event: price\ndata: %s\n\n" % it.encoded(V1_JSON, unified_json) for it in items]
+                    yield b"".join(out)
+                    sent.inc(len(items))
+                    if client.closed is not None and not client.queue:
+                        return
+            finally:
+                await hub.detach(client)
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @r.get("/v1/live", summary="Live board: prices with sparklines, data-source router, providers, alerts")
+    async def live(
+        request: Request, symbols: Annotated[str | None, Query(description="comma-separated; default all")] = None
+    ) -> Response:
+        hub = hub_of(request.app)
+        st = request.app.state.mp
+        ds = hub.datasource()
+        ds.pop("history", None)
+        doc = {
+            "board": hub.board(normalize_symbols(symbols) if symbols else None),
+            "datasource": ds,
+            "history": [t.to_dict() for t in hub.router.history()][-20:],
+            "providers": st.gateway.provider_rows(),
+            "alerts": hub.alerts(30),
+            "default_symbols": list(hub.settings.symbols) or ["AAPL", "MSFT", "SPY"],
+        }
+        return Response(orjson.dumps(doc, default=str), media_type=MEDIA["json"])
+
+    @r.get("/v1/alerts", summary="Recent alert events, newest first")
+    async def alerts(limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Response:
+        return Response(orjson.dumps(LiveHub.alerts(limit), default=str), media_type=MEDIA["json"])
+
+    return r
+
+
+async def _run_connection(hub: LiveHub, client: FanoutClient, *coros: Any) -> None:
+    """Run the connection's writer and reader until either ends. A dropped client's writer gets
+    ``DROP_FLUSH_SECONDS`` to send the error (it may be stuck on a client that does not read)."""
+
+    async def dropped() -> None:
+        await client.dropped.wait()
+        await asyncio.sleep(DROP_FLUSH_SECONDS)
+
+    tasks = [asyncio.create_task(c) for c in (*coros, dropped())]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for t in done:
+            exc = t.exception()
+            if exc is not None and not isinstance(exc, WebSocketDisconnect | ConnectionError):
+                log.warning("fanout_connection_error", client=client.name, error=repr(exc))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await hub.detach(client)
