@@ -280,17 +280,18 @@ def test_old_value_is_stale_even_with_a_source(clock: FakeClock) -> None:
     assert entry is not None and entry["stale"] is True and entry["age_seconds"] == 30.5
 
 
-def test_record_copies_value_and_needs_a_source(clock: FakeClock) -> None:
+def test_record_needs_a_source_and_last_hands_out_copies(clock: FakeClock) -> None:
     r = make(clock)
     with pytest.raises(InvalidArgument):
         r.record("AAPL", {"price": 1.0})
     with pytest.raises(InvalidArgument):
         r.record("", {"price": 1.0}, source="primary")
-    value = {"price": 1.0}
-    r.record("AAPL", value, source="primary")
-    value["price"] = 2.0
+    r.record("AAPL", {"price": 1.0}, source="primary")  # kept as given (the hot path does not copy)
     entry = r.last("AAPL")
-    assert entry is not None and entry["value"] == {"price": 1.0}
+    assert entry is not None
+    entry["value"]["price"] = 2.0  # a caller changing what it got changes nothing held
+    again = r.last("AAPL")
+    assert again is not None and again["value"] == {"price": 1.0}
 
 
 def test_recovery_from_both_down_primary_first(clock: FakeClock) -> None:

@@ -595,6 +595,7 @@ def store_log(
 # The data-quality commands live in their own module and register themselves on ``app``.
 from marketpipe.cli import quality as _quality  # noqa: E402, F401
 from marketpipe.cli import serve as _serve  # noqa: E402, F401
+from marketpipe.cli import stream as _stream  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     # Run as ``python -m``: this module is ``__main__``, so take the app from the imported module,

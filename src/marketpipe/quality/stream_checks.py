@@ -43,7 +43,8 @@ class StreamCheckConfig:
 @dataclass(slots=True)
 class _SymbolState:
     last_price: float | None = None
-    rejected: list[float] = field(default_factory=list)  # consecutive jump rejections
+    rejected: list[float] = field(default_factory=list)  # consecutive jump rejections that agree
+    excursion: bool = False  # trades are being rejected since the last accepted one
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,7 @@ class StreamChecker:
         if last is None or abs(price - last) / last * 100.0 <= self.config.jump_pct:
             st.last_price = price
             st.rejected.clear()
+            st.excursion = False
             return None
         band = self.config.jump_pct / 4.0
         if st.rejected and abs(price - st.rejected[-1]) / st.rejected[-1] * 100.0 > band:
@@ -167,8 +169,10 @@ class StreamChecker:
             )
             st.last_price = price
             st.rejected.clear()
+            st.excursion = False
             return None
-        if len(st.rejected) == 1:  # one alert per excursion, not one per rejected trade
+        if not st.excursion:  # one alert per excursion, not one per rejected trade
+            st.excursion = True
             emit(
                 OUTLIER,
                 "critical",

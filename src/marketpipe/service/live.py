@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 import uuid
 from collections import deque
@@ -260,6 +261,7 @@ class LiveHub:
         stream: AlpacaStream | None = None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = utcnow,
+        monitor_seconds: float = MONITOR_SECONDS,
     ) -> None:
         self.config = config
         self.settings = config.stream
@@ -288,6 +290,8 @@ class LiveHub:
         self._stream_error: MarketpipeError | None = None
         self._clock = clock
         self._now = now
+        self.monitor_seconds = monitor_seconds
+        self._seen_reconnects = 0
         self._clients: set[FanoutClient] = set()
         self._routes: dict[tuple[str, str], set[FanoutClient]] = {}
         self._upstream: dict[tuple[str, str], int] = {}  # (upstream channel, symbol) -> clients
@@ -302,6 +306,8 @@ class LiveHub:
         self._started = False
         self._closed = False
         self._persist_lock = asyncio.Lock()
+        self._upstream_lock = asyncio.Lock()
+        self._froze = False
         self._last_flush = clock()
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -316,6 +322,12 @@ class LiveHub:
         if self._started:
             return
         self._started = True
+        # A server's long-lived heap (pandas, polars, calendars, the app) is moved out of the cyclic
+        # collector's sight: under stream load a full collection otherwise walks all of it several times
+        # a second (measured: a quarter of the ingest rate). Objects made from here on are collected as usual.
+        gc.collect()
+        gc.freeze()
+        self._froze = True
         if self._stream is None:
             s = self.settings
             try:
@@ -325,13 +337,13 @@ class LiveHub:
                     env=self._env,
                     encoding="json" if s.encoding == "json" else "msgpack",
                     stale_seconds=s.stale_seconds,
-                    on_reconnect=self._on_reconnect if s.gap_backfill else None,
+                    on_reconnect=self.on_outage if s.gap_backfill else None,
                 )
             except MarketpipeError as exc:
                 self._stream_error = exc
                 log.warning("live_primary_unavailable", code=exc.code, error=exc.message)
         if self._stream is not None:
-            self._stream.add_handler(self._on_message)
+            self._stream.add_batch_handler(self.handle_batch)
         self.router.on_transition(self._on_transition)
         self._monitor = asyncio.create_task(self._run_monitor(), name="live-hub-monitor")
         for sym in self.settings.symbols:
@@ -353,6 +365,9 @@ class LiveHub:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._stream is not None:
             await self._stream.close()
+        if self._froze:
+            gc.unfreeze()  # native extensions (DuckDB) check their objects are freed at exit
+            self._froze = False
 
     # --- clients ----------------------------------------------------------------------------------------
 
@@ -392,11 +407,11 @@ class LiveHub:
                 f"at most {self.settings.max_symbols_per_client} subscriptions per client",
                 details={"limit": self.settings.max_symbols_per_client},
             )
+        upstream = ("trades", "quotes", "bars") if channel == PRICES else (channel,)
         for s in new:
+            await self._add_upstream(s, upstream)  # raises (and counts nothing) when the vendor refuses
             have.add(s)
             self._routes.setdefault((channel, s), set()).add(client)
-            upstream = ("trades", "quotes", "bars") if channel == PRICES else (channel,)
-            await self._add_upstream(s, upstream)
             if channel == PRICES:
                 self._send_last(client, s)
         return sorted(have)
@@ -425,32 +440,38 @@ class LiveHub:
         return normalize_symbol(str(raw))
 
     async def _add_upstream(self, symbol: str, channels: Iterable[str]) -> None:
-        for ch in channels:
-            key = (ch, symbol)
-            self._upstream[key] = self._upstream.get(key, 0) + 1
-            if self._upstream[key] == 1 and self._stream is not None:
+        """One more user of (channel, symbol) for each channel; the stream hears of the ones going
+        0 → 1 in one subscribe. If the vendor refuses, nothing is counted."""
+        async with self._upstream_lock:
+            new = [ch for ch in channels if self._upstream.get((ch, symbol), 0) == 0]
+            if new and self._stream is not None:
                 await self._stream.start()  # connects on the first subscription (no-op after)
-                await self._stream_call(self._stream.subscribe, ch, symbol)
+                await self._stream_call(self._stream.subscribe, new, symbol)
+            for ch in channels:
+                self._upstream[(ch, symbol)] = self._upstream.get((ch, symbol), 0) + 1
         if symbol != WILDCARD and symbol not in self._symbols:
             self._symbols[symbol] = _Symbol()
             self._spawn(self._ensure_prev_close([symbol]))
 
     async def _drop_upstream(self, symbol: str, channels: Iterable[str]) -> None:
-        for ch in channels:
-            key = (ch, symbol)
-            n = self._upstream.get(key, 0) - 1
-            if n > 0:
-                self._upstream[key] = n
-                continue
-            self._upstream.pop(key, None)
-            if self._stream is not None:
-                await self._stream_call(self._stream.unsubscribe, ch, symbol)
+        async with self._upstream_lock:
+            gone = []
+            for ch in channels:
+                n = self._upstream.get((ch, symbol), 0) - 1
+                if n > 0:
+                    self._upstream[(ch, symbol)] = n
+                else:
+                    self._upstream.pop((ch, symbol), None)
+                    gone.append(ch)
+            if gone and self._stream is not None:
+                with contextlib.suppress(MarketpipeError):  # already gone upstream: nothing to undo
+                    await self._stream_call(self._stream.unsubscribe, gone, symbol)
 
-    async def _stream_call(self, method: Callable[..., Any], channel: str, symbol: str) -> None:
+    async def _stream_call(self, method: Callable[..., Any], channels: list[str], symbol: str) -> None:
         try:
-            await method(**{channel: [symbol]})
+            await method(**{ch: [symbol] for ch in channels})
         except MarketpipeError as exc:  # e.g. 405 symbol limit: the client asked, the vendor refused
-            log.warning("live_upstream_subscription_failed", channel=channel, symbol=symbol, code=exc.code)
+            log.warning("live_upstream_subscription_failed", channels=channels, symbol=symbol, code=exc.code)
             raise
 
     def upstream_symbols(self, channel: str = "bars") -> list[str]:
@@ -458,38 +479,56 @@ class LiveHub:
 
     # --- upstream messages ------------------------------------------------------------------------------
 
-    def _on_message(self, msg: StreamMessage) -> None:
-        self._stats.received += 1
-        rec = msg.record
-        channel = msg.channel
-        if isinstance(rec, Trade):
-            if self.checker.check_trade(rec.symbol, rec.price, rec.size, rec.ts, rec.fetched_at, rec.source):
-                self._stats.rejected += 1
-                return
-        elif isinstance(rec, Quote):
-            if self.checker.check_quote(
-                rec.symbol, rec.bid_price, rec.bid_size, rec.ask_price, rec.ask_size, rec.ts, rec.fetched_at, rec.source
-            ):
-                self._stats.rejected += 1
-                return
-        elif isinstance(rec, Bar):
-            if channel == "bars":
-                self._bars[(rec.symbol, rec.ts)] = rec
-            elif channel == "updated_bars":
-                self._updated[(rec.symbol, rec.ts)] = rec
-        symbol = msg.symbol or ""
+    def handle(self, msg: StreamMessage) -> None:
+        """One upstream message: see :meth:`handle_batch`."""
+        self.handle_batch([msg])
+
+    def handle_batch(self, msgs: list[StreamMessage]) -> None:
+        """One upstream frame's messages (the stream's batch handler): check, fan out to the channel's
+        subscribers, publish unified prices while the stream is the active source, buffer bars."""
+        stats = self._stats
+        stats.received += len(msgs)
         routes = self._routes
-        targets = routes.get((channel, symbol))
-        wild = routes.get((channel, WILDCARD))
-        if targets or wild:
-            item = Item(channel, symbol, rec)
-            for group in (targets, wild):
-                if group:
-                    for c in group:
-                        c.put(item)
-        if isinstance(rec, Trade | Quote):
-            state = self.router.state
-            if state is SourceState.PRIMARY_ACTIVE or state is SourceState.STARTUP:
+        checker = self.checker
+        state = self.router.state
+        publish = state is SourceState.PRIMARY_ACTIVE or state is SourceState.STARTUP
+        for msg in msgs:
+            rec = msg.record
+            channel = msg.channel
+            kind = type(rec)
+            if kind is Trade:
+                if checker.check_trade(rec.symbol, rec.price, rec.size, rec.ts, rec.fetched_at, rec.source):
+                    stats.rejected += 1
+                    continue
+            elif kind is Quote:
+                if checker.check_quote(
+                    rec.symbol,
+                    rec.bid_price,
+                    rec.bid_size,
+                    rec.ask_price,
+                    rec.ask_size,
+                    rec.ts,
+                    rec.fetched_at,
+                    rec.source,
+                ):
+                    stats.rejected += 1
+                    continue
+            elif kind is Bar:
+                if channel == "bars":
+                    self._bars[(rec.symbol, rec.ts)] = rec
+                elif channel == "updated_bars":
+                    self._updated[(rec.symbol, rec.ts)] = rec
+            symbol = msg.symbol or ""
+            if routes:
+                targets = routes.get((channel, symbol))
+                wild = routes.get((channel, WILDCARD))
+                if targets or wild:
+                    item = Item(channel, symbol, rec)
+                    for group in (targets, wild):
+                        if group:
+                            for c in group:
+                                c.put(item)
+            if publish and (kind is Trade or kind is Quote):
                 self._publish_price(rec, real_time=rec.feed != "delayed_sip", score=SCORE_STREAM, role=PRIMARY)
 
     def _publish_price(self, rec: Trade | Quote, *, real_time: bool, score: float, role: str) -> None:
@@ -588,7 +627,7 @@ class LiveHub:
                 raise
             except Exception as exc:  # noqa: BLE001 - the monitor must outlive any one failure
                 log.error("live_monitor_failed", error=repr(exc))
-            await asyncio.sleep(MONITOR_SECONDS)
+            await asyncio.sleep(self.monitor_seconds)
 
     async def _monitor_once(self) -> None:
         stream = self._stream
@@ -598,11 +637,15 @@ class LiveHub:
             self.router.primary_failed(self._stream_error.code if self._stream_error else "no_stream")
         else:
             health = stream.health()
+            seen, self._seen_reconnects = self._seen_reconnects, health.reconnects
             if health.stopped:
                 code = health.stop_error.get("code") if health.stop_error else "stopped"
                 self.router.primary_failed(str(code))
             elif not health.connected:
-                self.router.primary_failed("disconnected")
+                # one failure per lost connection or failed attempt (the stream retries with backoff);
+                # a first connection still being opened is not a failure (silence counts via staleness)
+                if health.reconnects > seen:
+                    self.router.primary_failed("disconnected")
             elif self._flowing(health):
                 self.router.primary_ok()
         self.router.tick()
@@ -713,6 +756,17 @@ class LiveHub:
             if not missing:
                 return
             snaps = await self.gateway.snapshots(missing)
+            for s in missing:
+                if s not in snaps:
+                    self._tell_subscribers(
+                        s,
+                        {
+                            "type": "warning",
+                            "code": "UNKNOWN_SYMBOL",
+                            "symbol": s,
+                            "message": f"no vendor has a snapshot of {s}: subscribed, but nothing may arrive",
+                        },
+                    )
             tz = ZoneInfo(get_calendar(self.config.calendar).tz)
             rows: list[tuple[str, date, float, str]] = []
             for s, snap in snaps.items():
@@ -725,6 +779,10 @@ class LiveHub:
             await asyncio.to_thread(self.data.store.save_prev_closes, rows)
         except MarketpipeError as exc:
             log.warning("live_prev_close_unavailable", symbols=symbols, code=exc.code, error=exc.message)
+
+    def _tell_subscribers(self, symbol: str, notice: dict[str, Any]) -> None:
+        for c in self._routes.get((PRICES, symbol), ()):
+            c.notice(notice)
 
     def _set_prev_close(self, symbol: str, session: date, close: float) -> None:
         st = self._symbols.setdefault(symbol, _Symbol())
@@ -785,7 +843,7 @@ class LiveHub:
         STREAM_BARS_PERSISTED.labels(first.source).inc(n)
         return stored
 
-    async def _on_reconnect(self, outage: Outage) -> None:
+    async def on_outage(self, outage: Outage) -> None:
         """Fetch the minute bars the outage missed over REST, for the symbols whose bars are streamed."""
         syms = self.upstream_symbols("bars")
         if not syms:

@@ -281,7 +281,8 @@ class DataSourceRouter:
     # --- last values --------------------------------------------------------------------------
 
     def record(self, symbol: str, value: dict[str, Any], *, source: str | None = None) -> None:
-        """Keep ``value`` as the last value for ``symbol``; ``source`` defaults to the active source."""
+        """Keep ``value`` as the last value for ``symbol``; ``source`` defaults to the active source.
+        The value is kept as given (not copied): do not change it afterwards."""
         if not symbol:
             raise InvalidArgument("symbol must not be empty")
         with self._lock:
@@ -291,7 +292,7 @@ class DataSourceRouter:
                     f"no active source in state {self._state}; pass source explicitly",
                     details={"symbol": symbol, "state": str(self._state)},
                 )
-            self._last_values[symbol] = _LastValue(dict(value), src, self._clock())
+            self._last_values[symbol] = _LastValue(value, src, self._clock())
 
     def last(self, symbol: str) -> dict[str, Any] | None:
         """The last recorded value for ``symbol`` with its source and age, or None. ``stale`` is True

@@ -415,8 +415,9 @@ class DuckDBStore:
         n = self._variants.get(key)
         if n is None:
             with self._lock:
+                # From the bars themselves, not the ledger: the live stream stores bars without coverage.
                 rows = self.con.execute(
-                    "SELECT count(DISTINCT (source, feed)) FROM coverage WHERE symbol = ? AND timeframe = ?",
+                    "SELECT count(DISTINCT (source, feed)) FROM bars WHERE symbol = ? AND timeframe = ?",
                     [symbol, timeframe],
                 ).fetchall()
                 n = int(rows[0][0]) if rows else 0

@@ -1,0 +1,382 @@
+"""The live hub end to end against the simulator: one upstream connection for many clients, slow
+clients dropped without disturbing others, router failover to polled Polygon and back, both sources
+down (last values labelled stale), checks on the stream, stream bars persisted, gap backfill, and the
+previous close surviving a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from marketpipe.core.calendar import get_calendar
+from marketpipe.core.config import Config, config_from_dict
+from marketpipe.core.events import Event, hub
+from marketpipe.core.schema import Bar, Trade
+from marketpipe.providers.alpaca_stream import Outage, StreamMessage
+from marketpipe.service.data import MarketData
+from marketpipe.service.gateway import Gateway
+from marketpipe.service.live import PRICES, FanoutClient, LiveHub, stream_url
+from marketpipe.service.stream_router import SourceState
+from marketpipe.sim.data import SimMarket
+from marketpipe.sim.faults import FaultRule
+from marketpipe.sim.server import SimServer
+from marketpipe.sim.stream import StreamConfig
+
+pytestmark = pytest.mark.timeout(60)
+
+ENV = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET", "POLYGON_API_KEY": "POLYKEY"}
+FAST = {
+    "rate_limit_per_min": 100_000,
+    "connect_timeout": 2.0,
+    "read_timeout": 5.0,
+    "retry": {"attempts": 1, "base_seconds": 0.01, "max_seconds": 0.02},
+    "circuit": {"failure_threshold": 1000, "recovery_seconds": 0.2},
+}
+STREAM = {
+    "failure_threshold": 2,
+    "grace_seconds": 0.5,
+    "fallback_poll_seconds": 0.2,
+    "stale_seconds": 1.0,
+    "persist_every_seconds": 0.2,
+    "cross_check_seconds": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def market() -> SimMarket:
+    return SimMarket()
+
+
+@pytest.fixture(scope="module")
+def alpaca(market: SimMarket) -> Iterator[SimServer]:
+    with SimServer(market, stream_config=StreamConfig(rate=400, bar_interval_s=0.3)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def polygon(market: SimMarket) -> Iterator[SimServer]:
+    with SimServer(market, keys={"POLYKEY": "unlimited"}, vendor="polygon") as s:  # type: ignore[dict-item]
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _clear(alpaca: SimServer, polygon: SimServer) -> Iterator[None]:
+    yield
+    assert alpaca.stream is not None
+    alpaca.stream.clear_faults()
+    alpaca.faults.clear()
+    polygon.faults.clear()
+
+
+def live_config(alpaca: SimServer, polygon: SimServer | None, store: Path, **stream: Any) -> Config:
+    cfg = config_from_dict(
+        {
+            "providers": {
+                "alpaca": {"base_url": alpaca.url, "plan": "unlimited", "priority": 1, **FAST},
+                "polygon": (
+                    {"base_url": polygon.url, "plan": "unlimited", "priority": 2, **FAST}
+                    if polygon is not None
+                    else {"enabled": False}
+                ),
+                "yahoo": {"enabled": False},
+            },
+            "stream": {**STREAM, **stream},
+        }
+    )
+    cfg.store.path = str(store)
+    return cfg
+
+
+@pytest.fixture
+async def live(alpaca: SimServer, polygon: SimServer, tmp_path: Path) -> AsyncIterator[LiveHub]:
+    cfg = live_config(alpaca, polygon, tmp_path / "live.duckdb")
+    data = MarketData(cfg, env=ENV)
+    h = LiveHub(cfg, Gateway(data), env=ENV, monitor_seconds=0.05)
+    await h.start()
+    yield h
+    await h.close()
+    await data.aclose()
+
+
+async def drain(client: FanoutClient, seconds: float) -> tuple[list[dict[str, Any]], list[Any]]:
+    notices: list[dict[str, Any]] = []
+    items: list[Any] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            n, i = await asyncio.wait_for(client.next_batch(), max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            break
+        if not n and not i:
+            break
+        notices += n
+        items += i
+    return notices, items
+
+
+async def until(cond: Any, within: float = 10.0, step: float = 0.05) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)
+
+
+def test_stream_url_follows_the_alpaca_provider(alpaca: SimServer, tmp_path: Path) -> None:
+    cfg = live_config(alpaca, None, tmp_path / "x.duckdb")
+    assert stream_url(cfg) == "ws://" + alpaca.url.removeprefix("http://")
+    assert stream_url(Config()) == "wss://stream.data.alpaca.markets"
+    cfg.stream.url = "https://example.test/"
+    assert stream_url(cfg) == "wss://example.test"
+
+
+async def test_many_clients_share_one_upstream_connection(live: LiveHub, alpaca: SimServer) -> None:
+    assert alpaca.stream is not None
+    before = alpaca.stream.stats()["connections"]
+    clients = [live.attach("test", f"c{i}") for i in range(5)]
+    for c in clients:
+        await live.subscribe(c, PRICES, ["AAPL", "MSFT"])
+    await until(lambda: all(len(c.queue) >= 20 for c in clients))
+    await until(lambda: live.board(["AAPL"])[0]["prev_close"] is not None)
+    await drain(clients[0], 0.05)  # what came before the previous close was known
+    assert alpaca.stream.stats()["connections"] - before == 1
+    _, items = await drain(clients[0], 0.2)
+    docs = [i.record for i in items if i.channel == PRICES]
+    assert {d["symbol"] for d in docs} == {"AAPL", "MSFT"}
+    d = next(d for d in docs if d["event"] == "trade")
+    assert d["source"] == "sim:alpaca" and d["feed"] == "sip" and d["is_real_time"] is True
+    assert d["price"] > 0 and d["quality_score"] == 1.0 and d["stale"] is False
+    assert d["prev_close"] is not None and d["change"] == pytest.approx(d["price"] - d["prev_close"], abs=1e-6)
+    # a client that leaves releases nothing others still use
+    for c in clients[1:]:
+        await live.detach(c)
+    await drain(clients[0], 0.1)
+    _, items = await drain(clients[0], 0.3)
+    assert items, "the remaining client still receives"
+    assert live.datasource()["fanout"]["clients"] == 1
+
+
+async def test_subscribe_rejects_bad_symbols_and_changes_nothing(live: LiveHub) -> None:
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["AAPL"])
+    with pytest.raises(Exception) as err:
+        await live.subscribe(c, PRICES, ["AAPL", "no such!"])
+    assert getattr(err.value, "code", "") == "INVALID_SYMBOL"
+    assert c.subscriptions[PRICES] == {"AAPL"}
+    with pytest.raises(Exception) as err:
+        await live.subscribe(c, PRICES, ["*"])
+    assert getattr(err.value, "code", "") == "INVALID_ARGUMENT"
+
+
+async def test_slow_client_is_told_then_dropped_and_others_are_not_disturbed(live: LiveHub) -> None:
+    slow = live.attach("test", "slow", queue_size=40)
+    fast = live.attach("test", "fast")
+    await live.subscribe(slow, PRICES, ["AAPL", "MSFT"])
+    await live.subscribe(fast, PRICES, ["AAPL", "MSFT"])
+    received = 0
+    deadline = time.monotonic() + 20
+    while slow.closed is None and time.monotonic() < deadline:  # the fast one reads, the slow one never does
+        _, items = await drain(fast, 0.1)
+        received += len(items)
+    assert slow.closed == "slow_consumer"
+    notices, items = await slow.next_batch()
+    codes = [(n["type"], n.get("code")) for n in notices if n["type"] != "status"]
+    assert ("warning", "SLOW_CONSUMER") in codes and codes[-1] == ("error", "SLOW_CONSUMER")
+    assert codes.index(("warning", "SLOW_CONSUMER")) < len(codes) - 1  # told first, then dropped
+    assert items == []  # its queue was released
+    _, after = await drain(fast, 0.5)
+    assert received > 40 and after, "the fast client kept receiving"
+
+
+async def test_failover_to_polled_polygon_and_back(live: LiveHub, alpaca: SimServer) -> None:
+    assert alpaca.stream is not None
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["AAPL"])
+    await until(lambda: live.router.state is SourceState.PRIMARY_ACTIVE)
+    alpaca.stream.set_faults(stall=True)  # connected but mute: stale after stale_seconds
+    t0 = time.monotonic()
+    await until(lambda: live.router.state is SourceState.FALLBACK_ACTIVE)
+    took = time.monotonic() - t0
+    assert 1.0 <= took < 5.0  # stale_seconds 1 s, then failure_threshold 2 health checks
+    notices, items = await drain(c, 1.0)
+    polled = [i.record for i in items if i.record.get("source") == "sim:polygon"]
+    assert polled, "fallback polling of Polygon published prices"
+    assert all(d["is_real_time"] is False and d["quality_score"] == 0.8 for d in polled)
+    assert live.datasource()["stats"]["fallback_polls"] >= 1
+    alpaca.stream.clear_faults()
+    await until(lambda: live.router.state is SourceState.PRIMARY_ACTIVE)
+    hist = [(t.from_state, t.to_state) for t in live.router.history()]
+    assert (SourceState.PRIMARY_ACTIVE, SourceState.FALLBACK_ACTIVE) in hist
+    assert (SourceState.FALLBACK_ACTIVE, SourceState.PRIMARY_ACTIVE) in hist
+    snap = live.datasource()
+    assert snap["counters"]["failovers"] >= 1 and snap["counters"]["time_in_fallback"] > 0
+    _, items = await drain(c, 0.5)
+    statuses = [n["state"] for n in notices if n["type"] == "status"]
+    assert "fallback_active" in statuses  # the clients were told
+    assert any(i.record.get("source") == "sim:alpaca" for i in items)
+
+
+async def test_both_down_serves_last_values_labelled_stale(
+    live: LiveHub, alpaca: SimServer, polygon: SimServer
+) -> None:
+    assert alpaca.stream is not None
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["MSFT"])
+    await until(lambda: live.router.last("MSFT") is not None)
+    alpaca.stream.set_faults(stall=True)
+    polygon.faults.set([FaultRule(kind="http_503")])
+    alpaca.faults.set([FaultRule(kind="http_503")])  # Alpaca's REST API is the fallback of last resort
+    await until(lambda: live.router.state is SourceState.BOTH_UNAVAILABLE)
+    late = live.attach("test", "late")
+    await live.subscribe(late, PRICES, ["MSFT"])
+    _, items = await drain(late, 0.2)
+    first = items[0].record
+    assert first["symbol"] == "MSFT" and first["stale"] is True and first["price"] > 0
+    assert first["quality_score"] == pytest.approx(0.5)
+    board = live.board(["MSFT"])
+    assert board[0]["stale"] is True
+
+
+async def test_stream_checks_reject_and_alert(live: LiveHub) -> None:
+    seen: list[Event] = []
+    unsubscribe = hub.subscribe(seen.append)
+    try:
+        c = live.attach("test")
+        await live.subscribe(c, PRICES, ["ZZZZ"])  # a symbol the simulator keeps silent
+        await until(lambda: live.router.state is not SourceState.STARTUP)
+        now = datetime.now(UTC)
+
+        def trade(price: float, size: int = 10, ts: datetime = now) -> StreamMessage:
+            return StreamMessage(
+                "trades",
+                Trade(symbol="ZZZZ", ts=ts, price=price, size=size, source="sim:alpaca", feed="sip", fetched_at=now),
+            )
+
+        for msg in (trade(100.0), trade(-1.0), trade(150.0), trade(101.0, ts=now + timedelta(hours=1)), trade(101.0)):
+            live.handle(msg)
+        _, items = await drain(c, 0.2)
+        prices = [i.record["price"] for i in items if i.record.get("event") == "trade"]
+        assert prices == [100.0, 101.0]
+        assert live.datasource()["stats"]["rejected_by_reason"] == {
+            "price_not_positive": 1,
+            "price_jump": 1,
+            "timestamp_in_future": 1,
+        }
+        assert any(e.details.get("check") == "jump_breaker" and e.symbol == "ZZZZ" for e in seen)
+    finally:
+        unsubscribe()
+
+
+async def test_stream_minute_bars_are_persisted_and_corrections_revise_them(live: LiveHub) -> None:
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["QQQ"])
+    now = datetime.now(UTC)
+    t0 = now.replace(second=0, microsecond=0) - timedelta(minutes=10)
+
+    def bar(i: int, close: float, channel: str = "bars", later: float = 0.0) -> StreamMessage:
+        return StreamMessage(
+            channel,
+            Bar(
+                symbol="QQQ",
+                timeframe="1Min",
+                ts=t0 + timedelta(minutes=i),
+                open=100,
+                high=101,
+                low=99,
+                close=close,
+                volume=1000 + i,
+                trade_count=10,
+                vwap=100.2,
+                source="sim:alpaca",
+                feed="sip",
+                fetched_at=now + timedelta(seconds=later),
+            ),
+        )
+
+    for i in range(3):
+        live.handle(bar(i, 100.5))
+    live.handle(bar(1, 100.7, "updated_bars", later=30))  # a late trade changed minute 1
+    await until(lambda: live.datasource()["stats"]["bars_persisted"] >= 4)
+    rows = live.data.store.read_bars(["QQQ"], "1Min", t0, t0 + timedelta(minutes=3))
+    assert rows["close"].to_list() == [100.5, 100.7, 100.5]  # reads prefer the newest version
+    assert set(rows["source"].to_list()) == {"sim:alpaca"} and set(rows["feed"].to_list()) == {"sip"}
+    revised = live.data.store.revisions("QQQ")
+    assert revised.height == 1 and revised["new_close"][0] == 100.7
+
+
+async def test_gap_backfill_after_an_outage_fetches_the_missed_bars_over_rest(live: LiveHub) -> None:
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["MSFT"])
+    cal = get_calendar("XNYS")
+    day = [
+        s
+        for s in cal.sessions(datetime.now(UTC) - timedelta(days=10), datetime.now(UTC))
+        if s.close < datetime.now(UTC)
+    ][-1]
+    start = day.open + timedelta(minutes=30)
+    outage = Outage(
+        disconnected_at=start + timedelta(seconds=20),
+        reconnected_at=start + timedelta(minutes=10, seconds=5),
+        last_data_at=start + timedelta(seconds=15),
+        reason="dropped",
+        feed="sip",
+    )
+    await live.on_outage(outage)
+    await until(lambda: live.datasource()["stats"]["gap_backfills"] == 1)
+    rows = live.data.store.read_bars(["MSFT"], "1Min", start, start + timedelta(minutes=10))
+    assert rows.height == 10  # minutes 0..9 of the outage window: fetched, never invented
+    assert set(rows["source"].to_list()) == {"sim:alpaca"}
+
+
+async def test_previous_close_survives_a_restart(alpaca: SimServer, polygon: SimServer, tmp_path: Path) -> None:
+    cfg = live_config(alpaca, polygon, tmp_path / "pc.duckdb")
+    data = MarketData(cfg, env=ENV)
+    first = LiveHub(cfg, Gateway(data), env=ENV, monitor_seconds=0.05)
+    await first.start()
+    c = first.attach("test")
+    await first.subscribe(c, PRICES, ["AAPL"])
+    await until(lambda: first.board(["AAPL"])[0]["prev_close"] is not None)
+    prev = first.board(["AAPL"])[0]["prev_close"]
+    await first.close()
+    await data.aclose()
+    # the vendors' snapshots are down now: the close comes from the store
+    alpaca.faults.set([FaultRule(kind="http_500", paths="snapshots")])
+    polygon.faults.set([FaultRule(kind="http_500")])
+    data = MarketData(cfg, env=ENV)
+    second = LiveHub(cfg, Gateway(data), env=ENV, monitor_seconds=0.05)
+    await second.start()
+    try:
+        c = second.attach("test")
+        await second.subscribe(c, PRICES, ["AAPL"])
+        await until(lambda: second.board(["AAPL"])[0]["prev_close"] is not None)
+        assert second.board(["AAPL"])[0]["prev_close"] == prev
+        assert data.store.prev_closes(["AAPL"])["AAPL"][1] == prev
+    finally:
+        await second.close()
+        await data.aclose()
+
+
+async def test_admin_reconnect_and_forced_failover(live: LiveHub, alpaca: SimServer) -> None:
+    assert alpaca.stream is not None
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["AAPL"])
+    await until(lambda: live.router.state is SourceState.PRIMARY_ACTIVE)
+    stream = live.stream
+    assert stream is not None
+    connections = stream.health().connections
+    live.request_reconnect("test")
+    await until(lambda: stream.health().connections > connections and stream.connected)
+    live.force_failover("test")
+    assert live.router.state is SourceState.FALLBACK_ACTIVE and live.router.forced
+    _, items = await drain(c, 0.8)
+    sources = [i.record["source"] for i in items if i.record.get("type") == "price"]
+    assert "sim:polygon" in sources
+    assert set(sources[sources.index("sim:polygon") :]) == {"sim:polygon"}  # the stream no longer serves
+    live.release("test")
+    await until(lambda: live.router.state is SourceState.PRIMARY_ACTIVE)
