@@ -380,3 +380,56 @@ async def test_admin_reconnect_and_forced_failover(live: LiveHub, alpaca: SimSer
     assert set(sources[sources.index("sim:polygon") :]) == {"sim:polygon"}  # the stream no longer serves
     live.release("test")
     await until(lambda: live.router.state is SourceState.PRIMARY_ACTIVE)
+
+
+async def test_dropped_stream_reconnects_resumes_and_reports_the_outage(live: LiveHub, alpaca: SimServer) -> None:
+    assert alpaca.stream is not None
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["AAPL"])
+    await until(lambda: live.router.state is SourceState.PRIMARY_ACTIVE and live.router.last("AAPL") is not None)
+    stream = live.stream
+    assert stream is not None
+    assert alpaca.drop_streams() >= 1
+    await until(lambda: live.datasource()["stats"]["outages"] == 1)  # reconnected; the hook had the window
+    await drain(c, 0.05)
+    _, items = await drain(c, 0.5)
+    assert any(i.record.get("source") == "sim:alpaca" for i in items), "data flows again after the reconnect"
+    assert stream.health().reconnects >= 1
+
+
+async def test_malformed_and_unknown_frames_disturb_nothing(live: LiveHub, alpaca: SimServer) -> None:
+    assert alpaca.stream is not None
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["MSFT"])
+    await until(lambda: live.router.last("MSFT") is not None)
+    for kind in ("text", "unknown_type"):
+        alpaca.stream.set_faults(malformed=kind)
+        await drain(c, 0.05)
+        _, items = await drain(c, 0.5)
+        assert items and all(i.record["type"] == "price" for i in items)
+    alpaca.stream.clear_faults()
+    health = live.datasource()["primary"]["stream"]
+    assert health["decode_errors"] >= 1 and health["connected"] is True
+    assert live.datasource()["stats"]["rejected"] == 0
+
+
+async def test_auth_failure_stops_the_stream_and_the_fallback_serves(
+    alpaca: SimServer, polygon: SimServer, tmp_path: Path
+) -> None:
+    assert alpaca.stream is not None
+    alpaca.stream.set_faults(reject_auth=True)
+    cfg = live_config(alpaca, polygon, tmp_path / "auth.duckdb")
+    data = MarketData(cfg, env=ENV)
+    h = LiveHub(cfg, Gateway(data), env=ENV, monitor_seconds=0.05)
+    await h.start()
+    try:
+        c = h.attach("test")
+        await h.subscribe(c, PRICES, ["AAPL"])
+        await until(lambda: h.router.state is SourceState.FALLBACK_ACTIVE)
+        stream = h.datasource()["primary"]["stream"]
+        assert stream["stopped"] is True and stream["stop_error"]["code"] == "AUTH_FAILED"
+        _, items = await drain(c, 0.5)
+        assert items and {i.record["source"] for i in items} == {"sim:polygon"}
+    finally:
+        await h.close()
+        await data.aclose()

@@ -25,6 +25,8 @@ from starlette.responses import Response
 
 from marketpipe import __version__
 from marketpipe.api import errors
+from marketpipe.api.alpaca_stream import alpaca_stream_router
+from marketpipe.api.dashboard import dashboard_router
 from marketpipe.api.formats import MEDIA, bars_body, bars_json, negotiate
 from marketpipe.api.live import live_router
 from marketpipe.api.middleware import ClientAuth, ClientKeys, RequestContext
@@ -244,6 +246,8 @@ def create_app(
 
     app.include_router(alpaca_router())
     app.include_router(live_router())
+    app.include_router(alpaca_stream_router())
+    app.include_router(dashboard_router())
     return app
 
 

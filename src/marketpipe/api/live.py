@@ -15,7 +15,7 @@ Protocol of ``/v1/stream`` (every server frame is a JSON array of messages, like
 
 When client keys are configured (``MARKETPIPE_API_KEYS``) the stream takes the key as
 ``Authorization: Bearer KEY``, ``X-API-Key`` or ``?token=KEY`` (browsers cannot set headers on a
-WebSocket); a missing or wrong key closes the socket with 1008 before anything is sent.
+WebSocket); a missing or wrong key refuses the upgrade (HTTP 403).
 """
 
 from __future__ import annotations
@@ -218,11 +218,11 @@ def live_router() -> APIRouter:
         hub = hub_of(request.app)
         st = request.app.state.mp
         ds = hub.datasource()
-        ds.pop("history", None)
+        history = ds.pop("history", [])
         doc = {
             "board": hub.board(normalize_symbols(symbols) if symbols else None),
             "datasource": ds,
-            "history": [t.to_dict() for t in hub.router.history()][-20:],
+            "history": history[-20:],
             "providers": st.gateway.provider_rows(),
             "alerts": hub.alerts(30),
             "default_symbols": list(hub.settings.symbols) or ["AAPL", "MSFT", "SPY"],

@@ -67,6 +67,8 @@ log = get_logger("marketpipe.service.live")
 
 PRICES = "prices"
 WILDCARD = "*"
+ALPACA_PROTOCOL = "alpaca"  # clients of the Alpaca-compatible stream: no unified-stream status notices
+ROUTED_WITH = {"corrections": "trades", "cancel_errors": "trades"}  # as Alpaca sends them
 MONITOR_SECONDS = 1.0
 OFFICIAL_DATA_URL = "https://data.alpaca.markets"
 ALPACA_STREAM_URL = "wss://stream.data.alpaca.markets"
@@ -227,6 +229,7 @@ class _Stats:
     fallback_polls: int = 0
     fallback_updates: int = 0
     bars_persisted: int = 0
+    outages: int = 0
     gap_backfills: int = 0
     gap_bars: int = 0
 
@@ -520,13 +523,17 @@ class LiveHub:
                     self._updated[(rec.symbol, rec.ts)] = rec
             symbol = msg.symbol or ""
             if routes:
-                targets = routes.get((channel, symbol))
-                wild = routes.get((channel, WILDCARD))
+                route = ROUTED_WITH.get(channel, channel)  # corrections and cancel errors come with trades
+                targets = routes.get((route, symbol))
+                wild = routes.get((route, WILDCARD))
                 if targets or wild:
                     item = Item(channel, symbol, rec)
-                    for group in (targets, wild):
-                        if group:
-                            for c in group:
+                    if targets:
+                        for c in targets:
+                            c.put(item)
+                    if wild:
+                        for c in wild:
+                            if not targets or c not in targets:  # on both AAPL and "*": once
                                 c.put(item)
             if publish and (kind is Trade or kind is Quote):
                 self._publish_price(rec, real_time=rec.feed != "delayed_sip", score=SCORE_STREAM, role=PRIMARY)
@@ -602,7 +609,7 @@ class LiveHub:
             "at": self._now(),
         }
         for c in self._clients:
-            if PRICES in c.subscriptions or c.protocol != "alpaca":
+            if PRICES in c.subscriptions or c.protocol != ALPACA_PROTOCOL:
                 c.notice(msg)
 
     def _send_last(self, client: FanoutClient, symbol: str) -> None:
@@ -699,6 +706,9 @@ class LiveHub:
                     quotes = await p.latest_quotes(syms) if hasattr(p, "latest_quotes") else {}
                 except MarketpipeError as exc:
                     errors.append(f"{p.name}: {exc.code}")
+                    continue
+                if not trades and not quotes:
+                    errors.append(f"{p.name}: no data for {', '.join(syms)}")
                     continue
                 self._stats.fallback_polls += 1
                 if cross_check_only:
@@ -845,6 +855,7 @@ class LiveHub:
 
     async def on_outage(self, outage: Outage) -> None:
         """Fetch the minute bars the outage missed over REST, for the symbols whose bars are streamed."""
+        self._stats.outages += 1
         syms = self.upstream_symbols("bars")
         if not syms:
             return
@@ -886,6 +897,10 @@ class LiveHub:
     def datasource(self) -> dict[str, Any]:
         """``/health/datasource``'s live part: the router, the upstream connection, the fan-out."""
         doc = self.router.snapshot()
+        # the router keeps monotonic times; wall-clock ones for people and dashboards
+        doc["since_at"] = self._wall(doc["since"])
+        for tr in doc["history"]:
+            tr["at_time"] = self._wall(tr["at"])
         stream = self._stream
         doc["primary"]["stream"] = (
             stream.health().to_dict()
@@ -906,10 +921,14 @@ class LiveHub:
             "fallback_polls": st.fallback_polls,
             "fallback_updates": st.fallback_updates,
             "bars_persisted": st.bars_persisted,
+            "outages": st.outages,
             "gap_backfills": st.gap_backfills,
             "gap_bars_stored": st.gap_bars,
         }
         return doc
+
+    def _wall(self, at: float) -> str:
+        return (self._now() - timedelta(seconds=self._clock() - at)).isoformat()
 
     def clients(self) -> list[dict[str, Any]]:
         return [c.info() for c in self._clients]
@@ -923,6 +942,7 @@ class LiveHub:
             last = self.router.last(sym)
             row: dict[str, Any] = dict(last["value"]) if last else {"type": "price", "symbol": sym, "price": None}
             row["stale"] = bool(last["stale"]) if last else None
+            row["age_seconds"] = round(float(last["age_seconds"]), 3) if last else None
             row["prev_close"] = st.prev_close if st else None
             row["sparkline"] = [p for _, p in st.spark] if st else []
             rows.append(row)

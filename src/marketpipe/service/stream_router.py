@@ -343,7 +343,7 @@ class DataSourceRouter:
         return self.time_in_state()[SourceState.FALLBACK_ACTIVE]
 
     def uptime_pct(self) -> float:
-        """Share of time since creation with a source available (primary or fallback active), in %."""
+        """Share of time since the end of STARTUP with a source available (primary or fallback active), in %."""
         with self._lock:
             now = self._clock()
             self._accrue(now)
@@ -418,7 +418,9 @@ class DataSourceRouter:
             self._accrued_to = now
 
     def _uptime_pct_locked(self, now: float) -> float:
-        total = now - self._created
+        # Time in STARTUP is not counted either way: a source that is still being connected to has not
+        # been down, and a gateway that has just started would otherwise report a low uptime for hours.
+        total = now - self._created - self._time_in[SourceState.STARTUP]
         if total <= 0:
             return 100.0 if self.active_source else 0.0
         up = self._time_in[SourceState.PRIMARY_ACTIVE] + self._time_in[SourceState.FALLBACK_ACTIVE]
