@@ -4,15 +4,16 @@ router, fan-out) → N WebSocket clients on /v1/stream.
     ./dev bench stream [--seconds 5] [--rates 10000,25000,50000,100000,200000] [--latency-rate 10000]
 
 Three processes: the vendor simulator, the gateway (pinned to one core, so "ingest on one core" is
-what is measured) and this one (the clients). It reports
+what is measured; run as ``marketpipe serve`` runs it) and this one (the clients). It reports
 
-1. ingest: for each offered rate, the messages the gateway took in per second (from its
+1. added latency at N = 1, 10, 100 clients at ``--latency-rate`` msgs/s: each client subscribes to one
+   of the ten simulator symbols. Client-observed: per frame, client receive time minus the gateway's
+   receive time of the frame's oldest message (``received_at``) — the time in the gateway plus the
+   client's own loop delay (the clients share a core with the simulator). Gateway-side: the gateway's
+   ``marketpipe_fanout_latency_seconds`` histogram over the same run (interpolated in its buckets);
+2. ingest: for each offered rate, the messages the gateway took in per second (from its
    ``/health/datasource`` counters), against what the simulator sent, and the gateway's CPU use;
    the max sustained ingest rate is the highest rate taken in at >= 95 % of what was offered;
-2. added latency at N = 1, 10, 100 clients at ``--latency-rate`` msgs/s: each client subscribes to one
-   of the ten simulator symbols; per frame, client receive time minus the gateway's receive time of
-   the frame's oldest message (``received_at``), p50/p95/p99 — the time a message spends in the
-   gateway (checks, routing, queueing, encoding, the socket) plus the client's own loop delay;
 3. the peer: alpaca-py's ``StockDataStream`` handler throughput on the same simulator feed (its own
    process, one core), against marketpipe's stream client (``AlpacaStream``) doing the same work —
    decode into records and call a handler.
@@ -77,7 +78,14 @@ def run_gateway(port: int, sim_url: str, store: str) -> None:
     )
     cfg.store.path = store
     os.environ.update(ENV)
-    uvicorn.run(create_app(cfg), host="127.0.0.1", port=port, log_level="error", access_log=False)
+    uvicorn.run(
+        create_app(cfg),
+        host="127.0.0.1",
+        port=port,
+        log_level="error",
+        access_log=False,
+        ws_per_message_deflate=cfg.server.ws_compression,  # as marketpipe serve runs it
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -99,6 +107,33 @@ def sim_sent(sim: str) -> int:
     return int(stats.get("messages", 0))
 
 
+def latency_buckets(gw: str) -> dict[float, float]:
+    """The gateway's own fan-out latency histogram (v1): upper bound -> cumulative count."""
+    out: dict[float, float] = {}
+    for line in httpx.get(gw + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("marketpipe_fanout_latency_seconds_bucket{") and 'protocol="v1"' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """Quantile (ms) of the observations between two histogram readings, interpolated in its bucket."""
+    bounds = sorted(after)
+    cum = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = cum[-1] if cum else 0.0
+    if total <= 0:
+        return float("nan")
+    target, lo, prev = q * total, 0.0, 0.0
+    for b, c in zip(bounds, cum, strict=True):
+        if c >= target:
+            if b == float("inf"):
+                return lo * 1000.0
+            return (lo + (b - lo) * ((target - prev) / (c - prev) if c > prev else 1.0)) * 1000.0
+        lo, prev = b, c
+    return lo * 1000.0
+
+
 class Client:
     """A /v1/stream client that measures, per frame, now minus the oldest message's received_at."""
 
@@ -117,13 +152,13 @@ class Client:
             ready.set()
             while not stop.is_set():
                 try:
-                    frame = await asyncio.wait_for(ws.recv(), 0.5)
+                    frame = await asyncio.wait_for(ws.recv(decode=False), 0.5)  # bytes: no UTF-8 decode
                 except TimeoutError:
                     continue
                 now = time.time()
                 if not self.measuring:
                     continue
-                raw = frame.encode() if isinstance(frame, str) else frame
+                raw = frame
                 self.frames += 1
                 self.messages += raw.count(b'"type":"price"')
                 if self.parse:
@@ -178,6 +213,8 @@ def alpaca_py_rate(ws_url: str, seconds: float, out: Any) -> None:
     c0, t0 = count[0], time.perf_counter()
     time.sleep(seconds)
     out.put((count[0] - c0) / (time.perf_counter() - t0))
+    out.close()
+    out.join_thread()  # flushed before the hard exit (its stream thread never returns)
     os._exit(0)
 
 
@@ -249,8 +286,35 @@ def main() -> None:
     pin(1)
     print(f"simulator {sim}  gateway {gw} (pid {gw_pid}, pinned to one core)  {os.cpu_count()} cores\n")
 
-    # 1. ingest
-    print("1. ingest: simulator → gateway (one client subscribed to all ten symbols, frames counted, not parsed)")
+    # 1. latency (first: a clean gateway, no backlog from a saturating run)
+    set_rate(sim, args.latency_rate)
+    print(f"1. added latency at {args.latency_rate:,.0f} msgs/s offered (each client: one symbol)")
+    print("   client-observed (client receive time − gateway receive time of the frame's oldest message)")
+    head = ["clients", "delivered msgs/s", "frames", "p50 ms", "p95 ms", "p99 ms", "max ms", "gateway CPU"]
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (8, 17, 8, 8, 8, 8, 8, 14), strict=True)))
+    rows = []
+    for n in ns:
+        c0, t0, h0 = cpu_seconds(gw_pid), time.perf_counter(), latency_buckets(gw)
+        clients = asyncio.run(run_clients(gw_ws, n, args.seconds, 1, True))
+        gw_cpu = (cpu_seconds(gw_pid) - c0) / (time.perf_counter() - t0) * 100.0
+        h1 = latency_buckets(gw)
+        rows.append((n, *(bucket_quantile(h0, h1, q) for q in (0.5, 0.95, 0.99))))
+        lat = [v for c in clients for v in c.latencies]
+        delivered = sum(c.messages for c in clients) / args.seconds
+        frames = sum(c.frames for c in clients)
+        print(
+            f"{n:>8} {delivered:>17,.0f} {frames:>8,} {pct(lat, 0.5):>8.2f} {pct(lat, 0.95):>8.2f} "
+            f"{pct(lat, 0.99):>8.2f} {max(lat, default=float('nan')):>8.2f} {gw_cpu:>13.0f}%"
+        )
+    print("   gateway-side (its own histogram: upstream frame in → client frame written; includes the 1 s settle)")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(("clients", "p50 ms", "p95 ms", "p99 ms"), (8, 8, 8, 8), strict=True)))
+    for n, p50, p95, p99 in rows:
+        print(f"{n:>8} {p50:>8.2f} {p95:>8.2f} {p99:>8.2f}")
+    dropped = live_stats(gw)
+    print(f"gateway stats after the runs: received {dropped['received']:,}, rejected {dropped['rejected']:,}\n")
+
+    # 2. ingest
+    print("2. ingest: simulator → gateway (one client subscribed to all ten symbols, frames counted, not parsed)")
     print(f"{'offered msgs/s':>15} {'sent msgs/s':>12} {'ingested msgs/s':>16} {'taken %':>8} {'gateway CPU %':>14}")
     best = 0.0
     for rate in rates:
@@ -275,24 +339,6 @@ def main() -> None:
             best = max(best, got)
         print(f"{rate:>15,.0f} {sent:>12,.0f} {got:>16,.0f} {taken:>7.1f}% {cpu * 100:>13.0f}%")
     print(f"max sustained ingest (>= 95 % of offered): {best:,.0f} msgs/s on one core\n")
-
-    # 2. latency
-    set_rate(sim, args.latency_rate)
-    print(f"2. added latency at {args.latency_rate:,.0f} msgs/s offered (each client: one symbol)")
-    print(
-        f"{'clients':>8} {'delivered msgs/s':>17} {'frames':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}"
-    )
-    for n in ns:
-        clients = asyncio.run(run_clients(gw_ws, n, args.seconds, 1, True))
-        lat = [v for c in clients for v in c.latencies]
-        delivered = sum(c.messages for c in clients) / args.seconds
-        frames = sum(c.frames for c in clients)
-        print(
-            f"{n:>8} {delivered:>17,.0f} {frames:>8,} {pct(lat, 0.5):>8.2f} {pct(lat, 0.95):>8.2f} "
-            f"{pct(lat, 0.99):>8.2f} {max(lat, default=float('nan')):>8.2f}"
-        )
-    dropped = live_stats(gw)
-    print(f"gateway stats after the runs: received {dropped['received']:,}, rejected {dropped['rejected']:,}\n")
 
     # 3. the peer
     for p in procs:

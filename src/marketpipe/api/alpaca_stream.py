@@ -60,10 +60,10 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from marketpipe.api.live import _run_connection, hub_of
 from marketpipe.core.errors import InvalidArgument, MarketpipeError, NotEntitled
 from marketpipe.core.log import get_logger
-from marketpipe.core.metrics import FANOUT_MESSAGES
+from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
 from marketpipe.core.schema import Bar, Quote, Trade, normalize_symbol
 from marketpipe.providers.alpaca_stream import CHANNELS
-from marketpipe.service.live import ALPACA_PROTOCOL, WILDCARD, FanoutClient, Item, LiveHub
+from marketpipe.service.live import ALPACA_PROTOCOL, WILDCARD, FanoutClient, Item, LiveHub, observe_delivery
 
 log = get_logger("marketpipe.api.alpaca_stream")
 
@@ -394,6 +394,7 @@ class _Session:
         assert client is not None
         fmt, encode = self.fmt, self.encode
         sent = FANOUT_MESSAGES.labels(PROTOCOL)
+        latency = FANOUT_LATENCY.labels(PROTOCOL)
         seen_epoch = 0
         recheck = 0  # items still to check against the announced subscription
         while True:
@@ -425,6 +426,7 @@ class _Session:
                         else:
                             await self.ws.send_text((b"[" + b",".join(parts) + b"]").decode())
                         sent.inc(len(parts))
+                        observe_delivery(latency, items)
             if client.closed is not None and not client.queue and not client.notices:
                 return
 

@@ -33,9 +33,9 @@ from marketpipe import __version__
 from marketpipe.api.formats import MEDIA
 from marketpipe.core.errors import FeatureDisabled, MarketpipeError
 from marketpipe.core.log import get_logger
-from marketpipe.core.metrics import FANOUT_MESSAGES
+from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
 from marketpipe.core.schema import normalize_symbols
-from marketpipe.service.live import PRICES, FanoutClient, LiveHub, unified_json
+from marketpipe.service.live import PRICES, FanoutClient, LiveHub, observe_delivery, unified_json
 
 log = get_logger("marketpipe.api.live")
 
@@ -143,6 +143,7 @@ def live_router() -> APIRouter:
         if initial:
             await _apply(hub, client, orjson.dumps({"action": "subscribe", "symbols": initial}))
         sent = FANOUT_MESSAGES.labels(V1_JSON)
+        latency = FANOUT_LATENCY.labels(V1_JSON)
 
         async def writer() -> None:
             while True:
@@ -152,6 +153,7 @@ def live_router() -> APIRouter:
                 parts = [it.encoded(V1_JSON, unified_json) for it in items]
                 await ws.send_text(batch_json(notices, parts))
                 sent.inc(len(items))
+                observe_delivery(latency, items)
                 if client.closed is not None and not client.queue and not client.notices:
                     return
 
@@ -184,6 +186,7 @@ def live_router() -> APIRouter:
             raise
         client.notice(_welcome(hub, client))
         sent = FANOUT_MESSAGES.labels("sse")
+        latency = FANOUT_LATENCY.labels("sse")
 
         async def events() -> AsyncIterator[bytes]:
             try:
@@ -200,6 +203,7 @@ def live_router() -> APIRouter:
                     out += [b"event: price\ndata: %s\n\n" % it.encoded(V1_JSON, unified_json) for it in items]
                     yield b"".join(out)
                     sent.inc(len(items))
+                    observe_delivery(latency, items)
                     if client.closed is not None and not client.queue:
                         return
             finally:

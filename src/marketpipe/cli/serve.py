@@ -42,4 +42,11 @@ def serve(
             details={"parameter": "workers"},
         )
     err.print(f"marketpipe gateway on http://{host}:{port}  (docs /docs, health /health, metrics /metrics)")
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(
+        create_app(cfg),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        ws_per_message_deflate=cfg.server.ws_compression,
+    )

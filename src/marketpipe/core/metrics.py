@@ -251,3 +251,11 @@ STREAM_GAP_BACKFILLS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+FANOUT_LATENCY = Histogram(
+    "marketpipe_fanout_latency_seconds",
+    "Time a live message spends in the gateway: from the upstream frame's arrival to the client frame "
+    "that carries it being written (the frame's oldest message), by protocol",
+    ["protocol"],
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)

@@ -88,12 +88,13 @@ class Item:
     the record (a canonical Trade/Quote/Bar, a dict for events, or the unified price dict). Encodings
     are cached per wire format, so a message is encoded once however many clients receive it."""
 
-    __slots__ = ("_enc", "channel", "record", "symbol")
+    __slots__ = ("_enc", "arrived", "channel", "record", "symbol")
 
-    def __init__(self, channel: str, symbol: str, record: Any) -> None:
+    def __init__(self, channel: str, symbol: str, record: Any, arrived: float = 0.0) -> None:
         self.channel = channel
         self.symbol = symbol
         self.record = record
+        self.arrived = arrived  # epoch seconds the upstream frame arrived (0: not from upstream)
         self._enc: dict[str, Any] = {}
 
     def encoded(self, fmt: str, encode: Callable[[Item], Any]) -> Any:
@@ -495,6 +496,8 @@ class LiveHub:
         checker = self.checker
         state = self.router.state
         publish = state is SourceState.PRIMARY_ACTIVE or state is SourceState.STARTUP
+        latest: dict[str, dict[str, Any]] = {}
+        arrived = _arrival(msgs[0].record) if msgs else 0.0
         for msg in msgs:
             rec = msg.record
             channel = msg.channel
@@ -527,7 +530,7 @@ class LiveHub:
                 targets = routes.get((route, symbol))
                 wild = routes.get((route, WILDCARD))
                 if targets or wild:
-                    item = Item(channel, symbol, rec)
+                    item = Item(channel, symbol, rec, arrived)
                     if targets:
                         for c in targets:
                             c.put(item)
@@ -536,9 +539,27 @@ class LiveHub:
                             if not targets or c not in targets:  # on both AAPL and "*": once
                                 c.put(item)
             if publish and (kind is Trade or kind is Quote):
-                self._publish_price(rec, real_time=rec.feed != "delayed_sip", score=SCORE_STREAM, role=PRIMARY)
+                self._publish_price(
+                    rec,
+                    real_time=rec.feed != "delayed_sip",
+                    score=SCORE_STREAM,
+                    role=PRIMARY,
+                    last=latest,
+                    arrived=arrived,
+                )
+        for symbol, doc in latest.items():
+            self.router.record(symbol, doc, source=PRIMARY)
 
-    def _publish_price(self, rec: Trade | Quote, *, real_time: bool, score: float, role: str) -> None:
+    def _publish_price(
+        self,
+        rec: Trade | Quote,
+        *,
+        real_time: bool,
+        score: float,
+        role: str,
+        last: dict[str, dict[str, Any]] | None = None,
+        arrived: float = 0.0,
+    ) -> None:
         st = self._symbols.get(rec.symbol)
         if st is None:
             st = self._symbols[rec.symbol] = _Symbol()
@@ -558,11 +579,14 @@ class LiveHub:
             st.bid, st.ask, st.bid_size, st.ask_size = rec.bid_price, rec.ask_price, rec.bid_size, rec.ask_size
         st.ts, st.source, st.feed = rec.ts, rec.source, rec.feed
         doc = self._unified(rec.symbol, st, "trade" if isinstance(rec, Trade) else "quote", real_time, score, rec)
-        self.router.record(rec.symbol, doc, source=role)  # type: ignore[arg-type]
+        if last is None:
+            self.router.record(rec.symbol, doc, source=role)  # type: ignore[arg-type]
+        else:
+            last[rec.symbol] = doc  # the caller records the batch's last value per symbol once
         self._stats.published += 1
         targets = self._routes.get((PRICES, rec.symbol))
         if targets:
-            item = Item(PRICES, rec.symbol, doc)
+            item = Item(PRICES, rec.symbol, doc, arrived)
             for c in targets:
                 c.put(item)
 
@@ -951,6 +975,19 @@ class LiveHub:
     @staticmethod
     def alerts(limit: int = 50) -> list[dict[str, Any]]:
         return [e.to_dict() for e in list(event_hub.recent)[-limit:]][::-1]
+
+
+def _arrival(record: Any) -> float:
+    fetched = getattr(record, "fetched_at", None)
+    if fetched is None and isinstance(record, dict):
+        fetched = record.get("fetched_at")
+    return fetched.timestamp() if isinstance(fetched, datetime) else 0.0
+
+
+def observe_delivery(histogram: Any, items: list[Item]) -> None:
+    """After a client frame is written: how long its oldest upstream message spent in the gateway."""
+    if items and items[0].arrived:
+        histogram.observe(max(0.0, time.time() - items[0].arrived))
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
