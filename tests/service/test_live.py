@@ -191,7 +191,7 @@ async def test_slow_client_is_told_then_dropped_and_others_are_not_disturbed(liv
     assert codes.index(("warning", "SLOW_CONSUMER")) < len(codes) - 1  # told first, then dropped
     assert items == []  # its queue was released
     _, after = await drain(fast, 0.5)
-    assert received > 40 and after, "the fast client kept receiving"
+    assert received >= 20 and after, "the fast client received all along, and still does"
 
 
 async def test_failover_to_polled_polygon_and_back(live: LiveHub, alpaca: SimServer) -> None:

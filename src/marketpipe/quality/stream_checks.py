@@ -62,6 +62,7 @@ class StreamChecker:
 
     def __init__(self, config: StreamCheckConfig | None = None) -> None:
         self.config = config or StreamCheckConfig()
+        self._future = timedelta(seconds=self.config.max_future_seconds)
         self._state: dict[str, _SymbolState] = {}
         self._logged: dict[str, float] = {}
         self.rejected: dict[str, int] = {}
@@ -102,7 +103,7 @@ class StreamChecker:
             reason: str | None = NOT_POSITIVE
         elif not (bid_size >= 0 and ask_size >= 0):
             reason = NEGATIVE_SIZE
-        elif ts - received > timedelta(seconds=self.config.max_future_seconds):
+        elif ts - received > self._future:
             reason = FUTURE
         else:
             reason = None
@@ -139,7 +140,7 @@ class StreamChecker:
             return NOT_POSITIVE
         if not size >= 0:  # also NaN
             return NEGATIVE_SIZE
-        if ts - received > timedelta(seconds=self.config.max_future_seconds):
+        if ts - received > self._future:
             return FUTURE
         return None
 
