@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from marketpipe.core.config import CircuitPolicy, ProviderConfig, RetryPolicy
+from marketpipe.core.events import Event
+from marketpipe.core.events import hub as event_hub
 from marketpipe.providers.alpaca import AlpacaProvider
 from marketpipe.sim.server import SimServer
 from marketpipe.store.duckdb import DuckDBStore
@@ -57,3 +59,12 @@ async def alpaca(sim: SimServer) -> AsyncIterator[AlpacaProvider]:
     p = AlpacaProvider.from_config(provider_config(sim.url), env=SIM_ENV)
     yield p
     await p.aclose()
+
+
+@pytest.fixture
+def raised() -> Iterator[list[Event]]:
+    """The events raised (``marketpipe.core.events.emit``) while the test runs."""
+    seen: list[Event] = []
+    unsubscribe = event_hub.subscribe(seen.append)
+    yield seen
+    unsubscribe()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from marketpipe.core.events import Event, hub
+from marketpipe.core.events import Event
 from marketpipe.quality.stream_checks import (
     FUTURE,
     JUMP,
@@ -18,14 +17,6 @@ from marketpipe.quality.stream_checks import (
 )
 
 NOW = datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def events() -> Iterator[list[Event]]:
-    seen: list[Event] = []
-    unsubscribe = hub.subscribe(seen.append)
-    yield seen
-    unsubscribe()
 
 
 def trade(c: StreamChecker, price: float, size: float = 100, ts: datetime = NOW, symbol: str = "AAPL") -> str | None:
@@ -60,7 +51,7 @@ def test_quote_rules() -> None:
     assert quote(99.0, 100.0, ts=NOW + timedelta(hours=1)) == FUTURE
 
 
-def test_jump_breaker_rejects_and_alerts_once_per_excursion(events: list[Event]) -> None:
+def test_jump_breaker_rejects_and_alerts_once_per_excursion(raised: list[Event]) -> None:
     c = StreamChecker(StreamCheckConfig(jump_pct=20.0, reanchor_after=5))
     assert trade(c, 100.0) is None
     assert trade(c, 119.0) is None  # 19 %: accepted, becomes the last price
@@ -68,13 +59,13 @@ def test_jump_breaker_rejects_and_alerts_once_per_excursion(events: list[Event])
     assert trade(c, 60.0) == JUMP  # a different excursion (does not agree with 150)
     assert trade(c, 118.0) is None  # back in range: the excursion is over
     assert c.last_price("AAPL") == 118.0
-    alerts = [e for e in events if e.details.get("check") == "jump_breaker"]
+    alerts = [e for e in raised if e.details.get("check") == "jump_breaker"]
     assert len(alerts) == 1  # one per excursion, not one per rejected trade
     assert alerts[0].kind == "outlier" and alerts[0].severity == "critical" and alerts[0].symbol == "AAPL"
     assert alerts[0].details["last"] == 119.0 and alerts[0].details["price"] == 150.0
 
 
-def test_jump_breaker_reanchors_on_a_consistent_new_level(events: list[Event]) -> None:
+def test_jump_breaker_reanchors_on_a_consistent_new_level(raised: list[Event]) -> None:
     c = StreamChecker(StreamCheckConfig(jump_pct=20.0, reanchor_after=3))
     trade(c, 100.0)
     assert trade(c, 50.0) == JUMP
@@ -82,7 +73,7 @@ def test_jump_breaker_reanchors_on_a_consistent_new_level(events: list[Event]) -
     assert trade(c, 49.8) is None  # the third agreeing price: accepted as the new level
     assert c.last_price("AAPL") == 49.8
     assert trade(c, 50.1) is None
-    kinds = [e.details.get("check") for e in events]
+    kinds = [e.details.get("check") for e in raised]
     assert kinds == ["jump_breaker", "jump_reanchor"]
 
 
@@ -93,7 +84,7 @@ def test_symbols_are_independent() -> None:
     assert trade(c, 400.0, symbol="AAPL") == JUMP
 
 
-def test_cross_source(events: list[Event]) -> None:
+def test_cross_source(raised: list[Event]) -> None:
     c = StreamChecker(StreamCheckConfig(cross_source_pct=5.0))
     assert c.cross_check("AAPL", 100.0, "polygon") is None  # nothing to compare with yet
     trade(c, 100.0)
@@ -101,5 +92,5 @@ def test_cross_source(events: list[Event]) -> None:
     assert ok is not None and not ok.warned and ok.delta_pct == pytest.approx(4.0)
     bad = c.cross_check("AAPL", 106.0, "polygon")
     assert bad is not None and bad.warned
-    warnings = [e for e in events if e.details.get("check") == "cross_source"]
+    warnings = [e for e in raised if e.details.get("check") == "cross_source"]
     assert len(warnings) == 1 and warnings[0].severity == "warning" and warnings[0].source == "polygon"

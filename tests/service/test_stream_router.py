@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from marketpipe.core.errors import ConfigError, InvalidArgument
-from marketpipe.core.events import Event, hub
+from marketpipe.core.events import Event
 from marketpipe.core.metrics import REGISTRY
 from marketpipe.service.stream_router import DataSourceRouter, RouterConfig, SourceState
 
@@ -28,14 +26,6 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-@pytest.fixture
-def events() -> Iterator[list[Event]]:
-    seen: list[Event] = []
-    unsubscribe = hub.subscribe(seen.append)
-    yield seen
-    unsubscribe()
 
 
 def make(clock: FakeClock, name: str = "test", **cfg: float) -> DataSourceRouter:
@@ -68,7 +58,7 @@ def test_startup_to_primary_on_first_ok(clock: FakeClock) -> None:
     assert r.failovers == 0
 
 
-def test_startup_fails_over_after_threshold_failures(clock: FakeClock, events: list[Event]) -> None:
+def test_startup_fails_over_after_threshold_failures(clock: FakeClock, raised: list[Event]) -> None:
     r = make(clock, failure_threshold=3)
     r.primary_failed("connect refused")
     r.primary_failed("connect refused")
@@ -76,8 +66,8 @@ def test_startup_fails_over_after_threshold_failures(clock: FakeClock, events: l
     r.primary_failed("connect refused")
     assert r.state is S.FALLBACK_ACTIVE
     assert r.failovers == 1
-    assert [e.kind for e in events] == ["source_unavailable"]
-    assert events[0].details["from_state"] == "startup"
+    assert [e.kind for e in raised] == ["source_unavailable"]
+    assert raised[0].details["from_state"] == "startup"
 
 
 def test_startup_fallback_ok_alone_does_not_leave_startup(clock: FakeClock) -> None:
@@ -111,18 +101,18 @@ def test_startup_silence_counts_as_failures(clock: FakeClock) -> None:
 # --- failover ----------------------------------------------------------------------------------
 
 
-def test_n_minus_one_failures_do_not_fail_over_nth_does(clock: FakeClock, events: list[Event]) -> None:
+def test_n_minus_one_failures_do_not_fail_over_nth_does(clock: FakeClock, raised: list[Event]) -> None:
     r = on_primary(clock, failure_threshold=3)
     r.primary_failed("error")
     r.primary_failed("error")
     assert r.state is S.PRIMARY_ACTIVE
     assert r.snapshot()["consecutive_failures"] == 2
-    assert events == []
+    assert raised == []
     r.primary_failed("error")
     assert r.state is S.FALLBACK_ACTIVE
     assert r.failovers == 1
-    assert len(events) == 1
-    ev = events[0]
+    assert len(raised) == 1
+    ev = raised[0]
     assert (ev.kind, ev.severity, ev.source) == ("source_unavailable", "warning", "primary")
     assert ev.details["to_state"] == "fallback_active"
     assert ev.details["consecutive_failures"] == 3
@@ -160,7 +150,7 @@ def test_staleness_in_primary_active(clock: FakeClock) -> None:
     assert r.tick() is S.FALLBACK_ACTIVE
 
 
-def test_failover_with_fallback_known_down_goes_to_both(clock: FakeClock, events: list[Event]) -> None:
+def test_failover_with_fallback_known_down_goes_to_both(clock: FakeClock, raised: list[Event]) -> None:
     r = on_primary(clock, failure_threshold=2)
     r.fallback_failed("http 500")
     assert r.state is S.PRIMARY_ACTIVE
@@ -168,7 +158,7 @@ def test_failover_with_fallback_known_down_goes_to_both(clock: FakeClock, events
     r.primary_failed("e")
     assert r.state is S.BOTH_UNAVAILABLE
     assert r.failovers == 0
-    assert [(e.kind, e.severity) for e in events] == [("source_unavailable", "critical")]
+    assert [(e.kind, e.severity) for e in raised] == [("source_unavailable", "critical")]
 
 
 # --- grace (switching back) --------------------------------------------------------------------
@@ -244,7 +234,7 @@ def test_fallback_failure_during_grace_takes_primary(clock: FakeClock) -> None:
 # --- both unavailable --------------------------------------------------------------------------
 
 
-def test_both_down_labels_last_values_stale(clock: FakeClock, events: list[Event]) -> None:
+def test_both_down_labels_last_values_stale(clock: FakeClock, raised: list[Event]) -> None:
     r = on_primary(clock, stale_seconds=60)
     r.record("AAPL", {"price": 190.1})
     assert r.last("AAPL") == {
@@ -265,8 +255,8 @@ def test_both_down_labels_last_values_stale(clock: FakeClock, events: list[Event
     assert aapl["stale"] is True and aapl["value"] == {"price": 190.1}
     assert msft["stale"] is True and msft["source"] == "fallback"
     assert r.last("TSLA") is None  # never invented
-    assert [e.severity for e in events] == ["warning", "critical"]
-    assert events[1].details["to_state"] == "both_unavailable"
+    assert [e.severity for e in raised] == ["warning", "critical"]
+    assert raised[1].details["to_state"] == "both_unavailable"
 
 
 def test_old_value_is_stale_even_with_a_source(clock: FakeClock) -> None:
@@ -354,13 +344,13 @@ def test_should_poll_fallback(clock: FakeClock) -> None:
 # --- admin -------------------------------------------------------------------------------------
 
 
-def test_force_failover_and_release(clock: FakeClock, events: list[Event]) -> None:
+def test_force_failover_and_release(clock: FakeClock, raised: list[Event]) -> None:
     r = on_primary(clock, grace_seconds=10, stale_seconds=120)
     r.force_failover("maintenance")
     assert r.state is S.FALLBACK_ACTIVE
     assert r.forced is True
     assert r.failovers == 1
-    assert events[-1].details["forced"] is True
+    assert raised[-1].details["forced"] is True
     r.primary_ok()
     clock.advance(60)
     assert r.tick() is S.FALLBACK_ACTIVE  # pinned: grace does not apply

@@ -62,7 +62,7 @@ from marketpipe.core.errors import InvalidArgument, MarketpipeError, NotEntitled
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
 from marketpipe.core.schema import Bar, Quote, Trade, normalize_symbol
-from marketpipe.providers.alpaca_stream import CHANNELS
+from marketpipe.providers.alpaca_stream import CHANNELS, ERROR_MESSAGES, parse_subscription
 from marketpipe.service.live import ALPACA_PROTOCOL, WILDCARD, FanoutClient, Item, LiveHub, observe_delivery
 
 log = get_logger("marketpipe.api.alpaca_stream")
@@ -72,21 +72,9 @@ PROTOCOL = ALPACA_PROTOCOL
 AUTH_TIMEOUT_SECONDS = 10.0
 CLOSE_SECONDS = 2.0
 MAX_MESSAGE_BYTES = 1 << 20
-ERRORS = {
-    400: "invalid syntax",
-    401: "not authenticated",
-    402: "auth failed",
-    403: "already authenticated",
-    404: "auth timeout",
-    405: "symbol limit exceeded",
-    407: "slow client",
-    410: "invalid subscribe action for this feed",
-    500: "internal error",
-}
+ERRORS = ERROR_MESSAGES
 FATAL = frozenset({402, 404})
 WIRE_CHANNELS: dict[str, str] = {wire: name for name, wire in CHANNELS.items()}  # updatedBars -> updated_bars
-DERIVED = frozenset({"corrections", "cancelErrors"})  # follow trades; a request cannot set them
-OTHER_STREAM_CHANNELS = frozenset({"orderbooks", "news", "pricing"})
 FOLLOWS = {"corrections": "trades", "cancel_errors": "trades"}  # hub channel -> the subscription it rides on
 JSON_FORMAT = "alpaca-json"
 MSGPACK_FORMAT = "alpaca-msgpack"
@@ -231,6 +219,15 @@ def _error_code(exc: MarketpipeError) -> int:
 # --- one connection -------------------------------------------------------------------------------------
 
 
+def _symbol_or_none(raw: str) -> str | None:
+    if raw == WILDCARD:
+        return raw
+    try:
+        return normalize_symbol(raw)
+    except MarketpipeError:
+        return None
+
+
 class _Session:
     """One client connection: auth state, the subscription the client was last told about, and the
     send lock that keeps control replies and data frames in order."""
@@ -315,31 +312,11 @@ class _Session:
         if the hub or the vendor refuses part of it), then tell the client the complete state."""
         client = self.client
         assert client is not None
-        changes: dict[str, list[str]] = {}
-        seen = False
-        for key, value in obj.items():
-            if key == "action":
-                continue
-            if key in DERIVED:
-                seen = True
-                continue
-            if key in OTHER_STREAM_CHANNELS:
-                await self.error(410)
-                return
-            channel = WIRE_CHANNELS.get(key)
-            if channel is None or not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-                await self.error(400)
-                return
-            try:
-                syms = [s if s == WILDCARD else normalize_symbol(s) for s in value]
-            except MarketpipeError:
-                await self.error(400)
-                return
-            seen = True
-            changes[channel] = list(dict.fromkeys(syms))
-        if not seen:
-            await self.error(400)
+        parsed = parse_subscription(obj, _symbol_or_none)
+        if isinstance(parsed, int):
+            await self.error(parsed)
             return
+        changes = {WIRE_CHANNELS[key]: syms for key, syms in parsed.items()}
         hub = self.hub
         subs = client.subscriptions
         if add:

@@ -101,6 +101,26 @@ MESSAGE_CHANNELS: dict[str, str] = {
     "c": "corrections",
     "x": "cancel_errors",
 }
+# keys a subscribe request may carry besides the channels: derived from trades (never set directly), and
+# channels of Alpaca's other streams (refused with 410 on the stock stream)
+DERIVED_CHANNELS = frozenset({"corrections", "cancelErrors"})
+OTHER_STREAM_CHANNELS = frozenset({"orderbooks", "news", "pricing"})
+# the error messages of the stream protocol (§2.6), by code
+ERROR_MESSAGES: dict[int, str] = {
+    400: "invalid syntax",
+    401: "not authenticated",
+    402: "auth failed",
+    403: "already authenticated",
+    404: "auth timeout",
+    405: "symbol limit exceeded",
+    406: "connection limit exceeded",
+    407: "slow client",
+    408: "v2 not enabled",
+    409: "insufficient subscription",
+    410: "invalid subscribe action for this feed",
+    411: "insufficient scope",
+    500: "internal error",
+}
 RAW = "raw"
 MESSAGE_CHANNEL_NAMES = frozenset({*MESSAGE_CHANNELS.values(), RAW})
 # Channels whose data flows continuously while the market is open; the others carry events (halts,
@@ -1168,6 +1188,33 @@ class AlpacaStream:
             await ws.send(msgpack.packb(obj))
         else:
             await ws.send(orjson.dumps(obj).decode())
+
+
+def parse_subscription(obj: Mapping[str, Any], symbol: Callable[[str], str | None]) -> dict[str, list[str]] | int:
+    """The server side of a subscribe/unsubscribe request (§2.4), as the simulator and the gateway both
+    answer it: the channels (wire keys, e.g. ``updatedBars``) with their symbols in request order without
+    repeats, or the error code to send — 410 for another stream's channel, 400 for anything malformed (an
+    unknown key, a value that is not a list of strings, a symbol ``symbol`` refuses by returning None,
+    no channel at all). ``symbol`` returns the symbol as it is to be kept (e.g. normalised)."""
+    wire_channels = set(CHANNELS.values())
+    changes: dict[str, list[str]] = {}
+    seen = False
+    for key, value in obj.items():
+        if key == "action":
+            continue
+        if key in DERIVED_CHANNELS:
+            seen = True
+            continue
+        if key in OTHER_STREAM_CHANNELS:
+            return 410
+        if key not in wire_channels or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return 400
+        kept = [symbol(v) for v in value]
+        if any(k is None for k in kept):
+            return 400
+        seen = True
+        changes[key] = list(dict.fromkeys(k for k in kept if k is not None))
+    return changes if seen else 400
 
 
 def _subscribe_error(code: int, text: str, details: dict[str, Any], source: str) -> MarketpipeError:

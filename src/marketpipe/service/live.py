@@ -39,6 +39,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgspec
 import orjson
 import polars as pl
 
@@ -839,22 +840,9 @@ class LiveHub:
 
     def _write_bars(self, bars: list[Bar], refresh: bool) -> int:
         frame = pl.DataFrame(
-            {
-                "symbol": [b.symbol for b in bars],
-                "timeframe": [b.timeframe for b in bars],
-                "ts": [b.ts for b in bars],
-                "open": [b.open for b in bars],
-                "high": [b.high for b in bars],
-                "low": [b.low for b in bars],
-                "close": [b.close for b in bars],
-                "volume": [b.volume for b in bars],
-                "trade_count": [b.trade_count for b in bars],
-                "vwap": [b.vwap for b in bars],
-                "source": [b.source for b in bars],
-                "feed": [b.feed for b in bars],
-                "fetched_at": [b.fetched_at for b in bars],
-            },
+            [msgspec.structs.astuple(b) for b in bars],  # Bar's fields are BAR_SCHEMA's columns, in order
             schema=BAR_SCHEMA,
+            orient="row",
         ).sort("symbol", "ts")
         first = bars[0]
         page = BarPage(

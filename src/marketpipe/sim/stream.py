@@ -116,26 +116,15 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from marketpipe.core.timeutil import NY, dt_to_ns
+from marketpipe.providers.alpaca_stream import ERROR_MESSAGES, parse_subscription
 from marketpipe.sim.admin import SIM_HEADER
 from marketpipe.sim.data import NS_PER_SEC, SimMarket, ny_midnight_ns, valid_symbol
 
 FEEDS = ("iex", "sip", "test")
 CHANNELS = ("trades", "quotes", "bars", "updatedBars", "dailyBars", "statuses", "lulds", "imbalances")
-OTHER_STREAM_CHANNELS = frozenset({"orderbooks", "news", "pricing"})
-DERIVED = frozenset({"corrections", "cancelErrors"})
 TEST_SYMBOL = "FAKEPACA"
 NS_PER_MIN = 60 * NS_PER_SEC
-ERRORS = {
-    400: "invalid syntax",
-    401: "not authenticated",
-    402: "auth failed",
-    403: "already authenticated",
-    404: "auth timeout",
-    405: "symbol limit exceeded",
-    406: "connection limit exceeded",
-    409: "insufficient subscription",
-    410: "invalid subscribe action for this feed",
-}
+ERRORS = ERROR_MESSAGES
 FATAL = frozenset({402, 404, 406, 409})
 _MAX_SOURCES = 512
 
@@ -599,27 +588,9 @@ class AlpacaStream:
         return symbol == "*" or valid_symbol(symbol) or (conn.feed == "test" and symbol == TEST_SYMBOL)
 
     async def _subscribe(self, conn: _Conn, obj: dict[str, Any], *, add: bool) -> None:
-        changes: dict[str, list[str]] = {}
-        seen_channel = False
-        for k, v in obj.items():
-            if k == "action":
-                continue
-            if k in DERIVED:
-                seen_channel = True
-                continue
-            if k in OTHER_STREAM_CHANNELS:
-                await self._error(conn, 410)
-                return
-            if k not in CHANNELS or not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-                await self._error(conn, 400)
-                return
-            if not all(self._valid(conn, s) for s in v):
-                await self._error(conn, 400)
-                return
-            seen_channel = True
-            changes[k] = v
-        if not seen_channel:
-            await self._error(conn, 400)
+        changes = parse_subscription(obj, lambda s: s if self._valid(conn, s) else None)
+        if isinstance(changes, int):
+            await self._error(conn, changes)
             return
         subs = {c: dict(syms) for c, syms in conn.subs.items()}
         for k, v in changes.items():
