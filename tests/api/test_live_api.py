@@ -153,6 +153,15 @@ async def test_sse(gateway: str) -> None:
                     break
     kinds = [e for e, _ in events]
     assert "welcome" in kinds and kinds.count("price") >= 5
+    # the client left: nothing of it is kept, upstream included
+    deadline = time.monotonic() + 10
+    while True:
+        live = (await get(gateway + "/health/datasource")).json()["live"]
+        subs = {ch: refs for ch, refs in live["primary"]["stream"]["subscriptions"].items() if refs}
+        if live["fanout"]["clients"] == 0 and not subs:
+            break
+        assert time.monotonic() < deadline, f"left behind: {live['fanout']}, {subs}"
+        await asyncio.sleep(0.1)
     assert all(d["symbol"] == "AAPL" for e, d in events if e == "price")
     bad = await get(gateway + "/v1/stream/sse", params={"symbols": "NOT A SYMBOL"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "INVALID_SYMBOL"

@@ -17,7 +17,7 @@ import pytest
 from marketpipe.core.calendar import get_calendar
 from marketpipe.core.config import Config, config_from_dict
 from marketpipe.core.events import Event, hub
-from marketpipe.core.schema import Bar, Trade
+from marketpipe.core.schema import Bar, Quote, Trade
 from marketpipe.providers.alpaca_stream import Outage, StreamMessage
 from marketpipe.service.data import MarketData
 from marketpipe.service.gateway import Gateway
@@ -97,7 +97,7 @@ def live_config(alpaca: SimServer, polygon: SimServer | None, store: Path, **str
 async def live(alpaca: SimServer, polygon: SimServer, tmp_path: Path) -> AsyncIterator[LiveHub]:
     cfg = live_config(alpaca, polygon, tmp_path / "live.duckdb")
     data = MarketData(cfg, env=ENV)
-    h = LiveHub(cfg, Gateway(data), env=ENV, monitor_seconds=0.05)
+    h = LiveHub(cfg, Gateway(data), env=ENV, monitor_seconds=0.05, market_open=lambda: True)
     await h.start()
     yield h
     await h.close()
@@ -420,7 +420,7 @@ async def test_auth_failure_stops_the_stream_and_the_fallback_serves(
     alpaca.stream.set_faults(reject_auth=True)
     cfg = live_config(alpaca, polygon, tmp_path / "auth.duckdb")
     data = MarketData(cfg, env=ENV)
-    h = LiveHub(cfg, Gateway(data), env=ENV, monitor_seconds=0.05)
+    h = LiveHub(cfg, Gateway(data), env=ENV, monitor_seconds=0.05, market_open=lambda: True)
     await h.start()
     try:
         c = h.attach("test")
@@ -433,3 +433,163 @@ async def test_auth_failure_stops_the_stream_and_the_fallback_serves(
     finally:
         await h.close()
         await data.aclose()
+
+
+# --- regressions from the review --------------------------------------------------------------------------
+
+
+def upstream_refs(h: LiveHub) -> dict[str, dict[str, int]]:
+    assert h.stream is not None
+    return {ch: refs for ch, refs in h.stream.health().subscriptions.items() if refs}
+
+
+async def test_a_client_leaving_mid_subscribe_leaves_nothing_subscribed(live: LiveHub) -> None:
+    c = live.attach("test")
+    task = asyncio.create_task(live.subscribe(c, PRICES, ["AMZN", "GOOGL", "META"]))
+    await asyncio.sleep(0)  # the subscribe is in flight
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await live.detach(c)
+    await until(lambda: not upstream_refs(live) and not live._routes)
+    assert not live._upstream
+
+
+async def test_trades_and_quotes_keep_their_own_order_and_source(live: LiveHub) -> None:
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["NOPE"])  # silent in the simulator
+    now = datetime.now(UTC)
+
+    def msg(kind: str, ts: datetime, price: float, source: str = "sim:alpaca") -> StreamMessage:
+        if kind == "t":
+            return StreamMessage(
+                "trades", Trade(symbol="NOPE", ts=ts, price=price, size=100, source=source, feed="sip", fetched_at=now)
+            )
+        q = Quote(
+            symbol="NOPE",
+            ts=ts,
+            bid_price=price - 0.01,
+            bid_size=1,
+            ask_price=price + 0.01,
+            ask_size=1,
+            source=source,
+            feed="sip",
+            fetched_at=now,
+        )
+        return StreamMessage("quotes", q)
+
+    live.handle_batch(
+        [msg("t", now, 10.0), msg("q", now + timedelta(seconds=2), 10.0), msg("t", now + timedelta(seconds=1), 10.1)]
+    )
+    _, items = await drain(c, 0.2)
+    trades = [i.record for i in items if i.record.get("event") == "trade"]
+    assert [t["price"] for t in trades] == [10.0, 10.1]  # the quote's later time does not hide the trade
+    assert trades[-1]["volume"] == 200
+    # the fallback: its quote is newer than its trade; the trade still moves the price, and the quote's
+    # source is told apart from the price's
+    live._apply_fallback(
+        {
+            "NOPE": Trade(
+                symbol="NOPE",
+                ts=now + timedelta(seconds=3),
+                price=10.2,
+                size=5,
+                source="sim:polygon",
+                feed="sip",
+                fetched_at=now,
+            )
+        },
+        {"NOPE": msg("q", now + timedelta(seconds=4), 10.2, "sim:polygon").record},  # type: ignore[dict-item]
+    )
+    _, items = await drain(c, 0.2)
+    last = items[-1].record
+    assert last["price"] == 10.2 and last["source"] == "sim:polygon" and last["quote_source"] == "sim:polygon"
+
+
+async def test_replies_to_a_client_that_never_reads_are_bounded(live: LiveHub) -> None:
+    c = live.attach("test", queue_size=20)
+    for _ in range(100):
+        c.notice({"type": "pong"})
+    assert c.closed == "slow_consumer" and [n["type"] for n in c.notices] == ["error"]
+
+
+async def test_a_stopped_stream_is_rebuilt_by_a_reconnect_request(live: LiveHub, alpaca: SimServer) -> None:
+    assert alpaca.stream is not None
+    alpaca.stream.set_faults(reject_auth=True)
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["AAPL"])
+    await until(lambda: live.stream is not None and live.stream.health().stopped)
+    alpaca.stream.clear_faults()  # the key was fixed
+    live.request_reconnect("key fixed")
+    await until(lambda: live.stream is not None and live.stream.connected)
+    await until(lambda: live.router.state is SourceState.PRIMARY_ACTIVE)
+    assert upstream_refs(live)["trades"] == {"AAPL": 1}
+
+
+async def test_a_quiet_stream_outside_market_hours_is_not_a_failure(
+    alpaca: SimServer, polygon: SimServer, tmp_path: Path
+) -> None:
+    assert alpaca.stream is not None
+    cfg = live_config(alpaca, polygon, tmp_path / "quiet.duckdb")
+    data = MarketData(cfg, env=ENV)
+    h = LiveHub(cfg, Gateway(data), env=ENV, monitor_seconds=0.05, market_open=lambda: False)
+    await h.start()
+    try:
+        c = h.attach("test")
+        await h.subscribe(c, PRICES, ["AAPL"])
+        await until(lambda: h.router.state is SourceState.PRIMARY_ACTIVE)
+        alpaca.stream.set_faults(stall=True)
+        await asyncio.sleep(3.0)  # three stale periods
+        assert h.router.state is SourceState.PRIMARY_ACTIVE
+    finally:
+        await h.close()
+        await data.aclose()
+
+
+async def test_bars_survive_a_failed_store_write(live: LiveHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = datetime.now(UTC)
+    t0 = now.replace(second=0, microsecond=0) - timedelta(minutes=5)
+    bar = Bar(
+        symbol="QQQ",
+        timeframe="1Min",
+        ts=t0,
+        open=1,
+        high=1,
+        low=1,
+        close=1,
+        volume=1,
+        source="sim:alpaca",
+        feed="sip",
+        fetched_at=now,
+    )
+    live.handle(StreamMessage("bars", bar))
+    real = live._write_bars
+    calls = []
+
+    def failing(bars: list[Bar], refresh: bool) -> int:
+        calls.append(len(bars))
+        if len(calls) == 1:
+            raise OSError("disk full")
+        return real(bars, refresh)
+
+    monkeypatch.setattr(live, "_write_bars", failing)
+    assert await live.flush() == 0
+    assert await live.flush() == 1
+    assert live.data.store.read_bars(["QQQ"], "1Min", t0, t0 + timedelta(minutes=1)).height == 1
+
+
+async def test_one_snapshot_request_for_a_subscribe_of_many_symbols(
+    live: LiveHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[list[str]] = []
+    real = live.gateway.snapshots
+
+    async def counting(symbols: Any, **kw: Any) -> Any:
+        asked.append(list(symbols))
+        return await real(symbols, **kw)
+
+    monkeypatch.setattr(live.gateway, "snapshots", counting)
+    c = live.attach("test")
+    await live.subscribe(c, PRICES, ["AAPL", "MSFT", "AMZN", "GOOGL", "META"])
+    await until(lambda: bool(asked))
+    await asyncio.sleep(0.2)
+    assert len(asked) == 1 and sorted(asked[0]) == ["AAPL", "AMZN", "GOOGL", "META", "MSFT"]

@@ -31,7 +31,7 @@ from starlette.responses import Response, StreamingResponse
 
 from marketpipe import __version__
 from marketpipe.api.formats import MEDIA
-from marketpipe.core.errors import FeatureDisabled, MarketpipeError
+from marketpipe.core.errors import FeatureDisabled, InvalidArgument, MarketpipeError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
 from marketpipe.core.schema import normalize_symbols
@@ -177,19 +177,25 @@ def live_router() -> APIRouter:
         request: Request, symbols: Annotated[str, Query(description="comma-separated symbols", min_length=1)]
     ) -> Response:
         hub = hub_of(request.app)
-        syms = normalize_symbols(symbols)
-        client = hub.attach("sse", request.client.host if request.client else "")
-        try:
-            await hub.subscribe(client, PRICES, syms)
-        except MarketpipeError:
-            await hub.detach(client)
-            raise
-        client.notice(_welcome(hub, client))
+        syms = normalize_symbols(symbols)  # a bad symbol is a 400 before the stream starts
+        limit = hub.settings.max_symbols_per_client
+        if len(set(syms)) > limit:
+            raise InvalidArgument(f"at most {limit} symbols per client", details={"parameter": "symbols"})
+        host = request.client.host if request.client else ""
         sent = FANOUT_MESSAGES.labels("sse")
         latency = FANOUT_LATENCY.labels("sse")
 
         async def events() -> AsyncIterator[bytes]:
+            # The client is attached here, inside the response: whatever ends it (the client leaving
+            # before the first byte included) runs the finally below.
+            client = hub.attach("sse", host)
             try:
+                client.notice(_welcome(hub, client))
+                try:
+                    await hub.subscribe(client, PRICES, syms)
+                except MarketpipeError as exc:
+                    client.notice(_error(exc.code, exc.message, **(exc.details or {})))
+                    client.close()
                 yield b"retry: 3000\n\n"
                 while True:
                     try:

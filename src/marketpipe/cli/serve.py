@@ -49,4 +49,5 @@ def serve(
         log_level=log_level,
         access_log=False,
         ws_per_message_deflate=cfg.server.ws_compression,
+        timeout_graceful_shutdown=5,  # live streams (SSE, WebSockets) end only when the server closes them
     )

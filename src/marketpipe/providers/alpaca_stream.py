@@ -593,7 +593,7 @@ class AlpacaStream:
                         delta.setdefault(CHANNELS[name], []).append(s)
             try:
                 await self._apply("subscribe", delta)
-            except MarketpipeError:
+            except BaseException:  # refused, or the caller was cancelled: nothing stays counted
                 self._release_refs(req)
                 raise
 

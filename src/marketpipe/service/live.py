@@ -153,6 +153,9 @@ class FanoutClient:
 
     def notice(self, msg: dict[str, Any]) -> None:
         if self.closed is None:
+            if len(self.notices) >= self.limit:  # replies to a client that sends but never reads
+                self.drop("slow_consumer", f"the client did not read: {self.limit} replies were waiting")
+                return
             self.notices.append(msg)
             self._wake.set()
 
@@ -162,6 +165,9 @@ class FanoutClient:
             return
         self.closed = reason
         self.queue.clear()
+        told = [n for n in self.notices if n.get("code") == "SLOW_CONSUMER"]  # the warning, if still unsent
+        self.notices.clear()
+        self.notices.extend(told)
         self.notices.append({"type": "error", "code": reason.upper(), "message": message})
         self.dropped.set()
         FANOUT_DROPPED_CLIENTS.labels(self.protocol, reason).inc()
@@ -212,9 +218,13 @@ class _Symbol:
     ask: float | None = None
     bid_size: int | None = None
     ask_size: int | None = None
-    ts: datetime | None = None
-    source: str | None = None
+    ts: datetime | None = None  # the last event's (trade or quote)
+    source: str | None = None  # of the price (the last trade), or of the quote until a trade is seen
     feed: str | None = None
+    trade_ts: datetime | None = None
+    trade_source: str | None = None
+    quote_ts: datetime | None = None
+    quote_source: str | None = None
     prev_close: float | None = None
     prev_close_session: date | None = None
     session: date | None = None
@@ -267,6 +277,7 @@ class LiveHub:
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = utcnow,
         monitor_seconds: float = MONITOR_SECONDS,
+        market_open: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
         self.settings = config.stream
@@ -296,6 +307,7 @@ class LiveHub:
         self._clock = clock
         self._now = now
         self.monitor_seconds = monitor_seconds
+        self._market_open = market_open or gateway.is_market_hours
         self._seen_reconnects = 0
         self._clients: set[FanoutClient] = set()
         self._routes: dict[tuple[str, str], set[FanoutClient]] = {}
@@ -334,25 +346,53 @@ class LiveHub:
         gc.freeze()
         self._froze = True
         if self._stream is None:
-            s = self.settings
-            try:
-                self._stream = AlpacaStream(
-                    s.feed or self.config.provider("alpaca").feed,
-                    base_url=stream_url(self.config),
-                    env=self._env,
-                    encoding="json" if s.encoding == "json" else "msgpack",
-                    stale_seconds=s.stale_seconds,
-                    on_reconnect=self.on_outage if s.gap_backfill else None,
-                )
-            except MarketpipeError as exc:
-                self._stream_error = exc
-                log.warning("live_primary_unavailable", code=exc.code, error=exc.message)
+            self._stream = self._new_stream()
         if self._stream is not None:
             self._stream.add_batch_handler(self.handle_batch)
         self.router.on_transition(self._on_transition)
         self._monitor = asyncio.create_task(self._run_monitor(), name="live-hub-monitor")
-        for sym in self.settings.symbols:
-            await self._add_upstream(normalize_symbol(sym), ("trades", "quotes", "bars"))
+        always = [normalize_symbol(sym) for sym in self.settings.symbols]  # [stream] symbols: held for good
+        fresh = [sym for sym in always if sym not in self._symbols]
+        for sym in always:
+            self._symbols.setdefault(sym, _Symbol())
+            await self._add_upstream(sym, _upstream_channels(PRICES))
+        if fresh:
+            self._spawn(self._ensure_prev_close(fresh))
+
+    def _new_stream(self) -> AlpacaStream | None:
+        s = self.settings
+        try:
+            return AlpacaStream(
+                s.feed or self.config.provider("alpaca").feed,
+                base_url=stream_url(self.config),
+                env=self._env,
+                encoding="json" if s.encoding == "json" else "msgpack",
+                stale_seconds=s.stale_seconds,
+                on_reconnect=self.on_outage if s.gap_backfill else None,
+            )
+        except MarketpipeError as exc:
+            self._stream_error = exc
+            log.warning("live_primary_unavailable", code=exc.code, error=exc.message)
+            return None
+
+    async def _restart_stream(self, reason: str) -> None:
+        """A stream that stopped for good (auth failed, not entitled) is replaced by a new one carrying
+        every upstream subscription — on an admin reconnect, once the cause may have been fixed."""
+        old = self._stream
+        stream = self._new_stream()
+        if stream is None:
+            return
+        if old is not None:
+            await old.close()
+        self._stream, self._seen_reconnects = stream, 0
+        stream.add_batch_handler(self.handle_batch)
+        wanted: dict[str, list[str]] = {}
+        for ch, sym in self._upstream:
+            wanted.setdefault(ch, []).append(sym)
+        log.warning("live_stream_restarted", reason=reason, subscriptions=sum(len(v) for v in wanted.values()))
+        if wanted:
+            await stream.start()
+            await stream.subscribe(**wanted)  # sent once connected
 
     async def close(self) -> None:
         if self._closed:
@@ -363,13 +403,13 @@ class LiveHub:
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
+        if self._stream is not None:
+            await self._stream.close()  # first: no bar may arrive after the last flush
         with contextlib.suppress(Exception):
             await self.flush()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._stream is not None:
-            await self._stream.close()
         if self._froze:
             gc.unfreeze()  # native extensions (DuckDB) check their objects are freed at exit
             self._froze = False
@@ -390,17 +430,20 @@ class LiveHub:
         return client
 
     async def detach(self, client: FanoutClient) -> None:
+        """Forget ``client``: its routes go at once (nothing more is queued for it); the upstream
+        unsubscribes run as the hub's own task, so a cancelled caller cannot leave them half done."""
         if client not in self._clients:
             return
         self._clients.discard(client)
         client.close()
         FANOUT_CLIENTS.labels(client.protocol).dec()
-        for channel, syms in list(client.subscriptions.items()):
-            await self.unsubscribe(client, channel, syms)
+        releases = [(ch, self._unroute(client, ch, list(syms))) for ch, syms in client.subscriptions.items()]
+        await self._shielded(self._release_all(releases))
 
     async def subscribe(self, client: FanoutClient, channel: str, symbols: Iterable[str]) -> list[str]:
         """Add ``symbols`` (normalised; ``*`` for upstream channels) on ``channel``; returns the
-        client's whole list for that channel. A bad symbol raises InvalidArgument and changes nothing."""
+        client's whole list for that channel. A bad symbol raises InvalidArgument and changes nothing;
+        a symbol the vendor refuses raises its error, the ones before it stay subscribed."""
         if channel != PRICES and channel not in CHANNELS:
             raise InvalidArgument(f"unknown channel {channel!r}", details={"channel": channel})
         syms = [self._symbol(channel, s) for s in symbols]
@@ -412,30 +455,63 @@ class LiveHub:
                 f"at most {self.settings.max_symbols_per_client} subscriptions per client",
                 details={"limit": self.settings.max_symbols_per_client},
             )
-        upstream = ("trades", "quotes", "bars") if channel == PRICES else (channel,)
-        for s in new:
-            await self._add_upstream(s, upstream)  # raises (and counts nothing) when the vendor refuses
-            have.add(s)
-            self._routes.setdefault((channel, s), set()).add(client)
-            if channel == PRICES:
-                self._send_last(client, s)
+        await self._shielded(self._subscribe(client, channel, new))
         return sorted(have)
 
+    async def _subscribe(self, client: FanoutClient, channel: str, new: list[str]) -> None:
+        """The hub's side of a subscribe, run to the end even when the caller is cancelled: counted
+        upstream, then routed — or released again if the client left meanwhile."""
+        upstream = _upstream_channels(channel)
+        fresh: list[str] = []
+        try:
+            for s in new:
+                if s != WILDCARD and s not in self._symbols:
+                    self._symbols[s] = _Symbol()
+                    fresh.append(s)
+                await self._add_upstream(s, upstream)  # raises (and counts nothing) when the vendor refuses
+                if client.closed is not None:
+                    await self._drop_upstream(s, upstream)
+                    continue
+                client.subscriptions.setdefault(channel, set()).add(s)
+                self._routes.setdefault((channel, s), set()).add(client)
+                if channel == PRICES:
+                    self._send_last(client, s)
+        finally:
+            if fresh:
+                self._spawn(self._ensure_prev_close(fresh))  # one snapshot request for the lot
+
     async def unsubscribe(self, client: FanoutClient, channel: str, symbols: Iterable[str]) -> list[str]:
+        gone = self._unroute(client, channel, [raw if raw == WILDCARD else normalize_symbol(raw) for raw in symbols])
+        await self._shielded(self._release_all([(channel, gone)]))
+        return sorted(client.subscriptions.get(channel, set()))
+
+    def _unroute(self, client: FanoutClient, channel: str, symbols: list[str]) -> list[str]:
+        """Take ``symbols`` off ``client`` (synchronously); returns the ones it had."""
         have = client.subscriptions.get(channel, set())
-        for raw in list(symbols):
-            s = raw if raw == WILDCARD else normalize_symbol(raw)
+        gone = []
+        for s in symbols:
             if s not in have:
                 continue
             have.discard(s)
+            gone.append(s)
             route = self._routes.get((channel, s))
             if route is not None:
                 route.discard(client)
                 if not route:
                     del self._routes[(channel, s)]
-            upstream = ("trades", "quotes", "bars") if channel == PRICES else (channel,)
-            await self._drop_upstream(s, upstream)
-        return sorted(have)
+        return gone
+
+    async def _release_all(self, releases: list[tuple[str, list[str]]]) -> None:
+        for channel, symbols in releases:
+            for s in symbols:
+                await self._drop_upstream(s, _upstream_channels(channel))
+
+    async def _shielded(self, coro: Any) -> Any:
+        """Run ``coro`` as a hub task the caller awaits; cancelling the caller does not cancel it."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
 
     def _symbol(self, channel: str, raw: str) -> str:
         if raw == WILDCARD:
@@ -454,9 +530,6 @@ class LiveHub:
                 await self._stream_call(self._stream.subscribe, new, symbol)
             for ch in channels:
                 self._upstream[(ch, symbol)] = self._upstream.get((ch, symbol), 0) + 1
-        if symbol != WILDCARD and symbol not in self._symbols:
-            self._symbols[symbol] = _Symbol()
-            self._spawn(self._ensure_prev_close([symbol]))
 
     async def _drop_upstream(self, symbol: str, channels: Iterable[str]) -> None:
         async with self._upstream_lock:
@@ -568,17 +641,24 @@ class LiveHub:
         if st.session != day:
             st.session, st.volume = day, 0
         if isinstance(rec, Trade):
-            if st.ts is not None and rec.ts < st.ts and st.source == rec.source:
+            if st.trade_ts is not None and rec.ts < st.trade_ts and st.trade_source == rec.source:
                 return  # an out-of-order trade never moves the last price back
             st.price, st.size = rec.price, rec.size
             st.volume += rec.size
+            st.trade_ts, st.trade_source = rec.ts, rec.source
+            st.source, st.feed = rec.source, rec.feed
             spark = st.spark
             spark.append((rec.ts.timestamp(), rec.price))
             while len(spark) > self.settings.sparkline_points:
                 spark.popleft()
         else:
+            if st.quote_ts is not None and rec.ts < st.quote_ts and st.quote_source == rec.source:
+                return
             st.bid, st.ask, st.bid_size, st.ask_size = rec.bid_price, rec.ask_price, rec.bid_size, rec.ask_size
-        st.ts, st.source, st.feed = rec.ts, rec.source, rec.feed
+            st.quote_ts, st.quote_source = rec.ts, rec.source
+            if st.trade_source is None:
+                st.source, st.feed = rec.source, rec.feed
+        st.ts = rec.ts
         doc = self._unified(rec.symbol, st, "trade" if isinstance(rec, Trade) else "quote", real_time, score, rec)
         if last is None:
             self.router.record(rec.symbol, doc, source=role)  # type: ignore[arg-type]
@@ -617,6 +697,7 @@ class LiveHub:
             "timestamp": st.ts,
             "received_at": rec.fetched_at if rec is not None else None,
             "source": st.source,
+            "quote_source": st.quote_source,
             "feed": st.feed,
             "is_real_time": real_time,
             "quality_score": round(score, 3),
@@ -682,7 +763,11 @@ class LiveHub:
                 self.router.primary_ok()
         self.router.tick()
         for req in self.router.take_reconnects():
-            if req.source == PRIMARY and stream is not None:
+            if req.source != PRIMARY:
+                continue
+            if stream is None or stream.health().stopped:
+                await self._restart_stream(f"requested: {req.reason}")
+            else:
                 await stream.reconnect(f"requested: {req.reason}")
         if self.router.should_poll_fallback() and not self._polling and self._price_symbols():
             self._spawn(self._poll_fallback())
@@ -701,7 +786,10 @@ class LiveHub:
             await self.flush()
 
     def _flowing(self, health: Any) -> bool:
-        """Connected with data within ``stale_seconds`` (or connected more recently than that)."""
+        """Connected with data within ``stale_seconds`` (or connected more recently than that). Outside
+        market hours a connected stream may rightly be silent: connected is enough then."""
+        if not self._market_open():
+            return True
         if not health.last_message_at:
             since = health.connected_since
             return since is not None and (self._now() - since).total_seconds() < self.settings.stale_seconds
@@ -765,8 +853,12 @@ class LiveHub:
                     if self.checker.check_trade(sym, rec.price, rec.size, rec.ts, rec.fetched_at, rec.source):
                         continue
                 st = self._symbols.get(sym)
-                if st is not None and st.ts is not None and rec.ts <= st.ts and st.source == rec.source:
-                    continue  # nothing new since the last poll
+                if st is not None:
+                    seen_ts, seen_src = (
+                        (st.trade_ts, st.trade_source) if isinstance(rec, Trade) else (st.quote_ts, st.quote_source)
+                    )
+                    if seen_ts is not None and rec.ts <= seen_ts and seen_src == rec.source:
+                        continue  # nothing new since the last poll
                 self._stats.fallback_updates += 1
                 self._publish_price(rec, real_time=False, score=SCORE_POLLED, role=FALLBACK)
 
@@ -830,12 +922,18 @@ class LiveHub:
         if not self._bars and not self._updated:
             return 0
         async with self._persist_lock:
-            bars, self._bars = list(self._bars.values()), {}
-            updated, self._updated = list(self._updated.values()), {}
             stored = 0
-            for group, refresh in ((bars, False), (updated, True)):
-                if group:
-                    stored += await asyncio.to_thread(self._write_bars, group, refresh)
+            for attr, refresh in (("_bars", False), ("_updated", True)):
+                taken: dict[tuple[str, datetime], Bar] = getattr(self, attr)
+                if not taken:
+                    continue
+                setattr(self, attr, {})
+                try:
+                    stored += await asyncio.to_thread(self._write_bars, list(taken.values()), refresh)
+                except Exception as exc:  # noqa: BLE001 - keep the bars for the next flush, newer versions win
+                    pending: dict[tuple[str, datetime], Bar] = getattr(self, attr)
+                    setattr(self, attr, {**taken, **pending})
+                    log.error("live_bars_not_stored", bars=len(taken), error=repr(exc))
             return stored
 
     def _write_bars(self, bars: list[Bar], refresh: bool) -> int:
@@ -976,6 +1074,12 @@ def observe_delivery(histogram: Any, items: list[Item]) -> None:
     """After a client frame is written: how long its oldest upstream message spent in the gateway."""
     if items and items[0].arrived:
         histogram.observe(max(0.0, time.time() - items[0].arrived))
+
+
+def _upstream_channels(channel: str) -> tuple[str, ...]:
+    """What a hub subscription needs upstream: unified prices come from trades and quotes (and the
+    minute bars are stored); an Alpaca-compatible channel is itself."""
+    return ("trades", "quotes", "bars") if channel == PRICES else (channel,)
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
