@@ -4,6 +4,7 @@ SSE, /v1/live and /v1/alerts, the live part of /health/datasource, and admin fai
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,9 +117,12 @@ async def test_a_client_that_never_reads_is_dropped_and_others_carry_on(
     stream.configure(rate=20_000)  # the slow client takes all ten symbols: its buffers fill in seconds
     try:
         all_ten = ",".join(["AAPL", "MSFT", "AMZN", "GOOGL", "META", "NVDA", "TSLA", "AMD", "SPY", "QQQ"])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: its backlog shows at once
+        sock.connect(("127.0.0.1", int(gateway.rsplit(":", 1)[1])))
         async with (
-            connect(ws_url(gateway, "?symbols=" + all_ten)) as slow,
-            connect(ws_url(gateway, "?symbols=SPY")) as fast,
+            connect(ws_url(gateway, "?symbols=" + all_ten), sock=sock, close_timeout=0.5) as slow,
+            connect(ws_url(gateway, "?symbols=SPY"), close_timeout=0.5) as fast,
         ):
             slow.transport.pause_reading()  # never reads again
             got = 0
