@@ -255,10 +255,10 @@ def peer(target: Any, ws_url: str, seconds: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--rates", default="10000,25000,50000,100000,200000")
+    ap.add_argument("--rates", default="10000,25000,50000,75000,100000,200000")
     ap.add_argument("--latency-rate", type=float, default=10_000.0)
     ap.add_argument("--clients", default="1,10,100")
-    ap.add_argument("--peer-rate", type=float, default=100_000.0)
+    ap.add_argument("--peer-rate", type=float, default=200_000.0)
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     ns = [int(n) for n in args.clients.split(",")]
