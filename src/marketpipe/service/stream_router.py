@@ -491,7 +491,9 @@ class DataSourceRouter:
             pending, self._pending = self._pending, []
             listeners = list(self._listeners)
         for tr, forced, consecutive in pending:
-            log.warning(
+            # normal operation (a source taking over) is info; leaving a working source is a warning
+            level = log.info if tr.to_state is SourceState.PRIMARY_ACTIVE else log.warning
+            level(
                 "stream_router_transition",
                 router=self.name,
                 from_state=str(tr.from_state),
