@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +70,32 @@ def raised() -> Iterator[list[Event]]:
     unsubscribe = event_hub.subscribe(seen.append)
     yield seen
     unsubscribe()
+
+
+async def alpaca_py_receive(url: str, key: str, secret: str, wait_s: float = 15.0) -> dict[str, list[Any]]:
+    """Run the real alpaca-py ``StockDataStream`` against ``url`` (the simulator's or the gateway's stream)
+    until its handlers have at least three AAPL trades, AAPL/MSFT quotes and SPY bars; returns them."""
+    from alpaca.data.live import StockDataStream
+
+    got: dict[str, list[Any]] = {"trades": [], "quotes": [], "bars": []}
+    enough = asyncio.Event()
+
+    def collect(kind: str) -> Callable[[Any], Any]:
+        async def handler(item: Any) -> None:
+            got[kind].append(item)
+            if all(len(v) >= 3 for v in got.values()):
+                enough.set()
+
+        return handler
+
+    client = StockDataStream(key, secret, url_override=url)
+    client.subscribe_trades(collect("trades"), "AAPL")
+    client.subscribe_quotes(collect("quotes"), "AAPL", "MSFT")
+    client.subscribe_bars(collect("bars"), "SPY")
+    task = asyncio.create_task(client._run_forever())
+    try:
+        await asyncio.wait_for(enough.wait(), wait_s)
+    finally:
+        await client.stop_ws()
+        await asyncio.wait_for(task, 10)
+    return got

@@ -19,7 +19,6 @@ from typing import Any
 import msgpack
 import orjson
 import pytest
-from alpaca.data.live import StockDataStream
 from alpaca.data.models import Bar as PyBar
 from alpaca.data.models import Quote as PyQuote
 from alpaca.data.models import Trade as PyTrade
@@ -37,6 +36,7 @@ from marketpipe.sim.alpaca import DEFAULT_KEYS
 from marketpipe.sim.server import SimServer
 from marketpipe.sim.stream import StreamConfig
 from tests.api.conftest import ENV, gateway_config, serving
+from tests.conftest import alpaca_py_receive
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -199,27 +199,9 @@ async def test_alpaca_py_stock_data_stream_gets_what_the_vendor_sent(gateway: tu
     stream = hub(app).stream
     assert stream is not None
     remove = stream.add_batch_handler(upstream.extend)
-    got: dict[str, list[Any]] = {"trades": [], "quotes": [], "bars": []}
-    enough = asyncio.Event()
-
-    def collect(kind: str) -> Callable[[Any], Any]:
-        async def handler(item: Any) -> None:
-            got[kind].append(item)
-            if all(len(v) >= 3 for v in got.values()):
-                enough.set()
-
-        return handler
-
-    client = StockDataStream(*CLIENT, url_override=base + "/v2/iex")
-    client.subscribe_trades(collect("trades"), "AAPL")
-    client.subscribe_quotes(collect("quotes"), "AAPL", "MSFT")
-    client.subscribe_bars(collect("bars"), "SPY")
-    task = asyncio.create_task(client._run_forever())
     try:
-        await asyncio.wait_for(enough.wait(), 10)
+        got = await alpaca_py_receive(base + "/v2/iex", *CLIENT, wait_s=10)
     finally:
-        await client.stop_ws()
-        await asyncio.wait_for(task, 10)
         remove()
     sent = list(upstream)
     trades = {(m.record.symbol, m.record.trade_id): m.record for m in sent if isinstance(m.record, Trade)}

@@ -6,13 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from marketpipe.core.config import StreamSettings
 from marketpipe.core.events import Event
 from marketpipe.quality.stream_checks import (
     FUTURE,
     JUMP,
     NEGATIVE_SIZE,
     NOT_POSITIVE,
-    StreamCheckConfig,
     StreamChecker,
 )
 
@@ -52,7 +52,7 @@ def test_quote_rules() -> None:
 
 
 def test_jump_breaker_rejects_and_alerts_once_per_excursion(raised: list[Event]) -> None:
-    c = StreamChecker(StreamCheckConfig(jump_pct=20.0, reanchor_after=5))
+    c = StreamChecker(StreamSettings(jump_pct=20.0, reanchor_after=5))
     assert trade(c, 100.0) is None
     assert trade(c, 119.0) is None  # 19 %: accepted, becomes the last price
     assert trade(c, 150.0) == JUMP  # 26 % from 119
@@ -66,7 +66,7 @@ def test_jump_breaker_rejects_and_alerts_once_per_excursion(raised: list[Event])
 
 
 def test_jump_breaker_reanchors_on_a_consistent_new_level(raised: list[Event]) -> None:
-    c = StreamChecker(StreamCheckConfig(jump_pct=20.0, reanchor_after=3))
+    c = StreamChecker(StreamSettings(jump_pct=20.0, reanchor_after=3))
     trade(c, 100.0)
     assert trade(c, 50.0) == JUMP
     assert trade(c, 50.5) == JUMP
@@ -85,7 +85,7 @@ def test_symbols_are_independent() -> None:
 
 
 def test_cross_source(raised: list[Event]) -> None:
-    c = StreamChecker(StreamCheckConfig(cross_source_pct=5.0))
+    c = StreamChecker(StreamSettings(cross_source_pct=5.0))
     assert c.cross_check("AAPL", 100.0, "polygon") is None  # nothing to compare with yet
     trade(c, 100.0)
     ok = c.cross_check("AAPL", 104.0, "polygon")

@@ -19,7 +19,6 @@ import msgpack
 import numpy as np
 import orjson
 import pytest
-from alpaca.data.live import StockDataStream
 from alpaca.data.models import Bar, Quote, Trade
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -29,6 +28,7 @@ from marketpipe.sim.alpaca import DEFAULT_KEYS
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.server import SimServer
 from marketpipe.sim.stream import AlpacaStream, StreamConfig, StreamFaults
+from tests.conftest import alpaca_py_receive
 
 NS_MIN = 60_000_000_000
 TRADE_KEYS = ["T", "S", "i", "x", "p", "s", "c", "t", "z"]
@@ -526,27 +526,7 @@ async def test_throughput_to_one_client(sim: SimServer, stream: AlpacaStream, ke
 
 async def test_alpaca_py_stock_data_stream(sim: SimServer, stream: AlpacaStream, key: tuple[str, str]) -> None:
     stream.configure(rate=500)
-    got: dict[str, list[Any]] = {"trades": [], "quotes": [], "bars": []}
-    enough = asyncio.Event()
-
-    def collect(kind: str) -> Callable[[Any], Any]:
-        async def handler(item: Any) -> None:
-            got[kind].append(item)
-            if all(len(v) >= 3 for v in got.values()):
-                enough.set()
-
-        return handler
-
-    client = StockDataStream(key[0], key[1], url_override=sim.ws_url("iex"))
-    client.subscribe_trades(collect("trades"), "AAPL")
-    client.subscribe_quotes(collect("quotes"), "AAPL", "MSFT")
-    client.subscribe_bars(collect("bars"), "SPY")
-    task = asyncio.create_task(client._run_forever())
-    try:
-        await asyncio.wait_for(enough.wait(), 15)
-    finally:
-        await client.stop_ws()
-        await asyncio.wait_for(task, 10)
+    got = await alpaca_py_receive(sim.ws_url("iex"), *key)
     trade, quote, bar = got["trades"][0], got["quotes"][0], got["bars"][0]
     assert isinstance(trade, Trade) and trade.symbol == "AAPL" and trade.price > 0 and trade.exchange == "V"
     assert isinstance(quote, Quote) and quote.symbol in ("AAPL", "MSFT") and quote.ask_price > quote.bid_price

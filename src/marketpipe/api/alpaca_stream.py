@@ -57,7 +57,7 @@ import msgpack
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from marketpipe.api.live import _run_connection, hub_of
+from marketpipe.api.live import batch_json, hub_of, run_connection
 from marketpipe.core.errors import InvalidArgument, MarketpipeError, NotEntitled
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
@@ -401,7 +401,7 @@ class _Session:
                         if self.binary:
                             await self.ws.send_bytes(array_header(len(parts)) + b"".join(parts))
                         else:
-                            await self.ws.send_text((b"[" + b",".join(parts) + b"]").decode())
+                            await self.ws.send_text(batch_json([], parts))
                         sent.inc(len(parts))
                         observe_delivery(latency, items)
             if client.closed is not None and not client.queue and not client.notices:
@@ -467,7 +467,7 @@ class _Session:
                 await self.control(_error(500))
                 await asyncio.wait_for(ws.close(code=1011, reason=ERRORS[500]), CLOSE_SECONDS)
             return
-        await _run_connection(hub, client, self.writer(), self.reader())
+        await run_connection(hub, client, self.writer(), self.reader())
         slow = client.closed == "slow_consumer" or self.sent_slow
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSE_SECONDS):

@@ -31,6 +31,7 @@ from starlette.responses import Response, StreamingResponse
 
 from marketpipe import __version__
 from marketpipe.api.formats import MEDIA
+from marketpipe.api.middleware import v1_secret
 from marketpipe.core.errors import FeatureDisabled, InvalidArgument, MarketpipeError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
@@ -57,8 +58,7 @@ def client_key_ok(app: Any, headers: Any, query: Any) -> bool:
     keys = app.state.mp.keys
     if not keys.enabled:
         return True
-    auth = headers.get("authorization", "")
-    secret = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key") or query.get("token")
+    secret = v1_secret(headers) or query.get("token")
     return bool(secret) and keys.identify(None, secret) is not None
 
 
@@ -167,7 +167,7 @@ def live_router() -> APIRouter:
                     if raw is not None:
                         await _apply(hub, client, raw)
 
-        await _run_connection(hub, client, writer(), reader())
+        await run_connection(hub, client, writer(), reader())
         reason = client.closed
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(code=1008 if reason == "slow_consumer" else 1000, reason=reason or ""), 2.0)
@@ -246,7 +246,7 @@ def live_router() -> APIRouter:
     return r
 
 
-async def _run_connection(hub: LiveHub, client: FanoutClient, *coros: Any) -> None:
+async def run_connection(hub: LiveHub, client: FanoutClient, *coros: Any) -> None:
     """Run the connection's writer and reader until either ends. A dropped client's writer gets
     ``DROP_FLUSH_SECONDS`` to send the error (it may be stuck on a client that does not read)."""
 

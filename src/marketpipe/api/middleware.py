@@ -8,7 +8,7 @@ import itertools
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +151,12 @@ class ClientKeys:
         return False, 0, (1.0 - b.tokens) / rate
 
 
+def v1_secret(headers: Mapping[str, str]) -> str | None:
+    """A v1 request's client key: ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` (lower-case names)."""
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key")
+
+
 class ClientAuth:
     """When client keys are configured: v1 takes ``Authorization: Bearer <secret>`` or
     ``X-API-Key: <secret>``; the Alpaca-compatible routes take ``APCA-API-KEY-ID`` +
@@ -176,8 +182,7 @@ class ClientAuth:
                 return
         else:
             key_id = None
-            auth = headers.get("authorization", "")
-            secret = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key")
+            secret = v1_secret(headers)
             if not secret:
                 await _reply(
                     send, 401, _err("UNAUTHENTICATED", "an API key is required (Authorization: Bearer KEY)", scope)

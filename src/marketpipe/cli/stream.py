@@ -244,7 +244,6 @@ def footer(board: Board, now: float) -> Text:
 class Feed(Protocol):
     async def next(self, within: float) -> list[dict[str, Any]] | None:
         """Messages that arrive within ``within`` seconds (maybe none); ``None`` once the stream has ended."""
-        ...
 
 
 def _native(msg: Any) -> Any:

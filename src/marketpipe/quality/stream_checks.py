@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from marketpipe.core.config import StreamSettings
 from marketpipe.core.events import OUTLIER, emit
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import STREAM_CHECK_REJECTED, STREAM_CROSS_SOURCE_WARNINGS
@@ -30,14 +31,6 @@ NEGATIVE_SIZE = "negative_size"
 FUTURE = "timestamp_in_future"
 JUMP = "price_jump"
 _LOG_EVERY_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class StreamCheckConfig:
-    max_future_seconds: float = 300.0
-    jump_pct: float = 20.0
-    reanchor_after: int = 5
-    cross_source_pct: float = 5.0
 
 
 @dataclass(slots=True)
@@ -60,8 +53,8 @@ class CrossCheck:
 class StreamChecker:
     """Per-symbol state for the jump breaker; not thread-safe (one event loop owns it)."""
 
-    def __init__(self, config: StreamCheckConfig | None = None) -> None:
-        self.config = config or StreamCheckConfig()
+    def __init__(self, config: StreamSettings | None = None) -> None:
+        self.config = config or StreamSettings()  # [stream]: max_future_seconds, jump_pct, reanchor_after, …
         self._future = timedelta(seconds=self.config.max_future_seconds)
         self._state: dict[str, _SymbolState] = {}
         self._logged: dict[str, float] = {}

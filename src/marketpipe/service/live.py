@@ -32,7 +32,7 @@ import contextlib
 import gc
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -59,7 +59,7 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_stream import CHANNELS, AlpacaStream, Outage, StreamMessage
 from marketpipe.providers.base import BarPage
-from marketpipe.quality.stream_checks import StreamCheckConfig, StreamChecker
+from marketpipe.quality.stream_checks import StreamChecker
 from marketpipe.service.backfill import check_page
 from marketpipe.service.gateway import Gateway
 from marketpipe.service.stream_router import FALLBACK, PRIMARY, DataSourceRouter, RouterConfig, SourceState
@@ -125,8 +125,6 @@ class FanoutClient:
         self.subscriptions: dict[str, set[str]] = {}
         self.closed: str | None = None  # the reason, once dropped or closed
         self.warned = False
-        self.sent = 0
-        self.connected_at = utcnow()
         self.dropped = asyncio.Event()
         self._wake = asyncio.Event()
 
@@ -188,23 +186,12 @@ class FanoutClient:
         items = [q.popleft() for _ in range(n)]
         if self.warned and len(q) < self.warn_at // 2:
             self.warned = False  # caught up: warn again if it falls behind again
-        self.sent += n
         return notices, items
 
     def close(self) -> None:
         if self.closed is None:
             self.closed = "closed"
         self._wake.set()
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "protocol": self.protocol,
-            "client": self.name,
-            "connected_at": self.connected_at.isoformat(),
-            "queued": len(self.queue),
-            "sent": self.sent,
-            "subscriptions": {k: sorted(v) for k, v in self.subscriptions.items()},
-        }
 
 
 # --- per-symbol state ---------------------------------------------------------------------------------
@@ -226,7 +213,6 @@ class _Symbol:
     quote_ts: datetime | None = None
     quote_source: str | None = None
     prev_close: float | None = None
-    prev_close_session: date | None = None
     session: date | None = None
     volume: int = 0
     disagrees: bool = False
@@ -293,14 +279,7 @@ class LiveHub:
             ),
             clock=clock,
         )
-        self.checker = StreamChecker(
-            StreamCheckConfig(
-                max_future_seconds=s.max_future_seconds,
-                jump_pct=s.jump_pct,
-                reanchor_after=s.reanchor_after,
-                cross_source_pct=s.cross_source_pct,
-            )
-        )
+        self.checker = StreamChecker(s)
         self._env = env
         self._stream = stream
         self._stream_error: MarketpipeError | None = None
@@ -877,9 +856,9 @@ class LiveHub:
             want = await asyncio.to_thread(self._expected_prev_session)
             held = await asyncio.to_thread(self.data.store.prev_closes, symbols)
             missing = [s for s in symbols if s not in held or held[s][0] != want]
-            for s, (session, close, _src) in held.items():
+            for s, (_session, close, _src) in held.items():
                 if s not in missing:
-                    self._set_prev_close(s, session, close)
+                    self._set_prev_close(s, close)
             if not missing:
                 return
             snaps = await self.gateway.snapshots(missing)
@@ -902,7 +881,7 @@ class LiveHub:
                     continue
                 session = bar.ts.astimezone(tz).date()
                 rows.append((s, session, float(bar.close), bar.source))
-                self._set_prev_close(s, session, float(bar.close))
+                self._set_prev_close(s, float(bar.close))
             await asyncio.to_thread(self.data.store.save_prev_closes, rows)
         except MarketpipeError as exc:
             log.warning("live_prev_close_unavailable", symbols=symbols, code=exc.code, error=exc.message)
@@ -911,9 +890,9 @@ class LiveHub:
         for c in self._routes.get((PRICES, symbol), ()):
             c.notice(notice)
 
-    def _set_prev_close(self, symbol: str, session: date, close: float) -> None:
+    def _set_prev_close(self, symbol: str, close: float) -> None:
         st = self._symbols.setdefault(symbol, _Symbol())
-        st.prev_close, st.prev_close_session = close, session
+        st.prev_close = close
 
     # --- persistence and gap backfill -----------------------------------------------------------------
 
@@ -1020,7 +999,7 @@ class LiveHub:
         st = self._stats
         doc["fanout"] = {
             "clients": len(self._clients),
-            "by_protocol": _count(c.protocol for c in self._clients),
+            "by_protocol": dict(Counter(c.protocol for c in self._clients)),
             "subscribed_symbols": len(self._symbols),
         }
         doc["stats"] = {
@@ -1039,9 +1018,6 @@ class LiveHub:
 
     def _wall(self, at: float) -> str:
         return (self._now() - timedelta(seconds=self._clock() - at)).isoformat()
-
-    def clients(self) -> list[dict[str, Any]]:
-        return [c.info() for c in self._clients]
 
     def board(self, symbols: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """The dashboard's table: last unified value per symbol (stale-labelled) and its sparkline."""
@@ -1080,10 +1056,3 @@ def _upstream_channels(channel: str) -> tuple[str, ...]:
     """What a hub subscription needs upstream: unified prices come from trades and quotes (and the
     minute bars are stored); an Alpaca-compatible channel is itself."""
     return ("trades", "quotes", "bars") if channel == PRICES else (channel,)
-
-
-def _count(values: Iterable[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
