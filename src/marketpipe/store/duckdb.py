@@ -12,6 +12,7 @@ so a crash leaves either the whole page or none of it.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,12 @@ def _aware(frame: pl.DataFrame, schema: dict[str, pl.DataType] | None = None) ->
     return frame
 
 
+@dataclass(slots=True)
+class _Variants:
+    pairs: set[tuple[str, str | None]]  # (source, feed) held
+    revised: bool  # a refresh stored newer versions of some rows
+
+
 class DuckDBStore:
     """Not thread-safe: use from one thread at a time (the backfill writes from one writer task)."""
 
@@ -141,9 +148,9 @@ class DuckDBStore:
                 details={"path": self.path},
             ) from exc
         self._lock = threading.RLock()
-        # (symbol, timeframe) -> number of (source, feed) variants held; lets the common case of a
-        # single variant skip the de-duplication window on reads.
-        self._variants: dict[tuple[str, str], int] = {}
+        # (symbol, timeframe) -> the (source, feed) variants held (and whether any were revised); lets the
+        # common case of a single version per timestamp skip the de-duplication window on reads.
+        self._variants: dict[tuple[str, str], _Variants] = {}
         # Checkpointing folds the WAL into the file; at the default 16 MB it runs every few pages of
         # a backfill and costs more than the inserts. The WAL is still replayed after a crash.
         self.con.execute("SET checkpoint_threshold = '256MB'")
@@ -183,8 +190,7 @@ class DuckDBStore:
                 self._rollback()
                 raise
         for page, n in zip(pages, stored, strict=True):
-            for sym in page.ingest.symbols:
-                self._variants.pop((sym, page.ingest.timeframe), None)
+            self._note_variants(page, n)
             page.stored = n
             if n:
                 ROWS_STORED.labels("bars", page.ingest.source, page.ingest.timeframe).inc(n)
@@ -411,23 +417,36 @@ class DuckDBStore:
         return rel.to_arrow_reader().read_all() if rel is not None else None
 
     def _variant_count(self, symbol: str, timeframe: str) -> int:
+        """Versions a timestamp may have: distinct (source, feed) pairs held, plus one when a refresh
+        stored newer versions. Read from the bars once per (symbol, timeframe) — not from the ledger,
+        since the live stream stores bars without coverage — then kept current by every write."""
         key = (symbol, timeframe)
-        n = self._variants.get(key)
-        if n is None:
+        held = self._variants.get(key)
+        if held is None:
             with self._lock:
-                # From the bars themselves, not the ledger: the live stream stores bars without coverage.
                 rows = self.con.execute(
-                    "SELECT count(DISTINCT (source, feed)) FROM bars WHERE symbol = ? AND timeframe = ?",
-                    [symbol, timeframe],
+                    "SELECT DISTINCT source, feed FROM bars WHERE symbol = ? AND timeframe = ?", [symbol, timeframe]
                 ).fetchall()
-                n = int(rows[0][0]) if rows else 0
-                if n == 1:  # a refresh may have stored newer versions of some rows: de-duplicate then
-                    rev = self.con.execute(
-                        "SELECT count(*) FROM revisions WHERE symbol = ? AND timeframe = ?", [symbol, timeframe]
-                    ).fetchall()
-                    n += int(rev[0][0] > 0)
-            self._variants[key] = n
-        return n
+                rev = self.con.execute(
+                    "SELECT count(*) FROM revisions WHERE symbol = ? AND timeframe = ?", [symbol, timeframe]
+                ).fetchall()
+            held = self._variants[key] = _Variants({(r[0], r[1]) for r in rows}, bool(rev and rev[0][0]))
+        return len(held.pairs) + int(held.revised and len(held.pairs) == 1)
+
+    def _note_variants(self, page: PageWrite, stored: int) -> None:
+        """Keep the cached variant sets current after a write (no re-reading)."""
+        if not stored and not page.revised:
+            return
+        pairs = page.bars.select("symbol", "source", "feed").unique().iter_rows() if stored else ()
+        for sym, source, feed in pairs:
+            held = self._variants.get((sym, page.ingest.timeframe))
+            if held is not None:
+                held.pairs.add((source, feed))
+        if page.revised:
+            for sym in page.ingest.symbols:
+                held = self._variants.get((sym, page.ingest.timeframe))
+                if held is not None:
+                    held.revised = True
 
     def read_bars_exact(
         self, symbol: str, timeframe: str, start: datetime, end: datetime, *, source: str, feed: str
