@@ -267,7 +267,7 @@ class HubFeed:
         if not notices and not items:
             return None
         msgs: list[dict[str, Any]] = [_native(n) for n in notices]
-        msgs += [orjson.loads(unified_json(it)) for it in items if it.channel == PRICES]
+        msgs += [orjson.loads(it.encoded("v1", unified_json)) for it in items if it.channel == PRICES]
         return msgs
 
 
