@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from marketpipe.api.app import create_app
 from marketpipe.sim.data import SimMarket
@@ -139,6 +139,13 @@ async def test_a_client_that_never_reads_is_dropped_and_others_carry_on(
                 await messages(fast)
             assert got > 100
             assert any(m["type"] == "price" for m in await messages(fast))  # still served
+            # the slow client, reading again: what was buffered, then a close frame that says why
+            slow.transport.resume_reading()
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(slow.recv(), 10)
+            assert slow.close_code == 1008, (slow.close_code, slow.close_reason)
+            assert (slow.close_reason or "").startswith("SLOW_CONSUMER: "), slow.close_reason
     finally:
         stream.configure(rate=500)
 

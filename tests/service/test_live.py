@@ -190,6 +190,10 @@ async def test_slow_client_is_told_then_dropped_and_others_are_not_disturbed(liv
     assert ("warning", "SLOW_CONSUMER") in codes and codes[-1] == ("error", "SLOW_CONSUMER")
     assert codes.index(("warning", "SLOW_CONSUMER")) < len(codes) - 1  # told first, then dropped
     assert items == []  # its queue was released
+    # the close frame it is sent says why (code 1008, a reason within the protocol's 123 bytes)
+    code, reason = slow.close_frame
+    assert code == 1008 and reason == "SLOW_CONSUMER: the client did not keep up: 40 messages were waiting"
+    assert fast.close_frame == (1000, "")
     _, after = await drain(fast, 0.5)
     assert received >= 20 and after, "the fast client received all along, and still does"
 
@@ -510,6 +514,7 @@ async def test_replies_to_a_client_that_never_reads_are_bounded(live: LiveHub) -
     for _ in range(100):
         c.notice({"type": "pong"})
     assert c.closed == "slow_consumer" and [n["type"] for n in c.notices] == ["error"]
+    assert c.close_frame == (1008, "SLOW_CONSUMER: the client did not read: 20 replies were waiting")
 
 
 async def test_a_stopped_stream_is_rebuilt_by_a_reconnect_request(live: LiveHub, alpaca: SimServer) -> None:

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
+import polars as pl
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
@@ -29,10 +30,17 @@ from marketpipe.api.alpaca_stream import alpaca_stream_router
 from marketpipe.api.dashboard import dashboard_router
 from marketpipe.api.formats import MEDIA, bars_body, bars_json, negotiate
 from marketpipe.api.live import live_router
-from marketpipe.api.middleware import ClientAuth, ClientKeys, RequestContext
+from marketpipe.api.middleware import ClientAuth, ClientKeys, RequestContext, client_address
 from marketpipe.cache import CacheHit, TieredCache, build_cache, make_key, ttl_for
+from marketpipe.core import log as logging_
 from marketpipe.core.config import KNOWN_KINDS, Config, load_config
-from marketpipe.core.errors import InvalidArgument, MarketpipeError, ProviderError
+from marketpipe.core.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MarketpipeError,
+    PayloadTooLarge,
+    ProviderError,
+)
 from marketpipe.core.schema import normalize_symbol, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_range, utcnow
@@ -76,18 +84,42 @@ async def answer(
     request: Request, st: AppState, key: str, kind: str, load: Callable[[], Awaitable[Loaded]]
 ) -> Response:
     """Serve ``key`` from the cache, or load it once (single-flight) and cache it; when loading fails
-    upstream, serve a cached copy labelled stale if there is one."""
+    upstream or the request's deadline passes first, serve a cached copy labelled stale if there is one.
+
+    The deadline (loop time, put in the scope by :class:`RequestContext`) bounds both the wait and
+    the load itself: the load runs in the cache's single-flight task, which is cancelled when the
+    deadline of the request that started it passes, so its waiters are all released with
+    ``DEADLINE_EXCEEDED`` and no upstream work is left running."""
+    deadline: float | None = request.scope.get("state", {}).get("deadline")
 
     async def loader() -> tuple[bytes, float]:
-        body, media, headers, ttl = await load()
+        if deadline is None:
+            body, media, headers, ttl = await load()
+        else:
+            try:
+                async with asyncio.timeout_at(deadline) as bound:
+                    body, media, headers, ttl = await load()
+            except TimeoutError as exc:
+                if not bound.expired():
+                    raise
+                raise _deadline(st) from exc
         head = orjson.dumps({"m": media, "h": headers})
         return head + META_SEP + body, ttl
 
     try:
-        hit = await st.cache.get_or_load(key, loader, kind=kind)
+        if deadline is None:
+            hit = await st.cache.get_or_load(key, loader, kind=kind)
+        else:
+            try:
+                async with asyncio.timeout_at(deadline) as bound:
+                    hit = await st.cache.get_or_load(key, loader, kind=kind)
+            except TimeoutError as exc:
+                if not bound.expired():
+                    raise
+                raise _deadline(st) from exc
         stale = False
     except (ProviderError, MarketpipeError) as exc:
-        if not isinstance(exc, ProviderError) and exc.code != "ALL_PROVIDERS_FAILED":
+        if not isinstance(exc, ProviderError) and exc.code not in ("ALL_PROVIDERS_FAILED", DeadlineExceeded.code):
             raise
         old = await st.cache.get(key, allow_stale=True)
         if old is None:
@@ -98,6 +130,11 @@ async def answer(
     # Alpaca-shaped bodies must keep the vendor's shape: their staleness is told by header only.
     body, media, headers = render(hit, stale, mark_body=not request.url.path.startswith("/v2/"))
     return Response(body, media_type=media, headers=headers)
+
+
+def _deadline(st: AppState) -> DeadlineExceeded:
+    t = st.config.server.request_timeout
+    return DeadlineExceeded(f"no answer within the gateway's bound of {t:g} s", retry_after=5.0)
 
 
 def render(hit: CacheHit, stale: bool = False, *, mark_body: bool = True) -> tuple[bytes, str, dict[str, str]]:
@@ -203,7 +240,11 @@ def create_app(
     cfg = config or load_config()
     environ = os.environ if env is None else env
     md = data or MarketData(cfg, env=env)
-    keys = ClientKeys.parse(environ.get(API_KEYS_VAR), cfg.server.client_rate_limit_per_min)
+    keys = ClientKeys.parse(
+        environ.get(API_KEYS_VAR), cfg.server.client_rate_limit_per_min, cfg.server.auth_failures_per_min
+    )
+    # never in a log line: the admin token, client key secrets, vendor keys, Redis credentials
+    logging_.register_secrets([*logging_.secrets_from_env(environ), *keys.keys.values()])
     st = AppState(
         config=cfg,
         data=md,
@@ -216,6 +257,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logging_.guard_stdlib()  # the server's own loggers (configured by now) redact too
         with contextlib.suppress(MarketpipeError):  # no usable provider: readiness says so
             st.gateway.start_probes()
         if cfg.stream.enabled:
@@ -238,7 +280,9 @@ def create_app(
     errors.install(app)
     app.add_middleware(HitPath, cache=st.cache)
     app.add_middleware(ClientAuth, keys=keys)
-    app.add_middleware(RequestContext)
+    app.add_middleware(
+        RequestContext, request_timeout=cfg.server.request_timeout, max_header_bytes=cfg.server.max_header_bytes
+    )
     app.include_router(v1_router())
     app.include_router(ops_router())
     app.include_router(admin_router())
@@ -472,16 +516,14 @@ def v1_router() -> Any:
             "end": res.end.isoformat(),
             "summary": res.summary,
             "days": res.days.with_columns(res.days["day"].cast(str)).to_dicts(),
+            # at most 500 of each (the counts are in the summary); expressions, so the head is what is formatted
             "missing": res.completeness.ranges.head(500)
-            .with_columns(
-                res.completeness.ranges["start"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                res.completeness.ranges["end"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            )
+            .with_columns(pl.col("start", "end").dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
             .to_dicts()
             if res.completeness.ranges.height
             else [],
             "anomalies": res.findings.head(500)
-            .with_columns(res.findings["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            .with_columns(pl.col("ts").dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
             .drop("symbol")
             .to_dicts()
             if res.findings.height
@@ -578,12 +620,18 @@ def datasource(st: AppState) -> dict[str, Any]:
     return doc
 
 
-async def admin(st: StateDep, authorization: Annotated[str | None, Header()] = None) -> AppState:
+async def admin(request: Request, st: StateDep, authorization: Annotated[str | None, Header()] = None) -> AppState:
     if not st.admin_token:
         raise _AdminDenied(403, f"admin endpoints are off: set {ADMIN_TOKEN_VAR} to enable them")
     if not authorization or not authorization.lower().startswith("bearer "):
         raise _AdminDenied(401, "admin bearer token required")
+    # wrong admin tokens count toward the same per-address bound as wrong client keys
+    throttle, addr, now = st.keys.throttle, client_address(request.scope), time.monotonic()
+    wait = throttle.blocked(addr, now)
+    if wait:
+        raise throttle.refuse(wait)
     if not hmac.compare_digest(authorization[7:].strip().encode(), st.admin_token.encode()):
+        throttle.fail(addr, now)
         raise _AdminDenied(403, "wrong admin token")
     return st
 
@@ -653,13 +701,27 @@ class _AdminDenied(MarketpipeError):
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    """An admin route's JSON object body, read up to ``[server] max_body_bytes`` (413 beyond: the
+    rest is not read, and nothing of it is echoed)."""
+    limit = request.app.state.mp.config.server.max_body_bytes
+    too_large = PayloadTooLarge(f"the body is limited to {limit} bytes", details={"parameter": "body"})
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         return {}
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"the body is not valid JSON: {exc}", details={"parameter": "body"}) from exc
+        raise InvalidArgument(f"the body is not valid JSON: {str(exc)[:80]}", details={"parameter": "body"}) from exc
     if not isinstance(doc, dict):
         raise InvalidArgument("the body must be a JSON object", details={"parameter": "body"})
     return doc

@@ -42,6 +42,22 @@ _HTTP_CODES = {
 }
 
 
+MAX_MESSAGE = 300  # an error message never carries more than this (client input in it is clipped)
+MAX_DETAIL = 120
+
+
+def clip(value: Any, limit: int = MAX_DETAIL) -> Any:
+    """A string cut to ``limit`` characters (marked), so no answer echoes more than a short piece of
+    what a client sent; lists and dicts clipped item by item, other values as they are."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[: limit - 1] + "…"
+    if isinstance(value, list):
+        return [clip(v, limit) for v in value[:20]]
+    if isinstance(value, dict):
+        return {clip(str(k), limit): clip(v, limit) for k, v in list(value.items())[:20]}
+    return value
+
+
 def request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id") or getattr(request.state, "request_id", ""))
 
@@ -55,6 +71,8 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> Response:
     ERRORS.labels(code).inc()
+    message = clip(message, MAX_MESSAGE)
+    details = clip(details) if details else details
     if request.url.path.startswith(ALPACA_PREFIX):
         body: dict[str, Any] = {"message": message}  # the vendor's own error shape
         if status in (400, 422):
@@ -75,7 +93,7 @@ async def marketpipe_error(request: Request, exc: Exception) -> Response:
     if status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after or 5)))
     if status >= 500:
-        log.warning("request_failed", path=request.url.path, code=exc.code, error=exc.message)
+        log.warning("request_failed", path=request.url.path, code=exc.code, error=clip(exc.message, MAX_MESSAGE))
     return error_response(request, status, exc.code, exc.message, exc.details, headers)
 
 
@@ -101,20 +119,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-async def unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled_error", path=request.url.path, error=repr(exc), request_id=request_id(request))
-    # This handler runs outside the request-id middleware: echo the id here.
-    return error_response(
-        request,
-        500,
-        "INTERNAL",
-        "internal error; see the server log for the request id",
-        headers={"X-Request-ID": request_id(request)},
-    )
-
-
 def install(app: FastAPI) -> None:
     app.add_exception_handler(MarketpipeError, marketpipe_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)
+    # An unhandled exception is logged and answered (500 INTERNAL) by the RequestContext middleware,
+    # which does not re-raise it: a handler here would let Starlette re-raise it to the server, which
+    # would log it a second time.

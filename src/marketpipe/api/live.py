@@ -9,7 +9,8 @@ Protocol of ``/v1/stream`` (every server frame is a JSON array of messages, like
   last known value of each new symbol (``stale`` says whether it is), then ``price`` updates;
 * ``{"type": "status", "state": ..., "active_source": ...}`` whenever the live source changes;
 * ``{"type": "warning", "code": "SLOW_CONSUMER"}`` when the client falls behind, then
-  ``{"type": "error", "code": "SLOW_CONSUMER"}`` and close code 1008 if its queue fills;
+  ``{"type": "error", "code": "SLOW_CONSUMER"}`` and close code 1008 with reason ``SLOW_CONSUMER: …``
+  if its queue fills;
 * a bad message or symbol gets ``{"type": "error", "code": ..., "message": ...}`` and the
   connection stays open.
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -42,6 +45,7 @@ log = get_logger("marketpipe.api.live")
 
 SSE_HEARTBEAT_SECONDS = 15.0
 DROP_FLUSH_SECONDS = 1.0
+CLOSE_SECONDS = 2.0  # the close frame's bound: a client that never reads cannot hold the connection
 MAX_MESSAGE_BYTES = 64 * 1024
 V1_JSON = "v1"
 
@@ -53,13 +57,23 @@ def hub_of(app: Any) -> LiveHub:
     return hub
 
 
-def client_key_ok(app: Any, headers: Any, query: Any) -> bool:
-    """The v1 key rules of the HTTP middleware, for WebSocket upgrades (plus ``?token=``)."""
+def client_key_refusal(app: Any, headers: Any, query: Any, addr: str) -> str | None:
+    """The v1 key rules of the HTTP middleware, for WebSocket upgrades (plus ``?token=``): None when
+    the upgrade may go on, else the close reason. Wrong keys count toward the per-address throttle."""
     keys = app.state.mp.keys
     if not keys.enabled:
-        return True
+        return None
+    now = time.monotonic()
+    wait = keys.throttle.blocked(addr, now)
+    if wait:
+        return f"{keys.throttle.refuse(wait).code}: too many failed key attempts; retry in {math.ceil(wait)} s"
     secret = v1_secret(headers) or query.get("token")
-    return bool(secret) and keys.identify(None, secret) is not None
+    if not secret:
+        return "an API key is required (Authorization: Bearer KEY or ?token=KEY)"
+    if keys.identify(None, secret) is None:
+        keys.throttle.fail(addr, now)
+        return "FORBIDDEN: unknown API key"
+    return None
 
 
 def batch_json(notices: list[dict[str, Any]], parts: list[bytes]) -> str:
@@ -128,8 +142,9 @@ def live_router() -> APIRouter:
     @r.websocket("/v1/stream")
     async def stream(ws: WebSocket) -> None:
         app = ws.app
-        if not client_key_ok(app, ws.headers, ws.query_params):
-            await ws.close(code=1008, reason="an API key is required (Authorization: Bearer KEY or ?token=KEY)")
+        refusal = client_key_refusal(app, ws.headers, ws.query_params, ws.client.host if ws.client else "")
+        if refusal is not None:
+            await ws.close(code=1008, reason=refusal)
             return
         try:
             hub = hub_of(app)
@@ -168,9 +183,7 @@ def live_router() -> APIRouter:
                         await _apply(hub, client, raw)
 
         await run_connection(hub, client, writer(), reader())
-        reason = client.closed
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(ws.close(code=1008 if reason == "slow_consumer" else 1000, reason=reason or ""), 2.0)
+        await close_with_reason(ws, client)
 
     @r.get("/v1/stream/sse", summary="Unified price updates as Server-Sent Events (?symbols=AAPL,MSFT)")
     async def sse(
@@ -244,6 +257,21 @@ def live_router() -> APIRouter:
         return Response(orjson.dumps(LiveHub.alerts(limit), default=str), media_type=MEDIA["json"])
 
     return r
+
+
+async def close_with_reason(ws: WebSocket, client: FanoutClient) -> None:
+    """End the connection with a close frame that says why (1008 ``SLOW_CONSUMER: …`` for a dropped
+    client), after the error message if the writer could not send it. Bounded by ``CLOSE_SECONDS``:
+    a client that never reads cannot hold the connection open; the frame is queued before the socket
+    closes, so a client that reads again finds it after what was buffered."""
+    code, reason = client.close_frame
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(CLOSE_SECONDS):
+            if client.notices:  # the writer was stuck on a client that reads nothing: the error is still here
+                notices = list(client.notices)
+                client.notices.clear()
+                await ws.send_text(batch_json(notices, []))
+            await ws.close(code=code, reason=reason)
 
 
 async def run_connection(hub: LiveHub, client: FanoutClient, *coros: Any) -> None:

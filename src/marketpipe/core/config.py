@@ -10,7 +10,7 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import platformdirs
@@ -225,6 +225,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     # permessage-deflate on WebSockets: off, because each client's frames are compressed separately and
     # that cost most of the fan-out's CPU (measured: a third of the gateway at 100 clients)
     ws_compression: bool = False
+    # gateway limits (issue 12): the bound on each request, on admin bodies and on headers, and the
+    # failed client-key attempts one address may make in a minute before it is refused for a while
+    request_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * MB)] = 64 * 1024
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 16 * 1024
+    auth_failures_per_min: Annotated[int, msgspec.Meta(ge=1)] = 10
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -60,6 +60,32 @@ class InvalidRange(InvalidArgument):
     code = "INVALID_RANGE"
 
 
+class PayloadTooLarge(InvalidArgument):
+    """A request body over the gateway's bound (it is neither read further nor echoed)."""
+
+    code = "PAYLOAD_TOO_LARGE"
+    http_status = 413
+
+
+class HeadersTooLarge(InvalidArgument):
+    code = "HEADERS_TOO_LARGE"
+    http_status = 431
+
+
+class AuthThrottled(MarketpipeError):
+    """Too many failed key attempts from one client address: refused for a while, keys not checked."""
+
+    code = "AUTH_THROTTLED"
+    http_status = 429
+
+
+class DeadlineExceeded(MarketpipeError):
+    """The gateway's per-request bound (``[server] request_timeout``) passed before an answer was ready."""
+
+    code = "DEADLINE_EXCEEDED"
+    http_status = 503
+
+
 class ConfigError(MarketpipeError):
     code = "CONFIG_ERROR"
     http_status = 500
@@ -176,6 +202,10 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         InvalidTimeframe,
         InvalidSymbol,
         InvalidRange,
+        PayloadTooLarge,
+        HeadersTooLarge,
+        AuthThrottled,
+        DeadlineExceeded,
         ConfigError,
         MissingCredentials,
         ProviderError,

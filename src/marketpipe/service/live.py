@@ -124,6 +124,7 @@ class FanoutClient:
         self.notices: deque[dict[str, Any]] = deque()
         self.subscriptions: dict[str, set[str]] = {}
         self.closed: str | None = None  # the reason, once dropped or closed
+        self.close_message = ""  # why, in words, once dropped
         self.warned = False
         self.dropped = asyncio.Event()
         self._wake = asyncio.Event()
@@ -162,6 +163,7 @@ class FanoutClient:
         if self.closed is not None:
             return
         self.closed = reason
+        self.close_message = message
         self.queue.clear()
         told = [n for n in self.notices if n.get("code") == "SLOW_CONSUMER"]  # the warning, if still unsent
         self.notices.clear()
@@ -192,6 +194,15 @@ class FanoutClient:
         if self.closed is None:
             self.closed = "closed"
         self._wake.set()
+
+    @property
+    def close_frame(self) -> tuple[int, str]:
+        """The WebSocket close (code, reason) that tells the client why: 1008 ``SLOW_CONSUMER: …`` for
+        a dropped client (the reason within the protocol's 123 bytes), else a normal 1000."""
+        if self.closed is None or self.closed == "closed":
+            return 1000, ""
+        reason = f"{self.closed.upper()}: {self.close_message}".encode()
+        return 1008, reason[:123].decode("utf-8", "ignore")
 
 
 # --- per-symbol state ---------------------------------------------------------------------------------
