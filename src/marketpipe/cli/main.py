@@ -40,6 +40,8 @@ out = Console()
 if not out.is_terminal:  # piped or captured: nobody's window to fit, so never cut columns at 80
     out = Console(width=max(out.width, 200))
 err = Console(stderr=True)
+if not err.is_terminal:  # captured: an error line stays one line, whatever its length
+    err = Console(stderr=True, width=max(err.width, 400))
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
