@@ -5,6 +5,7 @@ can be made to do on cue (a transport error that quotes the key, a decoder that 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -200,5 +201,89 @@ async def test_connection_refused_on_a_real_socket() -> None:
     try:
         with pytest.raises(ProviderUnavailable):
             await http.get("/p", {}, "p", lambda r: r.json())
+    finally:
+        await http.aclose()
+
+
+# --- cancellation always propagates --------------------------------------------------------------------
+
+
+class _HeldAnswer(httpx.AsyncBaseTransport):
+    """Holds its 200 until ``gate`` is opened, so a test can let the answer arrive and cancel the caller in
+    the same instant (on Python 3.11 ``asyncio.wait_for`` then returned the answer and dropped the
+    cancellation, so a cancelled backfill worker went on taking units)."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.entered.set()
+        await self.gate
+        return httpx.Response(200, json={"ok": True})
+
+
+async def test_a_cancellation_arriving_with_the_answer_is_not_swallowed() -> None:
+    transport = _HeldAnswer()
+    http = VendorHttp("v", cfg(), base_url="http://v", map_error=mapper, transport=transport)
+    try:
+        task = asyncio.create_task(http.get("/x", {}, "x", lambda r: r.json()))
+        await transport.entered.wait()
+        transport.gate.set_result(None)
+        assert task.cancel()  # requested while get() was still pending: it must end cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await http.aclose()
+
+
+@pytest.mark.parametrize("where", ["backoff", "rate_limit", "response"])
+async def test_cancelled_get_raises_cancelled_error_promptly(where: str) -> None:
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if where == "response":
+            await asyncio.sleep(30)
+        return httpx.Response(500, json={"message": "down"})
+
+    retry = RetryPolicy(attempts=5, base_seconds=30.0, max_seconds=30.0)  # a retry would sleep up to 30 s
+    config = cfg(retry=retry, rate_limit_per_min=1 if where == "rate_limit" else 100_000)
+    http = VendorHttp("v", config, base_url="http://v", map_error=mapper, transport=httpx.MockTransport(handler))
+    if where == "rate_limit":
+        http.resilience.limiter._tokens = 0.0  # the next token is a minute away
+    try:
+        task = asyncio.create_task(http.get("/x", {}, "x", lambda r: r.json()))
+        await asyncio.sleep(0.2)  # in backoff, waiting for the limiter, or waiting for the answer
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - started < 0.5
+        assert calls == (0 if where == "rate_limit" else 1)
+        assert http.resilience.breaker.retry_in() == 0.0
+    finally:
+        await http.aclose()
+
+
+async def test_a_cancelled_half_open_trial_gives_its_slot_back() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        return httpx.Response(200, json={})
+
+    config = cfg(circuit=CircuitPolicy(failure_threshold=1, recovery_seconds=0.05))
+    http = VendorHttp("v", config, base_url="http://v", map_error=mapper, transport=httpx.MockTransport(handler))
+    breaker = http.resilience.breaker
+    try:
+        breaker.failure()
+        await breaker.wait_until_allowed()  # half-open
+        task = asyncio.create_task(http.get("/x", {}, "x", lambda r: r.json()))
+        await asyncio.sleep(0.05)
+        assert breaker.retry_in() is None  # the trial is out
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert breaker.retry_in() == 0.0  # before: stuck half-open with no trial left, for good
     finally:
         await http.aclose()

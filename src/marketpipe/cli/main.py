@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -38,6 +40,8 @@ out = Console()
 if not out.is_terminal:  # piped or captured: nobody's window to fit, so never cut columns at 80
     out = Console(width=max(out.width, 200))
 err = Console(stderr=True)
+if not err.is_terminal:  # captured: an error line stays one line, whatever its length
+    err = Console(stderr=True, width=max(err.width, 400))
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
@@ -124,12 +128,50 @@ def _summary(stats: Any, title: str = "Backfill summary") -> Table:
     return table
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived while no event loop was running (before or after the run)."""
+
+
+@dataclass
+class _Run:
+    """What an interrupted backfill needs to say: the run's stats so far, and whether SIGTERM stopped it."""
+
+    stats: Any = None
+    sigterm: bool = False
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 async def _run_backfill(
-    data: Any, symbols: list[str], start: str, end: str | None, timeframe: str, feed: str | None, show_progress: bool
+    data: Any,
+    symbols: list[str],
+    start: str,
+    end: str | None,
+    timeframe: str,
+    feed: str | None,
+    show_progress: bool,
+    seen: _Run,
 ) -> Any:
+    """``seen`` gets the run's stats as soon as there are any, so an interrupted run can say what it
+    kept. SIGTERM cancels the run the way Ctrl-C does (asyncio.run turns the first SIGINT into a
+    cancellation of this task): workers stop, the pages already checked are committed, then it ends."""
+    loop = asyncio.get_running_loop()
+    run = asyncio.current_task()
+    assert run is not None
+
+    def on_sigterm() -> None:
+        seen.sigterm = True
+        run.cancel()
+
+    def keep(stats: Any) -> None:
+        seen.stats = stats
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         if not show_progress:
-            return await data.backfill(symbols, start, end, timeframe=timeframe, feed=feed)
+            return await data.backfill(symbols, start, end, timeframe=timeframe, feed=feed, progress=keep)
         columns = (
             TextColumn("[bold]backfill"),
             BarColumn(),
@@ -141,11 +183,23 @@ async def _run_backfill(
         )
         with Progress(*columns, console=err, transient=False) as progress:
             task = progress.add_task("backfill", total=None, rate="", info="planning")
-            return await data.backfill(
-                symbols, start, end, timeframe=timeframe, feed=feed, progress=_progress_printer(progress, task)
-            )
+            show = _progress_printer(progress, task)
+
+            def update(stats: Any) -> None:
+                keep(stats)
+                show(stats)
+
+            return await data.backfill(symbols, start, end, timeframe=timeframe, feed=feed, progress=update)
     finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_terminated)
         await data.aclose()
+
+
+def _interrupted(seen: _Run, how: str, code: int) -> typer.Exit:
+    kept = seen.stats.bars_stored if seen.stats is not None else 0
+    err.print(f"{how}: {kept:,} bars kept, run the same command to resume", highlight=False, markup=False)
+    return typer.Exit(code)
 
 
 @app.command()
@@ -161,14 +215,28 @@ def backfill(
     store: StoreOpt = None,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
 ) -> None:
-    """Fetch bars into the local store: only ranges the coverage ledger lacks; resumable."""
+    """Fetch bars into the local store: only ranges the coverage ledger lacks; resumable.
+
+    Ctrl-C (exit 130) or SIGTERM (exit 143) stops it within moments, keeping every page committed."""
     from marketpipe.service.data import MarketData
 
     if not start:
         raise InvalidArgument("--start is required (YYYY-MM-DD or RFC-3339)", details={"parameter": "start"})
     syms = _symbols(symbols or [], symbols_file)
-    data = MarketData(_config(config, store))
-    stats = asyncio.run(_run_backfill(data, syms, start, end, timeframe, feed, not no_progress and sys.stderr.isatty()))
+    seen = _Run()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        data = MarketData(_config(config, store))
+        show = not no_progress and sys.stderr.isatty()
+        stats = asyncio.run(_run_backfill(data, syms, start, end, timeframe, feed, show, seen))
+    except KeyboardInterrupt:
+        raise _interrupted(seen, "interrupted", 130) from None
+    except (_Terminated, asyncio.CancelledError):
+        if not isinstance(sys.exc_info()[1], _Terminated) and not seen.sigterm:
+            raise
+        raise _interrupted(seen, "terminated (SIGTERM)", 143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     out.print(_summary(stats))
     if stats.skipped_symbols:
         out.print(f"already covered, nothing fetched: {', '.join(stats.skipped_symbols)}")

@@ -67,8 +67,15 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class BackfillConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``circuit_waits``: how many times one backfill run waits out a provider's open circuit (each
+    time the circuit opens counts once, whichever units were waiting) and then continues its units
+    from where their committed pages end; past that, units fail with CIRCUIT_OPEN. With several
+    providers a unit fails over first and waits only when every candidate's circuit is open. 0: never
+    wait (fail at once). Each wait lasts until the circuit is half-open (``circuit.recovery_seconds``)."""
+
     page_limit: int = 10_000
     concurrency: int = 4  # requests in flight (the rate limiter still governs the pace)
+    circuit_waits: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 3
 
 
 class AnomalyConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -222,9 +222,31 @@ class CircuitBreaker:
             self._set(CircuitState.OPEN)
 
     def release_trial(self) -> None:
-        """A half-open trial ended without a verdict on health (e.g. a 4xx)."""
+        """A half-open trial ended without a verdict on health (e.g. a 4xx, or the caller was cancelled)."""
         if self._state is CircuitState.HALF_OPEN and self._trials > 0:
             self._trials -= 1
+
+    def retry_in(self) -> float | None:
+        """Seconds until a call may go: 0 when one may go now (closed, or half-open with a trial slot
+        free), the time left until half-open while open, ``None`` while the half-open trials are out
+        and their verdict (closed again, or open again) is awaited."""
+        state = self.state
+        if state is CircuitState.CLOSED:
+            return 0.0
+        if state is CircuitState.HALF_OPEN:
+            return 0.0 if self._trials < self.policy.half_open_max_calls else None
+        return max(0.0, self.policy.recovery_seconds - (self._clock() - self._opened_at))
+
+    async def wait_until_allowed(
+        self, *, poll: float = 0.05, sleep: Callable[[float], Awaitable[Any]] | None = None
+    ) -> None:
+        """Wait until a call may go (see :meth:`retry_in`); cancellable at any point. It only waits: the
+        caller's next call still goes through :meth:`allow`, so while half-open only the trial calls
+        reach the vendor and everyone else comes back here. A verdict on the trial is polled for every
+        ``poll`` seconds (the breaker belongs to no event loop, so it keeps no loop-bound waiters)."""
+        pause = sleep or asyncio.sleep
+        while (delay := self.retry_in()) != 0.0:
+            await pause(poll if delay is None else max(delay, 0.001))
 
 
 # --- retry -------------------------------------------------------------------------------------
@@ -315,6 +337,11 @@ class Resilience:
         except MarketpipeError as exc:
             self._observe(False, exc.code, self._clock() - started)
             self._after_failure(exc)
+            raise
+        except BaseException:
+            # Cancelled (or a bug below): no verdict on the provider, but a half-open trial slot taken
+            # by this call must be given back, or the circuit would stay half-open with no trial left.
+            self.breaker.release_trial()
             raise
         self.breaker.success()
         self._observe(True, None, self._clock() - started)

@@ -281,7 +281,10 @@ class VendorHttp:
             try:
                 async with self._in_flight:
                     try:
-                        resp = await asyncio.wait_for(self._client.get(target, params=query), deadline)
+                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the answer and
+                        # drops a cancellation that arrives as the answer does, so a cancelled run went on.
+                        async with asyncio.timeout(deadline):
+                            resp = await self._client.get(target, params=query)
                     except (httpx.TimeoutException, TimeoutError) as exc:
                         raise ProviderTimeout(
                             f"{name}: {_timeout_text(exc, self.config, deadline)} ({type(exc).__name__})",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,16 +33,18 @@ from marketpipe.core.config import AnomalyConfig, Config
 from marketpipe.core.errors import (
     AllProvidersFailed,
     AuthFailed,
+    CircuitOpen,
     InvalidArgument,
     InvalidRange,
     MarketpipeError,
     MissingCredentials,
     ProviderBadRequest,
     ProviderError,
+    StoreError,
 )
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FAILOVERS
-from marketpipe.core.resilience import failover_available
+from marketpipe.core.resilience import CircuitState, counts_against_health, failover_available
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
 from marketpipe.providers.base import BarPage, BarsProvider
@@ -86,6 +89,8 @@ class BackfillStats:
     skipped_symbols: list[str] = field(default_factory=list)  # already fully covered
     anomalies: int = 0  # findings recorded at ingest
     revised: int = 0  # rows a refresh found changed at the vendor
+    circuit_waits: int = 0  # times a worker waited for an open circuit instead of failing its unit
+    circuit_wait_seconds: float = 0.0  # summed over workers
 
     @property
     def seconds(self) -> float:
@@ -337,6 +342,7 @@ async def run_backfill(
     now: Callable[[], datetime] = utcnow,
     anomaly: AnomalyConfig | None = None,
     refresh: bool = False,
+    circuit_waits: int = 0,
 ) -> BackfillStats:
     """Backfill from one provider, or through a router with failover.
 
@@ -349,6 +355,22 @@ async def run_backfill(
     served them and the ledger records which provider covered which range. Coverage by any provider
     counts when planning. With a single provider, only its own coverage (for the feed) counts and
     bad credentials or a rejected request stop the run.
+
+    ``circuit_waits`` (``[backfill] circuit_waits``; 0: never wait): a circuit that opens mid-run does
+    not fail the units it stops. A unit fails over to the next candidate first (a router leaves out
+    providers whose circuit is open, and ``CIRCUIT_OPEN`` is a failover reason like any provider
+    error); when no candidate is left — one provider, or every circuit open — the worker waits until
+    a circuit is half-open and continues the unit from where its committed pages end. While
+    half-open only the trial call reaches the vendor; the other workers wait for its verdict. Each
+    time a provider's circuit opens counts once against ``circuit_waits``; past that, units fail with
+    ``CIRCUIT_OPEN`` (or ``ALL_PROVIDERS_FAILED``) as before.
+
+    How a run ends early: a failed store write (disk full, ...) ends it at once with ``STORE_ERROR``
+    — the fetchers are cancelled, pages committed before stay, nothing of the failed batch is kept.
+    A fatal provider error, or cancellation (Ctrl-C, SIGTERM), stops every worker at once (none
+    takes another unit; requests in flight and retries sleeping in backoff are cancelled) and lets
+    the writer commit the pages already checked, then re-raises. Either way the ledger claims only
+    what the store holds, and the next run fetches the rest.
     """
     if not symbols:
         raise InvalidArgument("no symbols given", details={"parameter": "symbols"})
@@ -396,6 +418,8 @@ async def run_backfill(
         queue.put_nowait(u)
     pages: asyncio.Queue[CheckedPage | None] = asyncio.Queue(maxsize=max(4, concurrency * 2))
     retries_before = {p.name: p.resilience.retries for p in sources}
+    opened_before = {p.name: p.resilience.breaker.opened_count for p in sources}
+    stop = asyncio.Event()  # the run ends early: no worker takes another unit
 
     async def fetch(
         source: BarsProvider, syms: list[str], from_: datetime, unit: WorkUnit, need: dict[str, datetime]
@@ -412,54 +436,106 @@ async def run_backfill(
                     need[sym] = through
             await pages.put(write)
 
-    async def failover(unit: WorkUnit) -> None:
+    async def fetch_pending(source: BarsProvider, unit: WorkUnit, need: dict[str, datetime]) -> None:
+        """Fetch what the unit still lacks: each symbol from where its pages handed to the writer end."""
+        by_start: dict[datetime, list[str]] = defaultdict(list)
+        for sym in unit.symbols:
+            if need[sym] < unit.end:
+                by_start[need[sym]].append(sym)
+        for from_, syms in sorted(by_start.items()):
+            await fetch(source, syms, from_, unit, need)
+
+    def may_wait(p: BarsProvider) -> bool:
+        """``p``'s circuit stops calls now, and the run has not yet waited out ``circuit_waits`` openings."""
+        breaker = p.resilience.breaker
+        opened = breaker.opened_count - opened_before[p.name]
+        return breaker.state is not CircuitState.CLOSED and opened <= circuit_waits
+
+    async def wait_for_circuit(blocked: list[BarsProvider], unit: WorkUnit) -> None:
+        """Until the first of ``blocked`` lets a call go (half-open, or closed again by another's trial)."""
+        began = time.perf_counter()
+        stats.circuit_waits += 1
+        retry_in = [p.resilience.breaker.retry_in() for p in blocked]
+        log.info(
+            "backfill_circuit_wait",
+            providers=[p.name for p in blocked],
+            symbols=list(unit.symbols),
+            retry_in=[None if r is None else round(r, 3) for r in retry_in],
+        )
+        waits = [asyncio.create_task(p.resilience.breaker.wait_until_allowed()) for p in blocked]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in waits:
+                t.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            stats.circuit_wait_seconds += time.perf_counter() - began
+
+    async def one_provider(unit: WorkUnit, need: dict[str, datetime]) -> None:
+        source = sources[0]
+        while True:
+            try:
+                await fetch_pending(source, unit, need)
+                return
+            except ProviderError as exc:
+                circuit = isinstance(exc, CircuitOpen) or counts_against_health(exc)
+                if not (circuit and may_wait(source)):
+                    raise
+                log.warning("backfill_circuit_open", provider=source.name, code=exc.code, symbols=list(unit.symbols))
+            await wait_for_circuit([source], unit)
+
+    async def failover(unit: WorkUnit, need: dict[str, datetime]) -> None:
         assert router is not None
-        need = dict.fromkeys(unit.symbols, unit.start)
-        candidates, attempts = router.candidates("bars", timeframe, unit.start, unit.end)
-        for i, source in enumerate(candidates):
+        while True:
+            candidates, attempts = router.candidates("bars", timeframe, unit.start, unit.end)
+            for i, source in enumerate(candidates):
+                pending = [s for s in unit.symbols if need[s] < unit.end]
+                if not pending:
+                    break
+                fallback = failover_available() if i < len(candidates) - 1 else contextlib.nullcontext()
+                try:
+                    with fallback:
+                        await fetch_pending(source, unit, need)
+                except ProviderError as exc:
+                    attempts.append(Attempt(source.name, exc.code, exc.message))
+                    stats.failovers += 1
+                    FAILOVERS.labels(source.name, exc.code).inc()
+                    events.emit(
+                        events.SOURCE_UNAVAILABLE,
+                        "warning",
+                        f"{source.name} failed with {exc.code}; moving on to the next provider",
+                        source=source.name,
+                        code=exc.code,
+                        symbols=pending,
+                    )
+                    log.warning("failover", provider=source.name, code=exc.code, symbols=pending, error=exc.message)
             pending = [s for s in unit.symbols if need[s] < unit.end]
             if not pending:
-                break
-            fallback = failover_available() if i < len(candidates) - 1 else contextlib.nullcontext()
-            by_start: dict[datetime, list[str]] = defaultdict(list)
-            for sym in pending:
-                by_start[need[sym]].append(sym)
-            try:
-                with fallback:
-                    for from_, syms in sorted(by_start.items()):
-                        await fetch(source, syms, from_, unit, need)
-            except ProviderError as exc:
-                attempts.append(Attempt(source.name, exc.code, exc.message))
-                stats.failovers += 1
-                FAILOVERS.labels(source.name, exc.code).inc()
-                events.emit(
-                    events.SOURCE_UNAVAILABLE,
-                    "warning",
-                    f"{source.name} failed with {exc.code}; moving on to the next provider",
-                    source=source.name,
-                    code=exc.code,
-                    symbols=pending,
+                return
+            # Every candidate failed or was left out. If open circuits are why, wait for the first to
+            # let a call go and try the candidates again, from where the unit's pages end.
+            unsupported = {a.provider for a in attempts if a.code == "UNSUPPORTED"}
+            blocked = [p for p in sources if p.name not in unsupported and may_wait(p)]
+            if not blocked:
+                raise AllProvidersFailed(
+                    f"no provider could serve {', '.join(pending)}: "
+                    + "; ".join(f"{a.provider} {a.code}" for a in attempts),
+                    details={"symbols": pending, "attempts": [a.to_dict() for a in attempts]},
                 )
-                log.warning("failover", provider=source.name, code=exc.code, symbols=pending, error=exc.message)
-        pending = [s for s in unit.symbols if need[s] < unit.end]
-        if pending:
-            raise AllProvidersFailed(
-                f"no provider could serve {', '.join(pending)}: "
-                + "; ".join(f"{a.provider} {a.code}" for a in attempts),
-                details={"symbols": pending, "attempts": [a.to_dict() for a in attempts]},
-            )
+            await wait_for_circuit(blocked, unit)
 
     async def worker() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 unit = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
+            need = dict.fromkeys(unit.symbols, unit.start)
             try:
                 if router is None:
-                    await fetch(sources[0], list(unit.symbols), unit.start, unit, {})
+                    await one_provider(unit, need)
                 else:
-                    await failover(unit)
+                    await failover(unit, need)
             except FATAL:
                 if router is None:
                     raise
@@ -485,6 +561,14 @@ async def run_backfill(
                 if progress:
                     progress(stats)
 
+    async def run_workers() -> None:
+        # A TaskGroup cancels the other workers as soon as one raises (fatal errors only: the
+        # worker records and skips everything else).
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(max(1, min(concurrency, len(units)))):
+                tg.create_task(worker())
+        await pages.put(None)
+
     async def writer() -> None:
         while True:
             first = await pages.get()
@@ -503,7 +587,12 @@ async def run_backfill(
             await _commit(batch)
 
     async def _commit(batch: list[CheckedPage]) -> None:
-        await asyncio.to_thread(store.write_pages, [c.write for c in batch])
+        try:
+            await asyncio.to_thread(store.write_pages, [c.write for c in batch])
+        except StoreError as exc:
+            raise _write_failed(exc, store, len(batch), stats.bars_stored) from exc
+        except OSError as exc:  # a store that does not wrap its own I/O errors
+            raise _write_failed(StoreError(str(exc)), store, len(batch), stats.bars_stored) from exc
         for c in batch:
             stats.bars_received += c.write.ingest.rows_received
             stats.bars_stored += c.write.stored
@@ -520,19 +609,29 @@ async def run_backfill(
         if progress:
             progress(stats)
 
-    writer_task = asyncio.create_task(writer())
+    writer_task = asyncio.create_task(writer(), name="backfill-writer")
+    workers_task = asyncio.create_task(run_workers(), name="backfill-workers")
     try:
-        # A TaskGroup cancels the other workers as soon as one raises (fatal errors only: the
-        # worker records and skips everything else).
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(max(1, min(concurrency, len(units)))):
-                tg.create_task(worker())
-        await pages.put(None)
+        await asyncio.wait({writer_task, workers_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not workers_task.done():
+            # The writer ends before the workers only when a write failed (it waits for the workers'
+            # end-of-pages mark otherwise): nothing more can be kept, so the fetchers — perhaps blocked
+            # handing it pages — are stopped at once and the store's error ends the run.
+            stop.set()
+            await _stop(workers_task)
+            writer_task.result()
+            raise StoreError("the store writer ended before the last page", details={"path": _path(store)})
+        try:
+            workers_task.result()
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
         await writer_task
-    except BaseExceptionGroup as group:
-        await _drain_writer(writer_task, pages)
-        raise group.exceptions[0] from None
     except BaseException:
+        # Failure or cancellation: one path that ends every task. No worker takes another unit, the
+        # requests in flight and the retries sleeping in backoff are cancelled, and the writer commits
+        # what was already checked (at most the queue's few pages; a second cancellation stops it too).
+        stop.set()
+        await _stop(workers_task)
         await _drain_writer(writer_task, pages)
         raise
     finally:
@@ -542,14 +641,45 @@ async def run_backfill(
     return stats
 
 
+def _path(store: Store) -> str:
+    return str(getattr(store, "path", "?"))
+
+
+def _write_failed(exc: StoreError, store: Store, pages: int, kept: int) -> StoreError:
+    """The error that ends a run whose store write failed: where, why, what was kept, what to do."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    text = str(getattr(cause, "message", None) or cause)
+    no_space = "no space left on device" in text.lower() or getattr(cause, "errno", None) == errno.ENOSPC
+    path = str(exc.details.get("path") or _path(store))
+    reason = "No space left on device" if no_space else text
+    when = "when there is space" if no_space else "once the store can be written"
+    log.error("backfill_store_failed", path=path, pages=pages, bars_kept=kept, error=text)
+    return StoreError(
+        f"could not write to the store at {path}: {reason}; nothing of the failed {pages} page(s) was kept, "
+        f"{kept:,} bars committed before it are kept; run the same command again {when} to fetch the rest",
+        details={"path": path, "cause": text, "bars_kept": kept},
+    )
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it has ended (its own error, if any, is not this caller's)."""
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def _drain_writer(writer_task: asyncio.Task[None], pages: asyncio.Queue[CheckedPage | None]) -> None:
-    """On failure, let pages already checked be committed: each is complete and correct."""
-    if not writer_task.done():
-        try:
-            pages.put_nowait(None)
-        except asyncio.QueueFull:
-            writer_task.cancel()
-        await asyncio.gather(writer_task, return_exceptions=True)
+    """Once no worker is left: let the writer commit the pages already checked (each complete and
+    correct), then end. The caller re-raises what stopped the run; a write failing now is logged by
+    the writer. Cancelled while waiting (a second Ctrl-C), the writer is cancelled with it."""
+    if writer_task.done():
+        return
+    try:
+        await pages.put(None)  # the writer is alive and nobody else puts: there is room soon
+        await asyncio.wait({writer_task})
+    except asyncio.CancelledError:
+        await _stop(writer_task)
+        raise
 
 
 __all__ = ["BackfillStats", "WorkUnit", "missing_ranges", "plan", "run_backfill", "subtract"]

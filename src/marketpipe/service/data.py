@@ -116,6 +116,7 @@ class MarketData:
             e,
             feed=feed.lower() if feed else None,  # None: each provider's configured feed
             progress=progress,
+            circuit_waits=self.config.backfill.circuit_waits,  # a batch job may wait out an open circuit
             **settings(self.config),
         )
 
