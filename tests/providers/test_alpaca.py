@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import polars as pl
 import pytest
 
@@ -13,11 +14,13 @@ from marketpipe.core.errors import (
     InvalidArgument,
     MalformedResponse,
     MissingCredentials,
+    PaginationLoop,
     ProviderBadRequest,
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
 )
+from marketpipe.core.metrics import REGISTRY
 from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_time
@@ -203,6 +206,161 @@ async def test_transient_faults_are_retried_transparently(sim, kind: str) -> Non
         frame = await collect(p, ["AAPL", "MSFT"], *DAY, limit=300)
         assert frame.height == 780
         assert p.resilience.retries == 1
+    finally:
+        await p.aclose()
+
+
+def errors_counted(code: str) -> float:
+    return REGISTRY.get_sample_value("marketpipe_provider_errors_total", {"provider": "alpaca", "code": code}) or 0.0
+
+
+@pytest.mark.parametrize("kind", ["empty_json", "null_page"])
+@pytest.mark.parametrize(
+    ("symbols", "endpoint", "missing"),
+    [
+        (["AAPL"], "bars_single", "symbol, next_page_token"),
+        (["AAPL", "MSFT"], "bars", "next_page_token"),
+    ],
+)
+async def test_a_page_without_the_envelope_is_malformed_never_empty(  # type: ignore[no-untyped-def]
+    sim, kind: str, symbols: list[str], endpoint: str, missing: str
+) -> None:
+    p = AlpacaProvider.from_config(provider_config(sim.url), env=SIM_ENV)
+    sim.faults.set([FaultRule(kind=kind)])  # type: ignore[arg-type]
+    before = errors_counted("MALFORMED_RESPONSE")
+    try:
+        with pytest.raises(MalformedResponse) as info:
+            await collect(p, symbols, *DAY)
+        assert info.value.code == "MALFORMED_RESPONSE" and type(info.value) is MalformedResponse
+        assert f"alpaca {endpoint}:" in info.value.message and missing in info.value.message
+        assert info.value.details["endpoint"] == endpoint
+        assert p.resilience.retries == 2 and p.requests == 3  # retried like a truncated body, then raised
+        assert errors_counted("MALFORMED_RESPONSE") - before == 3  # every malformed answer is counted
+    finally:
+        await p.aclose()
+
+
+@pytest.mark.parametrize("kind", ["empty_json", "null_page"])
+async def test_a_single_empty_answer_is_retried_transparently(sim, kind: str) -> None:  # type: ignore[no-untyped-def]
+    p = AlpacaProvider.from_config(provider_config(sim.url), env=SIM_ENV)
+    sim.faults.set([FaultRule(kind=kind, times=1, after=1)])  # type: ignore[arg-type]
+    try:
+        frame = await collect(p, ["AAPL", "MSFT"], *DAY, limit=300)  # the second page comes back as {}
+        assert frame.height == 780 and p.resilience.retries == 1
+    finally:
+        await p.aclose()
+
+
+async def test_null_trades_page_is_malformed(sim) -> None:  # type: ignore[no-untyped-def]
+    p = AlpacaProvider.from_config(provider_config(sim.url, retry=RetryPolicy(attempts=1)), env=SIM_ENV)
+    sim.faults.set([FaultRule(kind="null_page")])
+    try:
+        with pytest.raises(MalformedResponse, match=r"alpaca trades_single: .*symbol, next_page_token"):
+            async for _ in p.iter_trades(["AAPL"], DAY[0], DAY[0] + timedelta(hours=15)):
+                pass
+    finally:
+        await p.aclose()
+
+
+@pytest.mark.parametrize(
+    ("single", "body", "missing"),
+    [
+        (False, b"{}", ["bars", "next_page_token"]),
+        (False, b'{"bars": null}', ["next_page_token"]),
+        (False, b'{"bars": {"AAPL": []}}', ["next_page_token"]),
+        (False, b'{"next_page_token": null}', ["bars"]),
+        (False, b"[]", ["bars", "next_page_token"]),
+        (False, b"null", ["bars", "next_page_token"]),
+        (False, b'"bars"', ["bars", "next_page_token"]),
+        (True, b'{"bars": [], "next_page_token": null}', ["symbol"]),
+        (True, b'{"bars": null}', ["symbol", "next_page_token"]),
+        (True, b"[]", ["bars", "symbol", "next_page_token"]),
+    ],
+)
+async def test_bodies_without_the_vendor_keys(single: bool, body: bytes, missing: list[str]) -> None:
+    # Shapes the simulator has no fault for ([], a bare string): a stand-in transport plays them.
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    cfg = ProviderConfig(priority=1, base_url="http://alpaca.invalid", retry=RetryPolicy(attempts=1))
+    p = AlpacaProvider("KEY-8f3a91aa", "SECRET-8f3a91aa", config=cfg, transport=transport)
+    try:
+        with pytest.raises(MalformedResponse) as info:
+            await collect(p, ["AAPL"] if single else ["AAPL", "MSFT"], *DAY)
+        assert info.value.details["missing"] == missing
+        assert ("bars_single" if single else "bars:") in info.value.message
+    finally:
+        await p.aclose()
+
+
+@pytest.mark.parametrize(
+    ("single", "body"),
+    [
+        (False, b'{"bars": {}, "next_page_token": null}'),
+        (False, b'{"bars": null, "next_page_token": null, "currency": "USD"}'),
+        (True, b'{"bars": null, "symbol": "AAPL", "next_page_token": null}'),
+    ],
+)
+async def test_the_documented_empty_pages_stay_empty(single: bool, body: bytes) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    cfg = ProviderConfig(priority=1, base_url="http://alpaca.invalid", retry=RetryPolicy(attempts=1))
+    p = AlpacaProvider("KEY-8f3a91aa", "SECRET-8f3a91aa", config=cfg, transport=transport)
+    try:
+        pages = [pg async for pg in p.iter_bars(["AAPL"] if single else ["AAPL", "MSFT"], TF, *DAY)]
+        assert len(pages) == 1 and pages[0].last_page and pages[0].frame.height == 0
+    finally:
+        await p.aclose()
+
+
+@pytest.mark.parametrize("symbols", [["AAPL"], ["AAPL", "MSFT"]])
+@pytest.mark.parametrize("limit", [300, 10_000])
+async def test_token_loop_ends_with_pagination_loop(sim, symbols: list[str], limit: int) -> None:  # type: ignore[no-untyped-def]
+    p = AlpacaProvider.from_config(provider_config(sim.url), env=SIM_ENV)
+    sim.faults.set([FaultRule(kind="token_loop")])
+    before = errors_counted("PAGINATION_LOOP")
+    pages = []
+    try:
+        with pytest.raises(PaginationLoop) as info:
+            async for page in p.iter_bars(symbols, TF, *DAY, limit=limit):
+                pages.append(page)
+        exc = info.value
+        assert isinstance(exc, MalformedResponse) and exc.code == "PAGINATION_LOOP" and not exc.retryable
+        endpoint = "bars_single" if len(symbols) == 1 else "bars"
+        assert exc.details == {"provider": "alpaca", "endpoint": endpoint, "page": 2}
+        assert f"alpaca {endpoint}: page 2 repeats" in exc.message
+        assert p.requests == 2 and len(pages) == 1  # the repeating page is not handed on
+        assert errors_counted("PAGINATION_LOOP") - before == 1
+    finally:
+        await p.aclose()
+
+
+async def test_a_page_token_given_by_the_caller_that_comes_back_is_a_loop(sim) -> None:  # type: ignore[no-untyped-def]
+    p = AlpacaProvider.from_config(provider_config(sim.url), env=SIM_ENV)
+    pages = [pg async for pg in p.iter_bars(["AAPL"], TF, *DAY, limit=100)]
+    first = pages[0]
+    sim.faults.set([FaultRule(kind="token_loop")])
+    try:
+        with pytest.raises(PaginationLoop, match="page 1 repeats"):
+            async for _ in p.iter_bars(["AAPL"], TF, *DAY, limit=100, page_token=first.next_page_token):
+                pass
+    finally:
+        await p.aclose()
+
+
+async def test_latest_values_need_their_key_but_snapshots_may_be_empty(sim) -> None:  # type: ignore[no-untyped-def]
+    p = AlpacaProvider.from_config(provider_config(sim.url, retry=RetryPolicy(attempts=1)), env=SIM_ENV)
+    try:
+        assert (await p.latest_trades(["AAPL"]))["AAPL"].price > 0
+        sim.faults.set([FaultRule(kind="empty_json")])
+        for call, endpoint in (
+            (p.latest_trades(["AAPL"]), "latest_trades"),
+            (p.latest_quotes(["AAPL"]), "latest_quotes"),
+            (p.latest_bars(["AAPL"]), "latest_bars"),
+            (p.latest_trade("AAPL"), "latest_trade_single"),
+            (p.latest_quote("AAPL"), "latest_quote_single"),
+        ):
+            with pytest.raises(MalformedResponse) as info:
+                await call
+            assert info.value.details["endpoint"] == endpoint and f"alpaca {endpoint}:" in info.value.message
+        assert await p.snapshots(["AAPL"]) == {}  # no wrapper key: {} is "nothing known", as the vendor says
     finally:
         await p.aclose()
 

@@ -20,6 +20,7 @@ from marketpipe.core.errors import (
     MalformedResponse,
     MissingCredentials,
     NotEntitled,
+    PaginationLoop,
     ProviderBadRequest,
     ProviderTimeout,
     ProviderUnavailable,
@@ -368,6 +369,91 @@ async def test_transient_faults_are_retried_transparently(
     frame = await collect(polygon, ["AAPL"], MIN1, *DAY, limit=100)  # fails on the second page
     assert frame.height == 390 and frame["ts"].is_unique().all()
     assert polygon.resilience.retries == 1
+
+
+def errors_counted(code: str) -> float:
+    return REGISTRY.get_sample_value("marketpipe_provider_errors_total", {"provider": "polygon", "code": code}) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "missing"), [("empty_json", ["status", "results or resultsCount"]), ("null_page", ["status"])]
+)
+async def test_an_aggregates_answer_without_status_is_malformed(
+    polygon: PolygonProvider, polygon_sim: SimServer, kind: str, missing: list[str]
+) -> None:
+    polygon_sim.faults.set([FaultRule(kind=kind)])  # type: ignore[arg-type]
+    before = errors_counted("MALFORMED_RESPONSE")
+    with pytest.raises(MalformedResponse) as info:
+        await collect(polygon, ["AAPL"], MIN1, *DAY)
+    assert type(info.value) is MalformedResponse and info.value.message.startswith("polygon aggs: ")
+    assert info.value.details["missing"] == missing and info.value.details["endpoint"] == "aggs"
+    assert polygon.resilience.retries == 2 and polygon.requests == 3  # retried, then raised
+    assert errors_counted("MALFORMED_RESPONSE") - before == 3
+
+
+async def test_a_single_empty_answer_mid_pagination_is_retried(
+    polygon: PolygonProvider, polygon_sim: SimServer
+) -> None:
+    polygon_sim.faults.set([FaultRule(kind="empty_json", times=1, after=1)])
+    frame = await collect(polygon, ["AAPL"], MIN1, *DAY, limit=100)
+    assert frame.height == 390 and frame["ts"].is_unique().all() and polygon.resilience.retries == 1
+
+
+@pytest.mark.parametrize("limit", [100, 50_000])
+async def test_a_next_url_that_points_back_is_a_pagination_loop(
+    polygon: PolygonProvider, polygon_sim: SimServer, limit: int
+) -> None:
+    polygon_sim.faults.set([FaultRule(kind="token_loop")])
+    before = errors_counted("PAGINATION_LOOP")
+    pages = []
+    with pytest.raises(PaginationLoop) as info:
+        async for page in polygon.iter_bars(["AAPL", "MSFT"], MIN1, *DAY, limit=limit):
+            pages.append(page)
+    exc = info.value
+    assert isinstance(exc, MalformedResponse) and exc.code == "PAGINATION_LOOP"
+    assert exc.details == {"provider": "polygon", "endpoint": "aggs", "page": 2}
+    assert "polygon aggs: page 2 repeats" in exc.message and "cursor=" in exc.message
+    # page 1 (no cursor) is whole; page 2, asked with its cursor, points back at that cursor: not used
+    assert polygon.requests == 2 and len(pages) == 1 and pages[0].symbols == ["AAPL"]
+    assert errors_counted("PAGINATION_LOOP") - before == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{}",
+        b'{"results": null}',
+        b"[]",
+        b'{"resultsCount": 0}',
+        b'{"status": "OK"}',
+        b'{"status": "OK", "resultsCount": 2}',
+    ],
+)
+async def test_aggregates_bodies_without_the_envelope(body: bytes) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    p = PolygonProvider(
+        SECRET, config=config("http://polygon.invalid", retry=RetryPolicy(attempts=1)), transport=transport
+    )
+    try:
+        with pytest.raises(MalformedResponse, match=r"^MALFORMED_RESPONSE: polygon aggs: "):
+            await collect(p, ["AAPL"], DAY1, *MARCH)
+    finally:
+        await p.aclose()
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"status": "OK", "resultsCount": 0, "request_id": "r"}', b'{"status": "DELAYED", "resultsCount": 0}']
+)
+async def test_the_documented_empty_window_stays_empty(body: bytes) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    p = PolygonProvider(
+        SECRET, config=config("http://polygon.invalid", retry=RetryPolicy(attempts=1)), transport=transport
+    )
+    try:
+        pages = [pg async for pg in p.iter_bars(["AAPL"], DAY1, *MARCH)]
+        assert len(pages) == 1 and pages[0].last_page and pages[0].frame.height == 0
+    finally:
+        await p.aclose()
 
 
 async def test_hang_times_out(polygon_sim: SimServer) -> None:

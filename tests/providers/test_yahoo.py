@@ -309,6 +309,25 @@ async def test_transient_faults_are_retried_transparently(
     assert frame.height == 1 and yahoo.resilience.retries == 1
 
 
+@pytest.mark.parametrize(
+    ("kind", "text"), [("empty_json", "lacks the required key(s) chart"), ("null_page", "at `$.chart`")]
+)
+async def test_a_chart_answer_without_the_envelope_is_malformed(
+    ysim: SimServer, yahoo: YahooProvider, kind: FaultKind, text: str
+) -> None:
+    ysim.faults.set([FaultRule(kind=kind)])
+    with pytest.raises(MalformedResponse) as info:
+        await frame_of(yahoo, ["AAPL"], DAY1, *MARCH_5)
+    assert info.value.message.startswith("yahoo chart: ") and text in info.value.message
+    assert info.value.details["endpoint"] == "chart" and yahoo.resilience.retries == 2
+
+
+async def test_a_single_empty_chart_answer_is_retried(ysim: SimServer, yahoo: YahooProvider) -> None:
+    ysim.faults.set([FaultRule(kind="empty_json", times=1)])
+    frame = await frame_of(yahoo, ["AAPL"], DAY1, *MARCH_5)
+    assert frame.height == 1 and yahoo.resilience.retries == 1
+
+
 async def test_hang_is_a_timeout(ysim: SimServer) -> None:
     p = make(ysim.url, read_timeout=0.3, connect_timeout=0.2, retry=RetryPolicy(attempts=1))
     ysim.faults.set([FaultRule(kind="hang", hang_seconds=3)])

@@ -196,3 +196,75 @@ def test_fault_rule_validation() -> None:
     assert f.rate_limit_per_min == 7
     f.clear()
     assert f.rules == [] and f.rate_limit_per_min is None
+
+
+# --- envelope faults: empty_json, null_page, token_loop ----------------------------------------------
+
+
+def test_empty_json_on_every_data_path(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="empty_json")])
+    for path, params in (
+        BARS,
+        ("/v2/stocks/AAPL/bars", ONE_BAR),
+        ("/v2/stocks/trades/latest", {"symbols": "AAPL"}),
+        ("/v2/stocks/snapshots", {"symbols": "AAPL"}),
+    ):
+        r = http.get(path, params=params)
+        assert (r.status_code, r.content) == (200, b"{}"), path
+        assert r.headers["content-type"].startswith("application/json") and r.headers["x-marketpipe-sim"] == "1"
+    assert sim_server.faults.to_dict()["counters"] == [{"seen": 4, "applied": 4}]
+
+
+def test_null_page_has_the_kind_key_only(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="null_page")])
+    assert bars(http).json() == {"bars": None}
+    assert http.get("/v2/stocks/AAPL/bars", params=ONE_BAR).json() == {"bars": None}
+    trades = http.get("/v2/stocks/AAPL/trades", params={**ONE_BAR, "end": "2024-03-05T14:31:00Z"})
+    assert (trades.status_code, trades.json()) == (200, {"trades": None})
+    # latest values are no page: untouched and not counted
+    latest = http.get("/v2/stocks/trades/latest", params={"symbols": "AAPL"}).json()
+    assert set(latest) == {"trades"} and "AAPL" in latest["trades"]
+    assert sim_server.faults.to_dict()["counters"] == [{"seen": 3, "applied": 3}]
+
+
+def test_token_loop_repeats_the_token_it_was_given(sim_server: SimServer, http: httpx.Client) -> None:
+    params = {**BARS[1], "symbols": "AAPL,MSFT", "limit": 300}
+    clean_first = http.get(BARS[0], params=params).json()
+    clean_second = http.get(BARS[0], params={**params, "page_token": clean_first["next_page_token"]}).json()
+    sim_server.faults.set([FaultRule(kind="token_loop")])
+    first = http.get(BARS[0], params=params).json()
+    assert first == clean_first  # no token asked for: the first one issued is the real one
+    token = first["next_page_token"]
+    for _ in range(3):  # a naive client following it gets the same page and the same token for ever
+        again = http.get(BARS[0], params={**params, "page_token": token}).json()
+        assert again["bars"] == clean_second["bars"] and again["next_page_token"] == token
+    assert sim_server.faults.to_dict()["counters"] == [{"seen": 4, "applied": 4}]
+
+
+def test_token_loop_on_a_last_page_restarts_the_query(sim_server: SimServer, http: httpx.Client) -> None:
+    clean = http.get("/v2/stocks/AAPL/bars", params=ONE_BAR).json()
+    assert clean["next_page_token"] is None
+    sim_server.faults.set([FaultRule(kind="token_loop")])
+    looped = http.get("/v2/stocks/AAPL/bars", params=ONE_BAR).json()
+    token = looped["next_page_token"]
+    assert token and looped["bars"] == clean["bars"] and looped["symbol"] == "AAPL"
+    again = http.get("/v2/stocks/AAPL/bars", params={**ONE_BAR, "page_token": token}).json()
+    assert again == looped  # the same rows and the same token: the query starts again
+    # paths that do not paginate are not matched
+    assert set(http.get("/v2/stocks/AAPL/trades/latest").json()) == {"symbol", "trade"}
+    assert sim_server.faults.to_dict()["counters"] == [{"seen": 2, "applied": 2}]
+
+
+def test_envelope_fault_kinds_validate() -> None:
+    for kind in ("empty_json", "null_page", "token_loop"):
+        rule = msgspec.json.decode(orjson.dumps({"kind": kind, "times": 2}), type=FaultRule)
+        assert rule.kind == kind and rule.times == 2
+        with pytest.raises(ValueError):
+            FaultRule(kind=kind, defect="spike")  # type: ignore[arg-type]
+    assert FaultRule(kind="token_loop").matches("/v2/stocks/AAPL/quotes")
+    assert FaultRule(kind="token_loop").matches("/v2/aggs/ticker/AAPL/range/1/minute/1/2")
+    assert not FaultRule(kind="token_loop").matches("/v8/finance/chart/AAPL")
+    assert not FaultRule(kind="token_loop").matches("/v2/stocks/bars/latest")
+    assert FaultRule(kind="null_page").matches("/v8/finance/chart/AAPL")
+    assert not FaultRule(kind="null_page").matches("/v2/stocks/snapshots")
+    assert FaultRule(kind="empty_json").matches("/v2/stocks/snapshots")

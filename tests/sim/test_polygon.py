@@ -290,6 +290,37 @@ def test_fault_bodies(polygon: SimServer, http: httpx.Client) -> None:
     assert polygon.stats()["by_path"][path]["reset"] >= 1
 
 
+def test_envelope_faults(polygon: SimServer, http: httpx.Client) -> None:
+    path = AGGS.format("AAPL", 1, "minute", DAY, DAY)
+    polygon.faults.set([FaultRule(kind="empty_json", times=1), FaultRule(kind="null_page", times=1)])
+    assert http.get(path).content == b"{}"
+    r = http.get(path)
+    assert (r.status_code, r.json()) == (200, {"results": None}) and r.headers["x-marketpipe-sim"] == "1"
+    assert "status" in http.get(path).json()  # both rules used up
+    polygon.faults.set([FaultRule(kind="null_page")])
+    assert http.get("/v2/last/trade/AAPL").json()["status"] == "OK"  # not a page: untouched, not counted
+    assert polygon.faults.to_dict()["counters"] == [{"seen": 0, "applied": 0}]
+
+
+def test_token_loop_next_url_points_back_at_the_cursor(polygon: SimServer, http: httpx.Client) -> None:
+    clean = aggs(http, "AAPL", 1, "minute", DAY, DAY, limit=100).json()
+    second = http.get(clean["next_url"]).json()
+    polygon.faults.set([FaultRule(kind="token_loop")])
+    first = aggs(http, "AAPL", 1, "minute", DAY, DAY, limit=100).json()
+    assert first["next_url"] == clean["next_url"]  # no cursor asked for: the real next_url
+    for _ in range(3):  # followed verbatim, it answers the same page and points at itself
+        again = http.get(clean["next_url"]).json()
+        assert again["results"] == second["results"] and again["next_url"] == clean["next_url"]
+    # a window that fits one page gets a next_url for itself, which then repeats
+    whole = aggs(http, "AAPL", 1, "day", DAY, DAY).json()
+    assert whole["next_url"].split("?")[0].endswith(AGGS.format("AAPL", 1, "day", DAY, DAY))
+    assert http.get(whole["next_url"]).json()["next_url"] == whole["next_url"]
+    assert "next_url" not in http.get("/v2/aggs/ticker/AAPL/prev").json()  # prev is not paginated
+    assert polygon.faults.to_dict()["counters"] == [{"seen": 6, "applied": 6}]
+    polygon.faults.clear()
+    assert "next_url" not in aggs(http, "AAPL", 1, "day", DAY, DAY).json()
+
+
 def test_latency_and_hang(polygon: SimServer) -> None:
     path = AGGS.format("AAPL", 1, "day", DAY, DAY)
     polygon.faults.set([FaultRule(kind="latency", latency_ms=150)])

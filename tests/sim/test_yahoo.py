@@ -264,6 +264,18 @@ def test_faults_use_yahoo_shapes(ysim: SimServer, yc: httpx.Client) -> None:
     assert codes[-1] == 429
 
 
+def test_envelope_faults_use_the_chart_key(ysim: SimServer, yc: httpx.Client) -> None:
+    params: dict[str, str | int] = {"interval": "1d", "period1": WINTER_DAY[0], "period2": WINTER_DAY[1]}
+    ysim.faults.set([FaultRule(kind="empty_json", times=1), FaultRule(kind="null_page", times=1)])
+    r = yc.get(CHART + "AAPL", params=params)
+    assert (r.status_code, r.content) == (200, b"{}") and r.headers["x-marketpipe-sim"] == "1"
+    assert yc.get(CHART + "AAPL", params=params).json() == {"chart": None}
+    assert yc.get(CHART + "AAPL", params=params).json()["chart"]["result"]
+    ysim.faults.set([FaultRule(kind="token_loop")])  # the chart does not paginate: never matched
+    assert yc.get(CHART + "AAPL", params=params).json()["chart"]["result"]
+    assert ysim.faults.to_dict()["counters"] == [{"seen": 0, "applied": 0}]
+
+
 def test_paths_regex_sees_the_alpaca_form(ysim: SimServer, yc: httpx.Client) -> None:
     ysim.faults.set([FaultRule(kind="http_503", paths="/chart/MSFT$")])
     assert yc.get(CHART + "MSFT").status_code == 503

@@ -159,6 +159,18 @@ class MalformedResponse(ProviderError):
     retryable = True
 
 
+class PaginationLoop(MalformedResponse):
+    """The vendor answered a page with a continuation (``next_page_token``, ``next_url``) that was
+    already followed in the same pagination: following it would loop forever.
+
+    A kind of malformed answer, so a router fails over exactly as for one; not retried (asking for
+    the same token again gets the same loop).
+    """
+
+    code = "PAGINATION_LOOP"
+    retryable = False
+
+
 class CircuitOpen(ProviderError):
     code = "CIRCUIT_OPEN"
     http_status = 503
@@ -217,6 +229,7 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         ProviderUnavailable,
         ProviderTimeout,
         MalformedResponse,
+        PaginationLoop,
         CircuitOpen,
         AllProvidersFailed,
         DataInvalid,

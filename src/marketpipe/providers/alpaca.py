@@ -40,7 +40,7 @@ from marketpipe.core.schema import (
 )
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import rfc3339, utcnow
-from marketpipe.providers.base import BarPage
+from marketpipe.providers.base import BarPage, envelope_error, pagination_loop
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
 
 DEFAULT_BASE_URL = "https://data.alpaca.markets"
@@ -92,17 +92,24 @@ class _WQuote(msgspec.Struct, gc=False, rename={"as_": "as"}):
 
 
 def _page_structs(key: str, row: type) -> tuple[type, type]:
-    """The multi-symbol (``{key: {sym: [...]}}``) and single-symbol (``{key: [...], "symbol"}``) page
-    shapes. With ``row=msgspec.Raw`` each symbol's array stays undecoded bytes."""
-    token = ("next_page_token", str | None, None)
+    """The multi-symbol (``{key: {sym: [...]}, "next_page_token"}``) and single-symbol (``{key: [...]
+    or null, "symbol", "next_page_token"}``) page shapes. With ``row=msgspec.Raw`` each symbol's
+    array stays undecoded bytes.
+
+    Every key of the vendor's envelope is required (a token's value may be null): a ``{}`` from a
+    proxy, or a bare ``{"bars": null}``, is a malformed answer — never an empty last page, which
+    would let the ledger claim a range that was never delivered."""
+    token = ("next_page_token", str | None)
     raw = row is msgspec.Raw
     rows: Any = row if raw else list[row]  # type: ignore[valid-type]
     maybe_rows: Any = rows if raw else rows | None  # Raw already captures a JSON null
-    multi = msgspec.defstruct(f"_Multi_{key}", [(key, dict[str, rows] | None, None), token], gc=False)
-    single = msgspec.defstruct(
-        f"_Single_{key}", [(key, maybe_rows, None), ("symbol", str | None, None), token], gc=False
-    )
+    multi = msgspec.defstruct(f"_Multi_{key}", [(key, dict[str, rows] | None), token], gc=False)
+    single = msgspec.defstruct(f"_Single_{key}", [(key, maybe_rows), ("symbol", str), token], gc=False)
     return multi, single
+
+
+def _page_keys(kind: str, single: bool) -> tuple[str, ...]:
+    return (kind, "symbol", "next_page_token") if single else (kind, "next_page_token")
 
 
 _PAGES = {kind: _page_structs(kind, msgspec.Raw) for kind in ("bars", "trades", "quotes")}
@@ -141,24 +148,28 @@ _RAW_QUOTE_SCHEMA = {
 }
 
 
+# Latest values: the wrapper key is required (its value may be null: an unknown symbol). Only the
+# multi-snapshot has no wrapper, so there an empty object is a legitimate "nothing known".
+
+
 class _LatestTrade(msgspec.Struct):
-    trade: _WTrade | None = None
+    trade: _WTrade | None
 
 
 class _LatestQuote(msgspec.Struct):
-    quote: _WQuote | None = None
+    quote: _WQuote | None
 
 
 class _LatestTrades(msgspec.Struct):
-    trades: dict[str, _WTrade] | None = None
+    trades: dict[str, _WTrade] | None
 
 
 class _LatestQuotes(msgspec.Struct):
-    quotes: dict[str, _WQuote] | None = None
+    quotes: dict[str, _WQuote] | None
 
 
 class _LatestBars(msgspec.Struct):
-    bars: dict[str, _WBar] | None = None
+    bars: dict[str, _WBar] | None
 
 
 class _WSnapshot(msgspec.Struct):
@@ -179,6 +190,15 @@ def _decoder(tp: Any) -> msgspec.json.Decoder[Any]:
     if dec is None:
         dec = _DECODERS[tp] = msgspec.json.Decoder(tp)
     return dec
+
+
+def _decode_envelope(tp: Any, body: bytes, endpoint: str, required: tuple[str, ...]) -> Any:
+    """``body`` as the envelope ``tp``; a body without the vendor's keys is MALFORMED_RESPONSE
+    naming ``endpoint`` and the missing keys (retried by the HTTP layer like a truncated body)."""
+    try:
+        return _decoder(tp).decode(body)
+    except msgspec.ValidationError as exc:
+        raise envelope_error(body, provider="alpaca", endpoint=endpoint, required=required, cause=exc) from exc
 
 
 # --- columnar conversion -----------------------------------------------------------------------
@@ -580,6 +600,7 @@ class AlpacaProvider(HttpProvider):
         number = 0
         retried_entitlement = False
         token = page_token
+        followed = {page_token} if page_token else set()  # tokens asked for: a repeat would loop forever
         while True:
             # Alpaca's end is inclusive; ours is exclusive.
             wire["end"] = rfc3339(used_end - timedelta(microseconds=1))
@@ -605,6 +626,9 @@ class AlpacaProvider(HttpProvider):
                 log.warning("sip_recent_restricted", feed=used_feed, end=rfc3339(used_end))
                 continue
             number += 1
+            if nxt is not None and nxt in followed:
+                # The page is not used either: a vendor that repeats itself cannot be trusted with it.
+                raise pagination_loop(self.name, endpoint, number, self._http.scrub(f"next_page_token {nxt[:40]!r}"))
             fetched_at = frame["fetched_at"][0] if frame.height else self._now()
             page = BarPage(
                 frame=frame,
@@ -626,6 +650,7 @@ class AlpacaProvider(HttpProvider):
             yield page
             if not nxt:
                 return
+            followed.add(nxt)
             token = nxt
 
     # --- latest and snapshots ----------------------------------------------------------------
@@ -641,22 +666,24 @@ class AlpacaProvider(HttpProvider):
     async def _latest(self, kind: str, symbols: list[str], feed: str | None, record: Callable[..., T]) -> dict[str, T]:
         f = self._latest_feed(feed)
         wire = _LATEST[kind]
+        endpoint = f"latest_{kind}"
         doc, resp = await self._get(
             f"/v2/stocks/{kind}/latest",
             {"symbols": ",".join(symbols), "feed": f},
-            f"latest_{kind}",
-            lambda r: _decoder(wire).decode(r.content),
+            endpoint,
+            lambda r: _decode_envelope(wire, r.content, endpoint, (kind,)),
         )
         src, now = self._source(resp), self._now()
         return {s: record(s, w, src, f, now) for s, w in (getattr(doc, kind) or {}).items()}
 
     async def _latest_one(self, key: str, symbol: str, feed: str | None, record: Callable[..., T]) -> T | None:
         f = self._latest_feed(feed)
+        endpoint = f"latest_{key}_single"
         doc, resp = await self._get(
             f"/v2/stocks/{_quote_path(symbol)}/{key}s/latest",
             {"feed": f},
-            f"latest_{key}_single",
-            lambda r: _decoder(_LATEST_ONE[key]).decode(r.content),
+            endpoint,
+            lambda r: _decode_envelope(_LATEST_ONE[key], r.content, endpoint, (key,)),
         )
         w = getattr(doc, key)
         return record(symbol, w, self._source(resp), f, self._now()) if w is not None else None
@@ -716,10 +743,11 @@ def _page_decoder(
     kind: str, single: bool, symbol: str, tf: str, feed: str, provider: AlpacaProvider
 ) -> Callable[[httpx.Response], tuple[pl.DataFrame, str | None, int]]:
     multi_t, single_t = _PAGES[kind]
+    endpoint, required = (f"{kind}_single" if single else kind), _page_keys(kind, single)
 
     def decode(resp: httpx.Response) -> tuple[pl.DataFrame, str | None, int]:
         body = resp.content
-        doc = _decoder(single_t if single else multi_t).decode(body)
+        doc = _decode_envelope(single_t if single else multi_t, body, endpoint, required)
         rows = getattr(doc, kind)
         groups = [(symbol, rows)] if single else list((rows or {}).items())
         source, fetched = provider._source(resp), provider._now()

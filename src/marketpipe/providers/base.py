@@ -8,8 +8,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+import orjson
 import polars as pl
 
+from marketpipe.core.errors import MalformedResponse, PaginationLoop
+from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import PROVIDER_ERRORS
 from marketpipe.core.resilience import Resilience
 from marketpipe.core.schema import Quote, Snapshot, Trade
 from marketpipe.core.timeframe import Timeframe
@@ -26,6 +30,67 @@ def sim_source(headers: Mapping[str, str], provider: str) -> str:
 
 def is_sim(source: str) -> bool:
     return source == "sim" or source.startswith("sim:")
+
+
+log = get_logger("marketpipe.providers")
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def envelope_error(
+    body: bytes, *, provider: str, endpoint: str, required: tuple[str, ...], cause: BaseException
+) -> MalformedResponse:
+    """The error for a 200 whose JSON lacks the vendor's envelope (``{}`` from a proxy, a bare
+    ``{"bars": null}``, an array): names the endpoint and the keys that are missing (``"a|b"`` in
+    ``required``: either key will do). Only called
+    once the typed decoder has failed, so parsing the body again costs nothing on the bulk path.
+    Raised inside the retried call it is retried like a truncated body, then propagates."""
+    snippet = body[:80].decode("utf-8", "replace")
+    details: dict[str, object] = {"endpoint": endpoint, "bytes": len(body)}
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return MalformedResponse(
+            f"{provider} {endpoint}: undecodable response body ({cause}); starts with {snippet!r}",
+            provider=provider,
+            details=details,
+        )
+    if not isinstance(doc, dict):
+        details["missing"] = [k.replace("|", " or ") for k in required]
+        return MalformedResponse(
+            f"{provider} {endpoint}: the answer is a JSON {_JSON_KINDS.get(type(doc), 'value')}, not an object "
+            f"with {', '.join(k.replace('|', ' or ') for k in required)}; starts with {snippet!r}",
+            provider=provider,
+            details=details,
+        )
+    missing = [k.replace("|", " or ") for k in required if not any(a in doc for a in k.split("|"))]
+    if missing:
+        details["missing"] = missing
+        has = ", ".join(sorted(doc)[:8]) or "none"
+        return MalformedResponse(
+            f"{provider} {endpoint}: the answer lacks the required key(s) {', '.join(missing)} "
+            f"(keys present: {has}); starts with {snippet!r}",
+            provider=provider,
+            details=details,
+        )
+    return MalformedResponse(
+        f"{provider} {endpoint}: unexpected answer shape ({cause}); starts with {snippet!r}",
+        provider=provider,
+        details=details,
+    )
+
+
+def pagination_loop(provider: str, endpoint: str, page: int, continuation: str) -> PaginationLoop:
+    """The error for a continuation (token or URL, already scrubbed of secrets) that was followed
+    before in the same pagination; counted and logged like the errors of the HTTP layer."""
+    exc = PaginationLoop(
+        f"{provider} {endpoint}: page {page} repeats a continuation already followed ({continuation[:120]}); "
+        "stopping instead of looping",
+        provider=provider,
+        details={"endpoint": endpoint, "page": page},
+    )
+    PROVIDER_ERRORS.labels(provider, exc.code).inc()
+    log.warning("provider_error", provider=provider, endpoint=endpoint, code=exc.code, page=page, error=exc.message)
+    return exc
 
 
 @dataclass(slots=True)

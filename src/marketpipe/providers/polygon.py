@@ -48,7 +48,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, UTC_US, Bar, Quote, Snapshot, Trade, normalize_symbol
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, ns_to_dt, utcnow
-from marketpipe.providers.base import BarPage
+from marketpipe.providers.base import BarPage, envelope_error, pagination_loop
 from marketpipe.providers.http import REDACTED, HttpProvider, VendorHttp, error_text, status_error
 
 DEFAULT_BASE_URL = "https://api.polygon.io"
@@ -68,11 +68,19 @@ log = get_logger("marketpipe.providers.polygon")
 
 
 class _AggPage(msgspec.Struct, gc=False):
-    status: str | None = None
+    """The aggregates envelope. ``status`` is required; so is one of ``results`` and
+    ``resultsCount`` (the documented empty window omits ``results`` and says ``resultsCount: 0``),
+    checked after decoding: a ``{}`` from a proxy is malformed, never an empty last page."""
+
+    status: str
     request_id: str | None = None
     ticker: str | None = None
     results: msgspec.Raw = msgspec.Raw()  # left undecoded: polars parses the array columnar
+    resultsCount: int | None = None
     next_url: str | None = None
+
+
+AGG_KEYS = ("status", "results|resultsCount")
 
 
 class _WTrade(msgspec.Struct, gc=False):
@@ -444,19 +452,19 @@ class PolygonProvider(HttpProvider):
         url = f"/v2/aggs/ticker/{quote(ticker, safe='.')}/range/{multiplier}/{timespan}/{lo}/{hi}"
         params: dict[str, Any] = {"adjusted": ADJUSTED[adjustment], "sort": sort, "limit": limit}
         number = 0
-        seen: set[str] = set()
+        seen: set[str] = set()  # next_urls followed: one coming back would loop forever
         while True:
             (doc, frame, nbytes), resp = await self._http.get(
                 url, params, "aggs", self._agg_decoder(ticker, tf), offload=True
             )
             number += 1
+            nxt = self._next(doc.next_url, seen, number)
             page_end = end
             if doc.status == "DELAYED":
                 page_end = min(page_end, self._now() - DELAY)
             # Buckets that merely overlap `start` lie before the range asked for (outward snapping).
             if frame.height:
                 frame = frame.filter(pl.col("ts").is_null() | (pl.col("ts") >= start))
-            nxt = self._next(doc.next_url, seen)
             page = BarPage(
                 frame=frame,
                 symbols=[ticker],
@@ -480,9 +488,11 @@ class PolygonProvider(HttpProvider):
             # next_url carries cursor (limit, sort, adjusted) itself: nothing else is sent with it.
             url, params = nxt, {}
 
-    def _next(self, next_url: str | None, seen: set[str]) -> str | None:
+    def _next(self, next_url: str | None, seen: set[str], page: int) -> str | None:
         """The path and query of ``next_url``, on our configured base URL: the auth header must
-        never follow a link to another host, and api.polygon.io / api.massive.com are one API."""
+        never follow a link to another host, and api.polygon.io / api.massive.com are one API.
+        A ``next_url`` already followed in this pagination raises PAGINATION_LOOP (before the
+        page that carries it is used: a vendor repeating itself cannot be trusted with it)."""
         if not next_url:
             return None
         parts = urlsplit(next_url)
@@ -493,7 +503,7 @@ class PolygonProvider(HttpProvider):
             )
         rel = parts.path + (f"?{parts.query}" if parts.query else "")
         if rel in seen:
-            raise MalformedResponse("polygon: next_url repeats a page already fetched", provider=self.name)
+            raise pagination_loop(self.name, "aggs", page, f"next_url {self._http.scrub(rel)}")
         seen.add(rel)
         return rel
 
@@ -502,8 +512,26 @@ class PolygonProvider(HttpProvider):
     ) -> Callable[[httpx.Response], tuple[_AggPage, pl.DataFrame, int]]:
         def decode(resp: httpx.Response) -> tuple[_AggPage, pl.DataFrame, int]:
             body = resp.content
-            doc = _decoder(_AggPage).decode(body)
+            try:
+                doc = _decoder(_AggPage).decode(body)
+            except msgspec.ValidationError as exc:
+                raise envelope_error(body, provider=self.name, endpoint="aggs", required=AGG_KEYS, cause=exc) from exc
             _raise_body_error(doc.status, body, resp.headers, "aggs")
+            no_rows = _raw_is_empty(doc.results)
+            if no_rows and doc.resultsCount is None:
+                raise envelope_error(
+                    body,
+                    provider=self.name,
+                    endpoint="aggs",
+                    required=AGG_KEYS,
+                    cause=ValueError("neither results nor resultsCount"),
+                )
+            if no_rows and doc.resultsCount:
+                raise MalformedResponse(
+                    f"polygon aggs: resultsCount is {doc.resultsCount} but the answer has no results",
+                    provider=self.name,
+                    details={"endpoint": "aggs", "bytes": len(body), "missing": ["results"]},
+                )
             frame = aggs_to_frame(doc.results, ticker, tf, self._source(resp), self._now())
             return doc, frame, len(body)
 

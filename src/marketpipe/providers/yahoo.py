@@ -58,7 +58,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, UTC_US
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
-from marketpipe.providers.base import BarPage, sim_source
+from marketpipe.providers.base import BarPage, envelope_error, sim_source
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
 
 DEFAULT_BASE_URL = "https://query2.finance.yahoo.com"
@@ -130,7 +130,7 @@ class _Chart(msgspec.Struct, gc=False):
 
 
 class _Doc(msgspec.Struct, gc=False):
-    chart: _Chart
+    chart: _Chart  # required: a body without the envelope ({} from a proxy) is malformed, never empty
 
 
 _DECODER = msgspec.json.Decoder(_Doc)
@@ -443,15 +443,20 @@ class YahooProvider(HttpProvider):
         params = {"interval": interval, "period1": p1, "period2": p2, "includePrePost": "false"}
 
         def decode(resp: httpx.Response) -> tuple[pl.DataFrame, int]:
-            doc = _DECODER.decode(resp.content)
+            try:
+                doc = _DECODER.decode(resp.content)
+            except msgspec.ValidationError as exc:
+                raise envelope_error(
+                    resp.content, provider=self.name, endpoint=ENDPOINT, required=("chart",), cause=exc
+                ) from exc
             chart = doc.chart
             if not chart.result:
                 if chart.error is not None:
                     raise _error_in_200(chart.error, symbol)
                 raise MalformedResponse(
-                    f"yahoo: chart for {symbol} has neither a result nor an error",
+                    f"yahoo {ENDPOINT}: the answer for {symbol} has neither a result nor an error",
                     provider=self.name,
-                    details={"symbol": symbol},
+                    details={"symbol": symbol, "endpoint": ENDPOINT, "missing": ["chart.result", "chart.error"]},
                 )
             return chart_to_frame(chart.result[0], symbol, tf, sim_source(resp.headers, self.name), self._now())
 

@@ -14,7 +14,7 @@ on it):
 * Default ``start`` is 00:00 New York today; default ``end`` is now (now-15 min for a free key on
   ``sip``).
 * ``next_page_token`` is base64 of ``SYMBOL|ts_ns`` of the last row delivered, and is null exactly
-  when nothing is left.
+  when nothing is left (unless the ``token_loop`` fault is on: see sim/faults.py).
 * Unknown-but-valid symbols: empty shapes with 200. Latest endpoints for them: the symbol is left
   out of multi answers; single answers carry ``null`` (``{"symbol": "ZZZZ", "trade": null}``).
 * Every response carries ``X-Marketpipe-Sim: 1`` so clients can label the data ``source="sim"``.
@@ -269,6 +269,7 @@ class Client:
 
 
 CLIENT = web.RequestKey("client", Client)
+TOKEN_LOOP = web.RequestKey("alpaca_token_loop", bool)  # the token_loop fault hit this request
 
 
 class AlpacaFace:
@@ -381,6 +382,7 @@ class AlpacaFace:
         early = await before_handler(decision, request, self._bodies(headers))
         if early is not None:
             return early
+        request[TOKEN_LOOP] = fault is not None and fault.kind == "token_loop"
 
         try:
             resp = await handler(request)
@@ -431,6 +433,7 @@ class AlpacaFace:
             too_many=too_many,
             outage_200=MAINTENANCE_200,
             finish=lambda r: self._finish(r, headers),
+            page_key=lambda request: request.path.rsplit("/", 1)[-1],  # bars, trades or quotes
         )
 
     @staticmethod
@@ -502,7 +505,13 @@ class AlpacaFace:
                 cursor=cursor,
                 now_ns=self.now_ns(),
             )
-            nxt = b'"' + encode_token(*page.next_cursor).encode() + b'"' if page.next_cursor else b"null"
+            next_token = encode_token(*page.next_cursor) if page.next_cursor else None
+            if request.get(TOKEN_LOOP):
+                # The token the request carried, else the first one issued: the real next token, or
+                # on a last page one that starts the query again (before the first row of the first symbol).
+                restart = encode_token(min(symbols), end_ns + 1 if sort == "desc" else start_ns - 1)
+                next_token = token or next_token or restart
+            nxt = b'"' + next_token.encode() + b'"' if next_token else b"null"
             return raw_json(page_body(key, page, symbols[0] if single else None, nxt, currency))
 
         return handler

@@ -25,6 +25,21 @@ Kinds:
                     one ``defect``; every row still passes the row checks (OHLC order, vwap within
                     [low, high], volume >= 0, prices > 0), so only an anomaly or completeness check
                     can catch it. See below.
+``empty_json``      200 with the body ``{}`` (a proxy or cache answering for the vendor), on any data
+                    path. Only Alpaca's multi-snapshot has no envelope, so there ``{}`` means "no
+                    data"; everywhere else it is a body without the vendor's keys.
+``null_page``       200 with the page's kind key set to null and no other key: ``{"bars": null}``
+                    (``trades``/``quotes`` on those pages) on Alpaca's historical pages,
+                    ``{"results": null}`` on Polygon's aggregates, ``{"chart": null}`` on Yahoo's
+                    chart. Other paths are not matched (and not counted).
+``token_loop``      paginated answers (Alpaca historical, Polygon aggregates) whose continuation
+                    never ends: Alpaca's ``next_page_token`` is the token the request carried, or,
+                    on a request without one, the first one issued (the page's real next token, or
+                    one that starts the query again when the page was the last); Polygon's
+                    ``next_url`` points back at the request's own cursor (a request without a
+                    cursor gets its real ``next_url``, or one with a cursor for the same range). The
+                    rows are the ones the request asked for, so a client that follows the token
+                    fetches the same page for ever. Other paths are not matched (and not counted).
 
 ``bad_data`` fields (:func:`apply_defect` does the work on Alpaca-shaped rows; the Polygon and Yahoo
 faces convert their rows to that shape and back, so a defect means the same on every face):
@@ -88,6 +103,9 @@ FaultKind = Literal[
     "invalid_rows",
     "rate_limit",
     "bad_data",
+    "empty_json",
+    "null_page",
+    "token_loop",
 ]
 Defect = Literal["spike", "split", "frozen", "volume_spike", "zero_volume_move", "drop"]
 RowKind = Literal["high_lt_low", "negative_volume", "duplicate_ts", "misaligned_ts", "nonpositive_price"]
@@ -101,6 +119,10 @@ DATA_PATHS = re.compile(r"^/(v2|v8)/")
 # invalid_rows and bad_data only make sense where bars are returned in bulk: Alpaca bars, Polygon
 # aggregates, Yahoo charts.
 BAR_PATHS = re.compile(r"^/v2/stocks/(bars|[^/]+/bars)$|^/v2/aggs/ticker/[^/]+/range/|^/v8/finance/chart/")
+# token_loop: where answers are paginated (Alpaca historical bars/trades/quotes, Polygon aggregates).
+PAGED_PATHS = re.compile(r"^/v2/stocks/([^/]+/)?(bars|trades|quotes)$|^/v2/aggs/ticker/[^/]+/range/")
+# null_page: the paginated paths and Yahoo's chart, each with its page key.
+PAGE_PATHS = re.compile(PAGED_PATHS.pattern + r"|^/v8/finance/chart/")
 
 
 class FaultRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -179,7 +201,13 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
                 return False
         elif not DATA_PATHS.match(path):
             return False
-        return self.kind not in ("invalid_rows", "bad_data") or bool(BAR_PATHS.match(path))
+        if self.kind in ("invalid_rows", "bad_data"):
+            return bool(BAR_PATHS.match(path))
+        if self.kind == "token_loop":
+            return bool(PAGED_PATHS.match(path))
+        if self.kind == "null_page":
+            return bool(PAGE_PATHS.match(path))
+        return True
 
 
 class FaultConfig(msgspec.Struct, forbid_unknown_fields=True):

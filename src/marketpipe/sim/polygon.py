@@ -20,7 +20,8 @@ on it):
   week) and hold that week's sessions.
 * ``next_url`` is absolute, on the host the request came to, has the next bar's start as ``from``
   (ascending) or ``to`` (descending), and ``cursor`` = unpadded base64url of
-  ``adjusted=..&limit=..&sort=..``. It never carries the API key.
+  ``adjusted=..&limit=..&sort=..``. It never carries the API key. (The ``token_loop`` fault makes it
+  point back at the request's own cursor: see sim/faults.py.)
 * Plans (``keys`` maps API key -> plan): ``unlimited`` real time, status ``OK``; ``delayed`` data up
   to 15 minutes ago, status ``DELAYED``; ``free`` 5 requests/minute, aggregates through the previous
   New York day only, status ``DELAYED``, and 403 ``NOT_AUTHORIZED`` on last trade, NBBO and snapshots.
@@ -208,6 +209,7 @@ class Client:
 
 CLIENT = web.RequestKey("polygon_client", Client)
 REQUEST_ID = web.RequestKey("polygon_request_id", str)
+TOKEN_LOOP = web.RequestKey("polygon_token_loop", bool)  # the token_loop fault hit this request
 
 
 class PolygonFace:
@@ -307,6 +309,7 @@ class PolygonFace:
         early = await before_handler(decision, request, self._bodies(request_id))
         if early is not None:
             return early
+        request[TOKEN_LOOP] = fault is not None and fault.kind == "token_loop"
         try:
             resp = await handler(request)
         except PolygonError as exc:
@@ -327,6 +330,7 @@ class PolygonFace:
             server_error=lambda: json_response(body_of("ERROR", "Internal server error", request_id), 500),
             too_many=lambda fault: web.Response(status=429),  # Polygon's 429 sometimes has no body at all
             outage_200=MAINTENANCE_200,
+            page_key=lambda request: "results",
         )
 
     def _corrupt(self, doc: dict[str, Any], fault: FaultRule, request: web.Request) -> dict[str, Any]:
@@ -518,12 +522,17 @@ class PolygonFace:
         if len(page):
             doc["results"] = self._bar_rows(page.bars)
         doc |= {"status": self._status(client.plan), "request_id": request[REQUEST_ID], "count": len(page)}
+        origin = f"{request.scheme}://{request.host}"
         if len(rest):
             nxt = str(int(rest.bars["t"][0]) // NS_PER_MS)
             lo, hi = (nxt, raw_to) if sort == "asc" else (raw_from, nxt)
             path = f"/v2/aggs/ticker/{ticker}/range/{m['multiplier']}/{m['timespan']}/{lo}/{hi}"
-            origin = f"{request.scheme}://{request.host}"
             doc["next_url"] = f"{origin}{path}?cursor={encode_cursor(adjusted, limit, sort)}"
+        if request.get(TOKEN_LOOP):
+            # Back at the request's own cursor; a request without one gets its real next_url, or on a
+            # last page one with a cursor for this same range.
+            same = f"{origin}{request.path}?cursor={cursor or encode_cursor(adjusted, limit, sort)}"
+            doc["next_url"] = same if cursor else doc.get("next_url", same)
         return json_response(doc)
 
     @staticmethod

@@ -27,6 +27,8 @@ class VendorBodies:
     too_many: Callable[[FaultRule], web.StreamResponse]  # the vendor's own 429
     outage_200: bytes  # the HTML page served with status 200 during an outage
     finish: Callable[[web.StreamResponse], web.StreamResponse] = lambda r: r  # add headers etc.
+    # null_page: the key of the page a request asks for ("bars", "results", "chart", ...)
+    page_key: Callable[[web.Request], str] = lambda request: "bars"
 
 
 async def before_handler(
@@ -55,6 +57,9 @@ async def before_handler(
         return bodies.finish(web.Response(body=bodies.outage_200, content_type="text/html")), "200"
     if kind == "rate_limit":
         return bodies.finish(bodies.too_many(fault)), "429"
+    if kind in ("empty_json", "null_page"):
+        body = b"{}" if kind == "empty_json" else b'{"' + bodies.page_key(request).encode() + b'":null}'
+        return bodies.finish(web.Response(body=body, content_type="application/json")), "200"
     return None
 
 

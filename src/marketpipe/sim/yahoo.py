@@ -603,6 +603,7 @@ _BODIES = VendorBodies(
     too_many=lambda fault: _too_many(),
     outage_200=WILL_BE_RIGHT_BACK,
     finish=_sim,
+    page_key=lambda request: "chart",
 )
 
 
