@@ -29,6 +29,7 @@ UPSTREAM_DOWN = frozenset(
         "STALE_DATA",
         "AUTH_FAILED",  # the gateway's own vendor credentials: the caller can do nothing about it
         "MALFORMED_RESPONSE",
+        "PAGINATION_LOOP",
     }
 )
 
