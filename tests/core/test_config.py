@@ -54,3 +54,76 @@ def test_credentials_from_either_name_and_never_echoed() -> None:
         alpaca_credentials({"ALPACA_API_KEY": "PKSECRETVALUE"})
     assert "ALPACA_SECRET_KEY" in info.value.message
     assert "PKSECRETVALUE" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"providers": {"alpaca": {"read_timeout": -1}}}, "providers.alpaca.read_timeout"),
+        ({"providers": {"alpaca": {"connect_timeout": 0}}}, "providers.alpaca.connect_timeout"),
+        ({"providers": {"polygon": {"probe_interval": float("nan")}}}, "providers.polygon.probe_interval"),
+        ({"providers": {"mine": {"max_in_flight": 0}}}, "providers.mine.max_in_flight"),
+        ({"providers": {"alpaca": {"rate_limit_per_min": -5}}}, "providers.alpaca.rate_limit_per_min"),
+        ({"providers": {"alpaca": {"retry": {"attempts": 0}}}}, "providers.alpaca.retry.attempts"),
+        ({"providers": {"alpaca": {"retry": {"base_seconds": -0.5}}}}, "providers.alpaca.retry.base_seconds"),
+        (
+            {"providers": {"alpaca": {"circuit": {"failure_threshold": 0}}}},
+            "providers.alpaca.circuit.failure_threshold",
+        ),
+        ({"providers": {"alpaca": {"recent_sip": "wait"}}}, "providers.alpaca.recent_sip"),
+        ({"backfill": {"page_limit": 0}}, "backfill.page_limit"),
+        ({"backfill": {"page_limit": 50_000}}, "backfill.page_limit"),
+        ({"backfill": {"concurrency": -1}}, "backfill.concurrency"),
+        ({"server": {"port": 70000}}, "server.port"),
+        ({"server": {"client_rate_limit_per_min": 0}}, "server.client_rate_limit_per_min"),
+        ({"cache": {"memory_max_bytes": -1}}, "cache.memory_max_bytes"),
+        ({"cache": {"history_ttl": float("inf")}}, "cache.history_ttl"),
+        ({"cache": {"bars_open_ttl": -1.0}}, "cache.bars_open_ttl"),
+        ({"update": {"refresh_days": -1}}, "update.refresh_days"),
+        ({"update": {"stale_after_minutes": 0}}, "update.stale_after_minutes"),
+        ({"quality": {"recent_sessions": -1}}, "quality.recent_sessions"),
+        ({"quality": {"weights": {"validity": -0.1}}}, "quality.weights.validity"),
+        ({"quality": {"anomaly": {"split_tolerance": 1.5}}}, "quality.anomaly.split_tolerance"),
+        ({"quality": {"anomaly": {"min_volume": -1}}}, "quality.anomaly.min_volume"),
+        ({"stream": {"persist_every_seconds": -2}}, "stream.persist_every_seconds"),
+        ({"stream": {"cross_check_seconds": -1}}, "stream.cross_check_seconds"),
+        ({"jobs": [{"name": "j", "symbols": ["AAPL"], "strategy": "sometimes"}]}, "jobs[0].strategy"),
+    ],
+)
+def test_values_that_cannot_work_are_refused_naming_the_key(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, source="m.toml")
+    assert info.value.code == "CONFIG_ERROR"
+    assert info.value.details["key"] == key
+    assert info.value.message.startswith(f"m.toml: {key}: ")
+
+
+def test_a_literal_error_lists_the_choices() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"providers": {"alpaca": {"plan": "gold"}}})
+    assert "providers.alpaca.plan" in info.value.message
+    assert "'free'" in info.value.message and "'unlimited'" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [({"providers": [1, 2]}, "providers"), ({"providers": {"alpaca": 1}}, "providers.alpaca")],
+)
+def test_providers_that_are_not_tables(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, source="m.toml")
+    assert info.value.details["key"] == key
+    assert f"{key}: must be a table" in info.value.message
+
+
+def test_edge_values_that_work_are_kept() -> None:
+    cfg = config_from_dict(
+        {
+            "providers": {"alpaca": {"retry": {"base_seconds": 0}, "read_timeout": 0.5}},
+            "server": {"port": 65535},
+            "cache": {"bars_open_ttl": 0},
+            "backfill": {"page_limit": 10_000},
+        }
+    )
+    assert cfg.provider("alpaca").retry.base_seconds == 0
+    assert cfg.server.port == 65535 and cfg.cache.bars_open_ttl == 0

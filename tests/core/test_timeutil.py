@@ -36,3 +36,49 @@ def test_round_trips() -> None:
     assert ns_to_dt(dt_to_ns(ts)) == ts
     assert rfc3339(ts) == "2024-03-05T14:30:00.123456Z"
     assert rfc3339(ts.replace(microsecond=0)) == "2024-03-05T14:30:00Z"
+
+
+@pytest.mark.parametrize(
+    ("value", "name", "end"),
+    [
+        ("9999-12-31", "end", True),  # the day after overflows `date`
+        ("9999-12-31", "start", False),
+        ("2201-01-01", "end", True),
+        ("1969-12-31", "start", False),
+        ("0001-01-01", "start", False),
+        ("9999-12-31T23:59:59-05:00", "end", False),  # cannot even be converted to UTC
+        ("0001-01-01T00:00:00+05:00", "start", False),
+        ("2262-04-12T00:00:00Z", "end", False),  # past int64 nanoseconds
+        ("1969-12-31T23:59:59Z", "start", False),
+        (date(9999, 12, 31), "end", True),
+        (datetime(9999, 12, 31, 23, tzinfo=UTC), "end", False),
+        (datetime(1, 1, 1, tzinfo=UTC), "start", False),
+    ],
+)
+def test_times_that_cannot_be_held_are_an_invalid_range(value: object, name: str, end: bool) -> None:
+    with pytest.raises(InvalidRange) as info:
+        parse_time(value, name=name, end=end)  # type: ignore[arg-type]
+    assert info.value.code == "INVALID_RANGE"
+    assert info.value.details == {"parameter": name}
+    assert info.value.message.startswith(f"{name}: ")
+    assert "1970-01-01 to 2200-12-31" in info.value.message
+
+
+def test_range_edges_that_can_be_held() -> None:
+    assert parse_time("1970-01-01T00:00:00Z") == datetime(1970, 1, 1, tzinfo=UTC)
+    assert parse_time("1970-01-01") == datetime(1970, 1, 1, 5, tzinfo=UTC)
+    last = parse_time("2200-12-31", end=True)
+    assert last == datetime(2201, 1, 1, 5, tzinfo=UTC)
+    assert ns_to_dt(dt_to_ns(last)) == last
+    assert parse_time("2201-01-01T04:59:59Z") == datetime(2201, 1, 1, 4, 59, 59, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "name"),
+    [("2024-03-01", "9999-12-31", "end"), ("1900-01-01", "2024-03-01", "start"), ("2024-03-01", "2262-04-12", "end")],
+)
+def test_parse_range_names_the_parameter_out_of_range(start: str, end: str, name: str) -> None:
+    with pytest.raises(InvalidRange) as info:
+        parse_range(start, end)
+    assert info.value.details == {"parameter": name}
+    assert "supported range" in info.value.message

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import os
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich import box
@@ -19,10 +21,63 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer._click import exceptions as click_errors  # typer 0.29 parses with its own copy of click
+from typer.core import TyperGroup
 
-from marketpipe.core.errors import InvalidArgument, MarketpipeError
+from marketpipe.core.errors import InvalidArgument, MarketpipeError, OutputError
 from marketpipe.core.log import configure as configure_logging
 from marketpipe.core.metrics import ERRORS
+
+err = Console(stderr=True)
+
+
+def report_error(exc: MarketpipeError) -> int:
+    """The one way a command fails: ``error[CODE]: message`` on stderr, counted; returns the exit status
+    (2 for a bad argument, 1 otherwise)."""
+    ERRORS.labels(exc.code).inc()
+    # soft_wrap: one line however long, never folded at the console width
+    err.print(f"[bold red]error[{exc.code}][/]: {escape(exc.message)}", highlight=False, markup=True, soft_wrap=True)
+    return 2 if isinstance(exc, InvalidArgument) else 1
+
+
+class Group(TyperGroup):
+    """The root command. A value click refuses while parsing (``--port 99999``, ``--log-level loud``, an
+    unknown option, a missing argument) ends like every other failure: one ``error[INVALID_ARGUMENT]``
+    line and exit 2, instead of click's usage box."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # the help is already printed
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            sys.exit(report_error(_usage_error(exc)))
+        except click_errors.ClickException as exc:
+            sys.exit(report_error(InvalidArgument(exc.format_message())))
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+
+def _usage_error(exc: click_errors.UsageError) -> InvalidArgument:
+    param = getattr(exc, "param", None)
+    name = getattr(param, "name", None)
+    message = exc.format_message().rstrip(".")
+    if exc.ctx is not None:
+        message += f" (see {exc.ctx.command_path} --help)"
+    return InvalidArgument(message, details={"parameter": name} if name else None)
+
 
 app = typer.Typer(
     name="marketpipe",
@@ -30,6 +85,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=Group,
 )
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 store_app = typer.Typer(help="Look inside the local store.", no_args_is_help=True)
@@ -39,13 +95,12 @@ app.add_typer(store_app, name="store")
 out = Console()
 if not out.is_terminal:  # piped or captured: nobody's window to fit, so never cut columns at 80
     out = Console(width=max(out.width, 200))
-err = Console(stderr=True)
-if not err.is_terminal:  # captured: an error line stays one line, whatever its length
-    err = Console(stderr=True, width=max(err.width, 400))
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
 StoreOpt = Annotated[Path | None, typer.Option("--store", help="DuckDB store file (overrides the config).")]
+LimitOpt = typer.Option("--limit", min=0, help="at most this many rows")
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
 def handle_errors(fn: F) -> F:
@@ -56,9 +111,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MarketpipeError as exc:
-            ERRORS.labels(exc.code).inc()
-            err.print(f"[bold red]error[{exc.code}][/]: {escape(exc.message)}", highlight=False, markup=True)
-            raise typer.Exit(2 if isinstance(exc, InvalidArgument) else 1) from None
+            raise typer.Exit(report_error(exc)) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
@@ -82,7 +135,19 @@ def _symbols(symbols: list[str], symbols_file: Path | None) -> list[str]:
     if symbols_file is not None:
         if not symbols_file.is_file():
             raise InvalidArgument(f"symbols file not found: {symbols_file}", details={"parameter": "symbols-file"})
-        for line in symbols_file.read_text().splitlines():
+        try:
+            text = symbols_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(
+                f"symbols file {symbols_file} is not UTF-8 text (byte {exc.start}): one symbol per line expected",
+                details={"parameter": "symbols-file", "path": str(symbols_file)},
+            ) from None
+        except OSError as exc:
+            raise InvalidArgument(
+                f"cannot read symbols file {symbols_file}: {exc.strerror or exc}",
+                details={"parameter": "symbols-file", "path": str(symbols_file)},
+            ) from None
+        for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
             items += [p for p in line.replace(",", " ").split() if p]
     return normalize_symbols(items)
@@ -90,7 +155,7 @@ def _symbols(symbols: list[str], symbols_file: Path | None) -> list[str]:
 
 @app.callback()
 def main(
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error")] = "warning",
+    log_level: Annotated[LogLevel, typer.Option("--log-level", case_sensitive=False)] = "warning",
     log_json: Annotated[bool, typer.Option("--log-json", help="Log lines as JSON.")] = False,
 ) -> None:
     configure_logging(log_level, json=log_json)
@@ -250,12 +315,30 @@ def backfill(
 # --- read side ---------------------------------------------------------------------------------
 
 
+def write_output(path: Path, write: Callable[[Any], object], *, parameter: str = "output") -> None:
+    """Write a file the user named: ``write`` gets a binary file object for a temporary file beside
+    ``path``, which replaces ``path`` only once complete. A path that cannot be written (no such
+    directory, a directory, permission, disk full) is OUTPUT_ERROR naming it; nothing partial is left."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(
+            f"cannot write --{parameter} {path}: {exc.strerror or exc}",
+            details={"parameter": parameter, "path": str(path)},
+        ) from None
+
+
 def _emit(frame: Any, fmt: str, output: Path | None) -> None:
     fmt = fmt.lower()
     if fmt == "parquet":
         if output is None:
             raise InvalidArgument("--format parquet needs --output FILE", details={"parameter": "output"})
-        frame.write_parquet(output)
+        write_output(output, frame.write_parquet)
         err.print(f"wrote {frame.height} rows to {output}")
         return
     if fmt == "csv":
@@ -276,7 +359,7 @@ def _emit(frame: Any, fmt: str, output: Path | None) -> None:
             f"unknown format {fmt!r}; use table, csv, json or parquet", details={"parameter": "format"}
         )
     if output:
-        output.write_text(text)
+        write_output(output, lambda fh: fh.write(text.encode()))
         err.print(f"wrote {frame.height} rows to {output}")
     else:
         sys.stdout.write(text)
@@ -467,6 +550,8 @@ def reconcile(
     from marketpipe.service.data import MarketData
     from marketpipe.service.reconcile import reconcile_symbol
 
+    if not 0 < hard_pct <= 100:
+        raise InvalidArgument(f"--hard-pct must be in (0, 100], got {hard_pct}", details={"parameter": "hard-pct"})
     sym = normalize_symbol(symbol)
     tf = Timeframe.parse(timeframe)
     s, e = parse_range(start, end)
@@ -505,24 +590,25 @@ def reconcile(
 @handle_errors
 def sim(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8765,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="0: any free port")] = 8765,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Run the vendor simulator (Alpaca wire format) until interrupted. Keys: SIMKEY / SIMSECRET."""
-    from marketpipe.sim.server import serve_forever
+    from marketpipe.sim.server import SimServer, serve_forever
 
-    err.print(
-        f"simulator on http://{host}:{port}  (keys SIMKEY/SIMSECRET, free plan FREEKEY/FREESECRET; "
-        f"faults at /_sim/faults)"
-    )
-    serve_forever(host, port, seed=seed)
+    def announce(server: SimServer) -> None:  # once listening: a port in use never gets announced
+        err.print(
+            f"simulator on {server.url}  (keys SIMKEY/SIMSECRET, free plan FREEKEY/FREESECRET; faults at /_sim/faults)"
+        )
+
+    serve_forever(host, port, seed=seed, on_ready=announce)
 
 
 @app.command()
 @handle_errors
 def demo(
     symbols: Annotated[list[str] | None, typer.Argument(help="default: AAPL MSFT SPY")] = None,
-    days: Annotated[int, typer.Option("--days", help="sessions to backfill")] = 5,
+    days: Annotated[int, typer.Option("--days", min=1, max=250, help="sessions to backfill")] = 5,
     store: StoreOpt = None,
 ) -> None:
     """Offline tour: start the simulator, backfill a few symbols, show the summary and some bars."""
@@ -533,8 +619,6 @@ def demo(
     from marketpipe.sim.server import SimServer
 
     syms = _symbols(symbols or ["AAPL", "MSFT", "SPY"], None)
-    if not 1 <= days <= 250:
-        raise InvalidArgument("--days must be 1..250", details={"parameter": "days"})
     cal = get_calendar("XNYS")
     now = utcnow()
     sessions = cal.sessions(now - timedelta(days=days * 2 + 10), now)
@@ -637,7 +721,7 @@ def store_info(config: ConfigOpt = None, store: StoreOpt = None) -> None:
 @handle_errors
 def store_quarantine(
     symbol: Annotated[str | None, typer.Argument()] = None,
-    limit: Annotated[int, typer.Option("--limit")] = 50,
+    limit: Annotated[int, LimitOpt] = 50,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
@@ -650,9 +734,7 @@ def store_quarantine(
 
 @store_app.command("log")
 @handle_errors
-def store_log(
-    limit: Annotated[int, typer.Option("--limit")] = 20, config: ConfigOpt = None, store: StoreOpt = None
-) -> None:
+def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, store: StoreOpt = None) -> None:
     """The ingest log: one row per vendor page."""
     from marketpipe.store.duckdb import DuckDBStore
 

@@ -11,8 +11,20 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from marketpipe.cli.main import ConfigOpt, StoreOpt, _config, _emit, _symbols, app, err, handle_errors, out, store_app
-from marketpipe.core.errors import InvalidArgument
+from marketpipe.cli.main import (
+    ConfigOpt,
+    LimitOpt,
+    StoreOpt,
+    _config,
+    _emit,
+    _symbols,
+    app,
+    err,
+    handle_errors,
+    out,
+    store_app,
+)
+from marketpipe.core.errors import InvalidArgument, OutputError
 
 T = TypeVar("T")
 SymbolsArg = Annotated[list[str] | None, typer.Argument(help="Symbols, e.g. AAPL MSFT BRK.B")]
@@ -76,7 +88,7 @@ def quality(
     timeframe: Annotated[str, typer.Option("--timeframe", "-t")] = "1Min",
     html: Annotated[Path | None, typer.Option("--html", help="write a self-contained HTML report")] = None,
     png: Annotated[Path | None, typer.Option("--png", help="write PNG charts into this directory")] = None,
-    days: Annotated[int, typer.Option("--days", help="worst days listed per symbol")] = 5,
+    days: Annotated[int, typer.Option("--days", min=0, help="worst days listed per symbol")] = 5,
     symbols_file: SymbolsFile = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -122,10 +134,22 @@ def quality(
             series=[r.report() for r in results],
         )
         if html:
-            render_html(report, html)
+            try:
+                render_html(report, html)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write --html {html}: {exc.strerror or exc}",
+                    details={"parameter": "html", "path": str(html)},
+                ) from None
             err.print(f"wrote {html}")
         if png:
-            for p in render_png(report, png):
+            try:
+                written = render_png(report, png)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write --png {png}: {exc.strerror or exc}", details={"parameter": "png", "path": str(png)}
+                ) from None
+            for p in written:
                 err.print(f"wrote {p}")
 
 
@@ -237,8 +261,8 @@ def schedule(
     timeframe: Annotated[str, typer.Option("--timeframe", "-t")] = "1Min",
     strategy: Annotated[str, typer.Option("--strategy", help="incremental, full or smart")] = "smart",
     job: Annotated[list[str] | None, typer.Option("--job", help="run these [[jobs]] from the config")] = None,
-    runs: Annotated[int | None, typer.Option("--runs", help="stop after this many runs of each job")] = None,
-    concurrency: Annotated[int | None, typer.Option("--concurrency", help="symbols updating at once")] = None,
+    runs: Annotated[int | None, typer.Option("--runs", min=1, help="stop after this many runs of each job")] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, help="symbols updating at once")] = None,
     symbols_file: SymbolsFile = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -277,8 +301,6 @@ def schedule(
     ]
     for j in jobs:
         normalize_symbols(list(j.symbols))
-    if runs is not None and runs < 1:
-        raise InvalidArgument("--runs must be >= 1", details={"parameter": "runs"})
     data = MarketData(cfg)
     sched = data.scheduler(jobs, concurrency=concurrency)
 
@@ -305,7 +327,7 @@ def schedule(
 @handle_errors
 def store_runs(
     job: Annotated[str | None, typer.Option("--job")] = None,
-    limit: Annotated[int, typer.Option("--limit")] = 50,
+    limit: Annotated[int, LimitOpt] = 50,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from marketpipe.cli.main import ConfigOpt, StoreOpt, _config, app, err, handle_errors
-from marketpipe.core.errors import ConfigError
+from marketpipe.core.errors import ConfigError, MarketpipeError
+
+UvicornLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 @app.command()
 @handle_errors
 def serve(
     host: Annotated[str | None, typer.Option("--host", help="default from [server] host (127.0.0.1)")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="default from [server] port (8000)")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="default from [server] workers (1)")] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", min=1, max=65535, help="default from [server] port (8000)")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="default from [server] workers (1)")] = None,
     redis_url: Annotated[
         str | None, typer.Option("--redis-url", help="L2 cache, e.g. redis://localhost:6379/0")
     ] = None,
-    log_level: Annotated[str, typer.Option("--server-log-level")] = "warning",
+    log_level: Annotated[UvicornLevel, typer.Option("--server-log-level", case_sensitive=False)] = "warning",
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
@@ -28,6 +32,7 @@ def serve(
     import uvicorn
 
     from marketpipe.api.app import create_app
+    from marketpipe.core.net import bind_sockets
 
     cfg = _config(config, store)
     host = host or cfg.server.host
@@ -41,13 +46,32 @@ def serve(
             "(it serves concurrently on its event loop); more workers need a server store",
             details={"parameter": "workers"},
         )
-    err.print(f"marketpipe gateway on http://{host}:{port}  (docs /docs, health /health, metrics /metrics)")
-    uvicorn.run(
-        create_app(cfg),
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        ws_per_message_deflate=cfg.server.ws_compression,
-        timeout_graceful_shutdown=5,  # live streams (SSE, WebSockets) end only when the server closes them
-    )
+    # The port is bound before anything is announced: a port in use (or a host that is not this machine's)
+    # is one error line, not an announcement followed by uvicorn's own exit 3.
+    sockets = bind_sockets(host, port)
+    try:
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(cfg),
+                host=host,
+                port=port,
+                log_level=log_level.lower(),
+                access_log=False,
+                ws_per_message_deflate=cfg.server.ws_compression,
+                timeout_graceful_shutdown=5,  # live streams (SSE, WebSockets) end only when the server closes them
+            )
+        )
+        shown = f"[{host}]" if ":" in host else host
+        err.print(f"marketpipe gateway on http://{shown}:{port}  (docs /docs, health /health, metrics /metrics)")
+        try:
+            server.run(sockets=sockets)
+        except KeyboardInterrupt:
+            pass
+        except SystemExit:  # uvicorn exits when the application's startup fails; it has logged why
+            if server.started:
+                raise
+    finally:
+        for sock in sockets:
+            sock.close()
+    if not server.started:
+        raise MarketpipeError("the gateway did not start: its startup failed (see the log above)")

@@ -8,29 +8,43 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+import msgspec.inspect
 import platformdirs
+from msgspec import Meta
 
 from marketpipe.core.errors import ConfigError, MissingCredentials
 
 APP = "marketpipe"
 
+# Constrained types: a value that cannot work (a negative timeout, zero attempts, an unknown plan) is refused
+# when the file is read, as CONFIG_ERROR naming the key. The finite upper bound keeps inf and nan out.
+_FINITE = 1e12
+Positive = Annotated[float, Meta(gt=0, le=_FINITE)]  # durations, intervals, thresholds, multiples
+NonNegative = Annotated[float, Meta(ge=0, le=_FINITE)]  # durations where 0 means none (no wait, no TTL)
+Fraction = Annotated[float, Meta(gt=0, lt=1)]
+PositiveInt = Annotated[int, Meta(ge=1)]  # counts, sizes, rates
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+AtLeast2 = Annotated[int, Meta(ge=2)]  # windows and runs that need two points
+Port = Annotated[int, Meta(ge=1, le=65535)]
+
 
 class RetryPolicy(msgspec.Struct, forbid_unknown_fields=True):
-    attempts: int = 5  # total tries, including the first
-    base_seconds: float = 0.5  # full-jitter exponential backoff: uniform(0, min(max, base * 2**n))
-    max_seconds: float = 30.0
-    max_retry_after_seconds: float = 120.0  # a Retry-After beyond this is not waited out
+    attempts: PositiveInt = 5  # total tries, including the first
+    base_seconds: NonNegative = 0.5  # full-jitter exponential backoff: uniform(0, min(max, base * 2**n))
+    max_seconds: NonNegative = 30.0
+    max_retry_after_seconds: NonNegative = 120.0  # a Retry-After beyond this is not waited out
 
 
 class CircuitPolicy(msgspec.Struct, forbid_unknown_fields=True):
-    failure_threshold: int = 5  # consecutive failures that open the circuit
-    recovery_seconds: float = 30.0  # open -> half-open after this long
-    half_open_max_calls: int = 1  # trial calls allowed while half-open
+    failure_threshold: PositiveInt = 5  # consecutive failures that open the circuit
+    recovery_seconds: NonNegative = 30.0  # open -> half-open after this long
+    half_open_max_calls: PositiveInt = 1  # trial calls allowed while half-open
 
 
 # Per-vendor defaults, merged under whatever the config file says for that vendor. Yahoo's chart
@@ -48,15 +62,15 @@ class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
     base_url: str | None = None
     feed: str = "sip"
     # "free" (Basic: 200 req/min, SIP only up to 15 min ago) or "unlimited" (paid SIP plan).
-    plan: str = "free"
+    plan: Literal["free", "unlimited"] = "free"
     # What to do when the free plan meets the 15-minute SIP restriction: clamp `end` to now-15min
     # (keep SIP) or switch to the real-time IEX feed.
-    recent_sip: str = "clamp"
-    rate_limit_per_min: int = 200
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    max_in_flight: int = 4
-    probe_interval: float = 30.0  # seconds between active health probes (server mode)
+    recent_sip: Literal["clamp", "iex"] = "clamp"
+    rate_limit_per_min: PositiveInt = 200
+    connect_timeout: Positive = 5.0
+    read_timeout: Positive = 30.0
+    max_in_flight: PositiveInt = 4
+    probe_interval: Positive = 30.0  # seconds between active health probes (server mode)
     probe_symbol: str = "SPY"
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     circuit: CircuitPolicy = msgspec.field(default_factory=CircuitPolicy)
@@ -73,25 +87,25 @@ class BackfillConfig(msgspec.Struct, forbid_unknown_fields=True):
     providers a unit fails over first and waits only when every candidate's circuit is open. 0: never
     wait (fail at once). Each wait lasts until the circuit is half-open (``circuit.recovery_seconds``)."""
 
-    page_limit: int = 10_000
-    concurrency: int = 4  # requests in flight (the rate limiter still governs the pace)
-    circuit_waits: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 3
+    page_limit: Annotated[int, Meta(ge=1, le=10_000)] = 10_000  # the most Alpaca returns a page
+    concurrency: PositiveInt = 4  # requests in flight (the rate limiter still governs the pace)
+    circuit_waits: Annotated[int, Meta(ge=0, le=1000)] = 3
 
 
 class AnomalyConfig(msgspec.Struct, forbid_unknown_fields=True):
-    z_threshold: float = 10.0
-    z_high: float = 20.0
-    vol_span: int = 100  # bars in the EWMA volatility
-    min_periods: int = 30  # bars of history before a z-score is trusted
-    jump_pct: float = 20.0  # bar-to-bar move (percent) flagged whatever the volatility
-    split_tolerance: float = 0.02  # relative distance from a split ratio
-    split_min_move_pct: float = 30.0  # smaller moves are not split candidates
-    frozen_bars: int = 15  # intraday run length; daily and longer use max(3, frozen_bars // 5)
-    volume_multiple: float = 25.0
-    min_volume: int = 100  # volume outliers below this are ignored (thin minutes)
+    z_threshold: Positive = 10.0
+    z_high: Positive = 20.0
+    vol_span: AtLeast2 = 100  # bars in the EWMA volatility
+    min_periods: AtLeast2 = 30  # bars of history before a z-score is trusted
+    jump_pct: Positive = 20.0  # bar-to-bar move (percent) flagged whatever the volatility
+    split_tolerance: Fraction = 0.02  # relative distance from a split ratio
+    split_min_move_pct: Positive = 30.0  # smaller moves are not split candidates
+    frozen_bars: AtLeast2 = 15  # intraday run length; daily and longer use max(3, frozen_bars // 5)
+    volume_multiple: Positive = 25.0
+    min_volume: NonNegativeInt = 100  # volume outliers below this are ignored (thin minutes)
     # What happens to high-severity findings at ingest: "flag" keeps the row and records the finding,
     # "quarantine" moves the row to quarantine with reason "anomaly:<kind>".
-    on_high: str = "flag"
+    on_high: Literal["flag", "quarantine"] = "flag"
 
     def __post_init__(self) -> None:
         if self.on_high not in ("flag", "quarantine"):
@@ -103,19 +117,19 @@ class AnomalyConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class QualityWeights(msgspec.Struct, forbid_unknown_fields=True):
-    validity: float = 0.4
-    completeness: float = 0.3
-    timeliness: float = 0.2
-    consistency: float = 0.1
+    validity: NonNegative = 0.4
+    completeness: NonNegative = 0.3
+    timeliness: NonNegative = 0.2
+    consistency: NonNegative = 0.1
 
 
 class QualityConfig(msgspec.Struct, forbid_unknown_fields=True):
     weights: QualityWeights = msgspec.field(default_factory=QualityWeights)
     extended_hours: bool = False  # completeness counts 04:00-20:00 local instead of the regular session
     # Timeliness applies to the most recent sessions only: the lag from a bar's end to its fetch.
-    recent_sessions: int = 1
-    fresh_seconds: float = 120.0  # lag at or below this scores 1
-    stale_seconds: float = 3600.0  # lag at or above this scores 0 (linear in between)
+    recent_sessions: NonNegativeInt = 1
+    fresh_seconds: NonNegative = 120.0  # lag at or below this scores 1
+    stale_seconds: Positive = 3600.0  # lag at or above this scores 0 (linear in between)
     anomaly: AnomalyConfig = msgspec.field(default_factory=AnomalyConfig)
 
     def __post_init__(self) -> None:
@@ -130,10 +144,10 @@ class QualityConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class UpdateConfig(msgspec.Struct, forbid_unknown_fields=True):
     # "smart": incremental when the newest covered bar is at most this old, else refresh.
-    smart_max_gap_hours: float = 72.0
+    smart_max_gap_hours: Positive = 72.0
     # A refresh re-fetches this many days before the newest covered point (vendor corrections).
-    refresh_days: float = 5.0
-    stale_after_minutes: float = 30.0  # during a session, data older than this raises a stale_data event
+    refresh_days: NonNegative = 5.0
+    stale_after_minutes: Positive = 30.0  # during a session, data older than this raises a stale_data event
 
 
 class JobConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -143,7 +157,7 @@ class JobConfig(msgspec.Struct, forbid_unknown_fields=True):
     symbols: list[str]
     every: str = "1m"  # 30s, 1m, 15m, 1h, 1d
     timeframe: str = "1Min"
-    strategy: str = "smart"  # incremental | full | smart
+    strategy: Literal["incremental", "full", "smart"] = "smart"  # incremental | full | smart
     feed: str | None = None
 
 
@@ -159,22 +173,22 @@ KNOWN_KINDS = RANGE_KINDS | LATEST_KINDS | SNAPSHOT_KINDS | REFERENCE_KINDS
 class CacheConfig(msgspec.Struct, forbid_unknown_fields=True):
     """``[cache]`` in the config file. Times in seconds."""
 
-    memory_max_bytes: int = 256 * MB
+    memory_max_bytes: PositiveInt = 256 * MB
     redis_url: str | None = None  # L2 is used only when set, e.g. "redis://localhost:6379/0"
     redis_prefix: str = "marketpipe:"
-    redis_connect_timeout: float = 0.25
-    redis_socket_timeout: float = 0.25
-    redis_backoff_initial: float = 1.0  # after a Redis error the tier is skipped this long, doubling …
-    redis_backoff_max: float = 30.0  # … up to this, until Redis answers again
-    stale_for: float = 3600.0  # how long past expiry a copy may still be served labelled stale
-    history_ttl: float = 86400.0 * 7  # ranges that ended before the current session
-    bars_open_ttl: float = 5.0  # ranges reaching into the current session, market open
-    bars_closed_ttl: float = 60.0  # … market closed
-    latest_open_ttl: float = 1.0  # latest_quote / latest_trade / latest_bar, market open
-    latest_closed_ttl: float = 30.0
-    snapshot_open_ttl: float = 2.0
-    snapshot_closed_ttl: float = 30.0
-    reference_ttl: float = 86400.0  # assets, corporate actions
+    redis_connect_timeout: Positive = 0.25
+    redis_socket_timeout: Positive = 0.25
+    redis_backoff_initial: Positive = 1.0  # after a Redis error the tier is skipped this long, doubling …
+    redis_backoff_max: Positive = 30.0  # … up to this, until Redis answers again
+    stale_for: NonNegative = 3600.0  # how long past expiry a copy may still be served labelled stale
+    history_ttl: NonNegative = 86400.0 * 7  # ranges that ended before the current session
+    bars_open_ttl: NonNegative = 5.0  # ranges reaching into the current session, market open
+    bars_closed_ttl: NonNegative = 60.0  # … market closed
+    latest_open_ttl: NonNegative = 1.0  # latest_quote / latest_trade / latest_bar, market open
+    latest_closed_ttl: NonNegative = 30.0
+    snapshot_open_ttl: NonNegative = 2.0
+    snapshot_closed_ttl: NonNegative = 30.0
+    reference_ttl: NonNegative = 86400.0  # assets, corporate actions
 
     def __post_init__(self) -> None:
         if self.memory_max_bytes <= 0:
@@ -226,9 +240,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True):
     """``marketpipe serve``. Secrets (admin token, client keys) come from the environment only."""
 
     host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    client_rate_limit_per_min: int = 600  # per gateway client key (MARKETPIPE_API_KEYS)
+    port: Port = 8000
+    workers: PositiveInt = 1
+    client_rate_limit_per_min: PositiveInt = 600  # per gateway client key (MARKETPIPE_API_KEYS)
     # permessage-deflate on WebSockets: off, because each client's frames are compressed separately and
     # that cost most of the fan-out's CPU (measured: a third of the gateway at 100 clients)
     ws_compression: bool = False
@@ -251,27 +265,28 @@ class StreamSettings(msgspec.Struct, forbid_unknown_fields=True):
 
     enabled: bool = True
     url: str | None = None  # ws(s)://host; default: Alpaca's, or the simulator's when providers.alpaca is one
-    feed: str | None = None  # iex | sip | test; default providers.alpaca.feed (409 falls back to iex)
-    encoding: str = "msgpack"  # upstream wire encoding: msgpack | json
+    # default providers.alpaca.feed (409 falls back to iex)
+    feed: Literal["iex", "sip", "delayed_sip", "test"] | None = None
+    encoding: Literal["msgpack", "json"] = "msgpack"  # upstream wire encoding: msgpack | json
     symbols: list[str] = msgspec.field(default_factory=list)  # always streamed (and their minute bars stored)
-    client_queue: int = 2_000  # messages held per client; a client that lets it fill is dropped
-    slow_warn_fraction: float = 0.5  # the client is told it is slow when its queue is this full
-    max_symbols_per_client: int = 500
+    client_queue: Annotated[int, Meta(ge=10)] = 2_000  # messages held per client; a client that lets it fill is dropped
+    slow_warn_fraction: Fraction = 0.5  # the client is told it is slow when its queue is this full
+    max_symbols_per_client: PositiveInt = 500
     persist_bars: bool = True  # minute bars from the stream go to the store
-    persist_every_seconds: float = 2.0
+    persist_every_seconds: Positive = 2.0
     gap_backfill: bool = True  # after a reconnect, missed minute bars are fetched over REST
-    sparkline_points: int = 120  # recent prices kept per symbol for the dashboard
+    sparkline_points: AtLeast2 = 120  # recent prices kept per symbol for the dashboard
     # checks on every trade and quote
-    max_future_seconds: float = 300.0
-    jump_pct: float = 20.0  # farther than this from the last accepted price: rejected, alert raised
-    reanchor_after: int = 5  # consecutive rejected prices that agree with each other become the new level
-    cross_source_pct: float = 5.0  # primary vs fallback disagreement that raises a warning
-    cross_check_seconds: float = 60.0  # how often the fallback is sampled to compare (0: never)
+    max_future_seconds: Positive = 300.0
+    jump_pct: Positive = 20.0  # farther than this from the last accepted price: rejected, alert raised
+    reanchor_after: AtLeast2 = 5  # consecutive rejected prices that agree with each other become the new level
+    cross_source_pct: Positive = 5.0  # primary vs fallback disagreement that raises a warning
+    cross_check_seconds: NonNegative = 60.0  # how often the fallback is sampled to compare (0: never)
     # data-source router
-    failure_threshold: int = 3
-    grace_seconds: float = 10.0
-    fallback_poll_seconds: float = 5.0
-    stale_seconds: float = 30.0  # no primary data this long (market open) counts as one failure
+    failure_threshold: PositiveInt = 3
+    grace_seconds: Positive = 10.0
+    fallback_poll_seconds: Positive = 5.0
+    stale_seconds: Positive = 30.0  # no primary data this long (market open) counts as one failure
 
     def __post_init__(self) -> None:
         if self.encoding not in ("msgpack", "json"):
@@ -347,34 +362,76 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def config_from_dict(raw: dict[str, Any], *, source: str | None = None) -> Config:
+    where = source or "config"
+    user_providers = raw.get("providers") or {}
+    if not isinstance(user_providers, dict):
+        raise ConfigError(
+            f"{where}: providers: must be a table of [providers.<name>] sections, got {type(user_providers).__name__}",
+            details={"path": source, "key": "providers"},
+        )
+    for name, prov in user_providers.items():
+        if not isinstance(prov, dict):
+            raise ConfigError(
+                f"{where}: providers.{name}: must be a table ([providers.{name}]), got {type(prov).__name__}",
+                details={"path": source, "key": f"providers.{name}"},
+            )
     for secretish in ("api_key", "secret_key", "key", "secret"):
-        for name, prov in (raw.get("providers") or {}).items():
-            if isinstance(prov, dict) and secretish in prov:
+        for name, prov in user_providers.items():
+            if secretish in prov:
                 raise ConfigError(
                     f"providers.{name}.{secretish}: secrets are read from the environment only, "
                     "never from the config file",
                 )
-    user_providers = raw.get("providers") or {}
-    if not isinstance(user_providers, dict):
-        raise ConfigError(f"{source or 'config'}: [providers] must be a table")
     raw = dict(raw)
     raw["providers"] = {
         name: {**DEFAULT_PROVIDERS.get(name, {}), **(user_providers.get(name) or {})}
         for name in [*DEFAULT_PROVIDERS, *(n for n in user_providers if n not in DEFAULT_PROVIDERS)]
     }
-    try:
-        cfg = msgspec.convert(raw, Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source or 'config'}: {exc}", details={"path": source}) from exc
+    for name, prov in raw["providers"].items():  # one by one: msgspec names a dict key only as "[...]"
+        _convert(prov, ProviderConfig, f"providers.{name}", source)
+    cfg = _convert(raw, Config, "", source)
     cfg.source_path = source
-    for name, prov in cfg.providers.items():
-        if prov.plan not in ("free", "unlimited"):
-            raise ConfigError(f"providers.{name}.plan must be 'free' or 'unlimited', got {prov.plan!r}")
-        if prov.recent_sip not in ("clamp", "iex"):
-            raise ConfigError(f"providers.{name}.recent_sip must be 'clamp' or 'iex'")
-        if prov.rate_limit_per_min <= 0 or prov.max_in_flight <= 0:
-            raise ConfigError(f"providers.{name}: rate_limit_per_min and max_in_flight must be > 0")
     return cfg
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def _convert(raw: Any, kind: type[S], prefix: str, source: str | None) -> S:
+    """``msgspec.convert`` whose error leads with the key, e.g. ``providers.alpaca.read_timeout: Expected
+    `float` > 0.0``, and lists the allowed values of a ``Literal``."""
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        message, _, at = str(exc).partition(" - at `$")
+        key = ".".join(p for p in (prefix, at.rstrip("`").lstrip(".")) if p)
+        choices = _choices(kind, at.rstrip("`").lstrip(".")) if message.startswith("Invalid enum value") else None
+        if choices:
+            message += f"; use one of {', '.join(map(repr, choices))}"
+        if key and not message.startswith(key):
+            message = f"{key}: {message}"
+        raise ConfigError(
+            f"{source or 'config'}: {message}", details={"path": source, **({"key": key} if key else {})}
+        ) from exc
+
+
+def _choices(kind: Any, path: str) -> tuple[Any, ...] | None:
+    """The values of the ``Literal`` field at ``path`` (``jobs[0].strategy``) under ``kind``, if it is one."""
+    node: Any = msgspec.inspect.type_info(kind)
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        while isinstance(node, msgspec.inspect.Metadata | msgspec.inspect.UnionType):
+            node = node.type if isinstance(node, msgspec.inspect.Metadata) else node.types[0]
+        if part.startswith("["):
+            node = getattr(node, "item_type", None)
+        elif isinstance(node, msgspec.inspect.StructType):
+            node = next((f.type for f in node.fields if f.name == part), None)
+        elif isinstance(node, msgspec.inspect.DictType):
+            node = node.value_type
+        else:
+            return None
+    while isinstance(node, msgspec.inspect.Metadata | msgspec.inspect.UnionType):
+        node = node.type if isinstance(node, msgspec.inspect.Metadata) else node.types[0]
+    return tuple(node.values) if isinstance(node, msgspec.inspect.LiteralType) else None
 
 
 # --- credentials -------------------------------------------------------------------------------

@@ -199,6 +199,21 @@ class StoreError(MarketpipeError):
     http_status = 500
 
 
+class OutputError(MarketpipeError):
+    """A file the user asked for (``--output``, ``--html``, ``--png``) cannot be written; nothing partial is left."""
+
+    code = "OUTPUT_ERROR"
+    http_status = 500
+
+
+class AddressInUse(MarketpipeError, OSError):
+    """A server (``serve``, ``sim``) cannot listen: another process holds the host and port. Also an
+    ``OSError`` (errno EADDRINUSE), as the bind failure it reports always was."""
+
+    code = "ADDRESS_IN_USE"
+    http_status = 500
+
+
 class FeatureDisabled(MarketpipeError):
     """A part of the gateway switched off in the configuration (e.g. ``[stream] enabled = false``)."""
 
@@ -235,6 +250,8 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         DataInvalid,
         StaleData,
         StoreError,
+        OutputError,
+        AddressInUse,
         FeatureDisabled,
     )
 }

@@ -11,6 +11,15 @@ from marketpipe.core.errors import InvalidArgument, InvalidRange
 NY = ZoneInfo("America/New_York")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
+# The instants marketpipe can hold: the store and the wire carry int64 nanoseconds since the Unix epoch
+# (which end in 2262), and nothing predates 1970. Days are New York days, so the last instant is the
+# end of 2200-12-31 there.
+FIRST_DAY = date(1970, 1, 1)
+LAST_DAY = date(2200, 12, 31)
+MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIME = datetime.combine(LAST_DAY + timedelta(days=1), time(0), NY).astimezone(UTC)
+SUPPORTED = f"{FIRST_DAY.isoformat()} to {LAST_DAY.isoformat()}"
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -29,17 +38,18 @@ def parse_time(value: str | date | datetime, *, name: str = "time", end: bool = 
                 f"{name}: naive datetime {value.isoformat()} is ambiguous; give a time zone",
                 details={"parameter": name},
             )
-        return value.astimezone(UTC)
+        return _in_range(value, name, value.isoformat())
     if isinstance(value, date):
-        return _day_edge(value, end)
+        return _day_edge(value, end, name)
     if not isinstance(value, str) or not value.strip():
         raise InvalidArgument(f"{name}: expected a date or RFC-3339 time", details={"parameter": name})
     text = value.strip()
     if _DATE.match(text):
         try:
-            return _day_edge(date.fromisoformat(text), end)
+            day = date.fromisoformat(text)
         except ValueError as exc:
             raise InvalidArgument(f"{name}: invalid date {text!r}", details={"parameter": name}) from exc
+        return _day_edge(day, end, name)
     try:
         parsed = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
     except ValueError as exc:
@@ -52,10 +62,32 @@ def parse_time(value: str | date | datetime, *, name: str = "time", end: bool = 
             f"{name}: {text!r} has no time zone; add Z or an offset such as -05:00",
             details={"parameter": name, "value": text},
         )
-    return parsed.astimezone(UTC)
+    return _in_range(parsed, name, text)
 
 
-def _day_edge(day: date, end: bool) -> datetime:
+def _out_of_range(name: str, given: str) -> InvalidRange:
+    return InvalidRange(
+        f"{name}: {given} is outside the supported range {SUPPORTED} (New York days; times from "
+        f"{MIN_TIME.isoformat()} to {MAX_TIME.isoformat()})",
+        details={"parameter": name},
+    )
+
+
+def _in_range(ts: datetime, name: str, given: str) -> datetime:
+    """``ts`` in UTC, or InvalidRange when marketpipe cannot hold it (a year such as 9999 or 0001 may not
+    even convert to UTC: that is an OverflowError, reported the same way)."""
+    try:
+        utc = ts.astimezone(UTC)
+    except OverflowError:
+        raise _out_of_range(name, given) from None
+    if not MIN_TIME <= utc <= MAX_TIME:
+        raise _out_of_range(name, given)
+    return utc
+
+
+def _day_edge(day: date, end: bool, name: str = "time") -> datetime:
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise _out_of_range(name, day.isoformat())
     if end:
         day = day + timedelta(days=1)
     return datetime.combine(day, time(0), NY).astimezone(UTC)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 from aiohttp.log import access_logger
 
+from marketpipe.core.errors import InvalidArgument
+from marketpipe.core.net import listen_error
 from marketpipe.sim.admin import Stats
 from marketpipe.sim.alpaca import DEFAULT_KEYS, AlpacaFace
 from marketpipe.sim.data import SimMarket
@@ -117,6 +120,8 @@ class SimServer:
     async def start_async(self) -> None:
         if self._runner is not None:
             raise RuntimeError("simulator already started")
+        if not 0 <= self._port <= 65535:
+            raise InvalidArgument(f"port {self._port} is not in 0..65535", details={"parameter": "port"})
         app = self.face.build_app()
         if self.stream is not None:
             self.stream.mount(app)
@@ -130,6 +135,9 @@ class SimServer:
         site = web.TCPSite(runner, self.host, self._port)
         try:
             await site.start()
+        except OSError as exc:  # port in use, unknown host, ...: a typed error naming the address
+            await runner.cleanup()
+            raise listen_error(exc, self.host, self._port) from None
         except BaseException:
             await runner.cleanup()
             raise
@@ -202,12 +210,23 @@ class SimServer:
         await self.stop_async()
 
 
-def serve_forever(host: str = "127.0.0.1", port: int = 8765, *, seed: int = 0, faults: Faults | None = None) -> None:
-    """Serve in the foreground until interrupted (Ctrl-C). Prints nothing; the caller announces it."""
+def serve_forever(
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    seed: int = 0,
+    faults: Faults | None = None,
+    on_ready: Callable[[SimServer], None] | None = None,
+) -> None:
+    """Serve in the foreground until interrupted (Ctrl-C). Prints nothing; the caller announces it in
+    ``on_ready``, called once the port is listening (so port 0 is announced as the port it got). A port
+    that cannot be bound raises the typed error of :func:`marketpipe.core.net.listen_error`."""
 
     async def main() -> None:
         server = SimServer(SimMarket(seed=seed), faults, host=host, port=port)
         await server.start_async()
+        if on_ready is not None:
+            on_ready(server)
         try:
             await asyncio.Event().wait()
         finally:
