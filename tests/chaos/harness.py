@@ -192,7 +192,9 @@ class Finished:
 class Proc:
     """A started subprocess whose output goes to files under the scenario's directory."""
 
-    def __init__(self, chaos: Chaos, name: str, args: list[str], env: dict[str, str], preexec: Any = None) -> None:
+    def __init__(
+        self, chaos: Chaos, name: str, args: list[str], env: dict[str, str], preexec: Callable[[], None] | None = None
+    ) -> None:
         self.chaos, self.name, self.args = chaos, name, args
         n = len(chaos.finished) + len(chaos.running)
         self.out_path = chaos.logs / f"{n:02d}-{name}.out"
