@@ -175,8 +175,11 @@ def test_bad_pages_fail_the_unit_unclaimed_then_rerun_equals_reference(chaos: Ch
 
 def test_burst_of_five_500s_run_completes(chaos: Chaos) -> None:
     """Exactly five consecutive 500s open the circuit (threshold 5): the backfill must wait for it
-    (recovery 1 s) or fail over, not end the job; and while it is open no requests are sent."""
-    store, cfg = chaos.root / "store.duckdb", chaos.config()
+    (recovery 1 s) or fail over, not end the job; and while it is open no requests are sent. One request
+    at a time, so the five failures are consecutive whatever the timing, and eight attempts per request,
+    so no unit runs out of retries on the burst itself: what could end a unit is the open circuit."""
+    store = chaos.root / "store.duckdb"
+    cfg = chaos.config(backfill={"concurrency": 1}, provider={"max_in_flight": 1}, retry={"attempts": 8})
     chaos.sim.set_faults({"kind": "http_500", "times": 5})
     done = chaos.backfill(store, cfg)
     ok(done)
