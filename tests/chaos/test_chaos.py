@@ -239,6 +239,19 @@ def test_429_storm_with_reset_header_run_completes(chaos: Chaos) -> None:
     chaos.assert_clean()
 
 
+def test_429_storm_with_retry_after_is_honoured(chaos: Chaos) -> None:
+    """Six 429s in a row that carry ``Retry-After: 1`` (a proxy in front of the vendor): each is waited
+    out for the time it names — the run takes at least that long, is not an outage — and completes."""
+    store, cfg = chaos.root / "store.duckdb", chaos.config(backfill={"concurrency": 1}, retry={"attempts": 8})
+    chaos.sim.set_faults({"kind": "rate_limit", "times": 6, "reset_seconds": 0.0, "retry_after": 1.0})
+    done = chaos.backfill(store, cfg)
+    ok(done)
+    assert chaos.sim.by_status().get("429") == 6, chaos.sim.by_status()
+    assert done.seconds >= 5.0, f"six Retry-After: 1 answers waited out in {done.seconds:.2f}s"
+    chaos.assert_equal_reference(store)
+    chaos.assert_clean()
+
+
 # --- the gateway ---------------------------------------------------------------------------------------------
 
 

@@ -95,7 +95,17 @@ def test_rate_limit_fault(sim_server: SimServer, http: httpx.Client) -> None:
     assert (r.status_code, r.json()) == (429, {"message": "too many requests."})
     assert r.headers["x-ratelimit-remaining"] == "0"
     assert 1 <= int(r.headers["x-ratelimit-reset"]) - time.time() <= 3.1
+    assert "retry-after" not in r.headers  # the vendor's own 429 says when by its reset header only
     assert bars(http).status_code == 200
+
+
+def test_rate_limit_fault_with_retry_after(sim_server: SimServer, http: httpx.Client) -> None:
+    sim_server.faults.set([FaultRule(kind="rate_limit", times=1, retry_after=1.2)])
+    r = bars(http)
+    assert r.status_code == 429 and r.headers["retry-after"] == "2"
+    assert bars(http).status_code == 200
+    with pytest.raises(ValueError, match="retry_after"):
+        FaultRule(kind="http_500", retry_after=1)
 
 
 def _expected_hits(kind: str, before: list[dict], after: list[dict]) -> int:  # type: ignore[type-arg]

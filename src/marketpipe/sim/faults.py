@@ -20,7 +20,8 @@ Kinds:
                     ``row_kinds`` (default: all of ``high_lt_low``, ``negative_volume``,
                     ``duplicate_ts``, ``misaligned_ts``, ``nonpositive_price``)
 ``rate_limit``      429 ``too many requests.`` with ``X-RateLimit-Remaining: 0`` and a reset
-                    ``reset_seconds`` ahead
+                    ``reset_seconds`` ahead; with ``retry_after`` (seconds) also ``Retry-After``, as
+                    a proxy or CDN in front of the vendor sends it (on every face)
 ``bad_data``        bar responses (same paths as ``invalid_rows``) with plausible-but-wrong data of
                     one ``defect``; every row still passes the row checks (OHLC order, vwap within
                     [low, high], volume >= 0, prices > 0), so only an anomaly or completeness check
@@ -140,6 +141,7 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     row_kinds: list[RowKind] | None = None  # None: every kind
     row_ratio: float = 0.05
     reset_seconds: float = 1.0
+    retry_after: float | None = None  # rate_limit only: also send Retry-After (whole seconds, rounded up)
     defect: Defect | None = None  # bad_data only, from here on
     at: list[str] | None = None
     symbols: list[str] | None = None
@@ -157,6 +159,8 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
             raise ValueError("after must be >= 0")
         if self.latency_ms < 0 or self.hang_seconds < 0 or self.reset_seconds < 0:
             raise ValueError("durations must be >= 0")
+        if self.retry_after is not None and (self.kind != "rate_limit" or self.retry_after < 0):
+            raise ValueError("retry_after applies to kind rate_limit only, and must be >= 0")
         if self.row_kinds is not None and not self.row_kinds:
             raise ValueError("invalid_rows needs at least one row kind")
         if self.paths is not None:

@@ -4,6 +4,7 @@ only its own bodies (server error, 429, the page shown during an outage)."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,7 +57,10 @@ async def before_handler(
     if kind == "html_200":
         return bodies.finish(web.Response(body=bodies.outage_200, content_type="text/html")), "200"
     if kind == "rate_limit":
-        return bodies.finish(bodies.too_many(fault)), "429"
+        resp = bodies.too_many(fault)
+        if fault.retry_after is not None:
+            resp.headers["Retry-After"] = str(math.ceil(fault.retry_after))
+        return bodies.finish(resp), "429"
     if kind in ("empty_json", "null_page"):
         body = b"{}" if kind == "empty_json" else b'{"' + bodies.page_key(request).encode() + b'":null}'
         return bodies.finish(web.Response(body=body, content_type="application/json")), "200"
