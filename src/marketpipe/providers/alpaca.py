@@ -40,7 +40,7 @@ from marketpipe.core.schema import (
 )
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import rfc3339, utcnow
-from marketpipe.providers.base import BarPage, envelope_error, pagination_loop
+from marketpipe.providers.base import KINDS, BarPage, Capabilities, envelope_error, pagination_loop
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
 
 DEFAULT_BASE_URL = "https://data.alpaca.markets"
@@ -421,6 +421,14 @@ class AlpacaProvider(HttpProvider):
     """Async Alpaca REST client. Use as ``async with AlpacaProvider.from_config(cfg) as p: ...``."""
 
     name = "alpaca"
+    # Every stock data kind; the historical and the latest endpoints take a feed (different sets).
+    capabilities = Capabilities(
+        frozenset(KINDS),
+        {
+            **dict.fromkeys(("bars", "trades", "quotes"), FEEDS_HISTORICAL),
+            **dict.fromkeys(("latest_trade", "latest_quote", "latest_bar", "snapshot"), FEEDS_LATEST),
+        },
+    )
 
     def __init__(
         self,
@@ -476,7 +484,7 @@ class AlpacaProvider(HttpProvider):
         self, kind: str, timeframe: Timeframe | None, start: datetime | None, end: datetime | None, now: datetime
     ) -> str | None:
         """Alpaca serves every stock data kind and timeframe, with history back to 2016."""
-        if kind not in ("bars", "trades", "quotes", "latest_trade", "latest_quote", "latest_bar", "snapshot"):
+        if not self.capabilities.serves(kind):
             return f"alpaca does not serve {kind}"
         if start is not None and start < ALPACA_HISTORY_START:
             return f"alpaca history starts {ALPACA_HISTORY_START.date()}"

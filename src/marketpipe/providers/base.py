@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Final, Literal, Protocol
 
 import orjson
 import polars as pl
@@ -15,7 +15,7 @@ from marketpipe.core.errors import MalformedResponse, PaginationLoop
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import PROVIDER_ERRORS
 from marketpipe.core.resilience import Resilience
-from marketpipe.core.schema import Quote, Snapshot, Trade
+from marketpipe.core.schema import Bar, Quote, Snapshot, Trade
 from marketpipe.core.timeframe import Timeframe
 
 SIM_HEADER = "x-marketpipe-sim"
@@ -119,17 +119,49 @@ class BarPage:
     kind: str = "bars"
 
 
+Kind = Literal["bars", "trades", "quotes", "latest_trade", "latest_quote", "latest_bar", "snapshot"]
+KINDS: Final[tuple[Kind, ...]] = ("bars", "trades", "quotes", "latest_trade", "latest_quote", "latest_bar", "snapshot")
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """The static part of a provider's capability table: which request kinds (``KINDS``) it serves at
+    all, and for which kinds it takes a ``feed`` argument (the feeds it accepts there). A kind not in
+    ``feeds`` takes no feed: callers pass ``None`` (:func:`feed_for`), never the caller's feed.
+    ``supports`` adds what depends on the request (timeframe, range, plan)."""
+
+    kinds: frozenset[str]
+    feeds: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def serves(self, kind: str) -> bool:
+        return kind in self.kinds
+
+    def takes_feed(self, kind: str) -> bool:
+        return bool(self.feeds.get(kind))
+
+
+def feed_for(provider: BarsProvider, kind: str, feed: str | None) -> str | None:
+    """The ``feed`` argument to give ``provider`` for a ``kind`` request: the caller's feed where the
+    provider's capabilities say it takes one for that kind, else ``None`` (its own single feed)."""
+    return feed if provider.capabilities.takes_feed(kind) else None
+
+
 class BarsProvider(Protocol):
     """A market-data vendor behind marketpipe's canonical interface.
 
     ``supports`` is the capability table the router consults before trying a provider: ``None``
-    when the provider can serve ``kind`` ("bars", "trades", "quotes", "latest_trade",
-    "latest_quote", "snapshot") for that timeframe and range, else the reason it cannot.
-    ``resilience`` holds the provider's retry policy, rate limiter and circuit breaker.
+    when the provider can serve ``kind`` (one of ``KINDS``) for that timeframe and range, else the
+    reason it cannot. It answers for every kind, so that nobody asks ``hasattr`` whether a method
+    exists: a kind it serves has its method (``iter_bars``, ``iter_trades``, ``iter_quotes``,
+    ``latest_trades``, ``latest_quotes``, ``latest_bars``, ``snapshots``); the method of a kind it
+    does not serve need not exist, and is only called once ``supports`` has said yes. ``capabilities`` is the
+    static part of that table (kinds served, kinds that take a feed). ``resilience`` holds the
+    provider's retry policy, rate limiter and circuit breaker.
     """
 
     name: str
     resilience: Resilience
+    capabilities: Capabilities
 
     def supports(
         self, kind: str, timeframe: Timeframe | None, start: datetime | None, end: datetime | None, now: datetime
@@ -148,9 +180,37 @@ class BarsProvider(Protocol):
         asof: str | None = None,
     ) -> AsyncIterator[BarPage]: ...
 
+    def iter_trades(
+        self,
+        symbols: list[str],
+        start: datetime,
+        end: datetime,
+        *,
+        feed: str | None = None,
+        limit: int = 10_000,
+        asof: str | None = None,
+        sort: str = "asc",
+        page_token: str | None = None,
+    ) -> AsyncIterator[BarPage]: ...
+
+    def iter_quotes(
+        self,
+        symbols: list[str],
+        start: datetime,
+        end: datetime,
+        *,
+        feed: str | None = None,
+        limit: int = 10_000,
+        asof: str | None = None,
+        sort: str = "asc",
+        page_token: str | None = None,
+    ) -> AsyncIterator[BarPage]: ...
+
     async def latest_trades(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Trade]: ...
 
     async def latest_quotes(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Quote]: ...
+
+    async def latest_bars(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Bar]: ...
 
     async def snapshots(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Snapshot]: ...
 

@@ -48,7 +48,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, UTC_US, Bar, Quote, Snapshot, Trade, normalize_symbol
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, ns_to_dt, utcnow
-from marketpipe.providers.base import BarPage, envelope_error, pagination_loop
+from marketpipe.providers.base import BarPage, Capabilities, envelope_error, pagination_loop
 from marketpipe.providers.http import REDACTED, HttpProvider, VendorHttp, error_text, status_error
 
 DEFAULT_BASE_URL = "https://api.polygon.io"
@@ -333,6 +333,9 @@ class PolygonProvider(HttpProvider):
     """
 
     name = "polygon"
+    # The aggregates take the one feed Polygon has (anything else is refused); the latest values and
+    # snapshots take none.
+    capabilities = Capabilities(frozenset(KINDS), {"bars": (FEED,)})
 
     def __init__(
         self,
@@ -389,7 +392,7 @@ class PolygonProvider(HttpProvider):
         quotes here (Polygon has them under /v3, which this adapter does not implement)."""
         if kind in ("trades", "quotes"):
             return f"the polygon adapter serves no historical {kind} (the v3 tick endpoints are not implemented)"
-        if kind not in KINDS:
+        if not self.capabilities.serves(kind):
             return f"polygon does not serve {kind}"
         if self.config.plan == "free":
             if kind != "bars":

@@ -58,7 +58,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, UTC_US
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
-from marketpipe.providers.base import BarPage, envelope_error, sim_source
+from marketpipe.providers.base import BarPage, Capabilities, envelope_error, sim_source
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
 
 DEFAULT_BASE_URL = "https://query2.finance.yahoo.com"
@@ -319,6 +319,7 @@ class YahooProvider(HttpProvider):
     """Async client for Yahoo's chart endpoint. ``async with YahooProvider() as p: ...``"""
 
     name = "yahoo"
+    capabilities = Capabilities(frozenset({"bars"}))  # one consolidated feed: takes no feed argument
 
     def __init__(
         self,
@@ -356,7 +357,7 @@ class YahooProvider(HttpProvider):
         self, kind: str, timeframe: Timeframe | None, start: datetime | None, end: datetime | None, now: datetime
     ) -> str | None:
         """Bars only, at the intervals Yahoo has, inside its intraday lookback windows."""
-        if kind != "bars":
+        if not self.capabilities.serves(kind):
             return f"yahoo serves bars only, not {kind}"
         if timeframe is None:
             return "yahoo needs a bar timeframe"

@@ -16,7 +16,6 @@ fetches again; the anti-join insert makes re-delivered rows harmless.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import time
 from collections import defaultdict
@@ -27,11 +26,9 @@ from typing import Any
 
 import polars as pl
 
-from marketpipe.core import events
 from marketpipe.core.calendar import ExchangeCalendar
 from marketpipe.core.config import AnomalyConfig, Config
 from marketpipe.core.errors import (
-    AllProvidersFailed,
     AuthFailed,
     CircuitOpen,
     InvalidArgument,
@@ -43,11 +40,10 @@ from marketpipe.core.errors import (
     StoreError,
 )
 from marketpipe.core.log import get_logger
-from marketpipe.core.metrics import FAILOVERS
-from marketpipe.core.resilience import CircuitState, counts_against_health, failover_available
+from marketpipe.core.resilience import CircuitState, counts_against_health
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
-from marketpipe.providers.base import BarPage, BarsProvider
+from marketpipe.providers.base import BarPage, BarsProvider, feed_for
 from marketpipe.quality.anomaly import detect, quarantine_findings
 from marketpipe.quality.validate import check_bars
 from marketpipe.service.router import Attempt, ProviderRouter
@@ -425,7 +421,8 @@ async def run_backfill(
         source: BarsProvider, syms: list[str], from_: datetime, unit: WorkUnit, need: dict[str, datetime]
     ) -> None:
         known = dict.fromkeys(syms, from_)
-        async for page in source.iter_bars(syms, timeframe, from_, unit.end, feed=feed, limit=page_limit):
+        fd = feed_for(source, "bars", feed)
+        async for page in source.iter_bars(syms, timeframe, from_, unit.end, feed=fd, limit=page_limit):
             stats.requests += 1
             stats.pages += 1
             stats.bytes_received += page.nbytes
@@ -485,44 +482,36 @@ async def run_backfill(
             await wait_for_circuit([source], unit)
 
     async def failover(unit: WorkUnit, need: dict[str, datetime]) -> None:
+        """The unit through the router's one failover path: each candidate continues from where the
+        unit's pages handed to the writer end (``need``). When every candidate has failed or was
+        left out and open circuits are why, wait for the first to let a call go and run the
+        candidates again."""
         assert router is not None
-        while True:
-            candidates, attempts = router.candidates("bars", timeframe, unit.start, unit.end)
-            for i, source in enumerate(candidates):
-                pending = [s for s in unit.symbols if need[s] < unit.end]
-                if not pending:
-                    break
-                fallback = failover_available() if i < len(candidates) - 1 else contextlib.nullcontext()
-                try:
-                    with fallback:
-                        await fetch_pending(source, unit, need)
-                except ProviderError as exc:
-                    attempts.append(Attempt(source.name, exc.code, exc.message))
-                    stats.failovers += 1
-                    FAILOVERS.labels(source.name, exc.code).inc()
-                    events.emit(
-                        events.SOURCE_UNAVAILABLE,
-                        "warning",
-                        f"{source.name} failed with {exc.code}; moving on to the next provider",
-                        source=source.name,
-                        code=exc.code,
-                        symbols=pending,
-                    )
-                    log.warning("failover", provider=source.name, code=exc.code, symbols=pending, error=exc.message)
-            pending = [s for s in unit.symbols if need[s] < unit.end]
-            if not pending:
-                return
-            # Every candidate failed or was left out. If open circuits are why, wait for the first to
-            # let a call go and try the candidates again, from where the unit's pages end.
+
+        def pending() -> list[str]:
+            return [s for s in unit.symbols if need[s] < unit.end]
+
+        async def again(attempts: list[Attempt]) -> bool:
             unsupported = {a.provider for a in attempts if a.code == "UNSUPPORTED"}
             blocked = [p for p in sources if p.name not in unsupported and may_wait(p)]
             if not blocked:
-                raise AllProvidersFailed(
-                    f"no provider could serve {', '.join(pending)}: "
-                    + "; ".join(f"{a.provider} {a.code}" for a in attempts),
-                    details={"symbols": pending, "attempts": [a.to_dict() for a in attempts]},
-                )
+                return False
             await wait_for_circuit(blocked, unit)
+            return True
+
+        def counted(p: BarsProvider, exc: ProviderError) -> None:
+            stats.failovers += 1
+
+        await router.first(
+            "bars",
+            lambda source: fetch_pending(source, unit, need),
+            timeframe=timeframe,
+            start=unit.start,
+            end=unit.end,
+            symbols=pending,
+            again=again,
+            on_failure=counted,
+        )
 
     async def worker() -> None:
         while not stop.is_set():

@@ -1,4 +1,9 @@
-"""The service layer: the one place that decides store-or-fetch.
+"""The service layer: the one place that decides store-or-fetch, and the one façade for fetching.
+
+``MarketData`` is what the CLI, ``marketpipe.*`` and the gateway fetch through: bars (store first,
+then a backfill of what is missing), historical trades and quotes, latest trades / quotes / bars and
+snapshots — all through the router's one failover path (:meth:`ProviderRouter.first`), so every
+entry point fails over the same way and every value carries the ``source`` that served it.
 
 ``MarketData`` is async. ``SyncMarketData`` runs it on a private event-loop thread so that plain
 scripts and notebooks (which already run a loop of their own) can call it synchronously.
@@ -9,29 +14,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Iterator
 from concurrent.futures import Future
 from datetime import date, datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import polars as pl
 
 from marketpipe.core.calendar import ExchangeCalendar, get_calendar
 from marketpipe.core.config import Config, load_config
-from marketpipe.core.schema import Quote, Snapshot, Trade, normalize_symbols
+from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_range, parse_time
-from marketpipe.providers.alpaca import AlpacaProvider
-from marketpipe.providers.base import BarsProvider
+from marketpipe.providers.base import BarsProvider, feed_for
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
 from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
 from marketpipe.service.quality import SeriesQuality, analyze
-from marketpipe.service.router import ProviderRouter, build_router
+from marketpipe.service.router import CLIENT_ERRORS, ProviderRouter, Served, build_router
 from marketpipe.service.scheduler import Job, Scheduler
 from marketpipe.store.duckdb import DuckDBStore
 
 T = TypeVar("T")
 TimeLike = str | date | datetime
+LatestKind = Literal["trade", "quote", "bar"]
+TickKind = Literal["trades", "quotes"]
 
 
 class MarketData:
@@ -40,9 +46,10 @@ class MarketData:
         config: Config | None = None,
         *,
         store: DuckDBStore | None = None,
-        provider: AlpacaProvider | None = None,
+        provider: BarsProvider | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
+        """``provider``: fetch from this one provider instead of the configured ones."""
         self.config = config or load_config()
         self._store = store
         self._owns_store = store is None
@@ -50,6 +57,7 @@ class MarketData:
         self._provider = provider
         self._router: ProviderRouter | None = None
         self._env = env
+        self._pinned: str | None = None
 
     @property
     def store(self) -> DuckDBStore:
@@ -66,25 +74,32 @@ class MarketData:
                 self._router = ProviderRouter([self._provider])
             else:
                 self._router = build_router(self.config, env=self._env)
+            self._router.pinned = self._pinned
         return self._router
 
     @property
-    def provider(self) -> AlpacaProvider:
-        """The primary (Alpaca) adapter, for latest values and snapshots."""
-        if self._provider is None:
-            try:
-                self._provider = self.router.get("alpaca")  # type: ignore[assignment]
-            except KeyError:
-                self._provider = AlpacaProvider.from_config(self.config.provider("alpaca"), env=self._env)
-        return self._provider  # type: ignore[return-value]
+    def pinned(self) -> str | None:
+        """The provider tried first whenever it is usable (``None``: health order). Kept across
+        :meth:`reset_providers`."""
+        return self._pinned
 
-    def bars_source(self) -> BarsProvider | ProviderRouter:
-        """One provider: its own ledger and strict errors. Several: failover through the router."""
+    @pinned.setter
+    def pinned(self, name: str | None) -> None:
+        self._pinned = name
+        if self._router is not None:
+            self._router.pinned = name
+
+    def bars_source(self, provider: str | None = None) -> BarsProvider | ProviderRouter:
+        """The named provider alone, or: one provider, its own ledger and strict errors; several,
+        failover through the router."""
         router = self.router
+        if provider is not None:
+            return router.get(provider)
         return router if len(router.providers) > 1 else router.providers[0]
 
     async def reset_providers(self) -> None:
-        """Close every provider client; the next use builds them again (new connections, circuits)."""
+        """Close every provider client; the next use builds them again from the config (new
+        connections, fresh circuits). The pinned provider stays pinned."""
         old, self._router, self._provider = self._router, None, None
         if old is not None:
             await old.aclose()
@@ -106,10 +121,7 @@ class MarketData:
         syms = normalize_symbols(symbols)
         tf = Timeframe.parse(timeframe)
         s, e = parse_range(start, end)
-        return await run_backfill(
-            self.bars_source(),
-            self.store,
-            self.calendar,
+        return await self.fill(
             syms,
             tf,
             s,
@@ -117,6 +129,33 @@ class MarketData:
             feed=feed.lower() if feed else None,  # None: each provider's configured feed
             progress=progress,
             circuit_waits=self.config.backfill.circuit_waits,  # a batch job may wait out an open circuit
+        )
+
+    async def fill(
+        self,
+        symbols: list[str],
+        timeframe: Timeframe,
+        start: datetime,
+        end: datetime,
+        *,
+        feed: str | None = None,
+        provider: str | None = None,
+        progress: ProgressFn | None = None,
+        circuit_waits: int = 0,
+    ) -> BackfillStats:
+        """Fetch, check and store what the ledger lacks in ``[start, end)`` (arguments already
+        parsed): from ``provider`` alone when named, else through the router with failover."""
+        return await run_backfill(
+            self.bars_source(provider),
+            self.store,
+            self.calendar,
+            symbols,
+            timeframe,
+            start,
+            end,
+            feed=feed,
+            progress=progress,
+            circuit_waits=circuit_waits,
             **settings(self.config),
         )
 
@@ -235,11 +274,37 @@ class MarketData:
             await self.backfill(syms, s, e, timeframe=tf, feed=feed)
         return await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
 
+    # --- latest values, snapshots, historical ticks: the first provider that serves them and answers ---
+
+    async def latest_served(
+        self, kind: LatestKind, symbols: list[str] | str, *, feed: str | None = None
+    ) -> Served[dict[str, Any]]:
+        """Latest trade / quote / minute bar per symbol, with the provider that served them and the
+        attempts before it. A refused request (bad parameters, unknown symbol) is not failed over."""
+        syms = normalize_symbols(symbols)
+        key = f"latest_{kind}"
+
+        async def call(p: BarsProvider) -> dict[str, Any]:
+            f = feed_for(p, key, feed)
+            if kind == "trade":
+                return await p.latest_trades(syms, feed=f)
+            if kind == "quote":
+                return await p.latest_quotes(syms, feed=f)
+            return await p.latest_bars(syms, feed=f)
+
+        return await self.router.first(key, call, symbols=syms, refused=CLIENT_ERRORS)
+
+    async def latest(self, kind: LatestKind, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Any]:
+        return (await self.latest_served(kind, symbols, feed=feed)).value
+
     async def latest_trades(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Trade]:
-        return await self.provider.latest_trades(normalize_symbols(symbols), feed=feed)
+        return await self.latest("trade", symbols, feed=feed)
 
     async def latest_quotes(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Quote]:
-        return await self.provider.latest_quotes(normalize_symbols(symbols), feed=feed)
+        return await self.latest("quote", symbols, feed=feed)
+
+    async def latest_bars(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Bar]:
+        return await self.latest("bar", symbols, feed=feed)
 
     async def latest_trade(self, symbol: str, *, feed: str | None = None) -> Trade | None:
         sym = normalize_symbols(symbol)[0]
@@ -250,7 +315,54 @@ class MarketData:
         return (await self.latest_quotes([sym], feed=feed)).get(sym)
 
     async def snapshots(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Snapshot]:
-        return await self.provider.snapshots(normalize_symbols(symbols), feed=feed)
+        syms = normalize_symbols(symbols)
+
+        async def call(p: BarsProvider) -> dict[str, Snapshot]:
+            return await p.snapshots(syms, feed=feed_for(p, "snapshot", feed))
+
+        return (await self.router.first("snapshot", call, symbols=syms, refused=CLIENT_ERRORS)).value
+
+    async def ticks(
+        self,
+        kind: TickKind,
+        symbols: list[str] | str,
+        start: datetime,
+        end: datetime,
+        *,
+        feed: str | None = None,
+        limit: int = 1000,
+        page_token: str | None = None,
+        sort: str = "asc",
+    ) -> tuple[pl.DataFrame, str | None, str]:
+        """One page of historical trades or quotes from the first provider that serves them:
+        ``(frame, next_page_token, provider)``. The vendor's page token is passed through, so a
+        continuation goes to the first candidate only (it is the same provider while that one is
+        healthy): another vendor could not read the token."""
+        syms = normalize_symbols(symbols)
+
+        async def call(p: BarsProvider) -> tuple[pl.DataFrame, str | None]:
+            f = feed_for(p, kind, feed)
+            opened = p.iter_trades if kind == "trades" else p.iter_quotes
+            pages = opened(syms, start, end, feed=f, limit=limit, sort=sort, page_token=page_token)
+            try:
+                page = await anext(pages, None)
+            finally:
+                if isinstance(pages, AsyncGenerator):
+                    await pages.aclose()  # one page only: end the vendor pagination here
+            return (page.frame, page.next_page_token) if page is not None else (pl.DataFrame(), None)
+
+        served = await self.router.first(
+            kind,
+            call,
+            start=start,
+            end=end,
+            symbols=syms,
+            what=f"historical {kind}",
+            refused=CLIENT_ERRORS,
+            at_most=1 if page_token else None,
+        )
+        frame, token = served.value
+        return frame, token, served.source
 
     async def aclose(self) -> None:
         if self._router is not None:
@@ -258,7 +370,6 @@ class MarketData:
         elif self._provider is not None:
             await self._provider.aclose()
         self._router = None
-        self._provider = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -1,7 +1,9 @@
 """The gateway service: what the REST API (v1 and the Alpaca-compatible v2) asks for, answered from
-the store (fetching what is missing through the router with failover) or, for latest values, from
-the providers in health order — every answer carrying where it came from, when it was fetched, how
-old the data is and how good it is. Caching of encoded responses is the API layer's business."""
+the store in page-sized windows (fetching what is missing through :class:`MarketData`) or, for
+latest values, snapshots and historical ticks, through :class:`MarketData` as well — so the API
+fails over exactly as ``marketpipe.*`` and the CLI do, on the router's one path. Every answer
+carries where it came from, when it was fetched, how old the data is and how good it is. Caching
+of encoded responses is the API layer's business; the gateway holds no failover loop of its own."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import base64
 import binascii
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -27,18 +29,16 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
-from marketpipe.service.backfill import chunk_interval, missing_ranges, run_backfill, settings
-from marketpipe.service.data import MarketData
+from marketpipe.service.backfill import chunk_interval, missing_ranges
+from marketpipe.service.data import LatestKind, MarketData, TickKind
 from marketpipe.service.providers import probe_call
 from marketpipe.service.quality import analyze
-from marketpipe.service.router import Attempt, ProviderRouter
+from marketpipe.service.router import CLIENT_ERRORS, Attempt, ProviderRouter
 
 log = get_logger("marketpipe.gateway")
 MAX_LIMIT = 10_000
 MAX_WINDOWS = 8  # calendar windows one request may fetch / read before it hands back a token
 _US = timedelta(microseconds=1)
-LatestKind = Literal["trade", "quote", "bar"]
-CLIENT_ERRORS = (ProviderBadRequest, NotFound)  # the vendor refused the request itself: no failover
 
 
 @dataclass
@@ -99,7 +99,6 @@ def decode_token(token: str, symbols: list[str]) -> tuple[str, datetime]:
 class Gateway:
     def __init__(self, data: MarketData) -> None:
         self.data = data
-        self.pinned: str | None = None  # POST /admin/failover: serve from this provider first
         self._lock = asyncio.Lock()
         self._probing = False
         self.started = utcnow()
@@ -110,11 +109,15 @@ class Gateway:
     def router(self) -> ProviderRouter:
         return self.data.router
 
+    @property
+    def pinned(self) -> str | None:
+        """POST /admin/failover: the provider served from first (kept on the façade, so every fetch
+        honours it and it survives a reconnect)."""
+        return self.data.pinned
+
     def candidates(self, kind: str, timeframe: Timeframe | None = None) -> tuple[list[Any], list[Attempt]]:
-        usable, skipped = self.router.candidates(kind, timeframe, None, None)
-        if self.pinned:
-            usable.sort(key=lambda p: p.name != self.pinned)
-        return usable, skipped
+        """The router's candidates for ``kind`` (pinned provider first), for status pages."""
+        return self.router.candidates(kind, timeframe, None, None)
 
     def failover(self, provider: str | None) -> dict[str, Any]:
         """Pin ``provider`` as first choice (``None`` returns to health order)."""
@@ -123,7 +126,7 @@ class Gateway:
                 f"unknown provider {provider!r}; configured: {', '.join(self.router.names)}",
                 details={"parameter": "provider"},
             )
-        self.pinned = provider
+        self.data.pinned = provider
         log.warning("admin_failover", pinned=provider)
         return self.datasource()
 
@@ -272,19 +275,8 @@ class Gateway:
         missing = await asyncio.to_thread(missing_ranges, store, syms, tf, start, end, provider=name, feed=feed)
         if not any(missing.values()):
             return []
-        source = provider if provider is not None else self.data.bars_source()
         try:
-            stats = await run_backfill(
-                source,
-                store,
-                self.data.calendar,
-                syms,
-                tf,
-                start,
-                end,
-                feed=feed,
-                **settings(self.data.config),
-            )
+            stats = await self.data.fill(syms, tf, start, end, feed=feed, provider=name)
         except CLIENT_ERRORS:
             raise
         except ProviderError as exc:
@@ -361,13 +353,14 @@ class Gateway:
         if not days.height:
             return None
         w = days["expected"].cast(pl.Float64).clip(lower_bound=1.0)
-        return float((days["score"] * w).sum() / w.sum())
+        weighted = days["score"].cast(pl.Float64) * w
+        return float(weighted.sum()) / float(w.sum())
 
     # --- historical trades and quotes (passed through: not stored) -------------------------------------
 
     async def ticks(
         self,
-        kind: Literal["trades", "quotes"],
+        kind: TickKind,
         symbols: list[str] | str,
         start: datetime,
         end: datetime,
@@ -380,30 +373,10 @@ class Gateway:
         """One page of historical trades or quotes from the first provider that serves them:
         ``(frame, next_page_token, provider)``. The vendor's page token is passed through, so a
         continuation must reach the same provider (it does while that provider is healthy)."""
-        syms = normalize_symbols(symbols)
         if not 1 <= limit <= MAX_LIMIT:
             raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}", details={"parameter": "limit"})
-        usable, skipped = self.candidates(kind)
-        method = "iter_trades" if kind == "trades" else "iter_quotes"
-        attempts = list(skipped)
-        for p in [p for p in usable if hasattr(p, method)]:
-            try:
-                pages = getattr(p, method)(syms, start, end, feed=feed, limit=limit, sort=sort, page_token=page_token)
-                async for page in pages:
-                    await pages.aclose()
-                    return page.frame, page.next_page_token, p.name
-                return pl.DataFrame(), None, p.name
-            except CLIENT_ERRORS:
-                raise
-            except ProviderError as exc:
-                attempts.append(Attempt(p.name, exc.code, exc.message))
-                if page_token:
-                    break  # a vendor's token means nothing to another vendor
-        raise AllProvidersFailed(
-            f"no provider could serve historical {kind}: "
-            + ("; ".join(f"{a.provider} {a.code}" for a in attempts) or "none configured"),
-            details={"attempts": [a.to_dict() for a in attempts]},
-            retry_after=5.0,
+        return await self.data.ticks(
+            kind, symbols, start, end, feed=feed, limit=limit, page_token=page_token, sort=sort
         )
 
     def last_close(self, now: datetime) -> datetime:
@@ -416,32 +389,11 @@ class Gateway:
     # --- latest values -------------------------------------------------------------------------------
 
     async def latest(self, kind: LatestKind, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Any]:
-        """Latest trade / quote / minute bar per symbol from the best provider that answers."""
-        syms = normalize_symbols(symbols)
-        method = {"trade": "latest_trades", "quote": "latest_quotes", "bar": "latest_bars"}[kind]
-        return await self._first_answer(f"latest_{kind}", method, syms, feed)
+        """Latest trade / quote / minute bar per symbol from the first provider that serves it and answers."""
+        return await self.data.latest(kind, symbols, feed=feed)
 
     async def snapshots(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Snapshot]:
-        return await self._first_answer("snapshot", "snapshots", normalize_symbols(symbols), feed)
-
-    async def _first_answer(self, kind: str, method: str, syms: list[str], feed: str | None) -> dict[str, Any]:
-        usable, skipped = self.candidates(kind)
-        attempts = list(skipped)
-        usable = [p for p in usable if hasattr(p, method)]
-        for p in usable:
-            try:
-                return await getattr(p, method)(syms, feed=feed if p.name == "alpaca" else None)  # type: ignore[no-any-return]
-            except CLIENT_ERRORS:
-                raise  # the request itself was refused: another vendor would refuse it too
-            except ProviderError as exc:
-                attempts.append(Attempt(p.name, exc.code, exc.message))
-                log.warning("latest_failover", kind=kind, provider=p.name, code=exc.code)
-        raise AllProvidersFailed(
-            f"no provider could serve {kind.replace('_', ' ')}: "
-            + ("; ".join(f"{a.provider} {a.code}" for a in attempts) or "none configured"),
-            details={"attempts": [a.to_dict() for a in attempts]},
-            retry_after=5.0,
-        )
+        return await self.data.snapshots(symbols, feed=feed)
 
     def is_market_hours(self, at: datetime | None = None) -> bool:
         cal = self.data.calendar

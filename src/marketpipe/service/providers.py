@@ -13,7 +13,7 @@ def probe_call(provider: Any) -> Any:
     from marketpipe.core.timeutil import utcnow
 
     symbol = getattr(getattr(provider, "config", None), "probe_symbol", "SPY")
-    if hasattr(provider, "latest_trades") and provider.supports("latest_trade", None, None, None, utcnow()) is None:
+    if provider.supports("latest_trade", None, None, None, utcnow()) is None:
         return lambda: provider.latest_trades([symbol])
 
     async def bars() -> None:
