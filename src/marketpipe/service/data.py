@@ -28,7 +28,8 @@ from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, re
 from marketpipe.service.quality import SeriesQuality, analyze
 from marketpipe.service.router import ProviderRouter, build_router
 from marketpipe.service.scheduler import Job, Scheduler
-from marketpipe.store.duckdb import DuckDBStore
+from marketpipe.store import open_store
+from marketpipe.store.base import Store
 
 T = TypeVar("T")
 TimeLike = str | date | datetime
@@ -39,7 +40,7 @@ class MarketData:
         self,
         config: Config | None = None,
         *,
-        store: DuckDBStore | None = None,
+        store: Store | None = None,
         provider: AlpacaProvider | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -52,9 +53,9 @@ class MarketData:
         self._env = env
 
     @property
-    def store(self) -> DuckDBStore:
+    def store(self) -> Store:
         if self._store is None:
-            self._store = DuckDBStore(self.config.store_path())
+            self._store = open_store(self.config)
         return self._store
 
     @property
