@@ -705,10 +705,10 @@ def store_info(config: ConfigOpt = None, store: StoreOpt = None) -> None:
     """Row counts and what the store holds per symbol/timeframe/source."""
     import polars as pl
 
-    from marketpipe.store.duckdb import DuckDBStore
+    from marketpipe.store import open_store
 
     cfg = _config(config, store)
-    with DuckDBStore(cfg.store_path()) as st:
+    with open_store(cfg) as st:
         out.print(f"store: {st.path}")
         out.print(st.counts())
         summary = st.summary().with_columns(
@@ -726,9 +726,9 @@ def store_quarantine(
     store: StoreOpt = None,
 ) -> None:
     """Rows that failed a check, with reasons."""
-    from marketpipe.store.duckdb import DuckDBStore
+    from marketpipe.store import open_store
 
-    with DuckDBStore(_config(config, store).store_path()) as st:
+    with open_store(_config(config, store)) as st:
         _emit(st.quarantine(symbol, limit), "table", None)
 
 
@@ -736,9 +736,9 @@ def store_quarantine(
 @handle_errors
 def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, store: StoreOpt = None) -> None:
     """The ingest log: one row per vendor page."""
-    from marketpipe.store.duckdb import DuckDBStore
+    from marketpipe.store import open_store
 
-    with DuckDBStore(_config(config, store).store_path()) as st:
+    with open_store(_config(config, store)) as st:
         _emit(st.ingest_log(limit).drop("symbols"), "table", None)
 
 

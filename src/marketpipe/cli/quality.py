@@ -332,9 +332,9 @@ def store_runs(
     store: StoreOpt = None,
 ) -> None:
     """Scheduled update runs, one row per symbol."""
-    from marketpipe.store.duckdb import DuckDBStore
+    from marketpipe.store import open_store
 
-    with DuckDBStore(_config(config, store).store_path()) as st:
+    with open_store(_config(config, store)) as st:
         _emit(st.job_runs(job, limit), "table", None)
 
 
@@ -351,8 +351,8 @@ def store_anomalies(
     """Stored anomaly findings (from ingest and from `marketpipe quality`)."""
     from marketpipe.core.schema import normalize_symbols
     from marketpipe.core.timeutil import parse_range
-    from marketpipe.store.duckdb import DuckDBStore
+    from marketpipe.store import open_store
 
     s, e = parse_range(start, end)
-    with DuckDBStore(_config(config, store).store_path()) as st:
+    with open_store(_config(config, store)) as st:
         _emit(st.findings(normalize_symbols(symbol), timeframe, s, e), "table", None)

@@ -34,24 +34,13 @@ import polars as pl
 from marketpipe.core.config import AnomalyConfig
 from marketpipe.core.metrics import ANOMALIES
 from marketpipe.core.schema import BAR_COLUMNS
+from marketpipe.core.tables import FINDINGS_SCHEMA, QUARANTINE_SCHEMA
 from marketpipe.core.timeframe import Timeframe
-from marketpipe.quality.validate import QUARANTINE_SCHEMA, CheckResult
+from marketpipe.quality.validate import CheckResult
 
 SEVERITIES = ("low", "medium", "high")
 SEVERITY_WEIGHT = {"low": 0.1, "medium": 0.5, "high": 1.0}
 SPLIT_RATIOS = (2.0, 3.0, 4.0, 5.0, 10.0, 1.5)
-
-FINDINGS_SCHEMA: dict[str, pl.DataType] = {
-    "symbol": pl.String(),
-    "timeframe": pl.String(),
-    "ts": pl.Datetime("us", "UTC"),
-    "kind": pl.String(),
-    "severity": pl.String(),
-    "value": pl.Float64(),
-    "bars": pl.Int64(),  # rows the finding covers (a frozen run covers many)
-    "detail": pl.String(),
-}
-
 
 DAY_US = 86_400_000_000
 

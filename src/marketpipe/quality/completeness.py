@@ -27,17 +27,11 @@ import numpy as np
 import polars as pl
 
 from marketpipe.core.calendar import NS_PER_MIN, ExchangeCalendar, local_midnights_ns
+from marketpipe.core.tables import DAYS_SCHEMA
 from marketpipe.core.timeframe import Timeframe, Unit
 
 PRESENT, CONFIRMED_EMPTY, GAP = 0, 1, 2
 
-DAYS_SCHEMA: dict[str, pl.DataType] = {
-    "day": pl.Date(),
-    "expected": pl.Int64(),
-    "present": pl.Int64(),
-    "confirmed_empty": pl.Int64(),
-    "gap": pl.Int64(),
-}
 RANGES_SCHEMA: dict[str, pl.DataType] = {
     "kind": pl.String(),
     "start": pl.Datetime("us", "UTC"),
@@ -283,7 +277,7 @@ def assess_arrays(
                 "expected": np.tile(per, k_sym),
                 **{name: v.astype(np.int64) for name, v in counts.items()},
             }
-        ).cast({**DAYS_SCHEMA, "_sym": pl.Int64()})  # type: ignore[arg-type]
+        ).cast({**DAYS_SCHEMA, "_sym": pl.Int64()})  # type: ignore[arg-type,dict-item]
         days_by = {
             int(key[0]): part for key, part in days_all.partition_by("_sym", as_dict=True, include_key=False).items()
         }

@@ -13,24 +13,12 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from marketpipe.core.tables import RECONCILE_SCHEMA
+
 MATCH, MINOR, WARN, MISMATCH = "match", "minor", "warn", "mismatch"
 ONLY_REFERENCE, ONLY_OTHER = "only_reference", "only_other"
 LEVELS = (MATCH, MINOR, WARN, MISMATCH, ONLY_REFERENCE, ONLY_OTHER)
 
-RECONCILE_SCHEMA: dict[str, pl.DataType] = {
-    "symbol": pl.String(),
-    "timeframe": pl.String(),
-    "ts": pl.Datetime("us", "UTC"),
-    "reference": pl.String(),
-    "other": pl.String(),
-    "status": pl.String(),
-    "price_delta_pct": pl.Float64(),
-    "worst_field": pl.String(),
-    "volume_ratio": pl.Float64(),
-    "volume_flag": pl.Boolean(),
-    "reference_close": pl.Float64(),
-    "other_close": pl.Float64(),
-}
 _PRICES = ("open", "high", "low", "close")
 
 

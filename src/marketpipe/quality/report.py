@@ -31,10 +31,9 @@ import numpy as np
 import polars as pl
 
 from marketpipe.core.errors import InvalidTimeframe
+from marketpipe.core.tables import DAY_SCORE_SCHEMA, FINDINGS_SCHEMA
 from marketpipe.core.timeframe import Timeframe
-from marketpipe.quality.anomaly import FINDINGS_SCHEMA
 from marketpipe.quality.completeness import RANGES_SCHEMA
-from marketpipe.quality.score import DAY_SCORE_SCHEMA
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

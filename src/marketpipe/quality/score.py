@@ -22,16 +22,9 @@ from typing import Any
 import polars as pl
 
 from marketpipe.core.config import QualityWeights
-from marketpipe.quality.completeness import DAYS_SCHEMA
+from marketpipe.core.tables import DAY_SCORE_SCHEMA
 
 COMPONENTS = ("validity", "completeness", "timeliness", "consistency")
-
-DAY_SCORE_SCHEMA: dict[str, pl.DataType] = {
-    **DAYS_SCHEMA,
-    "quarantined": pl.Int64(),
-    "anomalies": pl.Int64(),
-    **{c: pl.Float64() for c in ("completeness", "validity", "timeliness", "consistency", "score")},
-}
 
 
 def score_days(

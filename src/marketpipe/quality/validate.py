@@ -12,16 +12,9 @@ from datetime import datetime
 import polars as pl
 
 from marketpipe.core.metrics import ROWS_QUARANTINED
-from marketpipe.core.schema import _SYMBOL, BAR_COLUMNS, BAR_SCHEMA, PRICE_COLUMNS
+from marketpipe.core.schema import _SYMBOL, BAR_COLUMNS, PRICE_COLUMNS
+from marketpipe.core.tables import QUARANTINE_SCHEMA
 from marketpipe.core.timeframe import Timeframe, Unit
-
-QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
-    **BAR_SCHEMA,
-    "raw_ts": pl.String(),
-    "reason": pl.String(),
-    "request_id": pl.String(),
-}
-QUARANTINE_COLUMNS = list(QUARANTINE_SCHEMA)
 
 # Reason codes (stable: they are stored and counted).
 MISSING_FIELD = "missing_field"

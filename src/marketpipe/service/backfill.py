@@ -47,7 +47,7 @@ from marketpipe.providers.base import BarPage, BarsProvider, feed_for
 from marketpipe.quality.anomaly import detect, quarantine_findings
 from marketpipe.quality.validate import check_bars
 from marketpipe.service.router import Attempt, ProviderRouter
-from marketpipe.store.base import Coverage, IngestRecord, PageWrite, Store
+from marketpipe.store.base import BarStore, Coverage, IngestRecord, PageWrite
 
 log = get_logger("marketpipe.backfill")
 MAX_SYMBOLS_PER_REQUEST = 200
@@ -138,7 +138,7 @@ def subtract(
 
 
 def missing_ranges(
-    store: Store,
+    store: BarStore,
     symbols: list[str],
     timeframe: Timeframe,
     start: datetime,
@@ -197,7 +197,7 @@ def chunk_interval(
 
 
 def plan(
-    store: Store,
+    store: BarStore,
     cal: ExchangeCalendar,
     symbols: list[str],
     timeframe: Timeframe,
@@ -324,7 +324,7 @@ def check_page(
 
 async def run_backfill(
     provider: BarsProvider | ProviderRouter,
-    store: Store,
+    store: BarStore,
     cal: ExchangeCalendar,
     symbols: list[str],
     timeframe: Timeframe,
@@ -630,11 +630,11 @@ async def run_backfill(
     return stats
 
 
-def _path(store: Store) -> str:
+def _path(store: BarStore) -> str:
     return str(getattr(store, "path", "?"))
 
 
-def _write_failed(exc: StoreError, store: Store, pages: int, kept: int) -> StoreError:
+def _write_failed(exc: StoreError, store: BarStore, pages: int, kept: int) -> StoreError:
     """The error that ends a run whose store write failed: where, why, what was kept, what to do."""
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     text = str(getattr(cause, "message", None) or cause)

@@ -32,7 +32,8 @@ from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, re
 from marketpipe.service.quality import SeriesQuality, analyze
 from marketpipe.service.router import CLIENT_ERRORS, ProviderRouter, Served, build_router
 from marketpipe.service.scheduler import Job, Scheduler
-from marketpipe.store.duckdb import DuckDBStore
+from marketpipe.store import open_store
+from marketpipe.store.base import Store
 
 T = TypeVar("T")
 TimeLike = str | date | datetime
@@ -45,7 +46,7 @@ class MarketData:
         self,
         config: Config | None = None,
         *,
-        store: DuckDBStore | None = None,
+        store: Store | None = None,
         provider: BarsProvider | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -60,9 +61,9 @@ class MarketData:
         self._pinned: str | None = None
 
     @property
-    def store(self) -> DuckDBStore:
+    def store(self) -> Store:
         if self._store is None:
-            self._store = DuckDBStore(self.config.store_path())
+            self._store = open_store(self.config)
         return self._store
 
     @property

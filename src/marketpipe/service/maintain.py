@@ -26,7 +26,7 @@ from marketpipe.quality.completeness import Completeness, assess_frames
 from marketpipe.service.backfill import BackfillStats, run_backfill, settings
 from marketpipe.service.quality import expected_complete
 from marketpipe.service.router import ProviderRouter
-from marketpipe.store.duckdb import DuckDBStore
+from marketpipe.store.base import BarStore
 
 log = get_logger("marketpipe.maintain")
 Strategy = Literal["incremental", "full", "smart"]
@@ -53,7 +53,7 @@ def _error(exc: MarketpipeError) -> dict[str, object]:
 
 async def update(
     source: BarsProvider | ProviderRouter,
-    store: DuckDBStore,
+    store: BarStore,
     cal: ExchangeCalendar,
     config: Config,
     symbols: list[str],
@@ -138,7 +138,7 @@ async def update(
 
 
 def _check_stale(
-    store: DuckDBStore, cal: ExchangeCalendar, symbols: list[str], tf: Timeframe, now: datetime, minutes: float
+    store: BarStore, cal: ExchangeCalendar, symbols: list[str], tf: Timeframe, now: datetime, minutes: float
 ) -> None:
     """During a session, raise ``stale_data`` for symbols whose newest bar is older than ``minutes``."""
     if not tf.is_intraday:
@@ -195,7 +195,7 @@ class RepairResult:
 
 
 def completeness(
-    store: DuckDBStore,
+    store: BarStore,
     cal: ExchangeCalendar,
     symbols: list[str],
     tf: Timeframe,
@@ -226,7 +226,7 @@ def _day_windows(comp: Completeness) -> list[tuple[datetime, datetime]]:
 
 async def repair(
     router: ProviderRouter | Callable[[], ProviderRouter],
-    store: DuckDBStore,
+    store: BarStore,
     cal: ExchangeCalendar,
     config: Config,
     symbols: list[str],
@@ -294,7 +294,7 @@ async def repair(
     return result
 
 
-def _covered_by(store: DuckDBStore, symbol: str, tf: Timeframe, provider: str, s: datetime, e: datetime) -> bool:
+def _covered_by(store: BarStore, symbol: str, tf: Timeframe, provider: str, s: datetime, e: datetime) -> bool:
     cov = store.coverage([symbol], str(tf), s, e, provider=provider)
     if not cov.height:
         return False

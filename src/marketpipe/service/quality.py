@@ -22,7 +22,7 @@ from marketpipe.quality.completeness import Completeness, assess_frames, expecte
 from marketpipe.quality.reconcile import MATCH, MINOR, MISMATCH, WARN
 from marketpipe.quality.report import SeriesReport
 from marketpipe.quality.score import EMPTY_SUMMARY, score_days, summarize_many
-from marketpipe.store.duckdb import DuckDBStore
+from marketpipe.store.base import QualityStore
 
 OUTLIER_EVENT_SAMPLE = 5
 
@@ -87,7 +87,7 @@ def expected_complete(
 
 
 def analyze(
-    store: DuckDBStore,
+    store: QualityStore,
     cal: ExchangeCalendar,
     symbols: list[str],
     timeframe: Timeframe | str,
@@ -209,7 +209,7 @@ def _timeliness(
 
 
 def _consistency(
-    store: DuckDBStore, symbols: list[str], timeframe: str, start: datetime, end: datetime, period: pl.Expr
+    store: QualityStore, symbols: list[str], timeframe: str, start: datetime, end: datetime, period: pl.Expr
 ) -> pl.DataFrame:
     """Per symbol and day: share of the bars compared with another vendor that agree within 1 %
     (the latest comparison of each bar)."""

@@ -16,7 +16,7 @@ from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.base import BarsProvider
 from marketpipe.quality.reconcile import Reconciliation, Thresholds, reconcile
 from marketpipe.service.router import Attempt, ProviderRouter
-from marketpipe.store.duckdb import DuckDBStore
+from marketpipe.store.base import QualityStore
 
 
 @dataclass
@@ -38,7 +38,7 @@ async def fetch_all(provider: BarsProvider, symbol: str, tf: Timeframe, start: d
 
 async def reconcile_symbol(
     router: ProviderRouter,
-    store: DuckDBStore | None,
+    store: QualityStore | None,
     symbol: str,
     timeframe: Timeframe,
     start: datetime,

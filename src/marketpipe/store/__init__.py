@@ -1,0 +1,18 @@
+"""Stores. Services are typed against the role protocols in :mod:`marketpipe.store.base`; the one
+place a concrete store is chosen and opened is :func:`open_store`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from marketpipe.core.config import Config
+    from marketpipe.store.base import Store
+
+
+def open_store(config: Config, *, read_only: bool = False) -> Store:
+    """Open the store the configuration names (today the DuckDB file at ``config.store_path()``),
+    creating or migrating its tables unless ``read_only``. Raises ``StoreError`` when it cannot be opened."""
+    from marketpipe.store.duckdb import DuckDBStore  # imported here: reading the protocols needs no DuckDB
+
+    return DuckDBStore(config.store_path(), read_only=read_only)

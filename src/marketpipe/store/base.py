@@ -1,25 +1,40 @@
-"""The Store interface. DuckDB implements it now; a PostgreSQL backend will implement the same."""
+"""What the services need from a store, as role protocols; DuckDB implements them now, a PostgreSQL
+backend will implement the same (``store/duckdb.py`` is one reading of these contracts, not a
+part of them).
+
+The roles, by who uses them:
+
+* :class:`BarStore` — ingest and serving (backfill, maintenance, the gateway, the live bar writer):
+  bars, the coverage ledger, and the page write that also leaves quarantine, ingest-log, anomaly
+  and revision rows.
+* :class:`QualityStore` — data quality (``service/quality``, ``service/reconcile``, the gateway's
+  scores): findings, day scores and reconciliation results, over the bars it also reads.
+* :class:`OpsStore` — operations: scheduled runs, the live stream's previous closes, and what the
+  ``marketpipe store ...`` commands and the health check inspect.
+* :class:`Store` — all of them plus closing, for code that owns a store (``MarketData``, the CLI).
+
+Rules common to every method:
+
+* Times go in and come out UTC-aware (``datetime`` with ``tzinfo=UTC``; frame columns
+  ``Datetime("us", "UTC")``). A backend without time zones stores naive UTC.
+* Ranges are half-open: ``[start, end)`` holds rows with ``start <= ts < end``.
+* Frames come back with the columns of the table they read (``core/tables.py``), in that order
+  and with those types. Nothing found is an empty frame with those columns (or an empty dict),
+  never an error and never ``None``.
+* A failure of the backend is a ``StoreError`` (code ``STORE_ERROR``) with ``details["path"]``;
+  a failed write has written nothing.
+* A store is used from one thread at a time (services call it through ``asyncio.to_thread``
+  from one writer); it need not be thread-safe beyond that.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Protocol
+from datetime import date, datetime
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
 
 import polars as pl
-
-COVERAGE_SCHEMA: dict[str, pl.DataType] = {
-    "symbol": pl.String(),
-    "timeframe": pl.String(),
-    "provider": pl.String(),
-    "source": pl.String(),
-    "feed": pl.String(),
-    "start": pl.Datetime("us", "UTC"),
-    "end": pl.Datetime("us", "UTC"),
-    "rows": pl.Int64(),
-    "request_id": pl.String(),
-    "fetched_at": pl.Datetime("us", "UTC"),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +55,8 @@ class Coverage:
 
 @dataclass(slots=True)
 class IngestRecord:
+    """One vendor page as received: becomes one ``ingest_log`` row (``rows_stored`` is set by the write)."""
+
     provider: str
     source: str
     feed: str
@@ -65,18 +82,37 @@ class PageWrite:
     coverage: list[Coverage]
     ingest: IngestRecord
     stored: int = field(default=0)
-    anomalies: pl.DataFrame | None = None  # findings on this page's bars (quality.anomaly.FINDINGS_SCHEMA)
+    anomalies: pl.DataFrame | None = None  # findings on this page's bars (core.tables.FINDINGS_SCHEMA)
     # A refresh re-fetches held ranges: rows whose values differ from what is held are stored as a
     # newer version (reads prefer the newest fetch) and recorded in the revisions table.
     refresh: bool = False
     revised: int = field(default=0)
 
 
-class Store(Protocol):
-    path: str
+@runtime_checkable
+class BarStore(Protocol):
+    """Bars and the coverage ledger: what the backfill, maintenance, the gateway and the live bar
+    writer use.
+
+    The bars table's key is (symbol, timeframe, ts, source, feed). Rows are never edited or deleted:
+    a refresh that finds other values stores a newer version and a revision row.
+    """
 
     def write_pages(self, pages: list[PageWrite]) -> list[int]:
-        """Write pages atomically (one transaction); returns rows newly stored per page."""
+        """Write every page in ONE transaction: its bars, quarantine rows, anomaly findings, coverage
+        entries and one ingest-log row per page. All pages or none: on any failure nothing is kept
+        and ``StoreError`` is raised.
+
+        Idempotent: a bar whose key is already held is skipped (not an error, not counted), so the
+        same pages written twice store each bar once. Findings already held (same symbol,
+        timeframe, ts, kind) are skipped likewise. With ``page.refresh`` a bar held under its key
+        with other values is stored again as the newer version (reads prefer the newest fetch) and
+        recorded in the revisions table; ``page.revised`` is set to how many.
+
+        Returns the rows newly stored per page (same order) and sets ``page.stored`` to it; the
+        ingest-log row records that number as ``rows_stored``. Counts ``ROWS_STORED`` per page.
+        """
+        ...
 
     def read_bars(
         self,
@@ -87,7 +123,23 @@ class Store(Protocol):
         *,
         source: str | None = None,
         feed: str | None = None,
-    ) -> pl.DataFrame: ...
+        sources: list[str] | None = None,
+        limit: int | None = None,
+        after: tuple[str, datetime] | None = None,
+        desc: bool = False,
+    ) -> pl.DataFrame:
+        """Bars of ``symbols`` in ``[start, end)`` (``BAR_SCHEMA`` columns), ordered by symbol, then
+        ts (descending within each symbol with ``desc``).
+
+        Without both ``source`` and ``feed`` one row per (symbol, ts) comes back when several are
+        held: SIP before other feeds before IEX, a real source before one whose label starts with
+        ``sim``, then the newest ``fetched_at``. ``source``/``feed`` restrict to that label;
+        ``sources`` to any of those labels.
+
+        Paging: ``after`` = (symbol, ts) keeps only rows past that position in the order above;
+        ``limit`` caps the rows returned. Nothing held: an empty frame.
+        """
+        ...
 
     def coverage(
         self,
@@ -98,10 +150,133 @@ class Store(Protocol):
         *,
         provider: str | None = None,
         feed: str | None = None,
-    ) -> pl.DataFrame: ...
+    ) -> pl.DataFrame:
+        """Ledger entries (``COVERAGE_SCHEMA``) of ``symbols``/``timeframe`` that overlap
+        ``[start, end)`` (``entry.start < end and entry.end > start``), ordered by symbol, start;
+        optionally only those of one provider / feed. An entry says its range was fetched and
+        holds ``rows`` bars (0: the vendor confirmed it empty). No entry: the range was never fetched."""
+        ...
 
-    def quarantine(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame: ...
+    def covered_until(self, symbols: list[str], timeframe: str) -> dict[str, datetime]:
+        """Per symbol, the ``end`` of its newest ledger entry (any provider). Symbols never fetched
+        are absent from the answer."""
+        ...
 
-    def ingest_log(self, limit: int = 100) -> pl.DataFrame: ...
 
-    def close(self) -> None: ...
+@runtime_checkable
+class QualityStore(BarStore, Protocol):
+    """Derived quality data: anomaly findings, per-day scores and vendor reconciliation. Scoring
+    reads the bars, the ledger and the quarantine it scores, so a quality store is a bar store too.
+
+    Findings and scores are derived: re-running an analysis replaces them. Reconciliation runs are
+    kept side by side (each has its ``run_id``)."""
+
+    def quarantined_at(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
+        """``symbol``, ``ts`` of every quarantined row in ``[start, end)`` (one per row, not
+        de-duplicated; rows whose time could not be read have a null ts and are not included)."""
+        ...
+
+    def findings(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
+        """Stored findings (the ``anomalies`` table's columns) in ``[start, end)``, ordered by
+        symbol, ts, kind."""
+        ...
+
+    def replace_findings(
+        self,
+        symbols: list[str],
+        timeframe: str,
+        start: datetime,
+        end: datetime,
+        findings: pl.DataFrame,
+        detected_at: datetime,
+    ) -> None:
+        """In one transaction: delete the findings of ``symbols``/``timeframe`` in ``[start, end)``
+        and store ``findings`` (``FINDINGS_SCHEMA``) stamped ``detected_at``. An empty ``findings``
+        clears the range. Idempotent."""
+        ...
+
+    def scores(self, symbol: str, timeframe: str) -> pl.DataFrame:
+        """Every stored day score of the symbol (the ``quality_scores`` table's columns), by day."""
+        ...
+
+    def replace_scores(self, timeframe: str, days: pl.DataFrame) -> None:
+        """Store per-day scores (``quality_scores`` columns: a ``symbol`` column, many symbols at
+        once) replacing, in one transaction, earlier scores of the same (symbol, day) in
+        ``timeframe``. An empty frame writes nothing. Idempotent."""
+        ...
+
+    def write_reconciliation(self, run_id: str, created_at: datetime, rows: pl.DataFrame) -> int:
+        """Append one reconciliation run's per-bar results (``RECONCILE_SCHEMA``) under ``run_id``
+        and ``created_at``; earlier runs are kept. Returns the rows written."""
+        ...
+
+    def reconciliation(self, symbol: str, timeframe: str | None = None, run_id: str | None = None) -> pl.DataFrame:
+        """Stored reconciliation rows of one symbol (all runs unless ``run_id``), ordered by ts."""
+        ...
+
+    def reconciliation_many(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
+        """Stored reconciliation rows (every run) of ``symbols`` in ``[start, end)``, in no set order."""
+        ...
+
+
+@runtime_checkable
+class OpsStore(Protocol):
+    """Operations: the scheduler's run log, the live stream's previous closes, and what the
+    ``marketpipe store ...`` commands and the health check inspect."""
+
+    path: str  # where the store lives, for messages (a file path; a server URL without password)
+
+    def log_job_runs(self, rows: list[dict[str, object]]) -> None:
+        """Append one row per symbol of a scheduled run: dicts with every ``job_runs`` column but
+        ``id`` (which the store numbers in insertion order). No rows: nothing written."""
+        ...
+
+    def job_runs(self, job: str | None = None, limit: int = 100) -> pl.DataFrame:
+        """The newest ``limit`` run rows (of one job, or all), newest first."""
+        ...
+
+    def save_prev_closes(self, rows: list[tuple[str, date, float, str]]) -> None:
+        """Keep (symbol, session, close, source), the close of the session before the current one;
+        one row per symbol, a later save replaces it (stamped ``updated_at``)."""
+        ...
+
+    def prev_closes(self, symbols: list[str]) -> dict[str, tuple[date, float, str]]:
+        """Symbol -> (session, close, source) for those of ``symbols`` held; others are absent."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Row counts of the ``bars``, ``quarantine``, ``coverage`` and ``ingest_log`` tables. Also
+        the health check's probe: raises ``StoreError`` when the store cannot be read."""
+        ...
+
+    def summary(self) -> pl.DataFrame:
+        """Per symbol, timeframe, source, feed: ``bars`` (count), ``first`` and ``last`` ts, in that order."""
+        ...
+
+    def quarantine(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
+        """Quarantined rows (``QUARANTINE_SCHEMA``: values as received, reasons, request id), of one
+        symbol or all, ordered by ts, at most ``limit``."""
+        ...
+
+    def ingest_log(self, limit: int = 100) -> pl.DataFrame:
+        """The newest ``limit`` ingest-log rows (one per vendor page written), newest first."""
+        ...
+
+    def revisions(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
+        """Vendor revisions a refresh found (old and new values), of one symbol or all, by ts."""
+        ...
+
+
+@runtime_checkable
+class Store(QualityStore, OpsStore, Protocol):
+    """Every role, plus the store's lifetime: for code that opens and owns a store."""
+
+    def close(self) -> None:
+        """Release the store (flush, close the connection); the object is not used afterwards."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...

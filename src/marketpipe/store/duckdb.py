@@ -24,77 +24,67 @@ from marketpipe.core.errors import StoreError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_STORED
 from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA
-from marketpipe.quality.validate import QUARANTINE_COLUMNS, QUARANTINE_SCHEMA
-from marketpipe.store.base import COVERAGE_SCHEMA, PageWrite
+from marketpipe.core.tables import (
+    ANOMALIES,
+    COVERAGE,
+    COVERAGE_SCHEMA,
+    INGEST_LOG,
+    JOB_RUNS,
+    PREV_CLOSE,
+    QUALITY_SCORES,
+    QUARANTINE_COLUMNS,
+    QUARANTINE_SCHEMA,
+    SCHEMA_VERSION,
+    TABLES,
+    Table,
+)
+from marketpipe.store.base import PageWrite
 
-SCHEMA_VERSION = 3
 log = get_logger("marketpipe.store")
 
-_DDL = [
-    """CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)""",
-    """CREATE TABLE IF NOT EXISTS bars (
-        symbol VARCHAR NOT NULL, timeframe VARCHAR NOT NULL, ts TIMESTAMP NOT NULL,
-        open DOUBLE, high DOUBLE, low DOUBLE, close DOUBLE, volume BIGINT, trade_count BIGINT,
-        vwap DOUBLE, source VARCHAR NOT NULL, feed VARCHAR, fetched_at TIMESTAMP)""",
-    """CREATE TABLE IF NOT EXISTS quarantine (
-        symbol VARCHAR, timeframe VARCHAR, ts TIMESTAMP, open DOUBLE, high DOUBLE, low DOUBLE,
-        close DOUBLE, volume BIGINT, trade_count BIGINT, vwap DOUBLE, source VARCHAR, feed VARCHAR,
-        fetched_at TIMESTAMP, raw_ts VARCHAR, reason VARCHAR, request_id VARCHAR)""",
-    """CREATE TABLE IF NOT EXISTS coverage (
-        symbol VARCHAR NOT NULL, timeframe VARCHAR NOT NULL, provider VARCHAR NOT NULL,
-        source VARCHAR NOT NULL, feed VARCHAR, start TIMESTAMP NOT NULL, "end" TIMESTAMP NOT NULL,
-        rows BIGINT, request_id VARCHAR, fetched_at TIMESTAMP)""",
-    """CREATE SEQUENCE IF NOT EXISTS ingest_seq""",
-    """CREATE TABLE IF NOT EXISTS reconciliation (
-        run_id VARCHAR, created_at TIMESTAMP, symbol VARCHAR, timeframe VARCHAR, ts TIMESTAMP,
-        reference VARCHAR, other VARCHAR, status VARCHAR, price_delta_pct DOUBLE, worst_field VARCHAR,
-        volume_ratio DOUBLE, volume_flag BOOLEAN, reference_close DOUBLE, other_close DOUBLE)""",
-    """CREATE TABLE IF NOT EXISTS ingest_log (
-        id BIGINT DEFAULT nextval('ingest_seq'), provider VARCHAR, source VARCHAR, feed VARCHAR,
-        kind VARCHAR, timeframe VARCHAR, symbols VARCHAR, start TIMESTAMP, "end" TIMESTAMP,
-        request_id VARCHAR, page INTEGER, fetched_at TIMESTAMP, rows_received BIGINT,
-        rows_stored BIGINT, rows_rejected BIGINT)""",
-    # v2: data quality
-    """CREATE TABLE IF NOT EXISTS anomalies (
-        symbol VARCHAR NOT NULL, timeframe VARCHAR NOT NULL, ts TIMESTAMP NOT NULL, kind VARCHAR NOT NULL,
-        severity VARCHAR, value DOUBLE, bars BIGINT, detail VARCHAR, detected_at TIMESTAMP)""",
-    """CREATE TABLE IF NOT EXISTS quality_scores (
-        symbol VARCHAR NOT NULL, timeframe VARCHAR NOT NULL, day DATE NOT NULL, expected BIGINT, present BIGINT,
-        confirmed_empty BIGINT, gap BIGINT, quarantined BIGINT, anomalies BIGINT, completeness DOUBLE,
-        validity DOUBLE, timeliness DOUBLE, consistency DOUBLE, score DOUBLE, computed_at TIMESTAMP)""",
-    """CREATE TABLE IF NOT EXISTS revisions (
-        symbol VARCHAR, timeframe VARCHAR, ts TIMESTAMP, source VARCHAR, feed VARCHAR,
-        old_open DOUBLE, old_high DOUBLE, old_low DOUBLE, old_close DOUBLE, old_volume BIGINT,
-        new_open DOUBLE, new_high DOUBLE, new_low DOUBLE, new_close DOUBLE, new_volume BIGINT,
-        request_id VARCHAR, revised_at TIMESTAMP)""",
-    """CREATE SEQUENCE IF NOT EXISTS run_seq""",
-    """CREATE TABLE IF NOT EXISTS job_runs (
-        id BIGINT DEFAULT nextval('run_seq'), job VARCHAR, run_id VARCHAR, symbol VARCHAR, strategy VARCHAR,
-        started_at TIMESTAMP, finished_at TIMESTAMP, status VARCHAR, code VARCHAR, message VARCHAR,
-        bars_stored BIGINT, bars_rejected BIGINT)""",
-    # v3: live streaming. The previous session's close per symbol, so change and change % survive a restart.
-    """CREATE TABLE IF NOT EXISTS prev_close (
-        symbol VARCHAR PRIMARY KEY, session DATE NOT NULL, close DOUBLE NOT NULL, source VARCHAR,
-        updated_at TIMESTAMP)""",
-]
-_SCORE_COLUMNS = [
-    "symbol",
-    "timeframe",
-    "day",
-    "expected",
-    "present",
-    "confirmed_empty",
-    "gap",
-    "quarantined",
-    "anomalies",
-    "completeness",
-    "validity",
-    "timeliness",
-    "consistency",
-    "score",
-    "computed_at",
-]
-_FINDING_COLUMNS = ["symbol", "timeframe", "ts", "kind", "severity", "value", "bars", "detail", "detected_at"]
+# polars type -> DuckDB column type. Times are naive TIMESTAMP holding UTC (see the module docstring).
+_SQL_TYPES: dict[type[pl.DataType], str] = {
+    pl.String: "VARCHAR",
+    pl.Float64: "DOUBLE",
+    pl.Int64: "BIGINT",
+    pl.Int32: "INTEGER",
+    pl.Boolean: "BOOLEAN",
+    pl.Date: "DATE",
+    pl.Datetime: "TIMESTAMP",
+}
+# The sequences behind serial columns (names kept from the first schema: existing files use them).
+_SEQUENCES = {"ingest_log": "ingest_seq", "job_runs": "run_seq"}
+
+
+def sql_type(dtype: pl.DataType) -> str:
+    try:
+        return _SQL_TYPES[type(dtype)]
+    except KeyError:
+        raise StoreError(f"no DuckDB column type for {dtype}") from None
+
+
+def table_ddl(table: Table) -> list[str]:
+    """``CREATE ... IF NOT EXISTS`` statements for one declared table (its sequence first)."""
+    out: list[str] = []
+    cols: list[str] = []
+    for name, dtype in table.columns.items():
+        col = f'"{name}" {sql_type(dtype)}'
+        if name == table.serial:
+            seq = _SEQUENCES.get(table.name, f"{table.name}_seq")
+            out.append(f"CREATE SEQUENCE IF NOT EXISTS {seq}")
+            col += f" DEFAULT nextval('{seq}')"
+        if name in table.primary_key and len(table.primary_key) == 1:
+            col += " PRIMARY KEY"
+        elif not table.nullable(name):
+            col += " NOT NULL"
+        cols.append(col)
+    if len(table.primary_key) > 1:
+        cols.append(f"PRIMARY KEY ({', '.join(table.primary_key)})")
+    out.append(f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(cols)})")
+    return out
+
+
+_DDL = [stmt for table in TABLES for stmt in table_ddl(table)]
 _VALUES_SAME = " AND ".join(
     f"b.{c} IS NOT DISTINCT FROM p.{c}" for c in ("open", "high", "low", "close", "volume", "trade_count", "vwap")
 )
@@ -302,44 +292,16 @@ class DuckDBStore:
             self._insert_findings(page.anomalies, page.ingest.fetched_at)
         if page.coverage:
             con.executemany(
-                "INSERT INTO coverage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    [
-                        c.symbol,
-                        c.timeframe,
-                        c.provider,
-                        c.source,
-                        c.feed,
-                        _n(c.start),
-                        _n(c.end),
-                        c.rows,
-                        c.request_id,
-                        _n(c.fetched_at),
-                    ]
-                    for c in page.coverage
-                ],
+                f"INSERT INTO coverage VALUES ({', '.join('?' for _ in COVERAGE.names)})",
+                [[_param(getattr(c, col)) for col in COVERAGE.names] for c in page.coverage],
             )
         ing = page.ingest
+        values = {**{c: getattr(ing, c) for c in INGEST_LOG.written if c != "symbols"}, "rows_stored": stored}
+        values["symbols"] = ",".join(ing.symbols)
+        cols = INGEST_LOG.written
         con.execute(
-            """INSERT INTO ingest_log (provider, source, feed, kind, timeframe, symbols, start, "end",
-               request_id, page, fetched_at, rows_received, rows_stored, rows_rejected)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            [
-                ing.provider,
-                ing.source,
-                ing.feed,
-                ing.kind,
-                ing.timeframe,
-                ",".join(ing.symbols),
-                _n(ing.start),
-                _n(ing.end),
-                ing.request_id,
-                ing.page,
-                _n(ing.fetched_at),
-                ing.rows_received,
-                stored,
-                ing.rows_rejected,
-            ],
+            f"INSERT INTO ingest_log ({', '.join(_quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
+            [_param(values[c]) for c in cols],
         ).fetchall()
 
     # --- reads ---------------------------------------------------------------------------------
@@ -509,7 +471,8 @@ class DuckDBStore:
         return frame.height
 
     def reconciliation(self, symbol: str, timeframe: str | None = None, run_id: str | None = None) -> pl.DataFrame:
-        where, params = ["symbol = $sym"], {"sym": symbol}
+        where = ["symbol = $sym"]
+        params: dict[str, object] = {"sym": symbol}
         if timeframe:
             where.append("timeframe = $tf")
             params["tf"] = timeframe
@@ -524,7 +487,7 @@ class DuckDBStore:
 
     def _insert_findings(self, findings: pl.DataFrame, detected_at: datetime) -> None:
         """Append findings not already recorded (same symbol, timeframe, ts and kind)."""
-        frame = _naive(findings.with_columns(detected_at=pl.lit(detected_at)).select(_FINDING_COLUMNS))
+        frame = _naive(findings.with_columns(detected_at=pl.lit(detected_at)).select(ANOMALIES.names))
         self.con.register("_f", frame.to_arrow())
         try:
             self.con.execute(
@@ -585,7 +548,7 @@ class DuckDBStore:
         of the same symbols and days."""
         if not days.height:
             return
-        frame = _naive(days.select(_SCORE_COLUMNS))
+        frame = _naive(days.select(QUALITY_SCORES.names))
         with self._lock:
             try:
                 self.con.execute("BEGIN TRANSACTION")
@@ -632,23 +595,11 @@ class DuckDBStore:
         """One row per symbol of a scheduled run."""
         if not rows:
             return
-        cols = [
-            "job",
-            "run_id",
-            "symbol",
-            "strategy",
-            "started_at",
-            "finished_at",
-            "status",
-            "code",
-            "message",
-            "bars_stored",
-            "bars_rejected",
-        ]
+        cols = JOB_RUNS.written
         with self._lock:
             self.con.executemany(
-                f"INSERT INTO job_runs ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
-                [[_n(r[c]) if isinstance(r[c], datetime) else r[c] for c in cols] for r in rows],  # type: ignore[arg-type]
+                f"INSERT INTO job_runs ({', '.join(_quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                [[_param(r[c]) for c in cols] for r in rows],
             )
 
     def job_runs(self, job: str | None = None, limit: int = 100) -> pl.DataFrame:
@@ -673,7 +624,10 @@ class DuckDBStore:
             return
         now = datetime.now(UTC).replace(tzinfo=None)
         with self._lock:
-            self.con.executemany("INSERT OR REPLACE INTO prev_close VALUES (?, ?, ?, ?, ?)", [(*r, now) for r in rows])
+            self.con.executemany(
+                f"INSERT OR REPLACE INTO prev_close VALUES ({', '.join('?' for _ in PREV_CLOSE.names)})",
+                [(*r, now) for r in rows],
+            )
 
     def prev_closes(self, symbols: list[str]) -> dict[str, tuple[date, float, str]]:
         """Symbol -> (session, close, source) for the symbols held."""
@@ -711,6 +665,15 @@ class DuckDBStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _quote(column: str) -> str:
+    return f'"{column}"'
+
+
+def _param(value: object) -> object:
+    """A Python value as a DuckDB parameter (aware datetimes to naive UTC)."""
+    return _n(value) if isinstance(value, datetime) else value
 
 
 def _n(ts: datetime) -> datetime:

@@ -1,0 +1,239 @@
+"""Every stored table, declared once: its columns (in stored order), their types, which may not be
+null, its key, and the schema version that added it.
+
+A store backend derives its DDL from these declarations (DuckDB: ``store/duckdb.py``; a test
+compares a fresh store's ``information_schema.columns`` with them), and the domain modules that
+produce the frames a store writes (``quality/validate``, ``quality/anomaly``, ``quality/reconcile``,
+``quality/score``) take their frame schemas from here, so a column is named and typed in one place.
+
+Types are polars types; a backend maps them to its own SQL types. Datetimes are UTC: a backend
+without time zones stores them as naive UTC and hands them back UTC-aware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import polars as pl
+
+from marketpipe.core.schema import BAR_SCHEMA, UTC_US
+
+# Version of the set of tables below. A store opened with an older version gets the tables added
+# since (every table is created if missing) and its version raised; a newer one is refused.
+# v1 bars, quarantine, coverage, ingest log, reconciliation; v2 data quality (anomalies, scores,
+# revisions, job runs); v3 live streaming (prev_close).
+SCHEMA_VERSION = 3
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Table:
+    """One stored table. ``serial`` names an auto-numbered column (insertion order, assigned by the
+    store; writers leave it out). Columns of the primary key are never null."""
+
+    name: str
+    columns: Mapping[str, pl.DataType]
+    not_null: tuple[str, ...] = ()
+    primary_key: tuple[str, ...] = ()
+    serial: str | None = None
+    since: int = 1
+
+    def __post_init__(self) -> None:
+        unknown = {*self.not_null, *self.primary_key, *((self.serial,) if self.serial else ())} - set(self.columns)
+        if unknown:
+            raise ValueError(f"table {self.name}: {sorted(unknown)} are not among its columns")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.columns)
+
+    @property
+    def written(self) -> list[str]:
+        """The columns a writer supplies (all but the serial one), in stored order."""
+        return [c for c in self.columns if c != self.serial]
+
+    def nullable(self, column: str) -> bool:
+        return column not in self.not_null and column not in self.primary_key
+
+
+# --- frame schemas the domain produces and the store keeps ---------------------------------------
+
+# A row that failed a check: the bar's values as received, plus why and from which request.
+QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
+    **BAR_SCHEMA,
+    "raw_ts": pl.String(),
+    "reason": pl.String(),
+    "request_id": pl.String(),
+}
+QUARANTINE_COLUMNS = list(QUARANTINE_SCHEMA)
+
+# An anomaly finding on stored bars (quality.anomaly.detect).
+FINDINGS_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "timeframe": pl.String(),
+    "ts": UTC_US,
+    "kind": pl.String(),
+    "severity": pl.String(),
+    "value": pl.Float64(),
+    "bars": pl.Int64(),  # rows the finding covers (a frozen run covers many)
+    "detail": pl.String(),
+}
+
+# One bar compared between a reference vendor and another (quality.reconcile).
+RECONCILE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "timeframe": pl.String(),
+    "ts": UTC_US,
+    "reference": pl.String(),
+    "other": pl.String(),
+    "status": pl.String(),
+    "price_delta_pct": pl.Float64(),
+    "worst_field": pl.String(),
+    "volume_ratio": pl.Float64(),
+    "volume_flag": pl.Boolean(),
+    "reference_close": pl.Float64(),
+    "other_close": pl.Float64(),
+}
+
+# Completeness counts per session day (quality.completeness) and the day's scores (quality.score).
+DAYS_SCHEMA: dict[str, pl.DataType] = {
+    "day": pl.Date(),
+    "expected": pl.Int64(),
+    "present": pl.Int64(),
+    "confirmed_empty": pl.Int64(),
+    "gap": pl.Int64(),
+}
+DAY_SCORE_SCHEMA: dict[str, pl.DataType] = {
+    **DAYS_SCHEMA,
+    "quarantined": pl.Int64(),
+    "anomalies": pl.Int64(),
+    **{c: pl.Float64() for c in ("completeness", "validity", "timeliness", "consistency", "score")},
+}
+
+# A ledger entry: ``[start, end)`` of a symbol/timeframe was fetched from a provider (rows may be 0).
+COVERAGE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "timeframe": pl.String(),
+    "provider": pl.String(),
+    "source": pl.String(),
+    "feed": pl.String(),
+    "start": UTC_US,
+    "end": UTC_US,
+    "rows": pl.Int64(),
+    "request_id": pl.String(),
+    "fetched_at": UTC_US,
+}
+
+# --- the tables ------------------------------------------------------------------------------------
+
+META = Table("meta", {"key": pl.String(), "value": pl.String()}, primary_key=("key",))
+
+BARS = Table("bars", BAR_SCHEMA, not_null=("symbol", "timeframe", "ts", "source"))
+
+QUARANTINE = Table("quarantine", QUARANTINE_SCHEMA)
+
+COVERAGE = Table("coverage", COVERAGE_SCHEMA, not_null=("symbol", "timeframe", "provider", "source", "start", "end"))
+
+RECONCILIATION = Table("reconciliation", {"run_id": pl.String(), "created_at": UTC_US, **RECONCILE_SCHEMA})
+
+INGEST_LOG = Table(
+    "ingest_log",
+    {
+        "id": pl.Int64(),
+        "provider": pl.String(),
+        "source": pl.String(),
+        "feed": pl.String(),
+        "kind": pl.String(),
+        "timeframe": pl.String(),
+        "symbols": pl.String(),  # comma-separated
+        "start": UTC_US,
+        "end": UTC_US,
+        "request_id": pl.String(),
+        "page": pl.Int32(),
+        "fetched_at": UTC_US,
+        "rows_received": pl.Int64(),
+        "rows_stored": pl.Int64(),
+        "rows_rejected": pl.Int64(),
+    },
+    serial="id",
+)
+
+ANOMALIES = Table(
+    "anomalies",
+    {**FINDINGS_SCHEMA, "detected_at": UTC_US},
+    not_null=("symbol", "timeframe", "ts", "kind"),
+    since=2,
+)
+
+QUALITY_SCORES = Table(
+    "quality_scores",
+    {"symbol": pl.String(), "timeframe": pl.String(), **DAY_SCORE_SCHEMA, "computed_at": UTC_US},
+    not_null=("symbol", "timeframe", "day"),
+    since=2,
+)
+
+_OHLCV = ("open", "high", "low", "close", "volume")
+REVISIONS = Table(
+    "revisions",
+    {
+        "symbol": pl.String(),
+        "timeframe": pl.String(),
+        "ts": UTC_US,
+        "source": pl.String(),
+        "feed": pl.String(),
+        **{f"old_{c}": BAR_SCHEMA[c] for c in _OHLCV},
+        **{f"new_{c}": BAR_SCHEMA[c] for c in _OHLCV},
+        "request_id": pl.String(),
+        "revised_at": UTC_US,
+    },
+    since=2,
+)
+
+JOB_RUNS = Table(
+    "job_runs",
+    {
+        "id": pl.Int64(),
+        "job": pl.String(),
+        "run_id": pl.String(),
+        "symbol": pl.String(),
+        "strategy": pl.String(),
+        "started_at": UTC_US,
+        "finished_at": UTC_US,
+        "status": pl.String(),
+        "code": pl.String(),
+        "message": pl.String(),
+        "bars_stored": pl.Int64(),
+        "bars_rejected": pl.Int64(),
+    },
+    serial="id",
+    since=2,
+)
+
+PREV_CLOSE = Table(
+    "prev_close",
+    {
+        "symbol": pl.String(),
+        "session": pl.Date(),
+        "close": pl.Float64(),
+        "source": pl.String(),
+        "updated_at": UTC_US,
+    },
+    not_null=("session", "close"),
+    primary_key=("symbol",),
+    since=3,
+)
+
+# In creation order.
+TABLES: tuple[Table, ...] = (
+    META,
+    BARS,
+    QUARANTINE,
+    COVERAGE,
+    RECONCILIATION,
+    INGEST_LOG,
+    ANOMALIES,
+    QUALITY_SCORES,
+    REVISIONS,
+    JOB_RUNS,
+    PREV_CLOSE,
+)
