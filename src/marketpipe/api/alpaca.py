@@ -34,7 +34,8 @@ import polars as pl
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
-from marketpipe.api.app import AppState, Loaded, StateDep, answer
+from marketpipe.api.answer import Loaded, answer
+from marketpipe.api.state import AppState, StateDep
 from marketpipe.cache import make_key, ttl_for
 from marketpipe.core.errors import InvalidArgument, InvalidSymbol, InvalidTimeframe, ProviderBadRequest
 from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbol

@@ -38,6 +38,11 @@ ROW_COLUMNS = [
 ]
 
 
+def json_body(doc: Any) -> bytes:
+    """A JSON document as the gateway sends it (non-string keys allowed, e.g. dates)."""
+    return orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
+
+
 def negotiate(fmt: str | None, accept: str | None) -> str:
     """``format=`` wins; otherwise the Accept header's best supported media range (q-values and the
     client's order respected; ``q=0`` refuses); JSON when nothing supported is asked for."""
