@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from marketpipe.cli.main import ConfigOpt, StoreOpt, _config, _symbols, app, err, handle_errors, out
+from marketpipe.cli.common import ConfigOpt, StoreOpt, app, err, handle_errors, load_config, out, read_symbols
 from marketpipe.core.errors import AuthFailed, FeatureDisabled, InvalidArgument, MarketpipeError, ProviderUnavailable
 
 API_KEY_VAR = "MARKETPIPE_API_KEY"
@@ -510,7 +510,7 @@ def _sim_config(store: Path, config: Path | None) -> Any:
 
     cfg = Config()
     if config is not None:
-        cfg.stream = _config(config).stream
+        cfg.stream = load_config(config).stream
         cfg.stream.url = None
     cfg.store.path = str(store)
     for name in list(cfg.providers):
@@ -543,7 +543,7 @@ def stream(
     """Live prices as a table: price, change, bid/ask, volume, source, real-time or STALE, quality score.
     From a running gateway (--gateway), the simulator (--sim), or else the Alpaca stream directly
     (keys from ALPACA_API_KEY / ALPACA_SECRET_KEY)."""
-    syms = _symbols(symbols, None)
+    syms = read_symbols(symbols, None)
     if duration is not None and duration <= 0:
         raise InvalidArgument("--duration must be > 0 seconds", details={"parameter": "duration"})
     if gateway and sim:
@@ -556,7 +556,7 @@ def stream(
         elif sim:
             _run_sim(syms, sim_rate, as_json, duration, config, store)
         else:
-            asyncio.run(run_hub(_config(config, store), None, syms, as_json, duration))
+            asyncio.run(run_hub(load_config(config, store), None, syms, as_json, duration))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a stream without --duration ends
     except BrokenPipeError:  # the reader of --json went away (e.g. `| head`): not an error
