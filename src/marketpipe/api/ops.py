@@ -22,6 +22,7 @@ from marketpipe.core.config import KNOWN_KINDS
 from marketpipe.core.errors import InvalidArgument, MarketpipeError, PayloadTooLarge
 from marketpipe.core.metrics import REGISTRY
 from marketpipe.core.schema import normalize_symbol
+from marketpipe.core.validation import validate_enum, validate_type
 
 
 def cache_status(cache: TieredCache) -> dict[str, Any]:
@@ -123,10 +124,9 @@ def admin_router() -> APIRouter:
     async def admin_failover(st: AdminDep, request: Request) -> Response:
         body = await _body(request)
         provider, live = body.get("provider"), body.get("live")
-        if provider is not None and not isinstance(provider, str):
-            raise InvalidArgument("provider must be a string or null", details={"parameter": "provider"})
-        if live not in (None, "fallback", "auto"):
-            raise InvalidArgument('live must be "fallback" or "auto"', details={"parameter": "live"})
+        validate_type(provider, (str, type(None)), "provider", message="provider must be a string or null")
+        if live is not None:
+            validate_enum(live, ("fallback", "auto"), "live", message='live must be "fallback" or "auto"')
         if "provider" in body or live is None:
             st.gateway.failover(provider)
             await st.cache.invalidate(kind="latest_quote")
@@ -151,10 +151,8 @@ def admin_router() -> APIRouter:
         symbol, kind = body.get("symbol"), body.get("kind")
         if symbol is not None:
             symbol = normalize_symbol(str(symbol))
-        if kind is not None and (not isinstance(kind, str) or kind not in KNOWN_KINDS):
-            raise InvalidArgument(
-                f"kind must be one of {', '.join(sorted(KNOWN_KINDS))}", details={"parameter": "kind"}
-            )
+        if kind is not None:
+            validate_enum(kind, sorted(KNOWN_KINDS), "kind", message="{param} must be one of {allowed}")
         n = await st.cache.invalidate(kind=kind, symbol=symbol)
         if symbol is not None:  # multi-symbol answers may hold this symbol too
             n += await st.cache.invalidate(kind=kind, symbol="_multi")

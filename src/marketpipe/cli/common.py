@@ -24,6 +24,7 @@ from typer.core import TyperGroup
 from marketpipe.core.errors import InvalidArgument, MarketpipeError, OutputError
 from marketpipe.core.log import configure as configure_logging
 from marketpipe.core.metrics import ERRORS
+from marketpipe.core.validation import validate_enum, validate_required
 
 if TYPE_CHECKING:
     from marketpipe.core.config import Config
@@ -184,13 +185,16 @@ def write_output(path: Path, write: Callable[[Any], object], *, parameter: str =
         ) from None
 
 
+OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
+FORMAT_MESSAGE = "unknown format {value!r}; use table, csv, json or parquet"
+
+
 def emit(frame: Any, fmt: str, output: Path | None) -> None:
     """A frame as a table on the console, or CSV/JSON on stdout or in ``output``, or Parquet in ``output``."""
-    fmt = fmt.lower()
+    fmt = validate_enum(fmt, OUTPUT_FORMATS, "format", casefold=True, message=FORMAT_MESSAGE)
     if fmt == "parquet":
-        if output is None:
-            raise InvalidArgument("--format parquet needs --output FILE", details={"parameter": "output"})
-        write_output(output, frame.write_parquet)
+        path = validate_required(output, "output", message="--format parquet needs --output FILE")
+        write_output(path, frame.write_parquet)
         err.print(f"wrote {frame.height} rows to {output}")
         return
     if fmt == "csv":
@@ -206,10 +210,6 @@ def emit(frame: Any, fmt: str, output: Path | None) -> None:
             table.add_row(*("" if v is None else str(v) for v in row))
         out.print(table)
         return
-    else:
-        raise InvalidArgument(
-            f"unknown format {fmt!r}; use table, csv, json or parquet", details={"parameter": "format"}
-        )
     if output:
         write_output(output, lambda fh: fh.write(text.encode()))
         err.print(f"wrote {frame.height} rows to {output}")

@@ -19,6 +19,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from marketpipe.cli.common import (
+    FORMAT_MESSAGE,
+    OUTPUT_FORMATS,
     ConfigOpt,
     LimitOpt,
     StoreOpt,
@@ -32,7 +34,7 @@ from marketpipe.cli.common import (
     read_symbols,
     store_app,
 )
-from marketpipe.core.errors import InvalidArgument
+from marketpipe.core.validation import validate_enum, validate_number, validate_required
 
 # --- backfill ----------------------------------------------------------------------------------
 
@@ -158,8 +160,7 @@ def backfill(
     Ctrl-C (exit 130) or SIGTERM (exit 143) stops it within moments, keeping every page committed."""
     from marketpipe.service.data import MarketData
 
-    if not start:
-        raise InvalidArgument("--start is required (YYYY-MM-DD or RFC-3339)", details={"parameter": "start"})
+    validate_required(start, "start", message="--start is required (YYYY-MM-DD or RFC-3339)")
     syms = read_symbols(symbols or [], symbols_file)
     seen = _Run()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -205,10 +206,7 @@ def bars(
     """Print bars: from the store where covered, otherwise fetched, checked and stored first."""
     from marketpipe.service.data import MarketData
 
-    if fmt.lower() not in ("table", "csv", "json", "parquet"):
-        raise InvalidArgument(
-            f"unknown format {fmt!r}; use table, csv, json or parquet", details={"parameter": "format"}
-        )
+    validate_enum(fmt, OUTPUT_FORMATS, "format", casefold=True, message=FORMAT_MESSAGE)
     data = MarketData(load_config(config, store))
 
     async def go() -> Any:
@@ -373,8 +371,7 @@ def reconcile(
     from marketpipe.service.data import MarketData
     from marketpipe.service.reconcile import reconcile_symbol
 
-    if not 0 < hard_pct <= 100:
-        raise InvalidArgument(f"--hard-pct must be in (0, 100], got {hard_pct}", details={"parameter": "hard-pct"})
+    validate_number(hard_pct, "hard-pct", gt=0, le=100, message="--hard-pct must be in (0, 100], got {value}")
     sym = normalize_symbol(symbol)
     tf = Timeframe.parse(timeframe)
     s, e = parse_range(start, end)

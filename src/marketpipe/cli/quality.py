@@ -25,6 +25,7 @@ from marketpipe.cli.common import (
     store_app,
 )
 from marketpipe.core.errors import InvalidArgument, OutputError
+from marketpipe.core.validation import validate_enum, validate_required
 
 T = TypeVar("T")
 SymbolsArg = Annotated[list[str] | None, typer.Argument(help="Symbols, e.g. AAPL MSFT BRK.B")]
@@ -99,8 +100,7 @@ def quality(
     from marketpipe.quality.report import QualityReport, render_html, render_png
     from marketpipe.service.data import MarketData
 
-    if not start:
-        raise InvalidArgument("--start is required (YYYY-MM-DD or RFC-3339)", details={"parameter": "start"})
+    validate_required(start, "start", message="--start is required (YYYY-MM-DD or RFC-3339)")
     syms = read_symbols(symbols or [], symbols_file)
     cfg = load_config(config, store)
     data = MarketData(cfg)
@@ -224,8 +224,7 @@ def repair(
     the vendors not yet asked. Never fills anything in; a second run fetches nothing."""
     from marketpipe.service.data import MarketData
 
-    if not start:
-        raise InvalidArgument("--start is required (YYYY-MM-DD or RFC-3339)", details={"parameter": "start"})
+    validate_required(start, "start", message="--start is required (YYYY-MM-DD or RFC-3339)")
     syms = read_symbols(symbols or [], symbols_file)
     data = MarketData(load_config(config, store))
     res = _run(data, data.repair(syms, start, end, timeframe=timeframe, empties=not gaps_only, feed=feed))
@@ -277,11 +276,7 @@ def schedule(
 
     cfg = load_config(config, store)
     jobs: list[Job] = []
-    if strategy not in STRATEGIES:
-        raise InvalidArgument(
-            f"unknown update strategy {strategy!r}; use one of {', '.join(STRATEGIES)}",
-            details={"parameter": "strategy"},
-        )
+    validate_enum(strategy, STRATEGIES, "strategy", message="unknown update strategy {value!r}; use one of {allowed}")
     if symbols or symbols_file:
         jobs.append(
             Job(

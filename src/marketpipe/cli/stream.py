@@ -32,6 +32,7 @@ from rich.text import Text
 
 from marketpipe.cli.common import ConfigOpt, StoreOpt, app, err, handle_errors, load_config, out, read_symbols
 from marketpipe.core.errors import AuthFailed, FeatureDisabled, InvalidArgument, MarketpipeError, ProviderUnavailable
+from marketpipe.core.validation import validate_number
 
 API_KEY_VAR = "MARKETPIPE_API_KEY"
 REFRESH_SECONDS = 0.25  # the table is redrawn about four times a second
@@ -544,12 +545,12 @@ def stream(
     From a running gateway (--gateway), the simulator (--sim), or else the Alpaca stream directly
     (keys from ALPACA_API_KEY / ALPACA_SECRET_KEY)."""
     syms = read_symbols(symbols, None)
-    if duration is not None and duration <= 0:
-        raise InvalidArgument("--duration must be > 0 seconds", details={"parameter": "duration"})
+    if duration is not None:
+        validate_number(duration, "duration", gt=0, message="--duration must be > 0 seconds")
     if gateway and sim:
         raise InvalidArgument("--gateway and --sim exclude each other", details={"parameter": "sim"})
-    if sim and not 0 < sim_rate <= 100_000:
-        raise InvalidArgument("--sim-rate must be in (0, 100000]", details={"parameter": "sim-rate"})
+    if sim:
+        validate_number(sim_rate, "sim-rate", gt=0, le=100_000, message="--sim-rate must be in (0, 100000]")
     try:
         if gateway:
             asyncio.run(run_gateway(gateway, token or os.environ.get(API_KEY_VAR) or None, syms, as_json, duration))
