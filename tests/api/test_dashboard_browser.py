@@ -16,7 +16,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from marketpipe.api.app import API_KEYS_VAR, create_app
+from marketpipe.api.app import create_app
+from marketpipe.api.state import API_KEYS_VAR
 from marketpipe.core.events import emit
 from marketpipe.sim.server import SimServer
 from marketpipe.sim.stream import StreamConfig

@@ -34,12 +34,22 @@ import polars as pl
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
-from marketpipe.api.app import AppState, Loaded, StateDep, answer
+from marketpipe.api.answer import Loaded, answer
+from marketpipe.api.state import AppState, StateDep
 from marketpipe.cache import make_key, ttl_for
-from marketpipe.core.errors import InvalidArgument, InvalidSymbol, InvalidTimeframe, ProviderBadRequest
-from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbol
+from marketpipe.core.errors import InvalidArgument, ProviderBadRequest
+from marketpipe.core.schema import Bar, Quote, Snapshot, Trade
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import NY, utcnow
+from marketpipe.core.validation import (
+    validate_enum,
+    validate_limit,
+    validate_range,
+    validate_sort,
+    validate_symbol,
+    validate_symbols,
+    validate_timeframe,
+)
 from marketpipe.service.gateway import BarsPage, Meta, decode_token
 
 JSON = "application/json; charset=utf-8"
@@ -47,7 +57,7 @@ MAX_LIMIT = 10_000
 DEFAULT_LIMIT = 1000
 HISTORICAL_FEEDS = ("sip", "iex", "otc", "boats")
 LATEST_FEEDS = ("sip", "iex", "delayed_sip", "otc", "boats", "overnight")
-ADJUSTMENTS = frozenset({"raw", "split", "dividend", "spin-off", "all"})
+ADJUSTMENTS = ("raw", "split", "dividend", "spin-off", "all")
 # Alpaca's SIP quote sizes were round lots until this instant (New York midnight) and shares since;
 # canonical quotes are in shares, the wire format is the vendor's.
 QUOTE_SHARES_FROM = datetime(2025, 11, 3, 5, tzinfo=UTC)
@@ -59,7 +69,6 @@ _TIME = re.compile(
     re.ASCII,
 )  # a space before the offset is a "+" that arrived unencoded in a query string
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$", re.ASCII)
-_DIGITS = re.compile(r"^\d{1,6}$", re.ASCII)
 
 Q = Annotated[str | None, Query()]
 Sym = Annotated[str, Path(description="e.g. AAPL, BRK.B")]
@@ -97,40 +106,27 @@ def parse_wire_time(text: str, name: str) -> tuple[datetime, bool]:
 
 
 def _symbol(raw: str) -> str:
-    try:
-        return normalize_symbol(raw)
-    except InvalidSymbol as exc:
-        raise InvalidSymbol(f"invalid symbol: {raw}", details={"symbol": raw}) from exc
+    return validate_symbol(raw, message="invalid symbol: {value}")
 
 
 def _symbols(raw: str | None) -> list[str]:
-    items = [s.strip() for s in (raw or "").split(",") if s.strip()]
-    if not items:
-        raise InvalidArgument("missing symbols", details={"parameter": "symbols"})
-    return list(dict.fromkeys(_symbol(s) for s in items))
+    return validate_symbols(raw, message="missing symbols", symbol_message="invalid symbol: {value}")
 
 
 def _limit(raw: str | None) -> int:
     if raw is None or raw == "":
         return DEFAULT_LIMIT
-    if not _DIGITS.match(raw) or not 1 <= int(raw) <= MAX_LIMIT:
-        raise InvalidArgument("invalid limit", details={"parameter": "limit"})
-    return int(raw)
+    return validate_limit(raw, 1, MAX_LIMIT, message="invalid limit")
 
 
 def _sort(raw: str | None) -> str:
-    sort = raw or "asc"
-    if sort not in ("asc", "desc"):
-        raise InvalidArgument("invalid sort", details={"parameter": "sort"})
-    return sort
+    return validate_sort(raw or "asc", message="invalid sort")
 
 
 def _feed(raw: str | None, allowed: tuple[str, ...]) -> str | None:
     if raw is None or raw == "":
         return None
-    if raw not in allowed:
-        raise InvalidArgument("invalid feed", details={"parameter": "feed"})
-    return raw
+    return validate_enum(raw, allowed, "feed", message="invalid feed")
 
 
 def _asof(raw: str | None) -> str:
@@ -149,31 +145,31 @@ def _currency(raw: str | None) -> bool:
     """True when the answer should carry ``"currency": "USD"``."""
     if raw is None or raw == "":
         return False
-    if raw.upper() != "USD":
-        raise InvalidArgument(
-            f"unsupported currency: {raw}; marketpipe serves prices in USD only, as the vendor sent them",
-            details={"parameter": "currency"},
-        )
+    validate_enum(
+        raw,
+        ("USD",),
+        "currency",
+        casefold=True,
+        message="unsupported currency: {value}; marketpipe serves prices in USD only, as the vendor sent them",
+    )
     return True
 
 
 def _adjustment(raw: str | None) -> None:
     parts = [p.strip() for p in (raw or "raw").split(",")]
-    if any(p not in ADJUSTMENTS for p in parts):
-        raise InvalidArgument("invalid adjustment", details={"parameter": "adjustment"})
-    if any(p != "raw" for p in parts):
-        raise InvalidArgument(
-            f"adjustment={raw} is not served: marketpipe serves raw bars as the vendor sent them and does not "
-            "adjust them for corporate actions; use adjustment=raw",
-            details={"parameter": "adjustment"},
-        )
+    for p in parts:
+        validate_enum(p, ADJUSTMENTS, "adjustment", message="invalid adjustment")
+    validate_enum(
+        raw or "raw" if any(p != "raw" for p in parts) else "raw",  # the refusal names the whole parameter
+        ("raw",),
+        "adjustment",
+        message="adjustment={value} is not served: marketpipe serves raw bars as the vendor sent them and does not "
+        "adjust them for corporate actions; use adjustment=raw",
+    )
 
 
 def _timeframe(raw: str | None) -> Timeframe:
-    try:
-        return Timeframe.parse(raw or "")
-    except InvalidTimeframe as exc:
-        raise InvalidTimeframe("invalid timeframe", details={"parameter": "timeframe"}) from exc
+    return validate_timeframe(raw, message="invalid timeframe")
 
 
 def _range(start: str | None, end: str | None, tf: Timeframe | None) -> tuple[datetime, datetime]:
@@ -189,8 +185,7 @@ def _range(start: str | None, end: str | None, tf: Timeframe | None) -> tuple[da
             e = datetime.combine(e.date(), time(0), NY).astimezone(UTC)
     else:
         e = now
-    if e < s:
-        raise InvalidArgument("end should not be before start", details={"parameter": "end"})
+    validate_range(s, e, "end", message="end should not be before start", allow_empty=True)
     try:
         return s, e + ONE_US
     except OverflowError as exc:

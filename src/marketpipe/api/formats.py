@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from marketpipe.core.errors import InvalidArgument
+from marketpipe.core.validation import validate_enum
 
 MEDIA = {
     "json": "application/json",
@@ -38,16 +38,18 @@ ROW_COLUMNS = [
 ]
 
 
+def json_body(doc: Any) -> bytes:
+    """A JSON document as the gateway sends it (non-string keys allowed, e.g. dates)."""
+    return orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
+
+
 def negotiate(fmt: str | None, accept: str | None) -> str:
     """``format=`` wins; otherwise the Accept header's best supported media range (q-values and the
     client's order respected; ``q=0`` refuses); JSON when nothing supported is asked for."""
     if fmt:
-        f = fmt.lower()
-        if f not in MEDIA:
-            raise InvalidArgument(
-                f"unknown format {fmt!r}; use json, csv, arrow or parquet", details={"parameter": "format"}
-            )
-        return f
+        return validate_enum(
+            fmt, MEDIA, "format", casefold=True, message="unknown format {value!r}; use json, csv, arrow or parquet"
+        )
     supported = dict(_ACCEPT)
     best: tuple[float, int, str] | None = None
     for i, part in enumerate((accept or "").split(",")):

@@ -3,163 +3,38 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import os
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from typer._click import exceptions as click_errors  # typer 0.29 parses with its own copy of click
-from typer.core import TyperGroup
 
-from marketpipe.core.errors import InvalidArgument, MarketpipeError, OutputError
-from marketpipe.core.log import configure as configure_logging
-from marketpipe.core.metrics import ERRORS
-
-err = Console(stderr=True)
-
-
-def report_error(exc: MarketpipeError) -> int:
-    """The one way a command fails: ``error[CODE]: message`` on stderr, counted; returns the exit status
-    (2 for a bad argument, 1 otherwise)."""
-    ERRORS.labels(exc.code).inc()
-    # soft_wrap: one line however long, never folded at the console width
-    err.print(f"[bold red]error[{exc.code}][/]: {escape(exc.message)}", highlight=False, markup=True, soft_wrap=True)
-    return 2 if isinstance(exc, InvalidArgument) else 1
-
-
-class Group(TyperGroup):
-    """The root command. A value click refuses while parsing (``--port 99999``, ``--log-level loud``, an
-    unknown option, a missing argument) ends like every other failure: one ``error[INVALID_ARGUMENT]``
-    line and exit 2, instead of click's usage box."""
-
-    def main(
-        self,
-        args: Sequence[str] | None = None,
-        prog_name: str | None = None,
-        complete_var: str | None = None,
-        standalone_mode: bool = True,
-        windows_expand_args: bool = True,
-        **extra: Any,
-    ) -> Any:
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
-        try:
-            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
-        except click_errors.NoArgsIsHelpError as exc:  # the help is already printed
-            sys.exit(exc.exit_code)
-        except click_errors.UsageError as exc:
-            sys.exit(report_error(_usage_error(exc)))
-        except click_errors.ClickException as exc:
-            sys.exit(report_error(InvalidArgument(exc.format_message())))
-        except typer.Abort:
-            err.print("aborted")
-            sys.exit(1)
-        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
-
-
-def _usage_error(exc: click_errors.UsageError) -> InvalidArgument:
-    param = getattr(exc, "param", None)
-    name = getattr(param, "name", None)
-    message = exc.format_message().rstrip(".")
-    if exc.ctx is not None:
-        message += f" (see {exc.ctx.command_path} --help)"
-    return InvalidArgument(message, details={"parameter": name} if name else None)
-
-
-app = typer.Typer(
-    name="marketpipe",
-    help="Market data: fetched (Alpaca first), checked, stored, served.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    cls=Group,
+from marketpipe.cli.common import (
+    FORMAT_MESSAGE,
+    OUTPUT_FORMATS,
+    ConfigOpt,
+    LimitOpt,
+    StoreOpt,
+    app,
+    config_app,
+    emit,
+    err,
+    handle_errors,
+    load_config,
+    out,
+    read_symbols,
+    store_app,
 )
-config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
-store_app = typer.Typer(help="Look inside the local store.", no_args_is_help=True)
-app.add_typer(config_app, name="config")
-app.add_typer(store_app, name="store")
-
-out = Console()
-if not out.is_terminal:  # piped or captured: nobody's window to fit, so never cut columns at 80
-    out = Console(width=max(out.width, 200))
-F = TypeVar("F", bound=Callable[..., Any])
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
-StoreOpt = Annotated[Path | None, typer.Option("--store", help="DuckDB store file (overrides the config).")]
-LimitOpt = typer.Option("--limit", min=0, help="at most this many rows")
-LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-
-
-def handle_errors(fn: F) -> F:
-    """One line on stderr with the stable code, a non-zero exit, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except MarketpipeError as exc:
-            raise typer.Exit(report_error(exc)) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _config(path: Path | None, store: Path | None = None) -> Any:
-    from marketpipe.core.config import load_config
-
-    cfg = load_config(path)
-    if store is not None:
-        cfg.store.path = str(store)
-    return cfg
-
-
-def _symbols(symbols: list[str], symbols_file: Path | None) -> list[str]:
-    from marketpipe.core.schema import normalize_symbols
-
-    items = list(symbols)
-    if symbols_file is not None:
-        if not symbols_file.is_file():
-            raise InvalidArgument(f"symbols file not found: {symbols_file}", details={"parameter": "symbols-file"})
-        try:
-            text = symbols_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(
-                f"symbols file {symbols_file} is not UTF-8 text (byte {exc.start}): one symbol per line expected",
-                details={"parameter": "symbols-file", "path": str(symbols_file)},
-            ) from None
-        except OSError as exc:
-            raise InvalidArgument(
-                f"cannot read symbols file {symbols_file}: {exc.strerror or exc}",
-                details={"parameter": "symbols-file", "path": str(symbols_file)},
-            ) from None
-        for line in text.splitlines():
-            line = line.split("#", 1)[0].strip()
-            items += [p for p in line.replace(",", " ").split() if p]
-    return normalize_symbols(items)
-
-
-@app.callback()
-def main(
-    log_level: Annotated[LogLevel, typer.Option("--log-level", case_sensitive=False)] = "warning",
-    log_json: Annotated[bool, typer.Option("--log-json", help="Log lines as JSON.")] = False,
-) -> None:
-    configure_logging(log_level, json=log_json)
-
+from marketpipe.core.validation import validate_enum, validate_number, validate_required
 
 # --- backfill ----------------------------------------------------------------------------------
 
@@ -285,13 +160,12 @@ def backfill(
     Ctrl-C (exit 130) or SIGTERM (exit 143) stops it within moments, keeping every page committed."""
     from marketpipe.service.data import MarketData
 
-    if not start:
-        raise InvalidArgument("--start is required (YYYY-MM-DD or RFC-3339)", details={"parameter": "start"})
-    syms = _symbols(symbols or [], symbols_file)
+    validate_required(start, "start", message="--start is required (YYYY-MM-DD or RFC-3339)")
+    syms = read_symbols(symbols or [], symbols_file)
     seen = _Run()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        data = MarketData(_config(config, store))
+        data = MarketData(load_config(config, store))
         show = not no_progress and sys.stderr.isatty()
         stats = asyncio.run(_run_backfill(data, syms, start, end, timeframe, feed, show, seen))
     except KeyboardInterrupt:
@@ -315,56 +189,6 @@ def backfill(
 # --- read side ---------------------------------------------------------------------------------
 
 
-def write_output(path: Path, write: Callable[[Any], object], *, parameter: str = "output") -> None:
-    """Write a file the user named: ``write`` gets a binary file object for a temporary file beside
-    ``path``, which replaces ``path`` only once complete. A path that cannot be written (no such
-    directory, a directory, permission, disk full) is OUTPUT_ERROR naming it; nothing partial is left."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise OutputError(
-            f"cannot write --{parameter} {path}: {exc.strerror or exc}",
-            details={"parameter": parameter, "path": str(path)},
-        ) from None
-
-
-def _emit(frame: Any, fmt: str, output: Path | None) -> None:
-    fmt = fmt.lower()
-    if fmt == "parquet":
-        if output is None:
-            raise InvalidArgument("--format parquet needs --output FILE", details={"parameter": "output"})
-        write_output(output, frame.write_parquet)
-        err.print(f"wrote {frame.height} rows to {output}")
-        return
-    if fmt == "csv":
-        text = frame.write_csv()
-    elif fmt == "json":
-        text = frame.write_json()
-    elif fmt == "table":
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        for col in frame.columns:
-            # Fold long cells rather than let rich squeeze whole columns out of a narrow terminal.
-            table.add_column(col, overflow="fold", min_width=min(len(col), 10))
-        for row in frame.iter_rows():
-            table.add_row(*("" if v is None else str(v) for v in row))
-        out.print(table)
-        return
-    else:
-        raise InvalidArgument(
-            f"unknown format {fmt!r}; use table, csv, json or parquet", details={"parameter": "format"}
-        )
-    if output:
-        write_output(output, lambda fh: fh.write(text.encode()))
-        err.print(f"wrote {frame.height} rows to {output}")
-    else:
-        sys.stdout.write(text)
-
-
 @app.command()
 @handle_errors
 def bars(
@@ -382,11 +206,8 @@ def bars(
     """Print bars: from the store where covered, otherwise fetched, checked and stored first."""
     from marketpipe.service.data import MarketData
 
-    if fmt.lower() not in ("table", "csv", "json", "parquet"):
-        raise InvalidArgument(
-            f"unknown format {fmt!r}; use table, csv, json or parquet", details={"parameter": "format"}
-        )
-    data = MarketData(_config(config, store))
+    validate_enum(fmt, OUTPUT_FORMATS, "format", casefold=True, message=FORMAT_MESSAGE)
+    data = MarketData(load_config(config, store))
 
     async def go() -> Any:
         try:
@@ -394,7 +215,7 @@ def bars(
         finally:
             await data.aclose()
 
-    _emit(asyncio.run(go()), fmt, output)
+    emit(asyncio.run(go()), fmt, output)
 
 
 def _records_table(title: str, records: dict[str, Any]) -> Table:
@@ -460,7 +281,7 @@ def _latest(kind: str, symbols: list[str], feed: str | None, config: Path | None
     from marketpipe.service.data import MarketData
 
     syms = normalize_symbols(symbols)
-    data = MarketData(_config(config))
+    data = MarketData(load_config(config))
 
     async def go() -> Any:
         try:
@@ -508,7 +329,7 @@ def providers(
     from marketpipe.service.data import MarketData
     from marketpipe.service.providers import provider_table
 
-    data = MarketData(_config(config))
+    data = MarketData(load_config(config))
 
     async def go() -> Any:
         try:
@@ -550,12 +371,11 @@ def reconcile(
     from marketpipe.service.data import MarketData
     from marketpipe.service.reconcile import reconcile_symbol
 
-    if not 0 < hard_pct <= 100:
-        raise InvalidArgument(f"--hard-pct must be in (0, 100], got {hard_pct}", details={"parameter": "hard-pct"})
+    validate_number(hard_pct, "hard-pct", gt=0, le=100, message="--hard-pct must be in (0, 100], got {value}")
     sym = normalize_symbol(symbol)
     tf = Timeframe.parse(timeframe)
     s, e = parse_range(start, end)
-    data = MarketData(_config(config, store))
+    data = MarketData(load_config(config, store))
 
     async def go() -> Any:
         try:
@@ -578,7 +398,7 @@ def reconcile(
         worst = result.rows.filter(pl.col("status") == "mismatch").sort("price_delta_pct", descending=True).head(5)
         if worst.height:
             out.print(f"largest disagreements with {other}:")
-            _emit(worst.select("ts", "price_delta_pct", "worst_field", "reference_close", "other_close"), "table", None)
+            emit(worst.select("ts", "price_delta_pct", "worst_field", "reference_close", "other_close"), "table", None)
     for a in report.skipped:
         err.print(f"skipped {a.provider}: {a.code} {a.message}")
 
@@ -618,7 +438,7 @@ def demo(
     from marketpipe.service.data import MarketData
     from marketpipe.sim.server import SimServer
 
-    syms = _symbols(symbols or ["AAPL", "MSFT", "SPY"], None)
+    syms = read_symbols(symbols or ["AAPL", "MSFT", "SPY"], None)
     cal = get_calendar("XNYS")
     now = utcnow()
     sessions = cal.sessions(now - timedelta(days=days * 2 + 10), now)
@@ -654,7 +474,7 @@ def demo(
         "(the coverage ledger already holds the range)"
     )
     out.print(f"\n{syms[0]} on {done[-1].day}: {frame.height} minute bars (source sim, feed sip); first and last five:")
-    _emit(pl_head_tail(frame), "table", None)
+    emit(pl_head_tail(frame), "table", None)
     out.print(_records_table("latest quotes (simulator)", quotes))
     from marketpipe.cli.quality import quality_table
 
@@ -687,7 +507,7 @@ def config_show(config: ConfigOpt = None) -> None:
 
     from marketpipe.core.config import ALPACA_KEY_VARS, ALPACA_SECRET_VARS, mask
 
-    cfg = _config(config)
+    cfg = load_config(config)
     doc = msgspec.to_builtins(cfg)
     doc["store"]["path"] = str(cfg.store_path())
     doc["source_path"] = cfg.source_path or "(defaults; no config file found)"
@@ -707,14 +527,14 @@ def store_info(config: ConfigOpt = None, store: StoreOpt = None) -> None:
 
     from marketpipe.store import open_store
 
-    cfg = _config(config, store)
+    cfg = load_config(config, store)
     with open_store(cfg) as st:
         out.print(f"store: {st.path}")
         out.print(st.counts())
         summary = st.summary().with_columns(
             pl.col("first").dt.strftime("%Y-%m-%d %H:%M"), pl.col("last").dt.strftime("%Y-%m-%d %H:%M")
         )
-        _emit(summary, "table", None)
+        emit(summary, "table", None)
 
 
 @store_app.command("quarantine")
@@ -728,8 +548,8 @@ def store_quarantine(
     """Rows that failed a check, with reasons."""
     from marketpipe.store import open_store
 
-    with open_store(_config(config, store)) as st:
-        _emit(st.quarantine(symbol, limit), "table", None)
+    with open_store(load_config(config, store)) as st:
+        emit(st.quarantine(symbol, limit), "table", None)
 
 
 @store_app.command("log")
@@ -738,18 +558,15 @@ def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, st
     """The ingest log: one row per vendor page."""
     from marketpipe.store import open_store
 
-    with open_store(_config(config, store)) as st:
-        _emit(st.ingest_log(limit).drop("symbols"), "table", None)
+    with open_store(load_config(config, store)) as st:
+        emit(st.ingest_log(limit).drop("symbols"), "table", None)
 
 
-# The data-quality commands live in their own module and register themselves on ``app``.
-from marketpipe.cli import quality as _quality  # noqa: E402, F401
-from marketpipe.cli import serve as _serve  # noqa: E402, F401
-from marketpipe.cli import stream as _stream  # noqa: E402, F401
+# The other commands live in modules of their own and register on the shared ``app`` when imported
+# (after the ones above, so ``--help`` lists them in this order).
+from marketpipe.cli import quality, serve, stream  # noqa: E402
+
+__all__ = ["app", "quality", "serve", "stream"]
 
 if __name__ == "__main__":  # pragma: no cover
-    # Run as ``python -m``: this module is ``__main__``, so take the app from the imported module,
-    # which is the one the quality commands registered on.
-    from marketpipe.cli.main import app as _app
-
-    _app()
+    app()

@@ -11,20 +11,21 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from marketpipe.cli.main import (
+from marketpipe.cli.common import (
     ConfigOpt,
     LimitOpt,
     StoreOpt,
-    _config,
-    _emit,
-    _symbols,
     app,
+    emit,
     err,
     handle_errors,
+    load_config,
     out,
+    read_symbols,
     store_app,
 )
 from marketpipe.core.errors import InvalidArgument, OutputError
+from marketpipe.core.validation import validate_enum, validate_required
 
 T = TypeVar("T")
 SymbolsArg = Annotated[list[str] | None, typer.Argument(help="Symbols, e.g. AAPL MSFT BRK.B")]
@@ -99,10 +100,9 @@ def quality(
     from marketpipe.quality.report import QualityReport, render_html, render_png
     from marketpipe.service.data import MarketData
 
-    if not start:
-        raise InvalidArgument("--start is required (YYYY-MM-DD or RFC-3339)", details={"parameter": "start"})
-    syms = _symbols(symbols or [], symbols_file)
-    cfg = _config(config, store)
+    validate_required(start, "start", message="--start is required (YYYY-MM-DD or RFC-3339)")
+    syms = read_symbols(symbols or [], symbols_file)
+    cfg = load_config(config, store)
     data = MarketData(cfg)
     results = _run(data, data.quality(syms, start, end, timeframe=timeframe))
     out.print(
@@ -114,14 +114,14 @@ def quality(
         if r.completeness.ranges.height:
             gaps = r.completeness.ranges
             out.print(f"[bold]{r.symbol}[/] missing ranges ({gaps.height}; first 10):")
-            _emit(gaps.head(10), "table", None)
+            emit(gaps.head(10), "table", None)
         if r.findings.height:
             out.print(f"[bold]{r.symbol}[/] anomalies ({r.findings.height}; first 10):")
-            _emit(r.findings.select("ts", "kind", "severity", "detail").head(10), "table", None)
+            emit(r.findings.select("ts", "kind", "severity", "detail").head(10), "table", None)
         worst = r.days.filter(r.days["score"].is_not_null()).sort("score").head(days)
         if worst.height and worst["score"].min() < 1.0:  # type: ignore[operator]
             out.print(f"[bold]{r.symbol}[/] lowest-scoring days:")
-            _emit(
+            emit(
                 worst.select("day", "score", "completeness", "validity", "gap", "confirmed_empty", "anomalies"),
                 "table",
                 None,
@@ -189,8 +189,8 @@ def update(
     """Bring stored series up to now: incremental from the newest covered point, a full refresh, or smart."""
     from marketpipe.service.data import MarketData
 
-    syms = _symbols(symbols or [], symbols_file)
-    data = MarketData(_config(config, store))
+    syms = read_symbols(symbols or [], symbols_file)
+    data = MarketData(load_config(config, store))
     strat = "full" if full else strategy
     results = _run(
         data,
@@ -224,10 +224,9 @@ def repair(
     the vendors not yet asked. Never fills anything in; a second run fetches nothing."""
     from marketpipe.service.data import MarketData
 
-    if not start:
-        raise InvalidArgument("--start is required (YYYY-MM-DD or RFC-3339)", details={"parameter": "start"})
-    syms = _symbols(symbols or [], symbols_file)
-    data = MarketData(_config(config, store))
+    validate_required(start, "start", message="--start is required (YYYY-MM-DD or RFC-3339)")
+    syms = read_symbols(symbols or [], symbols_file)
+    data = MarketData(load_config(config, store))
     res = _run(data, data.repair(syms, start, end, timeframe=timeframe, empties=not gaps_only, feed=feed))
     table = Table(title=f"Repair {timeframe}")
     for col in ("symbol", "gap before", "gap after", "empty before", "empty after", "complete before", "after"):
@@ -275,18 +274,14 @@ def schedule(
     from marketpipe.service.maintain import STRATEGIES
     from marketpipe.service.scheduler import Job, parse_every
 
-    cfg = _config(config, store)
+    cfg = load_config(config, store)
     jobs: list[Job] = []
-    if strategy not in STRATEGIES:
-        raise InvalidArgument(
-            f"unknown update strategy {strategy!r}; use one of {', '.join(STRATEGIES)}",
-            details={"parameter": "strategy"},
-        )
+    validate_enum(strategy, STRATEGIES, "strategy", message="unknown update strategy {value!r}; use one of {allowed}")
     if symbols or symbols_file:
         jobs.append(
             Job(
                 "cli",
-                tuple(_symbols(symbols or [], symbols_file)),
+                tuple(read_symbols(symbols or [], symbols_file)),
                 parse_every(every),
                 Timeframe.parse(timeframe),
                 strategy,
@@ -334,8 +329,8 @@ def store_runs(
     """Scheduled update runs, one row per symbol."""
     from marketpipe.store import open_store
 
-    with open_store(_config(config, store)) as st:
-        _emit(st.job_runs(job, limit), "table", None)
+    with open_store(load_config(config, store)) as st:
+        emit(st.job_runs(job, limit), "table", None)
 
 
 @store_app.command("anomalies")
@@ -354,5 +349,5 @@ def store_anomalies(
     from marketpipe.store import open_store
 
     s, e = parse_range(start, end)
-    with open_store(_config(config, store)) as st:
-        _emit(st.findings(normalize_symbols(symbol), timeframe, s, e), "table", None)
+    with open_store(load_config(config, store)) as st:
+        emit(st.findings(normalize_symbols(symbol), timeframe, s, e), "table", None)

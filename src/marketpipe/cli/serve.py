@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from marketpipe.cli.main import ConfigOpt, StoreOpt, _config, app, err, handle_errors
+from marketpipe.cli.common import ConfigOpt, StoreOpt, app, err, handle_errors, load_config
 from marketpipe.core.errors import ConfigError, MarketpipeError
 
 UvicornLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
@@ -34,7 +34,7 @@ def serve(
     from marketpipe.api.app import create_app
     from marketpipe.core.net import bind_sockets
 
-    cfg = _config(config, store)
+    cfg = load_config(config, store)
     host = host or cfg.server.host
     port = port or cfg.server.port
     workers = workers or cfg.server.workers

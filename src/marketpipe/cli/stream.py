@@ -30,8 +30,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from marketpipe.cli.main import ConfigOpt, StoreOpt, _config, _symbols, app, err, handle_errors, out
+from marketpipe.cli.common import ConfigOpt, StoreOpt, app, err, handle_errors, load_config, out, read_symbols
 from marketpipe.core.errors import AuthFailed, FeatureDisabled, InvalidArgument, MarketpipeError, ProviderUnavailable
+from marketpipe.core.validation import validate_number
 
 API_KEY_VAR = "MARKETPIPE_API_KEY"
 REFRESH_SECONDS = 0.25  # the table is redrawn about four times a second
@@ -510,7 +511,7 @@ def _sim_config(store: Path, config: Path | None) -> Any:
 
     cfg = Config()
     if config is not None:
-        cfg.stream = _config(config).stream
+        cfg.stream = load_config(config).stream
         cfg.stream.url = None
     cfg.store.path = str(store)
     for name in list(cfg.providers):
@@ -543,20 +544,20 @@ def stream(
     """Live prices as a table: price, change, bid/ask, volume, source, real-time or STALE, quality score.
     From a running gateway (--gateway), the simulator (--sim), or else the Alpaca stream directly
     (keys from ALPACA_API_KEY / ALPACA_SECRET_KEY)."""
-    syms = _symbols(symbols, None)
-    if duration is not None and duration <= 0:
-        raise InvalidArgument("--duration must be > 0 seconds", details={"parameter": "duration"})
+    syms = read_symbols(symbols, None)
+    if duration is not None:
+        validate_number(duration, "duration", gt=0, message="--duration must be > 0 seconds")
     if gateway and sim:
         raise InvalidArgument("--gateway and --sim exclude each other", details={"parameter": "sim"})
-    if sim and not 0 < sim_rate <= 100_000:
-        raise InvalidArgument("--sim-rate must be in (0, 100000]", details={"parameter": "sim-rate"})
+    if sim:
+        validate_number(sim_rate, "sim-rate", gt=0, le=100_000, message="--sim-rate must be in (0, 100000]")
     try:
         if gateway:
             asyncio.run(run_gateway(gateway, token or os.environ.get(API_KEY_VAR) or None, syms, as_json, duration))
         elif sim:
             _run_sim(syms, sim_rate, as_json, duration, config, store)
         else:
-            asyncio.run(run_hub(_config(config, store), None, syms, as_json, duration))
+            asyncio.run(run_hub(load_config(config, store), None, syms, as_json, duration))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a stream without --duration ends
     except BrokenPipeError:  # the reader of --json went away (e.g. `| head`): not an error

@@ -40,6 +40,7 @@ from marketpipe.core.schema import (
 )
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import rfc3339, utcnow
+from marketpipe.core.validation import validate_limit, validate_sort
 from marketpipe.providers.base import KINDS, BarPage, Capabilities, envelope_error, pagination_loop
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
 
@@ -585,10 +586,8 @@ class AlpacaProvider(HttpProvider):
             raise InvalidArgument("no symbols given", details={"parameter": "symbols"})
         if end <= start:
             raise InvalidArgument("end must be after start", details={"parameter": "end"})
-        if not 1 <= limit <= MAX_LIMIT:
-            raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}", details={"parameter": "limit"})
-        if sort not in ("asc", "desc"):
-            raise InvalidArgument("sort must be asc or desc", details={"parameter": "sort"})
+        validate_limit(limit, 1, MAX_LIMIT)
+        validate_sort(sort)
         used_feed, used_end = self._plan_feed(feed, end, start)
         single = len(symbols) == 1
         path = f"/v2/stocks/{_quote_path(symbols[0])}/{kind}" if single else f"/v2/stocks/{kind}"

@@ -48,6 +48,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, UTC_US, Bar, Quote, Snapshot, Trade, normalize_symbol
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, ns_to_dt, utcnow
+from marketpipe.core.validation import validate_enum, validate_limit, validate_range, validate_required, validate_sort
 from marketpipe.providers.base import BarPage, Capabilities, envelope_error, pagination_loop
 from marketpipe.providers.http import REDACTED, HttpProvider, VendorHttp, error_text, status_error
 
@@ -349,8 +350,7 @@ class PolygonProvider(HttpProvider):
     ) -> None:
         if not api_key:
             raise MissingCredentials(f"Polygon API key missing: set {KEY_VAR}", details={"env": [KEY_VAR]})
-        if auth not in ("header", "query"):
-            raise InvalidArgument("auth must be 'header' or 'query'", details={"parameter": "auth"})
+        validate_enum(auth, ("header", "query"), "auth", message="auth must be 'header' or 'query'")
         # Without a config, the vendor's free tier: 5 requests a minute, previous-session data.
         self.config = config or ProviderConfig(priority=2, rate_limit_per_min=5, plan="free")
         self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
@@ -417,23 +417,20 @@ class PolygonProvider(HttpProvider):
         sort: str = "asc",
     ) -> AsyncIterator[BarPage]:
         """Pages of bars for ``[start, end)``, one ticker after the other, one page in memory at a time."""
-        if not symbols:
-            raise InvalidArgument("no symbols given", details={"parameter": "symbols"})
-        if end <= start:
-            raise InvalidArgument("end must be after start", details={"parameter": "end"})
-        if feed not in (None, FEED):
-            raise InvalidArgument(f"polygon serves the {FEED} feed only, not {feed!r}", details={"parameter": "feed"})
-        if adjustment not in ADJUSTED:
-            raise InvalidArgument(
-                f"invalid adjustment {adjustment!r}: polygon adjusts for splits only; allowed: {', '.join(ADJUSTED)}",
-                details={"parameter": "adjustment"},
-            )
+        validate_required(symbols, "symbols", message="no symbols given")
+        validate_range(start, end)
+        if feed is not None:
+            validate_enum(feed, (FEED,), "feed", message=f"polygon serves the {FEED} feed only, not {{value!r}}")
+        validate_enum(
+            adjustment,
+            ADJUSTED,
+            "adjustment",
+            message="invalid adjustment {value!r}: polygon adjusts for splits only; allowed: {allowed}",
+        )
         if asof is not None:
             raise InvalidArgument("polygon has no as-of symbol mapping", details={"parameter": "asof"})
-        if not 1 <= limit <= MAX_LIMIT:
-            raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}", details={"parameter": "limit"})
-        if sort not in ("asc", "desc"):
-            raise InvalidArgument("sort must be asc or desc", details={"parameter": "sort"})
+        validate_limit(limit, 1, MAX_LIMIT)
+        validate_sort(sort)
         tickers = [normalize_symbol(s) for s in symbols]
         used_end = min(end, self._horizon(self._now()))
         if used_end <= start:

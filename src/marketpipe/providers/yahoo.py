@@ -47,8 +47,6 @@ import polars as pl
 
 from marketpipe.core.config import DEFAULT_PROVIDERS, ProviderConfig
 from marketpipe.core.errors import (
-    InvalidArgument,
-    InvalidTimeframe,
     MalformedResponse,
     MarketpipeError,
     NotFound,
@@ -58,6 +56,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, UTC_US
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
+from marketpipe.core.validation import validate_enum, validate_range, validate_required, validate_timeframe
 from marketpipe.providers.base import BarPage, Capabilities, envelope_error, sim_source
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
 
@@ -391,22 +390,17 @@ class YahooProvider(HttpProvider):
         and ``asof`` (no symbol history). A symbol Yahoo does not know raises NOT_FOUND after the
         pages of the symbols before it.
         """
-        if not symbols:
-            raise InvalidArgument("no symbols given", details={"parameter": "symbols"})
-        if end <= start:
-            raise InvalidArgument("end must be after start", details={"parameter": "end"})
-        if adjustment not in ADJUSTMENTS:
-            raise InvalidArgument(
-                f"yahoo serves adjustment {' or '.join(ADJUSTMENTS)} only (its OHLC are split-adjusted), "
-                f"not {adjustment!r}",
-                details={"parameter": "adjustment"},
-            )
-        interval = INTERVALS.get(timeframe)
-        if interval is None:
-            raise InvalidTimeframe(
-                f"yahoo has no {timeframe} bars; it serves {', '.join(str(t) for t in INTERVALS)}",
-                details={"timeframe": str(timeframe)},
-            )
+        validate_required(symbols, "symbols", message="no symbols given")
+        validate_range(start, end)
+        validate_enum(
+            adjustment,
+            ADJUSTMENTS,
+            "adjustment",
+            message=f"yahoo serves adjustment {' or '.join(ADJUSTMENTS)} only (its OHLC are split-adjusted), "
+            "not {value!r}",
+        )
+        validate_timeframe(timeframe, allowed=INTERVALS, message="yahoo has no {value} bars; it serves {allowed}")
+        interval = INTERVALS[timeframe]
         windows = wire_windows(timeframe, start, end)
         number = 0
         for si, sym in enumerate(symbols):

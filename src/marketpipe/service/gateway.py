@@ -29,6 +29,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
+from marketpipe.core.validation import validate_enum, validate_limit, validate_range, validate_sort, validate_timeframe
 from marketpipe.service.backfill import chunk_interval, missing_ranges
 from marketpipe.service.data import LatestKind, MarketData, TickKind
 from marketpipe.service.providers import probe_call
@@ -121,10 +122,9 @@ class Gateway:
 
     def failover(self, provider: str | None) -> dict[str, Any]:
         """Pin ``provider`` as first choice (``None`` returns to health order)."""
-        if provider is not None and provider not in self.router.names:
-            raise InvalidArgument(
-                f"unknown provider {provider!r}; configured: {', '.join(self.router.names)}",
-                details={"parameter": "provider"},
+        if provider is not None:
+            validate_enum(
+                provider, self.router.names, "provider", message="unknown provider {value!r}; configured: {allowed}"
             )
         self.data.pinned = provider
         log.warning("admin_failover", pinned=provider)
@@ -192,13 +192,10 @@ class Gateway:
         fetched (what the ledger lacks) and read. A request for 20 years of minute bars therefore
         costs one page of work per call, and the token carries the position."""
         syms = normalize_symbols(symbols)
-        tf = Timeframe.parse(timeframe)
-        if not 1 <= limit <= MAX_LIMIT:
-            raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}", details={"parameter": "limit"})
-        if sort not in ("asc", "desc"):
-            raise InvalidArgument("sort must be asc or desc", details={"parameter": "sort"})
-        if end <= start:
-            raise InvalidArgument("end must be after start", details={"parameter": "end"})
+        tf = validate_timeframe(timeframe)
+        validate_limit(limit, 1, MAX_LIMIT)
+        validate_sort(sort)
+        validate_range(start, end)
         now = utcnow()
         end = min(end, now)
         self.data.calendar.check_bounds(start, max(start, end))
@@ -206,11 +203,9 @@ class Gateway:
         after = decode_token(page_token, syms) if page_token else None
         provider = None
         if source != "auto":
-            if source not in self.router.names:
-                raise InvalidArgument(
-                    f"unknown source {source!r}; use auto or one of {', '.join(self.router.names)}",
-                    details={"parameter": "source"},
-                )
+            validate_enum(
+                source, self.router.names, "source", message="unknown source {value!r}; use auto or one of {allowed}"
+            )
             provider = self.router.get(source)
         sources = [source, f"sim:{source}"] if provider is not None else None
         store, cal = self.data.store, self.data.calendar
@@ -373,8 +368,7 @@ class Gateway:
         """One page of historical trades or quotes from the first provider that serves them:
         ``(frame, next_page_token, provider)``. The vendor's page token is passed through, so a
         continuation must reach the same provider (it does while that provider is healthy)."""
-        if not 1 <= limit <= MAX_LIMIT:
-            raise InvalidArgument(f"limit must be 1..{MAX_LIMIT}", details={"parameter": "limit"})
+        validate_limit(limit, 1, MAX_LIMIT)
         return await self.data.ticks(
             kind, symbols, start, end, feed=feed, limit=limit, page_token=page_token, sort=sort
         )

@@ -1,0 +1,88 @@
+"""The gateway's state: what every route reads (config, services, cache, keys, the live hub), how
+it is built from the config and the environment, and how it starts and stops with the app."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from marketpipe.api.middleware import ClientKeys
+from marketpipe.cache import TieredCache, build_cache
+from marketpipe.core import log as logging_
+from marketpipe.core.config import Config
+from marketpipe.core.errors import MarketpipeError
+from marketpipe.service.data import MarketData
+from marketpipe.service.gateway import Gateway
+from marketpipe.service.live import LiveHub
+
+ADMIN_TOKEN_VAR = "MARKETPIPE_ADMIN_TOKEN"
+API_KEYS_VAR = "MARKETPIPE_API_KEYS"
+
+
+@dataclass
+class AppState:
+    config: Config
+    data: MarketData
+    gateway: Gateway
+    cache: TieredCache
+    admin_token: str | None
+    started: float
+    keys: ClientKeys
+    env: dict[str, str] | None = field(default=None, repr=False)  # None: the process environment
+    live: LiveHub | None = None  # created by start() (it needs the running loop)
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        *,
+        data: MarketData | None = None,
+        env: dict[str, str] | None = None,
+        cache: TieredCache | None = None,
+    ) -> AppState:
+        """The state for ``config``: client keys and the admin token from ``env`` (default: the
+        process environment), every secret among them registered for redaction before any log line."""
+        environ = os.environ if env is None else env
+        md = data or MarketData(config, env=env)
+        keys = ClientKeys.parse(
+            environ.get(API_KEYS_VAR), config.server.client_rate_limit_per_min, config.server.auth_failures_per_min
+        )
+        # never in a log line: the admin token, client key secrets, vendor keys, Redis credentials
+        logging_.register_secrets([*logging_.secrets_from_env(environ), *keys.keys.values()])
+        return cls(
+            config=config,
+            data=md,
+            gateway=Gateway(md),
+            cache=cache or build_cache(config.cache),
+            admin_token=environ.get(ADMIN_TOKEN_VAR) or None,
+            started=time.time(),
+            keys=keys,
+            env=env,
+        )
+
+    async def start(self) -> None:
+        """On the running loop: provider probes, and the live hub when streaming is on."""
+        logging_.guard_stdlib()  # the server's own loggers (configured by now) redact too
+        with contextlib.suppress(MarketpipeError):  # no usable provider: readiness says so
+            self.gateway.start_probes()
+        if self.config.stream.enabled:
+            self.live = LiveHub(self.config, self.gateway, env=self.env)
+            await self.live.start()
+
+    async def aclose(self) -> None:
+        if self.live is not None:
+            await self.live.close()
+        await self.cache.aclose()
+        await self.data.aclose()
+
+
+async def state(request: Request) -> AppState:
+    return request.app.state.mp  # type: ignore[no-any-return]
+
+
+StateDep = Annotated[AppState, Depends(state)]

@@ -1,0 +1,217 @@
+"""What every ``marketpipe`` command shares: the root app and its sub-apps, the consoles, the one way
+a command fails (:func:`report_error`, :func:`handle_errors`, the root :class:`Group`), the common
+options, config and symbol loading, and output. Command modules import this module only; the
+command line is assembled in :mod:`marketpipe.cli.main`."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from typer._click import exceptions as click_errors  # typer 0.29 parses with its own copy of click
+from typer.core import TyperGroup
+
+from marketpipe.core.errors import InvalidArgument, MarketpipeError, OutputError
+from marketpipe.core.log import configure as configure_logging
+from marketpipe.core.metrics import ERRORS
+from marketpipe.core.validation import validate_enum, validate_required
+
+if TYPE_CHECKING:
+    from marketpipe.core.config import Config
+
+err = Console(stderr=True)
+
+
+def report_error(exc: MarketpipeError) -> int:
+    """The one way a command fails: ``error[CODE]: message`` on stderr, counted; returns the exit status
+    (2 for a bad argument, 1 otherwise)."""
+    ERRORS.labels(exc.code).inc()
+    # soft_wrap: one line however long, never folded at the console width
+    err.print(f"[bold red]error[{exc.code}][/]: {escape(exc.message)}", highlight=False, markup=True, soft_wrap=True)
+    return 2 if isinstance(exc, InvalidArgument) else 1
+
+
+class Group(TyperGroup):
+    """The root command. A value click refuses while parsing (``--port 99999``, ``--log-level loud``, an
+    unknown option, a missing argument) ends like every other failure: one ``error[INVALID_ARGUMENT]``
+    line and exit 2, instead of click's usage box."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # the help is already printed
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            sys.exit(report_error(_usage_error(exc)))
+        except click_errors.ClickException as exc:
+            sys.exit(report_error(InvalidArgument(exc.format_message())))
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+
+def _usage_error(exc: click_errors.UsageError) -> InvalidArgument:
+    param = getattr(exc, "param", None)
+    name = getattr(param, "name", None)
+    message = exc.format_message().rstrip(".")
+    if exc.ctx is not None:
+        message += f" (see {exc.ctx.command_path} --help)"
+    return InvalidArgument(message, details={"parameter": name} if name else None)
+
+
+app = typer.Typer(
+    name="marketpipe",
+    help="Market data: fetched (Alpaca first), checked, stored, served.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    cls=Group,
+)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+store_app = typer.Typer(help="Look inside the local store.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(store_app, name="store")
+
+out = Console()
+if not out.is_terminal:  # piped or captured: nobody's window to fit, so never cut columns at 80
+    out = Console(width=max(out.width, 200))
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
+StoreOpt = Annotated[Path | None, typer.Option("--store", help="DuckDB store file (overrides the config).")]
+LimitOpt = typer.Option("--limit", min=0, help="at most this many rows")
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+def handle_errors(fn: F) -> F:
+    """One line on stderr with the stable code, a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MarketpipeError as exc:
+            raise typer.Exit(report_error(exc)) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_config(path: Path | None, store: Path | None = None) -> Config:
+    """The config from ``path`` (or the usual search), with ``--store`` overriding its store path."""
+    from marketpipe.core.config import load_config as load
+
+    cfg = load(path)
+    if store is not None:
+        cfg.store.path = str(store)
+    return cfg
+
+
+def read_symbols(symbols: list[str], symbols_file: Path | None) -> list[str]:
+    """The symbols given, plus those of ``--symbols-file`` (one or more a line, ``#`` comments), canonical."""
+    from marketpipe.core.schema import normalize_symbols
+
+    items = list(symbols)
+    if symbols_file is not None:
+        if not symbols_file.is_file():
+            raise InvalidArgument(f"symbols file not found: {symbols_file}", details={"parameter": "symbols-file"})
+        try:
+            text = symbols_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(
+                f"symbols file {symbols_file} is not UTF-8 text (byte {exc.start}): one symbol per line expected",
+                details={"parameter": "symbols-file", "path": str(symbols_file)},
+            ) from None
+        except OSError as exc:
+            raise InvalidArgument(
+                f"cannot read symbols file {symbols_file}: {exc.strerror or exc}",
+                details={"parameter": "symbols-file", "path": str(symbols_file)},
+            ) from None
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            items += [p for p in line.replace(",", " ").split() if p]
+    return normalize_symbols(items)
+
+
+@app.callback()
+def main(
+    log_level: Annotated[LogLevel, typer.Option("--log-level", case_sensitive=False)] = "warning",
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log lines as JSON.")] = False,
+) -> None:
+    configure_logging(log_level, json=log_json)
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+
+def write_output(path: Path, write: Callable[[Any], object], *, parameter: str = "output") -> None:
+    """Write a file the user named: ``write`` gets a binary file object for a temporary file beside
+    ``path``, which replaces ``path`` only once complete. A path that cannot be written (no such
+    directory, a directory, permission, disk full) is OUTPUT_ERROR naming it; nothing partial is left."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(
+            f"cannot write --{parameter} {path}: {exc.strerror or exc}",
+            details={"parameter": parameter, "path": str(path)},
+        ) from None
+
+
+OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
+FORMAT_MESSAGE = "unknown format {value!r}; use table, csv, json or parquet"
+
+
+def emit(frame: Any, fmt: str, output: Path | None) -> None:
+    """A frame as a table on the console, or CSV/JSON on stdout or in ``output``, or Parquet in ``output``."""
+    fmt = validate_enum(fmt, OUTPUT_FORMATS, "format", casefold=True, message=FORMAT_MESSAGE)
+    if fmt == "parquet":
+        path = validate_required(output, "output", message="--format parquet needs --output FILE")
+        write_output(path, frame.write_parquet)
+        err.print(f"wrote {frame.height} rows to {output}")
+        return
+    if fmt == "csv":
+        text = frame.write_csv()
+    elif fmt == "json":
+        text = frame.write_json()
+    elif fmt == "table":
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in frame.columns:
+            # Fold long cells rather than let rich squeeze whole columns out of a narrow terminal.
+            table.add_column(col, overflow="fold", min_width=min(len(col), 10))
+        for row in frame.iter_rows():
+            table.add_row(*("" if v is None else str(v) for v in row))
+        out.print(table)
+        return
+    if output:
+        write_output(output, lambda fh: fh.write(text.encode()))
+        err.print(f"wrote {frame.height} rows to {output}")
+    else:
+        sys.stdout.write(text)
