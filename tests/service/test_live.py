@@ -454,8 +454,8 @@ async def test_a_client_leaving_mid_subscribe_leaves_nothing_subscribed(live: Li
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await live.detach(c)
-    await until(lambda: not upstream_refs(live) and not live._routes)
-    assert not live._upstream
+    await until(lambda: not upstream_refs(live) and not live.fanout.routes)
+    assert not live.upstream_wanted()
 
 
 async def test_trades_and_quotes_keep_their_own_order_and_source(live: LiveHub) -> None:
@@ -490,7 +490,7 @@ async def test_trades_and_quotes_keep_their_own_order_and_source(live: LiveHub) 
     assert trades[-1]["volume"] == 200
     # the fallback: its quote is newer than its trade; the trade still moves the price, and the quote's
     # source is told apart from the price's
-    live._apply_fallback(
+    live.poller.apply(
         {
             "NOPE": Trade(
                 symbol="NOPE",
@@ -567,7 +567,7 @@ async def test_bars_survive_a_failed_store_write(live: LiveHub, monkeypatch: pyt
         fetched_at=now,
     )
     live.handle(StreamMessage("bars", bar))
-    real = live._write_bars
+    real = live.bars.write
     calls = []
 
     def failing(bars: list[Bar], refresh: bool) -> int:
@@ -576,7 +576,7 @@ async def test_bars_survive_a_failed_store_write(live: LiveHub, monkeypatch: pyt
             raise OSError("disk full")
         return real(bars, refresh)
 
-    monkeypatch.setattr(live, "_write_bars", failing)
+    monkeypatch.setattr(live.bars, "write", failing)
     assert await live.flush() == 0
     assert await live.flush() == 1
     assert live.data.store.read_bars(["QQQ"], "1Min", t0, t0 + timedelta(minutes=1)).height == 1
