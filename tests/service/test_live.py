@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ from marketpipe.core.schema import Bar, Quote, Trade
 from marketpipe.providers.alpaca_stream import Outage, StreamMessage
 from marketpipe.service.data import MarketData
 from marketpipe.service.gateway import Gateway
-from marketpipe.service.live import PRICES, FanoutClient, LiveHub, stream_url
+from marketpipe.service.live import ALPACA_PROTOCOL, PRICES, FanoutClient, LiveHub, stream_url
 from marketpipe.service.stream_router import SourceState
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import FaultRule
@@ -456,6 +457,26 @@ async def test_a_client_leaving_mid_subscribe_leaves_nothing_subscribed(live: Li
     await live.detach(c)
     await until(lambda: not upstream_refs(live) and not live.fanout.routes)
     assert not live.upstream_wanted()
+
+
+async def test_each_client_subscription_is_one_reference_counted_by_the_stream_only(live: LiveHub) -> None:
+    a, b, compat = live.attach("test"), live.attach("test"), live.attach(ALPACA_PROTOCOL)
+    await live.subscribe(a, PRICES, ["AAPL"])
+    await live.subscribe(b, PRICES, ["AAPL"])
+    await live.subscribe(compat, "trades", ["AAPL"])
+    # the stream holds one reference per client; what the hub wants is derived from its routes, not counted
+    assert upstream_refs(live) == {"trades": {"AAPL": 3}, "quotes": {"AAPL": 2}, "bars": {"AAPL": 2}}
+    assert live.upstream_wanted() == Counter({("trades", "AAPL"): 3, ("quotes", "AAPL"): 2, ("bars", "AAPL"): 2})
+    stream = live.stream
+    assert stream is not None
+    await until(lambda: stream.health().server_subscriptions.get("quotes") == ["AAPL"])
+    await live.detach(a)
+    assert upstream_refs(live) == {"trades": {"AAPL": 2}, "quotes": {"AAPL": 1}, "bars": {"AAPL": 1}}
+    assert stream.health().server_subscriptions.get("quotes") == ["AAPL"]  # b still holds it: no unsubscribe
+    await live.detach(b)
+    assert upstream_refs(live) == {"trades": {"AAPL": 1}}
+    await until(lambda: not stream.health().server_subscriptions.get("quotes"))
+    assert stream.health().server_subscriptions.get("trades") == ["AAPL"]
 
 
 async def test_trades_and_quotes_keep_their_own_order_and_source(live: LiveHub) -> None:

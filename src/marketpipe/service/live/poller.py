@@ -39,9 +39,7 @@ class FallbackPoller:
         self.updates = 0
 
     def providers(self) -> list[Any]:
-        usable, _ = self.gateway.candidates("latest_trade")
-        now = utcnow()
-        usable = [p for p in usable if p.supports("latest_trade", None, None, None, now) is None]
+        usable, _ = self.gateway.candidates("latest_trade")  # the ones whose supports() serves it, best first
         others = [p for p in usable if p.name != PRIMARY_VENDOR]
         return others or usable
 
