@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ from marketpipe.core.schema import Bar, Quote, Trade
 from marketpipe.providers.alpaca_stream import Outage, StreamMessage
 from marketpipe.service.data import MarketData
 from marketpipe.service.gateway import Gateway
-from marketpipe.service.live import PRICES, FanoutClient, LiveHub, stream_url
+from marketpipe.service.live import ALPACA_PROTOCOL, PRICES, FanoutClient, LiveHub, stream_url
 from marketpipe.service.stream_router import SourceState
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import FaultRule
@@ -454,8 +455,28 @@ async def test_a_client_leaving_mid_subscribe_leaves_nothing_subscribed(live: Li
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await live.detach(c)
-    await until(lambda: not upstream_refs(live) and not live._routes)
-    assert not live._upstream
+    await until(lambda: not upstream_refs(live) and not live.fanout.routes)
+    assert not live.upstream_wanted()
+
+
+async def test_each_client_subscription_is_one_reference_counted_by_the_stream_only(live: LiveHub) -> None:
+    a, b, compat = live.attach("test"), live.attach("test"), live.attach(ALPACA_PROTOCOL)
+    await live.subscribe(a, PRICES, ["AAPL"])
+    await live.subscribe(b, PRICES, ["AAPL"])
+    await live.subscribe(compat, "trades", ["AAPL"])
+    # the stream holds one reference per client; what the hub wants is derived from its routes, not counted
+    assert upstream_refs(live) == {"trades": {"AAPL": 3}, "quotes": {"AAPL": 2}, "bars": {"AAPL": 2}}
+    assert live.upstream_wanted() == Counter({("trades", "AAPL"): 3, ("quotes", "AAPL"): 2, ("bars", "AAPL"): 2})
+    stream = live.stream
+    assert stream is not None
+    await until(lambda: stream.health().server_subscriptions.get("quotes") == ["AAPL"])
+    await live.detach(a)
+    assert upstream_refs(live) == {"trades": {"AAPL": 2}, "quotes": {"AAPL": 1}, "bars": {"AAPL": 1}}
+    assert stream.health().server_subscriptions.get("quotes") == ["AAPL"]  # b still holds it: no unsubscribe
+    await live.detach(b)
+    assert upstream_refs(live) == {"trades": {"AAPL": 1}}
+    await until(lambda: not stream.health().server_subscriptions.get("quotes"))
+    assert stream.health().server_subscriptions.get("trades") == ["AAPL"]
 
 
 async def test_trades_and_quotes_keep_their_own_order_and_source(live: LiveHub) -> None:
@@ -490,7 +511,7 @@ async def test_trades_and_quotes_keep_their_own_order_and_source(live: LiveHub) 
     assert trades[-1]["volume"] == 200
     # the fallback: its quote is newer than its trade; the trade still moves the price, and the quote's
     # source is told apart from the price's
-    live._apply_fallback(
+    live.poller.apply(
         {
             "NOPE": Trade(
                 symbol="NOPE",
@@ -567,7 +588,7 @@ async def test_bars_survive_a_failed_store_write(live: LiveHub, monkeypatch: pyt
         fetched_at=now,
     )
     live.handle(StreamMessage("bars", bar))
-    real = live._write_bars
+    real = live.bars.write
     calls = []
 
     def failing(bars: list[Bar], refresh: bool) -> int:
@@ -576,7 +597,7 @@ async def test_bars_survive_a_failed_store_write(live: LiveHub, monkeypatch: pyt
             raise OSError("disk full")
         return real(bars, refresh)
 
-    monkeypatch.setattr(live, "_write_bars", failing)
+    monkeypatch.setattr(live.bars, "write", failing)
     assert await live.flush() == 0
     assert await live.flush() == 1
     assert live.data.store.read_bars(["QQQ"], "1Min", t0, t0 + timedelta(minutes=1)).height == 1

@@ -1,0 +1,597 @@
+"""The live hub: one upstream stream, checked, routed and fanned out to many clients.
+
+Alpaca allows one stream connection per account and feed, so the gateway owns it. :class:`LiveHub`
+wires together
+
+* the one :class:`~marketpipe.providers.alpaca_stream.AlpacaStream` (the primary). Each client's
+  subscription is one reference on the stream, which counts them per channel and symbol and tells
+  the vendor only of the changes 0 → 1 and 1 → 0 (the hub counts nothing itself);
+* :class:`~marketpipe.quality.stream_checks.StreamChecker`, which every trade and quote passes;
+* the :class:`~marketpipe.service.stream_router.DataSourceRouter`, fed a health report every
+  ``MONITOR_SECONDS``; when it fails over, the :class:`~.poller.FallbackPoller` polls REST;
+* the :class:`~.fanout.Fanout` (clients, routes, bounded queues), the :class:`~.board.PriceBoard`
+  (unified prices, as ``price_board``), the :class:`~.bars.BarWriter` (stream bars to the store, gap backfill) and
+  :class:`~.bars.PrevCloses`.
+
+Unified updates come from the router's active source: the stream while the primary is active, the
+polled fallback while it is not. The Alpaca-compatible clients get the stream's own messages only
+(Alpaca's format has no field to attribute another vendor's data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from marketpipe.core.config import Config
+from marketpipe.core.errors import InvalidArgument, MarketpipeError
+from marketpipe.core.events import hub as event_hub
+from marketpipe.core.log import get_logger
+from marketpipe.core.schema import Bar, Quote, Trade, normalize_symbol
+from marketpipe.core.timeutil import utcnow
+from marketpipe.providers.alpaca_stream import (
+    CHANNELS,
+    DEFAULT_STREAM_URL,
+    AlpacaStream,
+    Outage,
+    StreamHealth,
+    StreamMessage,
+)
+from marketpipe.quality.stream_checks import StreamChecker
+from marketpipe.service.gateway import Gateway
+from marketpipe.service.live.bars import BarWriter, PrevCloses
+from marketpipe.service.live.board import SCORE_POLLED, SCORE_STREAM, PriceBoard
+from marketpipe.service.live.fanout import PRICES, WILDCARD, Fanout, FanoutClient, Item, Route
+from marketpipe.service.live.poller import FallbackPoller
+from marketpipe.service.stream_router import (
+    FALLBACK,
+    PRIMARY,
+    DataSourceRouter,
+    Role,
+    RouterConfig,
+    SourceState,
+)
+
+log = get_logger("marketpipe.service.live")
+
+MONITOR_SECONDS = 1.0
+OFFICIAL_DATA_URL = "https://data.alpaca.markets"
+
+T = TypeVar("T")
+
+
+def stream_url(config: Config) -> str:
+    """``[stream] url``, else derived from the Alpaca provider: Alpaca's stream for the official data
+    API, the same host (``ws://``) for anything else (marketpipe's simulator serves both)."""
+    url = config.stream.url
+    if url is None:
+        base = config.provider("alpaca").base_url
+        if not base or base.rstrip("/") == OFFICIAL_DATA_URL:
+            return DEFAULT_STREAM_URL
+        url = base
+    url = url.rstrip("/")
+    if url.startswith("http://"):
+        return "ws://" + url[7:]
+    if url.startswith("https://"):
+        return "wss://" + url[8:]
+    return url
+
+
+def upstream_channels(channel: str) -> tuple[str, ...]:
+    """What a hub subscription needs upstream: unified prices come from trades and quotes (and the
+    minute bars are stored); an Alpaca-compatible channel is itself."""
+    return ("trades", "quotes", "bars") if channel == PRICES else (channel,)
+
+
+class LiveHub:
+    """See the module docstring. Create inside the event loop that will run it; :meth:`start`,
+    then attach clients; :meth:`close` at shutdown."""
+
+    def __init__(
+        self,
+        config: Config,
+        gateway: Gateway,
+        *,
+        env: dict[str, str] | None = None,
+        stream: AlpacaStream | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = utcnow,
+        monitor_seconds: float = MONITOR_SECONDS,
+        market_open: Callable[[], bool] | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = s = config.stream
+        self.gateway = gateway
+        self.data = gateway.data
+        self.router = DataSourceRouter(
+            RouterConfig(
+                failure_threshold=s.failure_threshold,
+                grace_seconds=s.grace_seconds,
+                fallback_poll_seconds=s.fallback_poll_seconds,
+                stale_seconds=s.stale_seconds,
+            ),
+            clock=clock,
+        )
+        self.checker = StreamChecker(s)
+        self.fanout = Fanout(s.client_queue, s.slow_warn_fraction)
+        self.price_board = PriceBoard(self.router, s.sparkline_points)
+        self.poller = FallbackPoller(gateway, self.router, self.checker, self.price_board, self._publish_polled)
+        self.bars = BarWriter(self.data, now, self._spawn, lambda: self.upstream_symbols("bars"))
+        self.prev_closes = PrevCloses(
+            gateway, config.calendar, now, self.price_board.set_prev_close, self._unknown_symbol
+        )
+        self._env = env
+        self._stream = stream
+        self._stream_error: MarketpipeError | None = None
+        self._clock = clock
+        self._now = now
+        self.monitor_seconds = monitor_seconds
+        self._market_open = market_open or gateway.is_market_hours
+        self._seen_reconnects = 0
+        self._held: list[str] = []  # [stream] symbols: subscribed upstream for good
+        self._upstream_lock = asyncio.Lock()  # a subscription change and a stream restart never interleave
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._monitor: asyncio.Task[None] | None = None
+        self._last_cross_check = clock()
+        self._last_flush = clock()
+        self.received = 0
+        self.rejected = 0
+        self._started = False
+        self._closed = False
+        self._froze = False
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    @property
+    def stream(self) -> AlpacaStream | None:
+        return self._stream
+
+    async def start(self) -> None:
+        """Start the monitor; connect upstream once there is something to subscribe. Never raises for
+        a missing key or an unreachable vendor: the router then runs on the fallback."""
+        if self._started:
+            return
+        self._started = True
+        # A server's long-lived heap (pandas, polars, calendars, the app) is moved out of the cyclic
+        # collector's sight: under stream load a full collection otherwise walks all of it several times
+        # a second (measured: a quarter of the ingest rate). Objects made from here on are collected as usual.
+        gc.collect()
+        gc.freeze()
+        self._froze = True
+        if self._stream is None:
+            self._stream = self._new_stream()
+        if self._stream is not None:
+            self._stream.add_batch_handler(self.handle_batch)
+        self.router.on_transition(self._on_transition)
+        self._monitor = asyncio.create_task(self._run_monitor(), name="live-hub-monitor")
+        fresh = []
+        for sym in (normalize_symbol(raw) for raw in self.settings.symbols):
+            if self.price_board.add(sym):
+                fresh.append(sym)
+            async with self._upstream_lock:
+                await self._upstream_add(sym, upstream_channels(PRICES))
+                self._held.append(sym)
+        if fresh:
+            self._spawn(self.prev_closes.ensure(fresh))
+
+    def _new_stream(self) -> AlpacaStream | None:
+        s = self.settings
+        try:
+            return AlpacaStream(
+                s.feed or self.config.provider("alpaca").feed,
+                base_url=stream_url(self.config),
+                env=self._env,
+                encoding="json" if s.encoding == "json" else "msgpack",
+                stale_seconds=s.stale_seconds,
+                on_reconnect=self.bars.on_outage if s.gap_backfill else None,
+            )
+        except MarketpipeError as exc:
+            self._stream_error = exc
+            log.warning("live_primary_unavailable", code=exc.code, error=exc.message)
+            return None
+
+    async def _restart_stream(self, reason: str) -> None:
+        """A stream that stopped for good (auth failed, not entitled) is replaced by a new one carrying
+        every upstream reference — on an admin reconnect, once the cause may have been fixed."""
+        stream = self._new_stream()
+        if stream is None:
+            return
+        async with self._upstream_lock:
+            old = self._stream
+            if old is not None:
+                await old.close()
+            self._stream, self._seen_reconnects = stream, 0
+            stream.add_batch_handler(self.handle_batch)
+            wanted = self.upstream_wanted()
+            log.warning("live_stream_restarted", reason=reason, subscriptions=len(wanted))
+            # not connected yet: the references are only counted, and sent together once connected
+            for round_ in range(max(wanted.values(), default=0)):
+                req: dict[str, list[str]] = {}
+                for (ch, sym), n in wanted.items():
+                    if n > round_:
+                        req.setdefault(ch, []).append(sym)
+                await stream.subscribe(**req)
+            if wanted:
+                await stream.start()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.fanout.close_all()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+        if self._stream is not None:
+            await self._stream.close()  # first: no bar may arrive after the last flush
+        with contextlib.suppress(Exception):
+            await self.flush()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._froze:
+            gc.unfreeze()  # native extensions (DuckDB) check their objects are freed at exit
+            self._froze = False
+
+    # --- clients and subscriptions ----------------------------------------------------------------------
+
+    def attach(self, protocol: str, name: str = "", *, queue_size: int | None = None) -> FanoutClient:
+        if self._closed:
+            raise InvalidArgument("the live hub is shut down")
+        return self.fanout.attach(protocol, name, queue_size)
+
+    async def detach(self, client: FanoutClient) -> None:
+        """Forget ``client``: its routes go at once (nothing more is queued for it); the upstream
+        releases run as the hub's own task, so a cancelled caller cannot leave them half done."""
+        releases = self.fanout.detach(client)
+        if releases is not None:
+            await self._shielded(self._release_all(releases))
+
+    async def subscribe(self, client: FanoutClient, channel: str, symbols: Iterable[str]) -> list[str]:
+        """Add ``symbols`` (normalised; ``*`` for upstream channels) on ``channel``; returns the
+        client's whole list for that channel. A bad symbol raises InvalidArgument and changes nothing;
+        a symbol the vendor refuses raises its error, the ones before it stay subscribed."""
+        if channel != PRICES and channel not in CHANNELS:
+            raise InvalidArgument(f"unknown channel {channel!r}", details={"channel": channel})
+        syms = [self._symbol(channel, s) for s in symbols]
+        have = client.subscriptions.setdefault(channel, set())
+        new = [s for s in dict.fromkeys(syms) if s not in have]
+        total = sum(len(v) for v in client.subscriptions.values())
+        if total + len(new) > self.settings.max_symbols_per_client:
+            raise InvalidArgument(
+                f"at most {self.settings.max_symbols_per_client} subscriptions per client",
+                details={"limit": self.settings.max_symbols_per_client},
+            )
+        await self._shielded(self._subscribe(client, channel, new))
+        return sorted(have)
+
+    async def _subscribe(self, client: FanoutClient, channel: str, new: list[str]) -> None:
+        """The hub's side of a subscribe, run to the end even when the caller is cancelled: one
+        reference upstream, then routed — or released again if the client left meanwhile."""
+        upstream = upstream_channels(channel)
+        fresh: list[str] = []
+        try:
+            for s in new:
+                if s != WILDCARD and self.price_board.add(s):
+                    fresh.append(s)
+                async with self._upstream_lock:
+                    await self._upstream_add(s, upstream)  # raises (and holds nothing) when the vendor refuses
+                    if client.closed is not None:
+                        await self._upstream_release(s, upstream)
+                        continue
+                    self.fanout.route(client, channel, s)
+                if channel == PRICES:
+                    doc = self.price_board.last_update(s)
+                    if doc is not None:
+                        client.put(Item(PRICES, s, doc))
+        finally:
+            if fresh:
+                self._spawn(self.prev_closes.ensure(fresh))  # one snapshot request for the lot
+
+    async def unsubscribe(self, client: FanoutClient, channel: str, symbols: Iterable[str]) -> list[str]:
+        wanted = [raw if raw == WILDCARD else normalize_symbol(raw) for raw in symbols]
+        gone = self.fanout.unroute(client, channel, wanted)
+        await self._shielded(self._release_all([(channel, gone)]))
+        return sorted(client.subscriptions.get(channel, set()))
+
+    async def _release_all(self, releases: list[tuple[str, list[str]]]) -> None:
+        for channel, symbols in releases:
+            for s in symbols:
+                async with self._upstream_lock:
+                    await self._upstream_release(s, upstream_channels(channel))
+
+    async def _upstream_add(self, symbol: str, channels: tuple[str, ...]) -> None:
+        """One more reference on the stream for each of ``channels`` (caller holds the upstream lock)."""
+        stream = self._stream
+        if stream is None:
+            return  # counted by nobody: a restarted stream gets what the routes want
+        await stream.start()  # connects on the first subscription (no-op after)
+        try:
+            await stream.subscribe(**{ch: [symbol] for ch in channels})
+        except MarketpipeError as exc:  # e.g. 405 symbol limit: the client asked, the vendor refused
+            log.warning("live_upstream_subscription_failed", channels=channels, symbol=symbol, code=exc.code)
+            raise
+
+    async def _upstream_release(self, symbol: str, channels: tuple[str, ...]) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        try:
+            await stream.unsubscribe(**{ch: [symbol] for ch in channels})
+        except MarketpipeError as exc:  # already gone upstream (a stream rebuilt meanwhile): nothing to undo
+            log.info("live_upstream_release_failed", channels=channels, symbol=symbol, code=exc.code)
+
+    async def _shielded(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` as a hub task the caller awaits; cancelling the caller does not cancel it."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _symbol(channel: str, raw: str) -> str:
+        if raw == WILDCARD:
+            if channel == PRICES:
+                raise InvalidArgument("the unified price stream takes symbols, not '*'", details={"symbol": raw})
+            return raw
+        return normalize_symbol(str(raw))
+
+    def upstream_wanted(self) -> Counter[Route]:
+        """The references the clients (and ``[stream] symbols``) hold upstream, per (upstream channel,
+        symbol) — derived from the routes; the stream keeps the count."""
+        want: Counter[Route] = Counter()
+        for (channel, sym), clients in self.fanout.routes.items():
+            for ch in upstream_channels(channel):
+                want[(ch, sym)] += len(clients)
+        for sym in self._held:
+            for ch in upstream_channels(PRICES):
+                want[(ch, sym)] += 1
+        return want
+
+    def upstream_symbols(self, channel: str = "bars") -> list[str]:
+        return sorted({s for (ch, s) in self.upstream_wanted() if ch == channel and s != WILDCARD})
+
+    # --- upstream messages ------------------------------------------------------------------------------
+
+    def handle(self, msg: StreamMessage) -> None:
+        """One upstream message: see :meth:`handle_batch`."""
+        self.handle_batch([msg])
+
+    def handle_batch(self, msgs: list[StreamMessage]) -> None:
+        """One upstream frame's messages (the stream's batch handler): check, fan out to the channel's
+        subscribers, publish unified prices while the stream is the active source, buffer bars."""
+        self.received += len(msgs)
+        routes = self.fanout.routes
+        deliver = self.fanout.deliver
+        checker = self.checker
+        state = self.router.state
+        publish = state is SourceState.PRIMARY_ACTIVE or state is SourceState.STARTUP
+        latest: dict[str, dict[str, Any]] = {}
+        arrived = _arrival(msgs[0].record) if msgs else 0.0
+        for channel, rec in msgs:
+            price: Trade | Quote | None = None
+            # exact types: the record union is told apart by its class (events are dicts)
+            if type(rec) is Trade:
+                if checker.check_trade(rec.symbol, rec.price, rec.size, rec.ts, rec.fetched_at, rec.source):
+                    self.rejected += 1
+                    continue
+                price, symbol = rec, rec.symbol
+            elif type(rec) is Quote:
+                if checker.check_quote(
+                    rec.symbol,
+                    rec.bid_price,
+                    rec.bid_size,
+                    rec.ask_price,
+                    rec.ask_size,
+                    rec.ts,
+                    rec.fetched_at,
+                    rec.source,
+                ):
+                    self.rejected += 1
+                    continue
+                price, symbol = rec, rec.symbol
+            elif type(rec) is Bar:
+                self.bars.add(channel, rec)
+                symbol = rec.symbol
+            elif isinstance(rec, dict):
+                sym = rec.get("symbol")
+                symbol = sym if isinstance(sym, str) else ""
+            else:
+                symbol = ""
+            if routes:
+                deliver(channel, symbol, rec, arrived)
+            if publish and price is not None:
+                self._publish(price, price.feed != "delayed_sip", SCORE_STREAM, PRIMARY, latest, arrived)
+        for symbol, doc in latest.items():
+            self.router.record(symbol, doc, source=PRIMARY)
+
+    def _publish(
+        self,
+        rec: Trade | Quote,
+        real_time: bool,
+        score: float,
+        role: Role,
+        last: dict[str, dict[str, Any]] | None = None,
+        arrived: float = 0.0,
+    ) -> None:
+        doc = self.price_board.update(rec, real_time, score)
+        if doc is None:
+            return
+        if last is None:
+            self.router.record(rec.symbol, doc, source=role)
+        else:
+            last[rec.symbol] = doc  # the caller records the batch's last value per symbol once
+        self.fanout.publish(rec.symbol, doc, arrived)
+
+    def _publish_polled(self, rec: Trade | Quote) -> None:
+        self._publish(rec, False, SCORE_POLLED, FALLBACK)
+
+    def _unknown_symbol(self, symbol: str) -> None:
+        self.fanout.tell_subscribers(
+            symbol,
+            {
+                "type": "warning",
+                "code": "UNKNOWN_SYMBOL",
+                "symbol": symbol,
+                "message": f"no vendor has a snapshot of {symbol}: subscribed, but nothing may arrive",
+            },
+        )
+
+    def _on_transition(self, old: SourceState, new: SourceState, reason: str) -> None:
+        """Unified-stream clients are told which source serves them now."""
+        self.fanout.tell_unified(
+            {
+                "type": "status",
+                "state": str(new),
+                "previous": str(old),
+                "active_source": self.router.active_source,
+                "reason": reason,
+                "at": self._now(),
+            }
+        )
+
+    # --- monitor: router health, fallback, persistence ------------------------------------------------
+
+    async def _run_monitor(self) -> None:
+        while True:
+            try:
+                await self._monitor_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the monitor must outlive any one failure
+                log.error("live_monitor_failed", error=repr(exc))
+            await asyncio.sleep(self.monitor_seconds)
+
+    async def _monitor_once(self) -> None:
+        stream = self._stream
+        if not self.fanout.routes and not self._held:
+            self.router.primary_idle()  # nothing subscribed: nothing to be stale about
+        elif stream is None:
+            self.router.primary_failed(self._stream_error.code if self._stream_error else "no_stream")
+        else:
+            health = stream.health()
+            seen, self._seen_reconnects = self._seen_reconnects, health.reconnects
+            if health.stopped:
+                code = health.stop_error.get("code") if health.stop_error else "stopped"
+                self.router.primary_failed(str(code))
+            elif not health.connected:
+                # one failure per lost connection or failed attempt (the stream retries with backoff);
+                # a first connection still being opened is not a failure (silence counts via staleness)
+                if health.reconnects > seen:
+                    self.router.primary_failed("disconnected")
+            elif self._flowing(health):
+                self.router.primary_ok()
+        self.router.tick()
+        for req in self.router.take_reconnects():
+            if req.source != PRIMARY:
+                continue
+            if stream is None or stream.health().stopped:
+                await self._restart_stream(f"requested: {req.reason}")
+            else:
+                await stream.reconnect(f"requested: {req.reason}")
+        poller = self.poller
+        price_symbols = self.fanout.symbols(PRICES)
+        if self.router.should_poll_fallback() and not poller.polling and price_symbols:
+            self._spawn(poller.poll(price_symbols))
+        s = self.settings
+        now = self._clock()
+        if (
+            s.cross_check_seconds
+            and now - self._last_cross_check >= s.cross_check_seconds
+            and self.router.state is SourceState.PRIMARY_ACTIVE
+            and not poller.polling
+        ):
+            self._last_cross_check = now
+            self._spawn(poller.poll(price_symbols, cross_check_only=True))
+        if s.persist_bars and now - self._last_flush >= s.persist_every_seconds:
+            self._last_flush = now
+            await self.flush()
+
+    def _flowing(self, health: StreamHealth) -> bool:
+        """Connected with data within ``stale_seconds`` (or connected more recently than that). Outside
+        market hours a connected stream may rightly be silent: connected is enough then."""
+        if not self._market_open():
+            return True
+        if not health.last_message_at:
+            since = health.connected_since
+            return since is not None and (self._now() - since).total_seconds() < self.settings.stale_seconds
+        newest = max(health.last_message_at.values())
+        return (self._now() - newest).total_seconds() < self.settings.stale_seconds
+
+    # --- persistence -------------------------------------------------------------------------------------
+
+    async def flush(self) -> int:
+        """Write the stream's minute bars received since the last flush."""
+        return await self.bars.flush()
+
+    async def on_outage(self, outage: Outage) -> None:
+        await self.bars.on_outage(outage)
+
+    # --- admin and exposure ---------------------------------------------------------------------------
+
+    def force_failover(self, reason: str = "admin") -> None:
+        self.router.force_failover(reason)
+
+    def release(self, reason: str = "admin") -> None:
+        self.router.release(reason)
+
+    def request_reconnect(self, reason: str = "admin") -> None:
+        self.router.request_reconnect(PRIMARY, reason)
+
+    def datasource(self) -> dict[str, Any]:
+        """``/health/datasource``'s live part: the router, the upstream connection, the fan-out."""
+        doc = self.router.snapshot()
+        # the router keeps monotonic times; wall-clock ones for people and dashboards
+        doc["since_at"] = self._wall(doc["since"])
+        for tr in doc["history"]:
+            tr["at_time"] = self._wall(tr["at"])
+        stream = self._stream
+        doc["primary"]["stream"] = (
+            stream.health().to_dict()
+            if stream is not None
+            else {"connected": False, "error": self._stream_error.to_dict() if self._stream_error else None}
+        )
+        doc["fanout"] = {**self.fanout.snapshot(), "subscribed_symbols": len(self.price_board.symbols)}
+        bars, poller = self.bars, self.poller
+        doc["stats"] = {
+            "received": self.received,
+            "published": self.price_board.published,
+            "rejected": self.rejected,
+            "rejected_by_reason": dict(self.checker.rejected),
+            "fallback_polls": poller.polls,
+            "fallback_updates": poller.updates,
+            "bars_persisted": bars.persisted,
+            "outages": bars.outages,
+            "gap_backfills": bars.gap_backfills,
+            "gap_bars_stored": bars.gap_bars,
+        }
+        return doc
+
+    def _wall(self, at: float) -> str:
+        return (self._now() - timedelta(seconds=self._clock() - at)).isoformat()
+
+    def board(self, symbols: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """The dashboard's table: last unified value per symbol (stale-labelled) and its sparkline."""
+        return self.price_board.rows(symbols)
+
+    @staticmethod
+    def alerts(limit: int = 50) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in list(event_hub.recent)[-limit:]][::-1]
+
+
+def _arrival(record: Any) -> float:
+    fetched = getattr(record, "fetched_at", None)
+    if fetched is None and isinstance(record, dict):
+        fetched = record.get("fetched_at")
+    return fetched.timestamp() if isinstance(fetched, datetime) else 0.0
