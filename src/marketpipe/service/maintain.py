@@ -129,9 +129,9 @@ async def update(
             for sym in syms:
                 results[sym] = SymbolUpdate(sym, "full" if refresh else "incremental", begin, stop, error=_error(exc))
             continue
-        failed = {s for err in stats.errors for s in err.get("symbols", [])}  # type: ignore[union-attr]
+        failed = {s for err in stats.errors for s in _error_symbols(err)}
         for sym in syms:
-            err = next((e for e in stats.errors if sym in e.get("symbols", [])), None) if sym in failed else None  # type: ignore[operator]
+            err = next((e for e in stats.errors if sym in _error_symbols(e)), None) if sym in failed else None
             results[sym] = SymbolUpdate(sym, "full" if refresh else "incremental", begin, stop, stats=stats, error=err)
     _check_stale(store, cal, symbols, timeframe, t_now, ucfg.stale_after_minutes)
     return {sym: results[sym] for sym in symbols}
@@ -292,6 +292,12 @@ async def repair(
                 current = completeness(store, cal, symbols, timeframe, start, end, extended=extended, now=t_now)
     result.after = current
     return result
+
+
+def _error_symbols(err: dict[str, object]) -> list[str]:
+    """The symbols a backfill error record names (its ``symbols`` list)."""
+    syms = err.get("symbols")
+    return [str(s) for s in syms] if isinstance(syms, list) else []
 
 
 def _covered_by(store: BarStore, symbol: str, tf: Timeframe, provider: str, s: datetime, e: datetime) -> bool:
