@@ -17,11 +17,11 @@ import orjson
 import pytest
 
 from marketpipe.core.timeframe import Timeframe
-from marketpipe.providers.alpaca import bars_to_frame
 from marketpipe.quality.validate import check_bars
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import DEFECTS, FaultRule, Faults, apply_defect
 from marketpipe.sim.server import SimServer
+from marketpipe.wire.alpaca_rest import bars_to_frame
 
 Row = dict[str, Any]
 DAY = {"timeframe": "1Min", "start": "2024-03-05T00:00:00Z", "end": "2024-03-06T00:00:00Z"}  # Tue, 390 bars

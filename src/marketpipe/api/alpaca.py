@@ -22,7 +22,6 @@ as a symbol. Bodies are sent as ``application/json; charset=utf-8``, as the vend
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,17 +50,20 @@ from marketpipe.core.validation import (
     validate_timeframe,
 )
 from marketpipe.service.gateway import BarsPage, Meta, decode_token
+from marketpipe.wire.alpaca_rest import (
+    ADJUSTMENTS,
+    HISTORICAL_FEEDS,
+    LATEST_FEEDS,
+    MAX_LIMIT,
+    bar_obj,
+    page_json,
+    quote_obj,
+    snapshot_obj,
+    trade_obj,
+)
 
 JSON = "application/json; charset=utf-8"
-MAX_LIMIT = 10_000
 DEFAULT_LIMIT = 1000
-HISTORICAL_FEEDS = ("sip", "iex", "otc", "boats")
-LATEST_FEEDS = ("sip", "iex", "delayed_sip", "otc", "boats", "overnight")
-ADJUSTMENTS = ("raw", "split", "dividend", "spin-off", "all")
-# Alpaca's SIP quote sizes were round lots until this instant (New York midnight) and shares since;
-# canonical quotes are in shares, the wire format is the vendor's.
-QUOTE_SHARES_FROM = datetime(2025, 11, 3, 5, tzinfo=UTC)
-ROUND_LOT = 100
 ONE_US = timedelta(microseconds=1)
 
 _TIME = re.compile(
@@ -261,152 +263,6 @@ def _historical(
 
 
 # --- encoding -------------------------------------------------------------------------------------
-
-
-def _ts_text(ts: datetime) -> str:
-    """RFC-3339 with the fraction's trailing zeros trimmed (Go's RFC3339Nano, as the vendor sends)."""
-    text = ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".")
-    return text + "Z"
-
-
-def _bar_ts_text(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _nano_text(col: str) -> pl.Expr:
-    return pl.col(col).dt.strftime("%Y-%m-%dT%H:%M:%S%.9f").str.strip_chars_end("0").str.strip_chars_end(".") + "Z"
-
-
-def _lots(col: str) -> pl.Expr:
-    before = pl.col("ts") < pl.lit(QUOTE_SHARES_FROM)
-    return pl.when(before).then(pl.col(col) // ROUND_LOT).otherwise(pl.col(col))
-
-
-def _wire_rows(kind: str, frame: pl.DataFrame) -> pl.DataFrame:
-    """Canonical columns to the vendor's keys, in the vendor's order (symbol kept first for grouping)."""
-    if kind == "bars":
-        return frame.select(
-            "symbol",
-            pl.col("ts").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("t"),
-            pl.col("open").alias("o"),
-            pl.col("high").alias("h"),
-            pl.col("low").alias("l"),
-            pl.col("close").alias("c"),
-            pl.col("volume").alias("v"),
-            pl.col("trade_count").alias("n"),
-            pl.col("vwap").alias("vw"),
-        )
-    if kind == "trades":
-        cols = [
-            "symbol",
-            _nano_text("ts").alias("t"),
-            pl.col("exchange").alias("x"),
-            pl.col("price").alias("p"),
-            pl.col("size").alias("s"),
-            pl.col("conditions").alias("c"),
-            pl.col("trade_id").alias("i"),
-            pl.col("tape").alias("z"),
-        ]
-        if "update" in frame.columns and frame["update"].null_count() < frame.height:
-            cols.append(pl.col("update").alias("u"))
-        return frame.select(cols)
-    return frame.select(
-        "symbol",
-        _nano_text("ts").alias("t"),
-        pl.col("ask_exchange").alias("ax"),
-        pl.col("ask_price").alias("ap"),
-        _lots("ask_size").alias("as"),
-        pl.col("bid_exchange").alias("bx"),
-        pl.col("bid_price").alias("bp"),
-        _lots("bid_size").alias("bs"),
-        pl.col("conditions").alias("c"),
-        pl.col("tape").alias("z"),
-    )
-
-
-def _array(rows: pl.DataFrame) -> bytes:
-    if "u" in rows.columns:  # amended trades only carry "u": leave it out of the others
-        return orjson.dumps(
-            [{k: v for k, v in r.items() if k != "u" or v is not None} for r in rows.iter_rows(named=True)]
-        )
-    buf = io.BytesIO()
-    rows.write_json(buf)
-    return buf.getvalue()
-
-
-def page_json(kind: str, frame: pl.DataFrame, single: str | None, next_token: str | None, currency: bool) -> bytes:
-    """A historical page: ``{kind: {SYM: [...]}, "next_page_token"}`` or, for one symbol,
-    ``{kind: [...] | null, "symbol", "next_page_token"}``; ``"currency"`` last when asked for."""
-    rows = _wire_rows(kind, frame) if frame.height else None
-    doc: dict[str, Any]
-    if single is not None:
-        body = orjson.Fragment(_array(rows.drop("symbol"))) if rows is not None else None
-        doc = {kind: body, "symbol": single, "next_page_token": next_token}
-    else:
-        parts: dict[str, Any] = {}
-        if rows is not None:
-            for (sym,), part in rows.partition_by("symbol", as_dict=True, maintain_order=True).items():
-                parts[str(sym)] = orjson.Fragment(_array(part.drop("symbol")))
-        doc = {kind: parts, "next_page_token": next_token}
-    if currency:
-        doc["currency"] = "USD"
-    return orjson.dumps(doc)
-
-
-def trade_obj(t: Trade) -> dict[str, Any]:
-    return {
-        "t": _ts_text(t.ts),
-        "x": t.exchange,
-        "p": t.price,
-        "s": t.size,
-        "c": list(t.conditions),
-        "i": t.trade_id,
-        "z": t.tape,
-    }
-
-
-def quote_obj(q: Quote) -> dict[str, Any]:
-    lot = ROUND_LOT if q.ts < QUOTE_SHARES_FROM else 1
-    return {
-        "t": _ts_text(q.ts),
-        "ax": q.ask_exchange,
-        "ap": q.ask_price,
-        "as": q.ask_size // lot,
-        "bx": q.bid_exchange,
-        "bp": q.bid_price,
-        "bs": q.bid_size // lot,
-        "c": list(q.conditions),
-        "z": q.tape,
-    }
-
-
-def bar_obj(b: Bar) -> dict[str, Any]:
-    return {
-        "t": _bar_ts_text(b.ts),
-        "o": b.open,
-        "h": b.high,
-        "l": b.low,
-        "c": b.close,
-        "v": b.volume,
-        "n": b.trade_count,
-        "vw": b.vwap,
-    }
-
-
-def snapshot_obj(s: Snapshot) -> dict[str, Any]:
-    """The five members, each left out when there is none (as the vendor does)."""
-    members: dict[str, Any] = {}
-    if s.latest_trade is not None:
-        members["latestTrade"] = trade_obj(s.latest_trade)
-    if s.latest_quote is not None:
-        members["latestQuote"] = quote_obj(s.latest_quote)
-    if s.minute_bar is not None:
-        members["minuteBar"] = bar_obj(s.minute_bar)
-    if s.daily_bar is not None:
-        members["dailyBar"] = bar_obj(s.daily_bar)
-    if s.prev_daily_bar is not None:
-        members["prevDailyBar"] = bar_obj(s.prev_daily_bar)
-    return members
 
 
 # --- attribution ----------------------------------------------------------------------------------

@@ -50,162 +50,70 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
-import msgpack
-import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from marketpipe.api.live import batch_json, hub_of, run_connection
 from marketpipe.core.errors import InvalidArgument, MarketpipeError, NotEntitled
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
-from marketpipe.core.schema import Bar, Quote, Trade, normalize_symbol
-from marketpipe.providers.alpaca_stream import CHANNELS, ERROR_MESSAGES, parse_subscription
+from marketpipe.core.schema import normalize_symbol
 from marketpipe.service.live import ALPACA_PROTOCOL, WILDCARD, FanoutClient, Item, LiveHub, observe_delivery
+from marketpipe.wire.alpaca_stream import (
+    AUTHENTICATED,
+    CHANNEL_NAMES,
+    CHANNELS,
+    CONNECTED,
+    ERROR_MESSAGES,
+    FOLLOWS_TRADES,
+    FRAME_ERRORS,
+    MSGPACK_CONTENT_TYPE,
+    SERVED_FEEDS,
+    Error,
+    Subscription,
+    array_header,
+    control_frame,
+    decode_client,
+    message_of,
+    parse_subscription,
+)
+from marketpipe.wire.alpaca_stream import encode_json as _json
+from marketpipe.wire.alpaca_stream import encode_msgpack as _msgpack
 
 log = get_logger("marketpipe.api.alpaca_stream")
 
-FEEDS = ("iex", "sip", "test")
+FEEDS = SERVED_FEEDS
 PROTOCOL = ALPACA_PROTOCOL
 AUTH_TIMEOUT_SECONDS = 10.0
 CLOSE_SECONDS = 2.0
 MAX_MESSAGE_BYTES = 1 << 20
-ERRORS = ERROR_MESSAGES
 FATAL = frozenset({402, 404})
-WIRE_CHANNELS: dict[str, str] = {wire: name for name, wire in CHANNELS.items()}  # updatedBars -> updated_bars
-FOLLOWS = {"corrections": "trades", "cancel_errors": "trades"}  # hub channel -> the subscription it rides on
+FOLLOWS = dict.fromkeys(FOLLOWS_TRADES, "trades")  # hub channel -> the subscription it rides on
 JSON_FORMAT = "alpaca-json"
 MSGPACK_FORMAT = "alpaca-msgpack"
 WIRE_FORMAT = "alpaca-wire"  # the message as a dict, shared by both encodings
-_JSON_OPTS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
-_BAR_LETTERS = {"bars": "b", "updated_bars": "u", "daily_bars": "d"}
-# event record (providers.alpaca_stream._event) type -> (wire letter, [(wire key, record field)]) in §2.8 order
-_EVENTS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
-    "status": (
-        "s",
-        (("sc", "status_code"), ("sm", "status_message"), ("rc", "reason_code"), ("rm", "reason_message")),
-    ),
-    "luld": ("l", (("u", "limit_up"), ("d", "limit_down"), ("i", "indicator"))),
-    "imbalance": ("i", (("p", "price"),)),
-    "correction": (
-        "c",
-        (
-            ("x", "exchange"),
-            ("oi", "original_id"),
-            ("op", "original_price"),
-            ("os", "original_size"),
-            ("oc", "original_conditions"),
-            ("ci", "corrected_id"),
-            ("cp", "corrected_price"),
-            ("cs", "corrected_size"),
-            ("cc", "corrected_conditions"),
-        ),
-    ),
-    "cancel_error": ("x", (("i", "trade_id"), ("x", "exchange"), ("p", "price"), ("s", "size"), ("a", "action"))),
-}
-# events carry t and z after their fields, except corrections and cancel/errors (z before t), as in §2.8
-_Z_FIRST = frozenset({"c", "x"})
-
-
 # --- encoding -------------------------------------------------------------------------------------------
 
 
-def wire_message(item: Item) -> dict[str, Any] | None:
-    """The Alpaca message of a hub item (``T`` first, keys in the reference's order); None for what
-    Alpaca's format cannot carry (unified prices, unknown upstream messages)."""
-    rec = item.record
-    kind = type(rec)
-    if kind is Trade:
-        return {
-            "T": "t",
-            "S": rec.symbol,
-            "i": rec.trade_id,
-            "x": rec.exchange,
-            "p": rec.price,
-            "s": rec.size,
-            "c": rec.conditions,
-            "t": rec.ts,
-            "z": rec.tape,
-        }
-    if kind is Quote:
-        return {
-            "T": "q",
-            "S": rec.symbol,
-            "bx": rec.bid_exchange,
-            "bp": rec.bid_price,
-            "bs": rec.bid_size,
-            "ax": rec.ask_exchange,
-            "ap": rec.ask_price,
-            "as": rec.ask_size,
-            "c": rec.conditions,
-            "t": rec.ts,
-            "z": rec.tape,
-        }
-    if kind is Bar:
-        letter = _BAR_LETTERS.get(item.channel) or ("d" if rec.timeframe == "1Day" else "b")
-        return {
-            "T": letter,
-            "S": rec.symbol,
-            "o": rec.open,
-            "h": rec.high,
-            "l": rec.low,
-            "c": rec.close,
-            "v": rec.volume,
-            "t": rec.ts,
-            "n": rec.trade_count,
-            "vw": rec.vwap,
-        }
-    if isinstance(rec, dict):
-        spec = _EVENTS.get(rec.get("type", ""))
-        if spec is None:
-            return None
-        letter, fields = spec
-        msg: dict[str, Any] = {"T": letter, "S": rec.get("symbol") or item.symbol}
-        for key, name in fields:
-            msg[key] = rec.get(name)
-        ts, tape = rec.get("ts"), rec.get("tape")
-        if letter in _Z_FIRST:
-            msg["z"] = tape
-        if ts is not None:  # alpaca-py converts any "t" it is given
-            msg["t"] = ts
-        if letter not in _Z_FIRST:
-            msg["z"] = tape
-        return msg
-    return None
+def wire_message(item: Item) -> Any:
+    """The Alpaca message of a hub item (a tagged struct, or a dict for events); None for what Alpaca's
+    format cannot carry (unified prices, unknown upstream messages)."""
+    return message_of(item.record, item.channel, item.symbol)
 
 
 def encode_json(item: Item) -> bytes | None:
     msg = item.encoded(WIRE_FORMAT, wire_message)
-    return None if msg is None else orjson.dumps(msg, option=_JSON_OPTS)
+    return None if msg is None else _json(msg)
 
 
 def encode_msgpack(item: Item) -> bytes | None:
     msg = item.encoded(WIRE_FORMAT, wire_message)
-    if msg is None:
-        return None
-    packed: bytes = msgpack.packb(msg, datetime=True, default=_naive_utc)  # datetimes -> Timestamp ext -1
-    return packed
+    return None if msg is None else _msgpack(msg)  # datetimes -> Timestamp ext -1
 
 
-def _naive_utc(obj: Any) -> Any:
-    if isinstance(obj, datetime):  # a naive datetime (canonical records are UTC-aware): taken as UTC
-        return msgpack.Timestamp.from_datetime(obj.replace(tzinfo=UTC))
-    raise TypeError(f"cannot encode {type(obj).__name__}")
-
-
-def array_header(n: int) -> bytes:
-    """msgpack array header for ``n`` elements."""
-    if n < 16:
-        return bytes((0x90 | n,))
-    if n < 1 << 16:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
-
-
-def _error(code: int) -> dict[str, Any]:
-    return {"T": "error", "code": code, "msg": ERRORS[code]}
+def _error(code: int) -> Error:
+    return Error.of(code)
 
 
 def _error_code(exc: MarketpipeError) -> int:
@@ -237,7 +145,7 @@ class _Session:
         self.hub = hub
         self.feed = feed
         content_type = ws.headers.get("content-type", "").split(";")[0].strip().lower()
-        self.binary = content_type == "application/msgpack"
+        self.binary = content_type == MSGPACK_CONTENT_TYPE
         self.fmt = MSGPACK_FORMAT if self.binary else JSON_FORMAT
         self.encode: Callable[[Item], bytes | None] = encode_msgpack if self.binary else encode_json
         self.authed = False
@@ -258,11 +166,11 @@ class _Session:
         else:
             await self.ws.send_text(frame.decode())
 
-    async def _send_control(self, msg: dict[str, Any]) -> None:
+    async def _send_control(self, msg: Any) -> None:
         """A control message, alone in its frame (the caller holds the lock, or no writer runs yet)."""
-        await self._send(msgpack.packb([msg]) if self.binary else orjson.dumps([msg]))
+        await self._send(control_frame(msg, self.binary))
 
-    async def control(self, msg: dict[str, Any]) -> None:
+    async def control(self, msg: Any) -> None:
         async with self.lock:
             await self._send_control(msg)
 
@@ -271,7 +179,7 @@ class _Session:
         if code in FATAL:
             self.closing = True
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(code=1008, reason=ERRORS[code]), CLOSE_SECONDS)
+                await asyncio.wait_for(self.ws.close(code=1008, reason=ERROR_MESSAGES[code]), CLOSE_SECONDS)
 
     # --- client messages ----------------------------------------------------------------------------
     async def on_message(self, raw: str | bytes) -> None:
@@ -279,8 +187,8 @@ class _Session:
             await self.error(400)
             return
         try:
-            obj = msgpack.unpackb(raw, raw=False) if isinstance(raw, bytes) else orjson.loads(raw)
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            obj = decode_client(raw)
+        except FRAME_ERRORS:
             await self.error(400)
             return
         action = obj.get("action") if isinstance(obj, dict) else None
@@ -305,7 +213,7 @@ class _Session:
             await self.error(402)
             return
         self.authed, self.key_id = True, key
-        await self.control({"T": "success", "msg": "authenticated"})
+        await self.control(AUTHENTICATED)
 
     async def change(self, obj: dict[str, Any], *, add: bool) -> None:
         """Subscribe or unsubscribe: validate the whole request first, then apply it to the hub (undone
@@ -316,7 +224,7 @@ class _Session:
         if isinstance(parsed, int):
             await self.error(parsed)
             return
-        changes = {WIRE_CHANNELS[key]: syms for key, syms in parsed.items()}
+        changes = {CHANNEL_NAMES[key]: syms for key, syms in parsed.items()}
         hub = self.hub
         subs = client.subscriptions
         if add:
@@ -353,13 +261,8 @@ class _Session:
         finally:
             self.changing = False
 
-    def subscription(self) -> dict[str, Any]:
-        reply: dict[str, Any] = {"T": "subscription"}
-        for name, wire in CHANNELS.items():
-            reply[wire] = list(self.announced[name])
-        reply["corrections"] = list(self.announced["trades"])
-        reply["cancelErrors"] = list(self.announced["trades"])
-        return reply
+    def subscription(self) -> Subscription:
+        return Subscription.of(self.announced)
 
     def wanted(self, item: Item) -> bool:
         syms = self.announced.get(FOLLOWS.get(item.channel, item.channel))
@@ -407,7 +310,7 @@ class _Session:
             if client.closed is not None and not client.queue and not client.notices:
                 return
 
-    def translate(self, notice: dict[str, Any]) -> dict[str, Any] | None:
+    def translate(self, notice: dict[str, Any]) -> Error | None:
         """A hub notice in Alpaca's terms: the slow-consumer error is 407; warnings and status changes
         have no Alpaca message (clients would not know them) and are only logged."""
         if notice.get("type") == "error":
@@ -431,7 +334,7 @@ class _Session:
     # --- the connection -----------------------------------------------------------------------------
     async def authenticate(self) -> bool:
         """Welcome, then wait for a successful auth (headers or message) until the auth timeout."""
-        await self.control({"T": "success", "msg": "connected"})
+        await self.control(CONNECTED)
         headers = self.ws.headers
         key, secret = headers.get("apca-api-key-id"), headers.get("apca-api-secret-key")
         if key is not None or secret is not None:
@@ -465,7 +368,7 @@ class _Session:
         except MarketpipeError:
             with contextlib.suppress(Exception):
                 await self.control(_error(500))
-                await asyncio.wait_for(ws.close(code=1011, reason=ERRORS[500]), CLOSE_SECONDS)
+                await asyncio.wait_for(ws.close(code=1011, reason=ERROR_MESSAGES[500]), CLOSE_SECONDS)
             return
         await run_connection(hub, client, self.writer(), self.reader())
         slow = client.closed == "slow_consumer" or self.sent_slow
@@ -474,7 +377,7 @@ class _Session:
                 if slow and not self.sent_slow:  # the writer was stuck on a client that reads nothing
                     self.sent_slow = True
                     await self.control(_error(407))
-                await ws.close(code=1008 if slow else 1000, reason=ERRORS[407] if slow else "")
+                await ws.close(code=1008 if slow else 1000, reason=ERROR_MESSAGES[407] if slow else "")
 
 
 async def _serve(ws: WebSocket, feed: str) -> None:

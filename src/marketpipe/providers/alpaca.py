@@ -8,7 +8,6 @@ or model objects on the bulk path. Responses from marketpipe's own simulator car
 from __future__ import annotations
 
 import functools
-import io
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -22,17 +21,12 @@ from marketpipe.core.config import ProviderConfig, alpaca_credentials
 from marketpipe.core.errors import (
     AuthFailed,
     InvalidArgument,
-    MalformedResponse,
     MarketpipeError,
     NotEntitled,
     ProviderError,
 )
 from marketpipe.core.log import get_logger
 from marketpipe.core.schema import (
-    BAR_SCHEMA,
-    QUOTE_SCHEMA,
-    TRADE_SCHEMA,
-    UTC_US,
     Bar,
     Quote,
     Snapshot,
@@ -43,146 +37,36 @@ from marketpipe.core.timeutil import rfc3339, utcnow
 from marketpipe.core.validation import validate_limit, validate_sort
 from marketpipe.providers.base import KINDS, BarPage, Capabilities, envelope_error, pagination_loop
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
+from marketpipe.wire.alpaca_rest import (
+    ADJUSTMENTS,
+    DEFAULT_BASE_URL,
+    HISTORICAL_FEEDS,
+    LATEST,
+    LATEST_FEEDS,
+    LATEST_ONE,
+    MAX_LIMIT,
+    PAGES,
+    RECENT_SIP_MARK,
+    SIP_DELAY,
+    SNAPSHOTS_PATH,
+    WSnapshot,
+    bar_record,
+    bar_record_tf,
+    bars_to_frame,
+    historical_path,
+    latest_path,
+    page_keys,
+    quote_record,
+    quotes_to_frame,
+    trade_record,
+    trades_to_frame,
+)
 
-DEFAULT_BASE_URL = "https://data.alpaca.markets"
 ALPACA_HISTORY_START = datetime(2016, 1, 1, tzinfo=UTC)
-SIP_DELAY = timedelta(minutes=15)
-MAX_LIMIT = 10_000
-FEEDS_HISTORICAL = ("sip", "iex", "otc", "boats")
-FEEDS_LATEST = ("sip", "iex", "delayed_sip", "otc", "boats", "overnight")
-ADJUSTMENTS = ("raw", "split", "dividend", "spin-off", "all")
 T = TypeVar("T")
 log = get_logger("marketpipe.providers.alpaca")
 
 
-# --- wire structs (gc=False: decoded objects hold no cycles, which makes decoding much faster) ----
-
-
-class _WBar(msgspec.Struct, gc=False):
-    t: str
-    o: float | None = None
-    h: float | None = None
-    l: float | None = None  # noqa: E741 - the vendor's key
-    c: float | None = None
-    v: int | float | None = None
-    n: int | None = None
-    vw: float | None = None
-
-
-class _WTrade(msgspec.Struct, gc=False):
-    t: str
-    p: float | None = None
-    s: int | float | None = None
-    x: str | None = None
-    i: int | None = None
-    c: list[str] | None = None
-    z: str | None = None
-    u: str | None = None
-
-
-class _WQuote(msgspec.Struct, gc=False, rename={"as_": "as"}):
-    t: str
-    bp: float | None = None
-    bs: int | float | None = None
-    bx: str | None = None
-    ap: float | None = None
-    as_: int | float | None = None
-    ax: str | None = None
-    c: list[str] | None = None
-    z: str | None = None
-
-
-def _page_structs(key: str, row: type) -> tuple[type, type]:
-    """The multi-symbol (``{key: {sym: [...]}, "next_page_token"}``) and single-symbol (``{key: [...]
-    or null, "symbol", "next_page_token"}``) page shapes. With ``row=msgspec.Raw`` each symbol's
-    array stays undecoded bytes.
-
-    Every key of the vendor's envelope is required (a token's value may be null): a ``{}`` from a
-    proxy, or a bare ``{"bars": null}``, is a malformed answer — never an empty last page, which
-    would let the ledger claim a range that was never delivered."""
-    token = ("next_page_token", str | None)
-    raw = row is msgspec.Raw
-    rows: Any = row if raw else list[row]  # type: ignore[valid-type]
-    maybe_rows: Any = rows if raw else rows | None  # Raw already captures a JSON null
-    multi = msgspec.defstruct(f"_Multi_{key}", [(key, dict[str, rows] | None), token], gc=False)
-    single = msgspec.defstruct(f"_Single_{key}", [(key, maybe_rows), ("symbol", str), token], gc=False)
-    return multi, single
-
-
-def _page_keys(kind: str, single: bool) -> tuple[str, ...]:
-    return (kind, "symbol", "next_page_token") if single else (kind, "next_page_token")
-
-
-_PAGES = {kind: _page_structs(kind, msgspec.Raw) for kind in ("bars", "trades", "quotes")}
-# Pages are the bulk path: the envelope is decoded with each symbol's array left as raw bytes, and
-# polars' JSON reader (Rust, without the GIL, so pages decode in parallel threads) parses them.
-_RAW_BAR_SCHEMA = {
-    "t": pl.String(),
-    "o": pl.Float64(),
-    "h": pl.Float64(),
-    "l": pl.Float64(),
-    "c": pl.Float64(),
-    "v": pl.Float64(),
-    "n": pl.Float64(),
-    "vw": pl.Float64(),
-}
-_RAW_TRADE_SCHEMA = {
-    "t": pl.String(),
-    "p": pl.Float64(),
-    "s": pl.Float64(),
-    "x": pl.String(),
-    "i": pl.UInt64(),
-    "c": pl.List(pl.String()),
-    "z": pl.String(),
-    "u": pl.String(),
-}
-_RAW_QUOTE_SCHEMA = {
-    "t": pl.String(),
-    "bp": pl.Float64(),
-    "bs": pl.Float64(),
-    "bx": pl.String(),
-    "ap": pl.Float64(),
-    "as": pl.Float64(),
-    "ax": pl.String(),
-    "c": pl.List(pl.String()),
-    "z": pl.String(),
-}
-
-
-# Latest values: the wrapper key is required (its value may be null: an unknown symbol). Only the
-# multi-snapshot has no wrapper, so there an empty object is a legitimate "nothing known".
-
-
-class _LatestTrade(msgspec.Struct):
-    trade: _WTrade | None
-
-
-class _LatestQuote(msgspec.Struct):
-    quote: _WQuote | None
-
-
-class _LatestTrades(msgspec.Struct):
-    trades: dict[str, _WTrade] | None
-
-
-class _LatestQuotes(msgspec.Struct):
-    quotes: dict[str, _WQuote] | None
-
-
-class _LatestBars(msgspec.Struct):
-    bars: dict[str, _WBar] | None
-
-
-class _WSnapshot(msgspec.Struct):
-    latestTrade: _WTrade | None = None
-    latestQuote: _WQuote | None = None
-    minuteBar: _WBar | None = None
-    dailyBar: _WBar | None = None
-    prevDailyBar: _WBar | None = None
-
-
-_LATEST: dict[str, type] = {"trades": _LatestTrades, "quotes": _LatestQuotes, "bars": _LatestBars}
-_LATEST_ONE: dict[str, type] = {"trade": _LatestTrade, "quote": _LatestQuote}
 _DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 
@@ -202,201 +86,6 @@ def _decode_envelope(tp: Any, body: bytes, endpoint: str, required: tuple[str, .
         raise envelope_error(body, provider="alpaca", endpoint=endpoint, required=required, cause=exc) from exc
 
 
-# --- columnar conversion -----------------------------------------------------------------------
-
-_FAST_TS = "%Y-%m-%dT%H:%M:%SZ"
-
-
-def _parse_ts(col: pl.Series, unit: str) -> pl.Series:
-    """RFC-3339 strings to UTC datetimes; the fixed whole-second form is parsed on the fast path,
-    anything else (fractions, offsets) by the general parser; unparsable stays null (and is then
-    quarantined by the checks, never dropped)."""
-    fast = col.str.to_datetime(_FAST_TS, time_unit=unit, time_zone="UTC", strict=False)  # type: ignore[arg-type]
-    missing = fast.is_null() & col.is_not_null()
-    if not missing.any():
-        return fast
-    slow = (
-        col.str.replace(r"Z$", "+00:00")
-        .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit=unit, strict=False)  # type: ignore[arg-type]
-        .dt.convert_time_zone("UTC")
-    )
-    return fast.fill_null(slow)
-
-
-def _read_groups(groups: list[tuple[str, msgspec.Raw | None]], schema: dict[str, pl.DataType]) -> pl.DataFrame | None:
-    """Each symbol's raw JSON array through polars' reader, with the symbol added; None if empty."""
-    parts = []
-    for sym, raw in groups:
-        if raw is None:
-            continue
-        data = memoryview(raw)
-        if data.nbytes == 4 and data.tobytes() == b"null":
-            continue
-        part = pl.read_json(io.BytesIO(data), schema=schema)
-        if part.height:
-            parts.append(part.with_columns(symbol=pl.lit(sym, pl.String)))
-    if not parts:
-        return None
-    return pl.concat(parts) if len(parts) > 1 else parts[0]
-
-
-def _stamped(source: str, feed: str, fetched_at: datetime) -> list[pl.Expr]:
-    return [
-        pl.lit(source, pl.String).alias("source"),
-        pl.lit(feed, pl.String).alias("feed"),
-        pl.lit(fetched_at, UTC_US).alias("fetched_at"),
-    ]
-
-
-def bars_to_frame(
-    groups: list[tuple[str, msgspec.Raw | None]], timeframe: str, source: str, feed: str, fetched_at: datetime
-) -> pl.DataFrame:
-    """Raw per-symbol JSON arrays of Alpaca bars to one canonical frame."""
-    raw_frame = _read_groups(groups, _RAW_BAR_SCHEMA)
-    if raw_frame is None:
-        return pl.DataFrame(schema=BAR_SCHEMA)
-    t = raw_frame.get_column("t")
-    return raw_frame.select(
-        pl.col("symbol"),
-        pl.lit(timeframe, pl.String).alias("timeframe"),
-        _parse_ts(t, "us").alias("ts"),
-        pl.col("o").alias("open"),
-        pl.col("h").alias("high"),
-        pl.col("l").alias("low"),
-        pl.col("c").alias("close"),
-        pl.col("v").cast(pl.Int64, strict=False).alias("volume"),
-        pl.col("n").cast(pl.Int64, strict=False).alias("trade_count"),
-        pl.col("vw").alias("vwap"),
-        *_stamped(source, feed, fetched_at),
-        t.alias("raw_ts"),
-    )
-
-
-def trades_to_frame(
-    groups: list[tuple[str, msgspec.Raw | None]], source: str, feed: str, fetched_at: datetime
-) -> pl.DataFrame:
-    raw = _read_groups(groups, _RAW_TRADE_SCHEMA)
-    if raw is None:
-        return pl.DataFrame(schema=TRADE_SCHEMA)
-    return raw.select(
-        pl.col("symbol"),
-        _parse_ts(raw.get_column("t"), "ns").alias("ts"),
-        pl.col("p").alias("price"),
-        pl.col("s").cast(pl.Int64, strict=False).alias("size"),
-        pl.col("x").alias("exchange"),
-        pl.col("i").alias("trade_id"),
-        pl.col("c").alias("conditions"),
-        pl.col("z").alias("tape"),
-        pl.col("u").alias("update"),
-        *_stamped(source, feed, fetched_at),
-    )
-
-
-def quotes_to_frame(
-    groups: list[tuple[str, msgspec.Raw | None]], source: str, feed: str, fetched_at: datetime
-) -> pl.DataFrame:
-    raw = _read_groups(groups, _RAW_QUOTE_SCHEMA)
-    if raw is None:
-        return pl.DataFrame(schema=QUOTE_SCHEMA)
-    return shares_from_lots(
-        raw.select(
-            pl.col("symbol"),
-            _parse_ts(raw.get_column("t"), "ns").alias("ts"),
-            pl.col("bp").alias("bid_price"),
-            pl.col("bs").cast(pl.Int64, strict=False).alias("bid_size"),
-            pl.col("bx").alias("bid_exchange"),
-            pl.col("ap").alias("ask_price"),
-            pl.col("as").cast(pl.Int64, strict=False).alias("ask_size"),
-            pl.col("ax").alias("ask_exchange"),
-            pl.col("c").alias("conditions"),
-            pl.col("z").alias("tape"),
-            *_stamped(source, feed, fetched_at),
-        )
-    )
-
-
-# Alpaca's SIP quote sizes were round lots until 2025-11-03 and are shares since; canonical quotes
-# are always in shares (a round lot was 100 shares for every symbol before that date).
-QUOTE_SHARES_FROM = datetime(2025, 11, 3, 5, tzinfo=UTC)  # midnight New York
-ROUND_LOT = 100
-
-
-def shares_from_lots(frame: pl.DataFrame) -> pl.DataFrame:
-    before = pl.col("ts") < pl.lit(QUOTE_SHARES_FROM)
-    return frame.with_columns(
-        [pl.when(before).then(pl.col(c) * ROUND_LOT).otherwise(pl.col(c)).alias(c) for c in ("bid_size", "ask_size")]
-    )
-
-
-def _one_ts(text: str) -> datetime:
-    s = _parse_ts(pl.Series([text], dtype=pl.String), "ns")[0]
-    if s is None:
-        raise MalformedResponse(f"unparsable timestamp {text!r}", provider="alpaca")
-    return s  # type: ignore[no-any-return]
-
-
-def _trade_record(sym: str, w: _WTrade, source: str, feed: str, fetched: datetime) -> Trade:
-    if w.p is None or w.s is None:
-        raise MalformedResponse(f"trade for {sym} lacks price or size", provider="alpaca")
-    return Trade(
-        symbol=sym,
-        ts=_one_ts(w.t),
-        price=w.p,
-        size=int(w.s),
-        exchange=w.x,
-        trade_id=w.i,
-        conditions=tuple(w.c or ()),
-        tape=w.z,
-        source=source,
-        feed=feed,
-        fetched_at=fetched,
-    )
-
-
-def _quote_record(sym: str, w: _WQuote, source: str, feed: str, fetched: datetime) -> Quote:
-    ts = _one_ts(w.t)
-    lot = ROUND_LOT if ts < QUOTE_SHARES_FROM else 1
-    return Quote(
-        symbol=sym,
-        ts=ts,
-        bid_price=w.bp or 0.0,
-        bid_size=int(w.bs or 0) * lot,
-        ask_price=w.ap or 0.0,
-        ask_size=int(w.as_ or 0) * lot,
-        bid_exchange=w.bx,
-        ask_exchange=w.ax,
-        conditions=tuple(w.c or ()),
-        tape=w.z,
-        source=source,
-        feed=feed,
-        fetched_at=fetched,
-    )
-
-
-def _bar_record_tf(tf: str, sym: str, w: _WBar, source: str, feed: str, fetched: datetime) -> Bar:
-    return _bar_record(sym, tf, w, source, feed, fetched)
-
-
-def _bar_record(sym: str, tf: str, w: _WBar, source: str, feed: str, fetched: datetime) -> Bar:
-    if None in (w.o, w.h, w.l, w.c, w.v):
-        raise MalformedResponse(f"bar for {sym} lacks a price or the volume", provider="alpaca")
-    return Bar(
-        symbol=sym,
-        timeframe=tf,
-        ts=_one_ts(w.t),
-        open=w.o,
-        high=w.h,
-        low=w.l,
-        close=w.c,  # type: ignore[arg-type]
-        volume=int(w.v),
-        trade_count=w.n,
-        vwap=w.vw,
-        source=source,
-        feed=feed,
-        fetched_at=fetched,  # type: ignore[arg-type]
-    )
-
-
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -407,7 +96,7 @@ def map_http_error(status: int, body: bytes, headers: httpx.Headers, *, provider
         details["vendor_code"] = doc["code"]
     forbidden: type[ProviderError] = AuthFailed
     hint = "; check ALPACA_API_KEY/ALPACA_SECRET_KEY"
-    if status == 403 and "subscription does not permit" in msg:
+    if status == 403 and RECENT_SIP_MARK in msg:
         details["reason"] = "recent_sip"
         forbidden = NotEntitled
     return status_error(
@@ -426,8 +115,8 @@ class AlpacaProvider(HttpProvider):
     capabilities = Capabilities(
         frozenset(KINDS),
         {
-            **dict.fromkeys(("bars", "trades", "quotes"), FEEDS_HISTORICAL),
-            **dict.fromkeys(("latest_trade", "latest_quote", "latest_bar", "snapshot"), FEEDS_LATEST),
+            **dict.fromkeys(("bars", "trades", "quotes"), HISTORICAL_FEEDS),
+            **dict.fromkeys(("latest_trade", "latest_quote", "latest_bar", "snapshot"), LATEST_FEEDS),
         },
     )
 
@@ -496,9 +185,9 @@ class AlpacaProvider(HttpProvider):
     def _plan_feed(self, feed: str | None, end: datetime, start: datetime) -> tuple[str, datetime]:
         """Apply the free plan's rule: SIP only up to 15 minutes ago (clamp ``end``, or use IEX)."""
         feed = (feed or self.config.feed).lower()
-        if feed not in FEEDS_HISTORICAL:
+        if feed not in HISTORICAL_FEEDS:
             raise InvalidArgument(
-                f"invalid feed {feed!r}; allowed: {', '.join(FEEDS_HISTORICAL)}",
+                f"invalid feed {feed!r}; allowed: {', '.join(HISTORICAL_FEEDS)}",
                 details={"parameter": "feed"},
             )
         if self.config.plan == "free" and feed == "sip":
@@ -590,7 +279,7 @@ class AlpacaProvider(HttpProvider):
         validate_sort(sort)
         used_feed, used_end = self._plan_feed(feed, end, start)
         single = len(symbols) == 1
-        path = f"/v2/stocks/{_quote_path(symbols[0])}/{kind}" if single else f"/v2/stocks/{kind}"
+        path = historical_path(kind, symbols[0] if single else None)
         endpoint = f"{kind}_single" if single else kind
         wire: dict[str, Any] = {
             "start": rfc3339(start),
@@ -664,18 +353,18 @@ class AlpacaProvider(HttpProvider):
 
     def _latest_feed(self, feed: str | None) -> str:
         f = (feed or ("iex" if self.config.plan == "free" else self.config.feed)).lower()
-        if f not in FEEDS_LATEST:
+        if f not in LATEST_FEEDS:
             raise InvalidArgument(
-                f"invalid feed {f!r}; allowed: {', '.join(FEEDS_LATEST)}", details={"parameter": "feed"}
+                f"invalid feed {f!r}; allowed: {', '.join(LATEST_FEEDS)}", details={"parameter": "feed"}
             )
         return f
 
     async def _latest(self, kind: str, symbols: list[str], feed: str | None, record: Callable[..., T]) -> dict[str, T]:
         f = self._latest_feed(feed)
-        wire = _LATEST[kind]
+        wire = LATEST[kind]
         endpoint = f"latest_{kind}"
         doc, resp = await self._get(
-            f"/v2/stocks/{kind}/latest",
+            latest_path(kind),
             {"symbols": ",".join(symbols), "feed": f},
             endpoint,
             lambda r: _decode_envelope(wire, r.content, endpoint, (kind,)),
@@ -687,37 +376,37 @@ class AlpacaProvider(HttpProvider):
         f = self._latest_feed(feed)
         endpoint = f"latest_{key}_single"
         doc, resp = await self._get(
-            f"/v2/stocks/{_quote_path(symbol)}/{key}s/latest",
+            latest_path(f"{key}s", symbol),
             {"feed": f},
             endpoint,
-            lambda r: _decode_envelope(_LATEST_ONE[key], r.content, endpoint, (key,)),
+            lambda r: _decode_envelope(LATEST_ONE[key], r.content, endpoint, (key,)),
         )
         w = getattr(doc, key)
         return record(symbol, w, self._source(resp), f, self._now()) if w is not None else None
 
     async def latest_trades(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Trade]:
-        return await self._latest("trades", symbols, feed, _trade_record)
+        return await self._latest("trades", symbols, feed, trade_record)
 
     async def latest_quotes(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Quote]:
-        return await self._latest("quotes", symbols, feed, _quote_record)
+        return await self._latest("quotes", symbols, feed, quote_record)
 
     async def latest_bars(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Bar]:
-        return await self._latest("bars", symbols, feed, functools.partial(_bar_record_tf, "1Min"))
+        return await self._latest("bars", symbols, feed, functools.partial(bar_record_tf, "1Min"))
 
     async def latest_trade(self, symbol: str, *, feed: str | None = None) -> Trade | None:
-        return await self._latest_one("trade", symbol, feed, _trade_record)
+        return await self._latest_one("trade", symbol, feed, trade_record)
 
     async def latest_quote(self, symbol: str, *, feed: str | None = None) -> Quote | None:
-        return await self._latest_one("quote", symbol, feed, _quote_record)
+        return await self._latest_one("quote", symbol, feed, quote_record)
 
     async def snapshots(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Snapshot]:
         f = self._latest_feed(feed)
         # The stock multi-snapshot has no wrapper key: symbol -> snapshot at the top level.
         doc, resp = await self._get(
-            "/v2/stocks/snapshots",
+            SNAPSHOTS_PATH,
             {"symbols": ",".join(symbols), "feed": f},
             "snapshots",
-            lambda r: _decoder(dict[str, _WSnapshot | None]).decode(r.content),
+            lambda r: _decoder(dict[str, WSnapshot | None]).decode(r.content),
         )
         src, now = self._source(resp), self._now()
         out: dict[str, Snapshot] = {}
@@ -726,11 +415,11 @@ class AlpacaProvider(HttpProvider):
                 continue
             out[sym] = Snapshot(
                 symbol=sym,
-                latest_trade=_trade_record(sym, snap.latestTrade, src, f, now) if snap.latestTrade else None,
-                latest_quote=_quote_record(sym, snap.latestQuote, src, f, now) if snap.latestQuote else None,
-                minute_bar=_bar_record(sym, "1Min", snap.minuteBar, src, f, now) if snap.minuteBar else None,
-                daily_bar=_bar_record(sym, "1Day", snap.dailyBar, src, f, now) if snap.dailyBar else None,
-                prev_daily_bar=_bar_record(sym, "1Day", snap.prevDailyBar, src, f, now) if snap.prevDailyBar else None,
+                latest_trade=trade_record(sym, snap.latestTrade, src, f, now) if snap.latestTrade else None,
+                latest_quote=quote_record(sym, snap.latestQuote, src, f, now) if snap.latestQuote else None,
+                minute_bar=bar_record(sym, "1Min", snap.minuteBar, src, f, now) if snap.minuteBar else None,
+                daily_bar=bar_record(sym, "1Day", snap.dailyBar, src, f, now) if snap.dailyBar else None,
+                prev_daily_bar=bar_record(sym, "1Day", snap.prevDailyBar, src, f, now) if snap.prevDailyBar else None,
                 source=src,
                 fetched_at=now,
             )
@@ -740,17 +429,11 @@ class AlpacaProvider(HttpProvider):
         return (await self.snapshots([symbol], feed=feed)).get(symbol)
 
 
-def _quote_path(symbol: str) -> str:
-    from urllib.parse import quote
-
-    return quote(symbol, safe="")
-
-
 def _page_decoder(
     kind: str, single: bool, symbol: str, tf: str, feed: str, provider: AlpacaProvider
 ) -> Callable[[httpx.Response], tuple[pl.DataFrame, str | None, int]]:
-    multi_t, single_t = _PAGES[kind]
-    endpoint, required = (f"{kind}_single" if single else kind), _page_keys(kind, single)
+    multi_t, single_t = PAGES[kind]
+    endpoint, required = (f"{kind}_single" if single else kind), page_keys(kind, single)
 
     def decode(resp: httpx.Response) -> tuple[pl.DataFrame, str | None, int]:
         body = resp.content
@@ -780,9 +463,10 @@ def _complete_through(page: BarPage, sort: str) -> dict[str, datetime]:
     out = dict.fromkeys(present[:-1], page.end)
     last = present[-1]
     ts = page.frame.filter(pl.col("symbol") == last).get_column("ts").drop_nulls()
-    if len(ts):
-        out[last] = ts.max() + timedelta(microseconds=1)  # type: ignore[operator]
+    top = ts.max() if len(ts) else None
+    if isinstance(top, datetime):
+        out[last] = top + timedelta(microseconds=1)
     return out
 
 
-__all__ = ["DEFAULT_BASE_URL", "AlpacaProvider", "bars_to_frame", "map_http_error"]
+__all__ = ["AlpacaProvider", "map_http_error"]

@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
-import msgpack
-import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -69,69 +67,35 @@ from marketpipe.core.metrics import (
     STREAM_MESSAGES,
     STREAM_RECONNECTS,
 )
-from marketpipe.core.schema import Bar, Quote, Trade, normalize_symbol
+from marketpipe.core.schema import normalize_symbol
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.base import sim_source
+from marketpipe.wire.alpaca_stream import (
+    CHANNELS,
+    CONTROL_TYPES,
+    DECODERS,
+    DEFAULT_STREAM_URL,
+    FRAME_ERRORS,
+    MESSAGE_CHANNEL_NAMES,
+    MESSAGE_CHANNELS,
+    MSGPACK_CONTENT_TYPE,
+    RAW,
+    STREAM_FEEDS,
+    Record,
+    Subscription,
+    decode_frame,
+    encode,
+    raw_record,
+    stream_url,
+)
 
-DEFAULT_STREAM_URL = "wss://stream.data.alpaca.markets"
-STREAM_FEEDS = ("iex", "sip", "delayed_sip", "test")
-# subscribe()/unsubscribe() keyword -> wire channel key (§2.4)
-CHANNELS: dict[str, str] = {
-    "trades": "trades",
-    "quotes": "quotes",
-    "bars": "bars",
-    "updated_bars": "updatedBars",
-    "daily_bars": "dailyBars",
-    "statuses": "statuses",
-    "lulds": "lulds",
-    "imbalances": "imbalances",
-}
-# wire key of a subscription reply -> channel name (corrections/cancelErrors follow trades)
-_REPLY_CHANNELS = {**{wire: name for name, wire in CHANNELS.items()}, "cancelErrors": "cancel_errors"}
-# data message type (T) -> the StreamMessage channel it is delivered on (§2.8)
-MESSAGE_CHANNELS: dict[str, str] = {
-    "t": "trades",
-    "q": "quotes",
-    "b": "bars",
-    "u": "updated_bars",
-    "d": "daily_bars",
-    "s": "statuses",
-    "l": "lulds",
-    "i": "imbalances",
-    "c": "corrections",
-    "x": "cancel_errors",
-}
-# keys a subscribe request may carry besides the channels: derived from trades (never set directly), and
-# channels of Alpaca's other streams (refused with 410 on the stock stream)
-DERIVED_CHANNELS = frozenset({"corrections", "cancelErrors"})
-OTHER_STREAM_CHANNELS = frozenset({"orderbooks", "news", "pricing"})
-# the error messages of the stream protocol (§2.6), by code
-ERROR_MESSAGES: dict[int, str] = {
-    400: "invalid syntax",
-    401: "not authenticated",
-    402: "auth failed",
-    403: "already authenticated",
-    404: "auth timeout",
-    405: "symbol limit exceeded",
-    406: "connection limit exceeded",
-    407: "slow client",
-    408: "v2 not enabled",
-    409: "insufficient subscription",
-    410: "invalid subscribe action for this feed",
-    411: "insufficient scope",
-    500: "internal error",
-}
-RAW = "raw"
-MESSAGE_CHANNEL_NAMES = frozenset({*MESSAGE_CHANNELS.values(), RAW})
 # Channels whose data flows continuously while the market is open; the others carry events (halts,
 # LULD bands, late-trade bar updates) and may rightly stay silent for hours.
 BAR_PERIOD_SECONDS = 60.0
-_CONTROL = frozenset({"success", "error", "subscription"})
 _LOG_EVERY_S = 10.0
 
 log = get_logger("marketpipe.providers.alpaca_stream")
 
-Record = Trade | Quote | Bar | dict[str, Any]
 Encoding = Literal["msgpack", "json"]
 
 
@@ -471,7 +435,7 @@ class AlpacaStream:
     # --- public API ---------------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"{self.base_url}/v2/{self.feed}"
+        return stream_url(self.base_url, self.feed)
 
     @property
     def connected(self) -> bool:
@@ -816,7 +780,7 @@ class AlpacaStream:
 
     async def _session(self) -> _Outcome:
         self._end_reason = None
-        headers = {"Content-Type": "application/msgpack"} if self.encoding == "msgpack" else None
+        headers = {"Content-Type": MSGPACK_CONTENT_TYPE} if self.encoding == "msgpack" else None
         try:
             ws = await connect(
                 self.url,
@@ -986,12 +950,7 @@ class AlpacaStream:
 
     def _on_subscription(self, msg: dict[str, Any]) -> None:
         now = asyncio.get_running_loop().time()
-        subs: dict[str, list[str]] = {}
-        for key, value in msg.items():
-            if key == "T" or not isinstance(value, list):
-                continue
-            name = _REPLY_CHANNELS.get(key, key)
-            subs[name] = [s for s in value if isinstance(s, str)]
+        subs = Subscription.parse(msg)
         for name, syms in subs.items():
             if syms != self._server_subs.get(name, []):
                 self._sub_changed_at[name] = now  # a newly subscribed channel gets a full stale period
@@ -1064,11 +1023,8 @@ class AlpacaStream:
         """Decode one frame, deliver its data messages, return its control messages."""
         fetched = utcnow()
         try:
-            if isinstance(raw, bytes):
-                decoded = msgpack.unpackb(raw, timestamp=3, strict_map_key=False)
-            else:
-                decoded = orjson.loads(raw)
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            decoded = decode_frame(raw)
+        except FRAME_ERRORS as exc:
             self._decode_error("frame is not valid msgpack/JSON", raw, exc)
             return []
         if isinstance(decoded, dict):
@@ -1084,7 +1040,7 @@ class AlpacaStream:
                 self._decode_error("message is not an object", raw, None)
                 continue
             kind = item.get("T")
-            if kind in _CONTROL:
+            if kind in CONTROL_TYPES:
                 controls.append(item)
                 continue
             out.append(self._to_message(item, kind, source, feed, fetched, raw))
@@ -1097,12 +1053,12 @@ class AlpacaStream:
     ) -> StreamMessage:
         channel = MESSAGE_CHANNELS.get(kind) if isinstance(kind, str) else None
         if channel is None:
-            return StreamMessage(RAW, _raw_record(item, source, feed, fetched, None))
+            return StreamMessage(RAW, raw_record(item, source, feed, fetched, None))
         try:
-            return StreamMessage(channel, _DECODERS[kind](item, source, feed, fetched))
+            return StreamMessage(channel, DECODERS[kind](item, source, feed, fetched))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self._decode_error(f"{channel} message cannot be decoded", raw, exc)
-            return StreamMessage(RAW, _raw_record(item, source, feed, fetched, f"{type(exc).__name__}: {exc}"))
+            return StreamMessage(RAW, raw_record(item, source, feed, fetched, f"{type(exc).__name__}: {exc}"))
 
     async def _deliver(self, msgs: list[StreamMessage], fetched: datetime) -> None:
         now = asyncio.get_running_loop().time()
@@ -1185,36 +1141,9 @@ class AlpacaStream:
     # --- wire -----------------------------------------------------------------------------------------
     async def _send(self, ws: ClientConnection, obj: dict[str, Any]) -> None:
         if self.encoding == "msgpack":
-            await ws.send(msgpack.packb(obj))
+            await ws.send(encode(obj, binary=True))
         else:
-            await ws.send(orjson.dumps(obj).decode())
-
-
-def parse_subscription(obj: Mapping[str, Any], symbol: Callable[[str], str | None]) -> dict[str, list[str]] | int:
-    """The server side of a subscribe/unsubscribe request (§2.4), as the simulator and the gateway both
-    answer it: the channels (wire keys, e.g. ``updatedBars``) with their symbols in request order without
-    repeats, or the error code to send — 410 for another stream's channel, 400 for anything malformed (an
-    unknown key, a value that is not a list of strings, a symbol ``symbol`` refuses by returning None,
-    no channel at all). ``symbol`` returns the symbol as it is to be kept (e.g. normalised)."""
-    wire_channels = set(CHANNELS.values())
-    changes: dict[str, list[str]] = {}
-    seen = False
-    for key, value in obj.items():
-        if key == "action":
-            continue
-        if key in DERIVED_CHANNELS:
-            seen = True
-            continue
-        if key in OTHER_STREAM_CHANNELS:
-            return 410
-        if key not in wire_channels or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return 400
-        kept = [symbol(v) for v in value]
-        if any(k is None for k in kept):
-            return 400
-        seen = True
-        changes[key] = list(dict.fromkeys(k for k in kept if k is not None))
-    return changes if seen else 400
+            await ws.send(encode(obj, binary=False).decode())
 
 
 def _subscribe_error(code: int, text: str, details: dict[str, Any], source: str) -> MarketpipeError:
@@ -1230,145 +1159,3 @@ def _subscribe_error(code: int, text: str, details: dict[str, Any], source: str)
 def _short(msg: dict[str, Any]) -> str:
     text = repr(msg)
     return text if len(text) <= 200 else text[:200] + "…"
-
-
-# --- message decoding (vendor letters -> canonical names) ----------------------------------------------
-
-
-def _ts(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-    if isinstance(value, str):
-        ts = datetime.fromisoformat(value)
-        if ts.tzinfo is None:
-            raise ValueError(f"timestamp without a zone: {value!r}")
-        return ts.astimezone(UTC)
-    if isinstance(value, msgpack.Timestamp):
-        return value.to_datetime()
-    raise TypeError(f"timestamp of type {type(value).__name__}")
-
-
-def _opt_ts(value: Any) -> datetime | None:
-    return None if value is None else _ts(value)
-
-
-def _sym(item: dict[str, Any]) -> str:
-    sym = item["S"]
-    if not isinstance(sym, str):
-        raise TypeError("symbol is not a string")
-    return sym
-
-
-def _conds(value: Any) -> tuple[str, ...]:
-    return tuple(map(str, value)) if value else ()
-
-
-def _trade(m: dict[str, Any], source: str, feed: str, fetched: datetime) -> Trade:
-    return Trade(
-        symbol=_sym(m),
-        ts=_ts(m["t"]),
-        price=float(m["p"]),
-        size=int(m["s"]),
-        exchange=m.get("x"),
-        trade_id=m.get("i"),
-        conditions=_conds(m.get("c")),
-        tape=m.get("z"),
-        source=source,
-        feed=feed,
-        fetched_at=fetched,
-    )
-
-
-def _quote(m: dict[str, Any], source: str, feed: str, fetched: datetime) -> Quote:
-    return Quote(
-        symbol=_sym(m),
-        ts=_ts(m["t"]),
-        bid_price=float(m.get("bp") or 0.0),
-        bid_size=int(m.get("bs") or 0),
-        ask_price=float(m.get("ap") or 0.0),
-        ask_size=int(m.get("as") or 0),
-        bid_exchange=m.get("bx"),
-        ask_exchange=m.get("ax"),
-        conditions=_conds(m.get("c")),
-        tape=m.get("z"),
-        source=source,
-        feed=feed,
-        fetched_at=fetched,
-    )
-
-
-def _bar(timeframe: str) -> Callable[[dict[str, Any], str, str, datetime], Bar]:
-    def decode(m: dict[str, Any], source: str, feed: str, fetched: datetime) -> Bar:
-        n, vw = m.get("n"), m.get("vw")
-        return Bar(
-            symbol=_sym(m),
-            timeframe=timeframe,
-            ts=_ts(m["t"]),
-            open=float(m["o"]),
-            high=float(m["h"]),
-            low=float(m["l"]),
-            close=float(m["c"]),
-            volume=int(m["v"]),
-            trade_count=int(n) if n is not None else None,
-            vwap=float(vw) if vw is not None else None,
-            source=source,
-            feed=feed,
-            fetched_at=fetched,
-        )
-
-    return decode
-
-
-def _event(kind: str, fields: dict[str, str]) -> Callable[[dict[str, Any], str, str, datetime], dict[str, Any]]:
-    def decode(m: dict[str, Any], source: str, feed: str, fetched: datetime) -> dict[str, Any]:
-        rec: dict[str, Any] = {"type": kind, "symbol": _sym(m), "ts": _opt_ts(m.get("t"))}
-        for letter, name in fields.items():
-            value = m.get(letter)
-            rec[name] = tuple(value) if isinstance(value, list) else value
-        rec.update(tape=m.get("z"), source=source, feed=feed, fetched_at=fetched)
-        return rec
-
-    return decode
-
-
-def _raw_record(item: dict[str, Any], source: str, feed: str, fetched: datetime, error: str | None) -> dict[str, Any]:
-    sym = item.get("S")
-    rec: dict[str, Any] = {
-        "type": RAW,
-        "message_type": item.get("T"),
-        "symbol": sym if isinstance(sym, str) else None,
-        "message": item,
-        "source": source,
-        "feed": feed,
-        "fetched_at": fetched,
-    }
-    if error is not None:
-        rec["error"] = error
-    return rec
-
-
-_DECODERS: dict[str, Callable[[dict[str, Any], str, str, datetime], Record]] = {
-    "t": _trade,
-    "q": _quote,
-    "b": _bar("1Min"),
-    "u": _bar("1Min"),
-    "d": _bar("1Day"),
-    "s": _event("status", {"sc": "status_code", "sm": "status_message", "rc": "reason_code", "rm": "reason_message"}),
-    "l": _event("luld", {"u": "limit_up", "d": "limit_down", "i": "indicator"}),
-    "i": _event("imbalance", {"p": "price"}),
-    "c": _event(
-        "correction",
-        {
-            "x": "exchange",
-            "oi": "original_id",
-            "op": "original_price",
-            "os": "original_size",
-            "oc": "original_conditions",
-            "ci": "corrected_id",
-            "cp": "corrected_price",
-            "cs": "corrected_size",
-            "cc": "corrected_conditions",
-        },
-    ),
-    "x": _event("cancel_error", {"i": "trade_id", "x": "exchange", "p": "price", "s": "size", "a": "action"}),
-}

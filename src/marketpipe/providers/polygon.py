@@ -34,7 +34,6 @@ import msgspec
 import polars as pl
 
 from marketpipe.core.calendar import get_calendar
-from marketpipe.core.codes import POLYGON_EXCHANGES, POLYGON_TAPES, POLYGON_TRADE_CONDITIONS
 from marketpipe.core.config import ProviderConfig
 from marketpipe.core.errors import (
     InvalidArgument,
@@ -51,16 +50,26 @@ from marketpipe.core.timeutil import NY, ns_to_dt, utcnow
 from marketpipe.core.validation import validate_enum, validate_limit, validate_range, validate_required, validate_sort
 from marketpipe.providers.base import BarPage, Capabilities, envelope_error, pagination_loop
 from marketpipe.providers.http import REDACTED, HttpProvider, VendorHttp, error_text, status_error
+from marketpipe.wire.polygon import (
+    AGGS_PREFIX,
+    DELAY,
+    DELAYED,
+    ERROR_STATUSES,
+    MAX_LIMIT,
+    SNAPSHOTS_PATH,
+    aggs_path,
+    last_path,
+)
+from marketpipe.wire.polygon import EXCHANGES as POLYGON_EXCHANGES
+from marketpipe.wire.polygon import TAPES as POLYGON_TAPES
+from marketpipe.wire.polygon import TRADE_CONDITIONS as POLYGON_TRADE_CONDITIONS
 
 DEFAULT_BASE_URL = "https://api.polygon.io"
 MASSIVE_BASE_URL = "https://api.massive.com"  # the same API under the vendor's new name
 KEY_VAR = "POLYGON_API_KEY"
-MAX_LIMIT = 50_000
-DELAY = timedelta(minutes=15)  # delayed plans answer status DELAYED and stop this far behind now
 FEED = "sip"  # Polygon's stock aggregates are built from the consolidated tape
 ADJUSTED = {"raw": "false", "split": "true", "all": "true"}  # the vendor adjusts for splits only
 KINDS = ("bars", "latest_trade", "latest_quote", "snapshot")
-ERROR_STATUSES = ("ERROR", "NOT_AUTHORIZED", "NOT_FOUND")
 T = TypeVar("T")
 log = get_logger("marketpipe.providers.polygon")
 
@@ -449,7 +458,7 @@ class PolygonProvider(HttpProvider):
         multiplier, timespan = _span(tf)
         # The vendor's bounds are inclusive (and snapped outward to whole buckets); ours is [start, end).
         lo, hi = int(start.timestamp() * 1000), int((end - timedelta(milliseconds=1)).timestamp() * 1000)
-        url = f"/v2/aggs/ticker/{quote(ticker, safe='.')}/range/{multiplier}/{timespan}/{lo}/{hi}"
+        url = aggs_path(quote(ticker, safe="."), multiplier, timespan, lo, hi)
         params: dict[str, Any] = {"adjusted": ADJUSTED[adjustment], "sort": sort, "limit": limit}
         number = 0
         seen: set[str] = set()  # next_urls followed: one coming back would loop forever
@@ -460,7 +469,7 @@ class PolygonProvider(HttpProvider):
             number += 1
             nxt = self._next(doc.next_url, seen, number)
             page_end = end
-            if doc.status == "DELAYED":
+            if doc.status == DELAYED:
                 page_end = min(page_end, self._now() - DELAY)
             # Buckets that merely overlap `start` lie before the range asked for (outward snapping).
             if frame.height:
@@ -496,7 +505,7 @@ class PolygonProvider(HttpProvider):
         if not next_url:
             return None
         parts = urlsplit(next_url)
-        if not parts.path.startswith("/v2/aggs/"):
+        if not parts.path.startswith(AGGS_PREFIX):
             raise MalformedResponse(
                 f"polygon: next_url points outside the aggregates API ({self._http.scrub(parts.path)})",
                 provider=self.name,
@@ -557,7 +566,7 @@ class PolygonProvider(HttpProvider):
 
         async def one(sym: str) -> tuple[str, T | None]:
             try:
-                w, resp = await self._http.get(f"/v2/last/{path}/{quote(sym, safe='.')}", {}, f"last_{path}", decode)
+                w, resp = await self._http.get(last_path(path, quote(sym, safe=".")), {}, f"last_{path}", decode)
             except NotFound:
                 return sym, None  # an unknown ticker is left out, as Alpaca's multi answers do
             return sym, (record(sym, w, self._source(resp), self._now()) if w is not None else None)
@@ -583,9 +592,7 @@ class PolygonProvider(HttpProvider):
             _raise_body_error(doc.status, resp.content, resp.headers, "snapshots")
             return doc
 
-        doc, resp = await self._http.get(
-            "/v2/snapshot/locale/us/markets/stocks/tickers", {"tickers": ",".join(tickers)}, "snapshots", decode
-        )
+        doc, resp = await self._http.get(SNAPSHOTS_PATH, {"tickers": ",".join(tickers)}, "snapshots", decode)
         src, now = self._source(resp), self._now()
         wanted = set(tickers)
         return {s.ticker: self._snapshot(s, src, now) for s in doc.tickers or () if s.ticker in wanted}

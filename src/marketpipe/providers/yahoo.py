@@ -59,6 +59,7 @@ from marketpipe.core.timeutil import NY, utcnow
 from marketpipe.core.validation import validate_enum, validate_range, validate_required, validate_timeframe
 from marketpipe.providers.base import BarPage, Capabilities, envelope_error, sim_source
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
+from marketpipe.wire.yahoo import ERROR_KEYS, LOOKBACK_DAYS, MAX_SPAN_DAYS, chart_path
 
 DEFAULT_BASE_URL = "https://query2.finance.yahoo.com"
 # Yahoo throttles clients that do not look like a browser (reference §5.4).
@@ -82,10 +83,9 @@ INTERVALS: dict[Timeframe, str] = {
     Timeframe(3, Unit.MONTH): "3mo",
 }
 LOOKBACK: dict[str, timedelta] = {
-    "1m": timedelta(days=30),
-    **{iv: timedelta(days=60) for iv in ("2m", "5m", "15m", "30m")},
+    iv: timedelta(days=days) for iv, days in LOOKBACK_DAYS.items() if iv in INTERVALS.values()
 }
-MAX_SPAN: dict[str, timedelta] = {"1m": timedelta(days=7)}
+MAX_SPAN: dict[str, timedelta] = {iv: timedelta(days=days) for iv, days in MAX_SPAN_DAYS.items()}
 # The router asks supports() a little before the request leaves; keep clear of the lookback edge.
 LOOKBACK_MARGIN = timedelta(hours=1)
 PRICES = ("open", "high", "low", "close")
@@ -280,7 +280,7 @@ def _vendor_error(body: bytes) -> tuple[str, str | None]:
     """Yahoo's ``description``/``code`` from ``{"chart"|"finance": {"error": {...}}}``, else the text."""
     msg, doc = error_text(body)
     if doc is not None:
-        for key in ("chart", "finance"):
+        for key in ERROR_KEYS:
             err = (doc.get(key) or {}).get("error") if isinstance(doc.get(key), dict) else None
             if isinstance(err, dict):
                 return str(err.get("description") or err.get("code") or msg), err.get("code")
@@ -404,7 +404,7 @@ class YahooProvider(HttpProvider):
         windows = wire_windows(timeframe, start, end)
         number = 0
         for si, sym in enumerate(symbols):
-            path = f"/v8/finance/chart/{quote(to_yahoo(sym), safe='')}"
+            path = chart_path(quote(to_yahoo(sym), safe=""))
             for wi, (p1, p2, through) in enumerate(windows):
                 last_window = wi == len(windows) - 1
                 frame, source, request_id, nbytes = await self._fetch(path, sym, timeframe, interval, p1, p2)

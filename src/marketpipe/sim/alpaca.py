@@ -43,53 +43,25 @@ from marketpipe.sim.admin import ADMIN_PREFIX, SIM_HEADER, Stats, add_admin_rout
 from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
 from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, RunLookup, apply_defect, corrupt_bars
 from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
+from marketpipe.wire.alpaca_rest import (
+    ADJUSTMENTS,
+    CONDITIONS,
+    CONDITIONS_PATH,
+    EXCHANGES,
+    EXCHANGES_PATH,
+    HISTORICAL_FEEDS,
+    KINDS,
+    LATEST_FEEDS,
+    MAX_LIMIT,
+    RECENT_SIP,
+    SIP_DELAY,
+    SNAPSHOTS_PATH,
+    SORTS,
+)
 
 PLAN_LIMITS = {"unlimited": 10_000, "free": 200}
 DEFAULT_KEYS: dict[str, tuple[str, str]] = {"SIMKEY": ("SIMSECRET", "unlimited"), "FREEKEY": ("FREESECRET", "free")}
-SIP_DELAY_NS = 15 * 60 * NS_PER_SEC
-MAX_LIMIT = 10_000
-HISTORICAL_FEEDS = ("sip", "iex", "otc", "boats")
-LATEST_FEEDS = ("sip", "iex", "delayed_sip", "otc", "boats", "overnight")
-ADJUSTMENTS = frozenset({"raw", "split", "dividend", "spin-off", "all"})
-RECENT_SIP = "subscription does not permit querying recent SIP data"
-
-EXCHANGES = {
-    "A": "NYSE American (AMEX)",
-    "B": "NASDAQ OMX BX",
-    "C": "National Stock Exchange",
-    "D": "FINRA ADF",
-    "E": "Market Independent",
-    "H": "MIAX",
-    "I": "International Securities Exchange",
-    "J": "Cboe EDGA",
-    "K": "Cboe EDGX",
-    "L": "Long Term Stock Exchange",
-    "M": "Chicago Stock Exchange",
-    "N": "New York Stock Exchange",
-    "P": "NYSE Arca",
-    "Q": "NASDAQ OMX",
-    "S": "NASDAQ Small Cap",
-    "T": "NASDAQ Int",
-    "U": "Members Exchange",
-    "V": "IEX",
-    "W": "CBOE",
-    "X": "NASDAQ OMX PSX",
-    "Y": "Cboe BYX",
-    "Z": "Cboe BZX",
-}
-CONDITIONS = {
-    "trade": {
-        "@": "Regular Sale",
-        "I": "Odd Lot Trade",
-        "T": "Form T",
-        "F": "Intermarket Sweep",
-        "O": "Opening Prints",
-        "6": "Closing Prints",
-        "Q": "Market Center Official Open",
-        "M": "Market Center Official Close",
-    },
-    "quote": {"R": "Regular, Two-Sided Open"},
-}
+SIP_DELAY_NS = int(SIP_DELAY.total_seconds()) * NS_PER_SEC
 
 MAINTENANCE_200 = (
     b"<!DOCTYPE html>\n<html><head><title>Scheduled maintenance</title></head>\n<body><h1>We'll be"
@@ -301,13 +273,13 @@ class AlpacaFace:
     def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         r = app.router
-        kinds: tuple[Kind, ...] = ("bars", "trades", "quotes")
+        kinds: tuple[Kind, ...] = KINDS
         for kind in kinds:
             r.add_get(f"/v2/stocks/{kind}", self._historical(kind, single=False))
             r.add_get(f"/v2/stocks/{kind}/latest", self._latest(kind, single=False))
-        r.add_get("/v2/stocks/snapshots", self._snapshots)
-        r.add_get("/v2/stocks/meta/exchanges", self._exchanges)
-        r.add_get("/v2/stocks/meta/conditions/{ticktype}", self._conditions)
+        r.add_get(SNAPSHOTS_PATH, self._snapshots)
+        r.add_get(EXCHANGES_PATH, self._exchanges)
+        r.add_get(CONDITIONS_PATH, self._conditions)
         for kind in kinds:
             r.add_get(f"/v2/stocks/{{symbol}}/{kind}", self._historical(kind, single=True))
             r.add_get(f"/v2/stocks/{{symbol}}/{kind}/latest", self._latest(kind, single=True))
@@ -326,7 +298,7 @@ class AlpacaFace:
             unmatched = request.match_info.http_exception
             if unmatched is not None and not request.path.startswith("/v2/"):
                 # outside the API's URL space: no authentication or rate limit applies
-                resp = _route_error(unmatched)
+                resp: web.StreamResponse = _route_error(unmatched)
                 resp.headers[SIM_HEADER] = "1"
                 label = str(resp.status)
                 return resp
@@ -485,7 +457,7 @@ class AlpacaFace:
                 raise BadRequest("invalid feed")
             limit = parse_limit(q)
             sort = q.get("sort", "") or "asc"
-            if sort not in ("asc", "desc"):
+            if sort not in SORTS:
                 raise BadRequest("invalid sort")
             _check_asof(q)
             currency = _currency(q)

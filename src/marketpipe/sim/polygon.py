@@ -57,7 +57,6 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from marketpipe.core.codes import POLYGON_EXCHANGES, POLYGON_TAPES, POLYGON_TRADE_CONDITIONS, inverse
 from marketpipe.core.errors import InvalidTimeframe
 from marketpipe.core.timeframe import DAY1, MIN1, Timeframe, Unit
 from marketpipe.core.timeutil import NY
@@ -75,12 +74,29 @@ from marketpipe.sim.data import (
 )
 from marketpipe.sim.faults import FaultRule, Faults, RunLookup, apply_defect, corrupt_bars, first_bars, utc_stamp
 from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
+from marketpipe.wire.polygon import (
+    AGGS_ROUTE,
+    DELAY,
+    DELAYED,
+    LAST_NBBO_ROUTE,
+    LAST_TRADE_ROUTE,
+    MAX_LIMIT,
+    OK,
+    PREV_ROUTE,
+    SNAPSHOT_ROUTE,
+    SNAPSHOTS_PATH,
+    aggs_path,
+    error_body,
+    inverse,
+)
+from marketpipe.wire.polygon import EXCHANGES as POLYGON_EXCHANGES
+from marketpipe.wire.polygon import TAPES as POLYGON_TAPES
+from marketpipe.wire.polygon import TRADE_CONDITIONS as POLYGON_TRADE_CONDITIONS
 
 PLANS = ("unlimited", "delayed", "free")
 DEFAULT_KEYS: dict[str, str] = {"POLYKEY": "unlimited", "POLYDELAYED": "delayed", "POLYFREE": "free"}
 FREE_PER_MIN = 5
-DELAY_NS = 15 * 60 * NS_PER_SEC
-MAX_LIMIT = 50_000
+DELAY_NS = int(DELAY.total_seconds()) * NS_PER_SEC
 DEFAULT_LIMIT = 5_000
 NS_PER_MS = 1_000_000
 
@@ -116,10 +132,6 @@ class PolygonError(Exception):
         self.status = status
         self.text = text
         self.kind = kind
-
-
-def body_of(kind: str, text: str, request_id: str) -> dict[str, Any]:
-    return {"status": kind, "request_id": request_id, ("error" if kind == "ERROR" else "message"): text}
 
 
 def _ny_date(ns: int) -> date:
@@ -250,12 +262,12 @@ class PolygonFace:
     def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         r = app.router
-        r.add_get("/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{from}/{to}", self._aggs)
-        r.add_get("/v2/aggs/ticker/{ticker}/prev", self._prev)
-        r.add_get("/v2/last/trade/{ticker}", self._last_trade)
-        r.add_get("/v2/last/nbbo/{ticker}", self._last_nbbo)
-        r.add_get("/v2/snapshot/locale/us/markets/stocks/tickers", self._snapshots)
-        r.add_get("/v2/snapshot/locale/us/markets/stocks/tickers/{ticker}", self._snapshot)
+        r.add_get(AGGS_ROUTE, self._aggs)
+        r.add_get(PREV_ROUTE, self._prev)
+        r.add_get(LAST_TRADE_ROUTE, self._last_trade)
+        r.add_get(LAST_NBBO_ROUTE, self._last_nbbo)
+        r.add_get(SNAPSHOTS_PATH, self._snapshots)
+        r.add_get(SNAPSHOT_ROUTE, self._snapshot)
         add_admin_routes(app, self.faults, self.stats)
         return app
 
@@ -270,9 +282,10 @@ class PolygonFace:
         request[REQUEST_ID] = request_id
         try:
             unmatched = request.match_info.http_exception
+            resp: web.StreamResponse
             if unmatched is not None and not request.path.startswith("/v2/"):
                 # outside the API's URL space: no authentication or rate limit applies
-                resp, label = json_response(body_of("NOT_FOUND", "Route not found", request_id), 404), "404"
+                resp, label = json_response(error_body("NOT_FOUND", "Route not found", request_id), 404), "404"
             else:
                 resp, label = await self._data(request, handler, request_id)
             resp.headers[SIM_HEADER] = "1"
@@ -297,12 +310,12 @@ class PolygonFace:
     ) -> tuple[web.StreamResponse, str]:
         client = self._authenticate(request)
         if isinstance(client, PolygonError):
-            return json_response(body_of(client.kind, client.text, request_id), client.status), str(client.status)
+            return json_response(error_body(client.kind, client.text, request_id), client.status), str(client.status)
         request[CLIENT] = client
         override = self.faults.rate_limit_per_min
         limit = override if override is not None else (FREE_PER_MIN if client.plan == "free" else None)
         if limit is not None and not self.limits.hit(client.key, limit).allowed:
-            return json_response(body_of("ERROR", TOO_MANY, request_id), 429), "429"
+            return json_response(error_body("ERROR", TOO_MANY, request_id), 429), "429"
 
         decision = self.faults.decide(request.path)
         fault = decision.fault
@@ -313,9 +326,9 @@ class PolygonFace:
         try:
             resp = await handler(request)
         except PolygonError as exc:
-            resp = json_response(body_of(exc.kind, exc.text, request_id), exc.status)
+            resp = json_response(error_body(exc.kind, exc.text, request_id), exc.status)
         except web.HTTPException as exc:  # unknown /v2 route, after auth like the vendor
-            resp = json_response(body_of("NOT_FOUND", "Route not found", request_id), exc.status)
+            resp = json_response(error_body("NOT_FOUND", "Route not found", request_id), exc.status)
         resp = truncate_if_asked(fault, resp)
         bad_rows = fault is not None and fault.kind in ("invalid_rows", "bad_data")
         if fault is not None and bad_rows and resp.status == 200 and isinstance(resp, web.Response):
@@ -327,7 +340,7 @@ class PolygonFace:
     @staticmethod
     def _bodies(request_id: str) -> VendorBodies:
         return VendorBodies(
-            server_error=lambda: json_response(body_of("ERROR", "Internal server error", request_id), 500),
+            server_error=lambda: json_response(error_body("ERROR", "Internal server error", request_id), 500),
             too_many=lambda fault: web.Response(status=429),  # Polygon's 429 sometimes has no body at all
             outage_200=MAINTENANCE_200,
             page_key=lambda request: "results",
@@ -391,7 +404,7 @@ class PolygonFace:
 
     @staticmethod
     def _status(plan: str) -> str:
-        return "OK" if plan == "unlimited" else "DELAYED"
+        return OK if plan == "unlimited" else DELAYED
 
     def _entitled(self, request: web.Request) -> Client:
         client = self._client(request)
@@ -526,7 +539,7 @@ class PolygonFace:
         if len(rest):
             nxt = str(int(rest.bars["t"][0]) // NS_PER_MS)
             lo, hi = (nxt, raw_to) if sort == "asc" else (raw_from, nxt)
-            path = f"/v2/aggs/ticker/{ticker}/range/{m['multiplier']}/{m['timespan']}/{lo}/{hi}"
+            path = aggs_path(ticker, m["multiplier"], m["timespan"], lo, hi)
             doc["next_url"] = f"{origin}{path}?cursor={encode_cursor(adjusted, limit, sort)}"
         if request.get(TOKEN_LOOP):
             # Back at the request's own cursor; a request without one gets its real next_url, or on a

@@ -116,15 +116,33 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from marketpipe.core.timeutil import NY, dt_to_ns
-from marketpipe.providers.alpaca_stream import ERROR_MESSAGES, parse_subscription
 from marketpipe.sim.admin import SIM_HEADER
 from marketpipe.sim.data import NS_PER_SEC, SimMarket, ny_midnight_ns, valid_symbol
+from marketpipe.wire.alpaca_stream import (
+    AUTHENTICATED,
+    CHANNEL_NAMES,
+    CONNECTED,
+    ERROR_MESSAGES,
+    FRAME_ERRORS,
+    MSGPACK_CONTENT_TYPE,
+    SERVED_FEEDS,
+    BarMessage,
+    DailyBarMessage,
+    Error,
+    QuoteMessage,
+    Subscription,
+    TradeMessage,
+    array_header,
+    control_frame,
+    decode_client,
+    encode,
+    feed_of_path,
+    parse_subscription,
+)
 
-FEEDS = ("iex", "sip", "test")
-CHANNELS = ("trades", "quotes", "bars", "updatedBars", "dailyBars", "statuses", "lulds", "imbalances")
+FEEDS = SERVED_FEEDS
 TEST_SYMBOL = "FAKEPACA"
 NS_PER_MIN = 60 * NS_PER_SEC
-ERRORS = ERROR_MESSAGES
 FATAL = frozenset({402, 404, 406, 409})
 _MAX_SOURCES = 512
 
@@ -240,8 +258,8 @@ def _msgpack_stamps(ns: np.ndarray) -> list[bytes]:
 
 def _encode_source(rows: list[dict[str, Any]], t: np.ndarray, kind: str, symbol: str, binary: bool) -> _Source:
     """Encode REST rows as stream messages with ``t`` left open (key order as the reference's)."""
-    keys = ("i", "x", "p", "s", "c") if kind == "trades" else ("bx", "bp", "bs", "ax", "ap", "as", "c")
-    letter = "t" if kind == "trades" else "q"
+    msg_type = TradeMessage if kind == "trades" else QuoteMessage
+    keys, letter = msg_type.FIELDS, msg_type.__struct_config__.tag
     tape = rows[0]["z"] if rows else "C"
     pre: list[bytes] = []
     if binary:
@@ -309,7 +327,7 @@ class _Conn:
     plan_name: str = ""
     authed: bool = False
     authed_at: float = 0.0
-    subs: dict[str, dict[str, None]] = field(default_factory=lambda: {c: {} for c in CHANNELS})
+    subs: dict[str, dict[str, None]] = field(default_factory=lambda: {c: {} for c in CHANNEL_NAMES})  # by wire key
     plan: _Plan = field(default_factory=lambda: _merge([]))
     pos: int = 0
     last_ns: int = 0
@@ -319,11 +337,8 @@ class _Conn:
     emitter: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # data frames vs. subscription replies
 
-    def encode(self, msgs: list[dict[str, Any]]) -> bytes:
-        if self.binary:
-            packed: bytes = msgpack.packb(msgs)
-            return packed
-        return orjson.dumps(msgs)
+    def encode(self, msgs: list[Any]) -> bytes:
+        return encode(msgs, self.binary)
 
     async def send(self, frame: bytes) -> None:
         await self.ws.send_frame(frame, WSMsgType.BINARY if self.binary else WSMsgType.TEXT)
@@ -406,9 +421,9 @@ class AlpacaStream:
         async def stream_first(
             request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
         ) -> web.StreamResponse:
-            path = request.path
-            if path.startswith("/v2/") and path[4:] in FEEDS:
-                return await self.handle(request, path[4:])
+            feed = feed_of_path(request.path)
+            if feed is not None:
+                return await self.handle(request, feed)
             return await handler(request)
 
         app.middlewares.insert(0, stream_first)
@@ -430,7 +445,7 @@ class AlpacaStream:
             task.add_done_callback(_retrieve)
         if closing:
             # a client that reads nothing would hold its close (and the server's stop) forever
-            _, stuck = await asyncio.wait(closing, timeout=self.config.close_timeout_s + 0.5)
+            _done, stuck = await asyncio.wait(closing, timeout=self.config.close_timeout_s + 0.5)
             for task in stuck:
                 closing[task].abort()
 
@@ -486,13 +501,13 @@ class AlpacaStream:
         ws.headers[SIM_HEADER] = "1"  # like every REST answer: clients label the data sim:alpaca
         await ws.prepare(request)
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        conn = _Conn(ws, request, feed, binary=content_type == "application/msgpack")
+        conn = _Conn(ws, request, feed, binary=content_type == MSGPACK_CONTENT_TYPE)
         self._conns.add(conn)
         self._counters["connections"] += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.auth_timeout_s
         try:
-            await self._control(conn, {"T": "success", "msg": "connected"})
+            await self._control(conn, CONNECTED)
             key, secret = request.headers.get("APCA-API-KEY-ID"), request.headers.get("APCA-API-SECRET-KEY")
             if key is not None or secret is not None:
                 await self._auth(conn, key, secret)
@@ -529,18 +544,18 @@ class AlpacaStream:
         if conn.authed and self._active.get((conn.key, conn.feed)) is conn:
             del self._active[(conn.key, conn.feed)]
 
-    async def _control(self, conn: _Conn, msg: dict[str, Any]) -> None:
-        await conn.send(conn.encode([msg]))
+    async def _control(self, conn: _Conn, msg: Any) -> None:
+        await conn.send(control_frame(msg, conn.binary))
 
     async def _error(self, conn: _Conn, code: int) -> None:
-        await self._control(conn, {"T": "error", "code": code, "msg": ERRORS[code]})
+        await self._control(conn, Error.of(code))
         if code in FATAL:
-            await conn.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=ERRORS[code].encode())
+            await conn.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=ERROR_MESSAGES[code].encode())
 
     async def _on_message(self, conn: _Conn, data: bytes, *, binary: bool) -> None:
         try:
-            obj = msgpack.unpackb(data, raw=False) if binary else orjson.loads(data)
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError):
+            obj = decode_client(data, binary=binary)
+        except FRAME_ERRORS:
             await self._error(conn, 400)
             return
         action = obj.get("action") if isinstance(obj, dict) else None
@@ -574,7 +589,7 @@ class AlpacaStream:
         loop = asyncio.get_running_loop()
         conn.authed_at = loop.time()
         self._active[(key, conn.feed)] = conn
-        await self._control(conn, {"T": "success", "msg": "authenticated"})
+        await self._control(conn, AUTHENTICATED)
         now = time.time_ns()
         conn.last_ns = now
         conn.bar_next_ns = (now // NS_PER_MIN + 1) * NS_PER_MIN
@@ -607,10 +622,7 @@ class AlpacaStream:
                 await self._error(conn, 405)
                 return
         ticks_changed = any(subs[c] != conn.subs[c] for c in ("trades", "quotes"))
-        trades = list(subs["trades"])
-        reply: dict[str, Any] = {"T": "subscription", **{c: list(subs[c]) for c in CHANNELS}}
-        reply["corrections"] = trades
-        reply["cancelErrors"] = list(trades)
+        reply = Subscription.of({CHANNEL_NAMES[c]: syms for c, syms in subs.items()})
         # Encoding a cold session takes tens of ms per symbol: off the loop, so that other
         # connections and the REST face keep going.
         plan = await asyncio.to_thread(self._prepare, conn, subs, ticks_changed)
@@ -775,8 +787,7 @@ class AlpacaStream:
                 parts[1::3] = ts
                 parts[2::3] = _cyclic(plan.suf, pos, k)
                 if conn.binary:
-                    head = bytes([0x90 | k]) if k < 16 else (b"\xdc" + k.to_bytes(2, "big"))
-                    frame = head + b"".join(parts)
+                    frame = array_header(k) + b"".join(parts)
                 else:
                     body = b"".join(parts)
                     frame = b"[" + body[1:] + b"]"
@@ -832,18 +843,16 @@ class AlpacaStream:
 
     def _bar_messages(
         self, conn: _Conn, stamp: int, bar_syms: list[str], daily_syms: list[str]
-    ) -> list[dict[str, Any]]:
+    ) -> list[BarMessage | DailyBarMessage]:
         day = datetime.fromtimestamp(stamp / NS_PER_SEC, NY).date()
         nine_thirty = dt_to_ns(datetime.combine(day, dtime(9, 30), NY))
         midnight = ny_midnight_ns(day)
         di = self._replay_session(time.time_ns())
 
-        def ts(ns: int) -> Any:
-            if conn.binary:
-                return msgpack.Timestamp.from_unix_nano(ns)
-            return datetime.fromtimestamp(ns // NS_PER_SEC, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        def ts(ns: int) -> datetime:
+            return datetime.fromtimestamp(ns // NS_PER_SEC, UTC)  # whole minutes
 
-        msgs: list[dict[str, Any]] = []
+        msgs: list[BarMessage | DailyBarMessage] = []
         for letter, syms in (("b", bar_syms), ("d", daily_syms)):
             for sym in syms:
                 bars = self._bars(conn.feed, sym, di)
@@ -858,7 +867,5 @@ class AlpacaStream:
                     o, h, lo, c, v, n, vw, t = (
                         bars.o[0], bars.dh[k], bars.dl[k], bars.c[k], bars.dv[k], bars.dn[k], bars.dvw[k], midnight
                     )  # fmt: skip
-                msgs.append(
-                    {"T": letter, "S": sym, "o": o, "h": h, "l": lo, "c": c, "v": v, "t": ts(t), "n": n, "vw": vw}
-                )
+                msgs.append((BarMessage if letter == "b" else DailyBarMessage)(sym, o, h, lo, c, v, ts(t), n, vw))
         return msgs

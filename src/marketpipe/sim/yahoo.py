@@ -61,8 +61,8 @@ from marketpipe.sim.alpaca import SIM_HEADER, RateLimits
 from marketpipe.sim.data import NS_PER_SEC, BarArrays, SimMarket, aggregate, ny_midnight_ns, parse_rfc3339_ns
 from marketpipe.sim.faults import FaultRule, Faults, RunLookup, apply_defect, corrupt_bars, first_bars
 from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
+from marketpipe.wire.yahoo import CHART_PREFIX, LOOKBACK_DAYS, MAX_SPAN_DAYS, error_envelope
 
-CHART_PREFIX = "/v8/finance/chart/"
 NS_PER_MIN = 60 * NS_PER_SEC
 DAY_S = 86_400
 VALID_RANGES = ["1d", "5d", "1mo", "3mo", "6mo", "1y", "2y", "5y", "10y", "ytd", "max"]
@@ -94,14 +94,16 @@ class Interval:
 INTERVALS: dict[str, Interval] = {
     iv.name: iv
     for iv in (
-        Interval("1m", tf=Timeframe(1, Unit.MINUTE), lookback_days=30, max_span_days=7),
-        Interval("2m", tf=Timeframe(2, Unit.MINUTE), lookback_days=60),
-        Interval("5m", tf=Timeframe(5, Unit.MINUTE), lookback_days=60),
-        Interval("15m", tf=Timeframe(15, Unit.MINUTE), lookback_days=60),
-        Interval("30m", tf=Timeframe(30, Unit.MINUTE), lookback_days=60),
-        Interval("60m", session_minutes=60, lookback_days=730),
-        Interval("90m", session_minutes=90, lookback_days=60),
-        Interval("1h", session_minutes=60, lookback_days=730),
+        Interval(
+            "1m", tf=Timeframe(1, Unit.MINUTE), lookback_days=LOOKBACK_DAYS["1m"], max_span_days=MAX_SPAN_DAYS["1m"]
+        ),
+        Interval("2m", tf=Timeframe(2, Unit.MINUTE), lookback_days=LOOKBACK_DAYS["2m"]),
+        Interval("5m", tf=Timeframe(5, Unit.MINUTE), lookback_days=LOOKBACK_DAYS["5m"]),
+        Interval("15m", tf=Timeframe(15, Unit.MINUTE), lookback_days=LOOKBACK_DAYS["15m"]),
+        Interval("30m", tf=Timeframe(30, Unit.MINUTE), lookback_days=LOOKBACK_DAYS["30m"]),
+        Interval("60m", session_minutes=60, lookback_days=LOOKBACK_DAYS["60m"]),
+        Interval("90m", session_minutes=90, lookback_days=LOOKBACK_DAYS["90m"]),
+        Interval("1h", session_minutes=60, lookback_days=LOOKBACK_DAYS["1h"]),
         Interval("1d", daily=True),
         Interval("1wk", daily=True, months=-1),
         Interval("1mo", daily=True, months=1),
@@ -126,7 +128,7 @@ class ChartError(Exception):
 
 
 def chart_error(status: int, code: str, description: str, *, key: str = "chart") -> web.Response:
-    body = {key: {"result": None, "error": {"code": code, "description": description}}}
+    body = error_envelope(code, description, key=key)
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
