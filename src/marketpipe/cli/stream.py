@@ -567,7 +567,7 @@ def stream(
 def _run_sim(
     syms: list[str], rate: float, as_json: bool, duration: float | None, config: Path | None, store: Path | None
 ) -> None:
-    from marketpipe.core.config import ProviderConfig
+    from marketpipe.providers.alpaca_config import AlpacaConfig
     from marketpipe.sim.server import SimServer
     from marketpipe.sim.stream import StreamConfig
 
@@ -577,7 +577,7 @@ def _run_sim(
         cfg = _sim_config(store, config)
         server = stack.enter_context(SimServer(vendor="alpaca", stream_config=StreamConfig(rate=rate)))
         err.print(f"simulator on {server.url} (source sim:alpaca)")
-        cfg.providers["alpaca"] = ProviderConfig(
+        cfg.providers["alpaca"] = AlpacaConfig(
             priority=1, base_url=server.url, plan="unlimited", rate_limit_per_min=10_000
         )
         asyncio.run(run_hub(cfg, dict(SIM_KEYS), syms, as_json, duration))

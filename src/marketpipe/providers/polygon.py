@@ -35,7 +35,6 @@ import polars as pl
 
 from marketpipe.core.calendar import get_calendar
 from marketpipe.core.codes import POLYGON_EXCHANGES, POLYGON_TAPES, POLYGON_TRADE_CONDITIONS
-from marketpipe.core.config import ProviderConfig
 from marketpipe.core.errors import (
     InvalidArgument,
     MalformedResponse,
@@ -50,6 +49,7 @@ from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, ns_to_dt, utcnow
 from marketpipe.providers.base import BarPage, envelope_error, pagination_loop
 from marketpipe.providers.http import REDACTED, HttpProvider, VendorHttp, error_text, status_error
+from marketpipe.providers.polygon_config import PolygonConfig
 
 DEFAULT_BASE_URL = "https://api.polygon.io"
 MASSIVE_BASE_URL = "https://api.massive.com"  # the same API under the vendor's new name
@@ -338,7 +338,7 @@ class PolygonProvider(HttpProvider):
         self,
         api_key: str,
         *,
-        config: ProviderConfig | None = None,
+        config: PolygonConfig | None = None,
         base_url: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         now: Callable[[], datetime] = utcnow,
@@ -349,7 +349,7 @@ class PolygonProvider(HttpProvider):
         if auth not in ("header", "query"):
             raise InvalidArgument("auth must be 'header' or 'query'", details={"parameter": "auth"})
         # Without a config, the vendor's free tier: 5 requests a minute, previous-session data.
-        self.config = config or ProviderConfig(priority=2, rate_limit_per_min=5, plan="free")
+        self.config = config or PolygonConfig()
         self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._now = now
         self._http = VendorHttp(
@@ -366,7 +366,7 @@ class PolygonProvider(HttpProvider):
 
     @classmethod
     def from_config(
-        cls, config: ProviderConfig | None = None, *, env: Mapping[str, str] | None = None, **kw: Any
+        cls, config: PolygonConfig | None = None, *, env: Mapping[str, str] | None = None, **kw: Any
     ) -> PolygonProvider:
         src = os.environ if env is None else env
         key = src.get(KEY_VAR)

@@ -45,7 +45,6 @@ import httpx
 import msgspec
 import polars as pl
 
-from marketpipe.core.config import DEFAULT_PROVIDERS, ProviderConfig
 from marketpipe.core.errors import (
     InvalidArgument,
     InvalidTimeframe,
@@ -60,6 +59,7 @@ from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
 from marketpipe.providers.base import BarPage, envelope_error, sim_source
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
+from marketpipe.providers.yahoo_config import YahooConfig
 
 DEFAULT_BASE_URL = "https://query2.finance.yahoo.com"
 # Yahoo throttles clients that do not look like a browser (reference §5.4).
@@ -323,12 +323,12 @@ class YahooProvider(HttpProvider):
     def __init__(
         self,
         *,
-        config: ProviderConfig | None = None,
+        config: YahooConfig | None = None,
         base_url: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
-        self.config = config or msgspec.convert(DEFAULT_PROVIDERS.get(self.name, {}), ProviderConfig)
+        self.config = config or YahooConfig()
         self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._now = now
         self._http = VendorHttp(
@@ -345,7 +345,7 @@ class YahooProvider(HttpProvider):
 
     @classmethod
     def from_config(
-        cls, config: ProviderConfig | None = None, *, env: dict[str, str] | None = None, **kw: Any
+        cls, config: YahooConfig | None = None, *, env: dict[str, str] | None = None, **kw: Any
     ) -> YahooProvider:
         """No credentials exist for this endpoint; ``env`` is accepted for a uniform factory call."""
         return cls(config=config, **kw)

@@ -22,6 +22,7 @@ from marketpipe.core.schema import Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_range, parse_time
 from marketpipe.providers.alpaca import AlpacaProvider
+from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.base import BarsProvider
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
 from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
@@ -75,7 +76,7 @@ class MarketData:
             try:
                 self._provider = self.router.get("alpaca")  # type: ignore[assignment]
             except KeyError:
-                self._provider = AlpacaProvider.from_config(self.config.provider("alpaca"), env=self._env)
+                self._provider = AlpacaProvider.from_config(self.config.provider("alpaca", AlpacaConfig), env=self._env)
         return self._provider  # type: ignore[return-value]
 
     def bars_source(self) -> BarsProvider | ProviderRouter:

@@ -57,6 +57,7 @@ from marketpipe.core.metrics import (
 from marketpipe.core.schema import BAR_SCHEMA, Bar, Quote, Trade, normalize_symbol
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
+from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_stream import CHANNELS, AlpacaStream, Outage, StreamMessage
 from marketpipe.providers.base import BarPage
 from marketpipe.quality.stream_checks import StreamChecker
@@ -353,7 +354,7 @@ class LiveHub:
         s = self.settings
         try:
             return AlpacaStream(
-                s.feed or self.config.provider("alpaca").feed,
+                s.feed or self.config.provider("alpaca", AlpacaConfig).feed,
                 base_url=stream_url(self.config),
                 env=self._env,
                 encoding="json" if s.encoding == "json" else "msgpack",
