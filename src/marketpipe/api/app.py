@@ -35,11 +35,14 @@ from marketpipe.cache import CacheHit, TieredCache, build_cache, make_key, ttl_f
 from marketpipe.core import log as logging_
 from marketpipe.core.config import KNOWN_KINDS, Config, load_config
 from marketpipe.core.errors import (
+    AllProvidersFailed,
     DeadlineExceeded,
+    Forbidden,
     InvalidArgument,
     MarketpipeError,
     PayloadTooLarge,
     ProviderError,
+    Unauthenticated,
 )
 from marketpipe.core.schema import normalize_symbol, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
@@ -119,7 +122,7 @@ async def answer(
                 raise _deadline(st) from exc
         stale = False
     except (ProviderError, MarketpipeError) as exc:
-        if not isinstance(exc, ProviderError) and exc.code not in ("ALL_PROVIDERS_FAILED", DeadlineExceeded.code):
+        if not isinstance(exc, ProviderError) and exc.code not in (AllProvidersFailed.code, DeadlineExceeded.code):
             raise
         old = await st.cache.get(key, allow_stale=True)
         if old is None:
@@ -697,7 +700,7 @@ class _AdminDenied(MarketpipeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.http_status = status
-        self.code = "UNAUTHENTICATED" if status == 401 else "FORBIDDEN"
+        self.code = Unauthenticated.code if status == 401 else Forbidden.code
 
 
 async def _body(request: Request) -> dict[str, Any]:

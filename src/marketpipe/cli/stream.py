@@ -31,7 +31,17 @@ from rich.table import Table
 from rich.text import Text
 
 from marketpipe.cli.main import ConfigOpt, StoreOpt, _config, _symbols, app, err, handle_errors, out
-from marketpipe.core.errors import AuthFailed, FeatureDisabled, InvalidArgument, MarketpipeError, ProviderUnavailable
+from marketpipe.core.errors import (
+    AuthFailed,
+    FeatureDisabled,
+    InvalidArgument,
+    MalformedMessage,
+    MarketpipeError,
+    ProviderUnavailable,
+    StreamClosed,
+    StreamFailed,
+    StreamUnavailable,
+)
 
 API_KEY_VAR = "MARKETPIPE_API_KEY"
 REFRESH_SECONDS = 0.25  # the table is redrawn about four times a second
@@ -40,8 +50,9 @@ SIM_KEYS = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 
-class StreamError(MarketpipeError):
-    """An ``error`` message from the stream, or the stream ending; ``code`` is the stream's own."""
+class StreamError(StreamFailed):
+    """An ``error`` message from the stream, or the stream ending; ``code`` is the stream's own (one of
+    the codes of :mod:`marketpipe.core.errors`, e.g. ``StreamClosed.code``)."""
 
     def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message, details=details)
@@ -53,7 +64,7 @@ class StreamRequestError(StreamError, InvalidArgument):
 
 
 def stream_error(msg: dict[str, Any]) -> StreamError:
-    code = str(msg.get("code") or "STREAM_ERROR")
+    code = str(msg.get("code") or StreamFailed.code)
     message = str(msg.get("message") or "the stream reported an error")
     details = msg.get("details") if isinstance(msg.get("details"), dict) else None
     cls = StreamRequestError if code.startswith("INVALID") else StreamError
@@ -292,7 +303,7 @@ class GatewayFeed:
             msgs = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise StreamError(
-                "MALFORMED_MESSAGE", f"the gateway sent something that is not JSON: {raw[:80]!r}"
+                MalformedMessage.code, f"the gateway sent something that is not JSON: {raw[:80]!r}"
             ) from None
         return [m for m in (msgs if isinstance(msgs, list) else [msgs]) if isinstance(m, dict)]
 
@@ -367,7 +378,7 @@ async def consume(feed: Feed, board: Board, view: View, duration: float | None) 
         wait = REFRESH_SECONDS if deadline is None else max(0.0, min(REFRESH_SECONDS, deadline - now))
         msgs = await feed.next(wait)
         if msgs is None:
-            raise StreamError("STREAM_CLOSED", "the stream ended")
+            raise StreamError(StreamClosed.code, "the stream ended")
         for msg in msgs:
             try:
                 doc = fold(board, msg)
@@ -442,7 +453,7 @@ def _check_sources(hub: Any) -> None:
         fallback = []
     message = problem.get("message") or "the Alpaca stream is unavailable"
     if not fallback:
-        raise StreamError(str(problem.get("code") or "STREAM_UNAVAILABLE"), f"{message}; no fallback vendor either")
+        raise StreamError(str(problem.get("code") or StreamUnavailable.code), f"{message}; no fallback vendor either")
     err.print(f"[yellow]warning[/]: {escape(message)}; prices come from the polled fallback vendors")
 
 
@@ -491,14 +502,14 @@ async def run_gateway(
             try:
                 await consume(feed, board, view, duration)
             except StreamError as exc:
-                if exc.code != "STREAM_CLOSED":
+                if exc.code != StreamClosed.code:
                     raise
                 closed = feed.closed
                 rcvd = getattr(closed, "rcvd", None)
                 if rcvd is not None and rcvd.code == 1013:
                     raise FeatureDisabled(f"the gateway does not stream: {rcvd.reason}") from None
                 why = f" (close code {rcvd.code}{': ' + rcvd.reason if rcvd.reason else ''})" if rcvd else ""
-                raise StreamError("STREAM_CLOSED", f"the gateway closed the stream{why}") from None
+                raise StreamError(StreamClosed.code, f"the gateway closed the stream{why}") from None
     finally:
         await ws.close()
 

@@ -31,9 +31,11 @@ from marketpipe.core import events
 from marketpipe.core.calendar import ExchangeCalendar
 from marketpipe.core.config import AnomalyConfig, Config
 from marketpipe.core.errors import (
+    UNSUPPORTED,
     AllProvidersFailed,
     AuthFailed,
     CircuitOpen,
+    DataInvalid,
     InvalidArgument,
     InvalidRange,
     MarketpipeError,
@@ -514,7 +516,7 @@ async def run_backfill(
                 return
             # Every candidate failed or was left out. If open circuits are why, wait for the first to
             # let a call go and try the candidates again, from where the unit's pages end.
-            unsupported = {a.provider for a in attempts if a.code == "UNSUPPORTED"}
+            unsupported = {a.provider for a in attempts if a.code == UNSUPPORTED}
             blocked = [p for p in sources if p.name not in unsupported and may_wait(p)]
             if not blocked:
                 raise AllProvidersFailed(
@@ -540,7 +542,7 @@ async def run_backfill(
                 if router is None:
                     raise
             except (MarketpipeError, pl.exceptions.PolarsError) as exc:
-                code = exc.code if isinstance(exc, MarketpipeError) else "DATA_INVALID"
+                code = exc.code if isinstance(exc, MarketpipeError) else DataInvalid.code
                 err: dict[str, object] = {
                     "symbols": list(unit.symbols),
                     "start": unit.start.isoformat(),

@@ -45,7 +45,7 @@ import polars as pl
 
 from marketpipe.core.calendar import get_calendar
 from marketpipe.core.config import Config
-from marketpipe.core.errors import InvalidArgument, MarketpipeError
+from marketpipe.core.errors import InvalidArgument, MarketpipeError, SlowConsumer, UnknownSymbol
 from marketpipe.core.events import hub as event_hub
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import (
@@ -143,7 +143,7 @@ class FanoutClient:
             self.notice(
                 {
                     "type": "warning",
-                    "code": "SLOW_CONSUMER",
+                    "code": SlowConsumer.code,
                     "message": f"{len(q)} messages waiting; at {self.limit} this connection is closed",
                     "queued": len(q),
                     "limit": self.limit,
@@ -166,7 +166,7 @@ class FanoutClient:
         self.closed = reason
         self.close_message = message
         self.queue.clear()
-        told = [n for n in self.notices if n.get("code") == "SLOW_CONSUMER"]  # the warning, if still unsent
+        told = [n for n in self.notices if n.get("code") == SlowConsumer.code]  # the warning, if still unsent
         self.notices.clear()
         self.notices.extend(told)
         self.notices.append({"type": "error", "code": reason.upper(), "message": message})
@@ -880,7 +880,7 @@ class LiveHub:
                         s,
                         {
                             "type": "warning",
-                            "code": "UNKNOWN_SYMBOL",
+                            "code": UnknownSymbol.code,
                             "symbol": s,
                             "message": f"no vendor has a snapshot of {s}: subscribed, but nothing may arrive",
                         },
