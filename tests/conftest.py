@@ -13,6 +13,7 @@ from marketpipe.core.config import CircuitPolicy, ProviderConfig, RetryPolicy
 from marketpipe.core.events import Event
 from marketpipe.core.events import hub as event_hub
 from marketpipe.providers.alpaca import AlpacaProvider
+from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.sim.server import SimServer
 from marketpipe.store.duckdb import DuckDBStore
 
@@ -42,7 +43,8 @@ def store(tmp_path: Path) -> Iterator[DuckDBStore]:
     s.close()
 
 
-def provider_config(url: str, **kw: object) -> ProviderConfig:
+def provider_config(url: str, kind: type[ProviderConfig] = AlpacaConfig, **kw: object) -> ProviderConfig:
+    """A fast-failing config for a simulator at ``url``, of vendor class ``kind`` (``plan`` only where it has one)."""
     defaults: dict[str, object] = {
         "base_url": url,
         "plan": "unlimited",
@@ -52,8 +54,10 @@ def provider_config(url: str, **kw: object) -> ProviderConfig:
         "retry": RetryPolicy(attempts=3, base_seconds=0.01, max_seconds=0.05),
         "circuit": CircuitPolicy(failure_threshold=50, recovery_seconds=0.5),
     }
+    if "plan" not in kind.__struct_fields__:
+        del defaults["plan"]
     defaults.update(kw)
-    return ProviderConfig(**defaults)  # type: ignore[arg-type]
+    return kind(**defaults)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -13,6 +13,11 @@ import threading
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
+# The library's root binds each vendor's config class (declared beside its adapter) to core's config
+# loader, which cannot import providers/ itself: importing marketpipe.providers registers them, and every
+# ``marketpipe.*`` import runs this file first. Only the small config modules load here.
+import marketpipe.providers  # noqa: F401
+
 if TYPE_CHECKING:
     import polars as pl
 

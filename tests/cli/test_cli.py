@@ -187,6 +187,23 @@ def test_config_show_masks_secrets(cfg: Path) -> None:
     assert "unlimited" in r.stdout
 
 
+def test_config_show_prints_each_vendor_with_its_own_keys(cfg: Path) -> None:
+    import json
+
+    r = run("config", "show", "--config", str(cfg), env={"ALPACA_SECRET_KEY": "s3cr3tvalue"})
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    providers = doc["providers"]
+    assert set(providers) >= {"alpaca", "polygon", "yahoo"}
+    assert providers["alpaca"]["recent_sip"] == "clamp" and providers["alpaca"]["plan"] == "unlimited"
+    assert providers["polygon"]["plan"] == "free" and "recent_sip" not in providers["polygon"]
+    assert "feed" not in providers["polygon"] and providers["yahoo"]["feed"] == "yahoo"
+    assert providers["yahoo"]["enabled"] is False and "plan" not in providers["yahoo"]
+    for vendor in providers.values():  # the shared keys, every vendor
+        assert {"retry", "circuit", "read_timeout", "priority", "base_url"} <= set(vendor)
+    assert "s3cr3tvalue" not in r.stdout and doc["credentials"]["ALPACA_SECRET_KEY"] != "s3cr3tvalue"
+
+
 def test_store_commands_and_backfill_summary(cfg: Path, tmp_path: Path) -> None:
     store = tmp_path / "s.duckdb"
     r = run(

@@ -127,3 +127,68 @@ def test_edge_values_that_work_are_kept() -> None:
     )
     assert cfg.provider("alpaca").retry.base_seconds == 0
     assert cfg.server.port == 65535 and cfg.cache.bars_open_ttl == 0
+
+
+# --- per-vendor config classes (declared beside each adapter, registered with core's loader) ---------
+
+
+def test_each_vendor_table_decodes_into_its_own_class() -> None:
+    from marketpipe.core.config import ProviderConfig
+    from marketpipe.providers.alpaca_config import AlpacaConfig
+    from marketpipe.providers.polygon_config import PolygonConfig
+    from marketpipe.providers.yahoo_config import YahooConfig
+
+    cfg = config_from_dict({"providers": {"polygon": {"plan": "unlimited"}, "mine": {"priority": 7}}})
+    assert type(cfg.provider("alpaca")) is AlpacaConfig and cfg.provider("alpaca", AlpacaConfig).feed == "sip"
+    assert type(cfg.provider("polygon")) is PolygonConfig and cfg.provider("polygon", PolygonConfig).plan == "unlimited"
+    assert type(cfg.provider("yahoo")) is YahooConfig and cfg.provider("yahoo").enabled is False
+    assert type(cfg.provider("mine")) is ProviderConfig and cfg.provider("mine").priority == 7
+    # the vendor defaults are the classes' defaults, kept under a partial table
+    assert (cfg.provider("polygon").priority, cfg.provider("polygon").rate_limit_per_min) == (2, 5)
+    with pytest.raises(ConfigError) as info:
+        cfg.provider("polygon", AlpacaConfig)
+    assert info.value.details["key"] == "providers.polygon"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"providers": {"polygon": {"recent_sip": "iex"}}}, "providers.polygon"),  # an Alpaca-only key
+        ({"providers": {"yahoo": {"plan": "free"}}}, "providers.yahoo"),
+        ({"providers": {"mine": {"feed": "sip"}}}, "providers.mine"),
+        ({"providers": {"polygon": {"plan": "gold"}}}, "providers.polygon.plan"),
+        ({"providers": {"yahoo": {"read_timeout": 0}}}, "providers.yahoo.read_timeout"),
+    ],
+)
+def test_a_key_of_another_vendor_is_refused_naming_the_table(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, source="m.toml")
+    assert info.value.code == "CONFIG_ERROR"
+    assert info.value.details["key"] == key
+    assert info.value.message.startswith(f"m.toml: {key}: ")
+
+
+def test_the_registry_is_filled_whatever_is_imported_first() -> None:
+    """A fresh interpreter that imports core's loader alone still decodes into the vendor classes
+    (the package root registers them), and core itself never imports providers/."""
+    import subprocess
+    import sys
+
+    code = (
+        "from marketpipe.core.config import Config, config_from_dict\n"
+        "print(sorted((n, type(c).__name__) for n, c in Config().providers.items()))\n"
+        "print(type(config_from_dict({'providers': {'alpaca': {'plan': 'unlimited'}}}).provider('alpaca')).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.splitlines() == [
+        "[('alpaca', 'AlpacaConfig'), ('polygon', 'PolygonConfig'), ('yahoo', 'YahooConfig')]",
+        "AlpacaConfig",
+    ]
+    import ast
+
+    core = Path(__file__).resolve().parents[2] / "src" / "marketpipe" / "core"
+    for module in core.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith("marketpipe.providers") for n in names), module

@@ -8,7 +8,7 @@ import httpx
 import polars as pl
 import pytest
 
-from marketpipe.core.config import ProviderConfig, RetryPolicy
+from marketpipe.core.config import RetryPolicy
 from marketpipe.core.errors import (
     AuthFailed,
     InvalidArgument,
@@ -25,6 +25,7 @@ from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_time
 from marketpipe.providers.alpaca import AlpacaProvider
+from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.sim.faults import FaultRule
 from tests.conftest import SIM_ENV, provider_config
 
@@ -128,7 +129,7 @@ async def test_wrong_keys_are_auth_failed_and_never_echoed(sim) -> None:  # type
 
 def test_missing_keys() -> None:
     with pytest.raises(MissingCredentials):
-        AlpacaProvider.from_config(ProviderConfig(), env={})
+        AlpacaProvider.from_config(AlpacaConfig(), env={})
 
 
 async def test_invalid_arguments_never_reach_the_wire(alpaca: AlpacaProvider) -> None:
@@ -280,7 +281,7 @@ async def test_null_trades_page_is_malformed(sim) -> None:  # type: ignore[no-un
 async def test_bodies_without_the_vendor_keys(single: bool, body: bytes, missing: list[str]) -> None:
     # Shapes the simulator has no fault for ([], a bare string): a stand-in transport plays them.
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
-    cfg = ProviderConfig(priority=1, base_url="http://alpaca.invalid", retry=RetryPolicy(attempts=1))
+    cfg = AlpacaConfig(priority=1, base_url="http://alpaca.invalid", retry=RetryPolicy(attempts=1))
     p = AlpacaProvider("KEY-8f3a91aa", "SECRET-8f3a91aa", config=cfg, transport=transport)
     try:
         with pytest.raises(MalformedResponse) as info:
@@ -301,7 +302,7 @@ async def test_bodies_without_the_vendor_keys(single: bool, body: bytes, missing
 )
 async def test_the_documented_empty_pages_stay_empty(single: bool, body: bytes) -> None:
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
-    cfg = ProviderConfig(priority=1, base_url="http://alpaca.invalid", retry=RetryPolicy(attempts=1))
+    cfg = AlpacaConfig(priority=1, base_url="http://alpaca.invalid", retry=RetryPolicy(attempts=1))
     p = AlpacaProvider("KEY-8f3a91aa", "SECRET-8f3a91aa", config=cfg, transport=transport)
     try:
         pages = [pg async for pg in p.iter_bars(["AAPL"] if single else ["AAPL", "MSFT"], TF, *DAY)]

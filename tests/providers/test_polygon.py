@@ -31,7 +31,9 @@ from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import NY, parse_time
 from marketpipe.providers.alpaca import AlpacaProvider
+from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.polygon import KEY_VAR, PolygonProvider
+from marketpipe.providers.polygon_config import PolygonConfig
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import FaultRule
 from marketpipe.sim.polygon import PolygonFace
@@ -45,7 +47,7 @@ KEYS = {"POLYKEY": "unlimited", "POLYDELAYED": "delayed", "POLYFREE": "free", SE
 CANONICAL = ["symbol", "timeframe", "ts", "open", "high", "low", "close", "volume", "trade_count", "vwap", "feed"]
 
 
-def config(url: str, **kw: object) -> ProviderConfig:
+def config(url: str, kind: type[ProviderConfig] = PolygonConfig, **kw: object) -> ProviderConfig:
     values: dict[str, object] = {
         "base_url": url,
         "plan": "unlimited",
@@ -56,7 +58,7 @@ def config(url: str, **kw: object) -> ProviderConfig:
         "circuit": CircuitPolicy(failure_threshold=50, recovery_seconds=0.5),
     }
     values.update(kw)
-    return ProviderConfig(**values)  # type: ignore[arg-type]
+    return kind(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +98,7 @@ async def polygon(polygon_sim: SimServer) -> AsyncIterator[PolygonProvider]:
 @pytest.fixture
 async def alpaca(alpaca_sim: SimServer) -> AsyncIterator[AlpacaProvider]:
     p = AlpacaProvider.from_config(
-        config(alpaca_sim.url), env={"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
+        config(alpaca_sim.url, AlpacaConfig), env={"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
     )
     yield p
     await p.aclose()
@@ -251,7 +253,7 @@ async def test_plan_misconfigured_as_unlimited_gets_not_entitled(polygon_sim: Si
 
 
 def test_supports() -> None:
-    p = PolygonProvider("K", config=ProviderConfig(plan="unlimited"))
+    p = PolygonProvider("K", config=PolygonConfig(plan="unlimited"))
     now = datetime.now(UTC)
     assert p.supports("bars", MIN1, now - timedelta(days=1), now, now) is None
     assert p.supports("snapshot", None, None, None, now) is None
@@ -293,7 +295,7 @@ async def test_latest_and_snapshots_match_the_alpaca_face(polygon: PolygonProvid
 
 def test_missing_key_names_the_variable() -> None:
     with pytest.raises(MissingCredentials) as info:
-        PolygonProvider.from_config(ProviderConfig(), env={})
+        PolygonProvider.from_config(PolygonConfig(), env={})
     assert KEY_VAR in info.value.message
 
 

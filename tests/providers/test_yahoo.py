@@ -10,7 +10,7 @@ import httpx
 import polars as pl
 import pytest
 
-from marketpipe.core.config import ProviderConfig, RetryPolicy
+from marketpipe.core.config import RetryPolicy
 from marketpipe.core.errors import (
     InvalidArgument,
     InvalidTimeframe,
@@ -35,6 +35,7 @@ from marketpipe.providers.yahoo import (
     to_yahoo,
     wire_windows,
 )
+from marketpipe.providers.yahoo_config import YahooConfig
 from marketpipe.quality.validate import check_bars
 from marketpipe.sim.faults import FaultKind, FaultRule
 from marketpipe.sim.server import SimServer
@@ -66,7 +67,7 @@ def _reset_face(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def make(url: str, **kw: object) -> YahooProvider:
-    return YahooProvider(config=provider_config(url, **kw), now=lambda: NOW)
+    return YahooProvider(config=provider_config(url, YahooConfig, **kw), now=lambda: NOW)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -366,6 +367,6 @@ async def test_disagreement_options_are_visible(ysim: SimServer, yahoo: YahooPro
 
 
 def test_from_config_builds_without_credentials() -> None:
-    p = YahooProvider.from_config(ProviderConfig(base_url="http://127.0.0.1:9", feed="yahoo"), env={})
+    p = YahooProvider.from_config(YahooConfig(base_url="http://127.0.0.1:9"), env={})
     assert p.name == "yahoo" and p.base_url == "http://127.0.0.1:9"
     assert YahooProvider.from_config(None).base_url == DEFAULT_BASE_URL

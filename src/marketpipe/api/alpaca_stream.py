@@ -55,7 +55,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from marketpipe.api.live import batch_json, hub_of, run_connection
-from marketpipe.core.errors import InvalidArgument, MarketpipeError, NotEntitled
+from marketpipe.core.errors import InvalidArgument, MarketpipeError, NotEntitled, ProviderBadRequest, SlowConsumer
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
 from marketpipe.core.schema import normalize_symbol
@@ -119,7 +119,7 @@ def _error(code: int) -> Error:
 def _error_code(exc: MarketpipeError) -> int:
     if isinstance(exc, NotEntitled) or (isinstance(exc, InvalidArgument) and "limit" in (exc.details or {})):
         return 405  # the vendor's symbol limit, or the hub's per-client one
-    if isinstance(exc, InvalidArgument) or exc.code == "PROVIDER_BAD_REQUEST":
+    if isinstance(exc, InvalidArgument) or exc.code == ProviderBadRequest.code:
         return 400
     return 500
 
@@ -314,7 +314,7 @@ class _Session:
         """A hub notice in Alpaca's terms: the slow-consumer error is 407; warnings and status changes
         have no Alpaca message (clients would not know them) and are only logged."""
         if notice.get("type") == "error":
-            if notice.get("code") == "SLOW_CONSUMER":
+            if notice.get("code") == SlowConsumer.code:
                 self.sent_slow = True
                 return _error(407)
             return _error(500)

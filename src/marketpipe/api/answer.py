@@ -18,7 +18,7 @@ from starlette.responses import Response
 from marketpipe.api.formats import MEDIA
 from marketpipe.api.state import AppState
 from marketpipe.cache import CacheHit, TieredCache
-from marketpipe.core.errors import DeadlineExceeded, MarketpipeError, ProviderError
+from marketpipe.core.errors import AllProvidersFailed, DeadlineExceeded, MarketpipeError, ProviderError
 
 META_SEP = b"\n"
 
@@ -65,7 +65,7 @@ async def answer(
                 raise deadline_exceeded(st) from exc
         stale = False
     except (ProviderError, MarketpipeError) as exc:
-        if not isinstance(exc, ProviderError) and exc.code not in ("ALL_PROVIDERS_FAILED", DeadlineExceeded.code):
+        if not isinstance(exc, ProviderError) and exc.code not in (AllProvidersFailed.code, DeadlineExceeded.code):
             raise
         old = await st.cache.get(key, allow_stale=True)
         if old is None:

@@ -13,33 +13,26 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from marketpipe.core.errors import MarketpipeError
+from marketpipe.core.errors import (
+    UPSTREAM_DOWN,
+    Forbidden,
+    HttpError,
+    InvalidArgument,
+    MarketpipeError,
+    MethodNotAllowed,
+    NotFound,
+    RateLimited,
+    Unauthenticated,
+)
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ERRORS
 
 log = get_logger("marketpipe.api")
 ALPACA_PREFIX = "/v2/"
-UPSTREAM_DOWN = frozenset(
-    {
-        "ALL_PROVIDERS_FAILED",
-        "PROVIDER_UNAVAILABLE",
-        "CIRCUIT_OPEN",
-        "PROVIDER_TIMEOUT",
-        "RATE_LIMITED",
-        "STALE_DATA",
-        "AUTH_FAILED",  # the gateway's own vendor credentials: the caller can do nothing about it
-        "MALFORMED_RESPONSE",
-        "PAGINATION_LOOP",
-    }
-)
 
 _HTTP_CODES = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "FORBIDDEN",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    429: "RATE_LIMITED",
+    cls.http_status: cls.code
+    for cls in (InvalidArgument, Unauthenticated, Forbidden, NotFound, MethodNotAllowed, RateLimited)
 }
 
 
@@ -105,12 +98,12 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     loc = [str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body", "header")]
     param = ".".join(loc) or "request"
     message = f"invalid {param}: {first.get('msg', 'invalid value')}"
-    return error_response(request, 400, "INVALID_ARGUMENT", message, {"parameter": param})
+    return error_response(request, 400, InvalidArgument.code, message, {"parameter": param})
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
+    code = _HTTP_CODES.get(exc.status_code, HttpError.code)
     return error_response(
         request,
         exc.status_code,

@@ -35,7 +35,15 @@ from starlette.responses import Response, StreamingResponse
 from marketpipe import __version__
 from marketpipe.api.formats import MEDIA
 from marketpipe.api.middleware import v1_secret
-from marketpipe.core.errors import FeatureDisabled, InvalidArgument, MarketpipeError
+from marketpipe.core.errors import (
+    FeatureDisabled,
+    InvalidAction,
+    InvalidArgument,
+    InvalidMessage,
+    InvalidSymbols,
+    MarketpipeError,
+    MessageTooLarge,
+)
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
 from marketpipe.core.schema import normalize_symbols
@@ -102,28 +110,28 @@ def _welcome(hub: LiveHub, client: FanoutClient) -> dict[str, Any]:
 async def _apply(hub: LiveHub, client: FanoutClient, raw: str | bytes) -> None:
     """One client message: subscribe / unsubscribe / ping. Errors go back to this client only."""
     if len(raw) > MAX_MESSAGE_BYTES:
-        client.notice(_error("MESSAGE_TOO_LARGE", f"messages are limited to {MAX_MESSAGE_BYTES} bytes"))
+        client.notice(_error(MessageTooLarge.code, f"messages are limited to {MAX_MESSAGE_BYTES} bytes"))
         return
     try:
         msg = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        client.notice(_error("INVALID_MESSAGE", 'not JSON: send {"action": "subscribe", "symbols": [...]}'))
+        client.notice(_error(InvalidMessage.code, 'not JSON: send {"action": "subscribe", "symbols": [...]}'))
         return
     if not isinstance(msg, dict):
-        client.notice(_error("INVALID_MESSAGE", "a message is a JSON object with an action"))
+        client.notice(_error(InvalidMessage.code, "a message is a JSON object with an action"))
         return
     action = msg.get("action")
     if action == "ping":
         client.notice({"type": "pong"})
         return
     if action not in ("subscribe", "unsubscribe"):
-        client.notice(_error("INVALID_ACTION", f"unknown action {action!r}: subscribe, unsubscribe or ping"))
+        client.notice(_error(InvalidAction.code, f"unknown action {action!r}: subscribe, unsubscribe or ping"))
         return
     symbols = msg.get("symbols")
     if isinstance(symbols, str):
         symbols = [s for s in symbols.split(",") if s.strip()]
     if not isinstance(symbols, list) or not symbols or not all(isinstance(s, str) for s in symbols):
-        client.notice(_error("INVALID_SYMBOLS", "symbols must be a non-empty list of strings"))
+        client.notice(_error(InvalidSymbols.code, "symbols must be a non-empty list of strings"))
         return
     try:
         if action == "subscribe":

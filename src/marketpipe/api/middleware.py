@@ -19,7 +19,15 @@ from typing import Any
 import orjson
 from prometheus_client import Counter, Histogram
 
-from marketpipe.core.errors import AuthThrottled, DeadlineExceeded, HeadersTooLarge
+from marketpipe.core.errors import (
+    AuthThrottled,
+    DeadlineExceeded,
+    Forbidden,
+    HeadersTooLarge,
+    MarketpipeError,
+    RateLimited,
+    Unauthenticated,
+)
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ERRORS, REGISTRY
 
@@ -99,7 +107,7 @@ class RequestContext:
         if kind == "websocket":
             if size > self.max_header_bytes:
                 ERRORS.labels(HeadersTooLarge.code).inc()
-                await send({"type": "websocket.close", "code": 1009, "reason": "HEADERS_TOO_LARGE"})
+                await send({"type": "websocket.close", "code": 1009, "reason": HeadersTooLarge.code})
                 return
             await self.app(scope, receive, send)
             return
@@ -154,11 +162,11 @@ class RequestContext:
         except Exception as exc:  # the one place an unhandled error is logged and answered
             log.exception("unhandled_error", path=scope.get("path", ""), error=repr(exc)[:300], request_id=rid)
             if not responded:
-                ERRORS.labels("INTERNAL").inc()
+                ERRORS.labels(MarketpipeError.code).inc()
                 await _reply(
                     send_with_id,
                     500,
-                    _err("INTERNAL", "internal error; see the server log for the request id", scope),
+                    _err(MarketpipeError.code, "internal error; see the server log for the request id", scope),
                     alpaca=scope.get("path", "").startswith("/v2/"),
                 )
         finally:
@@ -319,7 +327,7 @@ class ClientAuth:
             secret = v1_secret(headers)
             if not secret:
                 await _reply(
-                    send, 401, _err("UNAUTHENTICATED", "an API key is required (Authorization: Bearer KEY)", scope)
+                    send, 401, _err(Unauthenticated.code, "an API key is required (Authorization: Bearer KEY)", scope)
                 )
                 return
         now = self.clock()
@@ -336,7 +344,7 @@ class ClientAuth:
             self.keys.throttle.fail(addr, now)
             log.warning("client_key_rejected", client=addr, path=path[:200])
             await _reply(
-                send, 403, {"message": "forbidden."} if alpaca else _err("FORBIDDEN", "unknown API key", scope)
+                send, 403, {"message": "forbidden."} if alpaca else _err(Forbidden.code, "unknown API key", scope)
             )
             return
         ok, remaining, wait = self.keys.take(who, now)
@@ -351,7 +359,7 @@ class ClientAuth:
                 {"message": "too many requests."}
                 if alpaca
                 else _err(
-                    "RATE_LIMITED", f"rate limit of {self.keys.per_min} requests/min exceeded for key {who}", scope
+                    RateLimited.code, f"rate limit of {self.keys.per_min} requests/min exceeded for key {who}", scope
                 )
             )
             await _reply(send, 429, body, [*rl, (b"retry-after", str(max(1, math.ceil(wait))).encode())])

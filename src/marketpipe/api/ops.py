@@ -19,7 +19,7 @@ from marketpipe.api.middleware import client_address
 from marketpipe.api.state import ADMIN_TOKEN_VAR, AppState, StateDep
 from marketpipe.cache import TieredCache
 from marketpipe.core.config import KNOWN_KINDS
-from marketpipe.core.errors import InvalidArgument, MarketpipeError, PayloadTooLarge
+from marketpipe.core.errors import Forbidden, InvalidArgument, MarketpipeError, PayloadTooLarge, Unauthenticated
 from marketpipe.core.metrics import REGISTRY
 from marketpipe.core.schema import normalize_symbol
 from marketpipe.core.validation import validate_enum, validate_type
@@ -165,7 +165,7 @@ class _AdminDenied(MarketpipeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.http_status = status
-        self.code = "UNAUTHENTICATED" if status == 401 else "FORBIDDEN"
+        self.code = Unauthenticated.code if status == 401 else Forbidden.code
 
 
 async def _body(request: Request) -> dict[str, Any]:

@@ -433,8 +433,9 @@ def demo(
 ) -> None:
     """Offline tour: start the simulator, backfill a few symbols, show the summary and some bars."""
     from marketpipe.core.calendar import get_calendar
-    from marketpipe.core.config import Config, ProviderConfig
+    from marketpipe.core.config import Config
     from marketpipe.core.timeutil import utcnow
+    from marketpipe.providers.alpaca_config import AlpacaConfig
     from marketpipe.service.data import MarketData
     from marketpipe.sim.server import SimServer
 
@@ -450,7 +451,7 @@ def demo(
         err.print(f"simulator listening on {server.url}")
         cfg = Config()
         cfg.store.path = str(store_path)
-        cfg.providers["alpaca"] = ProviderConfig(
+        cfg.providers["alpaca"] = AlpacaConfig(
             priority=1, base_url=server.url, plan="unlimited", rate_limit_per_min=10_000
         )
         data = MarketData(cfg, env={"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"})

@@ -31,7 +31,17 @@ from rich.table import Table
 from rich.text import Text
 
 from marketpipe.cli.common import ConfigOpt, StoreOpt, app, err, handle_errors, load_config, out, read_symbols
-from marketpipe.core.errors import AuthFailed, FeatureDisabled, InvalidArgument, MarketpipeError, ProviderUnavailable
+from marketpipe.core.errors import (
+    AuthFailed,
+    FeatureDisabled,
+    InvalidArgument,
+    MalformedMessage,
+    MarketpipeError,
+    ProviderUnavailable,
+    StreamClosed,
+    StreamFailed,
+    StreamUnavailable,
+)
 from marketpipe.core.validation import validate_number
 
 API_KEY_VAR = "MARKETPIPE_API_KEY"
@@ -41,8 +51,9 @@ SIM_KEYS = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 
-class StreamError(MarketpipeError):
-    """An ``error`` message from the stream, or the stream ending; ``code`` is the stream's own."""
+class StreamError(StreamFailed):
+    """An ``error`` message from the stream, or the stream ending; ``code`` is the stream's own (one of
+    the codes of :mod:`marketpipe.core.errors`, e.g. ``StreamClosed.code``)."""
 
     def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message, details=details)
@@ -54,7 +65,7 @@ class StreamRequestError(StreamError, InvalidArgument):
 
 
 def stream_error(msg: dict[str, Any]) -> StreamError:
-    code = str(msg.get("code") or "STREAM_ERROR")
+    code = str(msg.get("code") or StreamFailed.code)
     message = str(msg.get("message") or "the stream reported an error")
     details = msg.get("details") if isinstance(msg.get("details"), dict) else None
     cls = StreamRequestError if code.startswith("INVALID") else StreamError
@@ -293,7 +304,7 @@ class GatewayFeed:
             msgs = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise StreamError(
-                "MALFORMED_MESSAGE", f"the gateway sent something that is not JSON: {raw[:80]!r}"
+                MalformedMessage.code, f"the gateway sent something that is not JSON: {raw[:80]!r}"
             ) from None
         return [m for m in (msgs if isinstance(msgs, list) else [msgs]) if isinstance(m, dict)]
 
@@ -368,7 +379,7 @@ async def consume(feed: Feed, board: Board, view: View, duration: float | None) 
         wait = REFRESH_SECONDS if deadline is None else max(0.0, min(REFRESH_SECONDS, deadline - now))
         msgs = await feed.next(wait)
         if msgs is None:
-            raise StreamError("STREAM_CLOSED", "the stream ended")
+            raise StreamError(StreamClosed.code, "the stream ended")
         for msg in msgs:
             try:
                 doc = fold(board, msg)
@@ -443,7 +454,7 @@ def _check_sources(hub: Any) -> None:
         fallback = []
     message = problem.get("message") or "the Alpaca stream is unavailable"
     if not fallback:
-        raise StreamError(str(problem.get("code") or "STREAM_UNAVAILABLE"), f"{message}; no fallback vendor either")
+        raise StreamError(str(problem.get("code") or StreamUnavailable.code), f"{message}; no fallback vendor either")
     err.print(f"[yellow]warning[/]: {escape(message)}; prices come from the polled fallback vendors")
 
 
@@ -492,14 +503,14 @@ async def run_gateway(
             try:
                 await consume(feed, board, view, duration)
             except StreamError as exc:
-                if exc.code != "STREAM_CLOSED":
+                if exc.code != StreamClosed.code:
                     raise
                 closed = feed.closed
                 rcvd = getattr(closed, "rcvd", None)
                 if rcvd is not None and rcvd.code == 1013:
                     raise FeatureDisabled(f"the gateway does not stream: {rcvd.reason}") from None
                 why = f" (close code {rcvd.code}{': ' + rcvd.reason if rcvd.reason else ''})" if rcvd else ""
-                raise StreamError("STREAM_CLOSED", f"the gateway closed the stream{why}") from None
+                raise StreamError(StreamClosed.code, f"the gateway closed the stream{why}") from None
     finally:
         await ws.close()
 
@@ -568,7 +579,7 @@ def stream(
 def _run_sim(
     syms: list[str], rate: float, as_json: bool, duration: float | None, config: Path | None, store: Path | None
 ) -> None:
-    from marketpipe.core.config import ProviderConfig
+    from marketpipe.providers.alpaca_config import AlpacaConfig
     from marketpipe.sim.server import SimServer
     from marketpipe.sim.stream import StreamConfig
 
@@ -578,7 +589,7 @@ def _run_sim(
         cfg = _sim_config(store, config)
         server = stack.enter_context(SimServer(vendor="alpaca", stream_config=StreamConfig(rate=rate)))
         err.print(f"simulator on {server.url} (source sim:alpaca)")
-        cfg.providers["alpaca"] = ProviderConfig(
+        cfg.providers["alpaca"] = AlpacaConfig(
             priority=1, base_url=server.url, plan="unlimited", rate_limit_per_min=10_000
         )
         asyncio.run(run_hub(cfg, dict(SIM_KEYS), syms, as_json, duration))

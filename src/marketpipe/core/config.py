@@ -10,8 +10,9 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, overload
 
 import msgspec
 import msgspec.inspect
@@ -47,25 +48,18 @@ class CircuitPolicy(msgspec.Struct, forbid_unknown_fields=True):
     half_open_max_calls: PositiveInt = 1  # trial calls allowed while half-open
 
 
-# Per-vendor defaults, merged under whatever the config file says for that vendor. Yahoo's chart
-# endpoint is unofficial and unsupported by Yahoo, so it is opt-in.
-DEFAULT_PROVIDERS: dict[str, dict[str, Any]] = {
-    "alpaca": {"priority": 1},
-    "polygon": {"priority": 2, "rate_limit_per_min": 5, "plan": "free"},
-    "yahoo": {"priority": 3, "enabled": False, "rate_limit_per_min": 60, "feed": "yahoo"},
-}
-
-
 class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``[providers.<name>]``: what every vendor adapter shares (transport, pacing, resilience, routing).
+
+    A vendor's own keys (Alpaca's ``feed``/``plan``/``recent_sip``, Polygon's ``plan``) live in its config
+    class beside its adapter (``providers/<vendor>_config.py``), a subclass of this one registered with
+    :func:`register_provider_config`. A ``[providers.<name>]`` table with no registered class is decoded
+    as this base (a vendor the registry does not know yet still has its shared keys checked).
+    """
+
     enabled: bool = True
     priority: int = 100
     base_url: str | None = None
-    feed: str = "sip"
-    # "free" (Basic: 200 req/min, SIP only up to 15 min ago) or "unlimited" (paid SIP plan).
-    plan: Literal["free", "unlimited"] = "free"
-    # What to do when the free plan meets the 15-minute SIP restriction: clamp `end` to now-15min
-    # (keep SIP) or switch to the real-time IEX feed.
-    recent_sip: Literal["clamp", "iex"] = "clamp"
     rate_limit_per_min: PositiveInt = 200
     connect_timeout: Positive = 5.0
     read_timeout: Positive = 30.0
@@ -74,6 +68,40 @@ class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
     probe_symbol: str = "SPY"
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     circuit: CircuitPolicy = msgspec.field(default_factory=CircuitPolicy)
+
+
+P = TypeVar("P", bound=ProviderConfig)
+
+# Layering: core must not import providers/, yet the loader has to decode ``[providers.alpaca]`` into the
+# class declared beside the Alpaca adapter. So the dependency is inverted: each vendor config module
+# (``marketpipe.providers.<vendor>_config``) registers its class here when it is imported, and
+# ``marketpipe.providers`` imports all of them. The package root (``marketpipe/__init__.py``) imports
+# ``marketpipe.providers``, so the registry is filled before any code can reach this module. The
+# per-vendor defaults (priority, rate limit, Yahoo opt-in) are the defaults of those classes.
+PROVIDER_CONFIGS: dict[str, type[ProviderConfig]] = {}
+
+
+def register_provider_config(name: str) -> Callable[[type[P]], type[P]]:
+    """Class decorator: ``[providers.<name>]`` tables decode into the decorated class, and ``Config()``
+    holds one (with its defaults) for every registered vendor."""
+
+    def bind(cls: type[P]) -> type[P]:
+        known = PROVIDER_CONFIGS.get(name)
+        if known is not None and known is not cls:
+            raise ValueError(f"provider config {name!r} already registered as {known.__qualname__}")
+        PROVIDER_CONFIGS[name] = cls
+        return cls
+
+    return bind
+
+
+def provider_config_type(name: str) -> type[ProviderConfig]:
+    """The config class for vendor ``name``: its registered class, else the shared base."""
+    return PROVIDER_CONFIGS.get(name, ProviderConfig)
+
+
+def _default_providers() -> dict[str, ProviderConfig]:
+    return {name: cls() for name, cls in PROVIDER_CONFIGS.items()}
 
 
 class StoreConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -317,15 +345,28 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
-    providers: dict[str, ProviderConfig] = msgspec.field(
-        default_factory=lambda: {n: msgspec.convert(d, ProviderConfig) for n, d in DEFAULT_PROVIDERS.items()}
-    )
+    # each value is the vendor's registered config class (AlpacaConfig, …), see register_provider_config
+    providers: dict[str, ProviderConfig] = msgspec.field(default_factory=_default_providers)
     source_path: str | None = None
 
-    def provider(self, name: str) -> ProviderConfig:
+    @overload
+    def provider(self, name: str) -> ProviderConfig: ...
+
+    @overload
+    def provider(self, name: str, kind: type[P]) -> P: ...
+
+    def provider(self, name: str, kind: type[ProviderConfig] = ProviderConfig) -> ProviderConfig:
+        """The effective config of vendor ``name`` (its class's defaults when the file has no table for
+        it). With ``kind`` (e.g. ``AlpacaConfig``) the result is typed as that class, and a config of
+        another class is a CONFIG_ERROR naming the key (someone put a base ``ProviderConfig`` there)."""
         cfg = self.providers.get(name)
         if cfg is None:
-            return ProviderConfig()
+            cfg = provider_config_type(name)()
+        if not isinstance(cfg, kind):
+            raise ConfigError(
+                f"providers.{name}: holds a {type(cfg).__name__}, expected {kind.__name__}",
+                details={"key": f"providers.{name}"},
+            )
         return cfg
 
     def store_path(self) -> Path:
@@ -382,14 +423,16 @@ def config_from_dict(raw: dict[str, Any], *, source: str | None = None) -> Confi
                     f"providers.{name}.{secretish}: secrets are read from the environment only, "
                     "never from the config file",
                 )
-    raw = dict(raw)
-    raw["providers"] = {
-        name: {**DEFAULT_PROVIDERS.get(name, {}), **(user_providers.get(name) or {})}
-        for name in [*DEFAULT_PROVIDERS, *(n for n in user_providers if n not in DEFAULT_PROVIDERS)]
+    # one by one, each into its vendor's class: msgspec would name a dict key only as "[...]", and the
+    # dict's declared value type is the shared base
+    names = [*PROVIDER_CONFIGS, *(n for n in user_providers if n not in PROVIDER_CONFIGS)]
+    providers = {
+        name: _convert(user_providers.get(name) or {}, provider_config_type(name), f"providers.{name}", source)
+        for name in names
     }
-    for name, prov in raw["providers"].items():  # one by one: msgspec names a dict key only as "[...]"
-        _convert(prov, ProviderConfig, f"providers.{name}", source)
-    cfg = _convert(raw, Config, "", source)
+    rest = {k: v for k, v in raw.items() if k != "providers"}
+    cfg = _convert(rest, Config, "", source)
+    cfg.providers = providers
     cfg.source_path = source
     return cfg
 

@@ -3,6 +3,11 @@
 Every failure in marketpipe surfaces as a :class:`MarketpipeError` subclass. The ``code`` is part
 of the public contract (CLI exit lines, API error bodies, metrics labels) and must never change
 for an existing error kind; the message is for humans and may change.
+
+Every code marketpipe puts on the wire or compares lives here, once (``tests/core/test_errors.py``
+walks ``src`` for stray literals): the exception classes below with their HTTP status, collected in
+:data:`ERROR_CODES`, and the router's skip reasons (why a provider was left out of a call, recorded on
+an attempt, never raised), collected in :data:`SKIP_REASONS`. Elsewhere, use ``SomeError.code``.
 """
 
 from __future__ import annotations
@@ -70,6 +75,65 @@ class PayloadTooLarge(InvalidArgument):
 class HeadersTooLarge(InvalidArgument):
     code = "HEADERS_TOO_LARGE"
     http_status = 431
+
+
+class InvalidMessage(InvalidArgument):
+    """A live-stream client sent something that is not a JSON object with an action."""
+
+    code = "INVALID_MESSAGE"
+
+
+class InvalidAction(InvalidMessage):
+    """A live-stream client message with an action other than subscribe, unsubscribe or ping."""
+
+    code = "INVALID_ACTION"
+
+
+class InvalidSymbols(InvalidMessage):
+    """A live-stream (un)subscribe whose ``symbols`` is not a non-empty list of strings."""
+
+    code = "INVALID_SYMBOLS"
+
+
+class MessageTooLarge(InvalidMessage):
+    """A live-stream client message over the gateway's size bound."""
+
+    code = "MESSAGE_TOO_LARGE"
+    http_status = 413
+
+
+class UnknownSymbol(InvalidSymbol):
+    """A well-formed symbol that no vendor knows (no snapshot anywhere); told as a warning on the live
+    stream, where the subscription is kept."""
+
+    code = "UNKNOWN_SYMBOL"
+    http_status = 404
+
+
+class Unauthenticated(MarketpipeError):
+    """A gateway request without a client key (or admin token) where one is required."""
+
+    code = "UNAUTHENTICATED"
+    http_status = 401
+
+
+class Forbidden(MarketpipeError):
+    """A gateway request whose key (or admin token) is not one the gateway knows."""
+
+    code = "FORBIDDEN"
+    http_status = 403
+
+
+class MethodNotAllowed(MarketpipeError):
+    code = "METHOD_NOT_ALLOWED"
+    http_status = 405
+
+
+class HttpError(MarketpipeError):
+    """Any other HTTP error status of the web framework, with its own status."""
+
+    code = "HTTP_ERROR"
+    http_status = 400
 
 
 class AuthThrottled(MarketpipeError):
@@ -221,6 +285,48 @@ class FeatureDisabled(MarketpipeError):
     http_status = 503
 
 
+class SlowConsumer(MarketpipeError):
+    """A live-stream client that lets its queue fill: warned first, then disconnected."""
+
+    code = "SLOW_CONSUMER"
+    http_status = 503
+
+
+class StreamFailed(MarketpipeError):
+    """The live stream a client (``marketpipe stream``) reads from reported an error or ended.
+    :class:`marketpipe.cli.stream.StreamError` (a subclass) carries the stream's own code when it sends one."""
+
+    code = "STREAM_ERROR"
+    http_status = 502
+
+
+class StreamClosed(StreamFailed):
+    code = "STREAM_CLOSED"
+
+
+class StreamUnavailable(StreamFailed):
+    """The stream cannot be had at all: the gateway's upstream is down and no fallback vendor serves it."""
+
+    code = "STREAM_UNAVAILABLE"
+    http_status = 503
+
+
+class MalformedMessage(StreamFailed):
+    """The stream sent a frame that is not JSON."""
+
+    code = "MALFORMED_MESSAGE"
+
+
+# --- router skip reasons ---------------------------------------------------------------------------
+# Why the router left a provider out of a call (the ``code`` of a skipped attempt, beside the codes of
+# the errors a tried provider raised). Not raised; listed in /health and in ALL_PROVIDERS_FAILED details.
+
+UNSUPPORTED = "UNSUPPORTED"  # the provider does not serve this kind, timeframe, range or feed
+PROVIDER_DOWN = "PROVIDER_DOWN"  # the health monitor reports it down
+DISABLED = "DISABLED"  # ``enabled = false`` in its config
+SKIP_REASONS = frozenset({UNSUPPORTED, PROVIDER_DOWN, DISABLED})
+
+
 ERROR_CODES: dict[str, type[MarketpipeError]] = {
     cls.code: cls
     for cls in (
@@ -231,6 +337,15 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         InvalidRange,
         PayloadTooLarge,
         HeadersTooLarge,
+        InvalidMessage,
+        InvalidAction,
+        InvalidSymbols,
+        MessageTooLarge,
+        UnknownSymbol,
+        Unauthenticated,
+        Forbidden,
+        MethodNotAllowed,
+        HttpError,
         AuthThrottled,
         DeadlineExceeded,
         ConfigError,
@@ -253,5 +368,80 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         OutputError,
         AddressInUse,
         FeatureDisabled,
+        SlowConsumer,
+        StreamFailed,
+        StreamClosed,
+        StreamUnavailable,
+        MalformedMessage,
     )
 }
+"""Every error code and its class (a code belongs to one class only; the gateway's 404 for a path it
+has no route for answers with :class:`NotFound`'s code)."""
+
+# The codes that mean "the gateway's upstream is in trouble": answered 503 whatever the vendor said.
+UPSTREAM_DOWN: frozenset[str] = frozenset(
+    cls.code
+    for cls in (
+        AllProvidersFailed,
+        ProviderUnavailable,
+        CircuitOpen,
+        ProviderTimeout,
+        RateLimited,
+        StaleData,
+        AuthFailed,  # the gateway's own vendor credentials: the caller can do nothing about it
+        MalformedResponse,
+        PaginationLoop,
+    )
+)
+
+__all__ = [
+    "DISABLED",
+    "ERROR_CODES",
+    "PROVIDER_DOWN",
+    "SKIP_REASONS",
+    "UNSUPPORTED",
+    "UPSTREAM_DOWN",
+    "AddressInUse",
+    "AllProvidersFailed",
+    "AuthFailed",
+    "AuthThrottled",
+    "CircuitOpen",
+    "ConfigError",
+    "DataInvalid",
+    "DeadlineExceeded",
+    "FeatureDisabled",
+    "Forbidden",
+    "HeadersTooLarge",
+    "HttpError",
+    "InvalidAction",
+    "InvalidArgument",
+    "InvalidMessage",
+    "InvalidRange",
+    "InvalidSymbol",
+    "InvalidSymbols",
+    "InvalidTimeframe",
+    "MalformedMessage",
+    "MalformedResponse",
+    "MarketpipeError",
+    "MessageTooLarge",
+    "MethodNotAllowed",
+    "MissingCredentials",
+    "NotEntitled",
+    "NotFound",
+    "OutputError",
+    "PaginationLoop",
+    "PayloadTooLarge",
+    "ProviderBadRequest",
+    "ProviderError",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "RateLimited",
+    "SlowConsumer",
+    "StaleData",
+    "StoreError",
+    "StreamClosed",
+    "StreamFailed",
+    "StreamUnavailable",
+    "Unauthenticated",
+    "UnknownSymbol",
+]

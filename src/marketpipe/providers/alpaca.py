@@ -17,7 +17,7 @@ import httpx
 import msgspec
 import polars as pl
 
-from marketpipe.core.config import ProviderConfig, alpaca_credentials
+from marketpipe.core.config import alpaca_credentials
 from marketpipe.core.errors import (
     AuthFailed,
     InvalidArgument,
@@ -35,6 +35,7 @@ from marketpipe.core.schema import (
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import rfc3339, utcnow
 from marketpipe.core.validation import validate_limit, validate_sort
+from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.base import KINDS, BarPage, Capabilities, envelope_error, pagination_loop
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
 from marketpipe.wire.alpaca_rest import (
@@ -125,12 +126,12 @@ class AlpacaProvider(HttpProvider):
         key: str,
         secret: str,
         *,
-        config: ProviderConfig | None = None,
+        config: AlpacaConfig | None = None,
         base_url: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
-        self.config = config or ProviderConfig(priority=1)
+        self.config = config or AlpacaConfig()
         self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._now = now
         self._http = VendorHttp(
@@ -148,7 +149,7 @@ class AlpacaProvider(HttpProvider):
 
     @classmethod
     def from_config(
-        cls, config: ProviderConfig | None = None, *, env: dict[str, str] | None = None, **kw: Any
+        cls, config: AlpacaConfig | None = None, *, env: dict[str, str] | None = None, **kw: Any
     ) -> AlpacaProvider:
         import os
 

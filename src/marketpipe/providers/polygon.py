@@ -34,7 +34,6 @@ import msgspec
 import polars as pl
 
 from marketpipe.core.calendar import get_calendar
-from marketpipe.core.config import ProviderConfig
 from marketpipe.core.errors import (
     InvalidArgument,
     MalformedResponse,
@@ -50,6 +49,7 @@ from marketpipe.core.timeutil import NY, ns_to_dt, utcnow
 from marketpipe.core.validation import validate_enum, validate_limit, validate_range, validate_required, validate_sort
 from marketpipe.providers.base import BarPage, Capabilities, envelope_error, pagination_loop
 from marketpipe.providers.http import REDACTED, HttpProvider, VendorHttp, error_text, status_error
+from marketpipe.providers.polygon_config import PolygonConfig
 from marketpipe.wire.polygon import (
     AGGS_PREFIX,
     DELAY,
@@ -351,7 +351,7 @@ class PolygonProvider(HttpProvider):
         self,
         api_key: str,
         *,
-        config: ProviderConfig | None = None,
+        config: PolygonConfig | None = None,
         base_url: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         now: Callable[[], datetime] = utcnow,
@@ -361,7 +361,7 @@ class PolygonProvider(HttpProvider):
             raise MissingCredentials(f"Polygon API key missing: set {KEY_VAR}", details={"env": [KEY_VAR]})
         validate_enum(auth, ("header", "query"), "auth", message="auth must be 'header' or 'query'")
         # Without a config, the vendor's free tier: 5 requests a minute, previous-session data.
-        self.config = config or ProviderConfig(priority=2, rate_limit_per_min=5, plan="free")
+        self.config = config or PolygonConfig()
         self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._now = now
         self._http = VendorHttp(
@@ -378,7 +378,7 @@ class PolygonProvider(HttpProvider):
 
     @classmethod
     def from_config(
-        cls, config: ProviderConfig | None = None, *, env: Mapping[str, str] | None = None, **kw: Any
+        cls, config: PolygonConfig | None = None, *, env: Mapping[str, str] | None = None, **kw: Any
     ) -> PolygonProvider:
         src = os.environ if env is None else env
         key = src.get(KEY_VAR)

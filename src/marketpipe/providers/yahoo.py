@@ -45,7 +45,6 @@ import httpx
 import msgspec
 import polars as pl
 
-from marketpipe.core.config import DEFAULT_PROVIDERS, ProviderConfig
 from marketpipe.core.errors import (
     MalformedResponse,
     MarketpipeError,
@@ -59,6 +58,7 @@ from marketpipe.core.timeutil import NY, utcnow
 from marketpipe.core.validation import validate_enum, validate_range, validate_required, validate_timeframe
 from marketpipe.providers.base import BarPage, Capabilities, envelope_error, sim_source
 from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
+from marketpipe.providers.yahoo_config import YahooConfig
 from marketpipe.wire.yahoo import ERROR_KEYS, LOOKBACK_DAYS, MAX_SPAN_DAYS, chart_path
 
 DEFAULT_BASE_URL = "https://query2.finance.yahoo.com"
@@ -323,12 +323,12 @@ class YahooProvider(HttpProvider):
     def __init__(
         self,
         *,
-        config: ProviderConfig | None = None,
+        config: YahooConfig | None = None,
         base_url: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
-        self.config = config or msgspec.convert(DEFAULT_PROVIDERS.get(self.name, {}), ProviderConfig)
+        self.config = config or YahooConfig()
         self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._now = now
         self._http = VendorHttp(
@@ -345,7 +345,7 @@ class YahooProvider(HttpProvider):
 
     @classmethod
     def from_config(
-        cls, config: ProviderConfig | None = None, *, env: dict[str, str] | None = None, **kw: Any
+        cls, config: YahooConfig | None = None, *, env: dict[str, str] | None = None, **kw: Any
     ) -> YahooProvider:
         """No credentials exist for this endpoint; ``env`` is accepted for a uniform factory call."""
         return cls(config=config, **kw)

@@ -29,8 +29,10 @@ import polars as pl
 from marketpipe.core.calendar import ExchangeCalendar
 from marketpipe.core.config import AnomalyConfig, Config
 from marketpipe.core.errors import (
+    UNSUPPORTED,
     AuthFailed,
     CircuitOpen,
+    DataInvalid,
     InvalidArgument,
     InvalidRange,
     MarketpipeError,
@@ -492,7 +494,7 @@ async def run_backfill(
             return [s for s in unit.symbols if need[s] < unit.end]
 
         async def again(attempts: list[Attempt]) -> bool:
-            unsupported = {a.provider for a in attempts if a.code == "UNSUPPORTED"}
+            unsupported = {a.provider for a in attempts if a.code == UNSUPPORTED}
             blocked = [p for p in sources if p.name not in unsupported and may_wait(p)]
             if not blocked:
                 return False
@@ -529,7 +531,7 @@ async def run_backfill(
                 if router is None:
                     raise
             except (MarketpipeError, pl.exceptions.PolarsError) as exc:
-                code = exc.code if isinstance(exc, MarketpipeError) else "DATA_INVALID"
+                code = exc.code if isinstance(exc, MarketpipeError) else DataInvalid.code
                 err: dict[str, object] = {
                     "symbols": list(unit.symbols),
                     "start": unit.start.isoformat(),

@@ -92,7 +92,7 @@ async def update(
                 None,
                 stop,
                 error={
-                    "code": "INVALID_ARGUMENT",
+                    "code": InvalidArgument.code,
                     "message": f"{sym} has no {timeframe} history yet: give a start (--start) or run backfill first",
                 },
             )

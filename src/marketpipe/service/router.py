@@ -21,7 +21,11 @@ from typing import Any, Generic, TypeVar
 from marketpipe.core import events
 from marketpipe.core.config import Config
 from marketpipe.core.errors import (
+    DISABLED,
+    PROVIDER_DOWN,
+    UNSUPPORTED,
     AllProvidersFailed,
+    CircuitOpen,
     ConfigError,
     MarketpipeError,
     MissingCredentials,
@@ -117,15 +121,15 @@ class ProviderRouter:
         for p in ordered:
             reason = p.supports(kind, timeframe, start, end, now)
             if reason is not None:
-                skipped.append(Attempt(p.name, "UNSUPPORTED", reason))
+                skipped.append(Attempt(p.name, UNSUPPORTED, reason))
             elif p.resilience.breaker.state is CircuitState.OPEN:
-                skipped.append(Attempt(p.name, "CIRCUIT_OPEN", "circuit open"))
+                skipped.append(Attempt(p.name, CircuitOpen.code, "circuit open"))
             elif self.health.state(p.name) is State.DOWN:
                 down.append(p)
             else:
                 usable.append(p)
         if usable:
-            skipped += [Attempt(p.name, "PROVIDER_DOWN", "health monitor reports it down") for p in down]
+            skipped += [Attempt(p.name, PROVIDER_DOWN, "health monitor reports it down") for p in down]
         else:
             usable = down
         if self.pinned:
@@ -231,7 +235,7 @@ def build_router(config: Config, *, env: dict[str, str] | None = None, **provide
     skipped: list[Attempt] = []
     for name, cfg in sorted(config.providers.items(), key=lambda kv: kv[1].priority):
         if not cfg.enabled:
-            skipped.append(Attempt(name, "DISABLED", "disabled in the config"))
+            skipped.append(Attempt(name, DISABLED, "disabled in the config"))
             continue
         try:
             providers.append(create_provider(name, cfg, env=env, **provider_kw))

@@ -125,7 +125,7 @@ class Scheduler:
                 except Exception as exc:
                     log.exception("scheduled_update_crashed", job=job.name, symbol=sym)
                     run.results[sym] = SymbolUpdate(
-                        sym, job.strategy, None, utcnow(), error={"code": "INTERNAL", "message": repr(exc)}
+                        sym, job.strategy, None, utcnow(), error={"code": MarketpipeError.code, "message": repr(exc)}
                     )
 
         await asyncio.gather(*(one(s) for s in job.symbols))

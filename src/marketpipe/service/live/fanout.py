@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from marketpipe.core.errors import SlowConsumer
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_CLIENTS, FANOUT_DROPPED_CLIENTS
 
@@ -98,7 +99,7 @@ class FanoutClient:
             self.notice(
                 {
                     "type": "warning",
-                    "code": "SLOW_CONSUMER",
+                    "code": SlowConsumer.code,
                     "message": f"{len(q)} messages waiting; at {self.limit} this connection is closed",
                     "queued": len(q),
                     "limit": self.limit,
@@ -121,7 +122,7 @@ class FanoutClient:
         self.closed = reason
         self.close_message = message
         self.queue.clear()
-        told = [n for n in self.notices if n.get("code") == "SLOW_CONSUMER"]  # the warning, if still unsent
+        told = [n for n in self.notices if n.get("code") == SlowConsumer.code]  # the warning, if still unsent
         self.notices.clear()
         self.notices.extend(told)
         self.notices.append({"type": "error", "code": reason.upper(), "message": message})

@@ -30,14 +30,13 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from marketpipe.core.config import Config
-from marketpipe.core.errors import InvalidArgument, MarketpipeError
+from marketpipe.core.errors import InvalidArgument, MarketpipeError, UnknownSymbol
 from marketpipe.core.events import hub as event_hub
 from marketpipe.core.log import get_logger
 from marketpipe.core.schema import Bar, Quote, Trade, normalize_symbol
 from marketpipe.core.timeutil import utcnow
+from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_stream import (
-    CHANNELS,
-    DEFAULT_STREAM_URL,
     AlpacaStream,
     Outage,
     StreamHealth,
@@ -57,30 +56,21 @@ from marketpipe.service.stream_router import (
     RouterConfig,
     SourceState,
 )
+from marketpipe.wire.alpaca_stream import CHANNELS, stream_base_url, ws_scheme
 
 log = get_logger("marketpipe.service.live")
 
 MONITOR_SECONDS = 1.0
-OFFICIAL_DATA_URL = "https://data.alpaca.markets"
 
 T = TypeVar("T")
 
 
 def stream_url(config: Config) -> str:
-    """``[stream] url``, else derived from the Alpaca provider: Alpaca's stream for the official data
-    API, the same host (``ws://``) for anything else (marketpipe's simulator serves both)."""
-    url = config.stream.url
-    if url is None:
-        base = config.provider("alpaca").base_url
-        if not base or base.rstrip("/") == OFFICIAL_DATA_URL:
-            return DEFAULT_STREAM_URL
-        url = base
-    url = url.rstrip("/")
-    if url.startswith("http://"):
-        return "ws://" + url[7:]
-    if url.startswith("https://"):
-        return "wss://" + url[8:]
-    return url
+    """``[stream] url``, else the stream host that goes with the Alpaca provider's data URL
+    (:func:`marketpipe.wire.alpaca_stream.stream_base_url`)."""
+    if config.stream.url:
+        return ws_scheme(config.stream.url)
+    return stream_base_url(config.provider("alpaca", AlpacaConfig).base_url)
 
 
 def upstream_channels(channel: str) -> tuple[str, ...]:
@@ -184,7 +174,7 @@ class LiveHub:
         s = self.settings
         try:
             return AlpacaStream(
-                s.feed or self.config.provider("alpaca").feed,
+                s.feed or self.config.provider("alpaca", AlpacaConfig).feed,
                 base_url=stream_url(self.config),
                 env=self._env,
                 encoding="json" if s.encoding == "json" else "msgpack",
@@ -442,7 +432,7 @@ class LiveHub:
             symbol,
             {
                 "type": "warning",
-                "code": "UNKNOWN_SYMBOL",
+                "code": UnknownSymbol.code,
                 "symbol": symbol,
                 "message": f"no vendor has a snapshot of {symbol}: subscribed, but nothing may arrive",
             },
