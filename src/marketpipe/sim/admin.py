@@ -58,10 +58,36 @@ class Stats:
 ADMIN_PREFIX = "/_sim/"
 SIM_HEADER = "X-Marketpipe-Sim"
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# a face's own answering of a data request (authentication, limits, faults): (response, status label)
+Serve = Callable[[web.Request, Handler], Awaitable[tuple[web.StreamResponse, str]]]
 
-async def serve_admin(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+
+def face_app(
+    faults: Faults, stats: Stats, serve: Serve, add_routes: Callable[[web.UrlDispatcher], None]
+) -> web.Application:
+    """The application of one simulator face: the vendor's routes (``add_routes``), then the admin
+    routes. ``/_sim/`` requests go to :func:`serve_admin`; every other request is answered by
+    ``serve`` and counted in ``stats`` under its status label."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(ADMIN_PREFIX):
+            return await serve_admin(request, handler)
+        label = "cancelled"  # stays so if the client went away and aiohttp cancelled the handler
+        try:
+            resp, label = await serve(request, handler)
+        finally:
+            stats.record(request.path, label)
+        return resp
+
+    app = web.Application(middlewares=[middleware])
+    add_routes(app.router)
+    add_admin_routes(app, faults, stats)
+    return app
+
+
+async def serve_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every face's middleware hands ``/_sim/`` requests here: no auth, no faults, no counting, and
     marketpipe's own error body whatever vendor the face plays."""
     try:

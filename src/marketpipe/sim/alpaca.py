@@ -39,7 +39,7 @@ from aiohttp import web
 from marketpipe.core.errors import InvalidTimeframe
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import NY
-from marketpipe.sim.admin import ADMIN_PREFIX, SIM_HEADER, Stats, add_admin_routes, serve_admin
+from marketpipe.sim.admin import SIM_HEADER, Handler, Stats, face_app
 from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
 from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, RunLookup, apply_defect, corrupt_bars
 from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
@@ -271,8 +271,9 @@ class AlpacaFace:
 
     # --- app ---------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware])
-        r = app.router
+        return face_app(self.faults, self.stats, self._serve, self._routes)
+
+    def _routes(self, r: web.UrlDispatcher) -> None:
         kinds: tuple[Kind, ...] = KINDS
         for kind in kinds:
             r.add_get(f"/v2/stocks/{kind}", self._historical(kind, single=False))
@@ -284,28 +285,15 @@ class AlpacaFace:
             r.add_get(f"/v2/stocks/{{symbol}}/{kind}", self._historical(kind, single=True))
             r.add_get(f"/v2/stocks/{{symbol}}/{kind}/latest", self._latest(kind, single=True))
         r.add_get("/v2/stocks/{symbol}/snapshot", self._snapshot_single)
-        add_admin_routes(app, self.faults, self.stats)
-        return app
 
-    @web.middleware
-    async def _middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if request.path.startswith(ADMIN_PREFIX):
-            return await serve_admin(request, handler)
-        label = "cancelled"  # stays so if the client went away and aiohttp cancelled the handler
-        try:
-            unmatched = request.match_info.http_exception
-            if unmatched is not None and not request.path.startswith("/v2/"):
-                # outside the API's URL space: no authentication or rate limit applies
-                resp: web.StreamResponse = _route_error(unmatched)
-                resp.headers[SIM_HEADER] = "1"
-                label = str(resp.status)
-                return resp
-            resp, label = await self._data(request, handler)
-        finally:
-            self.stats.record(request.path, label)
-        return resp
+    async def _serve(self, request: web.Request, handler: Handler) -> tuple[web.StreamResponse, str]:
+        unmatched = request.match_info.http_exception
+        if unmatched is not None and not request.path.startswith("/v2/"):
+            # outside the API's URL space: no authentication or rate limit applies
+            resp: web.StreamResponse = _route_error(unmatched)
+            resp.headers[SIM_HEADER] = "1"
+            return resp, str(resp.status)
+        return await self._data(request, handler)
 
     def _authenticate(self, request: web.Request) -> Client | web.Response:
         h = request.headers
@@ -331,9 +319,7 @@ class AlpacaFace:
             return error("forbidden.", 403)
         return Client(key, known[1])
 
-    async def _data(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> tuple[web.StreamResponse, str]:
+    async def _data(self, request: web.Request, handler: Handler) -> tuple[web.StreamResponse, str]:
         client = self._authenticate(request)
         if isinstance(client, Client):
             override = self.faults.rate_limit_per_min

@@ -47,7 +47,7 @@ import binascii
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -60,7 +60,7 @@ from aiohttp import web
 from marketpipe.core.errors import InvalidTimeframe
 from marketpipe.core.timeframe import DAY1, MIN1, Timeframe, Unit
 from marketpipe.core.timeutil import NY
-from marketpipe.sim.admin import ADMIN_PREFIX, Stats, add_admin_routes, serve_admin
+from marketpipe.sim.admin import Handler, Stats, face_app
 from marketpipe.sim.alpaca import DEFAULT_KEYS as ALPACA_DEFAULT_KEYS
 from marketpipe.sim.alpaca import MAINTENANCE_200, SIM_HEADER, RateLimits, json_response
 from marketpipe.sim.data import (
@@ -260,38 +260,28 @@ class PolygonFace:
 
     # --- app ---------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware])
-        r = app.router
+        return face_app(self.faults, self.stats, self._serve, self._routes)
+
+    def _routes(self, r: web.UrlDispatcher) -> None:
         r.add_get(AGGS_ROUTE, self._aggs)
         r.add_get(PREV_ROUTE, self._prev)
         r.add_get(LAST_TRADE_ROUTE, self._last_trade)
         r.add_get(LAST_NBBO_ROUTE, self._last_nbbo)
         r.add_get(SNAPSHOTS_PATH, self._snapshots)
         r.add_get(SNAPSHOT_ROUTE, self._snapshot)
-        add_admin_routes(app, self.faults, self.stats)
-        return app
 
-    @web.middleware
-    async def _middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if request.path.startswith(ADMIN_PREFIX):
-            return await serve_admin(request, handler)
-        label = "cancelled"  # stays so if the client went away and aiohttp cancelled the handler
+    async def _serve(self, request: web.Request, handler: Handler) -> tuple[web.StreamResponse, str]:
         request_id = uuid.uuid4().hex
         request[REQUEST_ID] = request_id
-        try:
-            unmatched = request.match_info.http_exception
-            resp: web.StreamResponse
-            if unmatched is not None and not request.path.startswith("/v2/"):
-                # outside the API's URL space: no authentication or rate limit applies
-                resp, label = json_response(error_body("NOT_FOUND", "Route not found", request_id), 404), "404"
-            else:
-                resp, label = await self._data(request, handler, request_id)
-            resp.headers[SIM_HEADER] = "1"
-        finally:
-            self.stats.record(request.path, label)
-        return resp
+        unmatched = request.match_info.http_exception
+        resp: web.StreamResponse
+        if unmatched is not None and not request.path.startswith("/v2/"):
+            # outside the API's URL space: no authentication or rate limit applies
+            resp, label = json_response(error_body("NOT_FOUND", "Route not found", request_id), 404), "404"
+        else:
+            resp, label = await self._data(request, handler, request_id)
+        resp.headers[SIM_HEADER] = "1"
+        return resp, label
 
     def _authenticate(self, request: web.Request) -> Client | PolygonError:
         key = request.query.get("apiKey")
@@ -305,9 +295,7 @@ class PolygonFace:
             return PolygonError(401, UNKNOWN_KEY)
         return Client(key, plan)
 
-    async def _data(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]], request_id: str
-    ) -> tuple[web.StreamResponse, str]:
+    async def _data(self, request: web.Request, handler: Handler, request_id: str) -> tuple[web.StreamResponse, str]:
         client = self._authenticate(request)
         if isinstance(client, PolygonError):
             return json_response(error_body(client.kind, client.text, request_id), client.status), str(client.status)

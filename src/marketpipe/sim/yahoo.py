@@ -45,7 +45,7 @@ from __future__ import annotations
 import calendar as pycal
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -56,7 +56,7 @@ from aiohttp import web
 
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY
-from marketpipe.sim.admin import ADMIN_PREFIX, Stats, add_admin_routes, serve_admin
+from marketpipe.sim.admin import Handler, Stats, face_app
 from marketpipe.sim.alpaca import SIM_HEADER, RateLimits
 from marketpipe.sim.data import NS_PER_SEC, BarArrays, SimMarket, aggregate, ny_midnight_ns, parse_rfc3339_ns
 from marketpipe.sim.faults import FaultRule, Faults, RunLookup, apply_defect, corrupt_bars, first_bars
@@ -195,27 +195,12 @@ class YahooFace:
 
     # --- app ---------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware])
-        app.router.add_get(CHART_PREFIX + "{symbol}", self._chart)
-        add_admin_routes(app, self.faults, self.stats)
-        return app
+        return face_app(self.faults, self.stats, self._data, self._routes)
 
-    @web.middleware
-    async def _middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if request.path.startswith(ADMIN_PREFIX):
-            return await serve_admin(request, handler)
-        label = "cancelled"  # stays so if the client went away and aiohttp cancelled the handler
-        try:
-            resp, label = await self._data(request, handler)
-        finally:
-            self.stats.record(request.path, label)
-        return resp
+    def _routes(self, r: web.UrlDispatcher) -> None:
+        r.add_get(CHART_PREFIX + "{symbol}", self._chart)
 
-    async def _data(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> tuple[web.StreamResponse, str]:
+    async def _data(self, request: web.Request, handler: Handler) -> tuple[web.StreamResponse, str]:
         unmatched = request.match_info.http_exception
         symbol = request.match_info.get("symbol")
         if unmatched is not None or symbol is None:
