@@ -28,6 +28,7 @@ from marketpipe.core.validation import validate_enum, validate_required
 
 if TYPE_CHECKING:
     from marketpipe.core.config import Config
+    from marketpipe.store.base import Store
 
 err = Console(stderr=True)
 
@@ -187,6 +188,15 @@ def write_output(path: Path, write: Callable[[Any], object], *, parameter: str =
 
 OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
 FORMAT_MESSAGE = "unknown format {value!r}; use table, csv, json or parquet"
+
+
+def store_table(config: Path | None, store: Path | None, read: Callable[[Store], Any]) -> None:
+    """What a ``marketpipe store ...`` listing does: open the configured store (``--store`` wins),
+    read one frame from it with ``read`` and print it as a table."""
+    from marketpipe.store import open_store
+
+    with open_store(load_config(config, store)) as st:
+        emit(read(st), "table", None)
 
 
 def emit(frame: Any, fmt: str, output: Path | None) -> None:

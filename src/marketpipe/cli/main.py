@@ -33,6 +33,7 @@ from marketpipe.cli.common import (
     out,
     read_symbols,
     store_app,
+    store_table,
 )
 from marketpipe.core.validation import validate_enum, validate_number, validate_required
 
@@ -547,20 +548,14 @@ def store_quarantine(
     store: StoreOpt = None,
 ) -> None:
     """Rows that failed a check, with reasons."""
-    from marketpipe.store import open_store
-
-    with open_store(load_config(config, store)) as st:
-        emit(st.quarantine(symbol, limit), "table", None)
+    store_table(config, store, lambda st: st.quarantine(symbol, limit))
 
 
 @store_app.command("log")
 @handle_errors
 def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, store: StoreOpt = None) -> None:
     """The ingest log: one row per vendor page."""
-    from marketpipe.store import open_store
-
-    with open_store(load_config(config, store)) as st:
-        emit(st.ingest_log(limit).drop("symbols"), "table", None)
+    store_table(config, store, lambda st: st.ingest_log(limit).drop("symbols"))
 
 
 # The other commands live in modules of their own and register on the shared ``app`` when imported

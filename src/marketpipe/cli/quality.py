@@ -23,6 +23,7 @@ from marketpipe.cli.common import (
     out,
     read_symbols,
     store_app,
+    store_table,
 )
 from marketpipe.core.errors import InvalidArgument, OutputError
 from marketpipe.core.validation import validate_enum, validate_required
@@ -327,10 +328,7 @@ def store_runs(
     store: StoreOpt = None,
 ) -> None:
     """Scheduled update runs, one row per symbol."""
-    from marketpipe.store import open_store
-
-    with open_store(load_config(config, store)) as st:
-        emit(st.job_runs(job, limit), "table", None)
+    store_table(config, store, lambda st: st.job_runs(job, limit))
 
 
 @store_app.command("anomalies")
@@ -346,8 +344,6 @@ def store_anomalies(
     """Stored anomaly findings (from ingest and from `marketpipe quality`)."""
     from marketpipe.core.schema import normalize_symbols
     from marketpipe.core.timeutil import parse_range
-    from marketpipe.store import open_store
 
     s, e = parse_range(start, end)
-    with open_store(load_config(config, store)) as st:
-        emit(st.findings(normalize_symbols(symbol), timeframe, s, e), "table", None)
+    store_table(config, store, lambda st: st.findings(normalize_symbols(symbol), timeframe, s, e))
