@@ -23,14 +23,14 @@ as a symbol. Bodies are sent as ``application/json; charset=utf-8``, as the vend
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import orjson
 import polars as pl
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
 from marketpipe.api.answer import Loaded, answer
@@ -62,6 +62,7 @@ from marketpipe.wire.alpaca_rest import (
     trade_obj,
 )
 
+V = TypeVar("V")
 JSON = "application/json; charset=utf-8"
 DEFAULT_LIMIT = 1000
 ONE_US = timedelta(microseconds=1)
@@ -210,20 +211,43 @@ class Historical:
     key_parts: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class HistoricalQuery:
+    """The query parameters every historical route takes, as sent (checked by :func:`_historical`)."""
+
+    start: str | None
+    end: str | None
+    limit: str | None
+    page_token: str | None
+    sort: str | None
+    feed: str | None
+    asof: str | None
+    currency: str | None
+
+
+def historical_query(
+    start: Start = None,
+    end: End = None,
+    limit: Limit = None,
+    page_token: Q = None,
+    sort: Q = None,
+    feed: Q = None,
+    asof: Q = None,
+    currency: Cur = None,
+) -> HistoricalQuery:
+    return HistoricalQuery(start, end, limit, page_token, sort, feed, asof, currency)
+
+
+HistoricalDep = Annotated[HistoricalQuery, Depends(historical_query)]
+
+
 def _historical(
     kind: str,
     single: str | None,
     symbols: str | None,
-    timeframe: str | None,
-    start: str | None,
-    end: str | None,
-    limit: str | None,
-    page_token: str | None,
-    sort: str | None,
-    adjustment: str | None,
-    feed: str | None,
-    asof: str | None,
-    currency: str | None,
+    q: HistoricalQuery,
+    timeframe: str | None = None,
+    adjustment: str | None = None,
 ) -> tuple[Historical, Timeframe | None]:
     """Validation in the vendor's order, with the vendor's messages."""
     # the vendor orders a multi-symbol page by symbol, then time
@@ -232,13 +256,13 @@ def _historical(
     if kind == "bars":
         tf = _timeframe(timeframe)
         _adjustment(adjustment)
-    fd = _feed(feed, HISTORICAL_FEEDS)
-    lim = _limit(limit)
-    srt = _sort(sort)
-    asof_text = _asof(asof)
-    cur = _currency(currency)
-    s, e = _range(start, end, tf)
-    token = page_token or None
+    fd = _feed(q.feed, HISTORICAL_FEEDS)
+    lim = _limit(q.limit)
+    srt = _sort(q.sort)
+    asof_text = _asof(q.asof)
+    cur = _currency(q.currency)
+    s, e = _range(q.start, q.end, tf)
+    token = q.page_token or None
     if token is not None and kind == "bars":
         try:
             decode_token(token, syms)
@@ -247,10 +271,10 @@ def _historical(
     parts = (
         ",".join(syms),
         str(tf) if tf else "",
-        start or "",
-        end or "",
+        q.start or "",
+        q.end or "",
         s.isoformat(),  # the default start is today's: it moves at midnight
-        e.isoformat() if end else "",
+        e.isoformat() if q.end else "",
         fd or "",
         str(lim),
         srt,
@@ -260,6 +284,25 @@ def _historical(
         "USD" if cur else "",
     )
     return Historical(syms, syms[0] if single is not None else None, s, e, fd, lim, srt, token, cur, parts), tf
+
+
+def _current(
+    cache_kind: str, single: str | None, symbols: str | None, feed: str | None, currency: str | None
+) -> tuple[list[str], str | None, bool, str]:
+    """The checked parameters of a latest or snapshot request, in the vendor's order, and its cache
+    key: ``(symbols, feed, currency, key)``."""
+    syms = [_symbol(single)] if single is not None else _symbols(symbols)
+    fd = _feed(feed, LATEST_FEEDS)
+    cur = _currency(currency)
+    key = make_key(
+        cache_kind, syms[0] if single is not None else "_multi", ",".join(syms), fd or "", "USD" if cur else ""
+    )
+    return syms, fd, cur, key
+
+
+def _found(got: Mapping[str, V | None], syms: list[str]) -> dict[str, V]:
+    """What the providers answered for the asked symbols, in the asked order (unknown ones left out)."""
+    return {s: v for s in syms if (v := got.get(s)) is not None}
 
 
 # --- encoding -------------------------------------------------------------------------------------
@@ -334,20 +377,11 @@ def router() -> APIRouter:
         st: AppState,
         single: str | None,
         symbols: str | None,
+        q: HistoricalQuery,
         timeframe: str | None,
-        start: str | None,
-        end: str | None,
-        limit: str | None,
-        page_token: str | None,
-        sort: str | None,
         adjustment: str | None,
-        feed: str | None,
-        asof: str | None,
-        currency: str | None,
     ) -> Response:
-        h, tf = _historical(
-            "bars", single, symbols, timeframe, start, end, limit, page_token, sort, adjustment, feed, asof, currency
-        )
+        h, tf = _historical("bars", single, symbols, q, timeframe, adjustment)
         assert tf is not None
         key = make_key("bars", h.single or "_multi", *h.key_parts)
 
@@ -369,16 +403,9 @@ def router() -> APIRouter:
         kind: Literal["trades", "quotes"],
         single: str | None,
         symbols: str | None,
-        start: str | None,
-        end: str | None,
-        limit: str | None,
-        page_token: str | None,
-        sort: str | None,
-        feed: str | None,
-        asof: str | None,
-        currency: str | None,
+        q: HistoricalQuery,
     ) -> Response:
-        h, _ = _historical(kind, single, symbols, None, start, end, limit, page_token, sort, None, feed, asof, currency)
+        h, _ = _historical(kind, single, symbols, q)
         key = make_key(kind, h.single or "_multi", *h.key_parts)
 
         async def load() -> Loaded:
@@ -406,20 +433,15 @@ def router() -> APIRouter:
         feed: str | None,
         currency: str | None,
     ) -> Response:
-        syms = [_symbol(single)] if single is not None else _symbols(symbols)
-        fd = _feed(feed, LATEST_FEEDS)
-        cur = _currency(currency)
         cache_kind = f"latest_{kind}"
-        key = make_key(
-            cache_kind, syms[0] if single is not None else "_multi", ",".join(syms), fd or "", "USD" if cur else ""
-        )
+        syms, fd, cur, key = _current(cache_kind, single, symbols, feed, currency)
         encoders: dict[str, Callable[[Any], dict[str, Any]]] = {"trade": trade_obj, "quote": quote_obj, "bar": bar_obj}
         encode = encoders[kind]
 
         async def load() -> Loaded:
             got = await st.gateway.latest(kind, syms, feed=fd)
             now = utcnow()
-            found = {s: got[s] for s in syms if got.get(s) is not None}
+            found = _found(got, syms)
             doc: dict[str, Any]
             if single is not None:
                 rec = found.get(syms[0])
@@ -435,17 +457,12 @@ def router() -> APIRouter:
     async def snapshots(
         request: Request, st: AppState, single: str | None, symbols: str | None, feed: str | None, currency: str | None
     ) -> Response:
-        syms = [_symbol(single)] if single is not None else _symbols(symbols)
-        fd = _feed(feed, LATEST_FEEDS)
-        cur = _currency(currency)
-        key = make_key(
-            "snapshot", syms[0] if single is not None else "_multi", ",".join(syms), fd or "", "USD" if cur else ""
-        )
+        syms, fd, cur, key = _current("snapshot", single, symbols, feed, currency)
 
         async def load() -> Loaded:
             got = await st.gateway.snapshots(syms, feed=fd)
             now = utcnow()
-            found = {s: got[s] for s in syms if got.get(s) is not None}
+            found = _found(got, syms)
             doc: dict[str, Any]
             if single is not None:
                 snap = found.get(syms[0])
@@ -465,78 +482,27 @@ def router() -> APIRouter:
     async def bars_multi(
         request: Request,
         st: StateDep,
+        q: HistoricalDep,
         symbols: Symbols = None,
         timeframe: TF = None,
-        start: Start = None,
-        end: End = None,
-        limit: Limit = None,
-        page_token: Q = None,
-        sort: Q = None,
         adjustment: Adj = None,
-        feed: Q = None,
-        asof: Q = None,
-        currency: Cur = None,
     ) -> Response:
-        return await bars(
-            request, st, None, symbols, timeframe, start, end, limit, page_token, sort, adjustment, feed, asof, currency
-        )
+        return await bars(request, st, None, symbols, q, timeframe, adjustment)
 
     @r.get("/{symbol}/bars", summary="Historical bars, one symbol")
     async def bars_single(
-        request: Request,
-        st: StateDep,
-        symbol: Sym,
-        timeframe: TF = None,
-        start: Start = None,
-        end: End = None,
-        limit: Limit = None,
-        page_token: Q = None,
-        sort: Q = None,
-        adjustment: Adj = None,
-        feed: Q = None,
-        asof: Q = None,
-        currency: Cur = None,
+        request: Request, st: StateDep, symbol: Sym, q: HistoricalDep, timeframe: TF = None, adjustment: Adj = None
     ) -> Response:
-        return await bars(
-            request, st, symbol, None, timeframe, start, end, limit, page_token, sort, adjustment, feed, asof, currency
-        )
+        return await bars(request, st, symbol, None, q, timeframe, adjustment)
 
     # --- historical trades and quotes ----------------------------------------------------------------
 
     def tick_routes(kind: Literal["trades", "quotes"]) -> None:
-        async def multi(
-            request: Request,
-            st: StateDep,
-            symbols: Symbols = None,
-            start: Start = None,
-            end: End = None,
-            limit: Limit = None,
-            page_token: Q = None,
-            sort: Q = None,
-            feed: Q = None,
-            asof: Q = None,
-            currency: Cur = None,
-        ) -> Response:
-            return await ticks(
-                request, st, kind, None, symbols, start, end, limit, page_token, sort, feed, asof, currency
-            )
+        async def multi(request: Request, st: StateDep, q: HistoricalDep, symbols: Symbols = None) -> Response:
+            return await ticks(request, st, kind, None, symbols, q)
 
-        async def one(
-            request: Request,
-            st: StateDep,
-            symbol: Sym,
-            start: Start = None,
-            end: End = None,
-            limit: Limit = None,
-            page_token: Q = None,
-            sort: Q = None,
-            feed: Q = None,
-            asof: Q = None,
-            currency: Cur = None,
-        ) -> Response:
-            return await ticks(
-                request, st, kind, symbol, None, start, end, limit, page_token, sort, feed, asof, currency
-            )
+        async def one(request: Request, st: StateDep, symbol: Sym, q: HistoricalDep) -> Response:
+            return await ticks(request, st, kind, symbol, None, q)
 
         r.add_api_route(f"/{kind}", multi, methods=["GET"], summary=f"Historical {kind}, several symbols")
         r.add_api_route(f"/{{symbol}}/{kind}", one, methods=["GET"], summary=f"Historical {kind}, one symbol")
