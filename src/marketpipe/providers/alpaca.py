@@ -37,7 +37,7 @@ from marketpipe.core.timeutil import rfc3339, utcnow
 from marketpipe.core.validation import validate_limit, validate_sort
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.base import KINDS, BarPage, Capabilities, envelope_error, pagination_loop
-from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
+from marketpipe.providers.http import HttpProvider, error_text, status_error
 from marketpipe.wire.alpaca_rest import (
     ADJUSTMENTS,
     DEFAULT_BASE_URL,
@@ -132,12 +132,11 @@ class AlpacaProvider(HttpProvider):
         now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.config = config or AlpacaConfig()
-        self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
-        self._now = now
-        self._http = VendorHttp(
-            self.name,
+        self._connect(
             self.config,
-            base_url=self.base_url,
+            base_url,
+            DEFAULT_BASE_URL,
+            now,
             headers={"APCA-API-KEY-ID": key, "APCA-API-SECRET-KEY": secret},
             transport=transport,
             secrets=(key, secret),
@@ -145,7 +144,6 @@ class AlpacaProvider(HttpProvider):
                 status, body, headers, provider=self.name, url=endpoint
             ),
         )
-        self.resilience = self._http.resilience
 
     @classmethod
     def from_config(

@@ -47,6 +47,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any, Protocol, Self
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -352,7 +353,25 @@ class HttpProvider:
     ``source`` label. Subclasses set ``name`` and ``self._http`` (a :class:`VendorHttp`)."""
 
     name: str
+    base_url: str
+    resilience: Resilience
     _http: VendorHttp
+    _now: Callable[[], datetime]
+
+    def _connect(
+        self,
+        config: ProviderConfig,
+        base_url: str | None,
+        default_url: str,
+        now: Callable[[], datetime],
+        **http: Any,
+    ) -> None:
+        """The one way an adapter opens its vendor client: ``base_url`` (argument, then config, then
+        the vendor's default), the clock, and a :class:`VendorHttp` whose resilience it exposes."""
+        self.base_url = (base_url or config.base_url or default_url).rstrip("/")
+        self._now = now
+        self._http = VendorHttp(self.name, config, base_url=self.base_url, **http)
+        self.resilience = self._http.resilience
 
     @property
     def requests(self) -> int:

@@ -48,7 +48,7 @@ from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, ns_to_dt, utcnow
 from marketpipe.core.validation import validate_enum, validate_limit, validate_range, validate_required, validate_sort
 from marketpipe.providers.base import BarPage, Capabilities, envelope_error, pagination_loop
-from marketpipe.providers.http import REDACTED, HttpProvider, VendorHttp, error_text, status_error
+from marketpipe.providers.http import REDACTED, HttpProvider, error_text, status_error
 from marketpipe.providers.polygon_config import PolygonConfig
 from marketpipe.wire.polygon import (
     AGGS_PREFIX,
@@ -362,19 +362,17 @@ class PolygonProvider(HttpProvider):
         validate_enum(auth, ("header", "query"), "auth", message="auth must be 'header' or 'query'")
         # Without a config, the vendor's free tier: 5 requests a minute, previous-session data.
         self.config = config or PolygonConfig()
-        self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
-        self._now = now
-        self._http = VendorHttp(
-            self.name,
+        self._connect(
             self.config,
-            base_url=self.base_url,
+            base_url,
+            DEFAULT_BASE_URL,
+            now,
             headers={"Authorization": f"Bearer {api_key}"} if auth == "header" else None,
             params={"apiKey": api_key} if auth == "query" else None,
             transport=transport,
             secrets=(api_key,),
             map_error=map_http_error,
         )
-        self.resilience = self._http.resilience
 
     @classmethod
     def from_config(

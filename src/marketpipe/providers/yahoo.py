@@ -57,7 +57,7 @@ from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
 from marketpipe.core.validation import validate_enum, validate_range, validate_required, validate_timeframe
 from marketpipe.providers.base import BarPage, Capabilities, envelope_error, sim_source
-from marketpipe.providers.http import HttpProvider, VendorHttp, error_text, status_error
+from marketpipe.providers.http import HttpProvider, error_text, status_error
 from marketpipe.providers.yahoo_config import YahooConfig
 from marketpipe.wire.yahoo import ERROR_KEYS, LOOKBACK_DAYS, MAX_SPAN_DAYS, chart_path
 
@@ -329,17 +329,15 @@ class YahooProvider(HttpProvider):
         now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.config = config or YahooConfig()
-        self.base_url = (base_url or self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
-        self._now = now
-        self._http = VendorHttp(
-            self.name,
+        self._connect(
             self.config,
-            base_url=self.base_url,
+            base_url,
+            DEFAULT_BASE_URL,
+            now,
             headers={"User-Agent": BROWSER_USER_AGENT, "Accept": "application/json,text/plain,*/*"},
             transport=transport,
             map_error=map_http_error,
         )
-        self.resilience = self._http.resilience
         self.padding_rows_dropped = 0
         self._last_source = self.name
 
