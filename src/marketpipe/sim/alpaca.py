@@ -42,7 +42,7 @@ from marketpipe.core.timeutil import NY
 from marketpipe.sim.admin import SIM_HEADER, Handler, Stats, face_app
 from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
 from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, RunLookup, apply_defect, corrupt_bars
-from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
+from marketpipe.sim.vendor import VendorBodies, apply_faults, rows_to_corrupt, truncate_if_asked
 from marketpipe.wire.alpaca_rest import (
     ADJUSTMENTS,
     CONDITIONS,
@@ -335,9 +335,7 @@ class AlpacaFace:
         if not quota.allowed:
             return self._finish(error("too many requests.", 429), headers), "429"
 
-        decision = self.faults.decide(request.path)
-        fault = decision.fault
-        early = await before_handler(decision, request, self._bodies(headers))
+        fault, early = await apply_faults(self.faults, request, self._bodies(headers))
         if early is not None:
             return early
         request[TOKEN_LOOP] = fault is not None and fault.kind == "token_loop"
@@ -350,18 +348,16 @@ class AlpacaFace:
             resp = _route_error(exc)
 
         resp = truncate_if_asked(fault, resp)
-        bad_rows = fault is not None and fault.kind in ("invalid_rows", "bad_data")
-        if fault is not None and bad_rows and resp.status == 200 and isinstance(resp, web.Response):
-            body = resp.body
-            if isinstance(body, bytes) and BAR_PATHS.match(request.path):
-                doc = orjson.loads(body)
-                if fault.kind == "invalid_rows":
-                    corrupt_bars(doc, fault, self.faults.seed)
-                else:
-                    apply_defect(doc, fault, self.faults.seed, self._run_lookup(request))
-                    if isinstance(doc.get("bars"), list) and not doc["bars"]:
-                        doc["bars"] = None  # a single-symbol page without bars, as the vendor sends it
-                resp = raw_json(orjson.dumps(doc))
+        body = rows_to_corrupt(fault, resp)
+        if fault is not None and body is not None and BAR_PATHS.match(request.path):
+            doc = orjson.loads(body)
+            if fault.kind == "invalid_rows":
+                corrupt_bars(doc, fault, self.faults.seed)
+            else:
+                apply_defect(doc, fault, self.faults.seed, self._run_lookup(request))
+                if isinstance(doc.get("bars"), list) and not doc["bars"]:
+                    doc["bars"] = None  # a single-symbol page without bars, as the vendor sends it
+            resp = raw_json(orjson.dumps(doc))
         return self._finish(resp, headers), str(resp.status)
 
     def _run_lookup(self, request: web.Request) -> RunLookup:

@@ -73,7 +73,7 @@ from marketpipe.sim.data import (
     parse_rfc3339_ns,
 )
 from marketpipe.sim.faults import FaultRule, Faults, RunLookup, apply_defect, corrupt_bars, first_bars, utc_stamp
-from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
+from marketpipe.sim.vendor import VendorBodies, apply_faults, rows_to_corrupt, truncate_if_asked
 from marketpipe.wire.polygon import (
     AGGS_ROUTE,
     DELAY,
@@ -305,9 +305,7 @@ class PolygonFace:
         if limit is not None and not self.limits.hit(client.key, limit).allowed:
             return json_response(error_body("ERROR", TOO_MANY, request_id), 429), "429"
 
-        decision = self.faults.decide(request.path)
-        fault = decision.fault
-        early = await before_handler(decision, request, self._bodies(request_id))
+        fault, early = await apply_faults(self.faults, request, self._bodies(request_id))
         if early is not None:
             return early
         request[TOKEN_LOOP] = fault is not None and fault.kind == "token_loop"
@@ -318,11 +316,9 @@ class PolygonFace:
         except web.HTTPException as exc:  # unknown /v2 route, after auth like the vendor
             resp = json_response(error_body("NOT_FOUND", "Route not found", request_id), exc.status)
         resp = truncate_if_asked(fault, resp)
-        bad_rows = fault is not None and fault.kind in ("invalid_rows", "bad_data")
-        if fault is not None and bad_rows and resp.status == 200 and isinstance(resp, web.Response):
-            body = resp.body
-            if isinstance(body, bytes) and "multiplier" in request.match_info:
-                resp = json_response(self._corrupt(orjson.loads(body), fault, request))
+        body = rows_to_corrupt(fault, resp)
+        if fault is not None and body is not None and "multiplier" in request.match_info:
+            resp = json_response(self._corrupt(orjson.loads(body), fault, request))
         return resp, str(resp.status)
 
     @staticmethod

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from marketpipe.sim.faults import Decision, FaultRule
+from marketpipe.sim.faults import Decision, FaultRule, Faults
 
 NGINX_502 = (
     b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
@@ -65,6 +65,26 @@ async def before_handler(
         body = b"{}" if kind == "empty_json" else b'{"' + bodies.page_key(request).encode() + b'":null}'
         return bodies.finish(web.Response(body=body, content_type="application/json")), "200"
     return None
+
+
+ROW_FAULTS = ("invalid_rows", "bad_data")  # the faults that corrupt the rows of a 200 answer
+
+
+async def apply_faults(
+    faults: Faults, request: web.Request, bodies: VendorBodies
+) -> tuple[FaultRule | None, tuple[web.StreamResponse, str] | None]:
+    """Decide the request's fault, then apply what acts before the handler (:func:`before_handler`):
+    ``(fault, the answer that replaces the handler's or None)``."""
+    decision = faults.decide(request.path)
+    return decision.fault, await before_handler(decision, request, bodies)
+
+
+def rows_to_corrupt(fault: FaultRule | None, resp: web.StreamResponse) -> bytes | None:
+    """The body of a 200 JSON answer whose rows a row fault (:data:`ROW_FAULTS`) should corrupt, else None."""
+    if fault is None or fault.kind not in ROW_FAULTS or resp.status != 200 or not isinstance(resp, web.Response):
+        return None
+    body = resp.body
+    return body if isinstance(body, bytes) else None
 
 
 def truncate_if_asked(fault: FaultRule | None, resp: web.StreamResponse) -> web.StreamResponse:

@@ -60,7 +60,7 @@ from marketpipe.sim.admin import Handler, Stats, face_app
 from marketpipe.sim.alpaca import SIM_HEADER, RateLimits
 from marketpipe.sim.data import NS_PER_SEC, BarArrays, SimMarket, aggregate, ny_midnight_ns, parse_rfc3339_ns
 from marketpipe.sim.faults import FaultRule, Faults, RunLookup, apply_defect, corrupt_bars, first_bars
-from marketpipe.sim.vendor import VendorBodies, before_handler, truncate_if_asked
+from marketpipe.sim.vendor import ROW_FAULTS, VendorBodies, apply_faults, truncate_if_asked
 from marketpipe.wire.yahoo import CHART_PREFIX, LOOKBACK_DAYS, MAX_SPAN_DAYS, error_envelope
 
 NS_PER_MIN = 60 * NS_PER_SEC
@@ -211,12 +211,10 @@ class YahooFace:
         if override is not None and not self.limits.hit(f"anon:{request.remote}", override).allowed:
             return _sim(_too_many()), "429"
 
-        decision = self.faults.decide(request.path)
-        fault = decision.fault
-        early = await before_handler(decision, request, _BODIES)
+        fault, early = await apply_faults(self.faults, request, _BODIES)
         if early is not None:
             return early
-        if fault is not None and fault.kind in ("invalid_rows", "bad_data"):
+        if fault is not None and fault.kind in ROW_FAULTS:
             request[FAULT] = fault
         resp: web.StreamResponse
         try:
