@@ -4,11 +4,12 @@ headers, served through the cache (:mod:`marketpipe.api.answer`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
 import polars as pl
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from starlette.responses import Response
 
 from marketpipe.api.answer import Loaded, answer
@@ -23,36 +24,58 @@ Fmt = Annotated[str | None, Query(description="json, csv, arrow or parquet (else
 Feed = Annotated[str | None, Query(description="sip or iex (default: each provider's configured feed)")]
 
 
+@dataclass(frozen=True)
+class BarsQuery:
+    """The query of both bars routes (one symbol in the path, or several in ``symbols``)."""
+
+    start: str
+    end: str | None
+    timeframe: str
+    source: str
+    feed: str | None
+    adjustment: str
+    limit: int
+    page_token: str | None
+    sort: str
+    format: str | None
+    accept: str | None
+
+
+def bars_query(
+    start: Annotated[str, Query(description="YYYY-MM-DD (New York day) or RFC-3339")],
+    end: Annotated[str | None, Query()] = None,
+    timeframe: Annotated[str, Query(description="1Min, 5Min, 1Hour, 1Day, …")] = "1Min",
+    source: Annotated[str, Query(description="auto or a provider name")] = "auto",
+    feed: Feed = None,
+    adjustment: Annotated[str, Query()] = "raw",
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    page_token: Annotated[str | None, Query()] = None,
+    sort: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
+    format: Fmt = None,
+    accept: Annotated[str | None, Header()] = None,
+) -> BarsQuery:
+    return BarsQuery(start, end, timeframe, source, feed, adjustment, limit, page_token, sort, format, accept)
+
+
+BarsDep = Annotated[BarsQuery, Depends(bars_query)]
+
+
 def v1_router() -> APIRouter:
     r = APIRouter(prefix="/v1", tags=["v1"])
 
-    async def bars(
-        request: Request,
-        st: AppState,
-        symbols: list[str],
-        single: str | None,
-        timeframe: str,
-        start: str,
-        end: str | None,
-        source: str,
-        feed: str | None,
-        adjustment: str,
-        limit: int,
-        page_token: str | None,
-        sort: str,
-        fmt: str | None,
-        accept: str | None,
-    ) -> Response:
+    async def bars(request: Request, st: AppState, symbols: list[str], single: str | None, q: BarsQuery) -> Response:
+        timeframe, start, end, source, feed = q.timeframe, q.start, q.end, q.source, q.feed
+        limit, page_token, sort = q.limit, q.page_token, q.sort
         tf = validate_timeframe(timeframe)
         s, e = parse_range(start, end)
         validate_enum(
-            adjustment,
+            q.adjustment,
             ("raw",),
             "adjustment",
             message="only adjustment=raw is served: marketpipe stores bars as the vendor sent them and does not "
             "adjust them for corporate actions yet",
         )
-        out = negotiate(fmt, accept)
+        out = negotiate(q.format, q.accept)
         now = utcnow()
         closed = e <= st.gateway.last_close(now)
         key = make_key(
@@ -94,74 +117,19 @@ def v1_router() -> APIRouter:
 
     @r.get("/bars/{symbol}", summary="Bars for one symbol")
     async def bars_one(
-        request: Request,
-        st: StateDep,
-        symbol: Annotated[str, Path(description="e.g. AAPL, BRK.B")],
-        start: Annotated[str, Query(description="YYYY-MM-DD (New York day) or RFC-3339")],
-        end: Annotated[str | None, Query()] = None,
-        timeframe: Annotated[str, Query(description="1Min, 5Min, 1Hour, 1Day, …")] = "1Min",
-        source: Annotated[str, Query(description="auto or a provider name")] = "auto",
-        feed: Feed = None,
-        adjustment: Annotated[str, Query()] = "raw",
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
-        page_token: Annotated[str | None, Query()] = None,
-        sort: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
-        format: Fmt = None,
-        accept: Annotated[str | None, Header()] = None,
+        request: Request, st: StateDep, symbol: Annotated[str, Path(description="e.g. AAPL, BRK.B")], q: BarsDep
     ) -> Response:
         sym = normalize_symbol(symbol)
-        return await bars(
-            request,
-            st,
-            [sym],
-            sym,
-            timeframe,
-            start,
-            end,
-            source,
-            feed,
-            adjustment,
-            limit,
-            page_token,
-            sort,
-            format,
-            accept,
-        )
+        return await bars(request, st, [sym], sym, q)
 
     @r.get("/bars", summary="Bars for several symbols (paged across symbols, symbol then time)")
     async def bars_multi(
         request: Request,
         st: StateDep,
         symbols: Annotated[str, Query(description="comma-separated, e.g. AAPL,MSFT")],
-        start: Annotated[str, Query()],
-        end: Annotated[str | None, Query()] = None,
-        timeframe: Annotated[str, Query()] = "1Min",
-        source: Annotated[str, Query()] = "auto",
-        feed: Feed = None,
-        adjustment: Annotated[str, Query()] = "raw",
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
-        page_token: Annotated[str | None, Query()] = None,
-        sort: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
-        format: Fmt = None,
-        accept: Annotated[str | None, Header()] = None,
+        q: BarsDep,
     ) -> Response:
-        return await bars(
-            request,
-            st,
-            normalize_symbols(symbols),
-            None,
-            timeframe,
-            start,
-            end,
-            source,
-            feed,
-            adjustment,
-            limit,
-            page_token,
-            sort,
-            format,
-            accept,
-        )
+        return await bars(request, st, normalize_symbols(symbols), None, q)
 
     async def latest(request: Request, st: AppState, kind: str, symbol: str, feed: str | None) -> Response:
         sym = normalize_symbol(symbol)
