@@ -41,7 +41,8 @@ def faces() -> Iterator[dict[str, SimServer]]:
 async def test_fault_on_primary_face_fails_over(
     faces: dict[str, SimServer], tmp_path, primary: str, fallback: str, kind: str
 ) -> None:  # type: ignore[no-untyped-def]
-    fast = {"rate_limit_per_min": 100_000, "connect_timeout": 1.0, "read_timeout": 0.5, "plan": "unlimited"}
+    fast = {"rate_limit_per_min": 100_000, "connect_timeout": 1.0, "read_timeout": 0.5}
+    plans = {"alpaca": {"plan": "unlimited"}, "polygon": {"plan": "unlimited"}}  # Yahoo has no plan
     cfg = config_from_dict(
         {
             "providers": {
@@ -50,6 +51,7 @@ async def test_fault_on_primary_face_fails_over(
                     "enabled": name in (primary, fallback),
                     "priority": 1 if name == primary else 2,
                     **fast,
+                    **plans.get(name, {}),
                 }
                 for name in faces
             }
