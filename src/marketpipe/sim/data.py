@@ -894,6 +894,21 @@ class SimMarket:
             }
         ).cast(BAR_SCHEMA)  # type: ignore[arg-type]
 
+    def _tick_days(
+        self,
+        symbol: str,
+        start: datetime | date | int | str,
+        end: datetime | date | int | str,
+        feed: str,
+        now: datetime | int | None,
+    ) -> tuple[int, int, range]:
+        """The checked window of a trades or quotes request, ``start <= t <= end`` and ``t < now``, in
+        ns, and the sessions it covers (none for a symbol without data or a feed without ticks)."""
+        s, e, now_ns = to_ns(start), min(to_ns(end), self._now(now) - 1), self._now(now)
+        self._check(symbol, feed)
+        days = self._session_span(s, e, now_ns) if self.has_data(symbol) and feed in ("sip", "iex") else range(0)
+        return s, e, days
+
     def trades_frame(
         self,
         symbol: str,
@@ -905,14 +920,12 @@ class SimMarket:
     ) -> dict[str, np.ndarray]:
         """Trades with start <= t <= end (and t < now): ``t`` int64 ns, ``p``, ``s``, ``x`` (str),
         ``i``."""
-        s, e, now_ns = to_ns(start), min(to_ns(end), self._now(now) - 1), self._now(now)
-        self._check(symbol, feed)
+        s, e, days = self._tick_days(symbol, start, end, feed, now)
         parts: list[_DayTrades] = []
-        if self.has_data(symbol) and feed in ("sip", "iex"):
-            for di in self._session_span(s, e, now_ns):
-                tr = self._trades_feed(symbol, di, feed)
-                sel = (tr.t >= s) & (tr.t <= e)
-                parts.append(_DayTrades(tr.t[sel], tr.p[sel], tr.s[sel], tr.x[sel], tr.i[sel]))
+        for di in days:
+            tr = self._trades_feed(symbol, di, feed)
+            sel = (tr.t >= s) & (tr.t <= e)
+            parts.append(_DayTrades(tr.t[sel], tr.p[sel], tr.s[sel], tr.x[sel], tr.i[sel]))
         cat = (lambda f: np.concatenate([getattr(p, f) for p in parts])) if parts else (lambda f: np.empty(0))
         x = cat("x").astype(np.int64)
         return {
@@ -934,14 +947,12 @@ class SimMarket:
     ) -> dict[str, np.ndarray]:
         """Quotes with start <= t <= end (and t < now): ``t`` int64 ns, ``bp ap`` float64,
         ``bs as`` int64."""
-        s, e, now_ns = to_ns(start), min(to_ns(end), self._now(now) - 1), self._now(now)
-        self._check(symbol, feed)
+        s, e, days = self._tick_days(symbol, start, end, feed, now)
         parts: list[_DayQuotes] = []
-        if self.has_data(symbol) and feed in ("sip", "iex"):
-            for di in self._session_span(s, e, now_ns):
-                q = self._quotes(symbol, di)
-                sel = (q.t >= s) & (q.t <= e)
-                parts.append(_DayQuotes(q.t[sel], q.bp[sel], q.ap[sel], q.bs[sel], q.as_[sel], q.bx[sel], q.ax[sel]))
+        for di in days:
+            q = self._quotes(symbol, di)
+            sel = (q.t >= s) & (q.t <= e)
+            parts.append(_DayQuotes(q.t[sel], q.bp[sel], q.ap[sel], q.bs[sel], q.as_[sel], q.bx[sel], q.ax[sel]))
 
         def cat(f: str, dt: type) -> np.ndarray:
             return np.concatenate([getattr(p, f) for p in parts]).astype(dt) if parts else np.empty(0, dt)
