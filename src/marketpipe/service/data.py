@@ -41,6 +41,22 @@ LatestKind = Literal["trade", "quote", "bar"]
 TickKind = Literal["trades", "quotes"]
 
 
+def _series(
+    symbols: list[str] | str, timeframe: str | Timeframe, start: TimeLike, end: TimeLike | None
+) -> tuple[list[str], Timeframe, datetime, datetime]:
+    """The checked arguments of a call about stored series, in one order for every such call:
+    symbols, then timeframe, then the ``[start, end)`` range."""
+    syms = normalize_symbols(symbols)
+    tf = Timeframe.parse(timeframe)
+    s, e = parse_range(start, end)
+    return syms, tf, s, e
+
+
+def _feed(feed: str | None) -> str | None:
+    """A feed as the providers name it; None: each provider's configured feed."""
+    return feed.lower() if feed else None
+
+
 class MarketData:
     def __init__(
         self,
@@ -119,15 +135,13 @@ class MarketData:
         feed: str | None = None,
         progress: ProgressFn | None = None,
     ) -> BackfillStats:
-        syms = normalize_symbols(symbols)
-        tf = Timeframe.parse(timeframe)
-        s, e = parse_range(start, end)
+        syms, tf, s, e = _series(symbols, timeframe, start, end)
         return await self.fill(
             syms,
             tf,
             s,
             e,
-            feed=feed.lower() if feed else None,  # None: each provider's configured feed
+            feed=_feed(feed),
             progress=progress,
             circuit_waits=self.config.backfill.circuit_waits,  # a batch job may wait out an open circuit
         )
@@ -170,10 +184,9 @@ class MarketData:
         save: bool = True,
     ) -> list[SeriesQuality]:
         """Completeness, anomalies and quality scores of stored data (nothing is fetched)."""
-        syms = normalize_symbols(symbols)
-        s, e = parse_range(start, end)
+        syms, tf, s, e = _series(symbols, timeframe, start, end)
         return await asyncio.to_thread(
-            analyze, self.store, self.calendar, syms, Timeframe.parse(timeframe), s, e, self.config.quality, save=save
+            analyze, self.store, self.calendar, syms, tf, s, e, self.config.quality, save=save
         )
 
     async def update(
@@ -199,7 +212,7 @@ class MarketData:
             strategy=strategy,
             start=s,
             end=e,
-            feed=feed.lower() if feed else None,
+            feed=_feed(feed),
         )
 
     async def repair(
@@ -212,19 +225,18 @@ class MarketData:
         empties: bool = True,
         feed: str | None = None,
     ) -> RepairResult:
-        syms = normalize_symbols(symbols)
-        s, e = parse_range(start, end)
+        syms, tf, s, e = _series(symbols, timeframe, start, end)
         return await repair(
             lambda: self.router,
             self.store,
             self.calendar,
             self.config,
             syms,
-            Timeframe.parse(timeframe),
+            tf,
             s,
             e,
             empties=empties,
-            feed=feed.lower() if feed else None,
+            feed=_feed(feed),
         )
 
     def scheduler(self, jobs: list[Job], *, concurrency: int | None = None) -> Scheduler:
@@ -268,9 +280,7 @@ class MarketData:
 
         A range the ledger covers (by any provider) is read without building a provider, so reading
         what is already held needs no credentials; only a gap leads to a backfill, which plans it."""
-        syms = normalize_symbols(symbols)
-        tf = Timeframe.parse(timeframe)
-        s, e = parse_range(start, end)
+        syms, tf, s, e = _series(symbols, timeframe, start, end)
         if fetch and any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
             await self.backfill(syms, s, e, timeframe=tf, feed=feed)
         return await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
