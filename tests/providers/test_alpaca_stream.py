@@ -15,19 +15,31 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgpack
+import msgspec
 import orjson
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from marketpipe.core.errors import AuthFailed, InvalidArgument, NotEntitled
 from marketpipe.core.metrics import REGISTRY
-from marketpipe.core.schema import Bar, Quote, Trade
+from marketpipe.core.schema import (
+    Bar,
+    CancelError,
+    Correction,
+    Imbalance,
+    Luld,
+    Quote,
+    RawMessage,
+    Trade,
+    TradingStatus,
+)
 from marketpipe.providers.alpaca_stream import AlpacaStream, MessageIterator, Outage, StreamMessage, _SessionClock
 from marketpipe.sim.alpaca import DEFAULT_KEYS
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.server import SimServer
 from marketpipe.sim.stream import AlpacaStream as SimStream
 from marketpipe.sim.stream import StreamConfig
+from marketpipe.wire.alpaca_stream import DECODERS, MESSAGE_CHANNELS, encode, message_of
 
 SIM_CONFIG = StreamConfig(rate=2_000, bar_interval_s=0.1)
 SOURCE = "sim:alpaca"
@@ -345,9 +357,9 @@ async def test_malformed_frames_and_unknown_types_do_not_crash(
         raw = await first(it, lambda m: m.channel == "raw")
         await first(it, lambda m: m.channel == "trades")
         health = stream.health()
-    assert isinstance(raw.record, dict)
-    assert raw.record["message_type"] == "zz" and raw.record["symbol"] == "AAPL"
-    assert raw.record["source"] == SOURCE and raw.record["message"]["msg"] == "simulated unknown message type"
+    assert isinstance(raw.record, RawMessage)
+    assert raw.record.message_type == "zz" and raw.record.symbol == "AAPL"
+    assert raw.record.source == SOURCE and raw.record.message["msg"] == "simulated unknown message type"
     assert health.connected and health.reconnects == 0
     assert metric("marketpipe_stream_decode_errors_total", provider=SOURCE) >= before + 3
 
@@ -499,7 +511,7 @@ async def test_invalid_syntax_is_logged_and_the_stream_stays(scripted: Callable[
     assert health.errors_by_code == {400: 1} and health.reconnects == 0 and health.connected
 
 
-async def test_event_messages_decode_as_typed_dicts(scripted: Callable[[Script], Awaitable[str]]) -> None:
+async def test_event_messages_decode_as_tagged_structs(scripted: Callable[[Script], Awaitable[str]]) -> None:
     frame = [  # the reference's constructed examples (§2.8), one frame, plus a data message with a bad price
         {"T": "s", "S": "XYZ", "sc": "H", "sm": "Trading Halt", "rc": "T1", "rm": "Halt News Pending",
          "t": "2024-03-05T15:10:00.0213Z", "z": "C"},
@@ -530,15 +542,104 @@ async def test_event_messages_decode_as_typed_dicts(scripted: Callable[[Script],
     status, luld, corr, cancel, upd, bad = (
         by[c] for c in ("statuses", "lulds", "corrections", "cancel_errors", "updated_bars", "raw")
     )
-    assert isinstance(status, dict) and status["type"] == "status" and status["status_code"] == "H"
-    assert status["reason_message"] == "Halt News Pending" and status["ts"] == datetime(
-        2024, 3, 5, 15, 10, 0, 21300, UTC
-    )
-    assert isinstance(luld, dict) and (luld["limit_up"], luld["limit_down"], luld["indicator"]) == (12.74, 11.52, "B")
-    assert isinstance(corr, dict) and corr["original_id"] == 7184 and corr["corrected_price"] == 171.11
-    assert corr["corrected_conditions"] == ("@",)
-    assert isinstance(cancel, dict) and cancel["type"] == "cancel_error" and cancel["action"] == "C"
+    assert isinstance(status, TradingStatus) and status.status_code == "H"
+    assert status.reason_message == "Halt News Pending" and status.ts == datetime(2024, 3, 5, 15, 10, 0, 21300, UTC)
+    assert isinstance(luld, Luld) and (luld.limit_up, luld.limit_down, luld.indicator) == (12.74, 11.52, "B")
+    assert isinstance(corr, Correction) and corr.original_id == 7184 and corr.corrected_price == 171.11
+    assert corr.corrected_conditions == ("@",)
+    assert isinstance(cancel, CancelError) and cancel.action == "C"
     assert isinstance(upd, Bar) and upd.timeframe == "1Min" and upd.symbol == "SPY"
-    assert isinstance(bad, dict) and bad["type"] == "raw" and bad["message_type"] == "t" and "error" in bad
-    assert all(m.record["feed"] == "iex" for m in got if isinstance(m.record, dict))
+    assert isinstance(bad, RawMessage) and bad.message_type == "t" and bad.error is not None
+    # the tags are the record types the stream's events have always had
+    assert [msgspec.to_builtins(r)["type"] for r in (status, luld, corr, cancel, bad)] == [
+        "status",
+        "luld",
+        "correction",
+        "cancel_error",
+        "raw",
+    ]
+    assert all(m.record.feed == "iex" for m in got if not isinstance(m.record, (Trade, Quote, Bar)))
     assert health.decode_errors == 1 and health.connected
+
+
+# the §2.8 examples (and an imbalance), and events without a time or some keys: decoded to records and
+# encoded back as the compatible stream sends them — these are the bytes it sent while events were dicts
+_EVENT_FRAMES: list[tuple[dict[str, Any], bytes, bytes]] = [
+    (
+        {"T": "s", "S": "XYZ", "sc": "H", "sm": "Trading Halt", "rc": "T1", "rm": "Halt News Pending",
+         "t": "2024-03-05T15:10:00.0213Z", "z": "C"},
+        b'[{"T":"s","S":"XYZ","sc":"H","sm":"Trading Halt","rc":"T1","rm":"Halt News Pending",'
+        b'"t":"2024-03-05T15:10:00.021300Z","z":"C"}]',
+        b"\x91\x88\xa1T\xa1s\xa1S\xa3XYZ\xa2sc\xa1H\xa2sm\xacTrading Halt\xa2rc\xa2T1\xa2rm\xb1Halt News Pending"
+        b"\xa1t\xd7\xff\x05\x14\x0c\x80e\xe75\xc8\xa1z\xa1C",
+    ),
+    (
+        {"T": "l", "S": "XYZ", "u": 12.74, "d": 11.52, "i": "B", "t": "2024-03-05T15:10:00.51Z", "z": "C"},
+        b'[{"T":"l","S":"XYZ","u":12.74,"d":11.52,"i":"B","t":"2024-03-05T15:10:00.510000Z","z":"C"}]',
+        b"\x91\x87\xa1T\xa1l\xa1S\xa3XYZ\xa1u\xcb@)z\xe1G\xae\x14{\xa1d\xcb@'\n=p\xa3\xd7\n\xa1i\xa1B"
+        b"\xa1t\xd7\xffy\x97\xee\x00e\xe75\xc8\xa1z\xa1C",
+    ),
+    (
+        {"T": "c", "S": "AAPL", "x": "D", "oi": 7184, "op": 171.1, "os": 50, "oc": ["@"], "ci": 7191, "cp": 171.11,
+         "cs": 50, "cc": ["@"], "z": "C", "t": "2024-03-05T15:02:12.5Z"},
+        b'[{"T":"c","S":"AAPL","x":"D","oi":7184,"op":171.1,"os":50,"oc":["@"],"ci":7191,"cp":171.11,"cs":50,'
+        b'"cc":["@"],"z":"C","t":"2024-03-05T15:02:12.500000Z"}]',
+        b"\x91\x8d\xa1T\xa1c\xa1S\xa4AAPL\xa1x\xa1D\xa2oi\xcd\x1c\x10\xa2op\xcb@ec33333\xa2os2\xa2oc\x91\xa1@"
+        b"\xa2ci\xcd\x1c\x17\xa2cp\xcb@ec\x85\x1e\xb8Q\xec\xa2cs2\xa2cc\x91\xa1@\xa1z\xa1C\xa1t\xd7\xffw5\x94"
+        b"\x00e\xe73\xf4",
+    ),
+    (
+        {"T": "x", "S": "AAPL", "i": 7190, "x": "D", "p": 171.2, "s": 20, "a": "C", "z": "C",
+         "t": "2024-03-05T15:02:13.1Z"},
+        b'[{"T":"x","S":"AAPL","i":7190,"x":"D","p":171.2,"s":20,"a":"C","z":"C","t":"2024-03-05T15:02:13.100000Z"}]',
+        b"\x91\x89\xa1T\xa1x\xa1S\xa4AAPL\xa1i\xcd\x1c\x16\xa1x\xa1D\xa1p\xcb@effffff\xa1s\x14\xa1a\xa1C"
+        b"\xa1z\xa1C\xa1t\xd7\xff\x17\xd7\x84\x00e\xe73\xf5",
+    ),
+    (
+        {"T": "i", "S": "XYZ", "p": 12.5, "t": "2024-03-05T15:10:00.51Z", "z": "C"},
+        b'[{"T":"i","S":"XYZ","p":12.5,"t":"2024-03-05T15:10:00.510000Z","z":"C"}]',
+        b"\x91\x85\xa1T\xa1i\xa1S\xa3XYZ\xa1p\xcb@)\x00\x00\x00\x00\x00\x00\xa1t\xd7\xffy\x97\xee\x00e"
+        b"\xe75\xc8\xa1z\xa1C",
+    ),
+    (
+        {"T": "s", "S": "XYZ", "sc": "H"},
+        b'[{"T":"s","S":"XYZ","sc":"H","sm":null,"rc":null,"rm":null,"z":null}]',
+        b"\x91\x87\xa1T\xa1s\xa1S\xa3XYZ\xa2sc\xa1H\xa2sm\xc0\xa2rc\xc0\xa2rm\xc0\xa1z\xc0",
+    ),
+    (
+        {"T": "c", "S": "XYZ", "x": "D", "oi": 1},
+        b'[{"T":"c","S":"XYZ","x":"D","oi":1,"op":null,"os":null,"oc":null,"ci":null,"cp":null,"cs":null,"cc":null,'
+        b'"z":null}]',
+        b"\x91\x8c\xa1T\xa1c\xa1S\xa3XYZ\xa1x\xa1D\xa2oi\x01\xa2op\xc0\xa2os\xc0\xa2oc\xc0\xa2ci\xc0\xa2cp\xc0"
+        b"\xa2cs\xc0\xa2cc\xc0\xa1z\xc0",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("message", "json_frame", "msgpack_frame"), _EVENT_FRAMES)
+def test_event_records_encode_back_to_the_same_wire_bytes(
+    message: dict[str, Any], json_frame: bytes, msgpack_frame: bytes
+) -> None:
+    fetched = datetime(2024, 3, 5, 15, 10, 1, tzinfo=UTC)
+    rec = DECODERS[message["T"]](message, SOURCE, "iex", fetched)
+    assert isinstance(rec, (TradingStatus, Luld, Imbalance, Correction, CancelError))
+    assert rec.symbol == message["S"] and rec.source == SOURCE and rec.fetched_at == fetched
+    msg = message_of(rec, MESSAGE_CHANNELS[message["T"]], message["S"])
+    assert encode([msg], binary=False) == json_frame
+    assert encode([msg], binary=True) == msgpack_frame
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"T": "s", "S": "XYZ", "sc": 5},  # a status code is a string
+        {"T": "l", "S": "XYZ", "u": "high"},  # a band is a price
+        {"T": "c", "S": "AAPL", "oi": 7184.5},  # a trade id is an integer
+        {"T": "x", "S": "AAPL", "a": ["C"]},
+    ],
+)
+def test_an_event_with_a_mistyped_field_is_a_decode_error(message: dict[str, Any]) -> None:
+    """Each field's type is checked: a wrong one raises a ValueError, which the stream keeps as a raw
+    record with the error (as it does for a trade with a bad price), never a record carrying it."""
+    with pytest.raises(ValueError, match=r"Expected"):
+        DECODERS[message["T"]](message, SOURCE, "iex", datetime(2024, 3, 5, 15, 10, 1, tzinfo=UTC))

@@ -52,6 +52,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from marketpipe.api.live import batch_json, hub_of, run_connection
@@ -92,14 +93,15 @@ FATAL = frozenset({402, 404})
 FOLLOWS = dict.fromkeys(FOLLOWS_TRADES, "trades")  # hub channel -> the subscription it rides on
 JSON_FORMAT = "alpaca-json"
 MSGPACK_FORMAT = "alpaca-msgpack"
-WIRE_FORMAT = "alpaca-wire"  # the message as a dict, shared by both encodings
+WIRE_FORMAT = "alpaca-wire"  # the message as a struct, shared by both encodings
 # --- encoding -------------------------------------------------------------------------------------------
 
 
-def wire_message(item: Item) -> Any:
-    """The Alpaca message of a hub item (a tagged struct, or a dict for events); None for what Alpaca's
-    format cannot carry (unified prices, unknown upstream messages)."""
-    return message_of(item.record, item.channel, item.symbol)
+def wire_message(item: Item) -> msgspec.Struct | None:
+    """The Alpaca message of a hub item (a struct tagged with ``T``); None for what Alpaca's format
+    cannot carry (unified prices, unknown upstream messages)."""
+    rec = item.record
+    return None if isinstance(rec, dict) else message_of(rec, item.channel, item.symbol)
 
 
 def encode_json(item: Item) -> bytes | None:

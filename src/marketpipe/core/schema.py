@@ -2,13 +2,17 @@
 vendor field letters.
 
 Bulk data (bars, historical trades and quotes) moves as polars frames with the column sets below.
-Single records (latest trade, latest quote, snapshot) are msgspec structs.
+Single records (latest trade, latest quote, snapshot) are msgspec structs, and so is every record of
+the live stream: trades, quotes and bars as above, the stream's events (trading status, LULD bands,
+imbalances, trade corrections, cancel/errors) and the ``raw`` record of a message the stream could not
+read, as the tagged union :data:`StreamEvent` (tag field ``type``).
 """
 
 from __future__ import annotations
 
 import re
 from datetime import datetime
+from typing import Any
 
 import msgspec
 import polars as pl
@@ -149,6 +153,108 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     prev_daily_bar: Bar | None = None
     source: str
     fetched_at: datetime
+
+
+# --- stream events ------------------------------------------------------------------------------
+# The live stream's records besides trades, quotes and bars: rare, and told apart by their tag
+# (``type``). Fields are the vendor's keys under their canonical names; a key the message did not
+# carry is None. ``ts`` is the event's time (None when the message had none), ``tape`` the tape.
+
+
+class TradingStatus(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="status"):
+    """A trading status change (halt, resumption, ...) with its reason."""
+
+    symbol: str
+    ts: datetime | None = None
+    status_code: str | None = None
+    status_message: str | None = None
+    reason_code: str | None = None
+    reason_message: str | None = None
+    tape: str | None = None
+    source: str
+    feed: str | None = None
+    fetched_at: datetime
+
+
+class Luld(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="luld"):
+    """Limit-up/limit-down price bands."""
+
+    symbol: str
+    ts: datetime | None = None
+    limit_up: float | None = None
+    limit_down: float | None = None
+    indicator: str | None = None
+    tape: str | None = None
+    source: str
+    feed: str | None = None
+    fetched_at: datetime
+
+
+class Imbalance(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="imbalance"):
+    """An order imbalance (its price)."""
+
+    symbol: str
+    ts: datetime | None = None
+    price: float | None = None
+    tape: str | None = None
+    source: str
+    feed: str | None = None
+    fetched_at: datetime
+
+
+class Correction(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="correction"):
+    """A trade corrected after the fact: the original and the corrected id/price/size/conditions."""
+
+    symbol: str
+    ts: datetime | None = None
+    exchange: str | None = None
+    original_id: int | None = None
+    original_price: float | None = None
+    original_size: int | None = None
+    original_conditions: tuple[str, ...] | None = None
+    corrected_id: int | None = None
+    corrected_price: float | None = None
+    corrected_size: int | None = None
+    corrected_conditions: tuple[str, ...] | None = None
+    tape: str | None = None
+    source: str
+    feed: str | None = None
+    fetched_at: datetime
+
+
+class CancelError(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="cancel_error"):
+    """A trade cancelled (``action`` ``C``) or marked in error (``E``)."""
+
+    symbol: str
+    ts: datetime | None = None
+    trade_id: int | None = None
+    exchange: str | None = None
+    price: float | None = None
+    size: int | None = None
+    action: str | None = None
+    tape: str | None = None
+    source: str
+    feed: str | None = None
+    fetched_at: datetime
+
+
+class RawMessage(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="raw"):
+    """A stream message of a type this side does not know, or of a known type that could not be decoded
+    (``error`` says why): kept as received, never a crash."""
+
+    message_type: Any = None  # the message's own type field, whatever it held
+    symbol: str | None = None
+    message: dict[str, Any]
+    source: str
+    feed: str | None = None
+    fetched_at: datetime
+    error: str | None = None
+
+
+StreamEvent = TradingStatus | Luld | Imbalance | Correction | CancelError | RawMessage
+# every record the live stream delivers; trades, quotes and bars are untagged (their JSON elsewhere has no
+# type field) and are told apart by class, the events by class or by their tag
+StreamRecord = Trade | Quote | Bar | StreamEvent
 
 
 # --- symbols -----------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 One :class:`AlpacaStream` is one socket to ``{base_url}/v2/{feed}`` (Alpaca allows one connection per
 endpoint per account, so consumers share it): it waits for the welcome, authenticates, subscribes,
 and turns every data frame into canonical records (:class:`~marketpipe.core.schema.Trade`,
-``Quote``, ``Bar``; statuses, LULD bands, imbalances, corrections and cancel/errors as plain dicts
-with a ``type``; anything else as a ``raw`` dict), each wrapped in a :class:`StreamMessage` that says
-its channel. It runs as one task on the caller's event loop.
+``Quote``, ``Bar``; statuses, LULD bands, imbalances, corrections and cancel/errors as the tagged
+structs ``TradingStatus``, ``Luld``, ``Imbalance``, ``Correction``, ``CancelError``; anything else as a
+``RawMessage``), each wrapped in a :class:`StreamMessage` that says its channel. It runs as one task
+on the caller's event loop.
 
 * Subscriptions are reference-counted per (channel, symbol): the server sees a subscribe only when a
   count goes 0 → 1 and an unsubscribe only on 1 → 0; the whole set is restored after every reconnect.
@@ -67,7 +68,7 @@ from marketpipe.core.metrics import (
     STREAM_MESSAGES,
     STREAM_RECONNECTS,
 )
-from marketpipe.core.schema import normalize_symbol
+from marketpipe.core.schema import StreamRecord, normalize_symbol
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.base import sim_source
 from marketpipe.wire.alpaca_stream import (
@@ -81,7 +82,6 @@ from marketpipe.wire.alpaca_stream import (
     MSGPACK_CONTENT_TYPE,
     RAW,
     STREAM_FEEDS,
-    Record,
     Subscription,
     decode_frame,
     encode,
@@ -106,14 +106,11 @@ class StreamMessage(NamedTuple):
     the hot path (a frozen dataclass costs several times as much to create)."""
 
     channel: str
-    record: Record
+    record: StreamRecord
 
     @property
     def symbol(self) -> str | None:
-        if isinstance(self.record, dict):
-            sym = self.record.get("symbol")
-            return sym if isinstance(sym, str) else None
-        return self.record.symbol
+        return self.record.symbol  # None only for a raw message without a symbol
 
 
 @dataclass(frozen=True, slots=True)

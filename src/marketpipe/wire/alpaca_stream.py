@@ -19,7 +19,18 @@ import msgpack
 import msgspec
 import orjson
 
-from marketpipe.core.schema import Bar, Quote, Trade
+from marketpipe.core.schema import (
+    Bar,
+    CancelError,
+    Correction,
+    Imbalance,
+    Luld,
+    Quote,
+    RawMessage,
+    StreamRecord,
+    Trade,
+    TradingStatus,
+)
 
 DEFAULT_STREAM_URL = "wss://stream.data.alpaca.markets"
 OFFICIAL_DATA_URL = "https://data.alpaca.markets"
@@ -77,16 +88,18 @@ ERROR_MESSAGES: dict[int, str] = {
 RAW = "raw"  # the channel of a message this side does not know (or could not decode)
 MESSAGE_CHANNEL_NAMES = frozenset({*MESSAGE_CHANNELS.values(), RAW})
 CONTROL_TYPES = frozenset({"success", "error", "subscription"})
-# event message type -> (canonical record type, ((wire key, record field), ...)) in §2.8 order
-EVENTS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+# the event records (core/schema.py) and their messages
+EventRecord = TradingStatus | Luld | Imbalance | Correction | CancelError
+# event message type -> (canonical record class, ((wire key, record field), ...)) in §2.8 order
+EVENTS: dict[str, tuple[type[EventRecord], tuple[tuple[str, str], ...]]] = {
     "s": (
-        "status",
+        TradingStatus,
         (("sc", "status_code"), ("sm", "status_message"), ("rc", "reason_code"), ("rm", "reason_message")),
     ),
-    "l": ("luld", (("u", "limit_up"), ("d", "limit_down"), ("i", "indicator"))),
-    "i": ("imbalance", (("p", "price"),)),
+    "l": (Luld, (("u", "limit_up"), ("d", "limit_down"), ("i", "indicator"))),
+    "i": (Imbalance, (("p", "price"),)),
     "c": (
-        "correction",
+        Correction,
         (
             ("x", "exchange"),
             ("oi", "original_id"),
@@ -99,9 +112,8 @@ EVENTS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
             ("cc", "corrected_conditions"),
         ),
     ),
-    "x": ("cancel_error", (("i", "trade_id"), ("x", "exchange"), ("p", "price"), ("s", "size"), ("a", "action"))),
+    "x": (CancelError, (("i", "trade_id"), ("x", "exchange"), ("p", "price"), ("s", "size"), ("a", "action"))),
 }
-EVENT_TYPES: dict[str, str] = {kind: letter for letter, (kind, _) in EVENTS.items()}  # status -> s
 # events carry t and z after their fields, except corrections and cancel/errors (z before t), as in §2.8
 Z_FIRST = frozenset({"c", "x"})
 # what a malformed frame raises while it is decoded (JSON or msgpack)
@@ -112,8 +124,6 @@ FRAME_ERRORS: tuple[type[BaseException], ...] = (
     msgpack.FormatError,
     msgpack.StackError,
 )
-
-Record = Trade | Quote | Bar | dict[str, Any]
 
 
 # --- the stream URL -----------------------------------------------------------------------------------
@@ -297,36 +307,43 @@ def bar_message(rec: Bar, channel: str | None = None) -> _BarFields:
     )
 
 
-def event_message(rec: Mapping[str, Any], symbol: str | None = None) -> dict[str, Any] | None:
-    """The message of an event record (``type`` status/luld/imbalance/correction/cancel_error), ``T``
-    first and keys in §2.8 order; None for another type."""
-    letter = EVENT_TYPES.get(rec.get("type", ""))
-    if letter is None:
-        return None
-    msg: dict[str, Any] = {"T": letter, "S": rec.get("symbol") or symbol}
-    for key, name in EVENTS[letter][1]:
-        msg[key] = rec.get(name)
-    ts, tape = rec.get("ts"), rec.get("tape")
-    if letter in Z_FIRST:
-        msg["z"] = tape
-    if ts is not None:  # alpaca-py converts any "t" it is given
-        msg["t"] = _aware(ts) if isinstance(ts, datetime) else ts
-    if letter not in Z_FIRST:
-        msg["z"] = tape
-    return msg
+def _event_message_type(letter: str, keys: Iterable[str]) -> type[msgspec.Struct]:
+    """The message struct of an event type: ``T`` (the tag), ``S``, its keys in §2.8 order, then ``t``
+    (left out when the event has no time: alpaca-py converts any ``t`` it is given) and ``z``, or
+    ``z`` then ``t``."""
+    tail: list[tuple[str, Any] | tuple[str, Any, Any]] = (
+        [("z", Any), ("t", Any, msgspec.UNSET)] if letter in Z_FIRST else [("t", Any, msgspec.UNSET), ("z", Any, None)]
+    )
+    return msgspec.defstruct(
+        f"EventMessage_{letter}", [("S", Any), *((k, Any) for k in keys), *tail], tag_field="T", tag=letter, gc=False
+    )
 
 
-def message_of(rec: Record, channel: str, symbol: str | None = None) -> msgspec.Struct | dict[str, Any] | None:
+# event record class -> (its message struct, ((wire key, record field), ...))
+EVENT_MESSAGES: dict[type[EventRecord], tuple[type[msgspec.Struct], tuple[tuple[str, str], ...]]] = {
+    cls: (_event_message_type(letter, (k for k, _ in fields)), fields) for letter, (cls, fields) in EVENTS.items()
+}
+
+
+def event_message(rec: EventRecord, symbol: str | None = None) -> msgspec.Struct:
+    """The message of an event record, ``T`` first and keys in §2.8 order (``S`` from ``symbol`` when
+    the record has none)."""
+    cls, fields = EVENT_MESSAGES[type(rec)]
+    values: dict[str, Any] = {key: getattr(rec, name) for key, name in fields}
+    ts = rec.ts
+    return cls(S=rec.symbol or symbol, **values, z=rec.tape, t=msgspec.UNSET if ts is None else _aware(ts))
+
+
+def message_of(rec: StreamRecord, channel: str, symbol: str | None = None) -> msgspec.Struct | None:
     """The Alpaca message of a canonical record delivered on ``channel``; None for what Alpaca's
     format cannot carry (unknown upstream messages, records of other kinds)."""
-    kind = type(rec)
-    if kind is Trade:
-        return TradeMessage.of(rec)  # type: ignore[arg-type]
-    if kind is Quote:
-        return QuoteMessage.of(rec)  # type: ignore[arg-type]
-    if kind is Bar:
-        return bar_message(rec, channel)  # type: ignore[arg-type]
-    if isinstance(rec, dict):
+    if type(rec) is Trade:
+        return TradeMessage.of(rec)
+    if type(rec) is Quote:
+        return QuoteMessage.of(rec)
+    if type(rec) is Bar:
+        return bar_message(rec, channel)
+    if isinstance(rec, (TradingStatus, Luld, Imbalance, Correction, CancelError)):
         return event_message(rec, symbol)
     return None
 
@@ -501,39 +518,38 @@ def _bar(timeframe: str) -> Callable[[dict[str, Any], str, str, datetime], Bar]:
     return decode
 
 
-def _event(kind: str, fields: dict[str, str]) -> Callable[[dict[str, Any], str, str, datetime], dict[str, Any]]:
-    def decode(m: dict[str, Any], source: str, feed: str, fetched: datetime) -> dict[str, Any]:
-        rec: dict[str, Any] = {"type": kind, "symbol": _sym(m), "ts": _opt_ts(m.get("t"))}
-        for letter, name in fields.items():
-            value = m.get(letter)
-            rec[name] = tuple(value) if isinstance(value, list) else value
+def _event(
+    cls: type[EventRecord], fields: tuple[tuple[str, str], ...]
+) -> Callable[[dict[str, Any], str, str, datetime], EventRecord]:
+    def decode(m: dict[str, Any], source: str, feed: str, fetched: datetime) -> EventRecord:
+        rec: dict[str, Any] = {"symbol": _sym(m), "ts": _opt_ts(m.get("t"))}
+        for letter, name in fields:
+            rec[name] = m.get(letter)
         rec.update(tape=m.get("z"), source=source, feed=feed, fetched_at=fetched)
-        return rec
+        return msgspec.convert(rec, cls)  # the types checked: a wrong one raises ValidationError (a ValueError)
 
     return decode
 
 
-def raw_record(item: dict[str, Any], source: str, feed: str, fetched: datetime, error: str | None) -> dict[str, Any]:
+def raw_record(item: dict[str, Any], source: str, feed: str, fetched: datetime, error: str | None) -> RawMessage:
+    """The record of a message this side does not know or could not decode, kept as received."""
     sym = item.get("S")
-    rec: dict[str, Any] = {
-        "type": RAW,
-        "message_type": item.get("T"),
-        "symbol": sym if isinstance(sym, str) else None,
-        "message": item,
-        "source": source,
-        "feed": feed,
-        "fetched_at": fetched,
-    }
-    if error is not None:
-        rec["error"] = error
-    return rec
+    return RawMessage(
+        message_type=item.get("T"),
+        symbol=sym if isinstance(sym, str) else None,
+        message=item,
+        source=source,
+        feed=feed,
+        fetched_at=fetched,
+        error=error,
+    )
 
 
-DECODERS: dict[str, Callable[[dict[str, Any], str, str, datetime], Record]] = {
+DECODERS: dict[str, Callable[[dict[str, Any], str, str, datetime], StreamRecord]] = {
     "t": _trade,
     "q": _quote,
     "b": _bar("1Min"),
     "u": _bar("1Min"),
     "d": _bar("1Day"),
-    **{letter: _event(kind, dict(fields)) for letter, (kind, fields) in EVENTS.items()},
+    **{letter: _event(cls, fields) for letter, (cls, fields) in EVENTS.items()},
 }

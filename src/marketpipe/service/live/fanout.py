@@ -24,6 +24,7 @@ import orjson
 from marketpipe.core.errors import SlowConsumer
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_CLIENTS, FANOUT_DROPPED_CLIENTS
+from marketpipe.core.schema import StreamRecord
 
 log = get_logger("marketpipe.service.live")
 
@@ -37,12 +38,13 @@ Route = tuple[str, str]  # (hub channel, symbol or "*")
 
 class Item:
     """One message on its way to clients: a channel (``prices`` or an upstream channel), a symbol and
-    the record (a canonical Trade/Quote/Bar, a dict for events, or the unified price dict). Encodings
+    the record (a canonical stream record — Trade/Quote/Bar or a tagged event — or, on ``prices``, the
+    unified price dict). Encodings
     are cached per wire format, so a message is encoded once however many clients receive it."""
 
     __slots__ = ("_enc", "arrived", "channel", "record", "symbol")
 
-    def __init__(self, channel: str, symbol: str, record: Any, arrived: float = 0.0) -> None:
+    def __init__(self, channel: str, symbol: str, record: StreamRecord | dict[str, Any], arrived: float = 0.0) -> None:
         self.channel = channel
         self.symbol = symbol
         self.record = record
@@ -210,7 +212,7 @@ class Fanout:
     def symbols(self, channel: str = PRICES) -> list[str]:
         return sorted(s for (ch, s) in self.routes if ch == channel)
 
-    def deliver(self, channel: str, symbol: str, record: Any, arrived: float) -> None:
+    def deliver(self, channel: str, symbol: str, record: StreamRecord, arrived: float) -> None:
         """An upstream message to the clients of its channel and symbol, and of its channel's ``*``
         (a client on both hears it once). Corrections and cancel errors go with trades."""
         routes = self.routes

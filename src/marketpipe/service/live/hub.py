@@ -33,7 +33,7 @@ from marketpipe.core.config import Config
 from marketpipe.core.errors import InvalidArgument, MarketpipeError, UnknownSymbol
 from marketpipe.core.events import hub as event_hub
 from marketpipe.core.log import get_logger
-from marketpipe.core.schema import Bar, Quote, Trade, normalize_symbol
+from marketpipe.core.schema import Bar, Quote, StreamRecord, Trade, normalize_symbol
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_stream import (
@@ -371,7 +371,7 @@ class LiveHub:
         arrived = _arrival(msgs[0].record) if msgs else 0.0
         for channel, rec in msgs:
             price: Trade | Quote | None = None
-            # exact types: the record union is told apart by its class (events are dicts)
+            # exact types: the record union is told apart by its class (trades and quotes first: the bulk)
             if type(rec) is Trade:
                 if checker.check_trade(rec.symbol, rec.price, rec.size, rec.ts, rec.fetched_at, rec.source):
                     self.rejected += 1
@@ -394,11 +394,8 @@ class LiveHub:
             elif type(rec) is Bar:
                 self.bars.add(channel, rec)
                 symbol = rec.symbol
-            elif isinstance(rec, dict):
-                sym = rec.get("symbol")
-                symbol = sym if isinstance(sym, str) else ""
-            else:
-                symbol = ""
+            else:  # a stream event or a raw message
+                symbol = rec.symbol or ""
             if routes:
                 deliver(channel, symbol, rec, arrived)
             if publish and price is not None:
@@ -580,8 +577,5 @@ class LiveHub:
         return [e.to_dict() for e in list(event_hub.recent)[-limit:]][::-1]
 
 
-def _arrival(record: Any) -> float:
-    fetched = getattr(record, "fetched_at", None)
-    if fetched is None and isinstance(record, dict):
-        fetched = record.get("fetched_at")
-    return fetched.timestamp() if isinstance(fetched, datetime) else 0.0
+def _arrival(record: StreamRecord) -> float:
+    return record.fetched_at.timestamp()
