@@ -4,7 +4,6 @@ ones inside functions too), and no import circle between modules anywhere in ``s
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
