@@ -39,10 +39,17 @@ from aiohttp import web
 from marketpipe.core.errors import InvalidTimeframe
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import NY
-from marketpipe.sim.admin import SIM_HEADER, Handler, Stats, face_app
+from marketpipe.sim.admin import SIM_HEADER, Handler, Stats
 from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
 from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, RunLookup, apply_defect, corrupt_bars
-from marketpipe.sim.vendor import VendorBodies, apply_faults, rows_to_corrupt, truncate_if_asked
+from marketpipe.sim.vendor import (
+    TOKEN_LOOP,
+    Face,
+    VendorBodies,
+    apply_faults,
+    rows_to_corrupt,
+    truncate_if_asked,
+)
 from marketpipe.wire.alpaca_rest import (
     ADJUSTMENTS,
     CONDITIONS,
@@ -196,41 +203,6 @@ def _currency(query: Any) -> bytes:
     return b',"currency":"USD"'
 
 
-# --- rate limits -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Quota:
-    allowed: bool
-    limit: int
-    remaining: int
-    reset: int  # epoch seconds
-
-    def headers(self) -> dict[str, str]:
-        return {
-            "X-RateLimit-Limit": str(self.limit),
-            "X-RateLimit-Remaining": str(self.remaining),
-            "X-RateLimit-Reset": str(self.reset),
-        }
-
-
-class RateLimits:
-    """Fixed one-minute windows per key (the event loop is single-threaded: no lock needed)."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._windows: dict[str, tuple[int, int]] = {}
-
-    def hit(self, who: str, limit: int) -> Quota:
-        window = int(self._clock() // 60)
-        w, used = self._windows.get(who, (window, 0))
-        if w != window:
-            used = 0
-        used += 1
-        self._windows[who] = (window, used)
-        return Quota(used <= limit, limit, max(0, limit - used), (window + 1) * 60)
-
-
 # --- the face --------------------------------------------------------------------------------------
 
 
@@ -241,10 +213,9 @@ class Client:
 
 
 CLIENT = web.RequestKey("client", Client)
-TOKEN_LOOP = web.RequestKey("alpaca_token_loop", bool)  # the token_loop fault hit this request
 
 
-class AlpacaFace:
+class AlpacaFace(Face):
     """Routes and middleware for the Alpaca v2 stock endpoints."""
 
     def __init__(
@@ -259,20 +230,10 @@ class AlpacaFace:
         for key, (_, plan) in keys.items():
             if plan not in PLAN_LIMITS:
                 raise ValueError(f"key {key!r}: plan must be one of {sorted(PLAN_LIMITS)}")
-        self.market = market
-        self.faults = faults
+        super().__init__(market, faults, stats, clock)
         self.keys = dict(keys)
-        self.stats = stats
-        self.clock = clock
-        self.limits = RateLimits(clock)
-
-    def now_ns(self) -> int:
-        return int(self.clock() * 1e6) * 1000
 
     # --- app ---------------------------------------------------------------------------------------
-    def build_app(self) -> web.Application:
-        return face_app(self.faults, self.stats, self._serve, self._routes)
-
     def _routes(self, r: web.UrlDispatcher) -> None:
         kinds: tuple[Kind, ...] = KINDS
         for kind in kinds:
@@ -338,7 +299,6 @@ class AlpacaFace:
         fault, early = await apply_faults(self.faults, request, self._bodies(headers))
         if early is not None:
             return early
-        request[TOKEN_LOOP] = fault is not None and fault.kind == "token_loop"
 
         try:
             resp = await handler(request)

@@ -60,9 +60,9 @@ from aiohttp import web
 from marketpipe.core.errors import InvalidTimeframe
 from marketpipe.core.timeframe import DAY1, MIN1, Timeframe, Unit
 from marketpipe.core.timeutil import NY
-from marketpipe.sim.admin import Handler, Stats, face_app
+from marketpipe.sim.admin import Handler, Stats
 from marketpipe.sim.alpaca import DEFAULT_KEYS as ALPACA_DEFAULT_KEYS
-from marketpipe.sim.alpaca import MAINTENANCE_200, SIM_HEADER, RateLimits, json_response
+from marketpipe.sim.alpaca import MAINTENANCE_200, SIM_HEADER, json_response
 from marketpipe.sim.data import (
     NS_PER_DAY,
     NS_PER_SEC,
@@ -73,7 +73,7 @@ from marketpipe.sim.data import (
     parse_rfc3339_ns,
 )
 from marketpipe.sim.faults import FaultRule, Faults, RunLookup, apply_defect, corrupt_bars, first_bars, utc_stamp
-from marketpipe.sim.vendor import VendorBodies, apply_faults, rows_to_corrupt, truncate_if_asked
+from marketpipe.sim.vendor import TOKEN_LOOP, Face, VendorBodies, apply_faults, rows_to_corrupt, truncate_if_asked
 from marketpipe.wire.polygon import (
     AGGS_ROUTE,
     DELAY,
@@ -221,10 +221,9 @@ class Client:
 
 CLIENT = web.RequestKey("polygon_client", Client)
 REQUEST_ID = web.RequestKey("polygon_request_id", str)
-TOKEN_LOOP = web.RequestKey("polygon_token_loop", bool)  # the token_loop fault hit this request
 
 
-class PolygonFace:
+class PolygonFace(Face):
     """Routes and middleware for the Polygon stock endpoints. The disagreement attributes
     (``price_shift_pct``, ``volume_ratio``, ``missing_days``) may be changed while serving."""
 
@@ -245,23 +244,13 @@ class PolygonFace:
                 raise ValueError(f"key {key!r}: plan must be one of {', '.join(PLANS)}")
         if volume_ratio <= 0:
             raise ValueError("volume_ratio must be > 0")
-        self.market = market
-        self.faults = faults
+        super().__init__(market, faults, stats, clock)
         self.keys = dict(keys)
-        self.stats = stats
-        self.clock = clock
-        self.limits = RateLimits(clock)
         self.price_shift_pct = price_shift_pct
         self.volume_ratio = volume_ratio
         self.missing_days: set[date] = set(missing_days)
 
-    def now_ns(self) -> int:
-        return int(self.clock() * 1e6) * 1000
-
     # --- app ---------------------------------------------------------------------------------------
-    def build_app(self) -> web.Application:
-        return face_app(self.faults, self.stats, self._serve, self._routes)
-
     def _routes(self, r: web.UrlDispatcher) -> None:
         r.add_get(AGGS_ROUTE, self._aggs)
         r.add_get(PREV_ROUTE, self._prev)
@@ -308,7 +297,6 @@ class PolygonFace:
         fault, early = await apply_faults(self.faults, request, self._bodies(request_id))
         if early is not None:
             return early
-        request[TOKEN_LOOP] = fault is not None and fault.kind == "token_loop"
         try:
             resp = await handler(request)
         except PolygonError as exc:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from marketpipe.sim.admin import Handler, Stats, face_app
+from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import Decision, FaultRule, Faults
 
 NGINX_502 = (
@@ -70,13 +74,20 @@ async def before_handler(
 ROW_FAULTS = ("invalid_rows", "bad_data")  # the faults that corrupt the rows of a 200 answer
 
 
+TOKEN_LOOP = web.RequestKey("sim_token_loop", bool)  # the token_loop fault hit this request
+
+
 async def apply_faults(
     faults: Faults, request: web.Request, bodies: VendorBodies
 ) -> tuple[FaultRule | None, tuple[web.StreamResponse, str] | None]:
     """Decide the request's fault, then apply what acts before the handler (:func:`before_handler`):
-    ``(fault, the answer that replaces the handler's or None)``."""
+    ``(fault, the answer that replaces the handler's or None)``. When the handler is to run,
+    ``request[TOKEN_LOOP]`` says whether the ``token_loop`` fault hit it."""
     decision = faults.decide(request.path)
-    return decision.fault, await before_handler(decision, request, bodies)
+    early = await before_handler(decision, request, bodies)
+    if early is None:
+        request[TOKEN_LOOP] = decision.fault is not None and decision.fault.kind == "token_loop"
+    return decision.fault, early
 
 
 def rows_to_corrupt(fault: FaultRule | None, resp: web.StreamResponse) -> bytes | None:
@@ -94,3 +105,68 @@ def truncate_if_asked(fault: FaultRule | None, resp: web.StreamResponse) -> web.
         if isinstance(body, bytes):
             return web.Response(body=body[: max(1, len(body) // 2)], content_type="application/json")
     return resp
+
+
+# --- rate limits -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: int  # epoch seconds
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(self.reset),
+        }
+
+
+class RateLimits:
+    """Fixed one-minute windows per key (the event loop is single-threaded: no lock needed)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._windows: dict[str, tuple[int, int]] = {}
+
+    def hit(self, who: str, limit: int) -> Quota:
+        window = int(self._clock() // 60)
+        w, used = self._windows.get(who, (window, 0))
+        if w != window:
+            used = 0
+        used += 1
+        self._windows[who] = (window, used)
+        return Quota(used <= limit, limit, max(0, limit - used), (window + 1) * 60)
+
+
+# --- the face ---------------------------------------------------------------------------------------
+
+
+class Face(ABC):
+    """What every vendor face holds and does alike: the market, the fault rules, the request
+    counters, the clock and per-key rate limits, and its application (:func:`face_app`). A face adds
+    its vendor's routes and its answering of a data request."""
+
+    def __init__(self, market: SimMarket, faults: Faults, stats: Stats, clock: Callable[[], float]) -> None:
+        self.market = market
+        self.faults = faults
+        self.stats = stats
+        self.clock = clock
+        self.limits = RateLimits(clock)
+
+    def now_ns(self) -> int:
+        return int(self.clock() * 1e6) * 1000
+
+    def build_app(self) -> web.Application:
+        return face_app(self.faults, self.stats, self._serve, self._routes)
+
+    @abstractmethod
+    def _routes(self, r: web.UrlDispatcher) -> None:
+        """Add the vendor's routes."""
+
+    @abstractmethod
+    async def _serve(self, request: web.Request, handler: Handler) -> tuple[web.StreamResponse, str]:
+        """Answer one data request (authentication, limits, faults, the handler): (response, status label)."""

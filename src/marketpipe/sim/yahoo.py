@@ -56,11 +56,11 @@ from aiohttp import web
 
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY
-from marketpipe.sim.admin import Handler, Stats, face_app
-from marketpipe.sim.alpaca import SIM_HEADER, RateLimits
+from marketpipe.sim.admin import Handler, Stats
+from marketpipe.sim.alpaca import SIM_HEADER
 from marketpipe.sim.data import NS_PER_SEC, BarArrays, SimMarket, aggregate, ny_midnight_ns, parse_rfc3339_ns
 from marketpipe.sim.faults import FaultRule, Faults, RunLookup, apply_defect, corrupt_bars, first_bars
-from marketpipe.sim.vendor import ROW_FAULTS, VendorBodies, apply_faults, truncate_if_asked
+from marketpipe.sim.vendor import ROW_FAULTS, Face, VendorBodies, apply_faults, truncate_if_asked
 from marketpipe.wire.yahoo import CHART_PREFIX, LOOKBACK_DAYS, MAX_SPAN_DAYS, error_envelope
 
 NS_PER_MIN = 60 * NS_PER_SEC
@@ -162,7 +162,7 @@ class Rows:
 FAULT = web.RequestKey("yahoo_fault", FaultRule)
 
 
-class YahooFace:
+class YahooFace(Face):
     """Routes and middleware for the chart endpoint. The disagreement options are plain attributes,
     read on every request, so a test may change them while the server runs."""
 
@@ -179,28 +179,18 @@ class YahooFace:
         null_rows: Iterable[int] = (),
         partial_rows: Iterable[int] = (),
     ) -> None:
-        self.market = market
-        self.faults = faults
-        self.stats = stats
-        self.clock = clock
-        self.limits = RateLimits(clock)
+        super().__init__(market, faults, stats, clock)
         self.price_shift_pct = price_shift_pct
         self.volume_ratio = volume_ratio
         self.missing_days: set[date] = set(missing_days)
         self.null_rows: set[int] = set(null_rows)
         self.partial_rows: set[int] = set(partial_rows)
 
-    def now_ns(self) -> int:
-        return int(self.clock() * 1e6) * 1000
-
     # --- app ---------------------------------------------------------------------------------------
-    def build_app(self) -> web.Application:
-        return face_app(self.faults, self.stats, self._data, self._routes)
-
     def _routes(self, r: web.UrlDispatcher) -> None:
         r.add_get(CHART_PREFIX + "{symbol}", self._chart)
 
-    async def _data(self, request: web.Request, handler: Handler) -> tuple[web.StreamResponse, str]:
+    async def _serve(self, request: web.Request, handler: Handler) -> tuple[web.StreamResponse, str]:
         unmatched = request.match_info.http_exception
         symbol = request.match_info.get("symbol")
         if unmatched is not None or symbol is None:
