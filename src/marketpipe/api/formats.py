@@ -69,20 +69,15 @@ def negotiate(fmt: str | None, accept: str | None) -> str:
     return best[2] if best else "json"
 
 
+# the columns of ROW_COLUMNS that are written as text rather than taken as stored
+_AS_TEXT: dict[str, pl.Expr] = {
+    "timestamp": pl.col("ts").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("timestamp"),
+    "fetched_at": pl.col("fetched_at").dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"),
+}
+
+
 def _rows(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.select(
-        pl.col("ts").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("timestamp"),
-        "open",
-        "high",
-        "low",
-        "close",
-        "volume",
-        "trade_count",
-        "vwap",
-        "source",
-        "feed",
-        pl.col("fetched_at").dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"),
-    )
+    return frame.select([_AS_TEXT.get(c, pl.col(c)) for c in ROW_COLUMNS])
 
 
 def bars_json(
