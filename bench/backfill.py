@@ -44,10 +44,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from marketpipe.core.calendar import get_calendar
-    from marketpipe.core.config import ProviderConfig, RetryPolicy
+    from marketpipe.core.config import RetryPolicy
     from marketpipe.core.timeframe import Timeframe
     from marketpipe.core.timeutil import utcnow
     from marketpipe.providers.alpaca import AlpacaProvider, _page_decoder
+    from marketpipe.providers.alpaca_config import AlpacaConfig
     from marketpipe.service.backfill import check_page, plan, run_backfill
     from marketpipe.store.duckdb import DuckDBStore
 
@@ -66,7 +67,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mp-bench-"))
     try:
         wait_up(url)
-        cfg = ProviderConfig(
+        cfg = AlpacaConfig(
             base_url=url,
             plan="unlimited",
             rate_limit_per_min=1_000_000,

@@ -1,0 +1,37 @@
+"""The benchmarks still run: each bench script on a tiny workload, start to finish. Nothing here is
+timed — the figures are the benchmarks' own business (``./dev bench NAME``); this only keeps the
+scripts from rotting when the code they drive moves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expect"),
+    [
+        ("backfill.py", ["--symbols", "2", "--days", "3"], "ratio (b)/(a)"),
+        ("failover.py", ["--symbols", "2", "--days", "3"], "primary hangs mid-run"),
+        ("quality.py", ["--years", "1", "--symbols", "3", "--repeat", "1"], "1 symbol x 1y 1Min"),
+    ],
+)
+def test_bench_script_runs_to_the_end(script: str, args: list[str], expect: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT / "bench",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert expect in done.stdout, done.stdout[-2000:]
+    assert "Traceback" not in done.stderr
