@@ -112,7 +112,6 @@ class BarStore(Protocol):
         Returns the rows newly stored per page (same order) and sets ``page.stored`` to it; the
         ingest-log row records that number as ``rows_stored``. Counts ``ROWS_STORED`` per page.
         """
-        ...
 
     def read_bars(
         self,
@@ -139,7 +138,6 @@ class BarStore(Protocol):
         Paging: ``after`` = (symbol, ts) keeps only rows past that position in the order above;
         ``limit`` caps the rows returned. Nothing held: an empty frame.
         """
-        ...
 
     def coverage(
         self,
@@ -155,12 +153,10 @@ class BarStore(Protocol):
         ``[start, end)`` (``entry.start < end and entry.end > start``), ordered by symbol, start;
         optionally only those of one provider / feed. An entry says its range was fetched and
         holds ``rows`` bars (0: the vendor confirmed it empty). No entry: the range was never fetched."""
-        ...
 
     def covered_until(self, symbols: list[str], timeframe: str) -> dict[str, datetime]:
         """Per symbol, the ``end`` of its newest ledger entry (any provider). Symbols never fetched
         are absent from the answer."""
-        ...
 
 
 @runtime_checkable
@@ -174,12 +170,10 @@ class QualityStore(BarStore, Protocol):
     def quarantined_at(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
         """``symbol``, ``ts`` of every quarantined row in ``[start, end)`` (one per row, not
         de-duplicated; rows whose time could not be read have a null ts and are not included)."""
-        ...
 
     def findings(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
         """Stored findings (the ``anomalies`` table's columns) in ``[start, end)``, ordered by
         symbol, ts, kind."""
-        ...
 
     def replace_findings(
         self,
@@ -193,30 +187,24 @@ class QualityStore(BarStore, Protocol):
         """In one transaction: delete the findings of ``symbols``/``timeframe`` in ``[start, end)``
         and store ``findings`` (``FINDINGS_SCHEMA``) stamped ``detected_at``. An empty ``findings``
         clears the range. Idempotent."""
-        ...
 
     def scores(self, symbol: str, timeframe: str) -> pl.DataFrame:
         """Every stored day score of the symbol (the ``quality_scores`` table's columns), by day."""
-        ...
 
     def replace_scores(self, timeframe: str, days: pl.DataFrame) -> None:
         """Store per-day scores (``quality_scores`` columns: a ``symbol`` column, many symbols at
         once) replacing, in one transaction, earlier scores of the same (symbol, day) in
         ``timeframe``. An empty frame writes nothing. Idempotent."""
-        ...
 
     def write_reconciliation(self, run_id: str, created_at: datetime, rows: pl.DataFrame) -> int:
         """Append one reconciliation run's per-bar results (``RECONCILE_SCHEMA``) under ``run_id``
         and ``created_at``; earlier runs are kept. Returns the rows written."""
-        ...
 
     def reconciliation(self, symbol: str, timeframe: str | None = None, run_id: str | None = None) -> pl.DataFrame:
         """Stored reconciliation rows of one symbol (all runs unless ``run_id``), ordered by ts."""
-        ...
 
     def reconciliation_many(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
         """Stored reconciliation rows (every run) of ``symbols`` in ``[start, end)``, in no set order."""
-        ...
 
 
 @runtime_checkable
@@ -229,42 +217,33 @@ class OpsStore(Protocol):
     def log_job_runs(self, rows: list[dict[str, object]]) -> None:
         """Append one row per symbol of a scheduled run: dicts with every ``job_runs`` column but
         ``id`` (which the store numbers in insertion order). No rows: nothing written."""
-        ...
 
     def job_runs(self, job: str | None = None, limit: int = 100) -> pl.DataFrame:
         """The newest ``limit`` run rows (of one job, or all), newest first."""
-        ...
 
     def save_prev_closes(self, rows: list[tuple[str, date, float, str]]) -> None:
         """Keep (symbol, session, close, source), the close of the session before the current one;
         one row per symbol, a later save replaces it (stamped ``updated_at``)."""
-        ...
 
     def prev_closes(self, symbols: list[str]) -> dict[str, tuple[date, float, str]]:
         """Symbol -> (session, close, source) for those of ``symbols`` held; others are absent."""
-        ...
 
     def counts(self) -> dict[str, int]:
         """Row counts of the ``bars``, ``quarantine``, ``coverage`` and ``ingest_log`` tables. Also
         the health check's probe: raises ``StoreError`` when the store cannot be read."""
-        ...
 
     def summary(self) -> pl.DataFrame:
         """Per symbol, timeframe, source, feed: ``bars`` (count), ``first`` and ``last`` ts, in that order."""
-        ...
 
     def quarantine(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
         """Quarantined rows (``QUARANTINE_SCHEMA``: values as received, reasons, request id), of one
         symbol or all, ordered by ts, at most ``limit``."""
-        ...
 
     def ingest_log(self, limit: int = 100) -> pl.DataFrame:
         """The newest ``limit`` ingest-log rows (one per vendor page written), newest first."""
-        ...
 
     def revisions(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
         """Vendor revisions a refresh found (old and new values), of one symbol or all, by ts."""
-        ...
 
 
 @runtime_checkable
@@ -273,7 +252,6 @@ class Store(QualityStore, OpsStore, Protocol):
 
     def close(self) -> None:
         """Release the store (flush, close the connection); the object is not used afterwards."""
-        ...
 
     def __enter__(self) -> Self: ...
 
