@@ -64,7 +64,7 @@ def gateway_env(upstream_key: str, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimServer]:
-    keys = {**DEFAULT_KEYS, **{f"GW{n}": (f"GW{n}SECRET", "unlimited") for n in range(4)}}
+    keys = {**DEFAULT_KEYS, **{f"GW{n}": (f"GW{n}SECRET", "unlimited") for n in range(5)}}
     with SimServer(vendor="alpaca", keys=keys, stream_config=SIM_CONFIG) as s:
         yield s
 
@@ -376,6 +376,27 @@ async def test_without_gateway_keys_any_pair_is_accepted(sim: SimServer, tmp_pat
     with serving(create_app(off, env=gateway_env("GW2"))) as url, pytest.raises(InvalidStatus):
         async with connect("ws" + url[4:] + "/v2/iex"):  # no live hub: the upgrade is refused
             pass
+
+
+async def test_apca_api_data_url_alone_points_the_gateway_stream_at_the_simulator(
+    sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: with only ``$APCA_API_DATA_URL`` naming the simulator (no base_url in the file), the loaded
+    config carries it, so the hub's upstream dials the simulator's stream and alpaca-py gets messages
+    through the gateway (before, the hub dialled Alpaca's real stream host and got nothing)."""
+    from marketpipe.core.config import load_config
+
+    cfg_file = tmp_path / "env-only.toml"
+    cfg_file.write_text(
+        f'[store]\npath = "{tmp_path / "env.duckdb"}"\n[providers.alpaca]\nplan = "unlimited"\n'
+        "rate_limit_per_min = 100000\n[providers.polygon]\nenabled = false\n"
+    )
+    monkeypatch.setenv("APCA_API_DATA_URL", sim.url)
+    cfg = load_config(cfg_file)
+    assert cfg.provider("alpaca").base_url == sim.url
+    with serving(create_app(cfg, env=gateway_env("GW4"))) as url:
+        got = await alpaca_py_receive("ws" + url[4:] + "/v2/iex", "anyone", "anysecret", wait_s=10)
+    assert all(len(got[kind]) >= 3 for kind in ("trades", "quotes", "bars"))
 
 
 # --- slow clients ---------------------------------------------------------------------------------------

@@ -187,6 +187,17 @@ def test_config_show_masks_secrets(cfg: Path) -> None:
     assert "unlimited" in r.stdout
 
 
+def test_config_show_shows_the_data_url_of_the_environment(tmp_path: Path) -> None:
+    """Issue 13: ``APCA_API_DATA_URL`` alone is the effective Alpaca base_url (it printed ``null``)."""
+    import json
+
+    p = tmp_path / "plain.toml"
+    p.write_text('[providers.alpaca]\nplan = "unlimited"\n')
+    r = run("config", "show", "--config", str(p), env={"APCA_API_DATA_URL": "http://127.0.0.1:8765"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["providers"]["alpaca"]["base_url"] == "http://127.0.0.1:8765"
+
+
 def test_config_show_prints_each_vendor_with_its_own_keys(cfg: Path) -> None:
     import json
 
@@ -322,3 +333,115 @@ def test_reconcile_command(three, tmp_path: Path) -> None:  # type: ignore[no-un
     with DuckDBStore(store) as st:
         rec = st.reconciliation("AAPL", "1Day")
     assert rec.height == 10 and set(rec["status"]) == {"match"}
+
+
+# --- offline, everything (issue 13): `marketpipe sim` and what it prints ---------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sim_exports(lines: list[str]) -> dict[str, str]:
+    """The variables of the ``export`` lines, parsed as a shell would."""
+    import shlex
+
+    env: dict[str, str] = {}
+    for line in lines:
+        if line.startswith("export "):
+            for word in shlex.split(line)[1:]:
+                name, _, value = word.partition("=")
+                env[name] = value
+    return env
+
+
+async def _stream_trades(url: str, symbol: str, n: int, wait_s: float = 20.0) -> list[dict[str, object]]:
+    """The first ``n`` trades of ``symbol`` on an Alpaca-protocol stream (JSON), any key pair."""
+    import asyncio
+
+    import orjson
+    from websockets.asyncio.client import connect
+
+    trades: list[dict[str, object]] = []
+    async with asyncio.timeout(wait_s), connect(url) as ws:
+        assert orjson.loads(await ws.recv()) == [{"T": "success", "msg": "connected"}]
+        await ws.send(orjson.dumps({"action": "auth", "key": "anyone", "secret": "anysecret"}).decode())
+        assert orjson.loads(await ws.recv()) == [{"T": "success", "msg": "authenticated"}]
+        await ws.send(orjson.dumps({"action": "subscribe", "trades": [symbol]}).decode())
+        while len(trades) < n:
+            trades += [m for m in orjson.loads(await ws.recv()) if m["T"] == "t"]
+    return trades[:n]
+
+
+def test_sim_serves_every_vendor_and_what_it_prints_runs_reconcile_and_serve(tmp_path: Path) -> None:
+    """`marketpipe sim` plays Alpaca, Polygon and Yahoo; the exports it prints (with the config file it names)
+    are all `reconcile` needs to get rows from every provider, and `serve` with them streams from the sim."""
+    import asyncio
+    import time
+
+    import httpx
+
+    written = tmp_path / "sim" / "sim.toml"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ALPACA_", "APCA_", "POLYGON_", "MARKETPIPE_"))}
+    sim_proc = subprocess.Popen(
+        [sys.executable, "-m", "marketpipe.cli.main", "sim", "--port", "0", "--write-config", str(written)],
+        env=base,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    serve_proc: subprocess.Popen[str] | None = None
+    try:
+        assert sim_proc.stdout is not None
+        lines: list[str] = []
+        while not any(line.startswith("export MARKETPIPE_CONFIG=") for line in lines):
+            line = sim_proc.stdout.readline()
+            assert line, f"sim ended before printing its exports: {sim_proc.stderr.read() if sim_proc.stderr else ''}"
+            lines.append(line.rstrip("\n"))
+        env = _sim_exports(lines)
+        assert set(env) == {
+            "ALPACA_API_KEY",
+            "ALPACA_SECRET_KEY",
+            "APCA_API_DATA_URL",
+            "POLYGON_API_KEY",
+            "MARKETPIPE_CONFIG",
+        }
+        assert Path(env["MARKETPIPE_CONFIG"]) == written.resolve() and written.is_file()
+        r = run("reconcile", "AAPL", "--start", "2024-03-04", "--end", "2024-03-08", "--timeframe", "1Day", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "sim:polygon" in r.stdout and "sim:yahoo" in r.stdout and "skipped" not in r.stderr
+        from marketpipe.store.duckdb import DuckDBStore
+
+        with DuckDBStore(written.parent / "sim-seed0.duckdb") as st:  # the sim's own store, named in the config
+            rec = st.reconciliation("AAPL", "1Day")
+        assert set(rec["other"]) == {"sim:polygon", "sim:yahoo"}  # a row from each provider
+        assert rec.height == 10 and set(rec["status"]) == {"match"}
+
+        port = _free_port()
+        serve_proc = subprocess.Popen(
+            [sys.executable, "-m", "marketpipe.cli.main", "serve", "--port", str(port)],
+            env={**base, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert serve_proc.poll() is None, serve_proc.stderr.read() if serve_proc.stderr else ""
+                assert time.monotonic() < deadline, "serve never answered"
+                time.sleep(0.2)
+        trades = asyncio.run(_stream_trades(f"ws://127.0.0.1:{port}/v2/iex", "AAPL", 3))
+        assert len(trades) == 3 and {t["S"] for t in trades} == {"AAPL"}
+    finally:
+        for proc in (serve_proc, sim_proc):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)

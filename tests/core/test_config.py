@@ -192,3 +192,29 @@ def test_the_registry_is_filled_whatever_is_imported_first() -> None:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.startswith("marketpipe.providers") for n in names), module
+
+
+def test_apca_api_data_url_is_the_alpaca_base_url_unless_the_file_sets_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: the environment's data URL is part of the loaded config (the adapter, the live hub's stream
+    host and ``config show`` all read it there); a base_url in the file wins, as the adapter always had it."""
+    from marketpipe.providers.alpaca_config import AlpacaConfig
+    from marketpipe.service.live.hub import stream_url
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MARKETPIPE_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setenv("APCA_API_DATA_URL", "http://127.0.0.1:8765")
+    no_file = load_config()
+    assert no_file.provider("alpaca", AlpacaConfig).base_url == "http://127.0.0.1:8765"
+    assert stream_url(no_file) == "ws://127.0.0.1:8765"
+    p = tmp_path / "m.toml"
+    p.write_text('[providers.alpaca]\nplan = "unlimited"\n')
+    from_env = load_config(p)
+    assert from_env.provider("alpaca", AlpacaConfig).base_url == "http://127.0.0.1:8765"
+    assert from_env.provider("alpaca", AlpacaConfig).plan == "unlimited"  # the file's keys are kept
+    p.write_text('[providers.alpaca]\nbase_url = "http://10.0.0.9:9000"\n')
+    assert load_config(p).provider("alpaca").base_url == "http://10.0.0.9:9000"
+    monkeypatch.setenv("APCA_API_DATA_URL", "")  # set but empty: as if unset
+    assert load_config().provider("alpaca").base_url is None

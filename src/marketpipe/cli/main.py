@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
 import signal
 import sys
 import tempfile
@@ -407,22 +408,109 @@ def reconcile(
 # --- simulator and demo ------------------------------------------------------------------------
 
 
+SIM_ENV_KEYS = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET", "POLYGON_API_KEY": "POLYKEY"}
+
+
+def sim_setup(urls: dict[str, str], store: Path) -> tuple[str, list[str]]:
+    """What points marketpipe at a running ``marketpipe sim``: the TOML of its providers (every vendor the
+    simulator plays, the plans its keys have, its own store so simulated prices never mix with real ones)
+    and the ``export`` lines (the keys, ``APCA_API_DATA_URL`` for Alpaca's tools, ``MARKETPIPE_CONFIG``
+    added by the caller once the file is written)."""
+    toml = ["# marketpipe against the simulator (written by `marketpipe sim`)", "[store]", f"path = {_toml_str(store)}"]
+    if "alpaca" in urls:  # REST and the live stream (same port; the stream host follows base_url)
+        toml += ["", "[providers.alpaca]", f"base_url = {_toml_str(urls['alpaca'])}", 'plan = "unlimited"']
+        toml += ["rate_limit_per_min = 10000"]
+    if "polygon" in urls:
+        toml += ["", "[providers.polygon]", f"base_url = {_toml_str(urls['polygon'])}", 'plan = "unlimited"']
+        toml += ["rate_limit_per_min = 10000"]
+    if "yahoo" in urls:
+        toml += ["", "[providers.yahoo]", "enabled = true", f"base_url = {_toml_str(urls['yahoo'])}"]
+        toml += ["rate_limit_per_min = 10000"]
+    exports = []
+    if "alpaca" in urls:
+        exports += [
+            f"export ALPACA_API_KEY={SIM_ENV_KEYS['ALPACA_API_KEY']} "
+            f"ALPACA_SECRET_KEY={SIM_ENV_KEYS['ALPACA_SECRET_KEY']}",
+            f"export APCA_API_DATA_URL={shlex.quote(urls['alpaca'])}",
+        ]
+    if "polygon" in urls:
+        exports.append(f"export POLYGON_API_KEY={SIM_ENV_KEYS['POLYGON_API_KEY']}")
+    return "\n".join(toml) + "\n", exports
+
+
+def _toml_str(value: object) -> str:
+    """A TOML basic string (JSON's escaping is valid TOML)."""
+    import json
+
+    return json.dumps(str(value))
+
+
 @app.command()
 @handle_errors
 def sim(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="0: any free port")] = 8765,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Alpaca's port (REST and stream); 0: any free port")
+    ] = 8765,
+    polygon_port: Annotated[
+        int | None, typer.Option("--polygon-port", min=0, max=65535, help="default: --port + 1 (0: any free port)")
+    ] = None,
+    yahoo_port: Annotated[
+        int | None, typer.Option("--yahoo-port", min=0, max=65535, help="default: --port + 2 (0: any free port)")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    write_config: Annotated[
+        Path | None,
+        typer.Option("--write-config", help="where the config to use it is written (default: a temp dir)"),
+    ] = None,
 ) -> None:
-    """Run the vendor simulator (Alpaca wire format) until interrupted. Keys: SIMKEY / SIMSECRET."""
-    from marketpipe.sim.server import SimServer, serve_forever
+    """Run the vendor simulator until interrupted: Alpaca (REST and stream), Polygon and Yahoo faces over one
+    market, one port each. Prints the exports to paste and writes a config file that points REST, streams,
+    reconcile and the gateway at it. Keys: SIMKEY / SIMSECRET (Alpaca), POLYKEY (Polygon)."""
+    from marketpipe.core.errors import InvalidArgument, OutputError
+    from marketpipe.sim.server import SimServer, serve_vendors_forever
 
-    def announce(server: SimServer) -> None:  # once listening: a port in use never gets announced
+    ports = {
+        "alpaca": port,
+        "polygon": polygon_port if polygon_port is not None else (port + 1 if port else 0),
+        "yahoo": yahoo_port if yahoo_port is not None else (port + 2 if port else 0),
+    }
+    for vendor, p in ports.items():
+        if p > 65535:
+            raise InvalidArgument(
+                f"--{vendor}-port: --port {port} + {p - port} is past 65535; give --{vendor}-port",
+                details={"parameter": f"{vendor}-port"},
+            )
+
+    def announce(servers: dict[str, SimServer]) -> None:  # once listening: a port in use never gets announced
+        urls = {vendor: server.url for vendor, server in servers.items()}
+        where = write_config or Path(tempfile.gettempdir()) / f"marketpipe-sim-{servers['alpaca'].port}" / "sim.toml"
+        toml, exports = sim_setup(urls, where.parent / f"sim-seed{seed}.duckdb")
+        try:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            part = where.with_name(where.name + ".part")
+            part.write_text(toml, encoding="utf-8")
+            part.replace(where)  # whole or not at all
+        except OSError as exc:
+            raise OutputError(f"cannot write {where}: {exc.strerror or exc}", details={"path": str(where)}) from None
+        exports.append(f"export MARKETPIPE_CONFIG={shlex.quote(str(where.resolve()))}")
+        a = servers["alpaca"]
         err.print(
-            f"simulator on {server.url}  (keys SIMKEY/SIMSECRET, free plan FREEKEY/FREESECRET; faults at /_sim/faults)"
+            f"simulator on {a.url}  (Alpaca REST and stream {a.ws_url('iex')}; polygon {urls['polygon']}, "
+            f"yahoo {urls['yahoo']}; keys SIMKEY/SIMSECRET, free plan FREEKEY/FREESECRET, POLYKEY; "
+            "faults at /_sim/faults on each port)",
+            soft_wrap=True,
         )
+        lines = [
+            f"# config written to {where} (REST, streams, reconcile and `marketpipe serve` use it):",
+            toml.rstrip("\n"),
+            "",
+            "# paste into the shell that runs marketpipe:",
+            *exports,
+        ]
+        print("\n".join(lines), flush=True)  # plain print: no wrapping, so every line pastes as printed
 
-    serve_forever(host, port, seed=seed, on_ready=announce)
+    serve_vendors_forever(host, ports, seed=seed, on_ready=announce)
 
 
 @app.command()

@@ -2,6 +2,10 @@
 
 File lookup order: the explicit path, ``$MARKETPIPE_CONFIG``, ``./marketpipe.toml``, the user config
 dir (``~/.config/marketpipe/config.toml``). Every key is optional; see README "Configuration".
+
+The environment then fills what the file leaves unset (:data:`ENV_OVERRIDES`): ``$APCA_API_DATA_URL`` becomes
+``providers.alpaca.base_url`` when the file gives none, so ``config show``, the adapter and the live hub (whose
+stream host follows that URL) all see one URL. A value in the file wins over the variable.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, overload
 
@@ -398,8 +402,30 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
                 raw: dict[str, Any] = tomllib.loads(p.read_text())
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{p}: not valid TOML: {exc}", details={"path": str(p)}) from exc
-            return config_from_dict(raw, source=str(p))
-    return Config()
+            return apply_env(config_from_dict(raw, source=str(p)))
+    return apply_env(Config())
+
+
+# (environment variable, provider, field): the variable is the field's value when the file leaves it unset.
+# APCA_API_DATA_URL is the name Alpaca's own SDKs and tools read for the data API's address; alpaca-py itself
+# reads no variables (its clients take ``url_override``), and the stream host follows the data URL (see
+# ``marketpipe.wire.alpaca_stream.stream_base_url``), so no separate stream variable is needed.
+ENV_OVERRIDES: tuple[tuple[str, str, str], ...] = (("APCA_API_DATA_URL", "alpaca", "base_url"),)
+
+
+def apply_env(cfg: Config, env: Mapping[str, str] | None = None) -> Config:
+    """Fill the fields of :data:`ENV_OVERRIDES` the config leaves unset from the environment (file > env).
+    Returns ``cfg`` (changed in place)."""
+    src = os.environ if env is None else env
+    for var, name, field in ENV_OVERRIDES:
+        value = (src.get(var) or "").strip()
+        if not value:
+            continue
+        prov = cfg.provider(name)
+        if getattr(prov, field) is None:
+            setattr(prov, field, value)
+            cfg.providers[name] = prov
+    return cfg
 
 
 def config_from_dict(raw: dict[str, Any], *, source: str | None = None) -> Config:

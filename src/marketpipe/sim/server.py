@@ -236,3 +236,44 @@ def serve_forever(
         asyncio.run(main())
     except KeyboardInterrupt:
         return
+
+
+def serve_vendors_forever(
+    host: str = "127.0.0.1",
+    ports: dict[str, int] | None = None,
+    *,
+    seed: int = 0,
+    on_ready: Callable[[dict[str, SimServer]], None] | None = None,
+) -> None:
+    """Serve several vendor faces in the foreground until interrupted, one port each, all over one
+    ``SimMarket`` (so every vendor plays the same series and ``reconcile`` finds them in agreement).
+    ``ports`` maps vendor -> port (0: any free port), default every vendor on any free port. Each face has
+    its own faults (``/_sim/faults`` on its port). ``on_ready`` gets the listening servers by vendor once
+    every port is bound; a port that cannot be bound stops the ones already started and raises the typed
+    error of :func:`marketpipe.core.net.listen_error`."""
+    wanted = dict(ports) if ports is not None else dict.fromkeys(VENDORS, 0)
+    unknown = [v for v in wanted if v not in VENDORS]
+    if unknown:
+        raise InvalidArgument(
+            f"unknown simulator vendor {unknown[0]!r}; one of {', '.join(VENDORS)}", details={"parameter": "vendor"}
+        )
+
+    async def main() -> None:
+        market = SimMarket(seed=seed)
+        servers: dict[str, SimServer] = {}
+        try:
+            for vendor, port in wanted.items():
+                server = SimServer(market, host=host, port=port, vendor=vendor)
+                await server.start_async()
+                servers[vendor] = server
+            if on_ready is not None:
+                on_ready(servers)
+            await asyncio.Event().wait()
+        finally:
+            for server in servers.values():
+                await server.stop_async()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        return
