@@ -206,6 +206,31 @@ def test_bad_interval_and_parameters_are_400(yc: httpx.Client) -> None:
     assert error(chart(yc, "AAPL", 400, period1=WINTER_DAY[1], period2=WINTER_DAY[0]))["code"] == "Bad Request"
 
 
+def test_intraday_meta_has_trading_periods_in_yahoo_shape(yc: httpx.Client) -> None:
+    """Issue 13: yfinance's intraday history reads ``meta.tradingPeriods`` (KeyError without it): one array
+    per session day, each with that day's ``{timezone, start, end, gmtoffset}``; ``{pre, regular, post}``
+    with includePrePost. yfinance cannot be pointed at a local URL (its chart URL and crumb hosts are fixed),
+    so the shape is checked exactly here."""
+    week = (ts(2024, 3, 4, 5), ts(2024, 3, 9, 5))  # Monday 2024-03-04 .. Friday 03-08, NY midnights (EST)
+    meta = result(chart(yc, interval="1m", period1=week[0], period2=week[1]))["meta"]
+    days = [(4 + k, ts(2024, 3, 4 + k, 14, 30), ts(2024, 3, 4 + k, 21)) for k in range(5)]
+    regular = [[{"timezone": "EST", "start": o, "end": c, "gmtoffset": -18000}] for _, o, c in days]
+    assert meta["tradingPeriods"] == regular
+    both = result(chart(yc, interval="5m", period1=week[0], period2=week[1], includePrePost="true"))["meta"]
+    assert both["tradingPeriods"] == {
+        "pre": [[{"timezone": "EST", "start": o - 19800, "end": o, "gmtoffset": -18000}] for _, o, _ in days],
+        "regular": regular,
+        "post": [[{"timezone": "EST", "start": c, "end": c + 14400, "gmtoffset": -18000}] for _, _, c in days],
+    }
+    after_dst = result(chart(yc, interval="1m", period1=MARCH_DAY[0] + 7 * 86400, period2=MARCH_DAY[1] + 7 * 86400))
+    assert after_dst["meta"]["tradingPeriods"] == [
+        [{"timezone": "EDT", "start": ts(2024, 3, 12, 13, 30), "end": ts(2024, 3, 12, 20), "gmtoffset": -14400}]
+    ]
+    weekend = result(chart(yc, interval="1m", period1=ts(2024, 3, 9, 5), period2=ts(2024, 3, 11, 4)))
+    assert weekend["meta"]["tradingPeriods"] == []
+    assert "tradingPeriods" not in result(chart(yc, interval="1d", period1=week[0], period2=week[1]))["meta"]
+
+
 def test_intraday_lookback_limits_are_422(yc: httpx.Client) -> None:
     now = int(NOW.timestamp())
     p1, p2 = now - 8 * 86400, now

@@ -237,6 +237,8 @@ class YahooFace(Face):
             else:
                 rows = self._corrupt(rows, msym, fault)
         meta = self._meta(ysym, msym, iv, p1, range_text, now_ns)
+        if not iv.daily:  # Yahoo sends the sessions' hours with intraday answers; yfinance reads them
+            meta["tradingPeriods"] = self._trading_periods(p1, p2, now_ns, q.get("includePrePost") == "true")
         result: dict[str, Any] = {"meta": meta}
         if rows is not None and len(rows):
             result["timestamp"] = rows.t.tolist()
@@ -540,6 +542,32 @@ class YahooFace(Face):
             validRanges=list(VALID_RANGES),
         )
         return meta
+
+    def _trading_periods(self, p1: int, p2: int, now_ns: int, prepost: bool) -> Any:
+        """``meta.tradingPeriods`` of an intraday chart: one array per session day the window touches (up to
+        today), each holding that day's regular hours ``{timezone, start, end, gmtoffset}``; with
+        ``includePrePost=true`` the object ``{pre, regular, post}`` of such arrays (04:00 to the open, the
+        close to 4 h after it). The vendor's own shape (reference section 5.2), as yfinance parses it."""
+        m = self.market
+        lo = int(np.searchsorted(m.midnights, (max(p1, 0) - DAY_S) * NS_PER_SEC, side="right"))
+        hi = int(np.searchsorted(m.midnights, min(p2 * NS_PER_SEC, now_ns), side="left"))
+        pre: list[list[dict[str, Any]]] = []
+        regular: list[list[dict[str, Any]]] = []
+        post: list[list[dict[str, Any]]] = []
+        for di in range(lo, hi):
+            open_s, close_s = int(m.opens[di] // NS_PER_SEC), int(m.closes[di] // NS_PER_SEC)
+            if close_s <= p1 - 4 * 3600 or open_s - 5 * 3600 - 1800 >= p2:
+                continue  # the window holds nothing of this day, not even its extended hours
+            local = datetime.fromtimestamp(open_s, NY)
+            tz, offset = local.tzname() or "EST", int((local.utcoffset() or timedelta(0)).total_seconds())
+
+            def period(start: int, end: int, tz: str = tz, offset: int = offset) -> list[dict[str, Any]]:
+                return [{"timezone": tz, "start": start, "end": end, "gmtoffset": offset}]
+
+            pre.append(period(open_s - 5 * 3600 - 1800, open_s))
+            regular.append(period(open_s, close_s))
+            post.append(period(close_s, close_s + 4 * 3600))
+        return {"pre": pre, "regular": regular, "post": post} if prepost else regular
 
     def _session_bar(self, msym: str, di: int, now_ns: int) -> tuple[float, float, float, float, int] | None:
         """(o, h, l, c, v) of session ``di`` as this face serves it (partial while it runs)."""
