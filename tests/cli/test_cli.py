@@ -282,6 +282,34 @@ def test_demo_runs_offline(tmp_path: Path) -> None:
     assert "latest quotes" in r.stdout
 
 
+def test_demo_hints_print_commands_that_run_as_printed(tmp_path: Path) -> None:
+    """Issue 13: the hints named a bare ``marketpipe`` that is not on PATH after ``./dev demo``. Run through
+    ./dev they say ``./dev marketpipe``; run by the venv's script off PATH, its absolute path — and the printed
+    command runs."""
+    import shlex
+
+    store = tmp_path / "demo.duckdb"
+    r = run("demo", "--days", "1", "--store", str(store), env={"MARKETPIPE_CLI": "./dev marketpipe"}, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "read them again: ./dev marketpipe bars AAPL --start " in r.stdout
+    script = Path(sys.executable).parent / "marketpipe"
+    no_path = {"PATH": "/usr/bin:/bin", "MARKETPIPE_CLI": ""}
+    r = subprocess.run(
+        [str(script), "demo", "--days", "1", "--store", str(store)],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith(("ALPACA_", "APCA_"))}, **no_path},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    hint = next(line for line in r.stdout.splitlines() if line.startswith("read them again: "))
+    argv = shlex.split(hint.removeprefix("read them again: "))
+    assert argv[0] == str(script.resolve())
+    again = subprocess.run(argv, env={**os.environ, **no_path}, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "AAPL" in again.stdout
+
+
 @pytest.fixture(scope="module")
 def three(sim):  # type: ignore[no-untyped-def]
     from marketpipe.sim.server import SimServer

@@ -121,6 +121,27 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+CLI_VAR = "MARKETPIPE_CLI"  # set by ./dev: how the user ran this command line ("./dev marketpipe")
+
+
+def cli_command() -> str:
+    """The command to print in a hint so that it works as printed: ``$MARKETPIPE_CLI`` (``./dev`` sets it),
+    else ``marketpipe`` when that is on PATH and is this program, else the absolute path of the script."""
+    import os
+    import shutil
+    import sys
+
+    via = os.environ.get(CLI_VAR, "").strip()
+    if via:
+        return via
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    script = argv0 if argv0 is not None and argv0.name == "marketpipe" else Path(sys.executable).parent / "marketpipe"
+    on_path = shutil.which("marketpipe")
+    if on_path is not None and (not script.is_file() or Path(on_path).resolve() == script.resolve()):
+        return "marketpipe"
+    return str(script.resolve()) if script.is_file() else "marketpipe"
+
+
 def load_config(path: Path | None, store: Path | None = None) -> Config:
     """The config from ``path`` (or the usual search), with ``--store`` overriding its store path."""
     from marketpipe.core.config import load_config as load

@@ -26,6 +26,7 @@ from marketpipe.cli.common import (
     LimitOpt,
     StoreOpt,
     app,
+    cli_command,
     config_app,
     emit,
     err,
@@ -569,9 +570,10 @@ def demo(
     from marketpipe.cli.quality import quality_table
 
     out.print(quality_table(checked, "Data quality of what was stored (exchange calendar, anomaly rules, score)"))
-    out.print(f"\nread them again: marketpipe bars {syms[0]} --start {done[-1].day} --store {store_path} --no-fetch")
+    mp = cli_command()
+    out.print(f"\nread them again: {mp} bars {syms[0]} --start {done[-1].day} --store {store_path} --no-fetch")
     out.print(
-        f"quality report:  marketpipe quality {' '.join(syms)} --start {done[0].day} --end {done[-1].day} "
+        f"quality report:  {mp} quality {' '.join(syms)} --start {done[0].day} --end {done[-1].day} "
         f"--store {store_path} --html report.html"
     )
 
