@@ -290,6 +290,7 @@ def _trade_record(sym: str, w: _WTrade, source: str, fetched: datetime) -> Trade
     return Trade(
         symbol=sym,
         ts=ns_to_dt(w.t),
+        ts_ns=w.t,
         price=w.p,
         size=int(w.s),
         exchange=POLYGON_EXCHANGES.get(w.x, str(w.x)) if w.x is not None else None,
@@ -307,6 +308,7 @@ def _quote_record(sym: str, w: _WQuote, source: str, fetched: datetime) -> Quote
     return Quote(
         symbol=sym,
         ts=ns_to_dt(w.t),
+        ts_ns=w.t,
         bid_price=w.p or 0.0,
         bid_size=int(w.s or 0) * lot,
         ask_price=w.P or 0.0,
