@@ -320,3 +320,22 @@ def test_gateway_client_keys(vendor: SimServer, tmp_path: Path) -> None:
         assert info.value.status_code == 403 and info.value.message == "forbidden."
         r = httpx.get(url + "/v2/stocks/AAPL/trades/latest", timeout=10)
         assert r.status_code == 401 and r.json() == {"message": "unauthorized."}
+
+
+def test_latest_and_snapshot_timestamps_keep_the_vendors_nanoseconds(
+    gw_http: httpx.Client, sim_http: httpx.Client
+) -> None:
+    """The vendor's ``t`` carries nanoseconds; a datetime holds microseconds. The gateway's answer
+    repeats the vendor's text exactly (issue 13: they were cut to microseconds)."""
+    nanos = 0
+    for path, pick in (
+        ("/v2/stocks/AAPL/trades/latest", lambda d: d["trade"]["t"]),
+        ("/v2/stocks/AAPL/quotes/latest", lambda d: d["quote"]["t"]),
+        ("/v2/stocks/MSFT/snapshot", lambda d: (d["latestTrade"]["t"], d["latestQuote"]["t"])),
+    ):
+        before, got, after = _stable(lambda p=path: sim_http.get(p).json(), lambda p=path: gw_http.get(p).json())
+        if before == after:
+            assert pick(got) == pick(before), path
+            texts = pick(before) if isinstance(pick(before), tuple) else (pick(before),)
+            nanos += sum(len(t.rstrip("Z").partition(".")[2]) > 6 for t in texts)
+    assert nanos  # the vendor's stamps did carry more than microseconds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -12,8 +13,10 @@ import pytest
 
 from marketpipe.api.app import create_app
 from marketpipe.core.metrics import REGISTRY
+from marketpipe.core.timeutil import ns_to_dt
 from marketpipe.sim.faults import FaultRule
 from marketpipe.sim.server import SimServer
+from marketpipe.wire.alpaca_rest import one_ts_ns
 from tests.api.conftest import ENV, gateway_config
 
 DAY = {"start": "2024-03-05", "end": "2024-03-05"}
@@ -225,3 +228,16 @@ async def test_client_keys_and_per_key_rate_limits(vendor: SimServer, tmp_path: 
         assert (await c.get("/health")).status_code == 200  # health needs no key
     await app.state.mp.cache.aclose()
     await app.state.mp.data.aclose()
+
+
+async def test_latest_views_carry_the_vendors_nanoseconds(client: httpx.AsyncClient, vendor: SimServer) -> None:
+    """``timestamp`` stays as it was; ``timestamp_ns`` is the vendor's instant to the nanosecond."""
+    auth = {"APCA-API-KEY-ID": ENV["ALPACA_API_KEY"], "APCA-API-SECRET-KEY": ENV["ALPACA_SECRET_KEY"]}
+    async with httpx.AsyncClient(base_url=vendor.url, headers=auth) as sim:
+        for kind in ("trades", "quotes"):
+            before = (await sim.get(f"/v2/stocks/AAPL/{kind}/latest")).json()[kind[:-1]]
+            view = (await client.get(f"/v1/{kind}/AAPL/latest")).json()
+            after = (await sim.get(f"/v2/stocks/AAPL/{kind}/latest")).json()[kind[:-1]]
+            assert datetime.fromisoformat(view["timestamp"]) == ns_to_dt(view["timestamp_ns"])
+            if before == after:  # the market did not move meanwhile
+                assert view["timestamp_ns"] == one_ts_ns(before["t"]), kind

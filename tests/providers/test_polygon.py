@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
 
 import httpx
+import msgspec
 import polars as pl
 import pytest
 from structlog.testing import capture_logs
@@ -32,7 +33,7 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import NY, parse_time
 from marketpipe.providers.alpaca import AlpacaProvider
 from marketpipe.providers.alpaca_config import AlpacaConfig
-from marketpipe.providers.polygon import KEY_VAR, PolygonProvider
+from marketpipe.providers.polygon import KEY_VAR, PolygonProvider, _quote_record, _trade_record, _WQuote, _WTrade
 from marketpipe.providers.polygon_config import PolygonConfig
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import FaultRule
@@ -554,3 +555,80 @@ async def test_next_url_on_another_host_is_rebased() -> None:
         await p.aclose()
     assert len(pages) == 2 and [u.host for u in seen] == ["api.massive.com", "api.massive.com"]
     assert seen[1].params["cursor"] == "YWJj" and "limit" not in seen[1].params
+
+
+# --- vendor payloads read exactly (issue 13) ---------------------------------------------------
+
+BEFORE_SHARES = datetime(2024, 3, 5, 16, 0, tzinfo=UTC)  # a session hour while SIP quote sizes were round lots
+
+
+@pytest.fixture
+def lots_era(polygon_sim: SimServer, alpaca_sim: SimServer) -> Iterator[datetime]:
+    """Both faces' clocks in a session before 2025-11-03, when quote sizes were round lots."""
+    saved = polygon_sim.face.clock, alpaca_sim.face.clock
+    polygon_sim.face.clock = alpaca_sim.face.clock = BEFORE_SHARES.timestamp
+    yield BEFORE_SHARES
+    polygon_sim.face.clock, alpaca_sim.face.clock = saved
+
+
+async def test_round_lot_quote_sizes_become_shares(
+    lots_era: datetime, polygon: PolygonProvider, alpaca: AlpacaProvider, polygon_sim: SimServer
+) -> None:
+    """Before 2025-11-03 the vendor's ``s``/``S`` count round lots of 100: the canonical quote is in
+    shares, the same as the Alpaca face's quote of the same market."""
+    async with httpx.AsyncClient(base_url=polygon_sim.url, headers={"Authorization": "Bearer POLYKEY"}) as raw:
+        wire = (await raw.get("/v2/last/nbbo/AAPL")).json()["results"]
+    pq, aq = (await polygon.latest_quotes(["AAPL"]))["AAPL"], (await alpaca.latest_quotes(["AAPL"]))["AAPL"]
+    assert pq.ts == aq.ts and pq.ts < lots_era
+    assert (pq.bid_size, pq.ask_size) == (wire["s"] * 100, wire["S"] * 100) == (aq.bid_size, aq.ask_size)
+    snap = (await polygon.snapshots(["AAPL"]))["AAPL"].latest_quote
+    ref = (await alpaca.snapshots(["AAPL"]))["AAPL"].latest_quote
+    assert snap and ref and (snap.bid_size, snap.ask_size) == (ref.bid_size, ref.ask_size)
+
+
+def test_quote_sizes_after_the_switch_are_shares() -> None:
+    """Recorded-shape NBBO answers either side of the switch: lots (×100) before, shares after."""
+    before = b'{"results": {"T": "AAPL", "P": 170.14, "S": 2, "p": 170.12, "s": 3, "x": 11, "X": 12, "c": [1],'
+    before += b' "t": 1709758799912233000, "z": 3}, "status": "OK"}'
+    after = before.replace(b"1709758799912233000", b"1764772200123456789")  # 2025-12-03
+    for body, lot in ((before, 100), (after, 1)):
+        w = msgspec.json.decode(body)["results"]
+        q = _quote_record("AAPL", msgspec.convert(w, _WQuote), "polygon", datetime.now(UTC))
+        assert (q.bid_size, q.ask_size) == (3 * lot, 2 * lot)
+        assert q.conditions == ("R",)
+
+
+def test_condition_codes_read_by_the_vendor_tables() -> None:
+    """The reference's recorded last trade (``c: [14, 41]`` on tape 3, UTP) and the same codes on a
+    CTA tape; an id no table names stays marked, is counted every time and logged once."""
+    trade = {"T": "AAPL", "c": [14, 41], "i": "71675577320245", "p": 170.13, "s": 200, "x": 4, "z": 3,
+             "t": 1709758799873522400}  # fmt: skip
+    fetched = datetime.now(UTC)
+    t = _trade_record("AAPL", msgspec.convert(trade, _WTrade), "polygon", fetched)
+    assert t.conditions == ("F", "X")
+    cta = _trade_record("AAPL", msgspec.convert({**trade, "z": 1, "c": [0, 41, 37]}, _WTrade), "polygon", fetched)
+    assert cta.conditions == ("@", "1", "I")
+    before = (
+        REGISTRY.get_sample_value(
+            "marketpipe_provider_unknown_codes_total", {"provider": "polygon", "table": "trade_conditions"}
+        )
+        or 0.0
+    )
+    with capture_logs() as logs:
+        odd = [_trade_record("AAPL", msgspec.convert({**trade, "c": [14, 777]}, _WTrade), "polygon", fetched)
+               for _ in range(3)]  # fmt: skip
+    assert all(o.conditions == ("F", "polygon:777") for o in odd)
+    assert [e["code"] for e in logs if e.get("event") == "unknown vendor code"] == [777]
+    after = REGISTRY.get_sample_value(
+        "marketpipe_provider_unknown_codes_total", {"provider": "polygon", "table": "trade_conditions"}
+    )
+    assert after == before + 3
+    # Quote ids are a table of their own: 41 on a quote is not the trade's "Trade Thru Exempt".
+    quote = {"P": 170.14, "S": 2, "p": 170.12, "s": 3, "t": 1764772200123456789, "c": [1, 41]}
+    q = _quote_record("AAPL", msgspec.convert(quote, _WQuote), "polygon", fetched)
+    assert q.conditions == ("R", "polygon:41")
+
+
+async def test_quote_conditions_match_the_alpaca_face(polygon: PolygonProvider, alpaca: AlpacaProvider) -> None:
+    pq, aq = (await polygon.latest_quotes(["AAPL"]))["AAPL"], (await alpaca.latest_quotes(["AAPL"]))["AAPL"]
+    assert pq.conditions == aq.conditions == ("R",)

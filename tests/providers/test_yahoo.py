@@ -21,6 +21,7 @@ from marketpipe.core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
+from marketpipe.core.metrics import REGISTRY
 from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_time
@@ -370,3 +371,46 @@ def test_from_config_builds_without_credentials() -> None:
     p = YahooProvider.from_config(YahooConfig(base_url="http://127.0.0.1:9"), env={})
     assert p.name == "yahoo" and p.base_url == "http://127.0.0.1:9"
     assert YahooProvider.from_config(None).base_url == DEFAULT_BASE_URL
+
+
+# --- the vendor's "current price" point (issue 13) --------------------------------------------
+
+LIVE = datetime(2024, 3, 15, 15, 7, 23, tzinfo=UTC)  # 11:07:23 New York, a session running
+
+
+@pytest.fixture
+def live_face(ysim: SimServer) -> Iterator[SimServer]:
+    ysim.face.clock = LIVE.timestamp
+    yield ysim
+    ysim.face.clock = NOW.timestamp
+
+
+async def test_current_price_point_is_not_a_bar(live_face: SimServer, alpaca: AlpacaProvider) -> None:
+    """While a session runs Yahoo ends the chart with a point at ``regularMarketTime`` (o=h=l=c,
+    v=0), outside the window asked for and off the bar grid: the adapter drops it, and counts it."""
+    async with httpx.AsyncClient(base_url=live_face.url) as raw:
+        window = {"period1": int(MARCH_5[0].timestamp()), "period2": int(MARCH_5[1].timestamp())}
+        res = (await raw.get("/v8/finance/chart/AAPL", params={"interval": "1m", **window})).json()
+    res = res["chart"]["result"][0]
+    q = res["indicators"]["quote"][0]
+    assert res["timestamp"][-1] == res["meta"]["regularMarketTime"] == int(LIVE.timestamp())
+    assert q["open"][-1] == q["high"][-1] == q["low"][-1] == q["close"][-1] and q["volume"][-1] == 0
+    labels = {"provider": "yahoo", "reason": "not_a_bar"}
+    before = REGISTRY.get_sample_value("marketpipe_vendor_points_dropped_total", labels) or 0.0
+    p = YahooProvider(config=provider_config(live_face.url, YahooConfig), now=lambda: LIVE)  # type: ignore[arg-type]
+    try:
+        for tf, start, end in (
+            (MIN1, *MARCH_5),  # a past window: the point lies outside it
+            (Timeframe.parse("15Min"), parse_time("2024-03-15"), parse_time("2024-03-16")),  # today: off the grid
+            (DAY1, parse_time("2024-03-11"), parse_time("2024-03-16")),  # today's date: beside today's bar
+        ):
+            y = (await frame_of(p, ["AAPL"], tf, start, end)).select(OHLCV)
+            assert y.height > 0 and y["volume"].min() > 0, tf  # type: ignore[operator]
+            assert y["ts"].is_unique().all() and y["ts"].max() < end, tf  # type: ignore[operator]
+            if tf is MIN1:
+                a = (await frame_of(alpaca, ["AAPL"], tf, start, end)).select(OHLCV)
+                assert y.equals(a)
+        assert p.non_bar_points_dropped == 3
+    finally:
+        await p.aclose()
+    assert REGISTRY.get_sample_value("marketpipe_vendor_points_dropped_total", labels) == before + 3

@@ -49,6 +49,18 @@ ROWS_STORED = Counter(
     ["kind", "source", "timeframe"],
     registry=REGISTRY,
 )
+UNKNOWN_CODES = Counter(
+    "marketpipe_provider_unknown_codes_total",
+    "Vendor codes no table names (kept in a marked form), by provider and table",
+    ["provider", "table"],
+    registry=REGISTRY,
+)
+VENDOR_POINTS_DROPPED = Counter(
+    "marketpipe_vendor_points_dropped_total",
+    "Vendor points that are not bars of the request (outside the range or off the timeframe grid), dropped",
+    ["provider", "reason"],
+    registry=REGISTRY,
+)
 ROWS_QUARANTINED = Counter(
     "marketpipe_rows_quarantined_total",
     "Rows that failed a validation check, by reason",

@@ -2,10 +2,12 @@
 vendor field letters.
 
 Bulk data (bars, historical trades and quotes) moves as polars frames with the column sets below.
-Single records (latest trade, latest quote, snapshot) are msgspec structs, and so is every record of
-the live stream: trades, quotes and bars as above, the stream's events (trading status, LULD bands,
-imbalances, trade corrections, cancel/errors) and the ``raw`` record of a message the stream could not
-read, as the tagged union :data:`StreamEvent` (tag field ``type``).
+Single records (latest trade, latest quote, snapshot) are msgspec structs (a trade's or quote's
+``ts`` is a datetime, which holds microseconds only; ``ts_ns``, when the vendor sent more, is the
+same instant in exact Unix nanoseconds, and the encoders write the vendor's nanoseconds from it),
+and so is every record of the live stream: trades, quotes and bars as above, the stream's events
+(trading status, LULD bands, imbalances, trade corrections, cancel/errors) and the ``raw`` record of
+a message the stream could not read, as the tagged union :data:`StreamEvent` (tag field ``type``).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def empty_bars() -> pl.DataFrame:
 
 class Trade(msgspec.Struct, frozen=True, kw_only=True):
     symbol: str
-    ts: datetime
+    ts: datetime  # microseconds (datetime's resolution); the exact instant is ts_ns
     price: float
     size: int
     exchange: str | None = None
@@ -98,6 +100,7 @@ class Trade(msgspec.Struct, frozen=True, kw_only=True):
     source: str
     feed: str | None = None
     fetched_at: datetime
+    ts_ns: int | None = None  # the vendor's timestamp in Unix nanoseconds (None: ts is exact)
 
 
 class Quote(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,6 +117,7 @@ class Quote(msgspec.Struct, frozen=True, kw_only=True):
     source: str
     feed: str | None = None
     fetched_at: datetime
+    ts_ns: int | None = None  # the vendor's timestamp in Unix nanoseconds (None: ts is exact)
 
     @property
     def mid(self) -> float | None:

@@ -119,6 +119,19 @@ def ns_to_dt(ns: int) -> datetime:
     return datetime.fromtimestamp(ns // 1_000_000_000, UTC).replace(microsecond=(ns // 1000) % 1_000_000)
 
 
+def ns_text(ns: int) -> str:
+    """Unix nanoseconds as RFC-3339 UTC with the fraction's trailing zeros trimmed (Go's RFC3339Nano)."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    whole = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    digits = f"{frac:09d}".rstrip("0")
+    return f"{whole}.{digits}Z" if digits else f"{whole}Z"
+
+
+def record_ns(ts: datetime, ts_ns: int | None) -> int:
+    """A record's exact instant in Unix nanoseconds: ``ts_ns`` when the vendor sent more than ``ts`` holds."""
+    return ts_ns if ts_ns is not None else dt_to_ns(ts)
+
+
 def dt_to_ns(ts: datetime) -> int:
     ts = ts.astimezone(UTC)
     return (int(ts.replace(microsecond=0).timestamp()) * 1_000_000 + ts.microsecond) * 1000

@@ -43,6 +43,7 @@ from marketpipe.core.errors import (
     NotFound,
 )
 from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import UNKNOWN_CODES
 from marketpipe.core.schema import BAR_SCHEMA, UTC_US, Bar, Quote, Snapshot, Trade, normalize_symbol
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, ns_to_dt, utcnow
@@ -59,10 +60,13 @@ from marketpipe.wire.polygon import (
     SNAPSHOTS_PATH,
     aggs_path,
     last_path,
+    quote_lot,
+    trade_condition,
+    unknown_code,
 )
 from marketpipe.wire.polygon import EXCHANGES as POLYGON_EXCHANGES
+from marketpipe.wire.polygon import QUOTE_CONDITIONS as POLYGON_QUOTE_CONDITIONS
 from marketpipe.wire.polygon import TAPES as POLYGON_TAPES
-from marketpipe.wire.polygon import TRADE_CONDITIONS as POLYGON_TRADE_CONDITIONS
 
 DEFAULT_BASE_URL = "https://api.polygon.io"
 MASSIVE_BASE_URL = "https://api.massive.com"  # the same API under the vendor's new name
@@ -262,15 +266,36 @@ def aggs_to_frame(
     )
 
 
+_UNKNOWN_SEEN: set[tuple[str, int]] = set()  # (table, id) already logged
+
+
+def _unknown(table: str, code: int) -> str:
+    """A condition id no table names: counted every time, logged once per id, kept as ``polygon:<id>``."""
+    UNKNOWN_CODES.labels(provider="polygon", table=table).inc()
+    if (table, code) not in _UNKNOWN_SEEN:
+        _UNKNOWN_SEEN.add((table, code))
+        log.warning("unknown vendor code", provider="polygon", table=table, code=code, kept_as=unknown_code(code))
+    return unknown_code(code)
+
+
+def _trade_conditions(codes: list[int] | None, tape: int | None) -> tuple[str, ...]:
+    return tuple(trade_condition(c, tape) or _unknown("trade_conditions", c) for c in codes or ())
+
+
+def _quote_conditions(codes: list[int] | None) -> tuple[str, ...]:
+    return tuple(POLYGON_QUOTE_CONDITIONS.get(c) or _unknown("quote_conditions", c) for c in codes or ())
+
+
 def _trade_record(sym: str, w: _WTrade, source: str, fetched: datetime) -> Trade:
     return Trade(
         symbol=sym,
         ts=ns_to_dt(w.t),
+        ts_ns=w.t,
         price=w.p,
         size=int(w.s),
         exchange=POLYGON_EXCHANGES.get(w.x, str(w.x)) if w.x is not None else None,
         trade_id=int(w.i) if w.i is not None and w.i.isdigit() else None,
-        conditions=tuple(POLYGON_TRADE_CONDITIONS.get(c, str(c)) for c in w.c or ()),
+        conditions=_trade_conditions(w.c, w.z),
         tape=POLYGON_TAPES.get(w.z) if w.z is not None else None,
         source=source,
         feed=FEED,
@@ -279,16 +304,18 @@ def _trade_record(sym: str, w: _WTrade, source: str, fetched: datetime) -> Trade
 
 
 def _quote_record(sym: str, w: _WQuote, source: str, fetched: datetime) -> Quote:
+    lot = quote_lot(w.t)  # round lots before the vendor's 2025-11-03 switch to shares
     return Quote(
         symbol=sym,
         ts=ns_to_dt(w.t),
+        ts_ns=w.t,
         bid_price=w.p or 0.0,
-        bid_size=int(w.s or 0),
+        bid_size=int(w.s or 0) * lot,
         ask_price=w.P or 0.0,
-        ask_size=int(w.S or 0),
+        ask_size=int(w.S or 0) * lot,
         bid_exchange=POLYGON_EXCHANGES.get(w.x, str(w.x)) if w.x is not None else None,
         ask_exchange=POLYGON_EXCHANGES.get(w.X, str(w.X)) if w.X is not None else None,
-        conditions=tuple(str(c) for c in w.c or ()),
+        conditions=_quote_conditions(w.c),
         tape=POLYGON_TAPES.get(w.z) if w.z is not None else None,
         source=source,
         feed=FEED,

@@ -35,6 +35,7 @@ Yahoo's quirks:
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, time, timedelta
@@ -52,6 +53,7 @@ from marketpipe.core.errors import (
     ProviderBadRequest,
 )
 from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import VENDOR_POINTS_DROPPED
 from marketpipe.core.schema import BAR_SCHEMA, UTC_US
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
@@ -110,6 +112,7 @@ class _Indicators(msgspec.Struct, gc=False):
 
 class _Meta(msgspec.Struct, gc=False):
     exchangeTimezoneName: str | None = None
+    regularMarketTime: int | None = None
 
 
 class _Result(msgspec.Struct, gc=False):
@@ -273,6 +276,35 @@ def chart_to_frame(
     return frame, raw.height - kept.height
 
 
+def non_bar_points(frame: pl.DataFrame, tf: Timeframe, start: datetime, end: datetime, market_time: int | None
+                   ) -> pl.Series:  # fmt: skip
+    """Which rows of a canonical chart frame are not bars of ``[start, end)`` at ``tf``: stamped
+    outside the range, off the timeframe's grid (intraday buckets start on whole minutes from the
+    09:30 open, so on multiples of gcd(bucket, 30 min)), or — daily and longer, whose stamps are
+    canonicalized to a date — Yahoo's "current price" point (stamped at ``meta.regularMarketTime``,
+    volume 0) beside a real bar of the same date. Nothing is made up: a non-bar is only left out."""
+    t = pl.col("raw_ts").cast(pl.Int64)
+    outside = (pl.col("ts") < start) | (pl.col("ts") >= end)
+    if tf.is_intraday:
+        step = math.gcd(tf.seconds, 1800)
+        off_grid = t % step != 0
+    elif market_time is not None:
+        off_grid = (t == market_time) & (pl.col("volume") == 0) & pl.col("ts").is_duplicated()
+    else:
+        off_grid = pl.lit(False)
+    return frame.select((outside | off_grid).fill_null(True).alias("drop")).to_series()
+
+
+def drop_non_bars(frame: pl.DataFrame, tf: Timeframe, start: datetime, end: datetime, market_time: int | None
+                  ) -> tuple[pl.DataFrame, int]:  # fmt: skip
+    """The frame without :func:`non_bar_points`, and how many were dropped."""
+    if not frame.height:
+        return frame, 0
+    drop = non_bar_points(frame, tf, start, end, market_time)
+    kept = frame.filter(~drop)
+    return kept, frame.height - kept.height
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -339,6 +371,7 @@ class YahooProvider(HttpProvider):
             map_error=map_http_error,
         )
         self.padding_rows_dropped = 0
+        self.non_bar_points_dropped = 0  # "current price" points and others outside the range or grid
         self._last_source = self.name
 
     @classmethod
@@ -405,7 +438,9 @@ class YahooProvider(HttpProvider):
             path = chart_path(quote(to_yahoo(sym), safe=""))
             for wi, (p1, p2, through) in enumerate(windows):
                 last_window = wi == len(windows) - 1
-                frame, source, request_id, nbytes = await self._fetch(path, sym, timeframe, interval, p1, p2)
+                frame, source, request_id, nbytes = await self._fetch(
+                    path, sym, timeframe, interval, p1, p2, (start, end)
+                )
                 number += 1
                 page = BarPage(
                     frame=frame,
@@ -427,7 +462,7 @@ class YahooProvider(HttpProvider):
                 yield page
 
     async def _fetch(
-        self, path: str, symbol: str, tf: Timeframe, interval: str, p1: int, p2: int
+        self, path: str, symbol: str, tf: Timeframe, interval: str, p1: int, p2: int, window: tuple[datetime, datetime]
     ) -> tuple[pl.DataFrame, str, str, int]:
         """(frame, source, request id, bytes) of one chart window; an empty window asks nothing."""
         if p2 <= p1:
@@ -435,7 +470,7 @@ class YahooProvider(HttpProvider):
             return pl.DataFrame(schema={**BAR_SCHEMA, "raw_ts": pl.String()}), self._last_source, uuid.uuid4().hex, 0
         params = {"interval": interval, "period1": p1, "period2": p2, "includePrePost": "false"}
 
-        def decode(resp: httpx.Response) -> tuple[pl.DataFrame, int]:
+        def decode(resp: httpx.Response) -> tuple[tuple[pl.DataFrame, int], int]:
             try:
                 doc = _DECODER.decode(resp.content)
             except msgspec.ValidationError as exc:
@@ -451,9 +486,16 @@ class YahooProvider(HttpProvider):
                     provider=self.name,
                     details={"symbol": symbol, "endpoint": ENDPOINT, "missing": ["chart.result", "chart.error"]},
                 )
-            return chart_to_frame(chart.result[0], symbol, tf, sim_source(resp.headers, self.name), self._now())
+            result = chart.result[0]
+            frame, padding = chart_to_frame(result, symbol, tf, sim_source(resp.headers, self.name), self._now())
+            market_time = result.meta.regularMarketTime if result.meta else None
+            return drop_non_bars(frame, tf, *window, market_time), padding
 
-        (frame, dropped), resp = await self._http.get(path, params, ENDPOINT, decode, offload=True)
+        ((frame, non_bars), dropped), resp = await self._http.get(path, params, ENDPOINT, decode, offload=True)
+        if non_bars:
+            self.non_bar_points_dropped += non_bars
+            VENDOR_POINTS_DROPPED.labels(provider=self.name, reason="not_a_bar").inc(non_bars)
+            log.info("yahoo_non_bar_points_dropped", symbol=symbol, interval=interval, rows=non_bars)
         if dropped:
             self.padding_rows_dropped += dropped
             log.debug("yahoo_padding_dropped", symbol=symbol, interval=interval, rows=dropped)

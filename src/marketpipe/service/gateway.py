@@ -28,7 +28,7 @@ from marketpipe.core.errors import (
 from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_SCHEMA, Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
-from marketpipe.core.timeutil import utcnow
+from marketpipe.core.timeutil import record_ns, utcnow
 from marketpipe.core.validation import validate_enum, validate_limit, validate_range, validate_sort, validate_timeframe
 from marketpipe.service.backfill import chunk_interval, missing_ranges
 from marketpipe.service.data import LatestKind, MarketData, TickKind
@@ -422,6 +422,7 @@ class Gateway:
             "conditions": list(q.conditions),
             "tape": q.tape,
             "timestamp": q.ts.isoformat(),
+            "timestamp_ns": record_ns(q.ts, q.ts_ns),  # exact: the vendor's nanoseconds
             "source": q.source,
             "feed": q.feed,
             "fetched_at": q.fetched_at.isoformat(),
@@ -440,6 +441,7 @@ class Gateway:
             "tape": t.tape,
             "id": t.trade_id,
             "timestamp": t.ts.isoformat(),
+            "timestamp_ns": record_ns(t.ts, t.ts_ns),
             "source": t.source,
             "feed": t.feed,
             "fetched_at": t.fetched_at.isoformat(),

@@ -74,6 +74,8 @@ from marketpipe.sim.data import (
 )
 from marketpipe.sim.faults import FaultRule, Faults, RunLookup, apply_defect, corrupt_bars, first_bars, utc_stamp
 from marketpipe.sim.vendor import TOKEN_LOOP, Face, VendorBodies, apply_faults, rows_to_corrupt, truncate_if_asked
+from marketpipe.wire.alpaca_rest import QUOTE_SHARES_FROM as ALPACA_SHARES_FROM
+from marketpipe.wire.alpaca_rest import ROUND_LOT as ALPACA_ROUND_LOT
 from marketpipe.wire.polygon import (
     AGGS_ROUTE,
     DELAY,
@@ -88,8 +90,10 @@ from marketpipe.wire.polygon import (
     aggs_path,
     error_body,
     inverse,
+    quote_lot,
 )
 from marketpipe.wire.polygon import EXCHANGES as POLYGON_EXCHANGES
+from marketpipe.wire.polygon import QUOTE_CONDITIONS as POLYGON_QUOTE_CONDITIONS
 from marketpipe.wire.polygon import TAPES as POLYGON_TAPES
 from marketpipe.wire.polygon import TRADE_CONDITIONS as POLYGON_TRADE_CONDITIONS
 
@@ -113,6 +117,8 @@ BAD_TIME = "Could not parse the time parameter: '{}'. Use YYYY-MM-DD or Unix MS 
 EXCHANGE_IDS = {**inverse(POLYGON_EXCHANGES), "T": 12}
 TAPE_IDS = inverse(POLYGON_TAPES)
 TRADE_CONDITION_IDS = inverse(POLYGON_TRADE_CONDITIONS)
+QUOTE_CONDITION_IDS = inverse(POLYGON_QUOTE_CONDITIONS)
+ALPACA_SHARES_FROM_NS = int(ALPACA_SHARES_FROM.timestamp()) * NS_PER_SEC
 
 TIMESPANS = ("second", "minute", "hour", "day", "week", "month", "quarter", "year")
 _SPAN_UNITS = {"minute": (Unit.MINUTE, 1), "hour": (Unit.HOUR, 1), "day": (Unit.DAY, 1), "week": (Unit.WEEK, 1),
@@ -572,8 +578,14 @@ class PolygonFace(Face):
 
     def _quote(self, w: dict[str, Any], ticker: str | None) -> dict[str, Any]:
         t = parse_rfc3339_ns(w["t"])[0]
+        # The market's sizes are Alpaca's wire units; the vendor's are round lots before its switch to shares.
+        alpaca_lot = ALPACA_ROUND_LOT if t < ALPACA_SHARES_FROM_NS else 1
+        bid, ask = (int(w[k]) * alpaca_lot // quote_lot(t) for k in ("bs", "as"))
         out: dict[str, Any] = {"T": ticker} if ticker else {}
-        out |= {"P": self._price(w["ap"]), "S": w["as"], "p": self._price(w["bp"]), "s": w["bs"], "t": t}
+        out |= {"P": self._price(w["ap"]), "S": ask, "p": self._price(w["bp"]), "s": bid, "t": t}
+        codes = [QUOTE_CONDITION_IDS[c] for c in w.get("c") or () if c in QUOTE_CONDITION_IDS]
+        if codes:
+            out["c"] = codes
         if ticker:
             seq = t // 1000 % 1_000_000_000
             out |= {

@@ -24,6 +24,8 @@ What it does, where the reference leaves a choice open:
 * ``includePrePost`` is accepted; the simulator has regular-session data only.
 * Unknown symbols (and symbols SimMarket cannot hold, e.g. ``^GSPC``) are a 404 chart error.
   No authentication: keys are ignored. ``BRK-B`` is SimMarket's ``BRK.B``.
+* While a session runs, every answer with bars ends with Yahoo's "current price" point (stamped at
+  ``meta.regularMarketTime``, o=h=l=c the market price, volume 0), whatever window was asked for.
 * Every response carries ``X-Marketpipe-Sim: 1``.
 
 Faults: the shared :class:`Faults` applies as on the Alpaca face; a rule's ``paths`` regex is
@@ -249,6 +251,7 @@ class YahooFace(Face):
                 "close": _prices(rows.c),
                 "volume": [None if v != v else int(v) for v in rows.v.tolist()],  # v != v: NaN
             }
+            self._append_live_point(result["timestamp"], quote, meta, now_ns)
             indicators: dict[str, Any] = {"quote": [quote]}
             if iv.daily:
                 indicators["adjclose"] = [{"adjclose": quote["close"]}]
@@ -260,6 +263,21 @@ class YahooFace(Face):
         result["indicators"] = indicators
         body = orjson.dumps({"chart": {"result": [result], "error": None}})
         return web.Response(body=body, content_type="application/json")
+
+    def _append_live_point(self, stamps: list[int], quote: dict[str, Any], meta: dict[str, Any], now_ns: int) -> None:
+        """While a session runs, Yahoo ends every chart with a "current price" point: stamped at
+        ``regularMarketTime`` (not on the bar grid, and whatever window was asked for), o=h=l=c the
+        market price, volume 0. It is not a bar; the adapter must drop it."""
+        m = self.market
+        cur = int(np.searchsorted(m.midnights, now_ns, side="right")) - 1
+        live = 0 <= cur < len(m.opens) and int(m.opens[cur]) <= now_ns < int(m.closes[cur])
+        price, t = meta.get("regularMarketPrice"), meta["regularMarketTime"]
+        if not live or price is None or t in stamps:
+            return
+        stamps.append(t)
+        for key in ("open", "high", "low", "close"):
+            quote[key].append(price)
+        quote["volume"].append(0)
 
     def _window(self, q: Any, now_ns: int) -> tuple[int, int, str]:
         """(period1, period2, meta.range) in Unix seconds, end exclusive."""

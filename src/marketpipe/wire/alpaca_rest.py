@@ -22,6 +22,7 @@ import polars as pl
 
 from marketpipe.core.errors import MalformedResponse
 from marketpipe.core.schema import BAR_SCHEMA, QUOTE_SCHEMA, TRADE_SCHEMA, UTC_US, Bar, Quote, Snapshot, Trade
+from marketpipe.core.timeutil import ns_text, ns_to_dt, record_ns
 
 DEFAULT_BASE_URL = "https://data.alpaca.markets"
 MAX_LIMIT = 10_000
@@ -328,12 +329,22 @@ def one_ts(text: str) -> datetime:
     return s  # type: ignore[no-any-return]
 
 
+def one_ts_ns(text: str) -> int:
+    """An RFC-3339 timestamp as exact Unix nanoseconds (a datetime would keep microseconds only)."""
+    s = parse_ts(pl.Series([text], dtype=pl.String), "ns").dt.epoch("ns")[0]
+    if s is None:
+        raise MalformedResponse(f"unparsable timestamp {text!r}", provider="alpaca")
+    return int(s)
+
+
 def trade_record(sym: str, w: WTrade, source: str, feed: str, fetched: datetime) -> Trade:
     if w.p is None or w.s is None:
         raise MalformedResponse(f"trade for {sym} lacks price or size", provider="alpaca")
+    ns = one_ts_ns(w.t)
     return Trade(
         symbol=sym,
-        ts=one_ts(w.t),
+        ts=ns_to_dt(ns),
+        ts_ns=ns,
         price=w.p,
         size=int(w.s),
         exchange=w.x,
@@ -347,11 +358,13 @@ def trade_record(sym: str, w: WTrade, source: str, feed: str, fetched: datetime)
 
 
 def quote_record(sym: str, w: WQuote, source: str, feed: str, fetched: datetime) -> Quote:
-    ts = one_ts(w.t)
+    ns = one_ts_ns(w.t)
+    ts = ns_to_dt(ns)
     lot = ROUND_LOT if ts < QUOTE_SHARES_FROM else 1
     return Quote(
         symbol=sym,
         ts=ts,
+        ts_ns=ns,
         bid_price=w.bp or 0.0,
         bid_size=int(w.bs or 0) * lot,
         ask_price=w.ap or 0.0,
@@ -486,7 +499,7 @@ def page_json(kind: str, frame: pl.DataFrame, single: str | None, next_token: st
 
 def trade_obj(t: Trade) -> dict[str, Any]:
     return {
-        "t": ts_text(t.ts),
+        "t": ns_text(record_ns(t.ts, t.ts_ns)),  # the vendor's nanoseconds
         "x": t.exchange,
         "p": t.price,
         "s": t.size,
@@ -499,7 +512,7 @@ def trade_obj(t: Trade) -> dict[str, Any]:
 def quote_obj(q: Quote) -> dict[str, Any]:
     lot = ROUND_LOT if q.ts < QUOTE_SHARES_FROM else 1
     return {
-        "t": ts_text(q.ts),
+        "t": ns_text(record_ns(q.ts, q.ts_ns)),
         "ax": q.ask_exchange,
         "ap": q.ask_price,
         "as": q.ask_size // lot,

@@ -31,6 +31,7 @@ from marketpipe.core.schema import (
     Trade,
     TradingStatus,
 )
+from marketpipe.wire.alpaca_rest import one_ts_ns
 
 DEFAULT_STREAM_URL = "wss://stream.data.alpaca.markets"
 OFFICIAL_DATA_URL = "https://data.alpaca.markets"
@@ -447,6 +448,15 @@ def _ts(value: Any) -> datetime:
     raise TypeError(f"timestamp of type {type(value).__name__}")
 
 
+def _ts_ns(value: Any) -> int | None:
+    """The exact nanoseconds of a stream timestamp (RFC-3339 text or msgpack Timestamp); None for a datetime."""
+    if isinstance(value, str):
+        return one_ts_ns(value)
+    if isinstance(value, msgpack.Timestamp):
+        return int(value.to_unix_nano())
+    return None
+
+
 def _opt_ts(value: Any) -> datetime | None:
     return None if value is None else _ts(value)
 
@@ -466,6 +476,7 @@ def _trade(m: dict[str, Any], source: str, feed: str, fetched: datetime) -> Trad
     return Trade(
         symbol=_sym(m),
         ts=_ts(m["t"]),
+        ts_ns=_ts_ns(m["t"]),
         price=float(m["p"]),
         size=int(m["s"]),
         exchange=m.get("x"),
@@ -482,6 +493,7 @@ def _quote(m: dict[str, Any], source: str, feed: str, fetched: datetime) -> Quot
     return Quote(
         symbol=_sym(m),
         ts=_ts(m["t"]),
+        ts_ns=_ts_ns(m["t"]),
         bid_price=float(m.get("bp") or 0.0),
         bid_size=int(m.get("bs") or 0),
         ask_price=float(m.get("ap") or 0.0),
