@@ -37,9 +37,14 @@ def report_error(exc: MarketpipeError) -> int:
     """The one way a command fails: ``error[CODE]: message`` on stderr, counted; returns the exit status
     (2 for a bad argument, 1 otherwise)."""
     ERRORS.labels(exc.code).inc()
-    # soft_wrap: one line however long, never folded at the console width
-    err.print(f"[bold red]error[{exc.code}][/]: {escape(exc.message)}", highlight=False, markup=True, soft_wrap=True)
+    error_line(exc.code, exc.message)
     return 2 if isinstance(exc, InvalidArgument) else 1
+
+
+def error_line(code: str, text: str) -> None:
+    """``error[CODE]: text`` on stderr as one physical line however long (soft_wrap: never folded at the
+    console width, a pipe's 80 columns included); ``text`` is plain, never Rich markup."""
+    err.print(f"[bold red]error[{escape(code)}][/]: {escape(text)}", highlight=False, markup=True, soft_wrap=True)
 
 
 class Group(TyperGroup):

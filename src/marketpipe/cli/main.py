@@ -14,7 +14,6 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -28,6 +27,7 @@ from marketpipe.cli.common import (
     config_app,
     emit,
     err,
+    error_line,
     handle_errors,
     load_config,
     out,
@@ -183,7 +183,7 @@ def backfill(
     if stats.errors:
         for e in stats.errors:
             where = f"{','.join(e['symbols'])} {e['start']}..{e['end']}"
-            err.print(f"[red]error[{e['code']}][/]: {where}: {escape(str(e['message']))}")
+            error_line(str(e["code"]), f"{where}: {e['message']}")
         raise typer.Exit(1)
 
 

