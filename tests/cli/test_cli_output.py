@@ -74,3 +74,33 @@ def test_update_error_is_one_line_on_a_pipe(sim: SimServer, tmp_path: Path) -> N
     )  # fmt: skip
     assert r.returncode == 1, r.stderr
     assert_one_physical_line(r, "PROVIDER_UNAVAILABLE", "AAPL: ", "server error 500")
+
+
+# --- item 7 -----------------------------------------------------------------------------------------------
+
+
+def test_update_shows_each_symbols_own_numbers(sim: SimServer, tmp_path: Path) -> None:
+    import duckdb
+
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(SIM_CFG.format(url=sim.url))
+    store = tmp_path / "s.duckdb"
+    common = ("--config", str(cfg), "--store", str(store))
+    r = run("backfill", "AAPL", "MSFT", "--start", "2024-03-04", "--end", "2024-03-04", *common, env=SIM_ENV)
+    assert r.returncode == 0, r.stderr
+
+    def held() -> dict[str, int]:
+        with duckdb.connect(str(store), read_only=True) as con:
+            return dict(con.execute("SELECT symbol, count(*) FROM bars GROUP BY symbol").fetchall())
+
+    before = held()
+    r = run("update", "AAPL", "MSFT", "--end", "2024-03-07", *common, env={**SIM_ENV, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    after = held()
+    gained = {s: after[s] - before[s] for s in ("AAPL", "MSFT")}
+    assert all(n > 0 for n in gained.values()), gained
+    rows = {line.split("│")[1].strip(): line.split("│") for line in r.stdout.splitlines() if line.count("│") >= 7}
+    for sym, n in gained.items():
+        assert rows[sym][4].strip() == f"{n:,}", (sym, n, r.stdout)
+    assert sum(gained.values()) == sum(int(rows[s][4].strip().replace(",", "")) for s in gained)
+    assert "shared by several symbols" not in r.stdout

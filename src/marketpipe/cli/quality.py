@@ -170,6 +170,13 @@ def _update_table(results: dict[str, Any], title: str) -> Table:
             _fmt(st.anomalies if st else 0),
             status,
         )
+    stats = [r.stats for r in results.values() if r.stats is not None]
+    shared = next((st.unattributed for st in stats if any(st.unattributed.values())), None)
+    if shared:
+        table.caption = (
+            f"{shared.get('stored', 0):,} stored and {shared.get('revised', 0):,} revised rows came on pages shared "
+            "by several symbols and are not in any row"
+        )
     return table
 
 

@@ -47,6 +47,35 @@ class SymbolUpdate:
         return self.error is None and (self.stats is None or self.stats.ok)
 
 
+def symbol_stats(group: BackfillStats, sym: str) -> BackfillStats:
+    """One symbol's own numbers out of a run that fetched several together: its received, stored,
+    rejected and revised rows and anomalies (``group.per_symbol``) and its errors. Requests, pages,
+    retries and failovers were shared by the symbols of a request and stay the group's (rows by provider
+    and by rejection reason are not split, so they are left out); rows the run could not split between
+    symbols (``group.unattributed``) are carried so a caller can say so."""
+    own = group.per_symbol.get(sym, {})
+    mine = BackfillStats(
+        units_total=group.units_total,
+        units_done=group.units_done,
+        requests=group.requests,
+        pages=group.pages,
+        bars_received=own.get("good", 0) + own.get("rejected", 0),
+        bars_stored=own.get("stored", 0),
+        bars_rejected=own.get("rejected", 0),
+        retries=group.retries,
+        started=group.started,
+        finished=group.finished,
+        errors=[e for e in group.errors if sym in _error_symbols(e)],
+        failovers=group.failovers,
+        skipped_symbols=[s for s in group.skipped_symbols if s == sym],
+        anomalies=own.get("anomalies", 0),
+        revised=own.get("revised", 0),
+    )
+    mine.per_symbol[sym].update(own)
+    mine.unattributed.update(group.unattributed)
+    return mine
+
+
 def _error(exc: MarketpipeError) -> dict[str, object]:
     return {"code": exc.code, "message": exc.message, **({"details": exc.details} if exc.details else {})}
 
@@ -132,7 +161,9 @@ async def update(
         failed = {s for err in stats.errors for s in _error_symbols(err)}
         for sym in syms:
             err = next((e for e in stats.errors if sym in _error_symbols(e)), None) if sym in failed else None
-            results[sym] = SymbolUpdate(sym, "full" if refresh else "incremental", begin, stop, stats=stats, error=err)
+            results[sym] = SymbolUpdate(
+                sym, "full" if refresh else "incremental", begin, stop, stats=symbol_stats(stats, sym), error=err
+            )
     _check_stale(store, cal, symbols, timeframe, t_now, ucfg.stale_after_minutes)
     return {sym: results[sym] for sym in symbols}
 
