@@ -5,7 +5,12 @@ its square brackets (``[[jobs]]``) instead of Rich eating them."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import typer
+from rich.text import Text
 
 from marketpipe.sim.faults import FaultRule
 from marketpipe.sim.server import SimServer
@@ -104,3 +109,34 @@ def test_update_shows_each_symbols_own_numbers(sim: SimServer, tmp_path: Path) -
         assert rows[sym][4].strip() == f"{n:,}", (sym, n, r.stdout)
     assert sum(gained.values()) == sum(int(rows[s][4].strip().replace(",", "")) for s in gained)
     assert "shared by several symbols" not in r.stdout
+
+
+# --- item 8 -----------------------------------------------------------------------------------------------
+
+
+def _commands(cmd: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    yield path, cmd
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_no_help_text_loses_its_square_brackets_to_rich_markup() -> None:
+    """Typer renders help as Rich markup, where ``[anything]`` is a tag: written text must come through."""
+    from marketpipe.cli.main import app
+
+    eaten = []
+    for path, cmd in _commands(typer.main.get_command(app)):
+        texts = [("help", cmd.help), ("epilog", cmd.epilog), ("short help", cmd.short_help)]
+        texts += [(f"--{p.name}", getattr(p, "help", None)) for p in cmd.params]
+        for what, text in texts:
+            if text and Text.from_markup(text).plain != text.replace("\\[", "["):
+                eaten.append(f"{' '.join(path)} {what}: {text!r}")
+    assert not eaten, "\n".join(eaten)
+
+
+def test_schedule_help_shows_jobs_tables() -> None:
+    r = run("schedule", "--help", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "or the config's [[jobs]]." in r.stdout
+    assert "run these [[jobs]] from the config" in r.stdout
+    assert "[]" not in r.stdout

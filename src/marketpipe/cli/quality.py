@@ -267,14 +267,14 @@ def schedule(
     every: Annotated[str, typer.Option("--every", help="30s, 1m, 15m, 1h, 1d")] = "1m",
     timeframe: Annotated[str, typer.Option("--timeframe", "-t")] = "1Min",
     strategy: Annotated[str, typer.Option("--strategy", help="incremental, full or smart")] = "smart",
-    job: Annotated[list[str] | None, typer.Option("--job", help="run these [[jobs]] from the config")] = None,
+    job: Annotated[list[str] | None, typer.Option("--job", help="run these \\[\\[jobs]] from the config")] = None,
     runs: Annotated[int | None, typer.Option("--runs", min=1, help="stop after this many runs of each job")] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, help="symbols updating at once")] = None,
     symbols_file: SymbolsFile = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Recurring updates: SYMBOLS every --every, or the config's [[jobs]]. Each run is logged per symbol
+    """Recurring updates: SYMBOLS every --every, or the config's \\[\\[jobs]]. Each run is logged per symbol
     (`marketpipe store runs`); one symbol failing never stops the others."""
     from marketpipe.core.schema import normalize_symbols
     from marketpipe.core.timeframe import Timeframe
