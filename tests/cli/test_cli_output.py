@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import typer
 from rich.text import Text
 
@@ -140,3 +141,54 @@ def test_schedule_help_shows_jobs_tables() -> None:
     assert "or the config's [[jobs]]." in r.stdout
     assert "run these [[jobs]] from the config" in r.stdout
     assert "[]" not in r.stdout
+
+
+def _on_a_terminal(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run the command line with stderr on a pseudo-terminal (stdout a pipe); (exit status, what stderr showed)."""
+    import os
+    import pty
+    import sys
+
+    master, slave = pty.openpty()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ALPACA_", "APCA_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marketpipe.cli.main", *args],
+        env={**base, **env},
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the other end closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.communicate(timeout=120)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("command", ["update", "repair"])
+def test_update_and_repair_show_the_backfill_progress_bar_on_a_terminal(
+    command: str, sim: SimServer, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(SIM_CFG.format(url=sim.url))
+    common = ("--config", str(cfg), "--store", str(tmp_path / "s.duckdb"))
+    if command == "update":
+        r = run("backfill", "AAPL", "MSFT", "--start", "2024-03-04", "--end", "2024-03-04", *common, env=SIM_ENV)
+        assert r.returncode == 0, r.stderr
+        args: tuple[str, ...] = ("update", "AAPL", "MSFT", "--end", "2024-03-06")
+    else:
+        args = ("repair", "AAPL", "MSFT", "--start", "2024-03-04", "--end", "2024-03-05", "--gaps-only")
+    env = {**SIM_ENV, "COLUMNS": "160", "TERM": "xterm"}
+    code, shown = _on_a_terminal(*args, *common, env=env)
+    assert code == 0, shown
+    assert command in shown and "100.0%" in shown and "bars/s" in shown, shown
+    off = run(*args, *common, env=env)  # again, on a pipe: nothing to fetch, and no bar either way
+    assert off.returncode == 0 and "bars/s" not in off.stderr, off.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -21,6 +22,7 @@ from marketpipe.cli.common import (
     handle_errors,
     load_config,
     out,
+    progress_bar,
     read_symbols,
     store_app,
     store_table,
@@ -31,6 +33,7 @@ from marketpipe.core.validation import validate_enum, validate_required
 T = TypeVar("T")
 SymbolsArg = Annotated[list[str] | None, typer.Argument(help="Symbols, e.g. AAPL MSFT BRK.B")]
 SymbolsFile = Annotated[Path | None, typer.Option("--symbols-file", help="one symbol per line")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bar (none is shown off a terminal)")]
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -193,6 +196,7 @@ def update(
     symbols_file: SymbolsFile = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
+    no_progress: NoProgress = False,
 ) -> None:
     """Bring stored series up to now: incremental from the newest covered point, a full refresh, or smart."""
     from marketpipe.service.data import MarketData
@@ -200,10 +204,11 @@ def update(
     syms = read_symbols(symbols or [], symbols_file)
     data = MarketData(load_config(config, store))
     strat = "full" if full else strategy
-    results = _run(
-        data,
-        data.update(syms, timeframe=timeframe, strategy=strat, start=start, end=end, feed=feed),  # type: ignore[arg-type]
-    )
+    with progress_bar("update", not no_progress and sys.stderr.isatty()) as show:
+        results = _run(
+            data,
+            data.update(syms, timeframe=timeframe, strategy=strat, start=start, end=end, feed=feed, progress=show),  # type: ignore[arg-type]
+        )
     out.print(_update_table(results, f"Update ({strat})"))
     failed = [r for r in results.values() if not r.ok]
     for r in failed:
@@ -227,6 +232,7 @@ def repair(
     symbols_file: SymbolsFile = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
+    no_progress: NoProgress = False,
 ) -> None:
     """Fetch exactly what completeness says is missing: gaps through the router, then empty ranges from
     the vendors not yet asked. Never fills anything in; a second run fetches nothing."""
@@ -235,7 +241,11 @@ def repair(
     validate_required(start, "start", message="--start is required (YYYY-MM-DD or RFC-3339)")
     syms = read_symbols(symbols or [], symbols_file)
     data = MarketData(load_config(config, store))
-    res = _run(data, data.repair(syms, start, end, timeframe=timeframe, empties=not gaps_only, feed=feed))
+    with progress_bar("repair", not no_progress and sys.stderr.isatty()) as show:
+        res = _run(
+            data,
+            data.repair(syms, start, end, timeframe=timeframe, empties=not gaps_only, feed=feed, progress=show),
+        )
     table = Table(title=f"Repair {timeframe}")
     for col in ("symbol", "gap before", "gap after", "empty before", "empty after", "complete before", "after"):
         table.add_column(col, justify="left" if col == "symbol" else "right")

@@ -23,7 +23,7 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.base import BarsProvider
 from marketpipe.quality.completeness import Completeness, assess_frames
-from marketpipe.service.backfill import BackfillStats, run_backfill, settings
+from marketpipe.service.backfill import BackfillStats, ProgressFn, run_backfill, settings
 from marketpipe.service.quality import expected_complete
 from marketpipe.service.router import ProviderRouter
 from marketpipe.store.base import BarStore
@@ -93,6 +93,7 @@ async def update(
     end: datetime | None = None,
     feed: str | None = None,
     now: Callable[[], datetime] = utcnow,
+    progress: ProgressFn | None = None,
 ) -> dict[str, SymbolUpdate]:
     """Bring each symbol up to ``end`` (default now).
 
@@ -103,6 +104,7 @@ async def update(
       otherwise full from ``refresh_days`` before it.
 
     One symbol's failure never stops the others: it is reported in its :class:`SymbolUpdate`.
+    ``progress`` gets each backfill run's stats as pages are committed (as ``run_backfill`` gives them).
     """
     if strategy not in STRATEGIES:
         raise InvalidArgument(f"unknown update strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
@@ -151,6 +153,7 @@ async def update(
                 feed=feed,
                 now=now,
                 refresh=refresh,
+                progress=progress,
                 **settings(config),
             )
         except MarketpipeError as exc:
@@ -268,6 +271,7 @@ async def repair(
     empties: bool = True,
     feed: str | None = None,
     now: Callable[[], datetime] = utcnow,
+    progress: ProgressFn | None = None,
 ) -> RepairResult:
     """Fetch what is missing in ``[start, end)``:
 
@@ -283,7 +287,7 @@ async def repair(
     end = min(end, t_now)
     before = completeness(store, cal, symbols, timeframe, start, end, extended=extended, now=t_now)
     result = RepairResult(before=before, after=before)
-    kw = {"feed": feed, "now": now, **settings(config)}
+    kw = {"feed": feed, "now": now, "progress": progress, **settings(config)}
     routers: list[ProviderRouter] = []
 
     def get_router() -> ProviderRouter:
