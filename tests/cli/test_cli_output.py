@@ -192,3 +192,22 @@ def test_update_and_repair_show_the_backfill_progress_bar_on_a_terminal(
     assert command in shown and "100.0%" in shown and "bars/s" in shown, shown
     off = run(*args, *common, env=env)  # again, on a pipe: nothing to fetch, and no bar either way
     assert off.returncode == 0 and "bars/s" not in off.stderr, off.stderr
+
+
+def test_update_says_what_a_shared_page_stored_instead_of_guessing_whose_it_was(sim: SimServer, tmp_path: Path) -> None:
+    """A full refresh of two symbols fetched in one request: the page's one revised row cannot be
+    given to a symbol from the store's page counts, so no row claims it and the caption tells it."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(SIM_CFG.format(url=sim.url))
+    common = ("--config", str(cfg), "--store", str(tmp_path / "s.duckdb"))
+    r = run("backfill", "AAPL", "MSFT", "--start", "2024-03-05", "--end", "2024-03-05", *common, env=SIM_ENV)
+    assert r.returncode == 0, r.stderr
+    sim.faults.set([FaultRule(kind="bad_data", defect="volume_spike", at=["2024-03-05T18:00:00Z"], symbols=["AAPL"])])
+    r = run(
+        "update", "AAPL", "MSFT", "--full", "--start", "2024-03-05", "--end", "2024-03-05", *common,
+        env={**SIM_ENV, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("│")[1].strip(): line.split("│") for line in r.stdout.splitlines() if line.count("│") >= 7}
+    assert {rows[s][4].strip() for s in ("AAPL", "MSFT")} == {"0"}, r.stdout
+    assert "1 stored and 1 revised rows came on pages shared by several symbols" in " ".join(r.stdout.split())
