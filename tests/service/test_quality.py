@@ -258,7 +258,10 @@ async def test_update_incremental_smart_and_full_refresh(
 
     res = await update(src, store, CAL, cfg, ["AAPL", "MSFT"], TF, strategy="incremental", now=at(WED))
     assert all(r.ok and r.strategy == "incremental" for r in res.values())
-    assert res["AAPL"].stats is not None and res["AAPL"].stats.bars_stored == 2 * 390  # Wednesday, both symbols
+    for sym in ("AAPL", "MSFT"):  # Wednesday: each symbol's own 390 (issue 13 item 7: not the pair's 780)
+        got = res[sym].stats
+        assert got is not None and got.bars_stored == 390 and got.bars_received == 390, sym
+        assert got.per_symbol.keys() == {sym}
     # smart, newest point a day old (< 30 h): incremental; nothing new to store when nothing changed.
     res = await update(src, store, CAL, cfg, ["AAPL"], TF, strategy="smart", now=at(THU))
     assert res["AAPL"].strategy == "incremental" and res["AAPL"].stats.bars_stored == 390  # type: ignore[union-attr]

@@ -4,7 +4,8 @@ This module only wires the rooms together: the state (:mod:`~marketpipe.api.stat
 answering and its URL fast path (:mod:`~marketpipe.api.answer`), REST v1 (:mod:`~marketpipe.api.v1`),
 the Alpaca-compatible REST and stream routes (:mod:`~marketpipe.api.alpaca`,
 :mod:`~marketpipe.api.alpaca_stream`), the live routes (:mod:`~marketpipe.api.live`), operations and
-admin (:mod:`~marketpipe.api.ops`) and the dashboard; errors and the middleware stack around them."""
+admin (:mod:`~marketpipe.api.ops`), the dashboard and the offline API docs (:mod:`~marketpipe.api.docs`);
+errors and the middleware stack around them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from marketpipe.api.alpaca import router as alpaca_router
 from marketpipe.api.alpaca_stream import alpaca_stream_router
 from marketpipe.api.answer import HitPath
 from marketpipe.api.dashboard import dashboard_router
+from marketpipe.api.docs import install_docs
 from marketpipe.api.live import live_router
 from marketpipe.api.middleware import ClientAuth, RequestContext
 from marketpipe.api.ops import admin_router, ops_router
@@ -51,8 +53,11 @@ def create_app(
         description="Market data with attribution, checks, caching and failover. Errors are "
         '`{"error": {"code", "message", "details", "request_id"}}` with stable codes.',
         lifespan=lifespan,
+        docs_url=None,  # api/docs.py serves Swagger UI and ReDoc from the package, not a CDN
+        redoc_url=None,
     )
     app.state.mp = st
+    install_docs(app)
     errors.install(app)
     app.add_middleware(HitPath, cache=st.cache)
     app.add_middleware(ClientAuth, keys=st.keys)

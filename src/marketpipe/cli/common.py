@@ -9,7 +9,7 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -17,6 +17,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from typer._click import exceptions as click_errors  # typer 0.29 parses with its own copy of click
 from typer.core import TyperGroup
@@ -37,9 +38,47 @@ def report_error(exc: MarketpipeError) -> int:
     """The one way a command fails: ``error[CODE]: message`` on stderr, counted; returns the exit status
     (2 for a bad argument, 1 otherwise)."""
     ERRORS.labels(exc.code).inc()
-    # soft_wrap: one line however long, never folded at the console width
-    err.print(f"[bold red]error[{exc.code}][/]: {escape(exc.message)}", highlight=False, markup=True, soft_wrap=True)
+    error_line(exc.code, exc.message)
     return 2 if isinstance(exc, InvalidArgument) else 1
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, show: bool) -> Iterator[Callable[[Any], None] | None]:
+    """The fetch progress bar on stderr that backfill, update and repair share: yields the callback a
+    backfill run's ``progress`` takes (its stats as pages are committed), or None when ``show`` is
+    false (``--no-progress``, or stderr not a terminal)."""
+    if not show:
+        yield None
+        return
+    columns = (
+        TextColumn(f"[bold]{escape(label)}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(label, total=None, rate="", info="planning")
+
+        def update(stats: Any) -> None:
+            total = max(stats.est_rows, stats.bars_received, 1)
+            progress.update(
+                task,
+                total=total,
+                completed=min(stats.bars_received, total),
+                rate=f"{stats.bars_per_second:,.0f} bars/s",
+                info=f"req {stats.requests}  retries {stats.retries}  rejected {stats.bars_rejected}",
+            )
+
+        yield update
+
+
+def error_line(code: str, text: str) -> None:
+    """``error[CODE]: text`` on stderr as one physical line however long (soft_wrap: never folded at the
+    console width, a pipe's 80 columns included); ``text`` is plain, never Rich markup."""
+    err.print(f"[bold red]error[{escape(code)}][/]: {escape(text)}", highlight=False, markup=True, soft_wrap=True)
 
 
 class Group(TyperGroup):

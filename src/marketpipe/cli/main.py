@@ -7,7 +7,6 @@ import shlex
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -15,8 +14,6 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from marketpipe.cli.common import (
@@ -30,9 +27,11 @@ from marketpipe.cli.common import (
     config_app,
     emit,
     err,
+    error_line,
     handle_errors,
     load_config,
     out,
+    progress_bar,
     read_symbols,
     store_app,
     store_table,
@@ -40,20 +39,6 @@ from marketpipe.cli.common import (
 from marketpipe.core.validation import validate_enum, validate_number, validate_required
 
 # --- backfill ----------------------------------------------------------------------------------
-
-
-def _progress_printer(progress: Progress, task: Any) -> Callable[[Any], None]:
-    def update(stats: Any) -> None:
-        total = max(stats.est_rows, stats.bars_received, 1)
-        progress.update(
-            task,
-            total=total,
-            completed=min(stats.bars_received, total),
-            rate=f"{stats.bars_per_second:,.0f} bars/s",
-            info=f"req {stats.requests}  retries {stats.retries}  rejected {stats.bars_rejected}",
-        )
-
-    return update
 
 
 def _summary(stats: Any, title: str = "Backfill summary") -> Table:
@@ -113,24 +98,12 @@ async def _run_backfill(
 
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
-        if not show_progress:
-            return await data.backfill(symbols, start, end, timeframe=timeframe, feed=feed, progress=keep)
-        columns = (
-            TextColumn("[bold]backfill"),
-            BarColumn(),
-            TextColumn("{task.percentage:>5.1f}%"),
-            TextColumn("{task.fields[rate]}"),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=err, transient=False) as progress:
-            task = progress.add_task("backfill", total=None, rate="", info="planning")
-            show = _progress_printer(progress, task)
+        with progress_bar("backfill", show_progress) as show:
 
             def update(stats: Any) -> None:
                 keep(stats)
-                show(stats)
+                if show is not None:
+                    show(stats)
 
             return await data.backfill(symbols, start, end, timeframe=timeframe, feed=feed, progress=update)
     finally:
@@ -185,7 +158,7 @@ def backfill(
     if stats.errors:
         for e in stats.errors:
             where = f"{','.join(e['symbols'])} {e['start']}..{e['end']}"
-            err.print(f"[red]error[{e['code']}][/]: {where}: {escape(str(e['message']))}")
+            error_line(str(e["code"]), f"{where}: {e['message']}")
         raise typer.Exit(1)
 
 

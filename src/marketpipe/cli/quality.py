@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from marketpipe.cli.common import (
@@ -18,9 +18,11 @@ from marketpipe.cli.common import (
     app,
     emit,
     err,
+    error_line,
     handle_errors,
     load_config,
     out,
+    progress_bar,
     read_symbols,
     store_app,
     store_table,
@@ -31,6 +33,7 @@ from marketpipe.core.validation import validate_enum, validate_required
 T = TypeVar("T")
 SymbolsArg = Annotated[list[str] | None, typer.Argument(help="Symbols, e.g. AAPL MSFT BRK.B")]
 SymbolsFile = Annotated[Path | None, typer.Option("--symbols-file", help="one symbol per line")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bar (none is shown off a terminal)")]
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -170,6 +173,13 @@ def _update_table(results: dict[str, Any], title: str) -> Table:
             _fmt(st.anomalies if st else 0),
             status,
         )
+    stats = [r.stats for r in results.values() if r.stats is not None]
+    shared = next((st.unattributed for st in stats if any(st.unattributed.values())), None)
+    if shared:
+        table.caption = (
+            f"{shared.get('stored', 0):,} stored and {shared.get('revised', 0):,} revised rows came on pages shared "
+            "by several symbols and are not in any row"
+        )
     return table
 
 
@@ -186,6 +196,7 @@ def update(
     symbols_file: SymbolsFile = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
+    no_progress: NoProgress = False,
 ) -> None:
     """Bring stored series up to now: incremental from the newest covered point, a full refresh, or smart."""
     from marketpipe.service.data import MarketData
@@ -193,15 +204,16 @@ def update(
     syms = read_symbols(symbols or [], symbols_file)
     data = MarketData(load_config(config, store))
     strat = "full" if full else strategy
-    results = _run(
-        data,
-        data.update(syms, timeframe=timeframe, strategy=strat, start=start, end=end, feed=feed),  # type: ignore[arg-type]
-    )
+    with progress_bar("update", not no_progress and sys.stderr.isatty()) as show:
+        results = _run(
+            data,
+            data.update(syms, timeframe=timeframe, strategy=strat, start=start, end=end, feed=feed, progress=show),  # type: ignore[arg-type]
+        )
     out.print(_update_table(results, f"Update ({strat})"))
     failed = [r for r in results.values() if not r.ok]
     for r in failed:
         e = r.error or (r.stats.errors[0] if r.stats and r.stats.errors else {})
-        err.print(f"[red]error[{e.get('code')}][/]: {r.symbol}: {escape(str(e.get('message')))}")
+        error_line(str(e.get("code")), f"{r.symbol}: {e.get('message')}")
     if failed:
         raise typer.Exit(1)
 
@@ -220,6 +232,7 @@ def repair(
     symbols_file: SymbolsFile = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
+    no_progress: NoProgress = False,
 ) -> None:
     """Fetch exactly what completeness says is missing: gaps through the router, then empty ranges from
     the vendors not yet asked. Never fills anything in; a second run fetches nothing."""
@@ -228,7 +241,11 @@ def repair(
     validate_required(start, "start", message="--start is required (YYYY-MM-DD or RFC-3339)")
     syms = read_symbols(symbols or [], symbols_file)
     data = MarketData(load_config(config, store))
-    res = _run(data, data.repair(syms, start, end, timeframe=timeframe, empties=not gaps_only, feed=feed))
+    with progress_bar("repair", not no_progress and sys.stderr.isatty()) as show:
+        res = _run(
+            data,
+            data.repair(syms, start, end, timeframe=timeframe, empties=not gaps_only, feed=feed, progress=show),
+        )
     table = Table(title=f"Repair {timeframe}")
     for col in ("symbol", "gap before", "gap after", "empty before", "empty after", "complete before", "after"):
         table.add_column(col, justify="left" if col == "symbol" else "right")
@@ -248,7 +265,7 @@ def repair(
     )
     out.print(table)
     for e in res.errors:
-        err.print(f"[red]error[{e.get('code')}][/]: {','.join(e.get('symbols', []))}: {escape(str(e.get('message')))}")  # type: ignore[arg-type]
+        error_line(str(e.get("code")), f"{','.join(e.get('symbols', []))}: {e.get('message')}")  # type: ignore[arg-type]
     if res.errors:
         raise typer.Exit(1)
 
@@ -260,14 +277,14 @@ def schedule(
     every: Annotated[str, typer.Option("--every", help="30s, 1m, 15m, 1h, 1d")] = "1m",
     timeframe: Annotated[str, typer.Option("--timeframe", "-t")] = "1Min",
     strategy: Annotated[str, typer.Option("--strategy", help="incremental, full or smart")] = "smart",
-    job: Annotated[list[str] | None, typer.Option("--job", help="run these [[jobs]] from the config")] = None,
+    job: Annotated[list[str] | None, typer.Option("--job", help="run these \\[\\[jobs]] from the config")] = None,
     runs: Annotated[int | None, typer.Option("--runs", min=1, help="stop after this many runs of each job")] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, help="symbols updating at once")] = None,
     symbols_file: SymbolsFile = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Recurring updates: SYMBOLS every --every, or the config's [[jobs]]. Each run is logged per symbol
+    """Recurring updates: SYMBOLS every --every, or the config's \\[\\[jobs]]. Each run is logged per symbol
     (`marketpipe store runs`); one symbol failing never stops the others."""
     from marketpipe.core.schema import normalize_symbols
     from marketpipe.core.timeframe import Timeframe

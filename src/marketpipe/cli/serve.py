@@ -15,11 +15,11 @@ UvicornLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 @app.command()
 @handle_errors
 def serve(
-    host: Annotated[str | None, typer.Option("--host", help="default from [server] host (127.0.0.1)")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="default from \\[server] host (127.0.0.1)")] = None,
     port: Annotated[
-        int | None, typer.Option("--port", min=1, max=65535, help="default from [server] port (8000)")
+        int | None, typer.Option("--port", min=1, max=65535, help="default from \\[server] port (8000)")
     ] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="default from [server] workers (1)")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="default from \\[server] workers (1)")] = None,
     redis_url: Annotated[
         str | None, typer.Option("--redis-url", help="L2 cache, e.g. redis://localhost:6379/0")
     ] = None,

@@ -79,7 +79,9 @@ class BackfillStats:
     bytes_received: int = 0
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
+    # symbol -> good / rejected rows received, and its exact share of stored / revised rows and anomalies
     per_symbol: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    unattributed: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # see _attribute
     rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     errors: list[dict[str, object]] = field(default_factory=list)
     failovers: int = 0
@@ -104,6 +106,26 @@ class BackfillStats:
 
 
 ProgressFn = Callable[[BackfillStats], None]
+
+
+def _attribute(stats: BackfillStats, c: CheckedPage) -> None:
+    """Each symbol's share of what a committed page left: ``stored``, ``revised`` and ``anomalies`` in
+    ``stats.per_symbol``. The store counts a page's stored and revised rows as a whole; they belong to
+    one symbol exactly when the page holds one symbol, or when every row (none) of it was stored
+    (revised). A page of several symbols that was stored in part cannot be split without guessing: its
+    rows go to ``stats.unattributed`` (stored, revised) instead."""
+    good = {s: n for s, n in c.good_by_symbol.items() if n}
+    for key, n in (("stored", c.write.stored), ("revised", c.write.revised)):
+        if len(good) == 1:
+            stats.per_symbol[next(iter(good))][key] += n
+        elif n == sum(good.values()) or n == 0:
+            for sym, k in good.items():
+                stats.per_symbol[sym][key] += k if n else 0
+        else:
+            stats.unattributed[key] += n
+    if c.write.anomalies is not None and c.write.anomalies.height:
+        for sym, n in c.write.anomalies.group_by("symbol").len().iter_rows():
+            stats.per_symbol[sym]["anomalies"] += n
 
 
 # --- planning ----------------------------------------------------------------------------------
@@ -593,6 +615,7 @@ async def run_backfill(
                 stats.anomalies += c.write.anomalies.height
             for sym, n in c.good_by_symbol.items():
                 stats.per_symbol[sym]["good"] += n
+            _attribute(stats, c)
             for sym, n in c.rejected_by_symbol.items():
                 stats.per_symbol[sym]["rejected"] += n
             for reason, n in c.rejected_by_reason.items():

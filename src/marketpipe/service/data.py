@@ -198,6 +198,7 @@ class MarketData:
         start: TimeLike | None = None,
         end: TimeLike | None = None,
         feed: str | None = None,
+        progress: ProgressFn | None = None,
     ) -> dict[str, SymbolUpdate]:
         syms = normalize_symbols(symbols)
         s = parse_time(start, name="start") if start is not None else None
@@ -213,6 +214,7 @@ class MarketData:
             start=s,
             end=e,
             feed=_feed(feed),
+            progress=progress,
         )
 
     async def repair(
@@ -224,6 +226,7 @@ class MarketData:
         timeframe: str | Timeframe = "1Min",
         empties: bool = True,
         feed: str | None = None,
+        progress: ProgressFn | None = None,
     ) -> RepairResult:
         syms, tf, s, e = _series(symbols, timeframe, start, end)
         return await repair(
@@ -237,6 +240,7 @@ class MarketData:
             e,
             empties=empties,
             feed=_feed(feed),
+            progress=progress,
         )
 
     def scheduler(self, jobs: list[Job], *, concurrency: int | None = None) -> Scheduler:

@@ -23,7 +23,7 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.base import BarsProvider
 from marketpipe.quality.completeness import Completeness, assess_frames
-from marketpipe.service.backfill import BackfillStats, run_backfill, settings
+from marketpipe.service.backfill import BackfillStats, ProgressFn, run_backfill, settings
 from marketpipe.service.quality import expected_complete
 from marketpipe.service.router import ProviderRouter
 from marketpipe.store.base import BarStore
@@ -47,6 +47,35 @@ class SymbolUpdate:
         return self.error is None and (self.stats is None or self.stats.ok)
 
 
+def symbol_stats(group: BackfillStats, sym: str) -> BackfillStats:
+    """One symbol's own numbers out of a run that fetched several together: its received, stored,
+    rejected and revised rows and anomalies (``group.per_symbol``) and its errors. Requests, pages,
+    retries and failovers were shared by the symbols of a request and stay the group's (rows by provider
+    and by rejection reason are not split, so they are left out); rows the run could not split between
+    symbols (``group.unattributed``) are carried so a caller can say so."""
+    own = group.per_symbol.get(sym, {})
+    mine = BackfillStats(
+        units_total=group.units_total,
+        units_done=group.units_done,
+        requests=group.requests,
+        pages=group.pages,
+        bars_received=own.get("good", 0) + own.get("rejected", 0),
+        bars_stored=own.get("stored", 0),
+        bars_rejected=own.get("rejected", 0),
+        retries=group.retries,
+        started=group.started,
+        finished=group.finished,
+        errors=[e for e in group.errors if sym in _error_symbols(e)],
+        failovers=group.failovers,
+        skipped_symbols=[s for s in group.skipped_symbols if s == sym],
+        anomalies=own.get("anomalies", 0),
+        revised=own.get("revised", 0),
+    )
+    mine.per_symbol[sym].update(own)
+    mine.unattributed.update(group.unattributed)
+    return mine
+
+
 def _error(exc: MarketpipeError) -> dict[str, object]:
     return {"code": exc.code, "message": exc.message, **({"details": exc.details} if exc.details else {})}
 
@@ -64,6 +93,7 @@ async def update(
     end: datetime | None = None,
     feed: str | None = None,
     now: Callable[[], datetime] = utcnow,
+    progress: ProgressFn | None = None,
 ) -> dict[str, SymbolUpdate]:
     """Bring each symbol up to ``end`` (default now).
 
@@ -74,6 +104,7 @@ async def update(
       otherwise full from ``refresh_days`` before it.
 
     One symbol's failure never stops the others: it is reported in its :class:`SymbolUpdate`.
+    ``progress`` gets each backfill run's stats as pages are committed (as ``run_backfill`` gives them).
     """
     if strategy not in STRATEGIES:
         raise InvalidArgument(f"unknown update strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
@@ -122,6 +153,7 @@ async def update(
                 feed=feed,
                 now=now,
                 refresh=refresh,
+                progress=progress,
                 **settings(config),
             )
         except MarketpipeError as exc:
@@ -132,7 +164,9 @@ async def update(
         failed = {s for err in stats.errors for s in _error_symbols(err)}
         for sym in syms:
             err = next((e for e in stats.errors if sym in _error_symbols(e)), None) if sym in failed else None
-            results[sym] = SymbolUpdate(sym, "full" if refresh else "incremental", begin, stop, stats=stats, error=err)
+            results[sym] = SymbolUpdate(
+                sym, "full" if refresh else "incremental", begin, stop, stats=symbol_stats(stats, sym), error=err
+            )
     _check_stale(store, cal, symbols, timeframe, t_now, ucfg.stale_after_minutes)
     return {sym: results[sym] for sym in symbols}
 
@@ -237,6 +271,7 @@ async def repair(
     empties: bool = True,
     feed: str | None = None,
     now: Callable[[], datetime] = utcnow,
+    progress: ProgressFn | None = None,
 ) -> RepairResult:
     """Fetch what is missing in ``[start, end)``:
 
@@ -252,7 +287,7 @@ async def repair(
     end = min(end, t_now)
     before = completeness(store, cal, symbols, timeframe, start, end, extended=extended, now=t_now)
     result = RepairResult(before=before, after=before)
-    kw = {"feed": feed, "now": now, **settings(config)}
+    kw = {"feed": feed, "now": now, "progress": progress, **settings(config)}
     routers: list[ProviderRouter] = []
 
     def get_router() -> ProviderRouter:
