@@ -211,7 +211,11 @@ def test_snapshots_single_and_multi(http: httpx.Client) -> None:
     assert {"day", "prevDay", "min", "lastTrade", "lastQuote", "todaysChange", "todaysChangePerc", "updated"} <= set(
         snap
     )
-    assert snap["min"]["av"] == snap["day"]["v"] and snap["lastTrade"]["p"] == snap["day"]["c"]
+    assert snap["min"]["av"] == snap["day"]["v"] and snap["min"]["c"] == snap["day"]["c"]
+    # The last trade closes the day bar once its minute is complete. While a session runs it may fall in
+    # the minute still forming (after the last complete one), which no bar holds yet.
+    last_ns, forming_from_ns = snap["lastTrade"]["t"], (snap["min"]["t"] + 60_000) * 1_000_000
+    assert snap["lastTrade"]["p"] == snap["day"]["c"] or last_ns >= forming_from_ns
     assert snap["todaysChange"] == pytest.approx(snap["day"]["c"] - snap["prevDay"]["c"])
     multi = http.get("/v2/snapshot/locale/us/markets/stocks/tickers", params={"tickers": "AAPL,ZZZZ,MSFT"}).json()
     assert [s["ticker"] for s in multi["tickers"]] == ["AAPL", "MSFT"] and multi["count"] == 2
