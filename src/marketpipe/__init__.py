@@ -18,6 +18,13 @@ from typing import TYPE_CHECKING, Any
 # ``marketpipe.*`` import runs this file first. Only the small config modules load here.
 import marketpipe.providers  # noqa: F401
 
+# ``mp.quality`` is a function, and ``marketpipe.quality`` is also a subpackage. Python sets a package's
+# attribute to its subpackage when that subpackage is first imported (``import marketpipe.quality.x`` or
+# any module that does, such as the services behind ``mp.bars``), which would replace the function with
+# a module. Importing the (empty) subpackage here, before the function below is defined, makes that
+# first import happen now: later imports find it in ``sys.modules`` and leave the attribute alone.
+import marketpipe.quality  # noqa: F401  (re-bound to the function below, on purpose)
+
 if TYPE_CHECKING:
     import polars as pl
 
