@@ -82,6 +82,13 @@ class MarketData:
             self._store = open_store(self.config)
         return self._store
 
+    def _stored(self) -> Store:
+        """The store for a call that only reads: ``StoreError`` "no store at PATH" when there is none yet,
+        rather than an empty answer from a newly created file."""
+        if self._store is None:
+            self._store = open_store(self.config, create=False)
+        return self._store
+
     @property
     def router(self) -> ProviderRouter:
         """Every enabled provider with credentials, built on first use so that reading from the
@@ -281,7 +288,9 @@ class MarketData:
         A range the ledger covers (by any provider) is read without building a provider, so reading
         what is already held needs no credentials; only a gap leads to a backfill, which plans it."""
         syms, tf, s, e = _series(symbols, timeframe, start, end)
-        if fetch and any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
+        if not fetch:
+            return await asyncio.to_thread(self._stored().read_bars, syms, str(tf), s, e)
+        if any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
             await self.backfill(syms, s, e, timeframe=tf, feed=feed)
         return await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
 
