@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import polars as pl
 
     from marketpipe.core.schema import Quote, Snapshot, Trade
+    from marketpipe.core.timeframe import TimeframeLike
     from marketpipe.service.backfill import BackfillStats
     from marketpipe.service.data import SyncMarketData
 
@@ -60,7 +61,7 @@ def bars(
     start: TimeLike,
     end: TimeLike | None = None,
     *,
-    timeframe: str = "1Min",
+    timeframe: TimeframeLike = "1Min",
     feed: str | None = None,
     fetch: bool = True,
 ) -> pl.DataFrame:
@@ -73,7 +74,7 @@ def backfill(
     start: TimeLike,
     end: TimeLike | None = None,
     *,
-    timeframe: str = "1Min",
+    timeframe: TimeframeLike = "1Min",
     feed: str | None = None,
 ) -> BackfillStats:
     return _client().backfill(symbols, start, end, timeframe=timeframe, feed=feed)
@@ -91,7 +92,7 @@ def snapshots(symbols: str | list[str], *, feed: str | None = None) -> dict[str,
     return _client().snapshots(symbols, feed=feed)
 
 
-def quality(symbols: str | list[str], start: TimeLike, end: TimeLike | None = None, *, timeframe: str = "1Min") -> Any:
+def quality(symbols: str | list[str], start: TimeLike, end: TimeLike | None = None, *, timeframe: TimeframeLike = "1Min") -> Any:
     """Completeness, anomalies and quality scores of stored bars (nothing is fetched): one result per
     symbol with ``.summary``, ``.days``, ``.findings`` and ``.completeness``."""
     return _client().quality(symbols, start, end, timeframe=timeframe)

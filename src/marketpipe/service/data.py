@@ -24,7 +24,7 @@ import polars as pl
 from marketpipe.core.calendar import ExchangeCalendar, get_calendar
 from marketpipe.core.config import Config, load_config
 from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
-from marketpipe.core.timeframe import Timeframe
+from marketpipe.core.timeframe import Timeframe, TimeframeLike
 from marketpipe.core.timeutil import parse_range, parse_time
 from marketpipe.providers.base import BarsProvider, feed_for
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
@@ -42,7 +42,7 @@ TickKind = Literal["trades", "quotes"]
 
 
 def _series(
-    symbols: list[str] | str, timeframe: str | Timeframe, start: TimeLike, end: TimeLike | None
+    symbols: list[str] | str, timeframe: TimeframeLike | Timeframe, start: TimeLike, end: TimeLike | None
 ) -> tuple[list[str], Timeframe, datetime, datetime]:
     """The checked arguments of a call about stored series, in one order for every such call:
     symbols, then timeframe, then the ``[start, end)`` range."""
@@ -138,7 +138,7 @@ class MarketData:
         start: TimeLike,
         end: TimeLike | None = None,
         *,
-        timeframe: str | Timeframe = "1Min",
+        timeframe: TimeframeLike | Timeframe = "1Min",
         feed: str | None = None,
         progress: ProgressFn | None = None,
     ) -> BackfillStats:
@@ -187,7 +187,7 @@ class MarketData:
         start: TimeLike,
         end: TimeLike | None = None,
         *,
-        timeframe: str | Timeframe = "1Min",
+        timeframe: TimeframeLike | Timeframe = "1Min",
         save: bool = True,
     ) -> list[SeriesQuality]:
         """Completeness, anomalies and quality scores of stored data (nothing is fetched)."""
@@ -200,7 +200,7 @@ class MarketData:
         self,
         symbols: list[str] | str,
         *,
-        timeframe: str | Timeframe = "1Min",
+        timeframe: TimeframeLike | Timeframe = "1Min",
         strategy: Strategy = "smart",
         start: TimeLike | None = None,
         end: TimeLike | None = None,
@@ -228,7 +228,7 @@ class MarketData:
         start: TimeLike,
         end: TimeLike | None = None,
         *,
-        timeframe: str | Timeframe = "1Min",
+        timeframe: TimeframeLike | Timeframe = "1Min",
         empties: bool = True,
         feed: str | None = None,
     ) -> RepairResult:
@@ -279,7 +279,7 @@ class MarketData:
         start: TimeLike,
         end: TimeLike | None = None,
         *,
-        timeframe: str | Timeframe = "1Min",
+        timeframe: TimeframeLike | Timeframe = "1Min",
         feed: str | None = None,
         fetch: bool = True,
     ) -> pl.DataFrame:
