@@ -1,4 +1,4 @@
-"""``import marketpipe as mp`` as the README uses it, each run in a fresh interpreter (the import order is the point)."""
+"""``import marketpipe as mp`` as the README uses it, each in a fresh interpreter (the import order is the point)."""
 
 from __future__ import annotations
 

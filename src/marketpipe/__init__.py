@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 # The library's root binds each vendor's config class (declared beside its adapter) to core's config
 # loader, which cannot import providers/ itself: importing marketpipe.providers registers them, and every
 # ``marketpipe.*`` import runs this file first. Only the small config modules load here.
-import marketpipe.providers  # noqa: F401
+import marketpipe.providers
 
 # ``mp.quality`` is a function, and ``marketpipe.quality`` is also a subpackage. Python sets a package's
 # attribute to its subpackage when that subpackage is first imported (``import marketpipe.quality.x`` or
@@ -92,7 +92,9 @@ def snapshots(symbols: str | list[str], *, feed: str | None = None) -> dict[str,
     return _client().snapshots(symbols, feed=feed)
 
 
-def quality(symbols: str | list[str], start: TimeLike, end: TimeLike | None = None, *, timeframe: TimeframeLike = "1Min") -> Any:
+def quality(
+    symbols: str | list[str], start: TimeLike, end: TimeLike | None = None, *, timeframe: TimeframeLike = "1Min"
+) -> Any:
     """Completeness, anomalies and quality scores of stored bars (nothing is fetched): one result per
     symbol with ``.summary``, ``.days``, ``.findings`` and ``.completeness``."""
     return _client().quality(symbols, start, end, timeframe=timeframe)

@@ -141,8 +141,8 @@ def _open_error(path: str, exc: duckdb.IOException) -> StoreError:
     log.error("store_locked", path=path, pid=pid)
     return StoreError(
         f"store {path} is locked by {who}, such as a running `marketpipe serve`, `backfill` or `schedule`. "
-        "Read through that gateway instead (Python: mp.client(gateway=\"http://127.0.0.1:8000\"); "
-        "shell: curl \"http://127.0.0.1:8000/v1/bars?symbols=AAPL&start=...&format=csv\"), "
+        'Read through that gateway instead (Python: mp.client(gateway="http://127.0.0.1:8000"); '
+        'shell: curl "http://127.0.0.1:8000/v1/bars?symbols=AAPL&start=...&format=csv"), '
         f"or stop it{f' (kill {pid})' if pid else ''} and try again, or point --store / MARKETPIPE_STORE at "
         "another file.",
         details={"path": path, "pid": pid, "reason": "locked"},
