@@ -10,7 +10,6 @@ vendor, checked and stored first. Configuration: ``marketpipe.toml`` / env (see 
 from __future__ import annotations
 
 import threading
-from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
 # The library's root binds each vendor's config class (declared beside its adapter) to core's config
@@ -24,6 +23,7 @@ import marketpipe.providers
 # a module. Importing the (empty) subpackage here, before the function below is defined, makes that
 # first import happen now: later imports find it in ``sys.modules`` and leave the attribute alone.
 import marketpipe.quality  # noqa: F401  (re-bound to the function below, on purpose)
+from marketpipe.core.timeutil import TimeInput
 
 if TYPE_CHECKING:
     import polars as pl
@@ -38,7 +38,7 @@ __all__ = ["backfill", "bars", "client", "latest_quote", "latest_trade", "qualit
 
 _default: SyncMarketData | None = None
 _lock = threading.Lock()
-TimeLike = str | date | datetime
+TimeLike = TimeInput  # a day (date, 'YYYY-MM-DD', naive midnight) or an aware instant: core/timeutil.py
 
 
 def client(**kw: Any) -> SyncMarketData:

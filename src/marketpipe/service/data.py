@@ -16,7 +16,7 @@ import contextlib
 import threading
 from collections.abc import AsyncGenerator, Coroutine, Iterator
 from concurrent.futures import Future
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 import polars as pl
@@ -25,7 +25,7 @@ from marketpipe.core.calendar import ExchangeCalendar, get_calendar
 from marketpipe.core.config import Config, load_config
 from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe, TimeframeLike
-from marketpipe.core.timeutil import parse_range, parse_time
+from marketpipe.core.timeutil import TimeInput, parse_range, parse_time
 from marketpipe.providers.base import BarsProvider, feed_for
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
 from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
@@ -36,7 +36,7 @@ from marketpipe.store import open_store
 from marketpipe.store.base import Store
 
 T = TypeVar("T")
-TimeLike = str | date | datetime
+TimeLike = TimeInput
 LatestKind = Literal["trade", "quote", "bar"]
 TickKind = Literal["trades", "quotes"]
 
