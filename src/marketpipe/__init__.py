@@ -10,7 +10,7 @@ vendor, checked and stored first. Configuration: ``marketpipe.toml`` / env (see 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 # The library's root binds each vendor's config class (declared beside its adapter) to core's config
 # loader, which cannot import providers/ itself: importing marketpipe.providers registers them, and every
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from marketpipe.core.timeframe import TimeframeLike
     from marketpipe.service.backfill import BackfillStats
     from marketpipe.service.data import SyncMarketData
+    from marketpipe.service.remote import GatewayClient
 
 __version__ = "0.1.0"
 __all__ = ["backfill", "bars", "client", "latest_quote", "latest_trade", "quality", "snapshots"]
@@ -41,8 +42,22 @@ _lock = threading.Lock()
 TimeLike = TimeInput  # a day (date, 'YYYY-MM-DD', naive midnight) or an aware instant: core/timeutil.py
 
 
-def client(**kw: Any) -> SyncMarketData:
-    """A synchronous client with its own store and provider (``config=``, ``store=``, ``provider=``)."""
+@overload
+def client(*, gateway: str, api_key: str | None = None, timeout: float = 60.0) -> GatewayClient: ...
+
+
+@overload
+def client(**kw: Any) -> SyncMarketData: ...
+
+
+def client(*, gateway: str | None = None, **kw: Any) -> SyncMarketData | GatewayClient:
+    """A synchronous client with its own store and provider (``config=``, ``store=``, ``provider=``), or,
+    with ``gateway="http://127.0.0.1:8000"``, one that reads bars through a running ``marketpipe serve``
+    (which holds the store file while it runs; ``api_key=`` when the gateway has client keys)."""
+    if gateway is not None:
+        from marketpipe.service.remote import GatewayClient
+
+        return GatewayClient(gateway, **kw)
     from marketpipe.service.data import SyncMarketData
 
     return SyncMarketData(**kw)
