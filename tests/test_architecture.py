@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "service": {"core", "wire", "providers", "store", "cache", "quality"},
     "api": {"root", "core", "wire", "cache", "service"},
     "cli": {"root", "core", "wire", "providers", "store", "cache", "quality", "service", "api", "sim"},
-    "root": {"core", "providers", "service"},
+    "root": {"core", "providers", "quality", "service"},
 }
 
 

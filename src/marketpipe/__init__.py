@@ -10,31 +10,54 @@ vendor, checked and stored first. Configuration: ``marketpipe.toml`` / env (see 
 from __future__ import annotations
 
 import threading
-from datetime import date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 # The library's root binds each vendor's config class (declared beside its adapter) to core's config
 # loader, which cannot import providers/ itself: importing marketpipe.providers registers them, and every
 # ``marketpipe.*`` import runs this file first. Only the small config modules load here.
-import marketpipe.providers  # noqa: F401
+import marketpipe.providers
+
+# ``mp.quality`` is a function, and ``marketpipe.quality`` is also a subpackage. Python sets a package's
+# attribute to its subpackage when that subpackage is first imported (``import marketpipe.quality.x`` or
+# any module that does, such as the services behind ``mp.bars``), which would replace the function with
+# a module. Importing the (empty) subpackage here, before the function below is defined, makes that
+# first import happen now: later imports find it in ``sys.modules`` and leave the attribute alone.
+import marketpipe.quality  # noqa: F401  (re-bound to the function below, on purpose)
+from marketpipe.core.timeutil import TimeInput
 
 if TYPE_CHECKING:
     import polars as pl
 
     from marketpipe.core.schema import Quote, Snapshot, Trade
+    from marketpipe.core.timeframe import TimeframeLike
     from marketpipe.service.backfill import BackfillStats
     from marketpipe.service.data import SyncMarketData
+    from marketpipe.service.remote import GatewayClient
 
 __version__ = "0.1.0"
 __all__ = ["backfill", "bars", "client", "latest_quote", "latest_trade", "quality", "snapshots"]
 
 _default: SyncMarketData | None = None
 _lock = threading.Lock()
-TimeLike = str | date | datetime
+TimeLike = TimeInput  # a day (date, 'YYYY-MM-DD', naive midnight) or an aware instant: core/timeutil.py
 
 
-def client(**kw: Any) -> SyncMarketData:
-    """A synchronous client with its own store and provider (``config=``, ``store=``, ``provider=``)."""
+@overload
+def client(*, gateway: str, api_key: str | None = None, timeout: float = 60.0) -> GatewayClient: ...
+
+
+@overload
+def client(**kw: Any) -> SyncMarketData: ...
+
+
+def client(*, gateway: str | None = None, **kw: Any) -> SyncMarketData | GatewayClient:
+    """A synchronous client with its own store and provider (``config=``, ``store=``, ``provider=``), or,
+    with ``gateway="http://127.0.0.1:8000"``, one that reads bars through a running ``marketpipe serve``
+    (which holds the store file while it runs; ``api_key=`` when the gateway has client keys)."""
+    if gateway is not None:
+        from marketpipe.service.remote import GatewayClient
+
+        return GatewayClient(gateway, **kw)
     from marketpipe.service.data import SyncMarketData
 
     return SyncMarketData(**kw)
@@ -53,7 +76,7 @@ def bars(
     start: TimeLike,
     end: TimeLike | None = None,
     *,
-    timeframe: str = "1Min",
+    timeframe: TimeframeLike = "1Min",
     feed: str | None = None,
     fetch: bool = True,
 ) -> pl.DataFrame:
@@ -66,7 +89,7 @@ def backfill(
     start: TimeLike,
     end: TimeLike | None = None,
     *,
-    timeframe: str = "1Min",
+    timeframe: TimeframeLike = "1Min",
     feed: str | None = None,
 ) -> BackfillStats:
     return _client().backfill(symbols, start, end, timeframe=timeframe, feed=feed)
@@ -84,7 +107,9 @@ def snapshots(symbols: str | list[str], *, feed: str | None = None) -> dict[str,
     return _client().snapshots(symbols, feed=feed)
 
 
-def quality(symbols: str | list[str], start: TimeLike, end: TimeLike | None = None, *, timeframe: str = "1Min") -> Any:
+def quality(
+    symbols: str | list[str], start: TimeLike, end: TimeLike | None = None, *, timeframe: TimeframeLike = "1Min"
+) -> Any:
     """Completeness, anomalies and quality scores of stored bars (nothing is fetched): one result per
     symbol with ``.summary``, ``.days``, ``.findings`` and ``.completeness``."""
     return _client().quality(symbols, start, end, timeframe=timeframe)

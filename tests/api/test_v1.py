@@ -67,6 +67,15 @@ async def test_bars_formats(client: httpx.AsyncClient, how: dict[str, str], medi
     assert r.headers["x-marketpipe-source"] == "sim:alpaca"
 
 
+async def test_timeframe_aliases_name_the_canonical_timeframe(client: httpx.AsyncClient) -> None:
+    """Issue 13 item 10: ``1m``/``5m``/``1h``/``1d`` were INVALID_TIMEFRAME; they are the canonical timeframes."""
+    for alias, canonical, count in (("1m", "1Min", 390), ("5m", "5Min", 78), ("1h", "1Hour", 7), ("1d", "1Day", 1)):
+        r = await client.get("/v1/bars/AAPL", params={**DAY, "timeframe": alias})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["timeframe"] == canonical and len(doc["bars"]) == count, (alias, doc["timeframe"], len(doc["bars"]))
+
+
 async def test_multi_symbol_pages_cover_everything_once(client: httpx.AsyncClient) -> None:
     full = (await client.get("/v1/bars", params={"symbols": "AAPL,MSFT,SPY", **DAY})).json()
     assert [len(v) for v in full["bars"].values()] == [390, 390, 390]

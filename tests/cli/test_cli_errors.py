@@ -182,6 +182,9 @@ def test_unknown_log_level(args: list[str], option: str, tmp_path: Path) -> None
 
 
 def test_log_level_any_case_is_accepted(tmp_path: Path) -> None:
+    from marketpipe.store.duckdb import DuckDBStore
+
+    DuckDBStore(tmp_path / "s.duckdb").close()  # `store info` reads an existing store (issue 13 item 16)
     r = run("--log-level", "INFO", "store", "info", "--store", str(tmp_path / "s.duckdb"))
     assert r.returncode == 0, r.stderr
 
@@ -250,3 +253,54 @@ def test_sim_server_port_errors_are_typed() -> None:
     with pytest.raises(InvalidArgument) as bad:
         SimServer(port=99999).start()
     assert bad.value.details == {"parameter": "port"}
+
+
+# --- issue 13 items 9 and 16: a store that is missing or held by another process ------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["bars", "AAPL", "--start", "2024-03-04", "--no-fetch"],
+        ["store", "info"],
+        ["store", "quarantine"],
+        ["store", "log"],
+        ["store", "runs"],
+        ["store", "anomalies", "AAPL", "--start", "2024-03-04"],
+    ],
+)
+def test_reading_a_store_that_does_not_exist(command: list[str], tmp_path: Path) -> None:
+    """Before: an empty table and exit 0 (and a new empty store file, with its directory)."""
+    store = tmp_path / "nonexistent" / "dir" / "x.duckdb"
+    r = run(*command, "--store", str(store), timeout=60)
+    assert_error(r, "STORE_ERROR", 1, f"no store at {store}")
+    assert not store.exists() and not store.parent.exists()
+
+
+def test_a_store_held_by_a_running_gateway_says_who_holds_it_and_what_to_do(tmp_path: Path) -> None:
+    """Before: ``cannot open store …: IO Error: Could not set lock … Is another marketpipe process using it?``."""
+    from marketpipe.store.duckdb import DuckDBStore
+
+    store = tmp_path / "s.duckdb"
+    DuckDBStore(store).close()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "marketpipe.cli.main", "serve", "--port", str(port), "--store", str(store)],
+        env={k: v for k, v in os.environ.items() if not k.startswith(("ALPACA_", "APCA_"))},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the gateway is up and has opened its store
+            r = run("bars", "AAPL", "--start", "2024-03-04", "--no-fetch", "--store", str(store), timeout=60)
+            if f"process {proc.pid}" in r.stderr:
+                break
+            assert time.monotonic() < deadline, r.stderr
+            time.sleep(0.5)
+        line = assert_error(r, "STORE_ERROR", 1, str(store), f"locked by process {proc.pid}", "marketpipe serve")
+        assert "mp.client(gateway=" in line and f"kill {proc.pid}" in line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

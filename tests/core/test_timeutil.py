@@ -82,3 +82,63 @@ def test_parse_range_names_the_parameter_out_of_range(start: str, end: str, name
         parse_range(start, end)
     assert info.value.details == {"parameter": name}
     assert "supported range" in info.value.message
+
+
+# --- issue 13 item 10: one end-of-range rule for every type a user may pass ------------------------------------
+
+NY_DAY = (datetime(2024, 3, 1, 5, tzinfo=UTC), datetime(2024, 3, 2, 5, tzinfo=UTC))  # 2024-03-01 in New York
+
+
+def _days() -> list[object]:
+    import numpy as np
+    import pandas as pd
+
+    return [
+        "2024-03-01",
+        date(2024, 3, 1),
+        datetime(2024, 3, 1),  # naive midnight: no time of day given
+        "2024-03-01T00:00:00",
+        pd.Timestamp("2024-03-01"),
+        pd.Timestamp(date(2024, 3, 1)),
+        np.datetime64("2024-03-01"),
+        np.datetime64("2024-03-01T00:00:00.000000000"),
+    ]
+
+
+@pytest.mark.parametrize("day", _days(), ids=lambda v: f"{type(v).__name__}:{v}")
+def test_every_way_to_name_a_day_means_the_whole_new_york_day(day: object) -> None:
+    """Before: a ``date`` end included the day, a naive ``pd.Timestamp``/``datetime``/``datetime64`` of the same
+    day was refused (or not understood)."""
+    assert parse_range(day, day) == NY_DAY  # type: ignore[arg-type]
+    assert parse_time(day, end=True) == NY_DAY[1]  # type: ignore[arg-type]
+
+
+def test_values_with_a_zone_are_instants_and_an_end_excludes_them() -> None:
+    import pandas as pd
+
+    utc_midnight = datetime(2024, 3, 1, tzinfo=UTC)
+    for value in (utc_midnight, pd.Timestamp("2024-03-01", tz="UTC"), "2024-03-01T00:00:00Z"):
+        assert parse_time(value, end=True) == utc_midnight  # type: ignore[arg-type]
+    ny = pd.Timestamp("2024-03-01 09:30", tz="America/New_York")
+    assert parse_time(ny) == datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
+
+
+def test_naive_values_with_a_time_of_day_are_ambiguous() -> None:
+    import numpy as np
+    import pandas as pd
+
+    for value in (datetime(2024, 3, 1, 9, 30), pd.Timestamp("2024-03-01 09:30"), np.datetime64("2024-03-01T09:30")):
+        with pytest.raises(InvalidArgument) as info:
+            parse_time(value, name="end", end=True)  # type: ignore[arg-type]
+        assert info.value.details["parameter"] == "end" and "no time zone" in info.value.message
+    for missing in (pd.NaT, np.datetime64("NaT")):
+        with pytest.raises(InvalidArgument):
+            parse_time(missing, name="start")  # type: ignore[arg-type]
+
+
+def test_timeutil_does_not_import_pandas_or_numpy() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, marketpipe.core.timeutil; assert 'pandas' not in sys.modules and 'numpy' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

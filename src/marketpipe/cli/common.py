@@ -252,10 +252,11 @@ FORMAT_MESSAGE = "unknown format {value!r}; use table, csv, json or parquet"
 
 def store_table(config: Path | None, store: Path | None, read: Callable[[Store], Any]) -> None:
     """What a ``marketpipe store ...`` listing does: open the configured store (``--store`` wins),
-    read one frame from it with ``read`` and print it as a table."""
+    read one frame from it with ``read`` and print it as a table. A missing store is an error, not an
+    empty table (nor a new empty file)."""
     from marketpipe.store import open_store
 
-    with open_store(load_config(config, store)) as st:
+    with open_store(load_config(config, store), create=False) as st:
         emit(read(st), "table", None)
 
 

@@ -593,7 +593,7 @@ def store_info(config: ConfigOpt = None, store: StoreOpt = None) -> None:
     from marketpipe.store import open_store
 
     cfg = load_config(config, store)
-    with open_store(cfg) as st:
+    with open_store(cfg, create=False) as st:
         out.print(f"store: {st.path}")
         out.print(st.counts())
         summary = st.summary().with_columns(

@@ -263,6 +263,15 @@ class StoreError(MarketpipeError):
     http_status = 500
 
 
+class GatewayUnavailable(MarketpipeError):
+    """``mp.client(gateway=URL)``: the marketpipe gateway at URL cannot be reached or did not answer in
+    its own format (is ``marketpipe serve`` running there?)."""
+
+    code = "GATEWAY_UNAVAILABLE"
+    http_status = 503
+    retryable = True
+
+
 class OutputError(MarketpipeError):
     """A file the user asked for (``--output``, ``--html``, ``--png``) cannot be written; nothing partial is left."""
 
@@ -365,6 +374,7 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         DataInvalid,
         StaleData,
         StoreError,
+        GatewayUnavailable,
         OutputError,
         AddressInUse,
         FeatureDisabled,
@@ -411,6 +421,7 @@ __all__ = [
     "DeadlineExceeded",
     "FeatureDisabled",
     "Forbidden",
+    "GatewayUnavailable",
     "HeadersTooLarge",
     "HttpError",
     "InvalidAction",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from marketpipe.core.errors import InvalidArgument, InvalidRange
@@ -25,19 +26,36 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def parse_time(value: str | date | datetime, *, name: str = "time", end: bool = False) -> datetime:
-    """Parse a user or wire time to an aware UTC datetime.
+class Datetime64Like(Protocol):
+    """numpy's ``datetime64`` (numpy is not imported here): what :func:`parse_time` needs of it."""
 
-    A bare date means the exchange-local (New York) day: as a start it is 00:00 that day, as an
-    ``end`` it is 00:00 the *next* day, so ``--start 2024-01-02 --end 2024-01-02`` is that whole
-    day. Ranges are half-open ``[start, end)`` throughout marketpipe.
+    def astype(self, dtype: str) -> Any:
+        """The value in another datetime64 unit."""
+
+
+TimeInput = str | date | datetime | Datetime64Like
+
+
+def parse_time(value: TimeInput, *, name: str = "time", end: bool = False) -> datetime:
+    """Parse a user or wire time to an aware UTC datetime. One rule for every type a user may pass:
+
+    - **A day** — a value with no time of day and no time zone: ``"YYYY-MM-DD"``, a ``datetime.date``, or
+      a naive ``datetime`` / ``pandas.Timestamp`` / ``numpy.datetime64`` (or ISO string) at exactly
+      midnight — is the exchange-local (New York) day: as a start 00:00 that day, as an ``end`` 00:00
+      the *next* day, so ``start=end=2024-01-02`` is that whole day.
+    - **An instant** — a value with a time zone (an aware ``datetime`` or ``pandas.Timestamp``, RFC-3339
+      with ``Z`` or an offset) — is taken as given, midnight included; as an end it is excluded.
+    - A naive value with a time of day is ambiguous (which zone?) and an error naming the parameter.
+
+    Ranges are half-open ``[start, end)`` throughout marketpipe.
     """
+    if not isinstance(value, str | date) and type(value).__name__ == "datetime64":
+        value = _from_datetime64(value, name)
     if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise InvalidArgument(
-                f"{name}: naive datetime {value.isoformat()} is ambiguous; give a time zone",
-                details={"parameter": name},
-            )
+        if str(value) == "NaT":  # pandas' missing time is a datetime subclass
+            raise InvalidArgument(f"{name}: NaT is not a time", details={"parameter": name})
+        if value.tzinfo is None or value.utcoffset() is None:
+            return _naive(value, end, name, value.isoformat())
         return _in_range(value, name, value.isoformat())
     if isinstance(value, date):
         return _day_edge(value, end, name)
@@ -58,11 +76,29 @@ def parse_time(value: str | date | datetime, *, name: str = "time", end: bool = 
             details={"parameter": name, "value": text},
         ) from exc
     if parsed.tzinfo is None:
-        raise InvalidArgument(
-            f"{name}: {text!r} has no time zone; add Z or an offset such as -05:00",
-            details={"parameter": name, "value": text},
-        )
+        return _naive(parsed, end, name, repr(text))
     return _in_range(parsed, name, text)
+
+
+def _from_datetime64(value: Datetime64Like, name: str) -> datetime:
+    try:
+        item = value.astype("datetime64[us]").item()
+    except (ValueError, OverflowError, TypeError):
+        item = None
+    if not isinstance(item, datetime):  # NaT, or outside what a datetime holds
+        raise InvalidArgument(f"{name}: {value!s} is not a time marketpipe can use", details={"parameter": name})
+    return item
+
+
+def _naive(value: datetime, end: bool, name: str, given: str) -> datetime:
+    """A naive value: a day when it is exactly midnight, else ambiguous."""
+    if value.time() == time(0) and not getattr(value, "nanosecond", 0):
+        return _day_edge(value.date(), end, name)
+    raise InvalidArgument(
+        f"{name}: {given} has a time of day but no time zone, which is ambiguous: add a zone (Z or an offset "
+        "such as -05:00, or tz= in pandas) for an instant, or give the date alone for a New York day",
+        details={"parameter": name, "value": given},
+    )
 
 
 def _out_of_range(name: str, given: str) -> InvalidRange:
@@ -93,13 +129,11 @@ def _day_edge(day: date, end: bool, name: str = "time") -> datetime:
     return datetime.combine(day, time(0), NY).astimezone(UTC)
 
 
-def parse_range(
-    start: str | date | datetime, end: str | date | datetime | None, *, now: datetime | None = None
-) -> tuple[datetime, datetime]:
+def parse_range(start: TimeInput, end: TimeInput | None, *, now: datetime | None = None) -> tuple[datetime, datetime]:
     s = parse_time(start, name="start")
     e = parse_time(end, name="end", end=True) if end is not None else (now or utcnow())
     if e <= s:
-        given = f" (start {start}, end {end}: a bare end date means the end of that day)" if end is not None else ""
+        given = f" (start {start}, end {end}: an end given as a day ends with that day)" if end is not None else ""
         raise InvalidRange(
             f"end ({e.isoformat()}) must be after start ({s.isoformat()}){given}",
             details={"start": s.isoformat(), "end": e.isoformat()},

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from marketpipe.core.errors import InvalidArgument, InvalidSymbol, InvalidTimeframe
 from marketpipe.core.schema import normalize_symbol
-from marketpipe.core.timeframe import Timeframe
+from marketpipe.core.timeframe import Timeframe, TimeframeLike
 
 S = TypeVar("S", bound=str)
 T = TypeVar("T")
@@ -190,7 +190,7 @@ def validate_symbols(
 
 
 def validate_timeframe(
-    value: str | Timeframe | None,
+    value: TimeframeLike | Timeframe | None,
     param: str = "timeframe",
     *,
     message: str | None = None,

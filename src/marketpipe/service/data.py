@@ -16,7 +16,7 @@ import contextlib
 import threading
 from collections.abc import AsyncGenerator, Coroutine, Iterator
 from concurrent.futures import Future
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 import polars as pl
@@ -24,8 +24,8 @@ import polars as pl
 from marketpipe.core.calendar import ExchangeCalendar, get_calendar
 from marketpipe.core.config import Config, load_config
 from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
-from marketpipe.core.timeframe import Timeframe
-from marketpipe.core.timeutil import parse_range, parse_time
+from marketpipe.core.timeframe import Timeframe, TimeframeLike
+from marketpipe.core.timeutil import TimeInput, parse_range, parse_time
 from marketpipe.providers.base import BarsProvider, feed_for
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
 from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
@@ -36,13 +36,13 @@ from marketpipe.store import open_store
 from marketpipe.store.base import Store
 
 T = TypeVar("T")
-TimeLike = str | date | datetime
+TimeLike = TimeInput
 LatestKind = Literal["trade", "quote", "bar"]
 TickKind = Literal["trades", "quotes"]
 
 
 def _series(
-    symbols: list[str] | str, timeframe: str | Timeframe, start: TimeLike, end: TimeLike | None
+    symbols: list[str] | str, timeframe: TimeframeLike | Timeframe, start: TimeLike, end: TimeLike | None
 ) -> tuple[list[str], Timeframe, datetime, datetime]:
     """The checked arguments of a call about stored series, in one order for every such call:
     symbols, then timeframe, then the ``[start, end)`` range."""
@@ -80,6 +80,13 @@ class MarketData:
     def store(self) -> Store:
         if self._store is None:
             self._store = open_store(self.config)
+        return self._store
+
+    def _stored(self) -> Store:
+        """The store for a call that only reads: ``StoreError`` "no store at PATH" when there is none yet,
+        rather than an empty answer from a newly created file."""
+        if self._store is None:
+            self._store = open_store(self.config, create=False)
         return self._store
 
     @property
@@ -131,7 +138,7 @@ class MarketData:
         start: TimeLike,
         end: TimeLike | None = None,
         *,
-        timeframe: str | Timeframe = "1Min",
+        timeframe: TimeframeLike | Timeframe = "1Min",
         feed: str | None = None,
         progress: ProgressFn | None = None,
     ) -> BackfillStats:
@@ -180,7 +187,7 @@ class MarketData:
         start: TimeLike,
         end: TimeLike | None = None,
         *,
-        timeframe: str | Timeframe = "1Min",
+        timeframe: TimeframeLike | Timeframe = "1Min",
         save: bool = True,
     ) -> list[SeriesQuality]:
         """Completeness, anomalies and quality scores of stored data (nothing is fetched)."""
@@ -193,7 +200,7 @@ class MarketData:
         self,
         symbols: list[str] | str,
         *,
-        timeframe: str | Timeframe = "1Min",
+        timeframe: TimeframeLike | Timeframe = "1Min",
         strategy: Strategy = "smart",
         start: TimeLike | None = None,
         end: TimeLike | None = None,
@@ -223,7 +230,7 @@ class MarketData:
         start: TimeLike,
         end: TimeLike | None = None,
         *,
-        timeframe: str | Timeframe = "1Min",
+        timeframe: TimeframeLike | Timeframe = "1Min",
         empties: bool = True,
         feed: str | None = None,
         progress: ProgressFn | None = None,
@@ -276,7 +283,7 @@ class MarketData:
         start: TimeLike,
         end: TimeLike | None = None,
         *,
-        timeframe: str | Timeframe = "1Min",
+        timeframe: TimeframeLike | Timeframe = "1Min",
         feed: str | None = None,
         fetch: bool = True,
     ) -> pl.DataFrame:
@@ -285,7 +292,9 @@ class MarketData:
         A range the ledger covers (by any provider) is read without building a provider, so reading
         what is already held needs no credentials; only a gap leads to a backfill, which plans it."""
         syms, tf, s, e = _series(symbols, timeframe, start, end)
-        if fetch and any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
+        if not fetch:
+            return await asyncio.to_thread(self._stored().read_bars, syms, str(tf), s, e)
+        if any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
             await self.backfill(syms, s, e, timeframe=tf, feed=feed)
         return await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
 

@@ -323,7 +323,7 @@ class AlpacaFace(Face):
     def _run_lookup(self, request: web.Request) -> RunLookup:
         """``bad_data`` ``frozen`` runs in the request's timeframe and feed (the handler has
         accepted both, as the answer is a 200)."""
-        tf = Timeframe.parse(request.query.get("timeframe", ""))
+        tf = Timeframe.parse(request.query.get("timeframe", ""), strict=True)
         feed = request.query.get("feed", "") or "sip"
         now = self.now_ns()
 
@@ -388,7 +388,7 @@ class AlpacaFace(Face):
             tf: Timeframe | None = None
             if kind == "bars":
                 try:
-                    tf = Timeframe.parse(q.get("timeframe", ""))
+                    tf = Timeframe.parse(q.get("timeframe", ""), strict=True)
                 except InvalidTimeframe as exc:
                     raise BadRequest("invalid timeframe", code=42210000) from exc
                 for part in q.get("adjustment", "raw").split(","):

@@ -10,9 +10,10 @@ if TYPE_CHECKING:
     from marketpipe.store.base import Store
 
 
-def open_store(config: Config, *, read_only: bool = False) -> Store:
+def open_store(config: Config, *, read_only: bool = False, create: bool = True) -> Store:
     """Open the store the configuration names (today the DuckDB file at ``config.store_path()``),
-    creating or migrating its tables unless ``read_only``. Raises ``StoreError`` when it cannot be opened."""
+    creating or migrating its tables unless ``read_only``. Raises ``StoreError`` when it cannot be opened,
+    and, with ``create=False`` (what a command that only reads passes), when there is no store there yet."""
     from marketpipe.store.duckdb import DuckDBStore  # imported here: reading the protocols needs no DuckDB
 
-    return DuckDBStore(config.store_path(), read_only=read_only)
+    return DuckDBStore(config.store_path(), read_only=read_only, create=create)

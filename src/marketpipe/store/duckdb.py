@@ -11,6 +11,7 @@ so a crash leaves either the whole page or none of it.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -123,11 +124,45 @@ class _Variants:
     revised: bool  # a refresh stored newer versions of some rows
 
 
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+
+
+def _open_error(path: str, exc: duckdb.IOException) -> StoreError:
+    """Why the file cannot be opened, and what to do. DuckDB lets one process hold a file (a running
+    ``marketpipe serve``, ``backfill`` or ``schedule``), and its lock keeps every other process out, even
+    read-only ones; the way to read while the gateway runs is through the gateway."""
+    text = str(exc)
+    held = _LOCK_HOLDER.search(text)
+    if held is None and "lock" not in text.lower():
+        log.error("store_open_failed", path=path, error=text)
+        return StoreError(f"cannot open store {path}: {text}", details={"path": path})
+    pid = int(held.group("pid")) if held else None
+    who = f"process {pid} ({held.group('exe')})" if held else "another process"
+    log.error("store_locked", path=path, pid=pid)
+    return StoreError(
+        f"store {path} is locked by {who}, such as a running `marketpipe serve`, `backfill` or `schedule`. "
+        'Read through that gateway instead (Python: mp.client(gateway="http://127.0.0.1:8000"); '
+        'shell: curl "http://127.0.0.1:8000/v1/bars?symbols=AAPL&start=...&format=csv"), '
+        f"or stop it{f' (kill {pid})' if pid else ''} and try again, or point --store / MARKETPIPE_STORE at "
+        "another file.",
+        details={"path": path, "pid": pid, "reason": "locked"},
+    )
+
+
 class DuckDBStore:
     """Not thread-safe: use from one thread at a time (the backfill writes from one writer task)."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False, create: bool = True) -> None:
+        """``create=False`` (and ``read_only``): a missing file is a ``StoreError`` ("no store at PATH"),
+        not a new empty store: a call that only reads must not answer "nothing" for a mistyped path."""
         self.path = str(path)
+        if self.path != ":memory:" and (read_only or not create) and not Path(self.path).is_file():
+            log.warning("store_missing", path=self.path)
+            raise StoreError(
+                f"no store at {self.path}: nothing has been stored there yet (check --store / "
+                "MARKETPIPE_STORE / [store] path, or fetch first)",
+                details={"path": self.path},
+            )
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -139,10 +174,7 @@ class DuckDBStore:
         try:
             self.con = duckdb.connect(self.path, read_only=read_only)
         except duckdb.IOException as exc:
-            raise StoreError(
-                f"cannot open store {self.path}: {exc}. Is another marketpipe process using it?",
-                details={"path": self.path},
-            ) from exc
+            raise _open_error(self.path, exc) from exc
         self._lock = threading.RLock()
         # (symbol, timeframe) -> the (source, feed) variants held (and whether any were revised); lets the
         # common case of a single version per timestamp skip the de-duplication window on reads.
