@@ -10,7 +10,7 @@ vendor, checked and stored first. Configuration: ``marketpipe.toml`` / env (see 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 # The library's root binds each vendor's config class (declared beside its adapter) to core's config
 # loader, which cannot import providers/ itself: importing marketpipe.providers registers them, and every
@@ -26,6 +26,7 @@ import marketpipe.quality  # noqa: F401  (re-bound to the function below, on pur
 from marketpipe.core.timeutil import TimeInput
 
 if TYPE_CHECKING:
+    import pandas as pd
     import polars as pl
 
     from marketpipe.core.schema import Quote, Snapshot, Trade
@@ -71,6 +72,7 @@ def _client() -> SyncMarketData:
         return _default
 
 
+@overload
 def bars(
     symbols: str | list[str],
     start: TimeLike,
@@ -79,9 +81,46 @@ def bars(
     timeframe: TimeframeLike = "1Min",
     feed: str | None = None,
     fetch: bool = True,
-) -> pl.DataFrame:
-    """Bars for ``[start, end)`` as a polars DataFrame (``.to_pandas()`` for pandas)."""
-    return _client().bars(symbols, start, end, timeframe=timeframe, feed=feed, fetch=fetch)
+    tz: str | None = None,
+    shape: Literal["long"] = "long",
+) -> pl.DataFrame: ...
+
+
+@overload
+def bars(
+    symbols: str | list[str],
+    start: TimeLike,
+    end: TimeLike | None = None,
+    *,
+    timeframe: TimeframeLike = "1Min",
+    feed: str | None = None,
+    fetch: bool = True,
+    tz: str | None = None,
+    shape: Literal["alpaca", "wide"],
+) -> pd.DataFrame: ...
+
+
+def bars(
+    symbols: str | list[str],
+    start: TimeLike,
+    end: TimeLike | None = None,
+    *,
+    timeframe: TimeframeLike = "1Min",
+    feed: str | None = None,
+    fetch: bool = True,
+    tz: str | None = None,
+    shape: Literal["long", "alpaca", "wide"] = "long",
+) -> pl.DataFrame | pd.DataFrame:
+    """Bars for ``[start, end)`` as a polars DataFrame (``.to_pandas()`` for pandas), times in UTC.
+
+    ``tz="exchange"`` (the calendar's zone, America/New_York for XNYS) or any IANA name converts ``ts``.
+    ``shape="alpaca"``: alpaca-py's ``BarSet.df`` (pandas, index (symbol, timestamp), UTC unless ``tz``);
+    ``shape="wide"``: ``yfinance.download``'s frame (columns (Price, Ticker), exchange time unless ``tz``),
+    NaN where a symbol has no bar at a time another has one (pandas' outer alignment; nothing is filled)."""
+    out: pl.DataFrame | pd.DataFrame = _client().bars(
+        symbols, start, end, timeframe=timeframe, feed=feed, fetch=fetch, tz=tz, shape=shape
+    )
+    return out
 
 
 def backfill(

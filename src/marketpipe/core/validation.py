@@ -17,6 +17,7 @@ import re
 from collections.abc import Collection, Iterable, Sequence, Sized
 from datetime import datetime
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from marketpipe.core.errors import InvalidArgument, InvalidSymbol, InvalidTimeframe
 from marketpipe.core.schema import normalize_symbol
@@ -223,3 +224,20 @@ def validate_range(
     if end < start or (end == start and not allow_empty):
         template = message or "{param} must be after start"
         raise InvalidArgument(_say(template, param=param, value=end), details=_details(param))
+
+
+def validate_time_zone(value: str, param: str = "tz", *, message: str | None = None) -> str:
+    """``value`` if it names an IANA time zone (``America/New_York``, ``UTC``); else INVALID_ARGUMENT
+    naming ``param`` (default message ``{param} must be an IANA time zone name ..., not {value!r}``)."""
+    if isinstance(value, str) and value.strip() == value and value:
+        try:
+            ZoneInfo(value)
+            return value
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    template = (
+        message
+        if message is not None
+        else "{param} must be an IANA time zone name such as 'America/New_York', not {value!r}"
+    )
+    raise InvalidArgument(_say(template, param=param, value=value), details=_details(param))

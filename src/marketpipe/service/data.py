@@ -28,6 +28,7 @@ from marketpipe.core.timeframe import Timeframe, TimeframeLike
 from marketpipe.core.timeutil import TimeInput, parse_range, parse_time
 from marketpipe.providers.base import BarsProvider, feed_for
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
+from marketpipe.service.frames import Shape, frame_options, shaped
 from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
 from marketpipe.service.quality import SeriesQuality, analyze
 from marketpipe.service.router import CLIENT_ERRORS, ProviderRouter, Served, build_router
@@ -423,8 +424,26 @@ class SyncMarketData:
         self._portal = _Portal()
         self.data = data or MarketData(**kw)
 
-    def bars(self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any) -> pl.DataFrame:
-        return self._portal.run(self.data.bars(symbols, start, end, **kw))
+    def bars(
+        self,
+        symbols: list[str] | str,
+        start: TimeLike,
+        end: TimeLike | None = None,
+        *,
+        timeframe: TimeframeLike | Timeframe = "1Min",
+        tz: str | None = None,
+        shape: Shape = "long",
+        **kw: Any,
+    ) -> Any:
+        """:meth:`MarketData.bars`, shaped for a notebook. ``tz``: ``None`` keeps UTC, ``"exchange"`` is
+        the calendar's zone (America/New_York for XNYS), or any IANA name. ``shape``: ``"long"`` (the
+        polars frame), ``"alpaca"`` (alpaca-py's ``BarSet.df``: pandas, index (symbol, timestamp), UTC
+        unless ``tz``) or ``"wide"`` (``yfinance.download``'s frame: columns (Price, Ticker), exchange
+        time unless ``tz``; NaN where a symbol has no bar at a time another has one: pandas' outer
+        alignment, nothing filled). Both are checked before anything is read or fetched."""
+        zone, sh = frame_options(tz, shape, lambda: self.data.calendar.tz)
+        frame = self._portal.run(self.data.bars(symbols, start, end, timeframe=timeframe, **kw))
+        return shaped(frame, Timeframe.parse(timeframe), zone, sh)
 
     def backfill(
         self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any

@@ -15,11 +15,14 @@ from typing import Any
 import httpx
 import polars as pl
 
+from marketpipe.core.calendar import get_calendar
+from marketpipe.core.config import load_config
 from marketpipe.core.errors import ERROR_CODES, GatewayUnavailable, InvalidArgument, MarketpipeError
 from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA, normalize_symbols
 from marketpipe.core.timeframe import Timeframe, TimeframeLike
 from marketpipe.core.timeutil import TimeInput, parse_range, rfc3339
+from marketpipe.service.frames import Shape, frame_options, shaped
 
 log = get_logger("marketpipe.remote")
 NEXT_PAGE = "X-Marketpipe-Next-Page-Token"
@@ -44,9 +47,24 @@ class GatewayClient:
         timeframe: TimeframeLike | Timeframe = "1Min",
         feed: str | None = None,
         fetch: bool = True,
-    ) -> pl.DataFrame:
+        tz: str | None = None,
+        shape: Shape = "long",
+    ) -> Any:
         """Bars for ``[start, end)`` through the gateway, in the columns ``mp.bars`` returns. The range and
-        the timeframe are read here by the same rules as ``mp.bars`` and sent as exact instants."""
+        the timeframe are read here by the same rules as ``mp.bars`` and sent as exact instants. ``tz``
+        and ``shape`` as for ``mp.bars``; ``"exchange"`` is the zone of the configured calendar."""
+        zone, sh = frame_options(tz, shape, lambda: get_calendar(load_config().calendar).tz)
+        return shaped(self._bars(symbols, start, end, timeframe, feed, fetch), Timeframe.parse(timeframe), zone, sh)
+
+    def _bars(
+        self,
+        symbols: list[str] | str,
+        start: TimeInput,
+        end: TimeInput | None,
+        timeframe: TimeframeLike | Timeframe,
+        feed: str | None,
+        fetch: bool,
+    ) -> pl.DataFrame:
         if not fetch:
             raise InvalidArgument(
                 "fetch=False is not available through a gateway: it serves from its store and fetches only "
