@@ -18,36 +18,14 @@ from marketpipe.core.timeutil import parse_time, utcnow
 from marketpipe.providers.base import feed_for
 from marketpipe.service.data import MarketData, SyncMarketData
 from marketpipe.service.gateway import Gateway
-from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import FaultRule
 from marketpipe.sim.server import SimServer
+from tests.service.vendors import ENV, FAST
 
-ENV = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET", "POLYGON_API_KEY": "POLYKEY"}
-FAST = {
-    "rate_limit_per_min": 100_000,
-    "connect_timeout": 2.0,
-    "read_timeout": 5.0,
-    "retry": {"attempts": 2, "base_seconds": 0.01, "max_seconds": 0.02},
-}
 SYMS = ["AAPL", "MSFT"]
 
 
-@pytest.fixture(scope="module")
-def vendors() -> Iterator[dict[str, SimServer]]:
-    market = SimMarket()
-    with (
-        SimServer(market, vendor="alpaca") as a,
-        SimServer(market, vendor="polygon") as p,
-        SimServer(market, vendor="yahoo") as y,
-    ):
-        yield {"alpaca": a, "polygon": p, "yahoo": y}
-
-
-@pytest.fixture(autouse=True)
-def _reset(vendors: dict[str, SimServer]) -> Iterator[None]:
-    yield
-    for s in vendors.values():
-        s.faults.clear()
+pytestmark = pytest.mark.usefixtures("clean_vendors")
 
 
 def three_vendors(vendors: dict[str, SimServer], tmp_path: Path) -> Config:

@@ -3,7 +3,7 @@ cross-vendor reconciliation, through the same code a user runs (config -> router
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import date
 
 import polars as pl
@@ -16,41 +16,16 @@ from marketpipe.core.timeutil import parse_time
 from marketpipe.service.backfill import run_backfill
 from marketpipe.service.reconcile import reconcile_symbol
 from marketpipe.service.router import ProviderRouter, build_router
-from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import FaultRule
 from marketpipe.sim.server import SimServer
 from marketpipe.store.duckdb import DuckDBStore
+from tests.service.vendors import ENV, FAST
 
 CAL = get_calendar()
-ENV = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET", "POLYGON_API_KEY": "POLYKEY"}
 WEEK = (parse_time("2024-03-04"), parse_time("2024-03-08", end=True))
-FAST = {
-    "rate_limit_per_min": 100_000,
-    "connect_timeout": 2.0,
-    "read_timeout": 5.0,
-    "retry": {"attempts": 2, "base_seconds": 0.01, "max_seconds": 0.02},
-}
 
 
-@pytest.fixture(scope="module")
-def vendors() -> Iterator[dict[str, SimServer]]:
-    market = SimMarket()
-    with (
-        SimServer(market, vendor="alpaca") as a,
-        SimServer(market, vendor="polygon") as p,
-        SimServer(market, vendor="yahoo") as y,
-    ):
-        yield {"alpaca": a, "polygon": p, "yahoo": y}
-
-
-@pytest.fixture(autouse=True)
-def _reset(vendors: dict[str, SimServer]) -> Iterator[None]:
-    yield
-    for s in vendors.values():
-        s.faults.clear()
-    vendors["polygon"].face.price_shift_pct = 0.0
-    vendors["yahoo"].face.missing_days = set()
-    vendors["yahoo"].face.volume_ratio = 1.0
+pytestmark = pytest.mark.usefixtures("clean_vendors")
 
 
 @pytest.fixture

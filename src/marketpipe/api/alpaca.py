@@ -410,7 +410,7 @@ def router() -> APIRouter:
 
         async def load() -> Loaded:
             try:
-                frame, nxt, provider = await st.gateway.ticks(
+                frame, nxt, provider = await st.data.ticks(
                     kind, h.symbols, h.start, h.end, feed=h.feed, limit=h.limit, page_token=h.page_token, sort=h.sort
                 )
             except ProviderBadRequest as exc:

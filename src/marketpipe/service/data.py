@@ -26,6 +26,7 @@ from marketpipe.core.config import Config, load_config
 from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe, TimeframeLike
 from marketpipe.core.timeutil import TimeInput, parse_range, parse_time
+from marketpipe.core.validation import validate_limit
 from marketpipe.providers.base import BarsProvider, feed_for
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
 from marketpipe.service.frames import Shape, frame_options, shaped
@@ -35,6 +36,7 @@ from marketpipe.service.router import CLIENT_ERRORS, ProviderRouter, Served, bui
 from marketpipe.service.scheduler import Job, Scheduler
 from marketpipe.store import open_store
 from marketpipe.store.base import Store
+from marketpipe.wire.alpaca_rest import MAX_LIMIT  # the most rows one vendor page carries
 
 T = TypeVar("T")
 TimeLike = TimeInput
@@ -363,6 +365,7 @@ class MarketData:
         ``(frame, next_page_token, provider)``. The vendor's page token is passed through, so a
         continuation goes to the first candidate only (it is the same provider while that one is
         healthy): another vendor could not read the token."""
+        validate_limit(limit, 1, MAX_LIMIT)
         syms = normalize_symbols(symbols)
 
         async def call(p: BarsProvider) -> tuple[pl.DataFrame, str | None]:

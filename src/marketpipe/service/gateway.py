@@ -1,9 +1,10 @@
 """The gateway service: what the REST API (v1 and the Alpaca-compatible v2) asks for, answered from
 the store in page-sized windows (fetching what is missing through :class:`MarketData`) or, for
-latest values, snapshots and historical ticks, through :class:`MarketData` as well — so the API
-fails over exactly as ``marketpipe.*`` and the CLI do, on the router's one path. Every answer
-carries where it came from, when it was fetched, how old the data is and how good it is. Caching
-of encoded responses is the API layer's business; the gateway holds no failover loop of its own."""
+latest values and snapshots, through :class:`MarketData` as well (historical ticks, passed through
+unstored, the API asks of :class:`MarketData` directly) — so the API fails over exactly as
+``marketpipe.*`` and the CLI do, on the router's one path. Every answer carries where it came from,
+when it was fetched, how old the data is and how good it is. Caching of encoded responses is the API
+layer's business; the gateway holds no failover loop of its own."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import record_ns, utcnow
 from marketpipe.core.validation import validate_enum, validate_limit, validate_range, validate_sort, validate_timeframe
 from marketpipe.service.backfill import chunk_interval, missing_ranges
-from marketpipe.service.data import LatestKind, MarketData, TickKind
+from marketpipe.service.data import LatestKind, MarketData
 from marketpipe.service.providers import probe_call
 from marketpipe.service.quality import analyze
 from marketpipe.service.router import CLIENT_ERRORS, Attempt, ProviderRouter
@@ -350,28 +351,6 @@ class Gateway:
         w = days["expected"].cast(pl.Float64).clip(lower_bound=1.0)
         weighted = days["score"].cast(pl.Float64) * w
         return float(weighted.sum()) / float(w.sum())
-
-    # --- historical trades and quotes (passed through: not stored) -------------------------------------
-
-    async def ticks(
-        self,
-        kind: TickKind,
-        symbols: list[str] | str,
-        start: datetime,
-        end: datetime,
-        *,
-        feed: str | None = None,
-        limit: int = 1000,
-        page_token: str | None = None,
-        sort: str = "asc",
-    ) -> tuple[pl.DataFrame, str | None, str]:
-        """One page of historical trades or quotes from the first provider that serves them:
-        ``(frame, next_page_token, provider)``. The vendor's page token is passed through, so a
-        continuation must reach the same provider (it does while that provider is healthy)."""
-        validate_limit(limit, 1, MAX_LIMIT)
-        return await self.data.ticks(
-            kind, symbols, start, end, feed=feed, limit=limit, page_token=page_token, sort=sort
-        )
 
     def last_close(self, now: datetime) -> datetime:
         """The close of the last session that has ended by ``now`` (older data cannot change)."""
