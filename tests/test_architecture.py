@@ -18,10 +18,11 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"core"},
     "cache": {"core"},
     "quality": {"core"},
+    "alerts": {"core"},
     "sim": {"core", "wire"},
     "service": {"core", "wire", "providers", "store", "cache", "quality"},
-    "api": {"root", "core", "wire", "cache", "service"},
-    "cli": {"root", "core", "wire", "providers", "store", "cache", "quality", "service", "api", "sim"},
+    "api": {"root", "core", "wire", "cache", "service", "alerts"},
+    "cli": {"root", "core", "wire", "providers", "store", "cache", "quality", "service", "api", "sim", "alerts"},
     "root": {"core", "providers", "quality", "service"},
 }
 

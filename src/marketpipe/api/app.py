@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from marketpipe import __version__
 from marketpipe.api import errors
+from marketpipe.api.alerts import alerts_router
 from marketpipe.api.alpaca import router as alpaca_router
 from marketpipe.api.alpaca_stream import alpaca_stream_router
 from marketpipe.api.answer import HitPath
@@ -72,6 +73,7 @@ def create_app(
         live_router(),
         alpaca_stream_router(),
         dashboard_router(),
+        alerts_router(),
     ):
         app.include_router(router)
     return app

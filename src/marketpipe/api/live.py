@@ -1,5 +1,6 @@
 """Live endpoints of the gateway: the unified price stream over WebSocket (``/v1/stream``) and
-Server-Sent Events (``/v1/stream/sse``), and the JSON the dashboard reads (``/v1/live``, ``/v1/alerts``).
+Server-Sent Events (``/v1/stream/sse``), and the JSON the dashboard reads (``/v1/live``; ``/v1/alerts``
+is in ``api/alerts.py``).
 
 Protocol of ``/v1/stream`` (every server frame is a JSON array of messages, like Alpaca's):
 
@@ -256,13 +257,10 @@ def live_router() -> APIRouter:
             "history": history[-20:],
             "providers": st.gateway.provider_rows(),
             "alerts": hub.alerts(30),
+            "active_alerts": st.alerts.snapshot(0)["active"] if st.alerts is not None else [],
             "default_symbols": list(hub.settings.symbols) or ["AAPL", "MSFT", "SPY"],
         }
         return Response(orjson.dumps(doc, default=str), media_type=MEDIA["json"])
-
-    @r.get("/v1/alerts", summary="Recent alert events, newest first")
-    async def alerts(limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Response:
-        return Response(orjson.dumps(LiveHub.alerts(limit), default=str), media_type=MEDIA["json"])
 
     return r
 

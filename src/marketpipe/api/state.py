@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from marketpipe.alerts import AlertEngine
 from marketpipe.api.middleware import ClientKeys
 from marketpipe.cache import TieredCache, build_cache
 from marketpipe.core import log as logging_
@@ -35,6 +36,7 @@ class AppState:
     keys: ClientKeys
     env: dict[str, str] | None = field(default=None, repr=False)  # None: the process environment
     live: LiveHub | None = None  # created by start() (it needs the running loop)
+    alerts: AlertEngine | None = None  # [alerts] enabled: rules over the metrics and events, and the sinks
 
     @classmethod
     def build(
@@ -54,15 +56,22 @@ class AppState:
         )
         # never in a log line: the admin token, client key secrets, vendor keys, Redis credentials
         logging_.register_secrets([*logging_.secrets_from_env(environ), *keys.keys.values()])
+        gateway = Gateway(md)
+        alerts = None
+        if config.alerts.enabled:  # an enabled sink without its secret fails here, before the server starts
+            alerts = AlertEngine.build(
+                config.alerts, environ, market_open=gateway.is_market_hours, store_path=config.store_path()
+            )
         return cls(
             config=config,
             data=md,
-            gateway=Gateway(md),
+            gateway=gateway,
             cache=cache or build_cache(config.cache),
             admin_token=environ.get(ADMIN_TOKEN_VAR) or None,
             started=time.time(),
             keys=keys,
             env=env,
+            alerts=alerts,
         )
 
     async def start(self) -> None:
@@ -73,8 +82,12 @@ class AppState:
         if self.config.stream.enabled:
             self.live = LiveHub(self.config, self.gateway, env=self.env)
             await self.live.start()
+        if self.alerts is not None:
+            self.alerts.start()
 
     async def aclose(self) -> None:
+        if self.alerts is not None:
+            await self.alerts.aclose()
         if self.live is not None:
             await self.live.close()
         await self.cache.aclose()

@@ -339,6 +339,190 @@ class StreamSettings(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError("stream: grace_seconds, fallback_poll_seconds, stale_seconds must be > 0")
 
 
+# --- alerts (marketpipe.alerts) ----------------------------------------------------------------
+AlertSeverity = Literal["info", "warning", "critical"]
+SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
+
+
+class AlertRule(msgspec.Struct, forbid_unknown_fields=True):
+    """One rule of ``[alerts.rules.<name>]``. Each rule's class below holds its own defaults (so a partial
+    table keeps the rest of that rule's defaults); what ``threshold`` and ``window_seconds`` mean is
+    said beside each class. ``for_seconds``: the condition must hold this long before the alert fires."""
+
+    enabled: bool = True
+    severity: AlertSeverity = "warning"
+    threshold: Annotated[float, Meta(ge=0, le=_FINITE)] = 0.0
+    critical_threshold: Annotated[float, Meta(ge=0, le=_FINITE)] | None = None  # escalates to critical
+    window_seconds: Positive = 300.0
+    for_seconds: NonNegative = 0.0
+    min_count: NonNegativeInt = 0  # fewer observations in the window: no verdict
+
+
+class ProviderAvailabilityRule(AlertRule, forbid_unknown_fields=True):
+    """Share of a provider's requests that did not fail (5xx, timeout, reset) over the window, below
+    ``threshold``."""
+
+    severity: AlertSeverity = "critical"
+    threshold: Annotated[float, Meta(ge=0, le=1)] = 0.95
+    window_seconds: Positive = 300.0
+    min_count: NonNegativeInt = 5
+
+
+class ProviderErrorsRule(AlertRule, forbid_unknown_fields=True):
+    """A provider's errors per minute (any stable code) over the window, above ``threshold``."""
+
+    threshold: Annotated[float, Meta(ge=0, le=_FINITE)] = 10.0
+    window_seconds: Positive = 60.0
+
+
+class CircuitOpenRule(AlertRule, forbid_unknown_fields=True):
+    """A provider's circuit open (the state gauge at 2) for ``for_seconds``."""
+
+    severity: AlertSeverity = "critical"
+    for_seconds: NonNegative = 60.0
+
+
+class StreamStaleRule(AlertRule, forbid_unknown_fields=True):
+    """No message on a vendor stream for ``window_seconds`` (2x the expected minute-bar interval) while
+    the market is open."""
+
+    window_seconds: Positive = 120.0
+
+
+class QualityScoreRule(AlertRule, forbid_unknown_fields=True):
+    """A series' latest quality score below ``threshold`` (warning) or ``critical_threshold`` (critical)."""
+
+    threshold: Annotated[float, Meta(ge=0, le=1)] = 0.9
+    critical_threshold: Annotated[float, Meta(ge=0, le=1)] | None = 0.8
+
+
+class RouterStateRule(AlertRule, forbid_unknown_fields=True):
+    """The live data-source router in fallback (``severity``) or with both sources unavailable (critical)."""
+
+
+class CacheHitRateRule(AlertRule, forbid_unknown_fields=True):
+    """The memory cache's hit share over the window below ``threshold``, once ``min_count`` lookups were made."""
+
+    threshold: Annotated[float, Meta(ge=0, le=1)] = 0.5
+    window_seconds: Positive = 600.0
+    min_count: NonNegativeInt = 100
+
+
+class StoreWriteFailuresRule(AlertRule, forbid_unknown_fields=True):
+    """Store writes that failed over the window, more than ``threshold``."""
+
+    severity: AlertSeverity = "critical"
+    window_seconds: Positive = 300.0
+
+
+class StoreDiskRule(AlertRule, forbid_unknown_fields=True):
+    """The filesystem holding the store fuller than ``threshold`` (share), critical above ``critical_threshold``."""
+
+    threshold: Annotated[float, Meta(ge=0, le=1)] = 0.85
+    critical_threshold: Annotated[float, Meta(ge=0, le=1)] | None = 0.95
+
+
+class BacklogRule(AlertRule, forbid_unknown_fields=True):
+    """Items waiting in a pipeline queue (unflushed stream bars, unpublished bus events, alert
+    notifications) above ``threshold``."""
+
+    threshold: Annotated[float, Meta(ge=0, le=_FINITE)] = 10_000.0
+
+
+class EventsRule(AlertRule, forbid_unknown_fields=True):
+    """Pipeline events (``core/events.py``: outlier, source_unavailable, stale_data, missing_data) as
+    alerts at the event's own severity; resolved after ``window_seconds`` without a repeat. ``severity`` is
+    the least severity taken (info events are not alerts by default)."""
+
+    window_seconds: Positive = 300.0
+
+
+class AlertRules(msgspec.Struct, forbid_unknown_fields=True):
+    provider_availability: ProviderAvailabilityRule = msgspec.field(default_factory=ProviderAvailabilityRule)
+    provider_errors: ProviderErrorsRule = msgspec.field(default_factory=ProviderErrorsRule)
+    circuit_open: CircuitOpenRule = msgspec.field(default_factory=CircuitOpenRule)
+    stream_stale: StreamStaleRule = msgspec.field(default_factory=StreamStaleRule)
+    quality_score: QualityScoreRule = msgspec.field(default_factory=QualityScoreRule)
+    router_state: RouterStateRule = msgspec.field(default_factory=RouterStateRule)
+    cache_hit_rate: CacheHitRateRule = msgspec.field(default_factory=CacheHitRateRule)
+    store_write_failures: StoreWriteFailuresRule = msgspec.field(default_factory=StoreWriteFailuresRule)
+    store_disk: StoreDiskRule = msgspec.field(default_factory=StoreDiskRule)
+    backlog: BacklogRule = msgspec.field(default_factory=BacklogRule)
+    events: EventsRule = msgspec.field(default_factory=EventsRule)
+
+
+EnvVar = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+def _sink_retry() -> RetryPolicy:
+    """Receivers ask for minutes of patience (PagerDuty: back off "a few minutes" on 429/5xx)."""
+    return RetryPolicy(attempts=4, base_seconds=1.0, max_seconds=60.0, max_retry_after_seconds=300.0)
+
+
+class AlertSink(msgspec.Struct, forbid_unknown_fields=True):
+    """What every ``[alerts.sinks.<name>]`` shares. Secrets (webhook URLs, routing keys, passwords) are
+    never in the file: each sink names the environment variable that holds them (``*_env``)."""
+
+    enabled: bool = False
+    min_severity: AlertSeverity = "warning"  # alerts below this are not sent here
+    send_resolved: bool = True
+    rate_per_minute: Annotated[int, Meta(ge=1, le=6000)] = 30  # sends beyond this wait their turn
+    queue: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000  # notifications held; beyond: dropped, counted
+    timeout: Annotated[float, Meta(gt=0, le=300)] = 10.0  # seconds per delivery attempt
+    retry: RetryPolicy = msgspec.field(default_factory=lambda: _sink_retry())
+
+
+class SlackSink(AlertSink, forbid_unknown_fields=True):
+    url_env: EnvVar = "MARKETPIPE_SLACK_WEBHOOK_URL"
+    rate_per_minute: Annotated[int, Meta(ge=1, le=6000)] = 60  # Slack: about one message a second
+
+
+class PagerDutySink(AlertSink, forbid_unknown_fields=True):
+    min_severity: AlertSeverity = "critical"
+    url: str = "https://events.pagerduty.com/v2/enqueue"
+    routing_key_env: EnvVar = "MARKETPIPE_PAGERDUTY_ROUTING_KEY"
+
+
+class EmailSink(AlertSink, forbid_unknown_fields=True):
+    host: str = "localhost"
+    port: Port = 587
+    security: Literal["starttls", "tls", "none"] = "starttls"  # none: only for a relay on localhost
+    ca_file: str | None = None  # a private CA for the server's certificate (else the system's)
+    username_env: EnvVar = "MARKETPIPE_SMTP_USERNAME"
+    password_env: EnvVar = "MARKETPIPE_SMTP_PASSWORD"
+    sender: str = "marketpipe@localhost"
+    to: list[str] = msgspec.field(default_factory=list)
+    rate_per_minute: Annotated[int, Meta(ge=1, le=6000)] = 10
+
+
+class WebhookSink(AlertSink, forbid_unknown_fields=True):
+    url_env: EnvVar = "MARKETPIPE_ALERT_WEBHOOK_URL"
+    secret_env: EnvVar = "MARKETPIPE_ALERT_WEBHOOK_SECRET"  # HMAC-SHA256 key for X-Marketpipe-Signature
+
+
+class AlertSinks(msgspec.Struct, forbid_unknown_fields=True):
+    slack: SlackSink = msgspec.field(default_factory=SlackSink)
+    pagerduty: PagerDutySink = msgspec.field(default_factory=PagerDutySink)
+    email: EmailSink = msgspec.field(default_factory=EmailSink)
+    webhook: WebhookSink = msgspec.field(default_factory=WebhookSink)
+
+
+class AlertsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``[alerts]``: the engine (rules over the metrics and events the pipeline keeps) and its sinks."""
+
+    enabled: bool = True
+    evaluate_seconds: Annotated[float, Meta(ge=0.05, le=3600)] = 15.0
+    source: str | None = None  # names this gateway in alerts (PagerDuty payload.source); default the hostname
+    resolved_keep: Annotated[int, Meta(ge=1, le=100_000)] = 200  # resolved alerts remembered for /v1/alerts
+    rules: AlertRules = msgspec.field(default_factory=AlertRules)
+    sinks: AlertSinks = msgspec.field(default_factory=AlertSinks)
+
+    def __post_init__(self) -> None:
+        email = self.sinks.email
+        if email.enabled and not email.to:
+            raise ValueError("alerts.sinks.email.to must list at least one address when the sink is enabled")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     calendar: str = "XNYS"
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
@@ -349,6 +533,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
+    alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
     # each value is the vendor's registered config class (AlpacaConfig, …), see register_provider_config
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=_default_providers)
     source_path: str | None = None

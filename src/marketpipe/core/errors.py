@@ -326,6 +326,24 @@ class MalformedMessage(StreamFailed):
     code = "MALFORMED_MESSAGE"
 
 
+# --- alert sinks (marketpipe.alerts) ---------------------------------------------------------------
+
+
+class AlertSinkFailed(MarketpipeError):
+    """An alert sink refused a notification (a 4xx other than 429, a rejected SMTP command): not retried."""
+
+    code = "ALERT_SINK_FAILED"
+    http_status = 502
+
+
+class AlertSinkUnavailable(AlertSinkFailed):
+    """An alert sink could not take a notification now (429, 5xx, connection trouble): retried with backoff,
+    honouring ``Retry-After``."""
+
+    code = "ALERT_SINK_UNAVAILABLE"
+    retryable = True
+
+
 # --- router skip reasons ---------------------------------------------------------------------------
 # Why the router left a provider out of a call (the ``code`` of a skipped attempt, beside the codes of
 # the errors a tried provider raised). Not raised; listed in /health and in ALL_PROVIDERS_FAILED details.
@@ -383,6 +401,8 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         StreamClosed,
         StreamUnavailable,
         MalformedMessage,
+        AlertSinkFailed,
+        AlertSinkUnavailable,
     )
 }
 """Every error code and its class (a code belongs to one class only; the gateway's 404 for a path it
@@ -412,6 +432,8 @@ __all__ = [
     "UNSUPPORTED",
     "UPSTREAM_DOWN",
     "AddressInUse",
+    "AlertSinkFailed",
+    "AlertSinkUnavailable",
     "AllProvidersFailed",
     "AuthFailed",
     "AuthThrottled",

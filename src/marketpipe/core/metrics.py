@@ -1,10 +1,48 @@
-"""Prometheus metrics. One registry for the process; names follow Prometheus conventions."""
+"""Prometheus metrics. One registry for the process; names follow Prometheus conventions.
+
+Every metric has a help text. States are exported twice: as a numeric gauge whose help text lists the
+codes (``marketpipe_circuit_state``: 0 closed, 1 half-open, 2 open), which alert rules compare, and as a
+labelled state-set (``marketpipe_circuit_status{provider, marketpipe_circuit_status="open"} 1``, one
+series per state, 1 for the current one) that dashboards can show by name. No ``*_created`` series
+(``disable_created_metrics``); the process (CPU, memory, file descriptors), the Python runtime and the
+build (``marketpipe_build_info``) are exported too.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import platform
+from importlib import metadata
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+
+disable_created_metrics()  # the *_created series double every counter's series and nothing here reads them
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, …
+PlatformCollector(registry=REGISTRY)  # python_info
+GCCollector(registry=REGISTRY)  # python_gc_*
+
+
+def _version() -> str:
+    try:
+        return metadata.version("marketpipe")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+BUILD_INFO = Info("marketpipe_build", "The running marketpipe: package version and Python version", registry=REGISTRY)
+BUILD_INFO.info({"version": _version(), "python": platform.python_version()})
 
 PROVIDER_REQUESTS = Counter(
     "marketpipe_provider_requests_total",
@@ -35,6 +73,13 @@ CIRCUIT_STATE = Gauge(
     "marketpipe_circuit_state",
     "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open",
     ["provider"],
+    registry=REGISTRY,
+)
+CIRCUIT_STATUS = Enum(
+    "marketpipe_circuit_status",
+    "Circuit breaker state per provider as a state-set: 1 on the current state",
+    ["provider"],
+    states=["closed", "half_open", "open"],
     registry=REGISTRY,
 )
 RATELIMIT_REMAINING = Gauge(
@@ -209,6 +254,13 @@ STREAM_ROUTER_STATE = Gauge(
     ["router"],
     registry=REGISTRY,
 )
+STREAM_ROUTER_STATUS = Enum(
+    "marketpipe_stream_router_status",
+    "Live data-source router state as a state-set: 1 on the current state",
+    ["router"],
+    states=["startup", "primary_active", "fallback_active", "both_unavailable"],
+    registry=REGISTRY,
+)
 STREAM_ROUTER_TRANSITIONS = Counter(
     "marketpipe_stream_router_transitions_total",
     "Live data-source router state transitions, by the state left and the state entered",
@@ -269,5 +321,54 @@ FANOUT_LATENCY = Histogram(
     "that carries it being written (the frame's oldest message), by protocol",
     ["protocol"],
     buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+
+# --- pipeline backlogs and store writes (alert inputs) -------------------------------------------------
+BACKLOG = Gauge(
+    "marketpipe_backlog_items",
+    "Items waiting in a pipeline queue, by queue (stream_bars: live minute bars not yet stored; "
+    "alerts_<sink>: notifications not yet delivered)",
+    ["queue"],
+    registry=REGISTRY,
+)
+STORE_WRITE_FAILURES = Counter(
+    "marketpipe_store_write_failures_total",
+    "Store writes that failed (nothing of the failed batch kept), by writer",
+    ["writer"],
+    registry=REGISTRY,
+)
+
+# --- alerts (marketpipe.alerts) ----------------------------------------------------------------------
+ALERTS_ACTIVE = Gauge(
+    "marketpipe_alerts_active",
+    "Alerts firing now, by rule and severity",
+    ["rule", "severity"],
+    registry=REGISTRY,
+)
+ALERT_TRANSITIONS = Counter(
+    "marketpipe_alert_transitions_total",
+    "Alert state changes, by rule and action (trigger: fired or changed severity; resolve: cleared)",
+    ["rule", "action"],
+    registry=REGISTRY,
+)
+ALERT_NOTIFICATIONS = Counter(
+    "marketpipe_alert_notifications_total",
+    "Alert notifications handled per sink, by result: sent, failed (after retries), filtered (below the "
+    "sink's severity or a duplicate of the last one sent)",
+    ["sink", "result"],
+    registry=REGISTRY,
+)
+ALERT_DROPPED = Counter(
+    "marketpipe_alert_notifications_dropped_total",
+    "Alert notifications dropped because the sink's queue was full",
+    ["sink"],
+    registry=REGISTRY,
+)
+ALERT_SEND_SECONDS = Histogram(
+    "marketpipe_alert_send_seconds",
+    "Time to deliver one alert notification to a sink, retries included",
+    ["sink"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     registry=REGISTRY,
 )

@@ -29,7 +29,7 @@ from marketpipe.core.errors import (
     RateLimited,
 )
 from marketpipe.core.log import get_logger
-from marketpipe.core.metrics import CIRCUIT_STATE, PROVIDER_RETRIES, RATELIMIT_REMAINING
+from marketpipe.core.metrics import CIRCUIT_STATE, CIRCUIT_STATUS, PROVIDER_RETRIES, RATELIMIT_REMAINING
 
 T = TypeVar("T")
 
@@ -178,6 +178,7 @@ class CircuitBreaker:
         self._trials = 0
         self.opened_count = 0
         CIRCUIT_STATE.labels(name).set(0)
+        CIRCUIT_STATUS.labels(name).state(CircuitState.CLOSED.value)
 
     @property
     def state(self) -> CircuitState:
@@ -191,6 +192,7 @@ class CircuitBreaker:
             log.info("circuit_state", provider=self.name, state=state.value)
         self._state = state
         CIRCUIT_STATE.labels(self.name).set(_STATE_VALUE[state])
+        CIRCUIT_STATUS.labels(self.name).state(state.value)
 
     def allow(self) -> None:
         """Raise CIRCUIT_OPEN unless a call may go now."""

@@ -42,6 +42,7 @@ from marketpipe.core.errors import (
     StoreError,
 )
 from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import STORE_WRITE_FAILURES
 from marketpipe.core.resilience import CircuitState, counts_against_health
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
@@ -661,6 +662,7 @@ def _path(store: BarStore) -> str:
 
 def _write_failed(exc: StoreError, store: BarStore, pages: int, kept: int) -> StoreError:
     """The error that ends a run whose store write failed: where, why, what was kept, what to do."""
+    STORE_WRITE_FAILURES.labels("backfill").inc()
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     text = str(getattr(cause, "message", None) or cause)
     no_space = "no space left on device" in text.lower() or getattr(cause, "errno", None) == errno.ENOSPC

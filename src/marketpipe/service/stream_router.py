@@ -43,7 +43,12 @@ import msgspec
 from marketpipe.core.errors import ConfigError, InvalidArgument
 from marketpipe.core.events import SOURCE_UNAVAILABLE, Severity, emit
 from marketpipe.core.log import get_logger
-from marketpipe.core.metrics import STREAM_ROUTER_STATE, STREAM_ROUTER_STATE_SECONDS, STREAM_ROUTER_TRANSITIONS
+from marketpipe.core.metrics import (
+    STREAM_ROUTER_STATE,
+    STREAM_ROUTER_STATE_SECONDS,
+    STREAM_ROUTER_STATUS,
+    STREAM_ROUTER_TRANSITIONS,
+)
 
 log = get_logger("marketpipe.service.stream_router")
 
@@ -173,6 +178,7 @@ class DataSourceRouter:
         self._listeners: list[TransitionListener] = []
         self._pending: list[tuple[Transition, bool, int]] = []  # with forced flag and failure count
         STREAM_ROUTER_STATE.labels(self.name).set(_STATE_CODE[self._state])
+        STREAM_ROUTER_STATUS.labels(self.name).state(self._state.value)
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -483,6 +489,7 @@ class DataSourceRouter:
         self._history.append(tr)
         self._pending.append((tr, self._forced, self._consecutive_failures))
         STREAM_ROUTER_STATE.labels(self.name).set(_STATE_CODE[new])
+        STREAM_ROUTER_STATUS.labels(self.name).state(new.value)
         STREAM_ROUTER_TRANSITIONS.labels(self.name, str(old), str(new)).inc()
 
     def _flush(self) -> None:

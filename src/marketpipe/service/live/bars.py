@@ -18,7 +18,7 @@ import polars as pl
 from marketpipe.core.calendar import get_calendar
 from marketpipe.core.errors import MarketpipeError
 from marketpipe.core.log import get_logger
-from marketpipe.core.metrics import STREAM_BARS_PERSISTED, STREAM_GAP_BACKFILLS
+from marketpipe.core.metrics import BACKLOG, STORE_WRITE_FAILURES, STREAM_BARS_PERSISTED, STREAM_GAP_BACKFILLS
 from marketpipe.core.schema import BAR_SCHEMA, Bar
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.providers.alpaca_stream import Outage
@@ -63,6 +63,10 @@ class BarWriter:
             self.pending[(bar.symbol, bar.ts)] = bar
         elif channel == "updated_bars":
             self.revised[(bar.symbol, bar.ts)] = bar
+        self._backlog()
+
+    def _backlog(self) -> None:
+        BACKLOG.labels("stream_bars").set(len(self.pending) + len(self.revised))
 
     async def flush(self) -> int:
         """Write the minute bars received since the last flush (checked like any page). A failed
@@ -80,7 +84,9 @@ class BarWriter:
                     stored += await asyncio.to_thread(self.write, list(taken.values()), refresh)
                 except Exception as exc:  # noqa: BLE001 - keep the bars for the next flush, newer versions win
                     self._set(refresh, {**taken, **(self.revised if refresh else self.pending)})
+                    STORE_WRITE_FAILURES.labels("stream_bars").inc()
                     log.error("live_bars_not_stored", bars=len(taken), error=repr(exc))
+            self._backlog()
             return stored
 
     def _set(self, refresh: bool, bars: dict[BarKey, Bar]) -> None:
