@@ -190,7 +190,9 @@ async def test_live_board_alerts_health_and_admin(gateway: str, sims: tuple[SimS
         row = board["board"][0]
         assert row["symbol"] == "AAPL" and row["price"] > 0 and row["sparkline"]
         assert board["datasource"]["state"] == "primary_active" and board["history"][0]["at_time"]
-        assert isinstance((await get(gateway + "/v1/alerts")).json(), list)
+        alerts = (await get(gateway + "/v1/alerts")).json()
+        assert isinstance(alerts["active"], list) and isinstance(alerts["events"], list)
+        assert isinstance(board["active_alerts"], list)
         live = (await get(gateway + "/health/datasource")).json()["live"]
         assert live["primary"]["stream"]["connected"] is True and live["stats"]["received"] > 0
         # admin: a provider other than alpaca moves live data to the fallback until released

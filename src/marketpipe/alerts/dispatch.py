@@ -9,20 +9,23 @@ that fails or hangs holds up only its own queue."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-from marketpipe.alerts.model import RESOLVE, TRIGGER, Action, Notification
-from marketpipe.alerts.sinks import Sink
-from marketpipe.core.config import SEVERITY_RANK, AlertSeverity
+from marketpipe.alerts.model import RESOLVE, TRIGGER, Action, Notification, probe
+from marketpipe.alerts.sinks import SINK_NAMES, Sink, build_sink
+from marketpipe.core.config import SEVERITY_RANK, AlertsConfig, AlertSeverity
 from marketpipe.core.errors import AlertSinkUnavailable, MarketpipeError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ALERT_DROPPED, ALERT_NOTIFICATIONS, ALERT_SEND_SECONDS, BACKLOG
 from marketpipe.core.resilience import Backoff
+from marketpipe.core.timeutil import utcnow
+from marketpipe.core.validation import validate_enum
 
 log = get_logger("marketpipe.alerts")
 
@@ -164,3 +167,20 @@ class SinkWorker:
             "filtered": self.filtered,
             "last_error": self.last_error,
         }
+
+
+async def send_test(config: AlertsConfig, name: str, env: Mapping[str, str], *, resolve: bool = True) -> list[str]:
+    """``marketpipe alerts test --sink NAME``: one test alert to sink ``name`` (its table need not be
+    enabled, its secret must be set), then its resolve unless ``resolve`` is off. Delivery errors are
+    raised (ALERT_SINK_FAILED / ALERT_SINK_UNAVAILABLE after the retries). Returns the actions sent."""
+    validate_enum(name, SINK_NAMES, "sink", message="{param} must be one of {allowed}")
+    worker = SinkWorker(build_sink(name, getattr(config.sinks, name), env))
+    source = config.source or socket.gethostname()
+    sent: list[str] = []
+    try:
+        for action in (TRIGGER, RESOLVE) if resolve else (TRIGGER,):
+            await worker.send_with_retries(probe(source, utcnow(), action))
+            sent.append(action)
+    finally:
+        await worker.sink.aclose()
+    return sent

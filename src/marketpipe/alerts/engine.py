@@ -27,13 +27,11 @@ from marketpipe.alerts.rules import METRIC_RULES, SAMPLED, Context, longest_wind
 from marketpipe.alerts.samples import MetricHistory
 from marketpipe.alerts.sinks import SINK_NAMES, build_sink
 from marketpipe.core.config import SEVERITY_RANK, AlertsConfig
-from marketpipe.core.errors import InvalidArgument
 from marketpipe.core.events import Event, EventHub
 from marketpipe.core.events import hub as event_hub
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ALERT_TRANSITIONS, ALERTS_ACTIVE, REGISTRY
 from marketpipe.core.timeutil import utcnow
-from marketpipe.core.validation import validate_enum
 
 log = get_logger("marketpipe.alerts")
 
@@ -203,23 +201,6 @@ class AlertEngine:
             "evaluate_seconds": self.config.evaluate_seconds,
             "evaluations": self.evaluations,
         }
-
-    def worker(self, name: str) -> SinkWorker:
-        validate_enum(name, SINK_NAMES, "sink", message="{param} must be one of {allowed}")
-        for w in self.workers:
-            if w.name == name:
-                return w
-        raise InvalidArgument(
-            f"alert sink {name} is not enabled: set [alerts.sinks.{name}] enabled = true",
-            details={"parameter": "sink", "sink": name},
-        )
-
-    def test_notification(self) -> Notification:
-        now = self._now()
-        alert = Alert(
-            "test", "test", "warning", f"test alert from marketpipe on {self.source}", {"sink": "test"}, now, now
-        )
-        return Notification(TRIGGER, alert, self.source, test=True)
 
     # --- running ------------------------------------------------------------------------------------
 

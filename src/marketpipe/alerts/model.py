@@ -92,3 +92,9 @@ class Notification:
     @property
     def dedup_key(self) -> str:
         return f"marketpipe/{self.alert.id}"
+
+
+def probe(source: str, at: datetime, action: Action = TRIGGER) -> Notification:
+    """The notification ``marketpipe alerts test`` sends: marked as a test everywhere it shows."""
+    alert = Alert("test", "test", "warning", f"test alert from marketpipe on {source}", {"sink": "test"}, at, at)
+    return Notification(action, alert if action == TRIGGER else alert.resolved(at), source, test=True)

@@ -59,7 +59,7 @@ def _secret(env: Mapping[str, str], var: str, sink: str, what: str) -> str:
     value = (env.get(var) or "").strip()
     if not value:
         raise MissingCredentials(
-            f"alert sink {sink} is enabled but ${var} ({what}) is not set", details={"sink": sink, "env": var}
+            f"alert sink {sink} needs ${var} ({what}) set in the environment", details={"sink": sink, "env": var}
         )
     logging_.register_secrets([value])
     return value

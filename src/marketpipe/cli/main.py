@@ -579,6 +579,11 @@ def config_show(config: ConfigOpt = None) -> None:
     doc["credentials"] = {
         v: mask(os.environ.get(v)) for v in (*ALPACA_KEY_VARS, *ALPACA_SECRET_VARS, "POLYGON_API_KEY")
     }
+    # the alert sinks' secrets: the file names their variables, the values are masked like the others
+    for sink in doc["alerts"]["sinks"].values():
+        for key, var in sink.items():
+            if key.endswith("_env"):
+                doc["credentials"][var] = mask(os.environ.get(var))
     import json
 
     out.print_json(json.dumps(doc))
@@ -623,9 +628,9 @@ def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, st
 
 # The other commands live in modules of their own and register on the shared ``app`` when imported
 # (after the ones above, so ``--help`` lists them in this order).
-from marketpipe.cli import quality, serve, stream  # noqa: E402
+from marketpipe.cli import alerts, quality, serve, stream  # noqa: E402
 
-__all__ = ["app", "quality", "serve", "stream"]
+__all__ = ["alerts", "app", "quality", "serve", "stream"]
 
 if __name__ == "__main__":  # pragma: no cover
     app()
