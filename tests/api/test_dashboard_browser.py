@@ -27,7 +27,16 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT = Path(__file__).resolve().parents[2] / "build" / "screenshots" / "dashboard.png"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-IDS = ("ws-state", "prices-body", "router-state", "router-source", "router-history", "providers-body", "alerts")
+IDS = (
+    "ws-state",
+    "prices-body",
+    "router-state",
+    "router-source",
+    "router-history",
+    "providers-body",
+    "alerts",
+    "active-alerts",
+)
 NUMBER = re.compile(r"^-?[\d,]+\.\d+$")
 CLIENT_SECRET = "dash-secret"
 READ = (  # an element's textContent (before CSS text-transform), or an attribute with a second argument
@@ -149,6 +158,10 @@ def test_dashboard_in_headless_chromium(live_app: FastAPI, browser: Any) -> None
         wait_for("a provider row", lambda: page.count("#providers-body tr[data-provider]"))
         assert page.text('#providers-body tr[data-provider="alpaca"] .badge') == "healthy"
         wait_for("the sample alert", lambda: "a sample alert" in page.text("#alerts"))
+        # an event while the engine runs is an active alert (the event wakes the engine at once)
+        emit("outlier", "critical", "dashboard test: an active alert", symbol="MSFT", source="test")
+        wait_for("the active alert", lambda: "an active alert" in page.text("#active-alerts"))
+        assert "event_outlier/test/MSFT" in page.text("#active-alerts")
         assert page.text("#stream-connected") == "connected"
         assert not page.severe_console_errors()
 
