@@ -23,14 +23,14 @@ from prometheus_client import CollectorRegistry
 
 from marketpipe.alerts.dispatch import SinkWorker
 from marketpipe.alerts.model import RESOLVE, TRIGGER, Alert, Condition, Notification
-from marketpipe.alerts.rules import METRIC_RULES, SAMPLED, Context, longest_window, rule_config
+from marketpipe.alerts.rules import METRIC_RULES, SAMPLED, Context, disk_share, longest_window, rule_config
 from marketpipe.alerts.samples import MetricHistory
 from marketpipe.alerts.sinks import SINK_NAMES, build_sink
 from marketpipe.core.config import SEVERITY_RANK, AlertsConfig
 from marketpipe.core.events import Event, EventHub
 from marketpipe.core.events import hub as event_hub
 from marketpipe.core.log import get_logger
-from marketpipe.core.metrics import ALERT_TRANSITIONS, ALERTS_ACTIVE, REGISTRY
+from marketpipe.core.metrics import ALERT_TRANSITIONS, ALERTS_ACTIVE, MARKET_OPEN, REGISTRY, STORE_DISK_USED
 from marketpipe.core.timeutil import utcnow
 
 log = get_logger("marketpipe.alerts")
@@ -123,7 +123,18 @@ class AlertEngine:
 
     def conditions(self, now: datetime) -> dict[str, Condition]:
         self.history.sample(now.timestamp())
-        ctx = Context(now, self._market_open, self._store_path, self._disk_usage)
+        market_open = self._market_open(now)
+        disk = None
+        if self._store_path is not None:
+            try:
+                disk = disk_share(self._store_path, self._disk_usage)
+            except OSError as exc:
+                log.error("alert_disk_unreadable", path=str(self._store_path), error=repr(exc))
+        # exported too, so that deploy/prometheus/rules.yml can say the same thing in PromQL
+        MARKET_OPEN.set(1 if market_open else 0)
+        if disk is not None:
+            STORE_DISK_USED.set(disk[1])
+        ctx = Context(now, market_open, self._store_path, disk)
         found: dict[str, Condition] = {}
         for name, fn in METRIC_RULES.items():
             cfg = rule_config(self.config.rules, name)

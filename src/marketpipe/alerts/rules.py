@@ -45,9 +45,21 @@ ROUTER_FALLBACK, ROUTER_BOTH_DOWN = 2.0, 3.0
 @dataclass(frozen=True, slots=True)
 class Context:
     now: datetime
-    market_open: Callable[[datetime], bool]
-    store_path: Path | None
-    disk_usage: Callable[[Path], tuple[int, int, int]] = shutil.disk_usage  # (total, used, free)
+    market_open: bool
+    store_path: Path | None = None
+    disk: tuple[Path, float] | None = None  # the directory measured and its filesystem's used share
+
+
+def disk_share(
+    store_path: Path, usage: Callable[[Path], tuple[int, int, int]] = shutil.disk_usage
+) -> tuple[Path, float] | None:
+    """The used share of the filesystem holding ``store_path`` (the nearest existing directory: the store
+    file may not exist yet); None when the filesystem reports no size."""
+    where = store_path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    total, used, _free = usage(where)
+    return (where, used / total) if total > 0 else None
 
 
 RuleFn = Callable[[MetricHistory, AlertRule, Context], list[Condition]]
@@ -129,7 +141,7 @@ def circuit_open(h: MetricHistory, rule: AlertRule, ctx: Context) -> list[Condit
 
 
 def stream_stale(h: MetricHistory, rule: AlertRule, ctx: Context) -> list[Condition]:
-    if not ctx.market_open(ctx.now):
+    if not ctx.market_open:
         return []
     # one clock per (provider, feed): the newest change of any of its channels' counters
     quiet: dict[tuple[str, str], float] = {}
@@ -238,15 +250,9 @@ def store_write_failures(h: MetricHistory, rule: AlertRule, ctx: Context) -> lis
 
 
 def store_disk(h: MetricHistory, rule: AlertRule, ctx: Context) -> list[Condition]:
-    if ctx.store_path is None:
+    if ctx.disk is None:
         return []
-    where = ctx.store_path
-    while not where.exists() and where != where.parent:  # the store file may not exist yet
-        where = where.parent
-    total, used, _free = ctx.disk_usage(where)
-    if total <= 0:
-        return []
-    share = used / total
+    where, share = ctx.disk
     if share <= rule.threshold:
         return []
     return [

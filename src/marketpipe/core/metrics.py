@@ -339,6 +339,17 @@ STORE_WRITE_FAILURES = Counter(
     registry=REGISTRY,
 )
 
+MARKET_OPEN = Gauge(
+    "marketpipe_market_open",
+    "1 while the exchange calendar has a regular session open, else 0 (set by the alert engine each evaluation)",
+    registry=REGISTRY,
+)
+STORE_DISK_USED = Gauge(
+    "marketpipe_store_disk_used_ratio",
+    "Share (0-1) of the filesystem holding the store that is used (set by the alert engine each evaluation)",
+    registry=REGISTRY,
+)
+
 # --- alerts (marketpipe.alerts) ----------------------------------------------------------------------
 ALERTS_ACTIVE = Gauge(
     "marketpipe_alerts_active",
