@@ -34,7 +34,7 @@ def alerts_test(
 @alerts_app.command("rules")
 @handle_errors
 def alerts_rules(config: ConfigOpt = None) -> None:
-    """The rules and their effective settings ([alerts.rules.*]), and which sinks are enabled."""
+    """The rules and their effective settings (the alerts.rules tables), and which sinks are enabled."""
     import msgspec
 
     from marketpipe.alerts.rules import RULE_NAMES, rule_config
