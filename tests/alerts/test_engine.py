@@ -137,6 +137,9 @@ def test_circuit_open_fires_only_after_a_minute(m: Metrics, clock: Clock) -> Non
 def test_stream_stale_in_market_hours_only(m: Metrics, clock: Clock) -> None:
     open_ = {"now": True}
     e = engine(m, clock, market_open=lambda _: open_["now"])
+    m.connected.labels("alpaca", "iex").set(1)
+    m.connected.labels("alpaca", "sip").set(0)  # the feed left after a 409: never stale
+    m.stream.labels("alpaca", "sip", "trades").inc()
     m.stream.labels("alpaca", "iex", "trades").inc()
     m.stream.labels("alpaca", "iex", "quotes").inc()
     e.evaluate()
@@ -148,9 +151,18 @@ def test_stream_stale_in_market_hours_only(m: Metrics, clock: Clock) -> None:
     clock.step(1)  # 2 x the minute-bar interval without any message
     (n,) = e.evaluate()
     assert (n.alert.id, n.alert.labels) == ("stream_stale/iex/alpaca", {"provider": "alpaca", "feed": "iex"})
+    m.stream.labels("alpaca", "iex", "trades").inc()  # data again
+    clock.step(15)
+    assert [x.action for x in e.evaluate()] == ["resolve"]
+    clock.step(200)
+    assert len(e.evaluate()) == 1
     open_["now"] = False  # the close: silence is expected
     clock.step(15)
     assert [x.action for x in e.evaluate()] == ["resolve"]
+    open_["now"] = True
+    m.connected.labels("alpaca", "iex").set(0)  # disconnected: the router's business, not this rule's
+    clock.step(15)
+    assert e.evaluate() == []
 
 
 def test_connected_stream_that_never_sends_is_stale(m: Metrics, clock: Clock) -> None:

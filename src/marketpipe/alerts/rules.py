@@ -141,18 +141,19 @@ def circuit_open(h: MetricHistory, rule: AlertRule, ctx: Context) -> list[Condit
 
 
 def stream_stale(h: MetricHistory, rule: AlertRule, ctx: Context) -> list[Condition]:
+    """Streams that are connected (``marketpipe_stream_connected`` 1) yet quiet: the time since the newest
+    message on any channel, or since the connection came up if that is later. A stream that is down is
+    the router's business (``router_state``), and a feed left after a switch is not stale."""
     if not ctx.market_open:
         return []
-    # one clock per (provider, feed): the newest change of any of its channels' counters
     quiet: dict[tuple[str, str], float] = {}
+    for labels, v in h.series(STREAM_CONNECTED).items():
+        if v == 1:
+            quiet[(label(labels, "provider"), label(labels, "feed"))] = h.unchanged_for(STREAM_CONNECTED, labels)
     for labels in h.series(STREAM_MESSAGES):
         key = (label(labels, "provider"), label(labels, "feed"))
-        q = h.unchanged_for(STREAM_MESSAGES, labels)
-        quiet[key] = min(quiet.get(key, q), q)
-    for labels, v in h.series(STREAM_CONNECTED).items():  # connected but nothing received yet counts too
-        key = (label(labels, "provider"), label(labels, "feed"))
-        if v == 1 and key not in quiet:
-            quiet[key] = h.unchanged_for(STREAM_CONNECTED, labels)
+        if key in quiet:
+            quiet[key] = min(quiet[key], h.unchanged_for(STREAM_MESSAGES, labels))
     return [
         Condition(
             "stream_stale",

@@ -383,8 +383,8 @@ class CircuitOpenRule(AlertRule, forbid_unknown_fields=True):
 
 
 class StreamStaleRule(AlertRule, forbid_unknown_fields=True):
-    """No message on a vendor stream for ``window_seconds`` (2x the expected minute-bar interval) while
-    the market is open."""
+    """A connected vendor stream without a message for ``window_seconds`` (2x the expected minute-bar
+    interval) while the market is open."""
 
     window_seconds: Positive = 120.0
 
