@@ -156,8 +156,11 @@ class AlertEngine:
     def evaluate(self) -> list[Notification]:
         """One pass: the notifications it produced (already handed to the sinks)."""
         now = self._now()
+        return self.apply(now, self.conditions(now))
+
+    def apply(self, now: datetime, found: dict[str, Condition]) -> list[Notification]:
+        """Reconcile the alerts with what the rules found at ``now``; on the loop that owns the workers."""
         t = now.timestamp()
-        found = self.conditions(now)
         out: list[Notification] = []
         for key, c in found.items():
             for_seconds = rule_config(self.config.rules, c.rule).for_seconds if c.rule in METRIC_RULES else 0.0
@@ -219,7 +222,12 @@ class AlertEngine:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         while True:
-            self.evaluate()
+            now = self._now()
+            try:
+                # reading the registry is the costly part (a few ms on a busy gateway): off the event loop
+                self.apply(now, await asyncio.to_thread(self.conditions, now))
+            except Exception as exc:  # noqa: BLE001 -- the engine's own bug must not end alerting for good
+                log.error("alert_evaluation_failed", error=repr(exc))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.evaluate_seconds):
                     await self._wake.wait()

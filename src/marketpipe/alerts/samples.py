@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -18,7 +19,7 @@ SeriesKey = tuple[str, Labels]  # (sample name, sorted labels)
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     at: float  # seconds on the engine's clock
-    values: dict[SeriesKey, float]
+    values: dict[str, dict[Labels, float]]  # sample name -> labels -> value
 
 
 class MetricHistory:
@@ -29,16 +30,27 @@ class MetricHistory:
         self.snapshots: deque[Snapshot] = deque()
         self.changed_at: dict[SeriesKey, float] = {}  # when each series last changed (or first appeared)
 
+    def _families(self) -> Iterable[Any]:
+        """The metric families holding the sampled series: only their collectors when the registry can say
+        which they are (collecting every histogram of a busy gateway costs ten times as much), else all."""
+        by_name: dict[str, Any] | None = getattr(self.registry, "_names_to_collectors", None)
+        if not by_name:
+            return self.registry.collect()
+        collectors = {id(c): c for n in self.names if (c := by_name.get(n)) is not None}
+        return (family for c in collectors.values() for family in c.collect())
+
     def sample(self, at: float) -> Snapshot:
-        values: dict[SeriesKey, float] = {}
-        for family in self.registry.collect():
+        values: dict[str, dict[Labels, float]] = {}
+        for family in self._families():
             for s in family.samples:
                 if s.name in self.names:
-                    values[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+                    values.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = float(s.value)
         prev = self.snapshots[-1].values if self.snapshots else {}
-        for key, v in values.items():
-            if key not in self.changed_at or prev.get(key) != v:
-                self.changed_at[key] = at
+        for name, series in values.items():
+            before = prev.get(name, {})
+            for labels, v in series.items():
+                if before.get(labels) != v or (name, labels) not in self.changed_at:
+                    self.changed_at[(name, labels)] = at
         snap = Snapshot(at, values)
         self.snapshots.append(snap)
         # keep one snapshot at or before the longest window's start, so a window's base is exact
@@ -63,15 +75,15 @@ class MetricHistory:
 
     def series(self, name: str) -> dict[Labels, float]:
         """The current value of every series of sample ``name``, by labels."""
-        return {labels: v for (n, labels), v in self.now.values.items() if n == name}
+        return self.now.values.get(name, {})
 
     def increase(self, name: str, window: float) -> dict[Labels, float]:
         """Each series' increase over the window (a series that appeared inside it counts from 0; a counter
         reset counts from 0 too)."""
-        base = self.base(window).values
+        base = self.base(window).values.get(name, {})
         out: dict[Labels, float] = {}
         for labels, v in self.series(name).items():
-            before = base.get((name, labels), 0.0)
+            before = base.get(labels, 0.0)
             out[labels] = v - before if v >= before else v
         return out
 
