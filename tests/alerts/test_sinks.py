@@ -339,3 +339,17 @@ async def test_secrets_stay_out_of_errors_logs_and_metrics(
     assert b"s3cr3t" not in generate_latest(REGISTRY)
     assert "s3cr3t" not in capsys.readouterr().err
     await sink.aclose()
+
+
+async def test_httpx_request_logs_mask_the_webhook_url(receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    """httpx logs ``HTTP Request: POST <url>`` at INFO; should anyone turn that on, the URL is masked."""
+    import logging
+
+    url = receiver.url + "/services/T9/B9/zz-h00k-s3cret"
+    sink = SlackWebhook(SlackSink(enabled=True), {"MARKETPIPE_SLACK_WEBHOOK_URL": url})
+    with caplog.at_level(logging.INFO, logger="httpx"):
+        await sink.send(note())
+    await sink.aclose()
+    lines = [r.getMessage() for r in caplog.records if r.name == "httpx"]
+    assert lines and all("zz-h00k-s3cret" not in line for line in lines), lines
+    assert any("***" in line for line in lines)

@@ -97,6 +97,7 @@ class HttpSink:
         self.name = name
         self.config = config
         self._client = httpx.AsyncClient(timeout=config.timeout, transport=transport, follow_redirects=False)
+        logging_.guard_stdlib(("httpx", "httpcore"))  # httpx logs each request's URL at INFO: the URL is a secret
 
     async def post(self, url: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
         try:
