@@ -303,3 +303,29 @@ def test_config_partial_rule_tables_keep_that_rules_defaults_and_bad_values_are_
             config_from_dict({"alerts": bad})
         assert key in str(err.value), str(err.value)
     assert isinstance(AlertsConfig(), AlertsConfig)
+
+
+async def test_a_running_engine_wakes_on_an_event_from_another_thread(m: Metrics) -> None:
+    import asyncio
+    import threading
+
+    hub = EventHub()
+    cfg = config_from_dict({"alerts": {"evaluate_seconds": 3600}}).alerts  # only the event can wake it
+    e = AlertEngine(cfg, registry=m.registry, events=hub)
+    e.start()
+    try:
+        await asyncio.sleep(0.05)  # the first pass
+        t = threading.Thread(
+            target=hub.emit, args=(Event("source_unavailable", "warning", "polygon failed", source="polygon"),)
+        )
+        t.start()
+        t.join()
+        for _ in range(200):  # 2 s at most, though the engine would not look again for an hour
+            if "event_source_unavailable/polygon" in e.active:
+                break
+            await asyncio.sleep(0.01)
+        assert e.active["event_source_unavailable/polygon"].labels == {"provider": "polygon"}
+    finally:
+        await e.aclose()
+    hub.emit(Event("outlier", "critical", "after close", symbol="AAPL"))  # unsubscribed: nothing happens
+    assert "event_outlier/AAPL" not in e.active
