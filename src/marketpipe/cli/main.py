@@ -571,14 +571,17 @@ def config_show(config: ConfigOpt = None) -> None:
     import msgspec
 
     from marketpipe.core.config import ALPACA_KEY_VARS, ALPACA_SECRET_VARS, mask
+    from marketpipe.store.parquet import KEY_VARS as S3_KEY_VARS
 
     cfg = load_config(config)
     doc = msgspec.to_builtins(cfg)
     doc["store"]["path"] = str(cfg.store_path())
     doc["source_path"] = cfg.source_path or "(defaults; no config file found)"
     doc["credentials"] = {
-        v: mask(os.environ.get(v)) for v in (*ALPACA_KEY_VARS, *ALPACA_SECRET_VARS, "POLYGON_API_KEY")
+        v: mask(os.environ.get(v)) for v in (*ALPACA_KEY_VARS, *ALPACA_SECRET_VARS, "POLYGON_API_KEY", *S3_KEY_VARS)
     }
+    if not cfg.export.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
+        doc["export"]["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     import json
 
     out.print_json(json.dumps(doc))
@@ -623,9 +626,9 @@ def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, st
 
 # The other commands live in modules of their own and register on the shared ``app`` when imported
 # (after the ones above, so ``--help`` lists them in this order).
-from marketpipe.cli import quality, serve, stream  # noqa: E402
+from marketpipe.cli import export, quality, serve, stream  # noqa: E402
 
-__all__ = ["app", "quality", "serve", "stream"]
+__all__ = ["app", "export", "quality", "serve", "stream"]
 
 if __name__ == "__main__":  # pragma: no cover
     app()

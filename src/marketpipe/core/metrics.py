@@ -271,3 +271,15 @@ FANOUT_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     registry=REGISTRY,
 )
+EXPORT_FILES = Counter(
+    "marketpipe_export_files_total",
+    "Parquet cold-tier files an export considered: written (new or changed) or unchanged (skipped)",
+    ["result"],
+    registry=REGISTRY,
+)
+EXPORT_ROWS = Counter(
+    "marketpipe_export_rows_total",
+    "Bars written to Parquet cold-tier files",
+    ["timeframe"],
+    registry=REGISTRY,
+)

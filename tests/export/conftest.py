@@ -1,0 +1,131 @@
+"""Fixtures of the Parquet cold-tier tests: a DuckDB store holding bars the simulator served (backfilled
+once per module), and a real S3-compatible server — moto's ``moto_server`` from PyPI — started as a
+subprocess on a free port and stopped after the session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pyarrow.fs as pafs
+import pytest
+
+from marketpipe.core.config import Config, config_from_dict
+from marketpipe.service.data import SyncMarketData
+from marketpipe.sim.server import SimServer
+from tests.conftest import SIM_ENV
+
+MINUTE_SYMBOLS = ["AAPL", "MSFT", "BRK.B"]
+DAILY_SYMBOLS = ["AAPL", "MSFT", "BRK.B", "SPY", "QQQ"]
+# 1Min across a month's end (Mon 2024-02-26 .. Tue 2024-03-05); 1Day over eight years (~100 months a symbol)
+MINUTE_RANGE = ("2024-02-26", "2024-03-05")
+DAILY_RANGE = ("2016-01-01", "2024-03-28")
+S3_KEY, S3_SECRET = "mp-test-key", "mp-test-secret-value-never-shown"
+
+
+@dataclass(frozen=True)
+class Held:
+    """A store file (closed: open it again per test) and the config naming it."""
+
+    path: Path
+    config: Config
+
+
+def sim_config(url: str, store: Path) -> Config:
+    return config_from_dict(
+        {
+            "providers": {"alpaca": {"base_url": url, "plan": "unlimited", "rate_limit_per_min": 100_000}},
+            "store": {"path": str(store)},
+        }
+    )
+
+
+def backfilled(sim: SimServer, store: Path, *, days: tuple[str, str] = MINUTE_RANGE) -> Held:
+    cfg = sim_config(sim.url, store)
+    with SyncMarketData(config=cfg, env=SIM_ENV) as client:
+        client.backfill(MINUTE_SYMBOLS, *days, timeframe="1Min")
+        client.backfill(DAILY_SYMBOLS, *DAILY_RANGE, timeframe="1Day")
+    return Held(store, cfg)
+
+
+@pytest.fixture(scope="module")
+def held(sim: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Held:
+    return backfilled(sim, tmp_path_factory.mktemp("held") / "store.duckdb")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_ENDPOINT_URL": self.url}
+
+    def new_bucket(self) -> str:
+        """A fresh, empty bucket (one per test keeps tests independent on the one server)."""
+        name = f"lake-{uuid.uuid4().hex[:12]}"
+        fs = pafs.S3FileSystem(
+            access_key=S3_KEY,
+            secret_key=S3_SECRET,
+            endpoint_override=self.url.split("://", 1)[1],
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+        fs.create_dir(name)
+        return name
+
+    def keys(self, bucket: str) -> list[str]:
+        """Every object key in ``bucket`` (the S3 listing itself, through the server's REST API)."""
+        fs = pafs.S3FileSystem(
+            access_key=S3_KEY, secret_key=S3_SECRET, endpoint_override=self.url.split("://", 1)[1], scheme="http"
+        )
+        infos = fs.get_file_info(pafs.FileSelector(bucket, recursive=True))
+        return sorted(i.path[len(bucket) + 1 :] for i in infos if i.type == pafs.FileType.File)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url + "/moto-api/", timeout=1)
+            break
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start: {log.read_text(errors='replace')[-2000:]}") from None
+            time.sleep(0.1)
+    try:
+        yield S3Server(url, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
