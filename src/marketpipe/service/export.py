@@ -130,7 +130,7 @@ def export_bars(
         for sym, (a, b) in spans.items():
             _export_symbol(store, dataset, sym, tf, a, b, stats, progress)
     except MarketpipeError as exc:
-        log.warning("export_failed", code=exc.code, target=dataset.url, error=exc.message)
+        log.info("export_failed", code=exc.code, target=dataset.url, error=exc.message)
         raise
     stats.finished = time.perf_counter()
     log.info(
