@@ -89,19 +89,21 @@ class S3Server:
         fs.create_dir(name)
         return name
 
-    def keys(self, bucket: str) -> list[str]:
-        """Every object key in ``bucket`` (the S3 listing itself, through the server's REST API)."""
-        fs = pafs.S3FileSystem(
+    def fs(self) -> pafs.S3FileSystem:
+        return pafs.S3FileSystem(
             access_key=S3_KEY, secret_key=S3_SECRET, endpoint_override=self.url.split("://", 1)[1], scheme="http"
         )
-        infos = fs.get_file_info(pafs.FileSelector(bucket, recursive=True))
+
+    def keys(self, bucket: str) -> list[str]:
+        """Every object key in ``bucket`` (the S3 listing itself, through the server's REST API)."""
+        infos = self.fs().get_file_info(pafs.FileSelector(bucket, recursive=True))
         return sorted(i.path[len(bucket) + 1 :] for i in infos if i.type == pafs.FileType.File)
 
 
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+def start_moto(workdir: Path) -> S3Server:
+    """``moto_server`` in a subprocess on a free loopback port, once it answers."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = workdir / f"moto-{port}.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -114,18 +116,27 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     while True:
         try:
             httpx.get(url + "/moto-api/", timeout=1)
-            break
+            return S3Server(url, proc)
         except httpx.TransportError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"moto_server did not start: {log.read_text(errors='replace')[-2000:]}") from None
             time.sleep(0.1)
+
+
+def stop_moto(server: S3Server) -> None:
+    server.proc.terminate()
     try:
-        yield S3Server(url, proc)
+        server.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_moto(server)

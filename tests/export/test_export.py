@@ -62,6 +62,15 @@ def store_read(held: Held, symbols: list[str], start: str, end: str, tf: str = "
     return frame
 
 
+@pytest.fixture(scope="module")
+def lake(held: Held, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The held store's 1Min and 1Day bars exported once, for the tests that only read."""
+    root = tmp_path_factory.mktemp("lake") / "lake"
+    export(held, str(root), MINUTE_SYMBOLS, MIN)
+    export(held, str(root), DAILY_SYMBOLS, DAY)
+    return root
+
+
 @pytest.mark.parametrize(
     ("symbols", "start", "end", "tf"),
     [
@@ -73,11 +82,8 @@ def store_read(held: Held, symbols: list[str], start: str, end: str, tf: str = "
     ],
 )
 def test_round_trip_equals_the_store_read_exactly(
-    held: Held, tmp_path: Path, symbols: list[str], start: str, end: str, tf: str
+    held: Held, lake: Path, symbols: list[str], start: str, end: str, tf: str
 ) -> None:
-    lake = tmp_path / "lake"
-    export(held, str(lake), MINUTE_SYMBOLS, MIN)
-    export(held, str(lake), DAILY_SYMBOLS, DAY)
     expected = store_read(held, symbols, start, end, tf)
     assert expected.height > 0
     with SyncMarketData(config=held.config) as c:
@@ -88,10 +94,8 @@ def test_round_trip_equals_the_store_read_exactly(
 
 
 def test_mp_bars_reads_the_cold_tier_with_the_notebook_shapes(
-    held: Held, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    held: Held, lake: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lake = tmp_path / "lake"
-    export(held, str(lake), MINUTE_SYMBOLS, MIN)
     with SyncMarketData(config=held.config) as c:
         monkeypatch.setattr(mp, "_default", c)
         got = mp.bars(["AAPL", "MSFT"], "2024-03-01", "2024-03-01", source=f"parquet://{lake}")
@@ -127,10 +131,7 @@ def test_partition_values_are_uri_encoded_so_any_symbol_is_one_level() -> None:
     )
 
 
-def test_duckdb_read_parquet_of_the_dataset_equals_the_store(held: Held, tmp_path: Path) -> None:
-    lake = tmp_path / "lake"
-    export(held, str(lake), MINUTE_SYMBOLS, MIN)
-    export(held, str(lake), DAILY_SYMBOLS, DAY)
+def test_duckdb_read_parquet_of_the_dataset_equals_the_store(held: Held, lake: Path) -> None:
     con = duckdb.connect()
     sql = f"""SELECT {", ".join(BAR_COLUMNS)} FROM read_parquet('{lake}/**/*.parquet', hive_partitioning = true)
               WHERE timeframe = '1Min' AND symbol IN ('AAPL', 'BRK.B') ORDER BY symbol, ts"""

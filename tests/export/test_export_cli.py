@@ -9,13 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.export.conftest import DAILY_SYMBOLS, S3_SECRET, Held, S3Server
+from tests.export.conftest import DAILY_SYMBOLS, S3_SECRET, Held, S3Server, start_moto, stop_moto
 
 
 def cli(*args: str) -> list[str]:
@@ -33,16 +35,35 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> su
 
 def dataset(root: Path) -> dict[str, tuple[str, int]]:
     """Each committed file: its content digest and row count; hidden (temporary) files listed as such."""
+    return described({str(p.relative_to(root)): str(p) for p in sorted(root.rglob("*")) if p.is_file()}, None)
+
+
+def s3_dataset(s3: S3Server, bucket: str, prefix: str) -> dict[str, tuple[str, int]]:
+    keys = [k for k in s3.keys(bucket) if k.startswith(prefix + "/")]
+    return described({k[len(prefix) + 1 :]: f"{bucket}/{k}" for k in keys}, s3.fs())
+
+
+def described(paths: dict[str, str], fs: pafs.FileSystem | None) -> dict[str, tuple[str, int]]:
     out: dict[str, tuple[str, int]] = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            rel = str(p.relative_to(root))
-            if p.name.startswith("."):
-                out[rel] = ("temporary", 0)
-                continue
-            meta = pq.read_metadata(p)
-            out[rel] = (meta.metadata[b"marketpipe.sha256"].decode(), meta.num_rows)
+    for rel, where in paths.items():
+        if rel.rsplit("/", 1)[-1].startswith("."):
+            out[rel] = ("temporary", 0)
+            continue
+        meta = pq.read_metadata(where, filesystem=fs)  # a partial object would fail here
+        out[rel] = (meta.metadata[b"marketpipe.sha256"].decode(), meta.num_rows)
     return out
+
+
+def kill_when(proc: subprocess.Popen[bytes], committed: Callable[[], int], at_least: int) -> None:
+    """SIGKILL ``proc`` once ``committed()`` reaches ``at_least`` (it must still be running then)."""
+    deadline = time.monotonic() + 60
+    while committed() < at_least:
+        assert proc.poll() is None, "the export ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
 
 
 def test_export_then_rerun_json_and_duckdb(held: Held, tmp_path: Path) -> None:
@@ -74,14 +95,7 @@ def test_kill_9_mid_export_then_rerun_gives_the_uninterrupted_dataset(held: Held
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 60
-    while sum(1 for _ in lake.rglob("*.parquet")) < len(want) // 4:  # a quarter committed: kill it now
-        assert proc.poll() is None, "the export ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(proc, lambda: sum(1 for _ in lake.rglob("*.parquet")), len(want) // 4)  # a quarter committed
     partial = dataset(lake)
     committed = {k: v for k, v in partial.items() if v[0] != "temporary"}
     assert len(want) // 4 <= len(committed) < len(want)
@@ -144,3 +158,52 @@ def test_share_class_symbols_are_one_partition(held: Held, tmp_path: Path, symbo
     r = run("export", *symbols, "--to", str(lake), "--store", str(held.path), "--json")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in lake.iterdir()) == ["symbol=BRK.B"]
+
+
+def test_kill_9_mid_s3_export_then_rerun_gives_the_uninterrupted_dataset(
+    held: Held, s3: S3Server, tmp_path: Path
+) -> None:
+    symbols = DAILY_SYMBOLS[:2]
+    args = ["--timeframe", "1Day", "--store", str(held.path), "--no-progress"]
+    reference = tmp_path / "reference"
+    assert run("export", *symbols, "--to", str(reference), *args).returncode == 0
+    want = dataset(reference)
+    bucket = s3.new_bucket()
+    to = f"s3://{bucket}/lake"
+    proc = subprocess.Popen(
+        cli("export", *symbols, "--to", to, *args), env=clean_env(s3.env()), stdout=subprocess.DEVNULL
+    )
+    kill_when(proc, lambda: sum(k.endswith(".parquet") for k in s3.keys(bucket)), len(want) // 4)
+    partial = s3_dataset(s3, bucket, "lake")  # every object under a final name is a whole file
+    committed = {k: v for k, v in partial.items() if v[0] != "temporary"}
+    assert len(want) // 4 <= len(committed) < len(want) and all(want[k] == v for k, v in committed.items())
+    rerun = run("export", *symbols, "--to", to, *args, "--json", env=s3.env())
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["files_unchanged"] == len(committed)
+    assert s3_dataset(s3, bucket, "lake") == want
+
+
+def test_an_object_store_that_dies_mid_export_ends_it_with_a_typed_error(held: Held, tmp_path: Path) -> None:
+    server = start_moto(tmp_path)
+    try:
+        bucket = server.new_bucket()
+        proc = subprocess.Popen(
+            cli("export", *DAILY_SYMBOLS, "--to", f"s3://{bucket}/lake", "--timeframe", "1Day", "--store",
+                str(held.path), "--no-progress"),
+            env=clean_env(server.env()),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while len(server.keys(bucket)) < 20:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        server.proc.kill()  # the server goes away mid-export
+        stop_moto(server)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error[OBJECT_STORE_UNREACHABLE]: cannot reach the object store"), stderr
+    assert "Traceback" not in stderr and S3_SECRET not in stderr

@@ -268,10 +268,11 @@ class ParquetDataset:
         with self._errors("write", path):
             try:
                 if self.location.kind == "local":
-                    self.fs.create_dir(directory, recursive=True)
-                with self.fs.open_output_stream(tmp) as out:
-                    out.write(data)
-                self.fs.move(tmp, path)
+                    _write_local(directory, tmp, path, data)
+                else:
+                    with self.fs.open_output_stream(tmp) as out:
+                        out.write(data)
+                    self.fs.move(tmp, path)  # CopyObject then DeleteObject: the final key appears whole
             except BaseException:
                 with contextlib.suppress(OSError):
                     self.fs.delete_file(tmp)
@@ -347,6 +348,22 @@ class ParquetDataset:
         if any(k in text for k in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "HTTP 403")):
             return ObjectStoreDenied(f"the object store refused access to {self.url}: {first}", details=details)
         return ObjectStoreError(f"cannot {action} {where}: {first}", details=details)
+
+
+def _write_local(directory: str, tmp: str, path: str, data: pa.Buffer) -> None:
+    """The bytes on disk (fsync'd) under ``tmp``, then renamed over ``path`` and the rename made durable, so
+    that a power loss leaves the old file or the new one, never an empty one under the final name."""
+    os.makedirs(directory, exist_ok=True)
+    with open(tmp, "wb") as fh:
+        fh.write(memoryview(data))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_dataset(
