@@ -75,6 +75,10 @@ def test_export_then_rerun_json_and_duckdb(held: Held, tmp_path: Path) -> None:
     again = run("export", "AAPL", "BRK.B", "--to", f"parquet://{lake}", "--store", str(held.path))
     assert again.returncode == 0, again.stderr
     assert "0 files written" in again.stdout and "4 unchanged" in again.stdout
+    day = ["--start", "2024-03-01", "--end", "2024-03-01"]
+    shown = run("bars", "BRK.B", *day, "--format", "csv", "--source", f"parquet://{lake}")
+    assert shown.returncode == 0, shown.stderr
+    assert len(shown.stdout.strip().splitlines()) == 1 + 390  # header + the session's minutes, no store needed
     got = duckdb.execute(
         f"""SELECT symbol, count(*) FROM read_parquet('{lake}/**/*.parquet', hive_partitioning = true)
             GROUP BY symbol ORDER BY symbol"""

@@ -176,10 +176,14 @@ def bars(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or parquet")] = "table",
     output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
     no_fetch: Annotated[bool, typer.Option("--no-fetch", help="Only what the store holds.")] = False,
+    source: Annotated[
+        str | None, typer.Option("--source", help="parquet://PATH or s3://BUCKET/prefix: read the cold tier")
+    ] = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Print bars: from the store where covered, otherwise fetched, checked and stored first."""
+    """Print bars: from the store where covered, otherwise fetched, checked and stored first (or, with
+    ``--source``, from a Parquet dataset ``marketpipe export`` wrote)."""
     from marketpipe.service.data import MarketData
 
     validate_enum(fmt, OUTPUT_FORMATS, "format", casefold=True, message=FORMAT_MESSAGE)
@@ -187,7 +191,9 @@ def bars(
 
     async def go() -> Any:
         try:
-            return await data.bars(symbols, start, end, timeframe=timeframe, feed=feed, fetch=not no_fetch)
+            return await data.bars(
+                symbols, start, end, timeframe=timeframe, feed=feed, fetch=not no_fetch, source=source
+            )
         finally:
             await data.aclose()
 
