@@ -111,8 +111,9 @@ def parse_location(url: str, parameter: str) -> Location:
     if text.startswith("s3://"):
         root = text[len("s3://") :].strip("/")
         if not root or not root.split("/", 1)[0]:
-            raise InvalidArgument(f"--{parameter} {url!r}: an S3 URL names a bucket: s3://BUCKET/prefix",
-                                  details={"parameter": parameter})  # fmt: skip
+            raise InvalidArgument(
+                f"{parameter} {url!r}: an S3 URL names a bucket: s3://BUCKET/prefix", details={"parameter": parameter}
+            )
         return Location("s3", root, text)
     for scheme in ("parquet://", "file://"):
         if text.startswith(scheme):
