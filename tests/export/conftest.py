@@ -100,8 +100,9 @@ class S3Server:
         return sorted(i.path[len(bucket) + 1 :] for i in infos if i.type == pafs.FileType.File)
 
 
-def start_moto(workdir: Path) -> S3Server:
-    """``moto_server`` in a subprocess on a free loopback port, once it answers."""
+def start_moto(workdir: Path, *, enforce_auth: bool = False) -> S3Server:
+    """``moto_server`` in a subprocess on a free loopback port, once it answers. ``enforce_auth``: it checks
+    credentials against its IAM (which knows none), as S3 does, instead of accepting any."""
     port = free_port()
     log = workdir / f"moto-{port}.log"
     with open(log, "wb") as fh:
@@ -109,7 +110,10 @@ def start_moto(workdir: Path) -> S3Server:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=fh,
             stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+                **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if enforce_auth else {}),
+            },
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -20,6 +20,7 @@ from marketpipe.core.errors import (
     InvalidArgument,
     MissingCredentials,
     NothingToExport,
+    ObjectStoreDenied,
     ObjectStoreUnreachable,
     OutputError,
 )
@@ -39,6 +40,8 @@ from tests.export.conftest import (
     S3Server,
     backfilled,
     free_port,
+    start_moto,
+    stop_moto,
 )
 
 MIN, DAY = Timeframe.parse("1Min"), Timeframe.parse("1Day")
@@ -276,3 +279,15 @@ def test_s3_missing_bucket_no_credentials_and_unreachable_are_typed(held: Held, 
     bucket = s3.new_bucket()
     with SyncMarketData(config=held.config, env=s3.env()) as c, pytest.raises(DatasetNotFound):
         c.bars("AAPL", "2024-03-01", "2024-03-01", source=f"s3://{bucket}/never-written")
+
+
+def test_s3_refused_credentials_are_object_store_denied(held: Held, tmp_path: Path) -> None:
+    server = start_moto(tmp_path, enforce_auth=True)  # an S3 that checks keys, and knows none of ours
+    try:
+        with pytest.raises(ObjectStoreDenied, match="refused access") as denied:
+            export(held, "s3://lake/p", ["AAPL"], MIN, env=server.env())
+        assert S3_SECRET not in str(denied.value.to_dict())
+        with SyncMarketData(config=held.config, env=server.env()) as c, pytest.raises(ObjectStoreDenied):
+            c.bars("AAPL", "2024-03-01", "2024-03-01", source="s3://lake/p")
+    finally:
+        stop_moto(server)
