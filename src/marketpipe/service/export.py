@@ -1,7 +1,7 @@
 """The Parquet cold tier: ``marketpipe export`` (store → Hive-partitioned Parquet) and reading it back
 (``mp.bars(..., source="parquet://…" | "s3://…")``).
 
-The store is read through the protocols of ``store/base.py`` only (``read_bars`` and ``summary``), so an
+The store is read through the protocols of ``store/base.py`` only (``BarStore.read_bars``), so an
 export works from any backend. What is exported is what a read returns: the current version of each bar
 (one row per symbol and time, the store's feed and source preference), with ``source``, ``feed`` and
 ``fetched_at`` kept.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import polars as pl
@@ -31,7 +31,8 @@ from marketpipe.core.errors import MarketpipeError, NothingToExport
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import EXPORT_FILES, EXPORT_ROWS
 from marketpipe.core.timeframe import Timeframe
-from marketpipe.store.base import Store
+from marketpipe.core.timeutil import MAX_TIME, MIN_TIME
+from marketpipe.store.base import BarStore
 from marketpipe.store.parquet import (
     Month,
     ParquetDataset,
@@ -45,7 +46,6 @@ from marketpipe.store.parquet import (
 )
 
 log = get_logger("marketpipe.export")
-US = timedelta(microseconds=1)
 
 
 @dataclass
@@ -88,25 +88,25 @@ ProgressFn = Callable[[ExportStats], None]
 
 
 def held_spans(
-    store: Store, symbols: list[str], timeframe: str, start: datetime | None, end: datetime | None
+    store: BarStore, symbols: list[str], timeframe: str, start: datetime | None, end: datetime | None
 ) -> dict[str, tuple[datetime, datetime]]:
     """Per symbol that has bars of ``timeframe`` in ``[start, end)`` (an open side: all it holds), the widened
-    range to export: from the first month it touches to the end of the last. Symbols without are left out
-    (a range between two held bars with none inside it included: one row is read to be sure)."""
-    summary = store.summary()
-    held = summary.filter(pl.col("timeframe") == timeframe, pl.col("symbol").is_in(symbols))
-    spans = held.group_by("symbol").agg(pl.col("first").min(), pl.col("last").max())
+    range to export: from the first month its bars touch to the end of the last. Symbols without are left
+    out. Two one-row reads per symbol (its first and last bar in the range), whatever the store holds."""
+    lo, hi = start or MIN_TIME, end or MAX_TIME
     out: dict[str, tuple[datetime, datetime]] = {}
-    for sym, first, last in spans.iter_rows():
-        lo = max(start, first) if start is not None else first
-        hi = min(end, last + US) if end is not None else last + US
-        if lo < hi and store.read_bars([sym], timeframe, lo, hi, limit=1).height:
-            out[sym] = (month_start(month_of(lo)), month_start(next_month(month_of(hi - US))))
-    return {s: out[s] for s in symbols if s in out}
+    for sym in symbols:
+        first = store.read_bars([sym], timeframe, lo, hi, limit=1)
+        if first.is_empty():
+            continue
+        last = store.read_bars([sym], timeframe, lo, hi, limit=1, desc=True)
+        a, b = first["ts"][0], last["ts"][0]
+        out[sym] = (month_start(month_of(a)), month_start(next_month(month_of(b))))
+    return out
 
 
 def export_bars(
-    store: Store,
+    store: BarStore,
     dataset: ParquetDataset,
     symbols: list[str],
     timeframe: Timeframe,
@@ -146,7 +146,7 @@ def export_bars(
 
 
 def _export_symbol(
-    store: Store,
+    store: BarStore,
     dataset: ParquetDataset,
     sym: str,
     tf: str,
