@@ -81,6 +81,7 @@ def bars(
     timeframe: TimeframeLike = "1Min",
     feed: str | None = None,
     fetch: bool = True,
+    source: str | None = None,
     tz: str | None = None,
     shape: Literal["long"] = "long",
 ) -> pl.DataFrame: ...
@@ -95,6 +96,7 @@ def bars(
     timeframe: TimeframeLike = "1Min",
     feed: str | None = None,
     fetch: bool = True,
+    source: str | None = None,
     tz: str | None = None,
     shape: Literal["alpaca", "wide"],
 ) -> pd.DataFrame: ...
@@ -108,6 +110,7 @@ def bars(
     timeframe: TimeframeLike = "1Min",
     feed: str | None = None,
     fetch: bool = True,
+    source: str | None = None,
     tz: str | None = None,
     shape: Literal["long", "alpaca", "wide"] = "long",
 ) -> pl.DataFrame | pd.DataFrame:
@@ -116,9 +119,11 @@ def bars(
     ``tz="exchange"`` (the calendar's zone, America/New_York for XNYS) or any IANA name converts ``ts``.
     ``shape="alpaca"``: alpaca-py's ``BarSet.df`` (pandas, index (symbol, timestamp), UTC unless ``tz``);
     ``shape="wide"``: ``yfinance.download``'s frame (columns (Price, Ticker), exchange time unless ``tz``),
-    NaN where a symbol has no bar at a time another has one (pandas' outer alignment; nothing is filled)."""
+    NaN where a symbol has no bar at a time another has one (pandas' outer alignment; nothing is filled).
+    ``source="parquet://PATH"`` / ``"s3://BUCKET/prefix"``: read the Parquet cold tier that ``marketpipe export``
+    wrote (nothing fetched, the store not opened), the same frame as from the store."""
     out: pl.DataFrame | pd.DataFrame = _client().bars(
-        symbols, start, end, timeframe=timeframe, feed=feed, fetch=fetch, tz=tz, shape=shape
+        symbols, start, end, timeframe=timeframe, feed=feed, fetch=fetch, source=source, tz=tz, shape=shape
     )
     return out
 

@@ -42,11 +42,27 @@ def report_error(exc: MarketpipeError) -> int:
     return 2 if isinstance(exc, InvalidArgument) else 1
 
 
+Fields = tuple[int, int, str, str]  # total, completed, rate, info: what the bar shows of a run's stats
+
+
+def backfill_fields(stats: Any) -> Fields:
+    """A backfill run's stats as the bar shows them (bars received of those expected, bars/s, requests)."""
+    total = max(stats.est_rows, stats.bars_received, 1)
+    return (
+        total,
+        min(stats.bars_received, total),
+        f"{stats.bars_per_second:,.0f} bars/s",
+        f"req {stats.requests}  retries {stats.retries}  rejected {stats.bars_rejected}",
+    )
+
+
 @contextlib.contextmanager
-def progress_bar(label: str, show: bool) -> Iterator[Callable[[Any], None] | None]:
-    """The fetch progress bar on stderr that backfill, update and repair share: yields the callback a
-    backfill run's ``progress`` takes (its stats as pages are committed), or None when ``show`` is
-    false (``--no-progress``, or stderr not a terminal)."""
+def progress_bar(
+    label: str, show: bool, fields: Callable[[Any], Fields] = backfill_fields
+) -> Iterator[Callable[[Any], None] | None]:
+    """The progress bar on stderr that backfill, update, repair and export share: yields the callback a
+    run's ``progress`` takes (its stats as work is committed; ``fields`` says what of them to show), or
+    None when ``show`` is false (``--no-progress``, or stderr not a terminal)."""
     if not show:
         yield None
         return
@@ -63,14 +79,8 @@ def progress_bar(label: str, show: bool) -> Iterator[Callable[[Any], None] | Non
         task = progress.add_task(label, total=None, rate="", info="planning")
 
         def update(stats: Any) -> None:
-            total = max(stats.est_rows, stats.bars_received, 1)
-            progress.update(
-                task,
-                total=total,
-                completed=min(stats.bars_received, total),
-                rate=f"{stats.bars_per_second:,.0f} bars/s",
-                info=f"req {stats.requests}  retries {stats.retries}  rejected {stats.bars_rejected}",
-            )
+            total, completed, rate, info = fields(stats)
+            progress.update(task, total=total, completed=completed, rate=rate, info=info)
 
         yield update
 

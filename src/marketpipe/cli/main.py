@@ -176,10 +176,14 @@ def bars(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or parquet")] = "table",
     output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
     no_fetch: Annotated[bool, typer.Option("--no-fetch", help="Only what the store holds.")] = False,
+    source: Annotated[
+        str | None, typer.Option("--source", help="parquet://PATH or s3://BUCKET/prefix: read the cold tier")
+    ] = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Print bars: from the store where covered, otherwise fetched, checked and stored first."""
+    """Print bars: from the store where covered, otherwise fetched, checked and stored first (or, with
+    ``--source``, from a Parquet dataset ``marketpipe export`` wrote)."""
     from marketpipe.service.data import MarketData
 
     validate_enum(fmt, OUTPUT_FORMATS, "format", casefold=True, message=FORMAT_MESSAGE)
@@ -187,7 +191,9 @@ def bars(
 
     async def go() -> Any:
         try:
-            return await data.bars(symbols, start, end, timeframe=timeframe, feed=feed, fetch=not no_fetch)
+            return await data.bars(
+                symbols, start, end, timeframe=timeframe, feed=feed, fetch=not no_fetch, source=source
+            )
         finally:
             await data.aclose()
 
@@ -571,19 +577,22 @@ def config_show(config: ConfigOpt = None) -> None:
     import msgspec
 
     from marketpipe.core.config import ALPACA_KEY_VARS, ALPACA_SECRET_VARS, mask
+    from marketpipe.store.parquet import KEY_VARS as S3_KEY_VARS
 
     cfg = load_config(config)
     doc = msgspec.to_builtins(cfg)
     doc["store"]["path"] = str(cfg.store_path())
     doc["source_path"] = cfg.source_path or "(defaults; no config file found)"
     doc["credentials"] = {
-        v: mask(os.environ.get(v)) for v in (*ALPACA_KEY_VARS, *ALPACA_SECRET_VARS, "POLYGON_API_KEY")
+        v: mask(os.environ.get(v)) for v in (*ALPACA_KEY_VARS, *ALPACA_SECRET_VARS, "POLYGON_API_KEY", *S3_KEY_VARS)
     }
     # the alert sinks' secrets: the file names their variables, the values are masked like the others
     for sink in doc["alerts"]["sinks"].values():
         for key, var in sink.items():
             if key.endswith("_env"):
                 doc["credentials"][var] = mask(os.environ.get(var))
+    if not cfg.export.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
+        doc["export"]["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     import json
 
     out.print_json(json.dumps(doc))
@@ -628,9 +637,9 @@ def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, st
 
 # The other commands live in modules of their own and register on the shared ``app`` when imported
 # (after the ones above, so ``--help`` lists them in this order).
-from marketpipe.cli import alerts, quality, serve, stream  # noqa: E402
+from marketpipe.cli import alerts, export, quality, serve, stream  # noqa: E402
 
-__all__ = ["alerts", "app", "quality", "serve", "stream"]
+__all__ = ["alerts", "app", "export", "quality", "serve", "stream"]
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -521,6 +521,16 @@ class AlertsConfig(msgspec.Struct, forbid_unknown_fields=True):
         email = self.sinks.email
         if email.enabled and not email.to:
             raise ValueError("alerts.sinks.email.to must list at least one address when the sink is enabled")
+class ExportConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``[export]``: the Parquet cold tier's object store (``marketpipe export --to s3://…``,
+    ``mp.bars(..., source="s3://…")``). Credentials come from the environment only
+    (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``); the endpoint from here or
+    ``AWS_ENDPOINT_URL`` (a value here wins), the region from here, ``AWS_REGION`` or ``AWS_DEFAULT_REGION``."""
+
+    endpoint_url: str | None = None  # an S3-compatible server, e.g. http://127.0.0.1:9000; unset: AWS
+    region: str | None = None  # unset: the environment's, else us-east-1
+    connect_timeout: Annotated[float, Meta(gt=0, le=600)] = 5.0
+    attempts: Annotated[int, Meta(ge=1, le=20)] = 3  # per S3 request, the SDK's standard retry
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
@@ -534,6 +544,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
+    export: ExportConfig = msgspec.field(default_factory=ExportConfig)
     # each value is the vendor's registered config class (AlpacaConfig, …), see register_provider_config
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=_default_providers)
     source_path: str | None = None

@@ -263,6 +263,51 @@ class StoreError(MarketpipeError):
     http_status = 500
 
 
+class ObjectStoreError(MarketpipeError):
+    """The Parquet cold tier's object store (S3 or compatible) failed in a way no subclass names: the
+    message carries the store's own error, never a credential."""
+
+    code = "OBJECT_STORE_ERROR"
+    http_status = 502
+
+
+class ObjectStoreUnreachable(ObjectStoreError):
+    """The object store's endpoint cannot be connected to (wrong ``AWS_ENDPOINT_URL`` /
+    ``[export] endpoint_url``, server down, network)."""
+
+    code = "OBJECT_STORE_UNREACHABLE"
+    http_status = 503
+    retryable = True
+
+
+class BucketNotFound(ObjectStoreError):
+    """The bucket named in an ``s3://BUCKET/prefix`` URL does not exist (marketpipe never creates one)."""
+
+    code = "BUCKET_NOT_FOUND"
+    http_status = 404
+
+
+class ObjectStoreDenied(ObjectStoreError):
+    """The object store refused the credentials (unknown key, bad signature, no permission)."""
+
+    code = "OBJECT_STORE_DENIED"
+    http_status = 403
+
+
+class DatasetNotFound(MarketpipeError):
+    """``source="parquet://PATH"`` / ``s3://…``: nothing is there (no directory, no object under the prefix)."""
+
+    code = "DATASET_NOT_FOUND"
+    http_status = 404
+
+
+class NothingToExport(MarketpipeError):
+    """``marketpipe export``: the store holds no bars of any of the symbols in the range asked for."""
+
+    code = "NOTHING_TO_EXPORT"
+    http_status = 404
+
+
 class GatewayUnavailable(MarketpipeError):
     """``mp.client(gateway=URL)``: the marketpipe gateway at URL cannot be reached or did not answer in
     its own format (is ``marketpipe serve`` running there?)."""
@@ -392,6 +437,12 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         DataInvalid,
         StaleData,
         StoreError,
+        ObjectStoreError,
+        ObjectStoreUnreachable,
+        BucketNotFound,
+        ObjectStoreDenied,
+        DatasetNotFound,
+        NothingToExport,
         GatewayUnavailable,
         OutputError,
         AddressInUse,
@@ -437,9 +488,11 @@ __all__ = [
     "AllProvidersFailed",
     "AuthFailed",
     "AuthThrottled",
+    "BucketNotFound",
     "CircuitOpen",
     "ConfigError",
     "DataInvalid",
+    "DatasetNotFound",
     "DeadlineExceeded",
     "FeatureDisabled",
     "Forbidden",
@@ -461,6 +514,10 @@ __all__ = [
     "MissingCredentials",
     "NotEntitled",
     "NotFound",
+    "NothingToExport",
+    "ObjectStoreDenied",
+    "ObjectStoreError",
+    "ObjectStoreUnreachable",
     "OutputError",
     "PaginationLoop",
     "PayloadTooLarge",

@@ -383,3 +383,16 @@ ALERT_SEND_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     registry=REGISTRY,
 )
+
+EXPORT_FILES = Counter(
+    "marketpipe_export_files_total",
+    "Parquet cold-tier files an export considered: written (new or changed) or unchanged (skipped)",
+    ["result"],
+    registry=REGISTRY,
+)
+EXPORT_ROWS = Counter(
+    "marketpipe_export_rows_total",
+    "Bars written to Parquet cold-tier files",
+    ["timeframe"],
+    registry=REGISTRY,
+)

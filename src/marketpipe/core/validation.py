@@ -241,3 +241,15 @@ def validate_time_zone(value: str, param: str = "tz", *, message: str | None = N
         else "{param} must be an IANA time zone name such as 'America/New_York', not {value!r}"
     )
     raise InvalidArgument(_say(template, param=param, value=value), details=_details(param))
+
+
+DATASET_SCHEMES = ("parquet://", "s3://")
+
+
+def validate_dataset_url(value: Any, param: str = "source", *, message: str | None = None) -> str:
+    """``value`` if it names a Parquet cold-tier dataset: ``parquet://PATH`` (``parquet:///abs/path``) or
+    ``s3://BUCKET[/prefix]``; else INVALID_ARGUMENT naming ``param``."""
+    if isinstance(value, str) and value.strip().startswith(DATASET_SCHEMES) and value.strip() not in DATASET_SCHEMES:
+        return value.strip()
+    template = message if message is not None else "{param} must be parquet://PATH or s3://BUCKET/prefix, not {value!r}"
+    raise InvalidArgument(_say(template, param=param, value=value), details=_details(param))

@@ -26,9 +26,10 @@ from marketpipe.core.config import Config, load_config
 from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe, TimeframeLike
 from marketpipe.core.timeutil import TimeInput, parse_range, parse_time
-from marketpipe.core.validation import validate_limit
+from marketpipe.core.validation import validate_dataset_url, validate_limit
 from marketpipe.providers.base import BarsProvider, feed_for
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
+from marketpipe.service.export import read_dataset
 from marketpipe.service.frames import Shape, frame_options, shaped
 from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
 from marketpipe.service.quality import SeriesQuality, analyze
@@ -289,12 +290,18 @@ class MarketData:
         timeframe: TimeframeLike | Timeframe = "1Min",
         feed: str | None = None,
         fetch: bool = True,
+        source: str | None = None,
     ) -> pl.DataFrame:
         """Bars for ``[start, end)``: from the store where covered, otherwise fetched, checked, stored.
 
         A range the ledger covers (by any provider) is read without building a provider, so reading
-        what is already held needs no credentials; only a gap leads to a backfill, which plans it."""
+        what is already held needs no credentials; only a gap leads to a backfill, which plans it.
+        ``source="parquet://PATH"`` or ``"s3://BUCKET/prefix"`` reads the Parquet cold tier written by
+        ``marketpipe export`` instead (nothing fetched, no store opened): the same frame a store read gives."""
         syms, tf, s, e = _series(symbols, timeframe, start, end)
+        if source is not None:
+            url = validate_dataset_url(source)
+            return await asyncio.to_thread(read_dataset, url, self.config, syms, tf, s, e, env=self._env)
         if not fetch:
             return await asyncio.to_thread(self._stored().read_bars, syms, str(tf), s, e)
         if any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
