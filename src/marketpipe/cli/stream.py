@@ -566,7 +566,7 @@ def stream(
         if gateway:
             asyncio.run(run_gateway(gateway, token or os.environ.get(API_KEY_VAR) or None, syms, as_json, duration))
         elif sim:
-            _run_sim(syms, sim_rate, as_json, duration, config, store)
+            _run_sim(syms, sim_rate, as_json, duration, config, Path(store) if store is not None else None)
         else:
             asyncio.run(run_hub(load_config(config, store), None, syms, as_json, duration))
     except KeyboardInterrupt:

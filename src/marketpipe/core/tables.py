@@ -37,9 +37,23 @@ class Table:
     primary_key: tuple[str, ...] = ()
     serial: str | None = None
     since: int = 1
+    # A row's identity for idempotent writes: a write skips rows whose key is held. DuckDB checks it
+    # with an anti-join (no index); a server backend makes it a unique index (with the partition column).
+    key: tuple[str, ...] = ()
+    # Rows may be stored again under their key as a newer version (a vendor revision): a backend
+    # whose key is a unique index adds a version number to it.
+    versioned: bool = False
+    # The time column a backend that partitions large tables splits this one by (monthly ranges).
+    partition_by: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = {*self.not_null, *self.primary_key, *((self.serial,) if self.serial else ())} - set(self.columns)
+        unknown = {
+            *self.not_null,
+            *self.primary_key,
+            *self.key,
+            *((self.serial,) if self.serial else ()),
+            *((self.partition_by,) if self.partition_by else ()),
+        } - set(self.columns)
         if unknown:
             raise ValueError(f"table {self.name}: {sorted(unknown)} are not among its columns")
 
@@ -128,7 +142,14 @@ COVERAGE_SCHEMA: dict[str, pl.DataType] = {
 
 META = Table("meta", {"key": pl.String(), "value": pl.String()}, primary_key=("key",))
 
-BARS = Table("bars", BAR_SCHEMA, not_null=("symbol", "timeframe", "ts", "source"))
+BARS = Table(
+    "bars",
+    BAR_SCHEMA,
+    not_null=("symbol", "timeframe", "ts", "source"),
+    key=("symbol", "timeframe", "ts", "source", "feed"),
+    versioned=True,
+    partition_by="ts",
+)
 
 QUARANTINE = Table("quarantine", QUARANTINE_SCHEMA)
 
@@ -162,6 +183,7 @@ ANOMALIES = Table(
     "anomalies",
     {**FINDINGS_SCHEMA, "detected_at": UTC_US},
     not_null=("symbol", "timeframe", "ts", "kind"),
+    key=("symbol", "timeframe", "ts", "kind"),
     since=2,
 )
 
