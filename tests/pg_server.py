@@ -37,7 +37,9 @@ def available() -> bool:
 
 
 class PgServer:
-    def __init__(self) -> None:
+    """``durable=False`` (tests): no fsync. ``durable=True`` (benchmarks): PostgreSQL's defaults."""
+
+    def __init__(self, *, durable: bool = False) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="marketpipe-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
@@ -59,9 +61,10 @@ class PgServer:
         )
         conf = (
             f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.root}'\n"
-            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n"
-            "shared_buffers = 128MB\n"
+            "max_connections = 200\nshared_buffers = 128MB\n"
         )
+        if not durable:
+            conf += "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
         _as_postgres("sh", "-c", f"cat >> {self.data}/postgresql.conf <<'EOF'\n{conf}EOF")
         self.start()
 
