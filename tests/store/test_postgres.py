@@ -13,13 +13,14 @@ import polars as pl
 import psycopg
 import pytest
 
+from marketpipe.core.config import url_without_password
 from marketpipe.core.errors import StoreError
 from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.tables import FINDINGS_SCHEMA, QUALITY_SCORES, RECONCILE_SCHEMA, TABLES
 from marketpipe.store.base import Store
 from marketpipe.store.duckdb import DuckDBStore
 from marketpipe.store.pg_schema import MIGRATIONS, REVISION
-from marketpipe.store.postgres import PostgresStore, connect_url, public_url
+from marketpipe.store.postgres import PostgresStore, connect_url
 from tests.pg_server import PgServer
 from tests.store.test_duckdb import T0, bars, page
 
@@ -146,7 +147,7 @@ def test_an_unreachable_server_is_a_store_error_with_a_hint_not_a_hang(pg: PgSer
 
 def test_the_password_never_shows() -> None:
     url = "postgresql://alice:s3cret@db.example:6543/market"
-    assert public_url(url) == "postgresql://alice:***@db.example:6543/market"
+    assert url_without_password(url) == "postgresql://alice:***@db.example:6543/market"
     assert "connect_timeout=5" in connect_url(url, 5)
     assert "connect_timeout=9" in connect_url(url + "?connect_timeout=9", 5)
 
@@ -310,3 +311,24 @@ def test_both_engines_answer_alike(tmp_path: Path, pg_url: str) -> None:
             assert have.equals(expected), f"{name}:\n{have}\n!=\n{expected}"
         else:
             assert have == expected, name
+
+
+def test_the_cli_takes_a_postgresql_url_and_never_shows_its_password(sim: object, pg_url: str, tmp_path: Path) -> None:
+    """``--store postgresql://...`` word for word (a URL, not a path), a backfill into it, ``store info``,
+    and ``config show`` with a password in ``[store] url``."""
+    from tests.cli.test_cli import run
+    from tests.conftest import SIM_ENV
+
+    cfg = tmp_path / "mp.toml"
+    cfg.write_text(f'[providers.alpaca]\nbase_url = "{sim.url}"\nplan = "unlimited"\n')  # type: ignore[attr-defined]
+    env = {**SIM_ENV, "MARKETPIPE_CONFIG": str(cfg)}
+    done = run("backfill", "AAPL", "--start", "2024-03-05", "--end", "2024-03-05", "--store", pg_url, "--no-progress",
+               env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = run("store", "info", "--store", pg_url, env=env)
+    assert info.returncode == 0 and pg_url in info.stdout and "'bars': 390" in info.stdout, info.stdout + info.stderr
+    secret = tmp_path / "secret.toml"
+    secret.write_text('[store]\nurl = "postgresql://alice:hunter2@db.example:6543/market"\n')
+    shown = run("config", "show", "--config", str(secret))
+    assert shown.returncode == 0 and "hunter2" not in shown.stdout + shown.stderr
+    assert "postgresql://alice:***@db.example:6543/market" in shown.stdout

@@ -111,6 +111,20 @@ def _default_providers() -> dict[str, ProviderConfig]:
 STORE_SERVER_SCHEMES = ("postgresql", "postgres")
 
 
+def url_without_password(url: str) -> str:
+    """A server URL for messages and listings: its password (if any) replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class StoreConfig(msgspec.Struct, forbid_unknown_fields=True):
     path: str | None = None  # DuckDB file; default in the user data dir
     url: str | None = None  # a server store, postgresql://user@host:port/db (wins over path)

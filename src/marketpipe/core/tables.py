@@ -1,10 +1,11 @@
 """Every stored table, declared once: its columns (in stored order), their types, which may not be
 null, its key, and the schema version that added it.
 
-A store backend derives its DDL from these declarations (DuckDB: ``store/duckdb.py``; a test
-compares a fresh store's ``information_schema.columns`` with them), and the domain modules that
-produce the frames a store writes (``quality/validate``, ``quality/anomaly``, ``quality/reconcile``,
-``quality/score``) take their frame schemas from here, so a column is named and typed in one place.
+A store backend derives its DDL from these declarations (DuckDB: ``store/duckdb.py``, PostgreSQL:
+``store/pg_schema.py``; tests compare a fresh store's ``information_schema.columns`` with them), and
+the domain modules that produce the frames a store writes (``quality/validate``, ``quality/anomaly``,
+``quality/reconcile``, ``quality/score``) take their frame schemas from here, so a column is named and
+typed in one place.
 
 Types are polars types; a backend maps them to its own SQL types. Datetimes are UTC: a backend
 without time zones stores them as naive UTC and hands them back UTC-aware.

@@ -15,9 +15,11 @@ A lost connection (server restart) is re-opened; a page write that failed on it 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import threading
 import time
+import weakref
 from datetime import UTC, date, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -25,6 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import polars as pl
 import pyarrow as pa
 
+from marketpipe.core.config import url_without_password
 from marketpipe.core.errors import StoreError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_STORED
@@ -79,16 +82,6 @@ def is_postgres_url(target: str) -> bool:
     return urlsplit(target).scheme in SCHEMES
 
 
-def public_url(url: str) -> str:
-    """The URL without its password (for messages and ``path``)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def connect_url(url: str, connect_timeout: float) -> str:
     """The libpq URL with a connect timeout (libpq waits forever by default) and an application name."""
     parts = urlsplit(url)
@@ -127,16 +120,19 @@ class PostgresStore:
         except ImportError as exc:  # the optional extra is not installed
             raise StoreError(
                 "the PostgreSQL store needs the 'postgres' extra: pip install 'marketpipe[postgres]'",
-                details={"path": public_url(url)},
+                details={"path": url_without_password(url)},
             ) from exc
         self._pgdb = pgdb
-        self.path = public_url(url)
+        self.path = url_without_password(url)
         self._url = connect_url(url, connect_timeout)
         self._read_only = read_only
         self._retry_seconds = retry_seconds
         self._lock = threading.RLock()
         self._con: Any = None
         self._partitions: set[datetime] = set()
+        # A store never closed (``mp.bars``' default client lives until exit) is closed at exit, before
+        # the interpreter tears the driver down under the connection's finalizer.
+        atexit.register(_close_at_exit, weakref.ref(self))
         self._connect()
         if read_only or not create:
             if not self._migrated():
@@ -176,8 +172,7 @@ class PostgresStore:
     def _drop_connection(self) -> None:
         con, self._con = self._con, None
         if con is not None:
-            with contextlib.suppress(self._pgdb.Error):
-                con.close()
+            _close_quietly(self._cur, con)
 
     def _lost(self, exc: BaseException) -> bool:
         """The connection is gone (server restart or crash), as opposed to an error in a statement."""
@@ -692,6 +687,18 @@ class PostgresStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_quietly(*handles: Any) -> None:
+    for handle in handles:
+        with contextlib.suppress(Exception):
+            handle.close()
+
+
+def _close_at_exit(ref: weakref.ref[PostgresStore]) -> None:
+    store = ref()
+    if store is not None:
+        store.close()
 
 
 def _inserted(cur: Any, insert: str, params: tuple[object, ...] | None = None) -> int:
