@@ -332,3 +332,6 @@ def test_the_cli_takes_a_postgresql_url_and_never_shows_its_password(sim: object
     shown = run("config", "show", "--config", str(secret))
     assert shown.returncode == 0 and "hunter2" not in shown.stdout + shown.stderr
     assert "postgresql://alice:***@db.example:6543/market" in shown.stdout
+    down = run("store", "info", "--store", "postgresql://postgres@127.0.0.1:1/nothing", env=env)
+    lines = [line for line in down.stderr.splitlines() if line.startswith("error[")]
+    assert down.returncode == 1 and len(lines) == 1 and lines[0].startswith("error[STORE_ERROR]: cannot connect")
