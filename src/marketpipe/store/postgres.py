@@ -191,6 +191,9 @@ class PostgresStore:
                     out = work(self._cur)
                     self._con.commit()
                     return out
+                except _Staged:
+                    self._rollback(False)  # the work knows to take the staged way this time
+                    continue
                 except StoreError:
                     if not retry or time.monotonic() >= deadline:
                         raise
@@ -317,8 +320,14 @@ class PostgresStore:
             for p in pages
         ]
 
+        direct = [True]
+
         def work(cur: Any) -> list[int]:
-            stored = self._insert_bars(cur, pages, frames)
+            try:
+                stored = self._insert_bars(cur, pages, frames, direct=direct[0])
+            except _Staged:
+                direct[0] = False
+                raise
             for page, n, quar, found in zip(pages, stored, quarantines, findings, strict=True):
                 self._write_side_tables(cur, page, n, quar, found)
             return stored
@@ -330,7 +339,9 @@ class PostgresStore:
                 ROWS_STORED.labels("bars", page.ingest.source, page.ingest.timeframe).inc(n)
         return stored
 
-    def _insert_bars(self, cur: Any, pages: list[PageWrite], frames: list[pl.DataFrame]) -> list[int]:
+    def _insert_bars(
+        self, cur: Any, pages: list[PageWrite], frames: list[pl.DataFrame], *, direct: bool = True
+    ) -> list[int]:
         heights = [f.height for f in frames]
         for p in pages:
             p.revised = 0
@@ -338,17 +349,15 @@ class PostgresStore:
             return heights
         refresh = any(p.refresh for p in pages)
         batch = pl.concat([f for f in frames if f.height])
-        if not refresh and not self._overlaps(cur, batch):
-            # Nothing held in the batch's span: one binary COPY into the table. A concurrent writer
-            # may still commit the same rows first; then the key refuses the COPY and the savepoint
-            # lets the batch go the staged way instead.
-            cur.execute("SAVEPOINT direct")
+        if direct and not refresh and not self._overlaps(cur, batch):
+            # Nothing held in the batch's span: one binary COPY into the table. When the key refuses
+            # it (a concurrent writer committed the same rows first, or two pages of the batch share
+            # a bar) the transaction is rolled back and run again the staged way (``_Staged``).
             try:
                 cur.adbc_ingest(BARS.name, batch.to_arrow(), mode="append")
-                cur.execute("RELEASE SAVEPOINT direct")
-                return heights
-            except self._pgdb.IntegrityError:
-                cur.execute("ROLLBACK TO SAVEPOINT direct")
+            except self._pgdb.IntegrityError as exc:
+                raise _Staged from exc
+            return heights
         cur.execute(stage_ddl(BARS, _STAGE_BARS, "page int4 NOT NULL"))
         staged = pl.concat([f.with_columns(page=pl.lit(i, pl.Int32)) for i, f in enumerate(frames) if f.height])
         cur.adbc_ingest(_STAGE_BARS, staged.to_arrow(), mode="append", temporary=True)
@@ -687,6 +696,10 @@ class PostgresStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Staged(Exception):  # a signal inside the store, never raised out of it
+    """The direct COPY met held rows: roll back and write the batch through the stage."""
 
 
 def _close_quietly(*handles: Any) -> None:
