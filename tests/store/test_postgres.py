@@ -195,6 +195,10 @@ def test_a_server_that_stays_down_fails_the_write_with_store_error(pg: PgServer,
                 s.write_pages([page(bars(6))])
             assert time.monotonic() - t0 < 15
             assert info.value.code == "STORE_ERROR"
+            t0 = time.monotonic()
+            with pytest.raises(StoreError, match="cannot connect"):  # a read (the health probe) fails fast
+                s.counts()
+            assert time.monotonic() - t0 < 3
         finally:
             pg.start()
         assert s.counts()["bars"] == 3  # nothing of the failed write, and the store works again

@@ -11,6 +11,10 @@ Reads come back as Arrow and become polars frames with the types ``DuckDBStore``
 Synchronous, like the DuckDB store: services call it through ``asyncio.to_thread`` from one writer.
 A lost connection (server restart) is re-opened; a page write that failed on it is retried for up to
 ``retry_seconds`` (it wrote nothing, and writing it again is idempotent), then ``STORE_ERROR``.
+Reads reconnect once and otherwise fail at once (a gateway request or health probe must not wait).
+
+Reading one symbol with both ``source`` and ``feed`` returns the newest revision of each ts (DuckDB
+returns every stored version there); every other read is the same as DuckDB's, dtypes included.
 """
 
 from __future__ import annotations
@@ -180,11 +184,15 @@ class PostgresStore:
 
     def _run(self, what: str, work: Any, *, retry: bool = False) -> Any:
         """Run ``work(cursor)`` in one transaction: commit on success; on failure roll back and raise
-        ``StoreError`` (nothing written). A lost connection is re-opened, and with ``retry`` (reads
-        and idempotent writes) the work is tried again until ``retry_seconds`` have passed."""
+        ``StoreError`` (nothing written). A connection found lost (the server restarted) is re-opened
+        once at once; with ``retry`` (idempotent writes: a backfill's pages) the work is tried again
+        until ``retry_seconds`` have passed, so a run rides out a restart. Reads fail fast instead:
+        a health probe or a gateway request must not wait for a server that is down."""
         deadline = time.monotonic() + self._retry_seconds
+        attempt = 0
         with self._lock:
             while True:
+                attempt += 1
                 try:
                     if self._con is None:
                         self._connect()
@@ -201,13 +209,15 @@ class PostgresStore:
                 except self._pgdb.Error as exc:
                     lost = self._lost(exc)
                     self._rollback(lost)
-                    if lost and retry and time.monotonic() < deadline:
+                    if lost and (attempt == 1 or (retry and time.monotonic() < deadline)):
                         log.warning("store_connection_lost", path=self.path, retrying=what)
-                        time.sleep(0.25)
+                        if attempt > 1:
+                            time.sleep(0.25)
                         continue
-                    log.error("store_failed", path=self.path, op=what, error=str(exc).splitlines()[0])
+                    first = str(exc).splitlines()[0]
+                    log.error("store_failed", path=self.path, op=what, error=first)
                     raise StoreError(
-                        f"store {what} failed, nothing written: {str(exc).splitlines()[0]}",
+                        f"store {what} failed{'' if what == 'read' else ', nothing written'}: {first}",
                         details={"path": self.path, **({"reason": "connection"} if lost else {})},
                     ) from exc
                 except BaseException:
@@ -229,7 +239,7 @@ class PostgresStore:
             cur.execute(sql, tuple(_utc(p) for p in params) or None)
             return cur.fetch_arrow_table()
 
-        return self._run("read", work, retry=True)
+        return self._run("read", work)
 
     def _frame(self, sql: str, params: tuple[object, ...] = ()) -> pl.DataFrame:
         return pl.from_arrow(self._arrow(sql, params))  # type: ignore[return-value]
@@ -239,7 +249,7 @@ class PostgresStore:
             cur.execute(sql, tuple(_utc(p) for p in params) or None)
             return list(cur.fetchall())
 
-        return self._run("read", work, retry=True)  # type: ignore[no-any-return]
+        return self._run("read", work)  # type: ignore[no-any-return]
 
     # --- schema ---------------------------------------------------------------------------------
 
