@@ -72,6 +72,13 @@ def serve(
         if workers > 1:
             from uvicorn.supervisors import Multiprocess
 
+            if cfg.stream.enabled:
+                err.print(
+                    "note: each worker keeps its own live hub, and opens its own upstream stream once a client "
+                    "subscribes (most Alpaca plans allow one connection per key); [stream] enabled = false "
+                    "keeps the workers to REST"
+                )
+
             Multiprocess(uv_config, sockets=sockets).run()
             return
         try:
