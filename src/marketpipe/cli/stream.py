@@ -515,7 +515,7 @@ async def run_gateway(
         await ws.close()
 
 
-def _sim_config(store: Path, config: Path | None) -> Any:
+def _sim_config(store: Path | str, config: Path | None) -> Any:
     """A config with every provider off (the simulator's is added once it listens) and its own store
     (simulated prices are never mixed with real data); ``[stream]`` tuning comes from ``--config``."""
     from marketpipe.core.config import Config
@@ -566,7 +566,7 @@ def stream(
         if gateway:
             asyncio.run(run_gateway(gateway, token or os.environ.get(API_KEY_VAR) or None, syms, as_json, duration))
         elif sim:
-            _run_sim(syms, sim_rate, as_json, duration, config, Path(store) if store is not None else None)
+            _run_sim(syms, sim_rate, as_json, duration, config, store)
         else:
             asyncio.run(run_hub(load_config(config, store), None, syms, as_json, duration))
     except KeyboardInterrupt:
@@ -577,7 +577,7 @@ def stream(
 
 
 def _run_sim(
-    syms: list[str], rate: float, as_json: bool, duration: float | None, config: Path | None, store: Path | None
+    syms: list[str], rate: float, as_json: bool, duration: float | None, config: Path | None, store: str | Path | None
 ) -> None:
     from marketpipe.providers.alpaca_config import AlpacaConfig
     from marketpipe.sim.server import SimServer
