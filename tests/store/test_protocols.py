@@ -107,3 +107,25 @@ def test_the_store_imports_nothing_above_it() -> None:
             for name in names:
                 if name.startswith("marketpipe"):
                     assert name.startswith(allowed), f"{path.name} imports {name}"
+
+
+def test_where_the_store_is_first_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[store] url``, then ``[store] path`` (what ``--store`` sets, a path or a URL), then
+    ``MARKETPIPE_STORE_URL``, then ``MARKETPIPE_STORE``, then the default file."""
+    from marketpipe.cli.common import load_config
+
+    pg = "postgresql://u@h:5432/db"
+    monkeypatch.delenv("MARKETPIPE_STORE_URL", raising=False)
+    monkeypatch.delenv("MARKETPIPE_STORE", raising=False)
+    monkeypatch.setenv("MARKETPIPE_CONFIG", str(tmp_path / "none.toml"))
+    (tmp_path / "none.toml").write_text(f'[store]\nurl = "{pg}"\npath = "{tmp_path / "f.duckdb"}"\n')
+    assert load_config(None).store_target() == pg
+    assert load_config(None, str(tmp_path / "cli.duckdb")).store_target() == str(tmp_path / "cli.duckdb")
+    assert load_config(None, "postgresql://other@h/db").store_target() == "postgresql://other@h/db"
+    cfg = Config()
+    monkeypatch.setenv("MARKETPIPE_STORE", str(tmp_path / "env.duckdb"))
+    assert cfg.store_target() == str(tmp_path / "env.duckdb") and not cfg.store_is_server()
+    monkeypatch.setenv("MARKETPIPE_STORE_URL", pg)
+    assert cfg.store_target() == pg and cfg.store_is_server()
+    cfg.store.path = "duckdb://" + str(tmp_path / "p.duckdb")
+    assert cfg.store_target() == str(tmp_path / "p.duckdb") and cfg.store_path() == tmp_path / "p.duckdb"
