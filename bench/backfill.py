@@ -21,8 +21,10 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -33,6 +35,78 @@ def run_sim(port: int) -> None:
     from marketpipe.sim.server import serve_forever
 
     serve_forever("127.0.0.1", port)
+
+
+def collect_pages(
+    url: str, tmp: Path, symbols: list[str], start: datetime, end: datetime
+) -> list[tuple[bytes, list[str]]]:
+    """The raw page bytes of marketpipe's own request plan for 1Min SIP bars (the benchmark's data:
+    also what warms the simulator's caches)."""
+    from marketpipe.core.calendar import get_calendar
+    from marketpipe.core.timeframe import Timeframe
+    from marketpipe.service.backfill import plan
+    from marketpipe.store.duckdb import DuckDBStore
+
+    scratch = DuckDBStore(tmp / "plan.duckdb")
+    units, _ = plan(
+        scratch, get_calendar(), symbols, Timeframe.parse("1Min"), start, end, provider="alpaca", feed="sip"
+    )
+    scratch.close()
+    pages: list[tuple[bytes, list[str]]] = []
+    with httpx.Client(
+        base_url=url, headers={"APCA-API-KEY-ID": "SIMKEY", "APCA-API-SECRET-KEY": "SIMSECRET"}, timeout=120
+    ) as client:
+        for u in units:
+            token = None
+            while True:
+                params = {
+                    "symbols": ",".join(u.symbols),
+                    "timeframe": "1Min",
+                    "start": u.start.isoformat(),
+                    "end": (u.end - timedelta(microseconds=1)).isoformat(),
+                    "limit": 10000,
+                    "feed": "sip",
+                }
+                if token:
+                    params["page_token"] = token
+                r = client.get("/v2/stocks/bars", params=params)
+                r.raise_for_status()
+                pages.append((r.content, list(u.symbols)))
+                token = r.json().get("next_page_token")
+                if not token:
+                    break
+    return pages
+
+
+def page_checker(provider: Any, tf: Any, start: datetime, end: datetime, now: datetime) -> Callable[..., Any]:
+    """Page bytes -> the ``PageWrite`` the backfill would commit (decode + check, no store)."""
+    from marketpipe.providers.alpaca import _page_decoder
+    from marketpipe.providers.base import BarPage
+    from marketpipe.service.backfill import check_page
+
+    decode = _page_decoder("bars", False, "", "1Min", "sip", provider)
+
+    def cpu(item: tuple[bytes, list[str]]) -> Any:
+        body, syms = item
+        frame, nxt, nbytes = decode(httpx.Response(200, headers={"x-marketpipe-sim": "1"}, content=body))
+        page = BarPage(
+            frame=frame,
+            symbols=syms,
+            timeframe=tf,
+            start=start,
+            end=end,
+            feed="sip",
+            source="sim:alpaca",
+            request_id="bench",
+            fetched_at=now,
+            next_page_token=nxt,
+            page_number=1,
+            last_page=not nxt,
+            nbytes=nbytes,
+        )
+        return check_page(page, {}, "alpaca", now).write
+
+    return cpu
 
 
 def main() -> None:
@@ -47,9 +121,9 @@ def main() -> None:
     from marketpipe.core.config import RetryPolicy
     from marketpipe.core.timeframe import Timeframe
     from marketpipe.core.timeutil import utcnow
-    from marketpipe.providers.alpaca import AlpacaProvider, _page_decoder
+    from marketpipe.providers.alpaca import AlpacaProvider
     from marketpipe.providers.alpaca_config import AlpacaConfig
-    from marketpipe.service.backfill import check_page, plan, run_backfill
+    from marketpipe.service.backfill import run_backfill
     from marketpipe.store.duckdb import DuckDBStore
 
     cal = get_calendar()
@@ -78,33 +152,8 @@ def main() -> None:
         env = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
 
         # Collect the page bytes of marketpipe's own request plan; this also warms the simulator.
-        scratch = DuckDBStore(tmp / "plan.duckdb")
-        units, _ = plan(scratch, cal, symbols, tf, start, end, provider="alpaca", feed="sip")
-        scratch.close()
-        pages: list[tuple[bytes, list[str]]] = []
         t0 = time.perf_counter()
-        with httpx.Client(
-            base_url=url, headers={"APCA-API-KEY-ID": "SIMKEY", "APCA-API-SECRET-KEY": "SIMSECRET"}, timeout=120
-        ) as client:
-            for u in units:
-                token = None
-                while True:
-                    params = {
-                        "symbols": ",".join(u.symbols),
-                        "timeframe": "1Min",
-                        "start": u.start.isoformat(),
-                        "end": (u.end - timedelta(microseconds=1)).isoformat(),
-                        "limit": 10000,
-                        "feed": "sip",
-                    }
-                    if token:
-                        params["page_token"] = token
-                    r = client.get("/v2/stocks/bars", params=params)
-                    r.raise_for_status()
-                    pages.append((r.content, list(u.symbols)))
-                    token = r.json().get("next_page_token")
-                    if not token:
-                        break
+        pages = collect_pages(url, tmp, symbols, start, end)
         warm = time.perf_counter() - t0
         print(
             f"warm-up: {len(pages)} pages, {sum(len(p) for p, _ in pages) / 1e6:.0f} MB in {warm:.1f}s "
@@ -155,31 +204,9 @@ def main() -> None:
         # threads (polars' JSON reader and the checks run without the GIL), group commits of 16 pages.
         from concurrent.futures import ThreadPoolExecutor
 
-        from marketpipe.providers.base import BarPage
-
         store_c = DuckDBStore(tmp / "c.duckdb")
         provider_c = AlpacaProvider.from_config(cfg, env=env)
-        decode = _page_decoder("bars", False, "", "1Min", "sip", provider_c)
-
-        def cpu(item: tuple[bytes, list[str]]) -> object:
-            body, syms = item
-            frame, nxt, nbytes = decode(httpx.Response(200, headers={"x-marketpipe-sim": "1"}, content=body))
-            page = BarPage(
-                frame=frame,
-                symbols=syms,
-                timeframe=tf,
-                start=start,
-                end=end,
-                feed="sip",
-                source="sim:alpaca",
-                request_id="bench",
-                fetched_at=now,
-                next_page_token=nxt,
-                page_number=1,
-                last_page=not nxt,
-                nbytes=nbytes,
-            )
-            return check_page(page, {}, "alpaca", now).write
+        cpu = page_checker(provider_c, tf, start, end, now)
 
         t0 = time.perf_counter()
         n = 0

@@ -16,6 +16,7 @@ from marketpipe.providers.alpaca import AlpacaProvider
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.sim.server import SimServer
 from marketpipe.store.duckdb import DuckDBStore
+from tests import pg_server
 
 SIM_ENV = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
 
@@ -41,6 +42,24 @@ def store(tmp_path: Path) -> Iterator[DuckDBStore]:
     s = DuckDBStore(tmp_path / "store.duckdb")
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[pg_server.PgServer]:
+    """One PostgreSQL server (Debian binaries, free port, temp dir) for the whole session; each test
+    takes its own database (``pg.database()``). Never the machine's own server."""
+    if not pg_server.available():
+        pytest.skip(f"PostgreSQL binaries not found in {pg_server.PG_BIN} (apt-get install postgresql-15)")
+    with pg_server.PgServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg: pg_server.PgServer) -> str:
+    """A fresh empty database on the session's server."""
+    if not pg.running():  # a restart test may have left it down
+        pg.start()
+    return pg.database()
 
 
 def provider_config(url: str, kind: type[ProviderConfig] = AlpacaConfig, **kw: object) -> ProviderConfig:

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -330,9 +330,37 @@ class StoreImage:
         )
 
 
-def read_store(path: Path, scratch: Path) -> StoreImage:
+def read_pg_store(url: str) -> StoreImage:
+    """A PostgreSQL store, read from outside (psycopg) in the terms of a DuckDB image: naive UTC times,
+    rows in DuckDB's ``ORDER BY ALL`` order (nulls last). A database without the tables holds nothing."""
+    import psycopg
+
+    def naive(v: Any) -> Any:
+        return v.astimezone(UTC).replace(tzinfo=None) if isinstance(v, datetime) else v
+
+    with psycopg.connect(url, autocommit=True) as con:
+        if con.execute("SELECT to_regclass('bars')").fetchone() == (None,):
+            return StoreImage(url, [], {}, 0, 0)
+        rows = [tuple(naive(v) for v in r) for r in con.execute(f"SELECT {BAR_VALUES} FROM bars").fetchall()]
+        bars = sorted(rows, key=lambda r: tuple((v is None, v) for v in r))
+        ledger: dict[LedgerKey, list[Interval]] = defaultdict(list)
+        for sym, tf, prov, src, feed, s, e in con.execute(
+            'SELECT symbol, timeframe, provider, source, feed, start, "end" FROM coverage'
+        ).fetchall():
+            ledger[(sym, tf, prov, src, feed)].append((naive(s), naive(e)))
+        quarantine = con.execute("SELECT count(*) FROM quarantine").fetchone()
+        pages = con.execute("SELECT count(*) FROM ingest_log").fetchone()
+    merged = {k: merge(v) for k, v in sorted(ledger.items())}
+    return StoreImage(url, bars, merged, int(quarantine[0]) if quarantine else 0, int(pages[0]) if pages else 0)
+
+
+def read_store(path: Path | str, scratch: Path) -> StoreImage:
     """Open a copy of the store (and its WAL: DuckDB replays it on open), so inspecting never changes
-    the file a later run continues from. A store that does not exist yet holds nothing."""
+    the file a later run continues from. A store that does not exist yet holds nothing. A
+    ``postgresql://`` URL is read from the server (``read_pg_store``)."""
+    if isinstance(path, str) and path.startswith("postgresql://"):
+        return read_pg_store(path)
+    path = Path(path)
     if not path.exists():
         return StoreImage(str(path), [], {}, 0, 0)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -554,7 +582,12 @@ class Chaos:
         return Proc(self, name, ["--log-level", "info", *args], self.env(gateway=gateway), preexec)
 
     def start_backfill(
-        self, store: Path, config: Path, *, symbols: Sequence[str] = SYMBOLS, preexec: Callable[[], None] | None = None
+        self,
+        store: Path | str,
+        config: Path,
+        *,
+        symbols: Sequence[str] = SYMBOLS,
+        preexec: Callable[[], None] | None = None,
     ) -> Proc:
         return self.start(
             "backfill",
@@ -574,7 +607,7 @@ class Chaos:
             preexec=preexec,
         )
 
-    def backfill(self, store: Path, config: Path, *, bound: float = RUN_BOUND, **kw: Any) -> Finished:
+    def backfill(self, store: Path | str, config: Path, *, bound: float = RUN_BOUND, **kw: Any) -> Finished:
         return self.start_backfill(store, config, **kw).wait(bound)
 
     def repair(self, store: Path, config: Path, *, bound: float = RUN_BOUND) -> Finished:
@@ -582,7 +615,7 @@ class Chaos:
         return self.start("repair", *args, "--config", str(config), "--store", str(store)).wait(bound)
 
     @contextmanager
-    def serve(self, store: Path, config: Path) -> Iterator[Gateway]:
+    def serve(self, store: Path | str, config: Path, *, workers: int = 1) -> Iterator[Gateway]:
         """``marketpipe serve`` on a free port, with the admin token and a client key set; stopped with
         SIGINT at the end, within ``GATEWAY_STOP_BOUND``."""
         port = free_port()
@@ -597,6 +630,7 @@ class Chaos:
             str(config),
             "--store",
             str(store),
+            *(["--workers", str(workers)] if workers != 1 else []),
             gateway=True,
         )
         url = f"http://127.0.0.1:{port}"
@@ -629,10 +663,10 @@ class Chaos:
         assert self.reference_image is not None, "no reference store in this scenario"
         return self.reference_image
 
-    def image(self, store: Path) -> StoreImage:
+    def image(self, store: Path | str) -> StoreImage:
         return read_store(store, self.scratch)
 
-    def assert_claims_held(self, store: Path) -> StoreImage:
+    def assert_claims_held(self, store: Path | str) -> StoreImage:
         img = self.image(store)
         problems = unheld_claims(img, self.reference)
         assert not problems, (
@@ -643,7 +677,7 @@ class Chaos:
         return img
 
     def assert_equal_reference(
-        self, store: Path, *, symbols: Sequence[str] | None = None, ledger: bool = True
+        self, store: Path | str, *, symbols: Sequence[str] | None = None, ledger: bool = True
     ) -> StoreImage:
         """The store equals the reference (restricted to ``symbols`` when given). ``ledger=False``: the
         bars only (``repair`` claims the sessions it fetched, not the whole days a backfill claims); the

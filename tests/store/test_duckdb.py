@@ -8,7 +8,7 @@ from marketpipe.core.errors import StoreError
 from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.quality.validate import check_bars
-from marketpipe.store.base import Coverage, IngestRecord, PageWrite
+from marketpipe.store.base import Coverage, IngestRecord, PageWrite, Store
 from marketpipe.store.duckdb import DuckDBStore
 
 T0 = datetime(2024, 3, 5, 14, 30, tzinfo=UTC)
@@ -73,14 +73,7 @@ def page(
     )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> DuckDBStore:
-    s = DuckDBStore(tmp_path / "s.duckdb")
-    yield s
-    s.close()
-
-
-def test_round_trip_keeps_values_and_utc(store: DuckDBStore) -> None:
+def test_round_trip_keeps_values_and_utc(store: Store) -> None:
     df = bars(10)
     assert store.write_pages([page(df)]) == [10]
     back = store.read_bars(["AAPL"], "1Min", T0, T0 + timedelta(hours=1))
@@ -88,7 +81,7 @@ def test_round_trip_keeps_values_and_utc(store: DuckDBStore) -> None:
     assert back.equals(df)
 
 
-def test_writes_are_idempotent(store: DuckDBStore) -> None:
+def test_writes_are_idempotent(store: Store) -> None:
     df = bars(10)
     store.write_pages([page(df)])
     assert store.write_pages([page(df), page(bars(15))]) == [0, 5]
@@ -98,7 +91,7 @@ def test_writes_are_idempotent(store: DuckDBStore) -> None:
     assert store.read_bars(["AAPL"], "1Min", T0, T0 + timedelta(hours=1))["close"].unique().to_list() == [10.5]
 
 
-def test_failed_transaction_leaves_nothing(store: DuckDBStore) -> None:
+def test_failed_transaction_leaves_nothing(store: Store) -> None:
     good = page(bars(5), cover=(T0, T0 + timedelta(minutes=5)))
     broken = page(bars(5, t0=T0 + timedelta(hours=1)))
     broken.quarantine = pl.DataFrame({"nonsense": [1]})  # wrong shape: the write must fail
@@ -107,7 +100,7 @@ def test_failed_transaction_leaves_nothing(store: DuckDBStore) -> None:
     assert store.counts() == {"bars": 0, "quarantine": 0, "coverage": 0, "ingest_log": 0}
 
 
-def test_coverage_and_ingest_log(store: DuckDBStore) -> None:
+def test_coverage_and_ingest_log(store: Store) -> None:
     store.write_pages([page(bars(5), cover=(T0, T0 + timedelta(minutes=5)))])
     cov = store.coverage(["AAPL", "MSFT"], "1Min", T0 - timedelta(days=1), T0 + timedelta(days=1))
     assert cov.height == 1 and cov["start"][0] == T0 and cov["rows"][0] == 5
@@ -115,14 +108,14 @@ def test_coverage_and_ingest_log(store: DuckDBStore) -> None:
     assert log.height == 1 and log["rows_stored"][0] == 5
 
 
-def test_quarantine_kept_with_reason(store: DuckDBStore) -> None:
+def test_quarantine_kept_with_reason(store: Store) -> None:
     df = bars(3).with_columns(volume=pl.Series([1, -5, 2]))
     store.write_pages([page(df)])
     q = store.quarantine("AAPL")
     assert q.height == 1 and q["reason"][0] == "negative_volume" and q["volume"][0] == -5
 
 
-def test_read_prefers_sip_and_real_sources_when_variants_overlap(store: DuckDBStore) -> None:
+def test_read_prefers_sip_and_real_sources_when_variants_overlap(store: Store) -> None:
     store.write_pages([page(bars(3, feed="iex", close=9.5), cover=(T0, T0 + timedelta(minutes=3)), feed="iex")])
     store.write_pages([page(bars(3, close=10.5), cover=(T0, T0 + timedelta(minutes=3)))])
     both = store.read_bars(["AAPL"], "1Min", T0, T0 + timedelta(hours=1))
@@ -131,7 +124,7 @@ def test_read_prefers_sip_and_real_sources_when_variants_overlap(store: DuckDBSt
     assert iex["close"].unique().to_list() == [9.5]
 
 
-def test_multi_symbol_read_is_ordered(store: DuckDBStore) -> None:
+def test_multi_symbol_read_is_ordered(store: Store) -> None:
     store.write_pages([page(bars(3, "MSFT")), page(bars(3, "AAPL"))])
     df = store.read_bars(["MSFT", "AAPL"], "1Min", T0, T0 + timedelta(hours=1))
     assert df["symbol"].to_list() == ["AAPL"] * 3 + ["MSFT"] * 3
@@ -153,3 +146,21 @@ def test_second_process_gets_a_clear_error(tmp_path: Path) -> None:
         assert out.stdout.strip() == StoreError.code
     finally:
         s.close()
+
+
+def test_a_refresh_stores_revisions_as_newer_versions(store: Store) -> None:
+    store.write_pages([page(bars(5))])
+    later = T0 + timedelta(hours=1)
+    again = page(bars(5, close=10.8).with_columns(fetched_at=pl.lit(later, BAR_SCHEMA["fetched_at"])))
+    again.refresh = True
+    assert store.write_pages([again]) == [5] and again.revised == 5
+    span = (T0, T0 + timedelta(hours=1))
+    assert store.read_bars(["AAPL"], "1Min", *span)["close"].unique().to_list() == [10.8]
+    rev = store.revisions("AAPL")
+    assert rev.height == 5 and rev["old_close"].unique().to_list() == [10.5] and rev["new_close"][0] == 10.8
+    same = page(bars(5, close=10.8))
+    same.refresh = True
+    assert store.write_pages([same]) == [0] and same.revised == 0  # nothing new: idempotent
+    plain = page(bars(5, close=99.0))
+    assert store.write_pages([plain]) == [0]  # without refresh a held key is skipped
+    assert store.counts()["bars"] == 10 and store.summary()["bars"].to_list() == [10]

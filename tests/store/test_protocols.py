@@ -1,27 +1,22 @@
-"""DuckDBStore implements every role protocol, with the protocols' exact signatures (a second
-backend is written against the protocols alone)."""
+"""Both stores (DuckDB, PostgreSQL) implement every role protocol, with the protocols' exact
+signatures (a backend is written against the protocols alone)."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from marketpipe.core.config import Config
+from marketpipe.core.errors import StoreError
 from marketpipe.store import open_store
 from marketpipe.store.base import BarStore, OpsStore, QualityStore, Store
 from marketpipe.store.duckdb import DuckDBStore
+from marketpipe.store.postgres import PostgresStore
 
 ROLES: list[type] = [BarStore, QualityStore, OpsStore, Store]
-
-
-@pytest.fixture
-def duck(tmp_path: Path) -> Iterator[DuckDBStore]:
-    s = DuckDBStore(tmp_path / "p.duckdb")
-    yield s
-    s.close()
+BACKENDS: list[type] = [DuckDBStore, PostgresStore]
 
 
 def members(proto: type) -> list[str]:
@@ -36,17 +31,18 @@ def members(proto: type) -> list[str]:
 
 
 @pytest.mark.parametrize("role", ROLES, ids=lambda r: r.__name__)
-def test_duckdb_store_is_every_role(duck: DuckDBStore, role: type) -> None:
-    assert isinstance(duck, role)
+def test_the_store_is_every_role(store: Store, role: type) -> None:
+    assert isinstance(store, role)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.__name__)
 @pytest.mark.parametrize("role", ROLES, ids=lambda r: r.__name__)
-def test_duckdb_signatures_are_the_protocols(role: type) -> None:
+def test_signatures_are_the_protocols(role: type, backend: type) -> None:
     for name in members(role):
         if name in ("path", "__enter__", "__exit__"):
             continue
-        want, have = inspect.signature(getattr(role, name)), inspect.signature(getattr(DuckDBStore, name))
-        assert have == want, f"{role.__name__}.{name}: DuckDBStore{have} != protocol{want}"
+        want, have = inspect.signature(getattr(role, name)), inspect.signature(getattr(backend, name))
+        assert have == want, f"{role.__name__}.{name}: {backend.__name__}{have} != protocol{want}"
         assert getattr(role, name).__doc__, f"{role.__name__}.{name} says no contract"
 
 
@@ -73,6 +69,24 @@ def test_open_store_opens_the_configured_file(tmp_path: Path) -> None:
         assert ro.counts()["bars"] == 0
 
 
+def test_open_store_opens_a_postgresql_url(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = Config()
+    cfg.store.url = pg_url
+    with pytest.raises(StoreError, match="no store at"):  # a command that only reads creates nothing
+        open_store(cfg, create=False)
+    with open_store(cfg) as st:
+        assert isinstance(st, PostgresStore) and isinstance(st, Store)
+        assert st.path == pg_url
+        assert st.counts() == {"bars": 0, "quarantine": 0, "coverage": 0, "ingest_log": 0}
+    with open_store(cfg, read_only=True) as ro:
+        assert isinstance(ro, PostgresStore) and ro.counts()["bars"] == 0
+    # the environment, and a duckdb:// URL or a path keep the embedded store
+    monkeypatch.setenv("MARKETPIPE_STORE_URL", pg_url)
+    assert Config().store_target() == pg_url and Config().store_is_server()
+    monkeypatch.setenv("MARKETPIPE_STORE_URL", "duckdb:///tmp/x.duckdb")
+    assert Config().store_path() == Path("/tmp/x.duckdb") and not Config().store_is_server()
+
+
 def test_the_store_imports_nothing_above_it() -> None:
     """store/ is an adapter: it may import core/ (and itself), never quality/, service/, api/, cli/,
     providers/ (the DuckDB store used to take its quarantine schema from quality.validate)."""
@@ -93,3 +107,25 @@ def test_the_store_imports_nothing_above_it() -> None:
             for name in names:
                 if name.startswith("marketpipe"):
                     assert name.startswith(allowed), f"{path.name} imports {name}"
+
+
+def test_where_the_store_is_first_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[store] url``, then ``[store] path`` (what ``--store`` sets, a path or a URL), then
+    ``MARKETPIPE_STORE_URL``, then ``MARKETPIPE_STORE``, then the default file."""
+    from marketpipe.cli.common import load_config
+
+    pg = "postgresql://u@h:5432/db"
+    monkeypatch.delenv("MARKETPIPE_STORE_URL", raising=False)
+    monkeypatch.delenv("MARKETPIPE_STORE", raising=False)
+    monkeypatch.setenv("MARKETPIPE_CONFIG", str(tmp_path / "none.toml"))
+    (tmp_path / "none.toml").write_text(f'[store]\nurl = "{pg}"\npath = "{tmp_path / "f.duckdb"}"\n')
+    assert load_config(None).store_target() == pg
+    assert load_config(None, str(tmp_path / "cli.duckdb")).store_target() == str(tmp_path / "cli.duckdb")
+    assert load_config(None, "postgresql://other@h/db").store_target() == "postgresql://other@h/db"
+    cfg = Config()
+    monkeypatch.setenv("MARKETPIPE_STORE", str(tmp_path / "env.duckdb"))
+    assert cfg.store_target() == str(tmp_path / "env.duckdb") and not cfg.store_is_server()
+    monkeypatch.setenv("MARKETPIPE_STORE_URL", pg)
+    assert cfg.store_target() == pg and cfg.store_is_server()
+    cfg.store.path = "duckdb://" + str(tmp_path / "p.duckdb")
+    assert cfg.store_target() == str(tmp_path / "p.duckdb") and cfg.store_path() == tmp_path / "p.duckdb"

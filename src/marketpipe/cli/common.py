@@ -149,7 +149,10 @@ if not out.is_terminal:  # piped or captured: nobody's window to fit, so never c
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
-StoreOpt = Annotated[Path | None, typer.Option("--store", help="DuckDB store file (overrides the config).")]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", help="DuckDB store file or postgresql://user@host:port/db (overrides the config)."),
+]
 LimitOpt = typer.Option("--limit", min=0, help="at most this many rows")
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
@@ -191,13 +194,15 @@ def cli_command() -> str:
     return str(script.resolve()) if script.is_file() else "marketpipe"
 
 
-def load_config(path: Path | None, store: Path | None = None) -> Config:
-    """The config from ``path`` (or the usual search), with ``--store`` overriding its store path."""
+def load_config(path: Path | None, store: str | Path | None = None) -> Config:
+    """The config from ``path`` (or the usual search), with ``--store`` (a file or a URL) overriding
+    its store."""
     from marketpipe.core.config import load_config as load
 
     cfg = load(path)
     if store is not None:
         cfg.store.path = str(store)
+        cfg.store.url = None
     return cfg
 
 
@@ -260,7 +265,7 @@ OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
 FORMAT_MESSAGE = "unknown format {value!r}; use table, csv, json or parquet"
 
 
-def store_table(config: Path | None, store: Path | None, read: Callable[[Store], Any]) -> None:
+def store_table(config: Path | None, store: str | None, read: Callable[[Store], Any]) -> None:
     """What a ``marketpipe store ...`` listing does: open the configured store (``--store`` wins),
     read one frame from it with ``read`` and print it as a table. A missing store is an error, not an
     empty table (nor a new empty file)."""

@@ -576,12 +576,15 @@ def config_show(config: ConfigOpt = None) -> None:
 
     import msgspec
 
-    from marketpipe.core.config import ALPACA_KEY_VARS, ALPACA_SECRET_VARS, mask
+    from marketpipe.core.config import ALPACA_KEY_VARS, ALPACA_SECRET_VARS, mask, url_without_password
     from marketpipe.store.parquet import KEY_VARS as S3_KEY_VARS
 
     cfg = load_config(config)
     doc = msgspec.to_builtins(cfg)
-    doc["store"]["path"] = str(cfg.store_path())
+    if cfg.store_is_server():
+        doc["store"] = {"path": None, "url": url_without_password(cfg.store_target())}
+    else:
+        doc["store"]["path"] = str(cfg.store_path())
     doc["source_path"] = cfg.source_path or "(defaults; no config file found)"
     doc["credentials"] = {
         v: mask(os.environ.get(v)) for v in (*ALPACA_KEY_VARS, *ALPACA_SECRET_VARS, "POLYGON_API_KEY", *S3_KEY_VARS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal
 
 import typer
@@ -40,29 +41,46 @@ def serve(
     workers = workers or cfg.server.workers
     if redis_url:
         cfg.cache.redis_url = redis_url
-    if workers != 1:
+    if workers != 1 and not cfg.store_is_server():
         raise ConfigError(
             "the embedded DuckDB store admits one writing process, so the gateway runs one worker process "
-            "(it serves concurrently on its event loop); more workers need a server store",
+            "(it serves concurrently on its event loop); more workers need a server store "
+            "(--store postgresql://user@host:port/db, or [store] url)",
             details={"parameter": "workers"},
         )
     # The port is bound before anything is announced: a port in use (or a host that is not this machine's)
     # is one error line, not an announcement followed by uvicorn's own exit 3.
     sockets = bind_sockets(host, port)
     try:
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(cfg),
-                host=host,
-                port=port,
-                log_level=log_level.lower(),
-                access_log=False,
-                ws_per_message_deflate=cfg.server.ws_compression,
-                timeout_graceful_shutdown=5,  # live streams (SSE, WebSockets) end only when the server closes them
-            )
+        # Several workers: each process builds its own app (services, store connection, memory cache)
+        # from the same config; the parent only supervises them on the shared sockets.
+        uv_config = uvicorn.Config(
+            functools.partial(create_app, cfg) if workers > 1 else create_app(cfg),
+            factory=workers > 1,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level=log_level.lower(),
+            access_log=False,
+            ws_per_message_deflate=cfg.server.ws_compression,
+            timeout_graceful_shutdown=5,  # live streams (SSE, WebSockets) end only when the server closes them
         )
+        server = uvicorn.Server(uv_config)
         shown = f"[{host}]" if ":" in host else host
-        err.print(f"marketpipe gateway on http://{shown}:{port}  (docs /docs, health /health, metrics /metrics)")
+        procs = f", {workers} worker processes" if workers > 1 else ""
+        err.print(f"marketpipe gateway on http://{shown}:{port}  (docs /docs, health /health, metrics /metrics{procs})")
+        if workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            if cfg.stream.enabled:
+                err.print(
+                    "note: each worker keeps its own live hub, and opens its own upstream stream once a client "
+                    "subscribes (most Alpaca plans allow one connection per key); [stream] enabled = false "
+                    "keeps the workers to REST"
+                )
+
+            Multiprocess(uv_config, sockets=sockets).run()
+            return
         try:
             server.run(sockets=sockets)
         except KeyboardInterrupt:

@@ -515,7 +515,7 @@ async def run_gateway(
         await ws.close()
 
 
-def _sim_config(store: Path, config: Path | None) -> Any:
+def _sim_config(store: Path | str, config: Path | None) -> Any:
     """A config with every provider off (the simulator's is added once it listens) and its own store
     (simulated prices are never mixed with real data); ``[stream]`` tuning comes from ``--config``."""
     from marketpipe.core.config import Config
@@ -577,7 +577,7 @@ def stream(
 
 
 def _run_sim(
-    syms: list[str], rate: float, as_json: bool, duration: float | None, config: Path | None, store: Path | None
+    syms: list[str], rate: float, as_json: bool, duration: float | None, config: Path | None, store: str | Path | None
 ) -> None:
     from marketpipe.providers.alpaca_config import AlpacaConfig
     from marketpipe.sim.server import SimServer

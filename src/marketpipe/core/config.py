@@ -108,8 +108,26 @@ def _default_providers() -> dict[str, ProviderConfig]:
     return {name: cls() for name, cls in PROVIDER_CONFIGS.items()}
 
 
+STORE_SERVER_SCHEMES = ("postgresql", "postgres")
+
+
+def url_without_password(url: str) -> str:
+    """A server URL for messages and listings: its password (if any) replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class StoreConfig(msgspec.Struct, forbid_unknown_fields=True):
     path: str | None = None  # DuckDB file; default in the user data dir
+    url: str | None = None  # a server store, postgresql://user@host:port/db (wins over path)
 
 
 class BackfillConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -569,12 +587,27 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
             )
         return cfg
 
+    def store_target(self) -> str:
+        """Where the store is: a ``postgresql://`` URL or a DuckDB file path (``duckdb://`` stripped).
+        First of ``[store] url``, ``[store] path`` (``--store`` sets it, a path or a URL),
+        ``MARKETPIPE_STORE_URL``, ``MARKETPIPE_STORE``, then the default file."""
+        for value in (self.store.url, self.store.path, os.environ.get("MARKETPIPE_STORE_URL")):
+            if value and value.startswith(STORE_SERVER_SCHEMES):
+                return value
+            if value:
+                break
+        return str(self.store_path())
+
+    def store_is_server(self) -> bool:
+        """Whether the store is a database server (many processes may use it at once)."""
+        return self.store_target().startswith(STORE_SERVER_SCHEMES)
+
     def store_path(self) -> Path:
-        if self.store.path:
-            return Path(os.path.expanduser(self.store.path))
-        env = os.environ.get("MARKETPIPE_STORE")
-        if env:
-            return Path(env)
+        """The DuckDB file: ``[store] path``, ``MARKETPIPE_STORE_URL`` / ``MARKETPIPE_STORE`` (a
+        ``duckdb://`` prefix stripped), else the default in the user data dir."""
+        for value in (self.store.path, os.environ.get("MARKETPIPE_STORE_URL"), os.environ.get("MARKETPIPE_STORE")):
+            if value and not value.startswith(STORE_SERVER_SCHEMES):
+                return Path(os.path.expanduser(value.removeprefix("duckdb://")))
         return Path(platformdirs.user_data_dir(APP)) / "marketpipe.duckdb"
 
 

@@ -1,10 +1,11 @@
 """Every stored table, declared once: its columns (in stored order), their types, which may not be
 null, its key, and the schema version that added it.
 
-A store backend derives its DDL from these declarations (DuckDB: ``store/duckdb.py``; a test
-compares a fresh store's ``information_schema.columns`` with them), and the domain modules that
-produce the frames a store writes (``quality/validate``, ``quality/anomaly``, ``quality/reconcile``,
-``quality/score``) take their frame schemas from here, so a column is named and typed in one place.
+A store backend derives its DDL from these declarations (DuckDB: ``store/duckdb.py``, PostgreSQL:
+``store/pg_schema.py``; tests compare a fresh store's ``information_schema.columns`` with them), and
+the domain modules that produce the frames a store writes (``quality/validate``, ``quality/anomaly``,
+``quality/reconcile``, ``quality/score``) take their frame schemas from here, so a column is named and
+typed in one place.
 
 Types are polars types; a backend maps them to its own SQL types. Datetimes are UTC: a backend
 without time zones stores them as naive UTC and hands them back UTC-aware.
@@ -37,9 +38,23 @@ class Table:
     primary_key: tuple[str, ...] = ()
     serial: str | None = None
     since: int = 1
+    # A row's identity for idempotent writes: a write skips rows whose key is held. DuckDB checks it
+    # with an anti-join (no index); a server backend makes it a unique index (with the partition column).
+    key: tuple[str, ...] = ()
+    # Rows may be stored again under their key as a newer version (a vendor revision): a backend
+    # whose key is a unique index adds a version number to it.
+    versioned: bool = False
+    # The time column a backend that partitions large tables splits this one by (monthly ranges).
+    partition_by: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = {*self.not_null, *self.primary_key, *((self.serial,) if self.serial else ())} - set(self.columns)
+        unknown = {
+            *self.not_null,
+            *self.primary_key,
+            *self.key,
+            *((self.serial,) if self.serial else ()),
+            *((self.partition_by,) if self.partition_by else ()),
+        } - set(self.columns)
         if unknown:
             raise ValueError(f"table {self.name}: {sorted(unknown)} are not among its columns")
 
@@ -128,7 +143,14 @@ COVERAGE_SCHEMA: dict[str, pl.DataType] = {
 
 META = Table("meta", {"key": pl.String(), "value": pl.String()}, primary_key=("key",))
 
-BARS = Table("bars", BAR_SCHEMA, not_null=("symbol", "timeframe", "ts", "source"))
+BARS = Table(
+    "bars",
+    BAR_SCHEMA,
+    not_null=("symbol", "timeframe", "ts", "source"),
+    key=("symbol", "timeframe", "ts", "source", "feed"),
+    versioned=True,
+    partition_by="ts",
+)
 
 QUARANTINE = Table("quarantine", QUARANTINE_SCHEMA)
 
@@ -162,6 +184,7 @@ ANOMALIES = Table(
     "anomalies",
     {**FINDINGS_SCHEMA, "detected_at": UTC_US},
     not_null=("symbol", "timeframe", "ts", "kind"),
+    key=("symbol", "timeframe", "ts", "kind"),
     since=2,
 )
 

@@ -11,9 +11,15 @@ if TYPE_CHECKING:
 
 
 def open_store(config: Config, *, read_only: bool = False, create: bool = True) -> Store:
-    """Open the store the configuration names (today the DuckDB file at ``config.store_path()``),
-    creating or migrating its tables unless ``read_only``. Raises ``StoreError`` when it cannot be opened,
-    and, with ``create=False`` (what a command that only reads passes), when there is no store there yet."""
+    """Open the store the configuration names (``config.store_target()``): a ``postgresql://`` URL
+    opens the PostgreSQL store, anything else the DuckDB file (``duckdb://`` or a plain path),
+    creating or migrating its tables unless ``read_only``. Raises ``StoreError`` when it cannot be
+    opened, and, with ``create=False`` (what a command that only reads passes), when there is no
+    store there yet."""
+    if config.store_is_server():
+        from marketpipe.store.postgres import PostgresStore  # imported here: DuckDB users need no driver
+
+        return PostgresStore(config.store_target(), read_only=read_only, create=create)
     from marketpipe.store.duckdb import DuckDBStore  # imported here: reading the protocols needs no DuckDB
 
     return DuckDBStore(config.store_path(), read_only=read_only, create=create)

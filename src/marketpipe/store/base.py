@@ -1,6 +1,6 @@
-"""What the services need from a store, as role protocols; DuckDB implements them now, a PostgreSQL
-backend will implement the same (``store/duckdb.py`` is one reading of these contracts, not a
-part of them).
+"""What the services need from a store, as role protocols; DuckDB (``store/duckdb.py``) and
+PostgreSQL (``store/postgres.py``) implement them (each is one reading of these contracts, not a
+part of them; ``tests/store`` runs against both).
 
 The roles, by who uses them:
 
