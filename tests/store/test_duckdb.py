@@ -91,6 +91,15 @@ def test_writes_are_idempotent(store: Store) -> None:
     assert store.read_bars(["AAPL"], "1Min", T0, T0 + timedelta(hours=1))["close"].unique().to_list() == [10.5]
 
 
+def test_pages_of_one_batch_that_share_bars_store_each_once(store: Store) -> None:
+    # two pages written together overlap on minutes 5-9, none of them held before: each bar is stored
+    # once and only the first page that carries it counts it (the fast bulk path must not double them)
+    assert store.write_pages([page(bars(10)), page(bars(10, t0=T0 + timedelta(minutes=5)))]) == [10, 5]
+    assert store.counts()["bars"] == 15
+    back = store.read_bars(["AAPL"], "1Min", T0, T0 + timedelta(hours=1))
+    assert back.height == 15 and back["ts"].is_unique().all()
+
+
 def test_failed_transaction_leaves_nothing(store: Store) -> None:
     good = page(bars(5), cover=(T0, T0 + timedelta(minutes=5)))
     broken = page(bars(5, t0=T0 + timedelta(hours=1)))

@@ -242,7 +242,9 @@ class DuckDBStore:
         if any(p.refresh for p in pages):
             return [self._refresh(p, f) if f.height else 0 for p, f in zip(pages, frames, strict=True)]
         batch = pl.concat([f for f in frames if f.height])
-        if self._overlaps(batch) == 0:
+        # one bulk insert only when nothing in the batch is held and no two pages carry the same bar;
+        # otherwise page by page, each anti-joined against what the earlier ones just inserted
+        if not batch.select(_KEY).is_duplicated().any() and self._overlaps(batch) == 0:
             self._insert("INSERT INTO bars SELECT * FROM _page", batch)
             return heights
         return [
@@ -697,6 +699,9 @@ class DuckDBStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_KEY = ["symbol", "timeframe", "ts", "source", "feed"]  # what makes a stored bar the same bar
 
 
 def _quote(column: str) -> str:
