@@ -165,6 +165,10 @@ def test_a_refresh_stores_revisions_as_newer_versions(store: Store) -> None:
     assert store.write_pages([again]) == [5] and again.revised == 5
     span = (T0, T0 + timedelta(hours=1))
     assert store.read_bars(["AAPL"], "1Min", *span)["close"].unique().to_list() == [10.8]
+    # naming the source and feed still reads one row per minute, the newest version
+    named = store.read_bars(["AAPL"], "1Min", *span, source="sim", feed="sip")
+    assert named.height == 5 and named["close"].unique().to_list() == [10.8]
+    assert store.read_bars(["AAPL", "MSFT"], "1Min", *span, source="sim", feed="sip").height == 5
     rev = store.revisions("AAPL")
     assert rev.height == 5 and rev["old_close"].unique().to_list() == [10.5] and rev["new_close"][0] == 10.8
     same = page(bars(5, close=10.8))

@@ -354,8 +354,9 @@ class DuckDBStore:
         after: tuple[str, datetime] | None = None,
         desc: bool = False,
     ) -> pl.DataFrame:
-        """Bars in ``[start, end)``, ordered by symbol then time. Without ``source``/``feed`` one row per
-        timestamp is returned, preferring SIP over other feeds and real sources over the simulator.
+        """Bars in ``[start, end)``, ordered by symbol then time, one row per timestamp: the newest
+        version, and without ``source``/``feed`` SIP preferred over other feeds and real sources over
+        the simulator.
 
         Paging (the gateway): at most ``limit`` rows that come after ``after`` = (symbol, ts) in
         (symbol, time) order — time descending within each symbol with ``desc``; ``sources``
@@ -379,7 +380,9 @@ class DuckDBStore:
             params["sources"] = list(sources)
         cols = ", ".join(BAR_COLUMNS)
         sql = f"SELECT {cols} FROM bars WHERE {' AND '.join(where)}"
-        if (source is None or feed is None) and (len(symbols) != 1 or self._variant_count(symbols[0], timeframe) > 1):
+        # one row per (symbol, ts) always: several (source, feed) pairs, or a refresh's newer versions
+        # (which share source and feed, so naming both does not make the rows unique)
+        if len(symbols) != 1 or self._variant_count(symbols[0], timeframe) > 1:
             sql = (
                 f"SELECT {cols} FROM ({sql}) QUALIFY row_number() OVER "
                 f"(PARTITION BY symbol, ts ORDER BY {_FEED_PREFERENCE}, starts_with(source, 'sim'), "
