@@ -193,3 +193,19 @@ def test_mp_bars_and_the_gateway_client_take_the_same_options(
         with pytest.raises(InvalidArgument) as exc:
             remote.bars("AAPL", START, END, shape="narrow")  # type: ignore[arg-type]
         assert exc.value.details == {"parameter": "shape"}
+
+
+def test_a_notebook_holds_the_store_only_while_a_call_runs(sim: SimServer, tmp_path: Path) -> None:
+    """Before: the first ``mp.bars`` opened the store and kept it (and its lock) for the life of the
+    kernel, so ``marketpipe serve`` — the README's next step — could not start beside an open notebook."""
+    import subprocess
+    import sys
+
+    store = tmp_path / "s.duckdb"
+    opens = [sys.executable, "-c", "import sys, marketpipe.store.duckdb as d; d.DuckDBStore(sys.argv[1]).close()"]
+    with SyncMarketData(config=_config(sim.url, store), env=SIM_ENV) as c:
+        first = c.bars("AAPL", START, END, timeframe="1Day")  # fetched and stored
+        assert subprocess.run([*opens, str(store)], capture_output=True, text=True).returncode == 0
+        again = c.bars("AAPL", START, END, timeframe="1Day", fetch=False)  # read back, reopened
+        assert again.equals(first) and first.height == 4
+        assert subprocess.run([*opens, str(store)], capture_output=True, text=True).returncode == 0

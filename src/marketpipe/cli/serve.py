@@ -50,9 +50,13 @@ def serve(
     # is one error line, not an announcement followed by uvicorn's own exit 3.
     sockets = bind_sockets(host, port)
     try:
+        gateway = create_app(cfg)
+        # Opened before the announcement, like the port: a store another process holds (a notebook's
+        # backfill, a second gateway) is one STORE_ERROR line saying who holds it, not a startup traceback.
+        gateway.state.mp.data.store  # noqa: B018  (opening it is the point)
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(cfg),
+                gateway,
                 host=host,
                 port=port,
                 log_level=log_level.lower(),

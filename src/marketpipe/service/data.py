@@ -421,11 +421,19 @@ class _Portal:
 
 
 class SyncMarketData:
-    """Synchronous facade over :class:`MarketData` (what ``marketpipe.bars(...)`` uses)."""
+    """Synchronous facade over :class:`MarketData` (what ``marketpipe.bars(...)`` uses).
+
+    Each call holds the store only while it runs (``MarketData.holding_store``): a notebook that has
+    called ``mp.bars`` does not keep the file locked, so ``marketpipe serve``, a backfill or another
+    notebook can open it between calls. A store passed in (``store=``) stays open: its owner closes it."""
 
     def __init__(self, data: MarketData | None = None, **kw: Any) -> None:
         self._portal = _Portal()
         self.data = data or MarketData(**kw)
+
+    def _run(self, call: Coroutine[Any, Any, T]) -> T:
+        with self.data.holding_store():
+            return self._portal.run(call)
 
     def bars(
         self,
@@ -445,31 +453,31 @@ class SyncMarketData:
         time unless ``tz``; NaN where a symbol has no bar at a time another has one: pandas' outer
         alignment, nothing filled). Both are checked before anything is read or fetched."""
         zone, sh = frame_options(tz, shape, lambda: self.data.calendar.tz)
-        frame = self._portal.run(self.data.bars(symbols, start, end, timeframe=timeframe, **kw))
+        frame = self._run(self.data.bars(symbols, start, end, timeframe=timeframe, **kw))
         return shaped(frame, Timeframe.parse(timeframe), zone, sh)
 
     def backfill(
         self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any
     ) -> BackfillStats:
-        return self._portal.run(self.data.backfill(symbols, start, end, **kw))
+        return self._run(self.data.backfill(symbols, start, end, **kw))
 
     def latest_trade(self, symbol: str, **kw: Any) -> Trade | None:
-        return self._portal.run(self.data.latest_trade(symbol, **kw))
+        return self._run(self.data.latest_trade(symbol, **kw))
 
     def latest_quote(self, symbol: str, **kw: Any) -> Quote | None:
-        return self._portal.run(self.data.latest_quote(symbol, **kw))
+        return self._run(self.data.latest_quote(symbol, **kw))
 
     def quality(self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any) -> Any:
-        return self._portal.run(self.data.quality(symbols, start, end, **kw))
+        return self._run(self.data.quality(symbols, start, end, **kw))
 
     def update(self, symbols: list[str] | str, **kw: Any) -> dict[str, SymbolUpdate]:
-        return self._portal.run(self.data.update(symbols, **kw))
+        return self._run(self.data.update(symbols, **kw))
 
     def repair(self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any) -> Any:
-        return self._portal.run(self.data.repair(symbols, start, end, **kw))
+        return self._run(self.data.repair(symbols, start, end, **kw))
 
     def snapshots(self, symbols: list[str] | str, **kw: Any) -> dict[str, Snapshot]:
-        return self._portal.run(self.data.snapshots(symbols, **kw))
+        return self._run(self.data.snapshots(symbols, **kw))
 
     def close(self) -> None:
         self._portal.run(self.data.aclose())
