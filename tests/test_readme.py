@@ -451,6 +451,44 @@ def test_shell_commands_split_as_bash_reads_them() -> None:
     assert words("marketpipe stream AAPL --sim  # offline") == ["marketpipe", "stream", "AAPL", "--sim"]
 
 
+LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+# a file named in code: a path leaving the repository, or a document (``*.md``) in it
+PATH_CODE = re.compile(r"`(?P<target>\.\./[^`\s]*|[\w./-]+\.md)`")
+
+
+def broken_links(text: str, root: Path) -> list[str]:
+    """Links a fresh clone cannot follow: a relative path outside the repository or missing from it,
+    or an ``#anchor`` no heading of the README makes (GitHub's slugs: lower case, spaces to ``-``)."""
+    slugs = {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in text.splitlines()
+        if line.startswith("#")
+    }
+    bad = []
+    for m in [*LINK.finditer(text), *PATH_CODE.finditer(text)]:
+        target = m["target"]
+        if re.match(r"^[a-z]+://|^mailto:", target):
+            continue
+        if target.startswith("#"):
+            if target[1:] not in slugs:
+                bad.append(target)
+            continue
+        path = (root / target.split("#")[0]).resolve()
+        if not path.is_relative_to(root.resolve()) or not path.exists():
+            bad.append(target)
+    return bad
+
+
+def test_every_link_in_the_readme_works_in_a_fresh_clone() -> None:
+    """Issue 13 item 6: the README linked ``../shared/DESIGN.md``, which a clone does not have."""
+    assert broken_links(README.read_text(encoding="utf-8"), ROOT) == []
+    assert broken_links("see [design](../shared/DESIGN.md), [x](#nowhere), `../shared/DESIGN.md`", ROOT) == [
+        "../shared/DESIGN.md",
+        "#nowhere",
+        "../shared/DESIGN.md",
+    ]
+
+
 @pytest.mark.readme
 @pytest.mark.timeout(TOTAL_BOUND + 180)
 def test_readme_word_for_word_offline(tmp_path: Path) -> None:
