@@ -206,6 +206,8 @@ class Run:
             self.fail(where, f"still running after {COMMAND_BOUND:.0f} s; stderr: {exc.stderr!r}")
             return
         took = time.monotonic() - t0
+        self.n += 1
+        (self.work / f".step{self.n}.out").write_text(f"$ {command}\n{done.stdout}\n--- stderr\n{done.stderr}")
         if done.returncode != 0 or "Traceback" in done.stderr:
             self.fail(where, f"exit {done.returncode}\nstdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-3000:]}")
             return
