@@ -19,7 +19,8 @@ The blocks (fenced code in README.md):
 - A block right after ``<!-- readme-test: skip (reason) -->`` is not run; the reason is printed.
   A fence without a language is an error, so every block is either run or says what it is.
 
-The whole run happens in a network namespace of its own when ``unshare -n`` is allowed (root in CI):
+The whole run happens in a network namespace of its own when ``unshare -n`` (root) or ``unshare -rn``
+(unprivileged user namespaces) is allowed:
 no network at all, so "offline" is checked, and the README's fixed ports (8000, 8765-8767) cannot
 clash with anything else running on the machine. Without it the run uses the host's loopback.
 
@@ -424,12 +425,15 @@ def run_readme(base: Path) -> Run:
     return run
 
 
-def _own_network() -> bool:
-    """Whether this process may run in a network namespace of its own (with loopback up)."""
+def _own_network() -> list[str] | None:
+    """How to run in a network namespace of its own with loopback up: ``unshare -n`` as root, or with a
+    user namespace too (``-rn``) where unprivileged ones are allowed; None when neither works."""
     if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return False
-    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True)
-    return probe.returncode == 0
+        return None
+    for prefix in (["unshare", "-n"], ["unshare", "-rn"]):
+        if subprocess.run([*prefix, "ip", "link", "set", "lo", "up"], capture_output=True).returncode == 0:
+            return prefix
+    return None
 
 
 # --- the tests -------------------------------------------------------------------------------------
@@ -494,11 +498,11 @@ def test_every_link_in_the_readme_works_in_a_fresh_clone() -> None:
 @pytest.mark.readme
 @pytest.mark.timeout(TOTAL_BOUND + 180)
 def test_readme_word_for_word_offline(tmp_path: Path) -> None:
-    if _own_network():
+    if (prefix := _own_network()) is not None:
         script = "ip link set lo up && exec " + shlex.join(
             [sys.executable, str(Path(__file__).resolve()), str(tmp_path)]
         )
-        cmd = ["unshare", "-n", "sh", "-c", script]
+        cmd = [*prefix, "sh", "-c", script]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=TOTAL_BOUND + 120, env=os.environ.copy())
