@@ -255,11 +255,12 @@ def msgpack_timestamp(ns: int) -> bytes:
     seconds, else timestamp 64 (30-bit nanoseconds, 34-bit seconds), else timestamp 96 — the smallest
     that holds it, as the msgpack spec asks."""
     sec, nsec = divmod(ns, 1_000_000_000)
-    if nsec == 0 and 0 <= sec < 1 << 32:
-        return struct.pack(">I", sec)
     if 0 <= sec < 1 << 34:
-        return struct.pack(">Q", nsec << 34 | sec)
-    return struct.pack(">Iq", nsec, sec)
+        return _TS32(sec) if nsec == 0 and sec < 1 << 32 else _TS64(nsec << 34 | sec)
+    return _TS96(nsec, sec)
+
+
+_TS32, _TS64, _TS96 = struct.Struct(">I").pack, struct.Struct(">Q").pack, struct.Struct(">Iq").pack
 
 
 class TradeMessage(msgspec.Struct, tag_field="T", tag="t", gc=False):
