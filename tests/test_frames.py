@@ -200,15 +200,30 @@ def test_mp_bars_and_the_gateway_client_take_the_same_options(
 
 def test_a_notebook_holds_the_store_only_while_a_call_runs(sim: SimServer, tmp_path: Path) -> None:
     """Before: the first ``mp.bars`` opened the store and kept it (and its lock) for the life of the
-    kernel, so ``marketpipe serve`` — the README's next step — could not start beside an open notebook."""
+    kernel, so ``marketpipe serve`` — the README's next step — could not start beside an open notebook.
+    Calls that follow each other keep it open (opening the file costs more than reading a day)."""
     import subprocess
     import sys
+    import time
 
     store = tmp_path / "s.duckdb"
     opens = [sys.executable, "-c", "import sys, marketpipe.store.duckdb as d; d.DuckDBStore(sys.argv[1]).close()"]
+
+    def released_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while c.data._store is not None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     with SyncMarketData(config=_config(sim.url, store), env=SIM_ENV) as c:
         first = c.bars("AAPL", START, END, timeframe="1Day")  # fetched and stored
-        assert subprocess.run([*opens, str(store)], capture_output=True, text=True).returncode == 0
-        again = c.bars("AAPL", START, END, timeframe="1Day", fetch=False)  # read back, reopened
-        assert again.equals(first) and first.height == 4
+        held = c.data._store
+        again = c.bars("AAPL", START, END, timeframe="1Day", fetch=False)  # straight after: the same open store
+        assert held is not None and c.data._store is held and again.equals(first) and first.height == 4
+        assert released_within(SyncMarketData.STORE_LINGER_SECONDS + 2.0)
+        assert subprocess.run([*opens, str(store)], capture_output=True, text=True).returncode == 0  # another process
+        assert c.bars("AAPL", START, END, timeframe="1Day", fetch=False).equals(first)  # reopened for the next call
+        assert released_within(SyncMarketData.STORE_LINGER_SECONDS + 2.0)
         assert subprocess.run([*opens, str(store)], capture_output=True, text=True).returncode == 0

@@ -74,6 +74,8 @@ class MarketData:
         self._store = store
         self._owns_store = store is None
         self._store_users = 0
+        self._users_lock = threading.Lock()  # the count and the release timer, from any thread
+        self._release: threading.Timer | None = None
         self._provider = provider
         self._router: ProviderRouter | None = None
         self._env = env
@@ -268,17 +270,39 @@ class MarketData:
         return Scheduler(jobs, one, log_runs, concurrency=concurrency or self.config.backfill.concurrency)
 
     @contextlib.contextmanager
-    def holding_store(self) -> Iterator[None]:
+    def holding_store(self, linger: float = 0.0) -> Iterator[None]:
         """Keep the store open while in use and close it when the last user is done, so that between
-        scheduled runs other processes (``marketpipe store runs``, a backfill) can open the file."""
-        self._store_users += 1
+        scheduled runs other processes (``marketpipe store runs``, a backfill) can open the file.
+        ``linger``: close it only after that many idle seconds, so calls that follow each other (a loop
+        of ``mp.bars``) do not each pay for opening the file (~10-20 ms)."""
+        with self._users_lock:
+            self._store_users += 1
+            if self._release is not None:
+                self._release.cancel()
+                self._release = None
         try:
             yield
         finally:
-            self._store_users -= 1
-            if self._store_users == 0 and self._store is not None and self._owns_store:
-                self._store.close()
-                self._store = None
+            with self._users_lock:
+                self._store_users -= 1
+                if self._store_users == 0:
+                    if linger > 0:
+                        self._release = threading.Timer(linger, self._release_idle)
+                        self._release.daemon = True
+                        self._release.start()
+                    else:
+                        self._close_owned_store()
+
+    def _release_idle(self) -> None:
+        with self._users_lock:
+            if self._store_users == 0 and self._release is not None:
+                self._release = None
+                self._close_owned_store()
+
+    def _close_owned_store(self) -> None:
+        if self._store is not None and self._owns_store:
+            self._store.close()
+            self._store = None
 
     async def bars(
         self,
@@ -393,6 +417,10 @@ class MarketData:
         return frame, token, served.source
 
     async def aclose(self) -> None:
+        with self._users_lock:
+            if self._release is not None:
+                self._release.cancel()
+                self._release = None
         if self._router is not None:
             await self._router.aclose()
         elif self._provider is not None:
@@ -423,16 +451,19 @@ class _Portal:
 class SyncMarketData:
     """Synchronous facade over :class:`MarketData` (what ``marketpipe.bars(...)`` uses).
 
-    Each call holds the store only while it runs (``MarketData.holding_store``): a notebook that has
-    called ``mp.bars`` does not keep the file locked, so ``marketpipe serve``, a backfill or another
-    notebook can open it between calls. A store passed in (``store=``) stays open: its owner closes it."""
+    Each call holds the store while it runs and for ``STORE_LINGER_SECONDS`` after
+    (``MarketData.holding_store``): a notebook that has called ``mp.bars`` does not keep the file
+    locked, so ``marketpipe serve``, a backfill or another notebook can open it between calls, while
+    calls in a loop keep it open. A store passed in (``store=``) stays open: its owner closes it."""
+
+    STORE_LINGER_SECONDS = 0.25  # well below a new process's start-up (a CLI command takes longer to reach its store)
 
     def __init__(self, data: MarketData | None = None, **kw: Any) -> None:
         self._portal = _Portal()
         self.data = data or MarketData(**kw)
 
     def _run(self, call: Coroutine[Any, Any, T]) -> T:
-        with self.data.holding_store():
+        with self.data.holding_store(linger=self.STORE_LINGER_SECONDS):
             return self._portal.run(call)
 
     def bars(
