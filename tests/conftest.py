@@ -95,9 +95,12 @@ def raised() -> Iterator[list[Event]]:
     unsubscribe()
 
 
-async def alpaca_py_receive(url: str, key: str, secret: str, wait_s: float = 15.0) -> dict[str, list[Any]]:
+async def alpaca_py_receive(
+    url: str, key: str, secret: str, wait_s: float = 15.0, *, raw_data: bool = False
+) -> dict[str, list[Any]]:
     """Run the real alpaca-py ``StockDataStream`` against ``url`` (the simulator's or the gateway's stream)
-    until its handlers have at least three AAPL trades, AAPL/MSFT quotes and SPY bars; returns them."""
+    until its handlers have at least three AAPL trades, AAPL/MSFT quotes and SPY bars; returns them
+    (alpaca-py's models, or with ``raw_data`` the messages as it unpacked them: ``t`` a msgpack Timestamp)."""
     from alpaca.data.live import StockDataStream
 
     got: dict[str, list[Any]] = {"trades": [], "quotes": [], "bars": []}
@@ -111,7 +114,7 @@ async def alpaca_py_receive(url: str, key: str, secret: str, wait_s: float = 15.
 
         return handler
 
-    client = StockDataStream(key, secret, url_override=url)
+    client = StockDataStream(key, secret, url_override=url, raw_data=raw_data)
     client.subscribe_trades(collect("trades"), "AAPL")
     client.subscribe_quotes(collect("quotes"), "AAPL", "MSFT")
     client.subscribe_bars(collect("bars"), "SPY")

@@ -52,8 +52,8 @@ def test_the_default_stays_the_long_utc_frame(client: SyncMarketData) -> None:
     default = client.bars(SYMS, START, END, timeframe="1Day")
     long = client.bars(SYMS, START, END, timeframe="1Day", tz=None, shape="long")
     assert isinstance(default, pl.DataFrame) and default.equals(long)
-    assert default.schema["ts"] == pl.Datetime("us", "UTC")
-    aapl = default.filter(pl.col("symbol") == "AAPL")["ts"].to_list()
+    assert default.schema["timestamp"] == pl.Datetime("us", "UTC")
+    aapl = default.filter(pl.col("symbol") == "AAPL")["timestamp"].to_list()
     # daily bars are stamped at New York midnight, seen in UTC: 05:00 before the clock change, 04:00 after
     assert [t.hour for t in aapl] == [5, 4, 4, 4]
 
@@ -62,19 +62,22 @@ def test_exchange_time_puts_daily_bars_at_new_york_midnight(client: SyncMarketDa
     utc = client.bars(SYMS, START, END, timeframe="1Day")
     ny = client.bars(SYMS, START, END, timeframe="1Day", tz="exchange")
     assert client.data.calendar.tz == "America/New_York"
-    assert ny.schema["ts"] == pl.Datetime("us", "America/New_York")
-    assert {(t.hour, t.minute, t.second) for t in ny["ts"]} == {(0, 0, 0)}
-    assert [t.date().isoformat() for t in ny.filter(pl.col("symbol") == "AAPL")["ts"]] == [
+    assert ny.schema["timestamp"] == pl.Datetime("us", "America/New_York")
+    assert {(t.hour, t.minute, t.second) for t in ny["timestamp"]} == {(0, 0, 0)}
+    assert [t.date().isoformat() for t in ny.filter(pl.col("symbol") == "AAPL")["timestamp"]] == [
         "2024-03-08",
         "2024-03-11",
         "2024-03-12",
         "2024-03-13",
     ]
     # the same instants, the same rows: only the zone of the labels changed
-    assert ny["ts"].dt.epoch("us").equals(utc["ts"].dt.epoch("us"))
-    assert ny.drop("ts").equals(utc.drop("ts"))
+    assert ny["timestamp"].dt.epoch("us").equals(utc["timestamp"].dt.epoch("us"))
+    assert ny.drop("timestamp").equals(utc.drop("timestamp"))
     tokyo = client.bars("AAPL", START, END, timeframe="1Day", tz="Asia/Tokyo")
-    assert tokyo.schema["ts"] == pl.Datetime("us", "Asia/Tokyo") and {t.hour for t in tokyo["ts"]} == {13, 14}
+    assert tokyo.schema["timestamp"] == pl.Datetime("us", "Asia/Tokyo") and {t.hour for t in tokyo["timestamp"]} == {
+        13,
+        14,
+    }
 
 
 @pytest.mark.parametrize(
@@ -107,7 +110,7 @@ def test_alpaca_shape_is_the_layout_of_barset_df(client: SyncMarketData) -> None
     assert str(df.index.levels[1].dtype) == "datetime64[us, UTC]"
     assert list(df.index.get_level_values("symbol").unique()) == ["AAPL", "MSFT"]
     first = long.row(0, named=True)
-    assert df.loc[("AAPL", pd.Timestamp(first["ts"]))]["close"] == first["close"]
+    assert df.loc[("AAPL", pd.Timestamp(first["timestamp"]))]["close"] == first["close"]
     ny = client.bars(SYMS, START, END, timeframe="1Hour", shape="alpaca", tz="exchange")
     assert str(ny.index.levels[1].dtype) == "datetime64[us, America/New_York]"
 
@@ -156,8 +159,8 @@ def test_wide_shape_is_the_layout_of_yfinance_download(client: SyncMarketData) -
 def test_wide_shape_leaves_nan_where_a_symbol_has_no_bar(client: SyncMarketData) -> None:
     """The frame is not reindexed or filled: a bar missing for one symbol is NaN beside the other's."""
     long = client.bars(SYMS, START, END, timeframe="1Day")
-    gone = long.filter(pl.col("symbol") == "MSFT")["ts"][1]
-    holed = long.filter(~((pl.col("symbol") == "MSFT") & (pl.col("ts") == gone)))
+    gone = long.filter(pl.col("symbol") == "MSFT")["timestamp"][1]
+    holed = long.filter(~((pl.col("symbol") == "MSFT") & (pl.col("timestamp") == gone)))
     df = shaped(holed, Timeframe.parse("1Day"), "America/New_York", "wide")
     assert len(df) == 4  # AAPL still has a bar then: the row stays, MSFT's cells are empty
     row = df.loc[pd.Timestamp(gone).tz_convert("America/New_York")]
@@ -189,7 +192,38 @@ def test_mp_bars_and_the_gateway_client_take_the_same_options(
     with serving(app) as url, GatewayClient(url) as remote:
         pd.testing.assert_frame_equal(remote.bars(SYMS, START, END, timeframe="1Day", shape="wide"), local)
         ny = remote.bars("AAPL", START, END, timeframe="1Day", tz="exchange")
-        assert ny.schema["ts"] == pl.Datetime("us", "America/New_York")
+        assert ny.schema["timestamp"] == pl.Datetime("us", "America/New_York")
         with pytest.raises(InvalidArgument) as exc:
             remote.bars("AAPL", START, END, shape="narrow")  # type: ignore[arg-type]
         assert exc.value.details == {"parameter": "shape"}
+
+
+def test_a_notebook_holds_the_store_only_while_a_call_runs(sim: SimServer, tmp_path: Path) -> None:
+    """Before: the first ``mp.bars`` opened the store and kept it (and its lock) for the life of the
+    kernel, so ``marketpipe serve`` — the README's next step — could not start beside an open notebook.
+    Calls that follow each other keep it open (opening the file costs more than reading a day)."""
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "s.duckdb"
+    opens = [sys.executable, "-c", "import sys, marketpipe.store.duckdb as d; d.DuckDBStore(sys.argv[1]).close()"]
+
+    def released_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while c.data._store is not None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    with SyncMarketData(config=_config(sim.url, store), env=SIM_ENV) as c:
+        first = c.bars("AAPL", START, END, timeframe="1Day")  # fetched and stored
+        held = c.data._store
+        again = c.bars("AAPL", START, END, timeframe="1Day", fetch=False)  # straight after: the same open store
+        assert held is not None and c.data._store is held and again.equals(first) and first.height == 4
+        assert released_within(SyncMarketData.STORE_LINGER_SECONDS + 2.0)
+        assert subprocess.run([*opens, str(store)], capture_output=True, text=True).returncode == 0  # another process
+        assert c.bars("AAPL", START, END, timeframe="1Day", fetch=False).equals(first)  # reopened for the next call
+        assert released_within(SyncMarketData.STORE_LINGER_SECONDS + 2.0)
+        assert subprocess.run([*opens, str(store)], capture_output=True, text=True).returncode == 0

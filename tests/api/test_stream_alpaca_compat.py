@@ -30,11 +30,13 @@ import marketpipe.api.alpaca_stream as alpaca_stream
 from marketpipe.api.app import create_app
 from marketpipe.core.metrics import REGISTRY
 from marketpipe.core.schema import Bar, Quote, Trade
+from marketpipe.core.timeutil import ns_text
 from marketpipe.providers.alpaca_stream import StreamMessage
 from marketpipe.service.live import LiveHub
 from marketpipe.sim.alpaca import DEFAULT_KEYS
 from marketpipe.sim.server import SimServer
 from marketpipe.sim.stream import StreamConfig
+from marketpipe.wire.alpaca_rest import one_ts_ns
 from tests.api.conftest import ENV, gateway_config, serving
 from tests.conftest import alpaca_py_receive
 
@@ -243,6 +245,38 @@ async def test_alpaca_py_stock_data_stream_gets_what_the_vendor_sent(gateway: tu
             x.vwap,
         )
     assert len({t.id for t in got["trades"]}) == len(got["trades"])  # each trade once
+
+
+async def test_the_vendors_nanoseconds_reach_alpaca_py_and_json_clients(gateway: tuple[str, FastAPI]) -> None:
+    """Before: the gateway wrote trade and quote times from the records' datetime, so a vendor stamp
+    ``…:11.308411571Z`` went out as ``…:11.308411Z`` (msgpack: nanoseconds=308411000). The simulator, like
+    the vendor, stamps in nanoseconds (never ending in 0, so every stamp has sub-microsecond digits)."""
+    base, app = gateway
+    upstream: list[StreamMessage] = []
+    stream = hub(app).stream
+    assert stream is not None
+    remove = stream.add_batch_handler(upstream.extend)
+    try:
+        got = await alpaca_py_receive(base + "/v2/iex", *CLIENT, wait_s=10, raw_data=True)  # msgpack frames
+        async with raw_client(base, "/v2/sip") as c:  # JSON text frames
+            await c.ask({"action": "subscribe", "trades": ["AAPL"], "quotes": ["MSFT"]})
+            text = [m for m in await c.until(lambda ms: sum(m["T"] in "tq" for m in ms) >= 6) if m["T"] in "tq"]
+    finally:
+        remove()
+    vendor = {
+        (type(m.record).__name__, m.record.symbol, m.record.ts_ns)
+        for m in upstream
+        if isinstance(m.record, Trade | Quote)
+    }
+    assert all(ns is not None and ns % 1000 for _, _, ns in vendor)  # sub-microsecond digits, kept by the client
+    sent = [("Trade", m) for m in got["trades"]] + [("Quote", m) for m in got["quotes"]]
+    assert len(sent) >= 6
+    for kind, m in sent:
+        assert isinstance(m["t"], msgpack.Timestamp) and (kind, m["S"], m["t"].to_unix_nano()) in vendor, m
+    for m in text:
+        ns = one_ts_ns(m["t"])
+        assert re.fullmatch(r".*\.\d{9}Z", m["t"]) and ns_text(ns) == m["t"], m["t"]  # all nine digits
+        assert ({"t": "Trade", "q": "Quote"}[m["T"]], m["S"], ns) in vendor, m
 
 
 # --- raw clients ----------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_bars_fetches_then_serves_from_store(cfg: Path, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("symbol,timeframe,ts,open,high,low,close,volume")
+    assert lines[0].startswith("symbol,timeframe,timestamp,open,high,low,close,volume")
     assert len(lines) == 391
     # second time: no credentials needed, nothing fetched
     r2 = run(

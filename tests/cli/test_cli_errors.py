@@ -304,3 +304,30 @@ def test_a_store_held_by_a_running_gateway_says_who_holds_it_and_what_to_do(tmp_
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_on_a_store_another_process_holds_is_one_store_error_line(tmp_path: Path) -> None:
+    """Before: uvicorn's startup traceback (the live hub opened the store inside the app's lifespan),
+    then ``error[INTERNAL]: the gateway did not start``. Found following the README: a notebook that had
+    called ``mp.bars`` held the file while ``marketpipe serve`` started."""
+    from marketpipe.store.duckdb import DuckDBStore
+
+    store = tmp_path / "s.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, marketpipe.store.duckdb as d; s = d.DuckDBStore(sys.argv[1]);"
+         " print('held', flush=True); sys.stdin.read()", str(store)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        r = run("serve", "--port", str(port), "--store", str(store), timeout=60)
+        assert_error(r, "STORE_ERROR", 1, str(store), f"locked by process {holder.pid}")
+        assert "marketpipe gateway on" not in r.stderr  # nothing announced that is not serving
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    DuckDBStore(store).close()  # released: a gateway could start now

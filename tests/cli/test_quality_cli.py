@@ -210,7 +210,7 @@ def test_quality_table_html_and_png_show_the_spike(spiked: tuple[Path, Path], tm
 
     found = simple_rows(r.stdout, after="AAPL anomalies")
     spikes = [f for f in found if f["kind"] == "spike"]
-    assert spikes and spikes[0]["ts"].startswith("2024-03-05 17:00:00"), found
+    assert spikes and spikes[0]["timestamp"].startswith("2024-03-05 17:00:00"), found
     assert "AAPL missing ranges" not in r.stdout
     worst = simple_rows(r.stdout, after="lowest-scoring days")
     assert worst[0]["day"] == "2024-03-05", worst  # the spiked day scores lowest
@@ -240,7 +240,7 @@ def test_store_anomalies_lists_the_spike(spiked: tuple[Path, Path]) -> None:
     spikes = [x for x in rows if x["kind"] == "spike"]
     assert len(spikes) == 1, rows
     assert spikes[0]["symbol"] == "AAPL" and spikes[0]["timeframe"] == "1Min"
-    assert spikes[0]["ts"].startswith("2024-03-05 17:00:00")
+    assert spikes[0]["timestamp"].startswith("2024-03-05 17:00:00")
     assert spikes[0]["severity"] and spikes[0]["detail"]
     r = run("store", "anomalies", "AAPL", "--start", "2024-03-04", "--end", "2024-03-04", *cli_opts(cfg, store))
     assert r.returncode == 0, show(r)

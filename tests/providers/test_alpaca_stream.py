@@ -643,3 +643,34 @@ def test_an_event_with_a_mistyped_field_is_a_decode_error(message: dict[str, Any
     record with the error (as it does for a trade with a bad price), never a record carrying it."""
     with pytest.raises(ValueError, match=r"Expected"):
         DECODERS[message["T"]](message, SOURCE, "iex", datetime(2024, 3, 5, 15, 10, 1, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [
+        1_709_650_931_308_411_571,  # sub-microsecond digits: timestamp 64
+        1_709_650_931_000_000_000,  # a whole second: timestamp 32
+        1_709_650_931_308_411_000,  # what a microsecond datetime would have kept
+        -1_000_000_001,  # before 1970: timestamp 96
+        (1 << 34) * 1_000_000_000 + 5,  # past timestamp 64's seconds: timestamp 96
+    ],
+)
+def test_stream_times_encode_every_nanosecond_as_the_vendor_does(ns: int) -> None:
+    """The compatible stream's ``t`` (issue 13 item 15): msgpack's Timestamp ext in its smallest form,
+    JSON RFC3339Nano; both decode back to the same nanoseconds, as this side's own client reads them."""
+    import msgpack
+
+    from marketpipe.core.timeutil import ns_text
+    from marketpipe.wire.alpaca_stream import StreamTime, decode_frame, encode, msgpack_timestamp
+
+    packed = encode([{"t": StreamTime(ns)}], binary=True)
+    (got,) = msgpack.unpackb(packed)
+    assert got["t"].to_unix_nano() == ns
+    sec, nsec = divmod(ns, 1_000_000_000)
+    want = 4 if nsec == 0 and 0 <= sec < 1 << 32 else 8 if 0 <= sec < 1 << 34 else 12  # timestamp 32/64/96
+    assert len(msgpack_timestamp(ns)) == want
+    (again,) = decode_frame(packed)
+    assert isinstance(again["t"], msgpack.Timestamp) and again["t"].to_unix_nano() == ns
+    if ns >= 0:  # RFC 3339 text is for instants this side can hold
+        text = encode([{"t": StreamTime(ns)}], binary=False)
+        assert text == b'[{"t":"' + ns_text(ns).encode() + b'"}]'

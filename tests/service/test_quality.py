@@ -138,7 +138,7 @@ async def test_each_injected_anomaly_is_found_exactly_once(
     await fill(alpaca_only, store, ["AAPL", "MSFT"], *span(MON, WED))
     results = analyze(store, CAL, ["AAPL", "MSFT"], TF, *span(MON, WED), now=AFTER_FRI)
     aapl, msft = results
-    found = aapl.findings.select("ts", "kind", "severity", "bars").rows()
+    found = aapl.findings.select("timestamp", "kind", "severity", "bars").rows()
     assert found == [(ts(at), kind, severity, rows)]
     assert msft.findings.height == 0  # the clean series: no false positives
     stored = store.findings(["AAPL"], "1Min", *span(MON, WED))

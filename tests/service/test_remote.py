@@ -17,6 +17,7 @@ import marketpipe as mp
 from marketpipe.core.config import load_config
 from marketpipe.core.errors import GatewayUnavailable, InvalidArgument, StoreError
 from marketpipe.core.schema import BAR_COLUMNS
+from marketpipe.service.frames import public_name
 from marketpipe.sim.server import SimServer
 from marketpipe.store.duckdb import DuckDBStore
 from tests.conftest import SIM_ENV
@@ -63,9 +64,9 @@ def test_bars_through_the_gateway_while_it_holds_the_store(gateway: tuple[str, P
     client = mp.client(gateway=url)
     # more than one gateway page (10,000 rows): 2 symbols x 15 days x 390 minutes
     frame = client.bars(["AAPL", "MSFT"], "2024-03-04", "2024-03-22", timeframe="1m")
-    assert frame.columns == BAR_COLUMNS and frame.height == 2 * 15 * 390
+    assert frame.columns == [public_name(c) for c in BAR_COLUMNS] and frame.height == 2 * 15 * 390
     assert frame["source"].unique().to_list() == ["sim:alpaca"] and frame["timeframe"].unique().to_list() == ["1Min"]
-    assert frame.select("symbol", "ts").is_duplicated().sum() == 0
+    assert frame.select("symbol", "timestamp").is_duplicated().sum() == 0
     with pytest.raises(StoreError) as info:  # the store itself is held, and the error says by whom and what to do
         DuckDBStore(store)
     assert info.value.details["pid"] == pid and "mp.client(gateway=" in info.value.message

@@ -41,8 +41,9 @@ Protocol:
   encoded once per wire format however many clients receive it.
 * Data: ``t`` trades ``{T,S,i,x,p,s,c,t,z}``, ``q`` quotes ``{T,S,bx,bp,bs,ax,ap,as,c,t,z}``, ``b``/``u``/``d``
   bars ``{T,S,o,h,l,c,v,t,n,vw}``, ``s`` statuses, ``l`` LULD bands, ``i`` imbalances, ``c`` corrections and
-  ``x`` cancel/errors (§2.8), from the hub's canonical records. Timestamps have the microsecond
-  precision the hub keeps (JSON: RFC 3339, e.g. ``2024-03-05T15:02:11.308411Z``).
+  ``x`` cancel/errors (§2.8), from the hub's canonical records. Trades and quotes keep the vendor's
+  nanoseconds (the records' ``ts_ns``; JSON: RFC 3339, e.g. ``2024-03-05T15:02:11.308411571Z``; msgpack:
+  the Timestamp extension's nanoseconds); bars and events are stamped as the hub holds them.
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def v1_router() -> APIRouter:
             if res.completeness.ranges.height
             else [],
             "anomalies": res.findings.head(500)
-            .with_columns(pl.col("ts").dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            .with_columns(pl.col("timestamp").dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
             .drop("symbol")
             .to_dicts()
             if res.findings.height

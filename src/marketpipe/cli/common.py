@@ -276,8 +276,12 @@ def store_table(config: Path | None, store: str | None, read: Callable[[Store], 
 
 
 def emit(frame: Any, fmt: str, output: Path | None) -> None:
-    """A frame as a table on the console, or CSV/JSON on stdout or in ``output``, or Parquet in ``output``."""
+    """A frame as a table on the console, or CSV/JSON on stdout or in ``output``, or Parquet in ``output``;
+    its columns named as users see them everywhere (``timestamp``, not the store's ``ts``)."""
+    from marketpipe.service.frames import public
+
     fmt = validate_enum(fmt, OUTPUT_FORMATS, "format", casefold=True, message=FORMAT_MESSAGE)
+    frame = public(frame)
     if fmt == "parquet":
         path = validate_required(output, "output", message="--format parquet needs --output FILE")
         write_output(path, frame.write_parquet)

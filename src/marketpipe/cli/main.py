@@ -204,6 +204,8 @@ def _records_table(title: str, records: dict[str, Any]) -> Table:
     """One column per record (symbol or part), one row per field: fits a terminal however many fields."""
     import msgspec
 
+    from marketpipe.service.frames import public_name
+
     table = Table(title=title)
     table.add_column("field")
     docs = {name: msgspec.structs.asdict(r) for name, r in records.items()}
@@ -213,7 +215,7 @@ def _records_table(title: str, records: dict[str, Any]) -> Table:
     for doc in docs.values():
         fields += [f for f in doc if f not in fields]
     for f in fields:
-        table.add_row(f, *(_cell(doc.get(f)) for doc in docs.values()))
+        table.add_row(public_name(f), *(_cell(doc.get(f)) for doc in docs.values()))
     return table
 
 
@@ -562,7 +564,7 @@ def pl_head_tail(frame: Any, n: int = 5) -> Any:
 
     part = frame if frame.height <= 2 * n else pl.concat([frame.head(n), frame.tail(n)])
     cols = ["open", "high", "low", "close", "volume", "trade_count", "vwap"]
-    return part.select(pl.col("ts").dt.strftime("%m-%d %H:%M").alias("ts UTC"), *cols)
+    return part.select(pl.col("ts").dt.strftime("%m-%d %H:%M").alias("timestamp UTC"), *cols)
 
 
 # --- config and store ----------------------------------------------------------------------------

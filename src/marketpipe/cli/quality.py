@@ -121,7 +121,7 @@ def quality(
             emit(gaps.head(10), "table", None)
         if r.findings.height:
             out.print(f"[bold]{r.symbol}[/] anomalies ({r.findings.height}; first 10):")
-            emit(r.findings.select("ts", "kind", "severity", "detail").head(10), "table", None)
+            emit(r.findings.select("timestamp", "kind", "severity", "detail").head(10), "table", None)
         worst = r.days.filter(r.days["score"].is_not_null()).sort("score").head(days)
         if worst.height and worst["score"].min() < 1.0:  # type: ignore[operator]
             out.print(f"[bold]{r.symbol}[/] lowest-scoring days:")

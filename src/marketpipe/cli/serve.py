@@ -54,9 +54,14 @@ def serve(
     try:
         # Several workers: each process builds its own app (services, store connection, memory cache)
         # from the same config; the parent only supervises them on the shared sockets.
+        gateway = None if workers > 1 else create_app(cfg)
+        if gateway is not None:
+            # Opened before the announcement, like the port: a store another process holds (a notebook's
+            # backfill, a second gateway) is one STORE_ERROR line saying who holds it, not a startup traceback.
+            gateway.state.mp.data.store  # noqa: B018  (opening it is the point)
         uv_config = uvicorn.Config(
-            functools.partial(create_app, cfg) if workers > 1 else create_app(cfg),
-            factory=workers > 1,
+            functools.partial(create_app, cfg) if gateway is None else gateway,
+            factory=gateway is None,
             workers=workers,
             host=host,
             port=port,

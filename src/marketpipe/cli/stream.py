@@ -49,6 +49,7 @@ REFRESH_SECONDS = 0.25  # the table is redrawn about four times a second
 RATE_WINDOW_SECONDS = 5.0
 SIM_KEYS = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+CLOSE_SECONDS = 1.0  # the WebSocket close handshake on the way out (Ctrl-C, --duration)
 
 
 class StreamError(StreamFailed):
@@ -481,7 +482,12 @@ async def run_gateway(
     url = _ws_url(gateway)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        ws = await connect(url, additional_headers=headers, max_size=MAX_FRAME_BYTES, open_timeout=10)
+        # close_timeout: on Ctrl-C the frames already sent to us are unread, and the client's read flow
+        # control then holds the gateway's close reply behind them; the handshake would take websockets'
+        # default 10 s. What is unread is not wanted any more: give the reply a second, then drop it.
+        ws = await connect(
+            url, additional_headers=headers, max_size=MAX_FRAME_BYTES, open_timeout=10, close_timeout=CLOSE_SECONDS
+        )
     except InvalidStatus as exc:
         status = exc.response.status_code
         if status in (401, 403):

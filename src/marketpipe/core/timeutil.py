@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Protocol
@@ -153,10 +154,17 @@ def ns_to_dt(ns: int) -> datetime:
     return datetime.fromtimestamp(ns // 1_000_000_000, UTC).replace(microsecond=(ns // 1000) % 1_000_000)
 
 
+@functools.lru_cache(maxsize=4096)
+def _second_text(secs: int) -> str:
+    return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def ns_text(ns: int) -> str:
-    """Unix nanoseconds as RFC-3339 UTC with the fraction's trailing zeros trimmed (Go's RFC3339Nano)."""
+    """Unix nanoseconds as RFC-3339 UTC with the fraction's trailing zeros trimmed (Go's RFC3339Nano).
+    Live streams write one per trade or quote, many within the same second: the second's text is
+    formatted once (strftime costs ~3 µs, ten times the rest)."""
     secs, frac = divmod(ns, 1_000_000_000)
-    whole = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    whole = _second_text(secs)
     digits = f"{frac:09d}".rstrip("0")
     return f"{whole}.{digits}Z" if digits else f"{whole}Z"
 

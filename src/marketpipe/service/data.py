@@ -75,6 +75,8 @@ class MarketData:
         self._store = store
         self._owns_store = store is None
         self._store_users = 0
+        self._users_lock = threading.Lock()  # the count and the release timer, from any thread
+        self._release: threading.Timer | None = None
         self._provider = provider
         self._router: ProviderRouter | None = None
         self._env = env
@@ -269,17 +271,39 @@ class MarketData:
         return Scheduler(jobs, one, log_runs, concurrency=concurrency or self.config.backfill.concurrency)
 
     @contextlib.contextmanager
-    def holding_store(self) -> Iterator[None]:
+    def holding_store(self, linger: float = 0.0) -> Iterator[None]:
         """Keep the store open while in use and close it when the last user is done, so that between
-        scheduled runs other processes (``marketpipe store runs``, a backfill) can open the file."""
-        self._store_users += 1
+        scheduled runs other processes (``marketpipe store runs``, a backfill) can open the file.
+        ``linger``: close it only after that many idle seconds, so calls that follow each other (a loop
+        of ``mp.bars``) do not each pay for opening the file (~10-20 ms)."""
+        with self._users_lock:
+            self._store_users += 1
+            if self._release is not None:
+                self._release.cancel()
+                self._release = None
         try:
             yield
         finally:
-            self._store_users -= 1
-            if self._store_users == 0 and self._store is not None and self._owns_store:
-                self._store.close()
-                self._store = None
+            with self._users_lock:
+                self._store_users -= 1
+                if self._store_users == 0:
+                    if linger > 0:
+                        self._release = threading.Timer(linger, self._release_idle)
+                        self._release.daemon = True
+                        self._release.start()
+                    else:
+                        self._close_owned_store()
+
+    def _release_idle(self) -> None:
+        with self._users_lock:
+            if self._store_users == 0 and self._release is not None:
+                self._release = None
+                self._close_owned_store()
+
+    def _close_owned_store(self) -> None:
+        if self._store is not None and self._owns_store:
+            self._store.close()
+            self._store = None
 
     async def bars(
         self,
@@ -400,6 +424,10 @@ class MarketData:
         return frame, token, served.source
 
     async def aclose(self) -> None:
+        with self._users_lock:
+            if self._release is not None:
+                self._release.cancel()
+                self._release = None
         if self._router is not None:
             await self._router.aclose()
         elif self._provider is not None:
@@ -428,11 +456,22 @@ class _Portal:
 
 
 class SyncMarketData:
-    """Synchronous facade over :class:`MarketData` (what ``marketpipe.bars(...)`` uses)."""
+    """Synchronous facade over :class:`MarketData` (what ``marketpipe.bars(...)`` uses).
+
+    Each call holds the store while it runs and for ``STORE_LINGER_SECONDS`` after
+    (``MarketData.holding_store``): a notebook that has called ``mp.bars`` does not keep the file
+    locked, so ``marketpipe serve``, a backfill or another notebook can open it between calls, while
+    calls in a loop keep it open. A store passed in (``store=``) stays open: its owner closes it."""
+
+    STORE_LINGER_SECONDS = 0.25  # well below a new process's start-up (a CLI command takes longer to reach its store)
 
     def __init__(self, data: MarketData | None = None, **kw: Any) -> None:
         self._portal = _Portal()
         self.data = data or MarketData(**kw)
+
+    def _run(self, call: Coroutine[Any, Any, T]) -> T:
+        with self.data.holding_store(linger=self.STORE_LINGER_SECONDS):
+            return self._portal.run(call)
 
     def bars(
         self,
@@ -452,31 +491,31 @@ class SyncMarketData:
         time unless ``tz``; NaN where a symbol has no bar at a time another has one: pandas' outer
         alignment, nothing filled). Both are checked before anything is read or fetched."""
         zone, sh = frame_options(tz, shape, lambda: self.data.calendar.tz)
-        frame = self._portal.run(self.data.bars(symbols, start, end, timeframe=timeframe, **kw))
+        frame = self._run(self.data.bars(symbols, start, end, timeframe=timeframe, **kw))
         return shaped(frame, Timeframe.parse(timeframe), zone, sh)
 
     def backfill(
         self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any
     ) -> BackfillStats:
-        return self._portal.run(self.data.backfill(symbols, start, end, **kw))
+        return self._run(self.data.backfill(symbols, start, end, **kw))
 
     def latest_trade(self, symbol: str, **kw: Any) -> Trade | None:
-        return self._portal.run(self.data.latest_trade(symbol, **kw))
+        return self._run(self.data.latest_trade(symbol, **kw))
 
     def latest_quote(self, symbol: str, **kw: Any) -> Quote | None:
-        return self._portal.run(self.data.latest_quote(symbol, **kw))
+        return self._run(self.data.latest_quote(symbol, **kw))
 
     def quality(self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any) -> Any:
-        return self._portal.run(self.data.quality(symbols, start, end, **kw))
+        return self._run(self.data.quality(symbols, start, end, **kw))
 
     def update(self, symbols: list[str] | str, **kw: Any) -> dict[str, SymbolUpdate]:
-        return self._portal.run(self.data.update(symbols, **kw))
+        return self._run(self.data.update(symbols, **kw))
 
     def repair(self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any) -> Any:
-        return self._portal.run(self.data.repair(symbols, start, end, **kw))
+        return self._run(self.data.repair(symbols, start, end, **kw))
 
     def snapshots(self, symbols: list[str] | str, **kw: Any) -> dict[str, Snapshot]:
-        return self._portal.run(self.data.snapshots(symbols, **kw))
+        return self._run(self.data.snapshots(symbols, **kw))
 
     def close(self) -> None:
         self._portal.run(self.data.aclose())

@@ -3,6 +3,11 @@
 The store's long polars frame (UTC, one row per symbol and bar) is the source of every shape; a shape
 only re-labels and re-arranges those rows. Nothing is filled in: no reindexing to a calendar grid, no
 forward fill. pandas is imported only when a pandas shape is asked for.
+
+One time-column name for users: the store and the code inside call it ``ts``; every frame or answer a
+user sees calls it ``timestamp`` (``timestamp_ns`` for the exact nanoseconds), as REST v1, alpaca-py's
+``.df`` and Alpaca's documentation do. :func:`public` is that renaming, applied at the edges: the
+notebook shapes here, the CLI's output (``cli.common.emit``), the quality results users get.
 """
 
 from __future__ import annotations
@@ -30,6 +35,18 @@ ALPACA_COLUMNS = ["open", "high", "low", "close", "volume", "trade_count", "vwap
 # ``yfinance.download([...])``: columns (Price, Ticker), the fields in its (alphabetical) order
 WIDE_FIELDS = {"close": "Close", "high": "High", "low": "Low", "open": "Open", "volume": "Volume"}
 DAILY_UNITS = (Unit.DAY, Unit.WEEK, Unit.MONTH)
+TIME_COLUMN = "timestamp"
+PUBLIC_NAMES = {"ts": TIME_COLUMN, "ts_ns": "timestamp_ns"}  # inside -> what users see
+
+
+def public(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with the names users see: ``ts`` -> ``timestamp``, ``ts_ns`` -> ``timestamp_ns``."""
+    return frame.rename({k: v for k, v in PUBLIC_NAMES.items() if k in frame.columns})
+
+
+def public_name(column: str) -> str:
+    """The name users see for a record field or column."""
+    return PUBLIC_NAMES.get(column, column)
 
 
 def frame_options(tz: str | None, shape: str, exchange_tz: Callable[[], str]) -> tuple[str | None, Shape]:
@@ -52,9 +69,10 @@ def frame_options(tz: str | None, shape: str, exchange_tz: Callable[[], str]) ->
 
 
 def shaped(frame: pl.DataFrame, timeframe: Timeframe, tz: str | None, shape: Shape) -> pl.DataFrame | pd.DataFrame:
-    """``frame`` (the store's long bars) with ``ts`` in ``tz`` and in ``shape``."""
+    """``frame`` (the store's long bars) as users see it (:func:`public`), ``timestamp`` in ``tz``, in ``shape``."""
+    frame = public(frame)
     if tz is not None:
-        frame = frame.with_columns(pl.col("ts").dt.convert_time_zone(tz))
+        frame = frame.with_columns(pl.col(TIME_COLUMN).dt.convert_time_zone(tz))
     if shape == "long":
         return frame
     if shape == "alpaca":
@@ -66,9 +84,9 @@ def _alpaca(frame: pl.DataFrame) -> pd.DataFrame:
     """alpaca-py's ``BarSet.df``: a pandas frame indexed by (symbol, timestamp), one row per bar, in
     the order alpaca-py builds it (symbol, then time), every value column float as its model has it."""
     pdf = frame.select(
-        pl.col("symbol"), pl.col("ts").alias("timestamp"), *[pl.col(c).cast(pl.Float64) for c in ALPACA_COLUMNS]
+        pl.col("symbol"), pl.col(TIME_COLUMN), *[pl.col(c).cast(pl.Float64) for c in ALPACA_COLUMNS]
     ).to_pandas()
-    return pdf.set_index(["symbol", "timestamp"])
+    return pdf.set_index(["symbol", TIME_COLUMN])
 
 
 def _wide(frame: pl.DataFrame, timeframe: Timeframe) -> pd.DataFrame:
@@ -76,9 +94,11 @@ def _wide(frame: pl.DataFrame, timeframe: Timeframe) -> pd.DataFrame:
     symbol has no bar are NaN — pandas' outer alignment of the symbols' rows, not a filled value."""
     import pandas as pd
 
-    rows = frame.select("ts", "symbol", *WIDE_FIELDS).rename(WIDE_FIELDS).to_pandas()
+    rows = frame.select(TIME_COLUMN, "symbol", *WIDE_FIELDS).rename(WIDE_FIELDS).to_pandas()
     # one pivot per field keeps each field's dtype (Volume stays int64 while no symbol lacks a bar)
-    wide = pd.concat({f: rows.pivot(index="ts", columns="symbol", values=f) for f in WIDE_FIELDS.values()}, axis=1)
+    wide = pd.concat(
+        {f: rows.pivot(index=TIME_COLUMN, columns="symbol", values=f) for f in WIDE_FIELDS.values()}, axis=1
+    )
     wide.columns = wide.columns.set_names(["Price", "Ticker"])
     wide.index.name = "Date" if timeframe.unit in DAILY_UNITS else "Datetime"
     return wide.sort_index()

@@ -22,6 +22,7 @@ from marketpipe.quality.completeness import Completeness, assess_frames, expecte
 from marketpipe.quality.reconcile import MATCH, MINOR, MISMATCH, WARN
 from marketpipe.quality.report import SeriesReport
 from marketpipe.quality.score import EMPTY_SUMMARY, score_days, summarize_many
+from marketpipe.service.frames import public
 from marketpipe.store.base import QualityStore
 
 OUTLIER_EVENT_SAMPLE = 5
@@ -34,7 +35,7 @@ class SeriesQuality:
     start: datetime
     end: datetime
     completeness: Completeness
-    findings: pl.DataFrame
+    findings: pl.DataFrame  # one row per anomaly: symbol, timestamp, kind, severity, value, detail
     days: pl.DataFrame
     summary: dict[str, Any]
     prices: pl.DataFrame = field(repr=False)
@@ -52,7 +53,9 @@ class SeriesQuality:
             summary=summary,
             days=self.days,
             prices=self.prices,
-            anomalies=self.findings.select("ts", "kind", "severity", "value", "detail"),
+            anomalies=self.findings.select("timestamp", "kind", "severity", "value", "detail").rename(
+                {"timestamp": "ts"}
+            ),
             gaps=self.completeness.ranges,
         )
 
@@ -158,7 +161,7 @@ def analyze(
             start,
             end,
             comps[sym],
-            findings_by.get(sym, no_findings),
+            public(findings_by.get(sym, no_findings)),  # what users read: ``timestamp``
             scored_by.get(sym, no_scores),
             summary,
             prices_by.get(sym, no_prices),
@@ -248,6 +251,6 @@ def _raise_events(result: SeriesQuality) -> None:
             count=high.height,
             sample=[
                 {"ts": ts.isoformat(), "kind": k, "detail": d}
-                for ts, k, d in high.select("ts", "kind", "detail").head(OUTLIER_EVENT_SAMPLE).iter_rows()
+                for ts, k, d in high.select("timestamp", "kind", "detail").head(OUTLIER_EVENT_SAMPLE).iter_rows()
             ],
         )

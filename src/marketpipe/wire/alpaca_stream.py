@@ -6,11 +6,14 @@ all speak: the stream URL, the feeds, the channels and their message types, the 
 messages, the server side of subscribe/unsubscribe, the control messages (``success``, ``error``,
 ``subscription``) and the data messages as tagged msgspec structs (tag field ``T``), the decoders from
 vendor letters to canonical records and the encoders back, for JSON text frames and msgpack binary
-frames (timestamps as msgpack Timestamp ext -1). Depends on :mod:`marketpipe.core` only.
+frames (timestamps as msgpack Timestamp ext -1). Trades and quotes carry the vendor's nanoseconds both
+ways: decoded into ``ts_ns``, and written back from it (:class:`StreamTime`) as the vendor writes them.
+Depends on :mod:`marketpipe.core` only.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -31,6 +34,7 @@ from marketpipe.core.schema import (
     Trade,
     TradingStatus,
 )
+from marketpipe.core.timeutil import ns_text, record_ns
 from marketpipe.wire.alpaca_rest import one_ts_ns
 
 DEFAULT_STREAM_URL = "wss://stream.data.alpaca.markets"
@@ -220,6 +224,45 @@ class Subscription(msgspec.Struct, tag_field="T", tag="subscription", gc=False):
 # --- data messages --------------------------------------------------------------------------------------
 
 
+class StreamTime:
+    """An instant in Unix nanoseconds, as the vendor's stream writes ``t`` for trades and quotes: in JSON
+    RFC 3339 UTC with every digit it has (Go's RFC3339Nano, e.g. ``2024-03-05T15:02:11.308411571Z``), in
+    msgpack the Timestamp extension (type -1) whose nanoseconds field holds them. A ``datetime`` (what
+    msgspec would write otherwise) holds microseconds only. Encoded by :func:`encode` and friends."""
+
+    __slots__ = ("ns",)
+
+    def __init__(self, ns: int) -> None:
+        self.ns = ns
+
+    @classmethod
+    def of(cls, ts: datetime, ts_ns: int | None) -> StreamTime:
+        """A record's instant: its ``ts_ns`` when the vendor sent more than ``ts`` holds."""
+        return cls(record_ns(_aware(ts), ts_ns))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StreamTime) and other.ns == self.ns
+
+    def __hash__(self) -> int:
+        return hash(self.ns)
+
+    def __repr__(self) -> str:
+        return f"StreamTime({ns_text(self.ns)})"
+
+
+def msgpack_timestamp(ns: int) -> bytes:
+    """The data of msgpack's Timestamp extension (type -1) for Unix nanoseconds: timestamp 32 for whole
+    seconds, else timestamp 64 (30-bit nanoseconds, 34-bit seconds), else timestamp 96 — the smallest
+    that holds it, as the msgpack spec asks."""
+    sec, nsec = divmod(ns, 1_000_000_000)
+    if 0 <= sec < 1 << 34:
+        return _TS32(sec) if nsec == 0 and sec < 1 << 32 else _TS64(nsec << 34 | sec)
+    return _TS96(nsec, sec)
+
+
+_TS32, _TS64, _TS96 = struct.Struct(">I").pack, struct.Struct(">Q").pack, struct.Struct(">Iq").pack
+
+
 class TradeMessage(msgspec.Struct, tag_field="T", tag="t", gc=False):
     S: str
     i: int | None
@@ -227,7 +270,7 @@ class TradeMessage(msgspec.Struct, tag_field="T", tag="t", gc=False):
     p: float
     s: int
     c: tuple[str, ...] | list[str]
-    t: datetime
+    t: StreamTime
     z: str | None
 
     FIELDS: ClassVar[tuple[str, ...]] = ("i", "x", "p", "s", "c")  # between S and t, in wire order
@@ -235,7 +278,14 @@ class TradeMessage(msgspec.Struct, tag_field="T", tag="t", gc=False):
     @classmethod
     def of(cls, rec: Trade) -> TradeMessage:
         return cls(
-            rec.symbol, rec.trade_id, rec.exchange, rec.price, rec.size, rec.conditions, _aware(rec.ts), rec.tape
+            rec.symbol,
+            rec.trade_id,
+            rec.exchange,
+            rec.price,
+            rec.size,
+            rec.conditions,
+            StreamTime.of(rec.ts, rec.ts_ns),
+            rec.tape,
         )
 
 
@@ -248,7 +298,7 @@ class QuoteMessage(msgspec.Struct, tag_field="T", tag="q", gc=False, rename={"as
     ap: float
     as_: int
     c: tuple[str, ...] | list[str]
-    t: datetime
+    t: StreamTime
     z: str | None
 
     FIELDS: ClassVar[tuple[str, ...]] = ("bx", "bp", "bs", "ax", "ap", "as", "c")
@@ -264,7 +314,7 @@ class QuoteMessage(msgspec.Struct, tag_field="T", tag="q", gc=False, rename={"as
             rec.ask_price,
             rec.ask_size,
             rec.conditions,
-            _aware(rec.ts),
+            StreamTime.of(rec.ts, rec.ts_ns),
             rec.tape,
         )
 
@@ -355,13 +405,26 @@ def _aware(ts: datetime) -> datetime:
 
 # --- frames -----------------------------------------------------------------------------------------------
 
-_JSON = msgspec.json.Encoder()
-_MSGPACK = msgspec.msgpack.Encoder()
+
+def _json_time(obj: Any) -> Any:
+    if isinstance(obj, StreamTime):
+        return ns_text(obj.ns)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _msgpack_time(obj: Any) -> Any:
+    if isinstance(obj, StreamTime):
+        return msgspec.msgpack.Ext(-1, msgpack_timestamp(obj.ns))
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+_JSON = msgspec.json.Encoder(enc_hook=_json_time)
+_MSGPACK = msgspec.msgpack.Encoder(enc_hook=_msgpack_time)
 
 
 def encode(obj: Any, binary: bool) -> bytes:
     """One message or a frame (a list of messages: structs or dicts) as msgpack or JSON bytes;
-    datetimes as msgpack Timestamp ext -1 or RFC 3339 (UTC ``Z``)."""
+    datetimes and :class:`StreamTime` as msgpack Timestamp ext -1 or RFC 3339 (UTC ``Z``)."""
     return _MSGPACK.encode(obj) if binary else _JSON.encode(obj)
 
 
@@ -396,10 +459,11 @@ def decode_client(data: str | bytes, *, binary: bool | None = None) -> Any:
 
 
 def decode_frame(raw: str | bytes) -> Any:
-    """A server frame as builtins: msgpack (timestamps as datetimes) from binary, JSON from text.
-    Raises one of :data:`FRAME_ERRORS` when malformed."""
+    """A server frame as builtins: msgpack from binary (timestamps as ``msgpack.Timestamp``, which keeps
+    the vendor's nanoseconds; a datetime would not), JSON from text. Raises one of :data:`FRAME_ERRORS`
+    when malformed."""
     if isinstance(raw, bytes):
-        return msgpack.unpackb(raw, timestamp=3, strict_map_key=False)
+        return msgpack.unpackb(raw, strict_map_key=False)
     return orjson.loads(raw)
 
 
@@ -549,7 +613,7 @@ def raw_record(item: dict[str, Any], source: str, feed: str, fetched: datetime, 
     return RawMessage(
         message_type=item.get("T"),
         symbol=sym if isinstance(sym, str) else None,
-        message=item,
+        message={k: v.to_datetime() if isinstance(v, msgpack.Timestamp) else v for k, v in item.items()},
         source=source,
         feed=feed,
         fetched_at=fetched,
