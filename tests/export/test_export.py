@@ -24,7 +24,7 @@ from marketpipe.core.errors import (
     ObjectStoreUnreachable,
     OutputError,
 )
-from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA
+from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA, TIME_COLUMN
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.service.data import SyncMarketData
 from marketpipe.service.export import ExportStats, export_bars
@@ -59,6 +59,11 @@ def files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+# what users read (mp.bars, the files): the store's columns with ``ts`` named ``timestamp``
+PUBLIC_COLUMNS = [TIME_COLUMN if c == "ts" else c for c in BAR_COLUMNS]
+PUBLIC_SCHEMA = {(TIME_COLUMN if c == "ts" else c): t for c, t in BAR_SCHEMA.items()}
+
+
 def store_read(held: Held, symbols: list[str], start: str, end: str, tf: str = "1Min") -> pl.DataFrame:
     with SyncMarketData(config=held.config) as c:
         frame: pl.DataFrame = c.bars(symbols, start, end, timeframe=tf, fetch=False)
@@ -91,7 +96,7 @@ def test_round_trip_equals_the_store_read_exactly(
     assert expected.height > 0
     with SyncMarketData(config=held.config) as c:
         got = c.bars(symbols, start, end, timeframe=tf, source=f"parquet://{lake}")
-    assert got.schema == pl.Schema(BAR_SCHEMA)
+    assert got.schema == pl.Schema(PUBLIC_SCHEMA)
     assert got.equals(expected)
     assert got["source"].unique().to_list() == ["sim:alpaca"]  # attribution kept
 
@@ -107,10 +112,10 @@ def test_mp_bars_reads_the_cold_tier_with_the_notebook_shapes(
         alpaca = mp.bars("AAPL", "2024-03-01", "2024-03-01", source=f"parquet://{lake}", shape="alpaca")
         assert alpaca.equals(mp.bars("AAPL", "2024-03-01", "2024-03-01", fetch=False, shape="alpaca"))
         ny = mp.bars("AAPL", "2024-03-01", "2024-03-01", source=f"parquet://{lake}", tz="exchange")
-        assert ny["ts"][0].hour == 9 and ny["ts"][0].minute == 30
+        assert ny["timestamp"][0].hour == 9 and ny["timestamp"][0].minute == 30
         # a symbol the dataset lacks: no rows, the store's columns (as a store read of it gives)
         none = mp.bars("QQQ", "2024-03-01", "2024-03-01", source=f"parquet://{lake}")
-        assert none.height == 0 and none.schema == pl.Schema(BAR_SCHEMA)
+        assert none.height == 0 and none.schema == pl.Schema(PUBLIC_SCHEMA)
 
 
 def test_layout_is_hive_partitioned_by_symbol_year_month_with_a_digest(held: Held, tmp_path: Path) -> None:
@@ -121,7 +126,7 @@ def test_layout_is_hive_partitioned_by_symbol_year_month_with_a_digest(held: Hel
     assert stats.files_written == 6 and stats.rows_written == stats.rows_seen == 3 * 7 * 390
     meta = pq.read_metadata(lake / "symbol=BRK.B/year=2024/month=3/bars-1Min.parquet")
     assert len(meta.metadata[HASH_KEY]) == 64
-    assert meta.schema.names == [c for c in BAR_COLUMNS if c != "symbol"]
+    assert meta.schema.names == [c for c in PUBLIC_COLUMNS if c != "symbol"]  # the time column: timestamp
 
 
 def test_partition_values_are_uri_encoded_so_any_symbol_is_one_level() -> None:
@@ -136,12 +141,12 @@ def test_partition_values_are_uri_encoded_so_any_symbol_is_one_level() -> None:
 
 def test_duckdb_read_parquet_of_the_dataset_equals_the_store(held: Held, lake: Path) -> None:
     con = duckdb.connect()
-    sql = f"""SELECT {", ".join(BAR_COLUMNS)} FROM read_parquet('{lake}/**/*.parquet', hive_partitioning = true)
-              WHERE timeframe = '1Min' AND symbol IN ('AAPL', 'BRK.B') ORDER BY symbol, ts"""
+    sql = f"""SELECT {", ".join(PUBLIC_COLUMNS)} FROM read_parquet('{lake}/**/*.parquet', hive_partitioning = true)
+              WHERE timeframe = '1Min' AND symbol IN ('AAPL', 'BRK.B') ORDER BY symbol, timestamp"""
     got = pl.from_arrow(con.sql(sql).arrow())
     assert isinstance(got, pl.DataFrame)
     expected = store_read(held, ["AAPL", "BRK.B"], *MINUTE_RANGE)
-    assert got.cast(BAR_SCHEMA).equals(expected)  # type: ignore[arg-type]
+    assert got.cast(PUBLIC_SCHEMA).equals(expected)  # type: ignore[arg-type]
     # the partition columns are typed as integers and prune: one month of one symbol
     row = con.execute(
         f"""SELECT count(*), min(year), min(month) FROM read_parquet('{lake}/**/*.parquet', hive_partitioning = true)

@@ -42,6 +42,9 @@ BAR_SCHEMA: dict[str, pl.DataType] = {
     "fetched_at": UTC_US,
 }
 BAR_COLUMNS = list(BAR_SCHEMA)
+# Inside (store tables, records) the time column is ``ts``; every user-facing frame, answer and file
+# (``mp.bars``, the CLI's output, REST, the Parquet cold tier) calls it this.
+TIME_COLUMN = "timestamp"
 BAR_KEY = ["symbol", "timeframe", "ts", "source"]
 PRICE_COLUMNS = ["open", "high", "low", "close"]
 

@@ -19,6 +19,7 @@ import polars as pl
 
 from marketpipe.core.errors import InvalidArgument
 from marketpipe.core.log import get_logger
+from marketpipe.core.schema import TIME_COLUMN
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.validation import validate_enum, validate_time_zone
 
@@ -35,7 +36,6 @@ ALPACA_COLUMNS = ["open", "high", "low", "close", "volume", "trade_count", "vwap
 # ``yfinance.download([...])``: columns (Price, Ticker), the fields in its (alphabetical) order
 WIDE_FIELDS = {"close": "Close", "high": "High", "low": "Low", "open": "Open", "volume": "Volume"}
 DAILY_UNITS = (Unit.DAY, Unit.WEEK, Unit.MONTH)
-TIME_COLUMN = "timestamp"
 PUBLIC_NAMES = {"ts": TIME_COLUMN, "ts_ns": "timestamp_ns"}  # inside -> what users see
 
 

@@ -58,12 +58,14 @@ from marketpipe.core.errors import (
     StoreError,
 )
 from marketpipe.core.log import get_logger
-from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA, empty_bars
+from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA, TIME_COLUMN, empty_bars
 
 log = get_logger("marketpipe.parquet")
 
 HASH_KEY = b"marketpipe.sha256"  # key-value metadata: SHA-256 of the file's content (Arrow IPC of its table)
-FILE_COLUMNS = [c for c in BAR_COLUMNS if c != "symbol"]
+FILE_COLUMNS = [c for c in BAR_COLUMNS if c != "symbol"]  # the store's columns a file holds
+# what a file calls them: the time column is the user-facing ``timestamp``, as in every other output
+FILE_NAMES = {c: (TIME_COLUMN if c == "ts" else c) for c in FILE_COLUMNS}
 
 
 def _arrow_type(dtype: pl.DataType) -> pa.DataType:
@@ -80,7 +82,7 @@ def _arrow_type(dtype: pl.DataType) -> pa.DataType:
     raise TypeError(f"no Arrow type for bar column type {dtype}")
 
 
-FILE_SCHEMA = pa.schema([(c, _arrow_type(BAR_SCHEMA[c])) for c in FILE_COLUMNS])
+FILE_SCHEMA = pa.schema([(FILE_NAMES[c], _arrow_type(BAR_SCHEMA[c])) for c in FILE_COLUMNS])
 PARTITIONING = ds.partitioning(
     pa.schema([("symbol", pa.string()), ("year", pa.int32()), ("month", pa.int32())]), flavor="hive"
 )
@@ -166,8 +168,8 @@ def months(start: datetime, end: datetime) -> list[Month]:
 
 def file_table(frame: pl.DataFrame) -> pa.Table:
     """One file's table from the bars of one symbol (``BAR_SCHEMA`` rows): ``symbol`` dropped (the path holds
-    it), plain Arrow types."""
-    return frame.select(FILE_COLUMNS).to_arrow().cast(FILE_SCHEMA)
+    it), ``ts`` named ``timestamp``, plain Arrow types."""
+    return frame.select(FILE_COLUMNS).rename(FILE_NAMES).to_arrow().cast(FILE_SCHEMA)
 
 
 def content_hash(table: pa.Table) -> str:
@@ -298,7 +300,7 @@ class ParquetDataset:
             paths += [found[m].path for m in sorted(found) if m in wanted]
         if not paths:
             return empty_bars()
-        ts = ds.field("ts")
+        ts = ds.field(TIME_COLUMN)
         lo, hi = (pa.scalar(t, type=pa.timestamp("us", "UTC")) for t in (start, end))
         with self._errors("read", self.url):
             try:
@@ -310,7 +312,9 @@ class ParquetDataset:
                     partitioning=PARTITIONING,
                     partition_base_dir=self.root,
                 )
-                table = dataset.to_table(columns=BAR_COLUMNS, filter=(ts >= lo) & (ts < hi))
+                table = dataset.to_table(
+                    columns={c: ds.field(FILE_NAMES.get(c, c)) for c in BAR_COLUMNS}, filter=(ts >= lo) & (ts < hi)
+                )
             except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                 raise StoreError(
                     f"{self.url}: a file is not a marketpipe bars file: {exc}", details={"path": self.url}
