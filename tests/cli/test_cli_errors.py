@@ -331,3 +331,17 @@ def test_serve_on_a_store_another_process_holds_is_one_store_error_line(tmp_path
         holder.stdin.close()
         holder.wait(timeout=30)
     DuckDBStore(store).close()  # released: a gateway could start now
+
+
+def test_serve_with_workers_on_a_database_that_cannot_be_reached_is_one_store_error_line() -> None:
+    """Before: each worker process died in its lifespan with a traceback, then uvicorn's "Child process
+    failed to start". Found running the README's PostgreSQL steps with no server up."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        dead = bound.getsockname()[1]  # bound, never listening: connections are refused
+        r = run("serve", "--workers", "2", "--port", str(port), "--store", f"postgresql://u@127.0.0.1:{dead}/x", timeout=60)
+    assert_error(r, "STORE_ERROR", 1, "cannot connect to PostgreSQL")
+    assert "marketpipe gateway on" not in r.stderr and "Traceback" not in r.stderr

@@ -55,10 +55,15 @@ def serve(
         # Several workers: each process builds its own app (services, store connection, memory cache)
         # from the same config; the parent only supervises them on the shared sockets.
         gateway = None if workers > 1 else create_app(cfg)
+        # Opened before the announcement, like the port: a store another process holds (a notebook's
+        # backfill, a second gateway) or a database server that cannot be reached is one STORE_ERROR
+        # line, not a startup traceback (from each worker, with several).
         if gateway is not None:
-            # Opened before the announcement, like the port: a store another process holds (a notebook's
-            # backfill, a second gateway) is one STORE_ERROR line saying who holds it, not a startup traceback.
             gateway.state.mp.data.store  # noqa: B018  (opening it is the point)
+        else:
+            from marketpipe.store import open_store
+
+            open_store(cfg).close()
         uv_config = uvicorn.Config(
             functools.partial(create_app, cfg) if gateway is None else gateway,
             factory=gateway is None,
