@@ -342,6 +342,8 @@ def test_serve_with_workers_on_a_database_that_cannot_be_reached_is_one_store_er
     with socket.socket() as bound:
         bound.bind(("127.0.0.1", 0))
         dead = bound.getsockname()[1]  # bound, never listening: connections are refused
-        r = run("serve", "--workers", "2", "--port", str(port), "--store", f"postgresql://u@127.0.0.1:{dead}/x", timeout=60)
+        r = run(
+            "serve", "--workers", "2", "--port", str(port), "--store", f"postgresql://u@127.0.0.1:{dead}/x", timeout=60
+        )
     assert_error(r, "STORE_ERROR", 1, "cannot connect to PostgreSQL")
     assert "marketpipe gateway on" not in r.stderr and "Traceback" not in r.stderr
