@@ -35,6 +35,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -176,6 +177,8 @@ class Run:
                 self.export(command, where)
             elif w[:2] in (["marketpipe", "sim"], ["marketpipe", "serve"]):
                 self.start(command, w[1], where, block.section)
+            elif w[:1] == ["moto_server"]:  # the S3 server the cold-tier section tries S3 on
+                self.start(command, "moto", where, block.section)
             elif w[:2] == ["marketpipe", "stream"] and "--duration" not in w:
                 self.stream(command, where)
             else:
@@ -242,11 +245,22 @@ class Run:
                         self.export(line, f"{where} printed `{line}`")
                 self.say(f"ok      {where} (in the background; its exports pasted)")
                 return
+            if kind == "moto" and self._listens(words(command)):
+                self.say(f"ok      {where} (in the background)")
+                return
             if kind == "serve" and self._answers(words(command)):
                 self.say(f"ok      {where} (in the background)")
                 return
             time.sleep(0.2)
         self.fail(where, f"not ready after {START_BOUND:.0f} s: {errf.read_text()[-3000:]}")
+
+    def _listens(self, w: list[str]) -> bool:
+        port = int(w[w.index("-p") + 1]) if "-p" in w else 5000
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+        except OSError:
+            return False
+        return True
 
     def _answers(self, w: list[str]) -> bool:
         host = w[w.index("--host") + 1] if "--host" in w else "127.0.0.1"
@@ -375,7 +389,8 @@ def clean_env(home: Path, bin_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV_PREFIXES)}
     env.update(
         HOME=str(home),
-        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
+        # what `source .venv/bin/activate` gives: the checkout's marketpipe, then the venv's tools
+        PATH=os.pathsep.join((str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "/usr/bin:/bin"))),
         PYTHONPATH=str(SRC),
         COLUMNS="160",
         TMPDIR=str(home / "tmp"),
