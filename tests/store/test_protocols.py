@@ -11,10 +11,10 @@ import pytest
 
 from marketpipe.core.config import Config
 from marketpipe.store import open_store
-from marketpipe.store.base import BarStore, OpsStore, QualityStore, Store
+from marketpipe.store.base import ActionStore, BarStore, OpsStore, QualityStore, Store
 from marketpipe.store.duckdb import DuckDBStore
 
-ROLES: list[type] = [BarStore, QualityStore, OpsStore, Store]
+ROLES: list[type] = [BarStore, QualityStore, OpsStore, ActionStore, Store]
 
 
 @pytest.fixture
@@ -52,9 +52,10 @@ def test_duckdb_signatures_are_the_protocols(role: type) -> None:
 
 def test_roles_split_the_whole_store_without_overlap() -> None:
     bar, quality, ops = set(members(BarStore)), set(members(QualityStore)), set(members(OpsStore))
+    actions = set(members(ActionStore))
     assert bar < quality  # scoring reads the bars it scores
-    assert not quality & ops
-    assert set(members(Store)) == quality | ops | {"close", "__enter__", "__exit__"}
+    assert not quality & ops and not actions & (quality | ops)
+    assert set(members(Store)) == quality | ops | actions | {"close", "__enter__", "__exit__"}
 
 
 def test_something_that_is_not_a_store_is_not_one() -> None:

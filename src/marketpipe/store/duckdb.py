@@ -24,9 +24,14 @@ import polars as pl
 from marketpipe.core.errors import StoreError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_STORED
-from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA
+from marketpipe.core.schema import ACTION_COLUMNS, BAR_COLUMNS, BAR_SCHEMA
 from marketpipe.core.tables import (
+    ACTION_COVERAGE,
+    ACTION_COVERAGE_SCHEMA,
+    ACTION_QUARANTINE,
+    ACTION_QUARANTINE_SCHEMA,
     ANOMALIES,
+    CORPORATE_ACTIONS,
     COVERAGE,
     COVERAGE_SCHEMA,
     INGEST_LOG,
@@ -39,7 +44,7 @@ from marketpipe.core.tables import (
     TABLES,
     Table,
 )
-from marketpipe.store.base import PageWrite
+from marketpipe.store.base import ActionCoverage, PageWrite, with_content_hash
 
 log = get_logger("marketpipe.store")
 
@@ -688,6 +693,95 @@ class DuckDBStore:
                 for t in ("bars", "quarantine", "coverage", "ingest_log")
             }
 
+    # --- corporate actions (ActionStore) -------------------------------------------------------
+
+    def write_actions(
+        self, actions: pl.DataFrame, coverage: list[ActionCoverage], quarantine: pl.DataFrame | None = None
+    ) -> int:
+        frame = _naive(
+            with_content_hash(actions.select(ACTION_COLUMNS)).unique(
+                ["action_id", "content_hash"], keep="first", maintain_order=True
+            )
+        )
+        cols = ", ".join(_quote(c) for c in [*ACTION_COLUMNS, "version", "content_hash", "stored_at"])
+        picked = ", ".join(f"f.{_quote(c)}" for c in ACTION_COLUMNS)
+        now = datetime.now(UTC).replace(tzinfo=None)
+        with self._lock:
+            try:
+                self.con.execute("BEGIN TRANSACTION")
+                stored = 0
+                if frame.height:
+                    stored = self._insert(_NEW_VERSIONS.format(cols=cols, picked=picked), frame, {"now": now})
+                if coverage:
+                    self.con.executemany(
+                        f"INSERT INTO action_coverage VALUES ({', '.join('?' for _ in ACTION_COVERAGE.names)})",
+                        [[_param(getattr(c, col)) for col in ACTION_COVERAGE.names] for c in coverage],
+                    )
+                if quarantine is not None and quarantine.height:
+                    q = _naive(quarantine.select(ACTION_QUARANTINE.names))
+                    self._insert(_NEW_QUARANTINE, q)
+                self.con.execute("COMMIT")
+            except duckdb.Error as exc:
+                self._rollback()
+                raise StoreError(f"store write failed, nothing written: {exc}", details={"path": self.path}) from exc
+            except BaseException:
+                self._rollback()
+                raise
+        if stored:
+            ROWS_STORED.labels("corporate_actions", "", "").inc(stored)
+        return stored
+
+    def read_actions(
+        self,
+        symbols: list[str],
+        start: date,
+        end: date,
+        *,
+        types: list[str] | None = None,
+        providers: list[str] | None = None,
+        known_by: date | None = None,
+        all_versions: bool = False,
+    ) -> pl.DataFrame:
+        where = ["list_contains($syms, symbol)", f"{ADJUST_DATE_SQL} BETWEEN $start AND $end"]
+        params: dict[str, object] = {"syms": list(symbols), "start": start, "end": end}
+        if types:
+            where.append("list_contains($types, type)")
+            params["types"] = list(types)
+        if providers:
+            where.append("list_contains($providers, provider)")
+            params["providers"] = list(providers)
+        if known_by is not None:
+            where.append(f"{KNOWN_DATE_SQL} <= $known")
+            params["known"] = known_by
+        newest = "" if all_versions else "QUALIFY version = max(version) OVER (PARTITION BY action_id)"
+        sql = (
+            f"SELECT * FROM corporate_actions WHERE {' AND '.join(where)} {newest} "
+            f"ORDER BY symbol, {ADJUST_DATE_SQL}, action_id, version"
+        )
+        with self._lock:
+            table = self._arrow(sql, params)
+        return _aware(pl.from_arrow(table), dict(CORPORATE_ACTIONS.columns))  # type: ignore[arg-type]
+
+    def action_coverage(
+        self, symbols: list[str], start: date, end: date, *, provider: str | None = None
+    ) -> pl.DataFrame:
+        where = ["list_contains($syms, symbol)", "start <= $end", '"end" >= $start']
+        params: dict[str, object] = {"syms": list(symbols), "start": start, "end": end}
+        if provider is not None:
+            where.append("provider = $provider")
+            params["provider"] = provider
+        with self._lock:
+            table = self._arrow(
+                f"SELECT * FROM action_coverage WHERE {' AND '.join(where)} ORDER BY symbol, start", params
+            )
+        return _aware(pl.from_arrow(table), ACTION_COVERAGE_SCHEMA)  # type: ignore[arg-type]
+
+    def action_quarantine(self, symbol: str | None = None) -> pl.DataFrame:
+        sql = "SELECT * FROM action_quarantine" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ex_date"
+        with self._lock:
+            table = self._arrow(sql, {"sym": symbol} if symbol else {})
+        return _aware(pl.from_arrow(table), ACTION_QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+
     def close(self) -> None:
         with self._lock:
             self.con.close()
@@ -697,6 +791,29 @@ class DuckDBStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# A version per action whose content differs from its newest stored version (or that is new).
+_NEW_VERSIONS = """
+WITH latest AS (
+    SELECT action_id, max(version) AS v, arg_max(content_hash, version) AS h FROM corporate_actions
+    WHERE action_id IN (SELECT action_id FROM _page) GROUP BY action_id),
+fresh AS (
+    SELECT p.*, coalesce(l.v, 0) AS base FROM _page p LEFT JOIN latest l USING (action_id)
+    WHERE l.h IS DISTINCT FROM p.content_hash)
+INSERT INTO corporate_actions ({cols})
+SELECT {picked}, f.base + row_number() OVER (PARTITION BY f.action_id ORDER BY f.fetched_at), f.content_hash, $now
+FROM fresh f"""
+_NEW_QUARANTINE = """
+INSERT INTO action_quarantine SELECT * FROM _page p
+WHERE NOT EXISTS (SELECT 1 FROM action_quarantine q WHERE q.action_id = p.action_id AND q.reason = p.reason)"""
+
+# An action's adjustment date and its known date (store/base.ActionStore), in SQL.
+ADJUST_DATE_SQL = "coalesce(ex_date, effective_date, process_date)"
+KNOWN_DATE_SQL = (
+    "least(coalesce(declaration_date, DATE '9999-12-31'), coalesce(ex_date, effective_date, DATE '9999-12-31'), "
+    "coalesce(process_date, DATE '9999-12-31'))"
+)
 
 
 def _quote(column: str) -> str:
