@@ -1,0 +1,286 @@
+"""Corporate actions as a service: fetch (ledger first, then the router's one failover path), store
+(versioned, impossible values quarantined) and adjust raw bars on read.
+
+* :meth:`Actions.ensure` fetches what the actions ledger lacks for ``[start, end]`` from the first
+  provider that answers (``ProviderRouter.first("actions", ...)``) and writes actions, ledger
+  entries and quarantined rows in one transaction. New action versions raise a
+  ``corporate_action_applied`` event each (symbol, action, factors, the range of bars it touches).
+* :meth:`Actions.adjust` adjusts a raw bar frame: per symbol, the actions of ONE provider (the
+  preferred one the ledger holds: Alpaca, then Polygon, then Yahoo — vendors disagree, and mixing
+  two vendors' copies of one split would apply it twice), point in time with ``as_of``, the raw
+  daily closes before each cash dividend read (or fetched) like any bars, one factor table per
+  symbol, one as-of join. The answer says which actions were applied (:class:`Adjustment`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from marketpipe.core import events
+from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import ROWS_QUARANTINED
+from marketpipe.core.schema import ACTION_TYPES, actions_frame, normalize_symbols
+from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, CORPORATE_ACTIONS
+from marketpipe.core.timeutil import NY, parse_time, utcnow
+from marketpipe.core.validation import validate_enum
+from marketpipe.providers.base import ActionsPage, BarsProvider
+from marketpipe.quality.adjust import (
+    APPLIED_SCHEMA,
+    SKIPPED_SCHEMA,
+    apply,
+    factors,
+    impossible,
+    known_dates_ok,
+    quarantine_rows,
+)
+from marketpipe.service.router import CLIENT_ERRORS as REFUSED
+from marketpipe.store.base import ActionCoverage, Store
+
+if TYPE_CHECKING:
+    from marketpipe.service.router import ProviderRouter
+
+log = get_logger("marketpipe.actions")
+PREFERENCE = ("alpaca", "polygon", "yahoo")
+ATTR = "marketpipe_adjustment"  # the attribute of an adjusted frame that holds its Adjustment
+
+
+@dataclass(slots=True)
+class Adjustment:
+    """What an adjusted answer was adjusted with: ``applied`` (``APPLIED_SCHEMA``: symbol, action_id,
+    version, provider, source, type, ex_date, price and volume factor) and ``skipped`` (actions left
+    out, with why)."""
+
+    adjustment: str
+    as_of: date | None
+    applied: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=APPLIED_SCHEMA))
+    skipped: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=SKIPPED_SCHEMA))
+
+    def to_dict(self) -> dict[str, Any]:
+        def rows(f: pl.DataFrame) -> list[dict[str, Any]]:
+            return [{k: (v.isoformat() if isinstance(v, date) else v) for k, v in r.items()} for r in f.to_dicts()]
+
+        return {
+            "adjustment": self.adjustment,
+            "as_of": self.as_of.isoformat() if self.as_of else None,
+            "applied": rows(self.applied),
+            "skipped": rows(self.skipped),
+        }
+
+    def header(self) -> str:
+        """The ``X-Marketpipe-Adjustment`` header: the adjustment and every applied action id."""
+        ids = ",".join(self.applied["action_id"].to_list())
+        return f"{self.adjustment}; as_of={self.as_of or 'latest'}; actions={ids or 'none'}"
+
+
+def adjustment_of(frame: Any) -> Adjustment | None:
+    """The :class:`Adjustment` an adjusted frame (polars, or pandas in ``attrs``) carries."""
+    got = getattr(frame, ATTR, None)
+    if got is None and hasattr(frame, "attrs"):
+        got = frame.attrs.get(ATTR)
+    return got if isinstance(got, Adjustment) else None
+
+
+def parse_as_of(value: Any) -> date | None:
+    """``as_of``: a day (``YYYY-MM-DD``, a date, a midnight datetime) or an instant, as its New York
+    date; None for None. A bad value is ``INVALID_ARGUMENT`` naming ``as_of``."""
+    if value is None:
+        return None
+    return parse_time(value, name="as_of").astimezone(NY).date()
+
+
+def _covered(entries: pl.DataFrame, start: date, end: date) -> bool:
+    """Whether ledger entries (one symbol) cover every day of ``[start, end]``."""
+    reach = start
+    for s, e in sorted(zip(entries["start"].to_list(), entries["end"].to_list(), strict=True)):
+        if s > reach:
+            return False
+        reach = max(reach, e + timedelta(days=1))
+        if reach > end:
+            return True
+    return reach > end
+
+
+def validate_types(types: list[str] | None) -> list[str] | None:
+    if not types:
+        return None
+    for t in types:
+        validate_enum(t, ACTION_TYPES, "type", message="unknown corporate action type {value!r}; allowed: {allowed}")
+    return list(dict.fromkeys(types))
+
+
+class Actions:
+    """Over a store and a router (given as callables: the façade builds them lazily)."""
+
+    def __init__(
+        self,
+        store: Callable[[], Store],
+        router: Callable[[], ProviderRouter],
+        daily_closes: Callable[[str, date, date], Awaitable[pl.DataFrame]],
+    ) -> None:
+        self._store = store
+        self._router = router
+        self._closes = daily_closes
+
+    async def ensure(
+        self, symbols: list[str], start: date, end: date, *, provider: str | None = None
+    ) -> list[ActionCoverage]:
+        """Fetch the actions the ledger lacks for ``[start, end]`` (per symbol, any provider unless
+        ``provider``); returns the ledger entries written."""
+        store = self._store()
+        held = await asyncio.to_thread(store.action_coverage, symbols, start, end, provider=provider)
+        missing = [s for s in symbols if not _covered(held.filter(pl.col("symbol") == s), start, end)]
+        if not missing:
+            return []
+
+        async def call(p: BarsProvider) -> ActionsPage:
+            return await p.corporate_actions(missing, start, end)
+
+        router = self._router()
+        if provider is not None:
+            page = await router.get(provider).corporate_actions(missing, start, end)
+            name = provider
+        else:
+            served = await router.first("actions", call, symbols=missing, what="corporate actions", refused=REFUSED)
+            page, name = served.value, served.provider.name
+        return await self._store_page(page, name)
+
+    async def _store_page(self, page: ActionsPage, provider: str) -> list[ActionCoverage]:
+        now = utcnow()
+        frame = page.frame
+        bad = impossible(frame)
+        quarantine = quarantine_rows(frame, bad, now) if bad.height else pl.DataFrame(schema=ACTION_QUARANTINE_SCHEMA)
+        if bad.height:
+            for r in bad.select("symbol", "action_id", "reason").iter_rows():
+                ROWS_QUARANTINED.labels(f"action: {r[2]}").inc()
+                log.warning("action_quarantined", provider=provider, symbol=r[0], action_id=r[1], reason=r[2])
+        counts = frame.group_by("symbol").len()
+        n = dict(zip(counts["symbol"].to_list(), counts["len"].to_list(), strict=True))
+        rid = ",".join(page.request_ids)[:200]
+        coverage = [
+            ActionCoverage(s, provider, page.source, page.start, page.end, int(n.get(s, 0)), rid, page.fetched_at)
+            for s in page.symbols
+        ]
+        store = self._store()
+        before = await asyncio.to_thread(
+            store.read_actions, page.symbols, date(1900, 1, 1), date(2999, 12, 31), providers=[provider]
+        )
+        stored = await asyncio.to_thread(store.write_actions, frame, coverage, quarantine)
+        if stored:
+            await asyncio.to_thread(self._announce, store, page, provider, before)
+        log.info("actions_stored", provider=provider, symbols=len(page.symbols), rows=frame.height, new_versions=stored)
+        return coverage
+
+    @staticmethod
+    def _announce(store: Store, page: ActionsPage, provider: str, before: pl.DataFrame) -> None:
+        """A ``corporate_action_applied`` event per new action version: adjusted reads of the bars
+        before its adjustment date change (caches of them are stale)."""
+        after = store.read_actions(page.symbols, date(1900, 1, 1), date(2999, 12, 31), providers=[provider])
+        old = set(zip(before["action_id"].to_list(), before["version"].to_list(), strict=True))
+        for r in after.iter_rows(named=True):
+            if (r["action_id"], r["version"]) in old:
+                continue
+            day = r["ex_date"] or r["effective_date"] or r["process_date"]
+            events.emit(
+                events.CORPORATE_ACTION_APPLIED,
+                "info",
+                f"{r['type']} of {r['symbol']} on {day} ({provider}, version {r['version']})",
+                symbol=r["symbol"],
+                source=r["source"],
+                action_id=r["action_id"],
+                action=r["type"],
+                version=r["version"],
+                factors={k: r[k] for k in ("old_rate", "new_rate", "cash_amount", "rate")},
+                affected={"until": day.isoformat() if day else None},
+            )
+
+    async def read(
+        self,
+        symbols: list[str],
+        start: date,
+        end: date,
+        *,
+        types: list[str] | None = None,
+        as_of: date | None = None,
+        fetch: bool = True,
+        provider: str | None = None,
+    ) -> pl.DataFrame:
+        """Stored actions (newest version each) of ``symbols`` in ``[start, end]``, fetched first
+        where the ledger lacks them; ``as_of``: only those known by then."""
+        if fetch:
+            await self.ensure(symbols, start, end, provider=provider)
+        store = self._store()
+        return await asyncio.to_thread(
+            store.read_actions,
+            symbols,
+            start,
+            end,
+            types=validate_types(types),
+            providers=[provider] if provider else None,
+            known_by=as_of,
+        )
+
+    async def adjust(
+        self,
+        bars: pl.DataFrame,
+        symbols: list[str],
+        start: datetime,
+        parts: frozenset[str],
+        adjustment: str,
+        *,
+        as_of: date | None = None,
+        fetch: bool = True,
+    ) -> tuple[pl.DataFrame, Adjustment]:
+        """``bars`` (raw, ``BAR_SCHEMA``) adjusted for ``parts`` with the actions known by ``as_of``
+        (default: all known now), and what was applied."""
+        today = utcnow().astimezone(NY).date()
+        first = start.astimezone(NY).date()
+        known_dates_ok(as_of, first, today)
+        info = Adjustment(adjustment, as_of)
+        if not parts:
+            return bars, info
+        until = as_of or today
+        syms = normalize_symbols(symbols)
+        if fetch:
+            await self.ensure(syms, first, until)
+        store = self._store()
+        acts = await asyncio.to_thread(store.read_actions, syms, first, until, known_by=as_of)
+        cov = await asyncio.to_thread(store.action_coverage, syms, first, until)
+        out: list[pl.DataFrame] = []
+        applied: list[pl.DataFrame] = []
+        skipped: list[pl.DataFrame] = []
+        quarantine: list[pl.DataFrame] = []
+        order = [*bars["symbol"].unique(maintain_order=True).to_list(), *syms]
+        for sym in dict.fromkeys(s for s in order if s in syms):
+            mine = bars.filter(pl.col("symbol") == sym)
+            a = acts.filter(pl.col("symbol") == sym)
+            have = set(cov.filter(pl.col("symbol") == sym)["provider"].to_list()) | set(a["provider"].to_list())
+            chosen = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
+            a = a.filter(pl.col("provider") == chosen) if chosen else a.clear()
+            divs = a.filter(pl.col("type") == "cash_dividend")["ex_date"].drop_nulls()
+            closes = pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()})
+            if "dividend" in parts and len(divs):
+                lo, hi = divs.to_list()[0], divs.to_list()[-1]
+                closes = await self._closes(sym, min(lo, hi) - timedelta(days=10), max(lo, hi))
+            f = factors(a.select(list(CORPORATE_ACTIONS.columns)), closes, parts)
+            out.append(apply(mine, f.table) if mine.height else mine)
+            applied.append(f.applied)
+            skipped.append(f.skipped)
+            bad = f.skipped.filter(pl.col("reason") == "dividend >= previous close")
+            if bad.height:
+                quarantine.append(quarantine_rows(a, bad, utcnow()))
+                for r in bad.iter_rows(named=True):
+                    ROWS_QUARANTINED.labels(f"action: {r['reason']}").inc()
+                    log.warning("action_quarantined", symbol=sym, action_id=r["action_id"], reason=r["reason"])
+        if quarantine:
+            await asyncio.to_thread(store.write_actions, actions_frame([]), [], pl.concat(quarantine))
+        rest = bars.filter(~pl.col("symbol").is_in(syms))
+        frame = pl.concat([*out, rest]) if out else bars
+        info.applied = pl.concat(applied) if applied else info.applied
+        info.skipped = pl.concat(skipped) if skipped else info.skipped
+        return frame, info

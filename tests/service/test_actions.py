@@ -1,0 +1,168 @@
+"""Adjust-on-read through MarketData against the three simulator faces: adjusted series equal the
+vendor's own adjusted series to 1e-9 relative, raw bars stay raw in the store, every answer says what
+it applied, point in time, failover, quarantine, and bad input refused before anything is read."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from marketpipe.core import events
+from marketpipe.core.config import config_from_dict
+from marketpipe.core.errors import InvalidArgument
+from marketpipe.service.actions import adjustment_of
+from marketpipe.service.data import MarketData
+from marketpipe.sim.actions import ActionFault
+from marketpipe.sim.faults import FaultRule
+from marketpipe.sim.server import SimServer
+from tests.service.vendors import ENV, FAST
+
+pytestmark = pytest.mark.usefixtures("clean_vendors")
+
+
+@pytest.fixture
+async def md(vendors: dict[str, SimServer], tmp_path: Path) -> AsyncIterator[MarketData]:
+    cfg = config_from_dict(
+        {
+            "store": {"path": str(tmp_path / "a.duckdb")},
+            "providers": {
+                "alpaca": {"base_url": vendors["alpaca"].url, "plan": "unlimited", **FAST},
+                "polygon": {"base_url": vendors["polygon"].url, "plan": "unlimited", **FAST},
+                "yahoo": {"base_url": vendors["yahoo"].url, "enabled": True, **FAST},
+            },
+        }
+    )
+    m = MarketData(cfg, env=ENV)
+    yield m
+    await m.aclose()
+    vendors["alpaca"].market.actions.clear_faults()
+
+
+def vendor_bars(vendors: dict[str, SimServer], symbol: str, tf: str, start: str, end: str, adj: str) -> dict:
+    """What the vendor itself serves (the simulator's Alpaca face, as alpaca-py would get it)."""
+    return vendors["alpaca"].market.bars_frame(symbol, tf, start, end, adjustment=adj)
+
+
+@pytest.mark.parametrize(
+    ("symbol", "tf", "start", "end"),
+    [
+        ("AAPL", "1Day", "2020-08-03", "2020-11-30"),  # the 4:1 split and the 0.205 dividend
+        ("NVDA", "1Day", "2024-05-20", "2024-06-28"),  # 10:1
+        ("TSLA", "1Day", "2022-08-15", "2022-09-02"),  # 3:1
+        ("AAPL", "1Min", "2020-08-28", "2020-08-31"),  # minute bars across the split
+    ],
+)
+@pytest.mark.parametrize("adjustment", ["split", "dividend", "all"])
+async def test_adjusted_equals_the_vendors_adjusted(
+    md: MarketData, vendors: dict[str, SimServer], symbol: str, tf: str, start: str, end: str, adjustment: str
+) -> None:
+    got = await md.bars(symbol, start, end, timeframe=tf, adjustment=adjustment)
+    want = vendor_bars(vendors, symbol, tf, start, end + "T23:59:00Z", adjustment)
+    assert got.height == len(want["t"]) > 0
+    for ours, theirs in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c"), ("vwap", "vw")):
+        np.testing.assert_allclose(got[ours].to_numpy(), want[theirs], rtol=1e-9, err_msg=ours)
+    assert got["volume"].to_list() == want["v"].tolist()
+    info = adjustment_of(got)
+    assert info is not None and info.adjustment == adjustment
+    assert set(info.applied["provider"]) <= {"alpaca"} and info.applied["action_id"].str.starts_with("alpaca:").all()
+    # the store keeps raw bars: reading raw gives the vendor's raw series
+    raw = await md.bars(symbol, start, end, timeframe=tf)
+    want_raw = vendor_bars(vendors, symbol, tf, start, end + "T23:59:00Z", "raw")
+    np.testing.assert_array_equal(raw["close"].to_numpy(), want_raw["c"])
+
+
+async def test_what_was_applied_is_said(md: MarketData) -> None:
+    got = await md.bars("AAPL", "2020-08-03", "2020-11-30", timeframe="1Day", adjustment="all")
+    info = adjustment_of(got)
+    assert info is not None
+    split = info.applied.filter(pl.col("type") == "forward_split")
+    assert split.select("ex_date", "price_factor", "volume_factor").rows() == [(date(2020, 8, 31), 0.25, 4.0)]
+    div = info.applied.filter(pl.col("ex_date") == date(2020, 11, 6))
+    raw = await md.bars("AAPL", "2020-11-05", "2020-11-05", timeframe="1Day")
+    c_prev = raw["close"][0]
+    assert div["price_factor"][0] == pytest.approx((c_prev - 0.205) / c_prev, rel=1e-12)
+    assert info.applied["source"].to_list() == ["sim:alpaca"] * info.applied.height
+    # every later AAPL dividend (to 2025-11-10) is applied too: a bar's factor is over all later actions
+    assert info.applied.filter(pl.col("type") == "cash_dividend").height == 22
+    assert "alpaca:" in info.header() and info.to_dict()["applied"][0]["ex_date"].startswith("20")
+
+
+async def test_point_in_time(md: MarketData) -> None:
+    before = await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="all", as_of="2020-08-28")
+    raw = await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day")
+    # on 2020-08-28 the split (ex 08-31) and the later dividends were not yet known
+    assert before["close"].to_list() == raw["close"].to_list()
+    assert adjustment_of(before).applied.height == 0  # type: ignore[union-attr]
+    after = await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="split", as_of="2020-09-01")
+    np.testing.assert_allclose(after["close"].to_numpy(), raw["close"].to_numpy() / 4, rtol=1e-12)
+    with pytest.raises(InvalidArgument, match="future"):
+        await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="all", as_of="2099-01-01")
+    with pytest.raises(InvalidArgument, match="before the range"):
+        await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="all", as_of="2020-08-01")
+
+
+@pytest.mark.parametrize("bad", ["both", "", "split,split", "raw,split", "Split"])
+async def test_bad_adjustment_is_refused_before_anything_is_read(md: MarketData, bad: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment=bad)
+    assert err.value.details["parameter"] == "adjustment"
+    assert md.store.counts()["bars"] == 0
+
+
+async def test_actions_fail_over_and_are_attributed(md: MarketData, vendors: dict[str, SimServer]) -> None:
+    vendors["alpaca"].faults.add(FaultRule(kind="http_500", paths="corporate-actions"))
+    acts = await md.corporate_actions(["AAPL", "NVDA"], "2020-01-01", "2024-12-31")
+    assert set(acts["provider"]) == {"polygon"} and set(acts["source"]) == {"sim:polygon"}
+    splits = acts.filter(pl.col("type") == "forward_split").select("symbol", "ex_date").rows()
+    assert set(splits) == {("AAPL", date(2020, 8, 31)), ("NVDA", date(2024, 6, 10))}
+    cov = md.store.action_coverage(["AAPL"], date(2020, 1, 1), date(2024, 12, 31))
+    assert cov["provider"].to_list() == ["polygon"]
+    vendors["alpaca"].faults.clear()
+    again = await md.corporate_actions(["AAPL"], "2020-06-01", "2020-12-31")  # covered: nothing fetched
+    assert set(again["provider"]) == {"polygon"}
+
+
+async def test_corrections_are_versions_and_raise_events(md: MarketData, vendors: dict[str, SimServer]) -> None:
+    seen: list[events.Event] = []
+    off = events.hub.subscribe(lambda e: seen.append(e) if e.kind == events.CORPORATE_ACTION_APPLIED else None)
+    try:
+        await md.corporate_actions("TSLA", "2022-01-01", "2022-12-31", provider="yahoo")
+        assert [e.details["action"] for e in seen] == ["forward_split"]
+        vendors["yahoo"].market.actions.set_faults([ActionFault(vendor="yahoo", kind="wrong_ratio", symbol="TSLA")])
+        await md.actions.ensure(["TSLA"], date(2023, 1, 1), date(2023, 1, 2), provider="yahoo")  # nothing new there
+        md.store.action_coverage(["TSLA"], date(2022, 1, 1), date(2022, 12, 31))
+        page = await md.router.get("yahoo").corporate_actions(["TSLA"], date(2022, 1, 1), date(2022, 12, 31))
+        await md.actions._store_page(page, "yahoo")
+        versions = md.store.read_actions(["TSLA"], date(2022, 1, 1), date(2022, 12, 31), all_versions=True)
+        assert versions.select("version", "new_rate").rows() == [(1, 3.0), (2, 3.75)]
+        assert seen[-1].details["version"] == 2
+    finally:
+        off()
+
+
+async def test_impossible_dividend_is_quarantined_not_applied(md: MarketData, vendors: dict[str, SimServer]) -> None:
+    """A vendor lists a dividend larger than the previous close: kept with its reason, never applied."""
+    from marketpipe.core.schema import actions_frame
+
+    base = {"provider": "alpaca", "source": "sim:alpaca", "symbol": "MSFT"}
+    bogus = {**base, "action_id": "alpaca:bogus", "vendor_id": "bogus", "type": "cash_dividend",
+             "ex_date": "2024-03-05", "cash_amount": 10_000.0, "process_date": "2024-03-12"}  # fmt: skip
+    negative = {**base, "action_id": "alpaca:neg", "vendor_id": "neg", "type": "forward_split",
+                "ex_date": "2024-03-06", "old_rate": 1.0, "new_rate": -2.0, "process_date": "2024-03-06"}  # fmt: skip
+    md.store.write_actions(actions_frame([bogus, negative]), [])
+    got = await md.bars("MSFT", "2024-03-01", "2024-03-08", timeframe="1Day", adjustment="all", as_of="2024-03-20")
+    raw = await md.bars("MSFT", "2024-03-01", "2024-03-08", timeframe="1Day")
+    assert got["close"].to_list() == raw["close"].to_list()
+    info = adjustment_of(got)
+    assert info is not None and sorted(info.skipped.select("action_id", "reason").rows()) == [
+        ("alpaca:bogus", "dividend >= previous close"),
+        ("alpaca:neg", "split ratio <= 0"),
+    ]
+    assert md.store.action_quarantine("MSFT").select("action_id", "reason").rows() == [
+        ("alpaca:bogus", "dividend >= previous close")
+    ]
