@@ -106,7 +106,7 @@ async def test_point_in_time(md: MarketData) -> None:
         await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="all", as_of="2020-08-01")
 
 
-@pytest.mark.parametrize("bad", ["both", "", "split,split", "raw,split", "Split"])
+@pytest.mark.parametrize("bad", ["both", "", "split,split", "spin-off", "Split"])
 async def test_bad_adjustment_is_refused_before_anything_is_read(md: MarketData, bad: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment=bad)

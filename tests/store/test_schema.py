@@ -81,6 +81,10 @@ SHIPPED_DDL = [
         declaration_date DATE, old_rate DOUBLE, new_rate DOUBLE, cash_amount DOUBLE, rate DOUBLE,
         currency VARCHAR, old_symbol VARCHAR, new_symbol VARCHAR, fetched_at TIMESTAMP, raw VARCHAR,
         reason VARCHAR, quarantined_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS action_reconciliation (
+        run_id VARCHAR, created_at TIMESTAMP, symbol VARCHAR, family VARCHAR, reference VARCHAR, other VARCHAR,
+        status VARCHAR, reference_date DATE, other_date DATE, reference_value DOUBLE, other_value DOUBLE,
+        reference_id VARCHAR, other_id VARCHAR)""",
 ]
 V1_TABLES = ("meta", "bars", "quarantine", "coverage", "reconciliation", "ingest_log")
 

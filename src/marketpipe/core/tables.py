@@ -254,6 +254,24 @@ ACTION_COVERAGE = Table(
 ACTION_QUARANTINE_SCHEMA: dict[str, pl.DataType] = {**ACTION_SCHEMA, "reason": pl.String(), "quarantined_at": UTC_US}
 ACTION_QUARANTINE = Table("action_quarantine", ACTION_QUARANTINE_SCHEMA, since=4)
 
+# One cross-vendor comparison of actions per row (quality.actions.reconcile_actions), runs kept side by side.
+ACTION_RECONCILE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "family": pl.String(),
+    "reference": pl.String(),
+    "other": pl.String(),
+    "status": pl.String(),
+    "reference_date": pl.Date(),
+    "other_date": pl.Date(),
+    "reference_value": pl.Float64(),
+    "other_value": pl.Float64(),
+    "reference_id": pl.String(),
+    "other_id": pl.String(),
+}
+ACTION_RECONCILIATION = Table(
+    "action_reconciliation", {"run_id": pl.String(), "created_at": UTC_US, **ACTION_RECONCILE_SCHEMA}, since=4
+)
+
 # In creation order.
 TABLES: tuple[Table, ...] = (
     META,
@@ -270,4 +288,5 @@ TABLES: tuple[Table, ...] = (
     CORPORATE_ACTIONS,
     ACTION_COVERAGE,
     ACTION_QUARANTINE,
+    ACTION_RECONCILIATION,
 )

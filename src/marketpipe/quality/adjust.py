@@ -53,7 +53,8 @@ SKIPPED_SCHEMA: dict[str, pl.DataType] = {
 
 def parse_adjustment(value: str | None, *, param: str = "adjustment") -> frozenset[str]:
     """``raw|split|dividend|all``, or a comma list of them (Alpaca's form) -> the parts to apply
-    (``{"split", "dividend"}`` for ``all``; empty for ``raw``). Unknown, empty and repeated values
+    (``{"split", "dividend"}`` for ``all``; empty for ``raw``, which adds nothing in a list, as at
+    the vendor). Unknown, empty and repeated values
     are ``INVALID_ARGUMENT`` naming ``param`` (Alpaca answers them with a 400 since 2026-11-02)."""
     if value is None:
         return frozenset()
@@ -63,10 +64,6 @@ def parse_adjustment(value: str | None, *, param: str = "adjustment") -> frozens
         raise InvalidArgument(
             f"invalid {param} {value!r}: one of {allowed}, or a comma list of them without repeats",
             details={"parameter": param, "value": value, "allowed": list(ADJUSTMENTS)},
-        )
-    if "raw" in parts and len(parts) > 1:
-        raise InvalidArgument(
-            f"invalid {param} {value!r}: raw cannot be combined", details={"parameter": param, "value": value}
         )
     out = {"split", "dividend"} if "all" in parts else set(parts) - {"raw"}
     return frozenset(out)
@@ -170,17 +167,23 @@ def factors(actions: pl.DataFrame, closes: pl.DataFrame, parts: frozenset[str]) 
 
 
 def apply(bars: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
-    """``bars`` (one symbol, ``BAR_SCHEMA``, any order) adjusted with a factor table: one as-of join
-    on the bars' New York date. Columns and order are kept; volume stays whole shares."""
+    """``bars`` (one symbol, ``BAR_SCHEMA``) adjusted with a factor table: one as-of join on ``ts``
+    against the New York midnights that start each factor's ``until`` day (a bar stamped before the
+    midnight that begins an ex-date is a bar of an earlier day: it gets that factor). The table is a
+    handful of rows, so only it is converted; bars in time order (as the store reads them) need no
+    sort. Columns and row order are kept; volume stays whole shares."""
     if table.height == 0 or bars.height == 0:
         return bars
-    day = pl.col("ts").dt.convert_time_zone(TZ).dt.date()
-    joined = (
-        bars.with_columns(day.alias("_day"), pl.int_range(pl.len()).alias("_row"))
-        .sort("_day")
-        .join_asof(table, left_on="_day", right_on="until", strategy="forward", allow_exact_matches=False)
-        .sort("_row")
+    edges = table.with_columns(
+        pl.col("until").cast(pl.Datetime("us")).dt.replace_time_zone(TZ).dt.convert_time_zone("UTC").alias("_edge")
+    ).select(pl.col("_edge").cast(bars.schema["ts"]), "price_factor", "volume_factor")
+    ordered = bars["ts"].is_sorted()
+    left = bars if ordered else bars.with_columns(pl.int_range(pl.len()).alias("_row")).sort("ts")
+    joined = left.set_sorted("ts").join_asof(
+        edges, left_on="ts", right_on="_edge", strategy="forward", allow_exact_matches=False
     )
+    if not ordered:
+        joined = joined.sort("_row")
     fp = pl.col("price_factor").fill_null(1.0)
     fv = pl.col("volume_factor").fill_null(1.0)
     return joined.with_columns(

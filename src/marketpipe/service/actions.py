@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -23,13 +24,15 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from marketpipe.core import events
+from marketpipe.core.errors import AllProvidersFailed, ProviderError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_QUARANTINED
 from marketpipe.core.schema import ACTION_TYPES, actions_frame, normalize_symbols
-from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, CORPORATE_ACTIONS
+from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, ACTION_RECONCILE_SCHEMA, CORPORATE_ACTIONS
 from marketpipe.core.timeutil import NY, parse_time, utcnow
 from marketpipe.core.validation import validate_enum
 from marketpipe.providers.base import ActionsPage, BarsProvider
+from marketpipe.quality.actions import reconcile_actions
 from marketpipe.quality.adjust import (
     APPLIED_SCHEMA,
     SKIPPED_SCHEMA,
@@ -37,6 +40,7 @@ from marketpipe.quality.adjust import (
     factors,
     impossible,
     known_dates_ok,
+    parse_adjustment,
     quarantine_rows,
 )
 from marketpipe.service.router import CLIENT_ERRORS as REFUSED
@@ -45,6 +49,7 @@ from marketpipe.store.base import ActionCoverage, Store
 if TYPE_CHECKING:
     from marketpipe.service.router import ProviderRouter
 
+__all__ = ["ATTR", "Actions", "Adjustment", "adjustment_of", "parse_adjustment", "parse_as_of", "validate_types"]
 log = get_logger("marketpipe.actions")
 PREFERENCE = ("alpaca", "polygon", "yahoo")
 ATTR = "marketpipe_adjustment"  # the attribute of an adjusted frame that holds its Adjustment
@@ -76,6 +81,23 @@ class Adjustment:
         """The ``X-Marketpipe-Adjustment`` header: the adjustment and every applied action id."""
         ids = ",".join(self.applied["action_id"].to_list())
         return f"{self.adjustment}; as_of={self.as_of or 'latest'}; actions={ids or 'none'}"
+
+
+@dataclass(slots=True)
+class ActionsReport:
+    """One cross-vendor comparison of a symbol's actions: rows (``ACTION_RECONCILE_SCHEMA``), the
+    reference vendor, the run id they are stored under, providers that failed, actions per provider."""
+
+    symbol: str
+    reference: str
+    run_id: str
+    rows: pl.DataFrame
+    failed: dict[str, str]
+    counts: dict[str, int]
+
+    @property
+    def disagreements(self) -> pl.DataFrame:
+        return self.rows.filter(pl.col("status") != "match")
 
 
 def adjustment_of(frame: Any) -> Adjustment | None:
@@ -121,7 +143,7 @@ class Actions:
         self,
         store: Callable[[], Store],
         router: Callable[[], ProviderRouter],
-        daily_closes: Callable[[str, date, date], Awaitable[pl.DataFrame]],
+        daily_closes: Callable[[str, date, date, bool], Awaitable[pl.DataFrame]],
     ) -> None:
         self._store = store
         self._router = router
@@ -225,6 +247,37 @@ class Actions:
             known_by=as_of,
         )
 
+    async def reconcile(self, symbol: str, start: date, end: date) -> ActionsReport:
+        """Every provider's actions of ``symbol`` in ``[start, end]`` (each fetched where its own ledger
+        lacks them) compared with the reference vendor's (the preferred one that answered); the rows
+        are stored as one run. A provider that fails is reported, not fatal."""
+        router = self._router()
+        names = [p.name for p in router.providers if p.capabilities.serves("actions")]
+        failed: dict[str, str] = {}
+        frames: dict[str, pl.DataFrame] = {}
+        for name in names:
+            try:
+                frames[name] = await self.read([symbol], start, end, provider=name)
+            except ProviderError as exc:
+                failed[name] = f"{exc.code}: {exc.message}"
+                log.warning("actions_reconcile_provider_failed", provider=name, code=exc.code)
+        if not frames:
+            raise AllProvidersFailed(
+                f"no provider answered for the corporate actions of {symbol}",
+                details={"attempts": [{"provider": n, "message": m} for n, m in failed.items()]},
+            )
+        reference = next(p for p in (*PREFERENCE, *sorted(frames)) if p in frames)
+        parts = [
+            reconcile_actions(frames[reference], frames[o], reference_name=reference, other_name=o)
+            for o in frames
+            if o != reference
+        ]
+        rows = pl.concat(parts) if parts else pl.DataFrame(schema=ACTION_RECONCILE_SCHEMA)
+        run_id = uuid.uuid4().hex[:12]
+        store = self._store()
+        await asyncio.to_thread(store.write_action_reconciliation, run_id, utcnow(), rows)
+        return ActionsReport(symbol, reference, run_id, rows, failed, {n: f.height for n, f in frames.items()})
+
     async def adjust(
         self,
         bars: pl.DataFrame,
@@ -266,7 +319,7 @@ class Actions:
             closes = pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()})
             if "dividend" in parts and len(divs):
                 lo, hi = divs.to_list()[0], divs.to_list()[-1]
-                closes = await self._closes(sym, min(lo, hi) - timedelta(days=10), max(lo, hi))
+                closes = await self._closes(sym, min(lo, hi) - timedelta(days=10), max(lo, hi), fetch)
             f = factors(a.select(list(CORPORATE_ACTIONS.columns)), closes, parts)
             out.append(apply(mine, f.table) if mine.height else mine)
             applied.append(f.applied)

@@ -328,8 +328,8 @@ class MarketData:
         """Corporate actions: fetch, store, adjust (:mod:`marketpipe.service.actions`)."""
         if self._actions is None:
 
-            async def closes(symbol: str, lo: date, hi: date) -> pl.DataFrame:
-                daily = await self.bars([symbol], lo, hi, timeframe="1Day")
+            async def closes(symbol: str, lo: date, hi: date, fetch: bool) -> pl.DataFrame:
+                daily = await self.bars([symbol], lo, hi, timeframe="1Day", fetch=fetch)
                 return daily.select(
                     pl.col("ts").dt.convert_time_zone(str(self.calendar.tz)).dt.date().alias("day"), "close"
                 )

@@ -326,6 +326,13 @@ class ActionStore(Protocol):
     def action_quarantine(self, symbol: str | None = None) -> pl.DataFrame:
         """Quarantined actions (``ACTION_QUARANTINE_SCHEMA``) of one symbol or all, by ex_date."""
 
+    def write_action_reconciliation(self, run_id: str, created_at: datetime, rows: pl.DataFrame) -> int:
+        """Append one cross-vendor action comparison (``ACTION_RECONCILE_SCHEMA``) under ``run_id``;
+        earlier runs are kept. Returns the rows written."""
+
+    def action_reconciliation(self, symbol: str, run_id: str | None = None) -> pl.DataFrame:
+        """Stored action comparisons of one symbol (every run unless ``run_id``), ordered by run, date."""
+
 
 @runtime_checkable
 class Store(QualityStore, OpsStore, ActionStore, Protocol):

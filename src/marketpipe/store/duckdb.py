@@ -30,6 +30,7 @@ from marketpipe.core.tables import (
     ACTION_COVERAGE_SCHEMA,
     ACTION_QUARANTINE,
     ACTION_QUARANTINE_SCHEMA,
+    ACTION_RECONCILIATION,
     ANOMALIES,
     CORPORATE_ACTIONS,
     COVERAGE,
@@ -781,6 +782,23 @@ class DuckDBStore:
         with self._lock:
             table = self._arrow(sql, {"sym": symbol} if symbol else {})
         return _aware(pl.from_arrow(table), ACTION_QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+
+    def write_action_reconciliation(self, run_id: str, created_at: datetime, rows: pl.DataFrame) -> int:
+        frame = _naive(rows.select(pl.lit(run_id).alias("run_id"), pl.lit(created_at).alias("created_at"), pl.all()))
+        with self._lock:
+            try:
+                return self._insert(
+                    "INSERT INTO action_reconciliation SELECT * FROM _page; SELECT count(*) FROM _page", frame
+                )
+            except duckdb.Error as exc:
+                raise StoreError(f"store write failed: {exc}", details={"path": self.path}) from exc
+
+    def action_reconciliation(self, symbol: str, run_id: str | None = None) -> pl.DataFrame:
+        sql = "SELECT * FROM action_reconciliation WHERE symbol = $sym" + (" AND run_id = $run" if run_id else "")
+        params: dict[str, object] = {"sym": symbol, **({"run": run_id} if run_id else {})}
+        with self._lock:
+            table = self._arrow(sql + " ORDER BY created_at, coalesce(reference_date, other_date)", params)
+        return _aware(pl.from_arrow(table), dict(ACTION_RECONCILIATION.columns))  # type: ignore[arg-type]
 
     def close(self) -> None:
         with self._lock:
