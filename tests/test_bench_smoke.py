@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("backfill.py", ["--symbols", "2", "--days", "3"], "ratio (b)/(a)"),
         ("failover.py", ["--symbols", "2", "--days", "3"], "primary hangs mid-run"),
         ("quality.py", ["--years", "1", "--symbols", "3", "--repeat", "1"], "1 symbol x 1y 1Min"),
+        ("adjust.py", ["--years", "1", "--repeat", "1"], "ratio adjusted/raw"),
     ],
 )
 def test_bench_script_runs_to_the_end(script: str, args: list[str], expect: str) -> None:

@@ -18,9 +18,9 @@ from marketpipe.providers.polygon import PolygonProvider
 from marketpipe.providers.polygon_config import PolygonConfig
 from marketpipe.providers.yahoo import YahooProvider
 from marketpipe.providers.yahoo_config import YahooConfig
-from marketpipe.sim.data import SimMarket
 from marketpipe.sim.server import SimServer
 from marketpipe.wire.alpaca_actions import parse_page, to_action
+from tests.service.vendors import three_faces
 
 FACTS = {
     ("AAPL", "forward_split", date(2020, 8, 31)): (1.0, 4.0, None),
@@ -32,13 +32,8 @@ FACTS = {
 
 @pytest.fixture(scope="module")
 def faces() -> Iterator[dict[str, SimServer]]:
-    market = SimMarket()
-    with (
-        SimServer(market, vendor="alpaca") as a,
-        SimServer(market, vendor="polygon") as p,
-        SimServer(market, vendor="yahoo") as y,
-    ):
-        yield {"alpaca": a, "polygon": p, "yahoo": y}
+    with three_faces() as f:
+        yield f
 
 
 @pytest.fixture

@@ -166,3 +166,34 @@ async def test_impossible_dividend_is_quarantined_not_applied(md: MarketData, ve
     assert md.store.action_quarantine("MSFT").select("action_id", "reason").rows() == [
         ("alpaca:bogus", "dividend >= previous close")
     ]
+
+
+async def test_the_readme_worked_example(md: MarketData) -> None:
+    """README, "Adjusted prices": the numbers shown there, word for word."""
+    args = ("AAPL", "2020-08-27", "2020-09-01")
+    raw = await md.bars(*args, timeframe="1Day")
+    split = await md.bars(*args, timeframe="1Day", adjustment="split")
+    adj = await md.bars(*args, timeframe="1Day", adjustment="all")
+    then = await md.bars(*args, timeframe="1Day", adjustment="all", as_of="2020-08-31")
+    assert raw["close"].to_list() == [817.66, 814.61, 203.76, 203.21]
+    assert split["close"].round(4).to_list() == [204.415, 203.6525, 203.76, 203.21]
+    assert adj["close"].round(4).to_list() == [200.1466, 199.4, 199.5052, 198.9667]
+    assert then["close"].round(4).to_list() == split["close"].round(4).to_list()
+    assert raw["volume"].to_list() == [522489, 528738, 536049, 511346]
+    assert split["volume"].to_list() == [2089956, 2114952, 536049, 511346]
+    applied = adjustment_of(adj).applied  # type: ignore[union-attr]
+    assert applied.height == 22 and applied.filter(pl.col("type") == "cash_dividend").height == 21
+    assert applied.head(4).select("type", "ex_date", pl.col("price_factor").round(6)).rows() == [
+        ("forward_split", date(2020, 8, 31), 0.25),
+        ("cash_dividend", date(2020, 11, 6), 0.998981),
+        ("cash_dividend", date(2021, 2, 5), 0.999024),
+        ("cash_dividend", date(2021, 5, 7), 0.998641),
+    ]
+    nov5 = await md.bars("AAPL", "2020-11-05", "2020-11-05", timeframe="1Day")
+    assert nov5["close"][0] == 201.13
+    acts = await md.corporate_actions("AAPL", "2020-08-01", "2020-11-30")
+    assert acts.select("type", "ex_date", "process_date", "new_rate", "cash_amount").rows() == [
+        ("cash_dividend", date(2020, 8, 7), date(2020, 8, 14), None, 0.82),
+        ("forward_split", date(2020, 8, 31), date(2020, 8, 31), 4.0, None),
+        ("cash_dividend", date(2020, 11, 6), date(2020, 11, 13), None, 0.205),
+    ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date
 
+import numpy as np
 import polars as pl
 
 from marketpipe.core.errors import InvalidArgument
@@ -167,29 +168,31 @@ def factors(actions: pl.DataFrame, closes: pl.DataFrame, parts: frozenset[str]) 
 
 
 def apply(bars: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
-    """``bars`` (one symbol, ``BAR_SCHEMA``) adjusted with a factor table: one as-of join on ``ts``
-    against the New York midnights that start each factor's ``until`` day (a bar stamped before the
-    midnight that begins an ex-date is a bar of an earlier day: it gets that factor). The table is a
-    handful of rows, so only it is converted; bars in time order (as the store reads them) need no
-    sort. Columns and row order are kept; volume stays whole shares."""
+    """``bars`` (``BAR_SCHEMA``, one symbol, any order) adjusted with a factor table. Each bar takes
+    the factor of the first ``until`` day whose New York midnight is after its ``ts`` (a bar stamped
+    before the midnight that begins an ex-date belongs to an earlier day); bars after the last one
+    take 1. The table is a handful of rows: only it is converted, and the bars' factors come from one
+    vectorized binary search over their timestamps (an as-of lookup, no per-row Python, no sort).
+    Columns and row order are kept; volume stays whole shares."""
     if table.height == 0 or bars.height == 0:
         return bars
-    edges = table.with_columns(
-        pl.col("until").cast(pl.Datetime("us")).dt.replace_time_zone(TZ).dt.convert_time_zone("UTC").alias("_edge")
-    ).select(pl.col("_edge").cast(bars.schema["ts"]), "price_factor", "volume_factor")
-    ordered = bars["ts"].is_sorted()
-    left = bars if ordered else bars.with_columns(pl.int_range(pl.len()).alias("_row")).sort("ts")
-    joined = left.set_sorted("ts").join_asof(
-        edges, left_on="ts", right_on="_edge", strategy="forward", allow_exact_matches=False
+    edges = (
+        table.sort("until")
+        .select(
+            pl.col("until").cast(pl.Datetime("us")).dt.replace_time_zone(TZ).dt.convert_time_zone("UTC")
+            .dt.cast_time_unit("us").to_physical().alias("edge"),
+            "price_factor",
+            "volume_factor",
+        )
+    )  # fmt: skip
+    ts = bars["ts"].dt.cast_time_unit("us").to_physical().to_numpy()
+    at = np.searchsorted(edges["edge"].to_numpy(), ts, side="right")
+    fp = np.append(edges["price_factor"].to_numpy(), 1.0)[at]
+    fv = np.append(edges["volume_factor"].to_numpy(), 1.0)[at]
+    return bars.with_columns(
+        *[pl.col(c) * fp for c in (*PRICE_COLUMNS, "vwap")],
+        (pl.col("volume") * fv).round(0).cast(pl.Int64),
     )
-    if not ordered:
-        joined = joined.sort("_row")
-    fp = pl.col("price_factor").fill_null(1.0)
-    fv = pl.col("volume_factor").fill_null(1.0)
-    return joined.with_columns(
-        *[(pl.col(c) * fp).alias(c) for c in (*PRICE_COLUMNS, "vwap")],
-        (pl.col("volume") * fv).round(0).cast(pl.Int64).alias("volume"),
-    ).select(bars.columns)
 
 
 def quarantine_rows(actions: pl.DataFrame, reasons: pl.DataFrame, at: object) -> pl.DataFrame:

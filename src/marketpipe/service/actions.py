@@ -309,8 +309,9 @@ class Actions:
         skipped: list[pl.DataFrame] = []
         quarantine: list[pl.DataFrame] = []
         order = [*bars["symbol"].unique(maintain_order=True).to_list(), *syms]
+        alone = bars.height == 0 or (bars["symbol"].n_unique() == 1 and bars["symbol"][0] in syms)
         for sym in dict.fromkeys(s for s in order if s in syms):
-            mine = bars.filter(pl.col("symbol") == sym)
+            mine = bars if alone and bars.height and bars["symbol"][0] == sym else bars.filter(pl.col("symbol") == sym)
             a = acts.filter(pl.col("symbol") == sym)
             have = set(cov.filter(pl.col("symbol") == sym)["provider"].to_list()) | set(a["provider"].to_list())
             chosen = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
@@ -332,8 +333,11 @@ class Actions:
                     log.warning("action_quarantined", symbol=sym, action_id=r["action_id"], reason=r["reason"])
         if quarantine:
             await asyncio.to_thread(store.write_actions, actions_frame([]), [], pl.concat(quarantine))
-        rest = bars.filter(~pl.col("symbol").is_in(syms))
-        frame = pl.concat([*out, rest]) if out else bars
+        if alone:
+            frame = next((f for f in out if f.height), bars)
+        else:
+            rest = bars.filter(~pl.col("symbol").is_in(syms))
+            frame = pl.concat([*out, rest]) if out else bars
         info.applied = pl.concat(applied) if applied else info.applied
         info.skipped = pl.concat(skipped) if skipped else info.skipped
         return frame, info

@@ -4,8 +4,9 @@ factors each vendor face adjusts its bars with, and faults that make one vendor 
 The book (:data:`DEFAULT_ACTIONS`) holds real events: ex-dates and ratios / per-share amounts as the
 companies announced them (AAPL 4:1 ex 2020-08-31, NVDA 10:1 ex 2024-06-10, TSLA 3:1 ex 2022-08-25 and
 AAPL's quarterly cash dividends 2019-2025, among them 0.205 ex 2020-11-06). Their payable and process
-dates are not kept here: the simulator sets payable = process = ex + 7 days (a dividend's process date
-trails its ex-date, trap 2 of next-capabilities §0). Vendor ids are UUIDs derived from the event.
+dates are not kept here: the simulator sets a dividend's payable = process date to ex + 7 days (a
+dividend's process date trails its ex-date, trap 2 of next-capabilities §0) and a split's to its ex-date.
+Vendor ids are UUIDs derived from the event.
 
 The market's raw prices follow the book: every price of a session before a split's ex-date is the
 walk's price times the split ratio (so raw bars jump at the split, as real raw data does); dividends
@@ -52,7 +53,8 @@ class SimAction:
 
     @property
     def process_date(self) -> date:
-        return self.ex_date + PROCESS_LAG
+        """Splits are processed on their ex-date; a dividend's process (= payable) date trails it."""
+        return self.ex_date if self.is_split else self.ex_date + PROCESS_LAG
 
     @property
     def is_split(self) -> bool:

@@ -3,7 +3,7 @@
 Answers from the market's action book as the Alpaca vendor view has it (faults included). Every one
 of the 15 plural keys is sent, empty arrays included, so a client that drops some of them (alpaca-py
 drops ``partial_calls`` and ``reorganizations``) shows it. ``start``/``end`` filter on
-``process_date`` (the simulator's process date is ex + 7 days), default today; ``ids`` excludes the
+``process_date`` (the simulator's: a split's ex-date, a dividend's ex + 7 days), default today; ``ids`` excludes the
 other filters; rows are ordered by process date (``sort``), then type, then id; ``page_token`` is
 base64 of the offset of the next row.
 """

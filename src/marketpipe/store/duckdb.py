@@ -11,8 +11,10 @@ so a crash leaves either the whole page or none of it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -209,13 +211,25 @@ class DuckDBStore:
     # --- writes --------------------------------------------------------------------------------
 
     def write_pages(self, pages: list[PageWrite]) -> list[int]:
-        stored: list[int] = []
+        with self._transaction():
+            stored = self._insert_bars(pages)
+            for page, n in zip(pages, stored, strict=True):
+                self._write_side_tables(page, n)
+        for page, n in zip(pages, stored, strict=True):
+            self._note_variants(page, n)
+            page.stored = n
+            if n:
+                ROWS_STORED.labels("bars", page.ingest.source, page.ingest.timeframe).inc(n)
+        return stored
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction under the lock: committed when the block ends, rolled back on any error
+        (a DuckDB error becomes ``StoreError`` "nothing written")."""
         with self._lock:
             try:
                 self.con.execute("BEGIN TRANSACTION")
-                stored = self._insert_bars(pages)
-                for page, n in zip(pages, stored, strict=True):
-                    self._write_side_tables(page, n)
+                yield
                 self.con.execute("COMMIT")
             except duckdb.Error as exc:
                 self._rollback()
@@ -223,12 +237,6 @@ class DuckDBStore:
             except BaseException:
                 self._rollback()
                 raise
-        for page, n in zip(pages, stored, strict=True):
-            self._note_variants(page, n)
-            page.stored = n
-            if n:
-                ROWS_STORED.labels("bars", page.ingest.source, page.ingest.timeframe).inc(n)
-        return stored
 
     def _rollback(self) -> None:
         try:
@@ -707,27 +715,17 @@ class DuckDBStore:
         cols = ", ".join(_quote(c) for c in [*ACTION_COLUMNS, "version", "content_hash", "stored_at"])
         picked = ", ".join(f"f.{_quote(c)}" for c in ACTION_COLUMNS)
         now = datetime.now(UTC).replace(tzinfo=None)
-        with self._lock:
-            try:
-                self.con.execute("BEGIN TRANSACTION")
-                stored = 0
-                if frame.height:
-                    stored = self._insert(_NEW_VERSIONS.format(cols=cols, picked=picked), frame, {"now": now})
-                if coverage:
-                    self.con.executemany(
-                        f"INSERT INTO action_coverage VALUES ({', '.join('?' for _ in ACTION_COVERAGE.names)})",
-                        [[_param(getattr(c, col)) for col in ACTION_COVERAGE.names] for c in coverage],
-                    )
-                if quarantine is not None and quarantine.height:
-                    q = _naive(quarantine.select(ACTION_QUARANTINE.names))
-                    self._insert(_NEW_QUARANTINE, q)
-                self.con.execute("COMMIT")
-            except duckdb.Error as exc:
-                self._rollback()
-                raise StoreError(f"store write failed, nothing written: {exc}", details={"path": self.path}) from exc
-            except BaseException:
-                self._rollback()
-                raise
+        stored = 0
+        with self._transaction():
+            if frame.height:
+                stored = self._insert(_NEW_VERSIONS.format(cols=cols, picked=picked), frame, {"now": now})
+            if coverage:
+                self.con.executemany(
+                    f"INSERT INTO action_coverage VALUES ({', '.join('?' for _ in ACTION_COVERAGE.names)})",
+                    [[_param(getattr(c, col)) for col in ACTION_COVERAGE.names] for c in coverage],
+                )
+            if quarantine is not None and quarantine.height:
+                self._insert(_NEW_QUARANTINE, _naive(quarantine.select(ACTION_QUARANTINE.names)))
         if stored:
             ROWS_STORED.labels("corporate_actions", "", "").inc(stored)
         return stored
