@@ -197,3 +197,25 @@ async def test_the_readme_worked_example(md: MarketData) -> None:
         ("forward_split", date(2020, 8, 31), date(2020, 8, 31), 4.0, None),
         ("cash_dividend", date(2020, 11, 6), date(2020, 11, 13), None, 0.205),
     ]
+
+
+async def test_quality_explains_a_real_split_and_counts_an_unexplained_one(
+    md: MarketData, vendors: dict[str, SimServer]
+) -> None:
+    # the real 4:1 split in raw daily bars: the jump is found, explained by the stored action, not counted
+    await md.corporate_actions("AAPL", "2020-08-01", "2020-09-30")
+    await md.bars("AAPL", "2020-08-03", "2020-09-30", timeframe="1Day")
+    (real,) = await md.quality("AAPL", "2020-08-03", "2020-09-30", timeframe="1Day")
+    split = real.findings.filter(pl.col("kind") == "split_like")
+    assert split.select("severity").rows() == [("info",)]
+    assert split["detail"][0].startswith("explained by split 4.0:1 (alpaca:")
+    assert real.summary["score"] == 1.0
+    # an injected unadjusted 4x split (no action behind it): every bar before it counts as invalid
+    vendors["alpaca"].faults.set([FaultRule(kind="bad_data", defect="split", at=["2024-03-13"], factor=4.0,
+                                            symbols=["MSFT"])])  # fmt: skip
+    await md.bars("MSFT", "2024-03-04", "2024-03-22", timeframe="1Day")
+    (fake,) = await md.quality("MSFT", "2024-03-04", "2024-03-22", timeframe="1Day")
+    assert fake.findings.filter(pl.col("kind") == "split_like")["severity"].to_list() == ["high"]
+    assert fake.summary["score"] < 0.9  # was 1.000 before: one finding among many bars
+    before = fake.days.filter(pl.col("day") < date(2024, 3, 13))
+    assert before.height == 7 and (before["validity"] == 0.0).all()

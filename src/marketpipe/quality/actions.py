@@ -118,3 +118,54 @@ def reconcile_actions(
     )
     out = pl.concat([matched.cast(ACTION_RECONCILE_SCHEMA), extra.cast(ACTION_RECONCILE_SCHEMA)])  # type: ignore[arg-type]
     return out.sort("symbol", pl.coalesce("reference_date", "other_date"), "family")
+
+
+def explain_splits(
+    findings: pl.DataFrame, actions: pl.DataFrame, tz: str, *, tolerance: float = 0.1
+) -> pl.DataFrame:
+    """``split_like`` findings (``FINDINGS_SCHEMA``) on the ex-date of a known split of the same
+    symbol with a ratio within ``tolerance`` of the jump become severity ``info`` (shown, not counted
+    against the score), their detail naming the action; the others are left as they are."""
+    if not findings.height or not actions.height:
+        return findings
+    splits = actions.filter(pl.col("type").is_in(["forward_split", "reverse_split"])).select(
+        "symbol",
+        adjustment_date().alias("_day"),
+        (pl.col("new_rate") / pl.col("old_rate")).alias("_ratio"),
+        pl.col("action_id").alias("_id"),
+    )
+    if not splits.height:
+        return findings
+    f = findings.with_columns(
+        pl.int_range(pl.len()).alias("_row"), pl.col("ts").dt.convert_time_zone(tz).dt.date().alias("_day")
+    )
+    hit = (
+        f.filter(pl.col("kind") == "split_like")
+        .join(splits, on=["symbol", "_day"], how="inner")
+        .filter(((pl.col("value") / pl.col("_ratio")) - 1).abs() <= tolerance)
+        .unique("_row", keep="first")
+        .select("_row", "_id", "_ratio")
+    )
+    f = f.join(hit, on="_row", how="left")
+    known = pl.col("_id").is_not_null()
+    return f.with_columns(
+        pl.when(known).then(pl.lit("info")).otherwise(pl.col("severity")).alias("severity"),
+        pl.when(known)
+        .then(pl.format("explained by split {}:1 ({})", pl.col("_ratio").round(4), pl.col("_id")))
+        .otherwise(pl.col("detail"))
+        .alias("detail"),
+    ).sort("_row").select(findings.columns)
+
+
+def unexplained_split_days(findings: pl.DataFrame, days: pl.DataFrame, tz: str) -> pl.DataFrame:
+    """``symbol, day`` of every day (of ``days``) before an unexplained high ``split_like`` finding of
+    its symbol: those bars are on another price scale than the ones after the jump, so they count as
+    invalid (an injected unadjusted 4x split must not score 1.000)."""
+    schema = {"symbol": pl.String(), "day": pl.Date()}
+    jumps = findings.filter((pl.col("kind") == "split_like") & (pl.col("severity") == "high"))
+    if not jumps.height or not days.height:
+        return pl.DataFrame(schema=schema)
+    last = jumps.group_by("symbol").agg(pl.col("ts").max().dt.convert_time_zone(tz).dt.date().alias("_until"))
+    return days.select("symbol", "day").join(last, on="symbol").filter(pl.col("day") < pl.col("_until")).select(
+        "symbol", "day"
+    )
