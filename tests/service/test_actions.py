@@ -219,3 +219,31 @@ async def test_quality_explains_a_real_split_and_counts_an_unexplained_one(
     assert fake.summary["score"] < 0.9  # was 1.000 before: one finding among many bars
     before = fake.days.filter(pl.col("day") < date(2024, 3, 13))
     assert before.height == 7 and (before["validity"] == 0.0).all()
+
+
+async def test_a_stored_action_drops_the_cached_bars_of_its_symbol(md: MarketData) -> None:
+    """The gateway subscribes the cache to corporate_action_applied: cached (adjusted) bars of the
+    symbol and multi-symbol answers go, other symbols' stay. The event comes from the store write's
+    worker thread."""
+    import asyncio
+
+    from marketpipe.cache import make_key
+    from marketpipe.cache.memory import MemoryCache
+    from marketpipe.cache.tiered import TieredCache
+    from marketpipe.service.actions import invalidate_cached_bars
+
+    cache = TieredCache(MemoryCache(1 << 20))
+    keys = [make_key("bars", "TSLA", "all"), make_key("bars", "_multi", "TSLA,KO"), make_key("bars", "KO", "all")]
+    for k in keys:
+        await cache.set(k, b"x", 60)
+    off = invalidate_cached_bars(cache, asyncio.get_running_loop())
+    try:
+        await md.corporate_actions("TSLA", "2022-01-01", "2022-12-31")  # new: one event, from a worker thread
+        for _ in range(100):
+            if await cache.get(keys[0]) is None:
+                break
+            await asyncio.sleep(0.01)
+        assert [await cache.get(k) is None for k in keys] == [True, True, False]
+    finally:
+        off()
+        await cache.aclose()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from marketpipe.cache import TieredCache
 from marketpipe.core import events
 from marketpipe.core.errors import AllProvidersFailed, ProviderError
 from marketpipe.core.log import get_logger
@@ -49,7 +50,16 @@ from marketpipe.store.base import ActionCoverage, Store
 if TYPE_CHECKING:
     from marketpipe.service.router import ProviderRouter
 
-__all__ = ["ATTR", "Actions", "Adjustment", "adjustment_of", "parse_adjustment", "parse_as_of", "validate_types"]
+__all__ = [
+    "ATTR",
+    "Actions",
+    "Adjustment",
+    "adjustment_of",
+    "invalidate_cached_bars",
+    "parse_adjustment",
+    "parse_as_of",
+    "validate_types",
+]
 log = get_logger("marketpipe.actions")
 PREFERENCE = ("alpaca", "polygon", "yahoo")
 ATTR = "marketpipe_adjustment"  # the attribute of an adjusted frame that holds its Adjustment
@@ -98,6 +108,30 @@ class ActionsReport:
     @property
     def disagreements(self) -> pl.DataFrame:
         return self.rows.filter(pl.col("status") != "match")
+
+
+def invalidate_cached_bars(cache: TieredCache, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Subscribe to ``corporate_action_applied``: each event drops the cached bars answers of its
+    symbol (and the multi-symbol ones, which may hold it) on ``loop`` — an adjusted answer cached before
+    the action was known is stale now. Events come from worker threads (the store write runs in one),
+    hence the hop onto the loop. Returns the unsubscribe function."""
+    pending: set[asyncio.Task[int]] = set()
+
+    async def drop(symbol: str) -> int:
+        n = await cache.invalidate(kind="bars", symbol=symbol) + await cache.invalidate(kind="bars", symbol="_multi")
+        log.info("cache_invalidated_for_action", symbol=symbol, entries=n)
+        return n
+
+    def start(symbol: str) -> None:
+        task = loop.create_task(drop(symbol))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    def on(event: events.Event) -> None:
+        if event.kind == events.CORPORATE_ACTION_APPLIED and event.symbol and not loop.is_closed():
+            loop.call_soon_threadsafe(start, event.symbol)
+
+    return events.hub.subscribe(on)
 
 
 def adjustment_of(frame: Any) -> Adjustment | None:
