@@ -170,3 +170,20 @@ def test_unadjusted_dividend_fault(market: SimMarket) -> None:
     assert _adj_close(market, "polygon", "dividend", "2025-11-07", "2025-11-07")[0] < raw[0]
     listed = [a.ex_date.isoformat() for a in market.actions.view("AAPL", "alpaca").listed]
     assert "2025-11-10" in listed  # still listed: only the adjustment leaves it out
+
+
+def test_action_faults_over_the_admin_surface(faces: dict[str, SimServer]) -> None:
+    base = faces["polygon"].url  # any face: they share the market
+    assert any(a["symbol"] == "NVDA" and a["new_rate"] == 10 for a in httpx.get(base + "/_sim/actions").json())
+    body = [{"vendor": "yahoo", "kind": "missing_split", "symbol": "AAPL"}]
+    assert httpx.put(base + "/_sim/actions/faults", json=body).json() == [{**body[0], "ex_date": None, "factor": 1.25}]
+    try:
+        q = {"interval": "1d", "period1": 1598500000, "period2": 1599500000, "events": "div,split"}
+        res = httpx.get(faces["yahoo"].url + "/v8/finance/chart/AAPL", params=q).json()["chart"]["result"][0]
+        assert "events" not in res  # the split is gone from Yahoo's view only
+        assert httpx.get(base + "/stocks/v1/splits", params={"ticker": "AAPL", "apiKey": "POLYKEY"}).json()["results"]
+        wrong = [{"vendor": "bloomberg", "kind": "missing_split", "symbol": "A"}]
+        bad = httpx.put(base + "/_sim/actions/faults", json=wrong)
+        assert bad.status_code == 400 and "vendor" in bad.json()["message"]
+    finally:
+        assert httpx.delete(base + "/_sim/actions/faults").json() == []
