@@ -108,12 +108,14 @@ class Factors:
 
 
 def factors(actions: pl.DataFrame, closes: pl.DataFrame, parts: frozenset[str]) -> Factors:
-    """The factor table of ONE symbol's actions (``corporate_actions`` rows, already the ones to use)
+    """The factor table of ONE symbol's actions (``corporate_actions`` or ``ACTION_SCHEMA`` rows, the ones to use)
     for the adjustment ``parts``; ``closes``: that symbol's raw daily closes (``day`` Date, ``close``),
     covering the session before each cash dividend's ex-date."""
-    a = actions.with_columns(adjustment_date().alias("_d")).filter(pl.col("_d").is_not_null())
-    bad = impossible(a)
-    a = a.filter(~pl.col("action_id").is_in(bad["action_id"].implode()))
+    if "version" not in actions.columns:  # actions not (yet) stored: no version
+        actions = actions.with_columns(pl.lit(None, pl.Int64).alias("version"))
+    a = actions.with_columns(adjustment_date().alias("_d"))
+    bad = impossible(a)  # a missing date among the reasons: checked before anything is dropped
+    a = a.filter(~pl.col("action_id").is_in(bad["action_id"].implode()) & pl.col("_d").is_not_null())
     pieces = []
     skipped = [bad.select("symbol", "action_id", "type", pl.col("_d").alias("ex_date"), "reason")]
     if "split" in parts:
@@ -186,13 +188,31 @@ def apply(bars: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
         )
     )  # fmt: skip
     ts = bars["ts"].dt.cast_time_unit("us").to_physical().to_numpy()
-    at = np.searchsorted(edges["edge"].to_numpy(), ts, side="right")
-    fp = np.append(edges["price_factor"].to_numpy(), 1.0)[at]
-    fv = np.append(edges["volume_factor"].to_numpy(), 1.0)[at]
-    return bars.with_columns(
-        *[pl.col(c) * fp for c in (*PRICE_COLUMNS, "vwap")],
-        (pl.col("volume") * fv).round(0).cast(pl.Int64),
-    )
+    edge = edges["edge"].to_numpy()
+    pf = np.append(edges["price_factor"].to_numpy(), 1.0)
+    vf = np.append(edges["volume_factor"].to_numpy(), 1.0)
+    if bars["ts"].is_sorted():
+        # bars in time order (as the store reads them): k searches cut them into runs of one factor each
+        runs = np.diff(np.r_[0, np.searchsorted(ts, edge, side="left"), len(ts)])
+        if runs[-1] == len(ts):
+            return bars  # every bar is after the last action: nothing to adjust
+        fp, fv = np.repeat(pf, runs), np.repeat(vf, runs)
+    else:
+        at = np.searchsorted(edge, ts, side="right")  # the first edge after each bar
+        fp, fv = pf[at], vf[at]
+    # numpy on the columns' buffers (nulls stay null through the mask): one pass per column
+    cols = [_scaled(bars[c], fp) for c in (*PRICE_COLUMNS, "vwap")]
+    volume = bars["volume"]
+    v = np.rint(volume.fill_null(0).to_numpy() * fv).astype(np.int64)
+    cols.append(pl.Series("volume", v, dtype=pl.Int64).set(volume.is_null(), None) if volume.null_count() else
+                pl.Series("volume", v, dtype=pl.Int64))  # fmt: skip
+    return bars.with_columns(cols)
+
+
+def _scaled(col: pl.Series, factor: np.ndarray) -> pl.Series:
+    if col.null_count():
+        return (col * pl.Series(factor)).alias(col.name)
+    return pl.Series(col.name, col.to_numpy() * factor, dtype=pl.Float64)
 
 
 def quarantine_rows(actions: pl.DataFrame, reasons: pl.DataFrame, at: object) -> pl.DataFrame:
