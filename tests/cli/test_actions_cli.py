@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import polars as pl
@@ -68,6 +69,7 @@ def test_actions_reconcile_finds_each_golden_case(faces: dict[str, SimServer], c
     market.actions.set_faults([
         ActionFault(vendor="yahoo", kind="missing_split", symbol="AAPL"),
         ActionFault(vendor="polygon", kind="wrong_ratio", symbol="AAPL"),
+        ActionFault(vendor="alpaca", kind="unadjusted_dividend", symbol="AAPL", ex_date=date(2020, 11, 6)),
     ])  # fmt: skip
     try:
         r = run("actions", "reconcile", "AAPL", "--start", "2020-01-01", "--end", "2020-12-31", "--config", str(cfg),
@@ -79,4 +81,6 @@ def test_actions_reconcile_finds_each_golden_case(faces: dict[str, SimServer], c
     assert "vs reference alpaca" in text
     assert "split yahoo missing 2020-08-31" in text
     assert "split polygon different_ratio 2020-08-31 2020-08-31 4.0 5.0" in text
-    assert "2 disagreement(s) stored" in text
+    # Alpaca lists the dividend but its adjusted bars leave it out: its adjusted series steps there
+    assert "adjustment alpaca different_adjustment 2020-11-06 2020-11-06 1.0 0.99898" in text
+    assert "3 disagreement(s) stored" in text

@@ -247,3 +247,18 @@ async def test_a_stored_action_drops_the_cached_bars_of_its_symbol(md: MarketDat
     finally:
         off()
         await cache.aclose()
+
+
+async def test_reconcile_finds_a_doubled_split_and_nothing_on_clean_vendors(
+    md: MarketData, vendors: dict[str, SimServer]
+) -> None:
+    clean = await md.actions.reconcile("NVDA", date(2024, 1, 1), date(2024, 12, 31))
+    assert clean.reference == "alpaca" and set(clean.counts) == {"alpaca", "polygon", "yahoo"}
+    assert clean.disagreements.height == 0 and clean.rows.height > 0
+    vendors["alpaca"].market.actions.set_faults([ActionFault(vendor="yahoo", kind="doubled_split", symbol="TSLA")])
+    report = await md.actions.reconcile("TSLA", date(2022, 1, 1), date(2022, 12, 31))
+    assert report.disagreements.select("family", "other", "status", "other_date").rows() == [
+        ("split", "yahoo", "extra", date(2022, 8, 25))
+    ]
+    stored = md.store.action_reconciliation("TSLA", report.run_id)
+    assert stored.filter(pl.col("status") != "match").height == 1

@@ -468,7 +468,7 @@ class YahooProvider(HttpProvider):
         self, symbols: list[str], start: date, end: date, *, types: list[str] | None = None
     ) -> ActionsPage:
         """Splits and dividends from the daily chart's ``events=div,split`` over ``[start, end]``, one
-        request per symbol. Yahoo sends no ids (derived from symbol, kind and ex-date) and only
+        request per symbol. Yahoo sends no ids (derived from symbol, kind, ex-date and event key) and only
         these two kinds. A cross-check source (next-capabilities §1.4): its dividend amounts have
         been split-adjusted at times."""
         validate_required(symbols, "symbols", message="no symbols given")

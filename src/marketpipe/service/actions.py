@@ -30,6 +30,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_QUARANTINED
 from marketpipe.core.schema import ACTION_TYPES, actions_frame, normalize_symbols
 from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, ACTION_RECONCILE_SCHEMA, CORPORATE_ACTIONS
+from marketpipe.core.timeframe import DAY1
 from marketpipe.core.timeutil import NY, parse_time, utcnow
 from marketpipe.core.validation import validate_enum
 from marketpipe.providers.base import ActionsPage, BarsProvider
@@ -177,11 +178,11 @@ class Actions:
         self,
         store: Callable[[], Store],
         router: Callable[[], ProviderRouter],
-        daily_closes: Callable[[str, date, date, bool], Awaitable[pl.DataFrame]],
+        daily_bars: Callable[[str, date, date, bool], Awaitable[pl.DataFrame]],
     ) -> None:
         self._store = store
         self._router = router
-        self._closes = daily_closes
+        self._daily = daily_bars  # raw 1Day bars of a symbol over days [lo, hi], fetched unless told not to
 
     async def ensure(
         self, symbols: list[str], start: date, end: date, *, provider: str | None = None
@@ -306,11 +307,47 @@ class Actions:
             for o in frames
             if o != reference
         ]
+        if "alpaca" in frames:  # the one vendor that serves bars adjusted for splits and dividends
+            parts.append(await self._vendor_adjustment(router.get("alpaca"), symbol, start, end))
         rows = pl.concat(parts) if parts else pl.DataFrame(schema=ACTION_RECONCILE_SCHEMA)
         run_id = uuid.uuid4().hex[:12]
         store = self._store()
         await asyncio.to_thread(store.write_action_reconciliation, run_id, utcnow(), rows)
         return ActionsReport(symbol, reference, run_id, rows, failed, {n: f.height for n, f in frames.items()})
+
+    async def _vendor_adjustment(self, provider: BarsProvider, symbol: str, start: date, end: date) -> pl.DataFrame:
+        """The vendor's own ``adjustment=all`` daily closes against marketpipe's adjustment of the raw
+        ones with that vendor's actions: where their ratio steps from one day to the next, the vendor
+        applied something else at that date (an unadjusted dividend, a split it lists but does not
+        apply). One row per such day, family ``adjustment``, status ``different_adjustment``, values
+        our step (1) and the vendor's."""
+        lo = datetime.combine(start, datetime.min.time(), NY)
+        hi = datetime.combine(end + timedelta(days=1), datetime.min.time(), NY)
+        raw = await self._daily(symbol, start, end, True)
+        ours, _ = await self.adjust(raw, [symbol], lo, frozenset({"split", "dividend"}), "all")
+        pages = [p.frame async for p in provider.iter_bars([symbol], DAY1, lo, hi, adjustment="all")]
+        theirs = pl.concat(pages) if pages else raw.clear()
+        ratio = (
+            ours.select("ts", pl.col("close").alias("_ours"))
+            .join(theirs.select("ts", pl.col("close").alias("_theirs")), on="ts")
+            .sort("ts")
+            .with_columns((pl.col("_theirs") / pl.col("_ours")).alias("_r"))
+            .with_columns((pl.col("_r") / pl.col("_r").shift(1)).alias("_step"))
+        )
+        steps = ratio.filter((pl.col("_step") - 1).abs() > 1e-6)
+        return steps.select(
+            pl.lit(symbol).alias("symbol"),
+            pl.lit("adjustment").alias("family"),
+            pl.lit("marketpipe").alias("reference"),
+            pl.lit(provider.name).alias("other"),
+            pl.lit("different_adjustment").alias("status"),
+            pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("reference_date"),
+            pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("other_date"),
+            pl.lit(1.0).alias("reference_value"),
+            pl.col("_step").alias("other_value"),
+            pl.lit(None, pl.String()).alias("reference_id"),
+            pl.lit(None, pl.String()).alias("other_id"),
+        ).cast(ACTION_RECONCILE_SCHEMA)  # type: ignore[arg-type]
 
     async def adjust(
         self,
@@ -354,7 +391,8 @@ class Actions:
             closes = pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()})
             if "dividend" in parts and len(divs):
                 lo, hi = divs.to_list()[0], divs.to_list()[-1]
-                closes = await self._closes(sym, min(lo, hi) - timedelta(days=10), max(lo, hi), fetch)
+                daily = await self._daily(sym, min(lo, hi) - timedelta(days=10), max(lo, hi), fetch)
+                closes = daily.select(pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("day"), "close")
             f = factors(a.select(list(CORPORATE_ACTIONS.columns)), closes, parts)
             out.append(apply(mine, f.table) if mine.height else mine)
             applied.append(f.applied)

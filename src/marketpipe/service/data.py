@@ -328,13 +328,10 @@ class MarketData:
         """Corporate actions: fetch, store, adjust (:mod:`marketpipe.service.actions`)."""
         if self._actions is None:
 
-            async def closes(symbol: str, lo: date, hi: date, fetch: bool) -> pl.DataFrame:
-                daily = await self.bars([symbol], lo, hi, timeframe="1Day", fetch=fetch)
-                return daily.select(
-                    pl.col("ts").dt.convert_time_zone(str(self.calendar.tz)).dt.date().alias("day"), "close"
-                )
+            async def daily(symbol: str, lo: date, hi: date, fetch: bool) -> pl.DataFrame:
+                return await self.bars([symbol], lo, hi, timeframe="1Day", fetch=fetch)
 
-            self._actions = Actions(lambda: self.store, lambda: self.router, closes)
+            self._actions = Actions(lambda: self.store, lambda: self.router, daily)
         return self._actions
 
     async def corporate_actions(

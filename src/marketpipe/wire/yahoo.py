@@ -32,9 +32,11 @@ def error_envelope(code: str, description: str, *, key: str = "chart") -> dict[s
 EVENTS = "div,split"
 
 
-def derived_action_id(symbol: str, family: str, day: str) -> str:
-    """Yahoo sends no ids: symbol, family and ex-date name the action (a corrected ratio is a version)."""
-    return f"{symbol}:{family}:{day}"
+def derived_action_id(symbol: str, family: str, day: str, key: str) -> str:
+    """Yahoo sends no ids: symbol, family, ex-date and the event's key (its timestamp) name the action,
+    so a corrected ratio under the same key is a new version, and a second event the same day (a
+    doubled split) a second action."""
+    return f"{symbol}:{family}:{day}:{key}"
 
 
 def events_to_actions(
@@ -46,7 +48,7 @@ def events_to_actions(
     for key, ev in ((events or {}).get("splits") or {}).items():
         num, den = ev.get("numerator"), ev.get("denominator")
         day = day_of(int(ev.get("date") or key))
-        vid = derived_action_id(symbol, "split", day)
+        vid = derived_action_id(symbol, "split", day, str(key))
         reverse = isinstance(num, int | float) and isinstance(den, int | float) and num < den
         out.append({
             "action_id": f"yahoo:{vid}", "provider": "yahoo", "source": source, "vendor_id": vid,
@@ -57,7 +59,7 @@ def events_to_actions(
         })  # fmt: skip
     for key, ev in ((events or {}).get("dividends") or {}).items():
         day = day_of(int(ev.get("date") or key))
-        vid = derived_action_id(symbol, "dividend", day)
+        vid = derived_action_id(symbol, "dividend", day, str(key))
         amount = ev.get("amount")
         out.append({
             "action_id": f"yahoo:{vid}", "provider": "yahoo", "source": source, "vendor_id": vid,
