@@ -69,6 +69,7 @@ def reconcile_actions(
         by=["symbol", "family"],
         strategy="nearest",
         tolerance=f"{date_days}d",
+        check_sortedness=False,  # both sides are sorted by symbol, family, day (_keyed)
     )
     first = pl.col("_r") == pl.col("_r").min().over("_o")
     near = near.with_columns(
