@@ -380,7 +380,8 @@ class Actions:
         skipped: list[pl.DataFrame] = []
         quarantine: list[pl.DataFrame] = []
         order = [*bars["symbol"].unique(maintain_order=True).to_list(), *syms]
-        alone = bars.height == 0 or (bars["symbol"].n_unique() == 1 and bars["symbol"][0] in syms)
+        # bars of the one symbol asked for (the callers pass the symbols they read): no filtering, no concat
+        alone = len(syms) == 1
         for sym in dict.fromkeys(s for s in order if s in syms):
             mine = bars if alone and bars.height and bars["symbol"][0] == sym else bars.filter(pl.col("symbol") == sym)
             a = acts.filter(pl.col("symbol") == sym)
