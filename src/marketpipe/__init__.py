@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from marketpipe.service.remote import GatewayClient
 
 __version__ = "0.1.0"
-__all__ = ["backfill", "bars", "client", "latest_quote", "latest_trade", "quality", "snapshots"]
+__all__ = ["actions", "applied", "backfill", "bars", "client", "latest_quote", "latest_trade", "quality", "snapshots"]
 
 _default: SyncMarketData | None = None
 _lock = threading.Lock()
@@ -84,6 +84,8 @@ def bars(
     source: str | None = None,
     tz: str | None = None,
     shape: Literal["long"] = "long",
+    adjustment: str = "raw",
+    as_of: TimeLike | None = None,
 ) -> pl.DataFrame: ...
 
 
@@ -99,6 +101,8 @@ def bars(
     source: str | None = None,
     tz: str | None = None,
     shape: Literal["alpaca", "wide"],
+    adjustment: str = "raw",
+    as_of: TimeLike | None = None,
 ) -> pd.DataFrame: ...
 
 
@@ -113,6 +117,8 @@ def bars(
     source: str | None = None,
     tz: str | None = None,
     shape: Literal["long", "alpaca", "wide"] = "long",
+    adjustment: str = "raw",
+    as_of: TimeLike | None = None,
 ) -> pl.DataFrame | pd.DataFrame:
     """Bars for ``[start, end)`` as a polars DataFrame (``.to_pandas()`` for pandas), times in UTC.
 
@@ -121,11 +127,49 @@ def bars(
     ``shape="wide"``: ``yfinance.download``'s frame (columns (Price, Ticker), exchange time unless ``tz``),
     NaN where a symbol has no bar at a time another has one (pandas' outer alignment; nothing is filled).
     ``source="parquet://PATH"`` / ``"s3://BUCKET/prefix"``: read the Parquet cold tier that ``marketpipe export``
-    wrote (nothing fetched, the store not opened), the same frame as from the store."""
+    wrote (nothing fetched, the store not opened), the same frame as from the store.
+
+    ``adjustment="split"|"dividend"|"all"`` (Alpaca's values): raw bars adjusted on read for corporate
+    actions; ``as_of="YYYY-MM-DD"``: only with the actions known by that day. What was applied:
+    :func:`applied` (``mp.applied(df)``)."""
     out: pl.DataFrame | pd.DataFrame = _client().bars(
-        symbols, start, end, timeframe=timeframe, feed=feed, fetch=fetch, source=source, tz=tz, shape=shape
+        symbols,
+        start,
+        end,
+        timeframe=timeframe,
+        feed=feed,
+        fetch=fetch,
+        source=source,
+        tz=tz,
+        shape=shape,
+        adjustment=adjustment,
+        as_of=as_of,
     )
     return out
+
+
+def actions(
+    symbols: str | list[str],
+    start: TimeLike,
+    end: TimeLike | None = None,
+    *,
+    types: str | list[str] | None = None,
+    as_of: TimeLike | None = None,
+    provider: str | None = None,
+) -> pl.DataFrame:
+    """Corporate actions (splits, dividends, mergers, ...) with adjustment dates in ``[start, end]``
+    (days; end default today): one canonical frame with source, vendor id and fetch time, fetched first
+    where the store's actions ledger lacks them."""
+    return _client().corporate_actions(symbols, start, end, types=types, as_of=as_of, provider=provider)
+
+
+def applied(frame: Any) -> pl.DataFrame | None:
+    """The actions an adjusted frame from :func:`bars` was adjusted with (symbol, action id, version,
+    provider, source, type, ex-date, price and volume factor), or None for a raw frame."""
+    from marketpipe.service.actions import adjustment_of
+
+    info = adjustment_of(frame)
+    return info.applied if info is not None else None
 
 
 def backfill(

@@ -124,7 +124,7 @@ async def test_latest_quote_view(client: httpx.AsyncClient) -> None:
         ("/v1/bars/AAPL", {**DAY, "limit": 0}, "INVALID_ARGUMENT", "limit"),
         ("/v1/bars/AAPL", {**DAY, "format": "xml"}, "INVALID_ARGUMENT", "format"),
         ("/v1/bars/AAPL", {**DAY, "source": "bloomberg"}, "INVALID_ARGUMENT", "source"),
-        ("/v1/bars/AAPL", {**DAY, "adjustment": "split"}, "INVALID_ARGUMENT", "adjustment"),
+        ("/v1/bars/AAPL", {**DAY, "adjustment": "both"}, "INVALID_ARGUMENT", "adjustment"),
         ("/v1/bars/AAPL", {**DAY, "page_token": "!!!"}, "INVALID_ARGUMENT", "page_token"),
         ("/v1/bars/$$$", DAY, "INVALID_SYMBOL", None),
         ("/v1/bars", {"symbols": ",", **DAY}, "INVALID_SYMBOL", None),

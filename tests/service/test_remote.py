@@ -72,6 +72,12 @@ def test_bars_through_the_gateway_while_it_holds_the_store(gateway: tuple[str, P
     assert info.value.details["pid"] == pid and "mp.client(gateway=" in info.value.message
     with pytest.raises(InvalidArgument):
         client.bars("AAPL", "2024-03-04", fetch=False)
+    # adjusted through the gateway: AAPL's real 4:1 split of 2020-08-31
+    raw = client.bars("AAPL", "2020-08-27", "2020-08-31", timeframe="1Day")
+    split = client.bars("AAPL", "2020-08-27", "2020-08-31", timeframe="1Day", adjustment="split")
+    assert raw["close"][0] / split["close"][0] == pytest.approx(4.0) and raw["close"][-1] == split["close"][-1]
+    with pytest.raises(InvalidArgument):
+        client.bars("AAPL", "2020-08-27", adjustment="both")  # refused before anything is sent
     client.close()
 
 

@@ -64,6 +64,27 @@ SHIPPED_DDL = [
     """CREATE TABLE IF NOT EXISTS prev_close (
         symbol VARCHAR PRIMARY KEY, session DATE NOT NULL, close DOUBLE NOT NULL, source VARCHAR,
         updated_at TIMESTAMP)""",
+    # v4
+    """CREATE TABLE IF NOT EXISTS corporate_actions (
+        action_id VARCHAR NOT NULL, provider VARCHAR NOT NULL, source VARCHAR, vendor_id VARCHAR,
+        type VARCHAR NOT NULL, symbol VARCHAR, ex_date DATE, record_date DATE, payable_date DATE,
+        process_date DATE, effective_date DATE, declaration_date DATE, old_rate DOUBLE, new_rate DOUBLE,
+        cash_amount DOUBLE, rate DOUBLE, currency VARCHAR, old_symbol VARCHAR, new_symbol VARCHAR,
+        fetched_at TIMESTAMP, raw VARCHAR, version BIGINT NOT NULL, content_hash VARCHAR NOT NULL,
+        stored_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS action_coverage (
+        symbol VARCHAR NOT NULL, provider VARCHAR NOT NULL, source VARCHAR, start DATE NOT NULL,
+        "end" DATE NOT NULL, rows BIGINT, request_id VARCHAR, fetched_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS action_quarantine (
+        action_id VARCHAR, provider VARCHAR, source VARCHAR, vendor_id VARCHAR, type VARCHAR, symbol VARCHAR,
+        ex_date DATE, record_date DATE, payable_date DATE, process_date DATE, effective_date DATE,
+        declaration_date DATE, old_rate DOUBLE, new_rate DOUBLE, cash_amount DOUBLE, rate DOUBLE,
+        currency VARCHAR, old_symbol VARCHAR, new_symbol VARCHAR, fetched_at TIMESTAMP, raw VARCHAR,
+        reason VARCHAR, quarantined_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS action_reconciliation (
+        run_id VARCHAR, created_at TIMESTAMP, symbol VARCHAR, family VARCHAR, reference VARCHAR, other VARCHAR,
+        status VARCHAR, reference_date DATE, other_date DATE, reference_value DOUBLE, other_value DOUBLE,
+        reference_id VARCHAR, other_id VARCHAR)""",
 ]
 V1_TABLES = ("meta", "bars", "quarantine", "coverage", "reconciliation", "ingest_log")
 
@@ -117,7 +138,7 @@ def test_the_derived_ddl_is_the_shipped_one(tmp_path: Path) -> None:
     assert shape([s for t in TABLES for s in table_ddl(t)]) == shape(SHIPPED_DDL)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_a_store_file_from_an_earlier_version_opens_and_gains_the_new_tables(tmp_path: Path, version: int) -> None:
     path = tmp_path / f"v{version}.duckdb"
     con = duckdb.connect(str(path))

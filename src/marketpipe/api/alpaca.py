@@ -14,8 +14,12 @@ reference leaves one open:
   ``next_page_token`` is the gateway's own. Historical trades and quotes are passed through page
   by page, with the upstream vendor's token.
 
-What marketpipe does not do is refused rather than faked: only ``adjustment=raw`` and
-``currency=USD`` are served. Every success carries ``X-Marketpipe-Source``,
+``adjustment`` is validated as the vendor does since 2026-11-02 (one value, a comma list of
+``raw|split|dividend|spin-off|all``; unknown, empty or repeated values are a 400) and served by
+adjusting the stored raw bars on read (``service/actions``); the header ``X-Marketpipe-Adjustment``
+names every action applied. What marketpipe does not do is refused rather than faked:
+``adjustment=spin-off`` (its factor needs the new line's price) and currencies other than ``USD``.
+Every success carries ``X-Marketpipe-Source``,
 ``X-Marketpipe-Fetched-At`` and ``X-Marketpipe-Data-Age``; a stale answer is flagged by the
 ``X-Marketpipe-Stale`` header only — never by a key in the body, which a vendor client would read
 as a symbol. Bodies are sent as ``application/json; charset=utf-8``, as the vendor sends them."""
@@ -49,6 +53,7 @@ from marketpipe.core.validation import (
     validate_symbols,
     validate_timeframe,
 )
+from marketpipe.service.actions import parse_adjustment
 from marketpipe.service.gateway import BarsPage, Meta, decode_token
 from marketpipe.wire.alpaca_rest import (
     ADJUSTMENTS,
@@ -80,7 +85,7 @@ TF = Annotated[str | None, Query(description="1Min, 5T, 1Hour, 4H, 1Day, 1Week, 
 Start = Annotated[str | None, Query(description="RFC-3339 or YYYY-MM-DD, inclusive")]
 End = Annotated[str | None, Query(description="RFC-3339 or YYYY-MM-DD, inclusive")]
 Limit = Annotated[str | None, Query(description="1..10000 data points per page across symbols (default 1000)")]
-Adj = Annotated[str | None, Query(description="raw only: marketpipe does not adjust bars")]
+Adj = Annotated[str | None, Query(description="raw (default), split, dividend or all, comma-combinable")]
 Cur = Annotated[str | None, Query(description="USD only")]
 
 
@@ -158,17 +163,25 @@ def _currency(raw: str | None) -> bool:
     return True
 
 
-def _adjustment(raw: str | None) -> None:
-    parts = [p.strip() for p in (raw or "raw").split(",")]
+def _adjustment(raw: str | None) -> str:
+    """The vendor's rule (trap 4): absent is ``raw``; unknown, empty or repeated values are a 400 with
+    the vendor's message; ``spin-off`` is refused (not faked). Returns the normalized value."""
+    if raw is None:
+        return "raw"
+    parts = [p.strip() for p in raw.split(",")]
+    if not all(parts) or len(set(parts)) != len(parts):
+        raise InvalidArgument("invalid adjustment", details={"parameter": "adjustment", "value": raw})
     for p in parts:
         validate_enum(p, ADJUSTMENTS, "adjustment", message="invalid adjustment")
-    validate_enum(
-        raw or "raw" if any(p != "raw" for p in parts) else "raw",  # the refusal names the whole parameter
-        ("raw",),
-        "adjustment",
-        message="adjustment={value} is not served: marketpipe serves raw bars as the vendor sent them and does not "
-        "adjust them for corporate actions; use adjustment=raw",
-    )
+    if "spin-off" in parts:
+        raise InvalidArgument(
+            "adjustment=spin-off is not served: a spin-off's factor needs the new line's market price, which "
+            "marketpipe does not invent; use split, dividend or all",
+            details={"parameter": "adjustment", "value": raw},
+        )
+    value = ",".join(parts)
+    parse_adjustment(value)  # raw combined with others is refused here
+    return value
 
 
 def _timeframe(raw: str | None) -> Timeframe:
@@ -255,7 +268,7 @@ def _historical(
     tf = None
     if kind == "bars":
         tf = _timeframe(timeframe)
-        _adjustment(adjustment)
+        adjustment = _adjustment(adjustment)
     fd = _feed(q.feed, HISTORICAL_FEEDS)
     lim = _limit(q.limit)
     srt = _sort(q.sort)
@@ -381,8 +394,12 @@ def router() -> APIRouter:
         timeframe: str | None,
         adjustment: str | None,
     ) -> Response:
+        if len(request.query_params.getlist("adjustment")) > 1:
+            raise InvalidArgument("invalid adjustment", details={"parameter": "adjustment", "repeated": True})
         h, tf = _historical("bars", single, symbols, q, timeframe, adjustment)
         assert tf is not None
+        adj = _adjustment(adjustment)
+        parts = parse_adjustment(adj)
         key = make_key("bars", h.single or "_multi", *h.key_parts)
 
         async def load() -> Loaded:
@@ -391,9 +408,14 @@ def router() -> APIRouter:
                 h.symbols, tf, h.start, h.end, feed=h.feed or "sip", limit=h.limit, page_token=h.page_token, sort=h.sort
             )
             now = utcnow()
-            body = page_json("bars", page.frame, h.single, page.next_page_token, h.currency)
+            frame = page.frame
+            headers = _bars_headers(page, now)
+            if parts:
+                frame, info = await st.data.actions.adjust(frame, h.symbols, h.start, parts, adj)
+                headers["X-Marketpipe-Adjustment"] = info.header()
+            body = page_json("bars", frame, h.single, page.next_page_token, h.currency)
             closed = h.end <= st.gateway.last_close(now)
-            return body, JSON, _bars_headers(page, now), 0.0 if page.partial else _ttl(st, "bars", now, closed)
+            return body, JSON, headers, 0.0 if page.partial else _ttl(st, "bars", now, closed)
 
         return await answer(request, st, key, "bars", load)
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from marketpipe import __version__
 from marketpipe.api import errors
+from marketpipe.api.actions import actions_router
 from marketpipe.api.alerts import alerts_router
 from marketpipe.api.alpaca import router as alpaca_router
 from marketpipe.api.alpaca_stream import alpaca_stream_router
@@ -67,6 +68,7 @@ def create_app(
     )
     for router in (
         v1_router(),
+        actions_router(),
         ops_router(),
         admin_router(),
         alpaca_router(),

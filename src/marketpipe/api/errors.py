@@ -29,6 +29,12 @@ from marketpipe.core.metrics import ERRORS
 
 log = get_logger("marketpipe.api")
 ALPACA_PREFIX = "/v2/"
+ALPACA_V1_PATHS = ("/v1/corporate-actions",)  # the vendor's v1 routes the compatible API also serves
+
+
+def is_alpaca_path(path: str) -> bool:
+    """Whether ``path`` is one of the Alpaca-compatible routes (vendor error shapes and key headers)."""
+    return path.startswith(ALPACA_PREFIX) or path in ALPACA_V1_PATHS
 
 _HTTP_CODES = {
     cls.http_status: cls.code
@@ -67,7 +73,7 @@ def error_response(
     ERRORS.labels(code).inc()
     message = clip(message, MAX_MESSAGE)
     details = clip(details) if details else details
-    if request.url.path.startswith(ALPACA_PREFIX):
+    if is_alpaca_path(request.url.path):
         body: dict[str, Any] = {"message": message}  # the vendor's own error shape
         if status in (400, 422):
             body["code"] = 42210000

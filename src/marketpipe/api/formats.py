@@ -81,10 +81,17 @@ def _rows(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def bars_json(
-    frame: pl.DataFrame, *, single: str | None, timeframe: str, next_token: str | None, meta: dict[str, dict[str, Any]]
+    frame: pl.DataFrame,
+    *,
+    single: str | None,
+    timeframe: str,
+    next_token: str | None,
+    meta: dict[str, dict[str, Any]],
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
     """``{"symbol", "timeframe", "bars": [...], ...}`` for one symbol, ``{"bars": {SYM: [...]}, ...}``
-    for several; ``meta`` per symbol (source, fetched_at, data age, quality score, stale)."""
+    for several; ``meta`` per symbol (source, fetched_at, data age, quality score, stale); ``extra``:
+    more top-level keys (e.g. ``adjustment``: what an adjusted answer applied)."""
     rows = _rows(frame)
     if single is not None:
         doc: dict[str, Any] = {
@@ -107,7 +114,7 @@ def bars_json(
             }
         )
         doc = {"timeframe": timeframe, "bars": parts, "next_page_token": next_token, "meta": meta}
-    return orjson.dumps(doc)
+    return orjson.dumps({**doc, **(extra or {})})
 
 
 def _array(rows: pl.DataFrame) -> bytes:

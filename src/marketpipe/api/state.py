@@ -3,9 +3,11 @@ it is built from the config and the environment, and how it starts and stops wit
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -17,6 +19,7 @@ from marketpipe.cache import TieredCache, build_cache
 from marketpipe.core import log as logging_
 from marketpipe.core.config import Config
 from marketpipe.core.errors import MarketpipeError
+from marketpipe.service.actions import invalidate_cached_bars
 from marketpipe.service.data import MarketData
 from marketpipe.service.gateway import Gateway
 from marketpipe.service.live import LiveHub
@@ -37,6 +40,7 @@ class AppState:
     env: dict[str, str] | None = field(default=None, repr=False)  # None: the process environment
     live: LiveHub | None = None  # created by start() (it needs the running loop)
     alerts: AlertEngine | None = None  # [alerts] enabled: rules over the metrics and events, and the sinks
+    _unsubscribe: Callable[[], None] | None = field(default=None, repr=False)  # set by start()
 
     @classmethod
     def build(
@@ -77,6 +81,8 @@ class AppState:
     async def start(self) -> None:
         """On the running loop: provider probes, and the live hub when streaming is on."""
         logging_.guard_stdlib()  # the server's own loggers (configured by now) redact too
+        # new corporate actions make cached adjusted bars stale: drop them when one is stored
+        self._unsubscribe = invalidate_cached_bars(self.cache, asyncio.get_running_loop())
         with contextlib.suppress(MarketpipeError):  # no usable provider: readiness says so
             self.gateway.start_probes()
         if self.config.stream.enabled:
@@ -88,6 +94,8 @@ class AppState:
     async def aclose(self) -> None:
         if self.alerts is not None:
             await self.alerts.aclose()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         if self.live is not None:
             await self.live.close()
         await self.cache.aclose()

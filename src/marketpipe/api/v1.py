@@ -18,7 +18,8 @@ from marketpipe.api.state import AppState, StateDep
 from marketpipe.cache import make_key, ttl_for
 from marketpipe.core.schema import normalize_symbol, normalize_symbols
 from marketpipe.core.timeutil import parse_range, utcnow
-from marketpipe.core.validation import validate_enum, validate_timeframe
+from marketpipe.core.validation import validate_timeframe
+from marketpipe.service.actions import parse_adjustment, parse_as_of
 
 Fmt = Annotated[str | None, Query(description="json, csv, arrow or parquet (else the Accept header)")]
 Feed = Annotated[str | None, Query(description="sip or iex (default: each provider's configured feed)")]
@@ -34,6 +35,7 @@ class BarsQuery:
     source: str
     feed: str | None
     adjustment: str
+    as_of: str | None
     limit: int
     page_token: str | None
     sort: str
@@ -47,14 +49,15 @@ def bars_query(
     timeframe: Annotated[str, Query(description="1Min, 5Min, 1Hour, 1Day, …")] = "1Min",
     source: Annotated[str, Query(description="auto or a provider name")] = "auto",
     feed: Feed = None,
-    adjustment: Annotated[str, Query()] = "raw",
+    adjustment: Annotated[str, Query(description="raw, split, dividend or all (comma-combinable)")] = "raw",
+    as_of: Annotated[str | None, Query(description="adjust with the actions known by this day")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     page_token: Annotated[str | None, Query()] = None,
     sort: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
     format: Fmt = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> BarsQuery:
-    return BarsQuery(start, end, timeframe, source, feed, adjustment, limit, page_token, sort, format, accept)
+    return BarsQuery(start, end, timeframe, source, feed, adjustment, as_of, limit, page_token, sort, format, accept)
 
 
 BarsDep = Annotated[BarsQuery, Depends(bars_query)]
@@ -68,13 +71,8 @@ def v1_router() -> APIRouter:
         limit, page_token, sort = q.limit, q.page_token, q.sort
         tf = validate_timeframe(timeframe)
         s, e = parse_range(start, end)
-        validate_enum(
-            q.adjustment,
-            ("raw",),
-            "adjustment",
-            message="only adjustment=raw is served: marketpipe stores bars as the vendor sent them and does not "
-            "adjust them for corporate actions yet",
-        )
+        parts = parse_adjustment(q.adjustment)
+        known = parse_as_of(q.as_of)
         out = negotiate(q.format, q.accept)
         now = utcnow()
         closed = e <= st.gateway.last_close(now)
@@ -91,6 +89,8 @@ def v1_router() -> APIRouter:
             page_token or "",
             sort,
             out,
+            ",".join(sorted(parts)),
+            known.isoformat() if known else "",
         )
 
         async def load() -> Loaded:
@@ -102,12 +102,17 @@ def v1_router() -> APIRouter:
             headers = _meta_headers(page.meta, t)
             if page.next_page_token:
                 headers["X-Marketpipe-Next-Page-Token"] = page.next_page_token
+            frame, extra = page.frame, None
+            if parts or known is not None:
+                frame, info = await st.data.actions.adjust(frame, symbols, s, parts, q.adjustment, as_of=known)
+                headers["X-Marketpipe-Adjustment"] = info.header()
+                extra = {"adjustment": info.to_dict()}
             if out == "json":
                 body = bars_json(
-                    page.frame, single=single, timeframe=str(tf), next_token=page.next_page_token, meta=meta
+                    frame, single=single, timeframe=str(tf), next_token=page.next_page_token, meta=meta, extra=extra
                 )
             else:
-                body = bars_body(page.frame, out)
+                body = bars_body(frame, out)
             ttl = ttl_for(
                 "bars", market_open=st.gateway.is_market_hours(t), range_closed=closed, config=st.config.cache
             )

@@ -179,11 +179,16 @@ def bars(
     source: Annotated[
         str | None, typer.Option("--source", help="parquet://PATH or s3://BUCKET/prefix: read the cold tier")
     ] = None,
+    adjustment: Annotated[
+        str, typer.Option("--adjustment", "-a", help="raw, split, dividend or all (adjusted on read)")
+    ] = "raw",
+    as_of: Annotated[str | None, typer.Option("--as-of", help="adjust with the actions known by this day")] = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Print bars: from the store where covered, otherwise fetched, checked and stored first (or, with
-    ``--source``, from a Parquet dataset ``marketpipe export`` wrote)."""
+    ``--source``, from a Parquet dataset ``marketpipe export`` wrote). With --adjustment, adjusted for
+    corporate actions (the applied actions are listed on stderr)."""
     from marketpipe.service.data import MarketData
 
     validate_enum(fmt, OUTPUT_FORMATS, "format", casefold=True, message=FORMAT_MESSAGE)
@@ -192,12 +197,30 @@ def bars(
     async def go() -> Any:
         try:
             return await data.bars(
-                symbols, start, end, timeframe=timeframe, feed=feed, fetch=not no_fetch, source=source
+                symbols,
+                start,
+                end,
+                timeframe=timeframe,
+                feed=feed,
+                fetch=not no_fetch,
+                source=source,
+                adjustment=adjustment,
+                as_of=as_of,
             )
         finally:
             await data.aclose()
 
-    emit(asyncio.run(go()), fmt, output)
+    from marketpipe.service.actions import adjustment_of
+
+    frame = asyncio.run(go())
+    emit(frame, fmt, output)
+    info = adjustment_of(frame)
+    if info is not None:
+        for r in info.applied.iter_rows(named=True):
+            what = f"{r['type']} {r['symbol']} ex {r['ex_date']} x{r['price_factor']:.6g}"
+            err.print(f"applied {what} ({r['action_id']}, {r['source']})", highlight=False)
+        for r in info.skipped.iter_rows(named=True):
+            err.print(f"[yellow]not applied {r['type']} {r['symbol']} ex {r['ex_date']}: {r['reason']}[/yellow]")
 
 
 def _records_table(title: str, records: dict[str, Any]) -> Table:
@@ -642,9 +665,9 @@ def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, st
 
 # The other commands live in modules of their own and register on the shared ``app`` when imported
 # (after the ones above, so ``--help`` lists them in this order).
-from marketpipe.cli import alerts, export, quality, serve, stream  # noqa: E402
+from marketpipe.cli import actions, alerts, export, quality, serve, stream  # noqa: E402
 
-__all__ = ["alerts", "app", "export", "quality", "serve", "stream"]
+__all__ = ["actions", "alerts", "app", "export", "quality", "serve", "stream"]
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -18,12 +18,15 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import EVENTS
 from marketpipe.core.timeutil import utcnow
 
-EventKind = Literal["missing_data", "stale_data", "outlier", "source_unavailable"]
+EventKind = Literal["missing_data", "stale_data", "outlier", "source_unavailable", "corporate_action_applied"]
 Severity = Literal["info", "warning", "critical"]
 MISSING_DATA: EventKind = "missing_data"
 STALE_DATA: EventKind = "stale_data"
 OUTLIER: EventKind = "outlier"
 SOURCE_UNAVAILABLE: EventKind = "source_unavailable"
+# a new corporate action (or a vendor's correction of one) was stored: adjusted reads of the bars before its
+# adjustment date change; details: action_id, action (type), version, factors, affected (until)
+CORPORATE_ACTION_APPLIED: EventKind = "corporate_action_applied"
 
 log = get_logger("marketpipe.events")
 

@@ -13,7 +13,7 @@ a message the stream could not read, as the tagged union :data:`StreamEvent` (ta
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import msgspec
@@ -78,6 +78,85 @@ QUOTE_SCHEMA: dict[str, pl.DataType] = {
     "feed": pl.String(),
     "fetched_at": UTC_US,
 }
+
+
+# Corporate actions: one canonical record kind for every vendor's splits, dividends, mergers,
+# spin-offs, name changes, ... (``wire/`` converts each vendor's records into it). ``type`` uses
+# Alpaca's singular names (the widest vocabulary, :data:`ACTION_TYPES`); a type a vendor sends that is
+# not among them is kept under the vendor's own name, never dropped. ``raw`` is the vendor's record
+# as received (JSON, every key, unknown ones too). Ratios: ``old_rate`` -> ``new_rate`` shares (a 4:1
+# forward split is old 1, new 4); ``cash_amount`` is the raw per-share cash (a dividend's amount as
+# paid, before any later split); ``rate`` any other rate (a stock dividend's 0.05 = 5 %).
+# ``action_id`` is ``<provider>:<vendor id>`` (a vendor without ids gets one derived from symbol,
+# type and date, so that a corrected ratio is a new version of the same action).
+ACTION_TYPES: tuple[str, ...] = (
+    "forward_split",
+    "reverse_split",
+    "unit_split",
+    "stock_dividend",
+    "cash_dividend",
+    "spin_off",
+    "cash_merger",
+    "stock_merger",
+    "stock_and_cash_merger",
+    "redemption",
+    "name_change",
+    "worthless_removal",
+    "rights_distribution",
+    "partial_call",
+    "reorganization",
+)
+SPLIT_TYPES = ("forward_split", "reverse_split")
+ACTION_SCHEMA: dict[str, pl.DataType] = {
+    "action_id": pl.String(),
+    "provider": pl.String(),
+    "source": pl.String(),
+    "vendor_id": pl.String(),
+    "type": pl.String(),
+    "symbol": pl.String(),
+    "ex_date": pl.Date(),
+    "record_date": pl.Date(),
+    "payable_date": pl.Date(),
+    "process_date": pl.Date(),
+    "effective_date": pl.Date(),
+    "declaration_date": pl.Date(),
+    "old_rate": pl.Float64(),
+    "new_rate": pl.Float64(),
+    "cash_amount": pl.Float64(),
+    "rate": pl.Float64(),
+    "currency": pl.String(),
+    "old_symbol": pl.String(),
+    "new_symbol": pl.String(),
+    "fetched_at": UTC_US,
+    "raw": pl.String(),
+}
+ACTION_COLUMNS = list(ACTION_SCHEMA)
+# Values of ``adjustment`` (Alpaca's; comma-combinable there). marketpipe adjusts for splits (and
+# stock dividends, which act as splits) and cash dividends; ``spin-off`` is accepted by the vendor
+# but needs the new line's price, which marketpipe does not invent.
+ADJUSTMENTS = ("raw", "split", "dividend", "all")
+
+
+def actions_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """Canonical action rows (dicts with any subset of :data:`ACTION_SCHEMA`'s keys; dates as
+    ``datetime.date`` or ``YYYY-MM-DD``) as a frame with every column, in order."""
+    if not rows:
+        return empty_frame(ACTION_SCHEMA)
+    cols: dict[str, list[Any]] = {c: [r.get(c) for r in rows] for c in ACTION_COLUMNS}
+    dates = [c for c, t in ACTION_SCHEMA.items() if t == pl.Date()]
+    frame = pl.DataFrame(
+        {c: pl.Series(c, [_iso_day(x) for x in v] if c in dates else v, strict=False) for c, v in cols.items()}
+    )
+    return frame.with_columns([pl.col(c).cast(pl.String).str.to_date("%Y-%m-%d", strict=False) for c in dates]).cast(
+        ACTION_SCHEMA  # type: ignore[arg-type]
+    )
+
+
+def _iso_day(value: Any) -> str | None:
+    """A date (or a ``YYYY-MM-DD...`` string) as ``YYYY-MM-DD``; anything else is None."""
+    if isinstance(value, date):
+        return value.isoformat()[:10]
+    return value[:10] if isinstance(value, str) else None
 
 
 def empty_frame(schema: dict[str, pl.DataType]) -> pl.DataFrame:

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from marketpipe.core.schema import BAR_SCHEMA, UTC_US
+from marketpipe.core.schema import ACTION_SCHEMA, BAR_SCHEMA, UTC_US
 
 # Version of the set of tables below. A store opened with an older version gets the tables added
 # since (every table is created if missing) and its version raised; a newer one is refused.
 # v1 bars, quarantine, coverage, ingest log, reconciliation; v2 data quality (anomalies, scores,
-# revisions, job runs); v3 live streaming (prev_close).
-SCHEMA_VERSION = 3
+# revisions, job runs); v3 live streaming (prev_close); v4 corporate actions (versions, ledger, quarantine).
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -246,6 +246,55 @@ PREV_CLOSE = Table(
     since=3,
 )
 
+# Corporate actions as received, versioned: a vendor correction (other values under the same
+# action_id) is a new row with the next ``version``, never an edit; ``content_hash`` is what tells a
+# correction from a repeat. Reads take the newest version per action_id.
+CORPORATE_ACTIONS = Table(
+    "corporate_actions",
+    {**ACTION_SCHEMA, "version": pl.Int64(), "content_hash": pl.String(), "stored_at": UTC_US},
+    not_null=("action_id", "provider", "type", "version", "content_hash"),
+    since=4,
+)
+
+# The actions ledger: actions of ``symbol`` with adjustment dates in [start, end] (inclusive days)
+# were fetched from ``provider`` (``rows`` of them; 0: the vendor confirmed there are none).
+ACTION_COVERAGE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "provider": pl.String(),
+    "source": pl.String(),
+    "start": pl.Date(),
+    "end": pl.Date(),
+    "rows": pl.Int64(),
+    "request_id": pl.String(),
+    "fetched_at": UTC_US,
+}
+ACTION_COVERAGE = Table(
+    "action_coverage", ACTION_COVERAGE_SCHEMA, not_null=("symbol", "provider", "start", "end"), since=4
+)
+
+# An action with impossible values (ratio <= 0, negative cash, a dividend >= the previous close, no
+# date to adjust on): kept with why, never applied.
+ACTION_QUARANTINE_SCHEMA: dict[str, pl.DataType] = {**ACTION_SCHEMA, "reason": pl.String(), "quarantined_at": UTC_US}
+ACTION_QUARANTINE = Table("action_quarantine", ACTION_QUARANTINE_SCHEMA, since=4)
+
+# One cross-vendor comparison of actions per row (quality.actions.reconcile_actions), runs kept side by side.
+ACTION_RECONCILE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "family": pl.String(),
+    "reference": pl.String(),
+    "other": pl.String(),
+    "status": pl.String(),
+    "reference_date": pl.Date(),
+    "other_date": pl.Date(),
+    "reference_value": pl.Float64(),
+    "other_value": pl.Float64(),
+    "reference_id": pl.String(),
+    "other_id": pl.String(),
+}
+ACTION_RECONCILIATION = Table(
+    "action_reconciliation", {"run_id": pl.String(), "created_at": UTC_US, **ACTION_RECONCILE_SCHEMA}, since=4
+)
+
 # In creation order.
 TABLES: tuple[Table, ...] = (
     META,
@@ -259,4 +308,8 @@ TABLES: tuple[Table, ...] = (
     REVISIONS,
     JOB_RUNS,
     PREV_CLOSE,
+    CORPORATE_ACTIONS,
+    ACTION_COVERAGE,
+    ACTION_QUARANTINE,
+    ACTION_RECONCILIATION,
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 import httpx
@@ -31,13 +31,18 @@ from marketpipe.core.schema import (
     Quote,
     Snapshot,
     Trade,
+    actions_frame,
 )
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import rfc3339, utcnow
 from marketpipe.core.validation import validate_limit, validate_sort
 from marketpipe.providers.alpaca_config import AlpacaConfig
-from marketpipe.providers.base import KINDS, BarPage, Capabilities, envelope_error, pagination_loop
+from marketpipe.providers.base import KINDS, ActionsPage, BarPage, Capabilities, envelope_error, pagination_loop
 from marketpipe.providers.http import HttpProvider, error_text, status_error
+from marketpipe.wire.alpaca_actions import MAX_LIMIT as ACTIONS_MAX_LIMIT
+from marketpipe.wire.alpaca_actions import PATH as ACTIONS_PATH
+from marketpipe.wire.alpaca_actions import PROCESS_LAG as ACTIONS_LAG
+from marketpipe.wire.alpaca_actions import parse_page, to_action
 from marketpipe.wire.alpaca_rest import (
     ADJUSTMENTS,
     DEFAULT_BASE_URL,
@@ -175,7 +180,7 @@ class AlpacaProvider(HttpProvider):
         """Alpaca serves every stock data kind and timeframe, with history back to 2016."""
         if not self.capabilities.serves(kind):
             return f"alpaca does not serve {kind}"
-        if start is not None and start < ALPACA_HISTORY_START:
+        if kind != "actions" and start is not None and start < ALPACA_HISTORY_START:
             return f"alpaca history starts {ALPACA_HISTORY_START.date()}"
         return None
 
@@ -426,6 +431,53 @@ class AlpacaProvider(HttpProvider):
 
     async def snapshot(self, symbol: str, *, feed: str | None = None) -> Snapshot | None:
         return (await self.snapshots([symbol], feed=feed)).get(symbol)
+
+    # --- corporate actions -------------------------------------------------------------------
+
+    async def corporate_actions(
+        self, symbols: list[str], start: date, end: date, *, types: list[str] | None = None
+    ) -> ActionsPage:
+        """``/v1/corporate-actions``, every page. Its ``start``/``end`` filter on ``process_date``,
+        which trails a dividend's ex-date by weeks (trap 2), so the query reaches
+        ``PROCESS_LAG`` past ``end`` (never past today). Unknown plural keys are kept."""
+        if not symbols:
+            raise InvalidArgument("no symbols given", details={"parameter": "symbols"})
+        today = self._now().date()
+        wire: dict[str, Any] = {
+            "symbols": ",".join(symbols),
+            "start": start.isoformat(),
+            "end": min(end + ACTIONS_LAG, max(today, end)).isoformat(),
+            "limit": ACTIONS_MAX_LIMIT,
+            "sort": "asc",
+        }
+        if types:
+            wire["types"] = ",".join(types)
+        rows: list[dict[str, Any]] = []
+        ids: list[str] = []
+        followed: set[str] = set()
+        source, number = self.name, 0
+        while True:
+            (groups, nxt), resp = await self._get(ACTIONS_PATH, wire, "corporate_actions", _actions_decode)
+            number += 1
+            source, fetched = self._source(resp), self._now()
+            ids.append(resp.headers.get("x-request-id") or uuid.uuid4().hex[:16])
+            rows += [to_action(k, r, source=source, fetched_at=fetched) for k, recs in groups.items() for r in recs]
+            if not nxt:
+                break
+            if nxt in followed:
+                raise pagination_loop(self.name, "corporate_actions", number, f"next_page_token {nxt[:40]!r}")
+            followed.add(nxt)
+            wire["page_token"] = nxt
+        return ActionsPage(actions_frame(rows), list(symbols), start, end, source, ids, self._now())
+
+
+def _actions_decode(resp: httpx.Response) -> tuple[dict[str, list[dict[str, Any]]], str | None]:
+    try:
+        return parse_page(resp.content)
+    except ValueError as exc:
+        raise envelope_error(
+            resp.content, provider="alpaca", endpoint="corporate_actions", required=("corporate_actions",), cause=exc
+        ) from exc
 
 
 def _page_decoder(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Final, Literal, Protocol
 
 import orjson
@@ -119,8 +119,33 @@ class BarPage:
     kind: str = "bars"
 
 
-Kind = Literal["bars", "trades", "quotes", "latest_trade", "latest_quote", "latest_bar", "snapshot"]
-KINDS: Final[tuple[Kind, ...]] = ("bars", "trades", "quotes", "latest_trade", "latest_quote", "latest_bar", "snapshot")
+@dataclass(slots=True)
+class ActionsPage:
+    """Corporate actions of ``symbols`` whose adjustment date (ex-date, else effective, else process
+    date) lies in ``[start, end]`` (inclusive days), already canonical (``core.schema.ACTION_SCHEMA``;
+    every vendor page of the answer concatenated). Actions outside that window that came along are
+    kept too (they are real), but only the window counts as covered."""
+
+    frame: pl.DataFrame
+    symbols: list[str]
+    start: date
+    end: date
+    source: str
+    request_ids: list[str]
+    fetched_at: datetime
+
+
+Kind = Literal["bars", "trades", "quotes", "latest_trade", "latest_quote", "latest_bar", "snapshot", "actions"]
+KINDS: Final[tuple[Kind, ...]] = (
+    "bars",
+    "trades",
+    "quotes",
+    "latest_trade",
+    "latest_quote",
+    "latest_bar",
+    "snapshot",
+    "actions",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +178,8 @@ class BarsProvider(Protocol):
     when the provider can serve ``kind`` (one of ``KINDS``) for that timeframe and range, else the
     reason it cannot. It answers for every kind, so that nobody asks ``hasattr`` whether a method
     exists: a kind it serves has its method (``iter_bars``, ``iter_trades``, ``iter_quotes``,
-    ``latest_trades``, ``latest_quotes``, ``latest_bars``, ``snapshots``); the method of a kind it
+    ``latest_trades``, ``latest_quotes``, ``latest_bars``, ``snapshots``, ``corporate_actions``); the method of a
+    kind it
     does not serve need not exist, and is only called once ``supports`` has said yes. ``capabilities`` is the
     static part of that table (kinds served, kinds that take a feed). ``resilience`` holds the
     provider's retry policy, rate limiter and circuit breaker.
@@ -213,5 +239,12 @@ class BarsProvider(Protocol):
     async def latest_bars(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Bar]: ...
 
     async def snapshots(self, symbols: list[str], *, feed: str | None = None) -> dict[str, Snapshot]: ...
+
+    async def corporate_actions(
+        self, symbols: list[str], start: date, end: date, *, types: list[str] | None = None
+    ) -> ActionsPage:
+        """Every corporate action of ``symbols`` with its adjustment date in ``[start, end]``
+        (following the vendor's paging); ``types`` (canonical names) narrows where the vendor can."""
+        ...
 
     async def aclose(self) -> None: ...

@@ -31,6 +31,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import msgspec
+import orjson
 import polars as pl
 
 from marketpipe.core.calendar import get_calendar
@@ -44,23 +45,31 @@ from marketpipe.core.errors import (
 )
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import UNKNOWN_CODES
-from marketpipe.core.schema import BAR_SCHEMA, UTC_US, Bar, Quote, Snapshot, Trade, normalize_symbol
+from marketpipe.core.schema import BAR_SCHEMA, UTC_US, Bar, Quote, Snapshot, Trade, actions_frame, normalize_symbol
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, ns_to_dt, utcnow
 from marketpipe.core.validation import validate_enum, validate_limit, validate_range, validate_required, validate_sort
-from marketpipe.providers.base import BarPage, Capabilities, envelope_error, pagination_loop
+from marketpipe.providers.base import ActionsPage, BarPage, Capabilities, envelope_error, pagination_loop
 from marketpipe.providers.http import REDACTED, HttpProvider, error_text, status_error
 from marketpipe.providers.polygon_config import PolygonConfig
 from marketpipe.wire.polygon import (
+    ACTIONS_MAX_LIMIT,
     AGGS_PREFIX,
     DELAY,
     DELAYED,
+    DIVIDENDS_PATH,
     ERROR_STATUSES,
     MAX_LIMIT,
     SNAPSHOTS_PATH,
+    SPLITS_PATH,
+    V3_ACTIONS_MAX_LIMIT,
+    V3_DIVIDENDS_PATH,
+    V3_SPLITS_PATH,
     aggs_path,
+    dividend_action,
     last_path,
     quote_lot,
+    split_action,
     trade_condition,
     unknown_code,
 )
@@ -73,7 +82,7 @@ MASSIVE_BASE_URL = "https://api.massive.com"  # the same API under the vendor's 
 KEY_VAR = "POLYGON_API_KEY"
 FEED = "sip"  # Polygon's stock aggregates are built from the consolidated tape
 ADJUSTED = {"raw": "false", "split": "true", "all": "true"}  # the vendor adjusts for splits only
-KINDS = ("bars", "latest_trade", "latest_quote", "snapshot")
+KINDS = ("bars", "latest_trade", "latest_quote", "snapshot", "actions")
 T = TypeVar("T")
 log = get_logger("marketpipe.providers.polygon")
 
@@ -429,6 +438,8 @@ class PolygonProvider(HttpProvider):
         if not self.capabilities.serves(kind):
             return f"polygon does not serve {kind}"
         if self.config.plan == "free":
+            if kind == "actions":
+                return None  # the reference endpoints are on every plan
             if kind != "bars":
                 return f"the polygon free plan does not include {kind.replace('_', ' ')}"
             if start is not None and start >= self._horizon(now):
@@ -476,6 +487,62 @@ class PolygonProvider(HttpProvider):
         for ticker in dict.fromkeys(tickers):
             async for page in self._ticker_pages(ticker, timeframe, start, used_end, adjustment, limit, sort):
                 yield page
+
+    async def corporate_actions(
+        self, symbols: list[str], start: date, end: date, *, types: list[str] | None = None
+    ) -> ActionsPage:
+        """Splits and cash dividends per ticker, from ``/stocks/v1/splits`` and ``/stocks/v1/dividends``
+        (or the deprecated ``/v3/reference/...`` with ``actions_api = "v3"``), every page. Polygon
+        has no other action types: a ``types`` list without splits or dividends asks for nothing."""
+        validate_required(symbols, "symbols", message="no symbols given")
+        v1 = self.config.actions_api == "v1"
+        wanted = set(types or ("forward_split", "reverse_split", "stock_dividend", "cash_dividend"))
+        rows: list[dict[str, Any]] = []
+        ids: list[str] = []
+        source = self.name
+        for ticker in dict.fromkeys(normalize_symbol(s) for s in symbols):
+            calls = []
+            if wanted & {"forward_split", "reverse_split", "stock_dividend"}:
+                calls.append((SPLITS_PATH if v1 else V3_SPLITS_PATH, "execution_date", split_action))
+            if "cash_dividend" in wanted:
+                calls.append((DIVIDENDS_PATH if v1 else V3_DIVIDENDS_PATH, "ex_dividend_date", dividend_action))
+            for path, field, convert in calls:
+                params: dict[str, Any] = {
+                    "ticker": ticker,
+                    f"{field}.gte": start.isoformat(),
+                    f"{field}.lte": end.isoformat(),
+                    "limit": ACTIONS_MAX_LIMIT if v1 else V3_ACTIONS_MAX_LIMIT,
+                    "order": "asc",
+                }
+                url: str | None = path
+                seen: set[str] = set()
+                number = 0
+                while url is not None:
+                    doc, resp = await self._http.get(url, params, "actions", _actions_decode)
+                    number += 1
+                    source, fetched = self._source(resp), self._now()
+                    ids.append(str(doc.get("request_id") or uuid.uuid4().hex[:16]))
+                    rows += [convert(r, source=source, fetched_at=fetched) for r in doc.get("results") or []]
+                    url, params = self._next_action(doc.get("next_url"), path, seen, number), {}
+        frame = actions_frame(rows)
+        if types:
+            frame = frame.filter(pl.col("type").is_in(types))
+        return ActionsPage(frame, list(symbols), start, end, source, ids, self._now())
+
+    def _next_action(self, next_url: Any, path: str, seen: set[str], page: int) -> str | None:
+        """Like :meth:`_next`, for the corporate-action endpoints: a link on our base URL, same path."""
+        if not next_url:
+            return None
+        parts = urlsplit(str(next_url))
+        if parts.path != path:
+            raise MalformedResponse(
+                f"polygon: next_url leaves {path} ({self._http.scrub(parts.path)})", provider=self.name
+            )
+        rel = parts.path + (f"?{parts.query}" if parts.query else "")
+        if rel in seen:
+            raise pagination_loop(self.name, "actions", page, f"next_url {self._http.scrub(rel)}")
+        seen.add(rel)
+        return rel
 
     async def _ticker_pages(
         self, ticker: str, tf: Timeframe, start: datetime, end: datetime, adjustment: str, limit: int, sort: str
@@ -653,6 +720,22 @@ class PolygonProvider(HttpProvider):
             source=src,
             fetched_at=now,
         )
+
+
+def _actions_decode(resp: httpx.Response) -> dict[str, Any]:
+    """A corporate-action page: ``{"results": [...], "next_url"?, "status", "request_id"}``."""
+    try:
+        doc = orjson.loads(resp.content)
+    except orjson.JSONDecodeError as exc:
+        raise envelope_error(
+            resp.content, provider="polygon", endpoint="actions", required=("results",), cause=exc
+        ) from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("results", []), list):
+        raise envelope_error(
+            resp.content, provider="polygon", endpoint="actions", required=("results",), cause=ValueError("shape")
+        )
+    _raise_body_error(doc.get("status"), resp.content, resp.headers, "actions")
+    return doc
 
 
 def _span(tf: Timeframe) -> tuple[int, str]:

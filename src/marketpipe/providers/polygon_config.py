@@ -19,6 +19,9 @@ class PolygonConfig(ProviderConfig, forbid_unknown_fields=True):
     rate_limit_per_min: PositiveInt = 5  # the free tier's limit
     # "free" (Basic: end-of-day data through the previous session, 5 req/min) or "unlimited" (a paid plan).
     plan: Literal["free", "unlimited"] = "free"
+    # Corporate actions from the current /stocks/v1/{splits,dividends} ("v1") or the deprecated
+    # /v3/reference/{splits,dividends} ("v3", for keys and proxies that still only have those).
+    actions_api: Literal["v1", "v3"] = "v1"
 
 
 __all__ = ["PolygonConfig"]

@@ -44,6 +44,7 @@ from urllib.parse import quote
 
 import httpx
 import msgspec
+import orjson
 import polars as pl
 
 from marketpipe.core.errors import (
@@ -54,14 +55,14 @@ from marketpipe.core.errors import (
 )
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import VENDOR_POINTS_DROPPED
-from marketpipe.core.schema import BAR_SCHEMA, UTC_US
+from marketpipe.core.schema import BAR_SCHEMA, UTC_US, actions_frame
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import NY, utcnow
 from marketpipe.core.validation import validate_enum, validate_range, validate_required, validate_timeframe
-from marketpipe.providers.base import BarPage, Capabilities, envelope_error, sim_source
+from marketpipe.providers.base import ActionsPage, BarPage, Capabilities, envelope_error, sim_source
 from marketpipe.providers.http import HttpProvider, error_text, status_error
 from marketpipe.providers.yahoo_config import YahooConfig
-from marketpipe.wire.yahoo import ERROR_KEYS, LOOKBACK_DAYS, MAX_SPAN_DAYS, chart_path
+from marketpipe.wire.yahoo import ERROR_KEYS, EVENTS, LOOKBACK_DAYS, MAX_SPAN_DAYS, chart_path, events_to_actions
 
 DEFAULT_BASE_URL = "https://query2.finance.yahoo.com"
 # Yahoo throttles clients that do not look like a browser (reference §5.4).
@@ -350,7 +351,7 @@ class YahooProvider(HttpProvider):
     """Async client for Yahoo's chart endpoint. ``async with YahooProvider() as p: ...``"""
 
     name = "yahoo"
-    capabilities = Capabilities(frozenset({"bars"}))  # one consolidated feed: takes no feed argument
+    capabilities = Capabilities(frozenset({"bars", "actions"}))  # one consolidated feed: takes no feed argument
 
     def __init__(
         self,
@@ -388,7 +389,9 @@ class YahooProvider(HttpProvider):
     ) -> str | None:
         """Bars only, at the intervals Yahoo has, inside its intraday lookback windows."""
         if not self.capabilities.serves(kind):
-            return f"yahoo serves bars only, not {kind}"
+            return f"yahoo serves bars and corporate actions only, not {kind}"
+        if kind == "actions":
+            return None
         if timeframe is None:
             return "yahoo needs a bar timeframe"
         name = INTERVALS.get(timeframe)
@@ -460,6 +463,51 @@ class YahooProvider(HttpProvider):
                     kind="bars",
                 )
                 yield page
+
+    async def corporate_actions(
+        self, symbols: list[str], start: date, end: date, *, types: list[str] | None = None
+    ) -> ActionsPage:
+        """Splits and dividends from the daily chart's ``events=div,split`` over ``[start, end]``, one
+        request per symbol. Yahoo sends no ids (derived from symbol, kind, ex-date and event key) and only
+        these two kinds. A cross-check source (next-capabilities §1.4): its dividend amounts have
+        been split-adjusted at times."""
+        validate_required(symbols, "symbols", message="no symbols given")
+        tz = NY
+        rows: list[dict[str, Any]] = []
+        ids: list[str] = []
+        source = self._last_source
+        p1 = int(datetime.combine(start, time(0), NY).timestamp())
+        p2 = int(datetime.combine(end + timedelta(days=1), time(0), NY).timestamp())
+        for sym in dict.fromkeys(symbols):
+            params = {"interval": "1d", "period1": p1, "period2": p2, "events": EVENTS}
+
+            def decode(resp: httpx.Response, sym: str = sym) -> Any:
+                try:
+                    doc = orjson.loads(resp.content)
+                    chart = doc["chart"]
+                except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise envelope_error(
+                        resp.content, provider=self.name, endpoint=ENDPOINT, required=("chart",), cause=exc
+                    ) from exc
+                if not chart.get("result"):
+                    err = chart.get("error") or {}
+                    raise _error_in_200(_Error(code=err.get("code"), description=err.get("description")), sym)
+                return chart["result"][0].get("events")
+
+            events, resp = await self._http.get(chart_path(to_yahoo(sym)), params, ENDPOINT, decode)
+            source = sim_source(resp.headers, self.name)
+            ids.append(resp.headers.get("x-request-id") or uuid.uuid4().hex[:16])
+            rows += events_to_actions(
+                events,
+                sym,
+                lambda sec: datetime.fromtimestamp(sec, tz).date().isoformat(),
+                source=source,
+                fetched_at=self._now(),
+            )
+        frame = actions_frame(rows)
+        if types:
+            frame = frame.filter(pl.col("type").is_in(types))
+        return ActionsPage(frame, list(symbols), start, end, source, ids, self._now())
 
     async def _fetch(
         self, path: str, symbol: str, tf: Timeframe, interval: str, p1: int, p2: int, window: tuple[datetime, datetime]

@@ -16,18 +16,23 @@ import contextlib
 import threading
 from collections.abc import AsyncGenerator, Coroutine, Iterator
 from concurrent.futures import Future
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal, TypeVar
+from zoneinfo import ZoneInfo
 
 import polars as pl
 
 from marketpipe.core.calendar import ExchangeCalendar, get_calendar
 from marketpipe.core.config import Config, load_config
+from marketpipe.core.errors import InvalidArgument
 from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe, TimeframeLike
-from marketpipe.core.timeutil import TimeInput, parse_range, parse_time
+from marketpipe.core.timeutil import TimeInput, parse_range, parse_time, utcnow
 from marketpipe.core.validation import validate_dataset_url, validate_limit
 from marketpipe.providers.base import BarsProvider, feed_for
+from marketpipe.quality.adjust import parse_adjustment
+from marketpipe.service.actions import ATTR as ADJUSTMENT_ATTR
+from marketpipe.service.actions import Actions, adjustment_of, parse_as_of, validate_types
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
 from marketpipe.service.export import read_dataset
 from marketpipe.service.frames import Shape, frame_options, shaped
@@ -81,6 +86,7 @@ class MarketData:
         self._router: ProviderRouter | None = None
         self._env = env
         self._pinned: str | None = None
+        self._actions: Actions | None = None
 
     @property
     def store(self) -> Store:
@@ -315,22 +321,76 @@ class MarketData:
         feed: str | None = None,
         fetch: bool = True,
         source: str | None = None,
+        adjustment: str = "raw",
+        as_of: TimeLike | None = None,
     ) -> pl.DataFrame:
         """Bars for ``[start, end)``: from the store where covered, otherwise fetched, checked, stored.
 
         A range the ledger covers (by any provider) is read without building a provider, so reading
         what is already held needs no credentials; only a gap leads to a backfill, which plans it.
         ``source="parquet://PATH"`` or ``"s3://BUCKET/prefix"`` reads the Parquet cold tier written by
-        ``marketpipe export`` instead (nothing fetched, no store opened): the same frame a store read gives."""
+        ``marketpipe export`` instead (nothing fetched, no store opened): the same frame a store read gives.
+
+        ``adjustment`` (``raw|split|dividend|all``, Alpaca's values, comma-combinable): raw bars
+        adjusted on read for corporate actions (``service/actions``), with the actions known by
+        ``as_of`` (a day; default: everything known now). An adjusted frame carries what was
+        applied: :func:`marketpipe.service.actions.adjustment_of`. Both are checked before anything
+        is read or fetched."""
+        parts = parse_adjustment(adjustment)
+        known = parse_as_of(as_of)
         syms, tf, s, e = _series(symbols, timeframe, start, end)
-        if source is not None:
+        if source is not None:  # the cold tier holds raw bars; an adjustment applies to them the same way
             url = validate_dataset_url(source)
-            return await asyncio.to_thread(read_dataset, url, self.config, syms, tf, s, e, env=self._env)
-        if not fetch:
-            return await asyncio.to_thread(self._stored().read_bars, syms, str(tf), s, e)
-        if any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
-            await self.backfill(syms, s, e, timeframe=tf, feed=feed)
-        return await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
+            frame = await asyncio.to_thread(read_dataset, url, self.config, syms, tf, s, e, env=self._env)
+        elif not fetch:
+            frame = await asyncio.to_thread(self._stored().read_bars, syms, str(tf), s, e)
+        else:
+            if any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
+                await self.backfill(syms, s, e, timeframe=tf, feed=feed)
+            frame = await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
+        if not parts and known is None:
+            return frame
+        frame, info = await self.actions.adjust(frame, syms, s, parts, adjustment, as_of=known, fetch=fetch)
+        setattr(frame, ADJUSTMENT_ATTR, info)
+        return frame
+
+    @property
+    def actions(self) -> Actions:
+        """Corporate actions: fetch, store, adjust (:mod:`marketpipe.service.actions`)."""
+        if self._actions is None:
+
+            async def daily(symbol: str, lo: date, hi: date, fetch: bool) -> pl.DataFrame:
+                return await self.bars([symbol], lo, hi, timeframe="1Day", fetch=fetch)
+
+            self._actions = Actions(lambda: self.store, lambda: self.router, daily)
+        return self._actions
+
+    async def corporate_actions(
+        self,
+        symbols: list[str] | str,
+        start: TimeLike,
+        end: TimeLike | None = None,
+        *,
+        types: list[str] | str | None = None,
+        as_of: TimeLike | None = None,
+        fetch: bool = True,
+        provider: str | None = None,
+    ) -> pl.DataFrame:
+        """Corporate actions of ``symbols`` whose adjustment date (ex, else effective, else process
+        date) lies in ``[start, end]`` (days; end default today), newest version each, fetched
+        first where the actions ledger lacks them; ``types`` narrows (canonical names), ``as_of``
+        keeps those known by that day, ``provider`` reads (and fetches) one vendor's only."""
+        syms = normalize_symbols(symbols)
+        zone = ZoneInfo(str(self.calendar.tz))
+        s = parse_time(start, name="start").astimezone(zone).date()
+        e = parse_time(end, name="end").astimezone(zone).date() if end is not None else None
+        kinds = validate_types(types.split(",") if isinstance(types, str) else types)
+        e = e or utcnow().astimezone(zone).date()
+        if e < s:
+            raise InvalidArgument("end must not be before start", details={"parameter": "end"})
+        return await self.actions.read(
+            syms, s, e, types=kinds, as_of=parse_as_of(as_of), fetch=fetch, provider=provider
+        )
 
     # --- latest values, snapshots, historical ticks: the first provider that serves them and answers ---
 
@@ -492,7 +552,19 @@ class SyncMarketData:
         alignment, nothing filled). Both are checked before anything is read or fetched."""
         zone, sh = frame_options(tz, shape, lambda: self.data.calendar.tz)
         frame = self._run(self.data.bars(symbols, start, end, timeframe=timeframe, **kw))
-        return shaped(frame, Timeframe.parse(timeframe), zone, sh)
+        out = shaped(frame, Timeframe.parse(timeframe), zone, sh)
+        info = adjustment_of(frame)
+        if info is not None:  # the shaped frame says what it was adjusted with, too
+            if hasattr(out, "attrs"):
+                out.attrs[ADJUSTMENT_ATTR] = info
+            else:
+                setattr(out, ADJUSTMENT_ATTR, info)
+        return out
+
+    def corporate_actions(
+        self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any
+    ) -> pl.DataFrame:
+        return self._run(self.data.corporate_actions(symbols, start, end, **kw))
 
     def backfill(
         self, symbols: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import polars as pl
@@ -15,15 +16,17 @@ from marketpipe.core.calendar import ExchangeCalendar
 from marketpipe.core.config import QualityConfig
 from marketpipe.core.errors import InvalidArgument, InvalidRange
 from marketpipe.core.metrics import COMPLETENESS, QUALITY_SCORE
+from marketpipe.core.schema import SPLIT_TYPES as SPLITS
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import utcnow
+from marketpipe.quality.actions import explain_splits, unexplained_split_days
 from marketpipe.quality.anomaly import SEVERITY_WEIGHT, detect
 from marketpipe.quality.completeness import Completeness, assess_frames, expected_stamps
 from marketpipe.quality.reconcile import MATCH, MINOR, MISMATCH, WARN
 from marketpipe.quality.report import SeriesReport
 from marketpipe.quality.score import EMPTY_SUMMARY, score_days, summarize_many
 from marketpipe.service.frames import public
-from marketpipe.store.base import QualityStore
+from marketpipe.store.base import ActionStore, QualityStore
 
 OUTLIER_EVENT_SAMPLE = 5
 
@@ -118,6 +121,11 @@ def analyze(
     coverage = store.coverage(symbols, tfs, start, end)
     quarantined = store.quarantined_at(symbols, tfs, start, end)
     findings = detect(bars, tf, cfg.anomaly)
+    if isinstance(store, ActionStore) and findings.height:
+        # a split-like jump on a known split's ex-date is the split itself (raw data): explained, not counted
+        zone = ZoneInfo(str(cal.tz))
+        days = (start.astimezone(zone).date() - timedelta(days=1), end.astimezone(zone).date())
+        findings = explain_splits(findings, store.read_actions(symbols, *days, types=list(SPLITS)), str(cal.tz))
     if save:
         store.replace_findings(symbols, tfs, start, end, findings, now)
     comps = assess_frames(symbols, tf, cal, start, end, bars, coverage, extended=cfg.extended_hours, expected=expected)
@@ -128,6 +136,16 @@ def analyze(
         anomalies=pl.len().cast(pl.Int64),
         weighted=(pl.col("bars") * pl.col("severity").replace_strict(SEVERITY_WEIGHT, default=0.0)).sum(),
     )
+    before = unexplained_split_days(findings, comps.days, str(cal.tz))
+    if before.height:  # every bar before an unexplained split-like jump counts as invalid
+        a_days = (
+            pl.concat(
+                [a_days, before.with_columns(anomalies=pl.lit(0, pl.Int64), weighted=pl.lit(float(2**31)))],
+                how="diagonal_relaxed",
+            )
+            .group_by("symbol", "day")
+            .agg(pl.col("anomalies").sum(), pl.col("weighted").sum())
+        )
     recent = _recent_days(cal, now, cfg.recent_sessions)
     t_days = _timeliness(bars, period, recent, tf, cal, cfg)
     c_days = _consistency(store, symbols, tfs, start, end, period)

@@ -22,6 +22,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA, normalize_symbols
 from marketpipe.core.timeframe import Timeframe, TimeframeLike
 from marketpipe.core.timeutil import TimeInput, parse_range, rfc3339
+from marketpipe.service.actions import parse_adjustment, parse_as_of
 from marketpipe.service.frames import Shape, frame_options, shaped
 
 log = get_logger("marketpipe.remote")
@@ -49,12 +50,20 @@ class GatewayClient:
         fetch: bool = True,
         tz: str | None = None,
         shape: Shape = "long",
+        adjustment: str = "raw",
+        as_of: TimeInput | None = None,
     ) -> Any:
         """Bars for ``[start, end)`` through the gateway, in the columns ``mp.bars`` returns. The range and
         the timeframe are read here by the same rules as ``mp.bars`` and sent as exact instants. ``tz``
-        and ``shape`` as for ``mp.bars``; ``"exchange"`` is the zone of the configured calendar."""
+        and ``shape`` as for ``mp.bars``; ``"exchange"`` is the zone of the configured calendar.
+        ``adjustment`` / ``as_of`` as for ``mp.bars``: the gateway adjusts (the actions it applied are
+        in each page's ``X-Marketpipe-Adjustment`` header)."""
         zone, sh = frame_options(tz, shape, lambda: get_calendar(load_config().calendar).tz)
-        return shaped(self._bars(symbols, start, end, timeframe, feed, fetch), Timeframe.parse(timeframe), zone, sh)
+        parse_adjustment(adjustment)
+        known = parse_as_of(as_of)
+        extra = {"adjustment": adjustment, **({"as_of": known.isoformat()} if known else {})}
+        frame = self._bars(symbols, start, end, timeframe, feed, fetch, extra)
+        return shaped(frame, Timeframe.parse(timeframe), zone, sh)
 
     def _bars(
         self,
@@ -64,6 +73,7 @@ class GatewayClient:
         timeframe: TimeframeLike | Timeframe,
         feed: str | None,
         fetch: bool,
+        extra: dict[str, str] | None = None,
     ) -> pl.DataFrame:
         if not fetch:
             raise InvalidArgument(
@@ -81,6 +91,7 @@ class GatewayClient:
             "timeframe": str(tf),
             "format": "arrow",
             "limit": PAGE_LIMIT,
+            **(extra or {}),
         }
         if feed:
             params["feed"] = feed.lower()

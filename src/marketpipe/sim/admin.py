@@ -21,6 +21,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
+from marketpipe.sim.actions import ActionBook, ActionFault
 from marketpipe.sim.faults import FaultRule, Faults
 
 
@@ -64,7 +65,11 @@ Serve = Callable[[web.Request, Handler], Awaitable[tuple[web.StreamResponse, str
 
 
 def face_app(
-    faults: Faults, stats: Stats, serve: Serve, add_routes: Callable[[web.UrlDispatcher], None]
+    faults: Faults,
+    stats: Stats,
+    serve: Serve,
+    add_routes: Callable[[web.UrlDispatcher], None],
+    actions: ActionBook | None = None,
 ) -> web.Application:
     """The application of one simulator face: the vendor's routes (``add_routes``), then the admin
     routes. ``/_sim/`` requests go to :func:`serve_admin`; every other request is answered by
@@ -84,7 +89,41 @@ def face_app(
     app = web.Application(middlewares=[middleware])
     add_routes(app.router)
     add_admin_routes(app, faults, stats)
+    if actions is not None:
+        add_action_routes(app, actions)
     return app
+
+
+def add_action_routes(app: web.Application, book: ActionBook) -> None:
+    """``/_sim/actions``: the market's corporate actions; ``/_sim/actions/faults`` (GET, PUT a JSON
+    list of :class:`ActionFault`, DELETE): make one vendor's view wrong. The market is shared by every
+    face, so a fault set through one face's port holds for all of them."""
+
+    def faults_doc() -> web.Response:
+        return _json([msgspec.to_builtins(f) for f in book.faults])
+
+    async def get_actions(_: web.Request) -> web.Response:
+        return _json([{"symbol": a.symbol, "type": a.type, "ex_date": a.ex_date.isoformat(), "old_rate": a.old_rate,
+                       "new_rate": a.new_rate, "cash": a.cash, "id": a.id} for a in book.actions])  # fmt: skip
+
+    async def get_faults(_: web.Request) -> web.Response:
+        return faults_doc()
+
+    async def put_faults(request: web.Request) -> web.Response:
+        try:
+            book.set_faults(msgspec.json.decode(await request.read(), type=list[ActionFault]))
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            return _json({"message": f"invalid action faults: {exc}"}, 400)
+        return faults_doc()
+
+    async def delete_faults(_: web.Request) -> web.Response:
+        book.clear_faults()
+        return faults_doc()
+
+    app.router.add_get("/_sim/actions", get_actions)
+    app.router.add_get("/_sim/actions/faults", get_faults)
+    app.router.add_put("/_sim/actions/faults", put_faults)
+    app.router.add_delete("/_sim/actions/faults", delete_faults)
 
 
 async def serve_admin(request: web.Request, handler: Handler) -> web.StreamResponse:

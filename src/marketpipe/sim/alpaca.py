@@ -39,6 +39,7 @@ from aiohttp import web
 from marketpipe.core.errors import InvalidTimeframe
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import NY
+from marketpipe.sim import alpaca_actions as corporate_actions
 from marketpipe.sim.admin import SIM_HEADER, Handler, Stats
 from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
 from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, RunLookup, apply_defect, corrupt_bars
@@ -50,6 +51,7 @@ from marketpipe.sim.vendor import (
     rows_to_corrupt,
     truncate_if_asked,
 )
+from marketpipe.wire.alpaca_actions import PATH as ACTIONS_PATH
 from marketpipe.wire.alpaca_rest import (
     ADJUSTMENTS,
     CONDITIONS,
@@ -194,6 +196,19 @@ def _check_asof(query: Any) -> None:
         raise BadRequest("invalid asof") from exc
 
 
+def _adjustment(query: Any) -> str:
+    """The bars ``adjustment``, validated as Alpaca does since 2026-11-02 (trap 4): one value, a
+    comma list of ``raw|split|dividend|spin-off|all``; unknown, empty or repeated values are a 400.
+    Absent means ``raw``."""
+    values = query.getall("adjustment", [])
+    if not values:
+        return "raw"
+    parts = [p.strip() for p in values[0].split(",")]
+    if len(values) > 1 or not all(parts) or len(set(parts)) != len(parts) or not set(parts) <= set(ADJUSTMENTS):
+        raise BadRequest("invalid adjustment")
+    return ",".join(parts)
+
+
 def _currency(query: Any) -> bytes:
     cur = query.get("currency")
     if cur is None or cur == "":
@@ -246,6 +261,7 @@ class AlpacaFace(Face):
             r.add_get(f"/v2/stocks/{{symbol}}/{kind}", self._historical(kind, single=True))
             r.add_get(f"/v2/stocks/{{symbol}}/{kind}/latest", self._latest(kind, single=True))
         r.add_get("/v2/stocks/{symbol}/snapshot", self._snapshot_single)
+        r.add_get(ACTIONS_PATH, self._corporate_actions)
 
     async def _serve(self, request: web.Request, handler: Handler) -> tuple[web.StreamResponse, str]:
         unmatched = request.match_info.http_exception
@@ -386,14 +402,13 @@ class AlpacaFace(Face):
             else:
                 symbols = parse_symbols(q)
             tf: Timeframe | None = None
+            adjustment = "raw"
             if kind == "bars":
                 try:
                     tf = Timeframe.parse(q.get("timeframe", ""), strict=True)
                 except InvalidTimeframe as exc:
                     raise BadRequest("invalid timeframe", code=42210000) from exc
-                for part in q.get("adjustment", "raw").split(","):
-                    if part.strip() not in ADJUSTMENTS:
-                        raise BadRequest("invalid adjustment")
+                adjustment = _adjustment(q)
             feed = q.get("feed", "") or "sip"
             if feed not in HISTORICAL_FEEDS:
                 raise BadRequest("invalid feed")
@@ -418,6 +433,8 @@ class AlpacaFace(Face):
                 desc=sort == "desc",
                 cursor=cursor,
                 now_ns=self.now_ns(),
+                adjustment=adjustment,
+                vendor="alpaca",
             )
             next_token = encode_token(*page.next_cursor) if page.next_cursor else None
             if request.get(TOKEN_LOOP):
@@ -504,6 +521,13 @@ class AlpacaFace(Face):
         return json_response(body)
 
     # --- meta ---------------------------------------------------------------------------------------------
+    async def _corporate_actions(self, request: web.Request) -> web.Response:
+        today = datetime.fromtimestamp(self.now_ns() / NS_PER_SEC, NY).date()
+        try:
+            return raw_json(corporate_actions.answer(self.market, request.query, today))
+        except corporate_actions.ActionsBadRequest as exc:
+            raise BadRequest(str(exc)) from exc
+
     async def _exchanges(self, request: web.Request) -> web.Response:
         return json_response(EXCHANGES)
 

@@ -61,6 +61,7 @@ from marketpipe.core.errors import InvalidArgument, InvalidSymbol
 from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.timeframe import MIN1, Timeframe, Unit
 from marketpipe.core.timeutil import NY, dt_to_ns, utcnow
+from marketpipe.sim.actions import ActionBook, factors, split_multiplier
 
 SYMBOL_RE = re.compile(r"^[A-Z]{1,5}([./][A-Z]{1,2})?$")
 DEFAULT_UNKNOWN = frozenset({"UNKNOWN", "ZZZZ", "NOPE"})
@@ -440,8 +441,12 @@ class SimMarket:
         unknown_symbols: frozenset[str] = DEFAULT_UNKNOWN,
         *,
         cache_mb: int = 512,
+        actions: ActionBook | None = None,
     ) -> None:
         self.seed = seed
+        self.actions = actions or ActionBook()
+        self._factors: dict[tuple[str, str, str, int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._factor_lock = threading.Lock()
         self.unknown_symbols = frozenset(unknown_symbols)
         self.cal: ExchangeCalendar = get_calendar(calendar)
         self.days = self.cal.days
@@ -495,7 +500,9 @@ class SimMarket:
             op = prev + gaps[k]
             prev = op + rets[k] - kappa * (op - x0)
             opens[k], closes[k] = op, prev
-        out = (np.exp(np.array(opens)), np.exp(np.array(closes)))
+        # raw prices follow the share count: before a split's ex-date they are the ratio higher
+        mult = split_multiplier(self.days, self.actions.splits(symbol))
+        out = (np.exp(np.array(opens)) * mult, np.exp(np.array(closes)) * mult)
         self._walks.put(symbol, out, n * 16)
         return out
 
@@ -726,22 +733,72 @@ class SimMarket:
         end_ns: int,
         desc: bool,
         now_ns: int,
+        adjustment: str = "raw",
+        vendor: str = "alpaca",
     ) -> Iterator[tuple[Chunk, int, int]]:
-        """(chunk, i, j): non-empty runs of rows in [start, end] visible at ``now``, in page order."""
+        """(chunk, i, j): non-empty runs of rows in [start, end] visible at ``now``, in page order.
+        Bars other than ``adjustment="raw"`` are adjusted with ``vendor``'s view of the actions."""
         if not self.has_data(symbol) or feed not in ("sip", "iex") or start_ns > end_ns:
             return
+        adjusted = kind == "bars" and adjustment != "raw"
+        fac = self.factors(symbol, adjustment, vendor, now_ns) if adjusted else None
         if kind == "bars" and tf is not None and not tf.is_intraday:
             bars = self._long_bars(symbol, tf, start_ns, end_ns, feed, now_ns)
             if len(bars):
-                yield Chunk(bars.t, _bar_rows(bars)), 0, len(bars)
+                rows = self._adjusted_rows(bars, fac) if fac is not None else _bar_rows(bars)
+                yield Chunk(bars.t, rows), 0, len(bars)
             return
         span = self._session_span(start_ns, end_ns, now_ns)
         for di in reversed(span) if desc else span:
-            chunk, cut = self._chunk(kind, symbol, di, tf, feed, now_ns)
+            if fac is not None:
+                bars = self._intraday(symbol, di, tf or MIN1, feed, now_ns)
+                chunk, cut = Chunk(bars.t, self._adjusted_rows(bars, fac)), len(bars)
+            else:
+                chunk, cut = self._chunk(kind, symbol, di, tf, feed, now_ns)
             i = int(np.searchsorted(chunk.t, start_ns, side="left"))
             j = min(int(np.searchsorted(chunk.t, end_ns, side="right")), cut)
             if j > i:
                 yield chunk, i, j
+
+    def factors(self, symbol: str, adjustment: str, vendor: str, now_ns: int) -> tuple[np.ndarray, np.ndarray]:
+        """(price, volume) factor per session of ``symbol`` as ``vendor`` adjusts it now (see
+        :mod:`marketpipe.sim.actions`)."""
+        today = self.ny_date(now_ns)
+        key = (symbol, adjustment, vendor, self.actions.version, today.toordinal())
+        with self._factor_lock:
+            hit = self._factors.get(key)
+        if hit is not None:
+            return hit
+
+        applied = self.actions.view(symbol, vendor).applied
+        out = factors(self.days, applied, lambda i: self.raw_close(symbol, i, now_ns), adjustment, today)
+        with self._factor_lock:
+            if len(self._factors) > 256:
+                self._factors.clear()
+            self._factors[key] = out
+        return out
+
+    def raw_close(self, symbol: str, di: int, now_ns: int) -> float | None:
+        """The raw close of session ``di`` (None before the calendar or when it has no bar by ``now``)."""
+        row = self._day_row(symbol, di, now_ns) if 0 <= di < len(self.days) else None
+        return float(row[3]) if row is not None else None
+
+    @staticmethod
+    def ny_date(ns: int) -> date:
+        """The New York date of a UTC ns instant."""
+        return datetime.fromtimestamp(ns / NS_PER_SEC, NY).date()
+
+    def _adjusted_rows(self, b: BarArrays, fac: tuple[np.ndarray, np.ndarray]) -> list[dict[str, Any]]:
+        """Bars as JSON rows with prices (and vwap) times the price factor of their New York day and
+        volume times its volume factor (rounded to whole shares)."""
+        di = np.maximum(np.searchsorted(self.midnights, b.t, side="right") - 1, 0)
+        fp, fv = fac[0][di], fac[1][di]
+        ts = np.datetime_as_string(b.t.view("datetime64[ns]").astype("datetime64[s]"), unit="s").tolist()
+        cols = (b.o * fp, b.h * fp, b.l * fp, b.c * fp, np.rint(b.v * fv).astype(np.int64), b.n, b.vw * fp)
+        return [
+            {"t": t + "Z", "o": o, "h": h, "l": lo, "c": c, "v": v, "n": n, "vw": vw}
+            for t, o, h, lo, c, v, n, vw in zip(ts, *(x.tolist() for x in cols), strict=True)
+        ]
 
     def _chunk(
         self, kind: Kind, symbol: str, di: int, tf: Timeframe | None, feed: str, now_ns: int
@@ -796,6 +853,8 @@ class SimMarket:
         desc: bool = False,
         cursor: tuple[str, int] | None = None,
         now_ns: int | None = None,
+        adjustment: str = "raw",
+        vendor: str = "alpaca",
     ) -> Page:
         """One page of a historical query, ordered by symbol then time, at most ``limit`` rows in
         total. ``cursor`` = (symbol, ts_ns) of the last row already delivered."""
@@ -817,7 +876,7 @@ class SimMarket:
                 else:
                     s = max(s, cursor[1] + 1)
             frags: list[memoryview] = []
-            for chunk, i, j in self._runs(kind, sym, timeframe, feed, s, e, desc, now):
+            for chunk, i, j in self._runs(kind, sym, timeframe, feed, s, e, desc, now, adjustment, vendor):
                 if remaining == 0:
                     more = True  # something is left after a full page
                     break
@@ -845,21 +904,33 @@ class SimMarket:
         feed: str = "sip",
         *,
         now: datetime | int | None = None,
+        adjustment: str = "raw",
+        vendor: str = "alpaca",
     ) -> dict[str, np.ndarray]:
         """Bars stamped in [start, end] as columns ``t`` (int64 ns UTC), ``o h l c`` (float64),
-        ``v n`` (int64), ``vw`` (float64) — exactly what the HTTP face serves."""
+        ``v n`` (int64), ``vw`` (float64) — exactly what the HTTP face serves (adjusted as ``vendor``
+        adjusts them for ``adjustment``)."""
         tf = Timeframe.parse(timeframe)
         s, e, now_ns = to_ns(start), to_ns(end), self._now(now)
         self._check(symbol, feed)
         if not self.has_data(symbol) or feed not in ("sip", "iex"):
             return BarArrays.empty().frame()
         if not tf.is_intraday:
-            return self._long_bars(symbol, tf, s, e, feed, now_ns).frame()
-        parts = []
-        for di in self._session_span(s, e, now_ns):
-            b = self._intraday(symbol, di, tf, feed, now_ns)
-            parts.append(b.take((b.t >= s) & (b.t <= e)))
-        return BarArrays.concat(parts).frame()
+            out = self._long_bars(symbol, tf, s, e, feed, now_ns)
+        else:
+            parts = []
+            for di in self._session_span(s, e, now_ns):
+                b = self._intraday(symbol, di, tf, feed, now_ns)
+                parts.append(b.take((b.t >= s) & (b.t <= e)))
+            out = BarArrays.concat(parts)
+        frame = out.frame()
+        if adjustment != "raw":
+            fp_all, fv_all = self.factors(symbol, adjustment, vendor, now_ns)
+            idx = np.maximum(np.searchsorted(self.midnights, out.t, side="right") - 1, 0)
+            fp, fv = fp_all[idx], fv_all[idx]
+            frame.update({k: frame[k] * fp for k in ("o", "h", "l", "c", "vw")})
+            frame["v"] = np.rint(frame["v"] * fv).astype(np.int64)
+        return frame
 
     def canonical_bars(
         self,

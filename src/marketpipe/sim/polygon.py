@@ -60,6 +60,7 @@ from aiohttp import web
 from marketpipe.core.errors import InvalidTimeframe
 from marketpipe.core.timeframe import DAY1, MIN1, Timeframe, Unit
 from marketpipe.core.timeutil import NY
+from marketpipe.sim import polygon_actions
 from marketpipe.sim.admin import Handler, Stats
 from marketpipe.sim.alpaca import DEFAULT_KEYS as ALPACA_DEFAULT_KEYS
 from marketpipe.sim.alpaca import MAINTENANCE_200, SIM_HEADER, json_response
@@ -264,6 +265,8 @@ class PolygonFace(Face):
         r.add_get(LAST_NBBO_ROUTE, self._last_nbbo)
         r.add_get(SNAPSHOTS_PATH, self._snapshots)
         r.add_get(SNAPSHOT_ROUTE, self._snapshot)
+        for path in polygon_actions.ROUTES:
+            r.add_get(path, self._actions)
 
     async def _serve(self, request: web.Request, handler: Handler) -> tuple[web.StreamResponse, str]:
         request_id = uuid.uuid4().hex
@@ -421,20 +424,30 @@ class PolygonFace(Face):
             return t + tf.seconds * NS_PER_SEC
         return np.array([ny_midnight_ns(_next_bucket(_midnight_date(x), tf)) for x in t.tolist()], dtype=np.int64)
 
-    def series(self, ticker: str, tf: Timeframe, start_ns: int, end_ns: int, horizon: int) -> Series:
-        """Bars overlapping ``[start_ns, end_ns]`` as this face serves them (disagreements applied)."""
+    def series(
+        self, ticker: str, tf: Timeframe, start_ns: int, end_ns: int, horizon: int, adjusted: bool = False
+    ) -> Series:
+        """Bars overlapping ``[start_ns, end_ns]`` as this face serves them (disagreements applied);
+        ``adjusted``: split-adjusted, as the vendor's ``adjusted=true`` (splits only)."""
+        adj = "split" if adjusted else "raw"
         if not self.market.has_data(ticker) or end_ns < start_ns:
             return _empty_series()
         # Back far enough that a bucket starting before the range but reaching into it is found
         # (tf.seconds is an upper bound on a bucket's length; a day more covers DST and Sunday weeks).
         lookback = tf.seconds * NS_PER_SEC + (0 if tf.is_intraday else NS_PER_DAY)
         lo, hi = start_ns - lookback, end_ns + (0 if tf.is_intraday else 2 * NS_PER_DAY)
-        bars = self.market.bars_frame(ticker, tf, lo, hi, "sip", now=horizon)
+        bars = self.market.bars_frame(ticker, tf, lo, hi, "sip", now=horizon, adjustment=adj, vendor="polygon")
         if len(bars["t"]) == 0:
             return _empty_series()
         ends = self._ends(bars["t"], tf)
         base_tf = MIN1 if tf.is_intraday else DAY1
-        base = bars if tf == base_tf else self.market.bars_frame(ticker, base_tf, lo, int(ends[-1]) - 1, now=horizon)
+        base = (
+            bars
+            if tf == base_tf
+            else self.market.bars_frame(
+                ticker, base_tf, lo, int(ends[-1]) - 1, now=horizon, adjustment=adj, vendor="polygon"
+            )
+        )
         if self.missing_days:
             base = self._drop_missing(base)
             rebuild = tf.unit in (Unit.WEEK, Unit.MONTH)
@@ -498,7 +511,7 @@ class PolygonFace(Face):
         start_ns = self._edge(raw_from, "from", upper=False)
         end_ns = self._edge(raw_to, "to", upper=True)
         client = self._client(request)
-        s = self.series(ticker, tf, start_ns, end_ns, self._horizon(client.plan))
+        s = self.series(ticker, tf, start_ns, end_ns, self._horizon(client.plan), adjusted)
         if sort == "desc":
             s = s.take(slice(None, None, -1))
         # A page takes whole bars while their base aggregates fit in the limit, and at least one.
@@ -542,6 +555,15 @@ class PolygonFace(Face):
         if ticker is not None:
             rows = [{"T": ticker, **row} for row in rows]
         return rows
+
+    async def _actions(self, request: web.Request) -> web.Response:
+        origin = f"{request.scheme}://{request.host}"
+        try:
+            doc = polygon_actions.answer(self.market, request.path, dict(request.query), origin, self.now_ns())
+        except polygon_actions.ActionsError as exc:
+            raise PolygonError(400, str(exc)) from exc
+        doc["request_id"] = request[REQUEST_ID]
+        return json_response(doc)
 
     async def _prev(self, request: web.Request) -> web.Response:
         ticker = request.match_info["ticker"]

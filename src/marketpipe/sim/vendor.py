@@ -161,7 +161,7 @@ class Face(ABC):
         return int(self.clock() * 1e6) * 1000
 
     def build_app(self) -> web.Application:
-        return face_app(self.faults, self.stats, self._serve, self._routes)
+        return face_app(self.faults, self.stats, self._serve, self._routes, self.market.actions)
 
     @abstractmethod
     def _routes(self, r: web.UrlDispatcher) -> None:

@@ -19,8 +19,11 @@ What it does, where the reference leaves a choice open:
   of the first session in the week (Monday-based) or month bucket, aggregated from the daily bars.
   A daily-or-longer bar is in the answer when that stamp is in ``[period1, period2)``.
 * Prices go out as float32 widened to double (``414.9200134277344``), as Yahoo's do; rounded to
-  cents they are SimMarket's prices. ``adjclose`` (daily and longer) equals ``close``: the
-  simulator has no corporate actions, and for the same reason ``events`` is never present.
+  cents they are SimMarket's prices. ``adjclose`` (daily and longer) is ``close`` adjusted for
+  splits and dividends with the Yahoo view of the market's actions (``sim/actions.py``); with
+  ``events=div,split`` (``|`` also separates) the window's ``events.splits`` / ``events.dividends``
+  come along. Unlike the real Yahoo, ``close`` itself is raw, not split-adjusted (the simulator's
+  Yahoo bars are SimMarket's raw bars, like the other faces').
 * ``includePrePost`` is accepted; the simulator has regular-session data only.
 * Unknown symbols (and symbols SimMarket cannot hold, e.g. ``^GSPC``) are a 404 chart error.
   No authentication: keys are ignored. ``BRK-B`` is SimMarket's ``BRK.B``.
@@ -254,13 +257,17 @@ class YahooFace(Face):
             self._append_live_point(result["timestamp"], quote, meta, now_ns)
             indicators: dict[str, Any] = {"quote": [quote]}
             if iv.daily:
-                indicators["adjclose"] = [{"adjclose": quote["close"]}]
+                indicators["adjclose"] = [{"adjclose": self._adjclose(msym, rows, iv, now_ns)}]
         else:
             # Yahoo's shape for a window without bars: no "timestamp" and an empty quote object
             indicators = {"quote": [{}]}
             if iv.daily:
                 indicators["adjclose"] = [{}]
         result["indicators"] = indicators
+        wanted = {e for e in re.split(r"[,|]", q.get("events", "")) if e}
+        events = self._events(msym, wanted, p1, p2, now_ns)
+        if events:
+            result["events"] = events
         body = orjson.dumps({"chart": {"result": [result], "error": None}})
         return web.Response(body=body, content_type="application/json")
 
@@ -337,6 +344,41 @@ class YahooFace(Face):
             )
 
     # --- rows ----------------------------------------------------------------------------------------
+    def _adjclose(self, msym: str, rows: Rows, iv: Interval, now_ns: int) -> list[float | None]:
+        """Closes adjusted for splits and dividends as this vendor's view of the actions has them:
+        the factor of the session the close is from (a week's or month's: its last session so far)."""
+        m = self.market
+        fp, _ = m.factors(msym, "all", "yahoo", now_ns)
+        session = np.maximum(np.searchsorted(m.opens, rows.t * NS_PER_SEC, side="right") - 1, 0)
+        if iv.months:
+            current = max(int(np.searchsorted(m.opens, now_ns, side="right")) - 1, 0)
+            ids = _bucket_ids(m.days[: current + 1], iv.months)
+            session = np.searchsorted(ids, ids[np.minimum(session, current)], side="right") - 1
+        return _prices(rows.c * fp[session])
+
+    def _events(self, msym: str, wanted: set[str], p1: int, p2: int, now_ns: int) -> dict[str, Any]:
+        """``events.splits`` / ``events.dividends`` of the window, keyed by the ex-date's session open
+        (Unix seconds, as a string); a doubled split's copy is one second later (the keys must differ)."""
+        m = self.market
+        out: dict[str, dict[str, Any]] = {}
+        today = m.ny_date(now_ns)
+        for a in m.actions.view(msym, "yahoo").listed:
+            k = int(np.searchsorted(m.days, np.datetime64(a.ex_date, "D"), side="left"))
+            if a.ex_date > today or k >= len(m.days):
+                continue
+            ts = int(m.opens[k] // NS_PER_SEC) + (1 if a.tag else 0)
+            if not p1 <= ts < p2:
+                continue
+            if a.is_split and wanted & {"split", "splits"}:
+                num, den = a.new_rate, a.old_rate
+                ratio = f"{num:g}:{den:g}"
+                out.setdefault("splits", {})[str(ts)] = {
+                    "date": ts, "numerator": num, "denominator": den, "splitRatio": ratio,
+                }  # fmt: skip
+            elif a.type == "cash_dividend" and "div" in wanted:
+                out.setdefault("dividends", {})[str(ts)] = {"amount": a.cash, "date": ts}
+        return out
+
     def _rows(self, msym: str, iv: Interval, p1: int, p2: int, now_ns: int) -> Rows:
         # Nothing exists before 1970 or after now: clamping keeps absurd periods inside int64 ns.
         lo = max(p1, 0) * NS_PER_SEC

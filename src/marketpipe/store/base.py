@@ -11,6 +11,8 @@ The roles, by who uses them:
   scores): findings, day scores and reconciliation results, over the bars it also reads.
 * :class:`OpsStore` — operations: scheduled runs, the live stream's previous closes, and what the
   ``marketpipe store ...`` commands and the health check inspect.
+* :class:`ActionStore` — corporate actions (``service/actions``, adjust-on-read): actions as
+  received and versioned, their ledger, and the actions quarantined for impossible values.
 * :class:`Store` — all of them plus closing, for code that owns a store (``MarketData``, the CLI).
 
 Rules common to every method:
@@ -29,12 +31,16 @@ Rules common to every method:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
+import orjson
 import polars as pl
+
+from marketpipe.core.schema import ACTION_COLUMNS
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +252,90 @@ class OpsStore(Protocol):
         """Vendor revisions a refresh found (old and new values), of one symbol or all, by ts."""
 
 
+# The columns whose values make an action's content (a change in any is a vendor correction).
+_CONTENT = [c for c in ACTION_COLUMNS if c not in ("fetched_at", "raw")]
+
+
+def with_content_hash(actions: pl.DataFrame) -> pl.DataFrame:
+    """``actions`` plus ``content_hash``: SHA-256 of the content columns (stable across processes and
+    versions, unlike polars' own hash; actions are few, so a per-row digest is fine)."""
+    digests = [hashlib.sha256(orjson.dumps(row, default=str)).hexdigest() for row in actions.select(_CONTENT).rows()]
+    return actions.with_columns(pl.Series("content_hash", digests, dtype=pl.String))
+
+
+@dataclass(frozen=True, slots=True)
+class ActionCoverage:
+    """Actions of ``symbol`` with adjustment dates in ``[start, end]`` (inclusive days) were fetched
+    from ``provider`` (``rows`` of them; 0: none there)."""
+
+    symbol: str
+    provider: str
+    source: str
+    start: date
+    end: date
+    rows: int
+    request_id: str
+    fetched_at: datetime
+
+
 @runtime_checkable
-class Store(QualityStore, OpsStore, Protocol):
+class ActionStore(Protocol):
+    """Corporate actions (``core.schema.ACTION_SCHEMA`` frames), their ledger and their quarantine.
+
+    Tables: ``corporate_actions``, ``action_coverage``, ``action_quarantine`` (``core/tables.py``).
+    Actions are never edited or deleted: a vendor correction (other values under the same
+    ``action_id``) is stored as the next ``version``. An action's *adjustment date* is its
+    ``ex_date``, else ``effective_date``, else ``process_date``; its *known date* (point in time) is
+    the earliest of ``declaration_date``, ``ex_date``/``effective_date`` and ``process_date`` it has.
+    """
+
+    def write_actions(
+        self, actions: pl.DataFrame, coverage: list[ActionCoverage], quarantine: pl.DataFrame | None = None
+    ) -> int:
+        """In ONE transaction: store ``actions`` (``ACTION_SCHEMA``), the ledger entries and the
+        quarantined rows (``ACTION_QUARANTINE_SCHEMA``). Per action: its content (every column but
+        ``fetched_at`` and ``raw``) is hashed; if the newest stored version of its ``action_id``
+        has the same hash it is skipped (idempotent: writing the same answer twice stores it once),
+        else it is stored as version newest + 1 (1 when new), stamped ``stored_at``. Quarantine
+        rows already held (same action_id and reason) are skipped. Returns the versions stored.
+        On failure nothing is written and ``StoreError`` is raised."""
+
+    def read_actions(
+        self,
+        symbols: list[str],
+        start: date,
+        end: date,
+        *,
+        types: list[str] | None = None,
+        providers: list[str] | None = None,
+        known_by: date | None = None,
+        all_versions: bool = False,
+    ) -> pl.DataFrame:
+        """Actions of ``symbols`` whose adjustment date lies in ``[start, end]`` (inclusive), the
+        ``corporate_actions`` columns, ordered by symbol, adjustment date, action_id, version.
+        The newest version per action_id unless ``all_versions``; ``types`` / ``providers``
+        narrow; ``known_by``: only actions whose known date is on or before it (point in time).
+        Quarantined actions are not excluded here (the caller decides)."""
+
+    def action_coverage(
+        self, symbols: list[str], start: date, end: date, *, provider: str | None = None
+    ) -> pl.DataFrame:
+        """Ledger entries (``ACTION_COVERAGE_SCHEMA``) of ``symbols`` overlapping ``[start, end]``
+        (``entry.start <= end and entry.end >= start``), ordered by symbol, start."""
+
+    def action_quarantine(self, symbol: str | None = None) -> pl.DataFrame:
+        """Quarantined actions (``ACTION_QUARANTINE_SCHEMA``) of one symbol or all, by ex_date."""
+
+    def write_action_reconciliation(self, run_id: str, created_at: datetime, rows: pl.DataFrame) -> int:
+        """Append one cross-vendor action comparison (``ACTION_RECONCILE_SCHEMA``) under ``run_id``;
+        earlier runs are kept. Returns the rows written."""
+
+    def action_reconciliation(self, symbol: str, run_id: str | None = None) -> pl.DataFrame:
+        """Stored action comparisons of one symbol (every run unless ``run_id``), ordered by run, date."""
+
+
+@runtime_checkable
+class Store(QualityStore, OpsStore, ActionStore, Protocol):
     """Every role, plus the store's lifetime: for code that opens and owns a store."""
 
     def close(self) -> None:

@@ -11,8 +11,10 @@ so a crash leaves either the whole page or none of it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -24,9 +26,15 @@ import polars as pl
 from marketpipe.core.errors import StoreError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_STORED
-from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA
+from marketpipe.core.schema import ACTION_COLUMNS, BAR_COLUMNS, BAR_SCHEMA
 from marketpipe.core.tables import (
+    ACTION_COVERAGE,
+    ACTION_COVERAGE_SCHEMA,
+    ACTION_QUARANTINE,
+    ACTION_QUARANTINE_SCHEMA,
+    ACTION_RECONCILIATION,
     ANOMALIES,
+    CORPORATE_ACTIONS,
     COVERAGE,
     COVERAGE_SCHEMA,
     INGEST_LOG,
@@ -39,7 +47,7 @@ from marketpipe.core.tables import (
     TABLES,
     Table,
 )
-from marketpipe.store.base import PageWrite
+from marketpipe.store.base import ActionCoverage, PageWrite, with_content_hash
 
 log = get_logger("marketpipe.store")
 
@@ -203,13 +211,25 @@ class DuckDBStore:
     # --- writes --------------------------------------------------------------------------------
 
     def write_pages(self, pages: list[PageWrite]) -> list[int]:
-        stored: list[int] = []
+        with self._transaction():
+            stored = self._insert_bars(pages)
+            for page, n in zip(pages, stored, strict=True):
+                self._write_side_tables(page, n)
+        for page, n in zip(pages, stored, strict=True):
+            self._note_variants(page, n)
+            page.stored = n
+            if n:
+                ROWS_STORED.labels("bars", page.ingest.source, page.ingest.timeframe).inc(n)
+        return stored
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction under the lock: committed when the block ends, rolled back on any error
+        (a DuckDB error becomes ``StoreError`` "nothing written")."""
         with self._lock:
             try:
                 self.con.execute("BEGIN TRANSACTION")
-                stored = self._insert_bars(pages)
-                for page, n in zip(pages, stored, strict=True):
-                    self._write_side_tables(page, n)
+                yield
                 self.con.execute("COMMIT")
             except duckdb.Error as exc:
                 self._rollback()
@@ -217,12 +237,6 @@ class DuckDBStore:
             except BaseException:
                 self._rollback()
                 raise
-        for page, n in zip(pages, stored, strict=True):
-            self._note_variants(page, n)
-            page.stored = n
-            if n:
-                ROWS_STORED.labels("bars", page.ingest.source, page.ingest.timeframe).inc(n)
-        return stored
 
     def _rollback(self) -> None:
         try:
@@ -693,6 +707,102 @@ class DuckDBStore:
                 for t in ("bars", "quarantine", "coverage", "ingest_log")
             }
 
+    # --- corporate actions (ActionStore) -------------------------------------------------------
+
+    def write_actions(
+        self, actions: pl.DataFrame, coverage: list[ActionCoverage], quarantine: pl.DataFrame | None = None
+    ) -> int:
+        frame = _naive(
+            with_content_hash(actions.select(ACTION_COLUMNS)).unique(
+                ["action_id", "content_hash"], keep="first", maintain_order=True
+            )
+        )
+        cols = ", ".join(_quote(c) for c in [*ACTION_COLUMNS, "version", "content_hash", "stored_at"])
+        picked = ", ".join(f"f.{_quote(c)}" for c in ACTION_COLUMNS)
+        now = datetime.now(UTC).replace(tzinfo=None)
+        stored = 0
+        with self._transaction():
+            if frame.height:
+                stored = self._insert(_NEW_VERSIONS.format(cols=cols, picked=picked), frame, {"now": now})
+            if coverage:
+                self.con.executemany(
+                    f"INSERT INTO action_coverage VALUES ({', '.join('?' for _ in ACTION_COVERAGE.names)})",
+                    [[_param(getattr(c, col)) for col in ACTION_COVERAGE.names] for c in coverage],
+                )
+            if quarantine is not None and quarantine.height:
+                self._insert(_NEW_QUARANTINE, _naive(quarantine.select(ACTION_QUARANTINE.names)))
+        if stored:
+            ROWS_STORED.labels("corporate_actions", "", "").inc(stored)
+        return stored
+
+    def read_actions(
+        self,
+        symbols: list[str],
+        start: date,
+        end: date,
+        *,
+        types: list[str] | None = None,
+        providers: list[str] | None = None,
+        known_by: date | None = None,
+        all_versions: bool = False,
+    ) -> pl.DataFrame:
+        where = ["list_contains($syms, symbol)", f"{ADJUST_DATE_SQL} BETWEEN $start AND $end"]
+        params: dict[str, object] = {"syms": list(symbols), "start": start, "end": end}
+        if types:
+            where.append("list_contains($types, type)")
+            params["types"] = list(types)
+        if providers:
+            where.append("list_contains($providers, provider)")
+            params["providers"] = list(providers)
+        if known_by is not None:
+            where.append(f"{KNOWN_DATE_SQL} <= $known")
+            params["known"] = known_by
+        newest = "" if all_versions else "QUALIFY version = max(version) OVER (PARTITION BY action_id)"
+        sql = (
+            f"SELECT * FROM corporate_actions WHERE {' AND '.join(where)} {newest} "
+            f"ORDER BY symbol, {ADJUST_DATE_SQL}, action_id, version"
+        )
+        with self._lock:
+            table = self._arrow(sql, params)
+        return _aware(pl.from_arrow(table), dict(CORPORATE_ACTIONS.columns))  # type: ignore[arg-type]
+
+    def action_coverage(
+        self, symbols: list[str], start: date, end: date, *, provider: str | None = None
+    ) -> pl.DataFrame:
+        where = ["list_contains($syms, symbol)", "start <= $end", '"end" >= $start']
+        params: dict[str, object] = {"syms": list(symbols), "start": start, "end": end}
+        if provider is not None:
+            where.append("provider = $provider")
+            params["provider"] = provider
+        with self._lock:
+            table = self._arrow(
+                f"SELECT * FROM action_coverage WHERE {' AND '.join(where)} ORDER BY symbol, start", params
+            )
+        return _aware(pl.from_arrow(table), ACTION_COVERAGE_SCHEMA)  # type: ignore[arg-type]
+
+    def action_quarantine(self, symbol: str | None = None) -> pl.DataFrame:
+        sql = "SELECT * FROM action_quarantine" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ex_date"
+        with self._lock:
+            table = self._arrow(sql, {"sym": symbol} if symbol else {})
+        return _aware(pl.from_arrow(table), ACTION_QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+
+    def write_action_reconciliation(self, run_id: str, created_at: datetime, rows: pl.DataFrame) -> int:
+        frame = _naive(rows.select(pl.lit(run_id).alias("run_id"), pl.lit(created_at).alias("created_at"), pl.all()))
+        with self._lock:
+            try:
+                return self._insert(
+                    "INSERT INTO action_reconciliation SELECT * FROM _page; SELECT count(*) FROM _page", frame
+                )
+            except duckdb.Error as exc:
+                raise StoreError(f"store write failed: {exc}", details={"path": self.path}) from exc
+
+    def action_reconciliation(self, symbol: str, run_id: str | None = None) -> pl.DataFrame:
+        sql = "SELECT * FROM action_reconciliation WHERE symbol = $sym" + (" AND run_id = $run" if run_id else "")
+        params: dict[str, object] = {"sym": symbol, **({"run": run_id} if run_id else {})}
+        with self._lock:
+            table = self._arrow(sql + " ORDER BY created_at, coalesce(reference_date, other_date)", params)
+        return _aware(pl.from_arrow(table), dict(ACTION_RECONCILIATION.columns))  # type: ignore[arg-type]
+
     def close(self) -> None:
         with self._lock:
             self.con.close()
@@ -705,6 +815,28 @@ class DuckDBStore:
 
 
 _KEY = ["symbol", "timeframe", "ts", "source", "feed"]  # what makes a stored bar the same bar
+
+# A version per action whose content differs from its newest stored version (or that is new).
+_NEW_VERSIONS = """
+WITH latest AS (
+    SELECT action_id, max(version) AS v, arg_max(content_hash, version) AS h FROM corporate_actions
+    WHERE action_id IN (SELECT action_id FROM _page) GROUP BY action_id),
+fresh AS (
+    SELECT p.*, coalesce(l.v, 0) AS base FROM _page p LEFT JOIN latest l USING (action_id)
+    WHERE l.h IS DISTINCT FROM p.content_hash)
+INSERT INTO corporate_actions ({cols})
+SELECT {picked}, f.base + row_number() OVER (PARTITION BY f.action_id ORDER BY f.fetched_at), f.content_hash, $now
+FROM fresh f"""
+_NEW_QUARANTINE = """
+INSERT INTO action_quarantine SELECT * FROM _page p
+WHERE NOT EXISTS (SELECT 1 FROM action_quarantine q WHERE q.action_id = p.action_id AND q.reason = p.reason)"""
+
+# An action's adjustment date and its known date (store/base.ActionStore), in SQL.
+ADJUST_DATE_SQL = "coalesce(ex_date, effective_date, process_date)"
+KNOWN_DATE_SQL = (
+    "least(coalesce(declaration_date, DATE '9999-12-31'), coalesce(ex_date, effective_date, DATE '9999-12-31'), "
+    "coalesce(process_date, DATE '9999-12-31'))"
+)
 
 
 def _quote(column: str) -> str:

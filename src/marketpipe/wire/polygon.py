@@ -28,6 +28,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 MAX_LIMIT = 50_000
 DELAY = timedelta(minutes=15)  # delayed plans answer status DELAYED and stop this far behind now
 # the "status" of an answer
@@ -116,3 +118,75 @@ def inverse(table: dict[int, str]) -> dict[str, int]:
     for code in sorted(table):
         out.setdefault(table[code], code)
     return out
+
+
+# --- corporate actions (next-capabilities §1.3) -------------------------------------------------------
+# The current endpoints and the deprecated v3 ones (the official client still calls only these).
+# Split semantics: 4-for-1 is split_from 1, split_to 4; reverse when split_from > split_to.
+SPLITS_PATH = "/stocks/v1/splits"
+DIVIDENDS_PATH = "/stocks/v1/dividends"
+V3_SPLITS_PATH = "/v3/reference/splits"
+V3_DIVIDENDS_PATH = "/v3/reference/dividends"
+ACTIONS_MAX_LIMIT = 5000
+V3_ACTIONS_MAX_LIMIT = 1000
+SPLIT_TYPES = ("forward_split", "reverse_split", "stock_dividend")  # adjustment_type of /stocks/v1/splits
+DISTRIBUTION_TYPES = ("recurring", "special", "supplemental", "irregular", "unknown")
+
+
+def derived_action_id(symbol: str, family: str, day: Any) -> str:
+    """An id for an action whose vendor sent none: symbol, family (split or dividend) and date, so a
+    corrected ratio or amount is a new version of the same action rather than another action."""
+    return f"{symbol}:{family}:{day}"
+
+
+def split_action(rec: dict[str, Any], *, source: str, fetched_at: datetime) -> dict[str, Any]:
+    """A split record of either endpoint (as received) -> a canonical action row."""
+    frm, to = rec.get("split_from"), rec.get("split_to")
+    kind = rec.get("adjustment_type")
+    if kind not in SPLIT_TYPES:
+        numbers = isinstance(frm, int | float) and isinstance(to, int | float)
+        kind = "reverse_split" if numbers and frm > to else "forward_split"  # type: ignore[operator]
+    if kind == "stock_dividend" and isinstance(frm, int | float) and isinstance(to, int | float) and frm:
+        rate: float | None = float(to) / float(frm) - 1.0
+    else:
+        rate = None
+    ticker, day = rec.get("ticker"), rec.get("execution_date")
+    vendor_id = str(rec.get("id") or derived_action_id(str(ticker), "split", day))
+    return {
+        "action_id": f"polygon:{vendor_id}",
+        "provider": "polygon",
+        "source": source,
+        "vendor_id": vendor_id,
+        "type": kind,
+        "symbol": ticker,
+        "ex_date": day,
+        "old_rate": float(frm) if isinstance(frm, int | float) else None,
+        "new_rate": float(to) if isinstance(to, int | float) else None,
+        "rate": rate,
+        "fetched_at": fetched_at,
+        "raw": orjson.dumps(rec).decode(),
+    }
+
+
+def dividend_action(rec: dict[str, Any], *, source: str, fetched_at: datetime) -> dict[str, Any]:
+    """A dividend record of either endpoint -> a canonical cash dividend. The raw ``cash_amount`` is
+    kept, never ``split_adjusted_cash_amount`` (the formula works on raw prices)."""
+    ticker, day = rec.get("ticker"), rec.get("ex_dividend_date")
+    vendor_id = str(rec.get("id") or derived_action_id(str(ticker), "dividend", day))
+    amount = rec.get("cash_amount")
+    return {
+        "action_id": f"polygon:{vendor_id}",
+        "provider": "polygon",
+        "source": source,
+        "vendor_id": vendor_id,
+        "type": "cash_dividend",
+        "symbol": ticker,
+        "ex_date": day,
+        "record_date": rec.get("record_date"),
+        "payable_date": rec.get("pay_date"),
+        "declaration_date": rec.get("declaration_date"),
+        "cash_amount": float(amount) if isinstance(amount, int | float) else None,
+        "currency": rec.get("currency"),
+        "fetched_at": fetched_at,
+        "raw": orjson.dumps(rec).decode(),
+    }

@@ -1,0 +1,416 @@
+"""Corporate actions as a service: fetch (ledger first, then the router's one failover path), store
+(versioned, impossible values quarantined) and adjust raw bars on read.
+
+* :meth:`Actions.ensure` fetches what the actions ledger lacks for ``[start, end]`` from the first
+  provider that answers (``ProviderRouter.first("actions", ...)``) and writes actions, ledger
+  entries and quarantined rows in one transaction. New action versions raise a
+  ``corporate_action_applied`` event each (symbol, action, factors, the range of bars it touches).
+* :meth:`Actions.adjust` adjusts a raw bar frame: per symbol, the actions of ONE provider (the
+  preferred one the ledger holds: Alpaca, then Polygon, then Yahoo — vendors disagree, and mixing
+  two vendors' copies of one split would apply it twice), point in time with ``as_of``, the raw
+  daily closes before each cash dividend read (or fetched) like any bars, one factor table per
+  symbol, one as-of join. The answer says which actions were applied (:class:`Adjustment`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from marketpipe.cache import TieredCache
+from marketpipe.core import events
+from marketpipe.core.errors import AllProvidersFailed, ProviderError
+from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import ROWS_QUARANTINED
+from marketpipe.core.schema import ACTION_TYPES, actions_frame, normalize_symbols
+from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, ACTION_RECONCILE_SCHEMA, CORPORATE_ACTIONS
+from marketpipe.core.timeframe import DAY1
+from marketpipe.core.timeutil import NY, parse_time, utcnow
+from marketpipe.core.validation import validate_enum
+from marketpipe.providers.base import ActionsPage, BarsProvider
+from marketpipe.quality.actions import reconcile_actions
+from marketpipe.quality.adjust import (
+    APPLIED_SCHEMA,
+    SKIPPED_SCHEMA,
+    apply,
+    factors,
+    impossible,
+    known_dates_ok,
+    parse_adjustment,
+    quarantine_rows,
+)
+from marketpipe.service.router import CLIENT_ERRORS as REFUSED
+from marketpipe.store.base import ActionCoverage, Store
+
+if TYPE_CHECKING:
+    from marketpipe.service.router import ProviderRouter
+
+__all__ = [
+    "ATTR",
+    "Actions",
+    "Adjustment",
+    "adjustment_of",
+    "invalidate_cached_bars",
+    "parse_adjustment",
+    "parse_as_of",
+    "validate_types",
+]
+log = get_logger("marketpipe.actions")
+PREFERENCE = ("alpaca", "polygon", "yahoo")
+ATTR = "marketpipe_adjustment"  # the attribute of an adjusted frame that holds its Adjustment
+
+
+@dataclass(slots=True)
+class Adjustment:
+    """What an adjusted answer was adjusted with: ``applied`` (``APPLIED_SCHEMA``: symbol, action_id,
+    version, provider, source, type, ex_date, price and volume factor) and ``skipped`` (actions left
+    out, with why)."""
+
+    adjustment: str
+    as_of: date | None
+    applied: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=APPLIED_SCHEMA))
+    skipped: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=SKIPPED_SCHEMA))
+
+    def to_dict(self) -> dict[str, Any]:
+        def rows(f: pl.DataFrame) -> list[dict[str, Any]]:
+            return [{k: (v.isoformat() if isinstance(v, date) else v) for k, v in r.items()} for r in f.to_dicts()]
+
+        return {
+            "adjustment": self.adjustment,
+            "as_of": self.as_of.isoformat() if self.as_of else None,
+            "applied": rows(self.applied),
+            "skipped": rows(self.skipped),
+        }
+
+    def header(self) -> str:
+        """The ``X-Marketpipe-Adjustment`` header: the adjustment and every applied action id."""
+        ids = ",".join(self.applied["action_id"].to_list())
+        return f"{self.adjustment}; as_of={self.as_of or 'latest'}; actions={ids or 'none'}"
+
+
+@dataclass(slots=True)
+class ActionsReport:
+    """One cross-vendor comparison of a symbol's actions: rows (``ACTION_RECONCILE_SCHEMA``), the
+    reference vendor, the run id they are stored under, providers that failed, actions per provider."""
+
+    symbol: str
+    reference: str
+    run_id: str
+    rows: pl.DataFrame
+    failed: dict[str, str]
+    counts: dict[str, int]
+
+    @property
+    def disagreements(self) -> pl.DataFrame:
+        return self.rows.filter(pl.col("status") != "match")
+
+
+def invalidate_cached_bars(cache: TieredCache, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Subscribe to ``corporate_action_applied``: each event drops the cached bars answers of its
+    symbol (and the multi-symbol ones, which may hold it) on ``loop`` — an adjusted answer cached before
+    the action was known is stale now. Events come from worker threads (the store write runs in one),
+    hence the hop onto the loop. Returns the unsubscribe function."""
+    pending: set[asyncio.Task[int]] = set()
+
+    async def drop(symbol: str) -> int:
+        n = await cache.invalidate(kind="bars", symbol=symbol) + await cache.invalidate(kind="bars", symbol="_multi")
+        log.info("cache_invalidated_for_action", symbol=symbol, entries=n)
+        return n
+
+    def start(symbol: str) -> None:
+        task = loop.create_task(drop(symbol))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    def on(event: events.Event) -> None:
+        if event.kind == events.CORPORATE_ACTION_APPLIED and event.symbol and not loop.is_closed():
+            loop.call_soon_threadsafe(start, event.symbol)
+
+    return events.hub.subscribe(on)
+
+
+def adjustment_of(frame: Any) -> Adjustment | None:
+    """The :class:`Adjustment` an adjusted frame (polars, or pandas in ``attrs``) carries."""
+    got = getattr(frame, ATTR, None)
+    if got is None and hasattr(frame, "attrs"):
+        got = frame.attrs.get(ATTR)
+    return got if isinstance(got, Adjustment) else None
+
+
+def parse_as_of(value: Any) -> date | None:
+    """``as_of``: a day (``YYYY-MM-DD``, a date, a midnight datetime) or an instant, as its New York
+    date; None for None. A bad value is ``INVALID_ARGUMENT`` naming ``as_of``."""
+    if value is None:
+        return None
+    return parse_time(value, name="as_of").astimezone(NY).date()
+
+
+def _covered(entries: pl.DataFrame, start: date, end: date) -> bool:
+    """Whether ledger entries (one symbol) cover every day of ``[start, end]``."""
+    reach = start
+    for s, e in sorted(zip(entries["start"].to_list(), entries["end"].to_list(), strict=True)):
+        if s > reach:
+            return False
+        reach = max(reach, e + timedelta(days=1))
+        if reach > end:
+            return True
+    return reach > end
+
+
+def validate_types(types: list[str] | None) -> list[str] | None:
+    if not types:
+        return None
+    for t in types:
+        validate_enum(t, ACTION_TYPES, "type", message="unknown corporate action type {value!r}; allowed: {allowed}")
+    return list(dict.fromkeys(types))
+
+
+class Actions:
+    """Over a store and a router (given as callables: the façade builds them lazily)."""
+
+    def __init__(
+        self,
+        store: Callable[[], Store],
+        router: Callable[[], ProviderRouter],
+        daily_bars: Callable[[str, date, date, bool], Awaitable[pl.DataFrame]],
+    ) -> None:
+        self._store = store
+        self._router = router
+        self._daily = daily_bars  # raw 1Day bars of a symbol over days [lo, hi], fetched unless told not to
+
+    async def ensure(
+        self, symbols: list[str], start: date, end: date, *, provider: str | None = None
+    ) -> list[ActionCoverage]:
+        """Fetch the actions the ledger lacks for ``[start, end]`` (per symbol, any provider unless
+        ``provider``); returns the ledger entries written."""
+        store = self._store()
+        held = await asyncio.to_thread(store.action_coverage, symbols, start, end, provider=provider)
+        missing = [s for s in symbols if not _covered(held.filter(pl.col("symbol") == s), start, end)]
+        if not missing:
+            return []
+
+        async def call(p: BarsProvider) -> ActionsPage:
+            return await p.corporate_actions(missing, start, end)
+
+        router = self._router()
+        if provider is not None:
+            page = await router.get(provider).corporate_actions(missing, start, end)
+            name = provider
+        else:
+            served = await router.first("actions", call, symbols=missing, what="corporate actions", refused=REFUSED)
+            page, name = served.value, served.provider.name
+        return await self._store_page(page, name)
+
+    async def _store_page(self, page: ActionsPage, provider: str) -> list[ActionCoverage]:
+        now = utcnow()
+        frame = page.frame
+        bad = impossible(frame)
+        quarantine = quarantine_rows(frame, bad, now) if bad.height else pl.DataFrame(schema=ACTION_QUARANTINE_SCHEMA)
+        if bad.height:
+            for r in bad.select("symbol", "action_id", "reason").iter_rows():
+                ROWS_QUARANTINED.labels(f"action: {r[2]}").inc()
+                log.warning("action_quarantined", provider=provider, symbol=r[0], action_id=r[1], reason=r[2])
+        counts = frame.group_by("symbol").len()
+        n = dict(zip(counts["symbol"].to_list(), counts["len"].to_list(), strict=True))
+        rid = ",".join(page.request_ids)[:200]
+        coverage = [
+            ActionCoverage(s, provider, page.source, page.start, page.end, int(n.get(s, 0)), rid, page.fetched_at)
+            for s in page.symbols
+        ]
+        store = self._store()
+        before = await asyncio.to_thread(
+            store.read_actions, page.symbols, date(1900, 1, 1), date(2999, 12, 31), providers=[provider]
+        )
+        stored = await asyncio.to_thread(store.write_actions, frame, coverage, quarantine)
+        if stored:
+            await asyncio.to_thread(self._announce, store, page, provider, before)
+        log.info("actions_stored", provider=provider, symbols=len(page.symbols), rows=frame.height, new_versions=stored)
+        return coverage
+
+    @staticmethod
+    def _announce(store: Store, page: ActionsPage, provider: str, before: pl.DataFrame) -> None:
+        """A ``corporate_action_applied`` event per new action version: adjusted reads of the bars
+        before its adjustment date change (caches of them are stale)."""
+        after = store.read_actions(page.symbols, date(1900, 1, 1), date(2999, 12, 31), providers=[provider])
+        old = set(zip(before["action_id"].to_list(), before["version"].to_list(), strict=True))
+        for r in after.iter_rows(named=True):
+            if (r["action_id"], r["version"]) in old:
+                continue
+            day = r["ex_date"] or r["effective_date"] or r["process_date"]
+            events.emit(
+                events.CORPORATE_ACTION_APPLIED,
+                "info",
+                f"{r['type']} of {r['symbol']} on {day} ({provider}, version {r['version']})",
+                symbol=r["symbol"],
+                source=r["source"],
+                action_id=r["action_id"],
+                action=r["type"],
+                version=r["version"],
+                factors={k: r[k] for k in ("old_rate", "new_rate", "cash_amount", "rate")},
+                affected={"until": day.isoformat() if day else None},
+            )
+
+    async def read(
+        self,
+        symbols: list[str],
+        start: date,
+        end: date,
+        *,
+        types: list[str] | None = None,
+        as_of: date | None = None,
+        fetch: bool = True,
+        provider: str | None = None,
+    ) -> pl.DataFrame:
+        """Stored actions (newest version each) of ``symbols`` in ``[start, end]``, fetched first
+        where the ledger lacks them; ``as_of``: only those known by then."""
+        if fetch:
+            await self.ensure(symbols, start, end, provider=provider)
+        store = self._store()
+        return await asyncio.to_thread(
+            store.read_actions,
+            symbols,
+            start,
+            end,
+            types=validate_types(types),
+            providers=[provider] if provider else None,
+            known_by=as_of,
+        )
+
+    async def reconcile(self, symbol: str, start: date, end: date) -> ActionsReport:
+        """Every provider's actions of ``symbol`` in ``[start, end]`` (each fetched where its own ledger
+        lacks them) compared with the reference vendor's (the preferred one that answered); the rows
+        are stored as one run. A provider that fails is reported, not fatal."""
+        router = self._router()
+        names = [p.name for p in router.providers if p.capabilities.serves("actions")]
+        failed: dict[str, str] = {}
+        frames: dict[str, pl.DataFrame] = {}
+        for name in names:
+            try:
+                frames[name] = await self.read([symbol], start, end, provider=name)
+            except ProviderError as exc:
+                failed[name] = f"{exc.code}: {exc.message}"
+                log.warning("actions_reconcile_provider_failed", provider=name, code=exc.code)
+        if not frames:
+            raise AllProvidersFailed(
+                f"no provider answered for the corporate actions of {symbol}",
+                details={"attempts": [{"provider": n, "message": m} for n, m in failed.items()]},
+            )
+        reference = next(p for p in (*PREFERENCE, *sorted(frames)) if p in frames)
+        parts = [
+            reconcile_actions(frames[reference], frames[o], reference_name=reference, other_name=o)
+            for o in frames
+            if o != reference
+        ]
+        if "alpaca" in frames:  # the one vendor that serves bars adjusted for splits and dividends
+            parts.append(await self._vendor_adjustment(router.get("alpaca"), symbol, start, end))
+        rows = pl.concat(parts) if parts else pl.DataFrame(schema=ACTION_RECONCILE_SCHEMA)
+        run_id = uuid.uuid4().hex[:12]
+        store = self._store()
+        await asyncio.to_thread(store.write_action_reconciliation, run_id, utcnow(), rows)
+        return ActionsReport(symbol, reference, run_id, rows, failed, {n: f.height for n, f in frames.items()})
+
+    async def _vendor_adjustment(self, provider: BarsProvider, symbol: str, start: date, end: date) -> pl.DataFrame:
+        """The vendor's own ``adjustment=all`` daily closes against marketpipe's adjustment of the raw
+        ones with that vendor's actions: where their ratio steps from one day to the next, the vendor
+        applied something else at that date (an unadjusted dividend, a split it lists but does not
+        apply). One row per such day, family ``adjustment``, status ``different_adjustment``, values
+        our step (1) and the vendor's."""
+        lo = datetime.combine(start, datetime.min.time(), NY)
+        hi = datetime.combine(end + timedelta(days=1), datetime.min.time(), NY)
+        raw = await self._daily(symbol, start, end, True)
+        ours, _ = await self.adjust(raw, [symbol], lo, frozenset({"split", "dividend"}), "all")
+        pages = [p.frame async for p in provider.iter_bars([symbol], DAY1, lo, hi, adjustment="all")]
+        theirs = pl.concat(pages) if pages else raw.clear()
+        ratio = (
+            ours.select("ts", pl.col("close").alias("_ours"))
+            .join(theirs.select("ts", pl.col("close").alias("_theirs")), on="ts")
+            .sort("ts")
+            .with_columns((pl.col("_theirs") / pl.col("_ours")).alias("_r"))
+            .with_columns((pl.col("_r") / pl.col("_r").shift(1)).alias("_step"))
+        )
+        steps = ratio.filter((pl.col("_step") - 1).abs() > 1e-6)
+        return steps.select(
+            pl.lit(symbol).alias("symbol"),
+            pl.lit("adjustment").alias("family"),
+            pl.lit("marketpipe").alias("reference"),
+            pl.lit(provider.name).alias("other"),
+            pl.lit("different_adjustment").alias("status"),
+            pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("reference_date"),
+            pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("other_date"),
+            pl.lit(1.0).alias("reference_value"),
+            pl.col("_step").alias("other_value"),
+            pl.lit(None, pl.String()).alias("reference_id"),
+            pl.lit(None, pl.String()).alias("other_id"),
+        ).cast(ACTION_RECONCILE_SCHEMA)  # type: ignore[arg-type]
+
+    async def adjust(
+        self,
+        bars: pl.DataFrame,
+        symbols: list[str],
+        start: datetime,
+        parts: frozenset[str],
+        adjustment: str,
+        *,
+        as_of: date | None = None,
+        fetch: bool = True,
+    ) -> tuple[pl.DataFrame, Adjustment]:
+        """``bars`` (raw, ``BAR_SCHEMA``) adjusted for ``parts`` with the actions known by ``as_of``
+        (default: all known now), and what was applied."""
+        today = utcnow().astimezone(NY).date()
+        first = start.astimezone(NY).date()
+        known_dates_ok(as_of, first, today)
+        info = Adjustment(adjustment, as_of)
+        if not parts:
+            return bars, info
+        until = as_of or today
+        syms = normalize_symbols(symbols)
+        if fetch:
+            await self.ensure(syms, first, until)
+        store = self._store()
+        acts = await asyncio.to_thread(store.read_actions, syms, first, until, known_by=as_of)
+        cov = await asyncio.to_thread(store.action_coverage, syms, first, until)
+        out: list[pl.DataFrame] = []
+        applied: list[pl.DataFrame] = []
+        skipped: list[pl.DataFrame] = []
+        quarantine: list[pl.DataFrame] = []
+        order = [*bars["symbol"].unique(maintain_order=True).to_list(), *syms]
+        # bars of the one symbol asked for (the callers pass the symbols they read): no filtering, no concat
+        alone = len(syms) == 1
+        for sym in dict.fromkeys(s for s in order if s in syms):
+            mine = bars if alone and bars.height and bars["symbol"][0] == sym else bars.filter(pl.col("symbol") == sym)
+            a = acts.filter(pl.col("symbol") == sym)
+            have = set(cov.filter(pl.col("symbol") == sym)["provider"].to_list()) | set(a["provider"].to_list())
+            chosen = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
+            a = a.filter(pl.col("provider") == chosen) if chosen else a.clear()
+            divs = a.filter(pl.col("type") == "cash_dividend")["ex_date"].drop_nulls()
+            closes = pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()})
+            if "dividend" in parts and len(divs):
+                lo, hi = divs.to_list()[0], divs.to_list()[-1]
+                daily = await self._daily(sym, min(lo, hi) - timedelta(days=10), max(lo, hi), fetch)
+                closes = daily.select(pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("day"), "close")
+            f = factors(a.select(list(CORPORATE_ACTIONS.columns)), closes, parts)
+            out.append(apply(mine, f.table) if mine.height else mine)
+            applied.append(f.applied)
+            skipped.append(f.skipped)
+            bad = f.skipped.filter(pl.col("reason") == "dividend >= previous close")
+            if bad.height:
+                quarantine.append(quarantine_rows(a, bad, utcnow()))
+                for r in bad.iter_rows(named=True):
+                    ROWS_QUARANTINED.labels(f"action: {r['reason']}").inc()
+                    log.warning("action_quarantined", symbol=sym, action_id=r["action_id"], reason=r["reason"])
+        if quarantine:
+            await asyncio.to_thread(store.write_actions, actions_frame([]), [], pl.concat(quarantine))
+        if alone:
+            frame = next((f for f in out if f.height), bars)
+        else:
+            rest = bars.filter(~pl.col("symbol").is_in(syms))
+            frame = pl.concat([*out, rest]) if out else bars
+        info.applied = pl.concat(applied) if applied else info.applied
+        info.skipped = pl.concat(skipped) if skipped else info.skipped
+        return frame, info

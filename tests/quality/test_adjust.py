@@ -1,0 +1,91 @@
+"""Adjust-on-read on real simulator bars: the factor table from actions, its application in any row
+order, stock dividends, impossible actions, and the adjustment parameter's strict parsing."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+import numpy as np
+import polars as pl
+import pytest
+
+from marketpipe.core.errors import InvalidArgument
+from marketpipe.core.schema import actions_frame
+from marketpipe.quality.adjust import apply, factors, impossible, parse_adjustment
+from marketpipe.sim.data import SimMarket
+
+MARKET = SimMarket()
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def acts(*rows: dict[str, object]) -> pl.DataFrame:
+    base = {"provider": "alpaca", "source": "sim:alpaca", "symbol": "AAPL", "fetched_at": T0}
+    return actions_frame([{**base, "vendor_id": str(i), "action_id": f"alpaca:{i}", **r} for i, r in enumerate(rows)])
+
+
+def closes(start: str, end: str) -> pl.DataFrame:
+    d = MARKET.canonical_bars("AAPL", "1Day", start, end)
+    return d.select(pl.col("ts").dt.convert_time_zone("America/New_York").dt.date().alias("day"), "close")
+
+
+def test_parse_adjustment() -> None:
+    assert parse_adjustment("raw") == frozenset() and parse_adjustment(None) == frozenset()
+    assert parse_adjustment("all") == parse_adjustment("split,dividend") == frozenset({"split", "dividend"})
+    assert parse_adjustment("raw,split") == frozenset({"split"})  # raw adds nothing, as at the vendor
+    for bad in ("both", "", "split,", "split,split", "SPLIT", "spin-off"):
+        with pytest.raises(InvalidArgument) as err:
+            parse_adjustment(bad)
+        assert err.value.details["parameter"] == "adjustment"
+
+
+def test_factor_table_split_stock_dividend_and_cash_dividend() -> None:
+    a = acts(
+        {"type": "forward_split", "ex_date": "2020-08-31", "old_rate": 1.0, "new_rate": 4.0},
+        {"type": "stock_dividend", "ex_date": "2020-10-01", "rate": 0.05},
+        {"type": "cash_dividend", "ex_date": "2020-11-06", "cash_amount": 0.205},
+        {"type": "name_change", "process_date": "2020-12-01", "new_symbol": "AAPL2"},  # listed, not applied
+    )
+    c = closes("2020-08-01", "2020-11-30T23:00:00Z")
+    f = factors(a, c, frozenset({"split", "dividend"}))
+    prev = c.filter(pl.col("day") == date(2020, 11, 5))["close"][0]
+    assert f.applied["type"].to_list() == ["forward_split", "stock_dividend", "cash_dividend"]
+    rows = f.table.rows()
+    assert [r[0] for r in rows] == [date(2020, 8, 31), date(2020, 10, 1), date(2020, 11, 6)]
+    d = (prev - 0.205) / prev
+    assert rows[2][1:] == pytest.approx((d, 1.0))
+    assert rows[1][1:] == pytest.approx((d / 1.05, 1.05))
+    assert rows[0][1:] == pytest.approx((d / 1.05 / 4, 1.05 * 4))
+    only_splits = factors(a, c, frozenset({"split"}))
+    assert only_splits.applied["type"].to_list() == ["forward_split", "stock_dividend"]
+
+
+def test_apply_is_the_same_in_any_row_order() -> None:
+    bars = MARKET.canonical_bars("AAPL", "1Day", "2020-08-03", "2020-09-30T23:00:00Z")
+    f = factors(acts({"type": "forward_split", "ex_date": "2020-08-31", "old_rate": 1.0, "new_rate": 4.0}),
+                closes("2020-08-01", "2020-09-30"), frozenset({"split"}))  # fmt: skip
+    fwd = apply(bars, f.table)
+    back = apply(bars.reverse(), f.table).reverse()
+    assert fwd.equals(back)
+    day = bars["ts"].dt.convert_time_zone("America/New_York").dt.date()
+    before = (day < date(2020, 8, 31)).to_numpy()
+    np.testing.assert_allclose(fwd["close"].to_numpy()[before], bars["close"].to_numpy()[before] / 4, rtol=1e-15)
+    assert (fwd["close"].to_numpy()[~before] == bars["close"].to_numpy()[~before]).all()
+    assert fwd["volume"].to_list()[:3] == [v * 4 for v in bars["volume"].to_list()[:3]]
+    assert fwd.columns == bars.columns and fwd.schema == bars.schema
+
+
+def test_impossible_actions_are_named() -> None:
+    a = acts(
+        {"type": "forward_split", "ex_date": "2020-08-31", "old_rate": 1.0, "new_rate": 0.0},
+        {"type": "cash_dividend", "ex_date": "2020-11-06", "cash_amount": -1.0},
+        {"type": "cash_dividend", "ex_date": "2020-11-07"},
+        {"type": "forward_split", "old_rate": 1.0, "new_rate": 2.0},
+    )
+    assert impossible(a).select("action_id", "reason").rows() == [
+        ("alpaca:0", "split ratio <= 0"),
+        ("alpaca:1", "negative cash amount"),
+        ("alpaca:2", "cash dividend without an amount"),
+        ("alpaca:3", "no ex, effective or process date"),
+    ]
+    f = factors(a, closes("2020-08-01", "2020-11-30"), frozenset({"split", "dividend"}))
+    assert f.table.height == 0 and f.skipped.height == 4

@@ -1,0 +1,264 @@
+"""Adjust-on-read through MarketData against the three simulator faces: adjusted series equal the
+vendor's own adjusted series to 1e-9 relative, raw bars stay raw in the store, every answer says what
+it applied, point in time, failover, quarantine, and bad input refused before anything is read."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from marketpipe.core import events
+from marketpipe.core.config import config_from_dict
+from marketpipe.core.errors import InvalidArgument
+from marketpipe.service.actions import adjustment_of
+from marketpipe.service.data import MarketData
+from marketpipe.sim.actions import ActionFault
+from marketpipe.sim.faults import FaultRule
+from marketpipe.sim.server import SimServer
+from tests.service.vendors import ENV, FAST
+
+pytestmark = pytest.mark.usefixtures("clean_vendors")
+
+
+@pytest.fixture
+async def md(vendors: dict[str, SimServer], tmp_path: Path) -> AsyncIterator[MarketData]:
+    cfg = config_from_dict(
+        {
+            "store": {"path": str(tmp_path / "a.duckdb")},
+            "providers": {
+                "alpaca": {"base_url": vendors["alpaca"].url, "plan": "unlimited", **FAST},
+                "polygon": {"base_url": vendors["polygon"].url, "plan": "unlimited", **FAST},
+                "yahoo": {"base_url": vendors["yahoo"].url, "enabled": True, **FAST},
+            },
+        }
+    )
+    m = MarketData(cfg, env=ENV)
+    yield m
+    await m.aclose()
+    vendors["alpaca"].market.actions.clear_faults()
+
+
+def vendor_bars(vendors: dict[str, SimServer], symbol: str, tf: str, start: str, end: str, adj: str) -> dict:
+    """What the vendor itself serves (the simulator's Alpaca face, as alpaca-py would get it)."""
+    return vendors["alpaca"].market.bars_frame(symbol, tf, start, end, adjustment=adj)
+
+
+@pytest.mark.parametrize(
+    ("symbol", "tf", "start", "end"),
+    [
+        ("AAPL", "1Day", "2020-08-03", "2020-11-30"),  # the 4:1 split and the 0.205 dividend
+        ("NVDA", "1Day", "2024-05-20", "2024-06-28"),  # 10:1
+        ("TSLA", "1Day", "2022-08-15", "2022-09-02"),  # 3:1
+        ("AAPL", "1Min", "2020-08-28", "2020-08-31"),  # minute bars across the split
+    ],
+)
+@pytest.mark.parametrize("adjustment", ["split", "dividend", "all"])
+async def test_adjusted_equals_the_vendors_adjusted(
+    md: MarketData, vendors: dict[str, SimServer], symbol: str, tf: str, start: str, end: str, adjustment: str
+) -> None:
+    got = await md.bars(symbol, start, end, timeframe=tf, adjustment=adjustment)
+    want = vendor_bars(vendors, symbol, tf, start, end + "T23:59:00Z", adjustment)
+    assert got.height == len(want["t"]) > 0
+    for ours, theirs in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c"), ("vwap", "vw")):
+        np.testing.assert_allclose(got[ours].to_numpy(), want[theirs], rtol=1e-9, err_msg=ours)
+    assert got["volume"].to_list() == want["v"].tolist()
+    info = adjustment_of(got)
+    assert info is not None and info.adjustment == adjustment
+    assert set(info.applied["provider"]) <= {"alpaca"} and info.applied["action_id"].str.starts_with("alpaca:").all()
+    # the store keeps raw bars: reading raw gives the vendor's raw series
+    raw = await md.bars(symbol, start, end, timeframe=tf)
+    want_raw = vendor_bars(vendors, symbol, tf, start, end + "T23:59:00Z", "raw")
+    np.testing.assert_array_equal(raw["close"].to_numpy(), want_raw["c"])
+
+
+async def test_what_was_applied_is_said(md: MarketData) -> None:
+    got = await md.bars("AAPL", "2020-08-03", "2020-11-30", timeframe="1Day", adjustment="all")
+    info = adjustment_of(got)
+    assert info is not None
+    split = info.applied.filter(pl.col("type") == "forward_split")
+    assert split.select("ex_date", "price_factor", "volume_factor").rows() == [(date(2020, 8, 31), 0.25, 4.0)]
+    div = info.applied.filter(pl.col("ex_date") == date(2020, 11, 6))
+    raw = await md.bars("AAPL", "2020-11-05", "2020-11-05", timeframe="1Day")
+    c_prev = raw["close"][0]
+    assert div["price_factor"][0] == pytest.approx((c_prev - 0.205) / c_prev, rel=1e-12)
+    assert info.applied["source"].to_list() == ["sim:alpaca"] * info.applied.height
+    # every later AAPL dividend (to 2025-11-10) is applied too: a bar's factor is over all later actions
+    assert info.applied.filter(pl.col("type") == "cash_dividend").height == 22
+    assert "alpaca:" in info.header() and info.to_dict()["applied"][0]["ex_date"].startswith("20")
+
+
+async def test_point_in_time(md: MarketData) -> None:
+    before = await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="all", as_of="2020-08-28")
+    raw = await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day")
+    # on 2020-08-28 the split (ex 08-31) and the later dividends were not yet known
+    assert before["close"].to_list() == raw["close"].to_list()
+    assert adjustment_of(before).applied.height == 0  # type: ignore[union-attr]
+    after = await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="split", as_of="2020-09-01")
+    np.testing.assert_allclose(after["close"].to_numpy(), raw["close"].to_numpy() / 4, rtol=1e-12)
+    with pytest.raises(InvalidArgument, match="future"):
+        await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="all", as_of="2099-01-01")
+    with pytest.raises(InvalidArgument, match="before the range"):
+        await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="all", as_of="2020-08-01")
+
+
+@pytest.mark.parametrize("bad", ["both", "", "split,split", "spin-off", "Split"])
+async def test_bad_adjustment_is_refused_before_anything_is_read(md: MarketData, bad: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment=bad)
+    assert err.value.details["parameter"] == "adjustment"
+    assert md.store.counts()["bars"] == 0
+
+
+async def test_actions_fail_over_and_are_attributed(md: MarketData, vendors: dict[str, SimServer]) -> None:
+    vendors["alpaca"].faults.add(FaultRule(kind="http_500", paths="corporate-actions"))
+    acts = await md.corporate_actions(["AAPL", "NVDA"], "2020-01-01", "2024-12-31")
+    assert set(acts["provider"]) == {"polygon"} and set(acts["source"]) == {"sim:polygon"}
+    splits = acts.filter(pl.col("type") == "forward_split").select("symbol", "ex_date").rows()
+    assert set(splits) == {("AAPL", date(2020, 8, 31)), ("NVDA", date(2024, 6, 10))}
+    cov = md.store.action_coverage(["AAPL"], date(2020, 1, 1), date(2024, 12, 31))
+    assert cov["provider"].to_list() == ["polygon"]
+    vendors["alpaca"].faults.clear()
+    again = await md.corporate_actions(["AAPL"], "2020-06-01", "2020-12-31")  # covered: nothing fetched
+    assert set(again["provider"]) == {"polygon"}
+
+
+async def test_corrections_are_versions_and_raise_events(md: MarketData, vendors: dict[str, SimServer]) -> None:
+    seen: list[events.Event] = []
+    off = events.hub.subscribe(lambda e: seen.append(e) if e.kind == events.CORPORATE_ACTION_APPLIED else None)
+    try:
+        await md.corporate_actions("TSLA", "2022-01-01", "2022-12-31", provider="yahoo")
+        assert [e.details["action"] for e in seen] == ["forward_split"]
+        vendors["yahoo"].market.actions.set_faults([ActionFault(vendor="yahoo", kind="wrong_ratio", symbol="TSLA")])
+        await md.actions.ensure(["TSLA"], date(2023, 1, 1), date(2023, 1, 2), provider="yahoo")  # nothing new there
+        md.store.action_coverage(["TSLA"], date(2022, 1, 1), date(2022, 12, 31))
+        page = await md.router.get("yahoo").corporate_actions(["TSLA"], date(2022, 1, 1), date(2022, 12, 31))
+        await md.actions._store_page(page, "yahoo")
+        versions = md.store.read_actions(["TSLA"], date(2022, 1, 1), date(2022, 12, 31), all_versions=True)
+        assert versions.select("version", "new_rate").rows() == [(1, 3.0), (2, 3.75)]
+        assert seen[-1].details["version"] == 2
+    finally:
+        off()
+
+
+async def test_impossible_dividend_is_quarantined_not_applied(md: MarketData, vendors: dict[str, SimServer]) -> None:
+    """A vendor lists a dividend larger than the previous close: kept with its reason, never applied."""
+    from marketpipe.core.schema import actions_frame
+
+    base = {"provider": "alpaca", "source": "sim:alpaca", "symbol": "MSFT"}
+    bogus = {**base, "action_id": "alpaca:bogus", "vendor_id": "bogus", "type": "cash_dividend",
+             "ex_date": "2024-03-05", "cash_amount": 10_000.0, "process_date": "2024-03-12"}  # fmt: skip
+    negative = {**base, "action_id": "alpaca:neg", "vendor_id": "neg", "type": "forward_split",
+                "ex_date": "2024-03-06", "old_rate": 1.0, "new_rate": -2.0, "process_date": "2024-03-06"}  # fmt: skip
+    md.store.write_actions(actions_frame([bogus, negative]), [])
+    got = await md.bars("MSFT", "2024-03-01", "2024-03-08", timeframe="1Day", adjustment="all", as_of="2024-03-20")
+    raw = await md.bars("MSFT", "2024-03-01", "2024-03-08", timeframe="1Day")
+    assert got["close"].to_list() == raw["close"].to_list()
+    info = adjustment_of(got)
+    assert info is not None and sorted(info.skipped.select("action_id", "reason").rows()) == [
+        ("alpaca:bogus", "dividend >= previous close"),
+        ("alpaca:neg", "split ratio <= 0"),
+    ]
+    assert md.store.action_quarantine("MSFT").select("action_id", "reason").rows() == [
+        ("alpaca:bogus", "dividend >= previous close")
+    ]
+
+
+async def test_the_readme_worked_example(md: MarketData) -> None:
+    """README, "Adjusted prices": the numbers shown there, word for word."""
+    args = ("AAPL", "2020-08-27", "2020-09-01")
+    raw = await md.bars(*args, timeframe="1Day")
+    split = await md.bars(*args, timeframe="1Day", adjustment="split")
+    adj = await md.bars(*args, timeframe="1Day", adjustment="all")
+    then = await md.bars(*args, timeframe="1Day", adjustment="all", as_of="2020-08-31")
+    assert raw["close"].to_list() == [817.66, 814.61, 203.76, 203.21]
+    assert split["close"].round(4).to_list() == [204.415, 203.6525, 203.76, 203.21]
+    assert adj["close"].round(4).to_list() == [200.1466, 199.4, 199.5052, 198.9667]
+    assert then["close"].round(4).to_list() == split["close"].round(4).to_list()
+    assert raw["volume"].to_list() == [522489, 528738, 536049, 511346]
+    assert split["volume"].to_list() == [2089956, 2114952, 536049, 511346]
+    applied = adjustment_of(adj).applied  # type: ignore[union-attr]
+    assert applied.height == 22 and applied.filter(pl.col("type") == "cash_dividend").height == 21
+    assert applied.head(4).select("type", "ex_date", pl.col("price_factor").round(6)).rows() == [
+        ("forward_split", date(2020, 8, 31), 0.25),
+        ("cash_dividend", date(2020, 11, 6), 0.998981),
+        ("cash_dividend", date(2021, 2, 5), 0.999024),
+        ("cash_dividend", date(2021, 5, 7), 0.998641),
+    ]
+    nov5 = await md.bars("AAPL", "2020-11-05", "2020-11-05", timeframe="1Day")
+    assert nov5["close"][0] == 201.13
+    acts = await md.corporate_actions("AAPL", "2020-08-01", "2020-11-30")
+    assert acts.select("type", "ex_date", "process_date", "new_rate", "cash_amount").rows() == [
+        ("cash_dividend", date(2020, 8, 7), date(2020, 8, 14), None, 0.82),
+        ("forward_split", date(2020, 8, 31), date(2020, 8, 31), 4.0, None),
+        ("cash_dividend", date(2020, 11, 6), date(2020, 11, 13), None, 0.205),
+    ]
+
+
+async def test_quality_explains_a_real_split_and_counts_an_unexplained_one(
+    md: MarketData, vendors: dict[str, SimServer]
+) -> None:
+    # the real 4:1 split in raw daily bars: the jump is found, explained by the stored action, not counted
+    await md.corporate_actions("AAPL", "2020-08-01", "2020-09-30")
+    await md.bars("AAPL", "2020-08-03", "2020-09-30", timeframe="1Day")
+    (real,) = await md.quality("AAPL", "2020-08-03", "2020-09-30", timeframe="1Day")
+    split = real.findings.filter(pl.col("kind") == "split_like")
+    assert split.select("severity").rows() == [("info",)]
+    assert split["detail"][0].startswith("explained by split 4.0:1 (alpaca:")
+    assert real.summary["score"] == 1.0
+    # an injected unadjusted 4x split (no action behind it): every bar before it counts as invalid
+    vendors["alpaca"].faults.set([FaultRule(kind="bad_data", defect="split", at=["2024-03-13"], factor=4.0,
+                                            symbols=["MSFT"])])  # fmt: skip
+    await md.bars("MSFT", "2024-03-04", "2024-03-22", timeframe="1Day")
+    (fake,) = await md.quality("MSFT", "2024-03-04", "2024-03-22", timeframe="1Day")
+    assert fake.findings.filter(pl.col("kind") == "split_like")["severity"].to_list() == ["high"]
+    assert fake.summary["score"] < 0.9  # was 1.000 before: one finding among many bars
+    before = fake.days.filter(pl.col("day") < date(2024, 3, 13))
+    assert before.height == 7 and (before["validity"] == 0.0).all()
+
+
+async def test_a_stored_action_drops_the_cached_bars_of_its_symbol(md: MarketData) -> None:
+    """The gateway subscribes the cache to corporate_action_applied: cached (adjusted) bars of the
+    symbol and multi-symbol answers go, other symbols' stay. The event comes from the store write's
+    worker thread."""
+    import asyncio
+
+    from marketpipe.cache import make_key
+    from marketpipe.cache.memory import MemoryCache
+    from marketpipe.cache.tiered import TieredCache
+    from marketpipe.service.actions import invalidate_cached_bars
+
+    cache = TieredCache(MemoryCache(1 << 20))
+    keys = [make_key("bars", "TSLA", "all"), make_key("bars", "_multi", "TSLA,KO"), make_key("bars", "KO", "all")]
+    for k in keys:
+        await cache.set(k, b"x", 60)
+    off = invalidate_cached_bars(cache, asyncio.get_running_loop())
+    try:
+        await md.corporate_actions("TSLA", "2022-01-01", "2022-12-31")  # new: one event, from a worker thread
+        for _ in range(100):
+            if await cache.get(keys[0]) is None:
+                break
+            await asyncio.sleep(0.01)
+        assert [await cache.get(k) is None for k in keys] == [True, True, False]
+    finally:
+        off()
+        await cache.aclose()
+
+
+async def test_reconcile_finds_a_doubled_split_and_nothing_on_clean_vendors(
+    md: MarketData, vendors: dict[str, SimServer]
+) -> None:
+    clean = await md.actions.reconcile("NVDA", date(2024, 1, 1), date(2024, 12, 31))
+    assert clean.reference == "alpaca" and set(clean.counts) == {"alpaca", "polygon", "yahoo"}
+    assert clean.disagreements.height == 0 and clean.rows.height > 0
+    vendors["alpaca"].market.actions.set_faults([ActionFault(vendor="yahoo", kind="doubled_split", symbol="TSLA")])
+    report = await md.actions.reconcile("TSLA", date(2022, 1, 1), date(2022, 12, 31))
+    assert report.disagreements.select("family", "other", "status", "other_date").rows() == [
+        ("split", "yahoo", "extra", date(2022, 8, 25))
+    ]
+    stored = md.store.action_reconciliation("TSLA", report.run_id)
+    assert stored.filter(pl.col("status") != "match").height == 1

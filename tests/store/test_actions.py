@@ -1,0 +1,81 @@
+"""The ActionStore contract on DuckDB: actions as received, a correction is a new version (never an
+edit), the same answer twice is stored once, point-in-time reads, the ledger and the quarantine."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from marketpipe.core.schema import actions_frame
+from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA
+from marketpipe.store.base import ActionCoverage, ActionStore, Store
+from marketpipe.store.duckdb import DuckDBStore
+
+T0 = datetime(2026, 1, 5, tzinfo=UTC)
+T1 = datetime(2026, 2, 5, tzinfo=UTC)
+
+
+def split(ratio: float = 4.0, fetched: datetime = T0) -> dict[str, object]:
+    return {"action_id": "alpaca:s1", "provider": "alpaca", "source": "sim:alpaca", "vendor_id": "s1",
+            "type": "forward_split", "symbol": "AAPL", "ex_date": "2020-08-31", "process_date": "2020-08-31",
+            "old_rate": 1.0, "new_rate": ratio, "fetched_at": fetched, "raw": "{}"}  # fmt: skip
+
+
+def dividend(amount: float = 0.205, fetched: datetime = T0) -> dict[str, object]:
+    return {"action_id": "alpaca:d1", "provider": "alpaca", "source": "sim:alpaca", "vendor_id": "d1",
+            "type": "cash_dividend", "symbol": "AAPL", "ex_date": "2020-11-06", "process_date": "2020-11-13",
+            "cash_amount": amount, "currency": "USD", "fetched_at": fetched, "raw": "{}"}  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DuckDBStore:
+    s = DuckDBStore(tmp_path / "a.duckdb")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_duckdb_is_an_action_store(store: DuckDBStore) -> None:
+    assert isinstance(store, ActionStore) and isinstance(store, Store)
+
+
+def test_versions_and_idempotence(store: DuckDBStore) -> None:
+    cov = ActionCoverage("AAPL", "alpaca", "sim:alpaca", date(2020, 1, 1), date(2020, 12, 31), 2, "r1", T0)
+    assert store.write_actions(actions_frame([split(), dividend()]), [cov]) == 2
+    assert store.write_actions(actions_frame([split(fetched=T1), dividend(fetched=T1)]), []) == 0  # same content
+    # the vendor corrects the split's ratio: a second version, the first is kept
+    assert store.write_actions(actions_frame([split(5.0, T1)]), []) == 1
+    newest = store.read_actions(["AAPL"], date(2020, 1, 1), date(2020, 12, 31))
+    assert newest.select("action_id", "version", "new_rate", "cash_amount").rows() == [
+        ("alpaca:s1", 2, 5.0, None),
+        ("alpaca:d1", 1, None, 0.205),
+    ]
+    every = store.read_actions(["AAPL"], date(2020, 1, 1), date(2020, 12, 31), all_versions=True)
+    assert every.filter(pl.col("action_id") == "alpaca:s1")["new_rate"].to_list() == [4.0, 5.0]
+    assert every["stored_at"].is_not_null().all() and every["content_hash"].n_unique() == 3
+    assert store.action_coverage(["AAPL"], date(2020, 6, 1), date(2020, 6, 2))["rows"].to_list() == [2]
+    assert store.action_coverage(["AAPL"], date(2021, 1, 1), date(2021, 6, 2)).height == 0
+
+
+def test_filters_and_point_in_time(store: DuckDBStore) -> None:
+    store.write_actions(actions_frame([split(), dividend()]), [])
+    window = (["AAPL"], date(2020, 1, 1), date(2020, 12, 31))
+    assert store.read_actions(*window, types=["cash_dividend"])["action_id"].to_list() == ["alpaca:d1"]
+    assert store.read_actions(*window, providers=["polygon"]).height == 0
+    assert store.read_actions(["AAPL"], date(2020, 9, 1), date(2020, 12, 31))["action_id"].to_list() == ["alpaca:d1"]
+    # known on 2020-09-15: the split (ex 2020-08-31), not yet the dividend (ex 2020-11-06)
+    assert store.read_actions(*window, known_by=date(2020, 9, 15))["action_id"].to_list() == ["alpaca:s1"]
+    assert store.read_actions(*window, known_by=date(2020, 8, 30)).height == 0
+
+
+def test_quarantine_is_kept_once(store: DuckDBStore) -> None:
+    bad = actions_frame([split(-1.0)]).with_columns(
+        pl.lit("ratio <= 0").alias("reason"), pl.lit(T0).alias("quarantined_at")
+    ).cast(ACTION_QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+    store.write_actions(actions_frame([]), [], bad)
+    store.write_actions(actions_frame([]), [], bad)
+    q = store.action_quarantine("AAPL")
+    assert q.select("action_id", "reason").rows() == [("alpaca:s1", "ratio <= 0")]
+    assert store.read_actions(["AAPL"], date(2020, 1, 1), date(2020, 12, 31)).height == 0
