@@ -1,18 +1,16 @@
-"""The ActionStore contract on DuckDB: actions as received, a correction is a new version (never an
+"""The ActionStore contract on both engines (``store`` from tests/store/conftest.py): actions as
+received, a correction is a new version (never an
 edit), the same answer twice is stored once, point-in-time reads, the ledger and the quarantine."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from pathlib import Path
 
 import polars as pl
-import pytest
 
 from marketpipe.core.schema import actions_frame
-from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA
+from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, ACTION_RECONCILE_SCHEMA
 from marketpipe.store.base import ActionCoverage, ActionStore, Store
-from marketpipe.store.duckdb import DuckDBStore
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)
 T1 = datetime(2026, 2, 5, tzinfo=UTC)
@@ -30,18 +28,11 @@ def dividend(amount: float = 0.205, fetched: datetime = T0) -> dict[str, object]
             "cash_amount": amount, "currency": "USD", "fetched_at": fetched, "raw": "{}"}  # fmt: skip
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> DuckDBStore:
-    s = DuckDBStore(tmp_path / "a.duckdb")
-    yield s  # type: ignore[misc]
-    s.close()
-
-
-def test_duckdb_is_an_action_store(store: DuckDBStore) -> None:
+def test_the_store_is_an_action_store(store: Store) -> None:
     assert isinstance(store, ActionStore) and isinstance(store, Store)
 
 
-def test_versions_and_idempotence(store: DuckDBStore) -> None:
+def test_versions_and_idempotence(store: Store) -> None:
     cov = ActionCoverage("AAPL", "alpaca", "sim:alpaca", date(2020, 1, 1), date(2020, 12, 31), 2, "r1", T0)
     assert store.write_actions(actions_frame([split(), dividend()]), [cov]) == 2
     assert store.write_actions(actions_frame([split(fetched=T1), dividend(fetched=T1)]), []) == 0  # same content
@@ -59,7 +50,7 @@ def test_versions_and_idempotence(store: DuckDBStore) -> None:
     assert store.action_coverage(["AAPL"], date(2021, 1, 1), date(2021, 6, 2)).height == 0
 
 
-def test_filters_and_point_in_time(store: DuckDBStore) -> None:
+def test_filters_and_point_in_time(store: Store) -> None:
     store.write_actions(actions_frame([split(), dividend()]), [])
     window = (["AAPL"], date(2020, 1, 1), date(2020, 12, 31))
     assert store.read_actions(*window, types=["cash_dividend"])["action_id"].to_list() == ["alpaca:d1"]
@@ -70,7 +61,7 @@ def test_filters_and_point_in_time(store: DuckDBStore) -> None:
     assert store.read_actions(*window, known_by=date(2020, 8, 30)).height == 0
 
 
-def test_quarantine_is_kept_once(store: DuckDBStore) -> None:
+def test_quarantine_is_kept_once(store: Store) -> None:
     bad = actions_frame([split(-1.0)]).with_columns(
         pl.lit("ratio <= 0").alias("reason"), pl.lit(T0).alias("quarantined_at")
     ).cast(ACTION_QUARANTINE_SCHEMA)  # type: ignore[arg-type]
@@ -79,3 +70,22 @@ def test_quarantine_is_kept_once(store: DuckDBStore) -> None:
     q = store.action_quarantine("AAPL")
     assert q.select("action_id", "reason").rows() == [("alpaca:s1", "ratio <= 0")]
     assert store.read_actions(["AAPL"], date(2020, 1, 1), date(2020, 12, 31)).height == 0
+
+
+def test_a_correction_read_back_whole_with_every_column(store: Store) -> None:
+    """What is written is read back exactly (types included), on either engine."""
+    frame = actions_frame([split(), dividend()])
+    store.write_actions(frame, [])
+    back = store.read_actions(["AAPL"], date(2020, 1, 1), date(2020, 12, 31))
+    assert back.select(frame.columns).sort("action_id").equals(frame.sort("action_id"))
+    rows = pl.DataFrame(
+        [{"symbol": "AAPL", "family": "split", "reference": "alpaca", "other": "yahoo", "status": "different_ratio",
+          "reference_date": date(2020, 8, 31), "other_date": date(2020, 8, 31), "reference_value": 4.0,
+          "other_value": 2.0, "reference_id": "alpaca:s1", "other_id": "yahoo:s1"}],
+        schema=ACTION_RECONCILE_SCHEMA,
+    )  # fmt: skip
+    assert store.write_action_reconciliation("run1", T0, rows) == 1
+    assert store.write_action_reconciliation("run2", T1, rows) == 1  # runs are kept side by side
+    got = store.action_reconciliation("AAPL")
+    assert got["run_id"].to_list() == ["run1", "run2"] and got.drop("run_id", "created_at").row(0) == rows.row(0)
+    assert store.action_reconciliation("AAPL", run_id="run2").height == 1

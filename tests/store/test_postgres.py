@@ -16,7 +16,7 @@ import pytest
 from marketpipe.core.config import url_without_password
 from marketpipe.core.errors import StoreError
 from marketpipe.core.schema import BAR_SCHEMA
-from marketpipe.core.tables import FINDINGS_SCHEMA, QUALITY_SCORES, RECONCILE_SCHEMA, TABLES
+from marketpipe.core.tables import FINDINGS_SCHEMA, QUALITY_SCORES, RECONCILE_SCHEMA, SCHEMA_VERSION, TABLES
 from marketpipe.store.base import Store
 from marketpipe.store.duckdb import DuckDBStore
 from marketpipe.store.pg_schema import MIGRATIONS, REVISION
@@ -71,11 +71,25 @@ def test_migrations_are_numbered_recorded_and_applied_once(pg_url: str) -> None:
     with PostgresStore(pg_url) as s:
         applied = s.migrations()
     assert [v for v, _ in applied] == list(range(1, len(MIGRATIONS) + 1))
-    assert "bars" in applied[0][1] and "prev_close" in applied[-1][1]
+    assert "bars" in applied[0][1] and "prev_close" in applied[2][1] and "corporate_actions" in applied[3][1]
     first = query(pg_url, "SELECT version, applied_at FROM schema_migrations ORDER BY 1")
     PostgresStore(pg_url).close()  # opening again applies nothing
     assert query(pg_url, "SELECT version, applied_at FROM schema_migrations ORDER BY 1") == first
-    assert query(pg_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert query(pg_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+
+
+def test_a_database_of_an_older_marketpipe_gains_only_the_newer_tables(pg_url: str) -> None:
+    """A store made before corporate actions (schema 3) keeps its bars and gains the action tables."""
+    with PostgresStore(pg_url) as s:
+        s.write_pages([page(bars(3))])
+    query(pg_url, "DROP TABLE corporate_actions, action_coverage, action_quarantine, action_reconciliation")
+    query(pg_url, "DELETE FROM schema_migrations WHERE version = 4")
+    query(pg_url, "UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    with PostgresStore(pg_url) as s:
+        assert [v for v, _ in s.migrations()] == [1, 2, 3, 4]
+        assert s.counts()["bars"] == 3
+        assert s.read_actions(["AAPL"], date(2020, 1, 1), date(2020, 12, 31)).height == 0
+    assert query(pg_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
 
 
 def test_several_processes_opening_one_fresh_database_migrate_it_once(pg_url: str) -> None:

@@ -263,6 +263,14 @@ def with_content_hash(actions: pl.DataFrame) -> pl.DataFrame:
     return actions.with_columns(pl.Series("content_hash", digests, dtype=pl.String))
 
 
+# An action's adjustment date and its known date (ActionStore below), in SQL both engines speak.
+ADJUST_DATE_SQL = "coalesce(ex_date, effective_date, process_date)"
+KNOWN_DATE_SQL = (
+    "least(coalesce(declaration_date, DATE '9999-12-31'), coalesce(ex_date, effective_date, DATE '9999-12-31'), "
+    "coalesce(process_date, DATE '9999-12-31'))"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ActionCoverage:
     """Actions of ``symbol`` with adjustment dates in ``[start, end]`` (inclusive days) were fetched

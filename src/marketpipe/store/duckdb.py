@@ -47,7 +47,7 @@ from marketpipe.core.tables import (
     TABLES,
     Table,
 )
-from marketpipe.store.base import ActionCoverage, PageWrite, with_content_hash
+from marketpipe.store.base import ADJUST_DATE_SQL, KNOWN_DATE_SQL, ActionCoverage, PageWrite, with_content_hash
 
 log = get_logger("marketpipe.store")
 
@@ -831,12 +831,6 @@ _NEW_QUARANTINE = """
 INSERT INTO action_quarantine SELECT * FROM _page p
 WHERE NOT EXISTS (SELECT 1 FROM action_quarantine q WHERE q.action_id = p.action_id AND q.reason = p.reason)"""
 
-# An action's adjustment date and its known date (store/base.ActionStore), in SQL.
-ADJUST_DATE_SQL = "coalesce(ex_date, effective_date, process_date)"
-KNOWN_DATE_SQL = (
-    "least(coalesce(declaration_date, DATE '9999-12-31'), coalesce(ex_date, effective_date, DATE '9999-12-31'), "
-    "coalesce(process_date, DATE '9999-12-31'))"
-)
 
 
 def _quote(column: str) -> str:

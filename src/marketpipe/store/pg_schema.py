@@ -28,6 +28,7 @@ REVISION = "revision"  # the version column of a versioned table (see the module
 # Advisory-lock keys (any two fixed numbers): migrations, and partition creation.
 MIGRATION_LOCK = 0x6D70_0001
 PARTITION_LOCK = 0x6D70_0002
+ACTIONS_LOCK = 0x6D70_0003  # held while a writer numbers action versions
 
 _PG_TYPES: dict[type[pl.DataType], str] = {
     pl.String: 'text COLLATE "C"',

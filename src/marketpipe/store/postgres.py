@@ -35,10 +35,16 @@ from marketpipe.core.config import url_without_password
 from marketpipe.core.errors import StoreError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_STORED
-from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA
+from marketpipe.core.schema import ACTION_COLUMNS, BAR_COLUMNS, BAR_SCHEMA
 from marketpipe.core.tables import (
+    ACTION_COVERAGE,
+    ACTION_COVERAGE_SCHEMA,
+    ACTION_QUARANTINE,
+    ACTION_QUARANTINE_SCHEMA,
+    ACTION_RECONCILIATION,
     ANOMALIES,
     BARS,
+    CORPORATE_ACTIONS,
     COVERAGE,
     COVERAGE_SCHEMA,
     INGEST_LOG,
@@ -51,8 +57,9 @@ from marketpipe.core.tables import (
     SCHEMA_VERSION,
     Table,
 )
-from marketpipe.store.base import PageWrite
+from marketpipe.store.base import ADJUST_DATE_SQL, KNOWN_DATE_SQL, ActionCoverage, PageWrite, with_content_hash
 from marketpipe.store.pg_schema import (
+    ACTIONS_LOCK,
     MIGRATION_LOCK,
     MIGRATIONS,
     PARTITION_LOCK,
@@ -62,6 +69,7 @@ from marketpipe.store.pg_schema import (
     month_start,
     next_month,
     partition_ddl,
+    pg_type,
     q,
     stage_ddl,
 )
@@ -697,6 +705,129 @@ class PostgresStore:
         )
         return {r[0]: (r[1], float(r[2]), r[3]) for r in rows}
 
+    # --- corporate actions (ActionStore) -------------------------------------------------------
+
+    def write_actions(
+        self, actions: pl.DataFrame, coverage: list[ActionCoverage], quarantine: pl.DataFrame | None = None
+    ) -> int:
+        hashed = with_content_hash(actions.select(ACTION_COLUMNS)).unique(
+            ["action_id", "content_hash"], keep="first", maintain_order=True
+        )
+        staged = hashed.cast({c: t for c, t in CORPORATE_ACTIONS.columns.items() if c in hashed.columns})  # type: ignore[arg-type]
+        cov = (
+            pl.DataFrame(
+                [{c: getattr(e, c) for c in ACTION_COVERAGE.names} for e in coverage], schema=ACTION_COVERAGE_SCHEMA
+            )
+            if coverage
+            else None
+        )
+        held_out = (
+            _typed(quarantine.select(ACTION_QUARANTINE.names), ACTION_QUARANTINE)
+            if quarantine is not None and quarantine.height
+            else None
+        )
+        cols = [*ACTION_COLUMNS, "version", "content_hash", "stored_at"]
+        picked = column_list(ACTION_COLUMNS, "f.")
+
+        def work(cur: Any) -> int:
+            # one writer of versions at a time: "newest + 1" must not be taken twice
+            cur.execute(f"SELECT pg_advisory_xact_lock({ACTIONS_LOCK})")
+            stored = 0
+            if staged.height:
+                cur.execute(_stage_of(staged, "_stage_actions"))
+                cur.adbc_ingest("_stage_actions", staged.to_arrow(), mode="append", temporary=True)
+                stored = _inserted(
+                    cur,
+                    f"""WITH latest AS (
+                            SELECT DISTINCT ON (action_id) action_id, version AS v, content_hash AS h
+                            FROM corporate_actions WHERE action_id IN (SELECT action_id FROM _stage_actions)
+                            ORDER BY action_id, version DESC),
+                        fresh AS (
+                            SELECT p.*, coalesce(l.v, 0) AS base FROM _stage_actions p
+                            LEFT JOIN latest l USING (action_id) WHERE l.h IS DISTINCT FROM p.content_hash)
+                        INSERT INTO corporate_actions ({column_list(cols)})
+                        SELECT {picked}, f.base + row_number() OVER (PARTITION BY f.action_id ORDER BY f.fetched_at),
+                               f.content_hash, now()
+                        FROM fresh f""",
+                )
+            if cov is not None:
+                cur.adbc_ingest(ACTION_COVERAGE.name, cov.to_arrow(), mode="append")
+            if held_out is not None:
+                cur.execute(stage_ddl(ACTION_QUARANTINE, "_stage_action_quarantine"))
+                cur.adbc_ingest("_stage_action_quarantine", held_out.to_arrow(), mode="append", temporary=True)
+                qcols = column_list(ACTION_QUARANTINE.names)
+                cur.execute(
+                    f"""INSERT INTO action_quarantine ({qcols}) SELECT {column_list(ACTION_QUARANTINE.names, "p.")}
+                        FROM _stage_action_quarantine p WHERE NOT EXISTS (SELECT 1 FROM action_quarantine q
+                        WHERE q.action_id = p.action_id AND q.reason = p.reason)"""
+                )
+            return stored
+
+        stored: int = self._run("write", work, retry=True)
+        if stored:
+            ROWS_STORED.labels("corporate_actions", "", "").inc(stored)
+        return stored
+
+    def read_actions(
+        self,
+        symbols: list[str],
+        start: date,
+        end: date,
+        *,
+        types: list[str] | None = None,
+        providers: list[str] | None = None,
+        known_by: date | None = None,
+        all_versions: bool = False,
+    ) -> pl.DataFrame:
+        params: list[object] = [list(symbols), start, end]
+        where = ["symbol = ANY($1)", f"{ADJUST_DATE_SQL} BETWEEN $2 AND $3"]
+        if types:
+            params.append(list(types))
+            where.append(f"type = ANY(${len(params)})")
+        if providers:
+            params.append(list(providers))
+            where.append(f"provider = ANY(${len(params)})")
+        if known_by is not None:
+            params.append(known_by)
+            where.append(f"{KNOWN_DATE_SQL} <= ${len(params)}")
+        cols = column_list(CORPORATE_ACTIONS.names)
+        inner = f"SELECT {cols}, max(version) OVER (PARTITION BY action_id) AS _newest FROM corporate_actions"
+        sql = (
+            f"SELECT {cols} FROM ({inner} WHERE {' AND '.join(where)}) a"
+            + ("" if all_versions else " WHERE version = _newest")
+            + f" ORDER BY symbol, {ADJUST_DATE_SQL}, action_id, version"
+        )
+        return _as(self._frame(sql, tuple(params)), dict(CORPORATE_ACTIONS.columns))
+
+    def action_coverage(
+        self, symbols: list[str], start: date, end: date, *, provider: str | None = None
+    ) -> pl.DataFrame:
+        params: list[object] = [list(symbols), start, end]
+        where = ["symbol = ANY($1)", "start <= $3", '"end" >= $2']
+        if provider is not None:
+            params.append(provider)
+            where.append(f"provider = ${len(params)}")
+        sql = f"SELECT * FROM action_coverage WHERE {' AND '.join(where)} ORDER BY symbol, start"
+        return _as(self._frame(sql, tuple(params)), ACTION_COVERAGE_SCHEMA)
+
+    def action_quarantine(self, symbol: str | None = None) -> pl.DataFrame:
+        sql = "SELECT * FROM action_quarantine" + (" WHERE symbol = $1" if symbol else "") + " ORDER BY ex_date"
+        return _as(self._frame(sql, (symbol,) if symbol else ()), ACTION_QUARANTINE_SCHEMA)
+
+    def write_action_reconciliation(self, run_id: str, created_at: datetime, rows: pl.DataFrame) -> int:
+        frame = _typed(
+            rows.select(pl.lit(run_id).alias("run_id"), pl.lit(created_at).alias("created_at"), pl.all()),
+            ACTION_RECONCILIATION,
+        )
+        if frame.height:
+            self._run("write", lambda cur: cur.adbc_ingest(ACTION_RECONCILIATION.name, frame.to_arrow(), mode="append"))
+        return frame.height
+
+    def action_reconciliation(self, symbol: str, run_id: str | None = None) -> pl.DataFrame:
+        sql = "SELECT * FROM action_reconciliation WHERE symbol = $1" + (" AND run_id = $2" if run_id else "")
+        sql += " ORDER BY created_at, coalesce(reference_date, other_date)"
+        return _as(self._frame(sql, (symbol, run_id) if run_id else (symbol,)), dict(ACTION_RECONCILIATION.columns))
+
     def close(self) -> None:
         with self._lock:
             self._drop_connection()
@@ -732,3 +863,16 @@ def _inserted(cur: Any, insert: str, params: tuple[object, ...] | None = None) -
 
 def _written_schema(table: Table) -> dict[str, pl.DataType]:
     return {c: table.columns[c] for c in table.written}
+
+
+def _stage_of(frame: pl.DataFrame, name: str) -> str:
+    """A session-local staging table with ``frame``'s columns, emptied at every commit."""
+    cols = ", ".join(f"{q(c)} {pg_type(t)}" for c, t in frame.schema.items())
+    return f"CREATE TEMP TABLE IF NOT EXISTS {name} ({cols}) ON COMMIT DELETE ROWS"
+
+
+def _as(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """A read in exactly ``schema`` (an empty answer has the columns too)."""
+    if not frame.height and not frame.width:
+        return pl.DataFrame(schema=schema)
+    return frame.select(list(schema)).cast(schema)  # type: ignore[arg-type]
