@@ -133,7 +133,11 @@ def main() -> None:
             got = dataset.read_bars([sym], str(tf), d0, d1)
             want = store.read_bars([sym], str(tf), d0, d1)
             assert got.equals(want) and got.height > 0
-            filters = [("symbol", "==", sym), ("ts", ">=", pd.Timestamp(d0)), ("ts", "<", pd.Timestamp(d1))]
+            filters = [
+                ("symbol", "==", sym),
+                ("timestamp", ">=", pd.Timestamp(d0)),
+                ("timestamp", "<", pd.Timestamp(d1)),
+            ]
             assert len(pd.read_parquet(lake, filters=filters)) == got.height
             pq_read.append(p50(lambda d=dataset: d.read_bars([sym], str(tf), d0, d1), args.reads))
             db_read.append(p50(lambda: store.read_bars([sym], str(tf), d0, d1), args.reads))

@@ -122,7 +122,7 @@ def test_serve_with_workers_on_postgres_answers_while_a_notebook_reads(chaos: Ch
         code = (
             "import marketpipe as mp\n"
             "df = mp.bars('AAPL', '2024-03-05', '2024-03-05', fetch=False)\n"
-            "print(df.height, df['ts'].dtype)\n"
+            "print(df.height, df['timestamp'].dtype)\n"
         )
         env = {**chaos.env(), "MARKETPIPE_STORE_URL": pg_url, "MARKETPIPE_CONFIG": str(cfg)}
         nb = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
