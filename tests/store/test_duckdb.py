@@ -177,3 +177,19 @@ def test_a_refresh_stores_revisions_as_newer_versions(store: Store) -> None:
     plain = page(bars(5, close=99.0))
     assert store.write_pages([plain]) == [0]  # without refresh a held key is skipped
     assert store.counts()["bars"] == 10 and store.summary()["bars"].to_list() == [10]
+
+
+def test_the_audit_log_is_appended_and_read_newest_first(store: Store) -> None:
+    rows = [
+        {"occurred_at": T0 + timedelta(seconds=i), "actor": "admin", "address": "10.0.0.1",
+         "action": f"POST /admin/{a}", "params": '{"provider":"polygon"}' if a == "failover" else None,
+         "status": 200, "code": None, "request_id": f"r{i}"}
+        for i, a in enumerate(["failover", "reconnect", "cache/invalidate"])
+    ]  # fmt: skip
+    for row in rows:
+        store.log_admin_action(row)
+    got = store.admin_actions(limit=2)
+    assert got["action"].to_list() == ["POST /admin/cache/invalidate", "POST /admin/reconnect"]
+    assert got["id"].to_list() == sorted(got["id"].to_list(), reverse=True)
+    first = store.admin_actions()[-1].to_dicts()[0]
+    assert {k: first[k] for k in rows[0]} == rows[0]

@@ -85,6 +85,12 @@ SHIPPED_DDL = [
         run_id VARCHAR, created_at TIMESTAMP, symbol VARCHAR, family VARCHAR, reference VARCHAR, other VARCHAR,
         status VARCHAR, reference_date DATE, other_date DATE, reference_value DOUBLE, other_value DOUBLE,
         reference_id VARCHAR, other_id VARCHAR)""",
+    # v5: the gateway's audit log of admin requests
+    "CREATE SEQUENCE IF NOT EXISTS audit_log_seq",
+    """CREATE TABLE IF NOT EXISTS audit_log (
+        id BIGINT DEFAULT nextval('audit_log_seq'), occurred_at TIMESTAMP NOT NULL, actor VARCHAR NOT NULL,
+        address VARCHAR, action VARCHAR NOT NULL, params VARCHAR, status BIGINT NOT NULL, code VARCHAR,
+        request_id VARCHAR)""",
 ]
 V1_TABLES = ("meta", "bars", "quarantine", "coverage", "reconciliation", "ingest_log")
 

@@ -1,15 +1,19 @@
 """Operations: liveness and readiness (``/health*``), Prometheus ``/metrics``, and the admin routes
-(failover, reconnect, cache invalidation) behind the ``MARKETPIPE_ADMIN_TOKEN`` bearer token."""
+(failover, reconnect, cache invalidation, the audit log) behind the ``MARKETPIPE_ADMIN_TOKEN`` bearer
+token. Every admin request — refused ones too — is written to the store's ``audit_log``."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
@@ -20,9 +24,12 @@ from marketpipe.api.state import ADMIN_TOKEN_VAR, AppState, StateDep
 from marketpipe.cache import TieredCache
 from marketpipe.core.config import KNOWN_KINDS
 from marketpipe.core.errors import Forbidden, InvalidArgument, MarketpipeError, PayloadTooLarge, Unauthenticated
-from marketpipe.core.metrics import REGISTRY
+from marketpipe.core.log import get_logger
+from marketpipe.core.metrics import AUDIT_WRITE_FAILURES, REGISTRY
 from marketpipe.core.schema import normalize_symbol
-from marketpipe.core.validation import validate_enum, validate_type
+from marketpipe.core.validation import validate_enum, validate_limit, validate_type
+
+log = get_logger("marketpipe.api")
 
 
 def cache_status(cache: TieredCache) -> dict[str, Any]:
@@ -56,10 +63,18 @@ def ops_router() -> APIRouter:
         except MarketpipeError as exc:
             checks["providers"] = f"{exc.code}: {exc.message}"
         checks["cache"] = cache_status(st.cache)
-        ready = checks["store"] == "ok" and checks["providers"] == "ok"
+        redis_ok = True
+        if st.cache.l2 is not None:  # a configured Redis that does not answer: not ready (still alive)
+            redis_ok = await st.cache.l2.ping()
+            checks["cache"]["redis"] = "up" if redis_ok else "down (unreachable: serving from memory and the store)"
+        ready = checks["store"] == "ok" and checks["providers"] == "ok" and redis_ok
         return {"ready": ready, "checks": checks}
 
-    @r.get("/health/ready", summary="Readiness: store open and at least one provider usable")
+    @r.get(
+        "/health/ready",
+        summary="Readiness: store reachable, at least one provider usable, the configured Redis answering "
+        "(503 otherwise; /health, liveness, stays 200)",
+    )
     async def ready(st: StateDep) -> Response:
         doc = await readiness(st)
         return Response(json_body(doc), status_code=200 if doc["ready"] else 503, media_type=MEDIA["json"])
@@ -112,8 +127,51 @@ async def admin(request: Request, st: StateDep, authorization: Annotated[str | N
 AdminDep = Annotated[AppState, Depends(admin)]
 
 
+class AuditedRoute(APIRoute):
+    """An admin route whose every request, answered or refused, is written to the audit log."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def audited(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except MarketpipeError as exc:
+                actor = "anonymous" if isinstance(exc, _AdminDenied) else "admin"
+                await _audit(request, actor, exc.http_status, exc.code)
+                raise
+            await _audit(request, "admin", response.status_code, None)
+            return response
+
+        return audited
+
+
+async def _audit(request: Request, actor: str, status: int, code: str | None) -> None:
+    """One ``audit_log`` row. A store that cannot take it is logged and counted; the admin request's
+    own answer is not changed by it."""
+    st: AppState = request.app.state.mp
+    raw = getattr(request.state, "admin_body", None)
+    row: dict[str, object] = {
+        "occurred_at": datetime.now(UTC),
+        "actor": actor,
+        "address": client_address(request.scope),
+        "action": f"{request.method} {request.url.path}",
+        "params": raw.decode("utf-8", "replace") if raw else None,
+        "status": status,
+        "code": code,
+        "request_id": request.scope.get("state", {}).get("request_id"),
+    }
+    try:
+        await asyncio.to_thread(st.data.store.log_admin_action, row)
+    except MarketpipeError as exc:
+        AUDIT_WRITE_FAILURES.inc()
+        log.error("audit_write_failed", action=row["action"], actor=actor, code=exc.code, error=exc.message)
+    else:
+        log.info("admin_action", action=row["action"], actor=actor, status=status, code=code)
+
+
 def admin_router() -> APIRouter:
-    r = APIRouter(tags=["admin"])
+    r = APIRouter(tags=["admin"], route_class=AuditedRoute)
 
     @r.post(
         "/admin/failover",
@@ -158,6 +216,11 @@ def admin_router() -> APIRouter:
             n += await st.cache.invalidate(kind=kind, symbol="_multi")
         return Response(json_body({"invalidated": n, "symbol": symbol, "kind": kind}), media_type=MEDIA["json"])
 
+    @r.get("/admin/audit", summary="The audit log: every admin request (who, what, when, how it ended), newest first")
+    async def admin_audit(st: AdminDep, limit: Annotated[str, Query()] = "100") -> Response:
+        rows = await asyncio.to_thread(st.data.store.admin_actions, validate_limit(limit, 1, 10_000))
+        return Response(json_body({"actions": rows.to_dicts()}), media_type=MEDIA["json"])
+
     return r
 
 
@@ -184,6 +247,7 @@ async def _body(request: Request) -> dict[str, Any]:
             raise too_large
         chunks.append(chunk)
     raw = b"".join(chunks)
+    request.state.admin_body = raw  # what the audit log records
     if not raw.strip():
         return {}
     try:

@@ -396,3 +396,9 @@ EXPORT_ROWS = Counter(
     ["timeframe"],
     registry=REGISTRY,
 )
+
+AUDIT_WRITE_FAILURES = Counter(
+    "marketpipe_audit_write_failures_total",
+    "Admin requests whose audit-log row the store could not take (the request itself was answered)",
+    registry=REGISTRY,
+)

@@ -24,7 +24,7 @@ from marketpipe.core.schema import ACTION_SCHEMA, BAR_SCHEMA, UTC_US
 # since (every table is created if missing) and its version raised; a newer one is refused.
 # v1 bars, quarantine, coverage, ingest log, reconciliation; v2 data quality (anomalies, scores,
 # revisions, job runs); v3 live streaming (prev_close); v4 corporate actions (versions, ledger, quarantine).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -295,6 +295,25 @@ ACTION_RECONCILIATION = Table(
     "action_reconciliation", {"run_id": pl.String(), "created_at": UTC_US, **ACTION_RECONCILE_SCHEMA}, since=4
 )
 
+# Every admin request to the gateway (who, what, when, and how it ended), kept in the store.
+AUDIT_LOG = Table(
+    "audit_log",
+    {
+        "id": pl.Int64(),
+        "occurred_at": UTC_US,
+        "actor": pl.String(),  # "admin" (the bearer token was right) or "anonymous" (refused)
+        "address": pl.String(),  # the client's address
+        "action": pl.String(),  # "POST /admin/failover"
+        "params": pl.String(),  # the request's JSON body, as sent (bounded by [server] max_body_bytes)
+        "status": pl.Int64(),  # the HTTP status answered
+        "code": pl.String(),  # the error code when it failed
+        "request_id": pl.String(),
+    },
+    not_null=("occurred_at", "actor", "action", "status"),
+    serial="id",
+    since=5,
+)
+
 # In creation order.
 TABLES: tuple[Table, ...] = (
     META,
@@ -312,4 +331,5 @@ TABLES: tuple[Table, ...] = (
     ACTION_COVERAGE,
     ACTION_QUARANTINE,
     ACTION_RECONCILIATION,
+    AUDIT_LOG,
 )

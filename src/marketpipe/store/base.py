@@ -227,6 +227,13 @@ class OpsStore(Protocol):
     def job_runs(self, job: str | None = None, limit: int = 100) -> pl.DataFrame:
         """The newest ``limit`` run rows (of one job, or all), newest first."""
 
+    def log_admin_action(self, row: dict[str, object]) -> None:
+        """Append one admin request to ``audit_log``: a dict with every column but ``id`` (which the
+        store numbers in insertion order). Never edited or deleted."""
+
+    def admin_actions(self, limit: int = 100) -> pl.DataFrame:
+        """The newest ``limit`` audit rows, newest first."""
+
     def save_prev_closes(self, rows: list[tuple[str, date, float, str]]) -> None:
         """Keep (symbol, session, close, source), the close of the session before the current one;
         one row per symbol, a later save replaces it (stamped ``updated_at``)."""

@@ -34,6 +34,7 @@ from marketpipe.core.tables import (
     ACTION_QUARANTINE_SCHEMA,
     ACTION_RECONCILIATION,
     ANOMALIES,
+    AUDIT_LOG,
     CORPORATE_ACTIONS,
     COVERAGE,
     COVERAGE_SCHEMA,
@@ -644,14 +645,30 @@ class DuckDBStore:
 
     def log_job_runs(self, rows: list[dict[str, object]]) -> None:
         """One row per symbol of a scheduled run."""
+        self._append(JOB_RUNS, rows)
+
+    def log_admin_action(self, row: dict[str, object]) -> None:
+        self._append(AUDIT_LOG, [row])
+
+    def admin_actions(self, limit: int = 100) -> pl.DataFrame:
+        with self._lock:
+            table = self._arrow("SELECT * FROM audit_log ORDER BY id DESC LIMIT $limit", {"limit": limit})
+        return _aware(pl.from_arrow(table), dict(AUDIT_LOG.columns))  # type: ignore[arg-type]
+
+    def _append(self, table: Table, rows: list[dict[str, object]]) -> None:
+        """Rows (dicts of the table's written columns) appended to a table numbered by its serial."""
         if not rows:
             return
-        cols = JOB_RUNS.written
+        cols = table.written
         with self._lock:
-            self.con.executemany(
-                f"INSERT INTO job_runs ({', '.join(_quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
-                [[_param(r[c]) for c in cols] for r in rows],
-            )
+            try:
+                self.con.executemany(
+                    f"INSERT INTO {table.name} ({', '.join(_quote(c) for c in cols)}) "
+                    f"VALUES ({', '.join('?' for _ in cols)})",
+                    [[_param(r[c]) for c in cols] for r in rows],
+                )
+            except duckdb.Error as exc:
+                raise StoreError(f"store write failed, nothing written: {exc}", details={"path": self.path}) from exc
 
     def job_runs(self, job: str | None = None, limit: int = 100) -> pl.DataFrame:
         sql = "SELECT * FROM job_runs" + (" WHERE job = $job" if job else "") + " ORDER BY id DESC LIMIT $limit"
@@ -830,7 +847,6 @@ FROM fresh f"""
 _NEW_QUARANTINE = """
 INSERT INTO action_quarantine SELECT * FROM _page p
 WHERE NOT EXISTS (SELECT 1 FROM action_quarantine q WHERE q.action_id = p.action_id AND q.reason = p.reason)"""
-
 
 
 def _quote(column: str) -> str:

@@ -43,6 +43,7 @@ from marketpipe.core.tables import (
     ACTION_QUARANTINE_SCHEMA,
     ACTION_RECONCILIATION,
     ANOMALIES,
+    AUDIT_LOG,
     BARS,
     CORPORATE_ACTIONS,
     COVERAGE,
@@ -669,10 +670,20 @@ class PostgresStore:
     # --- operations --------------------------------------------------------------------------------
 
     def log_job_runs(self, rows: list[dict[str, object]]) -> None:
+        self._append(JOB_RUNS, rows)
+
+    def log_admin_action(self, row: dict[str, object]) -> None:
+        self._append(AUDIT_LOG, [row])
+
+    def admin_actions(self, limit: int = 100) -> pl.DataFrame:
+        return _as(self._frame("SELECT * FROM audit_log ORDER BY id DESC LIMIT $1", (limit,)), dict(AUDIT_LOG.columns))
+
+    def _append(self, table: Table, rows: list[dict[str, object]]) -> None:
+        """Rows (dicts of the table's written columns) appended to a table numbered by its serial."""
         if not rows:
             return
-        frame = pl.DataFrame([{c: r[c] for c in JOB_RUNS.written} for r in rows], schema=_written_schema(JOB_RUNS))
-        self._run("write", lambda cur: cur.adbc_ingest(JOB_RUNS.name, frame.to_arrow(), mode="append"))
+        frame = pl.DataFrame([{c: r[c] for c in table.written} for r in rows], schema=_written_schema(table))
+        self._run("write", lambda cur: cur.adbc_ingest(table.name, frame.to_arrow(), mode="append"))
 
     def job_runs(self, job: str | None = None, limit: int = 100) -> pl.DataFrame:
         if job:
