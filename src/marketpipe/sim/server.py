@@ -25,6 +25,7 @@ from marketpipe.sim.admin import Stats
 from marketpipe.sim.alpaca import DEFAULT_KEYS, AlpacaFace
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import Faults
+from marketpipe.sim.options import OptionsFace
 from marketpipe.sim.stream import AlpacaStream, StreamConfig
 
 VENDORS = ("alpaca", "polygon", "yahoo")
@@ -82,6 +83,8 @@ class SimServer:
         self.stream: AlpacaStream | None = (
             AlpacaStream(self.market, self.keys, stream_config) if vendor == "alpaca" else None
         )
+        # the options face (/v1beta1/options, /v2/options/contracts) rides on the Alpaca face
+        self.options = OptionsFace(self.face) if vendor == "alpaca" else None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -123,6 +126,8 @@ class SimServer:
         if not 0 <= self._port <= 65535:
             raise InvalidArgument(f"port {self._port} is not in 0..65535", details={"parameter": "port"})
         app = self.face.build_app()
+        if self.options is not None:
+            self.options.add_routes(app.router)
         if self.stream is not None:
             self.stream.mount(app)
         runner = web.AppRunner(
