@@ -33,6 +33,8 @@ OPTION_STYLES = ("american", "european")
 GREEKS = ("delta", "gamma", "theta", "vega", "rho")
 # the one reason a greek or the IV is null: the vendor sent none for this contract (never "we computed")
 GREEKS_NOT_SENT = "not_sent_by_vendor"
+# latest quotes and trades come from endpoints that carry no greeks at all (a snapshot does)
+GREEKS_NOT_IN_ENDPOINT = "not_in_endpoint"
 
 _OCC = re.compile(r"^([A-Z][A-Z0-9]{0,5})(\d{2})(\d{2})(\d{2})([CP])(\d{8})$")
 OCC_PATTERN = _OCC.pattern
@@ -169,6 +171,7 @@ OPTION_CONTRACT_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String(),
     "name": pl.String(),
     "underlying": pl.String(),
+    "underlying_asset_id": pl.String(),
     "root": pl.String(),
     "expiration": pl.Date(),
     "type": pl.String(),

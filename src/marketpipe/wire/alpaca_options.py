@@ -288,6 +288,7 @@ def contracts_to_frame(rows: list[WContract], source: str, fetched_at: datetime)
             "id": [r.id for r in rows],
             "name": [r.name for r in rows],
             "underlying": [r.underlying_symbol for r in rows],
+            "underlying_asset_id": [r.underlying_asset_id for r in rows],
             "root": [r.root_symbol for r in rows],
             "expiration": [date.fromisoformat(r.expiration_date) for r in rows],
             "type": [r.type for r in rows],
@@ -306,8 +307,8 @@ def contracts_to_frame(rows: list[WContract], source: str, fetched_at: datetime)
     return (
         pl.DataFrame(data)
         .with_columns(pl.lit(source, pl.String).alias("source"), pl.lit(fetched_at, UTC_US).alias("fetched_at"))
-        .cast(OPTION_CONTRACT_SCHEMA)
-    )  # type: ignore[arg-type]
+        .cast(OPTION_CONTRACT_SCHEMA)  # type: ignore[arg-type]
+    )
 
 
 # --- encoding (canonical -> the vendor's keys) -------------------------------------------------------
@@ -394,7 +395,7 @@ def contract_objs(frame: pl.DataFrame) -> list[dict[str, Any]]:
                 "expiration_date": r["expiration"].isoformat(),
                 "root_symbol": r["root"],
                 "underlying_symbol": r["underlying"],
-                "underlying_asset_id": r.get("underlying_asset_id") or "",
+                "underlying_asset_id": r["underlying_asset_id"],
                 "type": r["type"],
                 "style": r["style"],
                 "strike_price": text(r["strike"]),
