@@ -183,20 +183,17 @@ class AlpacaOptionsProvider(HttpProvider):
         und = normalize_symbol(underlying)
         fd = self.feed(feed)
         params: dict[str, Any] = {"feed": fd, "limit": validate_limit(page_size, 1, SNAPSHOT_MAX_LIMIT, "limit")}
-        if type is not None:
-            params["type"] = validate_enum(type, OPTION_TYPES, "type")
-        for name, value in (("strike_price_gte", strike_price_gte), ("strike_price_lte", strike_price_lte)):
-            if value is not None:
-                params[name] = validate_number(value, name, gt=0)
-        for name, day in (
-            ("expiration_date", expiration_date),
-            ("expiration_date_gte", expiration_date_gte),
-            ("expiration_date_lte", expiration_date_lte),
-        ):
-            if day is not None:
-                params[name] = _day(day, name).isoformat()
-        if root_symbol is not None:
-            params["root_symbol"] = normalize_symbol(root_symbol)
+        params.update(
+            _filters(
+                type,
+                strike_price_gte,
+                strike_price_lte,
+                expiration_date,
+                expiration_date_gte,
+                expiration_date_lte,
+                root_symbol,
+            )
+        )
         if updated_since is not None:
             params["updated_since"] = rfc3339(updated_since)
         async for frame in self._snapshot_pages(chain_path(und), params, und, fd, "option chain"):
@@ -330,22 +327,19 @@ class AlpacaOptionsProvider(HttpProvider):
             "status": validate_enum(status, CONTRACT_STATUSES, "status"),
             "limit": validate_limit(limit, 1, CONTRACTS_MAX_LIMIT),
         }
-        if type is not None:
-            params["type"] = validate_enum(type, OPTION_TYPES, "type")
         if style is not None:
             params["style"] = validate_enum(style, OPTION_STYLES, "style")
-        for name, value in (("strike_price_gte", strike_price_gte), ("strike_price_lte", strike_price_lte)):
-            if value is not None:
-                params[name] = validate_number(value, name, gt=0)
-        for name, day in (
-            ("expiration_date", expiration_date),
-            ("expiration_date_gte", expiration_date_gte),
-            ("expiration_date_lte", expiration_date_lte),
-        ):
-            if day is not None:
-                params[name] = _day(day, name).isoformat()
-        if root_symbol is not None:
-            params["root_symbol"] = normalize_symbol(root_symbol)
+        params.update(
+            _filters(
+                type,
+                strike_price_gte,
+                strike_price_lte,
+                expiration_date,
+                expiration_date_gte,
+                expiration_date_lte,
+                root_symbol,
+            )
+        )
         frames = [
             contracts_to_frame(page.option_contracts, self._source(resp), self._now())
             async for page, resp in _pages(self._trading, CONTRACTS_PATH, params, ContractsPage, "option contracts")
@@ -372,6 +366,34 @@ async def _pages(
         if token in seen:
             raise pagination_loop(http.provider, what, n, token)
         seen.add(token)
+
+
+def _filters(
+    type: str | None,
+    strike_gte: float | None,
+    strike_lte: float | None,
+    expiration: date | str | None,
+    expiration_gte: date | str | None,
+    expiration_lte: date | str | None,
+    root: str | None,
+) -> dict[str, Any]:
+    """The contract filters the chain and the contracts endpoints share, checked, as the vendor spells them."""
+    params: dict[str, Any] = {}
+    if type is not None:
+        params["type"] = validate_enum(type, OPTION_TYPES, "type")
+    for name, value in (("strike_price_gte", strike_gte), ("strike_price_lte", strike_lte)):
+        if value is not None:
+            params[name] = validate_number(value, name, gt=0)
+    for name, day in (
+        ("expiration_date", expiration),
+        ("expiration_date_gte", expiration_gte),
+        ("expiration_date_lte", expiration_lte),
+    ):
+        if day is not None:
+            params[name] = _day(day, name).isoformat()
+    if root is not None:
+        params["root_symbol"] = normalize_symbol(root)
+    return params
 
 
 def _day(value: date | str, param: str) -> date:
