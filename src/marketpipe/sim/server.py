@@ -26,6 +26,7 @@ from marketpipe.sim.alpaca import DEFAULT_KEYS, AlpacaFace
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import Faults
 from marketpipe.sim.options import OptionsFace
+from marketpipe.sim.options_stream import OptionsStream
 from marketpipe.sim.stream import AlpacaStream, StreamConfig
 
 VENDORS = ("alpaca", "polygon", "yahoo")
@@ -100,8 +101,10 @@ class SimServer:
         return f"http://{host}:{self._port}"
 
     def ws_url(self, feed: str = "iex") -> str:
-        """The stream URL of a feed (``iex``, ``sip`` or ``test``), e.g. ``ws://127.0.0.1:PORT/v2/iex``."""
-        return "ws" + self.url[4:] + f"/v2/{feed}"
+        """The stream URL of a feed (``iex``, ``sip`` or ``test``; options: ``indicative``, ``opra``), e.g.
+        ``ws://127.0.0.1:PORT/v2/iex`` or ``ws://127.0.0.1:PORT/v1beta1/opra``."""
+        version = "v1beta1" if feed in ("indicative", "opra") else "v2"
+        return "ws" + self.url[4:] + f"/{version}/{feed}"
 
     def drop_streams(self, feed: str | None = None, *, abrupt: bool = True) -> int:
         """Drop the open stream connections (of one feed, or all) from any thread; returns how many."""
@@ -128,6 +131,7 @@ class SimServer:
         app = self.face.build_app()
         if self.options is not None:
             self.options.add_routes(app.router)
+            OptionsStream(self.options.options, self.keys).mount(app)
         if self.stream is not None:
             self.stream.mount(app)
         runner = web.AppRunner(
