@@ -4,6 +4,7 @@ channels only; alpaca-py's OptionDataStream works against it unchanged."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import aiohttp
 import msgpack
@@ -99,3 +100,92 @@ def test_alpaca_py_option_stream(sim: SimServer) -> None:
     q = got["q"][0]
     assert q.symbol == contract and q.bid_price <= q.ask_price  # type: ignore[attr-defined]
     assert got["t"][0].price > 0  # type: ignore[attr-defined]
+
+
+# --- through the gateway -------------------------------------------------------------------------------
+
+
+def test_gateway_options_stream_one_upstream_for_many_clients(tmp_path: Path) -> None:
+    from marketpipe.api.app import create_app
+    from tests.api.conftest import ENV, gateway_config, serving
+
+    with SimServer() as vendor:
+        chain = OptionHistoricalDataClient("SIMKEY", "SIMSECRET", url_override=vendor.url).get_option_chain(
+            OptionChainRequest(underlying_symbol="AAPL", type="put")
+        )
+        contract = next(s for s, v in sorted(chain.items()) if v.latest_trade is not None)
+        app = create_app(gateway_config(vendor.url, tmp_path / "gw.duckdb"), env=ENV)
+        with serving(app) as url:
+            ws_url = "ws" + url[4:] + "/v1beta1/opra"
+
+            async def main() -> tuple[list[object], list[object]]:
+                async def one() -> list[object]:
+                    http = aiohttp.ClientSession()
+                    ws = await http.ws_connect(ws_url, headers=MSGPACK)
+                    try:
+                        assert msgpack.unpackb((await ws.receive(timeout=5)).data)[0]["msg"] == "connected"
+                        await ws.send_bytes(msgpack.packb({"action": "auth", "key": "ANY", "secret": "ANY"}))
+                        assert msgpack.unpackb((await ws.receive(timeout=5)).data)[0]["msg"] == "authenticated"
+                        await ws.send_bytes(msgpack.packb({"action": "subscribe", "quotes": ["*"]}))
+                        assert msgpack.unpackb((await ws.receive(timeout=5)).data)[0]["code"] == 413
+                        await ws.send_bytes(
+                            msgpack.packb({"action": "subscribe", "quotes": [contract], "trades": [contract]})
+                        )
+                        sub = msgpack.unpackb((await ws.receive(timeout=5)).data)[0]
+                        assert sub == {"T": "subscription", "trades": [contract], "quotes": [contract]}
+                        got: list[object] = []
+                        while len(got) < 6:
+                            frame = msgpack.unpackb((await ws.receive(timeout=5)).data, timestamp=3)
+                            got += frame
+                        return got
+                    finally:
+                        await ws.close()
+                        await http.close()
+
+                a, b = await asyncio.gather(one(), one())
+                return a, b
+
+            a, b = asyncio.run(main())
+            for got in (a, b):
+                assert {m["T"] for m in got} <= {"q", "t"} and all(m["S"] == contract for m in got)  # type: ignore[index]
+                q = next(m for m in got if m["T"] == "q")  # type: ignore[index]
+                assert q["bp"] <= q["ap"] and q["t"].tzinfo is not None  # type: ignore[index]
+            live = app.state.mp.options_live
+            assert list(live.upstreams) == ["opra"] and live.upstreams["opra"].connects == 1  # one upstream
+            assert live.upstreams["opra"].source == "sim:alpaca"
+            assert vendor.options_stream is not None
+
+            # alpaca-py's OptionDataStream, unchanged, against the gateway
+            stream = OptionDataStream("ANY", "ANY", feed=OptionsFeed.OPRA, url_override=ws_url)
+            seen: list[object] = []
+
+            async def on_quote(q: object) -> None:
+                seen.append(q)
+                await stream.stop_ws()
+
+            stream.subscribe_quotes(on_quote, contract)
+
+            async def run() -> None:
+                task = asyncio.create_task(stream._run_forever())
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), 15)
+                except TimeoutError:
+                    await stream.stop_ws()
+                task.cancel()
+
+            asyncio.run(run())
+            assert seen and seen[0].symbol == contract  # type: ignore[attr-defined]
+
+            # a JSON client is refused with the vendor's 412
+            async def json_client() -> object:
+                http = aiohttp.ClientSession()
+                ws = await http.ws_connect(ws_url)
+                try:
+                    return orjson.loads((await ws.receive(timeout=5)).data)
+                finally:
+                    await ws.close()
+                    await http.close()
+
+            assert asyncio.run(json_client()) == [
+                {"T": "error", "code": 412, "msg": "option messages are only available in MsgPack format"}
+            ]

@@ -7,7 +7,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -37,6 +37,7 @@ class AppState:
     env: dict[str, str] | None = field(default=None, repr=False)  # None: the process environment
     live: LiveHub | None = None  # created by start() (it needs the running loop)
     alerts: AlertEngine | None = None  # [alerts] enabled: rules over the metrics and events, and the sinks
+    options_live: Any = None  # the options stream's upstreams (api/options_stream.py), made on first use
 
     @classmethod
     def build(
@@ -90,6 +91,8 @@ class AppState:
             await self.alerts.aclose()
         if self.live is not None:
             await self.live.close()
+        if self.options_live is not None:
+            await self.options_live.close()
         await self.cache.aclose()
         await self.data.aclose()
 

@@ -29,6 +29,7 @@ from aiohttp import WSMsgType, web
 
 from marketpipe.core.errors import InvalidOptionSymbol
 from marketpipe.core.options import OccSymbol, parse_occ
+from marketpipe.sim.admin import SIM_HEADER
 from marketpipe.sim.data import NS_PER_SEC
 from marketpipe.sim.options import OptionsMarket
 from marketpipe.wire.alpaca_options import FEEDS, JSON_REFUSED, STAR_QUOTES_REFUSED, STREAM_CHANNELS, stream_path
@@ -79,6 +80,7 @@ class OptionsStream:
 
     async def handle(self, request: web.Request, feed: str) -> web.StreamResponse:
         ws = web.WebSocketResponse(autoping=True)
+        ws.headers[SIM_HEADER] = "1"  # like every REST answer: clients label the data sim:alpaca
         await ws.prepare(request)
         if not request.headers.get("Content-Type", "").lower().startswith(MSGPACK_CONTENT_TYPE):
             code, msg = JSON_REFUSED

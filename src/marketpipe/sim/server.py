@@ -86,6 +86,7 @@ class SimServer:
         )
         # the options face (/v1beta1/options, /v2/options/contracts) rides on the Alpaca face
         self.options = OptionsFace(self.face) if vendor == "alpaca" else None
+        self.options_stream: OptionsStream | None = None  # its stream, mounted at start
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,7 +132,8 @@ class SimServer:
         app = self.face.build_app()
         if self.options is not None:
             self.options.add_routes(app.router)
-            OptionsStream(self.options.options, self.keys).mount(app)
+            self.options_stream = OptionsStream(self.options.options, self.keys)
+            self.options_stream.mount(app)
         if self.stream is not None:
             self.stream.mount(app)
         runner = web.AppRunner(
