@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("export.py", ["--symbols", "2", "--days", "3", "--repeat", "1", "--reads", "3"], "ratio export (a) vs peer"),
         ("scale.py", ["--symbols", "2", "--days", "3", "--reads", "20"], "PG/DuckDB"),
         ("adjust.py", ["--years", "1", "--repeat", "1"], "ratio adjusted/raw"),
+        ("options.py", ["--repeat", "1", "--weekly", "1", "--monthly", "1"], "ratio contracts/s vs alpaca-py"),
     ],
 )
 def test_bench_script_runs_to_the_end(script: str, args: list[str], expect: str) -> None:

@@ -36,7 +36,24 @@ if TYPE_CHECKING:
     from marketpipe.service.remote import GatewayClient
 
 __version__ = "0.1.0"
-__all__ = ["actions", "applied", "backfill", "bars", "client", "latest_quote", "latest_trade", "quality", "snapshots"]
+__all__ = [
+    "actions",
+    "applied",
+    "backfill",
+    "bars",
+    "client",
+    "latest_quote",
+    "latest_trade",
+    "option_bars",
+    "option_chain",
+    "option_chain_history",
+    "option_contracts",
+    "option_quotes",
+    "option_snapshots",
+    "option_trades",
+    "quality",
+    "snapshots",
+]
 
 _default: SyncMarketData | None = None
 _lock = threading.Lock()
@@ -201,3 +218,56 @@ def quality(
     """Completeness, anomalies and quality scores of stored bars (nothing is fetched): one result per
     symbol with ``.summary``, ``.days``, ``.findings`` and ``.completeness``."""
     return _client().quality(symbols, start, end, timeframe=timeframe)
+
+
+# --- options (Alpaca's; greeks and IV only as the vendor sends them, else null with greeks_missing) ---------
+
+
+def option_chain(
+    underlying: str,
+    *,
+    expiration: TimeLike | None = None,
+    type: Literal["call", "put"] | None = None,
+    strike_gte: float | None = None,
+    strike_lte: float | None = None,
+    feed: str | None = None,
+    **kw: Any,
+) -> pl.DataFrame:
+    """The option chain of ``underlying`` as a polars frame, one row per contract (the vendor's quote, trade,
+    greeks and IV, each row naming ``source`` and ``feed``), checked (failing rows quarantined), with
+    ``quote_score``. More filters: ``expiration_gte``, ``expiration_lte``, ``root``, ``updated_since``."""
+    return _client().option_chain(
+        underlying, expiration=expiration, type=type, strike_gte=strike_gte, strike_lte=strike_lte, feed=feed, **kw
+    )
+
+
+def option_snapshots(contracts: str | list[str], *, feed: str | None = None) -> pl.DataFrame:
+    return _client().option_snapshots(contracts, feed=feed)
+
+
+def option_quotes(contracts: str | list[str], *, feed: str | None = None) -> pl.DataFrame:
+    """The latest quote of each contract (OCC symbols)."""
+    return _client().option_quotes(contracts, feed=feed)
+
+
+def option_bars(
+    contracts: str | list[str], start: TimeLike, end: TimeLike | None = None, *, timeframe: str = "1Min"
+) -> pl.DataFrame:
+    """Bars of option contracts (the bar schema, the contract as ``symbol``); history from February 2024."""
+    return _client().option_bars(contracts, start, end, timeframe=timeframe)
+
+
+def option_trades(contracts: str | list[str], start: TimeLike, end: TimeLike | None = None) -> pl.DataFrame:
+    return _client().option_trades(contracts, start, end)
+
+
+def option_contracts(underlyings: str | list[str], **kw: Any) -> pl.DataFrame:
+    """Contracts from Alpaca's Trading API, with open interest and its date."""
+    return _client().option_contracts(underlyings, **kw)
+
+
+def option_chain_history(directory: str, underlying: str) -> pl.DataFrame:
+    """The chain snapshots ``marketpipe options snapshot`` stored under ``directory``, by (contract, as_of)."""
+    from marketpipe.service.options import read_chain_history
+
+    return read_chain_history(directory, underlying)

@@ -26,6 +26,8 @@ from marketpipe.api.docs import install_docs
 from marketpipe.api.live import live_router
 from marketpipe.api.middleware import ClientAuth, RequestContext
 from marketpipe.api.ops import admin_router, ops_router
+from marketpipe.api.options import options_router
+from marketpipe.api.options_stream import options_stream_router
 from marketpipe.api.state import AppState
 from marketpipe.api.v1 import v1_router
 from marketpipe.cache import TieredCache
@@ -76,6 +78,8 @@ def create_app(
         alpaca_stream_router(),
         dashboard_router(),
         alerts_router(),
+        options_router(),
+        options_stream_router(),
     ):
         app.include_router(router)
     return app

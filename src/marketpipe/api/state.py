@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -41,6 +41,7 @@ class AppState:
     live: LiveHub | None = None  # created by start() (it needs the running loop)
     alerts: AlertEngine | None = None  # [alerts] enabled: rules over the metrics and events, and the sinks
     _unsubscribe: Callable[[], None] | None = field(default=None, repr=False)  # set by start()
+    options_live: Any = None  # the options stream's upstreams (api/options_stream.py), made on first use
 
     @classmethod
     def build(
@@ -98,6 +99,8 @@ class AppState:
             self._unsubscribe()
         if self.live is not None:
             await self.live.close()
+        if self.options_live is not None:
+            await self.options_live.close()
         await self.cache.aclose()
         await self.data.aclose()
 

@@ -665,9 +665,9 @@ def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, st
 
 # The other commands live in modules of their own and register on the shared ``app`` when imported
 # (after the ones above, so ``--help`` lists them in this order).
-from marketpipe.cli import actions, alerts, export, quality, serve, stream  # noqa: E402
+from marketpipe.cli import actions, alerts, export, options, quality, serve, stream  # noqa: E402
 
-__all__ = ["actions", "alerts", "app", "export", "quality", "serve", "stream"]
+__all__ = ["actions", "alerts", "app", "export", "options", "quality", "serve", "stream"]
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -65,6 +65,19 @@ class InvalidRange(InvalidArgument):
     code = "INVALID_RANGE"
 
 
+class InvalidOptionSymbol(InvalidSymbol):
+    """Not an OCC option symbol (ROOT + YYMMDD + C|P + strike x 1000 in 8 digits), or one whose
+    fields disagree with the contract it names."""
+
+    code = "INVALID_OPTION_SYMBOL"
+
+
+class ContractExpired(InvalidArgument):
+    """An option contract asked for live data (quote, snapshot, stream) after its expiration date."""
+
+    code = "CONTRACT_EXPIRED"
+
+
 class PayloadTooLarge(InvalidArgument):
     """A request body over the gateway's bound (it is neither read further nor echoed)."""
 
@@ -407,6 +420,8 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         InvalidTimeframe,
         InvalidSymbol,
         InvalidRange,
+        InvalidOptionSymbol,
+        ContractExpired,
         PayloadTooLarge,
         HeadersTooLarge,
         InvalidMessage,
@@ -491,6 +506,7 @@ __all__ = [
     "BucketNotFound",
     "CircuitOpen",
     "ConfigError",
+    "ContractExpired",
     "DataInvalid",
     "DatasetNotFound",
     "DeadlineExceeded",
@@ -502,6 +518,7 @@ __all__ = [
     "InvalidAction",
     "InvalidArgument",
     "InvalidMessage",
+    "InvalidOptionSymbol",
     "InvalidRange",
     "InvalidSymbol",
     "InvalidSymbols",

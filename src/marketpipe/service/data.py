@@ -37,6 +37,7 @@ from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_range
 from marketpipe.service.export import read_dataset
 from marketpipe.service.frames import Shape, frame_options, shaped
 from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
+from marketpipe.service.options import OptionsData
 from marketpipe.service.quality import SeriesQuality, analyze
 from marketpipe.service.router import CLIENT_ERRORS, ProviderRouter, Served, build_router
 from marketpipe.service.scheduler import Job, Scheduler
@@ -87,6 +88,14 @@ class MarketData:
         self._env = env
         self._pinned: str | None = None
         self._actions: Actions | None = None
+        self._options: OptionsData | None = None
+
+    @property
+    def options(self) -> OptionsData:
+        """The options service (Alpaca's options data, checked; built on first use)."""
+        if self._options is None:
+            self._options = OptionsData(self.config, env=self._env)
+        return self._options
 
     @property
     def store(self) -> Store:
@@ -488,6 +497,9 @@ class MarketData:
             if self._release is not None:
                 self._release.cancel()
                 self._release = None
+        if self._options is not None:
+            await self._options.aclose()
+            self._options = None
         if self._router is not None:
             await self._router.aclose()
         elif self._provider is not None:
@@ -588,6 +600,28 @@ class SyncMarketData:
 
     def snapshots(self, symbols: list[str] | str, **kw: Any) -> dict[str, Snapshot]:
         return self._run(self.data.snapshots(symbols, **kw))
+
+    def option_chain(self, underlying: str, **kw: Any) -> pl.DataFrame:
+        return self._portal.run(self.data.options.chain(underlying, **kw))
+
+    def option_snapshots(self, contracts: list[str] | str, **kw: Any) -> pl.DataFrame:
+        return self._portal.run(self.data.options.snapshots(contracts, **kw))
+
+    def option_quotes(self, contracts: list[str] | str, **kw: Any) -> pl.DataFrame:
+        return self._portal.run(self.data.options.latest_quotes(contracts, **kw))
+
+    def option_bars(
+        self, contracts: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any
+    ) -> pl.DataFrame:
+        return self._portal.run(self.data.options.bars(contracts, start, end, **kw))
+
+    def option_trades(
+        self, contracts: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any
+    ) -> pl.DataFrame:
+        return self._portal.run(self.data.options.trades(contracts, start, end, **kw))
+
+    def option_contracts(self, underlyings: list[str] | str, **kw: Any) -> pl.DataFrame:
+        return self._portal.run(self.data.options.contracts(underlyings, **kw))
 
     def close(self) -> None:
         self._portal.run(self.data.aclose())

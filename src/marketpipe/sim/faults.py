@@ -116,7 +116,7 @@ DEFECTS: tuple[str, ...] = get_args(Defect)
 DEFAULT_FACTORS: dict[str, float] = {"spike": 1.5, "split": 2.0, "volume_spike": 50.0}
 DEFAULT_RUN = 30
 # Every vendor face's data URLs: Alpaca and Polygon under /v2/, Yahoo's chart under /v8/.
-DATA_PATHS = re.compile(r"^/(v2|v8)/")
+DATA_PATHS = re.compile(r"^/(v2|v8|v1beta1)/")
 # invalid_rows and bad_data only make sense where bars are returned in bulk: Alpaca bars, Polygon
 # aggregates, Yahoo charts.
 BAR_PATHS = re.compile(r"^/v2/stocks/(bars|[^/]+/bars)$|^/v2/aggs/ticker/[^/]+/range/|^/v8/finance/chart/")

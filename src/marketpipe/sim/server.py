@@ -25,6 +25,8 @@ from marketpipe.sim.admin import Stats
 from marketpipe.sim.alpaca import DEFAULT_KEYS, AlpacaFace
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import Faults
+from marketpipe.sim.options import OptionsFace
+from marketpipe.sim.options_stream import OptionsStream
 from marketpipe.sim.stream import AlpacaStream, StreamConfig
 
 VENDORS = ("alpaca", "polygon", "yahoo")
@@ -82,6 +84,9 @@ class SimServer:
         self.stream: AlpacaStream | None = (
             AlpacaStream(self.market, self.keys, stream_config) if vendor == "alpaca" else None
         )
+        # the options face (/v1beta1/options, /v2/options/contracts) rides on the Alpaca face
+        self.options = OptionsFace(self.face) if vendor == "alpaca" else None
+        self.options_stream: OptionsStream | None = None  # its stream, mounted at start
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -97,8 +102,10 @@ class SimServer:
         return f"http://{host}:{self._port}"
 
     def ws_url(self, feed: str = "iex") -> str:
-        """The stream URL of a feed (``iex``, ``sip`` or ``test``), e.g. ``ws://127.0.0.1:PORT/v2/iex``."""
-        return "ws" + self.url[4:] + f"/v2/{feed}"
+        """The stream URL of a feed (``iex``, ``sip`` or ``test``; options: ``indicative``, ``opra``), e.g.
+        ``ws://127.0.0.1:PORT/v2/iex`` or ``ws://127.0.0.1:PORT/v1beta1/opra``."""
+        version = "v1beta1" if feed in ("indicative", "opra") else "v2"
+        return "ws" + self.url[4:] + f"/{version}/{feed}"
 
     def drop_streams(self, feed: str | None = None, *, abrupt: bool = True) -> int:
         """Drop the open stream connections (of one feed, or all) from any thread; returns how many."""
@@ -123,6 +130,10 @@ class SimServer:
         if not 0 <= self._port <= 65535:
             raise InvalidArgument(f"port {self._port} is not in 0..65535", details={"parameter": "port"})
         app = self.face.build_app()
+        if self.options is not None:
+            self.options.add_routes(app.router)
+            self.options_stream = OptionsStream(self.options.options, self.keys)
+            self.options_stream.mount(app)
         if self.stream is not None:
             self.stream.mount(app)
         runner = web.AppRunner(
