@@ -553,6 +553,9 @@ class ExportConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     calendar: str = "XNYS"
+    # Crypto trades around the clock (core/calendar.ContinuousCalendar); its daily bars are stamped at
+    # midnight of this zone: UTC today, America/Chicago in Alpaca's older answers.
+    crypto_daily_bars: Literal["UTC", "America/Chicago"] = "UTC"
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     backfill: BackfillConfig = msgspec.field(default_factory=BackfillConfig)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)

@@ -21,9 +21,10 @@ from typing import Any, Literal, TypeVar
 
 import polars as pl
 
-from marketpipe.core.calendar import ExchangeCalendar, get_calendar
+from marketpipe.core.calendar import ExchangeCalendar, calendar_for, get_calendar
 from marketpipe.core.config import Config, load_config
-from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
+from marketpipe.core.errors import InvalidArgument
+from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, is_crypto, normalize_symbols
 from marketpipe.core.timeframe import Timeframe, TimeframeLike
 from marketpipe.core.timeutil import TimeInput, parse_range, parse_time
 from marketpipe.core.validation import validate_dataset_url, validate_limit
@@ -134,7 +135,23 @@ class MarketData:
 
     @property
     def calendar(self) -> ExchangeCalendar:
+        """The equities' exchange calendar (config ``calendar``)."""
         return get_calendar(self.config.calendar)
+
+    def calendar_of(self, symbols: list[str]) -> ExchangeCalendar:
+        """The calendar of these symbols' asset class: continuous for crypto pairs, the exchange
+        calendar for equities. One request holds one asset class (INVALID_ARGUMENT otherwise), since
+        what is expected, and when, differs between them."""
+        kinds = {is_crypto(s) for s in symbols}
+        if len(kinds) > 1:
+            raise InvalidArgument(
+                "crypto pairs and equities in one request: ask for them separately "
+                f"(crypto: {', '.join(s for s in symbols if is_crypto(s))})",
+                details={"param": "symbols"},
+            )
+        if kinds == {True}:
+            return calendar_for(symbols[0], equities=self.config.calendar, crypto_daily=self.config.crypto_daily_bars)
+        return self.calendar
 
     async def backfill(
         self,
@@ -174,7 +191,7 @@ class MarketData:
         return await run_backfill(
             self.bars_source(provider),
             self.store,
-            self.calendar,
+            self.calendar_of(symbols),
             symbols,
             timeframe,
             start,
@@ -197,7 +214,7 @@ class MarketData:
         """Completeness, anomalies and quality scores of stored data (nothing is fetched)."""
         syms, tf, s, e = _series(symbols, timeframe, start, end)
         return await asyncio.to_thread(
-            analyze, self.store, self.calendar, syms, tf, s, e, self.config.quality, save=save
+            analyze, self.store, self.calendar_of(syms), syms, tf, s, e, self.config.quality, save=save
         )
 
     async def update(
@@ -217,7 +234,7 @@ class MarketData:
         return await update(
             self.bars_source(),
             self.store,
-            self.calendar,
+            self.calendar_of(syms),
             self.config,
             syms,
             Timeframe.parse(timeframe),
@@ -243,7 +260,7 @@ class MarketData:
         return await repair(
             lambda: self.router,
             self.store,
-            self.calendar,
+            self.calendar_of(syms),
             self.config,
             syms,
             tf,
