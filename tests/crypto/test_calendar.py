@@ -52,8 +52,8 @@ def test_chicago_alignment_stamps_daily_bars_at_chicago_midnight() -> None:
     cal = calendar_for("BTC/USD", crypto_daily="America/Chicago")
     days, _ = expected_stamps(cal, Timeframe.parse("1Day"), SAT, MON)
     stamps = [datetime.fromtimestamp(d / 1e9, UTC) for d in days]
-    # CST is UTC-6: Friday's Chicago day runs into Saturday 06:00Z, so it meets the range too
-    assert stamps == [datetime(2024, 3, d, 6, tzinfo=UTC) for d in (1, 2, 3)]
+    # CST is UTC-6; Friday's Chicago day runs into Saturday 06:00Z, but its bar is stamped before the range
+    assert stamps == [datetime(2024, 3, d, 6, tzinfo=UTC) for d in (2, 3)]
     # across the DST change (10 March 2024) the day is 23 hours long and midnight moves to 05:00Z
     days, _ = expected_stamps(
         cal, Timeframe.parse("1Day"), datetime(2024, 3, 10, 6, tzinfo=UTC), datetime(2024, 3, 12, tzinfo=UTC)

@@ -539,6 +539,8 @@ class AlertsConfig(msgspec.Struct, forbid_unknown_fields=True):
         email = self.sinks.email
         if email.enabled and not email.to:
             raise ValueError("alerts.sinks.email.to must list at least one address when the sink is enabled")
+
+
 class ExportConfig(msgspec.Struct, forbid_unknown_fields=True):
     """``[export]``: the Parquet cold tier's object store (``marketpipe export --to s3://…``,
     ``mp.bars(..., source="s3://…")``). Credentials come from the environment only

@@ -77,6 +77,44 @@ QUOTE_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+# Crypto: sizes and volumes are fractions of a coin, kept as the vendor's floats (never rounded);
+# ``feed`` holds the vendor's location (us, us-1, eu-1, ...). Trades carry the taker side (B/S).
+CRYPTO_BAR_SCHEMA: dict[str, pl.DataType] = {**BAR_SCHEMA, "volume": pl.Float64()}
+CRYPTO_TRADE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "ts": UTC_NS,
+    "price": pl.Float64(),
+    "size": pl.Float64(),
+    "trade_id": pl.Int64(),
+    "taker_side": pl.String(),
+    "source": pl.String(),
+    "feed": pl.String(),
+    "fetched_at": UTC_US,
+}
+CRYPTO_QUOTE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "ts": UTC_NS,
+    "bid_price": pl.Float64(),
+    "bid_size": pl.Float64(),
+    "ask_price": pl.Float64(),
+    "ask_size": pl.Float64(),
+    "source": pl.String(),
+    "feed": pl.String(),
+    "fetched_at": UTC_US,
+}
+# One row per price level of a book: side "bid" (best first) or "ask" (best first).
+ORDERBOOK_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "ts": UTC_NS,
+    "side": pl.String(),
+    "price": pl.Float64(),
+    "size": pl.Float64(),
+    "source": pl.String(),
+    "feed": pl.String(),
+    "fetched_at": UTC_US,
+}
+
+
 def empty_frame(schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
 
