@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 import polars as pl
 
-from marketpipe.core.calendar import ExchangeCalendar, calendar_for, get_calendar
+from marketpipe.core.calendar import ContinuousCalendar, ExchangeCalendar, calendar_for, get_calendar
 from marketpipe.core.config import Config, load_config
 from marketpipe.core.errors import InvalidArgument
 from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, is_crypto, normalize_symbols
@@ -30,6 +30,7 @@ from marketpipe.core.timeutil import TimeInput, parse_range, parse_time
 from marketpipe.core.validation import validate_dataset_url, validate_limit
 from marketpipe.providers.base import BarsProvider, feed_for
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
+from marketpipe.service.crypto import CryptoData
 from marketpipe.service.export import read_dataset
 from marketpipe.service.frames import Shape, frame_options, shaped
 from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
@@ -78,6 +79,7 @@ class MarketData:
         self._store_users = 0
         self._provider = provider
         self._router: ProviderRouter | None = None
+        self._crypto: CryptoData | None = None
         self._env = env
         self._pinned: str | None = None
 
@@ -134,6 +136,13 @@ class MarketData:
             await old.aclose()
 
     @property
+    def crypto(self) -> CryptoData:
+        """Crypto pairs (``BTC/USD``): bars, trades, quotes, latest values, order books, snapshots."""
+        if self._crypto is None:
+            self._crypto = CryptoData(self.config, env=self._env)
+        return self._crypto
+
+    @property
     def calendar(self) -> ExchangeCalendar:
         """The equities' exchange calendar (config ``calendar``)."""
         return get_calendar(self.config.calendar)
@@ -187,7 +196,15 @@ class MarketData:
         circuit_waits: int = 0,
     ) -> BackfillStats:
         """Fetch, check and store what the ledger lacks in ``[start, end)`` (arguments already
-        parsed): from ``provider`` alone when named, else through the router with failover."""
+        parsed): from ``provider`` alone when named, else through the router with failover.
+        Crypto pairs are refused (INVALID_ARGUMENT): their fractional volumes do not fit the store's
+        integer ``volume`` column, so they are fetched on demand (:meth:`bars`) instead."""
+        if any(is_crypto(sym) for sym in symbols):
+            raise InvalidArgument(
+                "crypto bars are not stored (their volumes are fractions of a coin; the store keeps whole "
+                "numbers): read them with mp.bars / marketpipe bars, which fetch them on demand",
+                details={"param": "symbols", "symbols": [sym for sym in symbols if is_crypto(sym)]},
+            )
         return await run_backfill(
             self.bars_source(provider),
             self.store,
@@ -316,6 +333,8 @@ class MarketData:
         ``source="parquet://PATH"`` or ``"s3://BUCKET/prefix"`` reads the Parquet cold tier written by
         ``marketpipe export`` instead (nothing fetched, no store opened): the same frame a store read gives."""
         syms, tf, s, e = _series(symbols, timeframe, start, end)
+        if source is None and isinstance(self.calendar_of(syms), ContinuousCalendar):
+            return await self.crypto.bars(syms, tf, s, e)  # crypto pairs: fetched and checked, not stored
         if source is not None:
             url = validate_dataset_url(source)
             return await asyncio.to_thread(read_dataset, url, self.config, syms, tf, s, e, env=self._env)
@@ -417,6 +436,9 @@ class MarketData:
         return frame, token, served.source
 
     async def aclose(self) -> None:
+        if self._crypto is not None:
+            await self._crypto.aclose()
+            self._crypto = None
         if self._router is not None:
             await self._router.aclose()
         elif self._provider is not None:
@@ -468,7 +490,7 @@ class SyncMarketData:
         unless ``tz``) or ``"wide"`` (``yfinance.download``'s frame: columns (Price, Ticker), exchange
         time unless ``tz``; NaN where a symbol has no bar at a time another has one: pandas' outer
         alignment, nothing filled). Both are checked before anything is read or fetched."""
-        zone, sh = frame_options(tz, shape, lambda: self.data.calendar.tz)
+        zone, sh = frame_options(tz, shape, lambda: self.data.calendar_of(normalize_symbols(symbols)).tz)
         frame = self._portal.run(self.data.bars(symbols, start, end, timeframe=timeframe, **kw))
         return shaped(frame, Timeframe.parse(timeframe), zone, sh)
 
