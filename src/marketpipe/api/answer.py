@@ -15,6 +15,7 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
+from marketpipe.api.errors import ALPACA_PREFIX
 from marketpipe.api.formats import MEDIA
 from marketpipe.api.state import AppState
 from marketpipe.cache import CacheHit, TieredCache
@@ -74,7 +75,7 @@ async def answer(
     if not stale and not hit.stale:
         request.scope.setdefault("state", {})["cache_key"] = key  # lets HitPath serve repeats by URL
     # Alpaca-shaped bodies must keep the vendor's shape: their staleness is told by header only.
-    body, media, headers = render(hit, stale, mark_body=not request.url.path.startswith("/v2/"))
+    body, media, headers = render(hit, stale, mark_body=not request.url.path.startswith(ALPACA_PREFIX))
     return Response(body, media_type=media, headers=headers)
 
 

@@ -28,7 +28,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ERRORS
 
 log = get_logger("marketpipe.api")
-ALPACA_PREFIX = "/v2/"
+ALPACA_PREFIX = ("/v2/", "/v1beta3/")  # the Alpaca-compatible routes: stocks, and crypto (api/crypto.py)
 
 _HTTP_CODES = {
     cls.http_status: cls.code

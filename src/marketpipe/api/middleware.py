@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from prometheus_client import Counter, Histogram
 
+from marketpipe.api.errors import ALPACA_PREFIX
 from marketpipe.core.errors import (
     AuthThrottled,
     DeadlineExceeded,
@@ -157,7 +158,7 @@ class RequestContext:
                         503,
                         _err(DeadlineExceeded.code, f"no answer within {self.request_timeout:g} s", scope),
                         [(b"retry-after", str(math.ceil(DEADLINE_RETRY_AFTER)).encode())],
-                        alpaca=scope.get("path", "").startswith("/v2/"),
+                        alpaca=scope.get("path", "").startswith(ALPACA_PREFIX),
                     )
         except Exception as exc:  # the one place an unhandled error is logged and answered
             log.exception("unhandled_error", path=scope.get("path", ""), error=repr(exc)[:300], request_id=rid)
@@ -167,7 +168,7 @@ class RequestContext:
                     send_with_id,
                     500,
                     _err(MarketpipeError.code, "internal error; see the server log for the request id", scope),
-                    alpaca=scope.get("path", "").startswith("/v2/"),
+                    alpaca=scope.get("path", "").startswith(ALPACA_PREFIX),
                 )
         finally:
             route = scope.get("route")
@@ -316,7 +317,7 @@ class ClientAuth:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        alpaca = path.startswith("/v2/")
+        alpaca = path.startswith(ALPACA_PREFIX)
         if alpaca:
             key_id, secret = headers.get("apca-api-key-id"), headers.get("apca-api-secret-key")
             if not key_id or not secret:

@@ -333,8 +333,9 @@ class MarketData:
         ``source="parquet://PATH"`` or ``"s3://BUCKET/prefix"`` reads the Parquet cold tier written by
         ``marketpipe export`` instead (nothing fetched, no store opened): the same frame a store read gives."""
         syms, tf, s, e = _series(symbols, timeframe, start, end)
-        if source is None and isinstance(self.calendar_of(syms), ContinuousCalendar):
-            return await self.crypto.bars(syms, tf, s, e)  # crypto pairs: fetched and checked, not stored
+        if source is None and fetch and isinstance(self.calendar_of(syms), ContinuousCalendar):
+            # crypto pairs: fetched and checked, not stored; ``feed`` names the vendor location (us, eu-1, ...)
+            return await self.crypto.bars(syms, tf, s, e, location=feed)
         if source is not None:
             url = validate_dataset_url(source)
             return await asyncio.to_thread(read_dataset, url, self.config, syms, tf, s, e, env=self._env)

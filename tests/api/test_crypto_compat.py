@@ -1,0 +1,87 @@
+"""alpaca-py's CryptoHistoricalDataClient, unchanged, against the gateway's /v1beta3/crypto routes — the
+vendor played by the simulator. Historical answers must be the vendor's, byte for byte in their values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from alpaca.common.exceptions import APIError
+from alpaca.data import requests as rq
+from alpaca.data.historical.crypto import CryptoHistoricalDataClient
+from alpaca.data.timeframe import TimeFrame
+
+from marketpipe.api.app import create_app
+from marketpipe.sim.server import SimServer
+from tests.api.conftest import ENV, gateway_config, serving
+
+SAT = datetime(2024, 3, 2, tzinfo=UTC)
+MON = datetime(2024, 3, 4, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def gateway(vendor: SimServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A gateway whose upstream Alpaca is the simulator (crypto needs no client keys)."""
+    app = create_app(gateway_config(vendor.url, tmp_path_factory.mktemp("crypto") / "gw.duckdb"), env=ENV)
+    with serving(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def gw(gateway: str) -> CryptoHistoricalDataClient:
+    return CryptoHistoricalDataClient(url_override=gateway)
+
+
+@pytest.fixture(scope="module")
+def direct(vendor: SimServer) -> CryptoHistoricalDataClient:
+    return CryptoHistoricalDataClient(url_override=vendor.url)
+
+
+def test_a_weekend_of_bars_through_the_gateway_is_the_vendors(
+    gw: CryptoHistoricalDataClient, direct: CryptoHistoricalDataClient
+) -> None:
+    req = rq.CryptoBarsRequest(symbol_or_symbols=["ETH/USD", "BTC/USD"], timeframe=TimeFrame.Minute, start=SAT, end=MON)
+    via, raw = gw.get_crypto_bars(req), direct.get_crypto_bars(req)
+    assert {s: len(v) for s, v in via.data.items()} == {"BTC/USD": 2880, "ETH/USD": 2880}  # pages followed
+    assert via.data == raw.data  # every value, fractional volumes included
+    df = gw.get_crypto_bars(req).df
+    assert df.index.names == ["symbol", "timestamp"] and df["volume"].dtype == "float64"
+
+
+def test_trades_quotes_latest_books_and_snapshots(
+    gw: CryptoHistoricalDataClient, direct: CryptoHistoricalDataClient
+) -> None:
+    treq = rq.CryptoTradesRequest(symbol_or_symbols="BTC/USD", start=SAT, end=SAT + timedelta(minutes=3))
+    assert gw.get_crypto_trades(treq).data == direct.get_crypto_trades(treq).data
+    qreq = rq.CryptoQuoteRequest(symbol_or_symbols="ETH/USD", start=SAT, end=SAT + timedelta(minutes=1))
+    assert gw.get_crypto_quotes(qreq).data == direct.get_crypto_quotes(qreq).data
+    trade = gw.get_crypto_latest_trade(rq.CryptoLatestTradeRequest(symbol_or_symbols=["BTC/USD", "ETH/USD"]))
+    assert set(trade) == {"BTC/USD", "ETH/USD"} and trade["BTC/USD"].size > 0
+    quote = gw.get_crypto_latest_quote(rq.CryptoLatestQuoteRequest(symbol_or_symbols="BTC/USD"))["BTC/USD"]
+    assert quote.bid_price < quote.ask_price
+    book = gw.get_crypto_latest_orderbook(rq.CryptoLatestOrderbookRequest(symbol_or_symbols="BTC/USD"))["BTC/USD"]
+    assert len(book.bids) == len(book.asks) == 20 and book.bids[0].price < book.asks[0].price
+    snap = gw.get_crypto_snapshot(rq.CryptoSnapshotRequest(symbol_or_symbols=["BTC/USD", "ZZZ/USD"]))
+    assert set(snap) == {"BTC/USD"}
+    s = snap["BTC/USD"]
+    assert s.daily_bar is not None and s.previous_daily_bar is not None and s.latest_trade is not None
+
+
+def test_bad_input_gets_the_vendors_error_shape(gateway: str, gw: CryptoHistoricalDataClient) -> None:
+    with httpx.Client(base_url=gateway) as http:
+        r = http.get("/v1beta3/crypto/us/bars", params={"symbols": "BTCUSD", "timeframe": "1Min"})
+        assert r.status_code == 400 and "did you mean 'BTC/USD'" in r.json()["message"]
+        r = http.get("/v1beta3/crypto/mars/latest/trades", params={"symbols": "BTC/USD"})
+        assert r.status_code == 400 and "unknown crypto location" in r.json()["message"]
+        r = http.get("/v1beta3/crypto/us/latest/trades", params={"symbols": "ZZZ/USD"})
+        assert r.status_code == 200 and r.json() == {"trades": {}}
+        r = http.get("/v1beta3/crypto/us/bars", params={"symbols": "BTC/USD", "timeframe": "1Min", "start": "x"})
+        assert r.status_code == 400 and r.json()["message"] == "invalid start"
+        r = http.get(
+            "/v1beta3/crypto/us/bars", params={"symbols": "BTC/USD", "timeframe": "1Min", "start": "2024-03-02"}
+        )
+        assert r.headers["X-Marketpipe-Source"] == "sim:alpaca"
+    with pytest.raises(APIError):
+        gw.get_crypto_bars(rq.CryptoBarsRequest(symbol_or_symbols="BTCUSD", timeframe=TimeFrame.Minute, start=SAT))
