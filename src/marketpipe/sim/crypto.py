@@ -497,14 +497,14 @@ class CryptoFace:
         if kind == "orderbooks":
             return m.orderbook(sym, now)
         if kind == "bars":
-            return self._minute_bar(sym, now)
+            return self.minute_bar(sym, now)
         last = m.last_trade(sym, now)
         if last is None:
             return None
         tr, k = last
         return m.trade_row(tr, k) if kind == "trades" else m.quote_at(sym, tr, k)
 
-    def _minute_bar(self, sym: str, now: int) -> dict[str, Any] | None:
+    def minute_bar(self, sym: str, now: int) -> dict[str, Any] | None:
         tf = Timeframe.parse("1Min")
         day0 = now - (now - EPOCH_NS) % NS_PER_DAY
         for a in (day0, day0 - NS_PER_DAY):
@@ -513,7 +513,7 @@ class CryptoFace:
                 return bars.rows(range(len(bars.t) - 1, len(bars.t)))[0]
         return None
 
-    def _daily(self, sym: str, now: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    def daily(self, sym: str, now: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         m = self.market
         tf = Timeframe.parse("1Day")
         today = m.zone_midnight(now)
@@ -529,11 +529,11 @@ class CryptoFace:
         now = self.now_ns()
         out: dict[str, Any] = {}
         for sym in symbols:
-            daily, prev = self._daily(sym, now)
+            daily, prev = self.daily(sym, now)
             out[sym] = {
                 "latestTrade": self._latest_one("trades", sym, now),
                 "latestQuote": self._latest_one("quotes", sym, now),
-                "minuteBar": self._minute_bar(sym, now),
+                "minuteBar": self.minute_bar(sym, now),
                 "dailyBar": daily,
                 "prevDailyBar": prev,
             }

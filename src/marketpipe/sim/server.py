@@ -23,6 +23,7 @@ from marketpipe.core.errors import InvalidArgument
 from marketpipe.core.net import listen_error
 from marketpipe.sim.admin import Stats
 from marketpipe.sim.alpaca import DEFAULT_KEYS, AlpacaFace
+from marketpipe.sim.crypto_stream import CryptoStream
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import Faults
 from marketpipe.sim.stream import AlpacaStream, StreamConfig
@@ -82,6 +83,10 @@ class SimServer:
         self.stream: AlpacaStream | None = (
             AlpacaStream(self.market, self.keys, stream_config) if vendor == "alpaca" else None
         )
+        # the crypto stream (/v1beta3/crypto/{loc}) over the face's crypto market
+        self.crypto_stream: CryptoStream | None = (
+            CryptoStream(self.face.crypto, self.keys) if vendor == "alpaca" else None
+        )
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,6 +104,10 @@ class SimServer:
     def ws_url(self, feed: str = "iex") -> str:
         """The stream URL of a feed (``iex``, ``sip`` or ``test``), e.g. ``ws://127.0.0.1:PORT/v2/iex``."""
         return "ws" + self.url[4:] + f"/v2/{feed}"
+
+    def crypto_ws_url(self, loc: str = "us") -> str:
+        """The crypto stream URL of a location, e.g. ``ws://127.0.0.1:PORT/v1beta3/crypto/us``."""
+        return "ws" + self.url[4:] + f"/v1beta3/crypto/{loc}"
 
     def drop_streams(self, feed: str | None = None, *, abrupt: bool = True) -> int:
         """Drop the open stream connections (of one feed, or all) from any thread; returns how many."""
@@ -125,6 +134,8 @@ class SimServer:
         app = self.face.build_app()
         if self.stream is not None:
             self.stream.mount(app)
+        if self.crypto_stream is not None:
+            self.crypto_stream.mount(app)
         runner = web.AppRunner(
             app,
             access_log=access_logger if self.access_log else None,
