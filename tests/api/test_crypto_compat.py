@@ -3,10 +3,14 @@ vendor played by the simulator. Historical answers must be the vendor's, byte fo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import aiohttp
 import httpx
+import orjson
 import pytest
 from alpaca.common.exceptions import APIError
 from alpaca.data import requests as rq
@@ -85,3 +89,45 @@ def test_bad_input_gets_the_vendors_error_shape(gateway: str, gw: CryptoHistoric
         assert r.headers["X-Marketpipe-Source"] == "sim:alpaca"
     with pytest.raises(APIError):
         gw.get_crypto_bars(rq.CryptoBarsRequest(symbol_or_symbols="BTCUSD", timeframe=TimeFrame.Minute, start=SAT))
+
+
+async def test_alpaca_py_crypto_stream_through_the_gateway_shares_one_upstream(gateway: str, vendor: SimServer) -> None:
+    from alpaca.data.live import CryptoDataStream
+
+    got: dict[str, list[Any]] = {"trades": [], "orderbooks": []}
+    enough = asyncio.Event()
+
+    async def on_trade(item: Any) -> None:
+        got["trades"].append(item)
+        if len(got["trades"]) >= 5 and len(got["orderbooks"]) >= 3:
+            enough.set()
+
+    async def on_book(item: Any) -> None:
+        got["orderbooks"].append(item)
+        if len(got["trades"]) >= 5 and len(got["orderbooks"]) >= 3:
+            enough.set()
+
+    stream = CryptoDataStream("ANYKEY", "ANYSECRET", url_override="ws" + gateway[4:] + "/v1beta3/crypto/us")
+    stream.subscribe_trades(on_trade, "BTC/USD")
+    stream.subscribe_orderbooks(on_book, "ETH/USD")
+    task = asyncio.create_task(stream._run_forever())
+    try:
+        await asyncio.wait_for(enough.wait(), 15)
+        # a second client, raw JSON: the hub hands it the current whole book at once, over the same upstream
+        async with aiohttp.ClientSession() as http, http.ws_connect("ws" + gateway[4:] + "/v1beta3/crypto/us") as ws:
+            assert orjson.loads((await ws.receive()).data) == [{"T": "success", "msg": "connected"}]
+            await ws.send_str('{"action":"auth","key":"k","secret":"s"}')
+            assert orjson.loads((await ws.receive()).data)[0]["msg"] == "authenticated"
+            await ws.send_str('{"action":"subscribe","orderbooks":["ETH/USD"]}')
+            replies = [orjson.loads((await asyncio.wait_for(ws.receive(), 5)).data) for _ in range(2)]
+            assert {r[0]["T"] for r in replies} == {"subscription", "o"}
+            (book,) = next(r for r in replies if r[0]["T"] == "o")
+            assert book["r"] is True and book["b"] and book["a"]
+            assert vendor.crypto_stream is not None and len(vendor.crypto_stream._conns) == 1
+            await ws.send_str('{"action":"subscribe","trades":["BTCUSD"]}')
+            assert orjson.loads((await asyncio.wait_for(ws.receive(), 5)).data)[0]["code"] == 400
+    finally:
+        await stream.stop_ws()
+        await asyncio.wait_for(task, 10)
+    assert {t.symbol for t in got["trades"]} == {"BTC/USD"} and all(t.size > 0 for t in got["trades"])
+    assert got["orderbooks"][0].reset is True and not any(o.reset for o in got["orderbooks"][1:])

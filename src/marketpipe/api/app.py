@@ -21,6 +21,7 @@ from marketpipe.api.alpaca import router as alpaca_router
 from marketpipe.api.alpaca_stream import alpaca_stream_router
 from marketpipe.api.answer import HitPath
 from marketpipe.api.crypto import crypto_router
+from marketpipe.api.crypto_stream import crypto_stream_router
 from marketpipe.api.dashboard import dashboard_router
 from marketpipe.api.docs import install_docs
 from marketpipe.api.live import live_router
@@ -72,6 +73,7 @@ def create_app(
         admin_router(),
         alpaca_router(),
         crypto_router(),
+        crypto_stream_router(),
         live_router(),
         alpaca_stream_router(),
         dashboard_router(),
