@@ -46,7 +46,9 @@ def direct(vendor: SimServer) -> CryptoHistoricalDataClient:
 def test_a_weekend_of_bars_through_the_gateway_is_the_vendors(
     gw: CryptoHistoricalDataClient, direct: CryptoHistoricalDataClient
 ) -> None:
-    req = rq.CryptoBarsRequest(symbol_or_symbols=["ETH/USD", "BTC/USD"], timeframe=TimeFrame.Minute, start=SAT, end=MON)
+    req = rq.CryptoBarsRequest(
+        symbol_or_symbols=["ETH/USD", "BTC/USD"], timeframe=TimeFrame.Minute, start=SAT, end=MON - timedelta(seconds=1)
+    )
     via, raw = gw.get_crypto_bars(req), direct.get_crypto_bars(req)
     assert {s: len(v) for s, v in via.data.items()} == {"BTC/USD": 2880, "ETH/USD": 2880}  # pages followed
     assert via.data == raw.data  # every value, fractional volumes included
@@ -131,3 +133,24 @@ async def test_alpaca_py_crypto_stream_through_the_gateway_shares_one_upstream(g
         await asyncio.wait_for(task, 10)
     assert {t.symbol for t in got["trades"]} == {"BTC/USD"} and all(t.size > 0 for t in got["trades"])
     assert got["orderbooks"][0].reset is True and not any(o.reset for o in got["orderbooks"][1:])
+
+
+def test_v1_bars_serve_crypto_pairs_with_fractional_volumes(gateway: str, direct: CryptoHistoricalDataClient) -> None:
+    params = {"symbols": "BTC/USD,ETH/USD", "timeframe": "1Hour", "start": "2024-03-02T00:00:00Z"}
+    params |= {"end": "2024-03-03T00:00:00Z", "limit": "30"}
+    rows: list[tuple[str, dict[str, Any]]] = []
+    with httpx.Client(base_url=gateway, timeout=30) as http:
+        token = None
+        while True:
+            body = http.get("/v1/bars", params={**params, **({"page_token": token} if token else {})}).json()
+            rows += [(sym, bar) for sym, bars in body["bars"].items() for bar in bars]
+            token = body.get("next_page_token")
+            if not token:
+                break
+    assert [sym for sym, _ in rows] == ["BTC/USD"] * 24 + ["ETH/USD"] * 24  # across two pages
+    vendor = direct.get_crypto_bars(
+        rq.CryptoBarsRequest(
+            symbol_or_symbols="BTC/USD", timeframe=TimeFrame.Hour, start=SAT, end=SAT + timedelta(hours=23)
+        )
+    )["BTC/USD"]
+    assert [bar["volume"] for _, bar in rows[:24]] == [b.volume for b in vendor]  # fractions, exactly

@@ -48,7 +48,7 @@ async def test_bars_keep_the_vendors_volumes_exactly(sim: SimServer, crypto: Alp
                     "symbols": "BTC/USD",
                     "timeframe": "1Min",
                     "start": "2024-03-02",
-                    "end": "2024-03-02T03:00:00Z",
+                    "end": "2024-03-02T02:59:59Z",  # inclusive
                     "limit": 10000,
                 },
             )

@@ -23,6 +23,7 @@ from marketpipe.sim.server import SimServer
 
 SAT = datetime(2024, 3, 2, tzinfo=UTC)
 MON = datetime(2024, 3, 4, tzinfo=UTC)
+END = MON - timedelta(seconds=1)  # the vendor's end is inclusive: the weekend, Monday's first bar left out
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def chicago(sim: SimServer) -> Iterator[None]:
 
 
 def test_a_weekend_of_minute_bars_has_every_minute(client: CryptoHistoricalDataClient) -> None:
-    req = CryptoBarsRequest(symbol_or_symbols=["BTC/USD", "ETH/USD"], timeframe=TimeFrame.Minute, start=SAT, end=MON)
+    req = CryptoBarsRequest(symbol_or_symbols=["BTC/USD", "ETH/USD"], timeframe=TimeFrame.Minute, start=SAT, end=END)
     bars = client.get_crypto_bars(req)
     for sym in ("BTC/USD", "ETH/USD"):
         stamps = [b.timestamp for b in bars[sym]]
@@ -55,11 +56,11 @@ def test_bars_are_the_aggregates_of_the_trades(client: CryptoHistoricalDataClien
     start = SAT + timedelta(hours=13, minutes=7)
     (bar,) = client.get_crypto_bars(
         CryptoBarsRequest(
-            symbol_or_symbols="BTC/USD", timeframe=TimeFrame.Minute, start=start, end=start + timedelta(minutes=1)
+            symbol_or_symbols="BTC/USD", timeframe=TimeFrame.Minute, start=start, end=start + timedelta(seconds=59)
         )
     )["BTC/USD"]
     trades = client.get_crypto_trades(
-        CryptoTradesRequest(symbol_or_symbols="BTC/USD", start=start, end=start + timedelta(minutes=1))
+        CryptoTradesRequest(symbol_or_symbols="BTC/USD", start=start, end=start + timedelta(microseconds=59_999_999))
     )["BTC/USD"]
     assert len(trades) == bar.trade_count
     assert (trades[0].price, trades[-1].price) == (bar.open, bar.close)
@@ -71,15 +72,15 @@ def test_bars_are_the_aggregates_of_the_trades(client: CryptoHistoricalDataClien
 def test_daily_bars_follow_the_alignment_setting(
     sim: SimServer, client: CryptoHistoricalDataClient, chicago: None
 ) -> None:
-    req = CryptoBarsRequest(symbol_or_symbols="BTC/USD", timeframe=TimeFrame.Day, start=SAT, end=MON)
+    req = CryptoBarsRequest(symbol_or_symbols="BTC/USD", timeframe=TimeFrame.Day, start=SAT, end=END)
     stamps = [b.timestamp for b in client.get_crypto_bars(req)["BTC/USD"]]
     assert stamps == [datetime(2024, 3, d, 6, tzinfo=UTC) for d in (2, 3)]  # Chicago midnight (CST)
 
 
 def test_daily_bars_at_utc_midnight_by_default(client: CryptoHistoricalDataClient) -> None:
-    req = CryptoBarsRequest(symbol_or_symbols="BTC/USD", timeframe=TimeFrame(4, TimeFrameUnit.Hour), start=SAT, end=MON)
+    req = CryptoBarsRequest(symbol_or_symbols="BTC/USD", timeframe=TimeFrame(4, TimeFrameUnit.Hour), start=SAT, end=END)
     assert len(client.get_crypto_bars(req)["BTC/USD"]) == 12
-    req = CryptoBarsRequest(symbol_or_symbols="BTC/USD", timeframe=TimeFrame.Day, start=SAT, end=MON)
+    req = CryptoBarsRequest(symbol_or_symbols="BTC/USD", timeframe=TimeFrame.Day, start=SAT, end=END)
     assert [b.timestamp for b in client.get_crypto_bars(req)["BTC/USD"]] == [SAT, SAT + timedelta(days=1)]
 
 
@@ -99,7 +100,13 @@ def test_latest_values_orderbook_and_snapshot(client: CryptoHistoricalDataClient
 
 def test_pages_over_symbols_and_sorts(sim: SimServer) -> None:
     url = f"{sim.url}/v1beta3/crypto/us/bars"
-    q = {"symbols": "ETH/USD,BTC/USD", "timeframe": "1Hour", "start": "2024-03-02", "end": "2024-03-03", "limit": "30"}
+    q = {
+        "symbols": "ETH/USD,BTC/USD",
+        "timeframe": "1Hour",
+        "start": "2024-03-02",
+        "end": "2024-03-02T23:59:59Z",
+        "limit": "30",
+    }
     got: dict[str, list[str]] = {}
     pages = 0
     with httpx.Client() as http:
@@ -116,7 +123,7 @@ def test_pages_over_symbols_and_sorts(sim: SimServer) -> None:
         desc = http.get(url, params={**q, "symbols": "BTC/USD", "sort": "desc", "limit": "3"}).json()
         assert [r["t"] for r in desc["bars"]["BTC/USD"]] == got["BTC/USD"][::-1][:3]
         # the URL-encoded slash alpaca-py sends is the same symbol
-        enc = http.get(f"{url}?symbols=BTC%2FUSD&timeframe=1Hour&start=2024-03-02&end=2024-03-03").json()
+        enc = http.get(f"{url}?symbols=BTC%2FUSD&timeframe=1Hour&start=2024-03-02&end=2024-03-02T23:59:59Z").json()
         assert [r["t"] for r in enc["bars"]["BTC/USD"]] == got["BTC/USD"]
 
 
@@ -147,7 +154,7 @@ def test_bad_input(sim: SimServer) -> None:
 def test_faults_reach_the_crypto_routes(sim: SimServer) -> None:
     sim.faults.set([FaultRule(kind="http_500", times=1)])
     with httpx.Client(base_url=sim.url) as http:
-        params = {"symbols": "BTC/USD", "timeframe": "1Min", "start": "2024-03-02", "end": "2024-03-02T00:05:00Z"}
+        params = {"symbols": "BTC/USD", "timeframe": "1Min", "start": "2024-03-02", "end": "2024-03-02T00:04:59Z"}
         assert http.get("/v1beta3/crypto/us/bars", params=params).status_code == 500
         assert len(http.get("/v1beta3/crypto/us/bars", params=params).json()["bars"]["BTC/USD"]) == 5
         sim.faults.set([FaultRule(kind="token_loop")])

@@ -21,6 +21,8 @@ Speaks :mod:`marketpipe.wire.alpaca_crypto` so that alpaca-py's ``CryptoHistoric
   a well-formed pair the location does not list is left out of the answer (no error), as the vendor does.
 * Only what has happened is served: trades up to now, bars whose period has ended (today's daily bar
   so far is included, as the vendor's is). Data starts on 2020-01-01.
+* ``start`` and ``end`` are both inclusive, as the vendor's; default ``start`` is 00:00 UTC today,
+  ``end`` now.
 * Pagination: rows ordered by symbol, then time (``sort=desc`` reverses time); ``limit`` counts rows
   over all symbols; ``next_page_token`` is base64 of ``SYMBOL|ts_ns`` of the last row given.
 """
@@ -394,7 +396,7 @@ class CryptoFace:
             now = self.now_ns()
             tf = _timeframe(q.get("timeframe", "")) if kind == "bars" else None
             start = _time(q, "start", now - (now - EPOCH_NS) % NS_PER_DAY)
-            end = min(_time(q, "end", now), now + 1)
+            end = min(_time(q, "end", now), now) + 1  # the vendor's end is inclusive
             limit_raw = q.get("limit") or "1000"
             try:
                 limit = int(limit_raw)
