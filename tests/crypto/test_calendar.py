@@ -104,3 +104,13 @@ def test_one_request_holds_one_asset_class(tmp_path: Path) -> None:
     assert data.calendar_of(["AAPL"]).name == "XNYS"
     with pytest.raises(InvalidArgument, match="separately"):
         data.calendar_of(["BTC/USD", "AAPL"])
+
+
+def test_market_status_and_closes_follow_the_asset_class() -> None:
+    from marketpipe.service.gateway import Gateway
+
+    gw = Gateway(MarketData(Config()))
+    noon_sat = SAT + timedelta(hours=12)
+    assert gw.is_market_hours(noon_sat, ["BTC/USD"]) and not gw.is_market_hours(noon_sat, ["AAPL"])
+    assert gw.last_close(noon_sat, ["BTC/USD"]) == SAT  # the last midnight: older crypto data is final
+    assert gw.last_close(noon_sat) == datetime(2024, 3, 1, 21, tzinfo=UTC)  # Friday's NYSE close

@@ -406,9 +406,10 @@ class Gateway:
         weighted = days["score"].cast(pl.Float64) * w
         return float(weighted.sum()) / float(w.sum())
 
-    def last_close(self, now: datetime) -> datetime:
-        """The close of the last session that has ended by ``now`` (older data cannot change)."""
-        cal = self.data.calendar
+    def last_close(self, now: datetime, symbols: list[str] | None = None) -> datetime:
+        """The close of the last session that has ended by ``now`` (older data cannot change), on the
+        calendar of ``symbols``' asset class (the exchange's by default; crypto: the last midnight)."""
+        cal = self.data.calendar_of(symbols) if symbols else self.data.calendar
         ns = int(now.timestamp() * 1e9)
         i = int(np.searchsorted(cal.closes, ns, side="right")) - 1
         return datetime.fromtimestamp(int(cal.closes[max(i, 0)]) / 1e9, UTC)
@@ -422,8 +423,9 @@ class Gateway:
     async def snapshots(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Snapshot]:
         return await self.data.snapshots(symbols, feed=feed)
 
-    def is_market_hours(self, at: datetime | None = None) -> bool:
-        cal = self.data.calendar
+    def is_market_hours(self, at: datetime | None = None, symbols: list[str] | None = None) -> bool:
+        """Whether the market of ``symbols``' asset class is open (crypto: always); the TTLs follow it."""
+        cal = self.data.calendar_of(symbols) if symbols else self.data.calendar
         ns = int((at or utcnow()).timestamp() * 1e9)
         i = int(np.searchsorted(cal.opens, ns, side="right")) - 1
         return i >= 0 and ns < int(cal.closes[i])
