@@ -111,3 +111,19 @@ def test_mp_bars_just_works(sim: SimServer, tmp_path: object) -> None:
         df = md.bars("btc/usd", "2024-03-02T00:00:00Z", "2024-03-03T00:00:00Z", timeframe="1Day")
     assert df["symbol"].to_list() == ["BTC/USD"] and df["ts"].to_list() == [SAT]
     assert df["volume"][0] > 0 and df["volume"][0] != round(df["volume"][0])
+
+
+async def test_corrupt_rows_from_the_vendor_are_left_out_not_repaired(sim: SimServer, tmp_path: object) -> None:
+    from marketpipe.sim.faults import FaultRule
+
+    data = MarketData(_config(sim, str(tmp_path)), env={})
+    try:
+        clean = await data.bars("BTC/USD", "2024-03-02T00:00:00Z", "2024-03-02T06:00:00Z", timeframe="1Min")
+        sim.faults.set([FaultRule(kind="invalid_rows", row_ratio=0.2)])
+        dirty = await data.bars("BTC/USD", "2024-03-02T00:00:00Z", "2024-03-02T06:00:00Z", timeframe="1Min")
+    finally:
+        await data.aclose()
+    assert clean.height == 360 and 0 < dirty.height < 360
+    # what is kept is exactly the vendor's rows, unchanged
+    kept = clean.join(dirty.select("ts"), on="ts").drop("fetched_at")
+    assert kept.equals(dirty.drop("fetched_at"))
