@@ -18,6 +18,8 @@ from alpaca.data.historical.crypto import CryptoHistoricalDataClient
 from alpaca.data.timeframe import TimeFrame
 
 from marketpipe.api.app import create_app
+from marketpipe.core.errors import StreamFailed
+from marketpipe.core.metrics import REGISTRY
 from marketpipe.sim.server import SimServer
 from tests.api.conftest import ENV, gateway_config, serving
 
@@ -154,3 +156,35 @@ def test_v1_bars_serve_crypto_pairs_with_fractional_volumes(gateway: str, direct
         )
     )["BTC/USD"]
     assert [bar["volume"] for _, bar in rows[:24]] == [b.volume for b in vendor]  # fractions, exactly
+
+
+async def test_the_gateway_reconnects_a_dropped_upstream_and_clients_keep_their_subscription(
+    gateway: str, vendor: SimServer
+) -> None:
+    assert vendor.crypto_stream is not None and vendor._loop is not None
+
+    async def trades(ws: aiohttp.ClientWebSocketResponse, n: int) -> int:
+        seen = 0
+        while seen < n:
+            frame = orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+            seen += sum(1 for m in frame if m.get("T") == "t" and m["S"] == "LTC/USD")
+        return seen
+
+    async with aiohttp.ClientSession() as http, http.ws_connect("ws" + gateway[4:] + "/v1beta3/crypto/us") as ws:
+        await ws.receive()
+        await ws.send_str('{"action":"auth","key":"k","secret":"s"}')
+        await ws.receive()
+        await ws.send_str('{"action":"subscribe","trades":["LTC/USD"]}')
+        assert await trades(ws, 3) >= 3
+        labels = {"provider": "alpaca_crypto", "reason": StreamFailed.code}
+        before = REGISTRY.get_sample_value("marketpipe_stream_reconnects_total", labels) or 0.0
+        dropped = asyncio.run_coroutine_threadsafe(vendor.crypto_stream.drop(), vendor._loop).result(5)
+        assert dropped >= 1
+        for _ in range(100):  # the hub notices the drop and schedules a reconnect
+            if (REGISTRY.get_sample_value("marketpipe_stream_reconnects_total", labels) or 0.0) > before:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no reconnect counted")
+        assert await trades(ws, 3) >= 3  # the hub reconnected and subscribed again; the client noticed nothing
+        assert len(vendor.crypto_stream._conns) >= 1

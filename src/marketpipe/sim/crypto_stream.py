@@ -113,6 +113,14 @@ class CryptoStream:
         app.middlewares.insert(0, crypto_stream_first)
         app.on_shutdown.append(self._on_shutdown)
 
+    async def drop(self) -> int:
+        """Close every crypto stream connection (going away, 1001), as a vendor restart would; returns how many."""
+        conns = list(self._conns)
+        for c in conns:
+            with contextlib.suppress(ConnectionError):
+                await c.ws.close(code=1001)
+        return len(conns)
+
     async def _on_shutdown(self, _: web.Application) -> None:
         for c in list(self._conns):
             if c.emitter is not None:

@@ -8,7 +8,9 @@ drops the client, as the stock hub does with slow consumers). Order books: the h
 book (:class:`~marketpipe.wire.alpaca_crypto.LocalBook`) so that a client subscribing later gets the
 current whole book (``"r": true``) at once instead of waiting for the vendor's next reset; an update
 that arrives before any whole book is counted (``marketpipe_stream_errors_total{code="ORDERBOOK_NOT_RESET"}``),
-logged and still delivered as received: nothing is dropped.
+logged and still delivered as received: nothing is dropped. A failed or closed upstream is
+reconnected with full-jitter backoff and subscribed again to what clients hold
+(``marketpipe_stream_reconnects_total{provider="alpaca_crypto"}``); clients keep their subscriptions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from typing import Any
 from marketpipe.core.config import Config, alpaca_credentials
 from marketpipe.core.errors import MarketpipeError, MissingCredentials, OrderbookNotReset
 from marketpipe.core.log import get_logger
-from marketpipe.core.metrics import STREAM_ERRORS, STREAM_MESSAGES
+from marketpipe.core.metrics import STREAM_ERRORS, STREAM_MESSAGES, STREAM_RECONNECTS
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_crypto_stream import CryptoStreamConnection, crypto_stream_url
 from marketpipe.wire.alpaca_crypto import CHANNEL_OF_TYPE, CHANNELS, LocalBook
@@ -54,8 +57,16 @@ class _Upstream:
 
 
 class CryptoHub:
-    def __init__(self, connect: Callable[[str], CryptoStreamConnection], *, queue_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        connect: Callable[[str], CryptoStreamConnection],
+        *,
+        queue_size: int = 10_000,
+        base_backoff_s: float = 0.1,
+        max_backoff_s: float = 10.0,
+    ) -> None:
         self._connect = connect
+        self.base_backoff_s, self.max_backoff_s = base_backoff_s, max_backoff_s
         self._queue_size = queue_size
         self._up: dict[str, _Upstream] = {}
         self._clients: dict[str, set[CryptoClient]] = defaultdict(set)
@@ -131,24 +142,47 @@ class CryptoHub:
             client.queue.put_nowait(None)  # the writer sees it and closes with "slow client"
 
     async def _pump(self, up: _Upstream) -> None:
-        try:
-            async for frame in up.conn.frames():
-                data = [m for m in frame if m.get("T") in CHANNEL_OF_TYPE]
-                for m in data:
-                    STREAM_MESSAGES.labels(PROVIDER, up.loc, CHANNEL_OF_TYPE[m["T"]]).inc()
-                    if m["T"] == "o" and isinstance(m.get("S"), str):
-                        self._book(up, m)
-                for client in list(self._clients[up.loc]):
-                    mine = [m for m in data if m.get("S") in client.subs[CHANNEL_OF_TYPE[m["T"]]]]
-                    if mine:
-                        self._put(client, mine)
-        except MarketpipeError as exc:
-            up.error = exc
-            log.warning("crypto_stream_ended", location=up.loc, code=exc.code, error=exc.message)
-            for client in list(self._clients[up.loc]):
-                self._put(client, [{"T": "error", "code": 500, "msg": "internal error"}])
-        finally:
+        """Relay the upstream's frames; when it fails or ends, reconnect (full-jitter backoff) and
+        subscribe again to everything clients hold, as long as any client holds something. The books
+        are dropped on a reconnect: the vendor sends each whole book again."""
+        attempt = 0
+        connected = True
+        while True:
+            try:
+                if not connected:
+                    up.conn = self._connect(up.loc)
+                    await up.conn.connect()
+                    held: dict[str, list[str]] = defaultdict(list)
+                    for ch, sym in up.refs:
+                        held[ch].append(sym)
+                    if held:
+                        await up.conn.send("subscribe", dict(held))
+                    connected = True
+                async for frame in up.conn.frames():
+                    attempt = 0
+                    self._relay(up, frame)
+            except MarketpipeError as exc:
+                up.error = exc
+                STREAM_RECONNECTS.labels(PROVIDER, exc.code).inc()
+                log.warning("crypto_stream_reconnecting", location=up.loc, code=exc.code, error=exc.message)
             await up.conn.aclose()
+            connected = False
+            up.books.clear()
+            if not up.refs:
+                return  # nobody listens: the next subscriber connects afresh
+            await asyncio.sleep(random.uniform(0, min(self.max_backoff_s, self.base_backoff_s * 2**attempt)))
+            attempt += 1
+
+    def _relay(self, up: _Upstream, frame: list[dict[str, Any]]) -> None:
+        data = [m for m in frame if m.get("T") in CHANNEL_OF_TYPE]
+        for m in data:
+            STREAM_MESSAGES.labels(PROVIDER, up.loc, CHANNEL_OF_TYPE[m["T"]]).inc()
+            if m["T"] == "o" and isinstance(m.get("S"), str):
+                self._book(up, m)
+        for client in list(self._clients[up.loc]):
+            mine = [m for m in data if m.get("S") in client.subs[CHANNEL_OF_TYPE[m["T"]]]]
+            if mine:
+                self._put(client, mine)
 
     def _book(self, up: _Upstream, msg: dict[str, Any]) -> None:
         sym = msg["S"]
