@@ -127,3 +127,16 @@ async def test_corrupt_rows_from_the_vendor_are_left_out_not_repaired(sim: SimSe
     # what is kept is exactly the vendor's rows, unchanged
     kept = clean.join(dirty.select("ts"), on="ts").drop("fetched_at")
     assert kept.equals(dirty.drop("fetched_at"))
+
+
+async def test_stock_records_refuse_pairs_and_say_where_they_are_served(sim: SimServer, tmp_path: object) -> None:
+    data = MarketData(_config(sim, str(tmp_path)), env={})
+    try:
+        with pytest.raises(InvalidArgument, match=r"MarketData\.crypto"):
+            await data.latest_trades(["BTC/USD"])
+        with pytest.raises(InvalidArgument, match="/v1beta3/crypto"):
+            await data.snapshots("ETH/USD")
+        latest = await data.crypto.latest("trades", "BTC/USD")  # where they are
+        assert latest["size"][0] > 0
+    finally:
+        await data.aclose()

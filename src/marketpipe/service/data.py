@@ -63,6 +63,19 @@ def _feed(feed: str | None) -> str | None:
     return feed.lower() if feed else None
 
 
+def _equities_only(syms: list[str], what: str) -> list[str]:
+    """``syms`` when none is a crypto pair; else INVALID_ARGUMENT saying where pairs are served (the
+    stock records hold whole-share sizes, a coin's fractions would not fit)."""
+    pairs = [s for s in syms if is_crypto(s)]
+    if pairs:
+        raise InvalidArgument(
+            f"{what} of crypto pairs ({', '.join(pairs)}) are served by MarketData.crypto "
+            "(latest, snapshots, history) and the gateway's /v1beta3/crypto routes, with fractional sizes",
+            details={"param": "symbols", "symbols": pairs},
+        )
+    return syms
+
+
 class MarketData:
     def __init__(
         self,
@@ -352,7 +365,7 @@ class MarketData:
     ) -> Served[dict[str, Any]]:
         """Latest trade / quote / minute bar per symbol, with the provider that served them and the
         attempts before it. A refused request (bad parameters, unknown symbol) is not failed over."""
-        syms = normalize_symbols(symbols)
+        syms = _equities_only(normalize_symbols(symbols), f"latest {kind}s")
         key = f"latest_{kind}"
 
         async def call(p: BarsProvider) -> dict[str, Any]:
@@ -386,7 +399,7 @@ class MarketData:
         return (await self.latest_quotes([sym], feed=feed)).get(sym)
 
     async def snapshots(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Snapshot]:
-        syms = normalize_symbols(symbols)
+        syms = _equities_only(normalize_symbols(symbols), "snapshots")
 
         async def call(p: BarsProvider) -> dict[str, Snapshot]:
             return await p.snapshots(syms, feed=feed_for(p, "snapshot", feed))
@@ -410,7 +423,7 @@ class MarketData:
         continuation goes to the first candidate only (it is the same provider while that one is
         healthy): another vendor could not read the token."""
         validate_limit(limit, 1, MAX_LIMIT)
-        syms = normalize_symbols(symbols)
+        syms = _equities_only(normalize_symbols(symbols), f"historical {kind}")
 
         async def call(p: BarsProvider) -> tuple[pl.DataFrame, str | None]:
             f = feed_for(p, kind, feed)
