@@ -109,7 +109,8 @@ async def test_a_weekend_of_minute_bars_scores_complete(sim: SimServer, tmp_path
 def test_mp_bars_just_works(sim: SimServer, tmp_path: object) -> None:
     with SyncMarketData(MarketData(_config(sim, str(tmp_path)), env={})) as md:
         df = md.bars("btc/usd", "2024-03-02T00:00:00Z", "2024-03-03T00:00:00Z", timeframe="1Day")
-    assert df["symbol"].to_list() == ["BTC/USD"] and df["ts"].to_list() == [SAT]
+    stamp = "timestamp" if "timestamp" in df.columns else "ts"  # the public name of the time column
+    assert df["symbol"].to_list() == ["BTC/USD"] and df[stamp].to_list() == [SAT]
     assert df["volume"][0] > 0 and df["volume"][0] != round(df["volume"][0])
 
 
