@@ -3,9 +3,9 @@
 This module only wires the rooms together: the state (:mod:`~marketpipe.api.state`), cached
 answering and its URL fast path (:mod:`~marketpipe.api.answer`), REST v1 (:mod:`~marketpipe.api.v1`),
 the Alpaca-compatible REST and stream routes (:mod:`~marketpipe.api.alpaca`,
-:mod:`~marketpipe.api.alpaca_stream`), the live routes (:mod:`~marketpipe.api.live`), operations and
-admin (:mod:`~marketpipe.api.ops`), the dashboard and the offline API docs (:mod:`~marketpipe.api.docs`);
-errors and the middleware stack around them."""
+:mod:`~marketpipe.api.crypto`, :mod:`~marketpipe.api.alpaca_stream`), the live routes
+(:mod:`~marketpipe.api.live`), operations and admin (:mod:`~marketpipe.api.ops`), the dashboard and
+the offline API docs (:mod:`~marketpipe.api.docs`); errors and the middleware stack around them."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from marketpipe.api.alerts import alerts_router
 from marketpipe.api.alpaca import router as alpaca_router
 from marketpipe.api.alpaca_stream import alpaca_stream_router
 from marketpipe.api.answer import HitPath
+from marketpipe.api.crypto import crypto_router
+from marketpipe.api.crypto_stream import crypto_stream_router
 from marketpipe.api.dashboard import dashboard_router
 from marketpipe.api.docs import install_docs
 from marketpipe.api.live import live_router
@@ -74,6 +76,8 @@ def create_app(
         ops_router(),
         admin_router(),
         alpaca_router(),
+        crypto_router(),
+        crypto_stream_router(),
         live_router(),
         alpaca_stream_router(),
         dashboard_router(),

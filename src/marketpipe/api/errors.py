@@ -28,8 +28,9 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ERRORS
 
 log = get_logger("marketpipe.api")
-# the Alpaca-compatible URL space (stocks /v2, options /v1beta1): the vendor's error shape, stale in headers only
-ALPACA_PREFIX = ("/v2/", "/v1beta1/")
+# the Alpaca-compatible URL space (stocks /v2, options /v1beta1, crypto /v1beta3): the vendor's error shape,
+# stale in headers only
+ALPACA_PREFIX = ("/v2/", "/v1beta1/", "/v1beta3/")
 ALPACA_V1_PATHS = ("/v1/corporate-actions",)  # the vendor's v1 routes the compatible API also serves
 
 

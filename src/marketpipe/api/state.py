@@ -93,6 +93,9 @@ class AppState:
             self.alerts.start()
 
     async def aclose(self) -> None:
+        crypto_hub = getattr(self, "crypto_hub", None)  # api/crypto_stream.py sets it on first use
+        if crypto_hub is not None:
+            await crypto_hub.aclose()
         if self.alerts is not None:
             await self.alerts.aclose()
         if self._unsubscribe is not None:

@@ -75,7 +75,7 @@ def v1_router() -> APIRouter:
         known = parse_as_of(q.as_of)
         out = negotiate(q.format, q.accept)
         now = utcnow()
-        closed = e <= st.gateway.last_close(now)
+        closed = e <= st.gateway.last_close(now, symbols)
         key = make_key(
             "bars",
             single or "_multi",
@@ -114,7 +114,7 @@ def v1_router() -> APIRouter:
             else:
                 body = bars_body(frame, out)
             ttl = ttl_for(
-                "bars", market_open=st.gateway.is_market_hours(t), range_closed=closed, config=st.config.cache
+                "bars", market_open=st.gateway.is_market_hours(t, symbols), range_closed=closed, config=st.config.cache
             )
             return body, MEDIA[out], headers, 0.0 if page.partial else ttl  # never keep a partial answer
 

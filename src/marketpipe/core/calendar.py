@@ -1,5 +1,11 @@
-"""Exchange calendar: real sessions (holidays, early closes, unscheduled closures) from
-exchange-calendars, held as numpy arrays so that range questions are vectorized."""
+"""Trading calendars, held as numpy arrays so that range questions are vectorized.
+
+Two kinds behind one interface (:class:`ExchangeCalendar`'s): an exchange's real sessions
+(holidays, early closes, unscheduled closures) from exchange-calendars for equities, and
+:class:`ContinuousCalendar` for crypto, which trades around the clock: one "session" per day of its
+zone, midnight to midnight, every minute expected. :func:`calendar_for` picks the calendar of a
+symbol's asset class, so completeness, gap detection, backfill planning, freshness and TTLs need
+no branch of their own."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from marketpipe.core.errors import InvalidArgument, InvalidRange
+from marketpipe.core.schema import is_crypto
 
 NS_PER_MIN = 60_000_000_000
 NS_PER_HOUR = 60 * NS_PER_MIN
@@ -161,12 +168,61 @@ class ExchangeCalendar:
         return idx, np.maximum(opens[idx], s), np.minimum(closes[idx], e)
 
 
+CONTINUOUS_FIRST_DAY = "2010-01-01"  # before any crypto pair the vendors serve
+CONTINUOUS_LAST_DAY = "2040-12-31"
+CRYPTO_DAILY_ZONES = ("UTC", "America/Chicago")
+
+
+class ContinuousCalendar(ExchangeCalendar):
+    """Around-the-clock trading: every day of ``tz`` is a session from its midnight to the next
+    (23 or 25 hours across a DST change), so every minute is expected, weekends and holidays
+    included, and daily bars are stamped at ``tz`` midnight. Crypto daily bars are stamped at UTC
+    midnight today; older Alpaca answers used Chicago midnight (``tz="America/Chicago"``)."""
+
+    def __init__(self, tz: str = "UTC") -> None:
+        if tz not in CRYPTO_DAILY_ZONES:
+            raise InvalidArgument(
+                f"unknown crypto daily-bar zone {tz!r}; one of {', '.join(CRYPTO_DAILY_ZONES)}",
+                details={"calendar": tz},
+            )
+        self.name = f"24/7 {tz}"
+        self.days = np.arange(
+            np.datetime64(CONTINUOUS_FIRST_DAY, "D"), np.datetime64(CONTINUOUS_LAST_DAY, "D") + 1, dtype="datetime64[D]"
+        )
+        self.__dict__["tz"] = tz
+        nxt = np.append(self.days, self.days[-1] + 1)
+        bounds = local_midnights_ns(nxt, tz)
+        self.opens = bounds[:-1]
+        self.closes = bounds[1:]
+        self.__dict__["midnights"] = self.opens
+
+    def windows(self, start: datetime, end: datetime, *, extended: bool = False) -> tuple[np.ndarray, ...]:
+        """As :meth:`ExchangeCalendar.windows`; there are no extended hours: every hour is regular."""
+        return super().windows(start, end, extended=False)
+
+
+CONTINUOUS = "24/7"
+
+
 def get_calendar(name: str = "XNYS") -> ExchangeCalendar:
+    """An exchange calendar by name (``XNYS``…), or ``"24/7"`` / ``"24/7 <zone>"`` for the
+    continuous one (zone UTC unless named)."""
+
     with _lock:
         cal = _cache.get(name)
         if cal is None:
-            cal = _cache[name] = ExchangeCalendar(name)
+            if name == CONTINUOUS or name.startswith(CONTINUOUS + " "):
+                cal = ContinuousCalendar(name[len(CONTINUOUS) :].strip() or "UTC")
+            else:
+                cal = ExchangeCalendar(name)
+            _cache[name] = cal
         return cal
+
+
+def calendar_for(symbol: str, *, equities: str = "XNYS", crypto_daily: str = "UTC") -> ExchangeCalendar:
+    """The calendar of ``symbol``'s asset class: continuous for a crypto pair (``BTC/USD``), the
+    exchange calendar ``equities`` otherwise."""
+    return get_calendar(f"{CONTINUOUS} {crypto_daily}" if is_crypto(symbol) else equities)
 
 
 def local_midnights_ns(days: np.ndarray, tz: str) -> np.ndarray:

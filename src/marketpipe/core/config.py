@@ -539,6 +539,8 @@ class AlertsConfig(msgspec.Struct, forbid_unknown_fields=True):
         email = self.sinks.email
         if email.enabled and not email.to:
             raise ValueError("alerts.sinks.email.to must list at least one address when the sink is enabled")
+
+
 class ExportConfig(msgspec.Struct, forbid_unknown_fields=True):
     """``[export]``: the Parquet cold tier's object store (``marketpipe export --to s3://…``,
     ``mp.bars(..., source="s3://…")``). Credentials come from the environment only
@@ -553,6 +555,9 @@ class ExportConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     calendar: str = "XNYS"
+    # Crypto trades around the clock (core/calendar.ContinuousCalendar); its daily bars are stamped at
+    # midnight of this zone: UTC today, America/Chicago in Alpaca's older answers.
+    crypto_daily_bars: Literal["UTC", "America/Chicago"] = "UTC"
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     backfill: BackfillConfig = msgspec.field(default_factory=BackfillConfig)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)

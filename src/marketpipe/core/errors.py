@@ -384,6 +384,15 @@ class MalformedMessage(StreamFailed):
     code = "MALFORMED_MESSAGE"
 
 
+class OrderbookNotReset(MarketpipeError):
+    """An incremental crypto order-book update arrived before any full book (``r: true``) for its
+    symbol: the local book is unknown, so the update cannot be applied. Nothing is changed; the
+    message is still delivered as received, and the book is built from the next reset."""
+
+    code = "ORDERBOOK_NOT_RESET"
+    http_status = 502
+
+
 # --- alert sinks (marketpipe.alerts) ---------------------------------------------------------------
 
 
@@ -467,6 +476,7 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         StreamClosed,
         StreamUnavailable,
         MalformedMessage,
+        OrderbookNotReset,
         AlertSinkFailed,
         AlertSinkUnavailable,
     )
@@ -535,6 +545,7 @@ __all__ = [
     "ObjectStoreDenied",
     "ObjectStoreError",
     "ObjectStoreUnreachable",
+    "OrderbookNotReset",
     "OutputError",
     "PaginationLoop",
     "PayloadTooLarge",

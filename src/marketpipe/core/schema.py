@@ -159,6 +159,44 @@ def _iso_day(value: Any) -> str | None:
     return value[:10] if isinstance(value, str) else None
 
 
+# Crypto: sizes and volumes are fractions of a coin, kept as the vendor's floats (never rounded);
+# ``feed`` holds the vendor's location (us, us-1, eu-1, ...). Trades carry the taker side (B/S).
+CRYPTO_BAR_SCHEMA: dict[str, pl.DataType] = {**BAR_SCHEMA, "volume": pl.Float64()}
+CRYPTO_TRADE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "ts": UTC_NS,
+    "price": pl.Float64(),
+    "size": pl.Float64(),
+    "trade_id": pl.Int64(),
+    "taker_side": pl.String(),
+    "source": pl.String(),
+    "feed": pl.String(),
+    "fetched_at": UTC_US,
+}
+CRYPTO_QUOTE_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "ts": UTC_NS,
+    "bid_price": pl.Float64(),
+    "bid_size": pl.Float64(),
+    "ask_price": pl.Float64(),
+    "ask_size": pl.Float64(),
+    "source": pl.String(),
+    "feed": pl.String(),
+    "fetched_at": UTC_US,
+}
+# One row per price level of a book: side "bid" (best first) or "ask" (best first).
+ORDERBOOK_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "ts": UTC_NS,
+    "side": pl.String(),
+    "price": pl.Float64(),
+    "size": pl.Float64(),
+    "source": pl.String(),
+    "feed": pl.String(),
+    "fetched_at": UTC_US,
+}
+
+
 def empty_frame(schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
 
@@ -346,14 +384,39 @@ StreamRecord = Trade | Quote | Bar | StreamEvent
 # --- symbols -----------------------------------------------------------------------------------
 
 # Canonical US-equity form is the vendor-neutral class separator '.', e.g. BRK.B (Alpaca's form).
-_SYMBOL = re.compile(r"^[A-Z][A-Z0-9]{0,9}([.][A-Z0-9]{1,3})?$")
+_EQUITY = r"[A-Z][A-Z0-9]{0,9}([.][A-Z0-9]{1,3})?"
+# A crypto pair is BASE/QUOTE with the slash kept (Alpaca's form, also in store keys and file names);
+# the quote is one of the currencies crypto venues price in, which tells BTC/USD from a class BRK/B.
+CRYPTO_QUOTES = ("USD", "USDT", "USDC", "BTC", "ETH", "EUR", "GBP", "AUD", "CAD", "CHF", "JPY", "SGD")
+_CRYPTO = rf"[A-Z0-9]{{1,10}}/(?:{'|'.join(CRYPTO_QUOTES)})"
+_SYMBOL = re.compile(rf"^(?:{_EQUITY}|{_CRYPTO})$")
+_CRYPTO_RE = re.compile(rf"^{_CRYPTO}$")
+_PAIR_SEP = re.compile(rf"^([A-Z0-9]{{1,10}})[/.\-]({'|'.join(CRYPTO_QUOTES)})$")
+_GLUED_PAIR = re.compile(rf"^([A-Z0-9]{{2,10}}?)({'|'.join(CRYPTO_QUOTES)})$")
+
+
+def is_crypto(symbol: str) -> bool:
+    """Whether a canonical symbol is a crypto pair (``BTC/USD``): its asset class."""
+    return bool(_CRYPTO_RE.match(symbol))
+
+
+def crypto_pair_hint(raw: str) -> str | None:
+    """``BTC/USD`` for a pair written without its slash (``BTCUSD``, ``btcusd``), else ``None``: what a
+    crypto interface suggests when it refuses such a symbol."""
+    m = _GLUED_PAIR.match(raw.strip().upper()) if isinstance(raw, str) else None
+    return f"{m.group(1)}/{m.group(2)}" if m else None
 
 
 def normalize_symbol(raw: str) -> str:
-    """Upper-case, trim, map share-class separators (BRK-B, BRK/B) to the canonical BRK.B."""
+    """Upper-case, trim, map share-class separators (BRK-B, BRK/B) to the canonical BRK.B; a crypto
+    pair (``BTC/USD``, ``btc-usd``) keeps the canonical slash."""
     if not isinstance(raw, str):
         raise InvalidSymbol(f"symbol must be a string, got {type(raw).__name__}")
-    sym = raw.strip().upper().replace("/", ".").replace("-", ".")
+    up = raw.strip().upper()
+    pair = _PAIR_SEP.match(up) if ("/" in up or "-" in up) else None
+    if pair:
+        return f"{pair.group(1)}/{pair.group(2)}"
+    sym = up.replace("/", ".").replace("-", ".")
     if not _SYMBOL.match(sym):
         raise InvalidSymbol(
             f"invalid symbol {raw!r}: expected letters/digits with an optional class suffix, e.g. BRK.B",

@@ -26,7 +26,7 @@ from datetime import UTC, date, datetime, timedelta
 import numpy as np
 import polars as pl
 
-from marketpipe.core.calendar import NS_PER_MIN, ExchangeCalendar, local_midnights_ns
+from marketpipe.core.calendar import NS_PER_MIN, ContinuousCalendar, ExchangeCalendar, local_midnights_ns
 from marketpipe.core.tables import DAYS_SCHEMA
 from marketpipe.core.timeframe import Timeframe, Unit
 
@@ -95,7 +95,10 @@ def expected_stamps(
         keep = np.ones(total, dtype=bool)
         keep[1:] = buckets[1:] != buckets[:-1]
         return buckets[keep], cal.days[idx][owner][keep]
-    # Daily and longer: a bar stamps local midnight, so a session counts when its window meets the range.
+    # Daily and longer: a bar stamps local midnight, so a session counts when its window meets the range;
+    # on a continuous calendar the midnight opens the session, so the stamp itself must be in the range.
+    if isinstance(cal, ContinuousCalendar):
+        idx = idx[cal.midnights[idx] >= int(start.timestamp() * 1_000_000) * 1000]
     days = cal.days[idx]
     if tf.unit is Unit.DAY:
         return cal.midnights[idx], days

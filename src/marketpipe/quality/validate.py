@@ -46,7 +46,7 @@ class CheckResult:
         return self.quarantine.height
 
 
-def _aligned(tf: Timeframe) -> pl.Expr:
+def _aligned(tf: Timeframe, day_tz: str = "America/New_York") -> pl.Expr:
     ts = pl.col("ts")
     if tf.unit is Unit.MINUTE:
         # Integer arithmetic on the epoch is several times cheaper than calendar field extraction.
@@ -54,8 +54,8 @@ def _aligned(tf: Timeframe) -> pl.Expr:
         return ts.dt.epoch("us") % (step * 60_000_000) == 0
     if tf.unit is Unit.HOUR:
         return ts.dt.epoch("us") % 3_600_000_000 == 0
-    # Daily and longer bars are stamped at midnight New York time.
-    local = ts.dt.convert_time_zone("America/New_York")
+    # Daily and longer bars are stamped at midnight New York time (a crypto calendar's zone for crypto).
+    local = ts.dt.convert_time_zone(day_tz)
     midnight = (local.dt.hour() == 0) & (local.dt.minute() == 0) & (local.dt.second() == 0)
     if tf.unit is Unit.WEEK:
         return midnight & (local.dt.weekday() == 1)
@@ -72,8 +72,10 @@ def check_bars(
     end: datetime | None = None,
     now: datetime | None = None,
     request_id: str = "",
+    day_tz: str = "America/New_York",
 ) -> CheckResult:
-    """Split ``frame`` into rows that pass every check and quarantined rows with reasons."""
+    """Split ``frame`` into rows that pass every check and quarantined rows with reasons. ``day_tz``:
+    the zone whose midnight stamps daily and longer bars (the calendar's)."""
     if "raw_ts" not in frame.columns:
         frame = frame.with_columns(raw_ts=pl.col("ts").cast(pl.String))
     if frame.height == 0:
@@ -98,7 +100,7 @@ def check_bars(
                 (pl.col("vwap") < pl.col("low") - _VWAP_TOLERANCE) | (pl.col("vwap") > pl.col("high") + _VWAP_TOLERANCE)
             ),
         ),
-        (MISALIGNED_TS, ~_aligned(timeframe)),
+        (MISALIGNED_TS, ~_aligned(timeframe, day_tz)),
     ]
     # Symbol format: a page holds few distinct symbols, so test those, not every row.
     symbols = frame.get_column("symbol").unique()

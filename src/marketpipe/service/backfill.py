@@ -26,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from marketpipe.core.calendar import ExchangeCalendar
+from marketpipe.core.calendar import ContinuousCalendar, ExchangeCalendar
 from marketpipe.core.config import AnomalyConfig, Config
 from marketpipe.core.errors import (
     UNSUPPORTED,
@@ -182,16 +182,17 @@ def missing_ranges(
 
 def estimate_rows(cal: ExchangeCalendar, tf: Timeframe, start: datetime, end: datetime) -> int:
     """Bars the calendar expects in ``[start, end)`` (regular hours; extended hours only add pages)."""
+    continuous = isinstance(cal, ContinuousCalendar)  # crypto: 24 hours, 7 days a week
     if tf.unit is Unit.MINUTE:
         return -(-cal.regular_minutes(start, end) // tf.amount)
     if tf.unit is Unit.HOUR:
-        return len(cal.sessions(start, end)) * -(-7 // tf.amount)
+        return len(cal.sessions(start, end)) * -(-(25 if continuous else 7) // tf.amount)
     n = len(cal.sessions(start, end))
     if tf.unit is Unit.DAY:
         return n
     if tf.unit is Unit.WEEK:
-        return -(-n // 5)
-    return -(-n // (21 * tf.amount))
+        return -(-n // (7 if continuous else 5))
+    return -(-n // ((28 if continuous else 21) * tf.amount))
 
 
 def _ny_midnight(ts: datetime) -> datetime:
@@ -202,7 +203,8 @@ def _ny_midnight(ts: datetime) -> datetime:
 def chunk_interval(
     cal: ExchangeCalendar, tf: Timeframe, start: datetime, end: datetime, limit: int
 ) -> list[tuple[datetime, datetime, int]]:
-    """Cut ``[start, end)`` at New York midnights so each piece is expected to fit one page."""
+    """Cut ``[start, end)`` at New York midnights (a continuous calendar's: its own) so each piece is
+    expected to fit one page."""
     total = estimate_rows(cal, tf, start, end)
     if total <= limit or not tf.is_intraday:
         return [(start, end, total)]
@@ -212,7 +214,7 @@ def chunk_interval(
         o, c = max(session.open, start), min(session.close, end)
         n = -(-int((c - o).total_seconds() // 60) // (tf.seconds // 60 or 1))
         if acc and acc + n > limit:
-            cut = _ny_midnight(session.open)
+            cut = session.open if isinstance(cal, ContinuousCalendar) else _ny_midnight(session.open)
             if cut > cursor:
                 pieces.append((cursor, cut, acc))
                 cursor, acc = cut, 0

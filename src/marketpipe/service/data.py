@@ -22,10 +22,10 @@ from zoneinfo import ZoneInfo
 
 import polars as pl
 
-from marketpipe.core.calendar import ExchangeCalendar, get_calendar
+from marketpipe.core.calendar import ContinuousCalendar, ExchangeCalendar, calendar_for, get_calendar
 from marketpipe.core.config import Config, load_config
 from marketpipe.core.errors import InvalidArgument
-from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, normalize_symbols
+from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, is_crypto, normalize_symbols
 from marketpipe.core.timeframe import Timeframe, TimeframeLike
 from marketpipe.core.timeutil import TimeInput, parse_range, parse_time, utcnow
 from marketpipe.core.validation import validate_dataset_url, validate_limit
@@ -34,6 +34,7 @@ from marketpipe.quality.adjust import parse_adjustment
 from marketpipe.service.actions import ATTR as ADJUSTMENT_ATTR
 from marketpipe.service.actions import Actions, adjustment_of, parse_as_of, validate_types
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
+from marketpipe.service.crypto import CryptoData
 from marketpipe.service.export import read_dataset
 from marketpipe.service.frames import Shape, frame_options, shaped
 from marketpipe.service.maintain import RepairResult, Strategy, SymbolUpdate, repair, update
@@ -67,6 +68,19 @@ def _feed(feed: str | None) -> str | None:
     return feed.lower() if feed else None
 
 
+def _equities_only(syms: list[str], what: str) -> list[str]:
+    """``syms`` when none is a crypto pair; else INVALID_ARGUMENT saying where pairs are served (the
+    stock records hold whole-share sizes, a coin's fractions would not fit)."""
+    pairs = [s for s in syms if is_crypto(s)]
+    if pairs:
+        raise InvalidArgument(
+            f"{what} of crypto pairs ({', '.join(pairs)}) are served by MarketData.crypto "
+            "(latest, snapshots, history) and the gateway's /v1beta3/crypto routes, with fractional sizes",
+            details={"param": "symbols", "symbols": pairs},
+        )
+    return syms
+
+
 class MarketData:
     def __init__(
         self,
@@ -85,6 +99,7 @@ class MarketData:
         self._release: threading.Timer | None = None
         self._provider = provider
         self._router: ProviderRouter | None = None
+        self._crypto: CryptoData | None = None
         self._env = env
         self._pinned: str | None = None
         self._actions: Actions | None = None
@@ -150,8 +165,31 @@ class MarketData:
             await old.aclose()
 
     @property
+    def crypto(self) -> CryptoData:
+        """Crypto pairs (``BTC/USD``): bars, trades, quotes, latest values, order books, snapshots."""
+        if self._crypto is None:
+            self._crypto = CryptoData(self.config, env=self._env)
+        return self._crypto
+
+    @property
     def calendar(self) -> ExchangeCalendar:
+        """The equities' exchange calendar (config ``calendar``)."""
         return get_calendar(self.config.calendar)
+
+    def calendar_of(self, symbols: list[str]) -> ExchangeCalendar:
+        """The calendar of these symbols' asset class: continuous for crypto pairs, the exchange
+        calendar for equities. One request holds one asset class (INVALID_ARGUMENT otherwise), since
+        what is expected, and when, differs between them."""
+        kinds = {is_crypto(s) for s in symbols}
+        if len(kinds) > 1:
+            raise InvalidArgument(
+                "crypto pairs and equities in one request: ask for them separately "
+                f"(crypto: {', '.join(s for s in symbols if is_crypto(s))})",
+                details={"param": "symbols"},
+            )
+        if kinds == {True}:
+            return calendar_for(symbols[0], equities=self.config.calendar, crypto_daily=self.config.crypto_daily_bars)
+        return self.calendar
 
     async def backfill(
         self,
@@ -187,11 +225,19 @@ class MarketData:
         circuit_waits: int = 0,
     ) -> BackfillStats:
         """Fetch, check and store what the ledger lacks in ``[start, end)`` (arguments already
-        parsed): from ``provider`` alone when named, else through the router with failover."""
+        parsed): from ``provider`` alone when named, else through the router with failover.
+        Crypto pairs are refused (INVALID_ARGUMENT): their fractional volumes do not fit the store's
+        integer ``volume`` column, so they are fetched on demand (:meth:`bars`) instead."""
+        if any(is_crypto(sym) for sym in symbols):
+            raise InvalidArgument(
+                "crypto bars are not stored (their volumes are fractions of a coin; the store keeps whole "
+                "numbers): read them with mp.bars / marketpipe bars, which fetch them on demand",
+                details={"param": "symbols", "symbols": [sym for sym in symbols if is_crypto(sym)]},
+            )
         return await run_backfill(
             self.bars_source(provider),
             self.store,
-            self.calendar,
+            self.calendar_of(symbols),
             symbols,
             timeframe,
             start,
@@ -214,7 +260,7 @@ class MarketData:
         """Completeness, anomalies and quality scores of stored data (nothing is fetched)."""
         syms, tf, s, e = _series(symbols, timeframe, start, end)
         return await asyncio.to_thread(
-            analyze, self.store, self.calendar, syms, tf, s, e, self.config.quality, save=save
+            analyze, self.store, self.calendar_of(syms), syms, tf, s, e, self.config.quality, save=save
         )
 
     async def update(
@@ -234,7 +280,7 @@ class MarketData:
         return await update(
             self.bars_source(),
             self.store,
-            self.calendar,
+            self.calendar_of(syms),
             self.config,
             syms,
             Timeframe.parse(timeframe),
@@ -260,7 +306,7 @@ class MarketData:
         return await repair(
             lambda: self.router,
             self.store,
-            self.calendar,
+            self.calendar_of(syms),
             self.config,
             syms,
             tf,
@@ -348,6 +394,14 @@ class MarketData:
         parts = parse_adjustment(adjustment)
         known = parse_as_of(as_of)
         syms, tf, s, e = _series(symbols, timeframe, start, end)
+        if source is None and fetch and isinstance(self.calendar_of(syms), ContinuousCalendar):
+            # crypto pairs: fetched and checked, not stored; ``feed`` names the vendor location (us, eu-1, ...)
+            if parts or known is not None:
+                raise InvalidArgument(
+                    "adjustment and as_of apply to stocks: crypto pairs have no corporate actions",
+                    details={"parameter": "adjustment" if parts else "as_of"},
+                )
+            return await self.crypto.bars(syms, tf, s, e, location=feed)
         if source is not None:  # the cold tier holds raw bars; an adjustment applies to them the same way
             url = validate_dataset_url(source)
             frame = await asyncio.to_thread(read_dataset, url, self.config, syms, tf, s, e, env=self._env)
@@ -408,7 +462,7 @@ class MarketData:
     ) -> Served[dict[str, Any]]:
         """Latest trade / quote / minute bar per symbol, with the provider that served them and the
         attempts before it. A refused request (bad parameters, unknown symbol) is not failed over."""
-        syms = normalize_symbols(symbols)
+        syms = _equities_only(normalize_symbols(symbols), f"latest {kind}s")
         key = f"latest_{kind}"
 
         async def call(p: BarsProvider) -> dict[str, Any]:
@@ -442,7 +496,7 @@ class MarketData:
         return (await self.latest_quotes([sym], feed=feed)).get(sym)
 
     async def snapshots(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Snapshot]:
-        syms = normalize_symbols(symbols)
+        syms = _equities_only(normalize_symbols(symbols), "snapshots")
 
         async def call(p: BarsProvider) -> dict[str, Snapshot]:
             return await p.snapshots(syms, feed=feed_for(p, "snapshot", feed))
@@ -466,7 +520,7 @@ class MarketData:
         continuation goes to the first candidate only (it is the same provider while that one is
         healthy): another vendor could not read the token."""
         validate_limit(limit, 1, MAX_LIMIT)
-        syms = normalize_symbols(symbols)
+        syms = _equities_only(normalize_symbols(symbols), f"historical {kind}")
 
         async def call(p: BarsProvider) -> tuple[pl.DataFrame, str | None]:
             f = feed_for(p, kind, feed)
@@ -500,6 +554,9 @@ class MarketData:
         if self._options is not None:
             await self._options.aclose()
             self._options = None
+        if self._crypto is not None:
+            await self._crypto.aclose()
+            self._crypto = None
         if self._router is not None:
             await self._router.aclose()
         elif self._provider is not None:
@@ -562,7 +619,7 @@ class SyncMarketData:
         unless ``tz``) or ``"wide"`` (``yfinance.download``'s frame: columns (Price, Ticker), exchange
         time unless ``tz``; NaN where a symbol has no bar at a time another has one: pandas' outer
         alignment, nothing filled). Both are checked before anything is read or fetched."""
-        zone, sh = frame_options(tz, shape, lambda: self.data.calendar.tz)
+        zone, sh = frame_options(tz, shape, lambda: self.data.calendar_of(normalize_symbols(symbols)).tz)
         frame = self._run(self.data.bars(symbols, start, end, timeframe=timeframe, **kw))
         out = shaped(frame, Timeframe.parse(timeframe), zone, sh)
         info = adjustment_of(frame)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from marketpipe.core.calendar import ContinuousCalendar
 from marketpipe.core.errors import (
     AllProvidersFailed,
     InvalidArgument,
@@ -27,7 +28,7 @@ from marketpipe.core.errors import (
     ProviderError,
 )
 from marketpipe.core.log import get_logger
-from marketpipe.core.schema import BAR_SCHEMA, Bar, Quote, Snapshot, Trade, normalize_symbols
+from marketpipe.core.schema import BAR_SCHEMA, CRYPTO_BAR_SCHEMA, Bar, Quote, Snapshot, Trade, normalize_symbols
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import record_ns, utcnow
 from marketpipe.core.validation import validate_enum, validate_limit, validate_range, validate_sort, validate_timeframe
@@ -199,6 +200,10 @@ class Gateway:
         validate_range(start, end)
         now = utcnow()
         end = min(end, now)
+        if isinstance(self.data.calendar_of(syms), ContinuousCalendar):
+            return await self._crypto_bars(
+                syms, tf, start, end, limit=limit, page_token=page_token, sort=sort, feed=feed
+            )
         self.data.calendar.check_bounds(start, max(start, end))
         desc = sort == "desc"
         after = decode_token(page_token, syms) if page_token else None
@@ -260,6 +265,55 @@ class Gateway:
         for sym, m in meta.items():
             m.warnings = sorted(set(warnings.get(sym, [])))
             m.stale = bool(m.warnings)
+        return BarsPage(frame, nxt, meta)
+
+    async def _crypto_bars(
+        self,
+        syms: list[str],
+        tf: Timeframe,
+        start: datetime,
+        end: datetime,
+        *,
+        limit: int,
+        page_token: str | None,
+        sort: str,
+        feed: str | None,
+    ) -> BarsPage:
+        """A page of crypto bars straight from the vendor (checked, not stored: ``service/crypto.py``),
+        with the gateway's own token; one upstream request per symbol the page reaches."""
+        desc = sort == "desc"
+        after = decode_token(page_token, syms) if page_token else None
+        parts: list[pl.DataFrame] = []
+        have = 0
+        for sym in syms[syms.index(after[0]) if after else 0 :]:
+            lo, hi = start, end
+            if after and sym == after[0]:
+                lo, hi = (lo, after[1]) if desc else (after[1] + _US, hi)
+            if hi <= lo:
+                continue
+            page = await self.data.crypto.page(
+                "bars", [sym], lo, hi, timeframe=tf, location=feed, limit=limit + 1 - have, sort=sort
+            )
+            parts.append(page.frame)
+            have += page.frame.height
+            if have > limit:
+                break
+        frame = pl.concat(parts) if parts else pl.DataFrame(schema=CRYPTO_BAR_SCHEMA)
+        nxt = None
+        if frame.height > limit:
+            frame = frame.head(limit)
+            last = frame.row(limit - 1, named=True)
+            nxt = encode_token(last["symbol"], last["ts"])
+        meta: dict[str, Meta] = {}
+        for sym in syms:
+            rows = frame.filter(pl.col("symbol") == sym)
+            newest = rows["ts"].max() if rows.height else None
+            meta[sym] = Meta(
+                sources=sorted(set(rows["source"].to_list())),
+                feed=rows["feed"][0] if rows.height else None,
+                fetched_at=rows["fetched_at"].max() if rows.height else None,  # type: ignore[arg-type]
+                newest=newest + tf.delta if isinstance(newest, datetime) else None,
+            )
         return BarsPage(frame, nxt, meta)
 
     async def _ensure(
@@ -352,9 +406,10 @@ class Gateway:
         weighted = days["score"].cast(pl.Float64) * w
         return float(weighted.sum()) / float(w.sum())
 
-    def last_close(self, now: datetime) -> datetime:
-        """The close of the last session that has ended by ``now`` (older data cannot change)."""
-        cal = self.data.calendar
+    def last_close(self, now: datetime, symbols: list[str] | None = None) -> datetime:
+        """The close of the last session that has ended by ``now`` (older data cannot change), on the
+        calendar of ``symbols``' asset class (the exchange's by default; crypto: the last midnight)."""
+        cal = self.data.calendar_of(symbols) if symbols else self.data.calendar
         ns = int(now.timestamp() * 1e9)
         i = int(np.searchsorted(cal.closes, ns, side="right")) - 1
         return datetime.fromtimestamp(int(cal.closes[max(i, 0)]) / 1e9, UTC)
@@ -368,8 +423,9 @@ class Gateway:
     async def snapshots(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Snapshot]:
         return await self.data.snapshots(symbols, feed=feed)
 
-    def is_market_hours(self, at: datetime | None = None) -> bool:
-        cal = self.data.calendar
+    def is_market_hours(self, at: datetime | None = None, symbols: list[str] | None = None) -> bool:
+        """Whether the market of ``symbols``' asset class is open (crypto: always); the TTLs follow it."""
+        cal = self.data.calendar_of(symbols) if symbols else self.data.calendar
         ns = int((at or utcnow()).timestamp() * 1e9)
         i = int(np.searchsorted(cal.opens, ns, side="right")) - 1
         return i >= 0 and ns < int(cal.closes[i])

@@ -41,6 +41,7 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import NY
 from marketpipe.sim import alpaca_actions as corporate_actions
 from marketpipe.sim.admin import SIM_HEADER, Handler, Stats
+from marketpipe.sim.crypto import CryptoFace, CryptoMarket
 from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
 from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, RunLookup, apply_defect, corrupt_bars
 from marketpipe.sim.vendor import (
@@ -52,6 +53,7 @@ from marketpipe.sim.vendor import (
     truncate_if_asked,
 )
 from marketpipe.wire.alpaca_actions import PATH as ACTIONS_PATH
+from marketpipe.wire.alpaca_crypto import BASE as CRYPTO_BASE
 from marketpipe.wire.alpaca_rest import (
     ADJUSTMENTS,
     CONDITIONS,
@@ -241,12 +243,15 @@ class AlpacaFace(Face):
         stats: Stats,
         *,
         clock: Callable[[], float] = time.time,
+        crypto: CryptoMarket | None = None,
     ) -> None:
         for key, (_, plan) in keys.items():
             if plan not in PLAN_LIMITS:
                 raise ValueError(f"key {key!r}: plan must be one of {sorted(PLAN_LIMITS)}")
         super().__init__(market, faults, stats, clock)
         self.keys = dict(keys)
+        # crypto (/v1beta3/crypto/...): its own around-the-clock market, same faults and limits
+        self.crypto = CryptoFace(crypto if crypto is not None else CryptoMarket(), self.now_ns)
 
     # --- app ---------------------------------------------------------------------------------------
     def _routes(self, r: web.UrlDispatcher) -> None:
@@ -262,10 +267,11 @@ class AlpacaFace(Face):
             r.add_get(f"/v2/stocks/{{symbol}}/{kind}/latest", self._latest(kind, single=True))
         r.add_get("/v2/stocks/{symbol}/snapshot", self._snapshot_single)
         r.add_get(ACTIONS_PATH, self._corporate_actions)
+        self.crypto.add_routes(r)
 
     async def _serve(self, request: web.Request, handler: Handler) -> tuple[web.StreamResponse, str]:
         unmatched = request.match_info.http_exception
-        if unmatched is not None and not request.path.startswith("/v2/"):
+        if unmatched is not None and not request.path.startswith(("/v2/", CRYPTO_BASE)):
             # outside the API's URL space: no authentication or rate limit applies
             resp: web.StreamResponse = _route_error(unmatched)
             resp.headers[SIM_HEADER] = "1"
@@ -307,8 +313,11 @@ class AlpacaFace(Face):
         headers = {SIM_HEADER: "1", "X-Request-ID": uuid.uuid4().hex, **quota.headers()}
 
         if not isinstance(client, Client):
-            return self._finish(client, headers), str(client.status)
-        request[CLIENT] = client
+            if not (client.status == 401 and request.path.startswith(CRYPTO_BASE)):
+                return self._finish(client, headers), str(client.status)
+            # crypto market data needs no keys (sent ones are still checked)
+        else:
+            request[CLIENT] = client
         if not quota.allowed:
             return self._finish(error("too many requests.", 429), headers), "429"
 

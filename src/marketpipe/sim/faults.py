@@ -116,12 +116,16 @@ DEFECTS: tuple[str, ...] = get_args(Defect)
 DEFAULT_FACTORS: dict[str, float] = {"spike": 1.5, "split": 2.0, "volume_spike": 50.0}
 DEFAULT_RUN = 30
 # Every vendor face's data URLs: Alpaca and Polygon under /v2/, Yahoo's chart under /v8/.
-DATA_PATHS = re.compile(r"^/(v2|v8|v1beta1)/")
+DATA_PATHS = re.compile(r"^/(v2|v8|v1beta1|v1beta3/crypto)/")
 # invalid_rows and bad_data only make sense where bars are returned in bulk: Alpaca bars, Polygon
 # aggregates, Yahoo charts.
-BAR_PATHS = re.compile(r"^/v2/stocks/(bars|[^/]+/bars)$|^/v2/aggs/ticker/[^/]+/range/|^/v8/finance/chart/")
+BAR_PATHS = re.compile(
+    r"^/v2/stocks/(bars|[^/]+/bars)$|^/v2/aggs/ticker/[^/]+/range/|^/v8/finance/chart/|^/v1beta3/crypto/[^/]+/bars$"
+)
 # token_loop: where answers are paginated (Alpaca historical bars/trades/quotes, Polygon aggregates).
-PAGED_PATHS = re.compile(r"^/v2/stocks/([^/]+/)?(bars|trades|quotes)$|^/v2/aggs/ticker/[^/]+/range/")
+PAGED_PATHS = re.compile(
+    r"^/v2/stocks/([^/]+/)?(bars|trades|quotes)$|^/v2/aggs/ticker/[^/]+/range/|^/v1beta3/crypto/[^/]+/(bars|trades|quotes)$"
+)
 # null_page: the paginated paths and Yahoo's chart, each with its page key.
 PAGE_PATHS = re.compile(PAGED_PATHS.pattern + r"|^/v8/finance/chart/")
 

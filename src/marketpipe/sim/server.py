@@ -23,6 +23,7 @@ from marketpipe.core.errors import InvalidArgument
 from marketpipe.core.net import listen_error
 from marketpipe.sim.admin import Stats
 from marketpipe.sim.alpaca import DEFAULT_KEYS, AlpacaFace
+from marketpipe.sim.crypto_stream import CryptoStream
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.faults import Faults
 from marketpipe.sim.options import OptionsFace
@@ -87,6 +88,10 @@ class SimServer:
         # the options face (/v1beta1/options, /v2/options/contracts) rides on the Alpaca face
         self.options = OptionsFace(self.face) if vendor == "alpaca" else None
         self.options_stream: OptionsStream | None = None  # its stream, mounted at start
+        # the crypto stream (/v1beta3/crypto/{loc}) over the face's crypto market
+        self.crypto_stream: CryptoStream | None = (
+            CryptoStream(self.face.crypto, self.keys) if vendor == "alpaca" else None
+        )
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,6 +111,10 @@ class SimServer:
         ``ws://127.0.0.1:PORT/v2/iex`` or ``ws://127.0.0.1:PORT/v1beta1/opra``."""
         version = "v1beta1" if feed in ("indicative", "opra") else "v2"
         return "ws" + self.url[4:] + f"/{version}/{feed}"
+
+    def crypto_ws_url(self, loc: str = "us") -> str:
+        """The crypto stream URL of a location, e.g. ``ws://127.0.0.1:PORT/v1beta3/crypto/us``."""
+        return "ws" + self.url[4:] + f"/v1beta3/crypto/{loc}"
 
     def drop_streams(self, feed: str | None = None, *, abrupt: bool = True) -> int:
         """Drop the open stream connections (of one feed, or all) from any thread; returns how many."""
@@ -136,6 +145,8 @@ class SimServer:
             self.options_stream.mount(app)
         if self.stream is not None:
             self.stream.mount(app)
+        if self.crypto_stream is not None:
+            self.crypto_stream.mount(app)
         runner = web.AppRunner(
             app,
             access_log=access_logger if self.access_log else None,

@@ -1,0 +1,120 @@
+"""Crypto market data for every interface (``mp.bars("BTC/USD")``, the CLI, ``/v1`` and the
+Alpaca-compatible ``/v1beta3/crypto`` routes): :class:`CryptoData`, over the Alpaca crypto adapter.
+
+Crypto bars are fetched on demand and checked row by row (``quality/validate.check_bars`` with the
+24/7 calendar's daily-bar zone); rows that fail are logged and counted (``ROWS_QUARANTINED``) and left
+out, never repaired. They are not written to the store: its ``volume`` column is an integer and a
+crypto volume is a fraction of a coin, so storing would round it. The 24/7 calendar
+(``core/calendar.ContinuousCalendar``) scores what was fetched (:meth:`CryptoData.completeness`) and
+plans backfills (``service/backfill.plan``) the same way it does for equities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import polars as pl
+
+from marketpipe.core.calendar import ExchangeCalendar, calendar_for
+from marketpipe.core.config import Config
+from marketpipe.core.log import get_logger
+from marketpipe.core.timeframe import Timeframe
+from marketpipe.core.timeutil import utcnow
+from marketpipe.providers.alpaca_config import AlpacaConfig
+from marketpipe.providers.alpaca_crypto import AlpacaCryptoProvider, CryptoPage
+from marketpipe.quality.completeness import Completeness, assess_frames
+from marketpipe.quality.validate import check_bars
+from marketpipe.wire.alpaca_crypto import crypto_symbols
+
+log = get_logger("marketpipe.service.crypto")
+
+
+class CryptoData:
+    """Crypto bars, trades, quotes, latest values, order books and snapshots, from Alpaca."""
+
+    def __init__(
+        self, config: Config, *, env: dict[str, str] | None = None, provider: AlpacaCryptoProvider | None = None
+    ) -> None:
+        self.config = config
+        self._env = env
+        self._provider = provider
+
+    @property
+    def provider(self) -> AlpacaCryptoProvider:
+        if self._provider is None:
+            self._provider = AlpacaCryptoProvider.from_config(
+                self.config.provider("alpaca", AlpacaConfig), env=self._env
+            )
+        return self._provider
+
+    @property
+    def calendar(self) -> ExchangeCalendar:
+        return calendar_for("BTC/USD", equities=self.config.calendar, crypto_daily=self.config.crypto_daily_bars)
+
+    async def bars(
+        self,
+        symbols: list[str] | str,
+        timeframe: Timeframe,
+        start: datetime,
+        end: datetime,
+        *,
+        location: str | None = None,
+    ) -> pl.DataFrame:
+        """Every bar of ``[start, end)``, checked; ordered by symbol, then time."""
+        syms = crypto_symbols(symbols)
+        self.calendar.check_bounds(start, end)
+        frames = []
+        async for page in self.provider.iter_pages("bars", syms, start, end, timeframe=timeframe, location=location):
+            frames.append(await asyncio.to_thread(self._checked, page, timeframe, start, end))
+        return pl.concat(frames) if len(frames) > 1 else frames[0]
+
+    def _checked(self, page: CryptoPage, tf: Timeframe, start: datetime, end: datetime) -> pl.DataFrame:
+        res = check_bars(page.frame, timeframe=tf, start=start, end=end, now=utcnow(), day_tz=self.calendar.tz)
+        if res.quarantine.height:
+            log.warning("crypto_bars_rejected", rows=res.quarantine.height, reasons=res.counts, source=page.source)
+        return res.good
+
+    async def page(self, kind: str, symbols: list[str] | str, start: datetime, end: datetime, **kw: Any) -> CryptoPage:
+        """One page of bars, trades or quotes as the vendor pages them (the compatible API's answer);
+        ``kw`` as :meth:`AlpacaCryptoProvider.iter_pages` (timeframe, location, limit, sort, page_token)."""
+        async for page in self.provider.iter_pages(kind, symbols, start, end, follow=False, **kw):
+            tf = kw.get("timeframe")
+            if kind == "bars" and isinstance(tf, Timeframe):
+                good = await asyncio.to_thread(self._checked, page, tf, start, end)
+                return CryptoPage(good, page.next_page_token, page.source)
+            return page
+        raise AssertionError("iter_pages yields at least one page")  # pragma: no cover
+
+    async def history(
+        self, kind: str, symbols: list[str] | str, start: datetime, end: datetime, *, location: str | None = None
+    ) -> pl.DataFrame:
+        """Every trade or quote of ``[start, end)``."""
+        return await self.provider.history(kind, symbols, start, end, location=location)
+
+    async def latest(self, kind: str, symbols: list[str] | str, *, location: str | None = None) -> pl.DataFrame:
+        return await self.provider.latest(kind, symbols, location=location)
+
+    async def snapshots(self, symbols: list[str] | str, *, location: str | None = None) -> dict[str, pl.DataFrame]:
+        return await self.provider.snapshots(symbols, location=location)
+
+    def completeness(
+        self, bars: pl.DataFrame, symbols: list[str], timeframe: Timeframe, start: datetime, end: datetime
+    ) -> dict[str, Completeness]:
+        """How complete fetched ``bars`` are on the 24/7 calendar over ``[start, end)`` (the range
+        counts as asked for, so a missing minute is a gap)."""
+        coverage = pl.DataFrame(
+            {"symbol": symbols, "start": [start] * len(symbols), "end": [end] * len(symbols)},
+            schema={"symbol": pl.String(), "start": pl.Datetime("us", "UTC"), "end": pl.Datetime("us", "UTC")},
+        )
+        found = assess_frames(symbols, timeframe, self.calendar, start, end, bars, coverage)
+        return {sym: found[sym] for sym in symbols}
+
+    async def aclose(self) -> None:
+        if self._provider is not None:
+            await self._provider.aclose()
+            self._provider = None
+
+
+__all__ = ["CryptoData"]
