@@ -123,3 +123,25 @@ async def test_core_events_reach_the_bus(nats: NatsServer) -> None:
 def test_event_ids_are_deterministic() -> None:
     e = events.Event("missing_data", "warning", "gap", "AAPL", "alpaca")
     assert event_envelope(e)[1].id == event_envelope(e)[1].id
+
+
+async def test_workers_share_one_rate_limit_through_the_kv_bucket(nats: NatsServer) -> None:
+    from marketpipe.bus.ratelimit import SharedRateLimit, rate_bucket
+
+    buses = [await connect(BusConfig(), nats.url) for _ in range(2)]
+    try:
+        limits = [SharedRateLimit(await rate_bucket(b), "alpaca", 4, window=1.5) for b in buses]
+        windows: list[int] = []
+
+        async def take(limit: SharedRateLimit, n: int) -> None:
+            for _ in range(n):
+                await limit.acquire()
+                windows.append(limit.last_window)
+
+        await asyncio.gather(take(limits[0], 6), take(limits[1], 6))  # 12 requests, 4 a window between them
+        per_window = {w: windows.count(w) for w in set(windows)}
+        assert max(per_window.values()) <= 4 and len(per_window) >= 3, per_window
+        assert sum(lim.taken for lim in limits) == 12
+    finally:
+        for b in buses:
+            await b.close()

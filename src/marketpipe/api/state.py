@@ -20,6 +20,7 @@ from marketpipe.core.errors import MarketpipeError
 from marketpipe.service.data import MarketData
 from marketpipe.service.gateway import Gateway
 from marketpipe.service.live import LiveHub
+from marketpipe.service.live.shared import BusLink
 
 ADMIN_TOKEN_VAR = "MARKETPIPE_ADMIN_TOKEN"
 API_KEYS_VAR = "MARKETPIPE_API_KEYS"
@@ -37,6 +38,7 @@ class AppState:
     env: dict[str, str] | None = field(default=None, repr=False)  # None: the process environment
     live: LiveHub | None = None  # created by start() (it needs the running loop)
     alerts: AlertEngine | None = None  # [alerts] enabled: rules over the metrics and events, and the sinks
+    bus: BusLink | None = None  # [bus] url: events onto the bus, and the live hub fed from the one upstream owner
 
     @classmethod
     def build(
@@ -79,8 +81,11 @@ class AppState:
         logging_.guard_stdlib()  # the server's own loggers (configured by now) redact too
         with contextlib.suppress(MarketpipeError):  # no usable provider: readiness says so
             self.gateway.start_probes()
+        if self.config.bus.target():
+            self.bus = await BusLink.open(self.config, env=self.env, live=self.config.stream.enabled)
         if self.config.stream.enabled:
-            self.live = LiveHub(self.config, self.gateway, env=self.env)
+            shared = self.bus.stream if self.bus is not None else None
+            self.live = LiveHub(self.config, self.gateway, env=self.env, stream=shared)  # type: ignore[arg-type]
             await self.live.start()
         if self.alerts is not None:
             self.alerts.start()
@@ -90,6 +95,8 @@ class AppState:
             await self.alerts.aclose()
         if self.live is not None:
             await self.live.close()
+        if self.bus is not None:
+            await self.bus.aclose()
         await self.cache.aclose()
         await self.data.aclose()
 

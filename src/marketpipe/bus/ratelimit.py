@@ -32,18 +32,21 @@ async def rate_bucket(bus: Bus) -> KeyValue:
 
 
 class SharedRateLimit:
-    def __init__(self, kv: KeyValue, name: str, per_minute: int) -> None:
+    def __init__(self, kv: KeyValue, name: str, per_minute: int, *, window: float = WINDOW) -> None:
+        """``per_minute`` requests per ``window`` seconds (a minute, but for tests)."""
         self.kv = kv
         self.name = subjects.token(name)
         self.per_minute = per_minute
+        self.window = window
         self.taken = 0
         self.waited = 0.0
         self.conflicts = 0
+        self.last_window = -1  # the window the last request was taken in
 
     async def acquire(self) -> None:
         while True:
             now = time.time()
-            window = int(now // WINDOW)
+            window = int(now // self.window)
             key = f"{self.name}.{window}"
             try:
                 entry = await self.kv.get(key)
@@ -51,7 +54,7 @@ class SharedRateLimit:
                 entry = None
             count = int(entry.value or b"0") if entry is not None else 0
             if count >= self.per_minute:
-                wait = (window + 1) * WINDOW - now + 0.01
+                wait = (window + 1) * self.window - now + 0.01
                 self.waited += wait
                 log.info("shared_rate_limit_wait", provider=self.name, seconds=round(wait, 3), taken=count)
                 await asyncio.sleep(wait)
@@ -65,4 +68,5 @@ class SharedRateLimit:
                 self.conflicts += 1  # another worker took one at the same moment: read again
                 continue
             self.taken += 1
+            self.last_window = window
             return
