@@ -5,6 +5,7 @@ poison item ends in the dead letters with its error; a worker killed with -9 mid
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -205,3 +206,73 @@ async def test_a_worker_killed_mid_item_loses_nothing(
         sim.faults.clear()
         await coordinator.aclose()
         await bus.close()
+
+
+@pytest.mark.slow
+async def test_nats_restarted_mid_run_the_store_still_ends_identical(
+    sim: SimServer, pg: PgServer, nats: NatsServer
+) -> None:
+    expected = await single_process(sim, pg)
+    config = cfg(sim, pg.database(), nats.url, ack_wait=2.0)
+    coordinator = MarketData(config, env=SIM_ENV)
+    bus = await _bus(nats.url, ack_wait=2.0)
+    s, e = parse_range(*RANGE)
+    sim.faults.load(msgspec.json.encode({"rules": [{"kind": "latency", "latency_ms": 400}]}))
+    first = await enqueue(coordinator, bus, SYMBOLS, TF, s, e, run="restart")
+    workers = [MarketData(config, env=SIM_ENV) for _ in range(2)]
+    buses = [await _bus(nats.url, ack_wait=2.0) for _ in workers]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(run_worker(w, b, stop=stop)) for w, b in zip(workers, buses, strict=True)]
+    try:
+        seen: list[int] = [0]
+        follower = asyncio.create_task(
+            follow(bus, first, on_progress=lambda p: seen.append(p.finished), give_up_after=90)
+        )
+        await asyncio.sleep(0.5)
+        assert seen[-1] < len(first.items), "the run ended before the restart"
+        nats.restart(down_seconds=1.0)  # same port and JetStream store: the queue survives
+        sim.faults.clear()
+        prog = await follower
+        assert prog.finished == len(first.items) and not prog.dead
+        assert bars_of(coordinator).equals(expected)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        sim.faults.clear()
+        for w in [*workers, coordinator]:
+            await w.aclose()
+        for b in [*buses, bus]:
+            await b.close()
+
+
+def _cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **SIM_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    return subprocess.run(
+        [sys.executable, "-m", "marketpipe.cli.main", *args, "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_cli_coordinator_worker_and_events_tail(sim: SimServer, pg: PgServer, nats: NatsServer, tmp_path: Path) -> None:
+    config = _write_config(tmp_path / "m.toml", sim, pg.database(), nats.url)
+    worker = _worker(config, tmp_path / "w.log")
+    try:
+        r = _cli("backfill", "AAPL", "BRK.B", "--start", RANGE[0], "--end", RANGE[1], "--distributed", config=config)
+        assert r.returncode == 0, r.stderr
+        assert "items finished by 1 worker(s)" in r.stdout and "0 dead" in r.stdout
+        again = _cli(
+            "backfill", "AAPL", "BRK.B", "--start", RANGE[0], "--end", RANGE[1], "--distributed", config=config
+        )
+        assert again.returncode == 0 and "0 work items" in again.stderr  # the ledger holds it all now
+        tail = _cli("events", "tail", "mp.norm.bars.BRK_B", "--all", "-n", "1", config=config)
+        assert tail.returncode == 0, tail.stderr
+        line = json.loads(tail.stdout.splitlines()[0])
+        assert line["subject"] == "mp.norm.bars.BRK_B" and line["event"]["symbol"] == "BRK.B"
+        assert line["event"]["kind"] == "bars" and line["event"]["v"] == 1
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(20)

@@ -15,7 +15,7 @@ VERSION = 1
 Kind = Literal["raw", "bars", "quality", "corpact", "health", "work", "progress", "dead"]
 
 
-class Envelope(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
+class Envelope(msgspec.Struct, forbid_unknown_fields=False):  # every field on the wire, v included
     kind: Kind
     id: str
     v: int = VERSION

@@ -167,7 +167,12 @@ async def follow(
     deadline = None if give_up_after is None else time.monotonic() + give_up_after
     try:
         while True:
-            info = await bus.js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.WORK_SUBJECTS)
+            try:
+                info = await bus.js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.WORK_SUBJECTS)
+            except BUS_ERRORS as exc:  # an outage: keep following once the bus is back
+                log.warning("distributed_follow_bus_error", error=repr(exc))
+                await asyncio.sleep(poll)
+                continue
             queued = set((info.state.subjects or {}).keys()) & set(mine)
             for subj, item in mine.items():  # left the queue without a "done" we saw: acked by a worker
                 if subj not in queued and item not in prog.dead:
@@ -255,7 +260,12 @@ async def run_worker(
                 break
             continue
         for msg in msgs:
-            await _handle(data, bus, msg, stats)
+            try:
+                await _handle(data, bus, msg, stats)
+            except BUS_ERRORS as exc:
+                # the bus went away mid-item (ack, nak or dead letter not sent): the item is redelivered
+                # once it is back, and the idempotent store makes the second run add nothing
+                log.warning("worker_bus_error", worker=stats.name, error=repr(exc))
         idle_since = time.monotonic()
     with contextlib.suppress(*BUS_ERRORS):
         await sub.unsubscribe()
