@@ -7,7 +7,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -20,7 +20,9 @@ from marketpipe.core.errors import MarketpipeError
 from marketpipe.service.data import MarketData
 from marketpipe.service.gateway import Gateway
 from marketpipe.service.live import LiveHub
-from marketpipe.service.live.shared import BusLink
+
+if TYPE_CHECKING:  # the bus needs the `bus` extra (nats-py): imported only when [bus] url is set
+    from marketpipe.service.live.shared import BusLink
 
 ADMIN_TOKEN_VAR = "MARKETPIPE_ADMIN_TOKEN"
 API_KEYS_VAR = "MARKETPIPE_API_KEYS"
@@ -82,6 +84,8 @@ class AppState:
         with contextlib.suppress(MarketpipeError):  # no usable provider: readiness says so
             self.gateway.start_probes()
         if self.config.bus.target():
+            from marketpipe.service.live.shared import BusLink
+
             self.bus = await BusLink.open(self.config, env=self.env, live=self.config.stream.enabled)
         if self.config.stream.enabled:
             shared = self.bus.stream if self.bus is not None else None

@@ -650,9 +650,9 @@ def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, st
 
 # The other commands live in modules of their own and register on the shared ``app`` when imported
 # (after the ones above, so ``--help`` lists them in this order).
-from marketpipe.cli import alerts, bus, export, quality, serve, stream  # noqa: E402
+from marketpipe.cli import alerts, bus, cluster, export, quality, serve, stream  # noqa: E402
 
-__all__ = ["alerts", "app", "bus", "export", "quality", "serve", "stream"]
+__all__ = ["alerts", "app", "bus", "cluster", "export", "quality", "serve", "stream"]
 
 if __name__ == "__main__":  # pragma: no cover
     app()
