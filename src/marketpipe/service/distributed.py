@@ -120,7 +120,9 @@ class RunProgress:
     bars_stored: int = 0
     requests: int = 0
     workers: set[str] = field(default_factory=set)
+    reported: set[str] = field(default_factory=set)  # items whose worker's "done" event arrived
     started: float = field(default_factory=time.perf_counter)
+    ended: float | None = None  # when the last item left the work queue
 
     @property
     def finished(self) -> int:
@@ -128,7 +130,7 @@ class RunProgress:
 
     @property
     def seconds(self) -> float:
-        return time.perf_counter() - self.started
+        return (self.ended or time.perf_counter()) - self.started
 
 
 async def follow(
@@ -153,8 +155,9 @@ async def follow(
         if item not in enq.ids:
             return
         prog.workers.add(str(ev.get("worker")))
-        if ev.get("state") == "done" and item not in prog.done:
+        if ev.get("state") == "done" and item not in prog.reported:
             prog.done.add(item)
+            prog.reported.add(item)
             prog.bars_received += int(ev.get("bars_received", 0))
             prog.bars_stored += int(ev.get("bars_stored", 0))
             prog.requests += int(ev.get("requests", 0))
@@ -180,11 +183,16 @@ async def follow(
             if on_progress:
                 on_progress(prog)
             if not queued:
+                prog.ended = time.perf_counter()
                 break
             if deadline is not None and time.monotonic() > deadline:
                 break
             await asyncio.sleep(poll)
-        await asyncio.sleep(poll)  # the last done events, for the counts
+        # the workers' last "done" events (sent just after their ack), for the counts: up to 2 s
+        for _ in range(40):
+            if prog.done <= prog.reported | set(prog.dead):
+                break
+            await asyncio.sleep(0.05)
     finally:
         await sub.unsubscribe()
     return prog
