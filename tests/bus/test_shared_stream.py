@@ -65,7 +65,14 @@ class Gw:
 
     async def start(self) -> Gw:
         self.link = await BusLink.open(self.cfg, env=SIM_ENV)
+        outages = self.outages = []  # type: ignore[var-annotated]
+
+        async def seen(outage: Any) -> None:
+            outages.append(outage)
+
         self.hub = LiveHub(self.cfg, Gateway(self.data), env=SIM_ENV, stream=self.link.stream, market_open=lambda: True)  # type: ignore[arg-type]
+        assert self.link.stream is not None
+        self.link.stream.on_reconnect = seen
         await self.hub.start()
         return self
 
@@ -177,6 +184,8 @@ async def test_the_owner_killed_with_sigkill_is_replaced_within_the_lease_ttl(
         took = time.monotonic() - killed
         await until(lambda: gw.link.stream.frames > frames + 5)  # type: ignore[union-attr]
         assert await lease.owner() != first
+        assert gw.outages and gw.outages[0].reason == "stream owner changed"  # the gap, for the bar writer
+        assert gw.outages[0].last_data_at is not None
         assert took < TTL + TTL / 3 + 1.0, f"takeover took {took:.2f}s"
     finally:
         if owner.poll() is None:

@@ -90,6 +90,8 @@ class AppState:
         if self.config.stream.enabled:
             shared = self.bus.stream if self.bus is not None else None
             self.live = LiveHub(self.config, self.gateway, env=self.env, stream=shared)  # type: ignore[arg-type]
+            if shared is not None and self.config.stream.gap_backfill:
+                shared.on_reconnect = self.live.on_outage  # an owner change: the missed bars over REST
             await self.live.start()
         if self.alerts is not None:
             self.alerts.start()

@@ -36,7 +36,14 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import STREAM_LEASE_HELD
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
-from marketpipe.providers.alpaca_stream import AlpacaStream, BatchHandler, StreamHealth, StreamMessage
+from marketpipe.providers.alpaca_stream import (
+    AlpacaStream,
+    BatchHandler,
+    Outage,
+    ReconnectHook,
+    StreamHealth,
+    StreamMessage,
+)
 
 log = get_logger("marketpipe.service.live.shared")
 SUBS_BUCKET = "mp_subs"
@@ -75,6 +82,12 @@ class BusStream:
         self.keep_latency = False
         self._last: dict[str, datetime] = {}
         self._since: datetime | None = None
+        self._owner_sub: Any = None
+        self.owner: str | None = None  # the instance holding the upstream stream, as it announced itself
+        self.owner_changes = 0
+        # called with the window between the old owner's last frame and the new owner's start, so the
+        # hub's bar writer fetches the missed minute bars over REST (the hub's on_outage)
+        self.on_reconnect: ReconnectHook | None = None
 
     @property
     def key(self) -> str:
@@ -85,6 +98,7 @@ class BusStream:
             return
         self._kv = await subs_bucket(self.bus)
         self._sub = await self.bus.nc.subscribe(subjects.live(self.feed), cb=self._on_frame)
+        self._owner_sub = await self.bus.nc.subscribe(subjects.live(self.feed) + ".owner", cb=self._on_owner)
         self._since = utcnow()
         self._refresh = asyncio.create_task(self._keep_subs(), name="bus-stream-subs")
 
@@ -111,6 +125,29 @@ class BusStream:
                     await r
             except Exception as exc:  # noqa: BLE001 -- a consumer's bug must not stop the feed
                 log.error("live_handler_failed", error=repr(exc))
+
+    async def _on_owner(self, msg: Any) -> None:
+        """A new owner announced itself: when it replaces another, the time between is an outage."""
+        try:
+            doc = msgspec.json.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        new, previous = str(doc.get("owner")), self.owner
+        self.owner = new
+        # frames came before from an owner that started before this gateway (unannounced here): a change too
+        if previous == new or (previous is None and not self.frames):
+            return
+        self.owner_changes += 1
+        now = utcnow()
+        last = max(self._last.values()) if self._last else None
+        log.warning("live_stream_owner_changed", previous=previous, owner=new, last_frame=last)
+        if self.on_reconnect is not None:
+            try:
+                r = self.on_reconnect(Outage(last or now, now, last, "stream owner changed", self.feed))
+                if r is not None:
+                    await r
+            except Exception as exc:  # noqa: BLE001 -- the hook's failure must not stop the feed
+                log.error("live_outage_hook_failed", error=repr(exc))
 
     def wanted(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -182,10 +219,11 @@ class BusStream:
         if self._kv is not None:
             with contextlib.suppress(*BUS_ERRORS):
                 await self._kv.delete(self.key)
-        if self._sub is not None:
-            with contextlib.suppress(*BUS_ERRORS):
-                await self._sub.unsubscribe()
-            self._sub = None
+        for sub in (self._sub, self._owner_sub):
+            if sub is not None:
+                with contextlib.suppress(*BUS_ERRORS):
+                    await sub.unsubscribe()
+        self._sub = self._owner_sub = None
 
 
 class UpstreamOwner:
@@ -234,6 +272,10 @@ class UpstreamOwner:
         self.stream.add_batch_handler(self._publish)
         self._have = set()
         self._sync = asyncio.create_task(self._run_sync(), name="stream-owner-sync")
+        with contextlib.suppress(*BUS_ERRORS):
+            await self.bus.nc.publish(
+                subjects.live(self.feed) + ".owner", msgspec.json.encode({"owner": self.instance, "at": utcnow()})
+            )
         log.info("stream_owner_started", feed=self.feed, instance=self.instance)
 
     async def _lost(self) -> None:
