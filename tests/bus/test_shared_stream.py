@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from marketpipe.bus.client import connect
+from marketpipe.bus.envelope import decode
 from marketpipe.bus.lease import Lease, lease_bucket
 from marketpipe.core.config import Config, config_from_dict
 from marketpipe.service.data import MarketData
@@ -49,7 +50,7 @@ def config(sim: SimServer, nats: NatsServer, store: Path) -> Config:
             },
             "store": {"path": str(store)},
             "stream": {"stale_seconds": 30.0, "cross_check_seconds": 0, "persist_bars": False},
-            "bus": {"url": nats.url, "lease_ttl": TTL},
+            "bus": {"url": nats.url, "lease_ttl": TTL, "raw_log": True},
         }
     )
 
@@ -117,6 +118,13 @@ async def test_two_gateways_share_one_upstream_connection(gateways: list[Gw], up
     for g in gateways:
         assert g.link is not None and g.link.stream is not None
         assert g.link.stream.frames > 0  # every hub, the owner's included, is fed from the bus
+    # raw_log: the owner also keeps each frame in MP_RAW, as a versioned envelope
+    bus = gateways[0].link.bus  # type: ignore[union-attr]
+    await until(lambda: owners[0].raw.sent > 0)
+    sub = await bus.js.subscribe("mp.raw.alpaca.frame.sip", ordered_consumer=True)
+    env = decode((await sub.next_msg(timeout=5)).data)
+    assert env.kind == "raw" and env.v == 1 and env.data["messages"][0][0] in ("trades", "quotes", "bars")
+    await sub.unsubscribe()
 
 
 async def test_lease_is_exclusive_and_cas_renewal_detects_a_takeover(nats: NatsServer) -> None:

@@ -201,7 +201,8 @@ class Publisher:
         if running is self._loop:
             self._woken()
         else:
-            self._loop.call_soon_threadsafe(self._woken)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the event stays buffered, unsent
+                self._loop.call_soon_threadsafe(self._woken)
 
     def _woken(self) -> None:
         self._empty.clear()

@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 
 from marketpipe.bus import subjects
 from marketpipe.bus.client import BUS_ERRORS, Bus
+from marketpipe.core.errors import MarketpipeError
 from marketpipe.core.log import get_logger
 
 log = get_logger("marketpipe.bus.lease")
@@ -85,7 +86,12 @@ class Lease:
                         if not await self.renew():
                             await on_loss()
                     elif await self.try_acquire():
-                        await on_gain()
+                        try:
+                            await on_gain()
+                        except MarketpipeError as exc:  # e.g. no credentials: let another instance hold it
+                            log.error("lease_holder_failed", key=self.key, code=exc.code, error=exc.message)
+                            await self.release()
+                            await on_loss()
                 except BUS_ERRORS as exc:
                     if self.held:
                         log.warning("lease_renew_failed", key=self.key, error=repr(exc))

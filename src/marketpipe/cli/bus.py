@@ -110,7 +110,13 @@ def worker(
         bus = await connect(cfg.bus, name="marketpipe-worker")
         try:
             await bus.ensure_streams()
-            return await run_worker(data, bus, stop=stop, idle_exit=idle_exit)
+            return await run_worker(
+                data,
+                bus,
+                stop=stop,
+                idle_exit=idle_exit,
+                on_ready=lambda w: err.print(f"worker {w.name} ready", highlight=False),
+            )
         finally:
             await bus.close()
             await data.aclose()

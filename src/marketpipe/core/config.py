@@ -574,6 +574,7 @@ class BusConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_deliver: Annotated[int, Meta(ge=1, le=100)] = 5
     lease_ttl: Annotated[float, Meta(ge=1, le=600)] = 10.0
     rate_share: bool = True  # workers share the vendor's per-account limit through the KV bucket
+    raw_log: bool = False  # the stream owner also keeps each upstream frame in MP_RAW (JetStream: ~20 k msg/s here)
 
     def __post_init__(self) -> None:
         if self.url is not None and not self.url.startswith(("nats://", "tls://")):

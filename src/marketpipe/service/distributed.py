@@ -251,15 +251,21 @@ async def run_worker(
     stop: asyncio.Event | None = None,
     idle_exit: float | None = None,
     name: str | None = None,
+    on_ready: Callable[[WorkerStats], None] | None = None,
 ) -> WorkerStats:
     """Take items until ``stop`` is set (or, with ``idle_exit``, the queue stayed empty that long)."""
     stop = stop or asyncio.Event()
     stats = WorkerStats(name or worker_name())
+    # ready before the first item: the exchange calendar, the store's connection and schema check, and
+    # the providers (a cold start otherwise lands on the first item, in every worker at once)
+    await asyncio.to_thread(lambda: (data.calendar, data.store, data.router))
     if bus.cfg.rate_share:
         await share_rate_limit(data, bus)
     sub = await _consumer(bus)
     idle_since = time.monotonic()
     log.info("worker_started", worker=stats.name)
+    if on_ready is not None:
+        on_ready(stats)
     while not stop.is_set():
         try:
             msgs = await sub.fetch(1, timeout=1.0)

@@ -246,12 +246,17 @@ class UpstreamOwner:
         self._have: set[tuple[str, str]] = set()
         self.published = 0
         self.gained = 0
+        self.raw: Any = None  # a Publisher into MP_RAW when [bus] raw_log is on (bounded: drops are counted)
 
     @property
     def holds(self) -> bool:
         return self.lease is not None and self.lease.held
 
     async def start(self) -> None:
+        if self.bus.cfg.raw_log:
+            from marketpipe.bus.client import Publisher
+
+            self.raw = Publisher(self.bus).start()
         kv = await lease_bucket(self.bus, self.bus.cfg.lease_ttl)
         self.lease = Lease(kv, f"stream.owner.{subjects.token(self.feed)}", self.instance, self.bus.cfg.lease_ttl)
         self._task = asyncio.create_task(self.lease.hold(self._gained, self._lost, self._stop), name="stream-lease")
@@ -293,6 +298,16 @@ class UpstreamOwner:
         with contextlib.suppress(*BUS_ERRORS):
             await self.bus.nc.publish(subjects.live(self.feed), encode_frame([(m.channel, m.record) for m in msgs]))
             self.published += 1
+        if self.raw is not None:
+            from marketpipe.bus.envelope import Envelope
+
+            env = Envelope(
+                "raw",
+                f"raw:alpaca:{self.feed}:{self.instance}:{self.published}",
+                source="alpaca",
+                data={"feed": self.feed, "messages": [[m.channel, msgspec.to_builtins(m.record)] for m in msgs]},
+            )
+            self.raw.put(subjects.raw("alpaca", "frame", self.feed), env)
 
     async def _union(self) -> set[tuple[str, str]]:
         kv = await subs_bucket(self.bus)
@@ -331,6 +346,8 @@ class UpstreamOwner:
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        if self.raw is not None:
+            await self.raw.aclose()
 
 
 def _by_channel(pairs: set[tuple[str, str]]) -> dict[str, list[str]]:
