@@ -572,6 +572,7 @@ class BusConfig(msgspec.Struct, forbid_unknown_fields=True):
     health_max_age: Annotated[float, Meta(gt=0)] = 86_400.0  # provider health: a day
     ack_wait: Annotated[float, Meta(gt=0, le=3600)] = 30.0
     max_deliver: Annotated[int, Meta(ge=1, le=100)] = 5
+    worker_items: Annotated[int, Meta(ge=1, le=64)] = 4  # items one worker runs at once (its requests in flight)
     lease_ttl: Annotated[float, Meta(ge=1, le=600)] = 10.0
     rate_share: bool = True  # workers share the vendor's per-account limit through the KV bucket
     raw_log: bool = False  # the stream owner also keeps each upstream frame in MP_RAW (JetStream: ~20 k msg/s here)

@@ -261,28 +261,37 @@ async def run_worker(
     await asyncio.to_thread(lambda: (data.calendar, data.store, data.router))
     if bus.cfg.rate_share:
         await share_rate_limit(data, bus)
-    sub = await _consumer(bus)
-    idle_since = time.monotonic()
-    log.info("worker_started", worker=stats.name)
+    # one pull subscription per lane, all bound to the one durable (concurrent fetches on one subscription
+    # would share its reply inbox)
+    subs = [await _consumer(bus) for _ in range(bus.cfg.worker_items)]
+    log.info("worker_started", worker=stats.name, items=bus.cfg.worker_items)
     if on_ready is not None:
         on_ready(stats)
-    while not stop.is_set():
-        try:
-            msgs = await sub.fetch(1, timeout=1.0)
-        except BUS_ERRORS:
-            if idle_exit is not None and time.monotonic() - idle_since > idle_exit:
-                break
-            continue
-        for msg in msgs:
-            try:
-                await _handle(data, bus, msg, stats)
-            except BUS_ERRORS as exc:
-                # the bus went away mid-item (ack, nak or dead letter not sent): the item is redelivered
-                # once it is back, and the idempotent store makes the second run add nothing
-                log.warning("worker_bus_error", worker=stats.name, error=repr(exc))
+    idle = asyncio.Event()  # with idle_exit: set when a lane found the queue empty that long
+
+    async def lane(sub: Any) -> None:
+        """One item at a time; ``[bus] worker_items`` lanes share the consumer (and the store's lock)."""
         idle_since = time.monotonic()
-    with contextlib.suppress(*BUS_ERRORS):
-        await sub.unsubscribe()
+        while not stop.is_set() and not idle.is_set():
+            try:
+                msgs = await sub.fetch(1, timeout=1.0)
+            except BUS_ERRORS:
+                if idle_exit is not None and time.monotonic() - idle_since > idle_exit:
+                    idle.set()
+                continue
+            for msg in msgs:
+                try:
+                    await _handle(data, bus, msg, stats)
+                except BUS_ERRORS as exc:
+                    # the bus went away mid-item (ack, nak or dead letter not sent): the item is redelivered
+                    # once it is back, and the idempotent store makes the second run add nothing
+                    log.warning("worker_bus_error", worker=stats.name, error=repr(exc))
+            idle_since = time.monotonic()
+
+    await asyncio.gather(*(lane(sub) for sub in subs))
+    for sub in subs:
+        with contextlib.suppress(*BUS_ERRORS):
+            await sub.unsubscribe()
     log.info("worker_stopped", worker=stats.name, done=stats.done, dead=stats.dead, retried=stats.retried)
     return stats
 
