@@ -19,10 +19,11 @@ ALLOWED: dict[str, set[str]] = {
     "cache": {"core"},
     "quality": {"core"},
     "alerts": {"core"},
+    "bus": {"core"},
     "sim": {"core", "wire"},
-    "service": {"core", "wire", "providers", "store", "cache", "quality"},
+    "service": {"core", "wire", "providers", "store", "cache", "quality", "bus"},
     "api": {"root", "core", "wire", "cache", "service", "alerts"},
-    "cli": {"root", "core", "wire", "providers", "store", "cache", "quality", "service", "api", "sim", "alerts"},
+    "cli": {"root", "core", "wire", "providers", "store", "cache", "quality", "service", "api", "sim", "alerts", "bus"},
     "root": {"core", "providers", "quality", "service"},
 }
 

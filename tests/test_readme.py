@@ -460,7 +460,7 @@ def test_every_block_is_run_or_says_what_it_is() -> None:
     unlabelled = [b.line for b in blocks if b.lang not in RUN_LANGS | DATA_LANGS]
     assert unlabelled == [], f"fences without a known language at README.md lines {unlabelled}"
     skipped = [(b.line, b.skip) for b in blocks if b.skip]
-    assert len(skipped) <= 3, f"skips are for what cannot run here, sparingly: {skipped}"
+    assert len(skipped) <= 5, f"skips are for what cannot run here, sparingly: {skipped}"
     runnable = [b for b in blocks if b.lang in RUN_LANGS and not b.skip]
     assert sum(len(shell_commands(b.code)) for b in runnable if b.lang == "bash") >= 10
     assert any(b.lang == "python" for b in runnable)

@@ -67,13 +67,17 @@ def ops_router() -> APIRouter:
         if st.cache.l2 is not None:  # a configured Redis that does not answer: not ready (still alive)
             redis_ok = await st.cache.l2.ping()
             checks["cache"]["redis"] = "up" if redis_ok else "down (unreachable: serving from memory and the store)"
-        ready = checks["store"] == "ok" and checks["providers"] == "ok" and redis_ok
+        bus_ok = True
+        if st.bus is not None:  # [bus] url: a lost NATS connection is not ready (it reconnects by itself)
+            bus_ok = bool(st.bus.bus.nc.is_connected)
+            checks["bus"] = "ok" if bus_ok else "down (reconnecting; events buffered within their bound)"
+        ready = checks["store"] == "ok" and checks["providers"] == "ok" and redis_ok and bus_ok
         return {"ready": ready, "checks": checks}
 
     @r.get(
         "/health/ready",
-        summary="Readiness: store reachable, at least one provider usable, the configured Redis answering "
-        "(503 otherwise; /health, liveness, stays 200)",
+        summary="Readiness: store reachable, at least one provider usable, the configured Redis answering and "
+        "the configured bus connected (503 otherwise; /health, liveness, stays 200)",
     )
     async def ready(st: StateDep) -> Response:
         doc = await readiness(st)

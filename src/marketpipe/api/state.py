@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -23,6 +23,9 @@ from marketpipe.service.actions import invalidate_cached_bars
 from marketpipe.service.data import MarketData
 from marketpipe.service.gateway import Gateway
 from marketpipe.service.live import LiveHub
+
+if TYPE_CHECKING:  # the bus needs the `bus` extra (nats-py): imported only when [bus] url is set
+    from marketpipe.service.live.shared import BusLink
 
 ADMIN_TOKEN_VAR = "MARKETPIPE_ADMIN_TOKEN"
 API_KEYS_VAR = "MARKETPIPE_API_KEYS"
@@ -42,6 +45,7 @@ class AppState:
     alerts: AlertEngine | None = None  # [alerts] enabled: rules over the metrics and events, and the sinks
     _unsubscribe: Callable[[], None] | None = field(default=None, repr=False)  # set by start()
     options_live: Any = None  # the options stream's upstreams (api/options_stream.py), made on first use
+    bus: BusLink | None = None  # [bus] url: events onto the bus, and the live hub fed from the one upstream owner
 
     @classmethod
     def build(
@@ -86,8 +90,15 @@ class AppState:
         self._unsubscribe = invalidate_cached_bars(self.cache, asyncio.get_running_loop())
         with contextlib.suppress(MarketpipeError):  # no usable provider: readiness says so
             self.gateway.start_probes()
+        if self.config.bus.target():
+            from marketpipe.service.live.shared import BusLink
+
+            self.bus = await BusLink.open(self.config, env=self.env, live=self.config.stream.enabled)
         if self.config.stream.enabled:
-            self.live = LiveHub(self.config, self.gateway, env=self.env)
+            shared = self.bus.stream if self.bus is not None else None
+            self.live = LiveHub(self.config, self.gateway, env=self.env, stream=shared)  # type: ignore[arg-type]
+            if shared is not None and self.config.stream.gap_backfill:
+                shared.on_reconnect = self.live.on_outage  # an owner change: the missed bars over REST
             await self.live.start()
         if self.alerts is not None:
             self.alerts.start()
@@ -104,6 +115,8 @@ class AppState:
             await self.live.close()
         if self.options_live is not None:
             await self.options_live.close()
+        if self.bus is not None:
+            await self.bus.aclose()
         await self.cache.aclose()
         await self.data.aclose()
 

@@ -130,14 +130,24 @@ def backfill(
     config: ConfigOpt = None,
     store: StoreOpt = None,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+    distributed: Annotated[
+        bool, typer.Option("--distributed", help="enqueue work items on the bus for `marketpipe worker`s")
+    ] = False,
 ) -> None:
     """Fetch bars into the local store: only ranges the coverage ledger lacks; resumable.
 
-    Ctrl-C (exit 130) or SIGTERM (exit 143) stops it within moments, keeping every page committed."""
+    Ctrl-C (exit 130) or SIGTERM (exit 143) stops it within moments, keeping every page committed.
+    With --distributed the work goes to the workers on the bus, and this shows their progress."""
     from marketpipe.service.data import MarketData
 
     validate_required(start, "start", message="--start is required (YYYY-MM-DD or RFC-3339)")
     syms = read_symbols(symbols or [], symbols_file)
+    if distributed:
+        from marketpipe.cli.bus import run_distributed
+
+        cfg = load_config(config, store)
+        run_distributed(cfg, syms, start, end, timeframe, feed, not no_progress and sys.stderr.isatty())
+        return
     seen = _Run()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -665,9 +675,9 @@ def store_log(limit: Annotated[int, LimitOpt] = 20, config: ConfigOpt = None, st
 
 # The other commands live in modules of their own and register on the shared ``app`` when imported
 # (after the ones above, so ``--help`` lists them in this order).
-from marketpipe.cli import actions, alerts, export, options, quality, serve, stream  # noqa: E402
+from marketpipe.cli import actions, alerts, bus, cluster, export, options, quality, serve, stream  # noqa: E402
 
-__all__ = ["actions", "alerts", "app", "export", "options", "quality", "serve", "stream"]
+__all__ = ["actions", "alerts", "app", "bus", "cluster", "export", "options", "quality", "serve", "stream"]
 
 if __name__ == "__main__":  # pragma: no cover
     app()

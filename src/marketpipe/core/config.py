@@ -553,6 +553,39 @@ class ExportConfig(msgspec.Struct, forbid_unknown_fields=True):
     attempts: Annotated[int, Meta(ge=1, le=20)] = 3  # per S3 request, the SDK's standard retry
 
 
+class BusConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """``[bus]``: the NATS JetStream event bus (``url = "nats://127.0.0.1:4222"``; unset: no bus, events stay
+    in the process). ``MARKETPIPE_BUS_URL`` sets the URL too. Connecting is bounded by ``connect_timeout``
+    (nats-py's own default retries for ~120 s against a server that is not up). ``buffer``: events held
+    while the bus is unreachable, oldest dropped (and counted) beyond it. Retention per kind in seconds.
+    ``ack_wait`` / ``max_deliver``: the distributed backfill's work-queue consumer; ``lease_ttl``: the
+    upstream stream owner's lease (renewed every third of it)."""
+
+    url: str | None = None
+    connect_timeout: Annotated[float, Meta(gt=0, le=60)] = 2.0
+    buffer: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    duplicate_window: Annotated[float, Meta(gt=0, le=86_400)] = 120.0
+    raw_max_age: Annotated[float, Meta(gt=0)] = 86_400.0  # raw upstream frames: a day
+    norm_max_age: Annotated[float, Meta(gt=0)] = 7 * 86_400.0  # normalized bars: a week
+    quality_max_age: Annotated[float, Meta(gt=0)] = 30 * 86_400.0  # data-quality alerts: a month
+    corpact_max_age: Annotated[float, Meta(gt=0)] = 365 * 86_400.0  # corporate actions applied: a year
+    health_max_age: Annotated[float, Meta(gt=0)] = 86_400.0  # provider health: a day
+    ack_wait: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    max_deliver: Annotated[int, Meta(ge=1, le=100)] = 5
+    worker_items: Annotated[int, Meta(ge=1, le=64)] = 4  # items one worker runs at once (its requests in flight)
+    lease_ttl: Annotated[float, Meta(ge=1, le=600)] = 10.0
+    rate_share: bool = True  # workers share the vendor's per-account limit through the KV bucket
+    raw_log: bool = False  # the stream owner also keeps each upstream frame in MP_RAW (JetStream: ~20 k msg/s here)
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("nats://", "tls://")):
+            raise ValueError("bus.url must start with nats:// or tls://")
+
+    def target(self) -> str | None:
+        """The bus URL: ``[bus] url``, else ``MARKETPIPE_BUS_URL``, else None (no bus)."""
+        return self.url or os.environ.get("MARKETPIPE_BUS_URL") or None
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     calendar: str = "XNYS"
     # Crypto trades around the clock (core/calendar.ContinuousCalendar); its daily bars are stamped at
@@ -568,6 +601,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
     alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
     export: ExportConfig = msgspec.field(default_factory=ExportConfig)
+    bus: BusConfig = msgspec.field(default_factory=BusConfig)
     # each value is the vendor's registered config class (AlpacaConfig, …), see register_provider_config
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=_default_providers)
     source_path: str | None = None

@@ -345,6 +345,15 @@ class AddressInUse(MarketpipeError, OSError):
     http_status = 500
 
 
+class BusUnavailable(MarketpipeError):
+    """The NATS JetStream bus (``[bus] url``) cannot be reached within ``[bus] connect_timeout``, or refused
+    a request (stream, consumer, key-value bucket)."""
+
+    code = "BUS_UNAVAILABLE"
+    http_status = 503
+    retryable = True
+
+
 class FeatureDisabled(MarketpipeError):
     """A part of the gateway switched off in the configuration (e.g. ``[stream] enabled = false``)."""
 
@@ -471,6 +480,7 @@ ERROR_CODES: dict[str, type[MarketpipeError]] = {
         OutputError,
         AddressInUse,
         FeatureDisabled,
+        BusUnavailable,
         SlowConsumer,
         StreamFailed,
         StreamClosed,
@@ -514,6 +524,7 @@ __all__ = [
     "AuthFailed",
     "AuthThrottled",
     "BucketNotFound",
+    "BusUnavailable",
     "CircuitOpen",
     "ConfigError",
     "ContractExpired",

@@ -402,3 +402,41 @@ AUDIT_WRITE_FAILURES = Counter(
     "Admin requests whose audit-log row the store could not take (the request itself was answered)",
     registry=REGISTRY,
 )
+BUS_PUBLISHED = Counter(
+    "marketpipe_bus_published_total",
+    "Events published on the NATS bus, by kind; duplicate=true when the server de-duplicated it (Nats-Msg-Id)",
+    ["kind", "duplicate"],
+    registry=REGISTRY,
+)
+BUS_PUBLISH_FAILURES = Counter(
+    "marketpipe_bus_publish_failures_total",
+    "Publish attempts on the NATS bus that failed (the event stays buffered and is sent again)",
+    registry=REGISTRY,
+)
+BUS_DROPPED = Counter(
+    "marketpipe_bus_dropped_total",
+    "Events dropped because the bus buffer was full during an outage (oldest first)",
+    registry=REGISTRY,
+)
+BUS_BUFFERED = Gauge(
+    "marketpipe_bus_buffered",
+    "Events waiting in the bus publisher's buffer",
+    registry=REGISTRY,
+)
+BUS_CONNECTED = Gauge(
+    "marketpipe_bus_connected",
+    "1 while the NATS bus connection is up",
+    registry=REGISTRY,
+)
+WORK_ITEMS = Counter(
+    "marketpipe_work_items_total",
+    "Distributed backfill work items handled by this worker, by outcome (done, retried, dead)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+STREAM_LEASE_HELD = Gauge(
+    "marketpipe_stream_lease_held",
+    "1 while this process holds the upstream stream lease for the feed",
+    ["feed"],
+    registry=REGISTRY,
+)

@@ -79,6 +79,9 @@ class RateLimiter:
         self._next_paced = 0.0
         self._lock: asyncio.Lock | None = None
         self.waited_seconds = 0.0
+        # A limit shared with other processes on the same vendor account (the distributed backfill's
+        # workers): awaited after this process's own token, so the account's limit holds across them.
+        self.shared: Callable[[], Awaitable[None]] | None = None
 
     def _refill(self, now: float) -> None:
         self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
@@ -119,9 +122,13 @@ class RateLimiter:
                 wait = self.delay()
                 if wait <= 0:
                     self._take()
-                    return
+                    break
                 self.waited_seconds += wait
                 await asyncio.sleep(wait)
+            if self.shared is not None:
+                began = time.monotonic()
+                await self.shared()
+                self.waited_seconds += time.monotonic() - began
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Take the server's rate-limit headers into account."""

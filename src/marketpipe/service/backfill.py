@@ -259,6 +259,38 @@ def plan(
     return units, done
 
 
+def plan_for(
+    source: BarsProvider | ProviderRouter,
+    store: BarStore,
+    cal: ExchangeCalendar,
+    symbols: list[str],
+    timeframe: Timeframe,
+    start: datetime,
+    end: datetime,
+    *,
+    feed: str | None,
+    page_limit: int = 10_000,
+    refresh: bool = False,
+) -> tuple[list[WorkUnit], list[str]]:
+    """:func:`plan` as a run from ``source`` sees it: through a router, coverage by any provider counts;
+    from one provider, only its own (for its feed). The distributed coordinator plans with this too."""
+    name, plan_feed = None, feed
+    if not isinstance(source, ProviderRouter):
+        name, plan_feed = source.name, feed or getattr(getattr(source, "config", None), "feed", None)
+    return plan(
+        store,
+        cal,
+        symbols,
+        timeframe,
+        start,
+        end,
+        provider=name,
+        feed=plan_feed,
+        page_limit=page_limit,
+        refresh=refresh,
+    )
+
+
 # --- running -----------------------------------------------------------------------------------
 
 
@@ -406,25 +438,9 @@ async def run_backfill(
 
     router = provider if isinstance(provider, ProviderRouter) else None
     sources: list[BarsProvider] = router.providers if router else [provider]  # type: ignore[list-item]
-    if router is None:
-        single: BarsProvider = provider  # type: ignore[assignment]
-        plan_feed = feed or getattr(getattr(single, "config", None), "feed", None)
-        units, done = plan(
-            store,
-            cal,
-            symbols,
-            timeframe,
-            start,
-            end,
-            provider=single.name,
-            feed=plan_feed,
-            page_limit=page_limit,
-            refresh=refresh,
-        )
-    else:
-        units, done = plan(
-            store, cal, symbols, timeframe, start, end, provider=None, feed=feed, page_limit=page_limit, refresh=refresh
-        )
+    units, done = plan_for(
+        provider, store, cal, symbols, timeframe, start, end, feed=feed, page_limit=page_limit, refresh=refresh
+    )
 
     stats = BackfillStats()
     stats.units_total, stats.skipped_symbols = len(units), done
@@ -700,4 +716,4 @@ async def _drain_writer(writer_task: asyncio.Task[None], pages: asyncio.Queue[Ch
         raise
 
 
-__all__ = ["BackfillStats", "WorkUnit", "missing_ranges", "plan", "run_backfill", "subtract"]
+__all__ = ["BackfillStats", "WorkUnit", "missing_ranges", "plan", "plan_for", "run_backfill", "subtract"]

@@ -63,6 +63,9 @@ def _series(
     return syms, tf, s, e
 
 
+parse_series = _series  # the same checks for callers outside the façade (the distributed coordinator)
+
+
 def _feed(feed: str | None) -> str | None:
     """A feed as the providers name it; None: each provider's configured feed."""
     return feed.lower() if feed else None
