@@ -79,8 +79,11 @@ async def test_redis_going_away_mid_run_and_coming_back(
         fresh = await c.get("/v1/bars/MSFT", params=DAY)
         assert fresh.status_code == 200 and len(fresh.json()["bars"]) == 390
         assert (REGISTRY.get_sample_value("marketpipe_cache_errors_total", {"tier": "redis"}) or 0.0) > errors
-        down = (await c.get("/health/ready")).json()
-        assert down["ready"] is True and down["checks"]["cache"]["redis"].startswith("down")
+        # still answering (above), but not ready: a load balancer should prefer a gateway whose shared cache works
+        not_ready = await c.get("/health/ready")
+        down = not_ready.json()
+        assert not_ready.status_code == 503 and down["ready"] is False
+        assert down["checks"]["cache"]["redis"].startswith("down") and down["checks"]["store"] == "ok"
         redis_srv.restart()
         await asyncio.sleep(0.6)  # past the backoff
         back = await c.get("/v1/bars/SPY", params=DAY)
@@ -89,6 +92,7 @@ async def test_redis_going_away_mid_run_and_coming_back(
             if (await c.get("/health/ready")).json()["checks"]["cache"]["redis"] == "up":
                 break
             await asyncio.sleep(0.1)
+        assert (await c.get("/health/ready")).status_code == 200  # ready again with Redis back
         client = aioredis.from_url(redis_srv.url)
         keys = [k async for k in client.scan_iter(match="marketpipe:bars:SPY:*")]
         await client.aclose()
