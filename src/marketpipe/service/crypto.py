@@ -20,6 +20,7 @@ import polars as pl
 from marketpipe.core.calendar import ExchangeCalendar, calendar_for
 from marketpipe.core.config import Config
 from marketpipe.core.log import get_logger
+from marketpipe.core.schema import TIME_COLUMN
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
@@ -103,7 +104,10 @@ class CryptoData:
         self, bars: pl.DataFrame, symbols: list[str], timeframe: Timeframe, start: datetime, end: datetime
     ) -> dict[str, Completeness]:
         """How complete fetched ``bars`` are on the 24/7 calendar over ``[start, end)`` (the range
-        counts as asked for, so a missing minute is a gap)."""
+        counts as asked for, so a missing minute is a gap). ``bars`` as ``mp.bars`` gives them (time column
+        ``timestamp``) or as the service holds them (``ts``)."""
+        if TIME_COLUMN in bars.columns and "ts" not in bars.columns:
+            bars = bars.rename({TIME_COLUMN: "ts"})
         coverage = pl.DataFrame(
             {"symbol": symbols, "start": [start] * len(symbols), "end": [end] * len(symbols)},
             schema={"symbol": pl.String(), "start": pl.Datetime("us", "UTC"), "end": pl.Datetime("us", "UTC")},
