@@ -109,6 +109,19 @@ def page_checker(provider: Any, tf: Any, start: datetime, end: datetime, now: da
     return cpu
 
 
+def bench_window(days: int, n_symbols: int) -> tuple[Any, datetime, list[Any], datetime, datetime, list[str]]:
+    """The benches' data: the last ``days`` complete sessions (with the hours around them) and
+    ``n_symbols`` synthetic symbols the simulator serves; (calendar, now, sessions, start, end, symbols)."""
+    from marketpipe.core.calendar import get_calendar
+    from marketpipe.core.timeutil import utcnow
+
+    cal = get_calendar()
+    now = utcnow()
+    sessions = [s for s in cal.sessions(now - timedelta(days=days * 2), now) if s.close < now][-days:]
+    start, end = sessions[0].open - timedelta(hours=6), sessions[-1].close + timedelta(hours=1)
+    return cal, now, sessions, start, end, [f"B{chr(65 + i // 26)}{chr(65 + i % 26)}" for i in range(n_symbols)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--symbols", type=int, default=11)
@@ -117,20 +130,14 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4, help="marketpipe requests in flight")
     args = ap.parse_args()
 
-    from marketpipe.core.calendar import get_calendar
     from marketpipe.core.config import RetryPolicy
     from marketpipe.core.timeframe import Timeframe
-    from marketpipe.core.timeutil import utcnow
     from marketpipe.providers.alpaca import AlpacaProvider
     from marketpipe.providers.alpaca_config import AlpacaConfig
     from marketpipe.service.backfill import run_backfill
     from marketpipe.store.duckdb import DuckDBStore
 
-    cal = get_calendar()
-    now = utcnow()
-    sessions = [s for s in cal.sessions(now - timedelta(days=args.days * 2), now) if s.close < now][-args.days :]
-    start, end = sessions[0].open - timedelta(hours=6), sessions[-1].close + timedelta(hours=1)
-    symbols = [f"B{chr(65 + i // 26)}{chr(65 + i % 26)}" for i in range(args.symbols)]
+    cal, now, sessions, start, end, symbols = bench_window(args.days, args.symbols)
     tf = Timeframe.parse("1Min")
     expected = args.symbols * cal.regular_minutes(start, end)
 

@@ -24,12 +24,11 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from _sim import free_port, wait_up
-from backfill import collect_pages, page_checker, run_sim
+from backfill import bench_window, collect_pages, page_checker, run_sim
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,21 +61,15 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=300)
     args = ap.parse_args()
 
-    from marketpipe.core.calendar import get_calendar
     from marketpipe.core.config import RetryPolicy
     from marketpipe.core.timeframe import Timeframe
-    from marketpipe.core.timeutil import utcnow
     from marketpipe.providers.alpaca import AlpacaProvider
     from marketpipe.providers.alpaca_config import AlpacaConfig
     from marketpipe.service.backfill import run_backfill
     from marketpipe.store.duckdb import DuckDBStore
     from marketpipe.store.postgres import PostgresStore
 
-    cal = get_calendar()
-    now = utcnow()
-    sessions = [s for s in cal.sessions(now - timedelta(days=args.days * 2), now) if s.close < now][-args.days :]
-    start, end = sessions[0].open - timedelta(hours=6), sessions[-1].close + timedelta(hours=1)
-    symbols = [f"B{chr(65 + i // 26)}{chr(65 + i % 26)}" for i in range(args.symbols)]
+    cal, now, sessions, start, end, symbols = bench_window(args.days, args.symbols)
     tf = Timeframe.parse("1Min")
 
     server = None
