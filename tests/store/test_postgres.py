@@ -361,7 +361,7 @@ def test_a_copy_that_meets_held_rows_goes_the_staged_way(pg_url: str, monkeypatc
     refuses the COPY; the batch is written again through the stage, each bar once, nothing doubled."""
     with PostgresStore(pg_url) as s:
         assert s.write_pages([page(bars(5), cover=(T0, T0 + timedelta(minutes=5)))]) == [5]
-        monkeypatch.setattr(s, "_overlaps", lambda cur, batch: False)
+        monkeypatch.setattr(s, "_overlaps", lambda cur, bars, batch: False)
         assert s.write_pages([page(bars(8), cover=(T0, T0 + timedelta(minutes=8)))]) == [3]
         monkeypatch.undo()
         later = T0 + timedelta(hours=2)
