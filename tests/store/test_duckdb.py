@@ -106,7 +106,14 @@ def test_failed_transaction_leaves_nothing(store: Store) -> None:
     broken.quarantine = pl.DataFrame({"nonsense": [1]})  # wrong shape: the write must fail
     with pytest.raises(Exception):  # noqa: B017 - polars or store error, both fine; state is what matters
         store.write_pages([good, broken])
-    assert store.counts() == {"bars": 0, "quarantine": 0, "coverage": 0, "ingest_log": 0, "crypto_bars": 0, "crypto_quarantine": 0}
+    assert store.counts() == {
+        "bars": 0,
+        "quarantine": 0,
+        "coverage": 0,
+        "ingest_log": 0,
+        "crypto_bars": 0,
+        "crypto_quarantine": 0,
+    }
 
 
 def test_coverage_and_ingest_log(store: Store) -> None:
