@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncGenerator, Coroutine, Iterator
 from concurrent.futures import Future
 from datetime import date, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 import polars as pl
@@ -186,14 +186,19 @@ class MarketData:
             )
         return self.crypto.provider
 
+    def _crypto_bars_source(self, provider: str | None = None) -> BarsProvider:
+        """:meth:`crypto_source` as the backfill engine's source: a bars-only provider (its
+        ``supports`` refuses every other kind, so their methods, which it lacks, are never called)."""
+        return cast(BarsProvider, self.crypto_source(provider))
+
     def _fetching(
         self, symbols: list[str], provider: str | None, feed: str | None
     ) -> tuple[BarsProvider | ProviderRouter, str | None]:
         """The bars source of these symbols' asset class and the feed to plan with: for pairs the
         crypto provider and its location (the ledger's feed of a pair), for equities :meth:`bars_source`."""
         if isinstance(self.calendar_of(symbols), ContinuousCalendar):
-            source = self.crypto_source(provider)
-            return source, validate_location(feed, "feed") if feed else source.location
+            source = self._crypto_bars_source(provider)
+            return source, validate_location(feed, "feed") if feed else self.crypto.provider.location
         return self.bars_source(provider), feed
 
     @property
@@ -326,7 +331,7 @@ class MarketData:
         syms, tf, s, e = _series(symbols, timeframe, start, end)
         pairs = isinstance(self.calendar_of(syms), ContinuousCalendar)
         return await repair(
-            (lambda: ProviderRouter([self.crypto_source()])) if pairs else (lambda: self.router),
+            (lambda: ProviderRouter([self._crypto_bars_source()])) if pairs else (lambda: self.router),
             self.store,
             self.calendar_of(syms),
             self.config,

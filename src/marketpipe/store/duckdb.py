@@ -742,10 +742,7 @@ class DuckDBStore:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            return {
-                t: int(self.con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0])
-                for t in COUNTED
-            }
+            return {t: int(self.con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in COUNTED}
 
     # --- corporate actions (ActionStore) -------------------------------------------------------
 
