@@ -14,7 +14,7 @@ from tests.cli.test_cli import run
 @pytest.fixture
 def cfg(sim: SimServer, tmp_path: Path) -> Path:
     p = tmp_path / "m.toml"
-    p.write_text(f'[providers.alpaca]\nbase_url = "{sim.url}"\n')
+    p.write_text(f'[providers.alpaca]\nbase_url = "{sim.url}"\n\n[store]\npath = "{tmp_path / "s.duckdb"}"\n')
     return p
 
 

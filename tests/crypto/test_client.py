@@ -98,8 +98,6 @@ async def test_a_weekend_of_minute_bars_scores_complete(sim: SimServer, tmp_path
         hole = bars.filter(bars["ts"] != SAT + timedelta(hours=5))
         (gap,) = data.crypto.completeness(hole, ["BTC/USD"], Timeframe.parse("1Min"), SAT, MON).values()
         assert gap.present == 2879 and gap.ratio is not None and gap.ratio < 1
-        with pytest.raises(InvalidArgument, match="not stored"):
-            await data.backfill("BTC/USD", "2024-03-02", timeframe="1Min")
         with pytest.raises(InvalidArgument, match="separately"):
             await data.bars(["BTC/USD", "AAPL"], "2024-03-02")
     finally:
@@ -117,14 +115,18 @@ def test_mp_bars_just_works(sim: SimServer, tmp_path: object) -> None:
 async def test_corrupt_rows_from_the_vendor_are_left_out_not_repaired(sim: SimServer, tmp_path: object) -> None:
     from marketpipe.sim.faults import FaultRule
 
-    data = MarketData(_config(sim, str(tmp_path)), env={})
+    data = MarketData(_config(sim, f"{tmp_path}/clean"), env={})
+    faulty = MarketData(_config(sim, f"{tmp_path}/dirty"), env={})
     try:
         clean = await data.bars("BTC/USD", "2024-03-02T00:00:00Z", "2024-03-02T06:00:00Z", timeframe="1Min")
         sim.faults.set([FaultRule(kind="invalid_rows", row_ratio=0.2)])
-        dirty = await data.bars("BTC/USD", "2024-03-02T00:00:00Z", "2024-03-02T06:00:00Z", timeframe="1Min")
+        dirty = await faulty.bars("BTC/USD", "2024-03-02T00:00:00Z", "2024-03-02T06:00:00Z", timeframe="1Min")
+        quarantined = faulty.store.quarantine("BTC/USD")  # the rejected rows, kept with why
     finally:
         await data.aclose()
+        await faulty.aclose()
     assert clean.height == 360 and 0 < dirty.height < 360
+    assert quarantined.height == 360 - dirty.height and quarantined["reason"].is_not_null().all()
     # what is kept is exactly the vendor's rows, unchanged
     kept = clean.join(dirty.select("ts"), on="ts").drop("fetched_at")
     assert kept.equals(dirty.drop("fetched_at"))

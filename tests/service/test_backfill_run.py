@@ -15,6 +15,7 @@ import pytest
 from marketpipe.core.calendar import get_calendar
 from marketpipe.core.config import CircuitPolicy, RetryPolicy
 from marketpipe.core.errors import StoreError
+from marketpipe.core.tables import BarTables
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_time
 from marketpipe.providers.alpaca import AlpacaProvider
@@ -85,12 +86,12 @@ class DiskFullStore(DuckDBStore):
         self.room = room
         self.failed = 0
 
-    def _insert_bars(self, pages: list[PageWrite]) -> list[int]:
+    def _insert_bars(self, tables: BarTables, pages: list[PageWrite]) -> list[int]:
         if len(pages) > self.room:
             self.failed += 1
             raise duckdb.IOException(f'IO Error: Could not write file "{self.path}.wal": No space left on device')
         self.room -= len(pages)
-        return super()._insert_bars(pages)
+        return super()._insert_bars(tables, pages)
 
 
 async def test_disk_full_ends_the_run_with_store_error_and_keeps_what_was_committed(  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ from marketpipe.core.errors import StoreError
 from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.quality.validate import check_bars
-from marketpipe.store.base import Coverage, IngestRecord, PageWrite, Store
+from marketpipe.store.base import COUNTED, Coverage, IngestRecord, PageWrite, Store
 from marketpipe.store.duckdb import DuckDBStore
 
 T0 = datetime(2024, 3, 5, 14, 30, tzinfo=UTC)
@@ -106,7 +106,7 @@ def test_failed_transaction_leaves_nothing(store: Store) -> None:
     broken.quarantine = pl.DataFrame({"nonsense": [1]})  # wrong shape: the write must fail
     with pytest.raises(Exception):  # noqa: B017 - polars or store error, both fine; state is what matters
         store.write_pages([good, broken])
-    assert store.counts() == {"bars": 0, "quarantine": 0, "coverage": 0, "ingest_log": 0}
+    assert store.counts() == dict.fromkeys(COUNTED, 0)
 
 
 def test_coverage_and_ingest_log(store: Store) -> None:

@@ -361,10 +361,17 @@ def test_a_copy_that_meets_held_rows_goes_the_staged_way(pg_url: str, monkeypatc
     refuses the COPY; the batch is written again through the stage, each bar once, nothing doubled."""
     with PostgresStore(pg_url) as s:
         assert s.write_pages([page(bars(5), cover=(T0, T0 + timedelta(minutes=5)))]) == [5]
-        monkeypatch.setattr(s, "_overlaps", lambda cur, batch: False)
+        monkeypatch.setattr(s, "_overlaps", lambda cur, bars, batch: False)
         assert s.write_pages([page(bars(8), cover=(T0, T0 + timedelta(minutes=8)))]) == [3]
         monkeypatch.undo()
         later = T0 + timedelta(hours=2)
         assert s.write_pages([page(bars(4, t0=later)), page(bars(6, t0=later))]) == [4, 2]
-        assert s.counts() == {"bars": 14, "quarantine": 0, "coverage": 2, "ingest_log": 4}
+        assert s.counts() == {
+            "bars": 14,
+            "quarantine": 0,
+            "coverage": 2,
+            "ingest_log": 4,
+            "crypto_bars": 0,
+            "crypto_quarantine": 0,
+        }
         assert s.ingest_log()["rows_stored"].to_list() == [2, 4, 3, 5]

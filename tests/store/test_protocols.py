@@ -11,7 +11,7 @@ import pytest
 from marketpipe.core.config import Config
 from marketpipe.core.errors import StoreError
 from marketpipe.store import open_store
-from marketpipe.store.base import ActionStore, BarStore, OpsStore, QualityStore, Store
+from marketpipe.store.base import COUNTED, ActionStore, BarStore, OpsStore, QualityStore, Store
 from marketpipe.store.duckdb import DuckDBStore
 from marketpipe.store.postgres import PostgresStore
 
@@ -65,7 +65,7 @@ def test_open_store_opens_the_configured_file(tmp_path: Path) -> None:
     with open_store(cfg) as st:
         assert isinstance(st, Store)
         assert st.path == cfg.store.path
-        assert st.counts() == {"bars": 0, "quarantine": 0, "coverage": 0, "ingest_log": 0}
+        assert st.counts() == dict.fromkeys(COUNTED, 0)
     with open_store(cfg, read_only=True) as ro:
         assert ro.counts()["bars"] == 0
 
@@ -78,7 +78,7 @@ def test_open_store_opens_a_postgresql_url(pg_url: str, monkeypatch: pytest.Monk
     with open_store(cfg) as st:
         assert isinstance(st, PostgresStore) and isinstance(st, Store)
         assert st.path == pg_url
-        assert st.counts() == {"bars": 0, "quarantine": 0, "coverage": 0, "ingest_log": 0}
+        assert st.counts() == dict.fromkeys(COUNTED, 0)
     with open_store(cfg, read_only=True) as ro:
         assert isinstance(ro, PostgresStore) and ro.counts()["bars"] == 0
     # the environment, and a duckdb:// URL or a path keep the embedded store

@@ -91,6 +91,20 @@ SHIPPED_DDL = [
         id BIGINT DEFAULT nextval('audit_log_seq'), occurred_at TIMESTAMP NOT NULL, actor VARCHAR NOT NULL,
         address VARCHAR, action VARCHAR NOT NULL, params VARCHAR, status BIGINT NOT NULL, code VARCHAR,
         request_id VARCHAR)""",
+    # v6: crypto pairs' bars, quarantine and revisions (float volume)
+    """CREATE TABLE IF NOT EXISTS crypto_bars (
+        symbol VARCHAR NOT NULL, timeframe VARCHAR NOT NULL, ts TIMESTAMP NOT NULL,
+        open DOUBLE, high DOUBLE, low DOUBLE, close DOUBLE, volume DOUBLE, trade_count BIGINT,
+        vwap DOUBLE, source VARCHAR NOT NULL, feed VARCHAR, fetched_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS crypto_quarantine (
+        symbol VARCHAR, timeframe VARCHAR, ts TIMESTAMP, open DOUBLE, high DOUBLE, low DOUBLE,
+        close DOUBLE, volume DOUBLE, trade_count BIGINT, vwap DOUBLE, source VARCHAR, feed VARCHAR,
+        fetched_at TIMESTAMP, raw_ts VARCHAR, reason VARCHAR, request_id VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS crypto_revisions (
+        symbol VARCHAR, timeframe VARCHAR, ts TIMESTAMP, source VARCHAR, feed VARCHAR,
+        old_open DOUBLE, old_high DOUBLE, old_low DOUBLE, old_close DOUBLE, old_volume DOUBLE,
+        new_open DOUBLE, new_high DOUBLE, new_low DOUBLE, new_close DOUBLE, new_volume DOUBLE,
+        request_id VARCHAR, revised_at TIMESTAMP)""",
 ]
 V1_TABLES = ("meta", "bars", "quarantine", "coverage", "reconciliation", "ingest_log")
 
@@ -144,7 +158,7 @@ def test_the_derived_ddl_is_the_shipped_one(tmp_path: Path) -> None:
     assert shape([s for t in TABLES for s in table_ddl(t)]) == shape(SHIPPED_DDL)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 def test_a_store_file_from_an_earlier_version_opens_and_gains_the_new_tables(tmp_path: Path, version: int) -> None:
     path = tmp_path / f"v{version}.duckdb"
     con = duckdb.connect(str(path))

@@ -125,7 +125,9 @@ def backfill(
     timeframe: Annotated[str, typer.Option("--timeframe", "-t")] = "1Min",
     start: Annotated[str, typer.Option("--start", "-s", help="YYYY-MM-DD or RFC-3339")] = "",
     end: Annotated[str | None, typer.Option("--end", "-e", help="default: now")] = None,
-    feed: Annotated[str | None, typer.Option("--feed", help="sip or iex (default from config)")] = None,
+    feed: Annotated[
+        str | None, typer.Option("--feed", help="sip or iex (default from config); for pairs the location: us, eu-1")
+    ] = None,
     symbols_file: Annotated[Path | None, typer.Option("--symbols-file", help="one symbol per line")] = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,

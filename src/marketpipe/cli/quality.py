@@ -111,7 +111,8 @@ def quality(
     results = _run(data, data.quality(syms, start, end, timeframe=timeframe))
     out.print(
         quality_table(
-            results, f"Data quality, {timeframe} ({cfg.calendar}; gap = never fetched, empty = vendor had none)"
+            results,
+            f"Data quality, {timeframe} ({data.calendar_of(syms).name}; gap = never fetched, empty = vendor had none)",
         )
     )
     for r in results:

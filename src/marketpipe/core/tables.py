@@ -13,18 +13,20 @@ without time zones stores them as naive UTC and hands them back UTC-aware.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import polars as pl
 
-from marketpipe.core.schema import ACTION_SCHEMA, BAR_SCHEMA, UTC_US
+from marketpipe.core.errors import InvalidArgument
+from marketpipe.core.schema import ACTION_SCHEMA, BAR_SCHEMA, CRYPTO_BAR_SCHEMA, UTC_US, is_crypto
 
 # Version of the set of tables below. A store opened with an older version gets the tables added
 # since (every table is created if missing) and its version raised; a newer one is refused.
 # v1 bars, quarantine, coverage, ingest log, reconciliation; v2 data quality (anomalies, scores,
-# revisions, job runs); v3 live streaming (prev_close); v4 corporate actions (versions, ledger, quarantine).
-SCHEMA_VERSION = 5
+# revisions, job runs); v3 live streaming (prev_close); v4 corporate actions (versions, ledger, quarantine);
+# v5 the admin audit log; v6 crypto bars (their own bars, quarantine and revisions tables: fractional volume).
+SCHEMA_VERSION = 6
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -314,6 +316,61 @@ AUDIT_LOG = Table(
     since=5,
 )
 
+# --- crypto pairs ----------------------------------------------------------------------------------
+# A crypto volume is a fraction of a coin, so a pair's bars (and their quarantined rows and revisions)
+# live in tables of their own whose ``volume`` is a float (CRYPTO_BAR_SCHEMA), declared exactly like
+# the stock ones otherwise: same key, versions, partitioning. They share the coverage ledger and the
+# ingest log (a pair's symbol, ``BTC/USD``, never collides with a stock's). Separate tables rather
+# than a float ``volume`` in ``bars``: stock data stays exactly as stored (integer volumes, no rewrite
+# of a large table on upgrade, which on PostgreSQL would lock every monthly partition), and a v5 store
+# upgrades by creating three empty tables.
+CRYPTO_BARS = Table(
+    "crypto_bars",
+    CRYPTO_BAR_SCHEMA,
+    not_null=BARS.not_null,
+    key=BARS.key,
+    versioned=True,
+    partition_by="ts",
+    since=6,
+)
+CRYPTO_QUARANTINE = Table("crypto_quarantine", {**QUARANTINE_SCHEMA, "volume": pl.Float64()}, since=6)
+CRYPTO_REVISIONS = Table(
+    "crypto_revisions",
+    {**REVISIONS.columns, "old_volume": pl.Float64(), "new_volume": pl.Float64()},
+    since=6,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BarTables:
+    """The tables one asset class's bars live in: the bars, their quarantined rows, their revisions."""
+
+    bars: Table
+    quarantine: Table
+    revisions: Table
+
+    @property
+    def schema(self) -> dict[str, pl.DataType]:
+        """The bar frame schema of this class (BAR_SCHEMA, or CRYPTO_BAR_SCHEMA with float volume)."""
+        return dict(self.bars.columns)
+
+
+EQUITY_TABLES = BarTables(BARS, QUARANTINE, REVISIONS)
+CRYPTO_TABLES = BarTables(CRYPTO_BARS, CRYPTO_QUARANTINE, CRYPTO_REVISIONS)
+BAR_TABLES: tuple[BarTables, ...] = (EQUITY_TABLES, CRYPTO_TABLES)
+
+
+def bar_tables(symbols: Iterable[str]) -> BarTables:
+    """The tables ``symbols``' bars live in: crypto pairs' or equities'. One call about stored bars
+    holds one asset class (INVALID_ARGUMENT otherwise); no symbols: the equities'."""
+    kinds = {is_crypto(s) for s in symbols}
+    if len(kinds) > 1:
+        raise InvalidArgument(
+            "crypto pairs and equities in one request: ask for them separately", details={"param": "symbols"}
+        )
+    return CRYPTO_TABLES if kinds == {True} else EQUITY_TABLES
+
+
 # In creation order.
 TABLES: tuple[Table, ...] = (
     META,
@@ -332,4 +389,7 @@ TABLES: tuple[Table, ...] = (
     ACTION_QUARANTINE,
     ACTION_RECONCILIATION,
     AUDIT_LOG,
+    CRYPTO_BARS,
+    CRYPTO_QUARANTINE,
+    CRYPTO_REVISIONS,
 )

@@ -37,7 +37,15 @@ from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import rfc3339, utcnow
 from marketpipe.core.validation import validate_limit, validate_sort
 from marketpipe.providers.alpaca_config import AlpacaConfig
-from marketpipe.providers.base import KINDS, ActionsPage, BarPage, Capabilities, envelope_error, pagination_loop
+from marketpipe.providers.base import (
+    KINDS,
+    ActionsPage,
+    BarPage,
+    Capabilities,
+    complete_through,
+    envelope_error,
+    pagination_loop,
+)
 from marketpipe.providers.http import HttpProvider, error_text, status_error
 from marketpipe.wire.alpaca_actions import MAX_LIMIT as ACTIONS_MAX_LIMIT
 from marketpipe.wire.alpaca_actions import PATH as ACTIONS_PATH
@@ -346,7 +354,7 @@ class AlpacaProvider(HttpProvider):
                 nbytes=nbytes,
                 kind=kind,
             )
-            page.complete_through = _complete_through(page, sort)
+            page.complete_through = complete_through(page, sort)
             yield page
             if not nxt:
                 return
@@ -501,23 +509,6 @@ def _page_decoder(
         return frame, doc.next_page_token or None, len(body)
 
     return decode
-
-
-def _complete_through(page: BarPage, sort: str) -> dict[str, datetime]:
-    """See BarPage.complete_through. Relies on the documented order: symbol first, then time."""
-    if page.last_page:
-        return dict.fromkeys(page.symbols, page.end)
-    if sort != "asc" or page.frame.height == 0:
-        return {}
-    order = page.frame.get_column("symbol")
-    present = order.unique(maintain_order=True).to_list()
-    out = dict.fromkeys(present[:-1], page.end)
-    last = present[-1]
-    ts = page.frame.filter(pl.col("symbol") == last).get_column("ts").drop_nulls()
-    top = ts.max() if len(ts) else None
-    if isinstance(top, datetime):
-        out[last] = top + timedelta(microseconds=1)
-    return out
 
 
 __all__ = ["AlpacaProvider", "map_http_error"]

@@ -8,10 +8,16 @@ validated before any request (INVALID_ARGUMENT); one the account lacks (the vend
 NOT_ENTITLED; pairs are checked by :func:`~marketpipe.wire.alpaca_crypto.crypto_symbols`
 (``BTCUSD`` is INVALID_SYMBOL with ``BTC/USD`` suggested). A pair the vendor does not list is simply
 absent from the frames, as it is from the vendor's answer.
+
+For the backfill engine the provider is also a bars-only :class:`~marketpipe.providers.base.BarsProvider`
+(:meth:`AlpacaCryptoProvider.iter_bars`, ``capabilities`` = bars, whose ``feed`` is the location):
+pairs are backfilled, stored and covered in the ledger like stocks, from Alpaca alone (no other
+vendor in marketpipe serves crypto, so there is no failover for pairs).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,10 +34,11 @@ from marketpipe.core.timeutil import rfc3339, utcnow
 from marketpipe.core.validation import validate_limit, validate_sort
 from marketpipe.providers.alpaca import map_http_error
 from marketpipe.providers.alpaca_config import AlpacaConfig
-from marketpipe.providers.base import pagination_loop
+from marketpipe.providers.base import BarPage, Capabilities, complete_through, pagination_loop
 from marketpipe.providers.http import HttpProvider
 from marketpipe.wire.alpaca_crypto import (
     DEFAULT_LOCATION,
+    LOCATIONS,
     MAX_LIMIT,
     bars_frame,
     crypto_symbols,
@@ -63,6 +70,8 @@ class CryptoPage:
     frame: pl.DataFrame
     next_page_token: str | None
     source: str
+    request_id: str = ""
+    nbytes: int = 0
 
 
 def _map_error(status: int, body: bytes, headers: httpx.Headers, endpoint: str) -> MarketpipeError:
@@ -83,6 +92,8 @@ class AlpacaCryptoProvider(HttpProvider):
     """Async client of Alpaca's crypto data. ``async with AlpacaCryptoProvider.from_config(cfg) as p: ...``."""
 
     name = "alpaca"
+    # As a BarsProvider (the backfill engine's): bars only, whose feed is the crypto location.
+    capabilities = Capabilities(frozenset({"bars"}), {"bars": LOCATIONS})
 
     def __init__(
         self,
@@ -174,11 +185,67 @@ class AlpacaCryptoProvider(HttpProvider):
             if nxt is not None and nxt in followed:
                 raise pagination_loop(self.name, f"crypto_{kind}", number, f"next_page_token {str(nxt)[:40]!r}")
             source = self._source(resp)
-            yield CryptoPage(self._decode(kind, doc.get(kind) or {}, timeframe, source, loc), nxt, source)
+            yield CryptoPage(
+                self._decode(kind, doc.get(kind) or {}, timeframe, source, loc),
+                nxt,
+                source,
+                resp.headers.get("x-request-id") or uuid.uuid4().hex[:16],
+                len(resp.content),
+            )
             if nxt is None or not follow:
                 return
             followed.add(nxt)
             token = nxt
+
+    # --- the BarsProvider face (backfill) ----------------------------------------------------------
+    def supports(
+        self, kind: str, timeframe: Timeframe | None, start: datetime | None, end: datetime | None, now: datetime
+    ) -> str | None:
+        """Bars of any timeframe and range (the backfill's kind); the other crypto kinds are served by
+        ``MarketData.crypto`` directly."""
+        return None if self.capabilities.serves(kind) else f"alpaca crypto is backfilled for bars only, not {kind}"
+
+    async def iter_bars(
+        self,
+        symbols: list[str],
+        timeframe: Timeframe,
+        start: datetime,
+        end: datetime,
+        *,
+        feed: str | None = None,
+        adjustment: str = "raw",
+        limit: int = MAX_LIMIT,
+        asof: str | None = None,
+    ) -> AsyncIterator[BarPage]:
+        """Pages of crypto bars as the backfill engine takes them (``BarPage``, with how far each pair
+        is complete); ``feed`` is the location (default: the provider's). Pairs have no corporate
+        actions, so only ``adjustment="raw"`` and no ``asof``."""
+        if adjustment != "raw" or asof:
+            raise InvalidArgument(
+                "adjustment and asof apply to stocks: crypto pairs have no corporate actions",
+                details={"parameter": "adjustment" if adjustment != "raw" else "asof"},
+            )
+        loc = self._loc(feed)
+        number = 0
+        async for cp in self.iter_pages("bars", symbols, start, end, timeframe=timeframe, location=loc, limit=limit):
+            number += 1
+            page = BarPage(
+                frame=cp.frame,
+                symbols=list(symbols),
+                timeframe=timeframe,
+                start=start,
+                end=end,
+                feed=loc,
+                source=cp.source,
+                request_id=cp.request_id,
+                fetched_at=cp.frame["fetched_at"][0] if cp.frame.height else self._now(),
+                next_page_token=cp.next_page_token,
+                page_number=number,
+                last_page=cp.next_page_token is None,
+                nbytes=cp.nbytes,
+            )
+            page.complete_through = complete_through(page, "asc")
+            yield page
 
     def _decode(self, kind: str, rows: dict[str, Any], tf: Timeframe | None, source: str, loc: str) -> pl.DataFrame:
         now = self._now()

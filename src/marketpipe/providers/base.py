@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Final, Literal, Protocol
 
 import orjson
@@ -117,6 +117,23 @@ class BarPage:
     last_page: bool = False
     nbytes: int = 0
     kind: str = "bars"
+
+
+def complete_through(page: BarPage, sort: str) -> dict[str, datetime]:
+    """See BarPage.complete_through. Relies on the documented order: symbol first, then time."""
+    if page.last_page:
+        return dict.fromkeys(page.symbols, page.end)
+    if sort != "asc" or page.frame.height == 0:
+        return {}
+    order = page.frame.get_column("symbol")
+    present = order.unique(maintain_order=True).to_list()
+    out = dict.fromkeys(present[:-1], page.end)
+    last = present[-1]
+    ts = page.frame.filter(pl.col("symbol") == last).get_column("ts").drop_nulls()
+    top = ts.max() if len(ts) else None
+    if isinstance(top, datetime):
+        out[last] = top + timedelta(microseconds=1)
+    return out
 
 
 @dataclass(slots=True)

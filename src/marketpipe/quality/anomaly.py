@@ -256,8 +256,9 @@ def quarantine_findings(checked: CheckResult, findings: pl.DataFrame, request_id
         pl.col("ts").cast(pl.String).alias("raw_ts"),
         "reason",
         pl.lit(request_id, pl.String).alias("request_id"),
-    ).cast(QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+    ).cast({c: t for c, t in QUARANTINE_SCHEMA.items() if c != "volume"})  # type: ignore[arg-type]
     counts = dict(checked.counts)
     for reason, n in moved.group_by("reason").len().iter_rows():
         counts[reason] = counts.get(reason, 0) + n
-    return CheckResult(good, pl.concat([checked.quarantine, moved]), counts)
+    # volume keeps the bars' type (a crypto pair's is a float; an empty quarantine's is the stock integer)
+    return CheckResult(good, pl.concat([checked.quarantine, moved], how="vertical_relaxed"), counts)

@@ -322,11 +322,19 @@ def check_page(
     now: datetime,
     anomaly: AnomalyConfig | None = None,
     refresh: bool = False,
+    day_tz: str = "America/New_York",
 ) -> CheckedPage:
-    """Check one page and describe everything it leaves in the store. Runs in a worker thread."""
+    """Check one page and describe everything it leaves in the store. Runs in a worker thread.
+    ``day_tz``: the calendar's zone, whose midnight stamps daily bars (UTC for crypto pairs)."""
     assert page.timeframe is not None
     checked = check_bars(
-        page.frame, timeframe=page.timeframe, start=page.start, end=page.end, now=now, request_id=page.request_id
+        page.frame,
+        timeframe=page.timeframe,
+        start=page.start,
+        end=page.end,
+        now=now,
+        request_id=page.request_id,
+        day_tz=day_tz,
     )
     findings = None
     if anomaly is not None and checked.good.height > 1:
@@ -470,7 +478,7 @@ async def run_backfill(
             stats.pages += 1
             stats.bytes_received += page.nbytes
             stats.rows_by_provider[source.name] += page.frame.height
-            write = await asyncio.to_thread(check_page, page, known, source.name, now(), anomaly, refresh)
+            write = await asyncio.to_thread(check_page, page, known, source.name, now(), anomaly, refresh, cal.tz)
             for sym, through in page.complete_through.items():
                 if through > need.get(sym, from_):
                     need[sym] = through

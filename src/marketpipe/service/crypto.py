@@ -1,12 +1,13 @@
 """Crypto market data for every interface (``mp.bars("BTC/USD")``, the CLI, ``/v1`` and the
 Alpaca-compatible ``/v1beta3/crypto`` routes): :class:`CryptoData`, over the Alpaca crypto adapter.
 
-Crypto bars are fetched on demand and checked row by row (``quality/validate.check_bars`` with the
-24/7 calendar's daily-bar zone); rows that fail are logged and counted (``ROWS_QUARANTINED``) and left
-out, never repaired. They are not written to the store: its ``volume`` column is an integer and a
-crypto volume is a fraction of a coin, so storing would round it. The 24/7 calendar
-(``core/calendar.ContinuousCalendar``) scores what was fetched (:meth:`CryptoData.completeness`) and
-plans backfills (``service/backfill.plan``) the same way it does for equities.
+``mp.bars("BTC/USD")`` and ``marketpipe backfill BTC/USD`` store pairs like stocks (``MarketData.fill``:
+this service's provider as the backfill engine's bars source, the crypto tables of the store, the
+shared coverage ledger). What this class serves directly is what the compatible routes need: vendor
+pages of bars checked row by row (``quality/validate.check_bars`` with the 24/7 calendar's daily-bar
+zone; rows that fail are logged and counted, ``ROWS_QUARANTINED``, and left out, never repaired),
+trades, quotes, latest values, order books and snapshots. The 24/7 calendar
+(``core/calendar.ContinuousCalendar``) scores fetched frames (:meth:`CryptoData.completeness`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_crypto import AlpacaCryptoProvider, CryptoPage
 from marketpipe.quality.completeness import Completeness, assess_frames
 from marketpipe.quality.validate import check_bars
-from marketpipe.wire.alpaca_crypto import crypto_symbols
 
 log = get_logger("marketpipe.service.crypto")
 
@@ -53,23 +53,6 @@ class CryptoData:
     @property
     def calendar(self) -> ExchangeCalendar:
         return calendar_for("BTC/USD", equities=self.config.calendar, crypto_daily=self.config.crypto_daily_bars)
-
-    async def bars(
-        self,
-        symbols: list[str] | str,
-        timeframe: Timeframe,
-        start: datetime,
-        end: datetime,
-        *,
-        location: str | None = None,
-    ) -> pl.DataFrame:
-        """Every bar of ``[start, end)``, checked; ordered by symbol, then time."""
-        syms = crypto_symbols(symbols)
-        self.calendar.check_bounds(start, end)
-        frames = []
-        async for page in self.provider.iter_pages("bars", syms, start, end, timeframe=timeframe, location=location):
-            frames.append(await asyncio.to_thread(self._checked, page, timeframe, start, end))
-        return pl.concat(frames) if len(frames) > 1 else frames[0]
 
     def _checked(self, page: CryptoPage, tf: Timeframe, start: datetime, end: datetime) -> pl.DataFrame:
         res = check_bars(page.frame, timeframe=tf, start=start, end=end, now=utcnow(), day_tz=self.calendar.tz)

@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncGenerator, Coroutine, Iterator
 from concurrent.futures import Future
 from datetime import date, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 import polars as pl
@@ -29,6 +29,7 @@ from marketpipe.core.schema import Bar, Quote, Snapshot, Trade, is_crypto, norma
 from marketpipe.core.timeframe import Timeframe, TimeframeLike
 from marketpipe.core.timeutil import TimeInput, parse_range, parse_time, utcnow
 from marketpipe.core.validation import validate_dataset_url, validate_limit
+from marketpipe.providers.alpaca_crypto import AlpacaCryptoProvider
 from marketpipe.providers.base import BarsProvider, feed_for
 from marketpipe.quality.adjust import parse_adjustment
 from marketpipe.service.actions import ATTR as ADJUSTMENT_ATTR
@@ -44,6 +45,7 @@ from marketpipe.service.router import CLIENT_ERRORS, ProviderRouter, Served, bui
 from marketpipe.service.scheduler import Job, Scheduler
 from marketpipe.store import open_store
 from marketpipe.store.base import Store
+from marketpipe.wire.alpaca_crypto import validate_location
 from marketpipe.wire.alpaca_rest import MAX_LIMIT  # the most rows one vendor page carries
 
 T = TypeVar("T")
@@ -174,6 +176,31 @@ class MarketData:
             self._crypto = CryptoData(self.config, env=self._env)
         return self._crypto
 
+    def crypto_source(self, provider: str | None = None) -> AlpacaCryptoProvider:
+        """Where crypto bars are fetched for the store: Alpaca's crypto data, the one vendor in
+        marketpipe that serves pairs (so pairs have no failover); another ``provider`` is INVALID_ARGUMENT."""
+        if provider not in (None, AlpacaCryptoProvider.name):
+            raise InvalidArgument(
+                f"crypto pairs are served by alpaca only, not {provider!r} (no other vendor in marketpipe has them)",
+                details={"param": "provider"},
+            )
+        return self.crypto.provider
+
+    def _crypto_bars_source(self, provider: str | None = None) -> BarsProvider:
+        """:meth:`crypto_source` as the backfill engine's source: a bars-only provider (its
+        ``supports`` refuses every other kind, so their methods, which it lacks, are never called)."""
+        return cast(BarsProvider, self.crypto_source(provider))
+
+    def _fetching(
+        self, symbols: list[str], provider: str | None, feed: str | None
+    ) -> tuple[BarsProvider | ProviderRouter, str | None]:
+        """The bars source of these symbols' asset class and the feed to plan with: for pairs the
+        crypto provider and its location (the ledger's feed of a pair), for equities :meth:`bars_source`."""
+        if isinstance(self.calendar_of(symbols), ContinuousCalendar):
+            source = self._crypto_bars_source(provider)
+            return source, validate_location(feed, "feed") if feed else self.crypto.provider.location
+        return self.bars_source(provider), feed
+
     @property
     def calendar(self) -> ExchangeCalendar:
         """The equities' exchange calendar (config ``calendar``)."""
@@ -228,17 +255,12 @@ class MarketData:
         circuit_waits: int = 0,
     ) -> BackfillStats:
         """Fetch, check and store what the ledger lacks in ``[start, end)`` (arguments already
-        parsed): from ``provider`` alone when named, else through the router with failover.
-        Crypto pairs are refused (INVALID_ARGUMENT): their fractional volumes do not fit the store's
-        integer ``volume`` column, so they are fetched on demand (:meth:`bars`) instead."""
-        if any(is_crypto(sym) for sym in symbols):
-            raise InvalidArgument(
-                "crypto bars are not stored (their volumes are fractions of a coin; the store keeps whole "
-                "numbers): read them with mp.bars / marketpipe bars, which fetch them on demand",
-                details={"param": "symbols", "symbols": [sym for sym in symbols if is_crypto(sym)]},
-            )
+        parsed): from ``provider`` alone when named, else through the router with failover. Crypto
+        pairs are fetched from Alpaca's crypto data (``feed``: the location) and planned on the 24/7
+        calendar; they are stored in the crypto tables with their fractional volumes."""
+        source, feed = self._fetching(symbols, provider, feed)
         return await run_backfill(
-            self.bars_source(provider),
+            source,
             self.store,
             self.calendar_of(symbols),
             symbols,
@@ -280,8 +302,9 @@ class MarketData:
         syms = normalize_symbols(symbols)
         s = parse_time(start, name="start") if start is not None else None
         e = parse_time(end, name="end", end=True) if end is not None else None
+        source, fd = self._fetching(syms, None, _feed(feed))
         return await update(
-            self.bars_source(),
+            source,
             self.store,
             self.calendar_of(syms),
             self.config,
@@ -290,7 +313,7 @@ class MarketData:
             strategy=strategy,
             start=s,
             end=e,
-            feed=_feed(feed),
+            feed=fd,
             progress=progress,
         )
 
@@ -306,8 +329,9 @@ class MarketData:
         progress: ProgressFn | None = None,
     ) -> RepairResult:
         syms, tf, s, e = _series(symbols, timeframe, start, end)
+        pairs = isinstance(self.calendar_of(syms), ContinuousCalendar)
         return await repair(
-            lambda: self.router,
+            (lambda: ProviderRouter([self._crypto_bars_source()])) if pairs else (lambda: self.router),
             self.store,
             self.calendar_of(syms),
             self.config,
@@ -397,14 +421,15 @@ class MarketData:
         parts = parse_adjustment(adjustment)
         known = parse_as_of(as_of)
         syms, tf, s, e = _series(symbols, timeframe, start, end)
-        if source is None and fetch and isinstance(self.calendar_of(syms), ContinuousCalendar):
-            # crypto pairs: fetched and checked, not stored; ``feed`` names the vendor location (us, eu-1, ...)
+        if isinstance(self.calendar_of(syms), ContinuousCalendar):
+            # crypto pairs: stored and fetched like stocks; ``feed`` names the vendor location (us, eu-1, ...)
             if parts or known is not None:
                 raise InvalidArgument(
                     "adjustment and as_of apply to stocks: crypto pairs have no corporate actions",
                     details={"parameter": "adjustment" if parts else "as_of"},
                 )
-            return await self.crypto.bars(syms, tf, s, e, location=feed)
+            if feed:
+                validate_location(feed, "feed")
         if source is not None:  # the cold tier holds raw bars; an adjustment applies to them the same way
             url = validate_dataset_url(source)
             frame = await asyncio.to_thread(read_dataset, url, self.config, syms, tf, s, e, env=self._env)

@@ -41,6 +41,7 @@ import orjson
 import polars as pl
 
 from marketpipe.core.schema import ACTION_COLUMNS
+from marketpipe.core.tables import BarTables, bar_tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +96,29 @@ class PageWrite:
     revised: int = field(default=0)
 
 
+# The tables ``counts()`` reports (``marketpipe store info``), on every backend.
+COUNTED = ("bars", "quarantine", "coverage", "ingest_log", "crypto_bars", "crypto_quarantine")
+
+
+def by_asset_class(pages: list[PageWrite]) -> list[tuple[BarTables, list[int]]]:
+    """The pages' indexes grouped by the tables their bars go to (a page holds one asset class:
+    its request's symbols), in order of first appearance; what both backends' page writes use."""
+    groups: dict[str, tuple[BarTables, list[int]]] = {}
+    for i, page in enumerate(pages):
+        tables = bar_tables(page.ingest.symbols)
+        groups.setdefault(tables.bars.name, (tables, []))[1].append(i)
+    return list(groups.values())
+
+
 @runtime_checkable
 class BarStore(Protocol):
     """Bars and the coverage ledger: what the backfill, maintenance, the gateway and the live bar
     writer use.
 
     The bars table's key is (symbol, timeframe, ts, source, feed). Rows are never edited or deleted:
-    a refresh that finds other values stores a newer version and a revision row.
+    a refresh that finds other values stores a newer version and a revision row. Crypto pairs' bars
+    live in tables of their own (``core/tables.CRYPTO_TABLES``: float volume) behind the same methods;
+    which tables a call uses follows from its symbols (one asset class per call).
     """
 
     def write_pages(self, pages: list[PageWrite]) -> list[int]:

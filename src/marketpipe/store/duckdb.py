@@ -26,7 +26,7 @@ import polars as pl
 from marketpipe.core.errors import StoreError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_STORED
-from marketpipe.core.schema import ACTION_COLUMNS, BAR_COLUMNS, BAR_SCHEMA
+from marketpipe.core.schema import ACTION_COLUMNS, BAR_COLUMNS
 from marketpipe.core.tables import (
     ACTION_COVERAGE,
     ACTION_COVERAGE_SCHEMA,
@@ -35,6 +35,7 @@ from marketpipe.core.tables import (
     ACTION_RECONCILIATION,
     ANOMALIES,
     AUDIT_LOG,
+    BAR_TABLES,
     CORPORATE_ACTIONS,
     COVERAGE,
     COVERAGE_SCHEMA,
@@ -43,12 +44,21 @@ from marketpipe.core.tables import (
     PREV_CLOSE,
     QUALITY_SCORES,
     QUARANTINE_COLUMNS,
-    QUARANTINE_SCHEMA,
     SCHEMA_VERSION,
     TABLES,
+    BarTables,
     Table,
+    bar_tables,
 )
-from marketpipe.store.base import ADJUST_DATE_SQL, KNOWN_DATE_SQL, ActionCoverage, PageWrite, with_content_hash
+from marketpipe.store.base import (
+    ADJUST_DATE_SQL,
+    COUNTED,
+    KNOWN_DATE_SQL,
+    ActionCoverage,
+    PageWrite,
+    by_asset_class,
+    with_content_hash,
+)
 
 log = get_logger("marketpipe.store")
 
@@ -99,7 +109,8 @@ _VALUES_SAME = " AND ".join(
     f"b.{c} IS NOT DISTINCT FROM p.{c}" for c in ("open", "high", "low", "close", "volume", "trade_count", "vwap")
 )
 
-_BAR_ARROW = pl.DataFrame(schema=BAR_SCHEMA).to_arrow().schema
+# bars table -> the Arrow schema its reads are cast to (equities: integer volume; crypto: float)
+_BAR_ARROW = {t.bars.name: pl.DataFrame(schema=t.schema).to_arrow().schema for t in BAR_TABLES}
 _FEED_PREFERENCE = "CASE feed WHEN 'sip' THEN 0 WHEN 'iex' THEN 2 ELSE 1 END"
 
 
@@ -212,15 +223,19 @@ class DuckDBStore:
     # --- writes --------------------------------------------------------------------------------
 
     def write_pages(self, pages: list[PageWrite]) -> list[int]:
+        stored = [0] * len(pages)
         with self._transaction():
-            stored = self._insert_bars(pages)
+            for tables, idx in by_asset_class(pages):
+                for i, n in zip(idx, self._insert_bars(tables, [pages[i] for i in idx]), strict=True):
+                    stored[i] = n
             for page, n in zip(pages, stored, strict=True):
                 self._write_side_tables(page, n)
         for page, n in zip(pages, stored, strict=True):
             self._note_variants(page, n)
             page.stored = n
             if n:
-                ROWS_STORED.labels("bars", page.ingest.source, page.ingest.timeframe).inc(n)
+                table = bar_tables(page.ingest.symbols).bars.name
+                ROWS_STORED.labels(table, page.ingest.source, page.ingest.timeframe).inc(n)
         return stored
 
     @contextlib.contextmanager
@@ -245,27 +260,28 @@ class DuckDBStore:
         except duckdb.Error:
             log.warning("rollback_failed", path=self.path)
 
-    def _insert_bars(self, pages: list[PageWrite]) -> list[int]:
-        """Insert the pages' bars; rows already held (same symbol, timeframe, ts, source, feed) are
-        skipped. A backfill writes ranges the ledger says are new, so the common case is one plain
-        bulk insert for the whole batch after a cheap overlap probe; only when the probe finds rows
-        already held does each page go through the anti-join."""
+    def _insert_bars(self, tables: BarTables, pages: list[PageWrite]) -> list[int]:
+        """Insert the pages' bars (one asset class: its ``tables``); rows already held (same symbol,
+        timeframe, ts, source, feed) are skipped. A backfill writes ranges the ledger says are new,
+        so the common case is one plain bulk insert for the whole batch after a cheap overlap probe;
+        only when the probe finds rows already held does each page go through the anti-join."""
         frames = [_naive(p.bars.select(BAR_COLUMNS)) for p in pages]
         heights = [f.height for f in frames]
         if not any(heights):
             return heights
         if any(p.refresh for p in pages):
-            return [self._refresh(p, f) if f.height else 0 for p, f in zip(pages, frames, strict=True)]
+            return [self._refresh(tables, p, f) if f.height else 0 for p, f in zip(pages, frames, strict=True)]
         batch = pl.concat([f for f in frames if f.height])
         # one bulk insert only when nothing in the batch is held and no two pages carry the same bar;
         # otherwise page by page, each anti-joined against what the earlier ones just inserted
-        if not batch.select(_KEY).is_duplicated().any() and self._overlaps(batch) == 0:
-            self._insert("INSERT INTO bars SELECT * FROM _page", batch)
+        bars = tables.bars.name
+        if not batch.select(_KEY).is_duplicated().any() and self._overlaps(bars, batch) == 0:
+            self._insert(f"INSERT INTO {bars} SELECT * FROM _page", batch)
             return heights
         return [
             self._insert(
-                """INSERT INTO bars SELECT p.* FROM _page p ANTI JOIN (
-                       SELECT symbol, timeframe, ts, source, feed FROM bars
+                f"""INSERT INTO {bars} SELECT p.* FROM _page p ANTI JOIN (
+                       SELECT symbol, timeframe, ts, source, feed FROM {bars}
                        WHERE ts BETWEEN $lo AND $hi AND list_contains($syms, symbol)
                    ) b USING (symbol, timeframe, ts, source, feed)""",
                 f,
@@ -276,11 +292,11 @@ class DuckDBStore:
             for f in frames
         ]
 
-    def _refresh(self, page: PageWrite, frame: pl.DataFrame) -> int:
+    def _refresh(self, tables: BarTables, page: PageWrite, frame: pl.DataFrame) -> int:
         """Store the rows not held with exactly these values; those whose key is held with other
         values are vendor revisions: recorded, and stored as the newer version (nothing is edited)."""
         params = {"lo": frame["ts"].min(), "hi": frame["ts"].max(), "syms": frame["symbol"].unique().to_list()}
-        held = "(SELECT * FROM bars WHERE ts BETWEEN $lo AND $hi AND list_contains($syms, symbol))"
+        held = f"(SELECT * FROM {tables.bars.name} WHERE ts BETWEEN $lo AND $hi AND list_contains($syms, symbol))"
         key = (
             "b.symbol = p.symbol AND b.timeframe = p.timeframe AND b.ts = p.ts AND b.source = p.source "
             "AND b.feed IS NOT DISTINCT FROM p.feed"
@@ -293,27 +309,27 @@ class DuckDBStore:
                 params,
             ).fetchall()
             revised = self.con.execute(
-                f"""INSERT INTO revisions SELECT p.symbol, p.timeframe, p.ts, p.source, p.feed,
+                f"""INSERT INTO {tables.revisions.name} SELECT p.symbol, p.timeframe, p.ts, p.source, p.feed,
                        b.open, b.high, b.low, b.close, b.volume, p.open, p.high, p.low, p.close, p.volume,
                        $rid, $now
                     FROM _new p JOIN {held} b ON {key}
                     QUALIFY row_number() OVER (PARTITION BY p.symbol, p.ts ORDER BY b.fetched_at DESC) = 1""",
                 {**params, "rid": page.ingest.request_id, "now": _n(page.ingest.fetched_at)},
             ).fetchall()
-            stored = self.con.execute("INSERT INTO bars SELECT * FROM _new").fetchall()
+            stored = self.con.execute(f"INSERT INTO {tables.bars.name} SELECT * FROM _new").fetchall()
             self.con.execute("DROP TABLE _new")
         finally:
             self.con.unregister("_page")
         page.revised = int(revised[0][0]) if revised else 0
         return int(stored[0][0]) if stored else 0
 
-    def _overlaps(self, frame: pl.DataFrame) -> int:
-        """Rows already held inside each (symbol, timeframe)'s own time span in ``frame``."""
+    def _overlaps(self, bars: str, frame: pl.DataFrame) -> int:
+        """Rows already held (in table ``bars``) inside each (symbol, timeframe)'s own time span in ``frame``."""
         bounds = frame.group_by("symbol", "timeframe").agg(lo=pl.col("ts").min(), hi=pl.col("ts").max())
         self.con.register("_bounds", bounds.to_arrow())
         try:
             rows = self.con.execute(
-                """SELECT count(*) FROM bars b JOIN _bounds r
+                f"""SELECT count(*) FROM {bars} b JOIN _bounds r
                    ON b.symbol = r.symbol AND b.timeframe = r.timeframe AND b.ts BETWEEN r.lo AND r.hi"""
             ).fetchall()
         finally:
@@ -332,9 +348,10 @@ class DuckDBStore:
         con = self.con
         if page.quarantine.height:
             q = _naive(page.quarantine.select(QUARANTINE_COLUMNS))
+            held = bar_tables(page.ingest.symbols).quarantine.name
             con.register("_q", q.to_arrow())
             try:
-                con.execute("INSERT INTO quarantine SELECT * FROM _q").fetchall()
+                con.execute(f"INSERT INTO {held} SELECT * FROM _q").fetchall()
             finally:
                 con.unregister("_q")
         if page.anomalies is not None and page.anomalies.height:
@@ -393,8 +410,9 @@ class DuckDBStore:
         if sources is not None:
             where.append("list_contains($sources, source)")
             params["sources"] = list(sources)
+        bars = bar_tables(symbols).bars.name
         cols = ", ".join(BAR_COLUMNS)
-        sql = f"SELECT {cols} FROM bars WHERE {' AND '.join(where)}"
+        sql = f"SELECT {cols} FROM {bars} WHERE {' AND '.join(where)}"
         # one row per (symbol, ts) always: several (source, feed) pairs, or a refresh's newer versions
         # (which share source and feed, so naming both does not make the rows unique)
         if len(symbols) != 1 or self._variant_count(symbols[0], timeframe) > 1:
@@ -416,14 +434,14 @@ class DuckDBStore:
                 params["limit"] = int(limit)
             with self._lock:
                 table = self._arrow(sql, params)
-            return pl.from_arrow(table.cast(_BAR_ARROW))  # type: ignore[return-value]
+            return pl.from_arrow(table.cast(_BAR_ARROW[bars]))  # type: ignore[return-value]
         # No ORDER BY: rows come back in insertion order, which is already (symbol, ts) order for
         # each page; checking that in polars and sorting only when needed saves a third of a small read.
         with self._lock:
             table = self._arrow(sql, params)
         # Labelling the naive UTC columns as UTC at the Arrow level is metadata only; doing it in
         # polars (replace_time_zone + casts) costs more than the query on small reads.
-        frame: pl.DataFrame = pl.from_arrow(table.cast(_BAR_ARROW))  # type: ignore[assignment]
+        frame: pl.DataFrame = pl.from_arrow(table.cast(_BAR_ARROW[bars]))  # type: ignore[assignment]
         ordered = frame.select(
             ((pl.col("symbol") > pl.col("symbol").shift()) | (pl.col("ts") > pl.col("ts").shift()))
             .fill_null(True)
@@ -443,12 +461,15 @@ class DuckDBStore:
         key = (symbol, timeframe)
         held = self._variants.get(key)
         if held is None:
+            tables = bar_tables([symbol])
             with self._lock:
                 rows = self.con.execute(
-                    "SELECT DISTINCT source, feed FROM bars WHERE symbol = ? AND timeframe = ?", [symbol, timeframe]
+                    f"SELECT DISTINCT source, feed FROM {tables.bars.name} WHERE symbol = ? AND timeframe = ?",
+                    [symbol, timeframe],
                 ).fetchall()
                 rev = self.con.execute(
-                    "SELECT count(*) FROM revisions WHERE symbol = ? AND timeframe = ?", [symbol, timeframe]
+                    f"SELECT count(*) FROM {tables.revisions.name} WHERE symbol = ? AND timeframe = ?",
+                    [symbol, timeframe],
                 ).fetchall()
             held = self._variants[key] = _Variants({(r[0], r[1]) for r in rows}, bool(rev and rev[0][0]))
         return len(held.pairs) + int(held.revised and len(held.pairs) == 1)
@@ -498,13 +519,14 @@ class DuckDBStore:
         return _aware(pl.from_arrow(table), COVERAGE_SCHEMA)  # type: ignore[arg-type]
 
     def quarantine(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
-        sql = "SELECT * FROM quarantine" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ts LIMIT $limit"
+        held = bar_tables([symbol] if symbol else []).quarantine
+        sql = f"SELECT * FROM {held.name}" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ts LIMIT $limit"
         params: dict[str, object] = {"limit": limit}
         if symbol:
             params["sym"] = symbol
         with self._lock:
             table = self._arrow(sql, params)
-        return _aware(pl.from_arrow(table), QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+        return _aware(pl.from_arrow(table), dict(held.columns))  # type: ignore[arg-type]
 
     def ingest_log(self, limit: int = 100) -> pl.DataFrame:
         with self._lock:
@@ -589,8 +611,8 @@ class DuckDBStore:
         """``(symbol, ts)`` of quarantined rows in the range (one per row, not de-duplicated)."""
         with self._lock:
             table = self._arrow(
-                """SELECT symbol, ts FROM quarantine WHERE timeframe = $tf AND ts >= $s AND ts < $e
-                   AND list_contains($syms, symbol)""",
+                f"""SELECT symbol, ts FROM {bar_tables(symbols).quarantine.name} WHERE timeframe = $tf
+                   AND ts >= $s AND ts < $e AND list_contains($syms, symbol)""",
                 {"tf": timeframe, "s": _n(start), "e": _n(end), "syms": list(symbols)},
             )
         return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
@@ -637,7 +659,8 @@ class DuckDBStore:
         return {sym: end.replace(tzinfo=UTC) for sym, end in rows}
 
     def revisions(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
-        sql = "SELECT * FROM revisions" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ts LIMIT $limit"
+        held = bar_tables([symbol] if symbol else []).revisions.name
+        sql = f"SELECT * FROM {held}" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ts LIMIT $limit"
         params: dict[str, object] = {"limit": limit, **({"sym": symbol} if symbol else {})}
         with self._lock:
             table = self._arrow(sql, params)
@@ -711,18 +734,15 @@ class DuckDBStore:
         """Per symbol/timeframe/source/feed: bar count and time span."""
         with self._lock:
             table = self._arrow(
-                """SELECT symbol, timeframe, source, feed, count(*) AS bars, min(ts) AS first, max(ts) AS last
-                   FROM bars GROUP BY ALL ORDER BY symbol, timeframe, source, feed""",
+                f"""SELECT symbol, timeframe, source, feed, count(*) AS bars, min(ts) AS first, max(ts) AS last
+                   FROM ({_ALL_BARS}) GROUP BY ALL ORDER BY symbol, timeframe, source, feed""",
                 {},
             )
         return _aware(pl.from_arrow(table))  # type: ignore[arg-type]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            return {
-                t: int(self.con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0])
-                for t in ("bars", "quarantine", "coverage", "ingest_log")
-            }
+            return {t: int(self.con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in COUNTED}
 
     # --- corporate actions (ActionStore) -------------------------------------------------------
 
@@ -832,6 +852,8 @@ class DuckDBStore:
 
 
 _KEY = ["symbol", "timeframe", "ts", "source", "feed"]  # what makes a stored bar the same bar
+# Every asset class's bars, for what lists them all (the store summary).
+_ALL_BARS = " UNION ALL ".join(f"SELECT symbol, timeframe, source, feed, ts FROM {t.bars.name}" for t in BAR_TABLES)
 
 # A version per action whose content differs from its newest stored version (or that is new).
 _NEW_VERSIONS = """

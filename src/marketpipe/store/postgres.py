@@ -35,7 +35,7 @@ from marketpipe.core.config import url_without_password
 from marketpipe.core.errors import StoreError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_STORED
-from marketpipe.core.schema import ACTION_COLUMNS, BAR_COLUMNS, BAR_SCHEMA
+from marketpipe.core.schema import ACTION_COLUMNS, BAR_COLUMNS
 from marketpipe.core.tables import (
     ACTION_COVERAGE,
     ACTION_COVERAGE_SCHEMA,
@@ -44,7 +44,7 @@ from marketpipe.core.tables import (
     ACTION_RECONCILIATION,
     ANOMALIES,
     AUDIT_LOG,
-    BARS,
+    BAR_TABLES,
     CORPORATE_ACTIONS,
     COVERAGE,
     COVERAGE_SCHEMA,
@@ -52,13 +52,21 @@ from marketpipe.core.tables import (
     JOB_RUNS,
     PREV_CLOSE,
     QUALITY_SCORES,
-    QUARANTINE,
-    QUARANTINE_SCHEMA,
     RECONCILIATION,
     SCHEMA_VERSION,
+    BarTables,
     Table,
+    bar_tables,
 )
-from marketpipe.store.base import ADJUST_DATE_SQL, KNOWN_DATE_SQL, ActionCoverage, PageWrite, with_content_hash
+from marketpipe.store.base import (
+    ADJUST_DATE_SQL,
+    COUNTED,
+    KNOWN_DATE_SQL,
+    ActionCoverage,
+    PageWrite,
+    by_asset_class,
+    with_content_hash,
+)
 from marketpipe.store.pg_schema import (
     ACTIONS_LOCK,
     MIGRATION_LOCK,
@@ -78,7 +86,8 @@ from marketpipe.store.pg_schema import (
 log = get_logger("marketpipe.store")
 
 SCHEMES = ("postgresql", "postgres")
-_BAR_ARROW = pl.DataFrame(schema=BAR_SCHEMA).to_arrow().schema
+# bars table -> the Arrow schema its reads are cast to (equities: integer volume; crypto: float)
+_BAR_ARROW = {t.bars.name: pl.DataFrame(schema=t.schema).to_arrow().schema for t in BAR_TABLES}
 _BAR_COLS = column_list(BAR_COLUMNS)
 _FEED_PREFERENCE = "CASE feed WHEN 'sip' THEN 0 WHEN 'iex' THEN 2 ELSE 1 END"
 _KEY = (
@@ -88,7 +97,12 @@ _KEY = (
 _VALUES_SAME = " AND ".join(
     f"b.{c} IS NOT DISTINCT FROM p.{c}" for c in ("open", "high", "low", "close", "volume", "trade_count", "vwap")
 )
-_STAGE_BARS = "_stage_bars"
+_ALL_BARS = " UNION ALL ".join(f"SELECT symbol, timeframe, source, feed, ts FROM {t.bars.name}" for t in BAR_TABLES)
+
+
+def _stage(tables: BarTables) -> str:
+    """The session-local staging table of an asset class's bars (its own column types)."""
+    return f"_stage_{tables.bars.name}"
 
 
 def is_postgres_url(target: str) -> bool:
@@ -142,7 +156,7 @@ class PostgresStore:
         self._retry_seconds = retry_seconds
         self._lock = threading.RLock()
         self._con: Any = None
-        self._partitions: set[datetime] = set()
+        self._partitions: set[tuple[str, datetime]] = set()  # (partitioned bars table, month) created
         # A store never closed (``mp.bars``' default client lives until exit) is closed at exit, before
         # the interpreter tears the driver down under the connection's finalizer.
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -160,7 +174,8 @@ class PostgresStore:
         if not read_only:
             self._migrate()
             today = datetime.now(UTC).date()
-            self._ensure_partitions({month_start(today), next_month(month_start(today))})
+            for tables in BAR_TABLES:
+                self._ensure_partitions(tables, {month_start(today), next_month(month_start(today))})
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -306,18 +321,18 @@ class PostgresStore:
         """The applied migrations (version, description), in order."""
         return [(int(v), d) for v, d in self._rows("SELECT version, description FROM schema_migrations ORDER BY 1")]
 
-    def _ensure_partitions(self, months: set[datetime]) -> None:
-        """Create the monthly ``bars`` partitions a write needs, each in a short transaction of its
-        own before the write (creating one locks the parent: inside a write transaction two writers
-        would deadlock)."""
-        missing = months - self._partitions
+    def _ensure_partitions(self, tables: BarTables, months: set[datetime]) -> None:
+        """Create the monthly partitions of an asset class's bars table a write needs, each in a short
+        transaction of its own before the write (creating one locks the parent: inside a write
+        transaction two writers would deadlock)."""
+        missing = {(tables.bars.name, m) for m in months} - self._partitions
         if not missing:
             return
 
         def work(cur: Any) -> None:
             cur.execute(f"SELECT pg_advisory_xact_lock({PARTITION_LOCK})")
-            for start in sorted(missing):
-                cur.execute(partition_ddl(BARS.name, start))
+            for table, start in sorted(missing):
+                cur.execute(partition_ddl(table, start))
 
         self._run("partition", work, retry=True)
         self._partitions |= missing
@@ -325,13 +340,18 @@ class PostgresStore:
     # --- writes ---------------------------------------------------------------------------------
 
     def write_pages(self, pages: list[PageWrite]) -> list[int]:
-        frames = [_typed(p.bars, BARS) for p in pages]
-        months: set[datetime] = set()
-        for f in frames:
-            if f.height:
-                months |= {month_start(d) for d in f["ts"].dt.date().dt.truncate("1mo").unique().to_list()}
-        self._ensure_partitions(months)
-        quarantines = [_typed(p.quarantine, QUARANTINE) if p.quarantine.height else None for p in pages]
+        classes = by_asset_class(pages)
+        tables_of = {i: tables for tables, idx in classes for i in idx}
+        frames = [_typed(p.bars, tables_of[i].bars) for i, p in enumerate(pages)]
+        for tables, idx in classes:
+            months: set[datetime] = set()
+            for f in (frames[i] for i in idx):
+                if f.height:
+                    months |= {month_start(d) for d in f["ts"].dt.date().dt.truncate("1mo").unique().to_list()}
+            self._ensure_partitions(tables, months)
+        quarantines = [
+            _typed(p.quarantine, tables_of[i].quarantine) if p.quarantine.height else None for i, p in enumerate(pages)
+        ]
         findings = [
             _typed(p.anomalies.with_columns(detected_at=pl.lit(p.ingest.fetched_at)), ANOMALIES)
             if p.anomalies is not None and p.anomalies.height
@@ -342,25 +362,34 @@ class PostgresStore:
         direct = [True]
 
         def work(cur: Any) -> list[int]:
+            stored = [0] * len(pages)
             try:
-                stored = self._insert_bars(cur, pages, frames, direct=direct[0])
+                for tables, idx in classes:
+                    sub = self._insert_bars(
+                        cur, tables, [pages[i] for i in idx], [frames[i] for i in idx], direct=direct[0]
+                    )
+                    for i, n in zip(idx, sub, strict=True):
+                        stored[i] = n
             except _Staged:
                 direct[0] = False
                 raise
-            for page, n, quar, found in zip(pages, stored, quarantines, findings, strict=True):
-                self._write_side_tables(cur, page, n, quar, found)
+            for i, (page, n, quar, found) in enumerate(zip(pages, stored, quarantines, findings, strict=True)):
+                self._write_side_tables(cur, tables_of[i], page, n, quar, found)
             return stored
 
         stored: list[int] = self._run("write", work, retry=True)
         for page, n in zip(pages, stored, strict=True):
             page.stored = n
             if n:
-                ROWS_STORED.labels("bars", page.ingest.source, page.ingest.timeframe).inc(n)
+                ROWS_STORED.labels(
+                    bar_tables(page.ingest.symbols).bars.name, page.ingest.source, page.ingest.timeframe
+                ).inc(n)
         return stored
 
     def _insert_bars(
-        self, cur: Any, pages: list[PageWrite], frames: list[pl.DataFrame], *, direct: bool = True
+        self, cur: Any, tables: BarTables, pages: list[PageWrite], frames: list[pl.DataFrame], *, direct: bool = True
     ) -> list[int]:
+        """Insert the pages' bars into their asset class's ``tables`` (one class per call)."""
         heights = [f.height for f in frames]
         for p in pages:
             p.revised = 0
@@ -368,79 +397,88 @@ class PostgresStore:
             return heights
         refresh = any(p.refresh for p in pages)
         batch = pl.concat([f for f in frames if f.height])
-        if direct and not refresh and not self._overlaps(cur, batch):
+        bars, stage = tables.bars.name, _stage(tables)
+        if direct and not refresh and not self._overlaps(cur, bars, batch):
             # Nothing held in the batch's span: one binary COPY into the table. When the key refuses
             # it (a concurrent writer committed the same rows first, or two pages of the batch share
             # a bar) the transaction is rolled back and run again the staged way (``_Staged``).
             try:
-                cur.adbc_ingest(BARS.name, batch.to_arrow(), mode="append")
+                cur.adbc_ingest(bars, batch.to_arrow(), mode="append")
             except self._pgdb.IntegrityError as exc:
                 raise _Staged from exc
             return heights
-        cur.execute(stage_ddl(BARS, _STAGE_BARS, "page int4 NOT NULL"))
+        cur.execute(stage_ddl(tables.bars, stage, "page int4 NOT NULL"))
         staged = pl.concat([f.with_columns(page=pl.lit(i, pl.Int32)) for i, f in enumerate(frames) if f.height])
-        cur.adbc_ingest(_STAGE_BARS, staged.to_arrow(), mode="append", temporary=True)
+        cur.adbc_ingest(stage, staged.to_arrow(), mode="append", temporary=True)
         out = []
         for i, (page, n) in enumerate(zip(pages, heights, strict=True)):
             if not n:
                 out.append(0)
             elif page.refresh:
-                out.append(self._refresh(cur, page, i))
+                out.append(self._refresh(cur, tables, page, i))
             else:
                 out.append(
                     _inserted(
                         cur,
-                        f"INSERT INTO bars ({_BAR_COLS}) SELECT {_BAR_COLS} FROM {_STAGE_BARS} WHERE page = $1 "
+                        f"INSERT INTO {bars} ({_BAR_COLS}) SELECT {_BAR_COLS} FROM {stage} WHERE page = $1 "
                         "ON CONFLICT DO NOTHING",
                         (i,),
                     )
                 )
         return out
 
-    def _overlaps(self, cur: Any, batch: pl.DataFrame) -> bool:
-        """Whether any row is held inside a (symbol, timeframe)'s own time span in ``batch``."""
+    def _overlaps(self, cur: Any, bars: str, batch: pl.DataFrame) -> bool:
+        """Whether any row is held (in table ``bars``) inside a (symbol, timeframe)'s own time span in ``batch``."""
         bounds = batch.group_by("symbol", "timeframe").agg(lo=pl.col("ts").min(), hi=pl.col("ts").max())
         for sym, tf, lo, hi in bounds.iter_rows():
             cur.execute(
-                "SELECT EXISTS (SELECT 1 FROM bars WHERE symbol = $1 AND timeframe = $2 AND ts BETWEEN $3 AND $4)",
+                f"SELECT EXISTS (SELECT 1 FROM {bars} WHERE symbol = $1 AND timeframe = $2 AND ts BETWEEN $3 AND $4)",
                 (sym, tf, lo, hi),
             )
             if cur.fetchall()[0][0]:
                 return True
         return False
 
-    def _refresh(self, cur: Any, page: PageWrite, index: int) -> int:
+    def _refresh(self, cur: Any, tables: BarTables, page: PageWrite, index: int) -> int:
         """Rows not held with exactly these values are stored; those whose key is held with other
         values are vendor revisions: recorded, and stored as the next revision (nothing edited)."""
+        bars = tables.bars.name
         cur.execute(
-            f"""CREATE TEMP TABLE _new ON COMMIT DROP AS SELECT p.* FROM {_STAGE_BARS} p
-                WHERE p.page = $1 AND NOT EXISTS (SELECT 1 FROM bars b WHERE {_KEY} AND {_VALUES_SAME})""",
+            f"""CREATE TEMP TABLE _new ON COMMIT DROP AS SELECT p.* FROM {_stage(tables)} p
+                WHERE p.page = $1 AND NOT EXISTS (SELECT 1 FROM {bars} b WHERE {_KEY} AND {_VALUES_SAME})""",
             (index,),
         )
         ohlcv = ("open", "high", "low", "close", "volume")
         page.revised = _inserted(
             cur,
-            f"""INSERT INTO revisions SELECT DISTINCT ON (p.symbol, p.ts) p.symbol, p.timeframe, p.ts, p.source,
-                   p.feed, {", ".join(f"b.{c}" for c in ohlcv)}, {", ".join(f"p.{c}" for c in ohlcv)}, $1, $2
-                FROM _new p JOIN bars b ON {_KEY}
+            f"""INSERT INTO {tables.revisions.name} SELECT DISTINCT ON (p.symbol, p.ts) p.symbol, p.timeframe,
+                   p.ts, p.source, p.feed, {", ".join(f"b.{c}" for c in ohlcv)},
+                   {", ".join(f"p.{c}" for c in ohlcv)}, $1, $2
+                FROM _new p JOIN {bars} b ON {_KEY}
                 ORDER BY p.symbol, p.ts, b.fetched_at DESC NULLS LAST""",
             (page.ingest.request_id, _utc(page.ingest.fetched_at)),
         )
         stored = _inserted(
             cur,
-            f"""INSERT INTO bars ({_BAR_COLS}, {q(REVISION)})
+            f"""INSERT INTO {bars} ({_BAR_COLS}, {q(REVISION)})
                 SELECT {column_list(BAR_COLUMNS, "p.")},
-                       coalesce((SELECT max(b.{REVISION}) + 1 FROM bars b WHERE {_KEY}), 0)
+                       coalesce((SELECT max(b.{REVISION}) + 1 FROM {bars} b WHERE {_KEY}), 0)
                 FROM _new p ON CONFLICT DO NOTHING""",
         )
         cur.execute("DROP TABLE _new")
         return stored
 
     def _write_side_tables(
-        self, cur: Any, page: PageWrite, stored: int, quarantine: pl.DataFrame | None, findings: pl.DataFrame | None
+        self,
+        cur: Any,
+        tables: BarTables,
+        page: PageWrite,
+        stored: int,
+        quarantine: pl.DataFrame | None,
+        findings: pl.DataFrame | None,
     ) -> None:
         if quarantine is not None:
-            cur.adbc_ingest(QUARANTINE.name, quarantine.to_arrow(), mode="append")
+            cur.adbc_ingest(tables.quarantine.name, quarantine.to_arrow(), mode="append")
         if findings is not None:
             self._insert_findings(cur, findings)
         if page.coverage:
@@ -498,7 +536,8 @@ class PostgresStore:
             where.append(f"feed = {bind(feed)}")
         if sources is not None:
             where.append(f"source = ANY({bind(list(sources))})")
-        sql = f"SELECT {_BAR_COLS} FROM bars WHERE {' AND '.join(where)}"
+        bars = bar_tables(symbols).bars.name
+        sql = f"SELECT {_BAR_COLS} FROM {bars} WHERE {' AND '.join(where)}"
         if source is None or feed is None:
             sql = (
                 f"SELECT DISTINCT ON (symbol, ts) {_BAR_COLS} FROM ({sql}) v ORDER BY symbol, ts, "
@@ -525,7 +564,7 @@ class PostgresStore:
         if limit is not None:
             sql += f" LIMIT {bind(int(limit))}"
         table = self._arrow(sql, tuple(params))
-        return pl.from_arrow(table.cast(_BAR_ARROW))  # type: ignore[return-value]
+        return pl.from_arrow(table.cast(_BAR_ARROW[bars]))  # type: ignore[return-value]
 
     def coverage(
         self,
@@ -556,15 +595,17 @@ class PostgresStore:
         return {sym: end.astimezone(UTC) for sym, end in rows}
 
     def quarantine(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
+        held = bar_tables([symbol] if symbol else []).quarantine
         if symbol:
-            frame = self._frame("SELECT * FROM quarantine WHERE symbol = $1 ORDER BY ts LIMIT $2", (symbol, limit))
+            frame = self._frame(f"SELECT * FROM {held.name} WHERE symbol = $1 ORDER BY ts LIMIT $2", (symbol, limit))
         else:
-            frame = self._frame("SELECT * FROM quarantine ORDER BY ts LIMIT $1", (limit,))
-        return frame.cast(QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+            frame = self._frame(f"SELECT * FROM {held.name} ORDER BY ts LIMIT $1", (limit,))
+        return frame.cast(dict(held.columns))  # type: ignore[arg-type]
 
     def quarantined_at(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
         return self._frame(
-            "SELECT symbol, ts FROM quarantine WHERE timeframe = $1 AND ts >= $2 AND ts < $3 AND symbol = ANY($4)",
+            f"SELECT symbol, ts FROM {bar_tables(symbols).quarantine.name} WHERE timeframe = $1 AND ts >= $2 "
+            "AND ts < $3 AND symbol = ANY($4)",
             (timeframe, start, end, list(symbols)),
         )
 
@@ -572,22 +613,20 @@ class PostgresStore:
         return self._frame("SELECT * FROM ingest_log ORDER BY id DESC LIMIT $1", (limit,))
 
     def revisions(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
+        held = bar_tables([symbol] if symbol else []).revisions.name
         if symbol:
-            return self._frame("SELECT * FROM revisions WHERE symbol = $1 ORDER BY ts LIMIT $2", (symbol, limit))
-        return self._frame("SELECT * FROM revisions ORDER BY ts LIMIT $1", (limit,))
+            return self._frame(f"SELECT * FROM {held} WHERE symbol = $1 ORDER BY ts LIMIT $2", (symbol, limit))
+        return self._frame(f"SELECT * FROM {held} ORDER BY ts LIMIT $1", (limit,))
 
     def summary(self) -> pl.DataFrame:
         return self._frame(
-            """SELECT symbol, timeframe, source, feed, count(*) AS bars, min(ts) AS first, max(ts) AS last
-               FROM bars GROUP BY symbol, timeframe, source, feed ORDER BY symbol, timeframe, source, feed"""
+            f"""SELECT symbol, timeframe, source, feed, count(*) AS bars, min(ts) AS first, max(ts) AS last
+               FROM ({_ALL_BARS}) b GROUP BY symbol, timeframe, source, feed ORDER BY symbol, timeframe, source, feed"""
         )
 
     def counts(self) -> dict[str, int]:
-        rows = self._rows(
-            "SELECT (SELECT count(*) FROM bars), (SELECT count(*) FROM quarantine), "
-            "(SELECT count(*) FROM coverage), (SELECT count(*) FROM ingest_log)"
-        )
-        return dict(zip(("bars", "quarantine", "coverage", "ingest_log"), (int(v) for v in rows[0]), strict=True))
+        rows = self._rows("SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in COUNTED))
+        return dict(zip(COUNTED, (int(v) for v in rows[0]), strict=True))
 
     # --- quality ---------------------------------------------------------------------------------
 
