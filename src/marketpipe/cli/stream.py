@@ -424,7 +424,6 @@ async def run_hub(
     from marketpipe.service.data import MarketData
     from marketpipe.service.gateway import Gateway
     from marketpipe.service.live import PRICES, LiveHub
-
     from marketpipe.service.live.crypto import CryptoHub
 
     data = MarketData(config, env=env)

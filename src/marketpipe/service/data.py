@@ -84,6 +84,9 @@ def _equities_only(syms: list[str], what: str) -> list[str]:
     return syms
 
 
+equities_only = _equities_only  # for the Alpaca-compatible stock routes: their records are the stock ones
+
+
 class MarketData:
     def __init__(
         self,
