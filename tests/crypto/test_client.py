@@ -132,14 +132,20 @@ async def test_corrupt_rows_from_the_vendor_are_left_out_not_repaired(sim: SimSe
     assert kept.equals(dirty.drop("fetched_at"))
 
 
-async def test_stock_records_refuse_pairs_and_say_where_they_are_served(sim: SimServer, tmp_path: object) -> None:
+async def test_latest_values_and_snapshots_of_pairs_come_from_the_crypto_api(sim: SimServer, tmp_path: object) -> None:
     data = MarketData(_config(sim, str(tmp_path)), env={})
     try:
-        with pytest.raises(InvalidArgument, match=r"MarketData\.crypto"):
-            await data.latest_trades(["BTC/USD"])
-        with pytest.raises(InvalidArgument, match="/v1beta3/crypto"):
-            await data.snapshots("ETH/USD")
-        latest = await data.crypto.latest("trades", "BTC/USD")  # where they are
-        assert latest["size"][0] > 0
+        trades = await data.latest_trades(["BTC/USD", "ZZZ/USD"])  # an unlisted pair is left out, as the vendor does
+        vendor = await data.crypto.latest("trades", "BTC/USD")
+        (t,) = trades.values()
+        assert t.symbol == "BTC/USD" and t.size == vendor["size"][0] and isinstance(t.size, float)
+        assert (t.source, t.feed) == ("sim:alpaca", "us")
+        q = await data.latest_quote("ETH/USD")
+        assert q is not None and 0 < q.bid_price < q.ask_price and isinstance(q.ask_size, float)
+        snaps = await data.snapshots(["ETH/USD", "BTC/USD"])
+        assert set(snaps) == {"ETH/USD", "BTC/USD"}
+        eth = snaps["ETH/USD"]
+        assert eth.latest_trade is not None and eth.daily_bar is not None and eth.prev_daily_bar is not None
+        assert isinstance(eth.daily_bar.volume, float) and eth.source == "sim:alpaca"
     finally:
         await data.aclose()

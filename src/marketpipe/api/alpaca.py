@@ -54,6 +54,7 @@ from marketpipe.core.validation import (
     validate_timeframe,
 )
 from marketpipe.service.actions import parse_adjustment
+from marketpipe.service.data import equities_only
 from marketpipe.service.gateway import BarsPage, Meta, decode_token
 from marketpipe.wire.alpaca_rest import (
     ADJUSTMENTS,
@@ -461,7 +462,7 @@ def router() -> APIRouter:
         encode = encoders[kind]
 
         async def load() -> Loaded:
-            got = await st.gateway.latest(kind, syms, feed=fd)
+            got = await st.gateway.latest(kind, equities_only(syms, f"latest {kind}s"), feed=fd)
             now = utcnow()
             found = _found(got, syms)
             doc: dict[str, Any]
@@ -482,7 +483,7 @@ def router() -> APIRouter:
         syms, fd, cur, key = _current("snapshot", single, symbols, feed, currency)
 
         async def load() -> Loaded:
-            got = await st.gateway.snapshots(syms, feed=fd)
+            got = await st.gateway.snapshots(equities_only(syms, "snapshots"), feed=fd)  # stock records only
             now = utcnow()
             found = _found(got, syms)
             doc: dict[str, Any]

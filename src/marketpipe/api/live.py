@@ -8,7 +8,12 @@ Protocol of ``/v1/stream`` (every server frame is a JSON array of messages, like
 * client → ``{"action": "subscribe", "symbols": ["AAPL", "MSFT"]}`` / ``"unsubscribe"`` /
   ``{"action": "ping"}``; server → ``{"type": "subscribed", "symbols": [...]}`` (the whole list), the
   last known value of each new symbol (``stale`` says whether it is), then ``price`` updates;
-* ``{"type": "status", "state": ..., "active_source": ...}`` whenever the live source changes;
+  crypto pairs (``BTC/USD``) are symbols like any other, served by the hub's crypto lane;
+* ``"channels": ["prices", "trades", "quotes", "bars", "updated_bars", "daily_bars", "orderbooks"]``
+  in a subscribe or unsubscribe (default ``["prices"]``) adds the stream's own records
+  (``fanout.v1_json``; ``orderbooks`` for pairs only); ``subscribed`` then also has ``channels``;
+* ``{"type": "status", "asset_class": ..., "state": ..., "active_source": ...}`` whenever the live
+  source of that asset class changes;
 * ``{"type": "warning", "code": "SLOW_CONSUMER"}`` when the client falls behind, then
   ``{"type": "error", "code": "SLOW_CONSUMER"}`` and close code 1008 with reason ``SLOW_CONSUMER: …``
   if its queue fills;
@@ -48,7 +53,7 @@ from marketpipe.core.errors import (
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
 from marketpipe.core.schema import normalize_symbols
-from marketpipe.service.live import PRICES, FanoutClient, LiveHub, observe_delivery, unified_json
+from marketpipe.service.live import PRICES, FanoutClient, LiveHub, observe_delivery, v1_json
 
 log = get_logger("marketpipe.api.live")
 
@@ -57,6 +62,7 @@ DROP_FLUSH_SECONDS = 1.0
 CLOSE_SECONDS = 2.0  # the close frame's bound: a client that never reads cannot hold the connection
 MAX_MESSAGE_BYTES = 64 * 1024
 V1_JSON = "v1"
+V1_CHANNELS = (PRICES, "trades", "quotes", "bars", "updated_bars", "daily_bars", "orderbooks")
 
 
 def hub_of(app: Any) -> LiveHub:
@@ -134,15 +140,28 @@ async def _apply(hub: LiveHub, client: FanoutClient, raw: str | bytes) -> None:
     if not isinstance(symbols, list) or not symbols or not all(isinstance(s, str) for s in symbols):
         client.notice(_error(InvalidSymbols.code, "symbols must be a non-empty list of strings"))
         return
+    channels = msg.get("channels", [PRICES])
+    if (
+        not isinstance(channels, list)
+        or not channels
+        or not all(isinstance(c, str) and c in V1_CHANNELS for c in channels)
+    ):
+        client.notice(_error(InvalidArgument.code, f"channels must be a non-empty list of {', '.join(V1_CHANNELS)}"))
+        return
     try:
-        if action == "subscribe":
-            now = await hub.subscribe(client, PRICES, symbols)
-        else:
-            now = await hub.unsubscribe(client, PRICES, symbols)
+        for channel in dict.fromkeys(channels):
+            if action == "subscribe":
+                await hub.subscribe(client, channel, symbols)
+            else:
+                await hub.unsubscribe(client, channel, symbols)
     except MarketpipeError as exc:
         client.notice(_error(exc.code, exc.message, **(exc.details or {})))
         return
-    client.notice({"type": "subscribed", "symbols": now})
+    reply: dict[str, Any] = {"type": "subscribed", "symbols": sorted(client.subscriptions.get(PRICES, ()))}
+    others = {ch: sorted(v) for ch, v in client.subscriptions.items() if ch != PRICES and v}
+    if others or "channels" in msg:
+        reply["channels"] = others
+    client.notice(reply)
 
 
 def live_router() -> APIRouter:
@@ -174,7 +193,7 @@ def live_router() -> APIRouter:
                 notices, items = await client.next_batch()
                 if not notices and not items:
                     return
-                parts = [it.encoded(V1_JSON, unified_json) for it in items]
+                parts = [it.encoded(V1_JSON, v1_json) for it in items]
                 await ws.send_text(batch_json(notices, parts))
                 sent.inc(len(items))
                 observe_delivery(latency, items)
@@ -228,7 +247,7 @@ def live_router() -> APIRouter:
                     if not notices and not items:
                         return
                     out = [b"event: %s\ndata: %s\n\n" % (n["type"].encode(), orjson.dumps(n)) for n in notices]
-                    out += [b"event: price\ndata: %s\n\n" % it.encoded(V1_JSON, unified_json) for it in items]
+                    out += [b"event: price\ndata: %s\n\n" % it.encoded(V1_JSON, v1_json) for it in items]
                     yield b"".join(out)
                     sent.inc(len(items))
                     observe_delivery(latency, items)

@@ -96,23 +96,34 @@ class AppState:
             self.bus = await BusLink.open(self.config, env=self.env, live=self.config.stream.enabled)
         if self.config.stream.enabled:
             shared = self.bus.stream if self.bus is not None else None
-            self.live = LiveHub(self.config, self.gateway, env=self.env, stream=shared)  # type: ignore[arg-type]
+            self.live = LiveHub(
+                self.config,
+                self.gateway,
+                env=self.env,
+                stream=shared,  # type: ignore[arg-type]
+                crypto_hub=self._crypto_hub,  # pairs on /v1/stream: the /v1beta3/crypto upstreams, shared
+            )
             if shared is not None and self.config.stream.gap_backfill:
                 shared.on_reconnect = self.live.on_outage  # an owner change: the missed bars over REST
             await self.live.start()
         if self.alerts is not None:
             self.alerts.start()
 
+    def _crypto_hub(self) -> Any:
+        from marketpipe.api.crypto_stream import hub_of  # the api module imports this one
+
+        return hub_of(self)
+
     async def aclose(self) -> None:
-        crypto_hub = getattr(self, "crypto_hub", None)  # api/crypto_stream.py sets it on first use
-        if crypto_hub is not None:
-            await crypto_hub.aclose()
         if self.alerts is not None:
             await self.alerts.aclose()
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self.live is not None:
-            await self.live.close()
+            await self.live.close()  # first: its crypto lane is a client of the crypto hub
+        crypto_hub = getattr(self, "crypto_hub", None)  # api/crypto_stream.py sets it on first use
+        if crypto_hub is not None:
+            await crypto_hub.aclose()
         if self.options_live is not None:
             await self.options_live.close()
         if self.bus is not None:

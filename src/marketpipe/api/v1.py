@@ -16,7 +16,7 @@ from marketpipe.api.answer import Loaded, answer
 from marketpipe.api.formats import MEDIA, bars_body, bars_json, json_body, negotiate
 from marketpipe.api.state import AppState, StateDep
 from marketpipe.cache import make_key, ttl_for
-from marketpipe.core.schema import normalize_symbol, normalize_symbols
+from marketpipe.core.schema import is_crypto, normalize_symbol, normalize_symbols
 from marketpipe.core.timeutil import parse_range, utcnow
 from marketpipe.core.validation import validate_timeframe
 from marketpipe.service.actions import parse_adjustment, parse_as_of
@@ -156,17 +156,20 @@ def v1_router() -> APIRouter:
                 "X-Marketpipe-Quality-Score": str(view.get("quality_score") or ""),
             }
             ttl = ttl_for(
-                f"latest_{kind}", market_open=st.gateway.is_market_hours(t), range_closed=False, config=st.config.cache
+                f"latest_{kind}",
+                market_open=st.gateway.is_market_hours(t, [sym]),
+                range_closed=False,
+                config=st.config.cache,
             )
             return json_body(view), MEDIA["json"], headers, ttl
 
         return await answer(request, st, key, f"latest_{kind}", load)
 
-    @r.get("/quotes/{symbol}/latest", summary="Latest quote with spread, mid, market hours and data age")
+    @r.get("/quotes/{symbol:path}/latest", summary="Latest quote with spread, mid, market hours and data age")
     async def latest_quote(request: Request, st: StateDep, symbol: str, feed: Feed = None) -> Response:
         return await latest(request, st, "quote", symbol, feed)
 
-    @r.get("/trades/{symbol}/latest", summary="Latest trade")
+    @r.get("/trades/{symbol:path}/latest", summary="Latest trade")
     async def latest_trade(request: Request, st: StateDep, symbol: str, feed: Feed = None) -> Response:
         return await latest(request, st, "trade", symbol, feed)
 
@@ -185,7 +188,10 @@ def v1_router() -> APIRouter:
                 "missing": [s for s in syms if s not in snaps],
             }
             ttl = ttl_for(
-                "snapshot", market_open=st.gateway.is_market_hours(t), range_closed=False, config=st.config.cache
+                "snapshot",
+                market_open=st.gateway.is_market_hours(t, syms if all(map(is_crypto, syms)) else None),
+                range_closed=False,
+                config=st.config.cache,
             )
             return json_body(doc), MEDIA["json"], {}, ttl
 

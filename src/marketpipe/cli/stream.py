@@ -424,9 +424,17 @@ async def run_hub(
     from marketpipe.service.data import MarketData
     from marketpipe.service.gateway import Gateway
     from marketpipe.service.live import PRICES, LiveHub
+    from marketpipe.service.live.crypto import CryptoHub
 
     data = MarketData(config, env=env)
-    hub = LiveHub(config, Gateway(data), env=env)
+    crypto: list[CryptoHub] = []  # made on the first pair (BTC/USD): the crypto stream at Alpaca's "us"
+
+    def crypto_hub() -> CryptoHub:
+        if not crypto:
+            crypto.append(CryptoHub.from_config(config, env=env))
+        return crypto[0]
+
+    hub = LiveHub(config, Gateway(data), env=env, crypto_hub=crypto_hub)
     try:
         await hub.start()
         _check_sources(hub)
@@ -438,6 +446,8 @@ async def run_hub(
             await consume(HubFeed(client), board, view, duration)
     finally:
         await hub.close()
+        for c in crypto:
+            await c.aclose()
         await data.aclose()
         # LiveHub.start() freezes the heap (gc.freeze) for the collector's sake; hand it back, or objects
         # kept alive by frozen cycles (DuckDB's) are still there at exit and nanobind reports leaks.

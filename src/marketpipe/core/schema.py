@@ -212,7 +212,7 @@ class Trade(msgspec.Struct, frozen=True, kw_only=True):
     symbol: str
     ts: datetime  # microseconds (datetime's resolution); the exact instant is ts_ns
     price: float
-    size: int
+    size: int | float  # whole shares for equities; a fraction of a coin for crypto pairs, kept exact
     exchange: str | None = None
     trade_id: int | None = None
     conditions: tuple[str, ...] = ()
@@ -227,9 +227,9 @@ class Quote(msgspec.Struct, frozen=True, kw_only=True):
     symbol: str
     ts: datetime
     bid_price: float
-    bid_size: int
+    bid_size: int | float  # fractional for crypto pairs
     ask_price: float
-    ask_size: int
+    ask_size: int | float
     bid_exchange: str | None = None
     ask_exchange: str | None = None
     conditions: tuple[str, ...] = ()
@@ -260,7 +260,7 @@ class Bar(msgspec.Struct, frozen=True, kw_only=True):
     high: float
     low: float
     close: float
-    volume: int
+    volume: int | float  # fractional for crypto pairs (which the store does not hold)
     trade_count: int | None = None
     vwap: float | None = None
     source: str
@@ -375,7 +375,22 @@ class RawMessage(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", ta
     error: str | None = None
 
 
-StreamEvent = TradingStatus | Luld | Imbalance | Correction | CancelError | RawMessage
+class OrderBook(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="orderbook"):
+    """A crypto order book message as the stream sent it: ``reset`` (the vendor's ``r``) means the
+    levels are the whole book and replace it; otherwise each level replaces the size at its price
+    and size 0 removes it (``wire/alpaca_crypto.LocalBook``). Levels are (price, size)."""
+
+    symbol: str
+    ts: datetime | None = None
+    bids: tuple[tuple[float, float], ...] = ()
+    asks: tuple[tuple[float, float], ...] = ()
+    reset: bool = False
+    source: str
+    feed: str | None = None
+    fetched_at: datetime
+
+
+StreamEvent = TradingStatus | Luld | Imbalance | Correction | CancelError | OrderBook | RawMessage
 # every record the live stream delivers; trades, quotes and bars are untagged (their JSON elsewhere has no
 # type field) and are told apart by class, the events by class or by their tag
 StreamRecord = Trade | Quote | Bar | StreamEvent

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 
 from marketpipe.core.errors import AuthFailed, StreamFailed
+from marketpipe.providers.base import sim_source
 from marketpipe.wire.alpaca_crypto import stream_path
 from marketpipe.wire.alpaca_stream import stream_base_url
 
@@ -30,11 +31,15 @@ class CryptoStreamConnection:
         self._key, self._secret = key, secret
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self.source = "alpaca"  # "sim:alpaca" once connected to marketpipe's simulator
 
     async def connect(self) -> None:
         self._http = aiohttp.ClientSession()
         try:
             self._ws = await self._http.ws_connect(self.url, heartbeat=30)
+            upgrade = getattr(self._ws, "_response", None)  # aiohttp keeps the upgrade response here
+            if upgrade is not None:
+                self.source = sim_source(upgrade.headers, "alpaca")
             first = await self._control()
             if first != [{"T": "success", "msg": "connected"}]:
                 raise StreamFailed(f"crypto stream {self.url}: no 'connected' greeting ({str(first)[:120]})")

@@ -21,13 +21,14 @@ import polars as pl
 from marketpipe.core.calendar import ExchangeCalendar, calendar_for
 from marketpipe.core.config import Config
 from marketpipe.core.log import get_logger
-from marketpipe.core.schema import TIME_COLUMN
+from marketpipe.core.schema import TIME_COLUMN, Bar, Quote, Snapshot, Trade
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_crypto import AlpacaCryptoProvider, CryptoPage
 from marketpipe.quality.completeness import Completeness, assess_frames
 from marketpipe.quality.validate import check_bars
+from marketpipe.wire.alpaca_crypto import bar_records, quote_records, trade_records
 
 log = get_logger("marketpipe.service.crypto")
 
@@ -82,6 +83,39 @@ class CryptoData:
 
     async def snapshots(self, symbols: list[str] | str, *, location: str | None = None) -> dict[str, pl.DataFrame]:
         return await self.provider.snapshots(symbols, location=location)
+
+    async def latest_records(
+        self, kind: str, symbols: list[str] | str, *, location: str | None = None
+    ) -> dict[str, Trade] | dict[str, Quote] | dict[str, Bar]:
+        """The latest ``trade`` / ``quote`` / ``bar`` per pair as canonical records (what
+        ``MarketData.latest`` answers for pairs): fractional sizes kept, ``feed`` naming the location.
+        A pair the location does not list is left out, as the vendor does."""
+        plural = {"trade": "trades", "quote": "quotes", "bar": "bars"}[kind]
+        frame = await self.provider.latest(plural, symbols, location=location)
+        if plural == "trades":
+            return trade_records(frame)
+        return quote_records(frame) if plural == "quotes" else bar_records(frame)
+
+    async def snapshot_records(self, symbols: list[str] | str, *, location: str | None = None) -> dict[str, Snapshot]:
+        """Snapshots per pair as :class:`~marketpipe.core.schema.Snapshot` records (sizes fractional)."""
+        parts = await self.provider.snapshots(symbols, location=location)
+        trades, quotes = trade_records(parts["latest_trade"]), quote_records(parts["latest_quote"])
+        minute, daily, prev = (bar_records(parts[k]) for k in ("minute_bar", "daily_bar", "prev_daily_bar"))
+        out: dict[str, Snapshot] = {}
+        for sym in sorted(set(trades) | set(quotes) | set(minute) | set(daily) | set(prev)):
+            recs = [r for r in (trades.get(sym), quotes.get(sym), minute.get(sym), daily.get(sym)) if r is not None]
+            first = recs[0] if recs else prev[sym]
+            out[sym] = Snapshot(
+                symbol=sym,
+                latest_trade=trades.get(sym),
+                latest_quote=quotes.get(sym),
+                minute_bar=minute.get(sym),
+                daily_bar=daily.get(sym),
+                prev_daily_bar=prev.get(sym),
+                source=first.source,
+                fetched_at=first.fetched_at,
+            )
+        return out
 
     def completeness(
         self, bars: pl.DataFrame, symbols: list[str], timeframe: Timeframe, start: datetime, end: datetime

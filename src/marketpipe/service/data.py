@@ -86,6 +86,9 @@ def _equities_only(syms: list[str], what: str) -> list[str]:
     return syms
 
 
+equities_only = _equities_only  # for the Alpaca-compatible stock routes: their records are the stock ones
+
+
 class MarketData:
     def __init__(
         self,
@@ -504,7 +507,14 @@ class MarketData:
         return await self.router.first(key, call, symbols=syms, refused=CLIENT_ERRORS)
 
     async def latest(self, kind: LatestKind, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Any]:
-        return (await self.latest_served(kind, symbols, feed=feed)).value
+        """Latest values per symbol; crypto pairs from :attr:`crypto` (``feed`` is their location), the
+        rest from the first stock provider that serves them."""
+        syms = normalize_symbols(symbols)
+        stocks, pairs = [s for s in syms if not is_crypto(s)], [s for s in syms if is_crypto(s)]
+        out = (await self.latest_served(kind, stocks, feed=feed)).value if stocks else {}
+        if pairs:
+            out = {**out, **await self.crypto.latest_records(kind, pairs, location=feed)}
+        return out
 
     async def latest_trades(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Trade]:
         return await self.latest("trade", symbols, feed=feed)
@@ -524,7 +534,16 @@ class MarketData:
         return (await self.latest_quotes([sym], feed=feed)).get(sym)
 
     async def snapshots(self, symbols: list[str] | str, *, feed: str | None = None) -> dict[str, Snapshot]:
-        syms = _equities_only(normalize_symbols(symbols), "snapshots")
+        """Snapshots per symbol; crypto pairs from :attr:`crypto` (``feed``: their location)."""
+        every = normalize_symbols(symbols)
+        pairs = [s for s in every if is_crypto(s)]
+        crypto = await self.crypto.snapshot_records(pairs, location=feed) if pairs else {}
+        syms = [s for s in every if not is_crypto(s)]
+        if not syms:
+            return crypto
+        return {**await self._stock_snapshots(syms, feed=feed), **crypto}
+
+    async def _stock_snapshots(self, syms: list[str], *, feed: str | None = None) -> dict[str, Snapshot]:
 
         async def call(p: BarsProvider) -> dict[str, Snapshot]:
             return await p.snapshots(syms, feed=feed_for(p, "snapshot", feed))

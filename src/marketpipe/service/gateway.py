@@ -28,7 +28,16 @@ from marketpipe.core.errors import (
     ProviderError,
 )
 from marketpipe.core.log import get_logger
-from marketpipe.core.schema import BAR_SCHEMA, CRYPTO_BAR_SCHEMA, Bar, Quote, Snapshot, Trade, normalize_symbols
+from marketpipe.core.schema import (
+    BAR_SCHEMA,
+    CRYPTO_BAR_SCHEMA,
+    Bar,
+    Quote,
+    Snapshot,
+    Trade,
+    is_crypto,
+    normalize_symbols,
+)
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import record_ns, utcnow
 from marketpipe.core.validation import validate_enum, validate_limit, validate_range, validate_sort, validate_timeframe
@@ -430,12 +439,13 @@ class Gateway:
         i = int(np.searchsorted(cal.opens, ns, side="right")) - 1
         return i >= 0 and ns < int(cal.closes[i])
 
-    def timeliness(self, newest: datetime | None, now: datetime) -> float | None:
-        """The quality score of a latest value: its freshness, on the same scale as the series scores."""
+    def timeliness(self, newest: datetime | None, now: datetime, symbols: list[str] | None = None) -> float | None:
+        """The quality score of a latest value: its freshness, on the same scale as the series scores
+        (on ``symbols``' calendar: a crypto value is always expected to be fresh)."""
         if newest is None:
             return None
         q = self.data.config.quality
-        if not self.is_market_hours(now):
+        if not self.is_market_hours(now, symbols):
             return 1.0  # nothing newer can exist while the market is closed
         age = (now - newest).total_seconds()
         return float(min(1.0, max(0.0, 1 - (age - q.fresh_seconds) / (q.stale_seconds - q.fresh_seconds))))
@@ -462,8 +472,9 @@ class Gateway:
             "feed": q.feed,
             "fetched_at": q.fetched_at.isoformat(),
             "data_age_seconds": round(age, 3),
-            "is_market_hours": self.is_market_hours(now),
-            "quality_score": self.timeliness(q.ts, now),
+            "is_market_hours": self.is_market_hours(now, [q.symbol]),
+            "quality_score": self.timeliness(q.ts, now, [q.symbol]),
+            **_location(q.symbol, q.feed),
         }
 
     def trade_view(self, t: Trade, now: datetime) -> dict[str, Any]:
@@ -481,8 +492,9 @@ class Gateway:
             "feed": t.feed,
             "fetched_at": t.fetched_at.isoformat(),
             "data_age_seconds": round(max(0.0, (now - t.ts).total_seconds()), 3),
-            "is_market_hours": self.is_market_hours(now),
-            "quality_score": self.timeliness(t.ts, now),
+            "is_market_hours": self.is_market_hours(now, [t.symbol]),
+            "quality_score": self.timeliness(t.ts, now, [t.symbol]),
+            **_location(t.symbol, t.feed),
         }
 
     def bar_view(self, b: Bar) -> dict[str, Any]:
@@ -519,9 +531,15 @@ class Gateway:
             "source": s.source,
             "fetched_at": s.fetched_at.isoformat(),
             "data_age_seconds": round(max(0.0, (now - newest).total_seconds()), 3) if newest else None,
-            "is_market_hours": self.is_market_hours(now),
-            "quality_score": self.timeliness(newest, now),
+            "is_market_hours": self.is_market_hours(now, [s.symbol]),
+            "quality_score": self.timeliness(newest, now, [s.symbol]),
+            **_location(s.symbol, next((r.feed for r in (s.latest_trade, s.latest_quote, s.daily_bar) if r), None)),
         }
+
+
+def _location(symbol: str, feed: str | None) -> dict[str, Any]:
+    """A crypto pair's attribution beyond ``source``: its asset class and the vendor location."""
+    return {"asset_class": "crypto", "location": feed} if is_crypto(symbol) else {}
 
 
 __all__ = ["BarsPage", "Gateway", "MarketpipeError", "Meta", "decode_token", "encode_token"]

@@ -35,13 +35,18 @@ from marketpipe.core.schema import (
     CRYPTO_TRADE_SCHEMA,
     ORDERBOOK_SCHEMA,
     UTC_US,
+    Bar,
+    OrderBook,
+    Quote,
+    StreamRecord,
+    Trade,
     crypto_pair_hint,
     is_crypto,
     normalize_symbol,
 )
-from marketpipe.core.timeutil import ns_text
+from marketpipe.core.timeutil import ns_text, ns_to_dt
 from marketpipe.core.validation import validate_enum
-from marketpipe.wire.alpaca_rest import parse_ts, quote_path
+from marketpipe.wire.alpaca_rest import one_ts_ns, parse_ts, quote_path
 
 BASE = "/v1beta3/crypto"
 # Alpaca's locations: us (Alpaca), us-1 (Kraken US), us-2, eu-1 (Kraken EU), bs-1
@@ -309,6 +314,150 @@ def orderbooks_rows(frame: pl.DataFrame) -> dict[str, dict[str, Any]]:
         book = out.setdefault(r["symbol"], {"t": ns_text(ns[i]), "b": [], "a": []})
         book["b" if r["side"] == "bid" else "a"].append({"p": r["price"], "s": r["size"]})
     return out
+
+
+# --- canonical records (the live hub's and the latest-value answers') ------------------------------
+
+
+def trade_records(frame: pl.DataFrame) -> dict[str, Trade]:
+    """The last trade per pair of a :data:`CRYPTO_TRADE_SCHEMA` frame, as records (sizes kept as floats)."""
+    ns = ts_ns_column(frame)
+    return {
+        r["symbol"]: Trade(
+            symbol=r["symbol"],
+            ts=r["ts"],
+            price=r["price"],
+            size=r["size"],
+            trade_id=r["trade_id"],
+            source=r["source"],
+            feed=r["feed"],
+            fetched_at=r["fetched_at"],
+            ts_ns=ns[i],
+        )
+        for i, r in enumerate(frame.iter_rows(named=True))
+    }
+
+
+def quote_records(frame: pl.DataFrame) -> dict[str, Quote]:
+    ns = ts_ns_column(frame)
+    return {
+        r["symbol"]: Quote(
+            symbol=r["symbol"],
+            ts=r["ts"],
+            bid_price=r["bid_price"],
+            bid_size=r["bid_size"],
+            ask_price=r["ask_price"],
+            ask_size=r["ask_size"],
+            source=r["source"],
+            feed=r["feed"],
+            fetched_at=r["fetched_at"],
+            ts_ns=ns[i],
+        )
+        for i, r in enumerate(frame.iter_rows(named=True))
+    }
+
+
+def bar_records(frame: pl.DataFrame) -> dict[str, Bar]:
+    return {
+        r["symbol"]: Bar(
+            symbol=r["symbol"],
+            timeframe=r["timeframe"],
+            ts=r["ts"],
+            open=r["open"],
+            high=r["high"],
+            low=r["low"],
+            close=r["close"],
+            volume=r["volume"],
+            trade_count=r["trade_count"],
+            vwap=r["vwap"],
+            source=r["source"],
+            feed=r["feed"],
+            fetched_at=r["fetched_at"],
+        )
+        for r in frame.iter_rows(named=True)
+    }
+
+
+_BAR_TIMEFRAME = {"b": "1Min", "u": "1Min", "d": "1Day"}
+_OHLCV = ("o", "h", "l", "c", "v")
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "t": ("p", "s"),
+    "q": ("bp", "bs", "ap", "as"),
+    "o": (),
+    **dict.fromkeys(_BAR_TIMEFRAME, _OHLCV),
+}
+
+
+def stream_record(msg: Mapping[str, Any], source: str, loc: str, fetched_at: datetime) -> StreamRecord | None:
+    """One stream message (``T`` in :data:`CHANNEL_OF_TYPE`) as a canonical record; None for a
+    message that lacks its pair, its time or a value its kind needs (nothing is made up for it:
+    the caller counts and logs it). An unparsable time raises MALFORMED_RESPONSE."""
+    sym, t, kind = msg.get("S"), msg.get("t"), msg.get("T")
+    if not isinstance(sym, str) or not isinstance(t, str):
+        return None
+    row = dict(msg)
+    needs = _NEEDS.get(kind) if isinstance(kind, str) else None
+    if needs is None or any(_f(row, k) is None for k in needs):
+        return None
+    ns = one_ts_ns(t)
+    ts = ns_to_dt(ns)
+    if kind == "t":
+        return Trade(
+            symbol=sym,
+            ts=ts,
+            price=float(row["p"]),
+            size=float(row["s"]),
+            trade_id=_i(row, "i"),
+            source=source,
+            feed=loc,
+            fetched_at=fetched_at,
+            ts_ns=ns,
+        )
+    if kind == "q":
+        return Quote(
+            symbol=sym,
+            ts=ts,
+            bid_price=float(row["bp"]),
+            bid_size=float(row["bs"]),
+            ask_price=float(row["ap"]),
+            ask_size=float(row["as"]),
+            source=source,
+            feed=loc,
+            fetched_at=fetched_at,
+            ts_ns=ns,
+        )
+    if kind in _BAR_TIMEFRAME:
+        return Bar(
+            symbol=sym,
+            timeframe=_BAR_TIMEFRAME[kind],
+            ts=ts,
+            open=float(row["o"]),
+            high=float(row["h"]),
+            low=float(row["l"]),
+            close=float(row["c"]),
+            volume=float(row["v"]),
+            trade_count=_i(row, "n"),
+            vwap=_f(row, "vw"),
+            source=source,
+            feed=loc,
+            fetched_at=fetched_at,
+        )
+    if kind == "o":
+        levels = {
+            key: tuple((float(lv["p"]), float(lv["s"])) for lv in row.get(key) or () if isinstance(lv, dict))
+            for key in ("b", "a")
+        }
+        return OrderBook(
+            symbol=sym,
+            ts=ts,
+            bids=levels["b"],
+            asks=levels["a"],
+            reset=row.get("r") is True,
+            source=source,
+            feed=loc,
+            fetched_at=fetched_at,
+        )
+    return None
 
 
 # --- the order book on the stream ------------------------------------------------------------------

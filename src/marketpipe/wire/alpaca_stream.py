@@ -268,7 +268,7 @@ class TradeMessage(msgspec.Struct, tag_field="T", tag="t", gc=False):
     i: int | None
     x: str | None
     p: float
-    s: int
+    s: int | float
     c: tuple[str, ...] | list[str]
     t: StreamTime
     z: str | None
@@ -293,10 +293,10 @@ class QuoteMessage(msgspec.Struct, tag_field="T", tag="q", gc=False, rename={"as
     S: str
     bx: str | None
     bp: float
-    bs: int
+    bs: int | float
     ax: str | None
     ap: float
-    as_: int
+    as_: int | float
     c: tuple[str, ...] | list[str]
     t: StreamTime
     z: str | None
@@ -325,7 +325,7 @@ class _BarFields(msgspec.Struct, gc=False):
     h: float
     l: float  # noqa: E741 - the wire letter
     c: float
-    v: int
+    v: int | float
     t: datetime
     n: int | None
     vw: float | None

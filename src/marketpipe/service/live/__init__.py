@@ -15,6 +15,7 @@ from marketpipe.service.live.fanout import (
     Item,
     observe_delivery,
     unified_json,
+    v1_json,
 )
 from marketpipe.service.live.hub import LiveHub, stream_url
 
@@ -28,4 +29,5 @@ __all__ = [
     "observe_delivery",
     "stream_url",
     "unified_json",
+    "v1_json",
 ]

@@ -28,11 +28,11 @@ CROSS_SOURCE_PENALTY = 0.2
 @dataclass(slots=True)
 class SymbolState:
     price: float | None = None
-    size: int | None = None
+    size: int | float | None = None  # fractional for crypto pairs
     bid: float | None = None
     ask: float | None = None
-    bid_size: int | None = None
-    ask_size: int | None = None
+    bid_size: int | float | None = None
+    ask_size: int | float | None = None
     ts: datetime | None = None  # the last event's (trade or quote)
     source: str | None = None  # of the price (the last trade), or of the quote until a trade is seen
     feed: str | None = None
@@ -42,7 +42,7 @@ class SymbolState:
     quote_source: str | None = None
     prev_close: float | None = None
     session: date | None = None
-    volume: int = 0
+    volume: int | float = 0
     disagrees: bool = False
     spark: deque[tuple[float, float]] = field(default_factory=deque)  # (epoch seconds, price)
 

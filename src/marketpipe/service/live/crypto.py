@@ -11,26 +11,47 @@ that arrives before any whole book is counted (``marketpipe_stream_errors_total{
 logged and still delivered as received: nothing is dropped. A failed or closed upstream is
 reconnected with full-jitter backoff and subscribed again to what clients hold
 (``marketpipe_stream_reconnects_total{provider="alpaca_crypto"}``); clients keep their subscriptions.
+
+The project's own stream (``/v1/stream``) reaches the same upstreams through :class:`CryptoLiveStream`:
+one more client of this hub, which the live hub (:class:`~.hub.LiveHub`'s crypto lane) uses as its
+primary stream, as it uses :class:`~marketpipe.providers.alpaca_stream.AlpacaStream` for stocks, with
+:class:`CryptoLatest` (the REST latest values) as its fallback source.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import random
-from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from marketpipe.core.config import Config, alpaca_credentials
 from marketpipe.core.errors import MarketpipeError, MissingCredentials, OrderbookNotReset
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import STREAM_ERRORS, STREAM_MESSAGES, STREAM_RECONNECTS
+from marketpipe.core.schema import OrderBook, Quote, Trade
+from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_crypto_stream import CryptoStreamConnection, crypto_stream_url
-from marketpipe.wire.alpaca_crypto import CHANNEL_OF_TYPE, CHANNELS, LocalBook
+from marketpipe.providers.alpaca_stream import BatchHandler, StreamHealth, StreamMessage
+from marketpipe.wire.alpaca_crypto import (
+    CHANNEL_OF_TYPE,
+    CHANNELS,
+    DEFAULT_LOCATION,
+    LocalBook,
+    quote_records,
+    stream_record,
+    trade_records,
+)
+
+if TYPE_CHECKING:
+    from marketpipe.service.crypto import CryptoData
 
 log = get_logger("marketpipe.service.live.crypto")
 PROVIDER = "alpaca_crypto"
@@ -54,6 +75,10 @@ class _Upstream:
     books: dict[str, LocalBook] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     error: MarketpipeError | None = None
+    connected: bool = False
+    connected_since: datetime | None = None
+    last_message_at: datetime | None = None
+    reconnects: int = 0  # connections lost or failed since the first one
 
 
 class CryptoHub:
@@ -93,8 +118,39 @@ class CryptoHub:
         if up is None or (up.task is not None and up.task.done()):
             up = self._up[loc] = _Upstream(loc, self._connect(loc))
             await up.conn.connect()  # a failure (auth, connection) reaches the subscriber as a typed error
+            up.connected, up.connected_since = True, utcnow()
             up.task = asyncio.create_task(self._pump(up))
         return up
+
+    def upstream(self, loc: str) -> _Upstream | None:
+        """The location's upstream as it stands (None: never connected)."""
+        return self._up.get(loc)
+
+    def book(self, loc: str, symbol: str) -> OrderBook | None:
+        """The pair's current whole book (``reset``), when the hub follows it and has had a whole book."""
+        up = self._up.get(loc)
+        book = up.books.get(symbol) if up is not None else None
+        if book is None or not book.reset_seen:
+            return None
+        levels = book.levels()
+        return OrderBook(
+            symbol=symbol,
+            ts=None,
+            bids=tuple(levels["b"]),
+            asks=tuple(levels["a"]),
+            reset=True,
+            source=up.conn.source if up is not None else PROVIDER,
+            feed=loc,
+            fetched_at=utcnow(),
+        )
+
+    async def reconnect(self, loc: str) -> bool:
+        """Close the location's upstream connection: the pump reconnects and subscribes again."""
+        up = self._up.get(loc)
+        if up is None or up.task is None or up.task.done():
+            return False
+        await up.conn.aclose()
+        return True
 
     async def change(self, loc: str, client: CryptoClient, channels: dict[str, list[str]], *, add: bool) -> None:
         """Add or remove (channel, pair)s of ``client``; the upstream hears only first and last ones."""
@@ -158,11 +214,14 @@ class CryptoHub:
                     if held:
                         await up.conn.send("subscribe", dict(held))
                     connected = True
+                    up.connected, up.connected_since = True, utcnow()
                 async for frame in up.conn.frames():
                     attempt = 0
                     self._relay(up, frame)
             except MarketpipeError as exc:
                 up.error = exc
+                up.connected = False
+                up.reconnects += 1
                 STREAM_RECONNECTS.labels(PROVIDER, exc.code).inc()
                 log.warning("crypto_stream_reconnecting", location=up.loc, code=exc.code, error=exc.message)
             await up.conn.aclose()
@@ -175,6 +234,8 @@ class CryptoHub:
 
     def _relay(self, up: _Upstream, frame: list[dict[str, Any]]) -> None:
         data = [m for m in frame if m.get("T") in CHANNEL_OF_TYPE]
+        if data:
+            up.last_message_at = utcnow()
         for m in data:
             STREAM_MESSAGES.labels(PROVIDER, up.loc, CHANNEL_OF_TYPE[m["T"]]).inc()
             if m["T"] == "o" and isinstance(m.get("S"), str):
@@ -213,3 +274,216 @@ def _book_message(book: LocalBook) -> dict[str, Any]:
         "a": [{"p": p, "s": s} for p, s in levels["a"]],
         "r": True,
     }
+
+
+# The live hub's channel names (the stock stream's) -> the crypto stream's
+VENDOR_CHANNELS = {
+    "trades": "trades",
+    "quotes": "quotes",
+    "bars": "bars",
+    "updated_bars": "updatedBars",
+    "daily_bars": "dailyBars",
+    "orderbooks": "orderbooks",
+}
+HUB_CHANNELS = {v: k for k, v in VENDOR_CHANNELS.items()}
+
+
+class CryptoLiveStream:
+    """The crypto lane's primary stream: what :class:`~.hub.LiveHub` needs of an upstream stream
+    (``start``, reference-counted ``subscribe``/``unsubscribe``, batch handlers, ``health``,
+    ``reconnect``, ``close``), served by one :class:`CryptoClient` of the shared :class:`CryptoHub`, so
+    ``/v1/stream`` and ``/v1beta3/crypto/{loc}`` clients share the location's one upstream connection.
+
+    References are counted here per (hub channel, pair); the hub client holds each once. When the
+    upstream cannot be reached, the references stay counted and are applied again with backoff, and
+    :meth:`health` says disconnected (one reconnect per failed attempt), so the router fails over as it
+    does for a lost stock stream. Messages become canonical records (``wire/alpaca_crypto.stream_record``);
+    one that lacks a value its kind needs is counted and logged, never filled in."""
+
+    def __init__(
+        self,
+        hub: CryptoHub,
+        loc: str = DEFAULT_LOCATION,
+        *,
+        base_backoff_s: float = 0.2,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self.hub = hub
+        self.loc = loc
+        self.base_backoff_s, self.max_backoff_s = base_backoff_s, max_backoff_s
+        self.client = hub.client()
+        self.refs: Counter[tuple[str, str]] = Counter()
+        self._handlers: list[BatchHandler] = []
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self._retry: asyncio.Task[None] | None = None
+        self.error: MarketpipeError | None = None
+        self.failures = 0  # failed attempts to reach the upstream
+        self.messages = 0
+        self.decode_errors = 0
+        self.by_channel: Counter[str] = Counter()
+        self.last_message_at: dict[str, datetime] = {}
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._reader is None and not self._closed:
+            self._reader = asyncio.create_task(self._read(), name=f"crypto-live-{self.loc}")
+
+    def add_batch_handler(self, handler: BatchHandler) -> Callable[[], None]:
+        self._handlers.append(handler)
+        return lambda: self._handlers.remove(handler)
+
+    async def subscribe(self, **channels: Iterable[str]) -> None:
+        for ch, syms in channels.items():
+            for s in syms:
+                self.refs[(ch, s)] += 1
+        await self._reconcile()
+
+    async def unsubscribe(self, **channels: Iterable[str]) -> None:
+        for ch, syms in channels.items():
+            for s in syms:
+                if self.refs[(ch, s)] > 0:
+                    self.refs[(ch, s)] -= 1
+                if self.refs[(ch, s)] == 0:
+                    del self.refs[(ch, s)]
+        await self._reconcile()
+
+    def _wanted(self) -> set[tuple[str, str]]:
+        return {(VENDOR_CHANNELS[ch], s) for (ch, s), n in self.refs.items() if n > 0}
+
+    async def _reconcile(self) -> None:
+        """Make the hub client hold what the references want; on failure keep trying in the background."""
+        async with self._lock:
+            want = self._wanted()
+            have = {(ch, s) for ch, syms in self.client.subs.items() for s in syms}
+            try:
+                for delta, add in ((want - have, True), (have - want, False)):
+                    if delta:
+                        by: dict[str, list[str]] = defaultdict(list)
+                        for ch, s in sorted(delta):
+                            by[ch].append(s)
+                        await self.hub.change(self.loc, self.client, dict(by), add=add)
+                self.error = None
+            except MarketpipeError as exc:
+                self.error = exc
+                self.failures += 1
+                log.warning("crypto_live_upstream_unavailable", location=self.loc, code=exc.code, error=exc.message)
+                if self._retry is None or self._retry.done():
+                    self._retry = asyncio.create_task(self._retry_later(), name=f"crypto-live-retry-{self.loc}")
+
+    async def _retry_later(self) -> None:
+        attempt = 0
+        while self.error is not None and not self._closed:
+            await asyncio.sleep(random.uniform(0, min(self.max_backoff_s, self.base_backoff_s * 2**attempt)))
+            attempt += 1
+            await self._reconcile()  # a failure here finds this task running: no second retrier
+
+    async def _read(self) -> None:
+        while True:
+            msgs = await self.client.queue.get()
+            if msgs is None:  # this client fell behind the hub: join again, nothing else to do
+                log.warning("crypto_live_client_dropped", location=self.loc)
+                old, self.client = self.client, self.hub.client()
+                await self.hub.leave(self.loc, old)
+                await self._reconcile()
+                continue
+            await self._deliver(msgs)
+
+    async def _deliver(self, msgs: list[dict[str, Any]]) -> None:
+        now = utcnow()
+        up = self.hub.upstream(self.loc)
+        source = up.conn.source if up is not None else PROVIDER
+        out: list[StreamMessage] = []
+        for m in msgs:
+            channel = HUB_CHANNELS[CHANNEL_OF_TYPE[m["T"]]]
+            try:
+                rec = stream_record(m, source, self.loc, now)
+            except MarketpipeError as exc:
+                rec, reason = None, exc.code
+            else:
+                reason = "incomplete"
+            if rec is None:
+                self.decode_errors += 1
+                STREAM_ERRORS.labels(PROVIDER, "DECODE_FAILED").inc()
+                log.warning("crypto_live_message_undecodable", location=self.loc, reason=reason, message=str(m)[:200])
+                continue
+            out.append(StreamMessage(channel, rec))
+            self.by_channel[channel] += 1
+            self.last_message_at[channel] = now
+        self.messages += len(out)
+        if not out:
+            return
+        for h in list(self._handlers):
+            try:
+                r = h(out)
+                if r is not None and inspect.isawaitable(r):
+                    await r
+            except Exception as exc:  # noqa: BLE001 -- a consumer's bug must not stop the feed
+                log.error("crypto_live_handler_failed", error=repr(exc))
+
+    def current_book(self, symbol: str) -> OrderBook | None:
+        """The pair's whole current book, for a client that subscribes to a book already followed."""
+        return self.hub.book(self.loc, symbol)
+
+    async def reconnect(self, reason: str = "requested") -> bool:
+        log.warning("crypto_live_reconnect", location=self.loc, reason=reason)
+        return await self.hub.reconnect(self.loc)
+
+    def health(self) -> StreamHealth:
+        up = self.hub.upstream(self.loc)
+        connected = up is not None and up.connected and self.error is None
+        err = self.error or (up.error if up is not None and not up.connected else None)
+        subs: dict[str, dict[str, int]] = defaultdict(dict)
+        for (ch, s), n in self.refs.items():
+            subs[ch][s] = n
+        return StreamHealth(
+            connected=connected,
+            feed=self.loc,
+            url=up.conn.url if up is not None else "",
+            encoding="json",
+            source=up.conn.source if up is not None else PROVIDER,
+            connected_since=up.connected_since if up is not None else None,
+            last_message_at=dict(self.last_message_at),
+            messages_received=self.messages,
+            messages_by_channel=dict(self.by_channel),
+            reconnects=self.failures + (up.reconnects if up is not None else 0),
+            connections=1 if connected else 0,
+            errors_by_code={},
+            decode_errors=self.decode_errors,
+            handler_errors=0,
+            subscriptions=dict(subs),
+            server_subscriptions={HUB_CHANNELS[c]: sorted(v) for c, v in self.client.subs.items() if v},
+            last_error=err.to_dict() if err is not None else None,
+            next_retry_at=None,
+            stopped=False,
+            stop_error=None,
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        for t in (self._reader, self._retry):
+            if t is not None and t is not asyncio.current_task():
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
+        with contextlib.suppress(MarketpipeError):
+            await self.hub.leave(self.loc, self.client)
+
+
+class CryptoLatest:
+    """The crypto lane's fallback source for :class:`~.poller.FallbackPoller`: the latest trades and
+    quotes over REST (``/v1beta3/crypto/{loc}/latest/...``), as canonical records with fractional sizes."""
+
+    name = PROVIDER
+
+    def __init__(self, crypto: CryptoData, loc: str = DEFAULT_LOCATION) -> None:
+        self.crypto = crypto
+        self.loc = loc
+
+    def supports(self, *_: Any) -> None:
+        return None  # serves latest trades and quotes for every pair the location lists
+
+    async def latest_trades(self, symbols: list[str]) -> dict[str, Trade]:
+        return trade_records(await self.crypto.latest("trades", symbols, location=self.loc))
+
+    async def latest_quotes(self, symbols: list[str]) -> dict[str, Quote]:
+        return quote_records(await self.crypto.latest("quotes", symbols, location=self.loc))

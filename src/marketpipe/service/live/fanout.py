@@ -19,6 +19,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgspec
 import orjson
 
 from marketpipe.core.errors import SlowConsumer
@@ -61,6 +62,35 @@ class Item:
 
 def unified_json(item: Item) -> bytes:
     return orjson.dumps(item.record)
+
+
+# /v1/stream's message type for each data channel
+V1_TYPES = {
+    "trades": "trade",
+    "quotes": "quote",
+    "bars": "bar",
+    "updated_bars": "updated_bar",
+    "daily_bars": "daily_bar",
+    "orderbooks": "orderbook",
+}
+
+
+def v1_json(item: Item) -> bytes:
+    """An item as ``/v1/stream`` sends it: a ``price`` update as built, a stream record as its fields
+    with ``type`` (``trade``, ``quote``, ``bar``, ``updated_bar``, ``daily_bar``, ``orderbook``),
+    ``timestamp`` (and ``timestamp_ns``, the vendor's exact instant) and sizes as the vendor sent them
+    (fractions of a coin stay exact). Order-book levels are ``[price, size]`` pairs; ``reset: true``
+    means the levels are the whole book."""
+    if item.channel == PRICES:
+        return orjson.dumps(item.record)
+    doc = msgspec.to_builtins(item.record)
+    ts_ns = doc.pop("ts_ns", None)
+    out = {"type": V1_TYPES.get(item.channel, item.channel), "symbol": item.symbol}
+    out.update((k, v) for k, v in doc.items() if k not in ("type", "ts", "symbol"))
+    out["timestamp"] = doc.get("ts")
+    if ts_ns is not None:
+        out["timestamp_ns"] = ts_ns
+    return orjson.dumps(out)
 
 
 def observe_delivery(histogram: Any, items: list[Item]) -> None:
@@ -242,10 +272,10 @@ class Fanout:
         for c in self.routes.get((PRICES, symbol), ()):
             c.notice(notice)
 
-    def tell_unified(self, notice: dict[str, Any]) -> None:
-        """A notice for every client of the unified stream (status changes)."""
+    def tell_unified(self, notice: dict[str, Any], concerns: Callable[[FanoutClient], bool] | None = None) -> None:
+        """A notice for every client of the unified stream (status changes) that it ``concerns``."""
         for c in self.clients:
-            if PRICES in c.subscriptions or c.protocol != ALPACA_PROTOCOL:
+            if (PRICES in c.subscriptions or c.protocol != ALPACA_PROTOCOL) and (concerns is None or concerns(c)):
                 c.notice(notice)
 
     def close_all(self) -> None:

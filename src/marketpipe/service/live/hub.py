@@ -16,6 +16,15 @@ wires together
 Unified updates come from the router's active source: the stream while the primary is active, the
 polled fallback while it is not. The Alpaca-compatible clients get the stream's own messages only
 (Alpaca's format has no field to attribute another vendor's data).
+
+Crypto pairs go to the hub's **crypto lane** (:attr:`LiveHub.crypto`, made on the first pair): a second
+``LiveHub`` with ``asset_class="crypto"`` sharing this hub's fan-out (so one client may hold stocks and
+pairs), whose primary is a :class:`~.crypto.CryptoLiveStream` (one client of the shared
+:class:`~.crypto.CryptoHub`: one upstream per location for ``/v1/stream`` and ``/v1beta3/crypto``
+alike) and whose fallback poller reads the crypto REST latest values. It has its own router, price
+board and checks; its market never closes, so silence is always staleness. Its status notices carry
+``"asset_class": "crypto"`` and go to the clients holding pairs. Crypto bars are not stored
+(``service/crypto.py``) and pairs have no previous close here (change is null).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from marketpipe.core.config import Config
 from marketpipe.core.errors import InvalidArgument, MarketpipeError, UnknownSymbol
 from marketpipe.core.events import hub as event_hub
 from marketpipe.core.log import get_logger
-from marketpipe.core.schema import Bar, Quote, StreamRecord, Trade, normalize_symbol
+from marketpipe.core.schema import Bar, Quote, StreamRecord, Trade, is_crypto, normalize_symbol
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_stream import (
@@ -46,7 +55,7 @@ from marketpipe.quality.stream_checks import StreamChecker
 from marketpipe.service.gateway import Gateway
 from marketpipe.service.live.bars import BarWriter, PrevCloses
 from marketpipe.service.live.board import SCORE_POLLED, SCORE_STREAM, PriceBoard
-from marketpipe.service.live.fanout import PRICES, WILDCARD, Fanout, FanoutClient, Item, Route
+from marketpipe.service.live.fanout import ALPACA_PROTOCOL, PRICES, WILDCARD, Fanout, FanoutClient, Item, Route
 from marketpipe.service.live.poller import FallbackPoller
 from marketpipe.service.stream_router import (
     FALLBACK,
@@ -61,6 +70,9 @@ from marketpipe.wire.alpaca_stream import CHANNELS, stream_base_url, ws_scheme
 log = get_logger("marketpipe.service.live")
 
 MONITOR_SECONDS = 1.0
+EQUITY = "us_equity"
+CRYPTO = "crypto"
+CRYPTO_CHANNELS = ("trades", "quotes", "bars", "updated_bars", "daily_bars", "orderbooks")
 
 T = TypeVar("T")
 
@@ -73,10 +85,12 @@ def stream_url(config: Config) -> str:
     return stream_base_url(config.provider("alpaca", AlpacaConfig).base_url)
 
 
-def upstream_channels(channel: str) -> tuple[str, ...]:
-    """What a hub subscription needs upstream: unified prices come from trades and quotes (and the
-    minute bars are stored); an Alpaca-compatible channel is itself."""
-    return ("trades", "quotes", "bars") if channel == PRICES else (channel,)
+def upstream_channels(channel: str, asset_class: str = EQUITY) -> tuple[str, ...]:
+    """What a hub subscription needs upstream: unified prices come from trades and quotes (and a
+    stock's minute bars are stored); any other channel is itself."""
+    if channel == PRICES:
+        return ("trades", "quotes") if asset_class == CRYPTO else ("trades", "quotes", "bars")
+    return (channel,)
 
 
 class LiveHub:
@@ -94,6 +108,10 @@ class LiveHub:
         now: Callable[[], datetime] = utcnow,
         monitor_seconds: float = MONITOR_SECONDS,
         market_open: Callable[[], bool] | None = None,
+        asset_class: str = EQUITY,
+        fanout: Fanout | None = None,
+        crypto_hub: Callable[[], Any] | None = None,
+        fallback_sources: Callable[[], list[Any]] | None = None,
     ) -> None:
         self.config = config
         self.settings = s = config.stream
@@ -107,11 +125,19 @@ class LiveHub:
                 stale_seconds=s.stale_seconds,
             ),
             clock=clock,
+            name="live" if asset_class == EQUITY else f"live_{asset_class}",  # metrics and alerts per lane
         )
         self.checker = StreamChecker(s)
-        self.fanout = Fanout(s.client_queue, s.slow_warn_fraction)
+        self.asset_class = asset_class
+        self.lane = fanout is not None  # a lane of another hub: its fan-out, that hub's lifecycle
+        self.fanout = fanout or Fanout(s.client_queue, s.slow_warn_fraction)
         self.price_board = PriceBoard(self.router, s.sparkline_points)
-        self.poller = FallbackPoller(gateway, self.router, self.checker, self.price_board, self._publish_polled)
+        self.poller = FallbackPoller(
+            gateway, self.router, self.checker, self.price_board, self._publish_polled, fallback_sources
+        )
+        self.crypto: LiveHub | None = None  # the crypto lane, made on the first pair (crypto_hub given)
+        self._crypto_hub = crypto_hub
+        self._lane_lock = asyncio.Lock()
         self.bars = BarWriter(self.data, now, self._spawn, lambda: self.upstream_symbols("bars"))
         self.prev_closes = PrevCloses(
             gateway, config.calendar, now, self.price_board.set_prev_close, self._unknown_symbol
@@ -151,24 +177,71 @@ class LiveHub:
         # A server's long-lived heap (pandas, polars, calendars, the app) is moved out of the cyclic
         # collector's sight: under stream load a full collection otherwise walks all of it several times
         # a second (measured: a quarter of the ingest rate). Objects made from here on are collected as usual.
-        gc.collect()
-        gc.freeze()
-        self._froze = True
+        if not self.lane:
+            gc.collect()
+            gc.freeze()
+            self._froze = True
         if self._stream is None:
             self._stream = self._new_stream()
         if self._stream is not None:
             self._stream.add_batch_handler(self.handle_batch)
         self.router.on_transition(self._on_transition)
         self._monitor = asyncio.create_task(self._run_monitor(), name="live-hub-monitor")
+        held = [normalize_symbol(raw) for raw in self.settings.symbols]
+        await self.hold([s for s in held if self.owns(s)])
+        pairs = [s for s in held if is_crypto(s)]
+        if pairs and not self.lane:
+            await (await self.crypto_lane()).hold(pairs)
+
+    async def hold(self, symbols: list[str]) -> None:
+        """Subscribe ``symbols`` upstream for good (``[stream] symbols``)."""
         fresh = []
-        for sym in (normalize_symbol(raw) for raw in self.settings.symbols):
+        for sym in symbols:
             if self.price_board.add(sym):
                 fresh.append(sym)
             async with self._upstream_lock:
-                await self._upstream_add(sym, upstream_channels(PRICES))
+                await self._upstream_add(sym, self.upstream_channels(PRICES))
                 self._held.append(sym)
-        if fresh:
+        if fresh and self.asset_class == EQUITY:
             self._spawn(self.prev_closes.ensure(fresh))
+
+    def owns(self, symbol: str) -> bool:
+        """Whether ``symbol`` is this hub's asset class (``*`` is the stock stream's)."""
+        if symbol == WILDCARD:
+            return self.asset_class == EQUITY
+        return is_crypto(symbol) == (self.asset_class == CRYPTO)
+
+    def upstream_channels(self, channel: str) -> tuple[str, ...]:
+        return upstream_channels(channel, self.asset_class)
+
+    async def crypto_lane(self) -> LiveHub:
+        """The crypto lane (see the module docstring), started on first use."""
+        async with self._lane_lock:
+            if self.crypto is None:
+                if self._crypto_hub is None or self.lane:
+                    raise InvalidArgument("this live hub streams no crypto pairs", details={"asset_class": CRYPTO})
+                from marketpipe.service.live.crypto import CryptoLatest, CryptoLiveStream
+
+                data = self.data
+                lane = LiveHub(
+                    self.config,
+                    self.gateway,
+                    env=self._env,
+                    stream=CryptoLiveStream(self._crypto_hub()),  # type: ignore[arg-type]
+                    clock=self._clock,
+                    now=self._now,
+                    monitor_seconds=self.monitor_seconds,
+                    market_open=lambda: True,  # around the clock: silence is always staleness
+                    asset_class=CRYPTO,
+                    fanout=self.fanout,
+                    fallback_sources=lambda: [CryptoLatest(data.crypto)],
+                )
+                await lane.start()
+                self.crypto = lane
+            return self.crypto
+
+    def _hub_of(self, symbol: str) -> LiveHub:
+        return self.crypto if self.crypto is not None and self.crypto.owns(symbol) else self
 
     def _new_stream(self) -> AlpacaStream | None:
         s = self.settings
@@ -214,6 +287,8 @@ class LiveHub:
         if self._closed:
             return
         self._closed = True
+        if self.crypto is not None:
+            await self.crypto.close()
         self.fanout.close_all()
         if self._monitor is not None:
             self._monitor.cancel()
@@ -247,9 +322,22 @@ class LiveHub:
         """Add ``symbols`` (normalised; ``*`` for upstream channels) on ``channel``; returns the
         client's whole list for that channel. A bad symbol raises InvalidArgument and changes nothing;
         a symbol the vendor refuses raises its error, the ones before it stay subscribed."""
-        if channel != PRICES and channel not in CHANNELS:
+        if channel != PRICES and channel not in CHANNELS and channel not in CRYPTO_CHANNELS:
             raise InvalidArgument(f"unknown channel {channel!r}", details={"channel": channel})
         syms = [self._symbol(channel, s) for s in symbols]
+        for s in syms:
+            pair = s != WILDCARD and is_crypto(s)
+            if pair and client.protocol == ALPACA_PROTOCOL:  # Alpaca's stock stream has no pairs
+                raise InvalidArgument(
+                    f"{s} is a crypto pair: Alpaca's stock stream has none (use /v1beta3/crypto/us)",
+                    details={"symbol": s},
+                )
+            if channel != PRICES and channel not in (CRYPTO_CHANNELS if pair else CHANNELS):
+                kind = "crypto pairs" if pair else "stocks"
+                raise InvalidArgument(
+                    f"the {channel} channel is not streamed for {kind} ({s})",
+                    details={"channel": channel, "symbol": s},
+                )
         have = client.subscriptions.setdefault(channel, set())
         new = [s for s in dict.fromkeys(syms) if s not in have]
         total = sum(len(v) for v in client.subscriptions.values())
@@ -258,13 +346,19 @@ class LiveHub:
                 f"at most {self.settings.max_symbols_per_client} subscriptions per client",
                 details={"limit": self.settings.max_symbols_per_client},
             )
-        await self._shielded(self._subscribe(client, channel, new))
+        mine = [s for s in new if self.owns(s)]
+        pairs = [s for s in new if not self.owns(s)]
+        if mine:
+            await self._shielded(self._subscribe(client, channel, mine))
+        if pairs:
+            lane = await self.crypto_lane()
+            await lane._shielded(lane._subscribe(client, channel, pairs))
         return sorted(have)
 
     async def _subscribe(self, client: FanoutClient, channel: str, new: list[str]) -> None:
         """The hub's side of a subscribe, run to the end even when the caller is cancelled: one
         reference upstream, then routed — or released again if the client left meanwhile."""
-        upstream = upstream_channels(channel)
+        upstream = self.upstream_channels(channel)
         fresh: list[str] = []
         try:
             for s in new:
@@ -280,8 +374,13 @@ class LiveHub:
                     doc = self.price_board.last_update(s)
                     if doc is not None:
                         client.put(Item(PRICES, s, doc))
+                elif channel == "orderbooks":  # a book already followed: the whole of it now (reset)
+                    current = getattr(self._stream, "current_book", None)
+                    book = current(s) if current is not None else None
+                    if book is not None:
+                        client.put(Item(channel, s, book))
         finally:
-            if fresh:
+            if fresh and self.asset_class == EQUITY:
                 self._spawn(self.prev_closes.ensure(fresh))  # one snapshot request for the lot
 
     async def unsubscribe(self, client: FanoutClient, channel: str, symbols: Iterable[str]) -> list[str]:
@@ -293,8 +392,9 @@ class LiveHub:
     async def _release_all(self, releases: list[tuple[str, list[str]]]) -> None:
         for channel, symbols in releases:
             for s in symbols:
-                async with self._upstream_lock:
-                    await self._upstream_release(s, upstream_channels(channel))
+                hub = self._hub_of(s)
+                async with hub._upstream_lock:
+                    await hub._upstream_release(s, hub.upstream_channels(channel))
 
     async def _upstream_add(self, symbol: str, channels: tuple[str, ...]) -> None:
         """One more reference on the stream for each of ``channels`` (caller holds the upstream lock)."""
@@ -342,10 +442,12 @@ class LiveHub:
         symbol) — derived from the routes; the stream keeps the count."""
         want: Counter[Route] = Counter()
         for (channel, sym), clients in self.fanout.routes.items():
-            for ch in upstream_channels(channel):
+            if not self.owns(sym):
+                continue
+            for ch in self.upstream_channels(channel):
                 want[(ch, sym)] += len(clients)
         for sym in self._held:
-            for ch in upstream_channels(PRICES):
+            for ch in self.upstream_channels(PRICES):
                 want[(ch, sym)] += 1
         return want
 
@@ -367,6 +469,7 @@ class LiveHub:
         checker = self.checker
         state = self.router.state
         publish = state is SourceState.PRIMARY_ACTIVE or state is SourceState.STARTUP
+        store_bars = self.asset_class == EQUITY  # crypto bars are not stored (fractional volumes)
         latest: dict[str, dict[str, Any]] = {}
         arrived = _arrival(msgs[0].record) if msgs else 0.0
         for channel, rec in msgs:
@@ -392,7 +495,8 @@ class LiveHub:
                     continue
                 price, symbol = rec, rec.symbol
             elif type(rec) is Bar:
-                self.bars.add(channel, rec)
+                if store_bars:
+                    self.bars.add(channel, rec)
                 symbol = rec.symbol
             else:  # a stream event or a raw message
                 symbol = rec.symbol or ""
@@ -436,17 +540,26 @@ class LiveHub:
         )
 
     def _on_transition(self, old: SourceState, new: SourceState, reason: str) -> None:
-        """Unified-stream clients are told which source serves them now."""
+        """Unified-stream clients are told which source serves them now: the stock router's changes
+        go to every client but those holding only pairs; the crypto lane's to those holding a pair."""
         self.fanout.tell_unified(
             {
                 "type": "status",
+                "asset_class": self.asset_class,
                 "state": str(new),
                 "previous": str(old),
                 "active_source": self.router.active_source,
                 "reason": reason,
                 "at": self._now(),
-            }
+            },
+            self._concerns,
         )
+
+    def _concerns(self, client: FanoutClient) -> bool:
+        held = [s for syms in client.subscriptions.values() for s in syms]
+        if self.asset_class == CRYPTO:
+            return any(self.owns(s) for s in held)
+        return not held or any(self.owns(s) for s in held)
 
     # --- monitor: router health, fallback, persistence ------------------------------------------------
 
@@ -462,7 +575,7 @@ class LiveHub:
 
     async def _monitor_once(self) -> None:
         stream = self._stream
-        if not self.fanout.routes and not self._held:
+        if not any(self.owns(sym) for _, sym in self.fanout.routes) and not self._held:
             self.router.primary_idle()  # nothing subscribed: nothing to be stale about
         elif stream is None:
             self.router.primary_failed(self._stream_error.code if self._stream_error else "no_stream")
@@ -488,7 +601,7 @@ class LiveHub:
             else:
                 await stream.reconnect(f"requested: {req.reason}")
         poller = self.poller
-        price_symbols = self.fanout.symbols(PRICES)
+        price_symbols = [s for s in self.fanout.symbols(PRICES) if self.owns(s)]
         if self.router.should_poll_fallback() and not poller.polling and price_symbols:
             self._spawn(poller.poll(price_symbols))
         s = self.settings
@@ -528,13 +641,20 @@ class LiveHub:
     # --- admin and exposure ---------------------------------------------------------------------------
 
     def force_failover(self, reason: str = "admin") -> None:
+        """Live data to the fallback (the crypto lane's too: its REST latest values)."""
         self.router.force_failover(reason)
+        if self.crypto is not None:
+            self.crypto.force_failover(reason)
 
     def release(self, reason: str = "admin") -> None:
         self.router.release(reason)
+        if self.crypto is not None:
+            self.crypto.release(reason)
 
     def request_reconnect(self, reason: str = "admin") -> None:
         self.router.request_reconnect(PRIMARY, reason)
+        if self.crypto is not None:
+            self.crypto.request_reconnect(reason)
 
     def datasource(self) -> dict[str, Any]:
         """``/health/datasource``'s live part: the router, the upstream connection, the fan-out."""
@@ -563,6 +683,11 @@ class LiveHub:
             "gap_backfills": bars.gap_backfills,
             "gap_bars_stored": bars.gap_bars,
         }
+        doc["asset_class"] = self.asset_class
+        if self.crypto is not None:
+            lane = self.crypto.datasource()
+            lane.pop("fanout", None)  # shared: reported once, above
+            doc["crypto"] = lane
         return doc
 
     def _wall(self, at: float) -> str:
@@ -570,7 +695,11 @@ class LiveHub:
 
     def board(self, symbols: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """The dashboard's table: last unified value per symbol (stale-labelled) and its sparkline."""
-        return self.price_board.rows(symbols)
+        if symbols is None:
+            rows = self.price_board.rows(None)
+            return rows + (self.crypto.price_board.rows(None) if self.crypto is not None else [])
+        names = [normalize_symbol(s) for s in symbols]
+        return [self._hub_of(s).price_board.rows([s])[0] for s in names]
 
     @staticmethod
     def alerts(limit: int = 50) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 clients want are polled over REST from the first fallback vendor that answers (Polygon, …; Alpaca's
 REST API only when no other vendor serves latest trades), checked like the stream's and published as
 delayed data. While the stream serves, the same poll now and then cross-checks the stream's prices.
+The crypto lane polls its own source instead (``sources``: the crypto REST latest values).
 """
 
 from __future__ import annotations
@@ -28,17 +29,21 @@ class FallbackPoller:
         checker: StreamChecker,
         board: PriceBoard,
         publish: Callable[[Trade | Quote], None],
+        sources: Callable[[], list[Any]] | None = None,
     ) -> None:
         self.gateway = gateway
         self.router = router
         self.checker = checker
         self.board = board
         self.publish = publish  # a polled record onto the board and to the clients, as delayed data
+        self._sources = sources  # what to poll instead of the gateway's stock providers
         self.polling = False
         self.polls = 0
         self.updates = 0
 
     def providers(self) -> list[Any]:
+        if self._sources is not None:
+            return self._sources()
         usable, _ = self.gateway.candidates("latest_trade")  # the ones whose supports() serves it, best first
         others = [p for p in usable if p.name != PRIMARY_VENDOR]
         return others or usable
