@@ -111,3 +111,21 @@ def test_cli_backfills_a_pair_and_reads_it_back_with_no_fetch(sim: SimServer, tm
     r = run("quality", "BTC/USD", *span, *common)
     assert r.returncode == 0, r.stderr
     assert "24/7 UTC" in r.stdout and "100" in r.stdout  # scored on the continuous calendar, complete
+
+
+async def test_an_update_of_a_pair_fetches_only_past_what_is_stored(sim: SimServer, tmp_path: Path) -> None:
+    """The scheduler's path (``MarketData.update``, incremental): a pair held through Saturday noon is
+    brought up to Sunday with only the missing minutes asked for, on the 24/7 calendar."""
+    data = MarketData(_config(sim, tmp_path), env={})
+    try:
+        first = await data.backfill("BTC/USD", FRI, SAT + timedelta(hours=12), timeframe="1Min")
+        assert first.ok and first.bars_stored == 1440 + 720
+        sim.reset_stats()
+        (up,) = (await data.update("BTC/USD", timeframe="1Min", strategy="incremental", end=SUN)).values()
+        assert up.ok and up.strategy == "incremental" and up.stats is not None
+        assert up.stats.bars_stored == 720 and _asked(sim) == up.stats.requests >= 1  # Saturday afternoon only
+        assert data.store.counts()["crypto_bars"] == 2 * 1440
+        (q,) = await data.quality("BTC/USD", FRI, SUN, timeframe="1Min")
+        assert q.completeness.ratio == 1.0
+    finally:
+        await data.aclose()
