@@ -179,10 +179,14 @@ class Actions:
         store: Callable[[], Store],
         router: Callable[[], ProviderRouter],
         daily_bars: Callable[[str, date, date, bool], Awaitable[pl.DataFrame]],
+        publish: Callable[[list[events.Event]], Awaitable[object]] | None = None,
     ) -> None:
         self._store = store
         self._router = router
         self._daily = daily_bars  # raw 1Day bars of a symbol over days [lo, hi], fetched unless told not to
+        # the corporate_action_applied events of a write onto the bus ([bus] configured and no gateway
+        # publisher relaying core.events already), awaited so a CLI call has published before it returns
+        self.publish = publish
 
     async def ensure(
         self, symbols: list[str], start: date, end: date, *, provider: str | None = None
@@ -229,21 +233,24 @@ class Actions:
         )
         stored = await asyncio.to_thread(store.write_actions, frame, coverage, quarantine)
         if stored:
-            await asyncio.to_thread(self._announce, store, page, provider, before)
+            announced = await asyncio.to_thread(self._announce, store, page, provider, before)
+            if announced and self.publish is not None:
+                await self.publish(announced)
         log.info("actions_stored", provider=provider, symbols=len(page.symbols), rows=frame.height, new_versions=stored)
         return coverage
 
     @staticmethod
-    def _announce(store: Store, page: ActionsPage, provider: str, before: pl.DataFrame) -> None:
+    def _announce(store: Store, page: ActionsPage, provider: str, before: pl.DataFrame) -> list[events.Event]:
         """A ``corporate_action_applied`` event per new action version: adjusted reads of the bars
-        before its adjustment date change (caches of them are stale)."""
+        before its adjustment date change (caches of them are stale). Returns the events raised."""
         after = store.read_actions(page.symbols, date(1900, 1, 1), date(2999, 12, 31), providers=[provider])
         old = set(zip(before["action_id"].to_list(), before["version"].to_list(), strict=True))
+        raised: list[events.Event] = []
         for r in after.iter_rows(named=True):
             if (r["action_id"], r["version"]) in old:
                 continue
             day = r["ex_date"] or r["effective_date"] or r["process_date"]
-            events.emit(
+            ev = events.emit(
                 events.CORPORATE_ACTION_APPLIED,
                 "info",
                 f"{r['type']} of {r['symbol']} on {day} ({provider}, version {r['version']})",
@@ -255,6 +262,8 @@ class Actions:
                 factors={k: r[k] for k in ("old_rate", "new_rate", "cash_amount", "rate")},
                 affected={"until": day.isoformat() if day else None},
             )
+            raised.append(ev)
+        return raised
 
     async def read(
         self,

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 import polars as pl
 
+from marketpipe.core import events
 from marketpipe.core.calendar import ContinuousCalendar, ExchangeCalendar, calendar_for, get_calendar
 from marketpipe.core.config import Config, load_config
 from marketpipe.core.errors import InvalidArgument
@@ -106,6 +107,7 @@ class MarketData:
         self._env = env
         self._pinned: str | None = None
         self._actions: Actions | None = None
+        self.events_on_bus = False  # a gateway's bus publisher relays core.events (set by the gateway)
         self._options: OptionsData | None = None
 
     @property
@@ -428,8 +430,17 @@ class MarketData:
             async def daily(symbol: str, lo: date, hi: date, fetch: bool) -> pl.DataFrame:
                 return await self.bars([symbol], lo, hi, timeframe="1Day", fetch=fetch)
 
-            self._actions = Actions(lambda: self.store, lambda: self.router, daily)
+            self._actions = Actions(lambda: self.store, lambda: self.router, daily, publish=self._publish_events)
         return self._actions
+
+    async def _publish_events(self, evs: list[events.Event]) -> None:
+        """New corporate actions onto the bus when ``[bus]`` is configured, unless a gateway's publisher
+        relays every ``core.events`` event already (``events_on_bus``); de-duplicated by ``Nats-Msg-Id``."""
+        if self.events_on_bus or not self.config.bus.target():
+            return
+        from marketpipe.bus.client import publish_events
+
+        await publish_events(self.config.bus, evs)
 
     async def corporate_actions(
         self,
