@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from marketpipe.core.errors import InvalidArgument
-from marketpipe.core.schema import ADJUSTMENTS, PRICE_COLUMNS
+from marketpipe.core.schema import ADJUSTMENTS, PRICE_COLUMNS, WITHDRAWN_PREFIX
 from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA
 
 SPLIT_LIKE = ("forward_split", "reverse_split", "stock_dividend")
@@ -73,6 +73,16 @@ def parse_adjustment(value: str | None, *, param: str = "adjustment") -> frozens
 def adjustment_date() -> pl.Expr:
     """An action's adjustment date: ex-date, else effective date, else process date."""
     return pl.coalesce("ex_date", "effective_date", "process_date")
+
+
+def is_withdrawn() -> pl.Expr:
+    """Whether an action row (its newest version) is a withdrawal (``core.schema.WITHDRAWN_KEY``)."""
+    return pl.col("raw").str.starts_with(WITHDRAWN_PREFIX).fill_null(False)
+
+
+def current(actions: pl.DataFrame) -> pl.DataFrame:
+    """``actions`` (newest versions) without the withdrawn ones: what a vendor lists today."""
+    return actions.filter(~is_withdrawn()) if actions.height else actions
 
 
 def impossible(actions: pl.DataFrame) -> pl.DataFrame:
@@ -220,8 +230,12 @@ def quarantine_rows(actions: pl.DataFrame, reasons: pl.DataFrame, at: object) ->
     if reasons.height == 0:
         return pl.DataFrame(schema=ACTION_QUARANTINE_SCHEMA)
     rows = actions.join(reasons.select("action_id", "reason"), on="action_id", how="inner")
-    return rows.with_columns(pl.lit(at).alias("quarantined_at")).select(list(ACTION_QUARANTINE_SCHEMA)).cast(
-        ACTION_QUARANTINE_SCHEMA  # type: ignore[arg-type]
+    return (
+        rows.with_columns(pl.lit(at).alias("quarantined_at"))
+        .select(list(ACTION_QUARANTINE_SCHEMA))
+        .cast(
+            ACTION_QUARANTINE_SCHEMA  # type: ignore[arg-type]
+        )
     )
 
 

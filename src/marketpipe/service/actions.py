@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import polars as pl
 
 from marketpipe.cache import TieredCache
@@ -28,7 +29,7 @@ from marketpipe.core import events
 from marketpipe.core.errors import AllProvidersFailed, ProviderError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_QUARANTINED
-from marketpipe.core.schema import ACTION_TYPES, actions_frame, normalize_symbols
+from marketpipe.core.schema import ACTION_TYPES, WITHDRAWN_KEY, WITHDRAWN_PREFIX, actions_frame, normalize_symbols
 from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, ACTION_RECONCILE_SCHEMA, CORPORATE_ACTIONS
 from marketpipe.core.timeframe import DAY1
 from marketpipe.core.timeutil import NY, parse_time, utcnow
@@ -38,9 +39,12 @@ from marketpipe.quality.actions import reconcile_actions
 from marketpipe.quality.adjust import (
     APPLIED_SCHEMA,
     SKIPPED_SCHEMA,
+    adjustment_date,
     apply,
+    current,
     factors,
     impossible,
+    is_withdrawn,
     known_dates_ok,
     parse_adjustment,
     quarantine_rows,
@@ -163,6 +167,49 @@ def _covered(entries: pl.DataFrame, start: date, end: date) -> bool:
     return reach > end
 
 
+def _withdrawn(before: pl.DataFrame, page: ActionsPage, now: datetime) -> pl.DataFrame:
+    """The actions (newest versions, ``before``) a provider listed earlier for the page's symbols, with an
+    adjustment date inside the window it answered now, that the page no longer holds and that are not
+    withdrawn already: each as its withdrawn version (content kept, ``raw`` marketpipe's note)."""
+    if not before.height:
+        return before
+    day = adjustment_date()
+    listed = page.frame["action_id"].implode()
+    gone = before.filter(
+        pl.col("symbol").is_in(page.symbols)
+        & day.is_between(page.start, page.end)
+        & ~pl.col("action_id").is_in(listed)
+        & ~is_withdrawn()
+    )
+    if not gone.height:
+        return gone
+    head = orjson.dumps({"window": [page.start.isoformat(), page.end.isoformat()], "request_ids": page.request_ids})
+    prefix = '{"' + WITHDRAWN_KEY + '":' + head.decode()[:-1] + ',"previous_version":'
+    note = pl.concat_str(pl.lit(prefix), pl.col("version").cast(pl.String), pl.lit("}}"))
+    return gone.with_columns(
+        note.alias("raw"), pl.lit(now).cast(CORPORATE_ACTIONS.columns["fetched_at"]).alias("fetched_at")
+    ).select(list(actions_frame([]).columns))
+
+
+def withdrawn_rows(gone: pl.DataFrame) -> pl.DataFrame:
+    """Withdrawn actions as reconciliation rows: the vendor is both sides, status ``withdrawn``."""
+    split = pl.col("type").is_in(["forward_split", "reverse_split", "stock_dividend"])
+    value = pl.when(split).then(pl.col("new_rate") / pl.col("old_rate")).otherwise(pl.col("cash_amount"))
+    return gone.select(
+        "symbol",
+        pl.when(split).then(pl.lit("split")).otherwise(pl.lit("dividend")).alias("family"),
+        pl.col("provider").alias("reference"),
+        pl.col("provider").alias("other"),
+        pl.lit("withdrawn").alias("status"),
+        adjustment_date().alias("reference_date"),
+        pl.lit(None, pl.Date()).alias("other_date"),
+        value.alias("reference_value"),
+        pl.lit(None, pl.Float64()).alias("other_value"),
+        pl.col("action_id").alias("reference_id"),
+        pl.lit(None, pl.String()).alias("other_id"),
+    ).cast(ACTION_RECONCILE_SCHEMA)  # type: ignore[arg-type]
+
+
 def validate_types(types: list[str] | None) -> list[str] | None:
     if not types:
         return None
@@ -189,13 +236,14 @@ class Actions:
         self.publish = publish
 
     async def ensure(
-        self, symbols: list[str], start: date, end: date, *, provider: str | None = None
+        self, symbols: list[str], start: date, end: date, *, provider: str | None = None, refresh: bool = False
     ) -> list[ActionCoverage]:
         """Fetch the actions the ledger lacks for ``[start, end]`` (per symbol, any provider unless
-        ``provider``); returns the ledger entries written."""
+        ``provider``; ``refresh``: all of them again, whatever the ledger holds — corrections become new
+        versions, actions no longer listed become withdrawn versions); returns the ledger entries written."""
         store = self._store()
         held = await asyncio.to_thread(store.action_coverage, symbols, start, end, provider=provider)
-        missing = [s for s in symbols if not _covered(held.filter(pl.col("symbol") == s), start, end)]
+        missing = [s for s in symbols if refresh or not _covered(held.filter(pl.col("symbol") == s), start, end)]
         if not missing:
             return []
 
@@ -231,6 +279,11 @@ class Actions:
         before = await asyncio.to_thread(
             store.read_actions, page.symbols, date(1900, 1, 1), date(2999, 12, 31), providers=[provider]
         )
+        gone = _withdrawn(before, page, now)
+        if gone.height:
+            for r in gone.select("symbol", "action_id", "type").iter_rows():
+                log.warning("action_withdrawn", provider=provider, symbol=r[0], action_id=r[1], type=r[2])
+            frame = pl.concat([frame, gone.select(frame.columns)])
         stored = await asyncio.to_thread(store.write_actions, frame, coverage, quarantine)
         if stored:
             announced = await asyncio.to_thread(self._announce, store, page, provider, before)
@@ -250,10 +303,12 @@ class Actions:
             if (r["action_id"], r["version"]) in old:
                 continue
             day = r["ex_date"] or r["effective_date"] or r["process_date"]
+            gone = (r["raw"] or "").startswith(WITHDRAWN_PREFIX)
             ev = events.emit(
                 events.CORPORATE_ACTION_APPLIED,
-                "info",
-                f"{r['type']} of {r['symbol']} on {day} ({provider}, version {r['version']})",
+                "warning" if gone else "info",
+                f"{r['type']} of {r['symbol']} on {day} ({provider}, version {r['version']})"
+                + (" withdrawn: the vendor no longer lists it" if gone else ""),
                 symbol=r["symbol"],
                 source=r["source"],
                 action_id=r["action_id"],
@@ -261,6 +316,7 @@ class Actions:
                 version=r["version"],
                 factors={k: r[k] for k in ("old_rate", "new_rate", "cash_amount", "rate")},
                 affected={"until": day.isoformat() if day else None},
+                withdrawn=gone,
             )
             raised.append(ev)
         return raised
@@ -275,13 +331,15 @@ class Actions:
         as_of: date | None = None,
         fetch: bool = True,
         provider: str | None = None,
+        refresh: bool = False,
     ) -> pl.DataFrame:
-        """Stored actions (newest version each) of ``symbols`` in ``[start, end]``, fetched first
-        where the ledger lacks them; ``as_of``: only those known by then."""
+        """Stored actions (newest version each, withdrawn ones left out) of ``symbols`` in ``[start, end]``,
+        fetched first where the ledger lacks them (``refresh``: fetched again); ``as_of``: only those
+        known by then."""
         if fetch:
-            await self.ensure(symbols, start, end, provider=provider)
+            await self.ensure(symbols, start, end, provider=provider, refresh=refresh)
         store = self._store()
-        return await asyncio.to_thread(
+        got = await asyncio.to_thread(
             store.read_actions,
             symbols,
             start,
@@ -290,10 +348,12 @@ class Actions:
             providers=[provider] if provider else None,
             known_by=as_of,
         )
+        return current(got)
 
-    async def reconcile(self, symbol: str, start: date, end: date) -> ActionsReport:
+    async def reconcile(self, symbol: str, start: date, end: date, *, refresh: bool = False) -> ActionsReport:
         """Every provider's actions of ``symbol`` in ``[start, end]`` (each fetched where its own ledger
-        lacks them) compared with the reference vendor's (the preferred one that answered); the rows
+        lacks them; ``refresh``: fetched again) compared with the reference vendor's (the preferred one
+        that answered); an action a vendor withdrew is a row of its own (status ``withdrawn``). The rows
         are stored as one run. A provider that fails is reported, not fatal."""
         router = self._router()
         names = [p.name for p in router.providers if p.capabilities.serves("actions")]
@@ -301,7 +361,7 @@ class Actions:
         frames: dict[str, pl.DataFrame] = {}
         for name in names:
             try:
-                frames[name] = await self.read([symbol], start, end, provider=name)
+                frames[name] = await self.read([symbol], start, end, provider=name, refresh=refresh)
             except ProviderError as exc:
                 failed[name] = f"{exc.code}: {exc.message}"
                 log.warning("actions_reconcile_provider_failed", provider=name, code=exc.code)
@@ -316,11 +376,13 @@ class Actions:
             for o in frames
             if o != reference
         ]
+        store = self._store()
+        stored = await asyncio.to_thread(store.read_actions, [symbol], start, end, providers=list(frames))
+        parts.append(withdrawn_rows(stored.filter(is_withdrawn())))
         if "alpaca" in frames:  # the one vendor that serves bars adjusted for splits and dividends
             parts.append(await self._vendor_adjustment(router.get("alpaca"), symbol, start, end))
         rows = pl.concat(parts) if parts else pl.DataFrame(schema=ACTION_RECONCILE_SCHEMA)
         run_id = uuid.uuid4().hex[:12]
-        store = self._store()
         await asyncio.to_thread(store.write_action_reconciliation, run_id, utcnow(), rows)
         return ActionsReport(symbol, reference, run_id, rows, failed, {n: f.height for n, f in frames.items()})
 
@@ -382,7 +444,7 @@ class Actions:
         if fetch:
             await self.ensure(syms, first, until)
         store = self._store()
-        acts = await asyncio.to_thread(store.read_actions, syms, first, until, known_by=as_of)
+        acts = current(await asyncio.to_thread(store.read_actions, syms, first, until, known_by=as_of))
         cov = await asyncio.to_thread(store.action_coverage, syms, first, until)
         out: list[pl.DataFrame] = []
         applied: list[pl.DataFrame] = []

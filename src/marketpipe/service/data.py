@@ -452,11 +452,13 @@ class MarketData:
         as_of: TimeLike | None = None,
         fetch: bool = True,
         provider: str | None = None,
+        refresh: bool = False,
     ) -> pl.DataFrame:
         """Corporate actions of ``symbols`` whose adjustment date (ex, else effective, else process
         date) lies in ``[start, end]`` (days; end default today), newest version each, fetched
-        first where the actions ledger lacks them; ``types`` narrows (canonical names), ``as_of``
-        keeps those known by that day, ``provider`` reads (and fetches) one vendor's only."""
+        first where the actions ledger lacks them (``refresh``: fetched again, so corrections and
+        withdrawals are seen; withdrawn actions are left out); ``types`` narrows (canonical names),
+        ``as_of`` keeps those known by that day, ``provider`` reads (and fetches) one vendor's only."""
         syms = normalize_symbols(symbols)
         zone = ZoneInfo(str(self.calendar.tz))
         s = parse_time(start, name="start").astimezone(zone).date()
@@ -466,7 +468,7 @@ class MarketData:
         if e < s:
             raise InvalidArgument("end must not be before start", details={"parameter": "end"})
         return await self.actions.read(
-            syms, s, e, types=kinds, as_of=parse_as_of(as_of), fetch=fetch, provider=provider
+            syms, s, e, types=kinds, as_of=parse_as_of(as_of), fetch=fetch, provider=provider, refresh=refresh
         )
 
     # --- latest values, snapshots, historical ticks: the first provider that serves them and answers ---

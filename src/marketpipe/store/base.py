@@ -40,7 +40,7 @@ from typing import Protocol, Self, runtime_checkable
 import orjson
 import polars as pl
 
-from marketpipe.core.schema import ACTION_COLUMNS
+from marketpipe.core.schema import ACTION_COLUMNS, WITHDRAWN_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,8 +265,13 @@ _CONTENT = [c for c in ACTION_COLUMNS if c not in ("fetched_at", "raw")]
 
 def with_content_hash(actions: pl.DataFrame) -> pl.DataFrame:
     """``actions`` plus ``content_hash``: SHA-256 of the content columns (stable across processes and
-    versions, unlike polars' own hash; actions are few, so a per-row digest is fine)."""
-    digests = [hashlib.sha256(orjson.dumps(row, default=str)).hexdigest() for row in actions.select(_CONTENT).rows()]
+    versions, unlike polars' own hash; actions are few, so a per-row digest is fine). A withdrawn version
+    (``raw`` is marketpipe's withdrawal note) hashes its content with the mark, so it is a new version."""
+    marks = [(r or "").startswith(WITHDRAWN_PREFIX) for r in actions["raw"].to_list()]
+    digests = [
+        hashlib.sha256(orjson.dumps([*row, "withdrawn"] if gone else row, default=str)).hexdigest()
+        for row, gone in zip(actions.select(_CONTENT).rows(), marks, strict=True)
+    ]
     return actions.with_columns(pl.Series("content_hash", digests, dtype=pl.String))
 
 
