@@ -19,7 +19,7 @@ factor needs the new line's market price, which marketpipe does not invent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 
 import numpy as np
 import polars as pl
@@ -188,17 +188,9 @@ def apply(bars: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
     Columns and row order are kept; volume stays whole shares."""
     if table.height == 0 or bars.height == 0:
         return bars
-    edges = (
-        table.sort("until")
-        .select(
-            pl.col("until").cast(pl.Datetime("us")).dt.replace_time_zone(TZ).dt.convert_time_zone("UTC")
-            .dt.cast_time_unit("us").to_physical().alias("edge"),
-            "price_factor",
-            "volume_factor",
-        )
-    )  # fmt: skip
+    edges = _edges(table)
     ts = bars["ts"].dt.cast_time_unit("us").to_physical().to_numpy()
-    edge = edges["edge"].to_numpy()
+    edge = edges["edge"].to_physical().to_numpy()
     pf = np.append(edges["price_factor"].to_numpy(), 1.0)
     vf = np.append(edges["volume_factor"].to_numpy(), 1.0)
     if bars["ts"].is_sorted():
@@ -217,6 +209,23 @@ def apply(bars: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
     cols.append(pl.Series("volume", v, dtype=pl.Int64).set(volume.is_null(), None) if volume.null_count() else
                 pl.Series("volume", v, dtype=pl.Int64))  # fmt: skip
     return bars.with_columns(cols)
+
+
+def _edges(table: pl.DataFrame) -> pl.DataFrame:
+    """A factor table as ``edge`` (the UTC instant of the New York midnight that begins ``until``: bars
+    stamped before it, back to the previous edge, take its factors), ``price_factor``, ``volume_factor``."""
+    return table.sort("until").select(
+        pl.col("until").cast(pl.Datetime("us")).dt.replace_time_zone(TZ).dt.convert_time_zone("UTC").alias("edge"),
+        "price_factor",
+        "volume_factor",
+    )
+
+
+def scale_steps(table: pl.DataFrame) -> list[tuple[datetime, float, float]]:
+    """A factor table as the steps a store applies while it reads (``BarStore.read_bars_scaled``):
+    ``(edge, price factor, volume factor)`` in time order; a bar takes the first step whose edge is after
+    its ``ts``, and 1 after the last. The same numbers :func:`apply` multiplies with."""
+    return list(_edges(table).iter_rows()) if table.height else []
 
 
 def _scaled(col: pl.Series, factor: np.ndarray) -> pl.Series:

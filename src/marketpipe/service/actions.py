@@ -30,7 +30,12 @@ from marketpipe.core.errors import AllProvidersFailed, ProviderError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_QUARANTINED
 from marketpipe.core.schema import ACTION_TYPES, WITHDRAWN_KEY, WITHDRAWN_PREFIX, actions_frame, normalize_symbols
-from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, ACTION_RECONCILE_SCHEMA, CORPORATE_ACTIONS
+from marketpipe.core.tables import (
+    ACTION_COVERAGE_SCHEMA,
+    ACTION_QUARANTINE_SCHEMA,
+    ACTION_RECONCILE_SCHEMA,
+    CORPORATE_ACTIONS,
+)
 from marketpipe.core.timeframe import DAY1
 from marketpipe.core.timeutil import NY, parse_time, utcnow
 from marketpipe.core.validation import validate_enum
@@ -420,6 +425,75 @@ class Actions:
             pl.lit(None, pl.String()).alias("other_id"),
         ).cast(ACTION_RECONCILE_SCHEMA)  # type: ignore[arg-type]
 
+    async def plan(
+        self,
+        symbols: list[str],
+        start: datetime,
+        parts: frozenset[str],
+        adjustment: str,
+        *,
+        as_of: date | None = None,
+        fetch: bool = True,
+        order: list[str] | None = None,
+    ) -> tuple[dict[str, pl.DataFrame], Adjustment]:
+        """The factor table of each symbol (``quality.adjust.factors``) for ``parts`` with the actions known
+        by ``as_of`` (default: all known now), and what they apply — before any bar is read, so that a
+        store can apply them while it reads (``read_bars_scaled``). Impossible dividends found here are
+        quarantined. ``order``: the symbols in the order their bars come (what ``applied`` follows)."""
+        today = utcnow().astimezone(NY).date()
+        first = start.astimezone(NY).date()
+        known_dates_ok(as_of, first, today)
+        info = Adjustment(adjustment, as_of)
+        if not parts:
+            return {}, info
+        until = as_of or today
+        syms = normalize_symbols(symbols)
+        if fetch:
+            await self.ensure(syms, first, until)
+        store = self._store()
+
+        def held() -> tuple[pl.DataFrame, pl.DataFrame]:
+            """The actions, and the ledger where it can change the choice of vendor (a preferred vendor
+            that answered "none" wins over a later one's actions): not when every symbol has the first
+            vendor's actions."""
+            acts = current(store.read_actions(syms, first, until, known_by=as_of))
+            top = acts.filter(pl.col("provider") == PREFERENCE[0])["symbol"].unique()
+            if top.len() == len(syms):
+                return acts, pl.DataFrame(schema=ACTION_COVERAGE_SCHEMA)
+            return acts, store.action_coverage(syms, first, until)
+
+        acts, cov = await asyncio.to_thread(held)
+        tables: dict[str, pl.DataFrame] = {}
+        applied: list[pl.DataFrame] = []
+        skipped: list[pl.DataFrame] = []
+        quarantine: list[pl.DataFrame] = []
+        for sym in dict.fromkeys(s for s in [*(order or []), *syms] if s in syms):
+            a = acts.filter(pl.col("symbol") == sym)
+            have = set(cov.filter(pl.col("symbol") == sym)["provider"].to_list()) | set(a["provider"].to_list())
+            chosen = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
+            a = a.filter(pl.col("provider") == chosen) if chosen else a.clear()
+            divs = a.filter(pl.col("type") == "cash_dividend")["ex_date"].drop_nulls()
+            closes = pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()})
+            if "dividend" in parts and len(divs):
+                lo, hi = divs.to_list()[0], divs.to_list()[-1]
+                daily = await self._daily(sym, min(lo, hi) - timedelta(days=10), max(lo, hi), fetch)
+                closes = daily.select(pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("day"), "close")
+            f = factors(a.select(list(CORPORATE_ACTIONS.columns)), closes, parts)
+            tables[sym] = f.table
+            applied.append(f.applied)
+            skipped.append(f.skipped)
+            bad = f.skipped.filter(pl.col("reason") == "dividend >= previous close")
+            if bad.height:
+                quarantine.append(quarantine_rows(a, bad, utcnow()))
+                for r in bad.iter_rows(named=True):
+                    ROWS_QUARANTINED.labels(f"action: {r['reason']}").inc()
+                    log.warning("action_quarantined", symbol=sym, action_id=r["action_id"], reason=r["reason"])
+        if quarantine:
+            await asyncio.to_thread(store.write_actions, actions_frame([]), [], pl.concat(quarantine))
+        info.applied = pl.concat(applied) if applied else info.applied
+        info.skipped = pl.concat(skipped) if skipped else info.skipped
+        return tables, info
+
     async def adjust(
         self,
         bars: pl.DataFrame,
@@ -433,55 +507,16 @@ class Actions:
     ) -> tuple[pl.DataFrame, Adjustment]:
         """``bars`` (raw, ``BAR_SCHEMA``) adjusted for ``parts`` with the actions known by ``as_of``
         (default: all known now), and what was applied."""
-        today = utcnow().astimezone(NY).date()
-        first = start.astimezone(NY).date()
-        known_dates_ok(as_of, first, today)
-        info = Adjustment(adjustment, as_of)
-        if not parts:
-            return bars, info
-        until = as_of or today
-        syms = normalize_symbols(symbols)
-        if fetch:
-            await self.ensure(syms, first, until)
-        store = self._store()
-        acts = current(await asyncio.to_thread(store.read_actions, syms, first, until, known_by=as_of))
-        cov = await asyncio.to_thread(store.action_coverage, syms, first, until)
-        out: list[pl.DataFrame] = []
-        applied: list[pl.DataFrame] = []
-        skipped: list[pl.DataFrame] = []
-        quarantine: list[pl.DataFrame] = []
-        order = [*bars["symbol"].unique(maintain_order=True).to_list(), *syms]
         # bars of the one symbol asked for (the callers pass the symbols they read): no filtering, no concat
-        alone = len(syms) == 1
-        for sym in dict.fromkeys(s for s in order if s in syms):
-            mine = bars if alone and bars.height and bars["symbol"][0] == sym else bars.filter(pl.col("symbol") == sym)
-            a = acts.filter(pl.col("symbol") == sym)
-            have = set(cov.filter(pl.col("symbol") == sym)["provider"].to_list()) | set(a["provider"].to_list())
-            chosen = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
-            a = a.filter(pl.col("provider") == chosen) if chosen else a.clear()
-            divs = a.filter(pl.col("type") == "cash_dividend")["ex_date"].drop_nulls()
-            closes = pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()})
-            if "dividend" in parts and len(divs):
-                lo, hi = divs.to_list()[0], divs.to_list()[-1]
-                daily = await self._daily(sym, min(lo, hi) - timedelta(days=10), max(lo, hi), fetch)
-                closes = daily.select(pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("day"), "close")
-            f = factors(a.select(list(CORPORATE_ACTIONS.columns)), closes, parts)
-            out.append(apply(mine, f.table) if mine.height else mine)
-            applied.append(f.applied)
-            skipped.append(f.skipped)
-            bad = f.skipped.filter(pl.col("reason") == "dividend >= previous close")
-            if bad.height:
-                quarantine.append(quarantine_rows(a, bad, utcnow()))
-                for r in bad.iter_rows(named=True):
-                    ROWS_QUARANTINED.labels(f"action: {r['reason']}").inc()
-                    log.warning("action_quarantined", symbol=sym, action_id=r["action_id"], reason=r["reason"])
-        if quarantine:
-            await asyncio.to_thread(store.write_actions, actions_frame([]), [], pl.concat(quarantine))
+        alone = len(symbols) == 1
+        order = None if alone else bars["symbol"].unique(maintain_order=True).to_list()
+        tables, info = await self.plan(symbols, start, parts, adjustment, as_of=as_of, fetch=fetch, order=order)
+        if not tables:
+            return bars, info
         if alone:
-            frame = next((f for f in out if f.height), bars)
-        else:
-            rest = bars.filter(~pl.col("symbol").is_in(syms))
-            frame = pl.concat([*out, rest]) if out else bars
-        info.applied = pl.concat(applied) if applied else info.applied
-        info.skipped = pl.concat(skipped) if skipped else info.skipped
-        return frame, info
+            ((sym, table),) = tables.items()
+            mine = bars if bars.height and bars["symbol"][0] == sym else bars.filter(pl.col("symbol") == sym)
+            return (apply(mine, table) if mine.height else bars), info
+        out = [apply(m, t) for sym, t in tables.items() if (m := bars.filter(pl.col("symbol") == sym)).height]
+        rest = bars.filter(~pl.col("symbol").is_in(list(tables)))
+        return (pl.concat([*out, rest]) if out else bars), info

@@ -31,7 +31,7 @@ from marketpipe.core.timeframe import Timeframe, TimeframeLike
 from marketpipe.core.timeutil import TimeInput, parse_range, parse_time, utcnow
 from marketpipe.core.validation import validate_dataset_url, validate_limit
 from marketpipe.providers.base import BarsProvider, feed_for
-from marketpipe.quality.adjust import parse_adjustment
+from marketpipe.quality.adjust import parse_adjustment, scale_steps
 from marketpipe.service.actions import ATTR as ADJUSTMENT_ATTR
 from marketpipe.service.actions import Actions, adjustment_of, parse_as_of, validate_types
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
@@ -44,7 +44,7 @@ from marketpipe.service.quality import SeriesQuality, analyze
 from marketpipe.service.router import CLIENT_ERRORS, ProviderRouter, Served, build_router
 from marketpipe.service.scheduler import Job, Scheduler
 from marketpipe.store import open_store
-from marketpipe.store.base import Store
+from marketpipe.store.base import ScaledBarStore, Store
 from marketpipe.wire.alpaca_rest import MAX_LIMIT  # the most rows one vendor page carries
 
 T = TypeVar("T")
@@ -410,12 +410,21 @@ class MarketData:
         if source is not None:  # the cold tier holds raw bars; an adjustment applies to them the same way
             url = validate_dataset_url(source)
             frame = await asyncio.to_thread(read_dataset, url, self.config, syms, tf, s, e, env=self._env)
-        elif not fetch:
-            frame = await asyncio.to_thread(self._stored().read_bars, syms, str(tf), s, e)
         else:
-            if any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
+            if fetch and any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
                 await self.backfill(syms, s, e, timeframe=tf, feed=feed)
-            frame = await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
+            store = self.store if fetch else self._stored()
+            if parts and len(syms) == 1 and isinstance(store, ScaledBarStore):
+                # one symbol from a store that scales while it reads: the factors first, then one read
+                tables, info = await self.actions.plan(syms, s, parts, adjustment, as_of=known, fetch=fetch)
+                steps = scale_steps(tables[syms[0]])
+                if steps:
+                    frame = await asyncio.to_thread(store.read_bars_scaled, syms[0], str(tf), s, e, steps)
+                else:
+                    frame = await asyncio.to_thread(store.read_bars, syms, str(tf), s, e)
+                setattr(frame, ADJUSTMENT_ATTR, info)
+                return frame
+            frame = await asyncio.to_thread(store.read_bars, syms, str(tf), s, e)
         if not parts and known is None:
             return frame
         frame, info = await self.actions.adjust(frame, syms, s, parts, adjustment, as_of=known, fetch=fetch)

@@ -299,6 +299,19 @@ class ActionCoverage:
 
 
 @runtime_checkable
+class ScaledBarStore(Protocol):
+    """A store that can multiply bars by factor steps while it reads them (an adjusted read in one
+    pass; ``service.data.MarketData.bars`` uses it for one symbol when the store has it)."""
+
+    def read_bars_scaled(
+        self, symbol: str, timeframe: str, start: datetime, end: datetime, steps: list[tuple[datetime, float, float]]
+    ) -> pl.DataFrame:
+        """``read_bars`` of ``symbol`` with prices and vwap times, and volume times (rounded half to even),
+        the factors of ``steps`` (``quality.adjust.scale_steps``)."""
+        ...
+
+
+@runtime_checkable
 class ActionStore(Protocol):
     """Corporate actions (``core.schema.ACTION_SCHEMA`` frames), their ledger and their quarantine.
 

@@ -100,6 +100,36 @@ _VALUES_SAME = " AND ".join(
 )
 
 _BAR_ARROW = pl.DataFrame(schema=BAR_SCHEMA).to_arrow().schema
+_SCALED = {"open", "high", "low", "close", "vwap"}
+
+
+def _scaled_sql(sql: str, steps: list[tuple[datetime, float, float]], params: dict[str, object]) -> str:
+    """``sql`` (a bars select) with its prices times the price factor and its volume times the volume
+    factor of each row's step, found by a balanced tree of CASEs over the edges (log2(steps) comparisons
+    a row, vectorized in the scan). Volume is left alone when no step changes it (dividends only)."""
+    for i, (edge, p, _) in enumerate(steps):
+        params[f"e{i}"], params[f"p{i}"] = _n(edge), float(p)
+    scale_volume = any(v != 1.0 for _, _, v in steps)
+    if scale_volume:
+        for i, (_, _, v) in enumerate(steps):
+            params[f"v{i}"] = float(v)
+
+    def tree(kind: str, lo: int, hi: int) -> str:  # a row past the edges < lo and before the edges >= hi
+        if lo == hi:
+            return f"${kind}{lo}" if lo < len(steps) else "1.0::DOUBLE"
+        mid = (lo + hi) // 2
+        return f"CASE WHEN ts < $e{mid} THEN {tree(kind, lo, mid)} ELSE {tree(kind, mid + 1, hi)} END"
+
+    out = [
+        f"{c} * _pf AS {c}" if c in _SCALED
+        else "CAST(round_even(volume * _vf, 0) AS BIGINT) AS volume" if c == "volume" and scale_volume
+        else c
+        for c in BAR_COLUMNS
+    ]  # fmt: skip
+    factors = f"{tree('p', 0, len(steps))} AS _pf" + (f", {tree('v', 0, len(steps))} AS _vf" if scale_volume else "")
+    return f"SELECT {', '.join(out)} FROM (SELECT *, {factors} FROM ({sql}))"
+
+
 _FEED_PREFERENCE = "CASE feed WHEN 'sip' THEN 0 WHEN 'iex' THEN 2 ELSE 1 END"
 
 
@@ -368,6 +398,7 @@ class DuckDBStore:
         limit: int | None = None,
         after: tuple[str, datetime] | None = None,
         desc: bool = False,
+        steps: list[tuple[datetime, float, float]] | None = None,
     ) -> pl.DataFrame:
         """Bars in ``[start, end)``, ordered by symbol then time, one row per timestamp: the newest
         version, and without ``source``/``feed`` SIP preferred over other feeds and real sources over
@@ -375,7 +406,7 @@ class DuckDBStore:
 
         Paging (the gateway): at most ``limit`` rows that come after ``after`` = (symbol, ts) in
         (symbol, time) order — time descending within each symbol with ``desc``; ``sources``
-        restricts to those source labels."""
+        restricts to those source labels. ``steps``: see :meth:`read_bars_scaled`."""
         where = ["timeframe = $tf", "ts >= $start", "ts < $end"]
         params: dict[str, object] = {"tf": timeframe, "start": _n(start), "end": _n(end)}
         if len(symbols) == 1:
@@ -395,6 +426,8 @@ class DuckDBStore:
             params["sources"] = list(sources)
         cols = ", ".join(BAR_COLUMNS)
         sql = f"SELECT {cols} FROM bars WHERE {' AND '.join(where)}"
+        if steps:
+            sql = _scaled_sql(sql, steps, params)
         # one row per (symbol, ts) always: several (source, feed) pairs, or a refresh's newer versions
         # (which share source and feed, so naming both does not make the rows unique)
         if len(symbols) != 1 or self._variant_count(symbols[0], timeframe) > 1:
@@ -467,6 +500,15 @@ class DuckDBStore:
                 held = self._variants.get((sym, page.ingest.timeframe))
                 if held is not None:
                     held.revised = True
+
+    def read_bars_scaled(
+        self, symbol: str, timeframe: str, start: datetime, end: datetime, steps: list[tuple[datetime, float, float]]
+    ) -> pl.DataFrame:
+        """:meth:`read_bars` of one symbol with prices (and vwap) times, and volume times (rounded half to
+        even, whole shares), the factors of ``steps`` (``quality.adjust.scale_steps``: a bar takes the first
+        step whose edge is after its ts, 1 after the last), computed in the query: no second pass over the
+        bars in Python."""
+        return self.read_bars([symbol], timeframe, start, end, steps=steps)
 
     def read_bars_exact(
         self, symbol: str, timeframe: str, start: datetime, end: datetime, *, source: str, feed: str
