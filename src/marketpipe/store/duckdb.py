@@ -103,31 +103,45 @@ _BAR_ARROW = pl.DataFrame(schema=BAR_SCHEMA).to_arrow().schema
 _SCALED = {"open", "high", "low", "close", "vwap"}
 
 
+def _runs(steps: list[tuple[datetime, float]]) -> list[tuple[datetime, float]]:
+    """Steps without those whose factor equals the next one's (1 after the last): a bar they held takes
+    the same factor from the next step. A volume factor changes only at splits, so its tree is short."""
+    nxt = [f for _, f in steps[1:]] + [1.0]
+    return [(e, f) for (e, f), n in zip(steps, nxt, strict=True) if f != n]
+
+
 def _scaled_sql(sql: str, steps: list[tuple[datetime, float, float]], params: dict[str, object]) -> str:
     """``sql`` (a bars select) with its prices times the price factor and its volume times the volume
-    factor of each row's step, found by a balanced tree of CASEs over the edges (log2(steps) comparisons
-    a row, vectorized in the scan). Volume is left alone when no step changes it (dividends only)."""
-    for i, (edge, p, _) in enumerate(steps):
-        params[f"e{i}"], params[f"p{i}"] = _n(edge), float(p)
-    scale_volume = any(v != 1.0 for _, _, v in steps)
-    if scale_volume:
-        for i, (_, _, v) in enumerate(steps):
-            params[f"v{i}"] = float(v)
+    factor of each row's step, each found by a balanced tree of CASEs over the edges where it changes
+    (log2(edges) comparisons a row, vectorized in the scan); no tree where nothing changes (volume, when
+    only dividends are applied)."""
 
-    def tree(kind: str, lo: int, hi: int) -> str:  # a row past the edges < lo and before the edges >= hi
+    def tree(name: str, runs: list[tuple[datetime, float]], lo: int, hi: int) -> str:
+        # a row past the edges < lo and before the edges >= hi
         if lo == hi:
-            return f"${kind}{lo}" if lo < len(steps) else "1.0::DOUBLE"
+            return f"${name}_f{lo}" if lo < len(runs) else "1.0::DOUBLE"
         mid = (lo + hi) // 2
-        return f"CASE WHEN ts < $e{mid} THEN {tree(kind, lo, mid)} ELSE {tree(kind, mid + 1, hi)} END"
+        return (
+            f"CASE WHEN ts < ${name}_e{mid} THEN {tree(name, runs, lo, mid)} ELSE {tree(name, runs, mid + 1, hi)} END"
+        )
 
+    factors: dict[str, str] = {}  # "p" / "v" -> the CASE tree of that factor
+    for name, column in (("p", [(e, float(p)) for e, p, _ in steps]), ("v", [(e, float(v)) for e, _, v in steps])):
+        runs = _runs(column)
+        for i, (edge, f) in enumerate(runs):
+            params[f"{name}_e{i}"], params[f"{name}_f{i}"] = _n(edge), f
+        if runs:
+            factors[name] = tree(name, runs, 0, len(runs))
+    if not factors:
+        return sql
     out = [
-        f"{c} * _pf AS {c}" if c in _SCALED
-        else "CAST(round_even(volume * _vf, 0) AS BIGINT) AS volume" if c == "volume" and scale_volume
+        f"{c} * _pf AS {c}" if c in _SCALED and "p" in factors
+        else "CAST(round_even(volume * _vf, 0) AS BIGINT) AS volume" if c == "volume" and "v" in factors
         else c
         for c in BAR_COLUMNS
     ]  # fmt: skip
-    factors = f"{tree('p', 0, len(steps))} AS _pf" + (f", {tree('v', 0, len(steps))} AS _vf" if scale_volume else "")
-    return f"SELECT {', '.join(out)} FROM (SELECT *, {factors} FROM ({sql}))"
+    cols = ", ".join(f"{t} AS _{name}f" for name, t in factors.items())
+    return f"SELECT {', '.join(out)} FROM (SELECT *, {cols} FROM ({sql}))"
 
 
 _FEED_PREFERENCE = "CASE feed WHEN 'sip' THEN 0 WHEN 'iex' THEN 2 ELSE 1 END"
