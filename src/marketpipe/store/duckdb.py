@@ -412,7 +412,6 @@ class DuckDBStore:
         limit: int | None = None,
         after: tuple[str, datetime] | None = None,
         desc: bool = False,
-        steps: list[tuple[datetime, float, float]] | None = None,
     ) -> pl.DataFrame:
         """Bars in ``[start, end)``, ordered by symbol then time, one row per timestamp: the newest
         version, and without ``source``/``feed`` SIP preferred over other feeds and real sources over
@@ -420,7 +419,36 @@ class DuckDBStore:
 
         Paging (the gateway): at most ``limit`` rows that come after ``after`` = (symbol, ts) in
         (symbol, time) order — time descending within each symbol with ``desc``; ``sources``
-        restricts to those source labels. ``steps``: see :meth:`read_bars_scaled`."""
+        restricts to those source labels."""
+        return self._read_bars(
+            symbols, timeframe, start, end, None, source=source, feed=feed, sources=sources, limit=limit,
+            after=after, desc=desc,
+        )  # fmt: skip
+
+    def read_bars_scaled(
+        self, symbol: str, timeframe: str, start: datetime, end: datetime, steps: list[tuple[datetime, float, float]]
+    ) -> pl.DataFrame:
+        """:meth:`read_bars` of one symbol with prices (and vwap) times, and volume times (rounded half to
+        even, whole shares), the factors of ``steps`` (``quality.adjust.scale_steps``: a bar takes the first
+        step whose edge is after its ts, 1 after the last), computed in the query: no second pass over the
+        bars in Python."""
+        return self._read_bars([symbol], timeframe, start, end, steps)
+
+    def _read_bars(  # read_bars, with the factor steps of read_bars_scaled
+        self,
+        symbols: list[str],
+        timeframe: str,
+        start: datetime,
+        end: datetime,
+        steps: list[tuple[datetime, float, float]] | None,
+        *,
+        source: str | None = None,
+        feed: str | None = None,
+        sources: list[str] | None = None,
+        limit: int | None = None,
+        after: tuple[str, datetime] | None = None,
+        desc: bool = False,
+    ) -> pl.DataFrame:
         where = ["timeframe = $tf", "ts >= $start", "ts < $end"]
         params: dict[str, object] = {"tf": timeframe, "start": _n(start), "end": _n(end)}
         if len(symbols) == 1:
@@ -514,15 +542,6 @@ class DuckDBStore:
                 held = self._variants.get((sym, page.ingest.timeframe))
                 if held is not None:
                     held.revised = True
-
-    def read_bars_scaled(
-        self, symbol: str, timeframe: str, start: datetime, end: datetime, steps: list[tuple[datetime, float, float]]
-    ) -> pl.DataFrame:
-        """:meth:`read_bars` of one symbol with prices (and vwap) times, and volume times (rounded half to
-        even, whole shares), the factors of ``steps`` (``quality.adjust.scale_steps``: a bar takes the first
-        step whose edge is after its ts, 1 after the last), computed in the query: no second pass over the
-        bars in Python."""
-        return self.read_bars([symbol], timeframe, start, end, steps=steps)
 
     def read_bars_exact(
         self, symbol: str, timeframe: str, start: datetime, end: datetime, *, source: str, feed: str
