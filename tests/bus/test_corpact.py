@@ -24,12 +24,12 @@ from tests.conftest import SIM_ENV
 from tests.nats_server import NatsServer
 
 
-def _cfg(sim: SimServer, store: Path, bus_url: str) -> Config:
+def _cfg(sim: SimServer, store: Path, bus_url: str, **bus: object) -> Config:
     return config_from_dict(
         {
             "providers": {"alpaca": {"base_url": sim.url, "plan": "unlimited", "rate_limit_per_min": 100_000}},
             "store": {"path": str(store)},
-            "bus": {"url": bus_url},
+            "bus": {"url": bus_url, **bus},
         }
     )
 
@@ -124,7 +124,8 @@ async def test_an_unreachable_bus_does_not_fail_the_store_write(sim: SimServer, 
     from tests.nats_server import free_port
 
     before = BUS_PUBLISH_FAILURES._value.get()
-    md = MarketData(_cfg(sim, tmp_path / "a.duckdb", f"nats://127.0.0.1:{free_port()}"), env=SIM_ENV)
+    nobody = f"nats://127.0.0.1:{free_port()}"
+    md = MarketData(_cfg(sim, tmp_path / "a.duckdb", nobody, connect_timeout=0.3), env=SIM_ENV)
     try:
         acts = await md.corporate_actions("NVDA", "2024-01-01", "2024-12-31")
         assert "forward_split" in acts["type"].to_list()
