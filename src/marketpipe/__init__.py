@@ -173,11 +173,15 @@ def actions(
     types: str | list[str] | None = None,
     as_of: TimeLike | None = None,
     provider: str | None = None,
+    refresh: bool = False,
 ) -> pl.DataFrame:
     """Corporate actions (splits, dividends, mergers, ...) with adjustment dates in ``[start, end]``
     (days; end default today): one canonical frame with source, vendor id and fetch time, fetched first
-    where the store's actions ledger lacks them."""
-    return _client().corporate_actions(symbols, start, end, types=types, as_of=as_of, provider=provider)
+    where the store's actions ledger lacks them (``refresh=True``: asked again, so a vendor's corrections
+    and withdrawals are stored; withdrawn actions are left out)."""
+    return _client().corporate_actions(
+        symbols, start, end, types=types, as_of=as_of, provider=provider, refresh=refresh
+    )
 
 
 def applied(frame: Any) -> pl.DataFrame | None:

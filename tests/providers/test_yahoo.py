@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
 
 import httpx
+import msgspec
+import numpy as np
 import polars as pl
 import pytest
 
@@ -22,7 +25,7 @@ from marketpipe.core.errors import (
     RateLimited,
 )
 from marketpipe.core.metrics import REGISTRY
-from marketpipe.core.schema import BAR_SCHEMA
+from marketpipe.core.schema import BAR_SCHEMA, UTC_US
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.core.timeutil import parse_time
 from marketpipe.providers.alpaca import AlpacaProvider
@@ -31,9 +34,12 @@ from marketpipe.providers.yahoo import (
     BROWSER_USER_AGENT,
     DEFAULT_BASE_URL,
     YahooProvider,
+    _Result,
     from_yahoo,
     map_http_error,
+    splits_of,
     to_yahoo,
+    unadjust_splits,
     wire_windows,
 )
 from marketpipe.providers.yahoo_config import YahooConfig
@@ -142,7 +148,7 @@ async def test_1m_history_comes_in_7_day_windows(ysim: SimServer, yahoo: YahooPr
     start, end = parse_time("2024-03-01"), parse_time("2024-03-12", end=True)
     ysim.reset_stats()
     pages = await pages_of(yahoo, ["AAPL", "MSFT"], MIN1, start, end)
-    assert ysim.stats()["requests"] == 4  # 12 days = 7 + 5, per symbol
+    assert ysim.stats()["requests"] == 6  # 12 days = 7 + 5, and one split-history request, per symbol
     assert [p.complete_through for p in pages] == [
         {"AAPL": start + timedelta(days=7)},
         {"AAPL": end},
@@ -266,7 +272,7 @@ async def test_default_host_headers_and_query() -> None:
     finally:
         await p.aclose()
     assert pages[0].frame.height == 0 and pages[0].source == "yahoo"
-    (req,) = seen
+    history, req = seen  # the splits from the window's start to now (to un-adjust), then the bars
     assert str(req.url).startswith(DEFAULT_BASE_URL + "/v8/finance/chart/BRK-B?")
     assert req.headers["user-agent"] == BROWSER_USER_AGENT
     assert dict(req.url.params) == {
@@ -274,7 +280,11 @@ async def test_default_host_headers_and_query() -> None:
         "period1": str(int(MARCH_5[0].timestamp())),
         "period2": str(int(MARCH_5[1].timestamp())),
         "includePrePost": "false",
+        "events": "split",
     }
+    h = dict(history.url.params)
+    assert h["interval"] == "3mo" and h["events"] == "split" and h["period1"] == str(int(MARCH_5[0].timestamp()))
+    assert int(h["period2"]) > time.time()
     assert p.config.rate_limit_per_min == 60 and p.config.feed == "yahoo"
 
 
@@ -414,3 +424,81 @@ async def test_current_price_point_is_not_a_bar(live_face: SimServer, alpaca: Al
     finally:
         await p.aclose()
     assert REGISTRY.get_sample_value("marketpipe_vendor_points_dropped_total", labels) == before + 3
+
+
+# --- split-adjusted wire, raw store ------------------------------------------------------------------
+
+
+async def _wire_quote(ysim: SimServer, symbol: str, start: datetime, end: datetime) -> dict:
+    params = {"interval": "1d", "period1": int(start.timestamp()), "period2": int(end.timestamp())}
+    async with httpx.AsyncClient() as c:
+        r = await c.get(f"{ysim.url}/v8/finance/chart/{symbol}", params=params)
+    result = r.json()["chart"]["result"][0]
+    assert "events" not in result  # not asked for
+    return result["indicators"]["quote"][0]
+
+
+@pytest.mark.parametrize(
+    ("symbol", "ratio", "start", "end", "tfs"),
+    [
+        ("AAPL", 4, "2020-08-03", "2020-09-25", ("1Day", "1Week")),  # ex Monday 2020-08-31: weeks are whole
+        ("TSLA", 3, "2022-08-15", "2022-09-02", ("1Day",)),  # thirds: float32 on the wire, cents after un-adjusting
+    ],
+)
+async def test_split_adjusted_wire_is_stored_raw(
+    ysim: SimServer, yahoo: YahooProvider, alpaca: AlpacaProvider, symbol: str, ratio: int, start: str, end: str,
+    tfs: tuple[str, ...],
+) -> None:  # fmt: skip
+    """The Yahoo face sends bars before a split divided by the ratio (volume times it), as the real chart
+    API does; the adapter un-adjusts them with Yahoo's own split events, so they equal Alpaca's raw bars."""
+    s, e = parse_time(start), parse_time(end, end=True)
+    raw = await frame_of(alpaca, [symbol], DAY1, s, e)
+    wire = await _wire_quote(ysim, symbol, s, e)
+    assert wire["close"][0] == pytest.approx(raw["close"][0] / ratio, rel=1e-6)
+    assert wire["volume"][0] == raw["volume"][0] * ratio
+    assert wire["close"][-1] == pytest.approx(raw["close"][-1], rel=1e-6)  # after the split: as it was
+    for name in tfs:
+        tf = Timeframe.parse(name)
+        y = await frame_of(yahoo, [symbol], tf, s, e)
+        a = raw if tf == DAY1 else await frame_of(alpaca, [symbol], tf, s, e)
+        assert y["ts"].to_list() == a["ts"].to_list() and y.height > 2
+        for col in ("open", "high", "low", "close"):
+            np.testing.assert_allclose(y[col].to_numpy(), a[col].to_numpy(), rtol=1e-9, err_msg=f"{name} {col}")
+        assert y["volume"].to_list() == a["volume"].to_list()
+    # adjustment="split": Yahoo's prices as sent, the split's ratio below the raw ones before it
+    sent = await frame_of(yahoo, [symbol], DAY1, s, e, adjustment="split")
+    k = (raw["close"] / sent["close"]).to_numpy()
+    before = raw["ts"].dt.date() < _ex(symbol)
+    np.testing.assert_allclose(k[before.to_numpy()], ratio, rtol=1e-6)
+    np.testing.assert_allclose(k[~before.to_numpy()], 1.0, rtol=1e-6)
+
+
+def _ex(symbol: str) -> date:
+    return {"AAPL": date(2020, 8, 31), "TSLA": date(2022, 8, 25)}[symbol]
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        '{"date": 1598880600, "numerator": 4, "denominator": 0}',
+        '{"date": 1598880600, "numerator": null, "denominator": 1}',
+        '{"date": 1598880600, "numerator": -4, "denominator": 1}',
+    ],
+)
+def test_a_split_event_without_a_usable_ratio_is_malformed(split: str) -> None:
+    """Un-adjusting with it would mis-scale every bar before it: a clear error instead (the router fails over)."""
+    meta = '"meta": {"exchangeTimezoneName": "America/New_York"}'
+    body = "{" + meta + ', "events": {"splits": {"1598880600": ' + split + "}}}"
+    result = msgspec.json.decode(body, type=_Result)
+    with pytest.raises(MalformedResponse, match="no usable ratio"):
+        splits_of(result, "AAPL")
+
+
+def test_unadjust_splits_takes_a_week_bar_by_its_last_day() -> None:
+    """A week bar wholly before the split is scaled; the week that holds the split stays post-split."""
+    ts = [datetime(2022, 8, 15, 4, tzinfo=UTC), datetime(2022, 8, 22, 4, tzinfo=UTC)]  # Mondays, NY midnight
+    prices = {"open": [300.0, 296.0], "high": [310.0, 300.0], "low": [290.0, 280.0], "close": [297.1, 290.0]}
+    frame = pl.DataFrame({"ts": ts, **prices, "volume": [300, 600]}).with_columns(pl.col("ts").cast(UTC_US))
+    split = {"1661434200": (date(2022, 8, 25), 3.0)}
+    out = unadjust_splits(frame, Timeframe.parse("1Week"), split, "America/New_York", 2)
+    assert out["close"].to_list() == [891.3, 290.0] and out["volume"].to_list() == [100, 600]

@@ -3,7 +3,8 @@ order, stock dividends, impossible actions, and the adjustment parameter's stric
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -11,8 +12,11 @@ import pytest
 
 from marketpipe.core.errors import InvalidArgument
 from marketpipe.core.schema import actions_frame
-from marketpipe.quality.adjust import apply, factors, impossible, parse_adjustment
+from marketpipe.core.tables import QUARANTINE_SCHEMA
+from marketpipe.quality.adjust import apply, factors, impossible, parse_adjustment, scale_steps
 from marketpipe.sim.data import SimMarket
+from marketpipe.store.base import Coverage, IngestRecord, PageWrite
+from marketpipe.store.duckdb import DuckDBStore
 
 MARKET = SimMarket()
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -89,3 +93,33 @@ def test_impossible_actions_are_named() -> None:
     ]
     f = factors(a, closes("2020-08-01", "2020-11-30"), frozenset({"split", "dividend"}))
     assert f.table.height == 0 and f.skipped.height == 4
+
+
+def test_the_store_scales_while_it_reads_exactly_as_apply_does(tmp_path: Path) -> None:
+    """DuckDB's ``read_bars_scaled`` (factors in the query) gives the very frame ``apply`` gives from the
+    raw read: the same doubles, the same whole-share volumes (a 1:3 reverse split between two forward
+    ones makes fractional ones to round), nulls kept."""
+    bars = MARKET.canonical_bars("AAPL", "1Min", "2020-08-27", "2020-09-02T23:00:00Z").with_columns(
+        pl.when(pl.int_range(pl.len()) % 97 == 0).then(None).otherwise(pl.col("vwap")).alias("vwap"),
+        pl.when(pl.int_range(pl.len()) % 89 == 0).then(None).otherwise(pl.col("volume")).alias("volume"),
+    )
+    s, e = bars["ts"].min(), bars["ts"].max() + timedelta(minutes=1)
+    store = DuckDBStore(tmp_path / "s.duckdb")
+    try:
+        cov = Coverage("AAPL", "1Min", "alpaca", "sim:alpaca", "sip", s, e, bars.height, "t", T0)
+        ing = IngestRecord("alpaca", "sim:alpaca", "sip", "bars", "1Min", ["AAPL"], s, e, "t", 1, T0, bars.height)
+        store.write_pages([PageWrite(bars, pl.DataFrame(schema=QUARANTINE_SCHEMA), [cov], ing)])
+        a = acts(
+            {"type": "forward_split", "ex_date": "2020-08-31", "old_rate": 1.0, "new_rate": 4.0},
+            {"type": "reverse_split", "ex_date": "2020-09-01", "old_rate": 3.0, "new_rate": 1.0},
+            {"type": "forward_split", "ex_date": "2020-09-02", "old_rate": 1.0, "new_rate": 2.0},
+        )
+        table = factors(a, closes("2020-08-01", "2020-09-30"), frozenset({"split"})).table
+        raw = store.read_bars(["AAPL"], "1Min", s, e)
+        want = apply(raw, table)
+        got = store.read_bars_scaled("AAPL", "1Min", s, e, scale_steps(table))
+        assert got.equals(want) and got.schema == raw.schema
+        assert got["volume"].null_count() == raw["volume"].null_count() > 0
+        assert not got.equals(raw)
+    finally:
+        store.close()

@@ -9,6 +9,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import orjson
 import polars as pl
 import pytest
 
@@ -148,13 +149,17 @@ async def test_corrections_are_versions_and_raise_events(md: MarketData, vendors
 async def test_impossible_dividend_is_quarantined_not_applied(md: MarketData, vendors: dict[str, SimServer]) -> None:
     """A vendor lists a dividend larger than the previous close: kept with its reason, never applied."""
     from marketpipe.core.schema import actions_frame
+    from marketpipe.core.timeutil import utcnow
+    from marketpipe.store.base import ActionCoverage
 
     base = {"provider": "alpaca", "source": "sim:alpaca", "symbol": "MSFT"}
     bogus = {**base, "action_id": "alpaca:bogus", "vendor_id": "bogus", "type": "cash_dividend",
              "ex_date": "2024-03-05", "cash_amount": 10_000.0, "process_date": "2024-03-12"}  # fmt: skip
     negative = {**base, "action_id": "alpaca:neg", "vendor_id": "neg", "type": "forward_split",
                 "ex_date": "2024-03-06", "old_rate": 1.0, "new_rate": -2.0, "process_date": "2024-03-06"}  # fmt: skip
-    md.store.write_actions(actions_frame([bogus, negative]), [])
+    # as if Alpaca had answered them for the window (a ledger entry): asked again, it would not list them (withdrawn)
+    ledger = ActionCoverage("MSFT", "alpaca", "sim:alpaca", date(2024, 3, 1), date(2024, 3, 20), 2, "t", utcnow())
+    md.store.write_actions(actions_frame([bogus, negative]), [ledger])
     got = await md.bars("MSFT", "2024-03-01", "2024-03-08", timeframe="1Day", adjustment="all", as_of="2024-03-20")
     raw = await md.bars("MSFT", "2024-03-01", "2024-03-08", timeframe="1Day")
     assert got["close"].to_list() == raw["close"].to_list()
@@ -262,3 +267,90 @@ async def test_reconcile_finds_a_doubled_split_and_nothing_on_clean_vendors(
     ]
     stored = md.store.action_reconciliation("TSLA", report.run_id)
     assert stored.filter(pl.col("status") != "match").height == 1
+
+
+def _fail_bars_except_yahoo(vendors: dict[str, SimServer]) -> None:
+    vendors["alpaca"].faults.set([FaultRule(kind="http_500", paths="/bars")])
+    vendors["polygon"].faults.set([FaultRule(kind="http_500", paths="/aggs/")])
+
+
+async def test_failover_to_yahoo_across_a_split_stores_raw(md: MarketData, vendors: dict[str, SimServer]) -> None:
+    """Yahoo sends AAPL's bars before 2020-08-31 divided by 4; what the store keeps from it is raw, equal
+    to Alpaca's raw bars, so the split shows in the raw series (explained by the stored action) and
+    adjusting it gives the vendor's adjusted series."""
+    _fail_bars_except_yahoo(vendors)
+    got = await md.bars("AAPL", "2020-08-17", "2020-09-11", timeframe="1Day")
+    assert set(got["source"]) == {"sim:yahoo"}
+    want = vendor_bars(vendors, "AAPL", "1Day", "2020-08-17", "2020-09-11T23:59:00Z", "raw")
+    for ours, theirs in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c")):
+        np.testing.assert_allclose(got[ours].to_numpy(), want[theirs], rtol=1e-9, err_msg=ours)
+    assert got["volume"].to_list() == want["v"].tolist()
+    await md.corporate_actions("AAPL", "2020-08-01", "2020-09-30")
+    (q,) = await md.quality("AAPL", "2020-08-17", "2020-09-11", timeframe="1Day")
+    assert q.findings.filter(pl.col("kind") == "split_like")["severity"].to_list() == ["info"]
+    assert q.findings.filter(pl.col("kind") == "split_unseen").height == 0 and q.summary["score"] == 1.0
+    adj = await md.bars("AAPL", "2020-08-17", "2020-09-11", timeframe="1Day", adjustment="split", fetch=False)
+    want_adj = vendor_bars(vendors, "AAPL", "1Day", "2020-08-17", "2020-09-11T23:59:00Z", "split")
+    np.testing.assert_allclose(adj["close"].to_numpy(), want_adj["c"], rtol=1e-9)
+
+
+async def test_a_split_yahoo_applies_but_does_not_list_is_a_quality_finding(
+    md: MarketData, vendors: dict[str, SimServer]
+) -> None:
+    """Yahoo pre-applies the 4:1 split without listing it (yfinance #2076): its answer alone cannot show
+    it, so the bars before it reach the store on the post-split scale. Against Alpaca's stored split the
+    quality check finds the missing jump (``split_unseen``, high) and counts every bar before it."""
+    _fail_bars_except_yahoo(vendors)
+    vendors["yahoo"].market.actions.set_faults([ActionFault(vendor="yahoo", kind="unlisted_split", symbol="AAPL")])
+    got = await md.bars("AAPL", "2020-08-17", "2020-09-11", timeframe="1Day")
+    want = vendor_bars(vendors, "AAPL", "1Day", "2020-08-17", "2020-09-11T23:59:00Z", "raw")
+    assert got["close"][0] == pytest.approx(want["c"][0] / 4, rel=1e-6)  # what such a vendor makes of it
+    acts = await md.corporate_actions("AAPL", "2020-08-01", "2020-09-30")
+    assert set(acts["provider"]) == {"alpaca"}
+    (q,) = await md.quality("AAPL", "2020-08-17", "2020-09-11", timeframe="1Day")
+    unseen = q.findings.filter(pl.col("kind") == "split_unseen")
+    assert unseen["severity"].to_list() == ["high"] and abs(unseen["value"][0] - 1) < 0.1  # no jump: ~1, not 4
+    assert unseen["detail"][0].startswith("known split 4.0:1 on 2020-08-31 (alpaca:")
+    assert q.summary["score"] < 0.9
+    assert (q.days.filter(pl.col("day") < date(2020, 8, 31))["validity"] == 0.0).all()
+
+
+async def test_an_action_the_vendor_no_longer_lists_is_withdrawn(md: MarketData, vendors: dict[str, SimServer]) -> None:
+    """Alpaca listed TSLA's 3:1 split, then (asked again for the same window) no longer does: a new version
+    marked withdrawn (never an edit), not applied any more, raised as an event, shown by reconcile; listed
+    again, it is a version of its own and applied again."""
+    seen: list[events.Event] = []
+    off = events.hub.subscribe(lambda e: seen.append(e) if e.kind == events.CORPORATE_ACTION_APPLIED else None)
+    window = ("2022-01-01", "2022-12-31")
+    try:
+        first = await md.corporate_actions("TSLA", *window)
+        (split_id,) = first.filter(pl.col("type") == "forward_split")["action_id"].to_list()
+        vendors["alpaca"].market.actions.set_faults([ActionFault(vendor="alpaca", kind="missing_split", symbol="TSLA")])
+        cached = await md.corporate_actions("TSLA", *window)  # the ledger holds the window: not asked again
+        assert split_id in cached["action_id"].to_list()
+        again = await md.corporate_actions("TSLA", *window, refresh=True)
+        assert again.filter(pl.col("type") == "forward_split").height == 0
+        history = md.store.read_actions(["TSLA"], date(2022, 1, 1), date(2022, 12, 31), all_versions=True)
+        split = history.filter(pl.col("action_id") == split_id)
+        assert split.select("version", "new_rate").rows() == [(1, 3.0), (2, 3.0)]  # the content kept
+        note = orjson.loads(split["raw"][1])["marketpipe_withdrawn"]
+        assert note["window"] == ["2022-01-01", "2022-12-31"] and note["previous_version"] == 1
+        assert seen[-1].details["withdrawn"] is True and seen[-1].severity == "warning"
+        # no longer applied: split-adjusted bars before the ex-date are the raw ones
+        adj = await md.bars("TSLA", "2022-08-22", "2022-08-26", timeframe="1Day", adjustment="split")
+        raw = await md.bars("TSLA", "2022-08-22", "2022-08-26", timeframe="1Day")
+        assert adj["close"].to_list() == raw["close"].to_list()
+        assert adjustment_of(adj).applied.height == 0  # type: ignore[union-attr]
+        report = await md.actions.reconcile("TSLA", date(2022, 1, 1), date(2022, 12, 31))
+        gone = report.rows.filter(pl.col("status") == "withdrawn")
+        assert gone.select("other", "reference_date", "reference_value", "reference_id").rows() == [
+            ("alpaca", date(2022, 8, 25), 3.0, split_id)
+        ]
+        # listed again: version 3, applied again
+        vendors["alpaca"].market.actions.clear_faults()
+        back = await md.corporate_actions("TSLA", *window, refresh=True)
+        assert split_id in back["action_id"].to_list() and seen[-1].details["withdrawn"] is False
+        newest = md.store.read_actions(["TSLA"], date(2022, 8, 1), date(2022, 8, 31), providers=["alpaca"])
+        assert newest["version"].to_list() == [3]
+    finally:
+        off()

@@ -94,6 +94,7 @@ class AppState:
             from marketpipe.service.live.shared import BusLink
 
             self.bus = await BusLink.open(self.config, env=self.env, live=self.config.stream.enabled)
+            self.data.events_on_bus = True  # its publisher relays every event, corporate actions included
         if self.config.stream.enabled:
             shared = self.bus.stream if self.bus is not None else None
             self.live = LiveHub(

@@ -258,11 +258,19 @@ class Publisher:
 
 
 def event_envelope(event: Any) -> tuple[str, Envelope]:
-    """A ``core.events.Event`` as its subject and envelope: provider trouble is provider health, the
-    rest data-quality alerts."""
+    """A ``core.events.Event`` as its subject and envelope: provider trouble is provider health, a
+    stored corporate action (version) ``mp.corpact.<type>.<sym>``, the rest data-quality alerts.
+
+    A corporate action's id is the fact itself (symbol, action id, version), not the moment it was
+    announced: two processes storing the same version, or one re-announcing it, publish one message."""
     at = event.at
     eid = f"event:{event.kind}:{event.symbol or '-'}:{event.source or '-'}:{at.isoformat()}"
     data = {"event": event.kind, "severity": event.severity, "message": event.message, "details": event.details}
+    if event.kind == "corporate_action_applied":
+        d = event.details
+        cid = f"corpact:{event.symbol or '-'}:{d.get('action_id') or '-'}:{d.get('version') or '-'}"
+        subj = subjects.corpact(str(d.get("action") or "unknown"), event.symbol or "_")
+        return subj, Envelope("corpact", cid, at=at, source=event.source, symbol=event.symbol, data=data)
     if event.kind == "source_unavailable":
         subj = subjects.health(event.source or "unknown")
         return subj, Envelope("health", eid, at=at, source=event.source, symbol=event.symbol, data=data)
@@ -278,3 +286,31 @@ def wire_events(publisher: Publisher) -> Any:
         publisher.put(*event_envelope(event))
 
     return hub.subscribe(on_event)
+
+
+async def publish_events(cfg: BusConfig, evs: list[Any], *, url: str | None = None) -> int:
+    """Publish ``core.events`` events from a process that holds no :class:`Publisher` (the CLI, a notebook,
+    a worker's store write): connect (bounded by ``connect_timeout``), make sure the streams exist, send each
+    with its ``Nats-Msg-Id`` and wait for the acknowledgements. Returns how many the server stored (the
+    others were duplicates). A bus that cannot be reached is logged and counted, never raised: the facts
+    the events describe are stored already, and the bus is a notification."""
+    if not evs:
+        return 0
+    try:
+        bus = await connect(cfg, url, name="marketpipe-events")
+    except BusUnavailable as exc:
+        BUS_PUBLISH_FAILURES.inc(len(evs))
+        log.warning("bus_events_not_published", events=len(evs), error=exc.message)
+        return 0
+    stored = 0
+    try:
+        await bus.ensure_streams()
+        for ev in evs:
+            subject, env = event_envelope(ev)
+            stored += not await bus.publish(subject, env)
+    except (*BUS_ERRORS, BusUnavailable) as exc:  # type: ignore[misc]
+        BUS_PUBLISH_FAILURES.inc(len(evs) - stored)
+        log.warning("bus_events_not_published", events=len(evs) - stored, error=repr(exc))
+    finally:
+        await bus.close()
+    return stored

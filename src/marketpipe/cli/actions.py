@@ -32,6 +32,9 @@ def actions(
     types: Annotated[list[str] | None, typer.Option("--type", help="e.g. forward_split, cash_dividend")] = None,
     as_of: Annotated[str | None, typer.Option("--as-of", help="only actions known by this day")] = None,
     provider: Annotated[str | None, typer.Option("--provider", help="one vendor's actions only")] = None,
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="ask the vendors again: corrections and withdrawn actions are stored")
+    ] = False,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or parquet")] = "table",
     output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
     config: ConfigOpt = None,
@@ -43,12 +46,14 @@ def actions(
     validate_enum(fmt, FORMATS, "format", casefold=True)
     data = MarketData(load_config(config, store))
     if symbols and symbols[0] == "reconcile":
-        _reconcile(data, symbols[1:], start, end)
+        _reconcile(data, symbols[1:], start, end, refresh)
         return
 
     async def go() -> Any:
         try:
-            return await data.corporate_actions(symbols, start, end, types=types, as_of=as_of, provider=provider)
+            return await data.corporate_actions(
+                symbols, start, end, types=types, as_of=as_of, provider=provider, refresh=refresh
+            )
         finally:
             await data.aclose()
 
@@ -56,7 +61,7 @@ def actions(
     emit(frame.select([c for c in COLUMNS if c in frame.columns]), fmt, output)
 
 
-def _reconcile(data: Any, rest: list[str], start: str, end: str | None) -> None:
+def _reconcile(data: Any, rest: list[str], start: str, end: str | None, refresh: bool) -> None:
     from marketpipe.core.errors import InvalidArgument
     from marketpipe.core.schema import normalize_symbol
     from marketpipe.core.timeutil import NY, parse_time, utcnow
@@ -69,7 +74,7 @@ def _reconcile(data: Any, rest: list[str], start: str, end: str | None) -> None:
 
     async def go() -> Any:
         try:
-            return await data.actions.reconcile(sym, s, e)
+            return await data.actions.reconcile(sym, s, e, refresh=refresh)
         finally:
             await data.aclose()
 

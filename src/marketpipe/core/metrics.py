@@ -410,7 +410,8 @@ BUS_PUBLISHED = Counter(
 )
 BUS_PUBLISH_FAILURES = Counter(
     "marketpipe_bus_publish_failures_total",
-    "Publish attempts on the NATS bus that failed (the event stays buffered and is sent again)",
+    "Publish attempts on the NATS bus that failed (a gateway's publisher keeps the event buffered and sends it "
+    "again; a one-off publish from the CLI or a notebook logs it)",
     registry=REGISTRY,
 )
 BUS_DROPPED = Counter(

@@ -131,6 +131,11 @@ ACTION_SCHEMA: dict[str, pl.DataType] = {
     "raw": pl.String(),
 }
 ACTION_COLUMNS = list(ACTION_SCHEMA)
+# A withdrawn action: a vendor listed it, then no longer did for a window it was asked again. It is stored
+# as a new version of the action (never an edit) whose ``raw`` is marketpipe's note, not a vendor record:
+# {"marketpipe_withdrawn": {"window": [start, end], "request_ids": [...], "previous_version": n}}.
+WITHDRAWN_KEY = "marketpipe_withdrawn"
+WITHDRAWN_PREFIX = '{"' + WITHDRAWN_KEY + '"'
 # Values of ``adjustment`` (Alpaca's; comma-combinable there). marketpipe adjusts for splits (and
 # stock dividends, which act as splits) and cash dividends; ``spin-off`` is accepted by the vendor
 # but needs the new line's price, which marketpipe does not invent.

@@ -24,9 +24,19 @@ Yahoo's quirks:
   float32 is taken as the decimal that float32 stands for (``414.92``): the same number at the
   vendor's precision, so that it compares equal with other vendors' cents. Other values pass as
   sent.
-* Yahoo has no trade count or VWAP (null), one consolidated feed (``feed="yahoo"`` whatever feed is
-  asked for) and OHLC that are split-adjusted but not dividend-adjusted: ``adjustment`` may be
-  ``raw`` or ``split`` (identical answers: after the latest split raw equals split-adjusted).
+* Yahoo has no trade count or VWAP (null) and one consolidated feed (``feed="yahoo"`` whatever feed is
+  asked for). Its OHLC and volume are **split-adjusted** (for every split up to now), not
+  dividend-adjusted. ``adjustment="split"`` passes them as sent. ``adjustment="raw"`` (what the store
+  keeps, like Alpaca's raw and Polygon's ``adjusted=false``) un-adjusts them with Yahoo's own split
+  events: one ``interval=3mo&events=split`` request per symbol from the window's start to now (a
+  bars response lists only the splits inside its own window, and later splits are in its prices
+  too), together with the ``events=split`` of each bars response. A bar of day d gets prices times,
+  and volume divided by, the product of numerator/denominator over the splits with ex-date after d,
+  rounded back to ``meta.priceHint`` decimals (Yahoo's raw prices were cents before it divided them)
+  and whole shares. A week or month bar that contains a split stays on the post-split scale (its
+  raw form mixed two scales). A split event without a usable ratio is MALFORMED_RESPONSE: never a
+  silently mis-scaled series. A split Yahoo applies but does not list cannot be seen in its answer;
+  the quality check ``split_unseen`` finds it against the stored actions of the other vendors.
 * Errors: 404 chart error (unknown symbol) -> NOT_FOUND, so a router moves on; 422 (lookback) and
   400 -> PROVIDER_BAD_REQUEST with Yahoo's description; 429 (plain text) -> RATE_LIMITED; 5xx ->
   PROVIDER_UNAVAILABLE; an HTML page with status 200 or a cut-off body -> MALFORMED_RESPONSE
@@ -41,6 +51,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 import httpx
 import msgspec
@@ -114,12 +125,24 @@ class _Indicators(msgspec.Struct, gc=False):
 class _Meta(msgspec.Struct, gc=False):
     exchangeTimezoneName: str | None = None
     regularMarketTime: int | None = None
+    priceHint: int | None = None
+
+
+class _Split(msgspec.Struct, gc=False):
+    date: int | None = None
+    numerator: float | None = None
+    denominator: float | None = None
+
+
+class _Events(msgspec.Struct, gc=False):
+    splits: dict[str, _Split] | None = None
 
 
 class _Result(msgspec.Struct, gc=False):
     meta: _Meta | None = None
     timestamp: list[int] | None = None
     indicators: _Indicators | None = None
+    events: _Events | None = None
 
 
 class _Error(msgspec.Struct, gc=False):
@@ -275,6 +298,65 @@ def chart_to_frame(
         pl.col("t").cast(pl.String).alias("raw_ts"),
     )
     return frame, raw.height - kept.height
+
+
+Splits = dict[str, tuple[date, float]]  # Yahoo's event key -> (ex-date, numerator / denominator)
+
+
+def splits_of(result: _Result, symbol: str) -> Splits:
+    """The ``events.splits`` of one chart result, keyed as Yahoo keys them (the same split listed by two
+    responses is one). A split without a positive finite ratio cannot be undone: MALFORMED_RESPONSE."""
+    got = result.events.splits if result.events is not None else None
+    if not got:
+        return {}
+    tz = ZoneInfo((result.meta.exchangeTimezoneName if result.meta else None) or "America/New_York")
+    out: Splits = {}
+    for key, ev in got.items():
+        num, den = ev.numerator, ev.denominator
+        if num is None or den is None or not (math.isfinite(num) and math.isfinite(den) and num > 0 and den > 0):
+            raise MalformedResponse(
+                f"yahoo: the {symbol} split event {key} has no usable ratio ({num}:{den}); its split-adjusted "
+                "prices cannot be turned back into raw ones",
+                provider="yahoo",
+                details={"symbol": symbol, "event": key, "numerator": num, "denominator": den},
+            )
+        try:
+            sec = ev.date if ev.date is not None else int(key)
+        except ValueError as exc:
+            raise MalformedResponse(
+                f"yahoo: the {symbol} split event {key!r} has no date", provider="yahoo", details={"symbol": symbol}
+            ) from exc
+        out[key] = (datetime.fromtimestamp(sec, tz).date(), num / den)
+    return out
+
+
+def unadjust_splits(frame: pl.DataFrame, tf: Timeframe, splits: Splits, tz: str, decimals: int) -> pl.DataFrame:
+    """Yahoo's split-adjusted bars back to raw: a bar of New York day d (a week or month bar: its last
+    day) gets o/h/l/c times, and volume divided by, the product of the ratios of the splits with
+    ex-date after d; scaled values are rounded to ``decimals`` and whole shares. One expression per
+    split (a symbol has a handful), no per-row Python."""
+    if not splits or not frame.height:
+        return frame
+    day = pl.col("ts").dt.convert_time_zone(tz).dt.date()
+    if tf.unit is Unit.WEEK:
+        day = day + pl.duration(days=6)
+    elif tf.unit is Unit.MONTH:
+        day = day.dt.offset_by(f"{tf.amount}mo") - pl.duration(days=1)
+    by_day: dict[date, float] = {}
+    for ex, ratio in splits.values():
+        by_day[ex] = by_day.get(ex, 1.0) * ratio
+    mult = pl.lit(1.0)
+    for ex, ratio in by_day.items():
+        mult = mult * pl.when(day < pl.lit(ex)).then(pl.lit(ratio)).otherwise(pl.lit(1.0))
+    f = frame.with_columns(mult.alias("_m"))
+    scaled = pl.col("_m") != 1.0
+    return f.with_columns(
+        *(pl.when(scaled).then((pl.col(c) * pl.col("_m")).round(decimals)).otherwise(c).alias(c) for c in PRICES),
+        pl.when(scaled)
+        .then((pl.col("volume") / pl.col("_m")).round(0).cast(pl.Int64))
+        .otherwise(pl.col("volume"))
+        .alias("volume"),
+    ).drop("_m")
 
 
 def non_bar_points(frame: pl.DataFrame, tf: Timeframe, start: datetime, end: datetime, market_time: int | None
@@ -436,13 +518,16 @@ class YahooProvider(HttpProvider):
         validate_timeframe(timeframe, allowed=INTERVALS, message="yahoo has no {value} bars; it serves {allowed}")
         interval = INTERVALS[timeframe]
         windows = wire_windows(timeframe, start, end)
+        asked = [w for w in windows if w[1] > w[0]]
         number = 0
         for si, sym in enumerate(symbols):
             path = chart_path(quote(to_yahoo(sym), safe=""))
+            # raw: every split from the window's start to now is in Yahoo's prices; list them first
+            splits = await self._split_history(path, sym, asked[0][0]) if adjustment == "raw" and asked else None
             for wi, (p1, p2, through) in enumerate(windows):
                 last_window = wi == len(windows) - 1
                 frame, source, request_id, nbytes = await self._fetch(
-                    path, sym, timeframe, interval, p1, p2, (start, end)
+                    path, sym, timeframe, interval, p1, p2, (start, end), splits
                 )
                 number += 1
                 page = BarPage(
@@ -509,33 +594,65 @@ class YahooProvider(HttpProvider):
             frame = frame.filter(pl.col("type").is_in(types))
         return ActionsPage(frame, list(symbols), start, end, source, ids, self._now())
 
+    def _result_of(self, resp: httpx.Response, symbol: str) -> _Result:
+        """The one chart result of a response; a chart error, or neither a result nor an error, raised."""
+        try:
+            doc = _DECODER.decode(resp.content)
+        except msgspec.ValidationError as exc:
+            raise envelope_error(
+                resp.content, provider=self.name, endpoint=ENDPOINT, required=("chart",), cause=exc
+            ) from exc
+        chart = doc.chart
+        if not chart.result:
+            if chart.error is not None:
+                raise _error_in_200(chart.error, symbol)
+            raise MalformedResponse(
+                f"yahoo {ENDPOINT}: the answer for {symbol} has neither a result nor an error",
+                provider=self.name,
+                details={"symbol": symbol, "endpoint": ENDPOINT, "missing": ["chart.result", "chart.error"]},
+            )
+        return chart.result[0]
+
+    async def _split_history(self, path: str, symbol: str, p1: int) -> Splits:
+        """Yahoo's splits of ``symbol`` from ``p1`` (Unix seconds) to now: one quarterly chart request
+        with ``events=split`` (a few rows whatever the span)."""
+        p2 = int(self._now().timestamp()) + 86_400
+        params = {"interval": "3mo", "period1": p1, "period2": max(p2, p1 + 1), "events": "split"}
+
+        def decode(resp: httpx.Response) -> Splits:
+            return splits_of(self._result_of(resp, symbol), symbol)
+
+        splits, _ = await self._http.get(path, params, ENDPOINT, decode)
+        return splits
+
     async def _fetch(
-        self, path: str, symbol: str, tf: Timeframe, interval: str, p1: int, p2: int, window: tuple[datetime, datetime]
+        self,
+        path: str,
+        symbol: str,
+        tf: Timeframe,
+        interval: str,
+        p1: int,
+        p2: int,
+        window: tuple[datetime, datetime],
+        splits: Splits | None = None,
     ) -> tuple[pl.DataFrame, str, str, int]:
-        """(frame, source, request id, bytes) of one chart window; an empty window asks nothing."""
+        """(frame, source, request id, bytes) of one chart window; an empty window asks nothing. With
+        ``splits`` (raw wanted) the bars are un-adjusted with them and the response's own split events."""
         if p2 <= p1:
             # no canonical stamp in the window (e.g. 10:00-15:00 of one day for daily bars)
             return pl.DataFrame(schema={**BAR_SCHEMA, "raw_ts": pl.String()}), self._last_source, uuid.uuid4().hex, 0
-        params = {"interval": interval, "period1": p1, "period2": p2, "includePrePost": "false"}
+        params: dict[str, Any] = {"interval": interval, "period1": p1, "period2": p2, "includePrePost": "false"}
+        if splits is not None:
+            params["events"] = "split"
 
         def decode(resp: httpx.Response) -> tuple[tuple[pl.DataFrame, int], int]:
-            try:
-                doc = _DECODER.decode(resp.content)
-            except msgspec.ValidationError as exc:
-                raise envelope_error(
-                    resp.content, provider=self.name, endpoint=ENDPOINT, required=("chart",), cause=exc
-                ) from exc
-            chart = doc.chart
-            if not chart.result:
-                if chart.error is not None:
-                    raise _error_in_200(chart.error, symbol)
-                raise MalformedResponse(
-                    f"yahoo {ENDPOINT}: the answer for {symbol} has neither a result nor an error",
-                    provider=self.name,
-                    details={"symbol": symbol, "endpoint": ENDPOINT, "missing": ["chart.result", "chart.error"]},
-                )
-            result = chart.result[0]
+            result = self._result_of(resp, symbol)
             frame, padding = chart_to_frame(result, symbol, tf, sim_source(resp.headers, self.name), self._now())
+            if splits is not None:
+                meta = result.meta
+                tz = (meta.exchangeTimezoneName if meta else None) or "America/New_York"
+                hint = meta.priceHint if meta is not None and meta.priceHint is not None else 2
+                frame = unadjust_splits(frame, tf, {**splits, **splits_of(result, symbol)}, tz, max(hint, 2))
             market_time = result.meta.regularMarketTime if result.meta else None
             return drop_non_bars(frame, tf, *window, market_time), padding
 
@@ -559,6 +676,8 @@ __all__ = [
     "chart_to_frame",
     "from_yahoo",
     "map_http_error",
+    "splits_of",
     "to_yahoo",
+    "unadjust_splits",
     "wire_windows",
 ]

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import polars as pl
 
-from marketpipe.core.tables import ACTION_RECONCILE_SCHEMA
+from marketpipe.core.tables import ACTION_RECONCILE_SCHEMA, FINDINGS_SCHEMA
 from marketpipe.quality.adjust import adjustment_date
 
-STATUSES = ("match", "different_ratio", "different_amount", "different_date", "missing", "extra")
+# withdrawn: a vendor listed the action and no longer does (service/actions.py stores it as a version)
+STATUSES = ("match", "different_ratio", "different_amount", "different_date", "missing", "extra", "withdrawn")
 
 
 def _keyed(actions: pl.DataFrame) -> pl.DataFrame:
@@ -121,9 +122,7 @@ def reconcile_actions(
     return out.sort("symbol", pl.coalesce("reference_date", "other_date"), "family")
 
 
-def explain_splits(
-    findings: pl.DataFrame, actions: pl.DataFrame, tz: str, *, tolerance: float = 0.1
-) -> pl.DataFrame:
+def explain_splits(findings: pl.DataFrame, actions: pl.DataFrame, tz: str, *, tolerance: float = 0.1) -> pl.DataFrame:
     """``split_like`` findings (``FINDINGS_SCHEMA``) on the ex-date of a known split of the same
     symbol with a ratio within ``tolerance`` of the jump become severity ``info`` (shown, not counted
     against the score), their detail naming the action; the others are left as they are."""
@@ -149,24 +148,114 @@ def explain_splits(
     )
     f = f.join(hit, on="_row", how="left")
     known = pl.col("_id").is_not_null()
-    return f.with_columns(
-        pl.when(known).then(pl.lit("info")).otherwise(pl.col("severity")).alias("severity"),
-        pl.when(known)
-        .then(pl.format("explained by split {}:1 ({})", pl.col("_ratio").round(4), pl.col("_id")))
-        .otherwise(pl.col("detail"))
-        .alias("detail"),
-    ).sort("_row").select(findings.columns)
+    return (
+        f.with_columns(
+            pl.when(known).then(pl.lit("info")).otherwise(pl.col("severity")).alias("severity"),
+            pl.when(known)
+            .then(pl.format("explained by split {}:1 ({})", pl.col("_ratio").round(4), pl.col("_id")))
+            .otherwise(pl.col("detail"))
+            .alias("detail"),
+        )
+        .sort("_row")
+        .select(findings.columns)
+    )
+
+
+def unseen_splits(
+    bars: pl.DataFrame, actions: pl.DataFrame, tz: str, *, tolerance: float = 0.1, within_days: int = 5
+) -> pl.DataFrame:
+    """``split_unseen`` findings (``FINDINGS_SCHEMA``, severity high): a known split whose adjustment
+    date lies inside the raw series (a bar within ``within_days`` on each side) while the series does not
+    jump there — the last close before the date over the first open on or after it is not within
+    ``tolerance`` of any known split ratio of that day. The bars before it are then on the post-split
+    scale: a vendor's split-adjusted bars stored as raw (Yahoo applies splits it does not always list).
+    Vectorized: two as-of joins of the splits with the bars."""
+    schema = FINDINGS_SCHEMA
+    splits = actions.filter(pl.col("type").is_in(["forward_split", "reverse_split"]))
+    if not bars.height or not splits.height:
+        return pl.DataFrame(schema=schema)
+    at = adjustment_date()
+    ex = splits.select(
+        "symbol",
+        at.alias("_day"),
+        (pl.col("new_rate") / pl.col("old_rate")).alias("_ratio"),
+        pl.col("action_id").alias("_id"),
+        at.cast(pl.Datetime("us")).dt.replace_time_zone(tz).dt.convert_time_zone("UTC").alias("_at"),
+    ).drop_nulls(["_day", "_ratio", "_at"])
+    b = bars.select("symbol", "timeframe", "ts", "open", "close").sort("symbol", "ts")
+    probe = ex.with_columns((pl.col("_at") - pl.duration(microseconds=1)).alias("_before")).sort("_before")
+    prev = probe.join_asof(
+        b.select("symbol", pl.col("ts").alias("_before"), pl.col("ts").alias("_prev_ts"), pl.col("close").alias("_c")),
+        on="_before",
+        by="symbol",
+        strategy="backward",
+        check_sortedness=False,
+    ).sort("_at")
+    both = prev.join_asof(
+        b.select(
+            "symbol", "timeframe", pl.col("ts").alias("_at"), pl.col("ts").alias("_next_ts"), pl.col("open").alias("_o")
+        ),
+        on="_at",
+        by="symbol",
+        strategy="forward",
+        check_sortedness=False,
+    )
+    near = pl.duration(days=within_days)
+    seen = (
+        both.filter(
+            pl.col("_prev_ts").is_not_null()
+            & pl.col("_next_ts").is_not_null()
+            & (pl.col("_at") - pl.col("_prev_ts") <= near)
+            & (pl.col("_next_ts") - pl.col("_at") <= near)
+        )
+        .with_columns((pl.col("_c") / pl.col("_o")).alias("_jump"))
+        .with_columns((((pl.col("_jump") / pl.col("_ratio")) - 1).abs() <= tolerance).alias("_match"))
+        .group_by("symbol", "_day")
+        .agg(
+            pl.col("_match").any(),
+            pl.col("timeframe").first(),
+            pl.col("_next_ts").first(),
+            pl.col("_jump").first(),
+            pl.col("_ratio").first(),
+            pl.col("_id").first(),
+        )
+    )
+    return (
+        seen.filter(~pl.col("_match"))
+        .select(
+            "symbol",
+            "timeframe",
+            pl.col("_next_ts").alias("ts"),
+            pl.lit("split_unseen").alias("kind"),
+            pl.lit("high").alias("severity"),
+            pl.col("_jump").alias("value"),
+            pl.lit(1, pl.Int64).alias("bars"),
+            pl.format(
+                "known split {}:1 on {} ({}) not seen in the raw bars (close/open {}): the bars before it look "
+                "split-adjusted",
+                pl.col("_ratio").round(4),
+                pl.col("_day"),
+                pl.col("_id"),
+                pl.col("_jump").round(4),
+            ).alias("detail"),
+        )
+        .cast(schema)  # type: ignore[arg-type]
+        .sort("symbol", "ts")
+    )
 
 
 def unexplained_split_days(findings: pl.DataFrame, days: pl.DataFrame, tz: str) -> pl.DataFrame:
     """``symbol, day`` of every day (of ``days``) before an unexplained high ``split_like`` finding of
-    its symbol: those bars are on another price scale than the ones after the jump, so they count as
-    invalid (an injected unadjusted 4x split must not score 1.000)."""
+    its symbol, or a ``split_unseen`` one: those bars are on another price scale than the ones after it,
+    so they count as invalid (an injected unadjusted 4x split must not score 1.000)."""
     schema = {"symbol": pl.String(), "day": pl.Date()}
-    jumps = findings.filter((pl.col("kind") == "split_like") & (pl.col("severity") == "high"))
+    jumps = findings.filter(pl.col("kind").is_in(["split_like", "split_unseen"]) & (pl.col("severity") == "high"))
     if not jumps.height or not days.height:
         return pl.DataFrame(schema=schema)
     last = jumps.group_by("symbol").agg(pl.col("ts").max().dt.convert_time_zone(tz).dt.date().alias("_until"))
-    return days.select("symbol", "day").join(last, on="symbol").filter(pl.col("day") < pl.col("_until")).select(
-        "symbol", "day"
+    return (
+        days.select("symbol", "day")
+        .join(last, on="symbol")
+        .filter(pl.col("day") < pl.col("_until"))
+        .select("symbol", "day")
     )

@@ -19,13 +19,13 @@ factor needs the new line's market price, which marketpipe does not invent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 
 import numpy as np
 import polars as pl
 
 from marketpipe.core.errors import InvalidArgument
-from marketpipe.core.schema import ADJUSTMENTS, PRICE_COLUMNS
+from marketpipe.core.schema import ADJUSTMENTS, PRICE_COLUMNS, WITHDRAWN_PREFIX
 from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA
 
 SPLIT_LIKE = ("forward_split", "reverse_split", "stock_dividend")
@@ -73,6 +73,16 @@ def parse_adjustment(value: str | None, *, param: str = "adjustment") -> frozens
 def adjustment_date() -> pl.Expr:
     """An action's adjustment date: ex-date, else effective date, else process date."""
     return pl.coalesce("ex_date", "effective_date", "process_date")
+
+
+def is_withdrawn() -> pl.Expr:
+    """Whether an action row (its newest version) is a withdrawal (``core.schema.WITHDRAWN_KEY``)."""
+    return pl.col("raw").str.starts_with(WITHDRAWN_PREFIX).fill_null(False)
+
+
+def current(actions: pl.DataFrame) -> pl.DataFrame:
+    """``actions`` (newest versions) without the withdrawn ones: what a vendor lists today."""
+    return actions.filter(~is_withdrawn()) if actions.height else actions
 
 
 def impossible(actions: pl.DataFrame) -> pl.DataFrame:
@@ -178,17 +188,9 @@ def apply(bars: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
     Columns and row order are kept; volume stays whole shares."""
     if table.height == 0 or bars.height == 0:
         return bars
-    edges = (
-        table.sort("until")
-        .select(
-            pl.col("until").cast(pl.Datetime("us")).dt.replace_time_zone(TZ).dt.convert_time_zone("UTC")
-            .dt.cast_time_unit("us").to_physical().alias("edge"),
-            "price_factor",
-            "volume_factor",
-        )
-    )  # fmt: skip
+    edges = _edges(table)
     ts = bars["ts"].dt.cast_time_unit("us").to_physical().to_numpy()
-    edge = edges["edge"].to_numpy()
+    edge = edges["edge"].to_physical().to_numpy()
     pf = np.append(edges["price_factor"].to_numpy(), 1.0)
     vf = np.append(edges["volume_factor"].to_numpy(), 1.0)
     if bars["ts"].is_sorted():
@@ -209,6 +211,23 @@ def apply(bars: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
     return bars.with_columns(cols)
 
 
+def _edges(table: pl.DataFrame) -> pl.DataFrame:
+    """A factor table as ``edge`` (the UTC instant of the New York midnight that begins ``until``: bars
+    stamped before it, back to the previous edge, take its factors), ``price_factor``, ``volume_factor``."""
+    return table.sort("until").select(
+        pl.col("until").cast(pl.Datetime("us")).dt.replace_time_zone(TZ).dt.convert_time_zone("UTC").alias("edge"),
+        "price_factor",
+        "volume_factor",
+    )
+
+
+def scale_steps(table: pl.DataFrame) -> list[tuple[datetime, float, float]]:
+    """A factor table as the steps a store applies while it reads (``BarStore.read_bars_scaled``):
+    ``(edge, price factor, volume factor)`` in time order; a bar takes the first step whose edge is after
+    its ``ts``, and 1 after the last. The same numbers :func:`apply` multiplies with."""
+    return list(_edges(table).iter_rows()) if table.height else []
+
+
 def _scaled(col: pl.Series, factor: np.ndarray) -> pl.Series:
     if col.null_count():
         return (col * pl.Series(factor)).alias(col.name)
@@ -220,8 +239,12 @@ def quarantine_rows(actions: pl.DataFrame, reasons: pl.DataFrame, at: object) ->
     if reasons.height == 0:
         return pl.DataFrame(schema=ACTION_QUARANTINE_SCHEMA)
     rows = actions.join(reasons.select("action_id", "reason"), on="action_id", how="inner")
-    return rows.with_columns(pl.lit(at).alias("quarantined_at")).select(list(ACTION_QUARANTINE_SCHEMA)).cast(
-        ACTION_QUARANTINE_SCHEMA  # type: ignore[arg-type]
+    return (
+        rows.with_columns(pl.lit(at).alias("quarantined_at"))
+        .select(list(ACTION_QUARANTINE_SCHEMA))
+        .cast(
+            ACTION_QUARANTINE_SCHEMA  # type: ignore[arg-type]
+        )
     )
 
 

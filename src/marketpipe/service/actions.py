@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import polars as pl
 
 from marketpipe.cache import TieredCache
@@ -28,8 +29,13 @@ from marketpipe.core import events
 from marketpipe.core.errors import AllProvidersFailed, ProviderError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_QUARANTINED
-from marketpipe.core.schema import ACTION_TYPES, actions_frame, normalize_symbols
-from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, ACTION_RECONCILE_SCHEMA, CORPORATE_ACTIONS
+from marketpipe.core.schema import ACTION_TYPES, WITHDRAWN_KEY, WITHDRAWN_PREFIX, actions_frame, normalize_symbols
+from marketpipe.core.tables import (
+    ACTION_COVERAGE_SCHEMA,
+    ACTION_QUARANTINE_SCHEMA,
+    ACTION_RECONCILE_SCHEMA,
+    CORPORATE_ACTIONS,
+)
 from marketpipe.core.timeframe import DAY1
 from marketpipe.core.timeutil import NY, parse_time, utcnow
 from marketpipe.core.validation import validate_enum
@@ -38,9 +44,12 @@ from marketpipe.quality.actions import reconcile_actions
 from marketpipe.quality.adjust import (
     APPLIED_SCHEMA,
     SKIPPED_SCHEMA,
+    adjustment_date,
     apply,
+    current,
     factors,
     impossible,
+    is_withdrawn,
     known_dates_ok,
     parse_adjustment,
     quarantine_rows,
@@ -163,6 +172,49 @@ def _covered(entries: pl.DataFrame, start: date, end: date) -> bool:
     return reach > end
 
 
+def _withdrawn(before: pl.DataFrame, page: ActionsPage, now: datetime) -> pl.DataFrame:
+    """The actions (newest versions, ``before``) a provider listed earlier for the page's symbols, with an
+    adjustment date inside the window it answered now, that the page no longer holds and that are not
+    withdrawn already: each as its withdrawn version (content kept, ``raw`` marketpipe's note)."""
+    if not before.height:
+        return before
+    day = adjustment_date()
+    listed = page.frame["action_id"].implode()
+    gone = before.filter(
+        pl.col("symbol").is_in(page.symbols)
+        & day.is_between(page.start, page.end)
+        & ~pl.col("action_id").is_in(listed)
+        & ~is_withdrawn()
+    )
+    if not gone.height:
+        return gone
+    head = orjson.dumps({"window": [page.start.isoformat(), page.end.isoformat()], "request_ids": page.request_ids})
+    prefix = '{"' + WITHDRAWN_KEY + '":' + head.decode()[:-1] + ',"previous_version":'
+    note = pl.concat_str(pl.lit(prefix), pl.col("version").cast(pl.String), pl.lit("}}"))
+    return gone.with_columns(
+        note.alias("raw"), pl.lit(now).cast(CORPORATE_ACTIONS.columns["fetched_at"]).alias("fetched_at")
+    ).select(list(actions_frame([]).columns))
+
+
+def withdrawn_rows(gone: pl.DataFrame) -> pl.DataFrame:
+    """Withdrawn actions as reconciliation rows: the vendor is both sides, status ``withdrawn``."""
+    split = pl.col("type").is_in(["forward_split", "reverse_split", "stock_dividend"])
+    value = pl.when(split).then(pl.col("new_rate") / pl.col("old_rate")).otherwise(pl.col("cash_amount"))
+    return gone.select(
+        "symbol",
+        pl.when(split).then(pl.lit("split")).otherwise(pl.lit("dividend")).alias("family"),
+        pl.col("provider").alias("reference"),
+        pl.col("provider").alias("other"),
+        pl.lit("withdrawn").alias("status"),
+        adjustment_date().alias("reference_date"),
+        pl.lit(None, pl.Date()).alias("other_date"),
+        value.alias("reference_value"),
+        pl.lit(None, pl.Float64()).alias("other_value"),
+        pl.col("action_id").alias("reference_id"),
+        pl.lit(None, pl.String()).alias("other_id"),
+    ).cast(ACTION_RECONCILE_SCHEMA)  # type: ignore[arg-type]
+
+
 def validate_types(types: list[str] | None) -> list[str] | None:
     if not types:
         return None
@@ -179,19 +231,24 @@ class Actions:
         store: Callable[[], Store],
         router: Callable[[], ProviderRouter],
         daily_bars: Callable[[str, date, date, bool], Awaitable[pl.DataFrame]],
+        publish: Callable[[list[events.Event]], Awaitable[object]] | None = None,
     ) -> None:
         self._store = store
         self._router = router
         self._daily = daily_bars  # raw 1Day bars of a symbol over days [lo, hi], fetched unless told not to
+        # the corporate_action_applied events of a write onto the bus ([bus] configured and no gateway
+        # publisher relaying core.events already), awaited so a CLI call has published before it returns
+        self.publish = publish
 
     async def ensure(
-        self, symbols: list[str], start: date, end: date, *, provider: str | None = None
+        self, symbols: list[str], start: date, end: date, *, provider: str | None = None, refresh: bool = False
     ) -> list[ActionCoverage]:
         """Fetch the actions the ledger lacks for ``[start, end]`` (per symbol, any provider unless
-        ``provider``); returns the ledger entries written."""
+        ``provider``; ``refresh``: all of them again, whatever the ledger holds — corrections become new
+        versions, actions no longer listed become withdrawn versions); returns the ledger entries written."""
         store = self._store()
         held = await asyncio.to_thread(store.action_coverage, symbols, start, end, provider=provider)
-        missing = [s for s in symbols if not _covered(held.filter(pl.col("symbol") == s), start, end)]
+        missing = [s for s in symbols if refresh or not _covered(held.filter(pl.col("symbol") == s), start, end)]
         if not missing:
             return []
 
@@ -227,26 +284,36 @@ class Actions:
         before = await asyncio.to_thread(
             store.read_actions, page.symbols, date(1900, 1, 1), date(2999, 12, 31), providers=[provider]
         )
+        gone = _withdrawn(before, page, now)
+        if gone.height:
+            for r in gone.select("symbol", "action_id", "type").iter_rows():
+                log.warning("action_withdrawn", provider=provider, symbol=r[0], action_id=r[1], type=r[2])
+            frame = pl.concat([frame, gone.select(frame.columns)])
         stored = await asyncio.to_thread(store.write_actions, frame, coverage, quarantine)
         if stored:
-            await asyncio.to_thread(self._announce, store, page, provider, before)
+            announced = await asyncio.to_thread(self._announce, store, page, provider, before)
+            if announced and self.publish is not None:
+                await self.publish(announced)
         log.info("actions_stored", provider=provider, symbols=len(page.symbols), rows=frame.height, new_versions=stored)
         return coverage
 
     @staticmethod
-    def _announce(store: Store, page: ActionsPage, provider: str, before: pl.DataFrame) -> None:
+    def _announce(store: Store, page: ActionsPage, provider: str, before: pl.DataFrame) -> list[events.Event]:
         """A ``corporate_action_applied`` event per new action version: adjusted reads of the bars
-        before its adjustment date change (caches of them are stale)."""
+        before its adjustment date change (caches of them are stale). Returns the events raised."""
         after = store.read_actions(page.symbols, date(1900, 1, 1), date(2999, 12, 31), providers=[provider])
         old = set(zip(before["action_id"].to_list(), before["version"].to_list(), strict=True))
+        raised: list[events.Event] = []
         for r in after.iter_rows(named=True):
             if (r["action_id"], r["version"]) in old:
                 continue
             day = r["ex_date"] or r["effective_date"] or r["process_date"]
-            events.emit(
+            gone = (r["raw"] or "").startswith(WITHDRAWN_PREFIX)
+            ev = events.emit(
                 events.CORPORATE_ACTION_APPLIED,
-                "info",
-                f"{r['type']} of {r['symbol']} on {day} ({provider}, version {r['version']})",
+                "warning" if gone else "info",
+                f"{r['type']} of {r['symbol']} on {day} ({provider}, version {r['version']})"
+                + (" withdrawn: the vendor no longer lists it" if gone else ""),
                 symbol=r["symbol"],
                 source=r["source"],
                 action_id=r["action_id"],
@@ -254,7 +321,10 @@ class Actions:
                 version=r["version"],
                 factors={k: r[k] for k in ("old_rate", "new_rate", "cash_amount", "rate")},
                 affected={"until": day.isoformat() if day else None},
+                withdrawn=gone,
             )
+            raised.append(ev)
+        return raised
 
     async def read(
         self,
@@ -266,13 +336,15 @@ class Actions:
         as_of: date | None = None,
         fetch: bool = True,
         provider: str | None = None,
+        refresh: bool = False,
     ) -> pl.DataFrame:
-        """Stored actions (newest version each) of ``symbols`` in ``[start, end]``, fetched first
-        where the ledger lacks them; ``as_of``: only those known by then."""
+        """Stored actions (newest version each, withdrawn ones left out) of ``symbols`` in ``[start, end]``,
+        fetched first where the ledger lacks them (``refresh``: fetched again); ``as_of``: only those
+        known by then."""
         if fetch:
-            await self.ensure(symbols, start, end, provider=provider)
+            await self.ensure(symbols, start, end, provider=provider, refresh=refresh)
         store = self._store()
-        return await asyncio.to_thread(
+        got = await asyncio.to_thread(
             store.read_actions,
             symbols,
             start,
@@ -281,10 +353,12 @@ class Actions:
             providers=[provider] if provider else None,
             known_by=as_of,
         )
+        return current(got)
 
-    async def reconcile(self, symbol: str, start: date, end: date) -> ActionsReport:
+    async def reconcile(self, symbol: str, start: date, end: date, *, refresh: bool = False) -> ActionsReport:
         """Every provider's actions of ``symbol`` in ``[start, end]`` (each fetched where its own ledger
-        lacks them) compared with the reference vendor's (the preferred one that answered); the rows
+        lacks them; ``refresh``: fetched again) compared with the reference vendor's (the preferred one
+        that answered); an action a vendor withdrew is a row of its own (status ``withdrawn``). The rows
         are stored as one run. A provider that fails is reported, not fatal."""
         router = self._router()
         names = [p.name for p in router.providers if p.capabilities.serves("actions")]
@@ -292,7 +366,7 @@ class Actions:
         frames: dict[str, pl.DataFrame] = {}
         for name in names:
             try:
-                frames[name] = await self.read([symbol], start, end, provider=name)
+                frames[name] = await self.read([symbol], start, end, provider=name, refresh=refresh)
             except ProviderError as exc:
                 failed[name] = f"{exc.code}: {exc.message}"
                 log.warning("actions_reconcile_provider_failed", provider=name, code=exc.code)
@@ -307,11 +381,13 @@ class Actions:
             for o in frames
             if o != reference
         ]
+        store = self._store()
+        stored = await asyncio.to_thread(store.read_actions, [symbol], start, end, providers=list(frames))
+        parts.append(withdrawn_rows(stored.filter(is_withdrawn())))
         if "alpaca" in frames:  # the one vendor that serves bars adjusted for splits and dividends
             parts.append(await self._vendor_adjustment(router.get("alpaca"), symbol, start, end))
         rows = pl.concat(parts) if parts else pl.DataFrame(schema=ACTION_RECONCILE_SCHEMA)
         run_id = uuid.uuid4().hex[:12]
-        store = self._store()
         await asyncio.to_thread(store.write_action_reconciliation, run_id, utcnow(), rows)
         return ActionsReport(symbol, reference, run_id, rows, failed, {n: f.height for n, f in frames.items()})
 
@@ -349,6 +425,75 @@ class Actions:
             pl.lit(None, pl.String()).alias("other_id"),
         ).cast(ACTION_RECONCILE_SCHEMA)  # type: ignore[arg-type]
 
+    async def plan(
+        self,
+        symbols: list[str],
+        start: datetime,
+        parts: frozenset[str],
+        adjustment: str,
+        *,
+        as_of: date | None = None,
+        fetch: bool = True,
+        order: list[str] | None = None,
+    ) -> tuple[dict[str, pl.DataFrame], Adjustment]:
+        """The factor table of each symbol (``quality.adjust.factors``) for ``parts`` with the actions known
+        by ``as_of`` (default: all known now), and what they apply — before any bar is read, so that a
+        store can apply them while it reads (``read_bars_scaled``). Impossible dividends found here are
+        quarantined. ``order``: the symbols in the order their bars come (what ``applied`` follows)."""
+        today = utcnow().astimezone(NY).date()
+        first = start.astimezone(NY).date()
+        known_dates_ok(as_of, first, today)
+        info = Adjustment(adjustment, as_of)
+        if not parts:
+            return {}, info
+        until = as_of or today
+        syms = normalize_symbols(symbols)
+        if fetch:
+            await self.ensure(syms, first, until)
+        store = self._store()
+
+        def held() -> tuple[pl.DataFrame, pl.DataFrame]:
+            """The actions, and the ledger where it can change the choice of vendor (a preferred vendor
+            that answered "none" wins over a later one's actions): not when every symbol has the first
+            vendor's actions."""
+            acts = current(store.read_actions(syms, first, until, known_by=as_of))
+            top = acts.filter(pl.col("provider") == PREFERENCE[0])["symbol"].unique()
+            if top.len() == len(syms):
+                return acts, pl.DataFrame(schema=ACTION_COVERAGE_SCHEMA)
+            return acts, store.action_coverage(syms, first, until)
+
+        acts, cov = await asyncio.to_thread(held)
+        tables: dict[str, pl.DataFrame] = {}
+        applied: list[pl.DataFrame] = []
+        skipped: list[pl.DataFrame] = []
+        quarantine: list[pl.DataFrame] = []
+        for sym in dict.fromkeys(s for s in [*(order or []), *syms] if s in syms):
+            a = acts.filter(pl.col("symbol") == sym)
+            have = set(cov.filter(pl.col("symbol") == sym)["provider"].to_list()) | set(a["provider"].to_list())
+            chosen = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
+            a = a.filter(pl.col("provider") == chosen) if chosen else a.clear()
+            divs = a.filter(pl.col("type") == "cash_dividend")["ex_date"].drop_nulls()
+            closes = pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()})
+            if "dividend" in parts and len(divs):
+                lo, hi = divs.to_list()[0], divs.to_list()[-1]
+                daily = await self._daily(sym, min(lo, hi) - timedelta(days=10), max(lo, hi), fetch)
+                closes = daily.select(pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("day"), "close")
+            f = factors(a.select(list(CORPORATE_ACTIONS.columns)), closes, parts)
+            tables[sym] = f.table
+            applied.append(f.applied)
+            skipped.append(f.skipped)
+            bad = f.skipped.filter(pl.col("reason") == "dividend >= previous close")
+            if bad.height:
+                quarantine.append(quarantine_rows(a, bad, utcnow()))
+                for r in bad.iter_rows(named=True):
+                    ROWS_QUARANTINED.labels(f"action: {r['reason']}").inc()
+                    log.warning("action_quarantined", symbol=sym, action_id=r["action_id"], reason=r["reason"])
+        if quarantine:
+            await asyncio.to_thread(store.write_actions, actions_frame([]), [], pl.concat(quarantine))
+        info.applied = pl.concat(applied) if applied else info.applied
+        info.skipped = pl.concat(skipped) if skipped else info.skipped
+        return tables, info
+
     async def adjust(
         self,
         bars: pl.DataFrame,
@@ -362,55 +507,16 @@ class Actions:
     ) -> tuple[pl.DataFrame, Adjustment]:
         """``bars`` (raw, ``BAR_SCHEMA``) adjusted for ``parts`` with the actions known by ``as_of``
         (default: all known now), and what was applied."""
-        today = utcnow().astimezone(NY).date()
-        first = start.astimezone(NY).date()
-        known_dates_ok(as_of, first, today)
-        info = Adjustment(adjustment, as_of)
-        if not parts:
-            return bars, info
-        until = as_of or today
-        syms = normalize_symbols(symbols)
-        if fetch:
-            await self.ensure(syms, first, until)
-        store = self._store()
-        acts = await asyncio.to_thread(store.read_actions, syms, first, until, known_by=as_of)
-        cov = await asyncio.to_thread(store.action_coverage, syms, first, until)
-        out: list[pl.DataFrame] = []
-        applied: list[pl.DataFrame] = []
-        skipped: list[pl.DataFrame] = []
-        quarantine: list[pl.DataFrame] = []
-        order = [*bars["symbol"].unique(maintain_order=True).to_list(), *syms]
         # bars of the one symbol asked for (the callers pass the symbols they read): no filtering, no concat
-        alone = len(syms) == 1
-        for sym in dict.fromkeys(s for s in order if s in syms):
-            mine = bars if alone and bars.height and bars["symbol"][0] == sym else bars.filter(pl.col("symbol") == sym)
-            a = acts.filter(pl.col("symbol") == sym)
-            have = set(cov.filter(pl.col("symbol") == sym)["provider"].to_list()) | set(a["provider"].to_list())
-            chosen = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
-            a = a.filter(pl.col("provider") == chosen) if chosen else a.clear()
-            divs = a.filter(pl.col("type") == "cash_dividend")["ex_date"].drop_nulls()
-            closes = pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()})
-            if "dividend" in parts and len(divs):
-                lo, hi = divs.to_list()[0], divs.to_list()[-1]
-                daily = await self._daily(sym, min(lo, hi) - timedelta(days=10), max(lo, hi), fetch)
-                closes = daily.select(pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("day"), "close")
-            f = factors(a.select(list(CORPORATE_ACTIONS.columns)), closes, parts)
-            out.append(apply(mine, f.table) if mine.height else mine)
-            applied.append(f.applied)
-            skipped.append(f.skipped)
-            bad = f.skipped.filter(pl.col("reason") == "dividend >= previous close")
-            if bad.height:
-                quarantine.append(quarantine_rows(a, bad, utcnow()))
-                for r in bad.iter_rows(named=True):
-                    ROWS_QUARANTINED.labels(f"action: {r['reason']}").inc()
-                    log.warning("action_quarantined", symbol=sym, action_id=r["action_id"], reason=r["reason"])
-        if quarantine:
-            await asyncio.to_thread(store.write_actions, actions_frame([]), [], pl.concat(quarantine))
+        alone = len(symbols) == 1
+        order = None if alone else bars["symbol"].unique(maintain_order=True).to_list()
+        tables, info = await self.plan(symbols, start, parts, adjustment, as_of=as_of, fetch=fetch, order=order)
+        if not tables:
+            return bars, info
         if alone:
-            frame = next((f for f in out if f.height), bars)
-        else:
-            rest = bars.filter(~pl.col("symbol").is_in(syms))
-            frame = pl.concat([*out, rest]) if out else bars
-        info.applied = pl.concat(applied) if applied else info.applied
-        info.skipped = pl.concat(skipped) if skipped else info.skipped
-        return frame, info
+            ((sym, table),) = tables.items()
+            mine = bars if bars.height and bars["symbol"][0] == sym else bars.filter(pl.col("symbol") == sym)
+            return (apply(mine, table) if mine.height else bars), info
+        out = [apply(m, t) for sym, t in tables.items() if (m := bars.filter(pl.col("symbol") == sym)).height]
+        rest = bars.filter(~pl.col("symbol").is_in(list(tables)))
+        return (pl.concat([*out, rest]) if out else bars), info

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 import polars as pl
 
+from marketpipe.core import events
 from marketpipe.core.calendar import ContinuousCalendar, ExchangeCalendar, calendar_for, get_calendar
 from marketpipe.core.config import Config, load_config
 from marketpipe.core.errors import InvalidArgument
@@ -31,7 +32,7 @@ from marketpipe.core.timeutil import TimeInput, parse_range, parse_time, utcnow
 from marketpipe.core.validation import validate_dataset_url, validate_limit
 from marketpipe.providers.alpaca_crypto import AlpacaCryptoProvider
 from marketpipe.providers.base import BarsProvider, feed_for
-from marketpipe.quality.adjust import parse_adjustment
+from marketpipe.quality.adjust import parse_adjustment, scale_steps
 from marketpipe.service.actions import ATTR as ADJUSTMENT_ATTR
 from marketpipe.service.actions import Actions, adjustment_of, parse_as_of, validate_types
 from marketpipe.service.backfill import BackfillStats, ProgressFn, missing_ranges, run_backfill, settings
@@ -44,7 +45,7 @@ from marketpipe.service.quality import SeriesQuality, analyze
 from marketpipe.service.router import CLIENT_ERRORS, ProviderRouter, Served, build_router
 from marketpipe.service.scheduler import Job, Scheduler
 from marketpipe.store import open_store
-from marketpipe.store.base import Store
+from marketpipe.store.base import ScaledBarStore, Store
 from marketpipe.wire.alpaca_crypto import validate_location
 from marketpipe.wire.alpaca_rest import MAX_LIMIT  # the most rows one vendor page carries
 
@@ -111,6 +112,7 @@ class MarketData:
         self._env = env
         self._pinned: str | None = None
         self._actions: Actions | None = None
+        self.events_on_bus = False  # a gateway's bus publisher relays core.events (set by the gateway)
         self._options: OptionsData | None = None
 
     @property
@@ -436,12 +438,21 @@ class MarketData:
         if source is not None:  # the cold tier holds raw bars; an adjustment applies to them the same way
             url = validate_dataset_url(source)
             frame = await asyncio.to_thread(read_dataset, url, self.config, syms, tf, s, e, env=self._env)
-        elif not fetch:
-            frame = await asyncio.to_thread(self._stored().read_bars, syms, str(tf), s, e)
         else:
-            if any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
+            if fetch and any(missing_ranges(self.store, syms, tf, s, e, provider=None, feed=None).values()):
                 await self.backfill(syms, s, e, timeframe=tf, feed=feed)
-            frame = await asyncio.to_thread(self.store.read_bars, syms, str(tf), s, e)
+            store = self.store if fetch else self._stored()
+            if parts and len(syms) == 1 and isinstance(store, ScaledBarStore):
+                # one symbol from a store that scales while it reads: the factors first, then one read
+                tables, info = await self.actions.plan(syms, s, parts, adjustment, as_of=known, fetch=fetch)
+                steps = scale_steps(tables[syms[0]])
+                if steps:
+                    frame = await asyncio.to_thread(store.read_bars_scaled, syms[0], str(tf), s, e, steps)
+                else:
+                    frame = await asyncio.to_thread(store.read_bars, syms, str(tf), s, e)
+                setattr(frame, ADJUSTMENT_ATTR, info)
+                return frame
+            frame = await asyncio.to_thread(store.read_bars, syms, str(tf), s, e)
         if not parts and known is None:
             return frame
         frame, info = await self.actions.adjust(frame, syms, s, parts, adjustment, as_of=known, fetch=fetch)
@@ -456,8 +467,17 @@ class MarketData:
             async def daily(symbol: str, lo: date, hi: date, fetch: bool) -> pl.DataFrame:
                 return await self.bars([symbol], lo, hi, timeframe="1Day", fetch=fetch)
 
-            self._actions = Actions(lambda: self.store, lambda: self.router, daily)
+            self._actions = Actions(lambda: self.store, lambda: self.router, daily, publish=self._publish_events)
         return self._actions
+
+    async def _publish_events(self, evs: list[events.Event]) -> None:
+        """New corporate actions onto the bus when ``[bus]`` is configured, unless a gateway's publisher
+        relays every ``core.events`` event already (``events_on_bus``); de-duplicated by ``Nats-Msg-Id``."""
+        if self.events_on_bus or not self.config.bus.target():
+            return
+        from marketpipe.bus.client import publish_events
+
+        await publish_events(self.config.bus, evs)
 
     async def corporate_actions(
         self,
@@ -469,11 +489,13 @@ class MarketData:
         as_of: TimeLike | None = None,
         fetch: bool = True,
         provider: str | None = None,
+        refresh: bool = False,
     ) -> pl.DataFrame:
         """Corporate actions of ``symbols`` whose adjustment date (ex, else effective, else process
         date) lies in ``[start, end]`` (days; end default today), newest version each, fetched
-        first where the actions ledger lacks them; ``types`` narrows (canonical names), ``as_of``
-        keeps those known by that day, ``provider`` reads (and fetches) one vendor's only."""
+        first where the actions ledger lacks them (``refresh``: fetched again, so corrections and
+        withdrawals are seen; withdrawn actions are left out); ``types`` narrows (canonical names),
+        ``as_of`` keeps those known by that day, ``provider`` reads (and fetches) one vendor's only."""
         syms = normalize_symbols(symbols)
         zone = ZoneInfo(str(self.calendar.tz))
         s = parse_time(start, name="start").astimezone(zone).date()
@@ -483,7 +505,7 @@ class MarketData:
         if e < s:
             raise InvalidArgument("end must not be before start", details={"parameter": "end"})
         return await self.actions.read(
-            syms, s, e, types=kinds, as_of=parse_as_of(as_of), fetch=fetch, provider=provider
+            syms, s, e, types=kinds, as_of=parse_as_of(as_of), fetch=fetch, provider=provider, refresh=refresh
         )
 
     # --- latest values, snapshots, historical ticks: the first provider that serves them and answers ---

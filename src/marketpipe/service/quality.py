@@ -19,7 +19,8 @@ from marketpipe.core.metrics import COMPLETENESS, QUALITY_SCORE
 from marketpipe.core.schema import SPLIT_TYPES as SPLITS
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import utcnow
-from marketpipe.quality.actions import explain_splits, unexplained_split_days
+from marketpipe.quality.actions import explain_splits, unexplained_split_days, unseen_splits
+from marketpipe.quality.adjust import current
 from marketpipe.quality.anomaly import SEVERITY_WEIGHT, detect
 from marketpipe.quality.completeness import Completeness, assess_frames, expected_stamps
 from marketpipe.quality.reconcile import MATCH, MINOR, MISMATCH, WARN
@@ -121,11 +122,17 @@ def analyze(
     coverage = store.coverage(symbols, tfs, start, end)
     quarantined = store.quarantined_at(symbols, tfs, start, end)
     findings = detect(bars, tf, cfg.anomaly)
-    if isinstance(store, ActionStore) and findings.height:
-        # a split-like jump on a known split's ex-date is the split itself (raw data): explained, not counted
+    if isinstance(store, ActionStore):
+        # a split-like jump on a known split's ex-date is the split itself (raw data): explained, not counted;
+        # a known split the raw bars do not jump at is a finding (bars before it stored split-adjusted)
         zone = ZoneInfo(str(cal.tz))
         days = (start.astimezone(zone).date() - timedelta(days=1), end.astimezone(zone).date())
-        findings = explain_splits(findings, store.read_actions(symbols, *days, types=list(SPLITS)), str(cal.tz))
+        splits = current(store.read_actions(symbols, *days, types=list(SPLITS)))
+        if findings.height:
+            findings = explain_splits(findings, splits, str(cal.tz))
+        unseen = unseen_splits(bars, splits, str(cal.tz))
+        if unseen.height:
+            findings = pl.concat([findings, unseen]).sort("symbol", "ts")
     if save:
         store.replace_findings(symbols, tfs, start, end, findings, now)
     comps = assess_frames(symbols, tf, cal, start, end, bars, coverage, extended=cfg.extended_hours, expected=expected)

@@ -12,7 +12,8 @@ The market's raw prices follow the book: every price of a session before a split
 walk's price times the split ratio (so raw bars jump at the split, as real raw data does); dividends
 leave raw prices alone. Each face adjusts with its own *view* of the book: the true book unless an
 :class:`ActionFault` for that vendor changes it (a split missing, doubled or with a wrong ratio, a
-dividend listed but left out of the adjusted prices). The factors follow next-capabilities §1.5:
+dividend listed but left out of the adjusted prices, a split applied but not listed). The factors follow
+next-capabilities §1.5:
 split price factor old/new (volume new/old), dividend factor (C_prev - D) / C_prev on the raw close of
 the session before the ex-date, a bar's factor the product over every action with ex-date after its
 New York date. This is the simulator's own implementation (numpy, per session), independent of
@@ -32,7 +33,8 @@ import msgspec
 import numpy as np
 
 VENDORS = ("alpaca", "polygon", "yahoo")
-FaultKind = Literal["missing_split", "doubled_split", "wrong_ratio", "unadjusted_dividend"]
+# unlisted_split: the split is applied to the vendor's adjusted prices (Yahoo: its OHLC) but not listed
+FaultKind = Literal["missing_split", "doubled_split", "wrong_ratio", "unadjusted_dividend", "unlisted_split"]
 _NS = uuid.UUID("6f1c8a52-30d4-4c55-9c0e-5d7f3e1a9b20")
 PROCESS_LAG = timedelta(days=7)
 
@@ -179,6 +181,8 @@ class ActionBook:
                 wrong = replace(a, new_rate=a.new_rate * hit.factor)
                 listed.append(wrong)
                 applied.append(wrong)
+            elif hit.kind == "unlisted_split":  # applied, yet not listed (Yahoo pre-applies splits)
+                applied.append(a)
             else:  # unadjusted_dividend: listed, yet left out of the adjusted prices
                 listed.append(a)
         return VendorView(tuple(listed), tuple(applied))

@@ -19,11 +19,13 @@ What it does, where the reference leaves a choice open:
   of the first session in the week (Monday-based) or month bucket, aggregated from the daily bars.
   A daily-or-longer bar is in the answer when that stamp is in ``[period1, period2)``.
 * Prices go out as float32 widened to double (``414.9200134277344``), as Yahoo's do; rounded to
-  cents they are SimMarket's prices. ``adjclose`` (daily and longer) is ``close`` adjusted for
-  splits and dividends with the Yahoo view of the market's actions (``sim/actions.py``); with
-  ``events=div,split`` (``|`` also separates) the window's ``events.splits`` / ``events.dividends``
-  come along. Unlike the real Yahoo, ``close`` itself is raw, not split-adjusted (the simulator's
-  Yahoo bars are SimMarket's raw bars, like the other faces').
+  cents they are SimMarket's prices — divided by the splits after them. As the real Yahoo's, o/h/l/c
+  (and vwap's notional) are **split-adjusted** with the Yahoo view of the market's actions
+  (``sim/actions.py``): a bar of a day before a split is SimMarket's raw bar times old/new, its volume
+  times new/old (rounded to whole shares), before any aggregation into weeks or months; ``adjclose``
+  (daily and longer) is that close adjusted for dividends as well. With ``events=div,split`` (``|``
+  also separates) the window's ``events.splits`` / ``events.dividends`` come along. The ``unlisted_split``
+  fault has Yahoo apply a split it does not list (yfinance #2076).
 * ``includePrePost`` is accepted; the simulator has regular-session data only.
 * Unknown symbols (and symbols SimMarket cannot hold, e.g. ``^GSPC``) are a 404 chart error.
   No authentication: keys are ignored. ``BRK-B`` is SimMarket's ``BRK.B``.
@@ -346,9 +348,10 @@ class YahooFace(Face):
     # --- rows ----------------------------------------------------------------------------------------
     def _adjclose(self, msym: str, rows: Rows, iv: Interval, now_ns: int) -> list[float | None]:
         """Closes adjusted for splits and dividends as this vendor's view of the actions has them:
-        the factor of the session the close is from (a week's or month's: its last session so far)."""
+        the factor of the session the close is from (a week's or month's: its last session so far).
+        The closes are split-adjusted already (``_frame``): only the dividend part is left to apply."""
         m = self.market
-        fp, _ = m.factors(msym, "all", "yahoo", now_ns)
+        fp, _ = m.factors(msym, "dividend", "yahoo", now_ns)
         session = np.maximum(np.searchsorted(m.opens, rows.t * NS_PER_SEC, side="right") - 1, 0)
         if iv.months:
             current = max(int(np.searchsorted(m.opens, now_ns, side="right")) - 1, 0)
@@ -391,9 +394,16 @@ class YahooFace(Face):
         return self._disagree(rows)
 
     def _frame(self, msym: str, tf: str | Timeframe, lo: int, hi: int, now_ns: int) -> BarArrays:
-        f = self.market.bars_frame(msym, tf, lo, hi, now=now_ns)
-        v = f["v"]
-        return BarArrays(f["t"], f["o"], f["h"], f["l"], f["c"], v, f["n"], f["vw"] * v, v)
+        """SimMarket's bars split-adjusted as Yahoo's are: prices times the split price factor of their
+        New York day (this vendor's view, splits up to now), volume times the volume factor."""
+        m = self.market
+        f = m.bars_frame(msym, tf, lo, hi, now=now_ns)
+        fp, fv = m.factors(msym, "split", "yahoo", now_ns)
+        di = np.maximum(np.searchsorted(m.midnights, f["t"], side="right") - 1, 0)
+        kp, kv = fp[di], fv[di]
+        v = np.rint(f["v"] * kv).astype(np.int64)
+        vw = f["vw"] * kp
+        return BarArrays(f["t"], f["o"] * kp, f["h"] * kp, f["l"] * kp, f["c"] * kp, v, f["n"], vw * v, v)
 
     def _drop_missing(self, bars: BarArrays, session: np.ndarray) -> BarArrays:
         if not self.missing_days or not len(bars):

@@ -40,7 +40,7 @@ from typing import Protocol, Self, runtime_checkable
 import orjson
 import polars as pl
 
-from marketpipe.core.schema import ACTION_COLUMNS
+from marketpipe.core.schema import ACTION_COLUMNS, WITHDRAWN_PREFIX
 from marketpipe.core.tables import BarTables, bar_tables
 
 
@@ -282,8 +282,13 @@ _CONTENT = [c for c in ACTION_COLUMNS if c not in ("fetched_at", "raw")]
 
 def with_content_hash(actions: pl.DataFrame) -> pl.DataFrame:
     """``actions`` plus ``content_hash``: SHA-256 of the content columns (stable across processes and
-    versions, unlike polars' own hash; actions are few, so a per-row digest is fine)."""
-    digests = [hashlib.sha256(orjson.dumps(row, default=str)).hexdigest() for row in actions.select(_CONTENT).rows()]
+    versions, unlike polars' own hash; actions are few, so a per-row digest is fine). A withdrawn version
+    (``raw`` is marketpipe's withdrawal note) hashes its content with the mark, so it is a new version."""
+    marks = [(r or "").startswith(WITHDRAWN_PREFIX) for r in actions["raw"].to_list()]
+    digests = [
+        hashlib.sha256(orjson.dumps([*row, "withdrawn"] if gone else row, default=str)).hexdigest()
+        for row, gone in zip(actions.select(_CONTENT).rows(), marks, strict=True)
+    ]
     return actions.with_columns(pl.Series("content_hash", digests, dtype=pl.String))
 
 
@@ -308,6 +313,19 @@ class ActionCoverage:
     rows: int
     request_id: str
     fetched_at: datetime
+
+
+@runtime_checkable
+class ScaledBarStore(Protocol):
+    """A store that can multiply bars by factor steps while it reads them (an adjusted read in one
+    pass; ``service.data.MarketData.bars`` uses it for one symbol when the store has it)."""
+
+    def read_bars_scaled(
+        self, symbol: str, timeframe: str, start: datetime, end: datetime, steps: list[tuple[datetime, float, float]]
+    ) -> pl.DataFrame:
+        """``read_bars`` of ``symbol`` with prices and vwap times, and volume times (rounded half to even),
+        the factors of ``steps`` (``quality.adjust.scale_steps``)."""
+        ...
 
 
 @runtime_checkable

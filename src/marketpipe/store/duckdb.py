@@ -111,6 +111,50 @@ _VALUES_SAME = " AND ".join(
 
 # bars table -> the Arrow schema its reads are cast to (equities: integer volume; crypto: float)
 _BAR_ARROW = {t.bars.name: pl.DataFrame(schema=t.schema).to_arrow().schema for t in BAR_TABLES}
+_SCALED = {"open", "high", "low", "close", "vwap"}
+
+
+def _runs(steps: list[tuple[datetime, float]]) -> list[tuple[datetime, float]]:
+    """Steps without those whose factor equals the next one's (1 after the last): a bar they held takes
+    the same factor from the next step. A volume factor changes only at splits, so its tree is short."""
+    nxt = [f for _, f in steps[1:]] + [1.0]
+    return [(e, f) for (e, f), n in zip(steps, nxt, strict=True) if f != n]
+
+
+def _scaled_sql(sql: str, steps: list[tuple[datetime, float, float]], params: dict[str, object]) -> str:
+    """``sql`` (a bars select) with its prices times the price factor and its volume times the volume
+    factor of each row's step, each found by a balanced tree of CASEs over the edges where it changes
+    (log2(edges) comparisons a row, vectorized in the scan); no tree where nothing changes (volume, when
+    only dividends are applied)."""
+
+    def tree(name: str, runs: list[tuple[datetime, float]], lo: int, hi: int) -> str:
+        # a row past the edges < lo and before the edges >= hi
+        if lo == hi:
+            return f"${name}_f{lo}" if lo < len(runs) else "1.0::DOUBLE"
+        mid = (lo + hi) // 2
+        return (
+            f"CASE WHEN ts < ${name}_e{mid} THEN {tree(name, runs, lo, mid)} ELSE {tree(name, runs, mid + 1, hi)} END"
+        )
+
+    factors: dict[str, str] = {}  # "p" / "v" -> the CASE tree of that factor
+    for name, column in (("p", [(e, float(p)) for e, p, _ in steps]), ("v", [(e, float(v)) for e, _, v in steps])):
+        runs = _runs(column)
+        for i, (edge, f) in enumerate(runs):
+            params[f"{name}_e{i}"], params[f"{name}_f{i}"] = _n(edge), f
+        if runs:
+            factors[name] = tree(name, runs, 0, len(runs))
+    if not factors:
+        return sql
+    out = [
+        f"{c} * _pf AS {c}" if c in _SCALED and "p" in factors
+        else "CAST(round_even(volume * _vf, 0) AS BIGINT) AS volume" if c == "volume" and "v" in factors
+        else c
+        for c in BAR_COLUMNS
+    ]  # fmt: skip
+    cols = ", ".join(f"{t} AS _{name}f" for name, t in factors.items())
+    return f"SELECT {', '.join(out)} FROM (SELECT *, {cols} FROM ({sql}))"
+
+
 _FEED_PREFERENCE = "CASE feed WHEN 'sip' THEN 0 WHEN 'iex' THEN 2 ELSE 1 END"
 
 
@@ -393,6 +437,35 @@ class DuckDBStore:
         Paging (the gateway): at most ``limit`` rows that come after ``after`` = (symbol, ts) in
         (symbol, time) order — time descending within each symbol with ``desc``; ``sources``
         restricts to those source labels."""
+        return self._read_bars(
+            symbols, timeframe, start, end, None, source=source, feed=feed, sources=sources, limit=limit,
+            after=after, desc=desc,
+        )  # fmt: skip
+
+    def read_bars_scaled(
+        self, symbol: str, timeframe: str, start: datetime, end: datetime, steps: list[tuple[datetime, float, float]]
+    ) -> pl.DataFrame:
+        """:meth:`read_bars` of one symbol with prices (and vwap) times, and volume times (rounded half to
+        even, whole shares), the factors of ``steps`` (``quality.adjust.scale_steps``: a bar takes the first
+        step whose edge is after its ts, 1 after the last), computed in the query: no second pass over the
+        bars in Python."""
+        return self._read_bars([symbol], timeframe, start, end, steps)
+
+    def _read_bars(  # read_bars, with the factor steps of read_bars_scaled
+        self,
+        symbols: list[str],
+        timeframe: str,
+        start: datetime,
+        end: datetime,
+        steps: list[tuple[datetime, float, float]] | None,
+        *,
+        source: str | None = None,
+        feed: str | None = None,
+        sources: list[str] | None = None,
+        limit: int | None = None,
+        after: tuple[str, datetime] | None = None,
+        desc: bool = False,
+    ) -> pl.DataFrame:
         where = ["timeframe = $tf", "ts >= $start", "ts < $end"]
         params: dict[str, object] = {"tf": timeframe, "start": _n(start), "end": _n(end)}
         if len(symbols) == 1:
@@ -413,6 +486,8 @@ class DuckDBStore:
         bars = bar_tables(symbols).bars.name
         cols = ", ".join(BAR_COLUMNS)
         sql = f"SELECT {cols} FROM {bars} WHERE {' AND '.join(where)}"
+        if steps:
+            sql = _scaled_sql(sql, steps, params)
         # one row per (symbol, ts) always: several (source, feed) pairs, or a refresh's newer versions
         # (which share source and feed, so naming both does not make the rows unique)
         if len(symbols) != 1 or self._variant_count(symbols[0], timeframe) > 1:
