@@ -40,15 +40,6 @@ _PAIR = re.compile(r"^[A-Z0-9]{1,10}/[A-Z]{3,4}$")
 STOCK_ONLY = frozenset({"statuses", "lulds", "imbalances", "corrections", "cancelErrors", "news", "pricing"})
 
 
-def hub_of(st: AppState) -> CryptoHub:
-    """The app's crypto hub, built on first use (closed by :meth:`AppState.aclose`)."""
-    hub: CryptoHub | None = getattr(st, "crypto_hub", None)
-    if hub is None:
-        hub = CryptoHub.from_config(st.config, env=st.env)
-        st.crypto_hub = hub  # type: ignore[attr-defined]
-    return hub
-
-
 class _Session:
     def __init__(self, ws: WebSocket, loc: str, hub: CryptoHub, st: AppState) -> None:
         self.ws, self.loc, self.hub, self.st = ws, loc, hub, st
@@ -144,7 +135,7 @@ def crypto_stream_router() -> APIRouter:
             await ws.close(code=1008)
             return
         st: AppState = ws.app.state.mp
-        session = _Session(ws, loc, hub_of(st), st)
+        session = _Session(ws, loc, st.crypto_upstream(), st)
         await ws.accept()
         try:
             await session.send([{"T": "success", "msg": "connected"}])

@@ -23,6 +23,7 @@ from marketpipe.service.actions import invalidate_cached_bars
 from marketpipe.service.data import MarketData
 from marketpipe.service.gateway import Gateway
 from marketpipe.service.live import LiveHub
+from marketpipe.service.live.crypto import CryptoHub
 
 if TYPE_CHECKING:  # the bus needs the `bus` extra (nats-py): imported only when [bus] url is set
     from marketpipe.service.live.shared import BusLink
@@ -45,6 +46,7 @@ class AppState:
     alerts: AlertEngine | None = None  # [alerts] enabled: rules over the metrics and events, and the sinks
     _unsubscribe: Callable[[], None] | None = field(default=None, repr=False)  # set by start()
     options_live: Any = None  # the options stream's upstreams (api/options_stream.py), made on first use
+    crypto_hub: CryptoHub | None = None  # the crypto upstreams (/v1beta3/crypto and pairs on /v1/stream), on first use
     bus: BusLink | None = None  # [bus] url: events onto the bus, and the live hub fed from the one upstream owner
 
     @classmethod
@@ -102,7 +104,7 @@ class AppState:
                 self.gateway,
                 env=self.env,
                 stream=shared,  # type: ignore[arg-type]
-                crypto_hub=self._crypto_hub,  # pairs on /v1/stream: the /v1beta3/crypto upstreams, shared
+                crypto_hub=self.crypto_upstream,  # pairs on /v1/stream: the /v1beta3/crypto upstreams, shared
             )
             if shared is not None and self.config.stream.gap_backfill:
                 shared.on_reconnect = self.live.on_outage  # an owner change: the missed bars over REST
@@ -110,10 +112,11 @@ class AppState:
         if self.alerts is not None:
             self.alerts.start()
 
-    def _crypto_hub(self) -> Any:
-        from marketpipe.api.crypto_stream import hub_of  # the api module imports this one
-
-        return hub_of(self)
+    def crypto_upstream(self) -> CryptoHub:
+        """The app's crypto hub, built on first use (closed by :meth:`aclose`)."""
+        if self.crypto_hub is None:
+            self.crypto_hub = CryptoHub.from_config(self.config, env=self.env)
+        return self.crypto_hub
 
     async def aclose(self) -> None:
         if self.alerts is not None:
@@ -122,9 +125,8 @@ class AppState:
             self._unsubscribe()
         if self.live is not None:
             await self.live.close()  # first: its crypto lane is a client of the crypto hub
-        crypto_hub = getattr(self, "crypto_hub", None)  # api/crypto_stream.py sets it on first use
-        if crypto_hub is not None:
-            await crypto_hub.aclose()
+        if self.crypto_hub is not None:
+            await self.crypto_hub.aclose()
         if self.options_live is not None:
             await self.options_live.close()
         if self.bus is not None:
