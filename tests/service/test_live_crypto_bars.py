@@ -22,15 +22,11 @@ from marketpipe.service.live.crypto import CryptoHub
 from marketpipe.sim.server import SimServer
 from marketpipe.wire.alpaca_crypto import LOCATIONS
 from tests.conftest import SIM_ENV
+from tests.crypto.test_store import _asked
 from tests.service.test_live import live_config, until
 
 pytestmark = pytest.mark.timeout(60)
 MIN = Timeframe.parse("1Min")
-
-
-def _asked(sim: SimServer) -> int:
-    """Crypto bar requests the simulator answered since the last reset."""
-    return sum(sum(st.values()) for path, st in sim.stats()["by_path"].items() if path.endswith("/crypto/us/bars"))
 
 
 @pytest.fixture
