@@ -58,12 +58,21 @@ async def test_stream_bars_of_a_pair_are_stored_with_exact_fractional_volumes(la
     assert first["volume"] != round(first["volume"])  # a fraction of a coin, not a whole number
     assert (first["source"], first["feed"]) == ("sim:alpaca", "us")
 
+    # the pair's bars are already subscribed upstream (by prices): a later bars subscriber still gets the
+    # last finished minute at once, as from the vendor on subscribing
+    late = lane.attach("late")
+    await lane.subscribe(late, "bars", ["BTC/USD"])
+    _, items = await asyncio.wait_for(late.next_batch(), 5)
+    got = [i.record for i in items if i.channel == "bars"]
+    assert got and isinstance(got[0], Bar) and got[0].symbol == "BTC/USD" and isinstance(got[0].volume, float)
+
     # a revision of that minute (updated_bars) is stored as a newer version, its fraction kept too
-    bar = Bar(**{**first, "fetched_at": datetime.now(UTC), "close": first["close"] + 1, "volume": 0.123456789})
+    revised = {"high": first["high"] + 1, "close": first["high"] + 1, "volume": 0.123456789}  # a consistent bar
+    bar = Bar(**{**first, **revised, "fetched_at": datetime.now(UTC)})
     lane.handle(StreamMessage("updated_bars", bar))
     await until(lambda: store.revisions("BTC/USD").height == 1)
     again = store.read_bars(["BTC/USD"], "1Min", ts, ts + MIN.delta)
-    assert again["volume"].to_list() == [0.123456789] and again["close"][0] == first["close"] + 1
+    assert again["volume"].to_list() == [0.123456789] and again["close"][0] == first["high"] + 1
 
 
 async def test_an_upstream_outage_is_reported_and_the_missed_minutes_are_fetched_over_rest(

@@ -162,6 +162,9 @@ class LiveHub:
         self._last_flush = clock()
         self.received = 0
         self.rejected = 0
+        # the crypto vendor sends a fresh bars subscriber the last finished minute at once; a lane sharing
+        # one upstream subscription (prices bring bars upstream) hands a later subscriber the last one seen
+        self._last_bars: dict[str, Bar] | None = {} if asset_class == CRYPTO else None
         self._started = False
         self._closed = False
         self._froze = False
@@ -381,6 +384,8 @@ class LiveHub:
                     doc = self.price_board.last_update(s)
                     if doc is not None:
                         client.put(Item(PRICES, s, doc))
+                elif channel == "bars" and self._last_bars is not None and s in self._last_bars:
+                    client.put(Item(channel, s, self._last_bars[s]))  # a pair's last minute, as the vendor does
                 elif channel == "orderbooks":  # a book already followed: the whole of it now (reset)
                     current = getattr(self._stream, "current_book", None)
                     book = current(s) if current is not None else None
@@ -477,6 +482,7 @@ class LiveHub:
         state = self.router.state
         publish = state is SourceState.PRIMARY_ACTIVE or state is SourceState.STARTUP
         latest: dict[str, dict[str, Any]] = {}
+        last_bars = self._last_bars
         arrived = _arrival(msgs[0].record) if msgs else 0.0
         for channel, rec in msgs:
             price: Trade | Quote | None = None
@@ -503,6 +509,8 @@ class LiveHub:
             elif type(rec) is Bar:
                 self.bars.add(channel, rec)
                 symbol = rec.symbol
+                if last_bars is not None and channel == "bars":
+                    last_bars[symbol] = rec
             else:  # a stream event or a raw message
                 symbol = rec.symbol or ""
             if routes:
