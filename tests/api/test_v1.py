@@ -207,7 +207,7 @@ async def test_metrics_endpoint(client: httpx.AsyncClient) -> None:
     ):
         assert name in text
     assert REGISTRY.get_sample_value(
-        "marketpipe_http_requests_total", {"method": "GET", "route": "/v1/bars/{symbol}", "status": "200"}
+        "marketpipe_http_requests_total", {"method": "GET", "route": "/v1/bars/{symbol:path}", "status": "200"}
     )
 
 

@@ -13,11 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.export.conftest import DAILY_SYMBOLS, S3_SECRET, Held, S3Server, start_moto, stop_moto
+from marketpipe.service.data import SyncMarketData
+from marketpipe.sim.server import SimServer
+from tests.conftest import SIM_ENV
+from tests.export.conftest import DAILY_SYMBOLS, S3_SECRET, Held, S3Server, sim_config, start_moto, stop_moto
 
 
 def cli(*args: str) -> list[str]:
@@ -211,3 +215,33 @@ def test_an_object_store_that_dies_mid_export_ends_it_with_a_typed_error(held: H
     lines = stderr.strip().splitlines()
     assert lines[-1].startswith("error[OBJECT_STORE_UNREACHABLE]: cannot reach the object store"), stderr
     assert "Traceback" not in stderr and S3_SECRET not in stderr
+
+
+def test_a_stored_pair_exports_with_its_fractional_volume_under_one_encoded_partition(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    store, lake = tmp_path / "pairs.duckdb", tmp_path / "lake"
+    cfg = sim_config(sim.url, store)
+    span = ("2024-02-29T00:00:00Z", "2024-03-03T00:00:00Z")  # across February's end, into a weekend
+    with SyncMarketData(config=cfg, env=SIM_ENV) as client:
+        client.backfill(["BTC/USD"], *span, timeframe="1Hour")
+        stored = client.bars("BTC/USD", *span, timeframe="1Hour", fetch=False)
+    assert stored.height == 3 * 24
+    r = run("export", "BTC/USD", "--timeframe", "1Hour", "--to", str(lake), "--store", str(store), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files_written"] == 2
+    assert sorted(dataset(lake)) == [
+        f"symbol=BTC%2FUSD/year=2024/month={m}/bars-1Hour.parquet" for m in (2, 3)
+    ]  # the slash encoded: one directory level, not two
+    assert pq.read_schema(lake / "symbol=BTC%2FUSD/year=2024/month=3/bars-1Hour.parquet").field("volume").type == (
+        pa.float64()
+    )
+    with SyncMarketData(config=cfg, env=SIM_ENV) as client:
+        back = client.bars("BTC/USD", *span, timeframe="1Hour", source=f"parquet://{lake}")
+    assert back.equals(stored)  # fractional volumes exactly as stored, the symbol decoded back
+    assert (back["volume"] != back["volume"].round(0)).any()
+    got = duckdb.execute(
+        f"""SELECT symbol, sum(volume) FROM read_parquet('{lake}/**/*.parquet', hive_partitioning = true)
+            GROUP BY symbol"""
+    ).fetchall()
+    assert got == [("BTC/USD", pytest.approx(float(stored["volume"].sum())))]

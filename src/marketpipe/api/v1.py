@@ -73,6 +73,7 @@ def v1_router() -> APIRouter:
         s, e = parse_range(start, end)
         parts = parse_adjustment(q.adjustment)
         known = parse_as_of(q.as_of)
+        st.data.pairs_checked(symbols, parts, known)  # pairs take no adjustment
         out = negotiate(q.format, q.accept)
         now = utcnow()
         closed = e <= st.gateway.last_close(now, symbols)
@@ -120,9 +121,12 @@ def v1_router() -> APIRouter:
 
         return await answer(request, st, key, "bars", load)
 
-    @r.get("/bars/{symbol}", summary="Bars for one symbol")
+    @r.get("/bars/{symbol:path}", summary="Bars for one symbol")  # path: a pair's slash (BTC/USD, BTC%2FUSD)
     async def bars_one(
-        request: Request, st: StateDep, symbol: Annotated[str, Path(description="e.g. AAPL, BRK.B")], q: BarsDep
+        request: Request,
+        st: StateDep,
+        symbol: Annotated[str, Path(description="e.g. AAPL, BRK.B, BTC/USD")],
+        q: BarsDep,
     ) -> Response:
         sym = normalize_symbol(symbol)
         return await bars(request, st, [sym], sym, q)
@@ -197,7 +201,7 @@ def v1_router() -> APIRouter:
 
         return await answer(request, st, key, "snapshot", load)
 
-    @r.get("/quality/{symbol}", summary="Completeness, anomalies and quality score of stored bars")
+    @r.get("/quality/{symbol:path}", summary="Completeness, anomalies and quality score of stored bars")
     async def quality(
         st: StateDep,
         symbol: str,

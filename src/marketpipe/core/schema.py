@@ -265,7 +265,7 @@ class Bar(msgspec.Struct, frozen=True, kw_only=True):
     high: float
     low: float
     close: float
-    volume: int | float  # fractional for crypto pairs (which the store does not hold)
+    volume: int | float  # whole shares for stocks; fractional for crypto pairs (stored as floats in crypto_bars)
     trade_count: int | None = None
     vwap: float | None = None
     source: str

@@ -226,6 +226,18 @@ class MarketData:
             return calendar_for(symbols[0], equities=self.config.calendar, crypto_daily=self.config.crypto_daily_bars)
         return self.calendar
 
+    def pairs_checked(self, symbols: list[str], parts: frozenset[str], as_of: object) -> bool:
+        """Whether ``symbols`` are crypto pairs (stored and fetched like stocks, on the 24/7 calendar);
+        an adjustment or ``as_of`` for pairs is INVALID_ARGUMENT: they have no corporate actions."""
+        if not isinstance(self.calendar_of(symbols), ContinuousCalendar):
+            return False
+        if parts or as_of is not None:
+            raise InvalidArgument(
+                "adjustment and as_of apply to stocks: crypto pairs have no corporate actions",
+                details={"parameter": "adjustment" if parts else "as_of"},
+            )
+        return True
+
     async def backfill(
         self,
         symbols: list[str] | str,
@@ -426,15 +438,8 @@ class MarketData:
         parts = parse_adjustment(adjustment)
         known = parse_as_of(as_of)
         syms, tf, s, e = _series(symbols, timeframe, start, end)
-        if isinstance(self.calendar_of(syms), ContinuousCalendar):
-            # crypto pairs: stored and fetched like stocks; ``feed`` names the vendor location (us, eu-1, ...)
-            if parts or known is not None:
-                raise InvalidArgument(
-                    "adjustment and as_of apply to stocks: crypto pairs have no corporate actions",
-                    details={"parameter": "adjustment" if parts else "as_of"},
-                )
-            if feed:
-                validate_location(feed, "feed")
+        if self.pairs_checked(syms, parts, known) and feed:
+            validate_location(feed, "feed")  # a pair's feed names the vendor location (us, eu-1, ...)
         if source is not None:  # the cold tier holds raw bars; an adjustment applies to them the same way
             url = validate_dataset_url(source)
             frame = await asyncio.to_thread(read_dataset, url, self.config, syms, tf, s, e, env=self._env)

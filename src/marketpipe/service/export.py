@@ -197,7 +197,7 @@ def _export_month(
     stats: ExportStats,
     mine: dict[str, int],
 ) -> None:
-    table = file_table(part)
+    table = file_table(sym, part)
     digest = content_hash(table)
     path = dataset.path(sym, tf, m)
     stats.rows_seen += table.num_rows

@@ -46,6 +46,7 @@ from marketpipe.service.data import LatestKind, MarketData
 from marketpipe.service.providers import probe_call
 from marketpipe.service.quality import analyze
 from marketpipe.service.router import CLIENT_ERRORS, Attempt, ProviderRouter
+from marketpipe.wire.alpaca_crypto import validate_location
 
 log = get_logger("marketpipe.gateway")
 MAX_LIMIT = 10_000
@@ -201,7 +202,11 @@ class Gateway:
         Work is bounded by the page, not by the range: the range is cut (by the calendar) into
         windows expected to hold about ``limit`` bars, and only the windows this page reaches are
         fetched (what the ledger lacks) and read. A request for 20 years of minute bars therefore
-        costs one page of work per call, and the token carries the position."""
+        costs one page of work per call, and the token carries the position.
+
+        Crypto pairs take the same path on their 24/7 calendar: held ranges are read from the store
+        (``crypto_bars``, fractional volumes as fetched), missing windows fetched from Alpaca's crypto
+        data and stored; ``feed`` names the vendor location and ``source`` may only be ``alpaca``."""
         syms = normalize_symbols(symbols)
         tf = validate_timeframe(timeframe)
         validate_limit(limit, 1, MAX_LIMIT)
@@ -209,21 +214,23 @@ class Gateway:
         validate_range(start, end)
         now = utcnow()
         end = min(end, now)
-        if isinstance(self.data.calendar_of(syms), ContinuousCalendar):
-            return await self._crypto_bars(
-                syms, tf, start, end, limit=limit, page_token=page_token, sort=sort, feed=feed
-            )
-        self.data.calendar.check_bounds(start, max(start, end))
+        cal = self.data.calendar_of(syms)  # the pairs' 24/7 calendar, or the exchange's for stocks
+        pairs = isinstance(cal, ContinuousCalendar)
+        cal.check_bounds(start, max(start, end))
+        if pairs and feed:
+            validate_location(feed, "feed")  # a pair's feed is the vendor location: checked even when held
         desc = sort == "desc"
         after = decode_token(page_token, syms) if page_token else None
-        provider = None
-        if source != "auto":
+        provider: Any = None
+        if source != "auto" and pairs:
+            provider = self.data.crypto_source(source)  # pairs: Alpaca's crypto data only
+        elif source != "auto":
             validate_enum(
                 source, self.router.names, "source", message="unknown source {value!r}; use auto or one of {allowed}"
             )
             provider = self.router.get(source)
         sources = [source, f"sim:{source}"] if provider is not None else None
-        store, cal = self.data.store, self.data.calendar
+        store = self.data.store
         parts: list[pl.DataFrame] = []
         have, windows = 0, 0
         warnings: dict[str, list[str]] = {}
@@ -265,7 +272,7 @@ class Gateway:
                     break
             if nxt is not None or have > limit:
                 break
-        frame = pl.concat(parts) if parts else pl.DataFrame(schema=BAR_SCHEMA)
+        frame = pl.concat(parts) if parts else pl.DataFrame(schema=CRYPTO_BAR_SCHEMA if pairs else BAR_SCHEMA)
         if frame.height > limit:
             frame = frame.head(limit)
             last = frame.row(limit - 1, named=True)
@@ -274,55 +281,6 @@ class Gateway:
         for sym, m in meta.items():
             m.warnings = sorted(set(warnings.get(sym, [])))
             m.stale = bool(m.warnings)
-        return BarsPage(frame, nxt, meta)
-
-    async def _crypto_bars(
-        self,
-        syms: list[str],
-        tf: Timeframe,
-        start: datetime,
-        end: datetime,
-        *,
-        limit: int,
-        page_token: str | None,
-        sort: str,
-        feed: str | None,
-    ) -> BarsPage:
-        """A page of crypto bars straight from the vendor (checked, not stored: ``service/crypto.py``),
-        with the gateway's own token; one upstream request per symbol the page reaches."""
-        desc = sort == "desc"
-        after = decode_token(page_token, syms) if page_token else None
-        parts: list[pl.DataFrame] = []
-        have = 0
-        for sym in syms[syms.index(after[0]) if after else 0 :]:
-            lo, hi = start, end
-            if after and sym == after[0]:
-                lo, hi = (lo, after[1]) if desc else (after[1] + _US, hi)
-            if hi <= lo:
-                continue
-            page = await self.data.crypto.page(
-                "bars", [sym], lo, hi, timeframe=tf, location=feed, limit=limit + 1 - have, sort=sort
-            )
-            parts.append(page.frame)
-            have += page.frame.height
-            if have > limit:
-                break
-        frame = pl.concat(parts) if parts else pl.DataFrame(schema=CRYPTO_BAR_SCHEMA)
-        nxt = None
-        if frame.height > limit:
-            frame = frame.head(limit)
-            last = frame.row(limit - 1, named=True)
-            nxt = encode_token(last["symbol"], last["ts"])
-        meta: dict[str, Meta] = {}
-        for sym in syms:
-            rows = frame.filter(pl.col("symbol") == sym)
-            newest = rows["ts"].max() if rows.height else None
-            meta[sym] = Meta(
-                sources=sorted(set(rows["source"].to_list())),
-                feed=rows["feed"][0] if rows.height else None,
-                fetched_at=rows["fetched_at"].max() if rows.height else None,  # type: ignore[arg-type]
-                newest=newest + tf.delta if isinstance(newest, datetime) else None,
-            )
         return BarsPage(frame, nxt, meta)
 
     async def _ensure(
@@ -391,7 +349,7 @@ class Gateway:
             span_end = min(end, hi + tf.delta) if isinstance(hi, datetime) else end
             results = analyze(
                 self.data.store,
-                self.data.calendar,
+                self.data.calendar_of(syms),
                 missing_score,
                 tf,
                 span_start,

@@ -268,14 +268,19 @@ class DuckDBStore:
 
     def write_pages(self, pages: list[PageWrite]) -> list[int]:
         stored = [0] * len(pages)
-        with self._transaction():
-            for tables, idx in by_asset_class(pages):
-                for i, n in zip(idx, self._insert_bars(tables, [pages[i] for i in idx]), strict=True):
-                    stored[i] = n
+        # the variant cache is brought up to date under the same lock as the commit: a reader in another
+        # thread (the live writer runs in one) never sees a committed newer version the cache does not know
+        # of, which would return both versions of a bar
+        with self._lock:
+            with self._transaction():
+                for tables, idx in by_asset_class(pages):
+                    for i, n in zip(idx, self._insert_bars(tables, [pages[i] for i in idx]), strict=True):
+                        stored[i] = n
+                for page, n in zip(pages, stored, strict=True):
+                    self._write_side_tables(page, n)
             for page, n in zip(pages, stored, strict=True):
-                self._write_side_tables(page, n)
+                self._note_variants(page, n)
         for page, n in zip(pages, stored, strict=True):
-            self._note_variants(page, n)
             page.stored = n
             if n:
                 table = bar_tables(page.ingest.symbols).bars.name

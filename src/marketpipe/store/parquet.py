@@ -10,7 +10,8 @@ The partition values are URI-encoded (``/`` → ``%2F``; letters, digits and ``.
 encoding pyarrow, polars and DuckDB decode when they read Hive partitions, so ``BTC/USD`` never becomes a
 directory level. ``month`` is not zero-padded, so every reader types it as an integer. A file holds the
 ``BAR_SCHEMA`` columns less ``symbol`` (the path holds it); ``timeframe``, ``source``, ``feed`` and
-``fetched_at`` stay, so every row still says where it came from.
+``fetched_at`` stay, so every row still says where it came from. A crypto pair's files hold its
+``CRYPTO_BAR_SCHEMA`` instead: ``volume`` is a float64, the fractions of a coin exactly as stored.
 
 Every file carries, in its Parquet key-value metadata, the SHA-256 of its content
 (:data:`HASH_KEY`): a writer compares it with what it would write and skips the file when they agree.
@@ -58,7 +59,8 @@ from marketpipe.core.errors import (
     StoreError,
 )
 from marketpipe.core.log import get_logger
-from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA, TIME_COLUMN, empty_bars
+from marketpipe.core.schema import BAR_COLUMNS, BAR_SCHEMA, CRYPTO_BAR_SCHEMA, TIME_COLUMN, empty_frame, is_crypto
+from marketpipe.core.tables import CRYPTO_TABLES, bar_tables
 
 log = get_logger("marketpipe.parquet")
 
@@ -82,7 +84,24 @@ def _arrow_type(dtype: pl.DataType) -> pa.DataType:
     raise TypeError(f"no Arrow type for bar column type {dtype}")
 
 
-FILE_SCHEMA = pa.schema([(FILE_NAMES[c], _arrow_type(BAR_SCHEMA[c])) for c in FILE_COLUMNS])
+def _file_schema(bars: dict[str, pl.DataType]) -> pa.Schema:
+    return pa.schema([(FILE_NAMES[c], _arrow_type(bars[c])) for c in FILE_COLUMNS])
+
+
+FILE_SCHEMA = _file_schema(BAR_SCHEMA)  # a stock's file: whole-share volume (int64)
+CRYPTO_FILE_SCHEMA = _file_schema(CRYPTO_BAR_SCHEMA)  # a pair's file: fractional volume (float64)
+
+
+def bar_schema(symbols: list[str]) -> dict[str, pl.DataType]:
+    """The frame schema of ``symbols``' bars (one asset class, as in the store: INVALID_ARGUMENT otherwise)."""
+    return CRYPTO_BAR_SCHEMA if bar_tables(symbols) is CRYPTO_TABLES else BAR_SCHEMA
+
+
+def file_schema(symbol: str) -> pa.Schema:
+    """The schema of ``symbol``'s files: a crypto pair keeps its float volume, a stock its whole shares."""
+    return CRYPTO_FILE_SCHEMA if is_crypto(symbol) else FILE_SCHEMA
+
+
 PARTITIONING = ds.partitioning(
     pa.schema([("symbol", pa.string()), ("year", pa.int32()), ("month", pa.int32())]), flavor="hive"
 )
@@ -166,10 +185,10 @@ def months(start: datetime, end: datetime) -> list[Month]:
     return out
 
 
-def file_table(frame: pl.DataFrame) -> pa.Table:
-    """One file's table from the bars of one symbol (``BAR_SCHEMA`` rows): ``symbol`` dropped (the path holds
-    it), ``ts`` named ``timestamp``, plain Arrow types."""
-    return frame.select(FILE_COLUMNS).rename(FILE_NAMES).to_arrow().cast(FILE_SCHEMA)
+def file_table(symbol: str, frame: pl.DataFrame) -> pa.Table:
+    """One file's table from the bars of ``symbol`` (the store's rows): ``symbol`` dropped (the path holds
+    it), ``ts`` named ``timestamp``, plain Arrow types (:func:`file_schema`: a pair's volume stays float)."""
+    return frame.select(FILE_COLUMNS).rename(FILE_NAMES).to_arrow().cast(file_schema(symbol))
 
 
 def content_hash(table: pa.Table) -> str:
@@ -290,23 +309,25 @@ class ParquetDataset:
     # --- reading bars back --------------------------------------------------------------------------
 
     def read_bars(self, symbols: list[str], timeframe: str, start: datetime, end: datetime) -> pl.DataFrame:
-        """Bars of ``symbols`` in ``[start, end)`` as the store returns them (``BAR_SCHEMA``, ordered by symbol
-        then ts). Partitions are pruned before anything is opened: one listing per symbol's prefix, then only
-        the files of the months the range touches; the time filter is pushed down to the row groups."""
+        """Bars of ``symbols`` in ``[start, end)`` as the store returns them (``BAR_SCHEMA``, or
+        ``CRYPTO_BAR_SCHEMA`` for pairs; ordered by symbol then ts). Partitions are pruned before anything is
+        opened: one listing per symbol's prefix, then only the files of the months the range touches; the
+        time filter is pushed down to the row groups."""
+        schema = bar_schema(symbols)
         wanted = set(months(start, end))
         paths: list[str] = []
         for sym in sorted(symbols):
             found, _ = self.files(sym, timeframe)
             paths += [found[m].path for m in sorted(found) if m in wanted]
         if not paths:
-            return empty_bars()
+            return empty_frame(schema)
         ts = ds.field(TIME_COLUMN)
         lo, hi = (pa.scalar(t, type=pa.timestamp("us", "UTC")) for t in (start, end))
         with self._errors("read", self.url):
             try:
                 dataset = ds.dataset(
                     paths,
-                    schema=FILE_SCHEMA.append(pa.field("symbol", pa.string())),
+                    schema=file_schema(symbols[0]).append(pa.field("symbol", pa.string())),
                     filesystem=self.fs,
                     format="parquet",
                     partitioning=PARTITIONING,
@@ -321,7 +342,7 @@ class ParquetDataset:
                 ) from None
         frame = pl.from_arrow(table)
         assert isinstance(frame, pl.DataFrame)
-        return frame.cast(BAR_SCHEMA).select(BAR_COLUMNS).sort("symbol", "ts")  # type: ignore[arg-type]
+        return frame.cast(schema).select(BAR_COLUMNS).sort("symbol", "ts")  # type: ignore[arg-type]
 
     # --- errors ------------------------------------------------------------------------------------
 

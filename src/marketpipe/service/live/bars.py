@@ -1,6 +1,11 @@
 """What the stream leaves in the store: its minute bars (and their revisions), the minute bars an
 outage missed (gap backfill over REST after a reconnect — fetched, never filled in), and each
 symbol's previous session close, so change and change % survive a restart.
+
+A writer belongs to one asset class (one per live-hub lane): a stock's bars go to ``bars`` with
+whole-share volumes, a crypto pair's to ``crypto_bars`` with the fractional volume as received
+(``CRYPTO_BAR_SCHEMA``), each checked on its own calendar (``MarketData.calendar_of``) and the gap
+backfill fetched from that asset class's REST source.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from marketpipe.core.calendar import get_calendar
 from marketpipe.core.errors import MarketpipeError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import BACKLOG, STORE_WRITE_FAILURES, STREAM_BARS_PERSISTED, STREAM_GAP_BACKFILLS
-from marketpipe.core.schema import BAR_SCHEMA, Bar
+from marketpipe.core.schema import BAR_SCHEMA, CRYPTO_BAR_SCHEMA, Bar
 from marketpipe.core.timeframe import Timeframe
 from marketpipe.providers.alpaca_stream import Outage
 from marketpipe.providers.base import BarPage
@@ -45,8 +50,13 @@ class BarWriter:
         now: Callable[[], datetime],
         spawn: Spawn,
         streamed: Callable[[], list[str]],
+        *,
+        crypto: bool = False,
     ) -> None:
         self.data = data
+        self.crypto = crypto  # a crypto lane's writer: pairs, float volumes, the 24/7 calendar
+        self.schema = CRYPTO_BAR_SCHEMA if crypto else BAR_SCHEMA
+        self.provider = "alpaca_crypto_stream" if crypto else "alpaca_stream"  # the ingest log's name
         self._now = now
         self._spawn = spawn
         self._streamed = streamed  # the symbols whose minute bars are subscribed upstream
@@ -57,6 +67,7 @@ class BarWriter:
         self.outages = 0
         self.gap_backfills = 0
         self.gap_bars = 0
+        self.last_outage: Outage | None = None
 
     def add(self, channel: str, bar: Bar) -> None:
         if channel == "bars":
@@ -98,7 +109,7 @@ class BarWriter:
     def write(self, bars: list[Bar], refresh: bool) -> int:
         frame = pl.DataFrame(
             [msgspec.structs.astuple(b) for b in bars],  # Bar's fields are BAR_SCHEMA's columns, in order
-            schema=BAR_SCHEMA,
+            schema=self.schema,  # a pair's volume stays the vendor's float: never rounded to a whole number
             orient="row",
         ).sort("symbol", "ts")
         first = bars[0]
@@ -115,7 +126,8 @@ class BarWriter:
             next_page_token=None,
             page_number=0,
         )
-        checked = check_page(page, {}, "alpaca_stream", self._now(), anomaly=None, refresh=refresh)
+        day_tz = self.data.calendar_of(page.symbols).tz  # the asset class's calendar (UTC days for pairs)
+        checked = check_page(page, {}, self.provider, self._now(), anomaly=None, refresh=refresh, day_tz=day_tz)
         stored: int = self.data.store.write_pages([checked.write])[0]
         n = checked.write.bars.height
         self.persisted += n
@@ -125,6 +137,7 @@ class BarWriter:
     async def on_outage(self, outage: Outage) -> None:
         """Fetch the minute bars the outage missed over REST, for the symbols whose bars are streamed."""
         self.outages += 1
+        self.last_outage = outage
         syms = self._streamed()
         if not syms:
             return

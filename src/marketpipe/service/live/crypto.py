@@ -10,7 +10,10 @@ current whole book (``"r": true``) at once instead of waiting for the vendor's n
 that arrives before any whole book is counted (``marketpipe_stream_errors_total{code="ORDERBOOK_NOT_RESET"}``),
 logged and still delivered as received: nothing is dropped. A failed or closed upstream is
 reconnected with full-jitter backoff and subscribed again to what clients hold
-(``marketpipe_stream_reconnects_total{provider="alpaca_crypto"}``); clients keep their subscriptions.
+(``marketpipe_stream_reconnects_total{provider="alpaca_crypto"}``); clients keep their subscriptions,
+and the hub's outage listeners (:meth:`CryptoHub.on_outage`) are told the window it was down
+(:class:`~marketpipe.providers.alpaca_stream.Outage`: from the loss to the restored subscription, with
+the last data message before it), so the live hub can backfill the minute bars it missed.
 
 The project's own stream (``/v1/stream``) reaches the same upstreams through :class:`CryptoLiveStream`:
 one more client of this hub, which the live hub (:class:`~.hub.LiveHub`'s crypto lane) uses as its
@@ -39,7 +42,7 @@ from marketpipe.core.schema import OrderBook, Quote, Trade
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_crypto_stream import CryptoStreamConnection, crypto_stream_url
-from marketpipe.providers.alpaca_stream import BatchHandler, StreamHealth, StreamMessage
+from marketpipe.providers.alpaca_stream import BatchHandler, Outage, ReconnectHook, StreamHealth, StreamMessage
 from marketpipe.wire.alpaca_crypto import (
     CHANNEL_OF_TYPE,
     CHANNELS,
@@ -95,6 +98,7 @@ class CryptoHub:
         self._queue_size = queue_size
         self._up: dict[str, _Upstream] = {}
         self._clients: dict[str, set[CryptoClient]] = defaultdict(set)
+        self._outage_listeners: dict[str, list[Callable[[Outage], None]]] = defaultdict(list)
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -112,6 +116,25 @@ class CryptoHub:
 
     def client(self) -> CryptoClient:
         return CryptoClient(asyncio.Queue(self._queue_size))
+
+    def on_outage(self, loc: str, listener: Callable[[Outage], None]) -> Callable[[], None]:
+        """Call ``listener`` (synchronously, from the pump: it must not block) with each outage of the
+        location's upstream once it is connected and subscribed again; returns its remover."""
+        self._outage_listeners[loc].append(listener)
+        return lambda: self._outage_listeners[loc].remove(listener)
+
+    def _outage(self, outage: Outage) -> None:
+        log.warning(
+            "crypto_stream_outage_over",
+            location=outage.feed,
+            reason=outage.reason,
+            seconds=round((outage.reconnected_at - outage.disconnected_at).total_seconds(), 3),
+        )
+        for listener in list(self._outage_listeners[outage.feed]):
+            try:
+                listener(outage)
+            except Exception as exc:  # noqa: BLE001 -- a listener's bug must not stop the feed
+                log.error("crypto_outage_listener_failed", error=repr(exc))
 
     async def _upstream(self, loc: str) -> _Upstream:
         up = self._up.get(loc)
@@ -203,6 +226,7 @@ class CryptoHub:
         are dropped on a reconnect: the vendor sends each whole book again."""
         attempt = 0
         connected = True
+        down: tuple[datetime, datetime | None, str] | None = None  # since, last data before, why
         while True:
             try:
                 if not connected:
@@ -215,15 +239,22 @@ class CryptoHub:
                         await up.conn.send("subscribe", dict(held))
                     connected = True
                     up.connected, up.connected_since = True, utcnow()
+                    if down is not None:
+                        self._outage(Outage(down[0], up.connected_since, down[1], down[2], up.loc))
+                        down = None
                 async for frame in up.conn.frames():
                     attempt = 0
                     self._relay(up, frame)
+                reason = "closed"
             except MarketpipeError as exc:
                 up.error = exc
                 up.connected = False
                 up.reconnects += 1
+                reason = exc.code
                 STREAM_RECONNECTS.labels(PROVIDER, exc.code).inc()
                 log.warning("crypto_stream_reconnecting", location=up.loc, code=exc.code, error=exc.message)
+            if down is None:  # the first failure of this outage; retries that fail extend it
+                down = (utcnow(), up.last_message_at, reason)
             await up.conn.aclose()
             connected = False
             up.books.clear()
@@ -323,11 +354,34 @@ class CryptoLiveStream:
         self.decode_errors = 0
         self.by_channel: Counter[str] = Counter()
         self.last_message_at: dict[str, datetime] = {}
+        self.on_reconnect: ReconnectHook | None = None  # as AlpacaStream's: each outage once it is over
+        self.outages = 0
+        self._hooks: set[asyncio.Task[None]] = set()
+        self._forget_outages = hub.on_outage(loc, self._on_outage)
         self._closed = False
 
     async def start(self) -> None:
         if self._reader is None and not self._closed:
             self._reader = asyncio.create_task(self._read(), name=f"crypto-live-{self.loc}")
+
+    def _on_outage(self, outage: Outage) -> None:
+        """The shared upstream is back after ``outage``: the owner's hook runs as a task of its own."""
+        self.outages += 1
+        hook = self.on_reconnect
+        if hook is None or self._closed:
+            return
+        task = asyncio.create_task(self._call_hook(hook, outage), name=f"crypto-live-outage-{self.loc}")
+        self._hooks.add(task)
+        task.add_done_callback(self._hooks.discard)
+
+    @staticmethod
+    async def _call_hook(hook: ReconnectHook, outage: Outage) -> None:
+        try:
+            r = hook(outage)
+            if inspect.isawaitable(r):
+                await r
+        except Exception as exc:  # noqa: BLE001 -- the owner's hook must not break the stream
+            log.error("crypto_live_on_reconnect_failed", error=repr(exc))
 
     def add_batch_handler(self, handler: BatchHandler) -> Callable[[], None]:
         self._handlers.append(handler)
@@ -461,7 +515,8 @@ class CryptoLiveStream:
 
     async def close(self) -> None:
         self._closed = True
-        for t in (self._reader, self._retry):
+        self._forget_outages()
+        for t in (self._reader, self._retry, *self._hooks):
             if t is not None and t is not asyncio.current_task():
                 t.cancel()
                 await asyncio.gather(t, return_exceptions=True)

@@ -23,8 +23,10 @@ pairs), whose primary is a :class:`~.crypto.CryptoLiveStream` (one client of the
 :class:`~.crypto.CryptoHub`: one upstream per location for ``/v1/stream`` and ``/v1beta3/crypto``
 alike) and whose fallback poller reads the crypto REST latest values. It has its own router, price
 board and checks; its market never closes, so silence is always staleness. Its status notices carry
-``"asset_class": "crypto"`` and go to the clients holding pairs. Crypto bars are not stored
-(``service/crypto.py``) and pairs have no previous close here (change is null).
+``"asset_class": "crypto"`` and go to the clients holding pairs. Like a stock's, a pair's stream minute
+bars (and their ``updated_bars`` revisions) are stored — in ``crypto_bars``, fractional volumes exact —
+and after an upstream outage of the lane the minutes it missed are backfilled over REST from the crypto
+source (:class:`~.bars.BarWriter` of the lane). Pairs have no previous close here (change is null).
 """
 
 from __future__ import annotations
@@ -85,11 +87,11 @@ def stream_url(config: Config) -> str:
     return stream_base_url(config.provider("alpaca", AlpacaConfig).base_url)
 
 
-def upstream_channels(channel: str, asset_class: str = EQUITY) -> tuple[str, ...]:
-    """What a hub subscription needs upstream: unified prices come from trades and quotes (and a
-    stock's minute bars are stored); any other channel is itself."""
+def upstream_channels(channel: str) -> tuple[str, ...]:
+    """What a hub subscription needs upstream: unified prices come from trades and quotes (and the
+    minute bars, which are stored — a stock's and a pair's alike); any other channel is itself."""
     if channel == PRICES:
-        return ("trades", "quotes") if asset_class == CRYPTO else ("trades", "quotes", "bars")
+        return ("trades", "quotes", "bars")
     return (channel,)
 
 
@@ -138,7 +140,9 @@ class LiveHub:
         self.crypto: LiveHub | None = None  # the crypto lane, made on the first pair (crypto_hub given)
         self._crypto_hub = crypto_hub
         self._lane_lock = asyncio.Lock()
-        self.bars = BarWriter(self.data, now, self._spawn, lambda: self.upstream_symbols("bars"))
+        self.bars = BarWriter(
+            self.data, now, self._spawn, lambda: self.upstream_symbols("bars"), crypto=asset_class == CRYPTO
+        )
         self.prev_closes = PrevCloses(
             gateway, config.calendar, now, self.price_board.set_prev_close, self._unknown_symbol
         )
@@ -158,6 +162,9 @@ class LiveHub:
         self._last_flush = clock()
         self.received = 0
         self.rejected = 0
+        # the crypto vendor sends a fresh bars subscriber the last finished minute at once; a lane sharing
+        # one upstream subscription (prices bring bars upstream) hands a later subscriber the last one seen
+        self._last_bars: dict[str, Bar] | None = {} if asset_class == CRYPTO else None
         self._started = False
         self._closed = False
         self._froze = False
@@ -212,7 +219,7 @@ class LiveHub:
         return is_crypto(symbol) == (self.asset_class == CRYPTO)
 
     def upstream_channels(self, channel: str) -> tuple[str, ...]:
-        return upstream_channels(channel, self.asset_class)
+        return upstream_channels(channel)
 
     async def crypto_lane(self) -> LiveHub:
         """The crypto lane (see the module docstring), started on first use."""
@@ -223,11 +230,12 @@ class LiveHub:
                 from marketpipe.service.live.crypto import CryptoLatest, CryptoLiveStream
 
                 data = self.data
+                stream = CryptoLiveStream(self._crypto_hub())
                 lane = LiveHub(
                     self.config,
                     self.gateway,
                     env=self._env,
-                    stream=CryptoLiveStream(self._crypto_hub()),  # type: ignore[arg-type]
+                    stream=stream,  # type: ignore[arg-type]
                     clock=self._clock,
                     now=self._now,
                     monitor_seconds=self.monitor_seconds,
@@ -236,6 +244,8 @@ class LiveHub:
                     fanout=self.fanout,
                     fallback_sources=lambda: [CryptoLatest(data.crypto)],
                 )
+                if self.settings.gap_backfill:
+                    stream.on_reconnect = lane.bars.on_outage  # the minutes an outage missed, over REST
                 await lane.start()
                 self.crypto = lane
             return self.crypto
@@ -374,6 +384,8 @@ class LiveHub:
                     doc = self.price_board.last_update(s)
                     if doc is not None:
                         client.put(Item(PRICES, s, doc))
+                elif channel == "bars" and self._last_bars is not None and s in self._last_bars:
+                    client.put(Item(channel, s, self._last_bars[s]))  # a pair's last minute, as the vendor does
                 elif channel == "orderbooks":  # a book already followed: the whole of it now (reset)
                     current = getattr(self._stream, "current_book", None)
                     book = current(s) if current is not None else None
@@ -469,8 +481,8 @@ class LiveHub:
         checker = self.checker
         state = self.router.state
         publish = state is SourceState.PRIMARY_ACTIVE or state is SourceState.STARTUP
-        store_bars = self.asset_class == EQUITY  # crypto bars are not stored (fractional volumes)
         latest: dict[str, dict[str, Any]] = {}
+        last_bars = self._last_bars
         arrived = _arrival(msgs[0].record) if msgs else 0.0
         for channel, rec in msgs:
             price: Trade | Quote | None = None
@@ -495,9 +507,10 @@ class LiveHub:
                     continue
                 price, symbol = rec, rec.symbol
             elif type(rec) is Bar:
-                if store_bars:
-                    self.bars.add(channel, rec)
+                self.bars.add(channel, rec)
                 symbol = rec.symbol
+                if last_bars is not None and channel == "bars":
+                    last_bars[symbol] = rec
             else:  # a stream event or a raw message
                 symbol = rec.symbol or ""
             if routes:
