@@ -149,8 +149,12 @@ async def test_while_failed_over_pairs_are_polled_from_the_crypto_rest_api_label
             "/admin/failover", json={"live": "fallback"}, headers={"Authorization": "Bearer admintoken"}
         )
         assert r.status_code == 200, r.text
-        polled = await collect(ws, lambda ms: bool(of(ms, "price", is_real_time=False)))
-        p = of(polled, "price", is_real_time=False)[0]
+        # a pair the board has not seen: the simulator stamps its stream trades with the time of sending, so
+        # its REST trades (about five a minute) are older than what SOL/USD's stream already gave, and a
+        # poll publishes only what is newer than the board holds
+        await ws.send(orjson.dumps({"action": "subscribe", "symbols": ["AVAX/USD"]}).decode())
+        polled = await collect(ws, lambda ms: bool(of(ms, "price", symbol="AVAX/USD", is_real_time=False)))
+        p = of(polled, "price", symbol="AVAX/USD", is_real_time=False)[0]
         assert p["source"] == "sim:alpaca" and p["quality_score"] == 0.8 and p["stale"] is False
         assert of(polled, "status", asset_class="crypto")[0]["state"] == "fallback_active"
         await http.post("/admin/failover", json={"live": "auto"}, headers={"Authorization": "Bearer admintoken"})
