@@ -156,7 +156,9 @@ async def test_while_failed_over_pairs_are_polled_from_the_crypto_rest_api_label
         polled = await collect(ws, lambda ms: bool(of(ms, "price", symbol="AVAX/USD", is_real_time=False)))
         p = of(polled, "price", symbol="AVAX/USD", is_real_time=False)[0]
         assert p["source"] == "sim:alpaca" and p["quality_score"] == 0.8 and p["stale"] is False
-        assert of(polled, "status", asset_class="crypto")[0]["state"] == "fallback_active"
+        # forced over before the fallback has answered once, the lane may say both_unavailable first; the
+        # poll that brought the price made it fallback_active
+        assert "fallback_active" in [m["state"] for m in of(polled, "status", asset_class="crypto")]
         await http.post("/admin/failover", json={"live": "auto"}, headers={"Authorization": "Bearer admintoken"})
 
 
