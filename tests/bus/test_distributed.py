@@ -276,3 +276,40 @@ def test_cli_coordinator_worker_and_events_tail(sim: SimServer, pg: PgServer, na
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(20)
+
+
+async def test_a_pair_is_planned_on_the_24_7_calendar_and_ends_as_a_single_process_run(
+    sim: SimServer, pg: PgServer, nats: NatsServer
+) -> None:
+    """BTC/USD over a weekend: the coordinator plans on the pair's continuous calendar (every minute of
+    Saturday and Sunday, its location as the feed), a worker stores it, and the crypto tables equal a
+    single-process run's."""
+    pair, (s, e) = ["BTC/USD"], parse_range("2024-03-02T00:00:00Z", "2024-03-04T00:00:00Z")
+    alone = MarketData(cfg(sim, pg.database()), env=SIM_ENV)
+    try:
+        await alone.fill(pair, TF, s, e)
+        expected = alone.store.read_bars(pair, str(TF), s, e).drop("fetched_at").sort(KEY)
+    finally:
+        await alone.aclose()
+    assert expected.height == 2 * 1440
+    config = cfg(sim, pg.database(), nats.url)
+    coordinator, worker = MarketData(config, env=SIM_ENV), MarketData(config, env=SIM_ENV)
+    bus, wbus = await _bus(nats.url), await _bus(nats.url)
+    try:
+        run = await enqueue(coordinator, bus, pair, TF, s, e, run="pair")
+        # one item a day of the 24/7 calendar (the exchange calendar would plan nothing on a weekend)
+        assert [(i.start, i.end) for i in run.items] == [(s, s + (e - s) / 2), (s + (e - s) / 2, e)]
+        assert {i.feed for i in run.items} == {"us"}
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_worker(worker, wbus, stop=stop, name="wc"))
+        prog = await follow(bus, run, give_up_after=60)
+        stop.set()
+        await task
+        assert prog.finished == len(run.items) and not prog.dead
+        got = coordinator.store.read_bars(pair, str(TF), s, e).drop("fetched_at").sort(KEY)
+        assert got.equals(expected) and coordinator.store.counts()["crypto_bars"] == 2 * 1440
+    finally:
+        for d in (coordinator, worker):
+            await d.aclose()
+        for b in (bus, wbus):
+            await b.close()

@@ -196,7 +196,7 @@ class MarketData:
         ``supports`` refuses every other kind, so their methods, which it lacks, are never called)."""
         return cast(BarsProvider, self.crypto_source(provider))
 
-    def _fetching(
+    def fetching(
         self, symbols: list[str], provider: str | None, feed: str | None
     ) -> tuple[BarsProvider | ProviderRouter, str | None]:
         """The bars source of these symbols' asset class and the feed to plan with: for pairs the
@@ -275,7 +275,7 @@ class MarketData:
         parsed): from ``provider`` alone when named, else through the router with failover. Crypto
         pairs are fetched from Alpaca's crypto data (``feed``: the location) and planned on the 24/7
         calendar; they are stored in the crypto tables with their fractional volumes."""
-        source, feed = self._fetching(symbols, provider, feed)
+        source, feed = self.fetching(symbols, provider, feed)
         return await run_backfill(
             source,
             self.store,
@@ -319,7 +319,7 @@ class MarketData:
         syms = normalize_symbols(symbols)
         s = parse_time(start, name="start") if start is not None else None
         e = parse_time(end, name="end", end=True) if end is not None else None
-        source, fd = self._fetching(syms, None, _feed(feed))
+        source, fd = self.fetching(syms, None, _feed(feed))
         return await update(
             source,
             self.store,

@@ -78,12 +78,14 @@ async def enqueue(
 ) -> Enqueued:
     """Plan like a single-process run and publish one work item per unit (de-duplicated by id)."""
     end = min(end, utcnow())
-    data.calendar.check_bounds(start, end)
+    cal = data.calendar_of(symbols)  # a pair's 24/7 calendar, the exchange's for equities
+    cal.check_bounds(start, end)
+    source, feed = data.fetching(symbols, None, feed)  # a pair's feed is its location
     units, covered = await asyncio.to_thread(
         plan_for,
-        data.bars_source(),
+        source,
         data.store,
-        data.calendar,
+        cal,
         symbols,
         timeframe,
         start,
