@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -55,6 +56,18 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimServe
             yield vendor, url
 
 
+@contextmanager
+def still(server: SimServer) -> Iterator[None]:
+    """The simulator's clock held at one instant, so two reads of a chain in market hours see one market
+    (its underlying trades on between them otherwise, and every price with it)."""
+    at, running = server.face.clock(), server.face.clock
+    server.face.clock = lambda: at
+    try:
+        yield
+    finally:
+        server.face.clock = running
+
+
 def vendor_chain(url: str, underlying: str = "SPY") -> dict[str, dict]:  # type: ignore[type-arg]
     """The simulator's own chain, read raw, every page."""
     out: dict[str, dict] = {}  # type: ignore[type-arg]
@@ -81,8 +94,9 @@ def without_greeks(chain: dict[str, dict]) -> list[str]:  # type: ignore[type-ar
 
 
 async def test_chain_pages_stay_bounded_and_match_the_vendor(sim: SimServer, opt: AlpacaOptionsProvider) -> None:
-    raw = vendor_chain(sim.url)
-    pages = [p async for p in opt.iter_chain("SPY", page_size=500)]
+    with still(sim):
+        raw = vendor_chain(sim.url)
+        pages = [p async for p in opt.iter_chain("SPY", page_size=500)]
     assert all(p.height <= 500 for p in pages) and len(pages) >= len(raw) // 500
     frame = pl.concat(pages)
     assert frame.schema == pl.Schema(OPTION_SNAPSHOT_SCHEMA)
@@ -272,7 +286,8 @@ def test_alpaca_py_option_clients_work_against_the_gateway(gateway: tuple[SimSer
     via_gw = OptionHistoricalDataClient("ANY", "ANY", url_override=url)
     direct = OptionHistoricalDataClient("SIMKEY", "SIMSECRET", url_override=vendor.url)
     req = OptionChainRequest(underlying_symbol="SPY", type="call")
-    gw_chain, sim_chain = via_gw.get_option_chain(req), direct.get_option_chain(req)
+    with still(vendor):
+        gw_chain, sim_chain = via_gw.get_option_chain(req), direct.get_option_chain(req)
     assert len(gw_chain) > 1000 and set(gw_chain) == set(sim_chain)  # several gateway pages of 1000
     assert {s for s, v in gw_chain.items() if v.greeks is None} == {s for s, v in sim_chain.items() if v.greeks is None}
     syms = sorted(gw_chain)[:3]

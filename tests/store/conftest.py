@@ -46,20 +46,3 @@ def make_store(engine: str, store_target: str) -> Iterator[Callable[..., Store]]
 @pytest.fixture
 def store(make_store: Callable[..., Store]) -> Store:
     return make_store()
-
-
-def stored_version(engine: str, target: str) -> str:
-    """The ``schema_version`` the store at ``target`` records (read without opening a marketpipe store)."""
-    if engine == "duckdb":
-        import duckdb
-
-        con = duckdb.connect(target, read_only=True)
-        try:
-            return str(con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0])
-        finally:
-            con.close()
-    import psycopg
-
-    with psycopg.connect(target) as con:
-        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return str(row[0]) if row else ""

@@ -18,7 +18,7 @@ from marketpipe.core.tables import OPTION_QUARANTINE, OPTION_QUARANTINE_SCHEMA, 
 from marketpipe.quality.option_checks import split_checked
 from marketpipe.store.base import OptionFilter, Store
 from marketpipe.wire.alpaca_options import SnapshotsPage, snapshots_to_frame
-from tests.store.conftest import stored_version
+from tests.store.test_crypto_bars import _version as stored_version
 
 AS_OF = datetime(2026, 12, 7, 15, 0, 0, 250_000, tzinfo=UTC)
 CALL, PUT, BARE = "SPY261218C00600000", "SPY261218P00600000", "SPY270115C00650000"

@@ -44,6 +44,23 @@ def _run(config: Path | None, call: Callable[[Any], Awaitable[pl.DataFrame]]) ->
     return asyncio.run(go())
 
 
+def _stored(
+    config: Path | None, store: str | None, call: Callable[[Any], Awaitable[pl.DataFrame]]
+) -> pl.DataFrame:
+    """``call`` on the options service over the configured store (``--store`` wins), opened for a read:
+    no store there yet is STORE_ERROR, not an empty answer."""
+    from marketpipe.service.options import OptionsData
+    from marketpipe.store import open_store
+
+    cfg = load_config(config, store)
+
+    async def go() -> pl.DataFrame:
+        with open_store(cfg, create=False) as st:
+            return await call(OptionsData(cfg, store=lambda: st))
+
+    return asyncio.run(go())
+
+
 def _view(frame: pl.DataFrame, fmt: str) -> pl.DataFrame:
     """The table view keeps the columns a reader scans; every other format writes every column."""
     return frame.select([c for c in CHAIN_VIEW if c in frame.columns]) if fmt.lower() == "table" else frame
@@ -191,19 +208,11 @@ def history(
     store: StoreOpt = None,
 ) -> None:
     """The stored chain snapshots, by (contract, as_of), from the store."""
-    from marketpipe.service.options import OptionsData
-    from marketpipe.store import open_store
-
-    cfg = load_config(config, store)
-
-    async def go() -> pl.DataFrame:
-        with open_store(cfg, create=False) as st:
-            svc = OptionsData(cfg, store=lambda: st)
-            return await svc.history(
-                underlying, contracts=contract, start=start, end=end, type=type, expiration=expiration
-            )
-
-    frame = asyncio.run(go())
+    frame = _stored(
+        config,
+        store,
+        lambda s: s.history(underlying, contracts=contract, start=start, end=end, type=type, expiration=expiration),
+    )
     emit(_view(frame, fmt).with_columns(frame["as_of"]) if fmt.lower() == "table" else frame, fmt, output)
 
 
@@ -218,15 +227,6 @@ def quarantine(
     store: StoreOpt = None,
 ) -> None:
     """Option rows the checks refused, as received, with their reasons and request id (newest first)."""
-    from marketpipe.service.options import OptionsData
-    from marketpipe.store import open_store
-
-    cfg = load_config(config, store)
-
-    async def go() -> pl.DataFrame:
-        with open_store(cfg, create=False) as st:
-            return await OptionsData(cfg, store=lambda: st).quarantined(underlying, limit=limit)
-
-    frame = asyncio.run(go())
+    frame = _stored(config, store, lambda s: s.quarantined(underlying, limit=limit))
     view = ["contract", "as_of", "reasons", "bid_price", "ask_price", "delta", "request_id", "source", "feed"]
     emit(frame.select(view) if fmt.lower() == "table" else frame, fmt, output)

@@ -384,19 +384,22 @@ class OptionFilter:
     def clauses(self, bind: Callable[[object], str]) -> list[str]:
         """SQL conditions both engines speak; ``bind(value)`` adds a parameter and returns its marker."""
         out = []
-        if self.underlying is not None:
-            out.append(f"underlying = {bind(self.underlying)}")
-        if self.contracts is not None:
-            out.append(f"contract IN (SELECT unnest({bind(list(self.contracts))}))")
-        if self.start is not None:
-            out.append(f"as_of >= {bind(self.start)}")
-        if self.end is not None:
-            out.append(f"as_of < {bind(self.end)}")
-        if self.type is not None:
-            out.append(f"type = {bind(self.type)}")
-        if self.expiration is not None:
-            out.append(f"expiration = {bind(self.expiration)}")
+        for name, condition in _OPTION_CONDITIONS:
+            value = getattr(self, name)
+            if value is not None:
+                out.append(condition.format(bind(list(value) if isinstance(value, tuple) else value)))
         return out
+
+
+# OptionFilter field -> its SQL condition ({} is the bound value)
+_OPTION_CONDITIONS = (
+    ("underlying", "underlying = {}"),
+    ("contracts", "contract IN (SELECT unnest({}))"),
+    ("start", "as_of >= {}"),
+    ("end", "as_of < {}"),
+    ("type", "type = {}"),
+    ("expiration", "expiration = {}"),
+)
 
 
 def option_rows(frame: pl.DataFrame, table: Table) -> pl.DataFrame:
