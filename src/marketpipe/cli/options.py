@@ -44,19 +44,27 @@ def _run(config: Path | None, call: Callable[[Any], Awaitable[pl.DataFrame]]) ->
     return asyncio.run(go())
 
 
-def _stored(
-    config: Path | None, store: str | None, call: Callable[[Any], Awaitable[pl.DataFrame]]
-) -> pl.DataFrame:
-    """``call`` on the options service over the configured store (``--store`` wins), opened for a read:
-    no store there yet is STORE_ERROR, not an empty answer."""
+def _stored(config: Path | None, store: str | None, call: Callable[[Any], Awaitable[pl.DataFrame]]) -> pl.DataFrame:
+    """``call`` on the options service over the configured store (``--store`` wins), opened for a read
+    once the arguments are checked: no store there yet is STORE_ERROR, not an empty answer."""
     from marketpipe.service.options import OptionsData
     from marketpipe.store import open_store
+    from marketpipe.store.base import Store
 
     cfg = load_config(config, store)
+    opened: list[Store] = []
+
+    def reading() -> Store:
+        if not opened:
+            opened.append(open_store(cfg, create=False))
+        return opened[0]
 
     async def go() -> pl.DataFrame:
-        with open_store(cfg, create=False) as st:
-            return await call(OptionsData(cfg, store=lambda: st))
+        try:
+            return await call(OptionsData(cfg, store=reading))
+        finally:
+            for st in opened:
+                st.close()
 
     return asyncio.run(go())
 

@@ -117,7 +117,9 @@ class MarketData:
     def options(self) -> OptionsData:
         """The options service (Alpaca's options data, checked; built on first use)."""
         if self._options is None:
-            self._options = OptionsData(self.config, env=self._env, store=lambda: self.store)
+            self._options = OptionsData(
+                self.config, env=self._env, store=lambda: self.store, stored=lambda: self._stored()
+            )
         return self._options
 
     @property

@@ -70,7 +70,8 @@ class OptionsData:
 
     ``store``: where quarantined rows and chain history go (a callable, so the store is opened only
     when first needed); default: the configured store, opened by this service and closed by
-    :meth:`aclose`."""
+    :meth:`aclose`. ``stored``: the store for calls that only read (history, quarantine), which should
+    not create one (``MarketData._stored``); default: ``store``."""
 
     def __init__(
         self,
@@ -79,11 +80,13 @@ class OptionsData:
         provider: AlpacaOptionsProvider | None = None,
         env: dict[str, str] | None = None,
         store: Callable[[], OptionStore] | None = None,
+        stored: Callable[[], OptionStore] | None = None,
     ) -> None:
         self.config = config
         self._provider = provider
         self._env = env
         self._store_of = store
+        self._stored_of = stored
         self._own_store: OptionStore | None = None
 
     @property
@@ -104,6 +107,9 @@ class OptionsData:
 
             self._own_store = open_store(self.config)
         return self._own_store
+
+    def _reading(self) -> OptionStore:
+        return self._stored_of() if self._stored_of is not None else self.store
 
     def _split(self, frame: pl.DataFrame, what: str, request_id: str) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(rows that pass, scored; rows quarantined with reasons and ``request_id``), counted and logged."""
@@ -237,7 +243,7 @@ class OptionsData:
         Narrowed by ``underlying``, ``contracts`` (OCC symbols), ``as_of`` in ``[start, end)``, ``type``,
         ``expiration``. Nothing stored that matches: DATASET_NOT_FOUND."""
         where = option_filter(underlying, contracts, start, end, type, expiration)
-        frame = await asyncio.to_thread(self.store.read_option_snapshots, where)
+        frame = await asyncio.to_thread(self._reading().read_option_snapshots, where)
         if not frame.height:
             raise DatasetNotFound(
                 "no stored option chain snapshots match "
@@ -251,7 +257,7 @@ class OptionsData:
         """Quarantined option rows kept in the store (the row as received, ``reasons``, ``request_id``),
         newest first."""
         where = OptionFilter(underlying=normalize_symbol(underlying)) if underlying else None
-        return await asyncio.to_thread(self.store.option_quarantine, where, limit)
+        return await asyncio.to_thread(self._reading().option_quarantine, where, limit)
 
     async def snapshots(self, contracts: list[str] | str, *, feed: str | None = None) -> pl.DataFrame:
         return await self._checked(await self.provider.snapshots(contracts, feed=feed), "option snapshots")
