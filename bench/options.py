@@ -1,13 +1,14 @@
 """Option chain benchmark: a SPY-sized chain decoded, checked and stored, marketpipe vs alpaca-py, same run.
 
-    ./dev bench options [--underlying SPY] [--repeat 3] [--weekly 6] [--monthly 6]
+    ./dev bench options [--underlying SPY] [--repeat 3] [--weekly 6] [--monthly 6] [--store URL]
 
 The simulator lists the chain of ``--underlying`` (about 3,400 contracts for SPY with the defaults; more
 expirations make it larger) and serves it in pages of 1,000, as the vendor does. Each ``--repeat`` times:
 
-(a) marketpipe: ``OptionsData.chain`` (every page fetched, decoded into the canonical frame, checked with
-    ``quality/option_checks``, quote-scored) and the snapshot stored (``write_chain``: one Parquet file,
-    committed by rename)
+(a) marketpipe: ``OptionsData.snapshot_chain`` (every page fetched, decoded into the canonical frame,
+    checked with ``quality/option_checks``, quote-scored) and the snapshot stored in the store's
+    ``option_snapshots`` with its quarantine in one transaction (a DuckDB file in a temporary directory,
+    or ``--store postgresql://...``)
 (b) marketpipe, fetch + decode only: ``AlpacaOptionsProvider.chain``
 (c) the peer: alpaca-py ``OptionHistoricalDataClient.get_option_chain`` on the same simulator (fetch and
     decode into its pydantic models; it neither checks nor stores)
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--weekly", type=int, default=6)
     ap.add_argument("--monthly", type=int, default=6)
+    ap.add_argument("--store", default=None, help="a PostgreSQL URL (default: a DuckDB file in a temp dir)")
     args = ap.parse_args()
 
     from alpaca.data.historical.option import OptionHistoricalDataClient
@@ -44,7 +46,7 @@ def main() -> None:
     from marketpipe.core.config import config_from_dict
     from marketpipe.providers.alpaca_config import AlpacaConfig
     from marketpipe.providers.alpaca_options import AlpacaOptionsProvider
-    from marketpipe.service.options import OptionsData, write_chain
+    from marketpipe.service.options import OptionsData
     from marketpipe.sim.options import OptionsConfig
     from marketpipe.sim.server import SimServer
 
@@ -55,7 +57,10 @@ def main() -> None:
         assert sim.options is not None
         sim.options.options.config = OptionsConfig(weekly=args.weekly, monthly=args.monthly)
         fast = {"rate_limit_per_min": 1_000_000}
-        cfg = config_from_dict({"providers": {"alpaca": {"base_url": sim.url, "plan": "unlimited", **fast}}})
+        target = args.store or str(Path(tmp) / "bench.duckdb")
+        cfg = config_from_dict(
+            {"providers": {"alpaca": {"base_url": sim.url, "plan": "unlimited", **fast}}, "store": {"path": target}}
+        )
         peer = OptionHistoricalDataClient("SIMKEY", "SIMSECRET", url_override=sim.url)
         peer.get_option_chain(OptionChainRequest(underlying_symbol=args.underlying))  # warm the listing
 
@@ -63,10 +68,10 @@ def main() -> None:
             svc = OptionsData(cfg, env=env)
             try:
                 t = time.perf_counter()
-                frame = await svc.chain(args.underlying)
-                write_chain(frame, Path(tmp) / str(n), args.underlying)
+                snap = await svc.snapshot_chain(args.underlying)
                 times["a"].append(time.perf_counter() - t)
-                sizes["a"] = frame.height
+                assert snap.stored == snap.contracts, "each run is a new snapshot: every row is stored"
+                sizes["a"] = snap.contracts
             finally:
                 await svc.aclose()
             async with AlpacaOptionsProvider(

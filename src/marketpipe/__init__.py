@@ -10,6 +10,7 @@ vendor, checked and stored first. Configuration: ``marketpipe.toml`` / env (see 
 from __future__ import annotations
 
 import threading
+from datetime import date
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 # The library's root binds each vendor's config class (declared beside its adapter) to core's config
@@ -48,6 +49,7 @@ __all__ = [
     "option_chain",
     "option_chain_history",
     "option_contracts",
+    "option_quarantine",
     "option_quotes",
     "option_snapshots",
     "option_trades",
@@ -270,8 +272,23 @@ def option_contracts(underlyings: str | list[str], **kw: Any) -> pl.DataFrame:
     return _client().option_contracts(underlyings, **kw)
 
 
-def option_chain_history(directory: str, underlying: str) -> pl.DataFrame:
-    """The chain snapshots ``marketpipe options snapshot`` stored under ``directory``, by (contract, as_of)."""
-    from marketpipe.service.options import read_chain_history
+def option_chain_history(
+    underlying: str | None = None,
+    *,
+    contracts: str | list[str] | None = None,
+    start: TimeLike | None = None,
+    end: TimeLike | None = None,
+    type: Literal["call", "put"] | None = None,
+    expiration: str | date | None = None,
+) -> pl.DataFrame:
+    """The chain snapshots ``marketpipe options snapshot`` stored, from the store, by (contract, as_of):
+    every column as received (the vendor's greeks and IV, or null with ``greeks_missing``) plus
+    ``quote_score``. ``start``/``end`` bound ``as_of``; ``contracts`` are OCC symbols."""
+    return _client().option_chain_history(
+        underlying, contracts=contracts, start=start, end=end, type=type, expiration=expiration
+    )
 
-    return read_chain_history(directory, underlying)
+
+def option_quarantine(underlying: str | None = None, *, limit: int = 1000) -> pl.DataFrame:
+    """Option rows the checks refused, kept in the store as received with ``reasons`` and ``request_id``."""
+    return _client().option_quarantine(underlying, limit=limit)

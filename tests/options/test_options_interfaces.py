@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,11 +31,13 @@ from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_options import AlpacaOptionsProvider
 from marketpipe.quality.option_checks import quote_score, split_checked
 from marketpipe.service.data import SyncMarketData
-from marketpipe.service.options import OptionsData, read_chain_history, record_chains
+from marketpipe.service.options import ChainSnapshot, OptionsData, record_chains
 from marketpipe.sim.server import SimServer
+from marketpipe.store.duckdb import DuckDBStore
 from tests.api.conftest import ENV, gateway_config, serving
 
 AUTH = {"APCA-API-KEY-ID": "SIMKEY", "APCA-API-SECRET-KEY": "SIMSECRET"}
+SIM_KEYS = {"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"}
 
 
 @pytest.fixture
@@ -51,6 +54,18 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimServe
         cfg = gateway_config(vendor.url, tmp_path_factory.mktemp("gw") / "gw.duckdb")
         with serving(create_app(cfg, env=ENV)) as url:
             yield vendor, url
+
+
+@contextmanager
+def still(server: SimServer) -> Iterator[None]:
+    """The simulator's clock held at one instant, so two reads of a chain in market hours see one market
+    (its underlying trades on between them otherwise, and every price with it)."""
+    at, running = server.face.clock(), server.face.clock
+    server.face.clock = lambda: at
+    try:
+        yield
+    finally:
+        server.face.clock = running
 
 
 def vendor_chain(url: str, underlying: str = "SPY") -> dict[str, dict]:  # type: ignore[type-arg]
@@ -79,8 +94,9 @@ def without_greeks(chain: dict[str, dict]) -> list[str]:  # type: ignore[type-ar
 
 
 async def test_chain_pages_stay_bounded_and_match_the_vendor(sim: SimServer, opt: AlpacaOptionsProvider) -> None:
-    raw = vendor_chain(sim.url)
-    pages = [p async for p in opt.iter_chain("SPY", page_size=500)]
+    with still(sim):
+        raw = vendor_chain(sim.url)
+        pages = [p async for p in opt.iter_chain("SPY", page_size=500)]
     assert all(p.height <= 500 for p in pages) and len(pages) >= len(raw) // 500
     frame = pl.concat(pages)
     assert frame.schema == pl.Schema(OPTION_SNAPSHOT_SCHEMA)
@@ -174,18 +190,31 @@ async def test_checks_quarantine_bad_rows_and_score_quotes(opt: AlpacaOptionsPro
     assert one_sided["quote_score"][0] <= 60
 
 
-async def test_service_quarantines_instead_of_serving(sim: SimServer) -> None:
+async def test_service_quarantines_into_the_store_instead_of_serving(sim: SimServer, tmp_path: Path) -> None:
+    """The vendor crosses some quotes (the simulator's invalid_rows fault): those rows are not served,
+    and they persist in the store's quarantine as received, with their reasons and request id."""
     from marketpipe.core.config import config_from_dict
     from marketpipe.sim.faults import FaultRule
 
     cfg = config_from_dict({"providers": {"alpaca": {"base_url": sim.url, "plan": "unlimited"}}})
-    svc = OptionsData(cfg, env={"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"})
-    try:
-        frame = await svc.chain("SPY", type="put")
-        assert frame.height and "quote_score" in frame.columns and svc.quarantined.height == 0
-    finally:
-        await svc.aclose()
-    assert FaultRule  # faults on these paths are covered in test_sim_options
+    with DuckDBStore(tmp_path / "s.duckdb") as store:
+        svc = OptionsData(cfg, env=SIM_KEYS, store=lambda: store)
+        try:
+            clean = await svc.chain("SPY", type="put")
+            assert clean.height and "quote_score" in clean.columns and (await svc.quarantined()).height == 0
+            sim.faults.set([FaultRule(kind="invalid_rows", row_ratio=0.01, paths="^/v1beta1/options/snapshots")])
+            served = await svc.chain("SPY", type="put")
+            held = await svc.quarantined("SPY")
+            crossed = set(held["contract"])
+            assert crossed and not crossed & set(served["contract"]) and served.height + len(crossed) == clean.height
+            assert set(held["reasons"]) == {"crossed_quote"} and held["request_id"].is_not_null().all()
+            assert (held["bid_price"] > held["ask_price"]).all()  # as the vendor sent them, not corrected
+            await svc.chain("SPY", type="put")  # the same rows refused again are kept once per snapshot time
+            assert (await svc.quarantined("SPY")).height == 2 * len(crossed)
+        finally:
+            await svc.aclose()
+    with DuckDBStore(tmp_path / "s.duckdb") as reopened:  # persisted, not held in memory
+        assert set(reopened.option_quarantine()["contract"]) == crossed
 
 
 # --- never computed: every interface ------------------------------------------------------------------------
@@ -257,7 +286,8 @@ def test_alpaca_py_option_clients_work_against_the_gateway(gateway: tuple[SimSer
     via_gw = OptionHistoricalDataClient("ANY", "ANY", url_override=url)
     direct = OptionHistoricalDataClient("SIMKEY", "SIMSECRET", url_override=vendor.url)
     req = OptionChainRequest(underlying_symbol="SPY", type="call")
-    gw_chain, sim_chain = via_gw.get_option_chain(req), direct.get_option_chain(req)
+    with still(vendor):
+        gw_chain, sim_chain = via_gw.get_option_chain(req), direct.get_option_chain(req)
     assert len(gw_chain) > 1000 and set(gw_chain) == set(sim_chain)  # several gateway pages of 1000
     assert {s for s, v in gw_chain.items() if v.greeks is None} == {s for s, v in sim_chain.items() if v.greeks is None}
     syms = sorted(gw_chain)[:3]
@@ -292,23 +322,56 @@ async def test_chain_snapshots_stored_over_time_and_read_back(sim: SimServer, tm
     from marketpipe.core.errors import DatasetNotFound
 
     cfg = config_from_dict({"providers": {"alpaca": {"base_url": sim.url, "plan": "unlimited"}}})
-    svc = OptionsData(cfg, env={"ALPACA_API_KEY": "SIMKEY", "ALPACA_SECRET_KEY": "SIMSECRET"})
     spot = sim.market.latest_trade("AAPL")["p"]
-    try:
-        n = await record_chains(
-            svc, "AAPL", tmp_path, every_seconds=0.05, count=2, type="call", strike_gte=spot - 3, strike_lte=spot + 3
-        )
-    finally:
-        await svc.aclose()
-    assert n == 2
-    hist = read_chain_history(tmp_path, "AAPL")
+    told: list[ChainSnapshot] = []
+    with DuckDBStore(tmp_path / "s.duckdb") as store:
+        svc = OptionsData(cfg, env=SIM_KEYS, store=lambda: store)
+        try:
+            n = await record_chains(
+                svc, "AAPL", every_seconds=0.05, count=2, on_snapshot=told.append, parquet=tmp_path / "pq",
+                type="call", strike_gte=spot - 3, strike_lte=spot + 3,
+            )  # fmt: skip
+            hist = await svc.history("AAPL")
+            one = await svc.history(contracts=hist["contract"][0], start=told[1].as_of)
+            with pytest.raises(DatasetNotFound):
+                await svc.history("MSFT")
+        finally:
+            await svc.aclose()
+    assert n == 2 and [t.stored for t in told] == [t.contracts for t in told] and told[0].contracts > 0
     assert hist["as_of"].n_unique() == 2 and hist.height == 2 * hist["contract"].n_unique()
-    assert hist.select(pl.col("contract"), pl.col("as_of")).equals(
-        hist.sort("contract", "as_of").select("contract", "as_of")
-    )
-    assert not leftovers(tmp_path)
-    with pytest.raises(DatasetNotFound):
-        read_chain_history(tmp_path, "MSFT")
+    assert hist.select("contract", "as_of").equals(hist.sort("contract", "as_of").select("contract", "as_of"))
+    assert "quote_score" in hist.columns and one.height == 1 and one["as_of"][0] == told[1].as_of
+    # the --parquet export: each snapshot whole, the stored rows
+    files = sorted((tmp_path / "pq" / "underlying=AAPL").glob("*.parquet"))
+    assert [f for f in told if f.parquet] and len(files) == 2 and not leftovers(tmp_path)
+    assert pl.read_parquet(files).sort("contract", "as_of").equals(hist.drop("quote_score"))
+
+
+def test_cli_snapshot_then_history_reads_it_back_from_the_store(sim: SimServer, tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[providers.alpaca]\nbase_url = "{sim.url}"\nplan = "unlimited"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALPACA_", "APCA_", "MARKETPIPE_"))}
+    env.update(SIM_KEYS)
+    store = tmp_path / "s.duckdb"
+    common = ["-c", str(cfg), "--store", str(store)]
+    r = subprocess.run(
+        [sys.executable, "-m", "marketpipe.cli.main", "options", "snapshot", "SPY", "--count", "1", *common],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "stored" in r.stderr and "1 snapshots stored in" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "marketpipe.cli.main", "options", "history", "SPY", "--type", "put", "-f", "json",
+         *common],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    with DuckDBStore(store, read_only=True) as st:
+        held = st.read_option_snapshots()
+    assert len(rows) == held.filter(pl.col("type") == "put").height > 100
+    bare = [x for x in rows if x["greeks_missing"]]
+    assert bare and all(x["delta"] is None and x["greeks_missing"] == GREEKS_NOT_SENT for x in bare)
 
 
 # --- the README, word for word ---------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ import pytest
 from marketpipe.core.config import Config
 from marketpipe.core.errors import StoreError
 from marketpipe.store import open_store
-from marketpipe.store.base import COUNTED, ActionStore, BarStore, OpsStore, QualityStore, Store
+from marketpipe.store.base import COUNTED, ActionStore, BarStore, OpsStore, OptionStore, QualityStore, Store
 from marketpipe.store.duckdb import DuckDBStore
 from marketpipe.store.postgres import PostgresStore
 
-ROLES: list[type] = [BarStore, QualityStore, OpsStore, ActionStore, Store]
+ROLES: list[type] = [BarStore, QualityStore, OpsStore, ActionStore, OptionStore, Store]
 BACKENDS: list[type] = [DuckDBStore, PostgresStore]
 
 
@@ -48,10 +48,10 @@ def test_signatures_are_the_protocols(role: type, backend: type) -> None:
 
 def test_roles_split_the_whole_store_without_overlap() -> None:
     bar, quality, ops = set(members(BarStore)), set(members(QualityStore)), set(members(OpsStore))
-    actions = set(members(ActionStore))
+    actions, options = set(members(ActionStore)), set(members(OptionStore))
     assert bar < quality  # scoring reads the bars it scores
-    assert not quality & ops and not actions & (quality | ops)
-    assert set(members(Store)) == quality | ops | actions | {"close", "__enter__", "__exit__"}
+    assert not quality & ops and not actions & (quality | ops) and not options & (quality | ops | actions)
+    assert set(members(Store)) == quality | ops | actions | options | {"close", "__enter__", "__exit__"}
 
 
 def test_something_that_is_not_a_store_is_not_one() -> None:

@@ -105,6 +105,21 @@ SHIPPED_DDL = [
         old_open DOUBLE, old_high DOUBLE, old_low DOUBLE, old_close DOUBLE, old_volume DOUBLE,
         new_open DOUBLE, new_high DOUBLE, new_low DOUBLE, new_close DOUBLE, new_volume DOUBLE,
         request_id VARCHAR, revised_at TIMESTAMP)""",
+    # v7: option chain history (snapshot rows as received, quote and trade times in nanoseconds) and quarantine
+    """CREATE TABLE IF NOT EXISTS option_snapshots (
+        contract VARCHAR NOT NULL, underlying VARCHAR, root VARCHAR, expiration DATE, type VARCHAR, strike DOUBLE,
+        as_of TIMESTAMP NOT NULL, quote_ts TIMESTAMP_NS, bid_price DOUBLE, bid_size BIGINT, bid_exchange VARCHAR,
+        ask_price DOUBLE, ask_size BIGINT, ask_exchange VARCHAR, quote_condition VARCHAR, trade_ts TIMESTAMP_NS,
+        trade_price DOUBLE, trade_size BIGINT, trade_exchange VARCHAR, trade_condition VARCHAR, delta DOUBLE,
+        gamma DOUBLE, theta DOUBLE, vega DOUBLE, rho DOUBLE, implied_volatility DOUBLE, greeks_missing VARCHAR,
+        source VARCHAR NOT NULL, feed VARCHAR, fetched_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS option_quarantine (
+        contract VARCHAR, underlying VARCHAR, root VARCHAR, expiration DATE, type VARCHAR, strike DOUBLE,
+        as_of TIMESTAMP, quote_ts TIMESTAMP_NS, bid_price DOUBLE, bid_size BIGINT, bid_exchange VARCHAR,
+        ask_price DOUBLE, ask_size BIGINT, ask_exchange VARCHAR, quote_condition VARCHAR, trade_ts TIMESTAMP_NS,
+        trade_price DOUBLE, trade_size BIGINT, trade_exchange VARCHAR, trade_condition VARCHAR, delta DOUBLE,
+        gamma DOUBLE, theta DOUBLE, vega DOUBLE, rho DOUBLE, implied_volatility DOUBLE, greeks_missing VARCHAR,
+        source VARCHAR, feed VARCHAR, fetched_at TIMESTAMP, reasons VARCHAR, request_id VARCHAR)""",
 ]
 V1_TABLES = ("meta", "bars", "quarantine", "coverage", "reconciliation", "ingest_log")
 
@@ -158,7 +173,7 @@ def test_the_derived_ddl_is_the_shipped_one(tmp_path: Path) -> None:
     assert shape([s for t in TABLES for s in table_ddl(t)]) == shape(SHIPPED_DDL)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
 def test_a_store_file_from_an_earlier_version_opens_and_gains_the_new_tables(tmp_path: Path, version: int) -> None:
     path = tmp_path / f"v{version}.duckdb"
     con = duckdb.connect(str(path))

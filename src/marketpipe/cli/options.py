@@ -1,4 +1,4 @@
-"""``marketpipe options chain|quote|bars|contracts|snapshot|history`` (registered on the main app).
+"""``marketpipe options chain|quote|bars|contracts|snapshot|history|quarantine`` (registered on the main app).
 
 Every row names its ``source`` and ``feed``; greeks and IV are the vendor's, or empty with
 ``greeks_missing`` = ``not_sent_by_vendor`` — the CLI never computes them."""
@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import polars as pl
 import typer
 
-from marketpipe.cli.common import ConfigOpt, app, emit, err, handle_errors, load_config
+from marketpipe.cli.common import ConfigOpt, StoreOpt, app, emit, err, handle_errors, load_config
 
 options_app = typer.Typer(
     help="Options: chains, quotes, bars, contracts, stored chain snapshots.", no_args_is_help=True
@@ -40,6 +40,31 @@ def _run(config: Path | None, call: Callable[[Any], Awaitable[pl.DataFrame]]) ->
             return await call(svc)
         finally:
             await svc.aclose()
+
+    return asyncio.run(go())
+
+
+def _stored(config: Path | None, store: str | None, call: Callable[[Any], Awaitable[pl.DataFrame]]) -> pl.DataFrame:
+    """``call`` on the options service over the configured store (``--store`` wins), opened for a read
+    once the arguments are checked: no store there yet is STORE_ERROR, not an empty answer."""
+    from marketpipe.service.options import OptionsData
+    from marketpipe.store import open_store
+    from marketpipe.store.base import Store
+
+    cfg = load_config(config, store)
+    opened: list[Store] = []
+
+    def reading() -> Store:
+        if not opened:
+            opened.append(open_store(cfg, create=False))
+        return opened[0]
+
+    async def go() -> pl.DataFrame:
+        try:
+            return await call(OptionsData(cfg, store=reading))
+        finally:
+            for st in opened:
+                st.close()
 
     return asyncio.run(go())
 
@@ -134,26 +159,37 @@ def _seconds(text: str) -> float:
 @handle_errors
 def snapshot(
     underlying: Annotated[str, typer.Argument(help="e.g. SPY")],
-    to: Annotated[Path, typer.Option("--to", help="directory of the stored snapshots")] = Path("option-chains"),
     every: Annotated[str, typer.Option("--every", help="e.g. 30s, 5m, 1h")] = "5m",
     count: Annotated[int | None, typer.Option("--count", help="stop after N snapshots (default: until Ctrl-C)")] = None,
     feed: FeedOpt = None,
+    parquet: Annotated[
+        Path | None, typer.Option("--parquet", help="also write each snapshot as DIR/underlying=X/<as_of>.parquet")
+    ] = None,
     config: ConfigOpt = None,
+    store: StoreOpt = None,
 ) -> None:
-    """Store the chain as received every ``--every``: the history of greeks and IV the vendor does not serve.
-    Read it back with ``marketpipe options history`` or ``mp.option_chain_history``."""
-    from marketpipe.service.options import OptionsData, record_chains
+    """Store the chain as received every ``--every`` in the store: the history of greeks and IV the vendor does
+    not serve. Read it back with ``marketpipe options history`` or ``mp.option_chain_history``."""
+    from marketpipe.core.config import url_without_password
+    from marketpipe.service.options import ChainSnapshot, OptionsData, record_chains
 
     period = _seconds(every)
-    svc = OptionsData(load_config(config))
+    cfg = load_config(config, store)
+    svc = OptionsData(cfg)
 
-    def told(path: Path, rows: int) -> None:
-        err.print(f"stored {rows} contracts in {path}")
+    def told(snap: ChainSnapshot) -> None:
+        where = f" (and {snap.parquet})" if snap.parquet else ""
+        err.print(
+            f"{snap.underlying} as of {snap.as_of:%Y-%m-%d %H:%M:%S}Z: {snap.contracts} contracts, {snap.stored} "
+            f"stored, {snap.quarantined} quarantined{where}"
+            if snap.as_of
+            else f"{snap.underlying}: the vendor sent no contracts"
+        )
 
     async def go() -> int:
         try:
             return await record_chains(
-                svc, underlying, to, every_seconds=period, count=count, on_snapshot=told, feed=feed
+                svc, underlying, every_seconds=period, count=count, on_snapshot=told, feed=feed, parquet=parquet
             )
         finally:
             await svc.aclose()
@@ -162,19 +198,43 @@ def snapshot(
         n = asyncio.run(go())
     except KeyboardInterrupt:
         return
-    err.print(f"{n} snapshots stored under {to}")
+    err.print(f"{n} snapshots stored in {url_without_password(cfg.store_target())}")
 
 
 @options_app.command("history")
 @handle_errors
 def history(
-    underlying: Annotated[str, typer.Argument(help="e.g. SPY")],
-    to: Annotated[Path, typer.Option("--to", help="directory of the stored snapshots")] = Path("option-chains"),
+    underlying: Annotated[str | None, typer.Argument(help="e.g. SPY (default: every stored underlying)")] = None,
+    contract: Annotated[list[str] | None, typer.Option("--contract", help="OCC symbol (repeatable)")] = None,
+    start: Annotated[str | None, typer.Option("--start", "-s", help="as_of from")] = None,
+    end: Annotated[str | None, typer.Option("--end", "-e", help="as_of before")] = None,
+    type: Annotated[str | None, typer.Option("--type", help="call or put")] = None,
+    expiration: Annotated[str | None, typer.Option("--expiration", help="YYYY-MM-DD")] = None,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
 ) -> None:
-    """The stored chain snapshots of an underlying, by (contract, as_of)."""
-    from marketpipe.service.options import read_chain_history
-
-    frame = read_chain_history(to, underlying)
+    """The stored chain snapshots, by (contract, as_of), from the store."""
+    frame = _stored(
+        config,
+        store,
+        lambda s: s.history(underlying, contracts=contract, start=start, end=end, type=type, expiration=expiration),
+    )
     emit(_view(frame, fmt).with_columns(frame["as_of"]) if fmt.lower() == "table" else frame, fmt, output)
+
+
+@options_app.command("quarantine")
+@handle_errors
+def quarantine(
+    underlying: Annotated[str | None, typer.Argument(help="e.g. SPY (default: all)")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n")] = 1000,
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Option rows the checks refused, as received, with their reasons and request id (newest first)."""
+    frame = _stored(config, store, lambda s: s.quarantined(underlying, limit=limit))
+    view = ["contract", "as_of", "reasons", "bid_price", "ask_price", "delta", "request_id", "source", "feed"]
+    emit(frame.select(view) if fmt.lower() == "table" else frame, fmt, output)

@@ -164,7 +164,8 @@ OPTION_SNAPSHOT_SCHEMA: dict[str, pl.DataType] = {
     "feed": pl.String(),
     "fetched_at": UTC_US,
 }
-OPTION_SNAPSHOT_KEY = ["contract", "as_of", "source"]
+# what makes a snapshot row the same row (the key of the stored history, ``core/tables.OPTION_SNAPSHOTS``)
+OPTION_SNAPSHOT_KEY = ("contract", "as_of", "source", "feed")
 
 OPTION_CONTRACT_SCHEMA: dict[str, pl.DataType] = {
     "contract": pl.String(),

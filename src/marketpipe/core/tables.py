@@ -19,14 +19,16 @@ from dataclasses import dataclass
 import polars as pl
 
 from marketpipe.core.errors import InvalidArgument
+from marketpipe.core.options import OPTION_SNAPSHOT_KEY, OPTION_SNAPSHOT_SCHEMA
 from marketpipe.core.schema import ACTION_SCHEMA, BAR_SCHEMA, CRYPTO_BAR_SCHEMA, UTC_US, is_crypto
 
 # Version of the set of tables below. A store opened with an older version gets the tables added
 # since (every table is created if missing) and its version raised; a newer one is refused.
 # v1 bars, quarantine, coverage, ingest log, reconciliation; v2 data quality (anomalies, scores,
 # revisions, job runs); v3 live streaming (prev_close); v4 corporate actions (versions, ledger, quarantine);
-# v5 the admin audit log; v6 crypto bars (their own bars, quarantine and revisions tables: fractional volume).
-SCHEMA_VERSION = 6
+# v5 the admin audit log; v6 crypto bars (their own bars, quarantine and revisions tables: fractional volume);
+# v7 option chain history (option_snapshots: each snapshot row as received; option_quarantine).
+SCHEMA_VERSION = 7
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -340,6 +342,27 @@ CRYPTO_REVISIONS = Table(
     since=6,
 )
 
+# --- options ---------------------------------------------------------------------------------------
+# The history of option chains the vendor does not serve: every snapshot row as received (quotes,
+# trades, the vendor's greeks and IV or null with ``greeks_missing``; never computed), keyed by
+# (contract, as_of, source, feed) so writing one snapshot again stores nothing. Quote and trade times
+# keep the vendor's nanoseconds (a backend without them stores nanoseconds since the epoch).
+OPTION_SNAPSHOTS = Table(
+    "option_snapshots",
+    OPTION_SNAPSHOT_SCHEMA,
+    not_null=("contract", "as_of", "source"),
+    key=OPTION_SNAPSHOT_KEY,
+    partition_by="as_of",
+    since=7,
+)
+# A snapshot row that failed a check (quality/option_checks): as received, with why and from which request.
+OPTION_QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
+    **OPTION_SNAPSHOT_SCHEMA,
+    "reasons": pl.String(),
+    "request_id": pl.String(),
+}
+OPTION_QUARANTINE = Table("option_quarantine", OPTION_QUARANTINE_SCHEMA, key=OPTION_SNAPSHOT_KEY, since=7)
+
 
 @dataclass(frozen=True, slots=True)
 class BarTables:
@@ -392,4 +415,6 @@ TABLES: tuple[Table, ...] = (
     CRYPTO_BARS,
     CRYPTO_QUARANTINE,
     CRYPTO_REVISIONS,
+    OPTION_SNAPSHOTS,
+    OPTION_QUARANTINE,
 )

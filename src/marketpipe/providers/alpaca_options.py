@@ -15,6 +15,7 @@ gateway serves both), else ``https://paper-api.alpaca.markets``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import date, datetime
 from typing import Any
@@ -163,7 +164,13 @@ class AlpacaOptionsProvider(HttpProvider):
         return occs
 
     # --- snapshots and chains ----------------------------------------------------------------------------
-    async def iter_chain(
+    async def iter_chain(self, underlying: str, **kw: Any) -> AsyncIterator[pl.DataFrame]:
+        """The chain of an underlying, one page (at most ``page_size`` contracts) at a time: a chain of
+        thousands of contracts never sits in memory as one JSON document (filters: :meth:`chain_pages`)."""
+        async for frame, _ in self.chain_pages(underlying, **kw):
+            yield frame
+
+    async def chain_pages(
         self,
         underlying: str,
         *,
@@ -177,9 +184,9 @@ class AlpacaOptionsProvider(HttpProvider):
         root_symbol: str | None = None,
         updated_since: datetime | None = None,
         page_size: int = SNAPSHOT_MAX_LIMIT,
-    ) -> AsyncIterator[pl.DataFrame]:
-        """The chain of an underlying, one page (at most ``page_size`` contracts) at a time: a chain of
-        thousands of contracts never sits in memory as one JSON document."""
+    ) -> AsyncIterator[tuple[pl.DataFrame, str]]:
+        """:meth:`iter_chain`'s pages with the vendor's request id of each (``X-Request-ID``; one made up
+        when the vendor sent none), which quarantined rows keep."""
         und = normalize_symbol(underlying)
         fd = self.feed(feed)
         params: dict[str, Any] = {"feed": fd, "limit": validate_limit(page_size, 1, SNAPSHOT_MAX_LIMIT, "limit")}
@@ -196,8 +203,8 @@ class AlpacaOptionsProvider(HttpProvider):
         )
         if updated_since is not None:
             params["updated_since"] = rfc3339(updated_since)
-        async for frame in self._snapshot_pages(chain_path(und), params, und, fd, "option chain"):
-            yield frame
+        async for page in self._snapshot_pages(chain_path(und), params, und, fd, "option chain"):
+            yield page
 
     async def chain(self, underlying: str, **kw: Any) -> pl.DataFrame:
         frames = [f async for f in self.iter_chain(underlying, **kw)]
@@ -209,15 +216,16 @@ class AlpacaOptionsProvider(HttpProvider):
         frames = []
         for part in _chunks(occs):
             params = {"symbols": ",".join(o.symbol for o in part), "feed": fd, "limit": SNAPSHOT_MAX_LIMIT}
-            frames += [f async for f in self._snapshot_pages(SNAPSHOTS_PATH, params, None, fd, "option snapshots")]
+            frames += [f async for f, _ in self._snapshot_pages(SNAPSHOTS_PATH, params, None, fd, "option snapshots")]
         return pl.concat(frames) if frames else pl.DataFrame(schema=OPTION_SNAPSHOT_SCHEMA)
 
     async def _snapshot_pages(
         self, path: str, params: dict[str, Any], underlying: str | None, feed: str, what: str
-    ) -> AsyncIterator[pl.DataFrame]:
+    ) -> AsyncIterator[tuple[pl.DataFrame, str]]:
         async for page, resp in _pages(self._http, path, params, SnapshotsPage, what, offload=False):
             as_of = self._now()
-            yield snapshots_to_frame(page.snapshots or {}, underlying, as_of, self._source(resp), feed, as_of)
+            frame = snapshots_to_frame(page.snapshots or {}, underlying, as_of, self._source(resp), feed, as_of)
+            yield frame, resp.headers.get("x-request-id") or uuid.uuid4().hex[:16]
 
     # --- latest --------------------------------------------------------------------------------------------
     async def latest_quotes(self, contracts: list[str] | str, *, feed: str | None = None) -> pl.DataFrame:
@@ -390,13 +398,14 @@ def _filters(
         ("expiration_date_lte", expiration_lte),
     ):
         if day is not None:
-            params[name] = _day(day, name).isoformat()
+            params[name] = parse_day(day, name).isoformat()
     if root is not None:
         params["root_symbol"] = normalize_symbol(root)
     return params
 
 
-def _day(value: date | str, param: str) -> date:
+def parse_day(value: date | str, param: str) -> date:
+    """A day given as a date or YYYY-MM-DD, else INVALID_ARGUMENT naming ``param``."""
     if isinstance(value, datetime):
         return value.date()
     if isinstance(value, date):

@@ -119,7 +119,9 @@ class MarketData:
     def options(self) -> OptionsData:
         """The options service (Alpaca's options data, checked; built on first use)."""
         if self._options is None:
-            self._options = OptionsData(self.config, env=self._env)
+            self._options = OptionsData(
+                self.config, env=self._env, store=lambda: self.store, stored=lambda: self._stored()
+            )
         return self._options
 
     @property
@@ -733,26 +735,32 @@ class SyncMarketData:
         return self._run(self.data.snapshots(symbols, **kw))
 
     def option_chain(self, underlying: str, **kw: Any) -> pl.DataFrame:
-        return self._portal.run(self.data.options.chain(underlying, **kw))
+        return self._run(self.data.options.chain(underlying, **kw))
 
     def option_snapshots(self, contracts: list[str] | str, **kw: Any) -> pl.DataFrame:
-        return self._portal.run(self.data.options.snapshots(contracts, **kw))
+        return self._run(self.data.options.snapshots(contracts, **kw))
 
     def option_quotes(self, contracts: list[str] | str, **kw: Any) -> pl.DataFrame:
-        return self._portal.run(self.data.options.latest_quotes(contracts, **kw))
+        return self._run(self.data.options.latest_quotes(contracts, **kw))
 
     def option_bars(
         self, contracts: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any
     ) -> pl.DataFrame:
-        return self._portal.run(self.data.options.bars(contracts, start, end, **kw))
+        return self._run(self.data.options.bars(contracts, start, end, **kw))
 
     def option_trades(
         self, contracts: list[str] | str, start: TimeLike, end: TimeLike | None = None, **kw: Any
     ) -> pl.DataFrame:
-        return self._portal.run(self.data.options.trades(contracts, start, end, **kw))
+        return self._run(self.data.options.trades(contracts, start, end, **kw))
 
     def option_contracts(self, underlyings: list[str] | str, **kw: Any) -> pl.DataFrame:
-        return self._portal.run(self.data.options.contracts(underlyings, **kw))
+        return self._run(self.data.options.contracts(underlyings, **kw))
+
+    def option_chain_history(self, underlying: str | None = None, **kw: Any) -> pl.DataFrame:
+        return self._run(self.data.options.history(underlying, **kw))
+
+    def option_quarantine(self, underlying: str | None = None, **kw: Any) -> pl.DataFrame:
+        return self._run(self.data.options.quarantined(underlying, **kw))
 
     def close(self) -> None:
         self._portal.run(self.data.aclose())

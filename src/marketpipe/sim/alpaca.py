@@ -43,7 +43,16 @@ from marketpipe.sim import alpaca_actions as corporate_actions
 from marketpipe.sim.admin import SIM_HEADER, Handler, Stats
 from marketpipe.sim.crypto import CryptoFace, CryptoMarket
 from marketpipe.sim.data import NS_PER_SEC, Kind, Page, SimMarket, ny_midnight_ns, parse_rfc3339_ns, valid_symbol
-from marketpipe.sim.faults import BAR_PATHS, FaultRule, Faults, RunLookup, apply_defect, corrupt_bars
+from marketpipe.sim.faults import (
+    BAR_PATHS,
+    OPTION_SNAPSHOT_PATHS,
+    FaultRule,
+    Faults,
+    RunLookup,
+    apply_defect,
+    corrupt_bars,
+    corrupt_option_quotes,
+)
 from marketpipe.sim.vendor import (
     TOKEN_LOOP,
     Face,
@@ -342,6 +351,10 @@ class AlpacaFace(Face):
                 apply_defect(doc, fault, self.faults.seed, self._run_lookup(request))
                 if isinstance(doc.get("bars"), list) and not doc["bars"]:
                     doc["bars"] = None  # a single-symbol page without bars, as the vendor sends it
+            resp = raw_json(orjson.dumps(doc))
+        elif fault is not None and body is not None and OPTION_SNAPSHOT_PATHS.match(request.path):
+            doc = orjson.loads(body)  # invalid_rows (the one row fault that matches these paths)
+            corrupt_option_quotes(doc, fault, self.faults.seed)
             resp = raw_json(orjson.dumps(doc))
         return self._finish(resp, headers), str(resp.status)
 

@@ -18,7 +18,9 @@ Kinds:
 ``html_200``        200 with an HTML page instead of JSON (captive portal / proxy error page)
 ``invalid_rows``    bar responses with ``row_ratio`` of their rows corrupted, each in one of
                     ``row_kinds`` (default: all of ``high_lt_low``, ``negative_volume``,
-                    ``duplicate_ts``, ``misaligned_ts``, ``nonpositive_price``)
+                    ``duplicate_ts``, ``misaligned_ts``, ``nonpositive_price``); on option
+                    snapshot answers (chains, snapshots by contract), ``row_ratio`` of the quotes
+                    crossed (bid above ask)
 ``rate_limit``      429 ``too many requests.`` with ``X-RateLimit-Remaining: 0`` and a reset
                     ``reset_seconds`` ahead; with ``retry_after`` (seconds) also ``Retry-After``, as
                     a proxy or CDN in front of the vendor sends it (on every face)
@@ -122,6 +124,8 @@ DATA_PATHS = re.compile(r"^/(v2|v8|v1beta1|v1beta3/crypto)/")
 BAR_PATHS = re.compile(
     r"^/v2/stocks/(bars|[^/]+/bars)$|^/v2/aggs/ticker/[^/]+/range/|^/v8/finance/chart/|^/v1beta3/crypto/[^/]+/bars$"
 )
+# invalid_rows also crosses quotes in option snapshot answers (chains and snapshots by contract).
+OPTION_SNAPSHOT_PATHS = re.compile(r"^/v1beta1/options/snapshots(/[^/]+)?$")
 # token_loop: where answers are paginated (Alpaca historical bars/trades/quotes, Polygon aggregates).
 PAGED_PATHS = re.compile(
     r"^/v2/stocks/([^/]+/)?(bars|trades|quotes)$|^/v2/aggs/ticker/[^/]+/range/|^/v1beta3/crypto/[^/]+/(bars|trades|quotes)$"
@@ -209,7 +213,9 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
                 return False
         elif not DATA_PATHS.match(path):
             return False
-        if self.kind in ("invalid_rows", "bad_data"):
+        if self.kind == "invalid_rows":
+            return bool(BAR_PATHS.match(path) or OPTION_SNAPSHOT_PATHS.match(path))
+        if self.kind == "bad_data":
             return bool(BAR_PATHS.match(path))
         if self.kind == "token_loop":
             return bool(PAGED_PATHS.match(path))
@@ -360,6 +366,28 @@ def corrupt_bars(doc: dict[str, Any], rule: FaultRule, seed: int) -> int:
     kinds = rule.row_kinds or ROW_KINDS
     for rows, idx, h in hits:
         _corrupt_row(rows, idx, kinds[(h // 7) % len(kinds)], h)
+    return len(hits)
+
+
+def corrupt_option_quotes(doc: dict[str, Any], rule: FaultRule, seed: int) -> int:
+    """``invalid_rows`` on an option snapshots answer: cross the quote (bid above ask) of
+    ``rule.row_ratio`` of the two-sided contracts, in place; returns how many. Contracts are picked by
+    a hash of (seed, symbol), so the same ones are crossed on every request whatever the paging, and at
+    least one is when any has a two-sided quote."""
+    snaps = doc.get("snapshots")
+    if not isinstance(snaps, dict):
+        return 0
+    threshold = int(rule.row_ratio * 1_000_000)
+    quoted = []
+    for sym, snap in snaps.items():
+        q = snap.get("latestQuote") if isinstance(snap, dict) else None
+        if isinstance(q, dict) and float(q.get("bp") or 0) > 0 and float(q.get("ap") or 0) > float(q.get("bp") or 0):
+            quoted.append((zlib.crc32(f"{seed}|{sym}".encode()) % 1_000_000, q))
+    hits = [q for h, q in quoted if h < threshold] or (
+        [min(quoted, key=lambda x: x[0])[1]] if quoted and threshold else []
+    )
+    for q in hits:
+        q["bp"], q["ap"] = q["ap"], q["bp"]
     return len(hits)
 
 

@@ -13,6 +13,8 @@ The roles, by who uses them:
   ``marketpipe store ...`` commands and the health check inspect.
 * :class:`ActionStore` — corporate actions (``service/actions``, adjust-on-read): actions as
   received and versioned, their ledger, and the actions quarantined for impossible values.
+* :class:`OptionStore` — option chain history (``service/options``): snapshot rows as received over
+  time, and the option rows quarantined by the checks.
 * :class:`Store` — all of them plus closing, for code that owns a store (``MarketData``, the CLI).
 
 Rules common to every method:
@@ -32,6 +34,7 @@ Rules common to every method:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from types import TracebackType
@@ -41,7 +44,7 @@ import orjson
 import polars as pl
 
 from marketpipe.core.schema import ACTION_COLUMNS, WITHDRAWN_PREFIX
-from marketpipe.core.tables import BarTables, bar_tables
+from marketpipe.core.tables import BarTables, Table, bar_tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,8 +387,75 @@ class ActionStore(Protocol):
         """Stored action comparisons of one symbol (every run unless ``run_id``), ordered by run, date."""
 
 
+@dataclass(frozen=True, slots=True)
+class OptionFilter:
+    """Which stored option rows a read returns: each field set narrows (``None``: any).
+    ``start``/``end``: ``as_of`` in ``[start, end)``; ``expiration``: that expiration day."""
+
+    underlying: str | None = None
+    contracts: tuple[str, ...] | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    type: str | None = None
+    expiration: date | None = None
+
+    def clauses(self, bind: Callable[[object], str]) -> list[str]:
+        """SQL conditions both engines speak; ``bind(value)`` adds a parameter and returns its marker."""
+        out = []
+        for name, condition in _OPTION_CONDITIONS:
+            value = getattr(self, name)
+            if value is not None:
+                out.append(condition.format(bind(list(value) if isinstance(value, tuple) else value)))
+        return out
+
+
+# OptionFilter field -> its SQL condition ({} is the bound value)
+_OPTION_CONDITIONS = (
+    ("underlying", "underlying = {}"),
+    ("contracts", "contract IN (SELECT unnest({}))"),
+    ("start", "as_of >= {}"),
+    ("end", "as_of < {}"),
+    ("type", "type = {}"),
+    ("expiration", "expiration = {}"),
+)
+
+
+def option_rows(frame: pl.DataFrame, table: Table) -> pl.DataFrame:
+    """``frame`` as ``table``'s rows (its columns, in order, with its types), each key once (the
+    first): what both engines' option writes stage."""
+    return (
+        frame.select(table.names)
+        .cast(dict(table.columns))  # type: ignore[arg-type]
+        .unique(list(table.key), keep="first", maintain_order=True)
+    )
+
+
 @runtime_checkable
-class Store(QualityStore, OpsStore, ActionStore, Protocol):
+class OptionStore(Protocol):
+    """Option chain history: snapshot rows (``core.options.OPTION_SNAPSHOT_SCHEMA``) as received, in
+    ``option_snapshots``, and rows the checks refused, in ``option_quarantine`` (``core/tables.py``).
+
+    Rows are never edited or deleted. Their key is (contract, as_of, source, feed): a row whose key
+    is held is skipped, so writing one snapshot twice stores it once. Greeks and IV are stored as the
+    vendor sent them (null with ``greeks_missing`` when it sent none) and come back the same."""
+
+    def write_option_snapshot(self, rows: pl.DataFrame, quarantine: pl.DataFrame | None = None) -> tuple[int, int]:
+        """In ONE transaction: store ``rows`` (``OPTION_SNAPSHOT_SCHEMA``) and the quarantined rows
+        (``OPTION_QUARANTINE_SCHEMA``: the row as received, ``reasons``, ``request_id``), skipping
+        rows whose key is held (or repeated in the call). Returns (snapshot rows stored, quarantined
+        rows stored). On failure nothing is written and ``StoreError`` is raised."""
+
+    def read_option_snapshots(self, where: OptionFilter | None = None) -> pl.DataFrame:
+        """Stored snapshot rows (the ``option_snapshots`` columns) matching ``where``, ordered by
+        contract, as_of, source, feed. Nothing held: an empty frame with those columns."""
+
+    def option_quarantine(self, where: OptionFilter | None = None, limit: int = 1000) -> pl.DataFrame:
+        """Quarantined option rows (``OPTION_QUARANTINE_SCHEMA``) matching ``where``, the newest
+        ``as_of`` first, at most ``limit``."""
+
+
+@runtime_checkable
+class Store(QualityStore, OpsStore, ActionStore, OptionStore, Protocol):
     """Every role, plus the store's lifetime: for code that opens and owns a store."""
 
     def close(self) -> None:

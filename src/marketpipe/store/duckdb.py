@@ -41,6 +41,8 @@ from marketpipe.core.tables import (
     COVERAGE_SCHEMA,
     INGEST_LOG,
     JOB_RUNS,
+    OPTION_QUARANTINE,
+    OPTION_SNAPSHOTS,
     PREV_CLOSE,
     QUALITY_SCORES,
     QUARANTINE_COLUMNS,
@@ -55,8 +57,10 @@ from marketpipe.store.base import (
     COUNTED,
     KNOWN_DATE_SQL,
     ActionCoverage,
+    OptionFilter,
     PageWrite,
     by_asset_class,
+    option_rows,
     with_content_hash,
 )
 
@@ -77,6 +81,8 @@ _SEQUENCES = {"ingest_log": "ingest_seq", "job_runs": "run_seq"}
 
 
 def sql_type(dtype: pl.DataType) -> str:
+    if isinstance(dtype, pl.Datetime) and dtype.time_unit == "ns":
+        return "TIMESTAMP_NS"  # a vendor's nanosecond times (option quotes and trades), kept as sent
     try:
         return _SQL_TYPES[type(dtype)]
     except KeyError:
@@ -172,7 +178,9 @@ def _naive(frame: pl.DataFrame) -> pl.DataFrame:
 def _aware(frame: pl.DataFrame, schema: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
     frame = frame.with_columns(
         [
-            pl.col(name).dt.cast_time_unit("us").dt.replace_time_zone("UTC")
+            (pl.col(name) if dtype.time_unit == "ns" else pl.col(name).dt.cast_time_unit("us")).dt.replace_time_zone(
+                "UTC"
+            )
             for name, dtype in frame.schema.items()
             if isinstance(dtype, pl.Datetime) and dtype.time_zone is None
         ]
@@ -920,6 +928,47 @@ class DuckDBStore:
             table = self._arrow(sql + " ORDER BY created_at, coalesce(reference_date, other_date)", params)
         return _aware(pl.from_arrow(table), dict(ACTION_RECONCILIATION.columns))  # type: ignore[arg-type]
 
+    # --- option chain history (OptionStore) -----------------------------------------------------
+
+    def write_option_snapshot(self, rows: pl.DataFrame, quarantine: pl.DataFrame | None = None) -> tuple[int, int]:
+        frames = [
+            (table, _naive(option_rows(frame, table))) if frame is not None and frame.height else (table, None)
+            for table, frame in ((OPTION_QUARANTINE, quarantine), (OPTION_SNAPSHOTS, rows))
+        ]
+        out = [0, 0]  # quarantined, stored
+        with self._transaction():
+            for i, (table, frame) in enumerate(frames):
+                if frame is None:
+                    continue
+                out[i] = self._insert(
+                    f"""INSERT INTO {table.name} SELECT p.* FROM _page p WHERE NOT EXISTS (
+                           SELECT 1 FROM {table.name} h WHERE h.as_of BETWEEN $lo AND $hi AND {_SAME_OPTION_ROW})""",
+                    frame,
+                    {"lo": frame["as_of"].min(), "hi": frame["as_of"].max()},
+                )
+        if out[1]:
+            ROWS_STORED.labels(OPTION_SNAPSHOTS.name, str(rows["source"][0]), "").inc(out[1])
+        return out[1], out[0]
+
+    def read_option_snapshots(self, where: OptionFilter | None = None) -> pl.DataFrame:
+        return self._option_rows(OPTION_SNAPSHOTS, where, "ORDER BY contract, as_of, source, feed")
+
+    def option_quarantine(self, where: OptionFilter | None = None, limit: int = 1000) -> pl.DataFrame:
+        return self._option_rows(OPTION_QUARANTINE, where, f"ORDER BY as_of DESC, contract LIMIT {int(limit)}")
+
+    def _option_rows(self, table: Table, where: OptionFilter | None, order: str) -> pl.DataFrame:
+        params: dict[str, object] = {}
+
+        def bind(value: object) -> str:
+            params[f"p{len(params)}"] = _param(value)
+            return f"$p{len(params) - 1}"
+
+        clauses = (where or OptionFilter()).clauses(bind)
+        sql = f"SELECT * FROM {table.name}" + (f" WHERE {' AND '.join(clauses)}" if clauses else "") + f" {order}"
+        with self._lock:
+            arrow = self._arrow(sql, params)
+        return _aware(pl.from_arrow(arrow), dict(table.columns))  # type: ignore[arg-type]
+
     def close(self) -> None:
         with self._lock:
             self.con.close()
@@ -949,6 +998,10 @@ FROM fresh f"""
 _NEW_QUARANTINE = """
 INSERT INTO action_quarantine SELECT * FROM _page p
 WHERE NOT EXISTS (SELECT 1 FROM action_quarantine q WHERE q.action_id = p.action_id AND q.reason = p.reason)"""
+
+
+# A held option row with the key of the staged one (``p``): contract, as_of, source, feed.
+_SAME_OPTION_ROW = " AND ".join(f"h.{c} IS NOT DISTINCT FROM p.{c}" for c in OPTION_SNAPSHOTS.key)
 
 
 def _quote(column: str) -> str:

@@ -2,12 +2,15 @@
 create them, and the monthly partitions of partitioned tables.
 
 Mapping: strings are ``text COLLATE "C"`` (byte order, as DuckDB sorts), floats ``float8``, ints
-``int8``/``int4``, datetimes ``timestamptz`` (UTC), dates ``date``. A declared ``key`` becomes a unique
-index (``NULLS NOT DISTINCT``, so a null feed is a value like any other); a ``versioned`` table gets
-a ``revision`` column in that key (0 for the first delivery, +1 per stored vendor revision), which
-reads never return. A ``partition_by`` table is ``PARTITION BY RANGE`` of that column with monthly
-children (no DEFAULT partition: a child is created before the first row of its month is written)
-plus a BRIN index on it. A ``serial`` column is an identity column.
+``int8``/``int4``, datetimes ``timestamptz`` (UTC), dates ``date``; nanosecond datetimes (a vendor's
+option quote and trade times) ``int8`` nanoseconds since the epoch, since ``timestamptz`` holds
+microseconds and those times are kept as sent (the store turns them back into UTC datetimes). A
+declared ``key`` becomes a unique index (``NULLS NOT DISTINCT``, so a null feed is a value like any
+other); a ``versioned`` table gets a ``revision`` column in that key (0 for the first delivery, +1
+per stored vendor revision), which reads never return. A ``partition_by`` table is ``PARTITION BY
+RANGE`` of that column with monthly children (no DEFAULT partition: a child is created before the
+first row of its month is written) plus a BRIN index on it. A ``serial`` column is an identity
+column.
 
 Migrations are numbered from 1 and recorded in ``schema_migrations``; migration *n* creates the
 tables declared ``since=n``. Each runs in its own transaction under an advisory lock, so several
@@ -42,6 +45,8 @@ _PG_TYPES: dict[type[pl.DataType], str] = {
 
 
 def pg_type(dtype: pl.DataType) -> str:
+    if isinstance(dtype, pl.Datetime) and dtype.time_unit == "ns":
+        return "int8"  # nanoseconds since the epoch (see the module docstring)
     try:
         return _PG_TYPES[type(dtype)]
     except KeyError:
@@ -110,6 +115,10 @@ _LOOKUP_INDEXES: dict[str, list[str]] = {
     "quality_scores": ["CREATE INDEX IF NOT EXISTS quality_scores_lookup ON quality_scores (symbol, timeframe, day)"],
     "revisions": ["CREATE INDEX IF NOT EXISTS revisions_lookup ON revisions (symbol, timeframe, ts)"],
     "job_runs": ["CREATE INDEX IF NOT EXISTS job_runs_job ON job_runs (job, id)"],
+    "option_snapshots": [
+        "CREATE INDEX IF NOT EXISTS option_snapshots_lookup ON option_snapshots (underlying, expiration, as_of)"
+    ],
+    "option_quarantine": ["CREATE INDEX IF NOT EXISTS option_quarantine_lookup ON option_quarantine (as_of)"],
 }
 
 

@@ -50,6 +50,8 @@ from marketpipe.core.tables import (
     COVERAGE_SCHEMA,
     INGEST_LOG,
     JOB_RUNS,
+    OPTION_QUARANTINE,
+    OPTION_SNAPSHOTS,
     PREV_CLOSE,
     QUALITY_SCORES,
     RECONCILIATION,
@@ -63,8 +65,10 @@ from marketpipe.store.base import (
     COUNTED,
     KNOWN_DATE_SQL,
     ActionCoverage,
+    OptionFilter,
     PageWrite,
     by_asset_class,
+    option_rows,
     with_content_hash,
 )
 from marketpipe.store.pg_schema import (
@@ -156,7 +160,7 @@ class PostgresStore:
         self._retry_seconds = retry_seconds
         self._lock = threading.RLock()
         self._con: Any = None
-        self._partitions: set[tuple[str, datetime]] = set()  # (partitioned bars table, month) created
+        self._partitions: set[tuple[str, datetime]] = set()  # (partitioned table, month) created
         # A store never closed (``mp.bars``' default client lives until exit) is closed at exit, before
         # the interpreter tears the driver down under the connection's finalizer.
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -175,7 +179,7 @@ class PostgresStore:
             self._migrate()
             today = datetime.now(UTC).date()
             for tables in BAR_TABLES:
-                self._ensure_partitions(tables, {month_start(today), next_month(month_start(today))})
+                self._ensure_partitions(tables.bars.name, {month_start(today), next_month(month_start(today))})
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -321,18 +325,19 @@ class PostgresStore:
         """The applied migrations (version, description), in order."""
         return [(int(v), d) for v, d in self._rows("SELECT version, description FROM schema_migrations ORDER BY 1")]
 
-    def _ensure_partitions(self, tables: BarTables, months: set[datetime]) -> None:
-        """Create the monthly partitions of an asset class's bars table a write needs, each in a short
+    def _ensure_partitions(self, table: str, months: set[datetime]) -> None:
+        """Create the monthly partitions of a partitioned table (``bars``, ``option_snapshots``, ...)
+        a write needs, each in a short
         transaction of its own before the write (creating one locks the parent: inside a write
         transaction two writers would deadlock)."""
-        missing = {(tables.bars.name, m) for m in months} - self._partitions
+        missing = {(table, m) for m in months} - self._partitions
         if not missing:
             return
 
         def work(cur: Any) -> None:
             cur.execute(f"SELECT pg_advisory_xact_lock({PARTITION_LOCK})")
-            for table, start in sorted(missing):
-                cur.execute(partition_ddl(table, start))
+            for name, start in sorted(missing):
+                cur.execute(partition_ddl(name, start))
 
         self._run("partition", work, retry=True)
         self._partitions |= missing
@@ -348,7 +353,7 @@ class PostgresStore:
             for f in (frames[i] for i in idx):
                 if f.height:
                     months |= {month_start(d) for d in f["ts"].dt.date().dt.truncate("1mo").unique().to_list()}
-            self._ensure_partitions(tables, months)
+            self._ensure_partitions(tables.bars.name, months)
         quarantines = [
             _typed(p.quarantine, tables_of[i].quarantine) if p.quarantine.height else None for i, p in enumerate(pages)
         ]
@@ -878,6 +883,53 @@ class PostgresStore:
         sql += " ORDER BY created_at, coalesce(reference_date, other_date)"
         return _as(self._frame(sql, (symbol, run_id) if run_id else (symbol,)), dict(ACTION_RECONCILIATION.columns))
 
+    # --- option chain history (OptionStore) -----------------------------------------------------
+
+    def write_option_snapshot(self, rows: pl.DataFrame, quarantine: pl.DataFrame | None = None) -> tuple[int, int]:
+        staged = [
+            (table, _nanos_as_ints(option_rows(frame, table)))
+            for table, frame in ((OPTION_QUARANTINE, quarantine), (OPTION_SNAPSHOTS, rows))
+            if frame is not None and frame.height
+        ]
+        if rows.height:
+            months = rows["as_of"].dt.date().dt.truncate("1mo").unique().to_list()
+            self._ensure_partitions(OPTION_SNAPSHOTS.name, {month_start(d) for d in months})
+
+        def work(cur: Any) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for table, frame in staged:
+                stage, cols = f"_stage_{table.name}", column_list(table.written)
+                cur.execute(stage_ddl(table, stage))
+                cur.adbc_ingest(stage, frame.to_arrow(), mode="append", temporary=True)
+                out[table.name] = _inserted(
+                    cur, f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT DO NOTHING"
+                )
+            return out
+
+        stored: dict[str, int] = self._run("write", work, retry=True) if staged else {}
+        snapshots = stored.get(OPTION_SNAPSHOTS.name, 0)
+        if snapshots:
+            ROWS_STORED.labels(OPTION_SNAPSHOTS.name, str(rows["source"][0]), "").inc(snapshots)
+        return snapshots, stored.get(OPTION_QUARANTINE.name, 0)
+
+    def read_option_snapshots(self, where: OptionFilter | None = None) -> pl.DataFrame:
+        return self._option_rows(OPTION_SNAPSHOTS, where, "ORDER BY contract, as_of, source, feed")
+
+    def option_quarantine(self, where: OptionFilter | None = None, limit: int = 1000) -> pl.DataFrame:
+        return self._option_rows(OPTION_QUARANTINE, where, f"ORDER BY as_of DESC, contract LIMIT {int(limit)}")
+
+    def _option_rows(self, table: Table, where: OptionFilter | None, order: str) -> pl.DataFrame:
+        params: list[object] = []
+
+        def bind(value: object) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        clauses = (where or OptionFilter()).clauses(bind)
+        sql = f"SELECT {column_list(table.names)} FROM {table.name}"
+        sql += (f" WHERE {' AND '.join(clauses)}" if clauses else "") + f" {order}"
+        return _as(self._frame(sql, tuple(params)), dict(table.columns))
+
     def close(self) -> None:
         with self._lock:
             self._drop_connection()
@@ -919,6 +971,14 @@ def _stage_of(frame: pl.DataFrame, name: str) -> str:
     """A session-local staging table with ``frame``'s columns, emptied at every commit."""
     cols = ", ".join(f"{q(c)} {pg_type(t)}" for c, t in frame.schema.items())
     return f"CREATE TEMP TABLE IF NOT EXISTS {name} ({cols}) ON COMMIT DELETE ROWS"
+
+
+def _nanos_as_ints(frame: pl.DataFrame) -> pl.DataFrame:
+    """Nanosecond times as the int8 nanoseconds since the epoch PostgreSQL keeps them in (``pg_schema``);
+    ``_as`` turns them back."""
+    return frame.with_columns(
+        pl.col(c).dt.epoch("ns") for c, t in frame.schema.items() if isinstance(t, pl.Datetime) and t.time_unit == "ns"
+    )
 
 
 def _as(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
