@@ -49,8 +49,9 @@ async def test_a_contract_streams_real_time_prices_trades_and_quotes(gateway: st
     async with httpx.AsyncClient(base_url=gateway, timeout=10) as http, connect(ws_url(gateway)) as ws:
         await frame(ws)  # welcome
         await ws.send(
-            orjson.dumps({"action": "subscribe", "symbols": [occ.lower()], "channels": ["prices", "trades", "quotes"]})
-            .decode()
+            orjson.dumps(
+                {"action": "subscribe", "symbols": [occ.lower()], "channels": ["prices", "trades", "quotes"]}
+            ).decode()
         )
         got = await collect(ws, lambda ms: all(of(ms, k, symbol=occ) for k in ("price", "trade", "quote")))
         assert of(got, "subscribed")[-1]["symbols"] == [occ]

@@ -98,6 +98,7 @@ def asset_class_of(symbol: str) -> str:
         return CRYPTO
     return OPTION if is_option(symbol) else EQUITY
 
+
 T = TypeVar("T")
 
 
