@@ -8,7 +8,8 @@ Protocol of ``/v1/stream`` (every server frame is a JSON array of messages, like
 * client → ``{"action": "subscribe", "symbols": ["AAPL", "MSFT"]}`` / ``"unsubscribe"`` /
   ``{"action": "ping"}``; server → ``{"type": "subscribed", "symbols": [...]}`` (the whole list), the
   last known value of each new symbol (``stale`` says whether it is), then ``price`` updates;
-  crypto pairs (``BTC/USD``) are symbols like any other, served by the hub's crypto lane;
+  crypto pairs (``BTC/USD``) are symbols like any other, served by the hub's crypto lane, and OCC
+  option contracts (``SPY261218C00240000``) by its options lane;
 * ``"channels": ["prices", "trades", "quotes", "bars", "updated_bars", "daily_bars", "orderbooks"]``
   in a subscribe or unsubscribe (default ``["prices"]``) adds the stream's own records
   (``fanout.v1_json``; ``orderbooks`` for pairs only); ``subscribed`` then also has ``channels``;

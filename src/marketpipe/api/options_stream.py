@@ -54,9 +54,7 @@ def wire_tick(item: Item) -> dict[str, Any]:
 
 
 def _live(st: AppState) -> OptionsLive:
-    if st.options_live is None:
-        st.options_live = OptionsLive(st.config, env=st.env)
-    live: OptionsLive = st.options_live
+    live: OptionsLive = st.options_upstream()  # shared with the live hub's options lane (/v1/stream)
     return live
 
 

@@ -105,6 +105,7 @@ class AppState:
                 env=self.env,
                 stream=shared,  # type: ignore[arg-type]
                 crypto_hub=self.crypto_upstream,  # pairs on /v1/stream: the /v1beta3/crypto upstreams, shared
+                options_live=self.options_upstream,  # contracts on /v1/stream: the /v1beta1 options upstreams
             )
             if shared is not None and self.config.stream.gap_backfill:
                 shared.on_reconnect = self.live.on_outage  # an owner change: the missed bars over REST
@@ -117,6 +118,15 @@ class AppState:
         if self.crypto_hub is None:
             self.crypto_hub = CryptoHub.from_config(self.config, env=self.env)
         return self.crypto_hub
+
+    def options_upstream(self) -> Any:
+        """The app's options upstreams (:class:`~marketpipe.service.live.options.OptionsLive`), built on
+        first use (closed by :meth:`aclose`)."""
+        if self.options_live is None:
+            from marketpipe.service.live.options import OptionsLive
+
+            self.options_live = OptionsLive(self.config, env=self.env)
+        return self.options_live
 
     async def aclose(self) -> None:
         if self.alerts is not None:

@@ -84,6 +84,11 @@ def parse_occ(raw: object, param: str = "symbol") -> OccSymbol:
     )
 
 
+def is_option(symbol: str) -> bool:
+    """Whether ``symbol`` is written as an OCC option contract (its asset class; no date check)."""
+    return isinstance(symbol, str) and _OCC.match(symbol.strip().upper()) is not None
+
+
 def parse_occs(raw: list[str] | tuple[str, ...] | str, param: str = "symbols") -> list[OccSymbol]:
     """Comma-separated or listed OCC symbols, each parsed, duplicates dropped, at least one."""
     items = raw.split(",") if isinstance(raw, str) else list(raw)

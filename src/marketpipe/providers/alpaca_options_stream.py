@@ -106,6 +106,18 @@ class OptionsUpstream:
         self._ready = asyncio.Event()
         self.failure: MarketpipeError | None = None  # the refusal that ended the connection, if any
         self.connects = 0
+        self.losses = 0  # connections lost or re-opens failed (what the live hub's router counts)
+        self.connected_since: datetime | None = None
+        self.last_message_at: datetime | None = None  # the last data message (trade or quote)
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    @property
+    def stopped(self) -> bool:
+        """Ended for good: the vendor refused the keys or the feed (no more re-opens)."""
+        return self._task is not None and self._task.done()
 
     async def start(self) -> None:
         """Connect and authenticate (errors raised here: bad keys, no entitlement, no server)."""
@@ -140,6 +152,7 @@ class OptionsUpstream:
             self.source = sim_source(ws.response.headers, "alpaca")  # sim:alpaca from the simulator
         self._ws = ws
         self.connects += 1
+        self.connected_since = datetime.now(UTC)
         self._ready.set()
 
     @staticmethod
@@ -168,11 +181,13 @@ class OptionsUpstream:
                                 continue
                             tick = tick_of(msg, self.source, self.feed, now)
                             if tick is not None:
+                                self.last_message_at = now
                                 self.on_tick(tick)
                 except ConnectionClosed:
                     pass
                 self._ready.clear()
                 self._ws = None
+                self.losses += 1
                 log.warning("options_stream_disconnected", feed=self.feed)
             try:
                 await asyncio.sleep(random.uniform(0, min(5.0, 0.2 * 2**attempt)))  # full jitter
@@ -181,8 +196,18 @@ class OptionsUpstream:
                 attempt = 0
             except MarketpipeError as exc:
                 self.failure = exc
+                self.losses += 1
+                log.warning("options_stream_reopen_failed", feed=self.feed, code=exc.code)
                 if isinstance(exc, AuthFailed | NotEntitled):
                     return
+
+    async def reconnect(self) -> bool:
+        """Close the connection: the run loop re-opens it (with backoff) and subscribes again."""
+        ws = self._ws
+        if ws is None or self._task is None or self._task.done():
+            return False
+        await ws.close()
+        return True
 
     async def subscribe(self, channel: str, symbols: list[str]) -> None:
         if channel == "quotes" and "*" in symbols:

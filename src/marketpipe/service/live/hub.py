@@ -27,6 +27,16 @@ board and checks; its market never closes, so silence is always staleness. Its s
 bars (and their ``updated_bars`` revisions) are stored — in ``crypto_bars``, fractional volumes exact —
 and after an upstream outage of the lane the minutes it missed are backfilled over REST from the crypto
 source (:class:`~.bars.BarWriter` of the lane). Pairs have no previous close here (change is null).
+
+Option contracts (OCC symbols, ``SPY261218C00240000``) go to the **options lane** (:attr:`LiveHub.options`,
+made on the first contract, ``options_live`` given) the same way: a ``LiveHub`` with
+``asset_class="option"`` on the shared fan-out, whose primary is an :class:`~.options.OptionsLiveStream`
+(one client of the shared :class:`~.options.OptionsLive`: one upstream per feed for ``/v1/stream`` and
+``/v1beta1/{indicative,opra}`` alike), whose router is ``live_options`` and whose fallback poller reads the
+options REST latest trades and quotes (:class:`~.options.OptionsLatest`), published as delayed. Options
+trade in the equities' hours, so its market is the stock calendar's (a quiet stream outside market hours
+is not a failure). Channels: ``prices``, ``trades``, ``quotes`` (the vendor streams no option bars; no
+greeks are computed or streamed). Status notices carry ``"asset_class": "option"``.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from marketpipe.core.config import Config
 from marketpipe.core.errors import InvalidArgument, MarketpipeError, UnknownSymbol
 from marketpipe.core.events import hub as event_hub
 from marketpipe.core.log import get_logger
+from marketpipe.core.options import is_option, parse_occ
 from marketpipe.core.schema import Bar, Quote, StreamRecord, Trade, is_crypto, normalize_symbol
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
@@ -74,7 +85,19 @@ log = get_logger("marketpipe.service.live")
 MONITOR_SECONDS = 1.0
 EQUITY = "us_equity"
 CRYPTO = "crypto"
+OPTION = "option"
 CRYPTO_CHANNELS = ("trades", "quotes", "bars", "updated_bars", "daily_bars", "orderbooks")
+OPTION_CHANNELS = ("trades", "quotes")
+LANE_CHANNELS = {CRYPTO: CRYPTO_CHANNELS, OPTION: OPTION_CHANNELS}
+ASSET_WORDS = {EQUITY: "stocks", CRYPTO: "crypto pairs", OPTION: "option contracts"}
+
+
+def asset_class_of(symbol: str) -> str:
+    """A canonical symbol's asset class: a crypto pair, an OCC option contract, else a stock."""
+    if is_crypto(symbol):
+        return CRYPTO
+    return OPTION if is_option(symbol) else EQUITY
+
 
 T = TypeVar("T")
 
@@ -113,6 +136,7 @@ class LiveHub:
         asset_class: str = EQUITY,
         fanout: Fanout | None = None,
         crypto_hub: Callable[[], Any] | None = None,
+        options_live: Callable[[], Any] | None = None,
         fallback_sources: Callable[[], list[Any]] | None = None,
     ) -> None:
         self.config = config
@@ -139,6 +163,8 @@ class LiveHub:
         )
         self.crypto: LiveHub | None = None  # the crypto lane, made on the first pair (crypto_hub given)
         self._crypto_hub = crypto_hub
+        self.options: LiveHub | None = None  # the options lane, made on the first contract (options_live given)
+        self._options_live = options_live
         self._lane_lock = asyncio.Lock()
         self.bars = BarWriter(
             self.data, now, self._spawn, lambda: self.upstream_symbols("bars"), crypto=asset_class == CRYPTO
@@ -194,11 +220,13 @@ class LiveHub:
             self._stream.add_batch_handler(self.handle_batch)
         self.router.on_transition(self._on_transition)
         self._monitor = asyncio.create_task(self._run_monitor(), name="live-hub-monitor")
-        held = [normalize_symbol(raw) for raw in self.settings.symbols]
+        held = [self._symbol(PRICES, raw) for raw in self.settings.symbols]
         await self.hold([s for s in held if self.owns(s)])
-        pairs = [s for s in held if is_crypto(s)]
-        if pairs and not self.lane:
-            await (await self.crypto_lane()).hold(pairs)
+        if not self.lane:
+            for kind in (CRYPTO, OPTION):
+                theirs = [s for s in held if asset_class_of(s) == kind]
+                if theirs:
+                    await (await self.lane_of(kind)).hold(theirs)
 
     async def hold(self, symbols: list[str]) -> None:
         """Subscribe ``symbols`` upstream for good (``[stream] symbols``)."""
@@ -216,10 +244,45 @@ class LiveHub:
         """Whether ``symbol`` is this hub's asset class (``*`` is the stock stream's)."""
         if symbol == WILDCARD:
             return self.asset_class == EQUITY
-        return is_crypto(symbol) == (self.asset_class == CRYPTO)
+        return asset_class_of(symbol) == self.asset_class
 
     def upstream_channels(self, channel: str) -> tuple[str, ...]:
+        if self.asset_class == OPTION and channel == PRICES:
+            return OPTION_CHANNELS  # no option bars on the vendor's stream
         return upstream_channels(channel)
+
+    async def lane_of(self, asset_class: str) -> LiveHub:
+        return await (self.crypto_lane() if asset_class == CRYPTO else self.options_lane())
+
+    def lanes(self) -> list[LiveHub]:
+        return [h for h in (self.crypto, self.options) if h is not None]
+
+    async def options_lane(self) -> LiveHub:
+        """The options lane (see the module docstring), started on first use."""
+        async with self._lane_lock:
+            if self.options is None:
+                if self._options_live is None or self.lane:
+                    raise InvalidArgument("this live hub streams no option contracts", details={"asset_class": OPTION})
+                from marketpipe.service.live.options import OptionsLatest, OptionsLiveStream
+
+                options = self.data.options
+                feed = options.provider.feed(None)  # the plan's default feed: opra on unlimited, else indicative
+                lane = LiveHub(
+                    self.config,
+                    self.gateway,
+                    env=self._env,
+                    stream=OptionsLiveStream(self._options_live(), feed),  # type: ignore[arg-type]
+                    clock=self._clock,
+                    now=self._now,
+                    monitor_seconds=self.monitor_seconds,
+                    market_open=self._market_open,  # the equities' calendar: options trade in its hours
+                    asset_class=OPTION,
+                    fanout=self.fanout,
+                    fallback_sources=lambda: [OptionsLatest(options, feed)],
+                )
+                await lane.start()
+                self.options = lane
+            return self.options
 
     async def crypto_lane(self) -> LiveHub:
         """The crypto lane (see the module docstring), started on first use."""
@@ -251,7 +314,7 @@ class LiveHub:
             return self.crypto
 
     def _hub_of(self, symbol: str) -> LiveHub:
-        return self.crypto if self.crypto is not None and self.crypto.owns(symbol) else self
+        return next((h for h in self.lanes() if h.owns(symbol)), self)
 
     def _new_stream(self) -> AlpacaStream | None:
         s = self.settings
@@ -297,8 +360,8 @@ class LiveHub:
         if self._closed:
             return
         self._closed = True
-        if self.crypto is not None:
-            await self.crypto.close()
+        for lane in self.lanes():
+            await lane.close()
         self.fanout.close_all()
         if self._monitor is not None:
             self._monitor.cancel()
@@ -336,16 +399,16 @@ class LiveHub:
             raise InvalidArgument(f"unknown channel {channel!r}", details={"channel": channel})
         syms = [self._symbol(channel, s) for s in symbols]
         for s in syms:
-            pair = s != WILDCARD and is_crypto(s)
-            if pair and client.protocol == ALPACA_PROTOCOL:  # Alpaca's stock stream has no pairs
+            kind = EQUITY if s == WILDCARD else asset_class_of(s)
+            if kind != EQUITY and client.protocol == ALPACA_PROTOCOL:  # Alpaca's stock stream has neither
+                elsewhere = "/v1beta3/crypto/us" if kind == CRYPTO else "/v1beta1/indicative or /v1beta1/opra"
                 raise InvalidArgument(
-                    f"{s} is a crypto pair: Alpaca's stock stream has none (use /v1beta3/crypto/us)",
+                    f"{s} is not a stock: Alpaca's stock stream has no {ASSET_WORDS[kind]} (use {elsewhere})",
                     details={"symbol": s},
                 )
-            if channel != PRICES and channel not in (CRYPTO_CHANNELS if pair else CHANNELS):
-                kind = "crypto pairs" if pair else "stocks"
+            if channel != PRICES and channel not in LANE_CHANNELS.get(kind, CHANNELS):
                 raise InvalidArgument(
-                    f"the {channel} channel is not streamed for {kind} ({s})",
+                    f"the {channel} channel is not streamed for {ASSET_WORDS[kind]} ({s})",
                     details={"channel": channel, "symbol": s},
                 )
         have = client.subscriptions.setdefault(channel, set())
@@ -357,12 +420,13 @@ class LiveHub:
                 details={"limit": self.settings.max_symbols_per_client},
             )
         mine = [s for s in new if self.owns(s)]
-        pairs = [s for s in new if not self.owns(s)]
         if mine:
             await self._shielded(self._subscribe(client, channel, mine))
-        if pairs:
-            lane = await self.crypto_lane()
-            await lane._shielded(lane._subscribe(client, channel, pairs))
+        for kind in (CRYPTO, OPTION):
+            theirs = [s for s in new if s != WILDCARD and asset_class_of(s) == kind]
+            if theirs:
+                lane = await self.lane_of(kind)
+                await lane._shielded(lane._subscribe(client, channel, theirs))
         return sorted(have)
 
     async def _subscribe(self, client: FanoutClient, channel: str, new: list[str]) -> None:
@@ -396,7 +460,7 @@ class LiveHub:
                 self._spawn(self.prev_closes.ensure(fresh))  # one snapshot request for the lot
 
     async def unsubscribe(self, client: FanoutClient, channel: str, symbols: Iterable[str]) -> list[str]:
-        wanted = [raw if raw == WILDCARD else normalize_symbol(raw) for raw in symbols]
+        wanted = [self._symbol(channel, raw) for raw in symbols]
         gone = self.fanout.unroute(client, channel, wanted)
         await self._shielded(self._release_all([(channel, gone)]))
         return sorted(client.subscriptions.get(channel, set()))
@@ -447,6 +511,8 @@ class LiveHub:
             if channel == PRICES:
                 raise InvalidArgument("the unified price stream takes symbols, not '*'", details={"symbol": raw})
             return raw
+        if is_option(raw):
+            return parse_occ(raw).symbol  # an impossible date or a zero strike: INVALID_OPTION_SYMBOL
         return normalize_symbol(str(raw))
 
     def upstream_wanted(self) -> Counter[Route]:
@@ -570,7 +636,7 @@ class LiveHub:
 
     def _concerns(self, client: FanoutClient) -> bool:
         held = [s for syms in client.subscriptions.values() for s in syms]
-        if self.asset_class == CRYPTO:
+        if self.asset_class != EQUITY:
             return any(self.owns(s) for s in held)
         return not held or any(self.owns(s) for s in held)
 
@@ -656,18 +722,18 @@ class LiveHub:
     def force_failover(self, reason: str = "admin") -> None:
         """Live data to the fallback (the crypto lane's too: its REST latest values)."""
         self.router.force_failover(reason)
-        if self.crypto is not None:
-            self.crypto.force_failover(reason)
+        for lane in self.lanes():
+            lane.force_failover(reason)
 
     def release(self, reason: str = "admin") -> None:
         self.router.release(reason)
-        if self.crypto is not None:
-            self.crypto.release(reason)
+        for lane in self.lanes():
+            lane.release(reason)
 
     def request_reconnect(self, reason: str = "admin") -> None:
         self.router.request_reconnect(PRIMARY, reason)
-        if self.crypto is not None:
-            self.crypto.request_reconnect(reason)
+        for lane in self.lanes():
+            lane.request_reconnect(reason)
 
     def datasource(self) -> dict[str, Any]:
         """``/health/datasource``'s live part: the router, the upstream connection, the fan-out."""
@@ -697,10 +763,10 @@ class LiveHub:
             "gap_bars_stored": bars.gap_bars,
         }
         doc["asset_class"] = self.asset_class
-        if self.crypto is not None:
-            lane = self.crypto.datasource()
+        for hub in self.lanes():
+            lane = hub.datasource()
             lane.pop("fanout", None)  # shared: reported once, above
-            doc["crypto"] = lane
+            doc["crypto" if hub.asset_class == CRYPTO else "options"] = lane
         return doc
 
     def _wall(self, at: float) -> str:
@@ -710,8 +776,8 @@ class LiveHub:
         """The dashboard's table: last unified value per symbol (stale-labelled) and its sparkline."""
         if symbols is None:
             rows = self.price_board.rows(None)
-            return rows + (self.crypto.price_board.rows(None) if self.crypto is not None else [])
-        names = [normalize_symbol(s) for s in symbols]
+            return rows + [r for lane in self.lanes() for r in lane.price_board.rows(None)]
+        names = [self._symbol(PRICES, s) for s in symbols]
         return [self._hub_of(s).price_board.rows([s])[0] for s in names]
 
     @staticmethod

@@ -6,26 +6,46 @@ subscribes) and counts nothing itself twice: a client's subscription is a route 
 only of a route set going from empty to not, or back. Every tick passes :func:`tick_problem` (bid ≤ ask,
 sizes ≥ 0, prices ≥ 0, a parsable OCC contract); a tick that fails is counted in
 ``marketpipe_option_stream_rejected_total`` and not forwarded. Ticks carry ``source`` and ``feed``.
+
+The project's own stream (``/v1/stream``) reaches the same upstreams through :class:`OptionsLiveStream`:
+one more client of :class:`OptionsLive` (so ``/v1/stream`` and ``/v1beta1/{indicative,opra}`` share the
+feed's one connection), which the live hub's options lane (:class:`~.hub.LiveHub` with
+``asset_class="option"``) uses as its primary stream, as the crypto lane uses
+:class:`~.crypto.CryptoLiveStream`, with :class:`OptionsLatest` (the REST latest trades and quotes) as
+its fallback source. Prices only: nothing here computes a greek or an implied volatility.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
+import random
 import time
-from typing import Any
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
 from marketpipe.core.config import Config, alpaca_credentials
-from marketpipe.core.errors import InvalidOptionSymbol
+from marketpipe.core.errors import InvalidOptionSymbol, MarketpipeError
 from marketpipe.core.log import get_logger
-from marketpipe.core.metrics import REGISTRY
+from marketpipe.core.metrics import REGISTRY, STREAM_ERRORS
 from marketpipe.core.options import parse_occ
+from marketpipe.core.schema import Quote, Trade
+from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_options_stream import OptionsUpstream
+from marketpipe.providers.alpaca_stream import BatchHandler, StreamHealth, StreamMessage
 from marketpipe.service.live.fanout import WILDCARD, Fanout, FanoutClient, Item
 from marketpipe.wire.alpaca_stream import stream_base_url
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from marketpipe.service.options import OptionsData
 
 log = get_logger("marketpipe.service.live.options")
 REJECTED = Counter(
@@ -126,3 +146,265 @@ class OptionsLive:
         for up in list(self.upstreams.values()):
             await up.close()
         self.upstreams.clear()
+
+
+def tick_record(tick: dict[str, Any]) -> Trade | Quote | None:
+    """A checked option tick as the canonical Trade or Quote of its contract (None: a value its kind needs
+    is missing — never filled in)."""
+    cond = tick.get("condition")
+    conditions = (str(cond),) if cond else ()
+    base = {
+        "symbol": str(tick["contract"]),
+        "ts": tick["ts"],
+        "conditions": conditions,
+        "source": tick["source"],
+        "feed": tick["feed"],
+        "fetched_at": tick["received_at"],
+    }
+    if tick["type"] == "trade":
+        if tick.get("price") is None or tick.get("size") is None:
+            return None
+        return Trade(price=float(tick["price"]), size=tick["size"], exchange=tick.get("exchange"), **base)
+    needed = ("bid_price", "bid_size", "ask_price", "ask_size")
+    if any(tick.get(k) is None for k in needed):
+        return None
+    return Quote(
+        bid_price=float(tick["bid_price"]),
+        bid_size=tick["bid_size"],
+        ask_price=float(tick["ask_price"]),
+        ask_size=tick["ask_size"],
+        bid_exchange=tick.get("bid_exchange"),
+        ask_exchange=tick.get("ask_exchange"),
+        **base,
+    )
+
+
+class OptionsLiveStream:
+    """The options lane's primary stream: what :class:`~.hub.LiveHub` needs of an upstream stream
+    (``start``, reference-counted ``subscribe``/``unsubscribe``, batch handlers, ``health``,
+    ``reconnect``, ``close``), served by one client of the shared :class:`OptionsLive`, so ``/v1/stream``
+    and the Alpaca-compatible options stream share the feed's one upstream connection.
+
+    References are counted here per (channel, contract); the client is routed once for each. When the
+    upstream cannot be reached, the references stay counted and are applied again with backoff, and
+    :meth:`health` says disconnected (one reconnect per failed attempt or lost connection), so the router
+    fails over as it does for a lost stock stream."""
+
+    def __init__(
+        self, live: OptionsLive, feed: str, *, base_backoff_s: float = 0.2, max_backoff_s: float = 10.0
+    ) -> None:
+        self.live = live
+        self.feed = feed
+        self.base_backoff_s, self.max_backoff_s = base_backoff_s, max_backoff_s
+        self.client = live.attach(f"v1-stream-{feed}")
+        self.refs: Tally[tuple[str, str]] = Tally()
+        self._handlers: list[BatchHandler] = []
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self._retry: asyncio.Task[None] | None = None
+        self.error: MarketpipeError | None = None
+        self.failures = 0  # failed attempts to reach the upstream
+        self.messages = 0
+        self.decode_errors = 0
+        self.by_channel: Tally[str] = Tally()
+        self.last_message_at: dict[str, datetime] = {}
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._reader is None and not self._closed:
+            self._reader = asyncio.create_task(self._read(), name=f"options-live-{self.feed}")
+
+    def add_batch_handler(self, handler: BatchHandler) -> Callable[[], None]:
+        self._handlers.append(handler)
+        return lambda: self._handlers.remove(handler)
+
+    async def subscribe(self, **channels: Iterable[str]) -> None:
+        for ch, syms in channels.items():
+            for s in syms:
+                self.refs[(ch, s)] += 1
+        await self._reconcile()
+
+    async def unsubscribe(self, **channels: Iterable[str]) -> None:
+        for ch, syms in channels.items():
+            for s in syms:
+                if self.refs[(ch, s)] > 0:
+                    self.refs[(ch, s)] -= 1
+                if self.refs[(ch, s)] == 0:
+                    del self.refs[(ch, s)]
+        await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Route the client as the references want; on failure keep trying in the background."""
+        async with self._lock:
+            want = {k for k, n in self.refs.items() if n > 0}
+            prefix = f"{self.feed}:"
+            have = {
+                (key[len(prefix) :], s)
+                for key, syms in self.client.subscriptions.items()
+                if key.startswith(prefix)
+                for s in syms
+            }
+            try:
+                for delta, add in ((want - have, True), (have - want, False)):
+                    by: dict[str, list[str]] = {}
+                    for ch, s in sorted(delta):
+                        by.setdefault(ch, []).append(s)
+                    for ch, syms in by.items():
+                        await self.live.change(self.client, self.feed, ch, syms, add=add)
+                self.error = None
+            except MarketpipeError as exc:
+                self.error = exc
+                self.failures += 1
+                log.warning("options_live_upstream_unavailable", feed=self.feed, code=exc.code, error=exc.message)
+                if self._retry is None or self._retry.done():
+                    self._retry = asyncio.create_task(self._retry_later(), name=f"options-live-retry-{self.feed}")
+
+    async def _retry_later(self) -> None:
+        attempt = 0
+        while self.error is not None and not self._closed:
+            await asyncio.sleep(random.uniform(0, min(self.max_backoff_s, self.base_backoff_s * 2**attempt)))
+            attempt += 1
+            await self._reconcile()  # a failure here finds this task running: no second retrier
+
+    async def _read(self) -> None:
+        while not self._closed:
+            _, items = await self.client.next_batch()
+            if not items and self.client.closed is not None:
+                if self._closed:
+                    return
+                log.warning("options_live_client_dropped", feed=self.feed, reason=self.client.closed)
+                old, self.client = self.client, self.live.attach(f"v1-stream-{self.feed}")
+                await self.live.detach(old)
+                await self._reconcile()  # fell behind: routed again, nothing else to do
+                continue
+            await self._deliver([it.record for it in items])  # type: ignore[misc]
+
+    async def _deliver(self, ticks: list[dict[str, Any]]) -> None:
+        now = utcnow()
+        out: list[StreamMessage] = []
+        for tick in ticks:
+            rec = tick_record(tick)
+            if rec is None:
+                self.decode_errors += 1
+                STREAM_ERRORS.labels("alpaca_options", "DECODE_FAILED").inc()
+                log.warning("options_live_tick_incomplete", feed=self.feed, tick=str(tick)[:200])
+                continue
+            channel = CHANNEL_OF[tick["type"]]
+            out.append(StreamMessage(channel, rec))
+            self.by_channel[channel] += 1
+            self.last_message_at[channel] = now
+        self.messages += len(out)
+        for h in list(self._handlers) if out else ():
+            try:
+                r = h(out)
+                if r is not None and inspect.isawaitable(r):
+                    await r
+            except Exception as exc:  # noqa: BLE001 -- a consumer's bug must not stop the feed
+                log.error("options_live_handler_failed", error=repr(exc))
+
+    async def reconnect(self, reason: str = "requested") -> bool:
+        log.warning("options_live_reconnect", feed=self.feed, reason=reason)
+        up = self.live.upstreams.get(self.feed)
+        return await up.reconnect() if up is not None else False
+
+    def health(self) -> StreamHealth:
+        up = self.live.upstreams.get(self.feed)
+        connected = up is not None and up.connected and self.error is None
+        err = self.error or (up.failure if up is not None and not up.connected else None)
+        subs: dict[str, dict[str, int]] = {}
+        for (ch, s), n in self.refs.items():
+            subs.setdefault(ch, {})[s] = n
+        prefix = f"{self.feed}:"
+        stopped = up is not None and up.stopped
+        return StreamHealth(
+            connected=connected,
+            feed=self.feed,
+            url=up.url if up is not None else "",
+            encoding="msgpack",
+            source=up.source if up is not None else "alpaca",
+            connected_since=up.connected_since if up is not None else None,
+            last_message_at=dict(self.last_message_at),
+            messages_received=self.messages,
+            messages_by_channel=dict(self.by_channel),
+            reconnects=self.failures + (up.losses if up is not None else 0),
+            connections=1 if connected else 0,
+            errors_by_code={},
+            decode_errors=self.decode_errors,
+            handler_errors=0,
+            subscriptions=subs,
+            server_subscriptions={
+                k[len(prefix) :]: sorted(v) for k, v in self.client.subscriptions.items() if k.startswith(prefix) and v
+            },
+            last_error=err.to_dict() if err is not None else None,
+            next_retry_at=None,
+            stopped=stopped,
+            stop_error=up.failure.to_dict() if stopped and up is not None and up.failure is not None else None,
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        self.client.close()
+        for t in (self._reader, self._retry):
+            if t is not None and t is not asyncio.current_task():
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
+        await self.live.detach(self.client)
+
+
+class OptionsLatest:
+    """The options lane's fallback source for :class:`~.poller.FallbackPoller`: the latest trades and
+    quotes over REST (``/v1beta1/options/{trades,quotes}/latest``, checked and quarantined by
+    :class:`~marketpipe.service.options.OptionsData`), as canonical records of each contract."""
+
+    name = "alpaca_options"
+
+    def __init__(self, options: OptionsData, feed: str) -> None:
+        self.options = options
+        self.feed = feed
+
+    def supports(self, *_: Any) -> None:
+        return None  # serves latest trades and quotes for every contract
+
+    async def latest_trades(self, symbols: list[str]) -> dict[str, Trade]:
+        frame = await self.options.latest_trades(symbols, feed=self.feed)
+        return {
+            r["contract"]: Trade(
+                symbol=r["contract"],
+                ts=r["trade_ts"],
+                price=r["trade_price"],
+                size=r["trade_size"],
+                exchange=r["trade_exchange"],
+                conditions=(r["trade_condition"],) if r["trade_condition"] else (),
+                source=r["source"],
+                feed=r["feed"],
+                fetched_at=r["fetched_at"],
+            )
+            for r in _rows(frame, "trade_ts", "trade_price", "trade_size")
+        }
+
+    async def latest_quotes(self, symbols: list[str]) -> dict[str, Quote]:
+        frame = await self.options.latest_quotes(symbols, feed=self.feed)
+        return {
+            r["contract"]: Quote(
+                symbol=r["contract"],
+                ts=r["quote_ts"],
+                bid_price=r["bid_price"],
+                bid_size=r["bid_size"],
+                ask_price=r["ask_price"],
+                ask_size=r["ask_size"],
+                bid_exchange=r["bid_exchange"],
+                ask_exchange=r["ask_exchange"],
+                conditions=(r["quote_condition"],) if r["quote_condition"] else (),
+                source=r["source"],
+                feed=r["feed"],
+                fetched_at=r["fetched_at"],
+            )
+            for r in _rows(frame, "quote_ts", "bid_price", "bid_size", "ask_price", "ask_size")
+        }
+
+
+def _rows(frame: pl.DataFrame, *needed: str) -> list[dict[str, Any]]:
+    """The rows that carry every ``needed`` value (a contract without a latest trade has none)."""
+    import polars as pl
+
+    return frame.filter(pl.all_horizontal(*(pl.col(c).is_not_null() for c in needed))).to_dicts()
