@@ -422,8 +422,8 @@ class LiveHub:
         mine = [s for s in new if self.owns(s)]
         if mine:
             await self._shielded(self._subscribe(client, channel, mine))
-        for kind in (CRYPTO, OPTION):
-            theirs = [s for s in new if s != WILDCARD and asset_class_of(s) == kind]
+        for kind in (CRYPTO, OPTION):  # another lane's symbols (a lane itself is asked for its own only)
+            theirs = [s for s in new if s != WILDCARD and not self.owns(s) and asset_class_of(s) == kind]
             if theirs:
                 lane = await self.lane_of(kind)
                 await lane._shielded(lane._subscribe(client, channel, theirs))
