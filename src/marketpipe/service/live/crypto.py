@@ -28,8 +28,8 @@ import contextlib
 import inspect
 import os
 import random
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,8 @@ from marketpipe.core.schema import OrderBook, Quote, Trade
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_crypto_stream import CryptoStreamConnection, crypto_stream_url
-from marketpipe.providers.alpaca_stream import BatchHandler, Outage, ReconnectHook, StreamHealth, StreamMessage
+from marketpipe.providers.alpaca_stream import Outage, ReconnectHook, StreamHealth, StreamMessage
+from marketpipe.service.live.lane import LaneStream
 from marketpipe.wire.alpaca_crypto import (
     CHANNEL_OF_TYPE,
     CHANNELS,
@@ -319,17 +320,17 @@ VENDOR_CHANNELS = {
 HUB_CHANNELS = {v: k for k, v in VENDOR_CHANNELS.items()}
 
 
-class CryptoLiveStream:
+class CryptoLiveStream(LaneStream):
     """The crypto lane's primary stream: what :class:`~.hub.LiveHub` needs of an upstream stream
     (``start``, reference-counted ``subscribe``/``unsubscribe``, batch handlers, ``health``,
     ``reconnect``, ``close``), served by one :class:`CryptoClient` of the shared :class:`CryptoHub`, so
     ``/v1/stream`` and ``/v1beta3/crypto/{loc}`` clients share the location's one upstream connection.
 
-    References are counted here per (hub channel, pair); the hub client holds each once. When the
-    upstream cannot be reached, the references stay counted and are applied again with backoff, and
-    :meth:`health` says disconnected (one reconnect per failed attempt), so the router fails over as it
-    does for a lost stock stream. Messages become canonical records (``wire/alpaca_crypto.stream_record``);
-    one that lacks a value its kind needs is counted and logged, never filled in."""
+    References are counted per (hub channel, pair) and reconciled with backoff (:class:`~.lane.LaneStream`).
+    Messages become canonical records (``wire/alpaca_crypto.stream_record``); one that lacks a value its
+    kind needs is counted and logged, never filled in."""
+
+    kind = "crypto_live"
 
     def __init__(
         self,
@@ -339,30 +340,14 @@ class CryptoLiveStream:
         base_backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
     ) -> None:
+        super().__init__(loc, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s)
         self.hub = hub
         self.loc = loc
-        self.base_backoff_s, self.max_backoff_s = base_backoff_s, max_backoff_s
         self.client = hub.client()
-        self.refs: Counter[tuple[str, str]] = Counter()
-        self._handlers: list[BatchHandler] = []
-        self._lock = asyncio.Lock()
-        self._reader: asyncio.Task[None] | None = None
-        self._retry: asyncio.Task[None] | None = None
-        self.error: MarketpipeError | None = None
-        self.failures = 0  # failed attempts to reach the upstream
-        self.messages = 0
-        self.decode_errors = 0
-        self.by_channel: Counter[str] = Counter()
-        self.last_message_at: dict[str, datetime] = {}
         self.on_reconnect: ReconnectHook | None = None  # as AlpacaStream's: each outage once it is over
         self.outages = 0
         self._hooks: set[asyncio.Task[None]] = set()
         self._forget_outages = hub.on_outage(loc, self._on_outage)
-        self._closed = False
-
-    async def start(self) -> None:
-        if self._reader is None and not self._closed:
-            self._reader = asyncio.create_task(self._read(), name=f"crypto-live-{self.loc}")
 
     def _on_outage(self, outage: Outage) -> None:
         """The shared upstream is back after ``outage``: the owner's hook runs as a task of its own."""
@@ -383,54 +368,14 @@ class CryptoLiveStream:
         except Exception as exc:  # noqa: BLE001 -- the owner's hook must not break the stream
             log.error("crypto_live_on_reconnect_failed", error=repr(exc))
 
-    def add_batch_handler(self, handler: BatchHandler) -> Callable[[], None]:
-        self._handlers.append(handler)
-        return lambda: self._handlers.remove(handler)
-
-    async def subscribe(self, **channels: Iterable[str]) -> None:
-        for ch, syms in channels.items():
-            for s in syms:
-                self.refs[(ch, s)] += 1
-        await self._reconcile()
-
-    async def unsubscribe(self, **channels: Iterable[str]) -> None:
-        for ch, syms in channels.items():
-            for s in syms:
-                if self.refs[(ch, s)] > 0:
-                    self.refs[(ch, s)] -= 1
-                if self.refs[(ch, s)] == 0:
-                    del self.refs[(ch, s)]
-        await self._reconcile()
-
     def _wanted(self) -> set[tuple[str, str]]:
         return {(VENDOR_CHANNELS[ch], s) for (ch, s), n in self.refs.items() if n > 0}
 
-    async def _reconcile(self) -> None:
-        """Make the hub client hold what the references want; on failure keep trying in the background."""
-        async with self._lock:
-            want = self._wanted()
-            have = {(ch, s) for ch, syms in self.client.subs.items() for s in syms}
-            try:
-                for delta, add in ((want - have, True), (have - want, False)):
-                    if delta:
-                        by: dict[str, list[str]] = defaultdict(list)
-                        for ch, s in sorted(delta):
-                            by[ch].append(s)
-                        await self.hub.change(self.loc, self.client, dict(by), add=add)
-                self.error = None
-            except MarketpipeError as exc:
-                self.error = exc
-                self.failures += 1
-                log.warning("crypto_live_upstream_unavailable", location=self.loc, code=exc.code, error=exc.message)
-                if self._retry is None or self._retry.done():
-                    self._retry = asyncio.create_task(self._retry_later(), name=f"crypto-live-retry-{self.loc}")
+    def _held(self) -> set[tuple[str, str]]:
+        return {(ch, s) for ch, syms in self.client.subs.items() for s in syms}
 
-    async def _retry_later(self) -> None:
-        attempt = 0
-        while self.error is not None and not self._closed:
-            await asyncio.sleep(random.uniform(0, min(self.max_backoff_s, self.base_backoff_s * 2**attempt)))
-            attempt += 1
-            await self._reconcile()  # a failure here finds this task running: no second retrier
+    async def _change(self, channel: str, symbols: list[str], add: bool) -> None:
+        await self.hub.change(self.loc, self.client, {channel: symbols}, add=add)
 
     async def _read(self) -> None:
         while True:
@@ -462,18 +407,8 @@ class CryptoLiveStream:
                 log.warning("crypto_live_message_undecodable", location=self.loc, reason=reason, message=str(m)[:200])
                 continue
             out.append(StreamMessage(channel, rec))
-            self.by_channel[channel] += 1
-            self.last_message_at[channel] = now
-        self.messages += len(out)
-        if not out:
-            return
-        for h in list(self._handlers):
-            try:
-                r = h(out)
-                if r is not None and inspect.isawaitable(r):
-                    await r
-            except Exception as exc:  # noqa: BLE001 -- a consumer's bug must not stop the feed
-                log.error("crypto_live_handler_failed", error=repr(exc))
+            self._received(channel, now)
+        await self._handle(out)
 
     def current_book(self, symbol: str) -> OrderBook | None:
         """The pair's whole current book, for a client that subscribes to a book already followed."""
@@ -487,9 +422,6 @@ class CryptoLiveStream:
         up = self.hub.upstream(self.loc)
         connected = up is not None and up.connected and self.error is None
         err = self.error or (up.error if up is not None and not up.connected else None)
-        subs: dict[str, dict[str, int]] = defaultdict(dict)
-        for (ch, s), n in self.refs.items():
-            subs[ch][s] = n
         return StreamHealth(
             connected=connected,
             feed=self.loc,
@@ -505,7 +437,7 @@ class CryptoLiveStream:
             errors_by_code={},
             decode_errors=self.decode_errors,
             handler_errors=0,
-            subscriptions=dict(subs),
+            subscriptions=self.subscription_counts(),
             server_subscriptions={HUB_CHANNELS[c]: sorted(v) for c, v in self.client.subs.items() if v},
             last_error=err.to_dict() if err is not None else None,
             next_retry_at=None,
@@ -514,12 +446,8 @@ class CryptoLiveStream:
         )
 
     async def close(self) -> None:
-        self._closed = True
         self._forget_outages()
-        for t in (self._reader, self._retry, *self._hooks):
-            if t is not None and t is not asyncio.current_task():
-                t.cancel()
-                await asyncio.gather(t, return_exceptions=True)
+        await self._stop_tasks(*self._hooks)
         with contextlib.suppress(MarketpipeError):
             await self.hub.leave(self.loc, self.client)
 

@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
-import random
 import time
-from collections import Counter as Tally
-from collections.abc import Callable, Iterable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
 from marketpipe.core.config import Config, alpaca_credentials
-from marketpipe.core.errors import InvalidOptionSymbol, MarketpipeError
+from marketpipe.core.errors import InvalidOptionSymbol
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import REGISTRY, STREAM_ERRORS
 from marketpipe.core.options import parse_occ
@@ -38,8 +33,9 @@ from marketpipe.core.schema import Quote, Trade
 from marketpipe.core.timeutil import utcnow
 from marketpipe.providers.alpaca_config import AlpacaConfig
 from marketpipe.providers.alpaca_options_stream import OptionsUpstream
-from marketpipe.providers.alpaca_stream import BatchHandler, StreamHealth, StreamMessage
+from marketpipe.providers.alpaca_stream import StreamHealth, StreamMessage
 from marketpipe.service.live.fanout import WILDCARD, Fanout, FanoutClient, Item
+from marketpipe.service.live.lane import LaneStream
 from marketpipe.wire.alpaca_stream import stream_base_url
 
 if TYPE_CHECKING:
@@ -179,92 +175,36 @@ def tick_record(tick: dict[str, Any]) -> Trade | Quote | None:
     )
 
 
-class OptionsLiveStream:
+class OptionsLiveStream(LaneStream):
     """The options lane's primary stream: what :class:`~.hub.LiveHub` needs of an upstream stream
     (``start``, reference-counted ``subscribe``/``unsubscribe``, batch handlers, ``health``,
     ``reconnect``, ``close``), served by one client of the shared :class:`OptionsLive`, so ``/v1/stream``
     and the Alpaca-compatible options stream share the feed's one upstream connection.
 
-    References are counted here per (channel, contract); the client is routed once for each. When the
-    upstream cannot be reached, the references stay counted and are applied again with backoff, and
-    :meth:`health` says disconnected (one reconnect per failed attempt or lost connection), so the router
-    fails over as it does for a lost stock stream."""
+    References are counted per (channel, contract) and reconciled with backoff (:class:`~.lane.LaneStream`);
+    :meth:`health` counts one reconnect per failed attempt or lost connection."""
+
+    kind = "options_live"
 
     def __init__(
         self, live: OptionsLive, feed: str, *, base_backoff_s: float = 0.2, max_backoff_s: float = 10.0
     ) -> None:
+        super().__init__(feed, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s)
         self.live = live
         self.feed = feed
-        self.base_backoff_s, self.max_backoff_s = base_backoff_s, max_backoff_s
         self.client = live.attach(f"v1-stream-{feed}")
-        self.refs: Tally[tuple[str, str]] = Tally()
-        self._handlers: list[BatchHandler] = []
-        self._lock = asyncio.Lock()
-        self._reader: asyncio.Task[None] | None = None
-        self._retry: asyncio.Task[None] | None = None
-        self.error: MarketpipeError | None = None
-        self.failures = 0  # failed attempts to reach the upstream
-        self.messages = 0
-        self.decode_errors = 0
-        self.by_channel: Tally[str] = Tally()
-        self.last_message_at: dict[str, datetime] = {}
-        self._closed = False
 
-    async def start(self) -> None:
-        if self._reader is None and not self._closed:
-            self._reader = asyncio.create_task(self._read(), name=f"options-live-{self.feed}")
+    def _held(self) -> set[tuple[str, str]]:
+        prefix = f"{self.feed}:"
+        return {
+            (key[len(prefix) :], s)
+            for key, syms in self.client.subscriptions.items()
+            if key.startswith(prefix)
+            for s in syms
+        }
 
-    def add_batch_handler(self, handler: BatchHandler) -> Callable[[], None]:
-        self._handlers.append(handler)
-        return lambda: self._handlers.remove(handler)
-
-    async def subscribe(self, **channels: Iterable[str]) -> None:
-        for ch, syms in channels.items():
-            for s in syms:
-                self.refs[(ch, s)] += 1
-        await self._reconcile()
-
-    async def unsubscribe(self, **channels: Iterable[str]) -> None:
-        for ch, syms in channels.items():
-            for s in syms:
-                if self.refs[(ch, s)] > 0:
-                    self.refs[(ch, s)] -= 1
-                if self.refs[(ch, s)] == 0:
-                    del self.refs[(ch, s)]
-        await self._reconcile()
-
-    async def _reconcile(self) -> None:
-        """Route the client as the references want; on failure keep trying in the background."""
-        async with self._lock:
-            want = {k for k, n in self.refs.items() if n > 0}
-            prefix = f"{self.feed}:"
-            have = {
-                (key[len(prefix) :], s)
-                for key, syms in self.client.subscriptions.items()
-                if key.startswith(prefix)
-                for s in syms
-            }
-            try:
-                for delta, add in ((want - have, True), (have - want, False)):
-                    by: dict[str, list[str]] = {}
-                    for ch, s in sorted(delta):
-                        by.setdefault(ch, []).append(s)
-                    for ch, syms in by.items():
-                        await self.live.change(self.client, self.feed, ch, syms, add=add)
-                self.error = None
-            except MarketpipeError as exc:
-                self.error = exc
-                self.failures += 1
-                log.warning("options_live_upstream_unavailable", feed=self.feed, code=exc.code, error=exc.message)
-                if self._retry is None or self._retry.done():
-                    self._retry = asyncio.create_task(self._retry_later(), name=f"options-live-retry-{self.feed}")
-
-    async def _retry_later(self) -> None:
-        attempt = 0
-        while self.error is not None and not self._closed:
-            await asyncio.sleep(random.uniform(0, min(self.max_backoff_s, self.base_backoff_s * 2**attempt)))
-            attempt += 1
-            await self._reconcile()  # a failure here finds this task running: no second retrier
+    async def _change(self, channel: str, symbols: list[str], add: bool) -> None:
+        await self.live.change(self.client, self.feed, channel, symbols, add=add)
 
     async def _read(self) -> None:
         while not self._closed:
@@ -291,16 +231,8 @@ class OptionsLiveStream:
                 continue
             channel = CHANNEL_OF[tick["type"]]
             out.append(StreamMessage(channel, rec))
-            self.by_channel[channel] += 1
-            self.last_message_at[channel] = now
-        self.messages += len(out)
-        for h in list(self._handlers) if out else ():
-            try:
-                r = h(out)
-                if r is not None and inspect.isawaitable(r):
-                    await r
-            except Exception as exc:  # noqa: BLE001 -- a consumer's bug must not stop the feed
-                log.error("options_live_handler_failed", error=repr(exc))
+            self._received(channel, now)
+        await self._handle(out)
 
     async def reconnect(self, reason: str = "requested") -> bool:
         log.warning("options_live_reconnect", feed=self.feed, reason=reason)
@@ -311,9 +243,6 @@ class OptionsLiveStream:
         up = self.live.upstreams.get(self.feed)
         connected = up is not None and up.connected and self.error is None
         err = self.error or (up.failure if up is not None and not up.connected else None)
-        subs: dict[str, dict[str, int]] = {}
-        for (ch, s), n in self.refs.items():
-            subs.setdefault(ch, {})[s] = n
         prefix = f"{self.feed}:"
         stopped = up is not None and up.stopped
         return StreamHealth(
@@ -331,7 +260,7 @@ class OptionsLiveStream:
             errors_by_code={},
             decode_errors=self.decode_errors,
             handler_errors=0,
-            subscriptions=subs,
+            subscriptions=self.subscription_counts(),
             server_subscriptions={
                 k[len(prefix) :]: sorted(v) for k, v in self.client.subscriptions.items() if k.startswith(prefix) and v
             },
@@ -344,10 +273,7 @@ class OptionsLiveStream:
     async def close(self) -> None:
         self._closed = True
         self.client.close()
-        for t in (self._reader, self._retry):
-            if t is not None and t is not asyncio.current_task():
-                t.cancel()
-                await asyncio.gather(t, return_exceptions=True)
+        await self._stop_tasks()
         await self.live.detach(self.client)
 
 
