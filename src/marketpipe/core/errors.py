@@ -388,7 +388,8 @@ class StreamUnavailable(StreamFailed):
 
 
 class MalformedMessage(StreamFailed):
-    """The stream sent a frame that is not JSON."""
+    """The stream sent a frame that is not JSON, or a message that lacks a value its kind needs (counted
+    and logged, never filled in)."""
 
     code = "MALFORMED_MESSAGE"
 

@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from marketpipe.core.config import Config, alpaca_credentials
-from marketpipe.core.errors import MarketpipeError, MissingCredentials, OrderbookNotReset
+from marketpipe.core.errors import MalformedMessage, MarketpipeError, MissingCredentials, OrderbookNotReset
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import STREAM_ERRORS, STREAM_MESSAGES, STREAM_RECONNECTS
 from marketpipe.core.schema import OrderBook, Quote, Trade
@@ -403,7 +403,7 @@ class CryptoLiveStream(LaneStream):
                 reason = "incomplete"
             if rec is None:
                 self.decode_errors += 1
-                STREAM_ERRORS.labels(PROVIDER, "DECODE_FAILED").inc()
+                STREAM_ERRORS.labels(PROVIDER, MalformedMessage.code).inc()
                 log.warning("crypto_live_message_undecodable", location=self.loc, reason=reason, message=str(m)[:200])
                 continue
             out.append(StreamMessage(channel, rec))

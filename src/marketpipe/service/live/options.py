@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter
 
 from marketpipe.core.config import Config, alpaca_credentials
-from marketpipe.core.errors import InvalidOptionSymbol
+from marketpipe.core.errors import InvalidOptionSymbol, MalformedMessage
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import REGISTRY, STREAM_ERRORS
 from marketpipe.core.options import parse_occ
@@ -226,7 +226,7 @@ class OptionsLiveStream(LaneStream):
             rec = tick_record(tick)
             if rec is None:
                 self.decode_errors += 1
-                STREAM_ERRORS.labels("alpaca_options", "DECODE_FAILED").inc()
+                STREAM_ERRORS.labels("alpaca_options", MalformedMessage.code).inc()
                 log.warning("options_live_tick_incomplete", feed=self.feed, tick=str(tick)[:200])
                 continue
             channel = CHANNEL_OF[tick["type"]]
