@@ -26,6 +26,7 @@ Rules (each per symbol, over bars ordered by time; ``r`` is the log return close
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,19 @@ def _prev(a: np.ndarray, first: np.ndarray, fill: float = np.nan) -> np.ndarray:
     return out
 
 
+class _AtHits:
+    """A rule's severity or value computed at its hit indexes only (a rule hits a few rows of a
+    million; a full-length array of severity strings costs more than the rule itself)."""
+
+    __slots__ = ("f",)
+
+    def __init__(self, f: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.f = f
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        return self.f(idx)
+
+
 def _ewm(values: np.ndarray, groups: np.ndarray | None, *, alpha: float, min_samples: int, std: bool) -> np.ndarray:
     """EWMA (or EWM standard deviation) restarting per group; NaN in, NaN out (polars kernels)."""
     s = pl.Series("x", values).fill_nan(None)
@@ -71,14 +85,14 @@ def _ewm(values: np.ndarray, groups: np.ndarray | None, *, alpha: float, min_sam
             if std
             else s.ewm_mean(alpha=alpha, adjust=False, min_samples=min_samples)
         )
-        return e.to_numpy()
+        return e.fill_null(np.nan).to_numpy()  # no nulls left: a zero-copy view, not a masked copy
     x = pl.col("x")
     ex = (
         x.ewm_std(alpha=alpha, adjust=False, min_samples=min_samples)
         if std
         else x.ewm_mean(alpha=alpha, adjust=False, min_samples=min_samples)
     )
-    return pl.DataFrame({"x": s, "g": groups}).select(ex.over("g")).to_series().to_numpy()
+    return pl.DataFrame({"x": s, "g": groups}).select(ex.over("g")).to_series().fill_null(np.nan).to_numpy()
 
 
 def detect(frame: pl.DataFrame, timeframe: Timeframe | str, cfg: AnomalyConfig | None = None) -> pl.DataFrame:
@@ -91,7 +105,8 @@ def detect(frame: pl.DataFrame, timeframe: Timeframe | str, cfg: AnomalyConfig |
     n = frame.height
     if n < 2:
         return pl.DataFrame(schema=FINDINGS_SCHEMA)
-    multi = frame.get_column("symbol").n_unique() > 1
+    sym = frame.get_column("symbol")
+    multi = not (sym == sym[0]).all()  # a tenth of n_unique's cost on the one-symbol series
     if multi or not frame.get_column("ts").is_sorted():
         frame = frame.sort("symbol", "ts")
     codes = frame.get_column("symbol").rle_id().to_numpy() if multi else None
@@ -124,15 +139,20 @@ def detect(frame: pl.DataFrame, timeframe: Timeframe | str, cfg: AnomalyConfig |
         z = np.abs(r / sigma)
         outlier = (z >= cfg.z_threshold) & (sigma > 0)
         big = np.abs(r) >= math.log1p(cfg.jump_pct / 100)
+        # split-like needs a move of at least split_min_move_pct first: the ratio windows are tested on
+        # those few candidates only, not on every bar
         split = np.zeros(n, dtype=bool)
-        for k in SPLIT_RATIOS:
-            split |= (np.abs(ratio / k - 1) <= cfg.split_tolerance) | (np.abs(ratio * k - 1) <= cfg.split_tolerance)
-        split &= np.abs(np.log(ratio)) >= math.log1p(cfg.split_min_move_pct / 100)
+        cand = np.flatnonzero(np.abs(np.log(ratio)) >= math.log1p(cfg.split_min_move_pct / 100))
+        if len(cand):
+            rc, tol = ratio[cand], cfg.split_tolerance
+            hit = np.zeros(len(cand), dtype=bool)
+            for k in SPLIT_RATIOS:
+                hit |= (np.abs(rc / k - 1) <= tol) | (np.abs(rc * k - 1) <= tol)
+            split[cand] = hit
         next_r = np.roll(r, -1)
         next_r[last] = np.nan
         spike = (outlier | big) & (np.abs(r + next_r) < 0.5 * np.abs(r)) & ~split
         vol_hit = (v >= cfg.min_volume) & (v >= cfg.volume_multiple * vol_base)
-        move = np.abs(np.expm1(r))
     reversal = _prev(spike, first, fill=False)
     plain = ~split & ~spike & ~reversal
     # A frozen run: consecutive single-price bars (open = high = low = close) at one price.
@@ -147,8 +167,7 @@ def detect(frame: pl.DataFrame, timeframe: Timeframe | str, cfg: AnomalyConfig |
     frozen_min = cfg.frozen_bars if tf.is_intraday else max(3, cfg.frozen_bars // 5)
     zero_move = (v == 0) & ~(flat & (same | first))
 
-    sev_z = np.where(z >= cfg.z_high, "high", "medium")
-    rules: list[tuple[str, np.ndarray, Any, np.ndarray, np.ndarray | int, pl.Expr]] = [
+    rules: list[tuple[str, np.ndarray, Any, Any, np.ndarray | int, pl.Expr]] = [
         (
             "split_like",
             split & ~reversal,
@@ -164,7 +183,7 @@ def detect(frame: pl.DataFrame, timeframe: Timeframe | str, cfg: AnomalyConfig |
         (
             "spike",
             spike,
-            np.where(big, "high", "medium"),
+            _AtHits(lambda i: np.where(big[i], "high", "medium")),
             r,
             1,
             pl.lit("move ") + _pct(pl.col("value").exp() - 1) + pl.lit("% reversed by the next bar"),
@@ -180,7 +199,7 @@ def detect(frame: pl.DataFrame, timeframe: Timeframe | str, cfg: AnomalyConfig |
         (
             "return_zscore",
             outlier & ~big & plain,
-            sev_z,
+            _AtHits(lambda i: np.where(z[i] >= cfg.z_high, "high", "medium")),
             z,
             1,
             (pl.lit("return is ") + pl.col("value").round(1).cast(pl.String) + pl.lit(" sigma of the EWMA volatility")),
@@ -197,7 +216,7 @@ def detect(frame: pl.DataFrame, timeframe: Timeframe | str, cfg: AnomalyConfig |
             "volume_outlier",
             vol_hit,
             "low",
-            v / vol_base,
+            _AtHits(lambda i: v[i] / vol_base[i]),
             1,
             pl.lit("volume ") + pl.col("value").round(1).cast(pl.String) + pl.lit("x its recent average"),
         ),
@@ -205,7 +224,7 @@ def detect(frame: pl.DataFrame, timeframe: Timeframe | str, cfg: AnomalyConfig |
             "zero_volume_move",
             zero_move,
             "medium",
-            move,
+            _AtHits(lambda i: np.abs(np.expm1(r[i]))),
             1,
             (
                 pl.lit("prices moved on zero volume (close ")
@@ -226,8 +245,8 @@ def detect(frame: pl.DataFrame, timeframe: Timeframe | str, cfg: AnomalyConfig |
                 "timeframe": pl.Series([str(tf)] * len(idx), dtype=pl.String),
                 "ts": stamps.gather(idx),
                 "kind": pl.Series([kind] * len(idx), dtype=pl.String),
-                "severity": severity[idx] if isinstance(severity, np.ndarray) else [severity] * len(idx),
-                "value": value[idx],
+                "severity": severity(idx) if isinstance(severity, _AtHits) else [severity] * len(idx),
+                "value": value(idx) if isinstance(value, _AtHits) else value[idx],
                 "bars": bars[idx] if isinstance(bars, np.ndarray) else np.full(len(idx), bars, dtype=np.int64),
             }
         )

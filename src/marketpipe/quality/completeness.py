@@ -86,15 +86,17 @@ def expected_stamps(
         first = lo + (-lo) % NS_PER_MIN  # the first whole minute inside the window
         counts = np.maximum(0, -(-(hi - first) // NS_PER_MIN))
         total = int(counts.sum())
-        owner = np.repeat(np.arange(len(idx)), counts)
-        offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        minutes = first[owner] + offsets * NS_PER_MIN
+        # the k-th minute of the whole range lies in window w at first[w] + (k - minutes before w) minutes
+        minutes = np.arange(total, dtype=np.int64) * NS_PER_MIN
+        minutes += np.repeat(first - (np.cumsum(counts) - counts) * NS_PER_MIN, counts)
         width = tf.seconds * 1_000_000_000
-        midnight = cal.midnights[idx][owner]
+        if width == NS_PER_MIN:  # 1-minute bars: every minute is a bucket of its own
+            return minutes, np.repeat(cal.days[idx], counts)
+        midnight = np.repeat(cal.midnights[idx], counts)
         buckets = midnight + (minutes - midnight) // width * width
         keep = np.ones(total, dtype=bool)
         keep[1:] = buckets[1:] != buckets[:-1]
-        return buckets[keep], cal.days[idx][owner][keep]
+        return buckets[keep], np.repeat(cal.days[idx], counts)[keep]
     # Daily and longer: a bar stamps local midnight, so a session counts when its window meets the range;
     # on a continuous calendar the midnight opens the session, so the stamp itself must be in the range.
     if isinstance(cal, ContinuousCalendar):
@@ -240,7 +242,9 @@ def assess_arrays(
     s_ns, e_ns = int(start.timestamp()) * 1_000_000_000, int(end.timestamp()) * 1_000_000_000
     in_range = (bar_ts >= s_ns) & (bar_ts < e_ns)
     extra = np.bincount(bar_sym[in_range], minlength=k_sym).astype(np.int64)
-    if n and len(bar_ts):
+    if n and k_sym == 1 and len(bar_ts) == n and np.array_equal(bar_ts, stamps):
+        present[:] = True  # one symbol holding exactly the expected stamps (the common case): no search
+    elif n and len(bar_ts):
         pos = np.searchsorted(stamps, bar_ts)
         hit = (pos < n) & (stamps[np.minimum(pos, n - 1)] == bar_ts)
         present[bar_sym[hit] * n + pos[hit]] = True
@@ -291,7 +295,8 @@ def assess_arrays(
         ranges_by: dict[int, pl.DataFrame] = {}
         if not complete:
             kind = np.where(present, PRESENT, np.where(empty_mask, CONFIRMED_EMPTY, GAP)).astype(np.int8)
-            ranges_all = _ranges(kind, np.tile(stamps, k_sym), np.tile(period, k_sym), n, tf, cal.tz)
+            tiled = (stamps, period) if k_sym == 1 else (np.tile(stamps, k_sym), np.tile(period, k_sym))
+            ranges_all = _ranges(kind, *tiled, n, tf, cal.tz)
             ranges_by = {
                 int(key[0]): part
                 for key, part in ranges_all.partition_by("_sym", as_dict=True, include_key=False).items()
@@ -336,12 +341,11 @@ def _ranges(kind: np.ndarray, stamps: np.ndarray, period: np.ndarray, n: int, tf
     brk[::n] = True
     if tf.is_intraday:
         brk[1:] |= period[1:] != period[:-1]
-    run = np.cumsum(brk) - 1
     starts_i = np.flatnonzero(brk)
     ends_i = np.append(starts_i[1:], len(kind)) - 1
     sel = missing[starts_i]
     starts_i, ends_i = starts_i[sel], ends_i[sel]
-    lengths = np.bincount(run)[sel]
+    lengths = ends_i - starts_i + 1  # runs are contiguous
     last = stamps[ends_i]
     if tf.is_intraday:
         stop = last + tf.seconds * 1_000_000_000
