@@ -22,6 +22,7 @@ from typing import Any
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
 from marketpipe.core.errors import StoreError
 from marketpipe.core.log import get_logger
@@ -116,7 +117,17 @@ _VALUES_SAME = " AND ".join(
 )
 
 # bars table -> the Arrow schema its reads are cast to (equities: integer volume; crypto: float)
-_BAR_ARROW = {t.bars.name: pl.DataFrame(schema=t.schema).to_arrow().schema for t in BAR_TABLES}
+# (strings as Arrow ``string``, as DuckDB sends them: the cast then only relabels the UTC times, and polars
+# reads ``string`` as cheaply as ``large_string``)
+_BAR_ARROW = {
+    t.bars.name: pa.schema(
+        [
+            pa.field(f.name, pa.string()) if pa.types.is_large_string(f.type) else f
+            for f in pl.DataFrame(schema=t.schema).to_arrow().schema
+        ]
+    )
+    for t in BAR_TABLES
+}
 _SCALED = {"open", "high", "low", "close", "vwap"}
 
 
@@ -530,6 +541,8 @@ class DuckDBStore:
         # Labelling the naive UTC columns as UTC at the Arrow level is metadata only; doing it in
         # polars (replace_time_zone + casts) costs more than the query on small reads.
         frame: pl.DataFrame = pl.from_arrow(table.cast(_BAR_ARROW[bars]))  # type: ignore[assignment]
+        if len(symbols) == 1:  # one symbol: ordered when its times ascend (one pass, no expressions)
+            return frame if frame.get_column("ts").is_sorted() else frame.sort("ts")
         ordered = frame.select(
             ((pl.col("symbol") > pl.col("symbol").shift()) | (pl.col("ts") > pl.col("ts").shift()))
             .fill_null(True)
