@@ -184,6 +184,75 @@ async def bus_latency(url: str, rate: int, seconds: float, per_frame: int = 10) 
     return lat, got[0]
 
 
+def _wait_http(url: str, ok: Any = None, tries: int = 600) -> None:
+    import httpx
+
+    for _ in range(tries):
+        try:
+            r = httpx.get(url, timeout=1)
+            if ok is None or ok(r):
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer")
+
+
+def _holds_lease(r: Any) -> bool:
+    lines = r.text.splitlines()
+    return any(x.startswith("marketpipe_stream_lease_held{") and x.rstrip().endswith(" 1.0") for x in lines)
+
+
+def end_to_end(nats_url: str, rate: float, seconds: float, runs: int) -> dict[str, list[tuple[float, float, int]]]:
+    """Client-observed latency of a live price, upstream frame in -> /v1/stream client, in the same run:
+    ``direct``: simulator -> one gateway (its own upstream) -> client; ``bus``: simulator -> gateway A (the
+    lease holder, which publishes each frame) -> NATS -> gateway B -> a client of B. Both are the client's
+    receive time minus the ``received_at`` of the frame's oldest message, which is the time the process
+    holding the upstream took it in (it travels in the record), so ``bus`` - ``direct`` is what the bus adds.
+    Per run: (p50 ms, p99 ms, frames)."""
+    import stream as sb
+
+    ctx = mp.get_context("spawn")
+    tmp = Path(tempfile.mkdtemp(prefix="mp-bench-e2e-"))
+    sim_port = free_port()
+    sim = f"http://127.0.0.1:{sim_port}"
+    procs = [ctx.Process(target=sb.run_sim, args=(sim_port,), daemon=True)]
+    procs[0].start()
+    out: dict[str, list[tuple[float, float, int]]] = {"direct": [], "bus": []}
+
+    def gateway(name: str, bus: str | None) -> str:
+        port = free_port()
+        proc = ctx.Process(target=sb.run_gateway, args=(port, sim, str(tmp / f"{name}.duckdb"), bus), daemon=True)
+        proc.start()
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(url + "/health")
+        return url
+
+    def measure(kind: str, gw: str) -> None:
+        ws = "ws" + gw[4:] + "/v1/stream"
+        asyncio.run(sb.run_clients(ws, 1, 2.0, 1, True))  # warm: the subscription reaches the upstream
+        for _ in range(runs):
+            lat = [v for c in asyncio.run(sb.run_clients(ws, 1, seconds, 1, True)) for v in c.latencies]
+            out[kind].append((sb.pct(lat, 0.5), sb.pct(lat, 0.99), len(lat)))
+
+    try:
+        wait_up(sim)
+        sb.set_rate(sim, rate)
+        direct = gateway("direct", None)
+        measure("direct", direct)
+        procs.pop().terminate()
+        owner = gateway("owner", nats_url)
+        _wait_http(owner + "/metrics", _holds_lease)  # A holds the upstream before B starts
+        measure("bus", gateway("follower", nats_url))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(10)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--symbols", type=int, default=8)
@@ -192,6 +261,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--rate", type=int, default=10_000, help="live messages/s for the latency run")
+    ap.add_argument("--latency-only", action="store_true", help="skip the backfill runs")
     args = ap.parse_args()
 
     from tests.nats_server import NatsServer
@@ -219,7 +289,7 @@ def main() -> None:
         wait_up(sim_url)
         # warm the simulator's caches once (not timed)
         asyncio.run(single(config(sim_url, pg.database(), nats.url, args.page_limit), symbols, start, end))
-        for r in range(args.runs):
+        for r in range(0 if args.latency_only else args.runs):
             url = pg.database()
             t, n = asyncio.run(single(config(sim_url, url, nats.url, args.page_limit), symbols, start, end))
             times["single"].append(t)
@@ -238,20 +308,25 @@ def main() -> None:
                 bars[f"{k} workers"] = n
             print(f"run {r + 1}/{args.runs} done", file=sys.stderr)
         lats = [asyncio.run(bus_latency(nats.url, args.rate, 5.0)) for _ in range(args.runs)]
+        sim.terminate()  # the end-to-end runs start their own simulator, with its stream
+        e2e = end_to_end(nats.url, args.rate, 5.0, args.runs)
     finally:
         sim.terminate()
         nats.close()
         pg.close()
 
-    print(
-        f"\n{len(symbols)} symbols x {args.days} sessions of 1Min bars, page limit {args.page_limit}: "
-        f"{bars['single']:,} bars, {items} work items; {os.cpu_count()} cores; {args.runs} runs (min / median / max)"
-    )
-    print(f"{'run':14} {'seconds':>22} {'bars/s (median)':>16} {'vs single':>10}")
-    base = statistics.median(times["single"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:14} {min(ts):6.2f} / {med:6.2f} / {max(ts):6.2f} {bars[name] / med:16,.0f} {base / med:9.2f}x")
+    if not args.latency_only:
+        print(
+            f"\n{len(symbols)} symbols x {args.days} sessions of 1Min bars, page limit {args.page_limit}: "
+            f"{bars['single']:,} bars, {items} work items; {os.cpu_count()} cores; "
+            f"{args.runs} runs (min / median / max)"
+        )
+        print(f"{'run':14} {'seconds':>22} {'bars/s (median)':>16} {'vs single':>10}")
+        base = statistics.median(times["single"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            spread = f"{min(ts):6.2f} / {med:6.2f} / {max(ts):6.2f}"
+            print(f"{name:14} {spread} {bars[name] / med:16,.0f} {base / med:9.2f}x")
     p50s = sorted(statistics.median(lat) for lat, _ in lats)
     p99s = sorted(lat[int(len(lat) * 0.99)] for lat, _ in lats)
     got = [n for _, n in lats]
@@ -260,6 +335,23 @@ def main() -> None:
         f"5 s each ({min(got):,}-{max(got):,} messages received), min / median / max over {len(lats)} runs:\n"
         f"  p50 {p50s[0]:.2f} / {statistics.median(p50s):.2f} / {p50s[-1]:.2f} ms   "
         f"p99 {p99s[0]:.2f} / {statistics.median(p99s):.2f} / {p99s[-1]:.2f} ms   (target p99 < 5 ms)"
+    )
+
+    print(
+        f"\nend to end, upstream frame in -> /v1/stream client (1 client, {args.rate:,} msgs/s offered, 5 s a run), "
+        f"p50 / p99 ms per run; bus - direct = what the bus adds:"
+    )
+    for kind, label in (("direct", "direct: simulator -> gateway -> client"),
+                        ("bus", "bus: simulator -> owner -> NATS -> gateway -> client")):  # fmt: skip
+        runs = "   ".join(f"{p50:.2f} / {p99:.2f} ({n:,} frames)" for p50, p99, n in e2e[kind])
+        print(f"  {label:56} {runs}")
+    d99 = sorted(b[1] - d[1] for d, b in zip(e2e["direct"], e2e["bus"], strict=True))
+    d50 = sorted(b[0] - d[0] for d, b in zip(e2e["direct"], e2e["bus"], strict=True))
+    b99 = sorted(b[1] for b in e2e["bus"])
+    print(
+        f"  bus added (min / median / max): p50 {d50[0]:+.2f} / {statistics.median(d50):+.2f} / {d50[-1]:+.2f} ms, "
+        f"p99 {d99[0]:+.2f} / {statistics.median(d99):+.2f} / {d99[-1]:+.2f} ms;  "
+        f"owner -> gateway -> client p99 {b99[0]:.2f} / {statistics.median(b99):.2f} / {b99[-1]:.2f} ms (target < 5 ms)"
     )
 
 

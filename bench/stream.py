@@ -59,23 +59,26 @@ def run_sim(port: int) -> None:
     asyncio.run(main())
 
 
-def run_gateway(port: int, sim_url: str, store: str) -> None:
+def run_gateway(port: int, sim_url: str, store: str, bus_url: str | None = None) -> None:
+    """A gateway as ``marketpipe serve`` runs it, pinned to core 0; with ``bus_url``, one of the gateways
+    that share one upstream stream over the bus (bench/distributed.py)."""
     pin(0)
     import uvicorn
 
     from marketpipe.api.app import create_app
     from marketpipe.core.config import config_from_dict
 
-    cfg = config_from_dict(
-        {
-            "providers": {
-                "alpaca": {"base_url": sim_url, "plan": "unlimited", "rate_limit_per_min": 100_000},
-                "polygon": {"enabled": False},
-                "yahoo": {"enabled": False},
-            },
-            "stream": {"cross_check_seconds": 0, "client_queue": 200_000, "max_symbols_per_client": 50},
-        }
-    )
+    doc: dict[str, Any] = {
+        "providers": {
+            "alpaca": {"base_url": sim_url, "plan": "unlimited", "rate_limit_per_min": 100_000},
+            "polygon": {"enabled": False},
+            "yahoo": {"enabled": False},
+        },
+        "stream": {"cross_check_seconds": 0, "client_queue": 200_000, "max_symbols_per_client": 50},
+    }
+    if bus_url:
+        doc["bus"] = {"url": bus_url, "rate_share": False}
+    cfg = config_from_dict(doc)
     cfg.store.path = store
     os.environ.update(ENV)
     uvicorn.run(
