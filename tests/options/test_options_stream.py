@@ -4,9 +4,13 @@ channels only; alpaca-py's OptionDataStream works against it unchanged."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import httpx
 import msgpack
 import orjson
 from alpaca.data.enums import OptionsFeed
@@ -189,3 +193,114 @@ def test_gateway_options_stream_one_upstream_for_many_clients(tmp_path: Path) ->
             assert asyncio.run(json_client()) == [
                 {"T": "error", "code": 412, "msg": "option messages are only available in MsgPack format"}
             ]
+
+
+async def _until(done: Callable[[], bool], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not done():
+        assert time.monotonic() < deadline, f"not so after {within} s"
+        await asyncio.sleep(0.05)
+
+
+async def _closed_without_close_frame(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Read until the connection ends; it must end by a cut (TCP abort), not by a close frame."""
+    while True:
+        msg = await ws.receive(timeout=10)
+        if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
+            assert msg.type != aiohttp.WSMsgType.CLOSE, "a close frame: the connection was closed, not dropped"
+            return
+
+
+async def test_the_options_stream_drops_connections_now_and_after_auth_as_the_stock_stream(sim: SimServer) -> None:
+    stream = sim.options_stream
+    assert stream is not None
+    contract = "SPY261218C00240000"
+    async with httpx.AsyncClient(base_url=sim.url, timeout=10) as admin:
+        http, ws, _ = await _authed(sim, "opra")
+        try:
+            await ws.send_bytes(msgpack.packb({"action": "subscribe", "quotes": [contract]}))
+            await ws.receive(timeout=5)  # the subscription
+            assert msgpack.unpackb((await ws.receive(timeout=5)).data)[0]["T"] == "q"
+            bad = await admin.post("/_sim/options/stream/drop", json={"feed": "iex"})  # a stock feed
+            assert bad.status_code == 400
+            r = await admin.post("/_sim/options/stream/drop", json={"feed": "opra"})
+            assert r.status_code == 200 and r.json() == {"dropped": 1}
+            await _closed_without_close_frame(ws)
+        finally:
+            await ws.close()
+            await http.close()
+        assert (await admin.put("/_sim/options/stream/faults", json={"stall": True})).status_code == 400  # not played
+        r = await admin.put("/_sim/options/stream/faults", json={"drop_after_s": 0.2})
+        assert r.status_code == 200 and r.json()["faults"] == {"drop_after_s": 0.2}
+        http, ws, auth = await _authed(sim, "indicative")
+        try:
+            assert auth == [{"T": "success", "msg": "authenticated"}]  # authenticated, then cut
+            await ws.send_bytes(msgpack.packb({"action": "subscribe", "quotes": [contract]}))
+            await _closed_without_close_frame(ws)
+        finally:
+            await ws.close()
+            await http.close()
+        r = await admin.delete("/_sim/options/stream/faults")
+        assert r.json()["faults"] == {"drop_after_s": None} and stream.faults.drop_after_s is None
+        assert (await admin.get("/_sim/options/stream")).json()["stats"] == {"open": 0}
+
+
+def test_alpaca_py_through_the_gateway_keeps_receiving_when_the_gateways_upstream_drops(tmp_path: Path) -> None:
+    """The gateway's upstream options connection is cut by the vendor: the gateway re-opens it and subscribes
+    again; alpaca-py's OptionDataStream, on its one connection to the gateway, keeps receiving quotes. Like
+    the compatible stock stream, the gateway sends its clients nothing of the outage (Alpaca has no such
+    message): a raw client sees only the vendor's data messages."""
+    from marketpipe.api.app import create_app
+    from tests.api.conftest import ENV, gateway_config, serving
+
+    with SimServer() as vendor:
+        chain = OptionHistoricalDataClient("SIMKEY", "SIMSECRET", url_override=vendor.url).get_option_chain(
+            OptionChainRequest(underlying_symbol="QQQ", type="call")
+        )
+        contract = next(s for s, v in sorted(chain.items()) if v.latest_quote is not None)
+        app = create_app(gateway_config(vendor.url, tmp_path / "gw.duckdb"), env=ENV)
+        with serving(app) as url:
+            ws_url = "ws" + url[4:] + "/v1beta1/opra"
+            stream = OptionDataStream("ANY", "ANY", feed=OptionsFeed.OPRA, url_override=ws_url)
+            quotes: list[Any] = []
+
+            async def on_quote(q: object) -> None:
+                quotes.append(q)
+
+            stream.subscribe_quotes(on_quote, contract)
+
+            async def main() -> None:
+                task = asyncio.create_task(stream._run_forever())
+                http = aiohttp.ClientSession()
+                raw = await http.ws_connect(ws_url, headers=MSGPACK)
+                try:
+                    await raw.receive(timeout=5)  # connected
+                    await raw.send_bytes(msgpack.packb({"action": "auth", "key": "ANY", "secret": "ANY"}))
+                    await raw.receive(timeout=5)  # authenticated
+                    await raw.send_bytes(msgpack.packb({"action": "subscribe", "quotes": [contract]}))
+                    assert msgpack.unpackb((await raw.receive(timeout=5)).data)[0]["T"] == "subscription"
+                    await _until(lambda: len(quotes) >= 3)
+                    client_ws = stream._ws
+                    up = app.state.mp.options_live.upstreams["opra"]  # the one upstream, opened on first use
+                    assert up.connects == 1
+                    assert await asyncio.to_thread(vendor.drop_option_streams, "opra") == 1
+                    await _until(lambda: up.connects == 2)  # re-opened by the gateway, subscribed again
+                    reopened = up.connected_since
+                    assert reopened is not None and up.losses >= 1
+                    seen = len(quotes)
+                    await _until(lambda: any(q.timestamp >= reopened for q in quotes[seen:]))
+                    assert stream._ws is client_ws  # alpaca-py's own connection was never touched
+                    # what a client got across the outage: the vendor's data messages and nothing else
+                    got: list[dict[str, Any]] = []
+                    while not any(m["t"] >= reopened for m in got):
+                        got += msgpack.unpackb((await raw.receive(timeout=10)).data, timestamp=3)
+                    assert {m["T"] for m in got} == {"q"} and {m["S"] for m in got} == {contract}
+                finally:
+                    await stream.stop_ws()
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    await raw.close()
+                    await http.close()
+
+            asyncio.run(main())
+            assert quotes[0].symbol == contract
