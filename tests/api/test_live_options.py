@@ -20,6 +20,7 @@ from marketpipe.api.app import create_app
 from marketpipe.sim.server import SimServer
 
 from .conftest import ENV, gateway_config, serving
+from .test_live_api import sse_events
 from .test_live_crypto import LIVE, collect, frame, of, ws_url
 
 pytestmark = pytest.mark.timeout(60)
@@ -162,22 +163,6 @@ async def test_a_lost_upstream_fails_over_to_rest_labelled_delayed_then_the_lane
         lane = (await http.get("/health/datasource")).json()["live"]["options"]
         assert lane["primary"]["stream"]["connected"] is True
         assert sorted(lane["primary"]["stream"]["server_subscriptions"]["trades"]) == sorted([first, fresh])
-
-
-def sse_events(url: str, params: dict[str, str], done: Any) -> list[tuple[str, dict[str, Any]]]:
-    """``(event, data)`` of a Server-Sent Events stream until ``done(events)`` holds."""
-    events: list[tuple[str, dict[str, Any]]] = []
-    with httpx.stream("GET", url + "/v1/stream/sse", params=params, timeout=20) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        event = ""
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                events.append((event, orjson.loads(line[6:])))
-                if done(events):
-                    return events
-    raise AssertionError(f"the stream ended early: {sorted({e for e, _ in events})}")
 
 
 async def test_sse_takes_option_contracts_and_pairs_with_channels(gateway: str, contracts: list[str]) -> None:
