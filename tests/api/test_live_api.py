@@ -155,9 +155,10 @@ async def test_a_client_that_never_reads_is_dropped_and_others_carry_on(
         stream.configure(rate=500)
 
 
-async def test_sse(gateway: str) -> None:
+def sse_events(url: str, params: dict[str, str], done: Any) -> list[tuple[str, dict[str, Any]]]:
+    """``(event, data)`` of ``/v1/stream/sse`` until ``done(events)`` holds."""
     events: list[tuple[str, dict[str, Any]]] = []
-    with httpx.stream("GET", gateway + "/v1/stream/sse", params={"symbols": "AAPL"}, timeout=10) as r:
+    with httpx.stream("GET", url + "/v1/stream/sse", params=params, timeout=20) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         event = ""
         for line in r.iter_lines():
@@ -165,8 +166,13 @@ async def test_sse(gateway: str) -> None:
                 event = line[7:]
             elif line.startswith("data: "):
                 events.append((event, orjson.loads(line[6:])))
-                if sum(1 for e, _ in events if e == "price") >= 5:
-                    break
+                if done(events):
+                    return events
+    raise AssertionError(f"the stream ended early: {sorted({e for e, _ in events})}")
+
+
+async def test_sse(gateway: str) -> None:
+    events = sse_events(gateway, {"symbols": "AAPL"}, lambda ev: sum(1 for e, _ in ev if e == "price") >= 5)
     kinds = [e for e, _ in events]
     assert "welcome" in kinds and kinds.count("price") >= 5
     # the client left: nothing of it is kept, upstream included

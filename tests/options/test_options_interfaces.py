@@ -347,6 +347,33 @@ async def test_chain_snapshots_stored_over_time_and_read_back(sim: SimServer, tm
     assert pl.read_parquet(files).sort("contract", "as_of").equals(hist.drop("quote_score"))
 
 
+async def test_one_snapshot_of_a_chain_of_many_pages_is_one_observation_with_one_as_of(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """Every page of one snapshot is stamped with the snapshot's start, so the stored history has one
+    ``as_of`` per snapshot (not one per page); each page keeps its own ``fetched_at`` and every contract
+    the vendor's own quote and trade times."""
+    from marketpipe.core.config import config_from_dict
+
+    cfg = config_from_dict({"providers": {"alpaca": {"base_url": sim.url, "plan": "unlimited"}}})
+    with DuckDBStore(tmp_path / "s.duckdb") as store:
+        svc = OptionsData(cfg, env=SIM_KEYS, store=lambda: store)
+        try:
+            raw = vendor_chain(sim.url)
+            first = await svc.snapshot_chain("SPY", page_size=500)
+            second = await svc.snapshot_chain("SPY", page_size=500)
+            hist = await svc.history("SPY")
+        finally:
+            await svc.aclose()
+    assert len(raw) > 2 * 500  # several pages each time
+    assert first.as_of is not None and second.as_of is not None and first.as_of < second.as_of
+    assert sorted(hist["as_of"].unique()) == [first.as_of, second.as_of]  # one as_of a snapshot
+    assert first.stored == first.contracts == hist.filter(pl.col("as_of") == first.as_of).height
+    assert hist.filter(pl.col("as_of") == first.as_of)["fetched_at"].n_unique() > 1  # the pages' own times
+    quoted = hist.filter(pl.col("as_of") == first.as_of, pl.col("quote_ts").is_not_null())
+    assert quoted["quote_ts"].n_unique() > 1  # the vendor's own per-contract times, not the snapshot's
+
+
 def test_cli_snapshot_then_history_reads_it_back_from_the_store(sim: SimServer, tmp_path: Path) -> None:
     cfg = tmp_path / "m.toml"
     cfg.write_text(f'[providers.alpaca]\nbase_url = "{sim.url}"\nplan = "unlimited"\n')

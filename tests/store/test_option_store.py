@@ -141,3 +141,56 @@ def _make_v6(engine: str, target: str) -> None:
         con.execute(f"DROP TABLE {', '.join(names)}")
         con.execute("DELETE FROM schema_migrations WHERE version >= 7")
         con.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+
+
+def _drop_table(engine: str, target: str, store: Store, table: str) -> None:
+    """Break a store under a running gateway, as an operator's mistake would (DuckDB: through the gateway's
+    own connection, the one process that may hold the file)."""
+    if engine == "duckdb":
+        store.con.execute(f"DROP TABLE {table}")  # type: ignore[attr-defined]
+    else:
+        import psycopg
+
+        with psycopg.connect(target, autocommit=True) as con:
+            con.execute(f"DROP TABLE {table}")
+
+
+def test_store_info_and_readiness_count_the_option_tables(
+    make_store: Callable[..., Store], store_target: str, engine: str, sim: object
+) -> None:
+    """``counts()`` — what ``marketpipe store info`` prints and what ``/health/ready`` probes — covers the
+    option tables: each snapshot row once however often it is written; an option table that cannot be read
+    makes the store not ready."""
+    import asyncio
+
+    from marketpipe.api.app import create_app
+    from tests.api.conftest import gateway_config
+    from tests.api.test_hardening import SECRET_ENV, asgi, close
+    from tests.cli.test_cli import run
+
+    store = make_store()
+    rows, bad = snapshot()
+    assert store.write_option_snapshot(rows, bad) == (2, 1)
+    assert store.write_option_snapshot(rows, bad) == (0, 0)
+    counts = store.counts()
+    assert (counts["option_snapshots"], counts["option_quarantine"]) == (2, 1)
+    store.close()  # DuckDB: one process holds the file at a time
+    info = run("store", "info", "--store", store_target)
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert "'option_snapshots': 2" in info.stdout and "'option_quarantine': 1" in info.stdout, info.stdout
+
+    async def readiness() -> None:
+        app = create_app(gateway_config(sim.url, store_target), env=SECRET_ENV)  # type: ignore[attr-defined, arg-type]
+        try:
+            async with asgi(app) as c:
+                r = await c.get("/health/ready")
+                assert r.status_code == 200 and r.json()["checks"]["store"] == "ok"
+                _drop_table(engine, store_target, app.state.mp.data.store, "option_quarantine")
+                r = await c.get("/health/ready")
+                store_check = str(r.json()["checks"]["store"])
+                assert r.status_code == 503 and store_check.startswith("STORE_ERROR")
+                assert "option_quarantine" in store_check
+        finally:
+            await close(app)
+
+    asyncio.run(readiness())

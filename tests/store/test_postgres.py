@@ -373,5 +373,7 @@ def test_a_copy_that_meets_held_rows_goes_the_staged_way(pg_url: str, monkeypatc
             "ingest_log": 4,
             "crypto_bars": 0,
             "crypto_quarantine": 0,
+            "option_snapshots": 0,
+            "option_quarantine": 0,
         }
         assert s.ingest_log()["rows_stored"].to_list() == [2, 4, 3, 5]

@@ -21,6 +21,11 @@ Protocol of ``/v1/stream`` (every server frame is a JSON array of messages, like
 * a bad message or symbol gets ``{"type": "error", "code": ..., "message": ...}`` and the
   connection stays open.
 
+``/v1/stream/sse?symbols=AAPL,BTC/USD,SPY261218C00240000&channels=prices,quotes`` takes the same symbols
+(stocks, pairs, OCC contracts) and channels (default ``prices``) and sends the same messages as
+Server-Sent Events, each an event named by its ``type`` (``welcome``, ``price``, ``trade``, ``quote``,
+``status``, ...); a bad symbol, contract or channel is a 400 before the stream starts.
+
 When client keys are configured (``MARKETPIPE_API_KEYS``) the stream takes the key as
 ``Authorization: Bearer KEY``, ``X-API-Key`` or ``?token=KEY`` (browsers cannot set headers on a
 WebSocket); a missing or wrong key refuses the upgrade (HTTP 403).
@@ -47,6 +52,7 @@ from marketpipe.core.errors import (
     InvalidAction,
     InvalidArgument,
     InvalidMessage,
+    InvalidSymbol,
     InvalidSymbols,
     MarketpipeError,
     MessageTooLarge,
@@ -55,6 +61,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
 from marketpipe.core.schema import normalize_symbols
 from marketpipe.service.live import PRICES, FanoutClient, LiveHub, observe_delivery, v1_json
+from marketpipe.service.live.fanout import V1_TYPES, Item
 
 log = get_logger("marketpipe.api.live")
 
@@ -214,15 +221,30 @@ def live_router() -> APIRouter:
         await run_connection(hub, client, writer(), reader())
         await close_with_reason(ws, client)
 
-    @r.get("/v1/stream/sse", summary="Unified price updates as Server-Sent Events (?symbols=AAPL,MSFT)")
+    @r.get(
+        "/v1/stream/sse",
+        summary="Unified price updates as Server-Sent Events (?symbols=AAPL,BTC/USD,SPY261218C00240000)",
+    )
     async def sse(
-        request: Request, symbols: Annotated[str, Query(description="comma-separated symbols", min_length=1)]
+        request: Request,
+        symbols: Annotated[
+            str, Query(description="comma-separated stocks, crypto pairs and OCC option contracts", min_length=1)
+        ],
+        channels: Annotated[
+            str | None, Query(description=f"comma-separated, of {', '.join(V1_CHANNELS)} (default prices)")
+        ] = None,
     ) -> Response:
         hub = hub_of(request.app)
-        syms = normalize_symbols(symbols)  # a bad symbol is a 400 before the stream starts
+        syms = sse_symbols(symbols)  # a bad symbol or contract is a 400 before the stream starts
+        wanted = list(dict.fromkeys(c.strip() for c in (channels or PRICES).split(",") if c.strip()))
+        if not wanted or any(c not in V1_CHANNELS for c in wanted):
+            raise InvalidArgument(
+                f"channels must be a comma-separated list of {', '.join(V1_CHANNELS)}",
+                details={"parameter": "channels"},
+            )
         limit = hub.settings.max_symbols_per_client
-        if len(set(syms)) > limit:
-            raise InvalidArgument(f"at most {limit} symbols per client", details={"parameter": "symbols"})
+        if len(syms) * len(wanted) > limit:
+            raise InvalidArgument(f"at most {limit} subscriptions per client", details={"parameter": "symbols"})
         host = request.client.host if request.client else ""
         sent = FANOUT_MESSAGES.labels("sse")
         latency = FANOUT_LATENCY.labels("sse")
@@ -234,7 +256,8 @@ def live_router() -> APIRouter:
             try:
                 client.notice(_welcome(hub, client))
                 try:
-                    await hub.subscribe(client, PRICES, syms)
+                    for channel in wanted:
+                        await hub.subscribe(client, channel, syms)
                 except MarketpipeError as exc:
                     client.notice(_error(exc.code, exc.message, **(exc.details or {})))
                     client.close()
@@ -248,7 +271,7 @@ def live_router() -> APIRouter:
                     if not notices and not items:
                         return
                     out = [b"event: %s\ndata: %s\n\n" % (n["type"].encode(), orjson.dumps(n)) for n in notices]
-                    out += [b"event: price\ndata: %s\n\n" % it.encoded(V1_JSON, v1_json) for it in items]
+                    out += [b"event: %s\ndata: %s\n\n" % (_event(it), it.encoded(V1_JSON, v1_json)) for it in items]
                     yield b"".join(out)
                     sent.inc(len(items))
                     observe_delivery(latency, items)
@@ -283,6 +306,19 @@ def live_router() -> APIRouter:
         return Response(orjson.dumps(doc, default=str), media_type=MEDIA["json"])
 
     return r
+
+
+def sse_symbols(raw: str) -> list[str]:
+    """``/v1/stream/sse``'s ``symbols``, keyed as ``/v1/stream`` keys them (stocks, pairs, OCC contracts)."""
+    syms = list(dict.fromkeys(LiveHub.stream_symbol(PRICES, s.strip()) for s in raw.split(",") if s.strip()))
+    if not syms:
+        raise InvalidSymbol("no symbols given")
+    return syms
+
+
+def _event(item: Item) -> bytes:
+    """The SSE event name of an item: ``price``, or the stream record's type (``trade``, ``quote``, ...)."""
+    return b"price" if item.channel == PRICES else V1_TYPES.get(item.channel, item.channel).encode()
 
 
 async def close_with_reason(ws: WebSocket, client: FanoutClient) -> None:

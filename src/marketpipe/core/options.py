@@ -135,7 +135,8 @@ def occ_fields(col: str = "contract") -> list[pl.Expr]:
 # --- frames ------------------------------------------------------------------------------------------
 
 # One row per contract per snapshot: the chain as the vendor sent it, with the contract's OCC fields.
-# ``as_of`` is when marketpipe asked (the key of a stored history of chains, with ``contract``);
+# ``as_of`` is when marketpipe asked (the key of a stored history of chains, with ``contract``): one
+# instant for every page of one chain or snapshot request (its start), while ``fetched_at`` is each page's;
 # ``greeks_missing`` is null when the vendor sent greeks and IV, else the reason they are null.
 OPTION_SNAPSHOT_SCHEMA: dict[str, pl.DataType] = {
     "contract": pl.String(),

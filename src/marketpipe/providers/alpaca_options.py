@@ -203,7 +203,7 @@ class AlpacaOptionsProvider(HttpProvider):
         )
         if updated_since is not None:
             params["updated_since"] = rfc3339(updated_since)
-        async for page in self._snapshot_pages(chain_path(und), params, und, fd, "option chain"):
+        async for page in self._snapshot_pages(chain_path(und), params, und, fd, "option chain", self._now()):
             yield page
 
     async def chain(self, underlying: str, **kw: Any) -> pl.DataFrame:
@@ -214,17 +214,21 @@ class AlpacaOptionsProvider(HttpProvider):
         occs = self._live(contracts)
         fd = self.feed(feed)
         frames = []
+        as_of = self._now()  # one observation, however many requests its contracts take
         for part in _chunks(occs):
             params = {"symbols": ",".join(o.symbol for o in part), "feed": fd, "limit": SNAPSHOT_MAX_LIMIT}
-            frames += [f async for f, _ in self._snapshot_pages(SNAPSHOTS_PATH, params, None, fd, "option snapshots")]
+            pages = self._snapshot_pages(SNAPSHOTS_PATH, params, None, fd, "option snapshots", as_of)
+            frames += [f async for f, _ in pages]
         return pl.concat(frames) if frames else pl.DataFrame(schema=OPTION_SNAPSHOT_SCHEMA)
 
     async def _snapshot_pages(
-        self, path: str, params: dict[str, Any], underlying: str | None, feed: str, what: str
+        self, path: str, params: dict[str, Any], underlying: str | None, feed: str, what: str, as_of: datetime
     ) -> AsyncIterator[tuple[pl.DataFrame, str]]:
+        """The pages of one logical observation: every row has the same ``as_of``, the time the first page
+        was asked for, so a chain of many pages is one snapshot in the store's key (contract, as_of, source,
+        feed); ``fetched_at`` is each page's own time, the vendor's quote and trade times stay as sent."""
         async for page, resp in _pages(self._http, path, params, SnapshotsPage, what, offload=False):
-            as_of = self._now()
-            frame = snapshots_to_frame(page.snapshots or {}, underlying, as_of, self._source(resp), feed, as_of)
+            frame = snapshots_to_frame(page.snapshots or {}, underlying, as_of, self._source(resp), feed, self._now())
             yield frame, resp.headers.get("x-request-id") or uuid.uuid4().hex[:16]
 
     # --- latest --------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 MessagePack only (the upgrade says ``Content-Type: application/msgpack``; the vendor answers JSON
 clients with 412), channels ``trades`` and ``quotes`` only, no ``*`` for quotes (413, refused here before
 asking). One connection; :meth:`OptionsUpstream.subscribe` / :meth:`unsubscribe` send the changes, and the
-connection is re-opened (with backoff) and re-subscribed when it drops. Each data message becomes a
+connection is re-opened (with jittered backoff, reset once a connection has stayed up ``HEALTHY_SECONDS``)
+and re-subscribed when it drops. Each data message becomes a
 canonical option tick (:func:`tick_of`: a dict naming its ``source`` and ``feed``) handed to ``on_tick``.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +36,7 @@ from marketpipe.wire.alpaca_stream import MSGPACK_CONTENT_TYPE, ws_scheme
 
 log = get_logger("marketpipe.providers.alpaca_options_stream")
 CONNECT_SECONDS = 10.0
+HEALTHY_SECONDS = 10.0  # a connection up this long resets the reconnect backoff (the stock stream's rule)
 
 
 def tick_of(msg: dict[str, Any], source: str, feed: str, received: datetime) -> dict[str, Any] | None:
@@ -145,6 +148,11 @@ class OptionsUpstream:
             wanted = {c: sorted(s) for c, s in self.subs.items() if s}
             if wanted:
                 await ws.send(msgpack.packb({"action": "subscribe", **wanted}))
+        except ConnectionClosed as exc:  # dropped during the handshake: an attempt that failed, tried again
+            await ws.close()
+            raise StreamUnavailable(
+                f"alpaca options stream: {self.url} closed the connection before it was ready", provider="alpaca"
+            ) from exc
         except BaseException:
             await ws.close()
             raise
@@ -170,6 +178,7 @@ class OptionsUpstream:
         while True:
             ws = self._ws
             if ws is not None:
+                opened = time.monotonic()
                 try:
                     async for raw in ws:
                         now = datetime.now(UTC)
@@ -189,11 +198,12 @@ class OptionsUpstream:
                 self._ws = None
                 self.losses += 1
                 log.warning("options_stream_disconnected", feed=self.feed)
+                if time.monotonic() - opened >= HEALTHY_SECONDS:
+                    attempt = 0  # a vendor that drops every connection at once is not re-dialled flat out
             try:
                 await asyncio.sleep(random.uniform(0, min(5.0, 0.2 * 2**attempt)))  # full jitter
                 attempt += 1
                 await self._open()
-                attempt = 0
             except MarketpipeError as exc:
                 self.failure = exc
                 self.losses += 1

@@ -13,6 +13,15 @@ Data: every ``1 / rate`` seconds, for each subscribed contract, its quote (``T:"
 its last trade (``T:"t"``) from :class:`~marketpipe.sim.options.OptionsMarket` (so the stream agrees with
 the REST snapshot), stamped with the wall clock as msgpack Timestamp extension values; ``*`` in ``trades``
 streams nothing (the simulator has no universe of every contract).
+
+Faults, as the stock stream's (:class:`~marketpipe.sim.stream.StreamControl`): ``faults`` is a
+:class:`~marketpipe.sim.stream.DropFaults` — ``drop_after_s``: every authenticated connection is dropped
+(TCP abort, no close frame) this many seconds after auth, before any more data, so a reconnect loop meets
+the fault again on every connection. :meth:`OptionsStream.drop` (from another thread:
+``SimServer.drop_option_streams``) drops the connections open now (``abrupt``: TCP abort, else a close
+frame 1001). HTTP control (no auth, never faulted): ``GET /_sim/options/stream``,
+``PUT``/``DELETE /_sim/options/stream/faults``, ``POST /_sim/options/stream/drop`` (optional body
+``{"feed": "opra", "abrupt": true}``).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +42,7 @@ from marketpipe.core.options import OccSymbol, parse_occ
 from marketpipe.sim.admin import SIM_HEADER
 from marketpipe.sim.data import NS_PER_SEC
 from marketpipe.sim.options import OptionsMarket
+from marketpipe.sim.stream import DropFaults, StreamConn, StreamControl
 from marketpipe.wire.alpaca_options import FEEDS, JSON_REFUSED, STAR_QUOTES_REFUSED, STREAM_CHANNELS, stream_path
 from marketpipe.wire.alpaca_stream import AUTHENTICATED, CONNECTED, ERROR_MESSAGES, MSGPACK_CONTENT_TYPE
 
@@ -42,7 +53,12 @@ def _error(code: int, msg: str | None = None) -> dict[str, Any]:
     return {"T": "error", "code": code, "msg": msg or ERROR_MESSAGES[code]}
 
 
-class OptionsStream:
+@dataclass(eq=False)
+class _Conn(StreamConn):
+    authed_at: float = 0.0  # loop time
+
+
+class OptionsStream(StreamControl[_Conn, DropFaults]):
     """The options stream endpoints over an :class:`OptionsMarket` (one per simulator)."""
 
     def __init__(
@@ -53,11 +69,11 @@ class OptionsStream:
         rate: float = 20.0,
         auth_timeout_s: float = 10.0,
     ) -> None:
+        super().__init__(DropFaults, FEEDS)
         self.options = options
         self.keys = keys
         self.rate = rate
         self.auth_timeout_s = auth_timeout_s
-        self._sockets: set[web.WebSocketResponse] = set()
 
     def mount(self, app: web.Application) -> None:
         paths = {stream_path(feed): feed for feed in FEEDS}
@@ -72,11 +88,12 @@ class OptionsStream:
             return await handler(request)
 
         app.middlewares.insert(0, options_stream_first)
+        self.add_control_routes(app, "/_sim/options/stream")
         app.on_shutdown.append(self._close_all)
 
     async def _close_all(self, _: web.Application) -> None:
-        for ws in list(self._sockets):
-            await ws.close(code=1001)
+        for conn in list(self._conns):
+            await conn.ws.close(code=1001)
 
     async def handle(self, request: web.Request, feed: str) -> web.StreamResponse:
         ws = web.WebSocketResponse(autoping=True)
@@ -87,20 +104,24 @@ class OptionsStream:
             await ws.send_str(orjson.dumps([_error(code, msg)]).decode())
             await ws.close(code=1008)
             return ws
-        self._sockets.add(ws)
+        conn = _Conn(ws, request, feed)
+        self._conns.add(conn)
         subs: dict[str, dict[str, OccSymbol | None]] = {c: {} for c in STREAM_CHANNELS}
         pump: asyncio.Task[None] | None = None
         try:
             await ws.send_bytes(_MSGPACK.encode([CONNECTED]))
             if not await self._auth(ws, feed):
                 return ws
-            pump = asyncio.create_task(self._pump(ws, feed, subs))
+            conn.authed_at = asyncio.get_running_loop().time()
+            pump = asyncio.create_task(self._pump(conn, subs))
             async for frame in ws:
                 if frame.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
                     break
                 await self._on_message(ws, frame.data, subs)
+        except ConnectionError:
+            pass  # dropped, or the client went away mid-send
         finally:
-            self._sockets.discard(ws)
+            self._conns.discard(conn)
             if pump is not None:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -187,10 +208,15 @@ class OptionsStream:
                     subs[channel].pop(sym, None)
         await self._send(ws, [{"T": "subscription", **{c: list(subs[c]) for c in STREAM_CHANNELS}}])
 
-    async def _pump(self, ws: web.WebSocketResponse, feed: str, subs: dict[str, dict[str, OccSymbol | None]]) -> None:
+    async def _pump(self, conn: _Conn, subs: dict[str, dict[str, OccSymbol | None]]) -> None:
+        ws, feed = conn.ws, conn.feed
         period = 1.0 / self.rate
+        loop = asyncio.get_running_loop()
         while not ws.closed:
             await asyncio.sleep(period)
+            if self.faults.drop_due(conn.authed_at, loop.time()):
+                conn.abort()
+                return
             now = datetime.now(UTC)
             now_ns = int(now.timestamp()) * NS_PER_SEC + now.microsecond * 1000
             out: list[dict[str, Any]] = []
@@ -204,4 +230,7 @@ class OptionsStream:
                         continue
                     out.append({"T": letter, "S": sym, **{k: v for k, v in row.items() if k != "t"}, "t": now})
             if out:
-                await self._send(ws, out)
+                try:
+                    await self._send(ws, out)
+                except ConnectionError:
+                    return  # dropped, or gone

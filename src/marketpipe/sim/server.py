@@ -58,7 +58,8 @@ class SimServer:
 
     The Alpaca face also serves the real-time stream (``/v2/iex``, ``/v2/sip``, ``/v2/test``; see
     :mod:`marketpipe.sim.stream`): ``stream`` is its :class:`AlpacaStream` (``None`` for other
-    vendors), configured by ``stream_config``, with live ``stream.faults``.
+    vendors), configured by ``stream_config``, with live ``stream.faults``; ``options_stream`` (once
+    started) is the options stream (``/v1beta1/{indicative,opra}``), with live ``options_stream.faults``.
     """
 
     def __init__(
@@ -124,6 +125,17 @@ class SimServer:
         if loop is None:
             return self.stream.drop(feed, abrupt=abrupt)  # start_async: we are on the server's loop
         return self.stream.drop_threadsafe(loop, feed, abrupt=abrupt)
+
+    def drop_option_streams(self, feed: str | None = None, *, abrupt: bool = True) -> int:
+        """Drop the open options stream connections (of ``indicative`` or ``opra``, or all) from any
+        thread; returns how many."""
+        stream = self.options_stream
+        if stream is None:
+            return 0
+        loop = self._loop
+        if loop is None:
+            return stream.drop(feed, abrupt=abrupt)  # start_async: we are on the server's loop
+        return stream.drop_threadsafe(loop, feed, abrupt=abrupt)
 
     def stats(self) -> dict[str, Any]:
         """``{"requests": total data requests, "by_path": {...}, "by_status": {...}}``"""

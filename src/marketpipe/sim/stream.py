@@ -107,7 +107,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from datetime import time as dtime
 from operator import itemgetter
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgpack
 import msgspec
@@ -170,14 +170,24 @@ class StreamConfig:
             raise ValueError("stream config: bar_interval_s must be > 0 (or None)")
 
 
-class StreamFaults(msgspec.Struct, kw_only=True):
+class DropFaults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The fault every simulated stream plays (this one and the options stream): ``drop_after_s``. A fault
+    a stream does not play is refused, not ignored."""
+
+    drop_after_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+    def drop_due(self, authed_at: float, now: float) -> bool:
+        """A connection authenticated at loop time ``authed_at`` is to be dropped at ``now``."""
+        return self.drop_after_s is not None and now - authed_at >= self.drop_after_s
+
+
+class StreamFaults(DropFaults, kw_only=True):
     """Live stream faults; see the module docstring."""
 
     stall: bool = False
     rate_factor: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     malformed: Literal["text", "unknown_type"] | None = None
     reject_auth: bool = False
-    drop_after_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 # --- encoded replay material ------------------------------------------------------------------------
@@ -318,10 +328,21 @@ def _cyclic(items: list[bytes], pos: int, n: int) -> list[bytes]:
 
 
 @dataclass(eq=False)
-class _Conn:
+class StreamConn:
+    """What dropping a connection needs: its socket, its request (for the TCP abort) and its feed."""
+
     ws: web.WebSocketResponse
     request: web.Request
     feed: str
+
+    def abort(self) -> None:
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+
+
+@dataclass(eq=False)
+class _Conn(StreamConn):
     binary: bool
     key: str = ""
     plan_name: str = ""
@@ -343,45 +364,35 @@ class _Conn:
     async def send(self, frame: bytes) -> None:
         await self.ws.send_frame(frame, WSMsgType.BINARY if self.binary else WSMsgType.TEXT)
 
-    def abort(self) -> None:
-        transport = self.request.transport
-        if transport is not None:
-            transport.abort()
-
 
 # --- the stream ---------------------------------------------------------------------------------------
 
 
-class AlpacaStream:
-    """The stream endpoints of one simulator. Mounted by ``SimServer`` on the Alpaca face; its
-    ``faults`` and ``config`` may be changed from any thread while it runs."""
+C = TypeVar("C", bound=StreamConn)
+F = TypeVar("F", bound=DropFaults)
 
-    def __init__(self, market: SimMarket, keys: dict[str, tuple[str, str]], config: StreamConfig | None = None) -> None:
-        self.market = market
-        self.keys = keys
-        self.config = config if config is not None else StreamConfig()
-        self.faults = StreamFaults()
-        self._conns: set[_Conn] = set()
-        self._active: dict[tuple[str, str], _Conn] = {}
-        self._sources: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self._counters = {"connections": 0, "messages": 0, "frames": 0, "bars": 0}
+
+class StreamControl(Generic[C, F]):
+    """What the simulator's stock and options streams share: live ``faults`` (replaced whole, from any
+    thread), dropping the open connections, and the HTTP control routes under a prefix
+    (``GET {prefix}``, ``PUT``/``DELETE {prefix}/faults``, ``POST {prefix}/drop`` with an optional body
+    ``{"feed": ..., "abrupt": true}``). A subclass keeps its open connections in ``_conns``."""
+
+    def __init__(self, faults_type: type[F], feeds: tuple[str, ...]) -> None:
+        self.faults_type = faults_type
+        self.feeds = feeds
+        self.faults: F = faults_type()
+        self._conns: set[C] = set()
         self._closing: set[asyncio.Task[Any]] = set()
 
-    # --- control --------------------------------------------------------------------------------------
-    def configure(self, **changes: Any) -> StreamConfig:
-        """Replace config fields (e.g. ``rate=50_000``); running connections pick them up."""
-        self.config = replace(self.config, **changes)
-        return self.config
-
-    def set_faults(self, faults: StreamFaults | None = None, **fields: Any) -> StreamFaults:
-        """Replace the faults at once: ``set_faults(stall=True)`` or ``set_faults(StreamFaults(...))``."""
-        new = faults if faults is not None else msgspec.convert(fields, StreamFaults)
+    def set_faults(self, faults: F | None = None, **fields: Any) -> F:
+        """Replace the faults at once: ``set_faults(drop_after_s=0.5)`` or ``set_faults(StreamFaults(...))``."""
+        new = faults if faults is not None else msgspec.convert(fields, self.faults_type)
         self.faults = new
         return new
 
     def clear_faults(self) -> None:
-        self.faults = StreamFaults()
+        self.faults = self.faults_type()
 
     def drop(self, feed: str | None = None, *, abrupt: bool = True) -> int:
         """Drop the open connections (of one feed, or all); returns how many. Call it on the server's
@@ -404,63 +415,27 @@ class AlpacaStream:
         return self.drop(feed, abrupt=abrupt)
 
     def stats(self) -> dict[str, Any]:
-        """Open and authenticated connections now; totals since start: connections, data messages
-        (trades and quotes), data frames, bar messages."""
-        return {
-            "open": len(self._conns),
-            "authenticated": len(self._active),
-            **self._counters,
-        }
+        return {"open": len(self._conns)}
 
-    # --- mounting -------------------------------------------------------------------------------------
-    def mount(self, app: web.Application) -> None:
-        """Serve the stream paths ahead of the face's middleware (no REST auth, rate limits or HTTP
-        faults on the upgrade), add the ``/_sim/stream`` control routes, close streams on shutdown."""
+    # --- HTTP control ---------------------------------------------------------------------------------
+    def add_control_routes(self, app: web.Application, prefix: str) -> None:
+        app.router.add_get(prefix, self._admin_get)
+        app.router.add_put(f"{prefix}/faults", self._admin_put_faults)
+        app.router.add_delete(f"{prefix}/faults", self._admin_delete_faults)
+        app.router.add_post(f"{prefix}/drop", self._admin_drop)
 
-        @web.middleware
-        async def stream_first(
-            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-        ) -> web.StreamResponse:
-            feed = feed_of_path(request.path)
-            if feed is not None:
-                return await self.handle(request, feed)
-            return await handler(request)
+    def _admin_doc(self) -> dict[str, Any]:
+        return {"faults": msgspec.to_builtins(self.faults), "stats": self.stats()}
 
-        app.middlewares.insert(0, stream_first)
-        app.router.add_get("/_sim/stream", self._admin_get)
-        app.router.add_put("/_sim/stream/faults", self._admin_put_faults)
-        app.router.add_delete("/_sim/stream/faults", self._admin_delete_faults)
-        app.router.add_post("/_sim/stream/drop", self._admin_drop)
-        app.on_shutdown.append(self._on_shutdown)
-
-    async def _on_shutdown(self, _: web.Application) -> None:
-        conns = list(self._conns)
-        for c in conns:
-            if c.emitter is not None:
-                c.emitter.cancel()
-        closing = {
-            asyncio.ensure_future(c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")): c for c in conns
-        }
-        for task in closing:
-            task.add_done_callback(_retrieve)
-        if closing:
-            # a client that reads nothing would hold its close (and the server's stop) forever
-            _done, stuck = await asyncio.wait(closing, timeout=self.config.close_timeout_s + 0.5)
-            for task in stuck:
-                closing[task].abort()
-
-    # --- admin ----------------------------------------------------------------------------------------
     def _admin_state(self) -> web.Response:
-        cfg = asdict(self.config)
-        body = {"faults": msgspec.to_builtins(self.faults), "config": cfg, "stats": self.stats()}
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        return web.Response(body=orjson.dumps(self._admin_doc()), content_type="application/json")
 
     async def _admin_get(self, _: web.Request) -> web.Response:
         return self._admin_state()
 
     async def _admin_put_faults(self, request: web.Request) -> web.Response:
         try:
-            self.faults = msgspec.json.decode(await request.read(), type=StreamFaults)
+            self.faults = msgspec.json.decode(await request.read(), type=self.faults_type)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return web.Response(
                 body=orjson.dumps({"message": f"invalid stream faults: {exc}"}),
@@ -480,8 +455,8 @@ class AlpacaStream:
             if not isinstance(opts, dict):
                 raise TypeError("body must be an object")
             feed, abrupt = opts.get("feed"), opts.get("abrupt", True)
-            if (feed is not None and feed not in FEEDS) or not isinstance(abrupt, bool):
-                raise ValueError(f"feed one of {FEEDS}, abrupt a bool")
+            if (feed is not None and feed not in self.feeds) or not isinstance(abrupt, bool):
+                raise ValueError(f"feed one of {self.feeds}, abrupt a bool")
         except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
             return web.Response(
                 body=orjson.dumps({"message": f"invalid drop request: {exc}"}),
@@ -491,6 +466,73 @@ class AlpacaStream:
         return web.Response(
             body=orjson.dumps({"dropped": self.drop(feed, abrupt=abrupt)}), content_type="application/json"
         )
+
+
+class AlpacaStream(StreamControl[_Conn, StreamFaults]):
+    """The stream endpoints of one simulator. Mounted by ``SimServer`` on the Alpaca face; its
+    ``faults`` and ``config`` may be changed from any thread while it runs."""
+
+    def __init__(self, market: SimMarket, keys: dict[str, tuple[str, str]], config: StreamConfig | None = None) -> None:
+        super().__init__(StreamFaults, FEEDS)
+        self.market = market
+        self.keys = keys
+        self.config = config if config is not None else StreamConfig()
+        self._active: dict[tuple[str, str], _Conn] = {}
+        self._sources: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._counters = {"connections": 0, "messages": 0, "frames": 0, "bars": 0}
+
+    # --- control --------------------------------------------------------------------------------------
+    def configure(self, **changes: Any) -> StreamConfig:
+        """Replace config fields (e.g. ``rate=50_000``); running connections pick them up."""
+        self.config = replace(self.config, **changes)
+        return self.config
+
+    def stats(self) -> dict[str, Any]:
+        """Open and authenticated connections now; totals since start: connections, data messages
+        (trades and quotes), data frames, bar messages."""
+        return {
+            "open": len(self._conns),
+            "authenticated": len(self._active),
+            **self._counters,
+        }
+
+    def _admin_doc(self) -> dict[str, Any]:
+        return {"faults": msgspec.to_builtins(self.faults), "config": asdict(self.config), "stats": self.stats()}
+
+    # --- mounting -------------------------------------------------------------------------------------
+    def mount(self, app: web.Application) -> None:
+        """Serve the stream paths ahead of the face's middleware (no REST auth, rate limits or HTTP
+        faults on the upgrade), add the ``/_sim/stream`` control routes, close streams on shutdown."""
+
+        @web.middleware
+        async def stream_first(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            feed = feed_of_path(request.path)
+            if feed is not None:
+                return await self.handle(request, feed)
+            return await handler(request)
+
+        app.middlewares.insert(0, stream_first)
+        self.add_control_routes(app, "/_sim/stream")
+        app.on_shutdown.append(self._on_shutdown)
+
+    async def _on_shutdown(self, _: web.Application) -> None:
+        conns = list(self._conns)
+        for c in conns:
+            if c.emitter is not None:
+                c.emitter.cancel()
+        closing = {
+            asyncio.ensure_future(c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")): c for c in conns
+        }
+        for task in closing:
+            task.add_done_callback(_retrieve)
+        if closing:
+            # a client that reads nothing would hold its close (and the server's stop) forever
+            _done, stuck = await asyncio.wait(closing, timeout=self.config.close_timeout_s + 0.5)
+            for task in stuck:
+                closing[task].abort()
 
     # --- one connection -------------------------------------------------------------------------------
     async def handle(self, request: web.Request, feed: str) -> web.StreamResponse:
@@ -746,7 +788,7 @@ class AlpacaStream:
                 faults = self.faults
                 now = loop.time()
                 dt, last = now - last, now
-                if faults.drop_after_s is not None and now - conn.authed_at >= faults.drop_after_s:
+                if faults.drop_due(conn.authed_at, now):
                     conn.abort()
                     return
                 if faults.stall:

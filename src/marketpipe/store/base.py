@@ -100,7 +100,16 @@ class PageWrite:
 
 
 # The tables ``counts()`` reports (``marketpipe store info``), on every backend.
-COUNTED = ("bars", "quarantine", "coverage", "ingest_log", "crypto_bars", "crypto_quarantine")
+COUNTED = (
+    "bars",
+    "quarantine",
+    "coverage",
+    "ingest_log",
+    "crypto_bars",
+    "crypto_quarantine",
+    "option_snapshots",
+    "option_quarantine",
+)
 
 
 def by_asset_class(pages: list[PageWrite]) -> list[tuple[BarTables, list[int]]]:
@@ -262,8 +271,9 @@ class OpsStore(Protocol):
         """Symbol -> (session, close, source) for those of ``symbols`` held; others are absent."""
 
     def counts(self) -> dict[str, int]:
-        """Row counts of the ``bars``, ``quarantine``, ``coverage`` and ``ingest_log`` tables. Also
-        the health check's probe: raises ``StoreError`` when the store cannot be read."""
+        """Row counts of the tables in ``COUNTED`` (bars, quarantine, coverage, ingest log, crypto bars and
+        their quarantine, option snapshots and their quarantine). Also the health check's probe: raises
+        ``StoreError`` when the store cannot be read."""
 
     def summary(self) -> pl.DataFrame:
         """Per symbol, timeframe, source, feed: ``bars`` (count), ``first`` and ``last`` ts, in that order."""

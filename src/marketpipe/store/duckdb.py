@@ -843,7 +843,10 @@ class DuckDBStore:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            return {t: int(self.con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in COUNTED}
+            try:
+                return {t: int(self.con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in COUNTED}
+            except duckdb.Error as exc:  # the readiness probe: a store that cannot be read is a StoreError
+                raise StoreError(f"cannot read store {self.path}: {exc}", details={"path": self.path}) from exc
 
     # --- corporate actions (ActionStore) -------------------------------------------------------
 

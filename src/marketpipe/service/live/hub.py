@@ -220,7 +220,7 @@ class LiveHub:
             self._stream.add_batch_handler(self.handle_batch)
         self.router.on_transition(self._on_transition)
         self._monitor = asyncio.create_task(self._run_monitor(), name="live-hub-monitor")
-        held = [self._symbol(PRICES, raw) for raw in self.settings.symbols]
+        held = [self.stream_symbol(PRICES, raw) for raw in self.settings.symbols]
         await self.hold([s for s in held if self.owns(s)])
         if not self.lane:
             for kind in (CRYPTO, OPTION):
@@ -397,7 +397,7 @@ class LiveHub:
         a symbol the vendor refuses raises its error, the ones before it stay subscribed."""
         if channel != PRICES and channel not in CHANNELS and channel not in CRYPTO_CHANNELS:
             raise InvalidArgument(f"unknown channel {channel!r}", details={"channel": channel})
-        syms = [self._symbol(channel, s) for s in symbols]
+        syms = [self.stream_symbol(channel, s) for s in symbols]
         for s in syms:
             kind = EQUITY if s == WILDCARD else asset_class_of(s)
             if kind != EQUITY and client.protocol == ALPACA_PROTOCOL:  # Alpaca's stock stream has neither
@@ -460,7 +460,7 @@ class LiveHub:
                 self._spawn(self.prev_closes.ensure(fresh))  # one snapshot request for the lot
 
     async def unsubscribe(self, client: FanoutClient, channel: str, symbols: Iterable[str]) -> list[str]:
-        wanted = [self._symbol(channel, raw) for raw in symbols]
+        wanted = [self.stream_symbol(channel, raw) for raw in symbols]
         gone = self.fanout.unroute(client, channel, wanted)
         await self._shielded(self._release_all([(channel, gone)]))
         return sorted(client.subscriptions.get(channel, set()))
@@ -506,7 +506,9 @@ class LiveHub:
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    def _symbol(channel: str, raw: str) -> str:
+    def stream_symbol(channel: str, raw: str) -> str:
+        """A client's symbol as the hub keys it: a stock or a pair normalised, an OCC contract parsed
+        (``INVALID_OPTION_SYMBOL`` when it cannot exist), ``*`` only on an upstream channel."""
         if raw == WILDCARD:
             if channel == PRICES:
                 raise InvalidArgument("the unified price stream takes symbols, not '*'", details={"symbol": raw})
@@ -664,11 +666,13 @@ class LiveHub:
             if health.stopped:
                 code = health.stop_error.get("code") if health.stop_error else "stopped"
                 self.router.primary_failed(str(code))
+            elif health.reconnects > seen:
+                # a connection lost or an attempt failed since the last look (the stream retries with
+                # backoff): a failure even when it is up again at this instant, or a vendor that drops
+                # every connection would look healthy whenever it is looked at between two drops
+                self.router.primary_failed("disconnected")
             elif not health.connected:
-                # one failure per lost connection or failed attempt (the stream retries with backoff);
-                # a first connection still being opened is not a failure (silence counts via staleness)
-                if health.reconnects > seen:
-                    self.router.primary_failed("disconnected")
+                pass  # a first connection still being opened is not a failure (silence counts via staleness)
             elif self._flowing(health):
                 self.router.primary_ok()
         self.router.tick()
@@ -777,7 +781,7 @@ class LiveHub:
         if symbols is None:
             rows = self.price_board.rows(None)
             return rows + [r for lane in self.lanes() for r in lane.price_board.rows(None)]
-        names = [self._symbol(PRICES, s) for s in symbols]
+        names = [self.stream_symbol(PRICES, s) for s in symbols]
         return [self._hub_of(s).price_board.rows([s])[0] for s in names]
 
     @staticmethod
