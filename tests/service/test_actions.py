@@ -107,7 +107,59 @@ async def test_point_in_time(md: MarketData) -> None:
         await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="all", as_of="2020-08-01")
 
 
-@pytest.mark.parametrize("bad", ["both", "", "split,split", "spin-off", "Split"])
+@pytest.mark.parametrize(
+    ("tf", "start", "end"),
+    [
+        ("1Day", "2022-12-01", "2024-04-30"),  # both spin-offs: GEHC ex 2023-01-04, GEV ex 2024-04-02
+        ("1Min", "2024-03-28", "2024-04-02"),  # minute bars across GEV's ex-date
+    ],
+)
+@pytest.mark.parametrize("adjustment", ["spin-off", "all", "split,spin-off"])
+async def test_spin_off_adjusted_ge_equals_the_vendors(
+    md: MarketData, vendors: dict[str, SimServer], tf: str, start: str, end: str, adjustment: str
+) -> None:
+    """GE adjusted for its spin-offs on read (f = 1 - V_new / C_prev, V_new = new/source rate x the new
+    line's raw close on the ex-date, read through the bars path like any bars) equals the simulator's
+    Alpaca-adjusted GE to 1e-9 relative; the new line's closes were fetched for it."""
+    got = await md.bars("GE", start, end, timeframe=tf, adjustment=adjustment)
+    want = vendor_bars(vendors, "GE", tf, start, end + "T23:59:00Z", adjustment)
+    assert got.height == len(want["t"]) > 0
+    for ours, theirs in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c"), ("vwap", "vw")):
+        np.testing.assert_allclose(got[ours].to_numpy(), want[theirs], rtol=1e-9, err_msg=ours)
+    assert got["volume"].to_list() == want["v"].tolist()
+    info = adjustment_of(got)
+    assert info is not None and info.skipped.height == 0
+    spins = info.applied.filter(pl.col("type") == "spin_off")
+    assert spins["ex_date"].to_list() == [date(2023, 1, 4), date(2024, 4, 2)][2 - spins.height :] and spins.height
+    raw = await md.bars("GE", start, end, timeframe=tf)
+    assert (raw["close"] != got["close"]).any()  # raw bars stay raw
+    gev = await md.bars("GEV", "2024-04-02", "2024-04-02", timeframe="1Day", fetch=False)
+    assert gev.height == 1  # stored by the adjustment's read of the new line
+
+
+async def test_spin_off_without_the_new_lines_price_is_skipped_with_its_reason(md: MarketData) -> None:
+    """Offline (fetch=False) with GE's bars and actions held but not GE HealthCare's: that spin-off is left
+    out and said so; GE Vernova's close is held, so its spin-off is applied."""
+    await md.corporate_actions("GE", "2022-01-01", "2024-12-31")
+    raw = await md.bars("GE", "2022-12-01", "2024-04-30", timeframe="1Day")
+    await md.bars("GEV", "2024-04-02", "2024-04-02", timeframe="1Day")
+    got = await md.bars("GE", "2022-12-01", "2024-04-30", timeframe="1Day", adjustment="all", fetch=False)
+    info = adjustment_of(got)
+    assert info is not None
+    assert info.skipped.select("symbol", "type", "ex_date", "reason").rows() == [
+        ("GE", "spin_off", date(2023, 1, 4), "no raw close of the new line GEHC on the ex-date")
+    ]
+    assert info.applied.select("type", "ex_date").rows() == [("spin_off", date(2024, 4, 2))]
+    assert info.to_dict()["skipped"][0]["reason"].startswith("no raw close of the new line GEHC")
+    day = got["ts"].dt.convert_time_zone("America/New_York").dt.date()
+    ratio = (got["close"] / raw["close"]).to_numpy()
+    gehc_era = (day < date(2023, 1, 4)).to_numpy()
+    gev_era = ((day >= date(2023, 1, 4)) & (day < date(2024, 4, 2))).to_numpy()
+    np.testing.assert_allclose(ratio[gehc_era], ratio[gev_era][0], rtol=1e-12)  # no step at GEHC's ex-date
+    assert ratio[gev_era][0] < 1 and ratio[-1] == 1.0
+
+
+@pytest.mark.parametrize("bad", ["both", "", "split,split", "spinoff", "Split"])
 async def test_bad_adjustment_is_refused_before_anything_is_read(md: MarketData, bad: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment=bad)
@@ -202,6 +254,21 @@ async def test_the_readme_worked_example(md: MarketData) -> None:
         ("forward_split", date(2020, 8, 31), date(2020, 8, 31), 4.0, None),
         ("cash_dividend", date(2020, 11, 6), date(2020, 11, 13), None, 0.205),
     ]
+
+
+async def test_the_readme_spin_off_example(md: MarketData) -> None:
+    """README, "Adjusted prices": GE's spin-off numbers shown there."""
+    raw = await md.bars("GE", "2022-12-29", "2023-01-06", timeframe="1Day")
+    ge = await md.bars("GE", "2022-12-29", "2023-01-06", timeframe="1Day", adjustment="spin-off")
+    assert raw["close"].to_list()[1:5] == [623.87, 624.52, 533.48, 532.92]
+    assert ge["close"].round(4).to_list()[1:5] == [511.0782, 511.6107, 514.4781, 513.938]
+    applied = adjustment_of(ge).applied  # type: ignore[union-attr]
+    assert applied.select("type", "ex_date", pl.col("price_factor").round(6)).rows() == [
+        ("spin_off", date(2023, 1, 4), 0.849463),
+        ("spin_off", date(2024, 4, 2), 0.964381),
+    ]
+    gehc = await md.bars("GEHC", "2023-01-04", "2023-01-04", timeframe="1Day", fetch=False)
+    assert gehc["close"].to_list() == [282.04] and round(1 - 282.04 / 3 / 624.52, 6) == 0.849463
 
 
 async def test_quality_explains_a_real_split_and_counts_an_unexplained_one(

@@ -905,6 +905,34 @@ class DuckDBStore:
             )
         return _aware(pl.from_arrow(table), ACTION_COVERAGE_SCHEMA)  # type: ignore[arg-type]
 
+    def adjust_fingerprint(
+        self, symbols: list[str], daily: list[tuple[str, datetime, datetime]]
+    ) -> tuple[tuple[object, ...], tuple[object, ...]]:
+        parts: list[str] = []
+        params: dict[str, object] = {}
+        if symbols:
+            params["syms"] = list(symbols)
+            parts += [
+                "(SELECT count(*) FROM corporate_actions WHERE list_contains($syms, symbol))",
+                "(SELECT max(stored_at) FROM corporate_actions WHERE list_contains($syms, symbol))",
+                "(SELECT count(*) FROM action_coverage WHERE list_contains($syms, symbol))",
+                "(SELECT max(fetched_at) FROM action_coverage WHERE list_contains($syms, symbol))",
+            ]
+        for i, (sym, lo, hi) in enumerate(daily):
+            params[f"s{i}"], params[f"lo{i}"], params[f"hi{i}"] = sym, _n(lo), _n(hi)
+            held = (
+                f"FROM {bar_tables([sym]).bars.name} WHERE symbol = $s{i} AND timeframe = '1Day' "
+                f"AND ts >= $lo{i} AND ts < $hi{i}"
+            )
+            parts += [f"(SELECT count(*) {held})", f"(SELECT max(fetched_at) {held})"]
+        if not parts:
+            return (), ()
+        with self._lock:
+            rows = self.con.execute(f"SELECT {', '.join(parts)}", params).fetchall()
+        values = tuple(rows[0])
+        n = 4 if symbols else 0
+        return values[:n], values[n:]
+
     def action_quarantine(self, symbol: str | None = None) -> pl.DataFrame:
         sql = "SELECT * FROM action_quarantine" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ex_date"
         with self._lock:
