@@ -5,7 +5,7 @@ it applied, point in time, failover, quarantine, and bad input refused before an
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +16,16 @@ import pytest
 from marketpipe.core import events
 from marketpipe.core.config import config_from_dict
 from marketpipe.core.errors import InvalidArgument
+from marketpipe.core.schema import ACTION_COLUMNS
+from marketpipe.core.tables import QUARANTINE_SCHEMA
+from marketpipe.core.timeutil import utcnow
 from marketpipe.service.actions import adjustment_of
 from marketpipe.service.data import MarketData
 from marketpipe.sim.actions import ActionFault
 from marketpipe.sim.faults import FaultRule
 from marketpipe.sim.server import SimServer
+from marketpipe.store.base import IngestRecord, PageWrite
+from marketpipe.store.duckdb import DuckDBStore
 from tests.service.vendors import ENV, FAST
 
 pytestmark = pytest.mark.usefixtures("clean_vendors")
@@ -157,6 +162,44 @@ async def test_spin_off_without_the_new_lines_price_is_skipped_with_its_reason(m
     gev_era = ((day >= date(2023, 1, 4)) & (day < date(2024, 4, 2))).to_numpy()
     np.testing.assert_allclose(ratio[gehc_era], ratio[gev_era][0], rtol=1e-12)  # no step at GEHC's ex-date
     assert ratio[gev_era][0] < 1 and ratio[-1] == 1.0
+
+
+async def test_kept_factor_tables_follow_every_write_to_what_they_came_from(
+    md: MarketData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repeated adjusted read reuses the factor tables (no actions read); a write by another writer on
+    the same store file — a corrected dividend, a refreshed daily bar under it — is seen on the next read."""
+    args = ("AAPL", "2020-10-26", "2020-11-30")
+    first = await md.bars(*args, timeframe="1Day", adjustment="all")
+    # that read fetched the closes under the dividends after taking its fingerprint: made again once
+    await md.bars(*args, timeframe="1Day", adjustment="all")
+    reads: list[object] = []
+    real = md.store.read_actions
+    monkeypatch.setattr(md.store, "read_actions", lambda *a, **k: reads.append(a) or real(*a, **k))
+    again = await md.bars(*args, timeframe="1Day", adjustment="all", fetch=False)
+    assert again.equals(first) and reads == []
+    assert adjustment_of(again).applied.equals(adjustment_of(first).applied)  # type: ignore[union-attr]
+    other = DuckDBStore(Path(md.config.store.path))  # another writer on the same file
+    try:
+        held = other.read_actions(["AAPL"], date(2020, 11, 6), date(2020, 11, 6))
+        other.write_actions(held.select(ACTION_COLUMNS).with_columns(pl.lit(0.5).alias("cash_amount")), [])
+        corrected = await md.bars(*args, timeframe="1Day", adjustment="all", fetch=False)
+        div = adjustment_of(corrected).applied.filter(pl.col("ex_date") == date(2020, 11, 6))  # type: ignore[union-attr]
+        assert div["version"].to_list() == [2] and len(reads) == 1
+        raw = await md.bars(*args, timeframe="1Day")
+        c_prev = raw.filter(pl.col("ts").dt.convert_time_zone("America/New_York").dt.date() == date(2020, 11, 5))
+        assert div["price_factor"][0] == pytest.approx((c_prev["close"][0] - 0.5) / c_prev["close"][0], rel=1e-12)
+        # a refreshed 2020-11-05 bar (a vendor revision: a newer version) moves that dividend's factor
+        bar = c_prev.with_columns(pl.col("close") * 1.01, pl.col("high") * 1.01, pl.lit(utcnow()).alias("fetched_at"))
+        lo, hi = bar["ts"][0], bar["ts"][0] + timedelta(days=1)
+        ing = IngestRecord("alpaca", "sim:alpaca", "sip", "bars", "1Day", ["AAPL"], lo, hi, "t", 1, utcnow(), 1)
+        other.write_pages([PageWrite(bar, pl.DataFrame(schema=QUARANTINE_SCHEMA), [], ing, refresh=True)])
+        revised = await md.bars(*args, timeframe="1Day", adjustment="all", fetch=False)
+        div2 = adjustment_of(revised).applied.filter(pl.col("ex_date") == date(2020, 11, 6))  # type: ignore[union-attr]
+        c2 = bar["close"][0]
+        assert div2["price_factor"][0] == pytest.approx((c2 - 0.5) / c2, rel=1e-12) != div["price_factor"][0]
+    finally:
+        other.close()
 
 
 @pytest.mark.parametrize("bad", ["both", "", "split,split", "spinoff", "Split"])

@@ -240,6 +240,7 @@ class _Plan:
 
     fingerprint: tuple[tuple[object, ...], tuple[object, ...]]
     daily: list[tuple[str, datetime, datetime]]  # the 1Day bar windows whose closes it used
+    fetched: bool  # made with fetch=True: missing closes were fetched
     tables: dict[str, pl.DataFrame]
     applied: pl.DataFrame
     skipped: pl.DataFrame
@@ -303,6 +304,11 @@ class Actions:
         # publisher relaying core.events already), awaited so a CLI call has published before it returns
         self.publish = publish
         self._plans: dict[tuple[object, ...], _Plan] = {}  # kept plan() answers, oldest first
+
+    def forget(self) -> None:
+        """Drop the kept factor tables (:meth:`plan`): the next adjusted read computes them again. Never
+        needed for correctness (a changed store is seen by its fingerprint); the benchmark's cold read."""
+        self._plans.clear()
 
     async def ensure(
         self, symbols: list[str], start: date, end: date, *, provider: str | None = None, refresh: bool = False
@@ -520,9 +526,10 @@ class Actions:
             await self.ensure(syms, first, until)
         store = self._store()
         prints = store if isinstance(store, AdjustFingerprintStore) else None
-        key = (tuple(syms), tuple(order or ()), parts, as_of, first, until, fetch)
+        key = (tuple(syms), tuple(order or ()), parts, as_of, first, until)
         kept = self._plans.get(key)
-        if kept is not None and prints is not None:
+        # a plan made without fetching may lack closes a fetching one would have got: not reused for it
+        if kept is not None and prints is not None and (kept.fetched or not fetch):
             now = await asyncio.to_thread(prints.adjust_fingerprint, syms, kept.daily)
             if now == kept.fingerprint:
                 return dict(kept.tables), Adjustment(adjustment, as_of, kept.applied, kept.skipped)
@@ -595,7 +602,8 @@ class Actions:
         if marks is not None:
             if len(self._plans) >= PLANS_KEPT:
                 self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = _Plan(marks, daily, dict(tables), info.applied, info.skipped)
+            self._plans.pop(key, None)  # re-inserted: newest last
+            self._plans[key] = _Plan(marks, daily, fetch, dict(tables), info.applied, info.skipped)
         return tables, info
 
     async def adjust(
