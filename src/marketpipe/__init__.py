@@ -148,8 +148,9 @@ def bars(
     ``source="parquet://PATH"`` / ``"s3://BUCKET/prefix"``: read the Parquet cold tier that ``marketpipe export``
     wrote (nothing fetched, the store not opened), the same frame as from the store.
 
-    ``adjustment="split"|"dividend"|"all"`` (Alpaca's values): raw bars adjusted on read for corporate
-    actions; ``as_of="YYYY-MM-DD"``: only with the actions known by that day. What was applied:
+    ``adjustment="split"|"dividend"|"spin-off"|"all"`` (Alpaca's values): raw bars adjusted on read for
+    corporate actions (a spin-off with its new line's raw close on the ex-date; without one it is left
+    out and listed as skipped); ``as_of="YYYY-MM-DD"``: only with the actions known by that day. What was applied:
     :func:`applied` (``mp.applied(df)``)."""
     out: pl.DataFrame | pd.DataFrame = _client().bars(
         symbols,

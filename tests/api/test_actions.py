@@ -12,7 +12,6 @@ from datetime import UTC, date, datetime
 import httpx
 import numpy as np
 import pytest
-from alpaca.common.exceptions import APIError
 from alpaca.data.enums import Adjustment, CorporateActionsType
 from alpaca.data.historical import StockHistoricalDataClient
 from alpaca.data.historical.corporate_actions import CorporateActionsClient
@@ -20,6 +19,8 @@ from alpaca.data.requests import CorporateActionsRequest, StockBarsRequest
 from alpaca.data.timeframe import TimeFrame
 
 from marketpipe.api.app import create_app
+from marketpipe.sim.actions import DEFAULT_ACTIONS, ActionBook, SimAction
+from marketpipe.sim.data import SimMarket
 from marketpipe.sim.server import SimServer
 from marketpipe.wire.alpaca_actions import PLURAL
 from tests.api.conftest import ENV, gateway_config, serving
@@ -47,6 +48,8 @@ def _bars(client: StockHistoricalDataClient, symbol: str, tf: TimeFrame, start: 
         ("AAPL", TimeFrame.Day, datetime(2020, 8, 3, tzinfo=UTC), datetime(2020, 11, 30, tzinfo=UTC)),
         ("NVDA", TimeFrame.Day, datetime(2024, 5, 20, tzinfo=UTC), datetime(2024, 6, 28, tzinfo=UTC)),
         ("TSLA", TimeFrame.Minute, datetime(2022, 8, 24, 13, tzinfo=UTC), datetime(2022, 8, 25, 21, tzinfo=UTC)),
+        # GE's spin-offs (GEHC ex 2023-01-04, GEV ex 2024-04-02): ALL includes them at the vendor and here
+        ("GE", TimeFrame.Day, datetime(2022, 12, 1, tzinfo=UTC), datetime(2024, 4, 30, tzinfo=UTC)),
     ],
 )
 def test_alpaca_py_adjusted_bars_same_against_gateway_and_vendor(
@@ -147,9 +150,40 @@ def test_v1_actions(gateway: str) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["details"]["parameter"] == "type"
 
 
-def test_alpaca_py_refusal_of_spin_off(gateway: str) -> None:
-    client = StockHistoricalDataClient("ANY", "ANY", url_override=gateway)
-    with pytest.raises(APIError) as info:
-        client.get("/stocks/bars", {"symbols": "AAPL", "timeframe": "1Day", "start": "2020-08-24",
-                                    "adjustment": "spin-off"})  # fmt: skip
-    assert info.value.status_code == 400 and "spin-off" in info.value.message
+def test_spin_off_adjustment_same_against_gateway_and_vendor(gateway: str, vendor: SimServer) -> None:
+    """alpaca-py has no enum member for ``spin-off``; its client sends the value as given."""
+    q = {"symbols": "GE", "timeframe": "1Day", "start": "2022-12-20", "end": "2023-01-10", "adjustment": "spin-off"}
+    gw = StockHistoricalDataClient("ANY", "ANY", url_override=gateway).get("/stocks/bars", q)
+    sim = StockHistoricalDataClient("SIMKEY", "SIMSECRET", url_override=vendor.url).get("/stocks/bars", q)
+    got, want = gw["bars"]["GE"], sim["bars"]["GE"]  # type: ignore[call-overload,index]
+    assert [b["t"] for b in got] == [b["t"] for b in want] and len(got) > 5
+    np.testing.assert_allclose([b["c"] for b in got], [b["c"] for b in want], rtol=1e-9)
+    raw = httpx.get(gateway + "/v2/stocks/GE/bars", params={**q, "adjustment": "raw"}, headers=AUTH).json()["bars"]
+    ratio = [g["c"] / r["c"] for g, r in zip(got, raw, strict=True)]
+    assert ratio[0] < ratio[-1] < 1  # GEHC's factor before its ex-date, GEV's (2024) on every bar here
+
+
+@pytest.fixture(scope="module")
+def unpriced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A gateway over a market whose one spin-off creates a line no vendor has bars of (``NOPE``)."""
+    book = ActionBook((*DEFAULT_ACTIONS, SimAction("IBM", "spin_off", date(2021, 11, 4), old_rate=5.0, new_rate=1.0,
+                                                   new_symbol="NOPE")))  # fmt: skip
+    with SimServer(SimMarket(actions=book), vendor="alpaca") as sim:
+        cfg = gateway_config(sim.url, tmp_path_factory.mktemp("unpriced") / "gw.duckdb")
+        with serving(create_app(cfg, env=ENV)) as url:
+            yield url
+
+
+def test_spin_off_without_the_new_lines_price_is_skipped_and_said(unpriced: str) -> None:
+    q = {"timeframe": "1Day", "start": "2021-10-25", "end": "2021-11-10", "adjustment": "all"}
+    v1 = httpx.get(unpriced + "/v1/bars/IBM", params=q)
+    assert v1.status_code == 200
+    doc = v1.json()["adjustment"]
+    assert doc["applied"] == [] and [(s["type"], s["ex_date"], s["reason"]) for s in doc["skipped"]] == [
+        ("spin_off", "2021-11-04", "no raw close of the new line NOPE on the ex-date")
+    ]
+    assert "no raw close of the new line NOPE" in v1.headers["X-Marketpipe-Adjustment-Skipped"]
+    raw = httpx.get(unpriced + "/v1/bars/IBM", params={**q, "adjustment": "raw"}).json()["bars"]
+    assert [b["close"] for b in v1.json()["bars"]] == [b["close"] for b in raw]  # nothing guessed, nothing applied
+    v2 = httpx.get(unpriced + "/v2/stocks/IBM/bars", params=q, headers=AUTH)
+    assert v2.status_code == 200 and "NOPE" in v2.headers["X-Marketpipe-Adjustment-Skipped"]

@@ -34,9 +34,12 @@ def closes(start: str, end: str) -> pl.DataFrame:
 
 def test_parse_adjustment() -> None:
     assert parse_adjustment("raw") == frozenset() and parse_adjustment(None) == frozenset()
-    assert parse_adjustment("all") == parse_adjustment("split,dividend") == frozenset({"split", "dividend"})
+    every = frozenset({"split", "dividend", "spin-off"})
+    assert parse_adjustment("all") == parse_adjustment("split,dividend,spin-off") == every
+    assert parse_adjustment("split,dividend") == frozenset({"split", "dividend"})
+    assert parse_adjustment("spin-off") == frozenset({"spin-off"})
     assert parse_adjustment("raw,split") == frozenset({"split"})  # raw adds nothing, as at the vendor
-    for bad in ("both", "", "split,", "split,split", "SPLIT", "spin-off"):
+    for bad in ("both", "", "split,", "split,split", "SPLIT", "spinoff", "spin_off", "spin-off,spin-off"):
         with pytest.raises(InvalidArgument) as err:
             parse_adjustment(bad)
         assert err.value.details["parameter"] == "adjustment"
@@ -61,6 +64,39 @@ def test_factor_table_split_stock_dividend_and_cash_dividend() -> None:
     assert rows[0][1:] == pytest.approx((d / 1.05 / 4, 1.05 * 4))
     only_splits = factors(a, c, frozenset({"split"}))
     assert only_splits.applied["type"].to_list() == ["forward_split", "stock_dividend"]
+
+
+def ge_closes(symbol: str, start: str, end: str) -> pl.DataFrame:
+    d = MARKET.canonical_bars(symbol, "1Day", start, end)
+    day = pl.col("ts").dt.convert_time_zone("America/New_York").dt.date().alias("day")
+    return d.select(pl.lit(symbol).alias("symbol"), day, "close")
+
+
+def test_spin_off_factor_uses_the_new_lines_close_on_the_ex_date() -> None:
+    """GE's spin-off of GE HealthCare (1 GEHC per 3 GE, ex 2023-01-04): f = 1 - (1/3 x P_GEHC(ex)) / C_prev,
+    both raw closes; without the new line's close it is skipped with the reason, not priced."""
+    spin = {"type": "spin_off", "symbol": "GE", "ex_date": "2023-01-04", "old_rate": 3.0, "new_rate": 1.0,
+            "new_symbol": "GEHC"}  # fmt: skip
+    a = acts(spin).with_columns(pl.lit("GE").alias("symbol"))
+    own = ge_closes("GE", "2022-12-20", "2023-01-03T23:00:00Z").drop("symbol")
+    new = ge_closes("GEHC", "2023-01-04", "2023-01-04T23:00:00Z")
+    assert new.height == 1 and MARKET.canonical_bars("GEHC", "1Day", "2022-12-01", "2023-01-03").height == 0
+    f = factors(a, own, frozenset({"spin-off"}), new)
+    c_prev, p_new = own["close"][-1], new["close"][0]
+    assert f.table.rows() == [(date(2023, 1, 4), pytest.approx(1 - (p_new / 3) / c_prev), 1.0)]
+    assert f.applied["type"].to_list() == ["spin_off"] and f.skipped.height == 0
+    assert factors(a, own, frozenset({"split", "dividend"}), new).table.height == 0  # not asked for: not applied
+    none = factors(a, own, frozenset({"spin-off"}), new.clear())
+    assert none.table.height == 0 and none.applied.height == 0
+    assert none.skipped.select("type", "ex_date", "reason").rows() == [
+        ("spin_off", date(2023, 1, 4), "no raw close of the new line GEHC on the ex-date")
+    ]
+    no_ratio = factors(acts({**spin, "old_rate": None}).with_columns(pl.lit("GE").alias("symbol")), own,
+                       frozenset({"spin-off"}), new)  # fmt: skip
+    assert no_ratio.skipped["reason"].to_list() == ["spin-off without a ratio or a new symbol"]
+    worth_more = factors(a, own, frozenset({"spin-off"}), new.with_columns(pl.col("close") * 1000))
+    assert worth_more.skipped["reason"].to_list() == ["spin-off value >= previous close"]
+    assert impossible(acts({**spin, "old_rate": 0.0}))["reason"].to_list() == ["spin-off ratio <= 0"]
 
 
 def test_apply_is_the_same_in_any_row_order() -> None:

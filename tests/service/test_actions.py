@@ -5,7 +5,7 @@ it applied, point in time, failover, quarantine, and bad input refused before an
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +16,16 @@ import pytest
 from marketpipe.core import events
 from marketpipe.core.config import config_from_dict
 from marketpipe.core.errors import InvalidArgument
+from marketpipe.core.schema import ACTION_COLUMNS
+from marketpipe.core.tables import QUARANTINE_SCHEMA
+from marketpipe.core.timeutil import utcnow
 from marketpipe.service.actions import adjustment_of
 from marketpipe.service.data import MarketData
 from marketpipe.sim.actions import ActionFault
 from marketpipe.sim.faults import FaultRule
 from marketpipe.sim.server import SimServer
+from marketpipe.store.base import IngestRecord, PageWrite
+from marketpipe.store.duckdb import DuckDBStore
 from tests.service.vendors import ENV, FAST
 
 pytestmark = pytest.mark.usefixtures("clean_vendors")
@@ -107,7 +112,97 @@ async def test_point_in_time(md: MarketData) -> None:
         await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment="all", as_of="2020-08-01")
 
 
-@pytest.mark.parametrize("bad", ["both", "", "split,split", "spin-off", "Split"])
+@pytest.mark.parametrize(
+    ("tf", "start", "end"),
+    [
+        ("1Day", "2022-12-01", "2024-04-30"),  # both spin-offs: GEHC ex 2023-01-04, GEV ex 2024-04-02
+        ("1Min", "2024-03-28", "2024-04-02"),  # minute bars across GEV's ex-date
+    ],
+)
+@pytest.mark.parametrize("adjustment", ["spin-off", "all", "split,spin-off"])
+async def test_spin_off_adjusted_ge_equals_the_vendors(
+    md: MarketData, vendors: dict[str, SimServer], tf: str, start: str, end: str, adjustment: str
+) -> None:
+    """GE adjusted for its spin-offs on read (f = 1 - V_new / C_prev, V_new = new/source rate x the new
+    line's raw close on the ex-date, read through the bars path like any bars) equals the simulator's
+    Alpaca-adjusted GE to 1e-9 relative; the new line's closes were fetched for it."""
+    got = await md.bars("GE", start, end, timeframe=tf, adjustment=adjustment)
+    want = vendor_bars(vendors, "GE", tf, start, end + "T23:59:00Z", adjustment)
+    assert got.height == len(want["t"]) > 0
+    for ours, theirs in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c"), ("vwap", "vw")):
+        np.testing.assert_allclose(got[ours].to_numpy(), want[theirs], rtol=1e-9, err_msg=ours)
+    assert got["volume"].to_list() == want["v"].tolist()
+    info = adjustment_of(got)
+    assert info is not None and info.skipped.height == 0
+    spins = info.applied.filter(pl.col("type") == "spin_off")
+    assert spins["ex_date"].to_list() == [date(2023, 1, 4), date(2024, 4, 2)][2 - spins.height :] and spins.height
+    raw = await md.bars("GE", start, end, timeframe=tf)
+    assert (raw["close"] != got["close"]).any()  # raw bars stay raw
+    gev = await md.bars("GEV", "2024-04-02", "2024-04-02", timeframe="1Day", fetch=False)
+    assert gev.height == 1  # stored by the adjustment's read of the new line
+
+
+async def test_spin_off_without_the_new_lines_price_is_skipped_with_its_reason(md: MarketData) -> None:
+    """Offline (fetch=False) with GE's bars and actions held but not GE HealthCare's: that spin-off is left
+    out and said so; GE Vernova's close is held, so its spin-off is applied."""
+    await md.corporate_actions("GE", "2022-01-01", "2024-12-31")
+    raw = await md.bars("GE", "2022-12-01", "2024-04-30", timeframe="1Day")
+    await md.bars("GEV", "2024-04-02", "2024-04-02", timeframe="1Day")
+    got = await md.bars("GE", "2022-12-01", "2024-04-30", timeframe="1Day", adjustment="all", fetch=False)
+    info = adjustment_of(got)
+    assert info is not None
+    assert info.skipped.select("symbol", "type", "ex_date", "reason").rows() == [
+        ("GE", "spin_off", date(2023, 1, 4), "no raw close of the new line GEHC on the ex-date")
+    ]
+    assert info.applied.select("type", "ex_date").rows() == [("spin_off", date(2024, 4, 2))]
+    assert info.to_dict()["skipped"][0]["reason"].startswith("no raw close of the new line GEHC")
+    day = got["ts"].dt.convert_time_zone("America/New_York").dt.date()
+    ratio = (got["close"] / raw["close"]).to_numpy()
+    gehc_era = (day < date(2023, 1, 4)).to_numpy()
+    gev_era = ((day >= date(2023, 1, 4)) & (day < date(2024, 4, 2))).to_numpy()
+    np.testing.assert_allclose(ratio[gehc_era], ratio[gev_era][0], rtol=1e-12)  # no step at GEHC's ex-date
+    assert ratio[gev_era][0] < 1 and ratio[-1] == 1.0
+
+
+async def test_kept_factor_tables_follow_every_write_to_what_they_came_from(
+    md: MarketData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repeated adjusted read reuses the factor tables (no actions read); a write by another writer on
+    the same store file — a corrected dividend, a refreshed daily bar under it — is seen on the next read."""
+    args = ("AAPL", "2020-10-26", "2020-11-30")
+    first = await md.bars(*args, timeframe="1Day", adjustment="all")
+    # that read fetched the closes under the dividends after taking its fingerprint: made again once
+    await md.bars(*args, timeframe="1Day", adjustment="all")
+    reads: list[object] = []
+    real = md.store.read_actions
+    monkeypatch.setattr(md.store, "read_actions", lambda *a, **k: reads.append(a) or real(*a, **k))
+    again = await md.bars(*args, timeframe="1Day", adjustment="all", fetch=False)
+    assert again.equals(first) and reads == []
+    assert adjustment_of(again).applied.equals(adjustment_of(first).applied)  # type: ignore[union-attr]
+    other = DuckDBStore(Path(md.config.store.path))  # another writer on the same file
+    try:
+        held = other.read_actions(["AAPL"], date(2020, 11, 6), date(2020, 11, 6))
+        other.write_actions(held.select(ACTION_COLUMNS).with_columns(pl.lit(0.5).alias("cash_amount")), [])
+        corrected = await md.bars(*args, timeframe="1Day", adjustment="all", fetch=False)
+        div = adjustment_of(corrected).applied.filter(pl.col("ex_date") == date(2020, 11, 6))  # type: ignore[union-attr]
+        assert div["version"].to_list() == [2] and len(reads) == 1
+        raw = await md.bars(*args, timeframe="1Day")
+        c_prev = raw.filter(pl.col("ts").dt.convert_time_zone("America/New_York").dt.date() == date(2020, 11, 5))
+        assert div["price_factor"][0] == pytest.approx((c_prev["close"][0] - 0.5) / c_prev["close"][0], rel=1e-12)
+        # a refreshed 2020-11-05 bar (a vendor revision: a newer version) moves that dividend's factor
+        bar = c_prev.with_columns(pl.col("close") * 1.01, pl.col("high") * 1.01, pl.lit(utcnow()).alias("fetched_at"))
+        lo, hi = bar["ts"][0], bar["ts"][0] + timedelta(days=1)
+        ing = IngestRecord("alpaca", "sim:alpaca", "sip", "bars", "1Day", ["AAPL"], lo, hi, "t", 1, utcnow(), 1)
+        other.write_pages([PageWrite(bar, pl.DataFrame(schema=QUARANTINE_SCHEMA), [], ing, refresh=True)])
+        revised = await md.bars(*args, timeframe="1Day", adjustment="all", fetch=False)
+        div2 = adjustment_of(revised).applied.filter(pl.col("ex_date") == date(2020, 11, 6))  # type: ignore[union-attr]
+        c2 = bar["close"][0]
+        assert div2["price_factor"][0] == pytest.approx((c2 - 0.5) / c2, rel=1e-12) != div["price_factor"][0]
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("bad", ["both", "", "split,split", "spinoff", "Split"])
 async def test_bad_adjustment_is_refused_before_anything_is_read(md: MarketData, bad: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         await md.bars("AAPL", "2020-08-24", "2020-08-28", timeframe="1Day", adjustment=bad)
@@ -202,6 +297,21 @@ async def test_the_readme_worked_example(md: MarketData) -> None:
         ("forward_split", date(2020, 8, 31), date(2020, 8, 31), 4.0, None),
         ("cash_dividend", date(2020, 11, 6), date(2020, 11, 13), None, 0.205),
     ]
+
+
+async def test_the_readme_spin_off_example(md: MarketData) -> None:
+    """README, "Adjusted prices": GE's spin-off numbers shown there."""
+    raw = await md.bars("GE", "2022-12-29", "2023-01-06", timeframe="1Day")
+    ge = await md.bars("GE", "2022-12-29", "2023-01-06", timeframe="1Day", adjustment="spin-off")
+    assert raw["close"].to_list()[1:5] == [623.87, 624.52, 533.48, 532.92]
+    assert ge["close"].round(4).to_list()[1:5] == [511.0782, 511.6107, 514.4781, 513.938]
+    applied = adjustment_of(ge).applied  # type: ignore[union-attr]
+    assert applied.select("type", "ex_date", pl.col("price_factor").round(6)).rows() == [
+        ("spin_off", date(2023, 1, 4), 0.849463),
+        ("spin_off", date(2024, 4, 2), 0.964381),
+    ]
+    gehc = await md.bars("GEHC", "2023-01-04", "2023-01-04", timeframe="1Day", fetch=False)
+    assert gehc["close"].to_list() == [282.04] and round(1 - 282.04 / 3 / 624.52, 6) == 0.849463
 
 
 async def test_quality_explains_a_real_split_and_counts_an_unexplained_one(

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from marketpipe.sim.actions import ActionFault
+from marketpipe.sim.actions import DEFAULT_ACTIONS, ActionBook, ActionFault
 from marketpipe.sim.data import SimMarket
 from marketpipe.sim.server import SimServer
 from marketpipe.wire.alpaca_actions import PLURAL
@@ -68,6 +68,51 @@ def test_alpaca_bars_adjustment_values(http: httpx.Client, market: SimMarket) ->
     np.testing.assert_allclose(got["all"], ref["c"], rtol=1e-12)
     np.testing.assert_allclose(got["split,dividend"], got["all"], rtol=1e-12)
     assert got["raw"][0] / got["split"][0] == pytest.approx(4.0)
+
+
+GE_SPIN_OFFS = [("GEHC", "2023-01-03", "2023-01-04", 3.0), ("GEV", "2024-04-01", "2024-04-02", 4.0)]
+
+
+@pytest.mark.parametrize(("line", "before", "ex", "per"), GE_SPIN_OFFS)
+def test_ge_drops_by_the_spin_off_value_and_the_new_line_trades_from_the_ex_date(
+    market: SimMarket, http: httpx.Client, line: str, before: str, ex: str, per: float
+) -> None:
+    """GE's real spin-offs: 1 GEHC per 3 GE ex 2023-01-04, 1 GEV per 4 GE ex 2024-04-02. GE's raw prices
+    before the ex-date hold V = P_new(ex) / per (the walk is continuous, the raw series drops by V); the
+    new line has no bars, trades or quotes before its ex-date; adjustment=spin-off|all scales GE's
+    earlier bars by 1 - V / C_prev (raw closes) and leaves volume alone."""
+    raw = market.bars_frame("GE", "1Day", before, ex + "T23:00:00Z")
+    new = market.bars_frame(line, "1Day", "2020-01-01", ex + "T23:00:00Z")
+    assert len(raw["c"]) == 2 and len(new["c"]) == 1  # the new line's first bar is its ex-date's
+    assert not len(market.bars_frame(line, "1Min", "2020-01-01", before + "T23:00:00Z")["t"])
+    assert not len(market.trades_frame(line, "2020-01-01", before + "T23:00:00Z")["t"])
+    value = new["c"][0] / per
+    # the same market without this spin-off: GE's close before the ex-date is V lower (both closes rounded
+    # to cents), from the ex-date on the same
+    bare = SimMarket(actions=ActionBook(tuple(a for a in DEFAULT_ACTIONS if a.new_symbol != line)))
+    alone = bare.bars_frame("GE", "1Day", before, ex + "T23:00:00Z")
+    assert abs(raw["c"][0] - alone["c"][0] - value) <= 0.0101 and raw["c"][1] == alone["c"][1]
+    assert len(bare.bars_frame(line, "1Day", before, before + "T23:00:00Z")["c"]) == 1  # a plain symbol there
+    for adj in ("spin-off", "all", "split,spin-off"):
+        a = market.bars_frame("GE", "1Day", before, ex + "T23:00:00Z", adjustment=adj)
+        assert (a["c"][0] / raw["c"][0]) / (a["c"][1] / raw["c"][1]) == pytest.approx(
+            1 - value / raw["c"][0], rel=1e-12
+        )
+        assert (a["v"] == raw["v"]).all()
+    plain = market.bars_frame("GE", "1Day", before, ex + "T23:00:00Z", adjustment="split,dividend")
+    np.testing.assert_array_equal(plain["c"], raw["c"])  # GE has no splits or dividends in the book
+    r = http.get("/v2/stocks/GE/bars", params={"timeframe": "1Day", "start": before, "end": ex, "adjustment": "all"})
+    assert r.status_code == 200
+    np.testing.assert_allclose([b["c"] for b in r.json()["bars"]], market.bars_frame(
+        "GE", "1Day", before, ex + "T23:00:00Z", adjustment="all")["c"], rtol=1e-12)  # fmt: skip
+
+
+def test_alpaca_lists_ge_spin_offs(http: httpx.Client) -> None:
+    q = {"symbols": "GE", "start": "2023-01-01", "end": "2024-12-31", "types": "spin_off"}
+    got = http.get("/v1/corporate-actions", params=q).json()["corporate_actions"]["spin_offs"]
+    assert [(s["source_symbol"], s["new_symbol"], s["source_rate"], s["new_rate"], s["ex_date"]) for s in got] == [
+        ("GE", "GEHC", 3, 1, "2023-01-04"), ("GE", "GEV", 4, 1, "2024-04-02")
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("query", ["adjustment=both", "adjustment=", "adjustment=split,split",

@@ -9,8 +9,9 @@ from datetime import UTC, date, datetime
 import polars as pl
 
 from marketpipe.core.schema import actions_frame
-from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, ACTION_RECONCILE_SCHEMA
-from marketpipe.store.base import ActionCoverage, ActionStore, Store
+from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, ACTION_RECONCILE_SCHEMA, QUARANTINE_SCHEMA
+from marketpipe.sim.data import SimMarket
+from marketpipe.store.base import ActionCoverage, ActionStore, AdjustFingerprintStore, IngestRecord, PageWrite, Store
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)
 T1 = datetime(2026, 2, 5, tzinfo=UTC)
@@ -62,9 +63,11 @@ def test_filters_and_point_in_time(store: Store) -> None:
 
 
 def test_quarantine_is_kept_once(store: Store) -> None:
-    bad = actions_frame([split(-1.0)]).with_columns(
-        pl.lit("ratio <= 0").alias("reason"), pl.lit(T0).alias("quarantined_at")
-    ).cast(ACTION_QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+    bad = (
+        actions_frame([split(-1.0)])
+        .with_columns(pl.lit("ratio <= 0").alias("reason"), pl.lit(T0).alias("quarantined_at"))
+        .cast(ACTION_QUARANTINE_SCHEMA)
+    )  # type: ignore[arg-type]
     store.write_actions(actions_frame([]), [], bad)
     store.write_actions(actions_frame([]), [], bad)
     q = store.action_quarantine("AAPL")
@@ -89,3 +92,43 @@ def test_a_correction_read_back_whole_with_every_column(store: Store) -> None:
     got = store.action_reconciliation("AAPL")
     assert got["run_id"].to_list() == ["run1", "run2"] and got.drop("run_id", "created_at").row(0) == rows.row(0)
     assert store.action_reconciliation("AAPL", run_id="run2").height == 1
+
+
+def test_adjust_fingerprint_changes_with_every_write_it_covers(store: Store) -> None:
+    """What ``Actions.plan`` checks before reusing a factor table: any new action version, ledger entry or
+    1Day bar in a window it names changes it; writing the same answer again, or other bars, does not."""
+    assert isinstance(store, AdjustFingerprintStore)
+    market = SimMarket()
+    lo, hi = datetime(2020, 11, 1, tzinfo=UTC), datetime(2020, 11, 10, tzinfo=UTC)
+    window = [("AAPL", lo, hi)]
+    assert store.adjust_fingerprint([], []) == ((), ())
+    empty = store.adjust_fingerprint(["AAPL"], window)
+    assert len(empty[0]) == 4 and len(empty[1]) == 2 and empty[0][0] == 0 and empty[1][0] == 0
+
+    def page(tf: str, start: datetime, end: datetime) -> PageWrite:
+        bars = market.canonical_bars("AAPL", tf, start, end, fetched_at=T1)
+        ing = IngestRecord("alpaca", "sim:alpaca", "sip", "bars", tf, ["AAPL"], start, end, "r", 1, T1, bars.height)
+        return PageWrite(bars, pl.DataFrame(schema=QUARANTINE_SCHEMA), [], ing)
+
+    seen = [empty]
+    for write in (
+        lambda: store.write_actions(actions_frame([split()]), []),
+        lambda: store.write_actions(actions_frame([split(5.0, T1)]), []),  # a correction: a new version
+        lambda: store.write_actions(
+            actions_frame([]),
+            [ActionCoverage("AAPL", "alpaca", "sim:alpaca", date(2020, 1, 1), date(2020, 12, 31), 1, "r2", T1)],
+        ),
+        lambda: store.write_pages([page("1Day", lo, hi)]),
+    ):
+        write()
+        now = store.adjust_fingerprint(["AAPL"], window)
+        assert now != seen[-1]
+        seen.append(now)
+    store.write_actions(actions_frame([split(5.0, T1)]), [])  # the same answer again: nothing stored
+    store.write_pages([page("1Day", lo, hi)])  # bars already held: skipped
+    store.write_pages([page("1Min", datetime(2020, 11, 2, 14, tzinfo=UTC), datetime(2020, 11, 2, 15, tzinfo=UTC))])
+    store.write_pages([page("1Day", datetime(2020, 12, 1, tzinfo=UTC), datetime(2020, 12, 5, tzinfo=UTC))])
+    assert store.adjust_fingerprint(["AAPL"], window) == seen[-1]
+    assert store.adjust_fingerprint(["AAPL"], []) == (seen[-1][0], ())
+    assert store.adjust_fingerprint([], window) == ((), seen[-1][1])
+    assert store.adjust_fingerprint(["NVDA"], [("NVDA", lo, hi)])[0][0] == 0

@@ -17,8 +17,9 @@ reference leaves one open:
 ``adjustment`` is validated as the vendor does since 2026-11-02 (one value, a comma list of
 ``raw|split|dividend|spin-off|all``; unknown, empty or repeated values are a 400) and served by
 adjusting the stored raw bars on read (``service/actions``); the header ``X-Marketpipe-Adjustment``
-names every action applied. What marketpipe does not do is refused rather than faked:
-``adjustment=spin-off`` (its factor needs the new line's price) and currencies other than ``USD``.
+names every action applied (a spin-off whose new line has no raw close on its ex-date is left out,
+never priced by guess, and listed in ``X-Marketpipe-Adjustment-Skipped``). What marketpipe does not do
+is refused rather than faked: currencies other than ``USD``.
 Every success carries ``X-Marketpipe-Source``,
 ``X-Marketpipe-Fetched-At`` and ``X-Marketpipe-Data-Age``; a stale answer is flagged by the
 ``X-Marketpipe-Stale`` header only — never by a key in the body, which a vendor client would read
@@ -86,7 +87,7 @@ TF = Annotated[str | None, Query(description="1Min, 5T, 1Hour, 4H, 1Day, 1Week, 
 Start = Annotated[str | None, Query(description="RFC-3339 or YYYY-MM-DD, inclusive")]
 End = Annotated[str | None, Query(description="RFC-3339 or YYYY-MM-DD, inclusive")]
 Limit = Annotated[str | None, Query(description="1..10000 data points per page across symbols (default 1000)")]
-Adj = Annotated[str | None, Query(description="raw (default), split, dividend or all, comma-combinable")]
+Adj = Annotated[str | None, Query(description="raw (default), split, dividend, spin-off or all, comma-combinable")]
 Cur = Annotated[str | None, Query(description="USD only")]
 
 
@@ -166,7 +167,7 @@ def _currency(raw: str | None) -> bool:
 
 def _adjustment(raw: str | None) -> str:
     """The vendor's rule (trap 4): absent is ``raw``; unknown, empty or repeated values are a 400 with
-    the vendor's message; ``spin-off`` is refused (not faked). Returns the normalized value."""
+    the vendor's message. Returns the normalized value."""
     if raw is None:
         return "raw"
     parts = [p.strip() for p in raw.split(",")]
@@ -174,12 +175,6 @@ def _adjustment(raw: str | None) -> str:
         raise InvalidArgument("invalid adjustment", details={"parameter": "adjustment", "value": raw})
     for p in parts:
         validate_enum(p, ADJUSTMENTS, "adjustment", message="invalid adjustment")
-    if "spin-off" in parts:
-        raise InvalidArgument(
-            "adjustment=spin-off is not served: a spin-off's factor needs the new line's market price, which "
-            "marketpipe does not invent; use split, dividend or all",
-            details={"parameter": "adjustment", "value": raw},
-        )
     value = ",".join(parts)
     parse_adjustment(value)  # raw combined with others is refused here
     return value
@@ -414,6 +409,8 @@ def router() -> APIRouter:
             if parts:
                 frame, info = await st.data.actions.adjust(frame, h.symbols, h.start, parts, adj)
                 headers["X-Marketpipe-Adjustment"] = info.header()
+                if (left_out := info.skipped_header()) is not None:
+                    headers["X-Marketpipe-Adjustment-Skipped"] = left_out
             body = page_json("bars", frame, h.single, page.next_page_token, h.currency)
             closed = h.end <= st.gateway.last_close(now)
             return body, JSON, headers, 0.0 if page.partial else _ttl(st, "bars", now, closed)

@@ -49,7 +49,7 @@ def bars_query(
     timeframe: Annotated[str, Query(description="1Min, 5Min, 1Hour, 1Day, …")] = "1Min",
     source: Annotated[str, Query(description="auto or a provider name")] = "auto",
     feed: Feed = None,
-    adjustment: Annotated[str, Query(description="raw, split, dividend or all (comma-combinable)")] = "raw",
+    adjustment: Annotated[str, Query(description="raw, split, dividend, spin-off or all (comma-combinable)")] = "raw",
     as_of: Annotated[str | None, Query(description="adjust with the actions known by this day")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     page_token: Annotated[str | None, Query()] = None,
@@ -107,6 +107,8 @@ def v1_router() -> APIRouter:
             if parts or known is not None:
                 frame, info = await st.data.actions.adjust(frame, symbols, s, parts, q.adjustment, as_of=known)
                 headers["X-Marketpipe-Adjustment"] = info.header()
+                if (left_out := info.skipped_header()) is not None:
+                    headers["X-Marketpipe-Adjustment-Skipped"] = left_out
                 extra = {"adjustment": info.to_dict()}
             if out == "json":
                 body = bars_json(

@@ -192,7 +192,7 @@ def bars(
         str | None, typer.Option("--source", help="parquet://PATH or s3://BUCKET/prefix: read the cold tier")
     ] = None,
     adjustment: Annotated[
-        str, typer.Option("--adjustment", "-a", help="raw, split, dividend or all (adjusted on read)")
+        str, typer.Option("--adjustment", "-a", help="raw, split, dividend, spin-off or all (adjusted on read)")
     ] = "raw",
     as_of: Annotated[str | None, typer.Option("--as-of", help="adjust with the actions known by this day")] = None,
     config: ConfigOpt = None,

@@ -137,9 +137,10 @@ ACTION_COLUMNS = list(ACTION_SCHEMA)
 WITHDRAWN_KEY = "marketpipe_withdrawn"
 WITHDRAWN_PREFIX = '{"' + WITHDRAWN_KEY + '"'
 # Values of ``adjustment`` (Alpaca's; comma-combinable there). marketpipe adjusts for splits (and
-# stock dividends, which act as splits) and cash dividends; ``spin-off`` is accepted by the vendor
-# but needs the new line's price, which marketpipe does not invent.
-ADJUSTMENTS = ("raw", "split", "dividend", "all")
+# stock dividends, which act as splits), cash dividends and spin-offs (with the new line's raw close on
+# the ex-date, read like any bars; without one the spin-off is skipped, never priced by guess); ``all``
+# is the three of them.
+ADJUSTMENTS = ("raw", "split", "dividend", "spin-off", "all")
 
 
 def actions_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:

@@ -8,12 +8,16 @@ The formula (next-capabilities §1.5), on raw data at every event:
   a stock dividend of rate r acts as a split with price factor ``1 / (1 + r)``;
 * cash dividend D: price factor ``(C_prev - D) / C_prev`` on the raw close ``C_prev`` of the last
   session before the ex-date; left out (and said so) when ``C_prev`` is unknown or ``D >= C_prev``;
+* spin-off (``new_rate`` shares of ``new_symbol`` per ``old_rate`` — Alpaca's ``source_rate`` —
+  source shares): price factor ``1 - V_new / C_prev`` with ``V_new = new_rate / old_rate x P_new``,
+  ``P_new`` the new line's raw close on the ex-date; left out (and said so) when the record lacks the
+  ratio or the new symbol, when ``P_new`` or ``C_prev`` is unknown, or when ``V_new >= C_prev`` —
+  marketpipe never guesses the new line's price;
 * a bar dated t (its New York date) gets the product of the factors of every applied action with
   adjustment date > t; prices and vwap times the price factor, volume times the volume factor
   (rounded to whole shares).
 
-Other types (spin-offs, mergers, name changes, ...) are kept and listed but not applied: a spin-off's
-factor needs the new line's market price, which marketpipe does not invent.
+Other types (mergers, name changes, ...) are kept and listed but not applied.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA
 
 SPLIT_LIKE = ("forward_split", "reverse_split", "stock_dividend")
 DIVIDEND = "cash_dividend"
+SPIN_OFF = "spin_off"
+PARTS = ("split", "dividend", "spin-off")  # what ``all`` applies
 TZ = "America/New_York"
 APPLIED_SCHEMA: dict[str, pl.DataType] = {
     "symbol": pl.String(),
@@ -42,6 +48,7 @@ APPLIED_SCHEMA: dict[str, pl.DataType] = {
     "price_factor": pl.Float64(),
     "volume_factor": pl.Float64(),
 }
+NEW_CLOSES_SCHEMA: dict[str, pl.DataType] = {"symbol": pl.String(), "day": pl.Date(), "close": pl.Float64()}
 TABLE_SCHEMA: dict[str, pl.DataType] = {"until": pl.Date(), "price_factor": pl.Float64(), "volume_factor": pl.Float64()}
 SKIPPED_SCHEMA: dict[str, pl.DataType] = {
     "symbol": pl.String(),
@@ -53,9 +60,9 @@ SKIPPED_SCHEMA: dict[str, pl.DataType] = {
 
 
 def parse_adjustment(value: str | None, *, param: str = "adjustment") -> frozenset[str]:
-    """``raw|split|dividend|all``, or a comma list of them (Alpaca's form) -> the parts to apply
-    (``{"split", "dividend"}`` for ``all``; empty for ``raw``, which adds nothing in a list, as at
-    the vendor). Unknown, empty and repeated values
+    """``raw|split|dividend|spin-off|all``, or a comma list of them (Alpaca's form) -> the parts to
+    apply (``{"split", "dividend", "spin-off"}`` for ``all``; empty for ``raw``, which adds nothing in
+    a list, as at the vendor). Unknown, empty and repeated values
     are ``INVALID_ARGUMENT`` naming ``param`` (Alpaca answers them with a 400 since 2026-11-02)."""
     if value is None:
         return frozenset()
@@ -66,7 +73,7 @@ def parse_adjustment(value: str | None, *, param: str = "adjustment") -> frozens
             f"invalid {param} {value!r}: one of {allowed}, or a comma list of them without repeats",
             details={"parameter": param, "value": value, "allowed": list(ADJUSTMENTS)},
         )
-    out = {"split", "dividend"} if "all" in parts else set(parts) - {"raw"}
+    out = set(PARTS) if "all" in parts else set(parts) - {"raw"}
     return frozenset(out)
 
 
@@ -90,6 +97,7 @@ def impossible(actions: pl.DataFrame) -> pl.DataFrame:
     without ``quarantined_at``): split ratios <= 0 or missing, a stock-dividend rate <= -1, negative
     cash, a dividend without an amount, no date to adjust on."""
     split = pl.col("type").is_in(["forward_split", "reverse_split"])
+    spin = pl.col("type") == SPIN_OFF
     reason = (
         pl.when(adjustment_date().is_null())
         .then(pl.lit("no ex, effective or process date"))
@@ -97,6 +105,8 @@ def impossible(actions: pl.DataFrame) -> pl.DataFrame:
         .then(pl.lit("split without a ratio"))
         .when(split & ((pl.col("old_rate") <= 0) | (pl.col("new_rate") <= 0)))
         .then(pl.lit("split ratio <= 0"))
+        .when(spin & ((pl.col("old_rate") <= 0) | (pl.col("new_rate") <= 0)))
+        .then(pl.lit("spin-off ratio <= 0"))
         .when((pl.col("type") == "stock_dividend") & (pl.col("rate").is_null() | (pl.col("rate") <= -1)))
         .then(pl.lit("stock dividend rate missing or <= -1"))
         .when((pl.col("type") == DIVIDEND) & pl.col("cash_amount").is_null())
@@ -117,10 +127,13 @@ class Factors:
     skipped: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=SKIPPED_SCHEMA))
 
 
-def factors(actions: pl.DataFrame, closes: pl.DataFrame, parts: frozenset[str]) -> Factors:
+def factors(
+    actions: pl.DataFrame, closes: pl.DataFrame, parts: frozenset[str], new_closes: pl.DataFrame | None = None
+) -> Factors:
     """The factor table of ONE symbol's actions (``corporate_actions`` or ``ACTION_SCHEMA`` rows, the ones to use)
     for the adjustment ``parts``; ``closes``: that symbol's raw daily closes (``day`` Date, ``close``),
-    covering the session before each cash dividend's ex-date."""
+    covering the session before each cash dividend's and spin-off's ex-date; ``new_closes``: the raw
+    daily closes of the spin-offs' new lines (``symbol``, ``day``, ``close``), on their ex-dates."""
     if "version" not in actions.columns:  # actions not (yet) stored: no version
         actions = actions.with_columns(pl.lit(None, pl.Int64).alias("version"))
     a = actions.with_columns(adjustment_date().alias("_d"))
@@ -158,6 +171,8 @@ def factors(actions: pl.DataFrame, closes: pl.DataFrame, parts: frozenset[str]) 
             pl.lit(1.0).alias("volume_factor"),
         )
         pieces.append(d.drop("_prev"))
+    if "spin-off" in parts:
+        pieces.append(_spin_offs(a, closes, new_closes, skipped))
     if not pieces:
         skip0 = pl.concat([x.cast(SKIPPED_SCHEMA) for x in skipped])  # type: ignore[arg-type]
         return Factors(pl.DataFrame(schema=TABLE_SCHEMA), skipped=skip0)
@@ -177,6 +192,46 @@ def factors(actions: pl.DataFrame, closes: pl.DataFrame, parts: frozenset[str]) 
     )
     skip = pl.concat([x.cast(SKIPPED_SCHEMA) for x in skipped])  # type: ignore[arg-type]
     return Factors(table, used, skip)
+
+
+def _spin_offs(
+    a: pl.DataFrame, closes: pl.DataFrame, new_closes: pl.DataFrame | None, skipped: list[pl.DataFrame]
+) -> pl.DataFrame:
+    """The spin-offs of ``a`` with their factor ``1 - V_new / C_prev``; those left out go to ``skipped``
+    with their reason."""
+    s = a.filter(pl.col("type") == SPIN_OFF).sort("_d")
+    c = closes.select(pl.col("day").alias("_d"), pl.col("close").alias("_prev")).sort("_d")
+    s = s.join_asof(c, on="_d", strategy="backward", allow_exact_matches=False)
+    new = new_closes if new_closes is not None else pl.DataFrame(schema=NEW_CLOSES_SCHEMA)
+    new = new.select(
+        pl.col("symbol").alias("new_symbol"), pl.col("day").alias("_d"), pl.col("close").alias("_new")
+    ).unique(["new_symbol", "_d"], keep="last")
+    s = s.join(new, on=["new_symbol", "_d"], how="left").with_columns(
+        (pl.col("new_rate") / pl.col("old_rate") * pl.col("_new")).alias("_value")
+    )
+    reason = (
+        pl.when(pl.col("old_rate").is_null() | pl.col("new_rate").is_null() | pl.col("new_symbol").is_null())
+        .then(pl.lit("spin-off without a ratio or a new symbol"))
+        .when(pl.col("_new").is_null())
+        .then(pl.concat_str(pl.lit("no raw close of the new line "), pl.col("new_symbol"), pl.lit(" on the ex-date")))
+        .when(pl.col("_prev").is_null())
+        .then(pl.lit("no raw close before the ex-date"))
+        .when(pl.col("_value") >= pl.col("_prev"))
+        .then(pl.lit("spin-off value >= previous close"))
+    )
+    s = s.with_columns(reason.alias("_why"))
+    skipped.append(
+        s.filter(pl.col("_why").is_not_null()).select(
+            "symbol", "action_id", "type", pl.col("_d").alias("ex_date"), pl.col("_why").alias("reason")
+        )
+    )
+    return (
+        s.filter(pl.col("_why").is_null())
+        .with_columns(
+            (1.0 - pl.col("_value") / pl.col("_prev")).alias("price_factor"), pl.lit(1.0).alias("volume_factor")
+        )
+        .drop("_prev", "_new", "_value", "_why")
+    )
 
 
 def apply(bars: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:

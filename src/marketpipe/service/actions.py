@@ -18,7 +18,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,7 +26,7 @@ import polars as pl
 
 from marketpipe.cache import TieredCache
 from marketpipe.core import events
-from marketpipe.core.errors import AllProvidersFailed, ProviderError
+from marketpipe.core.errors import AllProvidersFailed, InvalidSymbol, ProviderError
 from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import ROWS_QUARANTINED
 from marketpipe.core.schema import ACTION_TYPES, WITHDRAWN_KEY, WITHDRAWN_PREFIX, actions_frame, normalize_symbols
@@ -43,6 +43,8 @@ from marketpipe.providers.base import ActionsPage, BarsProvider
 from marketpipe.quality.actions import reconcile_actions
 from marketpipe.quality.adjust import (
     APPLIED_SCHEMA,
+    NEW_CLOSES_SCHEMA,
+    PARTS,
     SKIPPED_SCHEMA,
     adjustment_date,
     apply,
@@ -55,7 +57,7 @@ from marketpipe.quality.adjust import (
     quarantine_rows,
 )
 from marketpipe.service.router import CLIENT_ERRORS as REFUSED
-from marketpipe.store.base import ActionCoverage, Store
+from marketpipe.store.base import ActionCoverage, AdjustFingerprintStore, Store
 
 if TYPE_CHECKING:
     from marketpipe.service.router import ProviderRouter
@@ -101,6 +103,12 @@ class Adjustment:
         """The ``X-Marketpipe-Adjustment`` header: the adjustment and every applied action id."""
         ids = ",".join(self.applied["action_id"].to_list())
         return f"{self.adjustment}; as_of={self.as_of or 'latest'}; actions={ids or 'none'}"
+
+    def skipped_header(self) -> str | None:
+        """The ``X-Marketpipe-Adjustment-Skipped`` header: ``action_id (reason)`` of every action left
+        out, comma-separated; None when none was."""
+        rows = self.skipped.select("action_id", "reason").iter_rows()
+        return ", ".join(f"{i} ({r})" for i, r in rows) or None
 
 
 @dataclass(slots=True)
@@ -223,6 +231,62 @@ def validate_types(types: list[str] | None) -> list[str] | None:
     return list(dict.fromkeys(types))
 
 
+PLANS_KEPT = 256  # factor plans kept in-process (oldest dropped first)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A kept :meth:`Actions.plan` answer and the store's fingerprint of what it was computed from."""
+
+    fingerprint: tuple[tuple[object, ...], tuple[object, ...]]
+    daily: list[tuple[str, datetime, datetime]]  # the 1Day bar windows whose closes it used
+    fetched: bool  # made with fetch=True: missing closes were fetched
+    tables: dict[str, pl.DataFrame]
+    applied: pl.DataFrame
+    skipped: pl.DataFrame
+
+
+def _close_windows(actions: pl.DataFrame, parts: frozenset[str]) -> dict[str, tuple[date, date]]:
+    """The days ``[lo, hi)`` of raw daily closes the factors of one symbol's ``actions`` need, per line:
+    the symbol's own before each cash dividend and spin-off (10 days back: the last session before the
+    ex-date), and each spin-off's new line on its ex-date."""
+    day = adjustment_date()
+    kinds = [t for t, part in (("cash_dividend", "dividend"), ("spin_off", "spin-off")) if part in parts]
+    events = actions.filter(pl.col("type").is_in(kinds)).select("symbol", "type", "new_symbol", day.alias("_d"))
+    events = events.filter(pl.col("_d").is_not_null())
+    out: dict[str, tuple[date, date]] = {}
+    if not events.height:
+        return out
+    days = events["_d"].to_list()
+    out[events["symbol"][0]] = (min(days) - timedelta(days=10), max(days))
+    spins = events.filter((pl.col("type") == "spin_off") & pl.col("new_symbol").is_not_null())
+    for line, d in zip(spins["new_symbol"].to_list(), spins["_d"].to_list(), strict=True):
+        lo, hi = out.get(line, (d, d + timedelta(days=1)))
+        out[line] = (min(lo, d), max(hi, d + timedelta(days=1)))
+    return out
+
+
+def _with_failures(skipped: pl.DataFrame, failed: dict[str, str]) -> pl.DataFrame:
+    """``skipped`` with the error code added to the reason of a spin-off whose new line could not be read."""
+    for line, code in failed.items():
+        missing = f"no raw close of the new line {line} on the ex-date"
+        skipped = skipped.with_columns(
+            pl.when(pl.col("reason") == missing)
+            .then(pl.lit(f"{missing} (reading its bars failed: {code})"))
+            .otherwise(pl.col("reason"))
+            .alias("reason")
+        )
+    return skipped
+
+
+def _span(lo: date, hi: date) -> tuple[datetime, datetime]:
+    """Days ``[lo, hi)`` as an instant range wide enough for either reading of a day (UTC or New York)."""
+    return (
+        datetime.combine(lo - timedelta(days=1), datetime.min.time(), UTC),
+        datetime.combine(hi + timedelta(days=1), datetime.min.time(), UTC),
+    )
+
+
 class Actions:
     """Over a store and a router (given as callables: the façade builds them lazily)."""
 
@@ -239,6 +303,12 @@ class Actions:
         # the corporate_action_applied events of a write onto the bus ([bus] configured and no gateway
         # publisher relaying core.events already), awaited so a CLI call has published before it returns
         self.publish = publish
+        self._plans: dict[tuple[object, ...], _Plan] = {}  # kept plan() answers, oldest first
+
+    def forget(self) -> None:
+        """Drop the kept factor tables (:meth:`plan`): the next adjusted read computes them again. Never
+        needed for correctness (a changed store is seen by its fingerprint); the benchmark's cold read."""
+        self._plans.clear()
 
     async def ensure(
         self, symbols: list[str], start: date, end: date, *, provider: str | None = None, refresh: bool = False
@@ -400,7 +470,7 @@ class Actions:
         lo = datetime.combine(start, datetime.min.time(), NY)
         hi = datetime.combine(end + timedelta(days=1), datetime.min.time(), NY)
         raw = await self._daily(symbol, start, end, True)
-        ours, _ = await self.adjust(raw, [symbol], lo, frozenset({"split", "dividend"}), "all")
+        ours, _ = await self.adjust(raw, [symbol], lo, frozenset(PARTS), "all")
         pages = [p.frame async for p in provider.iter_bars([symbol], DAY1, lo, hi, adjustment="all")]
         theirs = pl.concat(pages) if pages else raw.clear()
         ratio = (
@@ -439,18 +509,33 @@ class Actions:
         """The factor table of each symbol (``quality.adjust.factors``) for ``parts`` with the actions known
         by ``as_of`` (default: all known now), and what they apply — before any bar is read, so that a
         store can apply them while it reads (``read_bars_scaled``). Impossible dividends found here are
-        quarantined. ``order``: the symbols in the order their bars come (what ``applied`` follows)."""
+        quarantined. ``order``: the symbols in the order their bars come (what ``applied`` follows).
+
+        The answer is kept in-process and given again while the store's fingerprint of what it was
+        computed from (``AdjustFingerprintStore``: the symbols' actions and their ledger, the 1Day bars
+        whose closes it used) is unchanged — one small query instead of the actions, ledger and closes
+        reads; a write by anyone, this process or another one on the same store, changes it."""
         today = utcnow().astimezone(NY).date()
         first = start.astimezone(NY).date()
         known_dates_ok(as_of, first, today)
-        info = Adjustment(adjustment, as_of)
         if not parts:
-            return {}, info
+            return {}, Adjustment(adjustment, as_of)
         until = as_of or today
         syms = normalize_symbols(symbols)
         if fetch:
             await self.ensure(syms, first, until)
         store = self._store()
+        prints = store if isinstance(store, AdjustFingerprintStore) else None
+        key = (tuple(syms), tuple(order or ()), parts, as_of, first, until)
+        kept = self._plans.get(key)
+        # a plan made without fetching may lack closes a fetching one would have got: not reused for it
+        if kept is not None and prints is not None and (kept.fetched or not fetch):
+            now = await asyncio.to_thread(prints.adjust_fingerprint, syms, kept.daily)
+            if now == kept.fingerprint:
+                return dict(kept.tables), Adjustment(adjustment, as_of, kept.applied, kept.skipped)
+        # fingerprints taken BEFORE each read: a write racing the read makes the kept answer's print stale
+        # (recomputed next time), never a stale answer under a fresh print
+        marks = await asyncio.to_thread(prints.adjust_fingerprint, syms, []) if prints is not None else None
 
         def held() -> tuple[pl.DataFrame, pl.DataFrame]:
             """The actions, and the ledger where it can change the choice of vendor (a preferred vendor
@@ -463,25 +548,46 @@ class Actions:
             return acts, store.action_coverage(syms, first, until)
 
         acts, cov = await asyncio.to_thread(held)
+        chosen: dict[str, pl.DataFrame] = {}
+        for sym in dict.fromkeys(s for s in [*(order or []), *syms] if s in syms):
+            a = acts.filter(pl.col("symbol") == sym)
+            have = set(cov.filter(pl.col("symbol") == sym)["provider"].to_list()) | set(a["provider"].to_list())
+            vendor = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
+            chosen[sym] = a.filter(pl.col("provider") == vendor) if vendor else a.clear()
+        # the raw daily closes each symbol's factors need: its own before each dividend / spin-off, and
+        # each spin-off's new line on the ex-date
+        windows = {sym: _close_windows(a, parts) for sym, a in chosen.items()}
+        daily = [(s, *_span(lo, hi)) for w in windows.values() for s, (lo, hi) in w.items()]
+        if prints is not None:
+            marks = (marks[0] if marks else (), (await asyncio.to_thread(prints.adjust_fingerprint, [], daily))[1])
         tables: dict[str, pl.DataFrame] = {}
         applied: list[pl.DataFrame] = []
         skipped: list[pl.DataFrame] = []
         quarantine: list[pl.DataFrame] = []
-        for sym in dict.fromkeys(s for s in [*(order or []), *syms] if s in syms):
-            a = acts.filter(pl.col("symbol") == sym)
-            have = set(cov.filter(pl.col("symbol") == sym)["provider"].to_list()) | set(a["provider"].to_list())
-            chosen = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
-            a = a.filter(pl.col("provider") == chosen) if chosen else a.clear()
-            divs = a.filter(pl.col("type") == "cash_dividend")["ex_date"].drop_nulls()
-            closes = pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()})
-            if "dividend" in parts and len(divs):
-                lo, hi = divs.to_list()[0], divs.to_list()[-1]
-                daily = await self._daily(sym, min(lo, hi) - timedelta(days=10), max(lo, hi), fetch)
-                closes = daily.select(pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("day"), "close")
-            f = factors(a.select(list(CORPORATE_ACTIONS.columns)), closes, parts)
+        for sym, a in chosen.items():
+            closes = pl.DataFrame(schema=NEW_CLOSES_SCHEMA)
+            new_closes = [closes]
+            failed: dict[str, str] = {}
+            for line, (lo, hi) in windows[sym].items():
+                try:
+                    got = await self._daily(line, lo, hi, fetch)
+                except (ProviderError, InvalidSymbol) as exc:
+                    if line == sym:
+                        raise
+                    # a new line nobody serves: its spin-off is skipped (never priced by guess), the read goes on
+                    failed[line] = exc.code
+                    log.warning("spin_off_line_unavailable", symbol=sym, new_symbol=line, code=exc.code)
+                    continue
+                day = pl.col("ts").dt.convert_time_zone(str(NY)).dt.date().alias("day")
+                frame = got.select(pl.lit(line).alias("symbol"), day, "close").cast(NEW_CLOSES_SCHEMA)  # type: ignore[arg-type]
+                if line == sym:
+                    closes = frame
+                else:
+                    new_closes.append(frame)
+            f = factors(a.select(list(CORPORATE_ACTIONS.columns)), closes.drop("symbol"), parts, pl.concat(new_closes))
             tables[sym] = f.table
             applied.append(f.applied)
-            skipped.append(f.skipped)
+            skipped.append(_with_failures(f.skipped, failed))
             bad = f.skipped.filter(pl.col("reason") == "dividend >= previous close")
             if bad.height:
                 quarantine.append(quarantine_rows(a, bad, utcnow()))
@@ -490,8 +596,14 @@ class Actions:
                     log.warning("action_quarantined", symbol=sym, action_id=r["action_id"], reason=r["reason"])
         if quarantine:
             await asyncio.to_thread(store.write_actions, actions_frame([]), [], pl.concat(quarantine))
+        info = Adjustment(adjustment, as_of)
         info.applied = pl.concat(applied) if applied else info.applied
         info.skipped = pl.concat(skipped) if skipped else info.skipped
+        if marks is not None:
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans.pop(key, None)  # re-inserted: newest last
+            self._plans[key] = _Plan(marks, daily, fetch, dict(tables), info.applied, info.skipped)
         return tables, info
 
     async def adjust(

@@ -432,7 +432,7 @@ class MarketData:
         ``source="parquet://PATH"`` or ``"s3://BUCKET/prefix"`` reads the Parquet cold tier written by
         ``marketpipe export`` instead (nothing fetched, no store opened): the same frame a store read gives.
 
-        ``adjustment`` (``raw|split|dividend|all``, Alpaca's values, comma-combinable): raw bars
+        ``adjustment`` (``raw|split|dividend|spin-off|all``, Alpaca's values, comma-combinable): raw bars
         adjusted on read for corporate actions (``service/actions``), with the actions known by
         ``as_of`` (a day; default: everything known now). An adjusted frame carries what was
         applied: :func:`marketpipe.service.actions.adjustment_of`. Both are checked before anything

@@ -2,11 +2,17 @@
 factors each vendor face adjusts its bars with, and faults that make one vendor wrong.
 
 The book (:data:`DEFAULT_ACTIONS`) holds real events: ex-dates and ratios / per-share amounts as the
-companies announced them (AAPL 4:1 ex 2020-08-31, NVDA 10:1 ex 2024-06-10, TSLA 3:1 ex 2022-08-25 and
-AAPL's quarterly cash dividends 2019-2025, among them 0.205 ex 2020-11-06). Their payable and process
-dates are not kept here: the simulator sets a dividend's payable = process date to ex + 7 days (a
-dividend's process date trails its ex-date, trap 2 of next-capabilities §0) and a split's to its ex-date.
-Vendor ids are UUIDs derived from the event.
+companies announced them (AAPL 4:1 ex 2020-08-31, NVDA 10:1 ex 2024-06-10, TSLA 3:1 ex 2022-08-25,
+AAPL's quarterly cash dividends 2019-2025, among them 0.205 ex 2020-11-06, and GE's spin-offs of GE
+HealthCare, 1 GEHC per 3 GE ex 2023-01-04, and GE Vernova, 1 GEV per 4 GE ex 2024-04-02). Their payable
+and process dates are not kept here: the simulator sets a dividend's payable = process date to ex + 7
+days (a dividend's process date trails its ex-date, trap 2 of next-capabilities §0) and a split's or a
+spin-off's to its ex-date. Vendor ids are UUIDs derived from the event.
+
+A spin-off's new line trades from its ex-date only (no bars, trades or quotes before it). The source's
+raw prices of every session before the ex-date are its walk's plus the value distributed per source
+share, ``V = new_rate / old_rate x`` the new line's raw close on the ex-date (``old_rate`` is Alpaca's
+``source_rate``), so they drop by ``V`` there as real raw data does.
 
 The market's raw prices follow the book: every price of a session before a split's ex-date is the
 walk's price times the split ratio (so raw bars jump at the split, as real raw data does); dividends
@@ -15,9 +21,10 @@ leave raw prices alone. Each face adjusts with its own *view* of the book: the t
 dividend listed but left out of the adjusted prices, a split applied but not listed). The factors follow
 next-capabilities §1.5:
 split price factor old/new (volume new/old), dividend factor (C_prev - D) / C_prev on the raw close of
-the session before the ex-date, a bar's factor the product over every action with ex-date after its
-New York date. This is the simulator's own implementation (numpy, per session), independent of
-marketpipe's adjust-on-read (``quality/adjust.py``), so a test comparing the two means something.
+the session before the ex-date, spin-off factor 1 - V / C_prev (V as above), a bar's factor the product
+over every action with ex-date after its New York date. This is the simulator's own implementation
+(numpy, per session), independent of marketpipe's adjust-on-read (``quality/adjust.py``), so a test
+comparing the two means something.
 """
 
 from __future__ import annotations
@@ -42,12 +49,13 @@ PROCESS_LAG = timedelta(days=7)
 @dataclass(frozen=True, slots=True)
 class SimAction:
     symbol: str
-    type: str  # forward_split, reverse_split or cash_dividend
+    type: str  # forward_split, reverse_split, cash_dividend or spin_off
     ex_date: date
-    old_rate: float = 1.0
+    old_rate: float = 1.0  # a spin-off's source_rate: new_rate new shares per old_rate source shares
     new_rate: float = 1.0
     cash: float | None = None
     tag: str = ""  # tells apart the copies of a doubled split
+    new_symbol: str | None = None  # a spin-off's new line
 
     @property
     def id(self) -> str:
@@ -55,8 +63,8 @@ class SimAction:
 
     @property
     def process_date(self) -> date:
-        """Splits are processed on their ex-date; a dividend's process (= payable) date trails it."""
-        return self.ex_date if self.is_split else self.ex_date + PROCESS_LAG
+        """Splits and spin-offs are processed on their ex-date; a dividend's process (= payable) date trails it."""
+        return self.ex_date + PROCESS_LAG if self.type == "cash_dividend" else self.ex_date
 
     @property
     def is_split(self) -> bool:
@@ -66,6 +74,12 @@ class SimAction:
 def _split(symbol: str, day: str, new: float, old: float = 1.0) -> SimAction:
     kind = "forward_split" if new >= old else "reverse_split"
     return SimAction(symbol, kind, date.fromisoformat(day), old_rate=float(old), new_rate=float(new))
+
+
+def _spin_off(symbol: str, day: str, new_symbol: str, per: float) -> SimAction:
+    """1 share of ``new_symbol`` per ``per`` shares of ``symbol``."""
+    return SimAction(symbol, "spin_off", date.fromisoformat(day), old_rate=float(per), new_rate=1.0,
+                     new_symbol=new_symbol)  # fmt: skip
 
 
 def _divs(symbol: str, rows: str) -> tuple[SimAction, ...]:
@@ -80,6 +94,8 @@ DEFAULT_ACTIONS: tuple[SimAction, ...] = (
     _split("AAPL", "2020-08-31", 4),
     _split("NVDA", "2024-06-10", 10),
     _split("TSLA", "2022-08-25", 3),
+    _spin_off("GE", "2023-01-04", "GEHC", 3),
+    _spin_off("GE", "2024-04-02", "GEV", 4),
     *_divs(
         "AAPL",
         "2019-02-08=0.73 2019-05-10=0.77 2019-08-09=0.77 2019-11-07=0.77 "
@@ -111,12 +127,8 @@ class ActionFault(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("factor must be > 0")
 
     def hits(self, a: SimAction) -> bool:
-        wants_split = self.kind != "unadjusted_dividend"
-        return (
-            a.symbol == self.symbol
-            and a.is_split == wants_split
-            and (self.ex_date is None or a.ex_date == self.ex_date)
-        )
+        kind_ok = a.type == "cash_dividend" if self.kind == "unadjusted_dividend" else a.is_split
+        return a.symbol == self.symbol and kind_ok and (self.ex_date is None or a.ex_date == self.ex_date)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +171,15 @@ class ActionBook:
     def splits(self, symbol: str) -> tuple[SimAction, ...]:
         return tuple(a for a in self.of(symbol) if a.is_split)
 
+    def spin_offs(self, symbol: str) -> tuple[SimAction, ...]:
+        """The spin-offs whose source is ``symbol``."""
+        return tuple(a for a in self.of(symbol) if a.type == "spin_off" and a.new_symbol)
+
+    def listed_from(self, symbol: str) -> date | None:
+        """The first session of a line a spin-off created (its ex-date); None: it trades all along."""
+        days = [a.ex_date for a in self._actions if a.type == "spin_off" and a.new_symbol == symbol]
+        return min(days) if days else None
+
     def view(self, symbol: str, vendor: str) -> VendorView:
         true = self.of(symbol)
         faults = [f for f in self._faults if f.vendor == vendor and f.symbol == symbol]
@@ -197,33 +218,48 @@ def split_multiplier(days: np.ndarray, splits: tuple[SimAction, ...]) -> np.ndar
     return m
 
 
+def spin_off_value(a: SimAction, days: np.ndarray, raw_close: Callable[[str, int], float | None]) -> float | None:
+    """What a spin-off distributes per source share: new/old x the new line's raw close on the ex-date
+    (None when the new line has no close there)."""
+    k = int(np.searchsorted(days, np.datetime64(a.ex_date, "D"), side="left"))
+    price = raw_close(a.new_symbol, k) if a.new_symbol and k < len(days) else None
+    return None if price is None else a.new_rate / a.old_rate * price
+
+
 def factors(
     days: np.ndarray,
     applied: tuple[SimAction, ...],
-    raw_close: Callable[[int], float | None],
+    raw_close: Callable[[str, int], float | None],
     adjustment: str,
     today: date,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(price factor, volume factor) per session for ``adjustment`` (raw, split, dividend, all or a
-    comma list of them): actions with ex-date up to ``today``; ``raw_close(i)`` is the raw close of
-    session ``i`` (None when it has none). A dividend with no previous close, or one at least as large
-    as it, is left out (a vendor cannot adjust with it either)."""
+    """(price factor, volume factor) per session for ``adjustment`` (raw, split, dividend, spin-off, all
+    or a comma list of them): actions with ex-date up to ``today``; ``raw_close(symbol, i)`` is the raw
+    close of ``symbol``'s session ``i`` (None when it has none). A dividend (a spin-off's value) with no
+    previous close, or at least as large as it, is left out (a vendor cannot adjust with it either)."""
     parts = {p.strip() for p in adjustment.split(",")}
     want_split = bool(parts & {"split", "all"})
     want_div = bool(parts & {"dividend", "all"})
+    want_spin = bool(parts & {"spin-off", "all"})
     fp, fv = np.ones(len(days)), np.ones(len(days))
     for a in applied:
         if a.ex_date > today:
             continue
         ex = np.datetime64(a.ex_date, "D")
         before = days < ex
+        k = int(np.searchsorted(days, ex, side="left"))
         if a.is_split and want_split:
             fp[before] *= a.old_rate / a.new_rate
             fv[before] *= a.new_rate / a.old_rate
         elif a.type == "cash_dividend" and want_div and a.cash is not None:
-            k = int(np.searchsorted(days, ex, side="left"))
-            prev = raw_close(k - 1) if k > 0 else None
+            prev = raw_close(a.symbol, k - 1) if k > 0 else None
             if prev is None or not prev > a.cash:
                 continue
             fp[before] *= (prev - a.cash) / prev
+        elif a.type == "spin_off" and want_spin:
+            prev = raw_close(a.symbol, k - 1) if k > 0 else None
+            value = spin_off_value(a, days, raw_close)
+            if prev is None or value is None or not prev > value:
+                continue
+            fp[before] *= 1.0 - value / prev
     return fp, fv

@@ -20,7 +20,8 @@ from marketpipe.sim.data import SimMarket
 from marketpipe.wire.alpaca_actions import MAX_LIMIT, PLURAL, SORTS, page_body
 
 # Real CUSIPs of the symbols the book holds actions for.
-CUSIPS = {"AAPL": "037833100", "NVDA": "67066G104", "TSLA": "88160R101"}
+CUSIPS = {"AAPL": "037833100", "NVDA": "67066G104", "TSLA": "88160R101", "GE": "369604301", "GEHC": "36266G107",
+          "GEV": "36828A101"}  # fmt: skip
 
 
 class ActionsBadRequest(ValueError):
@@ -34,6 +35,10 @@ def record(a: SimAction) -> tuple[str, dict[str, Any]]:
              "payable_date": a.process_date.isoformat()}  # fmt: skip
     if a.type == "cash_dividend":
         rec = {**common, "cusip": CUSIPS.get(a.symbol, ""), "rate": a.cash, "special": False, "foreign": False, **dates}
+    elif a.type == "spin_off":  # Alpaca's spin_off fields: no symbol, the source's and the new line's
+        rec = {"id": a.id, "source_symbol": a.symbol, "source_cusip": CUSIPS.get(a.symbol, ""),
+               "source_rate": a.old_rate, "new_symbol": a.new_symbol, "new_cusip": CUSIPS.get(a.new_symbol or "", ""),
+               "new_rate": a.new_rate, **dates}  # fmt: skip
     elif a.type == "reverse_split":
         cusip = CUSIPS.get(a.symbol, "")
         rec = {

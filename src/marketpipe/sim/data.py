@@ -61,7 +61,7 @@ from marketpipe.core.errors import InvalidArgument, InvalidSymbol
 from marketpipe.core.schema import BAR_SCHEMA
 from marketpipe.core.timeframe import MIN1, Timeframe, Unit
 from marketpipe.core.timeutil import NY, dt_to_ns, utcnow
-from marketpipe.sim.actions import ActionBook, factors, split_multiplier
+from marketpipe.sim.actions import ActionBook, factors, spin_off_value, split_multiplier
 
 SYMBOL_RE = re.compile(r"^[A-Z]{1,5}([./][A-Z]{1,2})?$")
 DEFAULT_UNKNOWN = frozenset({"UNKNOWN", "ZZZZ", "NOPE"})
@@ -502,13 +502,29 @@ class SimMarket:
             opens[k], closes[k] = op, prev
         # raw prices follow the share count: before a split's ex-date they are the ratio higher
         mult = split_multiplier(self.days, self.actions.splits(symbol))
-        out = (np.exp(np.array(opens)) * mult, np.exp(np.array(closes)) * mult)
+        # and what was distributed: before a spin-off's ex-date they hold the value of the new line's
+        # shares (in the share units of the ex-date, hence / mult there)
+        held = np.zeros(n)
+        for a in self.actions.spin_offs(symbol):
+            value = spin_off_value(a, self.days, lambda sym, i: self.raw_close(sym, i, 1 << 62))
+            k = int(np.searchsorted(self.days, np.datetime64(a.ex_date, "D"), side="left"))
+            if value is not None and k < n:
+                held[:k] += value / mult[k]
+        out = ((np.exp(np.array(opens)) + held) * mult, (np.exp(np.array(closes)) + held) * mult)
         self._walks.put(symbol, out, n * 16)
         return out
 
+    def _first_session(self, symbol: str) -> int:
+        """The index of the first session ``symbol`` trades in (a spin-off's new line: its ex-date)."""
+        since = self.actions.listed_from(symbol)
+        return 0 if since is None else int(np.searchsorted(self.days, np.datetime64(since, "D"), side="left"))
+
     # --- one session: path, minute bars, trades, quotes ------------------------------------------
     def _path(self, symbol: str, di: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-minute trade counts, trade prices and sizes of one session (stream 0)."""
+        """Per-minute trade counts, trade prices and sizes of one session (stream 0); nothing in a
+        session before the symbol trades."""
+        if di < self._first_session(symbol):
+            return np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64)
         rng = np.random.default_rng([self._sym_seed(symbol), int(self.day_ints[di]), 0])
         m = int((self.closes[di] - self.opens[di]) // NS_PER_MIN)
         x = (np.arange(m) + 0.5) / m
@@ -540,6 +556,10 @@ class SimMarket:
         if hit is not None:
             return hit
         counts, px, sizes = self._path(symbol, di)
+        if len(counts) == 0:  # not trading yet
+            none = _DayMinutes(BarArrays.empty(), np.empty(0, np.int64), np.empty(0, np.int64))
+            self._minutes.put(key, none, 64)
+            return none
         starts = np.r_[0, np.cumsum(counts)[:-1]]
         ends = starts + counts - 1
         v = np.add.reduceat(sizes, starts)
@@ -594,6 +614,11 @@ class SimMarket:
         if hit is not None:
             return hit
         tr = self._trades(symbol, di)
+        if len(tr.t) == 0:  # not trading yet: no quotes either
+            e, f = np.empty(0, np.int64), np.empty(0, np.float64)
+            none = _DayQuotes(e, f, f, e, e, e, e)
+            self._ticks.put(key, none, 64)
+            return none
         rng = np.random.default_rng([self._sym_seed(symbol), int(self.day_ints[di]), 2])
         m = int((self.closes[di] - self.opens[di]) // NS_PER_MIN)
         counts = 2 + rng.poisson(3.0, m)
@@ -771,7 +796,7 @@ class SimMarket:
             return hit
 
         applied = self.actions.view(symbol, vendor).applied
-        out = factors(self.days, applied, lambda i: self.raw_close(symbol, i, now_ns), adjustment, today)
+        out = factors(self.days, applied, lambda sym, i: self.raw_close(sym, i, now_ns), adjustment, today)
         with self._factor_lock:
             if len(self._factors) > 256:
                 self._factors.clear()
@@ -779,8 +804,9 @@ class SimMarket:
         return out
 
     def raw_close(self, symbol: str, di: int, now_ns: int) -> float | None:
-        """The raw close of session ``di`` (None before the calendar or when it has no bar by ``now``)."""
-        row = self._day_row(symbol, di, now_ns) if 0 <= di < len(self.days) else None
+        """The raw close of session ``di`` (None before the calendar, for a symbol without data, or when it
+        has no bar by ``now``)."""
+        row = self._day_row(symbol, di, now_ns) if 0 <= di < len(self.days) and self.has_data(symbol) else None
         return float(row[3]) if row is not None else None
 
     @staticmethod

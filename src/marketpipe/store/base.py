@@ -342,6 +342,24 @@ class ScaledBarStore(Protocol):
 
 
 @runtime_checkable
+class AdjustFingerprintStore(Protocol):
+    """A store that can say cheaply whether what an adjustment was computed from may have changed
+    (``service.actions.Actions.plan`` keeps factor tables in-process and checks this on every read, so
+    a write by another process to the same store is seen too)."""
+
+    def adjust_fingerprint(
+        self, symbols: list[str], daily: list[tuple[str, datetime, datetime]]
+    ) -> tuple[tuple[object, ...], tuple[object, ...]]:
+        """``(actions part, bars part)``: for ``symbols`` (empty: ``()``) the count and newest
+        ``stored_at`` of their ``corporate_actions`` rows and the count and newest ``fetched_at`` of their
+        ``action_coverage`` entries; for each ``(symbol, lo, hi)`` of ``daily`` (empty: ``()``) the count
+        and newest ``fetched_at`` of its 1Day bars stamped in ``[lo, hi)``. Every one of these tables
+        is append-only (a correction or a refreshed bar is a new row), so any write they see changes
+        the answer."""
+        ...
+
+
+@runtime_checkable
 class ActionStore(Protocol):
     """Corporate actions (``core.schema.ACTION_SCHEMA`` frames), their ledger and their quarantine.
 

@@ -921,6 +921,33 @@ class DuckDBStore:
             )
         return _aware(pl.from_arrow(table), ACTION_COVERAGE_SCHEMA)  # type: ignore[arg-type]
 
+    def adjust_fingerprint(
+        self, symbols: list[str], daily: list[tuple[str, datetime, datetime]]
+    ) -> tuple[tuple[object, ...], tuple[object, ...]]:
+        # one statement, one single-row aggregate per table (a cross join of them): one round trip
+        parts: list[str] = []
+        params: dict[str, object] = {}
+        if symbols:
+            params["syms"] = list(symbols)
+            parts += [
+                "(SELECT count(*), max(stored_at) FROM corporate_actions WHERE list_contains($syms, symbol))",
+                "(SELECT count(*), max(fetched_at) FROM action_coverage WHERE list_contains($syms, symbol))",
+            ]
+        for i, (sym, lo, hi) in enumerate(daily):
+            params[f"s{i}"], params[f"lo{i}"], params[f"hi{i}"] = sym, _n(lo), _n(hi)
+            parts.append(
+                f"(SELECT count(*), max(fetched_at) FROM {bar_tables([sym]).bars.name} WHERE symbol = $s{i} "
+                f"AND timeframe = '1Day' AND ts >= $lo{i} AND ts < $hi{i})"
+            )
+        if not parts:
+            return (), ()
+        sql = "SELECT * FROM " + ", ".join(f"{q} _{i}" for i, q in enumerate(parts))
+        with self._lock:
+            rows = self.con.execute(sql, params).fetchall()
+        values = tuple(rows[0])
+        n = 4 if symbols else 0
+        return values[:n], values[n:]
+
     def action_quarantine(self, symbol: str | None = None) -> pl.DataFrame:
         sql = "SELECT * FROM action_quarantine" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ex_date"
         with self._lock:

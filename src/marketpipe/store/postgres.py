@@ -865,6 +865,33 @@ class PostgresStore:
         sql = f"SELECT * FROM action_coverage WHERE {' AND '.join(where)} ORDER BY symbol, start"
         return _as(self._frame(sql, tuple(params)), ACTION_COVERAGE_SCHEMA)
 
+    def adjust_fingerprint(
+        self, symbols: list[str], daily: list[tuple[str, datetime, datetime]]
+    ) -> tuple[tuple[object, ...], tuple[object, ...]]:
+        parts: list[str] = []
+        params: list[object] = []
+        if symbols:
+            params.append(list(symbols))
+            parts += [
+                "(SELECT count(*) FROM corporate_actions WHERE symbol = ANY($1))",
+                "(SELECT max(stored_at) FROM corporate_actions WHERE symbol = ANY($1))",
+                "(SELECT count(*) FROM action_coverage WHERE symbol = ANY($1))",
+                "(SELECT max(fetched_at) FROM action_coverage WHERE symbol = ANY($1))",
+            ]
+        for sym, lo, hi in daily:
+            params += [sym, lo, hi]
+            n = len(params)
+            held = (
+                f"FROM {bar_tables([sym]).bars.name} WHERE symbol = ${n - 2} AND timeframe = '1Day' "
+                f"AND ts >= ${n - 1} AND ts < ${n}"
+            )
+            parts += [f"(SELECT count(*) {held})", f"(SELECT max(fetched_at) {held})"]
+        if not parts:
+            return (), ()
+        values = tuple(self._rows(f"SELECT {', '.join(parts)}", tuple(params))[0])
+        k = 4 if symbols else 0
+        return values[:k], values[k:]
+
     def action_quarantine(self, symbol: str | None = None) -> pl.DataFrame:
         sql = "SELECT * FROM action_quarantine" + (" WHERE symbol = $1" if symbol else "") + " ORDER BY ex_date"
         return _as(self._frame(sql, (symbol,) if symbol else ()), ACTION_QUARANTINE_SCHEMA)
