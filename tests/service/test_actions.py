@@ -336,6 +336,25 @@ async def test_quality_explains_a_real_split_and_counts_an_unexplained_one(
     assert before.height == 7 and (before["validity"] == 0.0).all()
 
 
+async def test_quality_explains_a_spin_off_drop_once_the_new_line_is_priced(md: MarketData) -> None:
+    """GE's raw close drops 14.6 % on the GEHC spin-off's ex-date (2023-01-04): a finding of the daily
+    series until the drop is explained. Without GEHC's close in the store its factor is unknown, so the
+    finding stays and says why; with it, the drop less ln f is an ordinary day: shown as info, not counted."""
+    await md.corporate_actions("GE", "2022-10-01", "2023-02-28")
+    await md.bars("GE", "2022-10-03", "2023-02-28", timeframe="1Day")
+    (before,) = await md.quality("GE", "2022-10-03", "2023-02-28", timeframe="1Day")
+    day = pl.col("timestamp").dt.convert_time_zone("America/New_York").dt.date() == date(2023, 1, 4)
+    drop = before.findings.filter(day)
+    assert drop.height == 1 and drop["severity"][0] in ("medium", "high")
+    assert "a spin-off (alpaca:" in drop["detail"][0] and "no raw close of the new line GEHC" in drop["detail"][0]
+    await md.bars("GEHC", "2023-01-04", "2023-01-04", timeframe="1Day")
+    (after,) = await md.quality("GE", "2022-10-03", "2023-02-28", timeframe="1Day")
+    explained = after.findings.filter(day)
+    assert explained["severity"].to_list() == ["info"]
+    assert "explained by the spin-off (alpaca:" in explained["detail"][0] and "0.849463" in explained["detail"][0]
+    assert after.summary["score"] > before.summary["score"]
+
+
 async def test_a_stored_action_drops_the_cached_bars_of_its_symbol(md: MarketData) -> None:
     """The gateway subscribes the cache to corporate_action_applied: cached (adjusted) bars of the
     symbol and multi-symbol answers go, other symbols' stay. The event comes from the store write's

@@ -14,6 +14,8 @@ date, another by its ex-date). Outcomes (``status``):
 
 from __future__ import annotations
 
+import math
+
 import polars as pl
 
 from marketpipe.core.tables import ACTION_RECONCILE_SCHEMA, FINDINGS_SCHEMA
@@ -153,6 +155,105 @@ def explain_splits(findings: pl.DataFrame, actions: pl.DataFrame, tz: str, *, to
             pl.when(known).then(pl.lit("info")).otherwise(pl.col("severity")).alias("severity"),
             pl.when(known)
             .then(pl.format("explained by split {}:1 ({})", pl.col("_ratio").round(4), pl.col("_id")))
+            .otherwise(pl.col("detail"))
+            .alias("detail"),
+        )
+        .sort("_row")
+        .select(findings.columns)
+    )
+
+
+def explain_distributions(
+    findings: pl.DataFrame,
+    bars: pl.DataFrame,
+    applied: pl.DataFrame,
+    skipped: pl.DataFrame,
+    tz: str,
+    *,
+    jump_pct: float,
+    z_threshold: float,
+) -> pl.DataFrame:
+    """``jump``, ``spike`` and ``return_zscore`` findings of daily ``bars`` on the ex-date of a known cash
+    dividend or spin-off of the same symbol: the raw close drops there by the distribution. ``applied``
+    (``quality.adjust.factors``' ``applied``) holds each one's price factor f. A finding whose close-to-close
+    return r, less ``ln f``, is neither a jump (``jump_pct``) nor a z-score outlier on the volatility the
+    finding measured (``z_threshold``) becomes severity ``info`` (shown, not counted), the action named. A
+    spin-off in ``skipped`` (no price for its new line, so no factor) explains nothing: its finding stays and
+    says the spin-off is there and why its drop is unknown."""
+    if not findings.height or not (applied.height or skipped.height):
+        return findings
+    f = findings.with_columns(
+        pl.int_range(pl.len()).alias("_row"), pl.col("ts").dt.convert_time_zone(tz).dt.date().alias("_day")
+    )
+    returns = bars.sort("symbol", "ts").select(
+        "symbol", "ts", (pl.col("close") / pl.col("close").shift().over("symbol")).log().alias("_r")
+    )
+    moves = f.filter(pl.col("kind").is_in(["jump", "spike", "return_zscore"])).join(
+        returns, on=["symbol", "ts"], how="inner"
+    )
+    dist = applied.filter(pl.col("type").is_in(["cash_dividend", "spin_off"])).select(
+        "symbol",
+        pl.col("ex_date").alias("_day"),
+        pl.col("price_factor").alias("_f"),
+        pl.col("action_id").alias("_id"),
+        pl.col("type").alias("_type"),
+    )
+    rest = pl.col("_r") - pl.col("_f").log()  # the move the distribution does not explain
+    # return_zscore's value is |r| / sigma: the residual's z on the same sigma is |rest| * value / |r|
+    rest_z = pl.when(pl.col("kind") == "return_zscore").then(rest.abs() * pl.col("value") / pl.col("_r").abs())
+    hit = (
+        moves.join(dist, on=["symbol", "_day"], how="inner")
+        .group_by("_row")  # two distributions on one day: their factors multiply
+        .agg(
+            pl.col("_f").product(),
+            pl.col("_id").str.join(", "),
+            pl.col("_type").first(),
+            pl.col("_r").first(),
+            pl.col("kind").first(),
+            pl.col("value").first(),
+        )
+        .filter((rest.abs() < math.log1p(jump_pct / 100)) & (rest_z.fill_null(0.0) < z_threshold))
+        .select("_row", "_id", "_f", "_type", "_r")
+    )
+    unknown = (
+        moves.join(
+            skipped.filter(pl.col("type") == "spin_off").select(
+                "symbol",
+                pl.col("ex_date").alias("_day"),
+                pl.col("action_id").alias("_sid"),
+                pl.col("reason").alias("_why"),
+            ),
+            on=["symbol", "_day"],
+            how="inner",
+        )
+        .unique("_row", keep="first")
+        .select("_row", "_sid", "_why")
+    )
+    f = f.join(hit, on="_row", how="left").join(unknown, on="_row", how="left")
+    known = pl.col("_id").is_not_null()
+    return (
+        f.with_columns(
+            pl.when(known).then(pl.lit("info")).otherwise(pl.col("severity")).alias("severity"),
+            pl.when(known)
+            .then(
+                pl.format(
+                    "{}; close to close {}%: explained by the {} ({}), price factor {}",
+                    pl.col("detail"),
+                    ((pl.col("_r").exp() - 1) * 100).round(2),
+                    pl.col("_type").str.replace("_", "-"),
+                    pl.col("_id"),
+                    pl.col("_f").round(6),
+                )
+            )
+            .when(pl.col("_sid").is_not_null())
+            .then(
+                pl.format(
+                    "{}; a spin-off ({}) has its ex-date here, its drop unknown: {}",
+                    pl.col("detail"),
+                    pl.col("_sid"),
+                    pl.col("_why"),
+                )
+            )
             .otherwise(pl.col("detail"))
             .alias("detail"),
         )

@@ -4,7 +4,7 @@ and raised as events. Reads the store only; repairing is :mod:`marketpipe.servic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -19,8 +19,8 @@ from marketpipe.core.metrics import COMPLETENESS, QUALITY_SCORE
 from marketpipe.core.schema import SPLIT_TYPES as SPLITS
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import utcnow
-from marketpipe.quality.actions import explain_splits, unexplained_split_days, unseen_splits
-from marketpipe.quality.adjust import current
+from marketpipe.quality.actions import explain_distributions, explain_splits, unexplained_split_days, unseen_splits
+from marketpipe.quality.adjust import current, factors
 from marketpipe.quality.anomaly import SEVERITY_WEIGHT, detect
 from marketpipe.quality.completeness import Completeness, assess_frames, expected_stamps
 from marketpipe.quality.reconcile import MATCH, MINOR, MISMATCH, WARN
@@ -93,6 +93,51 @@ def expected_complete(
     return stamps[keep], period[keep]
 
 
+MOVES = ["jump", "spike", "return_zscore"]  # the findings a distribution's drop can explain
+
+
+def _explain_distributions(
+    store: Any,
+    cal: ExchangeCalendar,
+    symbols: list[str],
+    days: tuple[date, date],
+    bars: pl.DataFrame,
+    findings: pl.DataFrame,
+    cfg: QualityConfig,
+) -> pl.DataFrame:
+    """``quality.actions.explain_distributions`` with each symbol's dividend and spin-off factors, computed
+    as the adjusted read computes them (``quality.adjust.factors``): from the symbol's own raw closes and
+    the new lines' raw closes on their ex-dates, read from the store (never fetched or guessed here)."""
+    tz = str(cal.tz)
+    acts = current(store.read_actions(symbols, *days, types=["cash_dividend", "spin_off"]))
+    if not acts.height:
+        return findings
+    closes_of = bars.select(
+        "symbol", pl.col("ts").dt.convert_time_zone(tz).dt.date().alias("day"), "close"
+    ).partition_by("symbol", as_dict=True, include_key=False)
+    applied, skipped = [], []
+    for (sym,), mine in acts.partition_by("symbol", as_dict=True).items():
+        lines = mine.filter(pl.col("type") == "spin_off")["new_symbol"].drop_nulls().unique().to_list()
+        new_closes = None
+        if lines:
+            lo, hi = days[0], days[1] + timedelta(days=2)  # a daily bar is stamped at the exchange's midnight
+            held = store.read_bars(lines, "1Day", *(datetime.combine(d, datetime.min.time(), UTC) for d in (lo, hi)))
+            new_closes = held.select("symbol", pl.col("ts").dt.convert_time_zone(tz).dt.date().alias("day"), "close")
+        closes = closes_of.get((sym,), pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()}))
+        f = factors(mine, closes, frozenset({"dividend", "spin-off"}), new_closes)
+        applied.append(f.applied)
+        skipped.append(f.skipped)
+    return explain_distributions(
+        findings,
+        bars,
+        pl.concat(applied),
+        pl.concat(skipped),
+        tz,
+        jump_pct=cfg.anomaly.jump_pct,
+        z_threshold=cfg.anomaly.z_threshold,
+    )
+
+
 def analyze(
     store: QualityStore,
     cal: ExchangeCalendar,
@@ -130,6 +175,9 @@ def analyze(
         splits = current(store.read_actions(symbols, *days, types=list(SPLITS)))
         if findings.height:
             findings = explain_splits(findings, splits, str(cal.tz))
+        if tf.unit is Unit.DAY and tf.amount == 1 and findings.filter(pl.col("kind").is_in(MOVES)).height:
+            # a daily close drops by a dividend or a spin-off on its ex-date: explained when that is the move
+            findings = _explain_distributions(store, cal, symbols, days, bars, findings, cfg)
         unseen = unseen_splits(bars, splits, str(cal.tz))
         if unseen.height:
             findings = pl.concat([findings, unseen]).sort("symbol", "ts")
