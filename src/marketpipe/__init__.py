@@ -54,6 +54,7 @@ __all__ = [
     "option_snapshots",
     "option_trades",
     "quality",
+    "skipped",
     "snapshots",
 ]
 
@@ -151,7 +152,7 @@ def bars(
     ``adjustment="split"|"dividend"|"spin-off"|"all"`` (Alpaca's values): raw bars adjusted on read for
     corporate actions (a spin-off with its new line's raw close on the ex-date; without one it is left
     out and listed as skipped); ``as_of="YYYY-MM-DD"``: only with the actions known by that day. What was applied:
-    :func:`applied` (``mp.applied(df)``)."""
+    :func:`applied` (``mp.applied(df)``); what was left out and why: :func:`skipped`."""
     out: pl.DataFrame | pd.DataFrame = _client().bars(
         symbols,
         start,
@@ -194,6 +195,16 @@ def applied(frame: Any) -> pl.DataFrame | None:
 
     info = adjustment_of(frame)
     return info.applied if info is not None else None
+
+
+def skipped(frame: Any) -> pl.DataFrame | None:
+    """The actions an adjusted frame from :func:`bars` was NOT adjusted with, each with its reason (symbol,
+    action id, type, ex-date, reason: a spin-off whose new line has no price, a dividend at or above the
+    previous close, an action without a usable ratio ...), or None for a raw frame."""
+    from marketpipe.service.actions import adjustment_of
+
+    info = adjustment_of(frame)
+    return info.skipped if info is not None else None
 
 
 def backfill(

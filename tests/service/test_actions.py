@@ -13,6 +13,7 @@ import orjson
 import polars as pl
 import pytest
 
+import marketpipe as mp
 from marketpipe.core import events
 from marketpipe.core.config import config_from_dict
 from marketpipe.core.errors import InvalidArgument
@@ -156,6 +157,9 @@ async def test_spin_off_without_the_new_lines_price_is_skipped_with_its_reason(m
     ]
     assert info.applied.select("type", "ex_date").rows() == [("spin_off", date(2024, 4, 2))]
     assert info.to_dict()["skipped"][0]["reason"].startswith("no raw close of the new line GEHC")
+    # the notebook calls say the same of the frame
+    assert mp.skipped(got).equals(info.skipped) and mp.applied(got).equals(info.applied)  # type: ignore[union-attr]
+    assert mp.skipped(raw) is None and mp.applied(raw) is None
     day = got["ts"].dt.convert_time_zone("America/New_York").dt.date()
     ratio = (got["close"] / raw["close"]).to_numpy()
     gehc_era = (day < date(2023, 1, 4)).to_numpy()
