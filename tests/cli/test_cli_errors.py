@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -292,13 +293,20 @@ def test_a_store_held_by_a_running_gateway_says_who_holds_it_and_what_to_do(tmp_
         stderr=subprocess.DEVNULL,
     )
     try:
+        # Wait on the gateway's own health route, not by opening the store: a CLI probe holding the file
+        # while the gateway starts would make the gateway the one refused (the next test's case).
         deadline = time.monotonic() + 60
-        while True:  # the gateway is up and has opened its store
-            r = run("bars", "AAPL", "--start", "2024-03-04", "--no-fetch", "--store", str(store), timeout=60)
-            if f"process {proc.pid}" in r.stderr:
-                break
-            assert time.monotonic() < deadline, r.stderr
-            time.sleep(0.5)
+        while True:  # the gateway answers: its lifespan has run, so its store is open
+            assert proc.poll() is None, f"the gateway exited with {proc.returncode}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the gateway did not answer /health within 60 s"
+            time.sleep(0.2)
+        r = run("bars", "AAPL", "--start", "2024-03-04", "--no-fetch", "--store", str(store), timeout=60)
         line = assert_error(r, "STORE_ERROR", 1, str(store), f"locked by process {proc.pid}", "marketpipe serve")
         assert "mp.client(gateway=" in line and f"kill {proc.pid}" in line
     finally:
