@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -68,6 +68,7 @@ __all__ = [
     "Adjustment",
     "adjustment_of",
     "invalidate_cached_bars",
+    "one_vendor",
     "parse_adjustment",
     "parse_as_of",
     "validate_types",
@@ -75,6 +76,15 @@ __all__ = [
 log = get_logger("marketpipe.actions")
 PREFERENCE = ("alpaca", "polygon", "yahoo")
 ATTR = "marketpipe_adjustment"  # the attribute of an adjusted frame that holds its Adjustment
+
+
+def one_vendor(actions: pl.DataFrame, answered: Iterable[str] = ()) -> pl.DataFrame:
+    """ONE symbol's actions from one vendor only, never a mix (two vendors' copies of one split would apply
+    it twice): the first of ``PREFERENCE`` that lists actions or, by its ledger entries (``answered``:
+    the providers of the symbol's ``action_coverage`` rows), answered that there were none."""
+    have = set(answered) | set(actions["provider"].to_list())
+    vendor = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
+    return actions.filter(pl.col("provider") == vendor) if vendor else actions.clear()
 
 
 @dataclass(slots=True)
@@ -550,10 +560,8 @@ class Actions:
         acts, cov = await asyncio.to_thread(held)
         chosen: dict[str, pl.DataFrame] = {}
         for sym in dict.fromkeys(s for s in [*(order or []), *syms] if s in syms):
-            a = acts.filter(pl.col("symbol") == sym)
-            have = set(cov.filter(pl.col("symbol") == sym)["provider"].to_list()) | set(a["provider"].to_list())
-            vendor = next((p for p in (*PREFERENCE, *sorted(have)) if p in have), None)
-            chosen[sym] = a.filter(pl.col("provider") == vendor) if vendor else a.clear()
+            answered = cov.filter(pl.col("symbol") == sym)["provider"].to_list()
+            chosen[sym] = one_vendor(acts.filter(pl.col("symbol") == sym), answered)
         # the raw daily closes each symbol's factors need: its own before each dividend / spin-off, and
         # each spin-off's new line on the ex-date
         windows = {sym: _close_windows(a, parts) for sym, a in chosen.items()}

@@ -20,12 +20,13 @@ from marketpipe.core.schema import SPLIT_TYPES as SPLITS
 from marketpipe.core.timeframe import Timeframe, Unit
 from marketpipe.core.timeutil import utcnow
 from marketpipe.quality.actions import explain_distributions, explain_splits, unexplained_split_days, unseen_splits
-from marketpipe.quality.adjust import current, factors
+from marketpipe.quality.adjust import adjustment_date, current, factors
 from marketpipe.quality.anomaly import SEVERITY_WEIGHT, detect
 from marketpipe.quality.completeness import Completeness, assess_frames, expected_stamps
 from marketpipe.quality.reconcile import MATCH, MINOR, MISMATCH, WARN
 from marketpipe.quality.report import SeriesReport
 from marketpipe.quality.score import EMPTY_SUMMARY, score_days, summarize_many
+from marketpipe.service.actions import one_vendor
 from marketpipe.service.frames import public
 from marketpipe.store.base import ActionStore, QualityStore
 
@@ -112,16 +113,22 @@ def _explain_distributions(
     acts = current(store.read_actions(symbols, *days, types=["cash_dividend", "spin_off"]))
     if not acts.height:
         return findings
+    cov = store.action_coverage(symbols, *days)  # the vendor the adjusted read would use (one_vendor)
     closes_of = bars.select(
         "symbol", pl.col("ts").dt.convert_time_zone(tz).dt.date().alias("day"), "close"
     ).partition_by("symbol", as_dict=True, include_key=False)
     applied, skipped = [], []
-    for (sym,), mine in acts.partition_by("symbol", as_dict=True).items():
-        lines = mine.filter(pl.col("type") == "spin_off")["new_symbol"].drop_nulls().unique().to_list()
+    for (sym,), held_actions in acts.partition_by("symbol", as_dict=True).items():
+        mine = one_vendor(held_actions, cov.filter(pl.col("symbol") == sym)["provider"].to_list())
+        spins = mine.filter((pl.col("type") == "spin_off") & pl.col("new_symbol").is_not_null())
+        lines = spins["new_symbol"].unique().to_list()
         new_closes = None
-        if lines:
-            lo, hi = days[0], days[1] + timedelta(days=2)  # a daily bar is stamped at the exchange's midnight
-            held = store.read_bars(lines, "1Day", *(datetime.combine(d, datetime.min.time(), UTC) for d in (lo, hi)))
+        if lines:  # the new lines' closes on the ex-dates (a daily bar is stamped at the exchange's midnight)
+            ex: list[date] = spins.select(adjustment_date()).to_series().drop_nulls().to_list()
+            if not ex:
+                ex = [days[0]]
+            span = [datetime.combine(d, datetime.min.time(), UTC) for d in (min(ex), max(ex) + timedelta(days=2))]
+            held = store.read_bars(lines, "1Day", *span)
             new_closes = held.select("symbol", pl.col("ts").dt.convert_time_zone(tz).dt.date().alias("day"), "close")
         closes = closes_of.get((sym,), pl.DataFrame(schema={"day": pl.Date(), "close": pl.Float64()}))
         f = factors(mine, closes, frozenset({"dividend", "spin-off"}), new_closes)
