@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -142,34 +142,49 @@ def _scaled_sql(sql: str, steps: list[tuple[datetime, float, float]], params: di
     """``sql`` (a bars select) with its prices times the price factor and its volume times the volume
     factor of each row's step, each found by a balanced tree of CASEs over the edges where it changes
     (log2(edges) comparisons a row, vectorized in the scan); no tree where nothing changes (volume, when
-    only dividends are applied)."""
+    only dividends are applied).
 
-    def tree(name: str, runs: list[tuple[datetime, float]], lo: int, hi: int) -> str:
+    The volume tree's leaves are the scaled volumes themselves, not factors: a row after the last split
+    keeps its volume untouched, and a whole-number factor (every forward split) multiplies the integers
+    — the value ``round_even(volume * f)`` gives, at a fraction of its cost (DuckDB's ``round_even`` over
+    every row was the larger part of the adjusted read's extra time)."""
+
+    def tree(lo: int, hi: int, edge: str, leaf: Callable[[int], str]) -> str:
         # a row past the edges < lo and before the edges >= hi
         if lo == hi:
-            return f"${name}_f{lo}" if lo < len(runs) else "1.0::DOUBLE"
+            return leaf(lo)
         mid = (lo + hi) // 2
-        return (
-            f"CASE WHEN ts < ${name}_e{mid} THEN {tree(name, runs, lo, mid)} ELSE {tree(name, runs, mid + 1, hi)} END"
-        )
+        return f"CASE WHEN ts < ${edge}{mid} THEN {tree(lo, mid, edge, leaf)} ELSE {tree(mid + 1, hi, edge, leaf)} END"
 
-    factors: dict[str, str] = {}  # "p" / "v" -> the CASE tree of that factor
-    for name, column in (("p", [(e, float(p)) for e, p, _ in steps]), ("v", [(e, float(v)) for e, _, v in steps])):
-        runs = _runs(column)
-        for i, (edge, f) in enumerate(runs):
-            params[f"{name}_e{i}"], params[f"{name}_f{i}"] = _n(edge), f
-        if runs:
-            factors[name] = tree(name, runs, 0, len(runs))
-    if not factors:
+    prices = _runs([(e, float(p)) for e, p, _ in steps])
+    volumes = _runs([(e, float(v)) for e, _, v in steps])
+    for i, (edge, f) in enumerate(prices):
+        params[f"p_e{i}"], params[f"p_f{i}"] = _n(edge), f
+    for i, (edge, _) in enumerate(volumes):
+        params[f"v_e{i}"] = _n(edge)
+
+    def volume(i: int) -> str:
+        if i == len(volumes):
+            return "volume"
+        f = volumes[i][1]
+        if f.is_integer() and f > 0:
+            params[f"v_n{i}"] = int(f)
+            return f"volume * $v_n{i}"
+        params[f"v_f{i}"] = f
+        return f"CAST(round_even(volume * $v_f{i}, 0) AS BIGINT)"
+
+    if not prices and not volumes:
         return sql
     out = [
-        f"{c} * _pf AS {c}" if c in _SCALED and "p" in factors
-        else "CAST(round_even(volume * _vf, 0) AS BIGINT) AS volume" if c == "volume" and "v" in factors
+        f"{c} * _pf AS {c}" if c in _SCALED and prices
+        else f"{tree(0, len(volumes), 'v_e', volume)} AS volume" if c == "volume" and volumes
         else c
         for c in BAR_COLUMNS
     ]  # fmt: skip
-    cols = ", ".join(f"{t} AS _{name}f" for name, t in factors.items())
-    return f"SELECT {', '.join(out)} FROM (SELECT *, {cols} FROM ({sql}))"
+    if not prices:
+        return f"SELECT {', '.join(out)} FROM ({sql})"
+    factor = tree(0, len(prices), "p_e", lambda i: f"$p_f{i}" if i < len(prices) else "1.0::DOUBLE")
+    return f"SELECT {', '.join(out)} FROM (SELECT *, {factor} AS _pf FROM ({sql}))"
 
 
 _FEED_PREFERENCE = "CASE feed WHEN 'sip' THEN 0 WHEN 'iex' THEN 2 ELSE 1 END"
