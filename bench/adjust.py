@@ -91,6 +91,7 @@ def main() -> None:
         print(f"store built in {time.perf_counter() - t0:.1f} s ({args.years}y of {SYMBOL} 1Min + 1Day + actions)")
         cfg = Config()
         cfg.store.path = str(path)
+        cfg.store.read_cache_mb = 0  # the store's read L1 off: both reads go to DuckDB every time
         md = MarketData(cfg)
         try:
             timed(md, start, end, "all")  # warm: the file's pages, the import of everything

@@ -128,6 +128,9 @@ def url_without_password(url: str) -> str:
 class StoreConfig(msgspec.Struct, forbid_unknown_fields=True):
     path: str | None = None  # DuckDB file; default in the user data dir
     url: str | None = None  # a server store, postgresql://user@host:port/db (wins over path)
+    # DuckDB: the L1 of bar reads (store/hot.py), MB; a read asked again before any bar write is answered
+    # from memory. 0 turns it off. A server store has none (other processes write it).
+    read_cache_mb: Annotated[int, Meta(ge=0, le=65536)] = 64
 
 
 class BackfillConfig(msgspec.Struct, forbid_unknown_fields=True):

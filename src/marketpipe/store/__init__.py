@@ -22,4 +22,6 @@ def open_store(config: Config, *, read_only: bool = False, create: bool = True) 
         return PostgresStore(config.store_target(), read_only=read_only, create=create)
     from marketpipe.store.duckdb import DuckDBStore  # imported here: reading the protocols needs no DuckDB
 
-    return DuckDBStore(config.store_path(), read_only=read_only, create=create)
+    return DuckDBStore(
+        config.store_path(), read_only=read_only, create=create, read_cache_bytes=config.store.read_cache_mb << 20
+    )

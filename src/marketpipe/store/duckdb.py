@@ -64,6 +64,7 @@ from marketpipe.store.base import (
     option_rows,
     with_content_hash,
 )
+from marketpipe.store.hot import DEFAULT_READ_CACHE_BYTES, HotRanges
 
 log = get_logger("marketpipe.store")
 
@@ -250,9 +251,19 @@ def _open_error(path: str, exc: duckdb.IOException) -> StoreError:
 class DuckDBStore:
     """Not thread-safe: use from one thread at a time (the backfill writes from one writer task)."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False, create: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        create: bool = True,
+        read_cache_bytes: int = DEFAULT_READ_CACHE_BYTES,
+    ) -> None:
         """``create=False`` (and ``read_only``): a missing file is a ``StoreError`` ("no store at PATH"),
-        not a new empty store: a call that only reads must not answer "nothing" for a mistyped path."""
+        not a new empty store: a call that only reads must not answer "nothing" for a mistyped path.
+
+        ``read_cache_bytes``: the L1 of bar reads (:class:`marketpipe.store.hot.HotRanges`; 0 turns it
+        off): a read asked again before any bar write to this file is answered from memory."""
         self.path = str(path)
         if self.path != ":memory:" and (read_only or not create) and not Path(self.path).is_file():
             log.warning("store_missing", path=self.path)
@@ -274,6 +285,7 @@ class DuckDBStore:
         except duckdb.IOException as exc:
             raise _open_error(self.path, exc) from exc
         self._lock = threading.RLock()
+        self._hot = HotRanges(self.path, read_cache_bytes)
         # (symbol, timeframe) -> the (source, feed) variants held (and whether any were revised); lets the
         # common case of a single version per timestamp skip the de-duplication window on reads.
         self._variants: dict[tuple[str, str], _Variants] = {}
@@ -306,12 +318,15 @@ class DuckDBStore:
         # thread (the live writer runs in one) never sees a committed newer version the cache does not know
         # of, which would return both versions of a bar
         with self._lock:
-            with self._transaction():
-                for tables, idx in by_asset_class(pages):
-                    for i, n in zip(idx, self._insert_bars(tables, [pages[i] for i in idx]), strict=True):
-                        stored[i] = n
-                for page, n in zip(pages, stored, strict=True):
-                    self._write_side_tables(page, n)
+            try:
+                with self._transaction():
+                    for tables, idx in by_asset_class(pages):
+                        for i, n in zip(idx, self._insert_bars(tables, [pages[i] for i in idx]), strict=True):
+                            stored[i] = n
+                    for page, n in zip(pages, stored, strict=True):
+                        self._write_side_tables(page, n)
+            finally:  # committed or rolled back: the L1's answers from before are not given again
+                self._hot.bump()
             for page, n in zip(pages, stored, strict=True):
                 self._note_variants(page, n)
         for page, n in zip(pages, stored, strict=True):
@@ -504,6 +519,36 @@ class DuckDBStore:
         limit: int | None = None,
         after: tuple[str, datetime] | None = None,
         desc: bool = False,
+    ) -> pl.DataFrame:
+        key = (
+            tuple(symbols), timeframe, start, end, tuple(steps) if steps else None, source, feed,
+            tuple(sources) if sources is not None else None, limit, after, desc,
+        )  # fmt: skip
+        held = self._hot.get(key)
+        if held is not None:
+            return held
+        with self._lock:  # taken before the read: a write committed during it makes the answer stale
+            gen = self._hot.generation()
+            frame = self._query_bars(
+                symbols, timeframe, start, end, steps, source=source, feed=feed, sources=sources, limit=limit,
+                after=after, desc=desc,
+            )  # fmt: skip
+        return self._hot.put(key, gen, frame)
+
+    def _query_bars(
+        self,
+        symbols: list[str],
+        timeframe: str,
+        start: datetime,
+        end: datetime,
+        steps: list[tuple[datetime, float, float]] | None,
+        *,
+        source: str | None,
+        feed: str | None,
+        sources: list[str] | None,
+        limit: int | None,
+        after: tuple[str, datetime] | None,
+        desc: bool,
     ) -> pl.DataFrame:
         where = ["timeframe = $tf", "ts >= $start", "ts < $end"]
         params: dict[str, object] = {"tf": timeframe, "start": _n(start), "end": _n(end)}
@@ -1029,6 +1074,7 @@ class DuckDBStore:
 
     def close(self) -> None:
         with self._lock:
+            self._hot.clear()
             self.con.close()
 
     def __enter__(self) -> DuckDBStore:
