@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import polars as pl
@@ -157,5 +158,17 @@ def test_the_store_scales_while_it_reads_exactly_as_apply_does(tmp_path: Path) -
         assert got.equals(want) and got.schema == raw.schema
         assert got["volume"].null_count() == raw["volume"].null_count() > 0
         assert not got.equals(raw)
+        # a read of part of the range meets only the steps inside it and the first after it: the same
+        # frame apply gives, whether it ends before an edge, straddles one, begins at one or lies past all
+        ny = "America/New_York"
+        edge = datetime(2020, 9, 1, tzinfo=ZoneInfo(ny)).astimezone(UTC)
+        for lo, hi in (
+            (s, edge - timedelta(hours=8)),
+            (edge - timedelta(hours=8), edge + timedelta(hours=20)),
+            (edge, edge + timedelta(hours=20)),
+            (datetime(2020, 9, 2, 13, tzinfo=UTC), e),
+        ):
+            part = store.read_bars_scaled("AAPL", "1Min", lo, hi, scale_steps(table))
+            assert part.height and part.equals(apply(store.read_bars(["AAPL"], "1Min", lo, hi), table)), (lo, hi)
     finally:
         store.close()

@@ -12,6 +12,7 @@ from marketpipe.core.schema import actions_frame
 from marketpipe.core.tables import ACTION_QUARANTINE_SCHEMA, ACTION_RECONCILE_SCHEMA, QUARANTINE_SCHEMA
 from marketpipe.sim.data import SimMarket
 from marketpipe.store.base import ActionCoverage, ActionStore, AdjustFingerprintStore, IngestRecord, PageWrite, Store
+from marketpipe.store.duckdb import DuckDBStore
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)
 T1 = datetime(2026, 2, 5, tzinfo=UTC)
@@ -103,7 +104,9 @@ def test_adjust_fingerprint_changes_with_every_write_it_covers(store: Store) -> 
     window = [("AAPL", lo, hi)]
     assert store.adjust_fingerprint([], []) == ((), ())
     empty = store.adjust_fingerprint(["AAPL"], window)
-    assert len(empty[0]) == 4 and len(empty[1]) == 2 and empty[0][0] == 0 and empty[1][0] == 0
+    counted = not isinstance(store, DuckDBStore)  # DuckDB marks its opening and write generations instead
+    if counted:
+        assert len(empty[0]) == 4 and len(empty[1]) == 2 and empty[0][0] == 0 and empty[1][0] == 0
 
     def page(tf: str, start: datetime, end: datetime) -> PageWrite:
         bars = market.canonical_bars("AAPL", tf, start, end, fetched_at=T1)
@@ -127,8 +130,13 @@ def test_adjust_fingerprint_changes_with_every_write_it_covers(store: Store) -> 
     store.write_actions(actions_frame([split(5.0, T1)]), [])  # the same answer again: nothing stored
     store.write_pages([page("1Day", lo, hi)])  # bars already held: skipped
     store.write_pages([page("1Min", datetime(2020, 11, 2, 14, tzinfo=UTC), datetime(2020, 11, 2, 15, tzinfo=UTC))])
-    store.write_pages([page("1Day", datetime(2020, 12, 1, tzinfo=UTC), datetime(2020, 12, 5, tzinfo=UTC))])
     assert store.adjust_fingerprint(["AAPL"], window) == seen[-1]
     assert store.adjust_fingerprint(["AAPL"], []) == (seen[-1][0], ())
     assert store.adjust_fingerprint([], window) == ((), seen[-1][1])
-    assert store.adjust_fingerprint(["NVDA"], [("NVDA", lo, hi)])[0][0] == 0
+    # daily bars outside the window: not counted where the store counts in windows; DuckDB's mark of AAPL's
+    # daily bars moves (a factor table made again, never a stale one kept)
+    store.write_pages([page("1Day", datetime(2020, 12, 1, tzinfo=UTC), datetime(2020, 12, 5, tzinfo=UTC))])
+    assert (store.adjust_fingerprint(["AAPL"], window) == seen[-1]) is counted
+    assert store.adjust_fingerprint(["AAPL"], [])[0] == seen[-1][0]
+    if counted:
+        assert store.adjust_fingerprint(["NVDA"], [("NVDA", lo, hi)])[0][0] == 0

@@ -355,7 +355,8 @@ class AdjustFingerprintStore(Protocol):
         ``action_coverage`` entries; for each ``(symbol, lo, hi)`` of ``daily`` (empty: ``()``) the count
         and newest ``fetched_at`` of its 1Day bars stamped in ``[lo, hi)``. Every one of these tables
         is append-only (a correction or a refreshed bar is a new row), so any write they see changes
-        the answer."""
+        the answer. A store may give any other values that change whenever those would (DuckDB, which
+        no other process can write while it is open here: this opening and its write generation)."""
         ...
 
 

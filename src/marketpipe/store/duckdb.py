@@ -12,6 +12,7 @@ so a crash leaves either the whole page or none of it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -139,6 +140,17 @@ def _runs(steps: list[tuple[datetime, float]]) -> list[tuple[datetime, float]]:
     return [(e, f) for (e, f), n in zip(steps, nxt, strict=True) if f != n]
 
 
+def _within(
+    steps: list[tuple[datetime, float, float]], start: datetime, end: datetime
+) -> list[tuple[datetime, float, float]]:
+    """The steps a read of ``[start, end)`` can meet: those with an edge inside it and the first one after
+    it (every bar past the last edge inside takes that one); an edge at or before ``start`` is after no
+    bar's ``ts``. A day's read of a symbol with 30 actions becomes one constant factor, not a CASE tree."""
+    inside = [s for s in steps if start < s[0] < end]
+    after = next((s for s in steps if s[0] >= end), None)
+    return [*inside, after] if after is not None else inside
+
+
 def _scaled_sql(sql: str, steps: list[tuple[datetime, float, float]], params: dict[str, object]) -> str:
     """``sql`` (a bars select) with its prices times the price factor and its volume times the volume
     factor of each row's step, each found by a balanced tree of CASEs over the edges where it changes
@@ -248,6 +260,9 @@ def _open_error(path: str, exc: duckdb.IOException) -> StoreError:
     )
 
 
+_OPENINGS = itertools.count(1)
+
+
 class DuckDBStore:
     """Not thread-safe: use from one thread at a time (the backfill writes from one writer task)."""
 
@@ -286,6 +301,7 @@ class DuckDBStore:
             raise _open_error(self.path, exc) from exc
         self._lock = threading.RLock()
         self._hot = HotRanges(self.path, read_cache_bytes)
+        self._opening = next(_OPENINGS)  # what adjust_fingerprint marks this opening of the file with
         # (symbol, timeframe) -> the (source, feed) variants held (and whether any were revised); lets the
         # common case of a single version per timestamp skip the de-duplication window on reads.
         self._variants: dict[tuple[str, str], _Variants] = {}
@@ -329,6 +345,9 @@ class DuckDBStore:
                 self._hot.bump()
             for page, n in zip(pages, stored, strict=True):
                 self._note_variants(page, n)
+                if n and page.ingest.timeframe == "1Day":  # committed daily bars: adjust_fingerprint's marks
+                    for sym in page.bars["symbol"].unique():
+                        self._hot.bump(f"1Day:{sym}")
         for page, n in zip(pages, stored, strict=True):
             page.stored = n
             if n:
@@ -503,7 +522,7 @@ class DuckDBStore:
         even, whole shares), the factors of ``steps`` (``quality.adjust.scale_steps``: a bar takes the first
         step whose edge is after its ts, 1 after the last), computed in the query: no second pass over the
         bars in Python."""
-        return self._read_bars([symbol], timeframe, start, end, steps)
+        return self._read_bars([symbol], timeframe, start, end, _within(steps, start, end))
 
     def _read_bars(  # read_bars, with the factor steps of read_bars_scaled
         self,
@@ -922,16 +941,19 @@ class DuckDBStore:
         picked = ", ".join(f"f.{_quote(c)}" for c in ACTION_COLUMNS)
         now = datetime.now(UTC).replace(tzinfo=None)
         stored = 0
-        with self._transaction():
-            if frame.height:
-                stored = self._insert(_NEW_VERSIONS.format(cols=cols, picked=picked), frame, {"now": now})
-            if coverage:
-                self.con.executemany(
-                    f"INSERT INTO action_coverage VALUES ({', '.join('?' for _ in ACTION_COVERAGE.names)})",
-                    [[_param(getattr(c, col)) for col in ACTION_COVERAGE.names] for c in coverage],
-                )
-            if quarantine is not None and quarantine.height:
-                self._insert(_NEW_QUARANTINE, _naive(quarantine.select(ACTION_QUARANTINE.names)))
+        with self._lock:
+            with self._transaction():
+                if frame.height:
+                    stored = self._insert(_NEW_VERSIONS.format(cols=cols, picked=picked), frame, {"now": now})
+                if coverage:
+                    self.con.executemany(
+                        f"INSERT INTO action_coverage VALUES ({', '.join('?' for _ in ACTION_COVERAGE.names)})",
+                        [[_param(getattr(c, col)) for col in ACTION_COVERAGE.names] for c in coverage],
+                    )
+                if quarantine is not None and quarantine.height:
+                    self._insert(_NEW_QUARANTINE, _naive(quarantine.select(ACTION_QUARANTINE.names)))
+            if stored or coverage:  # committed: what adjust_fingerprint covers has changed
+                self._hot.bump("actions")
         if stored:
             ROWS_STORED.labels("corporate_actions", "", "").inc(stored)
         return stored
@@ -984,29 +1006,16 @@ class DuckDBStore:
     def adjust_fingerprint(
         self, symbols: list[str], daily: list[tuple[str, datetime, datetime]]
     ) -> tuple[tuple[object, ...], tuple[object, ...]]:
-        # one statement, one single-row aggregate per table (a cross join of them): one round trip
-        parts: list[str] = []
-        params: dict[str, object] = {}
-        if symbols:
-            params["syms"] = list(symbols)
-            parts += [
-                "(SELECT count(*), max(stored_at) FROM corporate_actions WHERE list_contains($syms, symbol))",
-                "(SELECT count(*), max(fetched_at) FROM action_coverage WHERE list_contains($syms, symbol))",
-            ]
-        for i, (sym, lo, hi) in enumerate(daily):
-            params[f"s{i}"], params[f"lo{i}"], params[f"hi{i}"] = sym, _n(lo), _n(hi)
-            parts.append(
-                f"(SELECT count(*), max(fetched_at) FROM {bar_tables([sym]).bars.name} WHERE symbol = $s{i} "
-                f"AND timeframe = '1Day' AND ts >= $lo{i} AND ts < $hi{i})"
-            )
-        if not parts:
-            return (), ()
-        sql = "SELECT * FROM " + ", ".join(f"{q} _{i}" for i, q in enumerate(parts))
-        with self._lock:
-            rows = self.con.execute(sql, params).fetchall()
-        values = tuple(rows[0])
-        n = 4 if symbols else 0
-        return values[:n], values[n:]
+        # No query: while this store has the file open DuckDB's lock keeps every other process from
+        # writing it, and every write that stores what this covers through any store object of this
+        # process bumps a generation of the file (``store/hot.py``): ``actions`` (``write_actions``: new
+        # versions or ledger entries), ``1Day:SYMBOL`` (``write_pages``: that symbol's daily bars). So
+        # (this opening, those generations) changes with any write the counts and newest times would
+        # show (and with a daily write outside the windows too); a reopened store — another process
+        # may have written in between — is another opening.
+        acts = (self._opening, self._hot.generation("actions")) if symbols else ()
+        days = (self._opening, *(self._hot.generation(f"1Day:{sym}") for sym in dict.fromkeys(s for s, _, _ in daily)))
+        return acts, days if daily else ()
 
     def action_quarantine(self, symbol: str | None = None) -> pl.DataFrame:
         sql = "SELECT * FROM action_quarantine" + (" WHERE symbol = $sym" if symbol else "") + " ORDER BY ex_date"

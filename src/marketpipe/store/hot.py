@@ -25,7 +25,7 @@ from marketpipe.core import metrics
 TIER = "store_l1"
 DEFAULT_READ_CACHE_BYTES = 64 * 1024 * 1024
 
-_generations: dict[str, int] = {}
+_generations: dict[tuple[str, str], int] = {}  # (resolved path, kind) -> writes seen
 _generations_lock = threading.Lock()
 
 
@@ -40,15 +40,17 @@ class HotRanges:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def generation(self) -> int:
-        """The store's write generation now: taken before a read, given to :meth:`put` with its answer."""
-        return _generations.get(self.path, 0)
+    def generation(self, kind: str = "bars") -> int:
+        """The store's write generation of ``kind`` now: ``bars`` (any bar write: what the L1 checks; taken
+        before a read and given to :meth:`put` with its answer), or what a caller bumps for itself
+        (``store.duckdb``: ``actions``, and ``1Day`` per symbol, for ``adjust_fingerprint``)."""
+        return _generations.get((self.path, kind), 0)
 
-    def bump(self) -> None:
-        """A bar write to this store (called inside the write's lock, after its commit or its rollback: a
-        spurious bump only costs a re-read)."""
+    def bump(self, kind: str = "bars") -> None:
+        """A write of ``kind`` to this store (for ``bars``: called inside the write's lock, after its commit or
+        its rollback; a spurious bump only costs a re-read)."""
         with _generations_lock:
-            _generations[self.path] = _generations.get(self.path, 0) + 1
+            _generations[(self.path, kind)] = _generations.get((self.path, kind), 0) + 1
 
     def get(self, key: Hashable) -> pl.DataFrame | None:
         if self.max_bytes <= 0:
