@@ -4,7 +4,7 @@ caller that labels its frame."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -12,6 +12,8 @@ import pytest
 
 from marketpipe.core import metrics
 from marketpipe.core.errors import StoreError
+from marketpipe.core.schema import actions_frame
+from marketpipe.store.base import ActionCoverage
 from marketpipe.store.duckdb import DuckDBStore
 from marketpipe.store.hot import TIER
 from tests.store.test_duckdb import T0, bars, page
@@ -109,3 +111,16 @@ def test_off_and_oversize_are_never_kept(tmp_path: Path) -> None:
     tiny.read_bars(["AAPL"], "1Min", T0, END)
     assert hits() == before
     tiny.close()
+
+
+def test_the_ledgers_are_kept_until_a_write_to_them(tmp_path: Path) -> None:
+    store = DuckDBStore(tmp_path / "s.duckdb")
+    store.write_pages([page(bars(5), cover=(T0, T0 + timedelta(minutes=5)))])
+    assert store.coverage(["AAPL"], "1Min", T0, END).height == 1
+    store.write_pages([page(bars(10).slice(5), cover=(T0 + timedelta(minutes=5), T0 + timedelta(minutes=10)))])
+    assert store.coverage(["AAPL"], "1Min", T0, END).height == 2
+    assert store.action_coverage(["AAPL"], date(2024, 1, 1), date(2024, 12, 31)).height == 0
+    entry = ActionCoverage("AAPL", "alpaca", "sim:alpaca", date(2024, 1, 1), date(2024, 12, 31), 0, "r", T0)
+    store.write_actions(actions_frame([]), [entry])
+    assert store.action_coverage(["AAPL"], date(2024, 1, 1), date(2024, 12, 31)).height == 1
+    store.close()

@@ -543,16 +543,13 @@ class DuckDBStore:
             tuple(symbols), timeframe, start, end, tuple(steps) if steps else None, source, feed,
             tuple(sources) if sources is not None else None, limit, after, desc,
         )  # fmt: skip
-        held = self._hot.get(key)
-        if held is not None:
-            return held
-        with self._lock:  # taken before the read: a write committed during it makes the answer stale
-            gen = self._hot.generation()
-            frame = self._query_bars(
+        return self._hot.answer(
+            "bars", key, "bars", self._lock,
+            lambda: self._query_bars(
                 symbols, timeframe, start, end, steps, source=source, feed=feed, sources=sources, limit=limit,
                 after=after, desc=desc,
-            )  # fmt: skip
-        return self._hot.put(key, gen, frame)
+            ),
+        )  # fmt: skip
 
     def _query_bars(
         self,
@@ -694,9 +691,12 @@ class DuckDBStore:
             where.append("feed = $feed")
             params["feed"] = feed
         sql = f"SELECT * FROM coverage WHERE {' AND '.join(where)} ORDER BY symbol, start"
-        with self._lock:
-            table = self._arrow(sql, params)
-        return _aware(pl.from_arrow(table), COVERAGE_SCHEMA)  # type: ignore[arg-type]
+
+        def load() -> pl.DataFrame:
+            return _aware(pl.from_arrow(self._arrow(sql, params)), COVERAGE_SCHEMA)  # type: ignore[arg-type]
+
+        # the ledger is written by write_pages only, which bumps the bars generation
+        return self._hot.answer("coverage", (sql, tuple(map(repr, params.values()))), "bars", self._lock, load)
 
     def quarantine(self, symbol: str | None = None, limit: int = 1000) -> pl.DataFrame:
         held = bar_tables([symbol] if symbol else []).quarantine
@@ -997,11 +997,15 @@ class DuckDBStore:
         if provider is not None:
             where.append("provider = $provider")
             params["provider"] = provider
-        with self._lock:
-            table = self._arrow(
-                f"SELECT * FROM action_coverage WHERE {' AND '.join(where)} ORDER BY symbol, start", params
-            )
-        return _aware(pl.from_arrow(table), ACTION_COVERAGE_SCHEMA)  # type: ignore[arg-type]
+        sql = f"SELECT * FROM action_coverage WHERE {' AND '.join(where)} ORDER BY symbol, start"
+
+        def load() -> pl.DataFrame:
+            return _aware(pl.from_arrow(self._arrow(sql, params)), ACTION_COVERAGE_SCHEMA)  # type: ignore[arg-type]
+
+        # the ledger is written by write_actions only, which bumps the actions generation
+        return self._hot.answer(
+            "action_coverage", (sql, tuple(map(repr, params.values()))), "actions", self._lock, load
+        )
 
     def adjust_fingerprint(
         self, symbols: list[str], daily: list[tuple[str, datetime, datetime]]

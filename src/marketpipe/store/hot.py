@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
 
 import polars as pl
 
@@ -52,24 +53,44 @@ class HotRanges:
         with _generations_lock:
             _generations[(self.path, kind)] = _generations.get((self.path, kind), 0) + 1
 
-    def get(self, key: Hashable) -> pl.DataFrame | None:
+    def answer(
+        self,
+        what: str,
+        key: Hashable,
+        kind: str,
+        lock: AbstractContextManager[object],
+        load: Callable[[], pl.DataFrame],
+    ) -> pl.DataFrame:
+        """The answer to the read ``(what, key)``: kept, while the generation of ``kind`` (the writes that
+        change it) is the one it was read under; else ``load()``-ed under the store's ``lock``, with the
+        generation taken first (a write committed during the read makes the answer stale, never kept
+        fresh), and kept."""
+        held = self._get((what, key), kind)
+        if held is not None:
+            metrics.CACHE_REQUESTS.labels(TIER, what, "hit").inc()
+            return held
+        if self.max_bytes > 0:
+            metrics.CACHE_REQUESTS.labels(TIER, what, "miss").inc()
+        with lock:
+            gen = self.generation(kind)
+            frame = load()
+        return self._put((what, key), kind, gen, frame)
+
+    def _get(self, key: Hashable, kind: str) -> pl.DataFrame | None:
         if self.max_bytes <= 0:
             return None
-        gen = self.generation()
+        gen = self.generation(kind)
         with self._lock:
             held = self._entries.get(key)
             if held is not None and held[0] == gen:
                 self._entries.move_to_end(key)
-                metrics.CACHE_REQUESTS.labels(TIER, "bars", "hit").inc()
                 return held[1].clone()
             if held is not None:  # read before a write: dropped
                 self._drop(key)
-        metrics.CACHE_REQUESTS.labels(TIER, "bars", "miss").inc()
         return None
 
-    def put(self, key: Hashable, gen: int, frame: pl.DataFrame) -> pl.DataFrame:
-        """Keep ``frame``, read under generation ``gen`` (taken before the read); returns the caller's
-        own clone of it."""
+    def _put(self, key: Hashable, kind: str, gen: int, frame: pl.DataFrame) -> pl.DataFrame:
+        # kept with the generation it was read under; the caller gets its own clone
         if self.max_bytes <= 0:
             return frame
         size = int(frame.estimated_size())
