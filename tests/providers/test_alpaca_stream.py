@@ -711,7 +711,7 @@ def test_the_fast_frame_decoder_makes_the_general_paths_records(ns: int) -> None
         binary=True,
     )
     fetched = datetime(2024, 3, 5, 15, 10, 1, tzinfo=UTC)
-    fast = decode_data_frame(frame, SOURCE, "sip", fetched, lambda ch, rec: (ch, rec))
+    fast = decode_data_frame(frame, SOURCE, "sip", fetched, tuple)
     slow = _general_path(frame, fetched)
     assert fast == slow
     assert fast is not None and _types(fast) == _types(slow)
@@ -744,7 +744,7 @@ def test_a_frame_the_fast_decoder_does_not_take_goes_the_general_path(message: d
     trade = {"T": "t", "S": "AAPL", "p": 1.0, "s": 1, "t": _ts_ext(1_709_650_931_308_411_571)}
     frame = msgpack.packb([trade, message])
     fetched = datetime(2024, 3, 5, 15, 10, 1, tzinfo=UTC)
-    assert decode_data_frame(frame, SOURCE, "sip", fetched, lambda ch, rec: (ch, rec)) is None
+    assert decode_data_frame(frame, SOURCE, "sip", fetched, tuple) is None
 
 
 async def test_a_frame_decoded_fast_is_delivered_as_the_general_path_delivers_it() -> None:

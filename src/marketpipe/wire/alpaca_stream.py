@@ -43,7 +43,7 @@ DEFAULT_STREAM_URL = "wss://stream.data.alpaca.markets"
 OFFICIAL_DATA_URL = "https://data.alpaca.markets"
 STREAM_FEEDS = ("iex", "sip", "delayed_sip", "test")  # feeds a client may ask for
 SERVED_FEEDS = ("iex", "sip", "test")  # the paths /v2/{feed} the simulator and the gateway serve
-T = TypeVar("T")
+T = TypeVar("T", bound=tuple[Any, ...])
 MSGPACK_CONTENT_TYPE = "application/msgpack"  # on the upgrade: binary msgpack frames instead of JSON text
 # subscribe()/unsubscribe() keyword (and hub channel) -> wire channel key (§2.4)
 CHANNELS: dict[str, str] = {
@@ -721,87 +721,77 @@ def _ext_time(ext: msgspec.msgpack.Ext) -> tuple[int, int]:
     return sec, nsec
 
 
-def decode_data_frame(
-    raw: bytes, source: str, feed: str, fetched: datetime, pack: Callable[[str, StreamRecord], T]
-) -> list[T] | None:
-    """A msgpack frame of trades, quotes and bars as ``pack(channel, record)`` for each message, in frame
-    order — the records :data:`DECODERS` would make of :func:`decode_frame`'s dicts; None when the frame
-    holds anything else (it then goes the general path, which also reports what is malformed)."""
+def decode_data_frame(raw: bytes, source: str, feed: str, fetched: datetime, pack: type[T]) -> list[T] | None:
+    """A msgpack frame of trades, quotes and bars as ``pack((channel, record))`` for each message, in
+    frame order — ``pack`` a tuple type, e.g. a named tuple of (channel, record), made without calling its
+    Python-level constructor — the records :data:`DECODERS` would make of :func:`decode_frame`'s dicts;
+    None when the frame holds anything else (it then goes the general path, which also reports what is
+    malformed)."""
     try:
         msgs = _DATA_FRAME.decode(raw)
     except msgspec.DecodeError:  # ValidationError included: not (only) trades, quotes and bars
         return None
     out: list[T] = []
     append = out.append
+    new = tuple.__new__
     epoch = _EPOCH
+    rec: StreamRecord
     try:
         for m in msgs:
             sec, nsec = _ext_time(m.t)
             ts = epoch + timedelta(seconds=sec, microseconds=nsec // 1000)
             if isinstance(m, _TradeIn):
-                append(
-                    pack(
-                        "trades",
-                        Trade(
-                            symbol=m.S,
-                            ts=ts,
-                            ts_ns=sec * 1_000_000_000 + nsec,
-                            price=m.p,
-                            size=m.s,
-                            exchange=m.x,
-                            trade_id=m.i,
-                            conditions=m.c or (),
-                            tape=m.z,
-                            source=source,
-                            feed=feed,
-                            fetched_at=fetched,
-                        ),
-                    )
+                channel = "trades"
+                rec = Trade(
+                    symbol=m.S,
+                    ts=ts,
+                    ts_ns=sec * 1_000_000_000 + nsec,
+                    price=m.p,
+                    size=m.s,
+                    exchange=m.x,
+                    trade_id=m.i,
+                    conditions=m.c or (),
+                    tape=m.z,
+                    source=source,
+                    feed=feed,
+                    fetched_at=fetched,
                 )
             elif isinstance(m, _QuoteIn):
-                append(
-                    pack(
-                        "quotes",
-                        Quote(
-                            symbol=m.S,
-                            ts=ts,
-                            ts_ns=sec * 1_000_000_000 + nsec,
-                            bid_price=m.bp,
-                            bid_size=m.bs,
-                            ask_price=m.ap,
-                            ask_size=m.as_,
-                            bid_exchange=m.bx,
-                            ask_exchange=m.ax,
-                            conditions=m.c or (),
-                            tape=m.z,
-                            source=source,
-                            feed=feed,
-                            fetched_at=fetched,
-                        ),
-                    )
+                channel = "quotes"
+                rec = Quote(
+                    symbol=m.S,
+                    ts=ts,
+                    ts_ns=sec * 1_000_000_000 + nsec,
+                    bid_price=m.bp,
+                    bid_size=m.bs,
+                    ask_price=m.ap,
+                    ask_size=m.as_,
+                    bid_exchange=m.bx,
+                    ask_exchange=m.ax,
+                    conditions=m.c or (),
+                    tape=m.z,
+                    source=source,
+                    feed=feed,
+                    fetched_at=fetched,
                 )
             else:
                 channel, timeframe = _BAR_KINDS[type(m)]
-                append(
-                    pack(
-                        channel,
-                        Bar(
-                            symbol=m.S,
-                            timeframe=timeframe,
-                            ts=ts,
-                            open=m.o,
-                            high=m.h,
-                            low=m.l,
-                            close=m.c,
-                            volume=m.v,
-                            trade_count=m.n,
-                            vwap=m.vw,
-                            source=source,
-                            feed=feed,
-                            fetched_at=fetched,
-                        ),
-                    )
+                rec = Bar(
+                    symbol=m.S,
+                    timeframe=timeframe,
+                    ts=ts,
+                    open=m.o,
+                    high=m.h,
+                    low=m.l,
+                    close=m.c,
+                    volume=m.v,
+                    trade_count=m.n,
+                    vwap=m.vw,
+                    source=source,
+                    feed=feed,
+                    fetched_at=fetched,
                 )
+            append(new(pack, (channel, rec)))
     except (ValueError, OverflowError):  # a timestamp the general path must judge
         return None
     return out
