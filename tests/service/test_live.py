@@ -662,6 +662,12 @@ def test_a_v1_frame_is_its_messages_encoded_one_by_one() -> None:
         ([], [solo[1]]),
     ]:
         assert v1_frame(ns, items) == one_by_one(ns, items)
+    # shared updates: encoded together once, each keeps its own piece for the other clients
+    odd = {"type": "price", "symbol": 'X},{"Y', "nested": [{"a": 1}, {"b": '},{"'}]}
+    for docs_ in ([*docs, odd], [odd, {}, *docs], docs):
+        many = [Item(PRICES, "AAPL", d, 1.0, False) for d in docs_]  # type: ignore[arg-type]
+        assert v1_frame(notices, [*many, record, solo[0]]) == one_by_one(notices, [*many, record, solo[0]])
+        assert [it.encoded("v1", v1_json) for it in many] == [orjson.dumps(d) for d in docs_]
     assert list(orjson.loads(v1_frame([], solo[:1]))[0].items()) == list(
         {
             "type": "price",

@@ -104,11 +104,32 @@ def v1_json(item: Item) -> bytes:
     return orjson.dumps(out)
 
 
+def share_v1(items: list[Item]) -> None:
+    """Give the shared price updates among ``items`` that have no ``/v1`` encoding yet theirs, from one
+    encoding of them all: the array is cut at its ``},{"`` boundaries, which JSON cannot hold inside a
+    string (a quote in one is escaped) and flat objects hold nowhere else; when the pieces do not match
+    the updates one to one (an empty or nested object), they are left to be encoded one by one."""
+    todo = [it for it in items if it.channel == PRICES and not it.solo and (it._enc is None or V1_JSON not in it._enc)]
+    if len(todo) < 2:
+        return
+    records = [it.record for it in todo]
+    if not all(type(r) is dict and r for r in records):
+        return
+    pieces = orjson.dumps(records)[3:-2].split(b'},{"')  # after '[{"', before '}]'
+    if len(pieces) != len(todo):
+        return
+    for it, piece in zip(todo, pieces, strict=True):
+        if it._enc is None:
+            it._enc = {}
+        it._enc[V1_JSON] = b'{"%s}' % piece
+
+
 def v1_frame(notices: list[dict[str, Any]], items: list[Item]) -> bytes:
     """A ``/v1/stream`` frame: the notices, then the items, as one JSON array. The unified price updates
     that went to this client alone are encoded together, in one call per run of them (most of a busy
     frame, and the same bytes as one call each); the others once per message, shared by every client
     that receives them (:meth:`Item.encoded`)."""
+    share_v1(items)
     parts: list[bytes | memoryview] = []
     run: list[Any] = list(notices)
     for it in items:
