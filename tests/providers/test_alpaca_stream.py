@@ -674,3 +674,98 @@ def test_stream_times_encode_every_nanosecond_as_the_vendor_does(ns: int) -> Non
     if ns >= 0:  # RFC 3339 text is for instants this side can hold
         text = encode([{"t": StreamTime(ns)}], binary=False)
         assert text == b'[{"t":"' + ns_text(ns).encode() + b'"}]'
+
+
+def _general_path(frame: bytes, fetched: datetime) -> list[tuple[str, Any]]:
+    from marketpipe.wire.alpaca_stream import decode_frame
+
+    return [(MESSAGE_CHANNELS[m["T"]], DECODERS[m["T"]](m, SOURCE, "sip", fetched)) for m in decode_frame(frame)]
+
+
+def _types(recs: list[tuple[str, Any]]) -> list[tuple[str, dict[str, type]]]:
+    return [(ch, {f: type(getattr(r, f)) for f in r.__struct_fields__}) for ch, r in recs]
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [1_709_650_931_308_411_571, 1_709_650_931_000_000_000, -1_000_000_001, (1 << 34) * 1_000_000_000 + 5],
+)
+def test_the_fast_frame_decoder_makes_the_general_paths_records(ns: int) -> None:
+    """A msgpack frame of trades, quotes and bars decoded straight into records (issue 20) gives the
+    records, field types and channels of decode_frame + DECODERS: ints where floats go, optional fields
+    missing or null, every timestamp form (32/64/96 bits, before 1970)."""
+    from marketpipe.wire.alpaca_stream import StreamTime, decode_data_frame
+
+    t = StreamTime(ns)
+    frame = encode(
+        [
+            {"T": "t", "S": "AAPL", "i": 7, "x": "V", "p": 187, "s": 100, "c": ["@", "I"], "t": t, "z": "C"},
+            {"T": "t", "S": "AAPL", "p": 187.5, "s": 3, "t": t},  # no id, exchange, conditions, tape
+            {"T": "t", "S": "MSFT", "i": None, "x": None, "p": 1.0, "s": 1, "c": [], "t": t, "z": None},
+            {"T": "q", "S": "AAPL", "bx": "V", "bp": 187.1, "bs": 2, "ax": "Q", "ap": 188, "as": 3, "c": ["R"], "t": t},
+            {"T": "q", "S": "MSFT", "t": t},  # an empty book side is 0
+            {"T": "b", "S": "AAPL", "o": 1, "h": 2.5, "l": 0.5, "c": 2, "v": 900, "t": t, "n": 12, "vw": 1},
+            {"T": "u", "S": "AAPL", "o": 1.0, "h": 2.5, "l": 0.5, "c": 2.0, "v": 901, "t": t},
+            {"T": "d", "S": "AAPL", "o": 1.0, "h": 2.5, "l": 0.5, "c": 2.0, "v": 9_000, "t": t, "n": None},
+        ],
+        binary=True,
+    )
+    fetched = datetime(2024, 3, 5, 15, 10, 1, tzinfo=UTC)
+    fast = decode_data_frame(frame, SOURCE, "sip", fetched, tuple)
+    slow = _general_path(frame, fetched)
+    assert fast == slow
+    assert fast is not None and _types(fast) == _types(slow)
+
+
+def _ts_ext(ns: int) -> msgpack.Timestamp:
+    """A msgpack Timestamp extension, as the vendor writes ``t``."""
+    return msgpack.Timestamp.from_unix_nano(ns)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"T": "s", "S": "XYZ", "sc": "H"},  # an event: the general path's
+        {"T": "success", "msg": "authenticated"},  # a control message
+        {"T": "n", "S": "XYZ"},  # a type this side does not know: kept raw
+        {"T": "t", "S": "AAPL", "p": "187.5", "s": 1, "t": _ts_ext(0)},  # coerced by the general path
+        {"T": "t", "S": "AAPL", "p": 187.5, "s": 1.0, "t": _ts_ext(0)},
+        {"T": "t", "S": "AAPL", "p": 187.5, "s": 1, "t": "2024-03-05T15:02:11.308411571Z"},
+        {"T": "t", "S": "AAPL", "p": 187.5, "s": 1},  # no timestamp: a decode error there
+        {"T": "t", "S": "AAPL", "p": 187.5, "s": 1, "t": msgpack.ExtType(5, b"\x00" * 8)},
+        {"T": "q", "S": "AAPL", "bp": None, "t": _ts_ext(0)},
+    ],
+)
+def test_a_frame_the_fast_decoder_does_not_take_goes_the_general_path(message: dict[str, Any]) -> None:
+    """Anything but well-formed trades, quotes and bars makes the whole frame go the general path,
+    which keeps raw what it does not know and reports what is malformed."""
+    from marketpipe.wire.alpaca_stream import decode_data_frame
+
+    trade = {"T": "t", "S": "AAPL", "p": 1.0, "s": 1, "t": _ts_ext(1_709_650_931_308_411_571)}
+    frame = msgpack.packb([trade, message])
+    fetched = datetime(2024, 3, 5, 15, 10, 1, tzinfo=UTC)
+    assert decode_data_frame(frame, SOURCE, "sip", fetched, tuple) is None
+
+
+async def test_a_frame_decoded_fast_is_delivered_as_the_general_path_delivers_it() -> None:
+    """Through the client: a trades-and-quotes frame and the same frame with one unknown message give
+    the same records for the messages they share (the fast path, then the general one)."""
+    from marketpipe.wire.alpaca_stream import StreamTime
+
+    stream = AlpacaStream("sip", base_url="ws://127.0.0.1:9", key="K", secret="S")
+    got: list[list[StreamMessage]] = []
+    stream.add_batch_handler(got.append)
+    t = StreamTime(1_709_650_931_308_411_571)
+    data = [
+        {"T": "t", "S": "AAPL", "i": 7, "x": "V", "p": 187.25, "s": 100, "c": ["@"], "t": t, "z": "C"},
+        {"T": "q", "S": "AAPL", "bx": "V", "bp": 187.1, "bs": 2, "ax": "Q", "ap": 188.0, "as": 3, "c": ["R"], "t": t},
+    ]
+    assert await stream._on_frame(encode(data, binary=True)) == []
+    assert await stream._on_frame(encode([*data, {"T": "n", "S": "AAPL"}], binary=True)) == []
+    fast, slow = got
+    assert [m.channel for m in slow] == ["trades", "quotes", "raw"]
+    at = datetime(2024, 3, 5, 15, 10, 1, tzinfo=UTC)
+    assert [(m.channel, msgspec.structs.replace(m.record, fetched_at=at)) for m in fast] == [
+        (m.channel, msgspec.structs.replace(m.record, fetched_at=at)) for m in slow[:2]
+    ]
+    assert stream.health().to_dict()["messages_received"] == 5

@@ -625,3 +625,72 @@ async def test_one_snapshot_request_for_a_subscribe_of_many_symbols(
     await until(lambda: bool(asked))
     await asyncio.sleep(0.2)
     assert len(asked) == 1 and sorted(asked[0]) == ["AAPL", "AMZN", "GOOGL", "META", "MSFT"]
+
+
+def test_a_v1_frame_is_its_messages_encoded_one_by_one() -> None:
+    """/v1/stream's frame (issue 20): runs of price updates that went to one client alone are encoded in
+    one call, shared ones once per message; the bytes are those of every message encoded on its own."""
+    import orjson
+
+    from marketpipe.service.live.board import PriceBoard
+    from marketpipe.service.live.fanout import Item, v1_frame, v1_json
+    from marketpipe.service.stream_router import DataSourceRouter, RouterConfig
+
+    board = PriceBoard(DataSourceRouter(RouterConfig()), 5)
+    board.set_prev_close("AAPL", 180.0)
+    at = datetime(2024, 3, 5, 15, 2, 11, 308411, tzinfo=UTC)
+    trade = Trade(symbol="AAPL", ts=at, price=181.5, size=10, source="alpaca", feed="sip", fetched_at=at)
+    quote = Quote(
+        symbol="AAPL", ts=at, bid_price=181.4, bid_size=1, ask_price=181.6, ask_size=2, source="alpaca", fetched_at=at
+    )
+    docs = [board.update(trade, True, 1.0), board.update(quote, True, 0.8), board.update(trade, False, 0.6)]
+    assert all(d is not None for d in docs)
+    solo = [Item(PRICES, "AAPL", d, 1.0, True) for d in docs if d is not None]
+    shared = Item(PRICES, "AAPL", docs[1], 1.0, False)  # type: ignore[arg-type]
+    record = Item("trades", "AAPL", trade, 1.0)
+    notices = [{"type": "warning", "code": "SLOW_CONSUMER"}, {"type": "pong"}]
+
+    def one_by_one(notices: list[dict[str, Any]], items: list[Item]) -> bytes:
+        return b"[" + b",".join([orjson.dumps(n) for n in notices] + [v1_json(it) for it in items]) + b"]"
+
+    for ns, items in [
+        (notices, solo),
+        ([], solo),
+        (notices, [shared, *solo, record, solo[0], shared]),
+        ([], [record, shared]),
+        (notices, []),
+        ([], [solo[1]]),
+    ]:
+        assert v1_frame(ns, items) == one_by_one(ns, items)
+    # shared updates: encoded together once, each keeps its own piece for the other clients
+    odd = {"type": "price", "symbol": 'X},{"Y', "nested": [{"a": 1}, {"b": '},{"'}]}
+    for docs_ in ([*docs, odd], [odd, {}, *docs], docs):
+        many = [Item(PRICES, "AAPL", d, 1.0, False) for d in docs_]  # type: ignore[arg-type]
+        assert v1_frame(notices, [*many, record, solo[0]]) == one_by_one(notices, [*many, record, solo[0]])
+        assert [it.encoded("v1", v1_json) for it in many] == [orjson.dumps(d) for d in docs_]
+    assert list(orjson.loads(v1_frame([], solo[:1]))[0].items()) == list(
+        {
+            "type": "price",
+            "event": "trade",
+            "symbol": "AAPL",
+            "price": 181.5,
+            "size": 10,
+            "bid": None,
+            "ask": None,
+            "bid_size": None,
+            "ask_size": None,
+            "change": 1.5,
+            "change_pct": 0.8333,
+            "prev_close": 180.0,
+            "volume": 10,
+            "timestamp": "2024-03-05T15:02:11.308411+00:00",
+            "received_at": "2024-03-05T15:02:11.308411+00:00",
+            "source": "alpaca",
+            "quote_source": None,
+            "feed": "sip",
+            "is_real_time": True,
+            "quality_score": 1.0,
+            "stale": False,
+        }.items()
+    )  # the keys in the documented order
+    assert [orjson.loads(v1_json(it))["quality_score"] for it in solo] == [1.0, 0.8, 0.6]

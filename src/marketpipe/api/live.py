@@ -61,7 +61,7 @@ from marketpipe.core.log import get_logger
 from marketpipe.core.metrics import FANOUT_LATENCY, FANOUT_MESSAGES
 from marketpipe.core.schema import normalize_symbols
 from marketpipe.service.live import PRICES, FanoutClient, LiveHub, observe_delivery, v1_json
-from marketpipe.service.live.fanout import V1_TYPES, Item
+from marketpipe.service.live.fanout import V1_JSON, V1_TYPES, Item, v1_frame
 
 log = get_logger("marketpipe.api.live")
 
@@ -69,7 +69,6 @@ SSE_HEARTBEAT_SECONDS = 15.0
 DROP_FLUSH_SECONDS = 1.0
 CLOSE_SECONDS = 2.0  # the close frame's bound: a client that never reads cannot hold the connection
 MAX_MESSAGE_BYTES = 64 * 1024
-V1_JSON = "v1"
 V1_CHANNELS = (PRICES, "trades", "quotes", "bars", "updated_bars", "daily_bars", "orderbooks")
 
 
@@ -201,8 +200,7 @@ def live_router() -> APIRouter:
                 notices, items = await client.next_batch()
                 if not notices and not items:
                     return
-                parts = [it.encoded(V1_JSON, v1_json) for it in items]
-                await ws.send_text(batch_json(notices, parts))
+                await ws.send_text(v1_frame(notices, items).decode())
                 sent.inc(len(items))
                 observe_delivery(latency, items)
                 if client.closed is not None and not client.queue and not client.notices:

@@ -83,6 +83,7 @@ from marketpipe.wire.alpaca_stream import (
     RAW,
     STREAM_FEEDS,
     Subscription,
+    decode_data_frame,
     decode_frame,
     encode,
     raw_record,
@@ -1019,6 +1020,11 @@ class AlpacaStream:
     async def _on_frame(self, raw: str | bytes) -> list[dict[str, Any]]:
         """Decode one frame, deliver its data messages, return its control messages."""
         fetched = utcnow()
+        if type(raw) is bytes:  # msgpack: a frame of trades, quotes and bars goes straight to records
+            fast = decode_data_frame(raw, self.source, self.feed, fetched, StreamMessage)
+            if fast:
+                await self._deliver(fast, fetched)
+                return []
         try:
             decoded = decode_frame(raw)
         except FRAME_ERRORS as exc:

@@ -138,7 +138,9 @@ class StreamChecker:
         return None
 
     def _jump(self, symbol: str, price: float, ts: datetime, source: str) -> str | None:
-        st = self._state.setdefault(symbol, _SymbolState())
+        st = self._state.get(symbol)
+        if st is None:  # not setdefault: that would build a state object for every trade
+            st = self._state[symbol] = _SymbolState()
         last = st.last_price
         if last is None or abs(price - last) / last * 100.0 <= self.config.jump_pct:
             st.last_price = price

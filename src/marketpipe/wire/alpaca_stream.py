@@ -8,6 +8,8 @@ messages, the server side of subscribe/unsubscribe, the control messages (``succ
 vendor letters to canonical records and the encoders back, for JSON text frames and msgpack binary
 frames (timestamps as msgpack Timestamp ext -1). Trades and quotes carry the vendor's nanoseconds both
 ways: decoded into ``ts_ns``, and written back from it (:class:`StreamTime`) as the vendor writes them.
+A msgpack frame of trades, quotes and bars is decoded straight into records (:func:`decode_data_frame`,
+the client's hot path); anything else goes through :func:`decode_frame` and :data:`DECODERS`.
 Depends on :mod:`marketpipe.core` only.
 """
 
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
-from typing import Any, ClassVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
 import msgspec
@@ -41,6 +43,7 @@ DEFAULT_STREAM_URL = "wss://stream.data.alpaca.markets"
 OFFICIAL_DATA_URL = "https://data.alpaca.markets"
 STREAM_FEEDS = ("iex", "sip", "delayed_sip", "test")  # feeds a client may ask for
 SERVED_FEEDS = ("iex", "sip", "test")  # the paths /v2/{feed} the simulator and the gateway serve
+T = TypeVar("T", bound=tuple[Any, ...])
 MSGPACK_CONTENT_TYPE = "application/msgpack"  # on the upgrade: binary msgpack frames instead of JSON text
 # subscribe()/unsubscribe() keyword (and hub channel) -> wire channel key (§2.4)
 CHANNELS: dict[str, str] = {
@@ -629,3 +632,166 @@ DECODERS: dict[str, Callable[[dict[str, Any], str, str, datetime], StreamRecord]
     "d": _bar("1Day"),
     **{letter: _event(cls, fields) for letter, (cls, fields) in EVENTS.items()},
 }
+
+
+# --- the fast path: a msgpack data frame straight into records -----------------------------------------
+# A frame of trades, quotes and bars (the bulk of the stream) is decoded by msgspec into typed structs and
+# from them into the canonical records, with no per-message dict or msgpack Timestamp object in between.
+# The structs accept exactly what the general path (decode_frame + DECODERS) decodes to the same records;
+# anything else in a frame (an event or control message, a type the general path would coerce or keep
+# raw, a bad timestamp) makes the whole frame go the general path, so the two never disagree.
+
+
+class _TradeIn(msgspec.Struct, tag_field="T", tag="t", gc=False):
+    S: str
+    t: msgspec.msgpack.Ext
+    p: float
+    s: int
+    i: int | None = None
+    x: str | None = None
+    c: tuple[str, ...] | None = None
+    z: str | None = None
+
+
+class _QuoteIn(msgspec.Struct, tag_field="T", tag="q", gc=False, rename={"as_": "as"}):
+    S: str
+    t: msgspec.msgpack.Ext
+    bp: float = 0.0
+    bs: int = 0
+    ap: float = 0.0
+    as_: int = 0
+    bx: str | None = None
+    ax: str | None = None
+    c: tuple[str, ...] | None = None
+    z: str | None = None
+
+
+class _BarIn(msgspec.Struct, gc=False):
+    S: str
+    t: msgspec.msgpack.Ext
+    o: float
+    h: float
+    l: float  # noqa: E741 - the vendor's letter
+    c: float
+    v: int
+    n: int | None = None
+    vw: float | None = None
+
+
+class _MinuteBarIn(_BarIn, tag_field="T", tag="b"):
+    pass
+
+
+class _UpdatedBarIn(_BarIn, tag_field="T", tag="u"):
+    pass
+
+
+class _DailyBarIn(_BarIn, tag_field="T", tag="d"):
+    pass
+
+
+_DATA_FRAME = msgspec.msgpack.Decoder(list[_TradeIn | _QuoteIn | _MinuteBarIn | _UpdatedBarIn | _DailyBarIn])
+_BAR_KINDS: dict[type[_BarIn], tuple[str, str]] = {
+    _MinuteBarIn: ("bars", "1Min"),
+    _UpdatedBarIn: ("updated_bars", "1Min"),
+    _DailyBarIn: ("daily_bars", "1Day"),
+}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_U32, _U64, _TS96_IN = struct.Struct(">I").unpack, struct.Struct(">Q").unpack, struct.Struct(">Iq").unpack
+
+
+def _ext_time(ext: msgspec.msgpack.Ext) -> tuple[int, int]:
+    """(seconds, nanoseconds) of a msgpack Timestamp extension, as ``msgpack.Timestamp`` reads it;
+    ValueError for another extension or an impossible one (the general path then decides)."""
+    data = ext.data  # bytes as msgspec decodes it (typed Buffer)
+    if ext.code != -1 or type(data) is not bytes:
+        raise ValueError(f"extension type {ext.code} is not a timestamp")
+    n = len(data)
+    if n == 8:
+        (v,) = _U64(data)
+        sec, nsec = v & 0x3FFFFFFFF, v >> 34
+    elif n == 4:
+        (sec,), nsec = _U32(data), 0
+    elif n == 12:
+        nsec, sec = _TS96_IN(data)
+    else:
+        raise ValueError("a timestamp extension holds 4, 8 or 12 bytes")
+    if nsec >= 1_000_000_000:
+        raise ValueError("nanoseconds out of range")
+    return sec, nsec
+
+
+def decode_data_frame(raw: bytes, source: str, feed: str, fetched: datetime, pack: type[T]) -> list[T] | None:
+    """A msgpack frame of trades, quotes and bars as ``pack((channel, record))`` for each message, in
+    frame order — ``pack`` a tuple type, e.g. a named tuple of (channel, record), made without calling its
+    Python-level constructor — the records :data:`DECODERS` would make of :func:`decode_frame`'s dicts;
+    None when the frame holds anything else (it then goes the general path, which also reports what is
+    malformed)."""
+    try:
+        msgs = _DATA_FRAME.decode(raw)
+    except msgspec.DecodeError:  # ValidationError included: not (only) trades, quotes and bars
+        return None
+    out: list[T] = []
+    append = out.append
+    new = tuple.__new__
+    epoch = _EPOCH
+    rec: StreamRecord
+    try:
+        for m in msgs:
+            sec, nsec = _ext_time(m.t)
+            ts = epoch + timedelta(seconds=sec, microseconds=nsec // 1000)
+            if isinstance(m, _TradeIn):
+                channel = "trades"
+                rec = Trade(
+                    symbol=m.S,
+                    ts=ts,
+                    ts_ns=sec * 1_000_000_000 + nsec,
+                    price=m.p,
+                    size=m.s,
+                    exchange=m.x,
+                    trade_id=m.i,
+                    conditions=m.c or (),
+                    tape=m.z,
+                    source=source,
+                    feed=feed,
+                    fetched_at=fetched,
+                )
+            elif isinstance(m, _QuoteIn):
+                channel = "quotes"
+                rec = Quote(
+                    symbol=m.S,
+                    ts=ts,
+                    ts_ns=sec * 1_000_000_000 + nsec,
+                    bid_price=m.bp,
+                    bid_size=m.bs,
+                    ask_price=m.ap,
+                    ask_size=m.as_,
+                    bid_exchange=m.bx,
+                    ask_exchange=m.ax,
+                    conditions=m.c or (),
+                    tape=m.z,
+                    source=source,
+                    feed=feed,
+                    fetched_at=fetched,
+                )
+            else:
+                channel, timeframe = _BAR_KINDS[type(m)]
+                rec = Bar(
+                    symbol=m.S,
+                    timeframe=timeframe,
+                    ts=ts,
+                    open=m.o,
+                    high=m.h,
+                    low=m.l,
+                    close=m.c,
+                    volume=m.v,
+                    trade_count=m.n,
+                    vwap=m.vw,
+                    source=source,
+                    feed=feed,
+                    fetched_at=fetched,
+                )
+            append(new(pack, (channel, rec)))
+    except (ValueError, OverflowError):  # a timestamp the general path must judge
+        return None
+    return out

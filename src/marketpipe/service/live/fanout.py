@@ -30,6 +30,7 @@ from marketpipe.core.schema import StreamRecord
 log = get_logger("marketpipe.service.live")
 
 PRICES = "prices"
+V1_JSON = "v1"  # the wire format of /v1/stream and SSE (Item.encoded's key)
 WILDCARD = "*"
 ALPACA_PROTOCOL = "alpaca"  # clients of the Alpaca-compatible stream: no unified-stream status notices
 ROUTED_WITH = {"corrections": "trades", "cancel_errors": "trades"}  # as Alpaca sends them
@@ -43,21 +44,31 @@ class Item:
     unified price dict). Encodings
     are cached per wire format, so a message is encoded once however many clients receive it."""
 
-    __slots__ = ("_enc", "arrived", "channel", "record", "symbol")
+    __slots__ = ("_enc", "arrived", "channel", "record", "solo", "symbol")
 
-    def __init__(self, channel: str, symbol: str, record: StreamRecord | dict[str, Any], arrived: float = 0.0) -> None:
+    def __init__(
+        self,
+        channel: str,
+        symbol: str,
+        record: StreamRecord | dict[str, Any],
+        arrived: float = 0.0,
+        solo: bool = False,
+    ) -> None:
         self.channel = channel
         self.symbol = symbol
         self.record = record
         self.arrived = arrived  # epoch seconds the upstream frame arrived (0: not from upstream)
-        self._enc: dict[str, Any] = {}
+        self.solo = solo  # put on one client's queue only: nothing to share, so nothing to cache
+        self._enc: dict[str, Any] | None = None  # made on the first encoding (most items have one or none)
 
     def encoded(self, fmt: str, encode: Callable[[Item], Any]) -> Any:
-        try:
-            return self._enc[fmt]
-        except KeyError:
-            value = self._enc[fmt] = encode(self)
-            return value
+        enc = self._enc
+        if enc is None:
+            enc = self._enc = {}
+        elif fmt in enc:
+            return enc[fmt]
+        value = enc[fmt] = encode(self)
+        return value
 
 
 def unified_json(item: Item) -> bytes:
@@ -91,6 +102,49 @@ def v1_json(item: Item) -> bytes:
     if ts_ns is not None:
         out["timestamp_ns"] = ts_ns
     return orjson.dumps(out)
+
+
+def share_v1(items: list[Item]) -> None:
+    """Give the shared price updates among ``items`` that have no ``/v1`` encoding yet theirs, from one
+    encoding of them all: the array is cut at its ``},{"`` boundaries, which JSON cannot hold inside a
+    string (a quote in one is escaped) and flat objects hold nowhere else; when the pieces do not match
+    the updates one to one (an empty or nested object), they are left to be encoded one by one."""
+    todo = [it for it in items if it.channel == PRICES and not it.solo and (it._enc is None or V1_JSON not in it._enc)]
+    if len(todo) < 2:
+        return
+    records = [it.record for it in todo]
+    if not all(type(r) is dict and r for r in records):
+        return
+    pieces = orjson.dumps(records)[3:-2].split(b'},{"')  # after '[{"', before '}]'
+    if len(pieces) != len(todo):
+        return
+    for it, piece in zip(todo, pieces, strict=True):
+        if it._enc is None:
+            it._enc = {}
+        it._enc[V1_JSON] = b'{"%s}' % piece
+
+
+def v1_frame(notices: list[dict[str, Any]], items: list[Item]) -> bytes:
+    """A ``/v1/stream`` frame: the notices, then the items, as one JSON array. The unified price updates
+    that went to this client alone are encoded together, in one call per run of them (most of a busy
+    frame, and the same bytes as one call each); the others once per message, shared by every client
+    that receives them (:meth:`Item.encoded`)."""
+    share_v1(items)
+    parts: list[bytes | memoryview] = []
+    run: list[Any] = list(notices)
+    for it in items:
+        if it.solo and it.channel == PRICES:
+            run.append(it.record)
+            continue
+        if run:
+            parts.append(memoryview(orjson.dumps(run))[1:-1])
+            run = []
+        parts.append(it.encoded(V1_JSON, v1_json))
+    if run:
+        if not parts:
+            return orjson.dumps(run)
+        parts.append(memoryview(orjson.dumps(run))[1:-1])
+    return b"[" + b",".join(parts) + b"]"
 
 
 def observe_delivery(histogram: Any, items: list[Item]) -> None:
@@ -264,7 +318,7 @@ class Fanout:
         """A unified price update to the symbol's ``prices`` clients."""
         targets = self.routes.get((PRICES, symbol))
         if targets:
-            item = Item(PRICES, symbol, doc, arrived)
+            item = Item(PRICES, symbol, doc, arrived, len(targets) == 1)
             for c in targets:
                 c.put(item)
 
