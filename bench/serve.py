@@ -22,6 +22,10 @@ serve`) in its own, and the load generator — wrk (Debian package `wrk`; `./dev
 
     ./dev bench serve --quick                 # < 1 min: short wrk runs, 12 cold days
     ./dev bench serve --cold-only [--cold 30] # (d) and (e) only (no wrk needed)
+    ./dev bench serve --cold-only --baseline-src /tmp/old/src   # + (d0): a second gateway run from an
+                                              # older tree (`git archive REV src | tar -x -C /tmp/old`),
+                                              # its cold misses interleaved with (d) and (e): old vs new
+                                              # in the same run, on the same simulator
 
 Targets (2 cores): (a) >= 5,000 req/s with p99 < 20 ms; (b) p99 < 10 ms; floor 1,000 req/s, p95 < 100 ms;
 (d) p50 <= 1.2x (e) (issue 20).
@@ -116,34 +120,42 @@ def upstream_query(day: date) -> dict[str, str]:
     }
 
 
-def cold_misses(gw_url: str, sim_url: str, symbol: str, days: list[date]) -> tuple[list[float], list[float], int]:
-    """(d) and (e), interleaved day by day: gateway cold miss and the same upstream request asked of
-    the simulator directly. Returns both latency lists (ms) and the bars per answer."""
+def cold_misses(
+    gateways: dict[str, str], sim_url: str, symbol: str, days: list[date]
+) -> tuple[dict[str, list[float]], int]:
+    """(d) and (e), interleaved day by day: each gateway's cold miss (``gateways``: label -> URL, each
+    with a store of its own) and the same upstream request asked of the simulator directly (label
+    ``peer``); who goes first rotates. Returns the latency lists (ms) per label and the bars per answer."""
     vendor = f"{sim_url}/v2/stocks/{symbol}/bars"
-    gw: list[float] = []
-    peer: list[float] = []
+    lat: dict[str, list[float]] = {k: [] for k in [*gateways, "peer"]}
+    sides = list(lat)
     n_bars = 0
     with httpx.Client(timeout=60) as c, httpx.Client(timeout=60, headers=HEADERS) as v:
         for d in days:  # warm the simulator's generated data (and its encoded rows) for every day
             v.get(vendor, params=upstream_query(d)).raise_for_status()
         for i, d in enumerate(days):
-            order = ("gw", "peer") if i % 2 == 0 else ("peer", "gw")
-            for side in order:
+            for side in sides[i % len(sides) :] + sides[: i % len(sides)]:
                 t = time.perf_counter()
-                if side == "gw":
-                    r = c.get(f"{gw_url}/v1/bars/{symbol}", params={"start": str(d), "end": str(d)})
-                else:
+                if side == "peer":
                     r = v.get(vendor, params=upstream_query(d))
+                else:
+                    r = c.get(f"{gateways[side]}/v1/bars/{symbol}", params={"start": str(d), "end": str(d)})
                 r.raise_for_status()
-                ms = (time.perf_counter() - t) * 1000
-                if side == "gw":
-                    gw.append(ms)
+                lat[side].append((time.perf_counter() - t) * 1000)
+                if side != "peer":
                     if r.headers.get("X-Marketpipe-Cache") != "origin":
                         raise SystemExit(f"{d}: the gateway answered from its cache, not the vendor: {r.headers}")
                     n_bars = len(r.json()["bars"])
-                else:
-                    peer.append(ms)
-    return gw, peer, n_bars
+    return lat, n_bars
+
+
+def gateway(port: int, cfg: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "marketpipe.cli.main", "serve", "--port", str(port), "--config", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def main() -> None:
@@ -153,6 +165,12 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=30, help="cold-miss requests (and as many peer requests)")
     ap.add_argument("--quick", action="store_true", help="a short run (< 1 min): 2 s wrk runs, 8 conn, 12 cold")
     ap.add_argument("--cold-only", action="store_true", help="only (d) and (e): no wrk needed")
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also run a gateway from this source tree (its src/ directory: an older checkout, e.g. from "
+        "`git archive`) and interleave its cold misses with the others (row (d0))",
+    )
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.connections, args.cold = 2, 8, min(args.cold, 12)
@@ -170,16 +188,20 @@ def main() -> None:
     days = [s.day for s in cal.sessions(now.replace(year=now.year - 1), now) if s.close < now]
     hot_day, cold_days = days[-2], days[-2 - args.cold : -2]
 
-    sim_port, gw_port = free_port(), free_port()
+    sim_port, gw_port, base_port = free_port(), free_port(), free_port()
     sim_url, gw_url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
+    base_url = f"http://127.0.0.1:{base_port}"
     procs: list[subprocess.Popen[bytes]] = []
     rows: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "gw.toml"
-        cfg.write_text(
-            f'[store]\npath = "{tmp}/gw.duckdb"\n[providers.alpaca]\nbase_url = "{sim_url}"\nplan = "unlimited"\n'
-            f"rate_limit_per_min = 1000000\n[providers.polygon]\nenabled = false\n"
-        )
+        cfgs = []
+        for name in ("gw", "base"):
+            cfg = Path(tmp) / f"{name}.toml"
+            cfg.write_text(
+                f'[store]\npath = "{tmp}/{name}.duckdb"\n[providers.alpaca]\nbase_url = "{sim_url}"\n'
+                f'plan = "unlimited"\nrate_limit_per_min = 1000000\n[providers.polygon]\nenabled = false\n'
+            )
+            cfgs.append(cfg)
         env = {**os.environ, **ENV}
         try:
             procs.append(
@@ -191,24 +213,20 @@ def main() -> None:
                 )
             )
             wait_up(sim_url)
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "marketpipe.cli.main",
-                        "serve",
-                        "--port",
-                        str(gw_port),
-                        "--config",
-                        str(cfg),
-                    ],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+            procs.append(gateway(gw_port, cfgs[0], env))
+            gateways = {"gw": gw_url}
+            if args.baseline_src is not None:
+                old = str(args.baseline_src.resolve())
+                procs.append(
+                    gateway(
+                        base_port, cfgs[1], {**env, "PYTHONPATH": os.pathsep.join([old, env.get("PYTHONPATH", "")])}
+                    )
                 )
-            )
-            wait_http(gw_url + "/health")
+                gateways["base"] = base_url
+            for u in gateways.values():
+                wait_http(u + "/health")
+                r = httpx.get(f"{u}/v1/bars/IBM", params={"start": str(hot_day), "end": str(hot_day)}, timeout=60)
+                r.raise_for_status()  # each gateway's code paths warm before the cold misses
             quote = f"{gw_url}/v1/quotes/AAPL/latest"
             bars = f"{gw_url}/v1/bars/AAPL?start={hot_day}&end={hot_day}"
             for u in (quote, bars):
@@ -229,13 +247,12 @@ def main() -> None:
                     )
                 peer = wrk(f"{sim_url}/v2/stocks/AAPL/quotes/latest", args.seconds, args.connections, HEADERS)
                 rows.append((f"(c) latest quote, vendor direct (peer), {args.connections} conn", peer))
-            gw_lat, peer_lat, cold_bars = cold_misses(gw_url, sim_url, "MSFT", cold_days)
-            rows.append(
-                (f"(d) cold miss: one day ({cold_bars} bars) via the gateway ({len(gw_lat)} seq.)", stats(gw_lat))
-            )
-            rows.append(
-                (f"(e) the same upstream request, vendor direct (peer) ({len(peer_lat)} seq.)", stats(peer_lat))
-            )
+            lat, cold_bars = cold_misses(gateways, sim_url, "MSFT", cold_days)
+            n = len(lat["peer"])
+            rows.append((f"(d) cold miss: one day ({cold_bars} bars) via the gateway ({n} seq.)", stats(lat["gw"])))
+            if "base" in lat:
+                rows.append((f"(d0) the same via the baseline gateway ({n} seq., interleaved)", stats(lat["base"])))
+            rows.append((f"(e) the same upstream request, vendor direct (peer) ({n} seq.)", stats(lat["peer"])))
             headroom = [
                 p.get("ratelimit_headroom")
                 for p in httpx.get(f"{gw_url}/v1/providers", timeout=10).json()
@@ -270,6 +287,12 @@ def main() -> None:
         f"ratio cold miss (d)/(e): p50 {d['p50'] / e['p50']:.2f}x, p95 {d['p95'] / e['p95']:.2f}x "
         f"(gateway's own limiter headroom after the run: {headroom[0] if headroom else '?'})"
     )
+    d0 = next((r for n, r in rows if n.startswith("(d0)")), None)
+    if d0 is not None:
+        print(
+            f"ratio baseline (d0)/(e): p50 {d0['p50'] / e['p50']:.2f}x, p95 {d0['p95'] / e['p95']:.2f}x; "
+            f"(d)/(d0): p50 {d['p50'] / d0['p50']:.2f}x, p95 {d['p95'] / d0['p95']:.2f}x"
+        )
     print("targets: (a) >= 5,000 req/s, p99 < 20 ms; (b) p99 < 10 ms; floor 1,000 req/s, p95 < 100 ms; (d)/(e) <= 1.2x")
 
 
