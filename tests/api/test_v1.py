@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -14,6 +14,7 @@ import pytest
 from marketpipe.api.app import create_app
 from marketpipe.core.metrics import REGISTRY
 from marketpipe.core.timeutil import ns_to_dt
+from marketpipe.service.quality import analyze
 from marketpipe.sim.faults import FaultRule
 from marketpipe.sim.server import SimServer
 from marketpipe.wire.alpaca_rest import one_ts_ns
@@ -38,6 +39,34 @@ async def test_bars_json_with_attribution_then_served_from_memory(client: httpx.
     assert r.headers["x-request-id"]
     again = await client.get("/v1/bars/AAPL", params=DAY)
     assert again.headers["x-marketpipe-cache"] == "memory" and again.json()["bars"] == doc["bars"]
+
+
+async def test_a_cold_miss_is_scored_on_the_page_as_the_store_would_score_it(
+    app, client: httpx.AsyncClient, vendor: SimServer
+) -> None:  # type: ignore[no-untyped-def]
+    """The gateway scores a page it just fetched on the bars it read for the answer (no second store
+    read) and does not look up day scores stored before the fetch: the score must still be exactly
+    what an analysis of the store gives, and be stored."""
+    vendor.faults.set(
+        [
+            FaultRule(kind="bad_data", defect="drop", row_ratio=0.05, symbols=["IBM"]),
+            FaultRule(kind="bad_data", defect="spike", at=["2024-03-05T15:00:00Z"], symbols=["IBM"]),
+        ]
+    )
+    r = await client.get("/v1/bars/IBM", params=DAY)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    score = doc["meta"]["quality_score"]
+    assert 0 < score < 1 and 300 < len(doc["bars"]) < 390
+    data = app.state.mp.data
+    first, last = doc["bars"][0]["timestamp"], doc["bars"][-1]["timestamp"]
+    lo, hi = datetime.fromisoformat(first), datetime.fromisoformat(last)
+    (fresh,) = analyze(
+        data.store, data.calendar, ["IBM"], "1Min", lo, hi + timedelta(minutes=1), data.config.quality, save=False
+    )
+    assert score == round(fresh.summary["score"], 4)
+    stored = data.store.scores("IBM", "1Min")
+    assert stored.height == 1 and stored["score"][0] == pytest.approx(fresh.summary["score"])
 
 
 @pytest.mark.parametrize(

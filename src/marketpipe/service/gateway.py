@@ -234,6 +234,7 @@ class Gateway:
         parts: list[pl.DataFrame] = []
         have, windows = 0, 0
         warnings: dict[str, list[str]] = {}
+        fetched: set[str] = set()  # symbols something was fetched for just now: their stored scores predate it
         nxt: str | None = None
         first = syms.index(after[0]) if after else 0
         for sym in syms[first:]:
@@ -251,7 +252,9 @@ class Gateway:
                     break
                 windows += 1
                 if fetch and end > start:
-                    warned = await self._ensure([sym], tf, ps, pe, feed, provider)
+                    warned, filled = await self._ensure([sym], tf, ps, pe, feed, provider)
+                    if filled:
+                        fetched.add(sym)
                     if warned:
                         warnings.setdefault(sym, []).extend(warned)
                 rows = await asyncio.to_thread(
@@ -273,11 +276,16 @@ class Gateway:
             if nxt is not None or have > limit:
                 break
         frame = pl.concat(parts) if parts else pl.DataFrame(schema=CRYPTO_BAR_SCHEMA if pairs else BAR_SCHEMA)
+        whole = True  # every window the page reached was read to its end
         if frame.height > limit:
             frame = frame.head(limit)
             last = frame.row(limit - 1, named=True)
             nxt = encode_token(last["symbol"], last["ts"])
-        meta = await asyncio.to_thread(self._bars_meta, frame, syms, tf, start, end)
+            whole = False
+        # One symbol read whole, unfiltered: the frame is the store's own read of the span it covers,
+        # so scoring it needs no second read of those bars.
+        exact = whole and len(syms) == 1 and sources is None and feed is None
+        meta = await asyncio.to_thread(self._bars_meta, frame, syms, tf, start, end, exact, fetched)
         for sym, m in meta.items():
             m.warnings = sorted(set(warnings.get(sym, [])))
             m.stale = bool(m.warnings)
@@ -285,28 +293,30 @@ class Gateway:
 
     async def _ensure(
         self, syms: list[str], tf: Timeframe, start: datetime, end: datetime, feed: str | None, provider: Any
-    ) -> list[str]:
-        """Fetch what the ledger lacks. A failure is fatal only when nothing is held for the range."""
+    ) -> tuple[list[str], bool]:
+        """Fetch what the ledger lacks: (warnings, whether a fetch ran). A failure is fatal only when
+        nothing is held for the range."""
         store = self.data.store
         name = provider.name if provider is not None else None
         missing = await asyncio.to_thread(missing_ranges, store, syms, tf, start, end, provider=name, feed=feed)
         if not any(missing.values()):
-            return []
+            return [], False
         try:
             stats = await self.data.fill(syms, tf, start, end, feed=feed, provider=name)
         except CLIENT_ERRORS:
             raise
         except ProviderError as exc:
-            return await asyncio.to_thread(self._held_or_raise, syms, tf, start, end, exc.code, exc.message)
+            return await asyncio.to_thread(self._held_or_raise, syms, tf, start, end, exc.code, exc.message), True
         refused = [e for e in stats.errors if e["code"] in (ProviderBadRequest.code, NotFound.code)]
         if refused and len(refused) == len(stats.errors):
             raise ProviderBadRequest(f"the vendor refused the request: {refused[0]['message']}")
         if stats.errors:
             codes = sorted({str(e["code"]) for e in stats.errors})
-            return await asyncio.to_thread(
+            warned = await asyncio.to_thread(
                 self._held_or_raise, syms, tf, start, end, ",".join(codes), str(stats.errors[0]["message"])
             )
-        return []
+            return warned, True
+        return [], stats.units_total > 0
 
     def _held_or_raise(
         self, syms: list[str], tf: Timeframe, start: datetime, end: datetime, code: str, message: str
@@ -321,8 +331,21 @@ class Gateway:
         return [f"upstream failed ({code}); serving what the store holds, which may be incomplete"]
 
     def _bars_meta(
-        self, frame: pl.DataFrame, syms: list[str], tf: Timeframe, start: datetime, end: datetime
+        self,
+        frame: pl.DataFrame,
+        syms: list[str],
+        tf: Timeframe,
+        start: datetime,
+        end: datetime,
+        exact: bool = False,
+        fresh: set[str] | frozenset[str] = frozenset(),
     ) -> dict[str, Meta]:
+        """Attribution and quality score per symbol. ``exact``: ``frame`` holds every bar the store
+        has for its one symbol between its first and last row (every source and feed), so a page that
+        must be scored is scored on it instead of reading those bars again. ``fresh``: symbols whose
+        bars were just fetched and stored for this page: any day score stored before describes less
+        than the store now holds, so they are scored afresh (and the fresh scores stored) rather than
+        looked up."""
         out = {s: Meta() for s in syms}
         if frame.height:
             agg = frame.group_by("symbol").agg(
@@ -338,7 +361,7 @@ class Gateway:
                 m.newest = newest + width if width is not None else newest
         missing_score = []
         for sym, m in out.items():
-            m.quality_score = self._stored_score(sym, str(tf), start, end)
+            m.quality_score = None if sym in fresh else self._stored_score(sym, str(tf), start, end)
             if m.quality_score is None and m.newest is not None:
                 missing_score.append(sym)
         if missing_score:
@@ -356,6 +379,7 @@ class Gateway:
                 span_end,
                 self.data.config.quality,
                 raise_events=False,
+                bars=(frame if frame["ts"].is_sorted() else frame.sort("ts")) if exact else None,
             )
             for r in results:
                 out[r.symbol].quality_score = r.summary["score"]

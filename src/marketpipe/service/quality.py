@@ -157,9 +157,14 @@ def analyze(
     now: datetime | None = None,
     save: bool = True,
     raise_events: bool = True,
+    bars: pl.DataFrame | None = None,
 ) -> list[SeriesQuality]:
     """Completeness, anomalies and scores for each symbol over ``[start, end)``. With ``save`` the
-    findings (replacing earlier ones in the range) and per-day scores are stored."""
+    findings (replacing earlier ones in the range) and per-day scores are stored.
+
+    ``bars``: the caller's own ``store.read_bars(symbols, timeframe, start, end)``, just read (the
+    gateway scoring the page it answers with), so the store is not read for them a second time; they
+    must be exactly that read (every source and feed, one row per timestamp, in time order)."""
     cfg = cfg or QualityConfig()
     tf = Timeframe.parse(timeframe)
     now = now or utcnow()
@@ -170,7 +175,8 @@ def analyze(
     cal.check_bounds(start, min(end, now) if start < now else end)
     expected = expected_complete(cal, tf, start, end, now, cfg.extended_hours)
     tfs = str(tf)
-    bars = store.read_bars(symbols, tfs, start, end)
+    if bars is None:
+        bars = store.read_bars(symbols, tfs, start, end)
     coverage = store.coverage(symbols, tfs, start, end)
     quarantined = store.quarantined_at(symbols, tfs, start, end)
     findings = detect(bars, tf, cfg.anomaly)

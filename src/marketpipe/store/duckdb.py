@@ -133,6 +133,28 @@ _BAR_ARROW = {
 _SCALED = {"open", "high", "low", "close", "vwap"}
 
 
+def _arrow_schema(schema: dict[str, pl.DataType]) -> pa.Schema:
+    """The Arrow schema a read of a declared table is cast to (strings as DuckDB sends them)."""
+    return pa.schema(
+        [
+            pa.field(f.name, pa.string()) if pa.types.is_large_string(f.type) else f
+            for f in pl.DataFrame(schema=schema).to_arrow().schema
+        ]
+    )
+
+
+_COVERAGE_ARROW = _arrow_schema(COVERAGE_SCHEMA)
+
+
+def _labelled(table: pa.Table, target: pa.Schema) -> pl.DataFrame:
+    """:func:`_aware` done at the Arrow level for a read of a declared table: the naive UTC times
+    labelled UTC and the columns cast to their declared types by name (metadata only where DuckDB's
+    types already match) — on the small ledger reads every request makes, polars' ``replace_time_zone``
+    and cast cost more than the query. A column the declaration lacks is kept as read."""
+    fields = [target.field(f.name) if f.name in target.names else f for f in table.schema]
+    return pl.from_arrow(table.cast(pa.schema(fields)))  # type: ignore[return-value]
+
+
 def _runs(steps: list[tuple[datetime, float]]) -> list[tuple[datetime, float]]:
     """Steps without those whose factor equals the next one's (1 after the last): a bar they held takes
     the same factor from the next step. A volume factor changes only at splits, so its tree is short."""
@@ -693,7 +715,7 @@ class DuckDBStore:
         sql = f"SELECT * FROM coverage WHERE {' AND '.join(where)} ORDER BY symbol, start"
 
         def load() -> pl.DataFrame:
-            return _aware(pl.from_arrow(self._arrow(sql, params)), COVERAGE_SCHEMA)  # type: ignore[arg-type]
+            return _labelled(self._arrow(sql, params), _COVERAGE_ARROW)
 
         # the ledger is written by write_pages only, which bumps the bars generation
         return self._hot.answer("coverage", (sql, tuple(map(repr, params.values()))), "bars", self._lock, load)
