@@ -208,8 +208,10 @@ def main() -> None:
         results["(b) marketpipe backfill -> DuckDB"] = asyncio.run(backfill())
 
         # (c) CPU path from bytes in memory, pipelined as the backfill runs it: decode + check on two
-        # threads (polars' JSON reader and the checks run without the GIL), group commits of 16 pages.
+        # threads (polars' JSON reader and the checks run without the GIL), commits of WRITER_ROWS bars.
         from concurrent.futures import ThreadPoolExecutor
+
+        from marketpipe.service.backfill import WRITER_ROWS
 
         store_c = DuckDBStore(tmp / "c.duckdb")
         provider_c = AlpacaProvider.from_config(cfg, env=env)
@@ -218,13 +220,15 @@ def main() -> None:
         t0 = time.perf_counter()
         n = 0
         batch = []
+        rows = 0
         with ThreadPoolExecutor(2) as pool:
             for write in pool.map(cpu, pages):
                 batch.append(write)
                 n += write.ingest.rows_received
-                if len(batch) == 16:
+                rows += write.ingest.rows_received
+                if rows >= WRITER_ROWS:
                     store_c.write_pages(batch)
-                    batch = []
+                    batch, rows = [], 0
         if batch:
             store_c.write_pages(batch)
         store_c.close()  # includes the deferred checkpoint
