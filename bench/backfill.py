@@ -1,6 +1,6 @@
 """Backfill benchmark: marketpipe vs alpaca-py on the same simulator data, in the same run.
 
-    ./dev bench backfill [--symbols 11] [--days 252]
+    ./dev bench backfill [--symbols 11] [--days 252] [--quick]
 
 The simulator runs in its own process on loopback (so its CPU does not share our GIL) and serves
 the same synthetic 1-minute bars to both clients. A warm-up pass fills the simulator's caches first
@@ -128,7 +128,10 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=252, help="sessions per symbol")
     ap.add_argument("--skip-alpaca-py", action="store_true")
     ap.add_argument("--concurrency", type=int, default=4, help="marketpipe requests in flight")
+    ap.add_argument("--quick", action="store_true", help="4 symbols x 60 sessions (under a minute)")
     args = ap.parse_args()
+    if args.quick:
+        args.symbols, args.days = 4, 60
 
     from marketpipe.core.config import RetryPolicy
     from marketpipe.core.timeframe import Timeframe

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("scale.py", ["--symbols", "2", "--days", "3", "--reads", "20"], "PG/DuckDB"),
         ("adjust.py", ["--years", "1", "--repeat", "1"], "ratio adjusted/raw"),
         ("options.py", ["--repeat", "1", "--weekly", "1", "--monthly", "1"], "ratio contracts/s vs alpaca-py"),
+        ("transport.py", ["--symbols", "2", "--days", "3", "--repeat", "1"], "CPU vs httpx"),
     ],
 )
 def test_bench_script_runs_to_the_end(script: str, args: list[str], expect: str) -> None:
