@@ -1,6 +1,6 @@
 """Backfill benchmark: marketpipe vs alpaca-py on the same simulator data, in the same run.
 
-    ./dev bench backfill [--symbols 11] [--days 252]
+    ./dev bench backfill [--symbols 11] [--days 252] [--quick]
 
 The simulator runs in its own process on loopback (so its CPU does not share our GIL) and serves
 the same synthetic 1-minute bars to both clients. A warm-up pass fills the simulator's caches first
@@ -128,7 +128,10 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=252, help="sessions per symbol")
     ap.add_argument("--skip-alpaca-py", action="store_true")
     ap.add_argument("--concurrency", type=int, default=4, help="marketpipe requests in flight")
+    ap.add_argument("--quick", action="store_true", help="4 symbols x 60 sessions (under a minute)")
     args = ap.parse_args()
+    if args.quick:
+        args.symbols, args.days = 4, 60
 
     from marketpipe.core.config import RetryPolicy
     from marketpipe.core.timeframe import Timeframe
@@ -208,8 +211,10 @@ def main() -> None:
         results["(b) marketpipe backfill -> DuckDB"] = asyncio.run(backfill())
 
         # (c) CPU path from bytes in memory, pipelined as the backfill runs it: decode + check on two
-        # threads (polars' JSON reader and the checks run without the GIL), group commits of 16 pages.
+        # threads (polars' JSON reader and the checks run without the GIL), commits of WRITER_ROWS bars.
         from concurrent.futures import ThreadPoolExecutor
+
+        from marketpipe.service.backfill import WRITER_ROWS
 
         store_c = DuckDBStore(tmp / "c.duckdb")
         provider_c = AlpacaProvider.from_config(cfg, env=env)
@@ -218,13 +223,15 @@ def main() -> None:
         t0 = time.perf_counter()
         n = 0
         batch = []
+        rows = 0
         with ThreadPoolExecutor(2) as pool:
             for write in pool.map(cpu, pages):
                 batch.append(write)
                 n += write.ingest.rows_received
-                if len(batch) == 16:
+                rows += write.ingest.rows_received
+                if rows >= WRITER_ROWS:
                     store_c.write_pages(batch)
-                    batch = []
+                    batch, rows = [], 0
         if batch:
             store_c.write_pages(batch)
         store_c.close()  # includes the deferred checkpoint

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("adjust.py", ["--years", "1", "--repeat", "1"], "ratio adjusted/raw"),
         ("options.py", ["--repeat", "1", "--weekly", "1", "--monthly", "1"], "ratio contracts/s vs alpaca-py"),
         ("serve.py", ["--quick", "--cold-only", "--cold", "3"], "ratio cold miss (d)/(e)"),  # wrk-free rows only
+        ("transport.py", ["--symbols", "2", "--days", "3", "--repeat", "1"], "CPU vs httpx"),
     ],
 )
 def test_bench_script_runs_to_the_end(script: str, args: list[str], expect: str) -> None:

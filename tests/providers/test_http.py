@@ -205,6 +205,83 @@ async def test_connection_refused_on_a_real_socket() -> None:
         await http.aclose()
 
 
+# --- bulk pages over aiohttp: the same errors as httpx's own transport ---------------------------------
+
+
+async def _raw_server(reply: bytes, *, hang: bool = False) -> tuple[asyncio.Server, str]:
+    """A socket server that answers every request with ``reply`` verbatim (then hangs or closes)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        if hang:
+            await asyncio.sleep(30)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("reply", "hang", "error", "cause"),
+    [
+        (b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"a":', False, ProviderUnavailable, "RemoteProtocolError"),
+        (b"", False, ProviderUnavailable, "RemoteProtocolError"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", True, ProviderTimeout, "ReadTimeout"),
+        (b"NOT HTTP AT ALL\r\n\r\n", False, ProviderUnavailable, "RemoteProtocolError"),
+    ],
+)
+async def test_bulk_pages_over_aiohttp_fail_as_httpx_would(
+    reply: bytes, hang: bool, error: type[MarketpipeError], cause: str
+) -> None:
+    server, url = await _raw_server(reply, hang=hang)
+    http = VendorHttp("test", cfg(read_timeout=0.3), base_url=url, map_error=mapper)
+    try:
+        with pytest.raises(error) as caught:
+            await http.get("/p", {}, "p", lambda r: r.json(), offload=True)
+        assert isinstance(caught.value.__cause__, getattr(httpx, cause)), repr(caught.value.__cause__)
+        assert http.resilience.retries == 1  # attempts=2: aiohttp's own silent re-send is off
+    finally:
+        await http.aclose()
+        server.close()
+
+
+async def test_bulk_pages_over_aiohttp_keep_the_query_headers_and_gzip() -> None:
+    import gzip
+
+    import orjson
+    from aiohttp import web
+
+    from marketpipe.providers.http import AiohttpTransport
+
+    seen: list[tuple[str, str, str]] = []
+
+    async def page(req: web.Request) -> web.Response:
+        seen.append((req.query_string, req.headers.get("X-Key", ""), req.headers.get("Accept-Encoding", "")))
+        body = gzip.compress(orjson.dumps({"q": dict(req.query)}))
+        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    app = web.Application()
+    app.router.add_get("/v2/p", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    http = VendorHttp("test", cfg(), base_url=f"http://127.0.0.1:{port}", map_error=mapper, headers={"X-Key": "k"})
+    try:
+        assert isinstance(http._bulk._transport, AiohttpTransport)
+        doc, resp = await http.get(
+            "/v2/p?a=1", {"start": "2024-01-02T09:30:00+00:00", "s": "A,B"}, "p", lambda r: r.json(), offload=True
+        )
+        assert doc == {"q": {"a": "1", "start": "2024-01-02T09:30:00+00:00", "s": "A,B"}}
+        assert resp.status_code == 200 and seen[0][1] == "k" and "gzip" in seen[0][2]
+    finally:
+        await http.aclose()
+        await runner.cleanup()
+
+
 # --- cancellation always propagates --------------------------------------------------------------------
 
 

@@ -193,3 +193,33 @@ def test_the_audit_log_is_appended_and_read_newest_first(store: Store) -> None:
     assert got["id"].to_list() == sorted(got["id"].to_list(), reverse=True)
     first = store.admin_actions()[-1].to_dicts()[0]
     assert {k: first[k] for k in rows[0]} == rows[0]
+
+
+def test_distinct_keys_is_shown_only_when_no_two_rows_share_a_key() -> None:
+    from marketpipe.store.duckdb import _distinct_keys
+
+    a, b = bars(30), bars(30, "MSFT")
+    later = bars(30, t0=T0 + timedelta(minutes=30))
+    assert _distinct_keys(pl.concat([a, b, later]))  # AAPL's two runs span disjoint minutes
+    assert _distinct_keys(pl.concat([a, bars(30, source="polygon")]))  # another source: another series
+    assert not _distinct_keys(pl.concat([a, b, bars(5, t0=T0 + timedelta(minutes=29))]))  # minute 29 twice
+    assert not _distinct_keys(pl.concat([a, a.slice(3, 1)]))
+    assert not _distinct_keys(a.reverse())  # not shown (falling times), though distinct
+
+
+def test_a_batch_writes_every_pages_ledger_and_log_rows_in_order(store: Store) -> None:
+    pages = [
+        page(
+            bars(10, t0=T0 + timedelta(minutes=10 * i)),
+            cover=(T0 + timedelta(minutes=10 * i), T0 + timedelta(minutes=10 * i + 10)),
+        )
+        for i in range(5)
+    ]
+    for i, p in enumerate(pages):
+        p.ingest.page = i + 1
+    assert store.write_pages(pages) == [10] * 5
+    log = store.ingest_log()
+    assert log["page"].to_list() == [5, 4, 3, 2, 1]  # newest first: the ids follow the pages' order
+    assert log["rows_stored"].to_list() == [10] * 5
+    cov = store.coverage(["AAPL"], "1Min", T0, T0 + timedelta(hours=1))
+    assert cov.height == 5 and cov["rows"].sum() == 50

@@ -361,8 +361,7 @@ class DuckDBStore:
                     for tables, idx in by_asset_class(pages):
                         for i, n in zip(idx, self._insert_bars(tables, [pages[i] for i in idx]), strict=True):
                             stored[i] = n
-                    for page, n in zip(pages, stored, strict=True):
-                        self._write_side_tables(page, n)
+                    self._write_side_tables(pages, stored)
             finally:  # committed or rolled back: the L1's answers from before are not given again
                 self._hot.bump()
             for page, n in zip(pages, stored, strict=True):
@@ -414,7 +413,7 @@ class DuckDBStore:
         # one bulk insert only when nothing in the batch is held and no two pages carry the same bar;
         # otherwise page by page, each anti-joined against what the earlier ones just inserted
         bars = tables.bars.name
-        if not batch.select(_KEY).is_duplicated().any() and self._overlaps(bars, batch) == 0:
+        if _distinct_keys(batch) and self._overlaps(bars, batch) == 0:
             self._insert(f"INSERT INTO {bars} SELECT * FROM _page", batch)
             return heights
         return [
@@ -467,9 +466,13 @@ class DuckDBStore:
         bounds = frame.group_by("symbol", "timeframe").agg(lo=pl.col("ts").min(), hi=pl.col("ts").max())
         self.con.register("_bounds", bounds.to_arrow())
         try:
+            # the constant span lets the scan skip row groups by their min/max instead of reading the
+            # whole table for every batch (a backfill's later batches would cost ever more)
             rows = self.con.execute(
                 f"""SELECT count(*) FROM {bars} b JOIN _bounds r
-                   ON b.symbol = r.symbol AND b.timeframe = r.timeframe AND b.ts BETWEEN r.lo AND r.hi"""
+                   ON b.symbol = r.symbol AND b.timeframe = r.timeframe AND b.ts BETWEEN r.lo AND r.hi
+                   WHERE b.ts BETWEEN $lo AND $hi""",
+                {"lo": bounds["lo"].min(), "hi": bounds["hi"].max()},
             ).fetchall()
         finally:
             self.con.unregister("_bounds")
@@ -483,30 +486,39 @@ class DuckDBStore:
             self.con.unregister("_page")
         return int(rows[0][0]) if rows else 0
 
-    def _write_side_tables(self, page: PageWrite, stored: int) -> None:
+    def _write_side_tables(self, pages: list[PageWrite], stored: list[int]) -> None:
+        """The pages' quarantined rows, findings, coverage and ingest-log rows: one statement per
+        table for the whole batch (a statement per page cost about as much as the bars' insert)."""
         con = self.con
-        if page.quarantine.height:
-            q = _naive(page.quarantine.select(QUARANTINE_COLUMNS))
-            held = bar_tables(page.ingest.symbols).quarantine.name
-            con.register("_q", q.to_arrow())
+        quarantined: dict[str, list[pl.DataFrame]] = {}
+        for page in pages:
+            if page.quarantine.height:
+                held = bar_tables(page.ingest.symbols).quarantine.name
+                quarantined.setdefault(held, []).append(_naive(page.quarantine.select(QUARANTINE_COLUMNS)))
+        for held, parts in quarantined.items():
+            con.register("_q", pl.concat(parts).to_arrow())
             try:
                 con.execute(f"INSERT INTO {held} SELECT * FROM _q").fetchall()
             finally:
                 con.unregister("_q")
-        if page.anomalies is not None and page.anomalies.height:
-            self._insert_findings(page.anomalies, page.ingest.fetched_at)
-        if page.coverage:
-            con.executemany(
-                f"INSERT INTO coverage VALUES ({', '.join('?' for _ in COVERAGE.names)})",
-                [[_param(getattr(c, col)) for col in COVERAGE.names] for c in page.coverage],
-            )
-        ing = page.ingest
-        values = {**{c: getattr(ing, c) for c in INGEST_LOG.written if c != "symbols"}, "rows_stored": stored}
-        values["symbols"] = ",".join(ing.symbols)
+        for page in pages:
+            if page.anomalies is not None and page.anomalies.height:
+                self._insert_findings(page.anomalies, page.ingest.fetched_at)
+        coverage = [[_param(getattr(c, col)) for col in COVERAGE.names] for page in pages for c in page.coverage]
+        if coverage:
+            con.executemany(f"INSERT INTO coverage VALUES ({', '.join('?' for _ in COVERAGE.names)})", coverage)
         cols = INGEST_LOG.written
+        rows = []
+        for page, n in zip(pages, stored, strict=True):
+            ing = page.ingest
+            values = {**{c: getattr(ing, c) for c in cols if c != "symbols"}, "rows_stored": n}
+            values["symbols"] = ",".join(ing.symbols)
+            rows.append([_param(values[c]) for c in cols])
+        # One VALUES list: the ids come from the sequence in the pages' order.
+        one = f"({', '.join('?' for _ in cols)})"
         con.execute(
-            f"INSERT INTO ingest_log ({', '.join(_quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
-            [_param(values[c]) for c in cols],
+            f"INSERT INTO ingest_log ({', '.join(_quote(c) for c in cols)}) VALUES {', '.join(one for _ in rows)}",
+            [v for row in rows for v in row],
         ).fetchall()
 
     # --- reads ---------------------------------------------------------------------------------
@@ -1141,6 +1153,31 @@ WHERE NOT EXISTS (SELECT 1 FROM action_quarantine q WHERE q.action_id = p.action
 
 # A held option row with the key of the staged one (``p``): contract, as_of, source, feed.
 _SAME_OPTION_ROW = " AND ".join(f"h.{c} IS NOT DISTINCT FROM p.{c}" for c in OPTION_SNAPSHOTS.key)
+
+
+_SERIES = ["symbol", "timeframe", "source", "feed"]  # the key without the time
+
+
+def _distinct_keys(batch: pl.DataFrame) -> bool:
+    """True when no two rows of ``batch`` share a key, shown without hashing every row's key: the rows
+    come in runs of one series (``_SERIES``) with strictly rising times, and the runs of any one series
+    span disjoint times. False means only "not shown" (the caller then tests the keys themselves)."""
+    if batch.height < 2:
+        return True
+    new = pl.any_horizontal([pl.col(c).ne_missing(pl.col(c).shift()) for c in _SERIES]) | (pl.int_range(pl.len()) == 0)
+    runs = batch.select(*_SERIES, "ts", new.alias("_new"))
+    rising = runs.select(((pl.col("ts").diff() > 0) | pl.col("_new")).fill_null(False).all()).item()
+    if not rising:
+        return False
+    spans = (
+        runs.filter(pl.col("ts").is_not_null())
+        .with_columns(_run=pl.col("_new").cum_sum())
+        .group_by("_run")
+        .agg(*[pl.col(c).first() for c in _SERIES], lo=pl.col("ts").first(), hi=pl.col("ts").last())
+        .sort([*_SERIES, "lo"], nulls_last=True)
+    )
+    same = pl.all_horizontal([pl.col(c).eq_missing(pl.col(c).shift()) for c in _SERIES])
+    return bool(spans.select((~same | (pl.col("lo") > pl.col("hi").shift())).fill_null(True).all()).item())
 
 
 def _quote(column: str) -> str:
