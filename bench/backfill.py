@@ -9,7 +9,8 @@ so neither measured run pays for data generation.
 (a) alpaca-py: StockHistoricalDataClient(url_override=...).get_stock_bars(...) then .df
 (b) marketpipe backfill into a fresh DuckDB file (plan, fetch, check, store, ledger)
 (c) marketpipe's CPU path alone: decode + check + store from page bytes already in memory
-(d) read one symbol x one day of minute bars back from the store: p50 / p99
+(d) read one symbol x one day of minute bars back from DuckDB (the store's L1 off), the same day and other
+    days, and (e) from the store's L1: p50 / p99
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import random
 import statistics
 import sys
 import tempfile
@@ -238,14 +240,28 @@ def main() -> None:
         results["(c) marketpipe CPU path (decode+check+store)"] = (time.perf_counter() - t0, n)
         asyncio.run(provider_c.aclose())
 
-        # (d) read back one symbol x one day
-        store_b = DuckDBStore(tmp / "b.duckdb")
-        day = sessions[len(sessions) // 2]
-        times = []
+        # (d) read back one symbol x one day: from DuckDB (the store's L1 off: every read a query), the same
+        # day each time and a different symbol-day each time; then (e) the same read from the store's L1
+        reads: dict[str, list[float]] = {}
         rows = 0
+        store_b = DuckDBStore(tmp / "b.duckdb", read_cache_bytes=0)
+        day = sessions[len(sessions) // 2]
+        keys = [(sym, d) for d in sessions for sym in symbols]
+        random.Random(7).shuffle(keys)
+        for label, pick in (("same day", lambda i: (symbols[0], day)), ("other days", lambda i: keys[i % len(keys)])):
+            times = reads.setdefault(label, [])
+            for i in range(300):
+                sym, d = pick(i)
+                t = time.perf_counter()
+                rows = store_b.read_bars([sym], "1Min", d.open, d.close).height
+                times.append(time.perf_counter() - t)
+        store_b.close()
+        store_b = DuckDBStore(tmp / "b.duckdb")
+        store_b.read_bars([symbols[0]], "1Min", day.open, day.close)
+        times = reads.setdefault("L1", [])
         for _ in range(300):
             t = time.perf_counter()
-            rows = store_b.read_bars([symbols[0]], "1Min", day.open, day.close).height
+            store_b.read_bars([symbols[0]], "1Min", day.open, day.close)
             times.append(time.perf_counter() - t)
         store_b.close()
     finally:
@@ -265,11 +281,13 @@ def main() -> None:
     if keys[0].startswith("(a)"):
         a = rate[keys[0]]
         print(f"\nratio (b)/(a): {rate[keys[1]] / a:6.1f}x    ratio (c)/(a): {rate[keys[2]] / a:6.1f}x")
-    times.sort()
-    print(
-        f"read 1 symbol x 1 day ({rows} bars) from DuckDB: p50 {statistics.median(times) * 1e3:.2f} ms, "
-        f"p99 {times[int(len(times) * 0.99)] * 1e3:.2f} ms"
-    )
+    for label, times in reads.items():
+        times.sort()
+        where = "from the store's L1" if label == "L1" else f"from DuckDB, {label}"
+        print(
+            f"read 1 symbol x 1 day ({rows} bars) {where}: p50 {statistics.median(times) * 1e3:.2f} ms, "
+            f"p99 {times[int(len(times) * 0.99)] * 1e3:.2f} ms"
+        )
 
 
 if __name__ == "__main__":
