@@ -577,89 +577,70 @@ class DuckDBStore:
             tuple(symbols), timeframe, start, end, tuple(steps) if steps else None, source, feed,
             tuple(sources) if sources is not None else None, limit, after, desc,
         )  # fmt: skip
-        return self._hot.answer(
-            "bars", key, "bars", self._lock,
-            lambda: self._query_bars(
-                symbols, timeframe, start, end, steps, source=source, feed=feed, sources=sources, limit=limit,
-                after=after, desc=desc,
-            ),
-        )  # fmt: skip
 
-    def _query_bars(
-        self,
-        symbols: list[str],
-        timeframe: str,
-        start: datetime,
-        end: datetime,
-        steps: list[tuple[datetime, float, float]] | None,
-        *,
-        source: str | None,
-        feed: str | None,
-        sources: list[str] | None,
-        limit: int | None,
-        after: tuple[str, datetime] | None,
-        desc: bool,
-    ) -> pl.DataFrame:
-        where = ["timeframe = $tf", "ts >= $start", "ts < $end"]
-        params: dict[str, object] = {"tf": timeframe, "start": _n(start), "end": _n(end)}
-        if len(symbols) == 1:
-            where.append("symbol = $sym")
-            params["sym"] = symbols[0]
-        else:
-            where.append("list_contains($syms, symbol)")
-            params["syms"] = list(symbols)
-        if source is not None:
-            where.append("source = $source")
-            params["source"] = source
-        if feed is not None:
-            where.append("feed = $feed")
-            params["feed"] = feed
-        if sources is not None:
-            where.append("list_contains($sources, source)")
-            params["sources"] = list(sources)
-        bars = bar_tables(symbols).bars.name
-        cols = ", ".join(BAR_COLUMNS)
-        sql = f"SELECT {cols} FROM {bars} WHERE {' AND '.join(where)}"
-        if steps:
-            sql = _scaled_sql(sql, steps, params)
-        # one row per (symbol, ts) always: several (source, feed) pairs, or a refresh's newer versions
-        # (which share source and feed, so naming both does not make the rows unique)
-        if len(symbols) != 1 or self._variant_count(symbols[0], timeframe) > 1:
-            sql = (
-                f"SELECT {cols} FROM ({sql}) QUALIFY row_number() OVER "
-                f"(PARTITION BY symbol, ts ORDER BY {_FEED_PREFERENCE}, starts_with(source, 'sim'), "
-                "fetched_at DESC) = 1"
-            )
-        if limit is not None or after is not None or desc:
-            outer = []
-            if after is not None:
-                cmp = "<" if desc else ">"
-                outer.append(f"(symbol > $asym OR (symbol = $asym AND ts {cmp} $ats))")
-                params["asym"], params["ats"] = after[0], _n(after[1])
-            sql = f"SELECT * FROM ({sql})" + (f" WHERE {' AND '.join(outer)}" if outer else "")
-            sql += f" ORDER BY symbol, ts {'DESC' if desc else 'ASC'}"
-            if limit is not None:
-                sql += " LIMIT $limit"
-                params["limit"] = int(limit)
+        def load() -> pl.DataFrame:
+            where = ["timeframe = $tf", "ts >= $start", "ts < $end"]
+            params: dict[str, object] = {"tf": timeframe, "start": _n(start), "end": _n(end)}
+            if len(symbols) == 1:
+                where.append("symbol = $sym")
+                params["sym"] = symbols[0]
+            else:
+                where.append("list_contains($syms, symbol)")
+                params["syms"] = list(symbols)
+            if source is not None:
+                where.append("source = $source")
+                params["source"] = source
+            if feed is not None:
+                where.append("feed = $feed")
+                params["feed"] = feed
+            if sources is not None:
+                where.append("list_contains($sources, source)")
+                params["sources"] = list(sources)
+            bars = bar_tables(symbols).bars.name
+            cols = ", ".join(BAR_COLUMNS)
+            sql = f"SELECT {cols} FROM {bars} WHERE {' AND '.join(where)}"
+            if steps:
+                sql = _scaled_sql(sql, steps, params)
+            # one row per (symbol, ts) always: several (source, feed) pairs, or a refresh's newer versions
+            # (which share source and feed, so naming both does not make the rows unique)
+            if len(symbols) != 1 or self._variant_count(symbols[0], timeframe) > 1:
+                sql = (
+                    f"SELECT {cols} FROM ({sql}) QUALIFY row_number() OVER "
+                    f"(PARTITION BY symbol, ts ORDER BY {_FEED_PREFERENCE}, starts_with(source, 'sim'), "
+                    "fetched_at DESC) = 1"
+                )
+            if limit is not None or after is not None or desc:
+                outer = []
+                if after is not None:
+                    cmp = "<" if desc else ">"
+                    outer.append(f"(symbol > $asym OR (symbol = $asym AND ts {cmp} $ats))")
+                    params["asym"], params["ats"] = after[0], _n(after[1])
+                sql = f"SELECT * FROM ({sql})" + (f" WHERE {' AND '.join(outer)}" if outer else "")
+                sql += f" ORDER BY symbol, ts {'DESC' if desc else 'ASC'}"
+                if limit is not None:
+                    sql += " LIMIT $limit"
+                    params["limit"] = int(limit)
+                with self._lock:
+                    table = self._arrow(sql, params)
+                return pl.from_arrow(table.cast(_BAR_ARROW[bars]))  # type: ignore[return-value]
+            # No ORDER BY: rows come back in insertion order, which is already (symbol, ts) order for
+            # each page; checking that in polars and sorting only when needed saves a third of a small read.
             with self._lock:
                 table = self._arrow(sql, params)
-            return pl.from_arrow(table.cast(_BAR_ARROW[bars]))  # type: ignore[return-value]
-        # No ORDER BY: rows come back in insertion order, which is already (symbol, ts) order for
-        # each page; checking that in polars and sorting only when needed saves a third of a small read.
-        with self._lock:
-            table = self._arrow(sql, params)
-        # Labelling the naive UTC columns as UTC at the Arrow level is metadata only; doing it in
-        # polars (replace_time_zone + casts) costs more than the query on small reads.
-        frame: pl.DataFrame = pl.from_arrow(table.cast(_BAR_ARROW[bars]))  # type: ignore[assignment]
-        if len(symbols) == 1:  # one symbol: ordered when its times ascend (one pass, no expressions)
-            return frame if frame.get_column("ts").is_sorted() else frame.sort("ts")
-        ordered = frame.select(
-            ((pl.col("symbol") > pl.col("symbol").shift()) | (pl.col("ts") > pl.col("ts").shift()))
-            .fill_null(True)
-            .all()
-            & (pl.col("symbol") >= pl.col("symbol").shift()).fill_null(True).all()
-        ).item()
-        return frame if ordered else frame.sort("symbol", "ts")
+            # Labelling the naive UTC columns as UTC at the Arrow level is metadata only; doing it in
+            # polars (replace_time_zone + casts) costs more than the query on small reads.
+            frame: pl.DataFrame = pl.from_arrow(table.cast(_BAR_ARROW[bars]))  # type: ignore[assignment]
+            if len(symbols) == 1:  # one symbol: ordered when its times ascend (one pass, no expressions)
+                return frame if frame.get_column("ts").is_sorted() else frame.sort("ts")
+            ordered = frame.select(
+                ((pl.col("symbol") > pl.col("symbol").shift()) | (pl.col("ts") > pl.col("ts").shift()))
+                .fill_null(True)
+                .all()
+                & (pl.col("symbol") >= pl.col("symbol").shift()).fill_null(True).all()
+            ).item()
+            return frame if ordered else frame.sort("symbol", "ts")
+
+        return self._hot.answer("bars", key, "bars", self._lock, load)
 
     def _arrow(self, sql: str, params: dict[str, object]) -> Any:
         rel = self.con.sql(sql, params=params or None)
